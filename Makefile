@@ -1,0 +1,59 @@
+# smartlev: every target sets up what it needs (venv, generated code, Kafka jars, Redis).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY := .venv/bin/python
+STAMP_VENV := .venv/.installed
+STAMP_PROTO := gen/.generated
+PROTOS := $(shell find proto -name '*.proto' 2>/dev/null)
+
+.PHONY: help setup up down ps logs demo test lint typecheck unit integration bench backtest chaos clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP_VENV): requirements.lock pyproject.toml
+	@bash scripts/setup_venv.sh
+	@touch $@
+
+$(STAMP_PROTO): $(STAMP_VENV) $(PROTOS) scripts/gen_proto.sh
+	@bash scripts/gen_proto.sh
+	@touch $@
+
+setup: $(STAMP_VENV) $(STAMP_PROTO) ## venv with pinned packages and generated protobuf code
+
+up: setup ## start Kafka, Redis and every service in the background (idempotent)
+	@bash scripts/stack.sh up
+
+down: ## stop everything `make up` started
+	@bash scripts/stack.sh down
+
+ps: ## show what is running
+	@bash scripts/stack.sh ps
+
+logs: ## tail the logs under .run/
+	@bash scripts/stack.sh logs
+
+lint: setup
+	.venv/bin/ruff check shared services tests
+	.venv/bin/ruff format --check shared services tests
+
+typecheck: setup
+	.venv/bin/mypy
+
+unit: setup ## pure tests, no stack needed
+	.venv/bin/pytest -q -m "not integration" tests
+
+integration: up
+	.venv/bin/pytest -q -m integration tests
+
+test: setup ## lint, type-check and every test against the real stack
+	@bash scripts/test.sh
+
+demo: setup ## start the stack and run the main job end to end
+	@bash scripts/demo.sh
+
+bench: setup ## benchmarks with their baselines, printed as a table
+	@bash scripts/bench.sh
+
+clean: down
+	rm -rf .venv gen .run out

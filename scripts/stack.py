@@ -1,0 +1,903 @@
+#!/usr/bin/env python3
+"""The local stack, run natively: Apache Kafka (KRaft), Redis and the Python services.
+
+Usage (normally through scripts/stack.sh / make):
+    stack.py up | down | ps | logs [NAME...] [-n N] [--no-follow]
+    stack.py restart NAME | restart-kafka | restart-redis | init
+
+What runs is declared in scripts/stack.toml; Kafka's and Redis's settings are in
+scripts/kafka/server.properties and scripts/redis/redis.conf. Everything this script
+starts runs from the project root in its own session, logs to .run/<name>.log and has
+its pid in .run/<name>.pid, so `up` is idempotent and `down` stops exactly what `up`
+started. Standard library only at import time (kafka-python is imported for the Kafka
+health check), so the Docker image can run `stack.py init` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, scripts/ is sys.path[0], and scripts/kafka/ (the pom) would shadow the
+# kafka-python package as a namespace package for tools; nothing here is imported from it.
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "scripts":
+    sys.path.pop(0)
+CONFIG = ROOT / "scripts" / "stack.toml"
+HOST = "127.0.0.1"
+
+
+class StackError(Exception):
+    """Something the user has to fix; printed without a traceback."""
+
+
+def say(msg: str) -> None:
+    print(f"==> {msg}", flush=True)
+
+
+def warn(msg: str) -> None:
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- config files
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """A Java .properties file as a dict (the simple `key=value` subset Kafka configs use)."""
+    props: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, _, value = line.partition("=")
+        props[key.strip()] = value.strip()
+    return props
+
+
+def read_redis_conf(path: Path) -> dict[str, str]:
+    """redis.conf directives as a dict (`directive value...`; quotes stripped)."""
+    conf: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        conf[key.lower()] = value.strip().strip('"')
+    return conf
+
+
+def kafka_version(pom: Path) -> str:
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    node = ET.parse(pom).getroot().find("m:properties/m:kafka.version", ns)
+    if node is None or not (node.text or "").strip():
+        raise StackError(f"{pom}: no <kafka.version> property")
+    return (node.text or "").strip()
+
+
+def listener_port(url: str) -> int:
+    """`PLAINTEXT://127.0.0.1:9092` -> 9092."""
+    return int(url.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class Health:
+    kind: str  # "tcp" | "http" | "grpc"
+    port: int
+    path: str = "/healthz"
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    module: str
+    ports: tuple[int, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    health: Health | None = None
+    start_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    name: str
+    module: str
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    raw: dict[str, Any]
+    env_template: dict[str, str]
+    init: tuple[InitSpec, ...]
+    services: tuple[ServiceSpec, ...]
+
+    def env_for(self, name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The declared environment of one init step or service (before the caller's env)."""
+        env = {k.replace("{NAME}", name.upper()): v for k, v in self.env_template.items()}
+        env.update(extra or {})
+        return env
+
+
+def load_config(path: Path = CONFIG) -> StackConfig:
+    raw = tomllib.loads(path.read_text())
+    init = tuple(
+        InitSpec(name=s["name"], module=s["module"], args=tuple(s.get("args", [])))
+        for s in raw.get("init", [])
+    )
+    services = []
+    for s in raw.get("services", []):
+        health = Health(**s["health"]) if "health" in s else None
+        services.append(
+            ServiceSpec(
+                name=s["name"],
+                module=s["module"],
+                ports=tuple(s.get("ports", [])),
+                env={k: str(v) for k, v in s.get("env", {}).items()},
+                health=health,
+                start_timeout_s=float(s.get("start_timeout_s", 30)),
+            )
+        )
+    names = [s.name for s in services] + ["kafka", "redis"]
+    if len(set(names)) != len(names):
+        raise StackError(f"{path}: duplicate component names in {names}")
+    return StackConfig(
+        raw=raw,
+        env_template={k: str(v) for k, v in raw.get("env", {}).items()},
+        init=init,
+        services=tuple(services),
+    )
+
+
+# --------------------------------------------------------------------------- processes, ports
+
+
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state of a process, or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def pid_alive(pid: int) -> bool:
+    state = _proc_state(pid)
+    return state is not None and state not in ("Z", "X")  # a zombie has already exited
+
+
+def pid_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def pid_cwd(pid: int) -> Path | None:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
+
+
+def describe_pid(pid: int) -> str:
+    cmd = " ".join(pid_cmdline(pid)) or "?"
+    return cmd if len(cmd) <= 120 else cmd[:117] + "..."
+
+
+def listener_pids(port: int) -> list[int]:
+    """Pids of processes with a listening TCP socket on `port` (any address), via /proc."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                cols = line.split()
+                local, state, inode = cols[1], cols[3], cols[9]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{inode}]")
+    pids: list[int] = []
+    if not inodes:
+        return pids
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        pids.append(int(proc.name))
+                        break
+    return sorted(pids)
+
+
+def port_open(port: int, host: str = HOST, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on `port`, as `pid N (cmd)`, or None if nobody does."""
+    pids = listener_pids(port)
+    if pids:
+        return ", ".join(f"pid {p} ({describe_pid(p)})" for p in pids)
+    if port_open(port):
+        return "an unknown process (not visible in /proc)"
+    return None
+
+
+def check_port_free(port: int, component: str) -> None:
+    """Fail at once, naming the holder, if `port` is already taken (no waiting, no retry)."""
+    holder = port_holder(port)
+    if holder:
+        raise StackError(
+            f"port {port} (needed by {component}) is in use by {holder}; stop it "
+            f"(if it is another checkout's stack: `bash scripts/stack.sh down` there) and re-run"
+        )
+
+
+def redis_ping(port: int, host: str = HOST, timeout: float = 1.0) -> str | None:
+    """None if Redis answers PING with PONG, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(128)
+    except OSError as exc:
+        return f"no connection ({exc.strerror or exc})"
+    if reply.startswith(b"+PONG"):
+        return None
+    return f"PING answered {reply.decode(errors='replace').strip()!r}"  # e.g. -LOADING
+
+
+def kafka_metadata(bootstrap: str, timeout_ms: int = 3000) -> str | None:
+    """None if the broker answers a metadata request (kafka-python), else why not."""
+    quiet = logging.getLogger("kafka")
+    quiet.propagate = False  # kafka-python logs every refused connection as an error
+    if not quiet.handlers:
+        quiet.addHandler(logging.NullHandler())
+    try:
+        from kafka import KafkaAdminClient
+    except ImportError:
+        return "kafka-python is not installed (run `make setup`)"
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            client_id="smartlev-stack",
+            request_timeout_ms=timeout_ms,
+            bootstrap_timeout_ms=timeout_ms,
+        )
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    try:
+        cluster = admin.describe_cluster()
+        if not cluster.get("brokers"):
+            return "metadata has no brokers yet"
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            admin.close()
+
+
+def http_health(port: int, path: str) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=2) as resp:
+            return None if resp.status == 200 else f"HTTP {resp.status}"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def grpc_health(port: int) -> str | None:
+    try:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+    except ImportError:
+        return "grpcio-health-checking is not installed (run `make setup`)"
+    try:
+        with grpc.insecure_channel(f"{HOST}:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    serving = health_pb2.HealthCheckResponse.SERVING
+    return None if reply.status == serving else f"gRPC health status {reply.status}"
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+# --------------------------------------------------------------------------- components
+
+
+@dataclass
+class Component:
+    """One background process the stack owns."""
+
+    name: str
+    ports: tuple[int, ...]
+    argv: Callable[[], list[str]]
+    health: Callable[[], str | None]  # None = healthy, else the reason it is not
+    owns: Callable[[int], bool]  # is this pid our process (guards against pid reuse)?
+    start_timeout_s: float
+    stop_timeout_s: float = 20.0
+    env: dict[str, str] = field(default_factory=dict)
+    prepare: Callable[[], None] = lambda: None  # before start: install, fetch, format...
+    # Something not started by us already serves the port and is usable as is (Redis only).
+    external_ok: Callable[[], bool] | None = None
+
+
+class Stack:
+    def __init__(self, root: Path = ROOT, config: Path = CONFIG, run_dir: Path | None = None):
+        self.root = root
+        self.cfg = load_config(config)
+        self.run = run_dir or root / ".run"
+        k, r = self.cfg.raw.get("kafka", {}), self.cfg.raw.get("redis", {})
+        self.kafka_cfg, self.redis_cfg = k, r
+        self.kafka_props = read_properties(root / k["config"])
+        self.redis_conf = read_redis_conf(root / r["config"])
+        self.kafka_port = listener_port(self.kafka_props["advertised.listeners"].split(",")[0])
+        self.controller_port = next(
+            listener_port(u)
+            for u in self.kafka_props["listeners"].split(",")
+            if u.startswith(self.kafka_props["controller.listener.names"] + "://")
+        )
+        self.redis_port = int(self.redis_conf.get("port", "6379"))
+        self.kafka_version = kafka_version(root / k["pom"])
+        self.kafka_libs = root / ".cache" / "kafka" / self.kafka_version / "libs"
+        self.external: set[str] = set()  # components served by a process we did not start
+        self.launched_at: dict[str, float] = {}  # monotonic start time of what we launched
+
+    # ---- component definitions
+
+    def kafka(self) -> Component:
+        config = self.root / self.kafka_cfg["config"]
+        return Component(
+            name="kafka",
+            ports=(self.kafka_port, self.controller_port),
+            argv=lambda: [
+                java_bin(),
+                "-Xms128m",
+                f"-Xmx{self.kafka_cfg.get('heap', '512m')}",
+                "-XX:+UseG1GC",
+                "-XX:MaxGCPauseMillis=20",
+                "-XX:+ExitOnOutOfMemoryError",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j.configuration=file:{self.root / self.kafka_cfg['log4j']}",
+                f"-Dkafka.logs.dir={self.run}",
+                "-cp",
+                f"{self.kafka_libs}/*",
+                "kafka.Kafka",
+                str(config),
+            ],
+            health=lambda: kafka_metadata(f"{HOST}:{self.kafka_port}"),
+            owns=lambda pid: "kafka.Kafka" in pid_cmdline(pid) and str(config) in pid_cmdline(pid),
+            start_timeout_s=float(self.kafka_cfg.get("start_timeout_s", 60)),
+            stop_timeout_s=30.0,  # a controlled shutdown flushes logs; give it time
+            prepare=self._prepare_kafka,
+        )
+
+    def redis(self) -> Component:
+        data_dir = (self.root / self.redis_conf["dir"]).resolve()
+        return Component(
+            name="redis",
+            ports=(self.redis_port,),
+            argv=lambda: [
+                shutil.which("redis-server") or "redis-server",
+                str(self.root / self.redis_cfg["config"]),
+            ],
+            health=lambda: redis_ping(self.redis_port),
+            # redis rewrites its process title, so recognise it by its working directory.
+            owns=lambda pid: (
+                pid_cwd(pid) == data_dir
+                and Path(pid_cmdline(pid)[0] if pid_cmdline(pid) else "").name.startswith("redis")
+            ),
+            start_timeout_s=float(self.redis_cfg.get("start_timeout_s", 15)),
+            prepare=lambda: self._prepare_redis(data_dir),
+            external_ok=lambda: redis_ping(self.redis_port) is None,
+        )
+
+    def service(self, spec: ServiceSpec) -> Component:
+        argv = [sys.executable, "-m", spec.module]
+
+        def health() -> str | None:
+            h = spec.health
+            if h is None:
+                return None
+            if h.kind == "tcp":
+                return None if port_open(h.port) else f"port {h.port} not open"
+            if h.kind == "http":
+                return http_health(h.port, h.path)
+            if h.kind == "grpc":
+                return grpc_health(h.port)
+            return f"unknown health kind {h.kind!r}"
+
+        def prepare() -> None:
+            if not module_exists(spec.module, self.root):
+                raise StackError(
+                    f"service {spec.name}: module {spec.module} not found "
+                    f"(declared in {CONFIG.relative_to(ROOT)})"
+                )
+
+        return Component(
+            name=spec.name,
+            ports=spec.ports,
+            argv=lambda: argv,
+            health=health,
+            owns=lambda pid: (
+                pid_cmdline(pid)[1:3] == ["-m", spec.module] and pid_cwd(pid) == self.root
+            ),
+            start_timeout_s=spec.start_timeout_s,
+            env={"PYTHONUNBUFFERED": "1", **self.cfg.env_for(spec.name, spec.env)},
+            prepare=prepare,
+        )
+
+    def infra(self) -> list[Component]:
+        return [self.redis(), self.kafka()]
+
+    def services(self) -> list[Component]:
+        return [self.service(s) for s in self.cfg.services]
+
+    def all(self) -> list[Component]:
+        return self.infra() + self.services()
+
+    def by_name(self, name: str) -> Component:
+        for comp in self.all():
+            if comp.name == name:
+                return comp
+        raise StackError(f"no component named {name!r} (have: {[c.name for c in self.all()]})")
+
+    # ---- one-time preparation
+
+    def _prepare_redis(self, data_dir: Path) -> None:
+        ensure_apt_packages()
+        data_dir.mkdir(parents=True, exist_ok=True)
+
+    def _prepare_kafka(self) -> None:
+        self.fetch_kafka()
+        data = self.root / self.kafka_props["log.dirs"].split(",")[0]
+        meta = data / "meta.properties"
+        cluster_id = self.kafka_cfg["cluster_id"]
+        if meta.exists():
+            found = read_properties(meta).get("cluster.id")
+            if found != cluster_id:
+                raise StackError(
+                    f"{data} belongs to Kafka cluster {found}, not {cluster_id}; "
+                    f"remove it (rm -rf {data}) to start with empty topics"
+                )
+            return
+        say(f"formatting Kafka storage in {data.relative_to(self.root)} (cluster id {cluster_id})")
+        data.mkdir(parents=True, exist_ok=True)
+        log = self.run / "kafka-format.log"
+        cmd = [
+            java_bin(),
+            f"-Dlog4j.configuration=file:{self.root / self.kafka_cfg['log4j']}",
+            "-cp",
+            f"{self.kafka_libs}/*",
+            "kafka.tools.StorageTool",
+            "format",
+            "--ignore-formatted",
+            "-t",
+            cluster_id,
+            "-c",
+            str(self.root / self.kafka_cfg["config"]),
+        ]
+        with log.open("w") as out:
+            rc = subprocess.call(cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT)
+        if rc != 0:
+            raise StackError(
+                f"formatting Kafka storage failed (exit {rc}); see {log}:\n{tail(log)}"
+            )
+
+    def fetch_kafka(self) -> None:
+        """Kafka broker jars from Maven Central into .cache/kafka/<version>/libs (once)."""
+        stamp = self.kafka_libs.parent / ".complete"
+        if stamp.exists():
+            return
+        say(f"fetching Kafka {self.kafka_version} jars from Maven Central (first run only)")
+        ensure_java_and_maven()
+        tmp = self.kafka_libs.with_name("libs.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(self.kafka_libs, ignore_errors=True)
+        log = self.run / "maven.log"
+        cmd = [
+            "mvn",
+            "-B",
+            "-q",
+            "-f",
+            str(self.root / self.kafka_cfg["pom"]),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={tmp}",
+        ]
+        with log.open("w") as out:
+            rc = subprocess.call(cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT)
+        if rc != 0 or not (tmp / f"kafka_2.13-{self.kafka_version}.jar").exists():
+            raise StackError(f"fetching Kafka jars with Maven failed; see {log}:\n{tail(log)}")
+        tmp.rename(self.kafka_libs)  # only a complete download is ever used
+        stamp.touch()
+
+    # ---- pid files
+
+    def pid_file(self, comp: Component) -> Path:
+        return self.run / f"{comp.name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.run / f"{name}.log"
+
+    def running_pid(self, comp: Component) -> int | None:
+        """The pid of our live process for `comp`, or None (a stale pid file is removed)."""
+        path = self.pid_file(comp)
+        try:
+            pid = int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if pid_alive(pid) and comp.owns(pid):
+            return pid
+        path.unlink(missing_ok=True)
+        return None
+
+    def strays(self, comp: Component) -> list[int]:
+        """Our processes for `comp` that no pid file points at (e.g. a deleted .run/)."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != os.getpid():
+                pid = int(proc.name)
+                with contextlib.suppress(OSError):
+                    if pid_alive(pid) and comp.owns(pid):
+                        found.append(pid)
+        return found
+
+    # ---- start / wait / stop
+
+    def launch(self, comp: Component) -> int | None:
+        """Start `comp` unless it already runs; returns the new pid, or None if it ran."""
+        pid = self.running_pid(comp)
+        if pid is not None:
+            say(f"{comp.name} already running (pid {pid})")
+            return None
+        strays = self.strays(comp)
+        if strays:
+            raise StackError(
+                f"{comp.name} is running without a pid file (pid {', '.join(map(str, strays))}); "
+                f"run `bash scripts/stack.sh down` first"
+            )
+        holder = port_holder(comp.ports[0]) if comp.ports else None
+        if holder and comp.external_ok is not None and comp.external_ok():
+            warn(
+                f"{comp.name}: port {comp.ports[0]} is already served by {holder}, which "
+                f"stack.sh did not start; using it as is (its persistence settings are its own, "
+                f"restart-{comp.name} will refuse). To run ours instead, stop it "
+                f"(Debian's: `service redis-server stop`) and run `make up` again."
+            )
+            self.external.add(comp.name)
+            return None
+        for port in comp.ports:
+            check_port_free(port, comp.name)
+        comp.prepare()
+        log = self.log_file(comp.name)
+        env = {**comp.env, **os.environ} if comp.env else dict(os.environ)
+        with log.open("a") as out:
+            out.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} stack.sh starts {comp.name}\n")
+            out.flush()
+            proc = subprocess.Popen(
+                comp.argv(),
+                cwd=self.root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: `down` signals the whole group
+            )
+        self.pid_file(comp).write_text(f"{proc.pid}\n")
+        self.launched_at[comp.name] = time.monotonic()
+        say(f"started {comp.name} (pid {proc.pid}, log {log.relative_to(self.root)})")
+        return proc.pid
+
+    def wait_healthy(self, comp: Component, quiet: bool = False) -> None:
+        if comp.name in self.external:
+            return
+        log = self.log_file(comp.name)
+        started = self.launched_at.get(comp.name, time.monotonic())
+        deadline = started + comp.start_timeout_s
+        reason: str | None = "not checked yet"
+        while True:
+            pid = self.running_pid(comp)
+            if pid is None:
+                raise StackError(f"{comp.name} exited during start-up; see {log}:\n{tail(log)}")
+            if all(port_open(p) for p in comp.ports):
+                reason = comp.health()
+                if reason is None:
+                    if not quiet:
+                        say(f"{comp.name} is healthy ({time.monotonic() - started:.1f} s)")
+                    return
+            else:
+                reason = "ports " + ",".join(map(str, comp.ports)) + " not all open yet"
+            if time.monotonic() > deadline:
+                self.stop(comp, quiet=True)
+                raise StackError(
+                    f"{comp.name} did not come up within {comp.start_timeout_s:.0f} s "
+                    f"(last check: {reason}); stopped it. See {log}:\n{tail(log)}"
+                )
+            time.sleep(0.3)
+
+    def stop(self, comp: Component, quiet: bool = False) -> None:
+        pids = ([p] if (p := self.running_pid(comp)) else []) + self.strays(comp)
+        pids = sorted(set(pids))
+        if not pids:
+            if not quiet:
+                say(f"{comp.name} not running")
+            self.pid_file(comp).unlink(missing_ok=True)
+            return
+        for sig, wait_s in ((signal.SIGTERM, comp.stop_timeout_s), (signal.SIGKILL, 5.0)):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, sig)  # its session/group: takes children along
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+                time.sleep(0.2)
+            if not any(pid_alive(p) for p in pids):
+                break
+            warn(f"{comp.name} (pid {pids}) ignored SIGTERM for {wait_s:.0f} s; sending SIGKILL")
+        alive = [p for p in pids if pid_alive(p)]
+        if alive:
+            raise StackError(f"could not stop {comp.name} (pid {alive})")
+        self.pid_file(comp).unlink(missing_ok=True)
+        if not quiet:
+            say(f"stopped {comp.name} (pid {', '.join(map(str, pids))})")
+
+    # ---- commands
+
+    def up(self) -> None:
+        t0 = time.monotonic()
+        self.run.mkdir(parents=True, exist_ok=True)
+        ensure_apt_packages()
+        infra = self.infra()
+        launched = [c.name for c in infra if self.launch(c) is not None]
+        for comp in infra:  # started side by side, then waited for
+            self.wait_healthy(comp, quiet=comp.name not in launched)
+        self.run_init()
+        services = self.services()
+        if not services:
+            say(f"no Python services declared yet ({CONFIG.relative_to(ROOT)})")
+        launched += [c.name for c in services if self.launch(c) is not None]
+        for comp in services:
+            self.wait_healthy(comp, quiet=comp.name not in launched)
+        state = "started" if launched else "already running"
+        say(
+            f"stack is up ({state}; {time.monotonic() - t0:.1f} s): "
+            f"kafka {HOST}:{self.kafka_port}, redis {HOST}:{self.redis_port}"
+            + "".join(f", {c.name}" for c in services)
+        )
+
+    def run_init(self, to_console: bool = False) -> None:
+        """The init steps; output to .run/init-<name>.log (or the console, e.g. in Docker)."""
+        for step in self.cfg.init:
+            if not module_exists(step.module, self.root):
+                say(f"init {step.name}: skipped ({step.module} does not exist yet)")
+                continue
+            log = self.log_file(f"init-{step.name}")
+            env = {**self.cfg.env_for(step.name), **os.environ}
+            # args may name the step's environment, e.g. "${SMARTLEV_TOPICS_KAFKA__BOOTSTRAP}",
+            # so Docker (other addresses) and the native stack share one declaration.
+            args = [string.Template(a).substitute(env) for a in step.args]
+            cmd = [sys.executable, "-m", step.module, *args]
+            if to_console:
+                say(f"init {step.name}: {' '.join(cmd[1:])}")
+                rc = subprocess.call(cmd, cwd=self.root, env=env, timeout=300)
+            else:
+                with log.open("w") as out:
+                    rc = subprocess.call(
+                        cmd,
+                        cwd=self.root,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        timeout=300,
+                    )
+            if rc != 0:
+                raise StackError(
+                    f"init step {step.name} ({' '.join(cmd[1:])}) failed with exit {rc}"
+                    + ("" if to_console else f"; see {log}:\n{tail(log)}")
+                )
+            say(f"init {step.name}: done ({step.module})")
+
+    def down(self) -> None:
+        for comp in reversed(self.all()):
+            self.stop(comp)
+
+    def ps(self) -> list[tuple[str, str, str, str]]:
+        rows = []
+        for comp in self.all():
+            pid = self.running_pid(comp)
+            ports = ",".join(map(str, comp.ports)) or "-"
+            if pid is not None:
+                reason = comp.health()
+                state = "healthy" if reason is None else f"running, unhealthy: {reason}"
+            else:
+                holders = [h for p in comp.ports if (h := port_holder(p))]
+                if holders and comp.external_ok is not None and comp.external_ok():
+                    state = f"external (not started by stack.sh): {holders[0]}"
+                elif holders:
+                    state = f"stopped; port taken by {holders[0]}"
+                else:
+                    state = "stopped"
+            rows.append((comp.name, str(pid or "-"), ports, state))
+        return rows
+
+
+def module_exists(module: str, root: Path) -> bool:
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def java_bin() -> str:
+    home = os.environ.get("JAVA_HOME")
+    if home and (Path(home) / "bin" / "java").exists():
+        return str(Path(home) / "bin" / "java")
+    return shutil.which("java") or "java"
+
+
+# --------------------------------------------------------------------------- system packages
+
+
+def _apt_install(packages: list[str], log: Path) -> bool:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return False
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    with log.open("a") as out:
+        if not getattr(_apt_install, "updated", False):
+            subprocess.call(["apt-get", "update", "-qq"], stdout=out, stderr=out, env=env)
+            _apt_install.updated = True  # type: ignore[attr-defined]
+        cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+        return subprocess.call(cmd, stdout=out, stderr=out, env=env) == 0
+
+
+def _stop_distro_redis(log: Path) -> None:
+    """Debian's package starts its own redis on 6379; ours must own that port."""
+    with log.open("a") as out:
+        if Path("/run/systemd/system").exists() and shutil.which("systemctl"):
+            subprocess.call(
+                ["systemctl", "disable", "--now", "redis-server"], stdout=out, stderr=out
+            )
+        elif shutil.which("service"):
+            subprocess.call(["service", "redis-server", "stop"], stdout=out, stderr=out)
+
+
+def ensure_apt_packages() -> None:
+    """redis-server (required) and kcat (optional tool) from Debian, when missing."""
+    run = ROOT / ".run"
+    run.mkdir(exist_ok=True)
+    log = run / "apt.log"
+    if not shutil.which("redis-server"):
+        say("installing redis-server (apt-get; first run only)")
+        if not _apt_install(["redis-server"], log) or not shutil.which("redis-server"):
+            raise StackError(
+                "redis-server is not installed and could not be installed (needs root and "
+                f"apt-get; see {log}). Install it: sudo apt-get install redis-server"
+            )
+        _stop_distro_redis(log)
+    if not shutil.which("kcat"):
+        say("installing kcat (apt-get; first run only)")
+        if not _apt_install(["kcat"], log) or not shutil.which("kcat"):
+            warn(f"could not install kcat (optional; see {log}); continuing without it")
+
+
+def ensure_java_and_maven() -> None:
+    missing = [
+        p
+        for p, exe in (("openjdk-17-jre-headless", "java"), ("maven", "mvn"))
+        if not shutil.which(exe)
+    ]
+    if not missing:
+        return
+    say(f"installing {' '.join(missing)} (apt-get; needed to fetch and run Kafka)")
+    if not _apt_install(missing, ROOT / ".run" / "apt.log") or not shutil.which("mvn"):
+        raise StackError(
+            "Kafka needs Java 17+ and Maven: sudo apt-get install openjdk-17-jre-headless maven"
+        )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@contextlib.contextmanager
+def locked(run: Path) -> Iterator[None]:
+    """One `up`/`down`/`restart` at a time per checkout (a second one waits)."""
+    run.mkdir(parents=True, exist_ok=True)
+    with (run / "stack.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stack.sh", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("up", help="start Kafka, Redis, init steps and services (idempotent)")
+    sub.add_parser("down", help="stop everything `up` started")
+    sub.add_parser("ps", help="component, pid, ports, state")
+    sub.add_parser("init", help="run the init steps (e.g. topic creation) against the stack")
+    logs = sub.add_parser("logs", help="tail .run/*.log")
+    logs.add_argument("names", nargs="*")
+    logs.add_argument("-n", type=int, default=50)
+    logs.add_argument("--no-follow", action="store_true")
+    restart = sub.add_parser("restart", help="stop and start one component")
+    restart.add_argument("name")
+    sub.add_parser("restart-kafka")
+    sub.add_parser("restart-redis")
+    args = parser.parse_args(argv)
+
+    try:
+        stack = Stack()
+        if args.cmd == "up":
+            with locked(stack.run):
+                stack.up()
+        elif args.cmd == "down":
+            with locked(stack.run):
+                stack.down()
+        elif args.cmd == "ps":
+            rows = [("COMPONENT", "PID", "PORTS", "STATE"), *stack.ps()]
+            widths = [max(len(r[i]) for r in rows) for i in range(3)]
+            for r in rows:
+                print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3])
+        elif args.cmd == "init":
+            stack.run_init(to_console=True)
+        elif args.cmd == "logs":
+            names = args.names or [c.name for c in stack.all()]
+            files = [str(stack.log_file(n)) for n in names if stack.log_file(n).exists()]
+            files += [str(p) for p in sorted(stack.run.glob("init-*.log")) if not args.names]
+            if not files:
+                raise StackError(f"no logs under {stack.run} yet (run `make up`)")
+            cmd = ["tail", "-n", str(args.n)] + ([] if args.no_follow else ["-F"]) + files
+            os.execvp("tail", cmd)
+        else:
+            name = {"restart-kafka": "kafka", "restart-redis": "redis"}.get(args.cmd)
+            comp = stack.by_name(name or args.name)
+            if stack.running_pid(comp) is None and comp.ports and port_holder(comp.ports[0]):
+                raise StackError(
+                    f"{comp.name} on port {comp.ports[0]} was not started by stack.sh "
+                    f"({port_holder(comp.ports[0])}); refusing to restart it"
+                )
+            with locked(stack.run):
+                stack.stop(comp)
+                stack.launch(comp)
+                stack.wait_healthy(comp)
+    except StackError as exc:
+        print(f"stack.sh: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Every policy parameter in one frozen model; a TOML or JSON file overrides any of them."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.core.accounting import AccountingConfig
+from shared.core.features import FeatureConfig
+from shared.core.hedging import HedgingConfig
+from shared.core.leverage import LeverageConfig
+from shared.core.regime import RegimeConfig
+from shared.core.venue import InstrumentSpec, VenueConfig
+
+
+class InstrumentConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    price_tick: Decimal = Field(gt=0, description="Smallest price increment.")
+    lot_step: Decimal = Field(gt=0, description="Smallest quantity increment.")
+
+
+DEFAULT_INSTRUMENTS = {
+    # Binance USDT-M perpetuals' filters.
+    "BTC-USDT": InstrumentConfig(price_tick=Decimal("0.1"), lot_step=Decimal("0.001")),
+    "ETH-USDT": InstrumentConfig(price_tick=Decimal("0.01"), lot_step=Decimal("0.001")),
+}
+
+
+class StrategyConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    features: FeatureConfig = FeatureConfig()
+    regime: RegimeConfig = RegimeConfig()
+    leverage: LeverageConfig = LeverageConfig()
+    venue: VenueConfig = VenueConfig()
+    hedging: HedgingConfig = HedgingConfig()
+    accounting: AccountingConfig = AccountingConfig()
+    instruments: dict[str, InstrumentConfig] = Field(default_factory=lambda: DEFAULT_INSTRUMENTS)
+
+    def instrument(self, symbol: str) -> InstrumentSpec:
+        try:
+            spec = self.instruments[symbol]
+        except KeyError:
+            known = ", ".join(sorted(self.instruments))
+            raise ValueError(f"unknown symbol {symbol!r}; configured: {known}") from None
+        return InstrumentSpec(symbol, spec.price_tick, spec.lot_step)

@@ -1,0 +1,142 @@
+"""What happened in the core, one immutable type per event, named in the past tense.
+
+Services turn these into protobuf messages on Kafka; the backtester records them. Ids and
+timestamps are values passed in, so replaying the same input gives the same events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from shared.core.market import Side
+
+
+class Reason:
+    """Reason codes carried by every leverage target, so a user can see why it moved."""
+
+    WARMUP = "WARMUP"
+    REGIME_TREND_ALIGNED = "REGIME_TREND_ALIGNED"
+    REGIME_TREND_AGAINST = "REGIME_TREND_AGAINST"
+    REGIME_RANGE = "REGIME_RANGE"
+    REGIME_HIGH_VOL = "REGIME_HIGH_VOL"
+    VOL_SCALED_DOWN = "VOL_SCALED_DOWN"
+    VOL_SCALED_UP = "VOL_SCALED_UP"
+    CLAMPED_MIN = "CLAMPED_MIN"
+    CLAMPED_MAX = "CLAMPED_MAX"
+    RATE_LIMITED = "RATE_LIMITED"
+    OUTSIDE_BAND = "OUTSIDE_BAND"
+    EMERGENCY_ADVERSE_MOVE = "EMERGENCY_ADVERSE_MOVE"
+    EMERGENCY_LEVERAGE_CEILING = "EMERGENCY_LEVERAGE_CEILING"
+    FIXED_SCHEDULE = "FIXED_SCHEDULE"
+    ORDER_FLOW = "ORDER_FLOW"
+
+
+@dataclass(frozen=True, slots=True)
+class LeverageTargetChanged:
+    product: str
+    side: Side
+    ts_ns: int
+    price: Decimal
+    target: Decimal
+    previous_target: Decimal
+    rebalance: bool
+    emergency: bool
+    reasons: tuple[str, ...]
+    regime: str
+
+
+@dataclass(frozen=True, slots=True)
+class OrderFilled:
+    """One fill of one slice at the venue; qty is signed (+ buy, - sell)."""
+
+    symbol: str
+    ts_ns: int
+    qty: Decimal
+    price: Decimal
+    fee: Decimal
+    liquidity: str
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeAllocation:
+    """A product's share of a netted hedge: its own requested change and its costs."""
+
+    product: str
+    qty: Decimal
+    notional: Decimal
+    slippage: Decimal
+    fee: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeExecuted:
+    symbol: str
+    ts_ns: int
+    reference_price: Decimal
+    net_qty: Decimal
+    fills: tuple[OrderFilled, ...]
+    allocations: tuple[HedgeAllocation, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FundingSettled:
+    """Funding paid (+) or received (-) by each product, summing to the venue's payment."""
+
+    symbol: str
+    ts_ns: int
+    rate: Decimal
+    mark_price: Decimal
+    venue_amount: Decimal
+    allocations: tuple[tuple[str, Decimal], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ManagementFeeAccrued:
+    product: str
+    ts_ns: int
+    amount: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class InsuranceClaimPaid:
+    """A gap took a product's equity below its floor; the insurance fund topped it up."""
+
+    product: str
+    ts_ns: int
+    amount: Decimal
+    equity_before: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class ProductUnitsIssued:
+    product: str
+    ts_ns: int
+    amount: Decimal
+    fee: Decimal
+    units: Decimal
+    nav: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class ProductUnitsRedeemed:
+    product: str
+    ts_ns: int
+    units: Decimal
+    nav: Decimal
+    gross: Decimal
+    fee: Decimal
+    payout: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class AccountLiquidated:
+    """The venue liquidated the account: never expected; reported loudly if it happens."""
+
+    symbol: str
+    ts_ns: int
+    mark_price: Decimal
+    equity: Decimal
+    maintenance_margin: Decimal
+    closed_qty: Decimal
+    penalty: Decimal

@@ -1,0 +1,76 @@
+"""Netting: one venue order per underlying for all products' requested changes.
+
+A long product buying while a short product sells trades only the difference. Fees and
+slippage are paid on the net trade and attributed pro rata to the products' requested
+changes; each product's position changes by exactly what it asked for, valued at the
+reference price, so per-product PnL sums exactly to the venue account's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.core.events import HedgeAllocation, HedgeExecuted
+from shared.core.money import ZERO, allocate, to_step
+from shared.core.venue import Liquidity, PerpVenue
+
+
+class HedgingConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_slice_notional: Decimal = Field(
+        Decimal("2000000"), gt=0, description="Largest notional sent as one venue order."
+    )
+    liquidity: Liquidity = Field(
+        Liquidity.TAKER, description="TAKER: market orders. MAKER: passive, filled at reference."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PositionChange:
+    """A product's requested change of its virtual position, in whole lots."""
+
+    product: str
+    qty: Decimal
+
+
+def plan_slices(net: Decimal, price: Decimal, lot: Decimal, max_notional: Decimal) -> list[Decimal]:
+    """Equal slices of whole lots, each at most `max_notional`, summing exactly to `net`."""
+    lots = int(abs(net) / lot)
+    count = int((abs(net) * price / max_notional).to_integral_value(rounding=ROUND_CEILING))
+    count = max(1, min(count, lots))
+    sign = 1 if net > 0 else -1
+    base, extra = divmod(lots, count)
+    return [sign * (base + (1 if i < extra else 0)) * lot for i in range(count)]
+
+
+def execute_netted(
+    venue: PerpVenue,
+    ts_ns: int,
+    changes: Sequence[PositionChange],
+    reference: Decimal,
+    config: HedgingConfig,
+) -> HedgeExecuted:
+    lot = venue.spec.lot_step
+    for change in changes:
+        if change.qty != to_step(change.qty, lot):
+            raise ValueError(f"{change.product}: {change.qty} is not a whole number of lots")
+    net = sum((c.qty for c in changes), ZERO)
+    fills = tuple(
+        venue.execute(ts_ns, qty, reference, config.liquidity)
+        for qty in (plan_slices(net, reference, lot, config.max_slice_notional) if net else ())
+    )
+    cost = sum((f.qty * f.price for f in fills), ZERO)
+    fees = sum((f.fee for f in fills), ZERO)
+    weights = [abs(c.qty) for c in changes]
+    slippage_parts = allocate(cost - net * reference, weights)
+    fee_parts = allocate(fees, weights)
+    allocations = tuple(
+        HedgeAllocation(c.product, c.qty, c.qty * reference, slip, fee)
+        for c, slip, fee in zip(changes, slippage_parts, fee_parts, strict=True)
+    )
+    return HedgeExecuted(venue.spec.symbol, ts_ns, reference, net, fills, allocations)

@@ -1,0 +1,367 @@
+"""Leverage targeting per product: a pure policy with a small, snapshotable state.
+
+Decisions use only the price path since the last rebalance (the leverage a product would
+have if it had been exactly at target then), never the books. So the backtester and the
+stream services, which see the same ticks and regimes, take the same decisions; fee and
+funding drift of the real leverage is corrected at the next rebalance.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.core.events import LeverageTargetChanged, Reason
+from shared.core.market import NS_PER_DAY, Side
+from shared.core.regime import Regime, RegimeState
+
+
+class LeverageConfig(BaseModel):
+    """Leverage policy; defaults are explained in the README (chosen on 2019-2023 data)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    l_min: float = Field(1.0, gt=0, description="Lowest target leverage.")
+    l_max: float = Field(5.0, gt=0, description="Highest target leverage.")
+    base_trend_aligned: float = Field(
+        4.0, description="Base leverage in a trend in the product's direction at confidence 1."
+    )
+    base_trend_against: float = Field(1.0, description="Base leverage in a trend against it.")
+    base_range: float = Field(1.5, description="Base leverage in a ranging (choppy) market.")
+    base_high_vol: float = Field(1.0, description="Base leverage when volatility is high.")
+    warmup_leverage: float = Field(1.0, description="Leverage before the features are warm.")
+    sigma_reference: float = Field(
+        0.6, gt=0, description="Annualized vol at which vol scaling is neutral (BTC's median)."
+    )
+    vol_scale_min: float = Field(0.3, gt=0, description="Lowest vol-scaling factor.")
+    vol_scale_max: float = Field(1.25, gt=0, description="Highest vol-scaling factor.")
+    target_deadband: float = Field(
+        0.1, ge=0, description="Keep the target while the policy moves less than this (x)."
+    )
+    max_raise_per_bar: float = Field(0.25, gt=0, description="Fastest rise of the target per bar.")
+    max_cut_per_bar: float = Field(1.0, gt=0, description="Fastest cut of the target per bar.")
+    rebalance_band: float = Field(
+        0.1, gt=0, description="Rebalance when |actual - target| > band x target (cost control)."
+    )
+    emergency_move: float = Field(
+        0.1, gt=0, lt=1, description="Adverse move since the last rebalance that forces a cut."
+    )
+    emergency_cut: float = Field(
+        0.5, gt=0, le=1, description="Factor applied to the target on an emergency cut."
+    )
+    leverage_ceiling: float = Field(
+        5.5, gt=1, description="Actual leverage that forces an immediate rebalance to target."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LeverageConfig:
+        if self.l_min > self.l_max:
+            raise ValueError(f"l_min {self.l_min} > l_max {self.l_max}")
+        if self.l_max * self.emergency_move >= 1:
+            raise ValueError(
+                f"l_max x emergency_move = {self.l_max * self.emergency_move:g} must be < 1, "
+                "or a continuous path could take NAV to zero before the emergency cut"
+            )
+        if self.leverage_ceiling <= self.l_max:
+            raise ValueError("leverage_ceiling must be above l_max, or every tick would trigger")
+        if self.vol_scale_min > self.vol_scale_max:
+            raise ValueError("vol_scale_min > vol_scale_max")
+        return self
+
+
+def to_target(value: float) -> Decimal:
+    """Targets are exact decimals in steps of 0.05x: finer moves are noise, not news."""
+    return Decimal(round(value * 20) * 5).scaleb(-2)
+
+
+def model_leverage(side: Side, ref_leverage: float, ref_price: float, price: float) -> float:
+    """Leverage at `price` of a position that was at `ref_leverage` at `ref_price`."""
+    x = price / ref_price
+    equity = 1.0 + side * ref_leverage * (x - 1.0)
+    if equity <= 0.0:
+        return math.inf
+    return ref_leverage * x / equity
+
+
+class Controller(Protocol):
+    """What the engine asks of a leverage policy for one product."""
+
+    product: str
+    side: Side
+
+    @property
+    def target(self) -> Decimal: ...
+
+    def on_bar(
+        self, ts_ns: int, price: Decimal, regime: RegimeState
+    ) -> LeverageTargetChanged | None: ...
+
+    def on_tick(
+        self, ts_ns: int, price: Decimal, price_f: float
+    ) -> LeverageTargetChanged | None: ...
+
+    def rebalance_now(self, ts_ns: int, price: Decimal, reason: str) -> LeverageTargetChanged: ...
+
+    def snapshot(self) -> dict[str, object]: ...
+
+
+class SmartLeverageController:
+    """Regime- and volatility-driven target, bounded speed, band and emergency rules."""
+
+    __slots__ = (
+        "_is_long",
+        "_regime",
+        "_target_f",
+        "_target_steps",
+        "_trigger",
+        "config",
+        "product",
+        "ref_leverage",
+        "ref_price",
+        "side",
+        "target_value",
+    )
+
+    def __init__(self, product: str, side: Side, config: LeverageConfig) -> None:
+        self.product = product
+        self.side = side
+        self.config = config
+        self._set_target(to_target(config.warmup_leverage))
+        self.ref_price: float | None = None
+        self.ref_leverage = 0.0
+        self._regime = str(Regime.RANGE)
+        self._is_long = side is Side.LONG
+        self._trigger = -math.inf if self._is_long else math.inf
+
+    @property
+    def target(self) -> Decimal:
+        return self.target_value
+
+    def _set_target(self, target: Decimal) -> None:
+        self.target_value = target
+        self._target_f = float(target)
+        self._target_steps = round(self._target_f * 20)
+
+    def policy_target(self, regime: RegimeState) -> float:
+        """The unsmoothed target for this regime and volatility (hot path: no reasons)."""
+        cfg = self.config
+        features = regime.features
+        if not features.warm:
+            return cfg.warmup_leverage
+        state = regime.regime
+        if state is Regime.HIGH_VOL:
+            base = cfg.base_high_vol
+        elif state is Regime.RANGE:
+            base = cfg.base_range
+        elif (state is Regime.TREND_UP) is self._is_long:
+            base = cfg.base_range + (cfg.base_trend_aligned - cfg.base_range) * regime.confidence
+        else:
+            base = cfg.base_trend_against
+        sigma = features.sigma_ann
+        scale = cfg.vol_scale_max if sigma <= 0 else cfg.sigma_reference / sigma
+        value = base * min(max(scale, cfg.vol_scale_min), cfg.vol_scale_max)
+        return min(max(value, cfg.l_min), cfg.l_max)
+
+    def policy_reasons(self, regime: RegimeState) -> list[str]:
+        """Why `policy_target` said what it said; built only when a target is published."""
+        cfg = self.config
+        features = regime.features
+        if not features.warm:
+            return [Reason.WARMUP]
+        state = regime.regime
+        if state is Regime.HIGH_VOL:
+            reasons = [Reason.REGIME_HIGH_VOL]
+        elif state is Regime.RANGE:
+            reasons = [Reason.REGIME_RANGE]
+        elif (state is Regime.TREND_UP) is self._is_long:
+            reasons = [Reason.REGIME_TREND_ALIGNED]
+        else:
+            reasons = [Reason.REGIME_TREND_AGAINST]
+        sigma = features.sigma_ann
+        scale = cfg.vol_scale_max if sigma <= 0 else cfg.sigma_reference / sigma
+        if scale < 0.99:
+            reasons.append(Reason.VOL_SCALED_DOWN)
+        elif scale > 1.01:
+            reasons.append(Reason.VOL_SCALED_UP)
+        value = self.policy_target(regime)
+        if value <= cfg.l_min:
+            reasons.append(Reason.CLAMPED_MIN)
+        elif value >= cfg.l_max:
+            reasons.append(Reason.CLAMPED_MAX)
+        return reasons
+
+    def on_bar(
+        self, ts_ns: int, price: Decimal, regime: RegimeState
+    ) -> LeverageTargetChanged | None:
+        self._regime = regime.regime
+        price_f = float(price)
+        if price_f <= self._trigger if self._is_long else price_f >= self._trigger:
+            return self._emergency(ts_ns, price, price_f)
+        cfg = self.config
+        desired = self.policy_target(regime)
+        previous = self._target_f
+        if abs(desired - previous) <= cfg.target_deadband:
+            desired = previous
+        limited = False
+        if desired > previous + cfg.max_raise_per_bar:
+            desired, limited = previous + cfg.max_raise_per_bar, True
+        elif desired < previous - cfg.max_cut_per_bar:
+            desired, limited = previous - cfg.max_cut_per_bar, True
+        steps = round(min(max(desired, cfg.l_min), cfg.l_max) * 20)
+        target_f = steps / 20
+        if self.ref_price is None:
+            rebalance = True
+        else:
+            actual = model_leverage(self.side, self.ref_leverage, self.ref_price, price_f)
+            rebalance = abs(actual - target_f) > cfg.rebalance_band * target_f
+        if not rebalance and steps == self._target_steps:
+            return None
+        reasons = self.policy_reasons(regime)
+        if limited:
+            reasons.append(Reason.RATE_LIMITED)
+        if rebalance:
+            reasons.append(Reason.OUTSIDE_BAND)
+        return self._decide(ts_ns, price, to_target(target_f), rebalance, False, reasons)
+
+    def on_tick(self, ts_ns: int, price: Decimal, price_f: float) -> LeverageTargetChanged | None:
+        if self._is_long:
+            if price_f > self._trigger:
+                return None
+        elif price_f < self._trigger:
+            return None
+        return self._emergency(ts_ns, price, price_f)
+
+    def rebalance_now(self, ts_ns: int, price: Decimal, reason: str) -> LeverageTargetChanged:
+        return self._decide(ts_ns, price, self.target_value, True, False, [reason])
+
+    def _emergency(self, ts_ns: int, price: Decimal, price_f: float) -> LeverageTargetChanged:
+        cfg = self.config
+        assert self.ref_price is not None
+        adverse = (self.ref_price - price_f) / self.ref_price * self.side
+        if adverse >= cfg.emergency_move:
+            target = to_target(max(cfg.l_min, float(self.target_value) * cfg.emergency_cut))
+            reason = Reason.EMERGENCY_ADVERSE_MOVE
+        else:
+            target, reason = self.target_value, Reason.EMERGENCY_LEVERAGE_CEILING
+        return self._decide(ts_ns, price, target, True, True, [reason])
+
+    def _decide(
+        self,
+        ts_ns: int,
+        price: Decimal,
+        target: Decimal,
+        rebalance: bool,
+        emergency: bool,
+        reasons: list[str],
+    ) -> LeverageTargetChanged:
+        previous = self.target_value
+        self._set_target(target)
+        if rebalance:
+            self._rebalanced_at(float(price), float(target))
+        return LeverageTargetChanged(
+            product=self.product,
+            side=self.side,
+            ts_ns=ts_ns,
+            price=price,
+            target=target,
+            previous_target=previous,
+            rebalance=rebalance,
+            emergency=emergency,
+            reasons=tuple(reasons),
+            regime=str(self._regime),
+        )
+
+    def _rebalanced_at(self, price: float, lev: float) -> None:
+        """Remember the rebalance and precompute the one price that triggers an emergency."""
+        cfg = self.config
+        self.ref_price = price
+        self.ref_leverage = lev
+        ceiling = cfg.leverage_ceiling
+        if self._is_long:
+            adverse = price * (1.0 - cfg.emergency_move)
+            # model_leverage > ceiling  <=>  x < C(L-1) / (L(C-1)), only possible when L > 1
+            at_ceiling = price * ceiling * (lev - 1.0) / (lev * (ceiling - 1.0))
+            self._trigger = max(adverse, at_ceiling)
+        else:
+            adverse = price * (1.0 + cfg.emergency_move)
+            # model_leverage > ceiling  <=>  x > C(1+L) / (L(1+C))
+            at_ceiling = price * ceiling * (1.0 + lev) / (lev * (1.0 + ceiling))
+            self._trigger = min(adverse, at_ceiling)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "v": 1,
+            "target": str(self.target_value),
+            "ref_price": self.ref_price,
+            "ref_leverage": self.ref_leverage,
+            "regime": self._regime,
+        }
+
+    @classmethod
+    def restore(
+        cls, product: str, side: Side, config: LeverageConfig, snapshot: dict[str, object]
+    ) -> SmartLeverageController:
+        controller = cls(product, side, config)
+        controller._set_target(Decimal(str(snapshot["target"])))
+        controller._regime = str(snapshot["regime"])
+        ref_price, ref_leverage = snapshot["ref_price"], snapshot["ref_leverage"]
+        if ref_price is not None:
+            assert isinstance(ref_price, float) and isinstance(ref_leverage, float)
+            controller._rebalanced_at(ref_price, ref_leverage)
+        return controller
+
+
+class FixedLeverageController:
+    """A benchmark leveraged token: constant leverage, rebalanced once per UTC day."""
+
+    __slots__ = ("_day", "product", "side", "target_value")
+
+    def __init__(self, product: str, side: Side, leverage: Decimal) -> None:
+        self.product = product
+        self.side = side
+        self.target_value = leverage
+        self._day: int | None = None
+
+    @property
+    def target(self) -> Decimal:
+        return self.target_value
+
+    def on_bar(
+        self, ts_ns: int, price: Decimal, regime: RegimeState
+    ) -> LeverageTargetChanged | None:
+        if self._day == ts_ns // NS_PER_DAY:
+            return None
+        return self.rebalance_now(ts_ns, price, Reason.FIXED_SCHEDULE)
+
+    def on_tick(self, ts_ns: int, price: Decimal, price_f: float) -> LeverageTargetChanged | None:
+        return None
+
+    def rebalance_now(self, ts_ns: int, price: Decimal, reason: str) -> LeverageTargetChanged:
+        self._day = ts_ns // NS_PER_DAY
+        return LeverageTargetChanged(
+            product=self.product,
+            side=self.side,
+            ts_ns=ts_ns,
+            price=price,
+            target=self.target_value,
+            previous_target=self.target_value,
+            rebalance=True,
+            emergency=False,
+            reasons=(reason,),
+            regime="",
+        )
+
+    def snapshot(self) -> dict[str, object]:
+        return {"v": 1, "day": self._day}
+
+    @classmethod
+    def restore(
+        cls, product: str, side: Side, leverage: Decimal, snapshot: dict[str, object]
+    ) -> FixedLeverageController:
+        controller = cls(product, side, leverage)
+        day = snapshot["day"]
+        controller._day = day if isinstance(day, int) else None
+        return controller

@@ -1,0 +1,269 @@
+"""Health and metrics for every service.
+
+(a) HTTP: `HealthServer` serves `/metrics` (Prometheus text format) and `/healthz`.
+    `/healthz` runs the checks the service registered (Kafka reachable, Redis PING,
+    "consumer made progress in the last N s", ...) and answers 200 only when all pass,
+    503 otherwise, with a JSON body naming each check and why it failed. It is never a
+    constant "OK".
+
+        health = HealthRegistry()
+        health.register("kafka", kafka_check(settings.kafka_bootstrap))
+        health.register("redis", redis_check(redis_client))
+        health.register("consumer", freshness_check(lambda: tracker.last_seen, max_age_s=60))
+        server = HealthServer(health, port=settings.metrics_port)
+        await server.start(); ...; await server.stop()
+
+(b) gRPC: `await GrpcHealth.install(server, service_names)` adds the standard grpc.health.v1
+    servicer and reflection to a grpc.aio server; the service calls
+    `await health.set_serving(True/False)` as its dependencies come and go (starts
+    NOT_SERVING), and `await health.shutdown()` when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+# A check passes by returning None/True; it fails by returning False or a string (the
+# reason) or by raising. Sync or async.
+CheckResult = bool | str | None
+Check = Callable[[], CheckResult | Awaitable[CheckResult]]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckOutcome:
+    name: str
+    ok: bool
+    detail: str
+    seconds: float
+
+
+class HealthRegistry:
+    """Named checks a service registers; `run()` evaluates them all concurrently."""
+
+    def __init__(self, timeout_s: float = 2.0) -> None:
+        self.timeout_s = timeout_s
+        self._checks: dict[str, Check] = {}
+
+    def register(self, name: str, check: Check) -> None:
+        if name in self._checks:
+            raise ValueError(f"health check {name!r} already registered")
+        self._checks[name] = check
+
+    def unregister(self, name: str) -> None:
+        self._checks.pop(name, None)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._checks)
+
+    async def _run_one(self, name: str, check: Check) -> CheckOutcome:
+        start = time.perf_counter()
+        try:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await asyncio.wait_for(result, self.timeout_s)
+        except TimeoutError:
+            return CheckOutcome(name, False, f"timed out after {self.timeout_s}s", 0.0)
+        except Exception as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+            return CheckOutcome(name, False, detail, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        if result is None or result is True:
+            return CheckOutcome(name, True, "ok", elapsed)
+        if result is False:
+            return CheckOutcome(name, False, "failed", elapsed)
+        return CheckOutcome(name, False, str(result), elapsed)
+
+    async def run(self) -> tuple[bool, list[CheckOutcome]]:
+        """(all passed, outcomes). No checks registered counts as unhealthy."""
+        if not self._checks:
+            return False, [CheckOutcome("registry", False, "no health checks registered", 0.0)]
+        outcomes = await asyncio.gather(
+            *(self._run_one(name, check) for name, check in sorted(self._checks.items()))
+        )
+        return all(o.ok for o in outcomes), list(outcomes)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _kafka_api_versions_request(correlation_id: int) -> bytes:
+    client_id = b"smartlev-health"
+    # RequestHeader v1: api_key=18 (ApiVersions), api_version=0, correlation id, client id.
+    body = struct.pack(">hhih", 18, 0, correlation_id, len(client_id)) + client_id
+    return struct.pack(">i", len(body)) + body
+
+
+def kafka_check(bootstrap: str, timeout_s: float = 1.5) -> Check:
+    """Kafka answers an ApiVersions request on some bootstrap host (not just TCP open)."""
+    hosts = [h.strip() for h in bootstrap.split(",") if h.strip()]
+
+    async def probe(host: str) -> None:
+        name, _, port = host.rpartition(":")
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(name, int(port)), timeout_s)
+        try:
+            writer.write(_kafka_api_versions_request(7))
+            await writer.drain()
+            size = struct.unpack(">i", await asyncio.wait_for(reader.readexactly(4), timeout_s))
+            payload = await asyncio.wait_for(reader.readexactly(size[0]), timeout_s)
+            correlation_id, error_code = struct.unpack(">ih", payload[:6])
+            if correlation_id != 7 or error_code != 0:
+                raise ConnectionError(f"{host}: ApiVersions error_code={error_code}")
+        finally:
+            writer.close()
+
+    async def check() -> CheckResult:
+        errors = []
+        for host in hosts:
+            try:
+                await probe(host)
+                return True
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, struct.error) as exc:
+                errors.append(f"{host}: {type(exc).__name__} {exc}".strip())
+        return "kafka unreachable: " + "; ".join(errors)
+
+    return check
+
+
+def redis_check(client: Any) -> Check:
+    """Redis answers PING (`client` is a redis.asyncio.Redis or a sync redis.Redis)."""
+
+    async def check() -> CheckResult:
+        result = client.ping()
+        if inspect.isawaitable(result):
+            result = await result
+        return True if result else "redis PING returned false"
+
+    return check
+
+
+def freshness_check(
+    last_seen: Callable[[], float | None], max_age_s: float, what: str = "progress"
+) -> Check:
+    """Fails when `last_seen()` (a time.monotonic() value) is None or older than max_age_s."""
+
+    def check() -> CheckResult:
+        seen = last_seen()
+        if seen is None:
+            return f"no {what} yet"
+        age = time.monotonic() - seen
+        return True if age <= max_age_s else f"last {what} {age:.1f}s ago (max {max_age_s}s)"
+
+    return check
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class HealthServer:
+    """aiohttp server with /healthz (200/503 + JSON) and /metrics (Prometheus)."""
+
+    def __init__(
+        self,
+        health: HealthRegistry,
+        *,
+        port: int,
+        host: str = "0.0.0.0",
+        service: str = "smartlev",
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
+        self.health = health
+        self.host = host
+        self.port = port
+        self.service = service
+        self.registry = registry
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        ok, outcomes = await self.health.run()
+        body = {
+            "service": self.service,
+            "status": "ok" if ok else "unhealthy",
+            "checks": {
+                o.name: {"ok": o.ok, "detail": o.detail, "ms": round(o.seconds * 1000, 1)}
+                for o in outcomes
+            },
+        }
+        return web.Response(
+            text=json.dumps(body), status=200 if ok else 503, content_type="application/json"
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        data = generate_latest(self.registry)
+        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> int:
+        """Start serving; returns the bound port (useful with port=0)."""
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+# --------------------------------------------------------------------------- gRPC
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class GrpcHealth:
+    """Standard grpc.health.v1 + reflection on a grpc.aio server, with a serving switch."""
+
+    def __init__(self, servicer: grpc_health.aio.HealthServicer, service_names: list[str]):
+        self.servicer = servicer
+        self.service_names = service_names
+
+    @classmethod
+    async def install(cls, server: grpc.aio.Server, service_names: Iterable[str]) -> GrpcHealth:
+        """Add health + reflection for `service_names` (full names, e.g.
+        "smartlev.v1.Gateway"). Every name, and the overall "" entry, starts NOT_SERVING
+        until the service calls `set_serving(True)`."""
+        names = list(service_names)
+        servicer = grpc_health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        reflection.enable_server_reflection(
+            [*names, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        health = cls(servicer, names)
+        # The aio servicer's constructor marks "" SERVING; a fresh server is not, yet.
+        await health.set_serving(False)
+        return health
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for name in [grpc_health.OVERALL_HEALTH, *self.service_names]:
+            await self.servicer.set(name, status)
+
+    async def shutdown(self) -> None:
+        """Permanently NOT_SERVING (call before server.stop(grace))."""
+        await self.servicer.enter_graceful_shutdown()

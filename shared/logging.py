@@ -1,0 +1,121 @@
+"""Structured JSON logs: one JSON object per line on stderr, same shape for every service.
+
+    log = get_logger("regime")
+    log.info("regime_changed", symbol="BTC-USDT", regime="TREND_UP", confidence=0.82)
+    -> {"ts": "2024-01-01T00:00:00.123456Z", "level": "info", "service": "regime",
+        "event": "regime_changed", "symbol": "BTC-USDT", "regime": "TREND_UP", ...}
+
+Built on stdlib logging (so faust/aiokafka/grpc logs come out as JSON too, with the logger
+name as `event`'s context); `configure_logging` is called once by a service entrypoint.
+Decimals are written as strings (exact), bytes as hex prefixes, anything else via str().
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TextIO
+
+_RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+_FIELDS_ATTR = "smartlev_fields"
+_service_name = "smartlev"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value[:64]).hex()
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON line: ts, level, service, event, logger, fields."""
+
+    def __init__(self, service: str | None = None) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, tz=UTC)
+            .isoformat(timespec="microseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "service": self.service or _service_name,
+            "event": record.getMessage(),
+            "logger": record.name,
+        }
+        fields = getattr(record, _FIELDS_ATTR, None)
+        if fields:
+            out.update({k: _jsonable(v) for k, v in fields.items() if k not in out})
+        # `extra=` given to plain stdlib calls (e.g. third-party code).
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and key != _FIELDS_ATTR and key not in out:
+                out[key] = _jsonable(value)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+
+
+class StructLogger:
+    """A thin wrapper: `log.info("event_name", key=value, ...)`."""
+
+    __slots__ = ("_logger",)
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    def _log(self, level: int, event: str, exc_info: bool, fields: dict[str, Any]) -> None:
+        if self._logger.isEnabledFor(level):
+            self._logger.log(
+                level, event, exc_info=exc_info, extra={_FIELDS_ATTR: fields}, stacklevel=3
+            )
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, event, False, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, event, False, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, False, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log(logging.ERROR, event, False, fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        self._log(logging.ERROR, event, True, fields)
+
+    @property
+    def stdlib(self) -> logging.Logger:
+        return self._logger
+
+
+def configure_logging(
+    service: str, level: str | int = "INFO", stream: TextIO | None = None
+) -> None:
+    """Route all logging (root logger) to JSON lines on `stream` (stderr by default)."""
+    global _service_name
+    _service_name = service
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level if isinstance(level, int) else level.upper())
+
+
+def get_logger(service: str, name: str | None = None) -> StructLogger:
+    """A structured logger for `service` (optionally a sub-component `name`)."""
+    return StructLogger(logging.getLogger(f"smartlev.{service}" + (f".{name}" if name else "")))

@@ -1,0 +1,238 @@
+"""Redis state with exactly-once application of messages.
+
+Key naming. Keys that must change together share a Redis Cluster hash tag (the part in
+braces decides the slot), so the same atomic script runs unchanged on a cluster:
+
+    key("pos", "BTC-USDT:LONG", "state")   -> "pos:{BTC-USDT:LONG}:state"
+    key("sym", "BTC-USDT", "venue")        -> "sym:{BTC-USDT}:venue"
+
+A step that touches several products of one underlying (a netted hedge fill) must tag
+all of its keys with the symbol, not the product.
+
+Apply once. `ApplyOnceStore.apply()` writes a state change (HSET of fields on one or
+more hashes under one tag) AND records the message that caused it, in one Lua script:
+
+- by id (`message_id=`, e.g. an event_id or a gRPC client_order_id): a message id
+  already recorded changes nothing -> `DUPLICATE`;
+- by Kafka position (`source="market.ticks/2", offset=...`): applies only if the offset
+  is above the last one applied from that source partition -> otherwise `DUPLICATE`.
+  Bounded state, the natural choice for a consumer.
+
+Read-modify-write is safe with `expected_version`: every tag has a version counter; the
+script refuses (`CONFLICT`) if it moved since the read, and `update_once()` re-reads and
+retries. Values are strings on the wire; Decimals are written exactly (plain notation).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared.codec import decimal_to_wire
+
+FieldValue = str | int | Decimal
+Changes = Mapping[str, Mapping[str, FieldValue]]
+
+_FORBIDDEN_IN_TAG = frozenset("{}")
+
+
+def key(namespace: str, tag: str, *parts: str) -> str:
+    """`namespace:{tag}:part:part`; the tag is the Redis Cluster hash tag."""
+    if not namespace or any(c in namespace for c in "{}:"):
+        raise ValueError(f"bad key namespace {namespace!r}")
+    if not tag or any(c in _FORBIDDEN_IN_TAG for c in tag):
+        raise ValueError(f"bad hash tag {tag!r}: must be non-empty, without braces")
+    for part in parts:
+        if not part or any(c in _FORBIDDEN_IN_TAG for c in part):
+            raise ValueError(f"bad key part {part!r}")
+    return ":".join([namespace, "{" + tag + "}", *parts])
+
+
+def hash_tag(redis_key: str) -> str:
+    """The part of a key Redis Cluster hashes: the first {...} if non-empty, else all."""
+    start = redis_key.find("{")
+    if start >= 0:
+        end = redis_key.find("}", start + 1)
+        if end > start + 1:
+            return redis_key[start + 1 : end]
+    return redis_key
+
+
+def product_key(product: str, *parts: str) -> str:
+    """Per-product keys: pos:{BTC-USDT:LONG}:..."""
+    return key("pos", product, *parts)
+
+
+def symbol_key(symbol: str, *parts: str) -> str:
+    """Per-underlying keys (netting spans every product of the symbol): sym:{BTC-USDT}:..."""
+    return key("sym", symbol, *parts)
+
+
+class ApplyStatus(enum.Enum):
+    APPLIED = 1
+    DUPLICATE = 0
+    CONFLICT = -1
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    status: ApplyStatus
+    version: int  # the tag's version after the call
+
+    @property
+    def applied(self) -> bool:
+        return self.status is ApplyStatus.APPLIED
+
+
+# KEYS[1] applied-ids hash, KEYS[2] meta hash (version, offsets), KEYS[3..] state hashes.
+# ARGV[1] mode "id"|"offset", ARGV[2] id or source, ARGV[3] offset, ARGV[4] expected
+# version ("" = don't check), ARGV[5] marker value stored with an id;
+# then per state key: n, then n field/value pairs.
+_APPLY_LUA = """
+local mode = ARGV[1]
+local version = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+if mode == 'id' then
+  if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return {0, version} end
+else
+  local last = redis.call('HGET', KEYS[2], 'offset:' .. ARGV[2])
+  if last and tonumber(last) >= tonumber(ARGV[3]) then return {0, version} end
+end
+if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= version then return {-1, version} end
+local i = 6
+for k = 3, #KEYS do
+  local n = tonumber(ARGV[i])
+  i = i + 1
+  if n > 0 then
+    local args = {}
+    for j = 1, 2 * n do args[j] = ARGV[i + j - 1] end
+    redis.call('HSET', KEYS[k], unpack(args))
+  end
+  i = i + 2 * n
+end
+version = version + 1
+redis.call('HSET', KEYS[2], 'version', version)
+if mode == 'id' then
+  redis.call('HSET', KEYS[1], ARGV[2], ARGV[5] ~= '' and ARGV[5] or version)
+else
+  redis.call('HSET', KEYS[2], 'offset:' .. ARGV[2], ARGV[3])
+end
+return {1, version}
+"""
+
+
+def _wire(value: FieldValue, field: str) -> str:
+    if isinstance(value, Decimal):
+        return decimal_to_wire(value, name=field)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise TypeError(f"{field}: store str, int or Decimal, not {type(value).__name__}")
+    return str(value)
+
+
+class ApplyOnceStore:
+    """Apply-once writes for one key namespace; every call works under one hash tag."""
+
+    def __init__(self, client: Redis, namespace: str = "pos") -> None:
+        self.client = client
+        self.namespace = namespace
+        self._script = client.register_script(_APPLY_LUA)
+
+    def state_key(self, tag: str, *parts: str) -> str:
+        return key(self.namespace, tag, *parts)
+
+    def _meta_keys(self, tag: str) -> tuple[str, str]:
+        return key(self.namespace, tag, "applied"), key(self.namespace, tag, "meta")
+
+    async def version(self, tag: str) -> int:
+        raw = await self.client.hget(self._meta_keys(tag)[1], "version")
+        return int(raw) if raw is not None else 0
+
+    async def read(self, tag: str, *parts: str) -> tuple[dict[str, str], int]:
+        """(fields of one state hash, tag version) read together (MULTI/EXEC)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.state_key(tag, *parts))
+            pipe.hget(self._meta_keys(tag)[1], "version")
+            fields, raw_version = await pipe.execute()
+        decoded = {_text(k): _text(v) for k, v in fields.items()}
+        return decoded, int(raw_version) if raw_version is not None else 0
+
+    async def was_applied(self, tag: str, message_id: str) -> bool:
+        return bool(await self.client.hexists(self._meta_keys(tag)[0], message_id))
+
+    async def last_offset(self, tag: str, source: str) -> int | None:
+        raw = await self.client.hget(self._meta_keys(tag)[1], f"offset:{source}")
+        return int(raw) if raw is not None else None
+
+    async def apply(
+        self,
+        tag: str,
+        changes: Changes,
+        *,
+        message_id: str | None = None,
+        source: str | None = None,
+        offset: int | None = None,
+        expected_version: int | None = None,
+        marker: str = "",
+    ) -> ApplyResult:
+        """Write `changes` ({state key: {field: value}}) once for this message.
+
+        Give either `message_id`, or `source` + `offset`. Every key in `changes` must
+        carry `tag` as its hash tag (use `state_key`).
+        """
+        if (message_id is None) == (source is None):
+            raise ValueError("give exactly one of message_id or source+offset")
+        if source is not None and (offset is None or offset < 0):
+            raise ValueError("source needs a non-negative offset")
+        if message_id is not None and not message_id:
+            raise ValueError("message_id must be non-empty")
+        applied_key, meta_key = self._meta_keys(tag)
+        keys = [applied_key, meta_key]
+        args: list[str | int] = [
+            "id" if message_id is not None else "offset",
+            message_id if message_id is not None else str(source),
+            offset if offset is not None else 0,
+            "" if expected_version is None else expected_version,
+            marker,
+        ]
+        for state_key, fields in changes.items():
+            if hash_tag(state_key) != tag:
+                raise ValueError(f"{state_key!r} is not under hash tag {{{tag}}}")
+            keys.append(state_key)
+            args.append(len(fields))
+            for field, value in fields.items():
+                args.extend((field, _wire(value, field)))
+        raw = await self._script(keys=keys, args=args)
+        status, version = int(raw[0]), int(raw[1])
+        return ApplyResult(ApplyStatus(status), version)
+
+    async def update_once(
+        self,
+        tag: str,
+        parts: tuple[str, ...],
+        message_id: str,
+        compute: Callable[[dict[str, str]], Mapping[str, FieldValue]],
+        *,
+        max_attempts: int = 20,
+    ) -> ApplyResult:
+        """Read state, `compute(fields) -> new fields`, write once; retry on CONFLICT."""
+        for _ in range(max_attempts):
+            current, version = await self.read(tag, *parts)
+            if await self.was_applied(tag, message_id):
+                return ApplyResult(ApplyStatus.DUPLICATE, version)
+            result = await self.apply(
+                tag,
+                {self.state_key(tag, *parts): compute(current)},
+                message_id=message_id,
+                expected_version=version,
+            )
+            if result.status is not ApplyStatus.CONFLICT:
+                return result
+        raise RuntimeError(f"update_once({tag!r}, {message_id!r}): still conflicting")
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,92 @@
+"""Service settings from the environment (pydantic-settings).
+
+Convention: every service subclasses `ServiceSettings` in `services/<name>/settings.py`
+with its own prefix `SMARTLEV_<NAME>_`, and the shared connection settings nest under
+`KAFKA__` / `REDIS__`:
+
+    class RegimeSettings(ServiceSettings):
+        model_config = service_config("regime")      # env prefix SMARTLEV_REGIME_
+        service: str = "regime"
+        bar_seconds: int = 3600
+
+    SMARTLEV_REGIME_KAFKA__BOOTSTRAP=broker:9092
+    SMARTLEV_REGIME_REDIS__URL=redis://cache:6379/0
+    SMARTLEV_REGIME_LOG_LEVEL=DEBUG
+    SMARTLEV_REGIME_METRICS_PORT=9102
+
+Settings objects are frozen; a bad value stops the service at start with pydantic's
+message naming the variable. Defaults point at the local stack (scripts/stack.sh).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class KafkaSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap: str = "127.0.0.1:9092"
+    client_id: str = "smartlev"
+    replication: int = Field(default=1, ge=1)
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _hosts(cls, value: str) -> str:
+        hosts = [h.strip() for h in value.split(",") if h.strip()]
+        if not hosts or any(":" not in h for h in hosts):
+            raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return ",".join(hosts)
+
+    @property
+    def faust_broker(self) -> str:
+        """The broker URL faust wants: kafka://host:port;host:port."""
+        return ";".join(f"kafka://{h}" for h in self.bootstrap.split(","))
+
+
+class RedisSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = "redis://127.0.0.1:6379/0"
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected redis://, rediss:// or unix:// URL, got {value!r}")
+        return value
+
+
+def service_config(name: str) -> SettingsConfigDict:
+    """The model_config for a service's settings: prefix SMARTLEV_<NAME>_, nested `__`."""
+    return SettingsConfigDict(
+        env_prefix=f"SMARTLEV_{name.upper()}_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="ignore",
+    )
+
+
+class ServiceSettings(BaseSettings):
+    """Base for every service's settings; see the module doc for the convention."""
+
+    model_config = service_config("service")
+
+    service: str = "smartlev"
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    log_level: LogLevel = "INFO"
+    metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no metrics endpoint
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.kafka.bootstrap
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
