@@ -107,6 +107,7 @@ class Health:
 class ServiceSpec:
     name: str
     module: str
+    args: tuple[str, ...] = ()
     ports: tuple[int, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     health: Health | None = None
@@ -147,6 +148,7 @@ def load_config(path: Path = CONFIG) -> StackConfig:
             ServiceSpec(
                 name=s["name"],
                 module=s["module"],
+                args=tuple(str(a) for a in s.get("args", [])),
                 ports=tuple(s.get("ports", [])),
                 env={k: str(v) for k, v in s.get("env", {}).items()},
                 health=health,
@@ -187,6 +189,13 @@ def pid_cmdline(pid: int) -> list[str]:
     except OSError:
         return []
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def pid_comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def pid_cwd(pid: int) -> Path | None:
@@ -322,6 +331,14 @@ def grpc_health(port: int) -> str | None:
     return None if reply.status == serving else f"gRPC health status {reply.status}"
 
 
+def rel(path: Path) -> str:
+    """A path for messages: relative to the project root when it is inside it."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def tail(path: Path, lines: int = 20) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
@@ -410,10 +427,10 @@ class Stack:
                 str(self.root / self.redis_cfg["config"]),
             ],
             health=lambda: redis_ping(self.redis_port),
-            # redis rewrites its process title, so recognise it by its working directory.
+            # redis rewrites its process title, so recognise it by name and working directory
+            # (the root while it reads redis.conf, then the data dir it changes into).
             owns=lambda pid: (
-                pid_cwd(pid) == data_dir
-                and Path(pid_cmdline(pid)[0] if pid_cmdline(pid) else "").name.startswith("redis")
+                pid_comm(pid) == "redis-server" and pid_cwd(pid) in (data_dir, self.root)
             ),
             start_timeout_s=float(self.redis_cfg.get("start_timeout_s", 15)),
             prepare=lambda: self._prepare_redis(data_dir),
@@ -421,7 +438,7 @@ class Stack:
         )
 
     def service(self, spec: ServiceSpec) -> Component:
-        argv = [sys.executable, "-m", spec.module]
+        argv = [sys.executable, "-m", spec.module, *spec.args]
 
         def health() -> str | None:
             h = spec.health
@@ -489,7 +506,7 @@ class Stack:
                     f"remove it (rm -rf {data}) to start with empty topics"
                 )
             return
-        say(f"formatting Kafka storage in {data.relative_to(self.root)} (cluster id {cluster_id})")
+        say(f"formatting Kafka storage in {rel(data)} (cluster id {cluster_id})")
         data.mkdir(parents=True, exist_ok=True)
         log = self.run / "kafka-format.log"
         cmd = [
@@ -549,15 +566,22 @@ class Stack:
         return self.run / f"{name}.log"
 
     def running_pid(self, comp: Component) -> int | None:
-        """The pid of our live process for `comp`, or None (a stale pid file is removed)."""
+        """The pid of our live process for `comp`, or None (a stale pid file is removed).
+
+        A process of ours that lost its pid file (say .run/*.pid was deleted) is adopted.
+        """
         path = self.pid_file(comp)
         try:
             pid = int(path.read_text().split()[0])
         except (OSError, ValueError, IndexError):
-            return None
-        if pid_alive(pid) and comp.owns(pid):
+            pid = 0
+        if pid and pid_alive(pid) and comp.owns(pid):
             return pid
         path.unlink(missing_ok=True)
+        strays = self.strays(comp)
+        if len(strays) == 1 and path.parent.is_dir():
+            path.write_text(f"{strays[0]}\n")
+            return strays[0]
         return None
 
     def strays(self, comp: Component) -> list[int]:
@@ -582,7 +606,7 @@ class Stack:
         strays = self.strays(comp)
         if strays:
             raise StackError(
-                f"{comp.name} is running without a pid file (pid {', '.join(map(str, strays))}); "
+                f"{comp.name} runs more than once (pids {', '.join(map(str, strays))}); "
                 f"run `bash scripts/stack.sh down` first"
             )
         holder = port_holder(comp.ports[0]) if comp.ports else None
@@ -614,7 +638,7 @@ class Stack:
             )
         self.pid_file(comp).write_text(f"{proc.pid}\n")
         self.launched_at[comp.name] = time.monotonic()
-        say(f"started {comp.name} (pid {proc.pid}, log {log.relative_to(self.root)})")
+        say(f"started {comp.name} (pid {proc.pid}, log {rel(log)})")
         return proc.pid
 
     def wait_healthy(self, comp: Component, quiet: bool = False) -> None:

@@ -246,18 +246,32 @@ def register_faust_codecs(message_types: Iterable[type[Message]]) -> list[str]:
     return names
 
 
-def faust_topic(app: faust.App, spec: TopicSpec, **kwargs: Any) -> faust.TopicT:
-    """A faust topic for a registry entry: raw UTF-8 keys, protobuf values.
+def faust_topic(
+    app: faust.App, spec: TopicSpec, *, decode_values: bool = True, **kwargs: Any
+) -> faust.TopicT:
+    """A faust topic for a registry entry: UTF-8 str keys, protobuf values.
 
-    The topic is created by `ensure_topics` (partitions, retention), not by faust, so the
+    faust turns a value that fails to decode into an exception thrown into the agent
+    (`Channel.on_value_decode_error`), i.e. the agent crashes. A consumer that must
+    dead-letter bad input instead uses `decode_values=False` (values arrive as bytes)
+    and calls `decode(spec.value_type, value)` itself, sending a `DeadLetter` to
+    `<topic>.dlq` on `DecodeError`.
+
+    The topic is created by `ensure_topics` (partitions, retention), not by faust; the
     spec's partition count is passed for faust's co-partitioning checks only.
     """
     kwargs.setdefault("partitions", spec.partitions)
+    if decode_values:
+        value_serializer: Any = ProtobufCodec(message_type=spec.value_type)
+        kwargs.setdefault("value_type", None)
+    else:
+        value_serializer = "raw"
+        kwargs.setdefault("value_type", bytes)
     return app.topic(
         spec.name,
         key_type=str,
         key_serializer="raw",
-        value_serializer=ProtobufCodec(message_type=spec.value_type),
+        value_serializer=value_serializer,
         **kwargs,
     )
 

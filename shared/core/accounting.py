@@ -39,12 +39,6 @@ class AccountingConfig(BaseModel):
     insurance_share: Decimal = Field(
         Decimal("0.2"), ge=0, le=1, description="Share of every platform fee paid into insurance."
     )
-    equity_floor: Decimal = Field(
-        Decimal("0.02"),
-        gt=0,
-        lt=1,
-        description="After a gap, insurance restores equity to this share of its last rebalance.",
-    )
 
 
 class BooksOutOfBalance(AssertionError):
@@ -56,7 +50,7 @@ class ProductBook:
     product: str
     symbol: str
     side: Side
-    nav_floor_equity: Decimal = ZERO
+    equity_floor: Decimal = ZERO
     units: Decimal = ZERO
     cash: Decimal = ZERO
     qty: Decimal = ZERO
@@ -202,38 +196,46 @@ class Books:
         return events
 
     def cover_gap(self, product: str, price: Decimal, ts_ns: int) -> InsuranceClaimPaid | None:
-        """A gap beyond the emergency rule: the insurance fund keeps NAV above zero."""
+        """A gap jumped past the emergency trigger: the insurance fund restores the equity
+        the product would have had, had the emergency fired at the trigger price."""
         book = self.products[product]
         equity = book.equity(price)
-        floor = book.nav_floor_equity
-        if book.units == 0 or equity >= floor:
+        if book.units == 0 or equity >= book.equity_floor:
             return None
-        claim = self._pay_claim(book, floor - equity, ts_ns)
-        return InsuranceClaimPaid(product, ts_ns, claim.amount, equity)
+        return self._pay_claim(book, book.equity_floor - equity, ts_ns, equity)
 
     def apply_liquidation(self, event: AccountLiquidated) -> list[InsuranceClaimPaid]:
-        """Mirror a venue liquidation: every product is closed at the mark and pays its
-        share of the penalty; a product left below zero is written up to zero (NAV 0)."""
+        """Mirror a venue liquidation: products are closed at the mark, share the penalty
+        by size and the venue's deficit cover by their losses; insurance then restores
+        each product's floor, so a NAV never reaches zero unless its floor is zero."""
         books = list(self.products.values())
         penalties = allocate(event.penalty, [abs(b.qty) for b in books])
-        claims = []
         for book, penalty in zip(books, penalties, strict=True):
             book.cash += book.qty * event.mark_price - penalty
             book.qty = ZERO
-            if book.cash < 0:
-                claims.append(self._pay_claim(book, -book.cash, event.ts_ns))
+        if event.deficit_covered:
+            covers = allocate(event.deficit_covered, [max(-b.cash, ZERO) for b in books])
+            for book, cover in zip(books, covers, strict=True):
+                book.cash += cover
+        claims = []
+        for book in books:
+            floor = book.equity_floor if book.units else ZERO
+            if book.cash < floor:
+                claims.append(self._pay_claim(book, floor - book.cash, event.ts_ns, book.cash))
         return claims
 
-    def _pay_claim(self, book: ProductBook, amount: Decimal, ts_ns: int) -> InsuranceClaimPaid:
-        equity_before = book.cash
+    def _pay_claim(
+        self, book: ProductBook, amount: Decimal, ts_ns: int, equity_before: Decimal
+    ) -> InsuranceClaimPaid:
         book.cash += amount
         book.insurance_received += amount
         self.insurance_fund -= amount
         return InsuranceClaimPaid(book.product, ts_ns, amount, equity_before)
 
-    def mark_rebalanced(self, product: str, price: Decimal) -> None:
+    def mark_rebalanced(self, product: str, price: Decimal, floor_fraction: Decimal) -> None:
+        """Set the equity the insurance fund guarantees until the next rebalance."""
         book = self.products[product]
-        book.nav_floor_equity = usdt_down(book.equity(price) * self.config.equity_floor)
+        book.equity_floor = usdt_down(book.equity(price) * floor_fraction)
 
     def check_balanced(self, venue: PerpVenue, price: Decimal) -> None:
         """DESIGN section 5, exactly: raise if any side differs by even one minor unit."""

@@ -170,8 +170,7 @@ class Engine:
         return self._after_order(product, ts_ns, redeemed)
 
     def _after_order(self, product: str, ts_ns: int, event: object) -> list[object]:
-        controller = next(c for c in self.controllers if c.product == product)
-        decision = controller.rebalance_now(ts_ns, self.price, Reason.ORDER_FLOW)
+        decision = self._controller(product).rebalance_now(ts_ns, self.price, Reason.ORDER_FLOW)
         events: list[object] = [event, decision]
         self._rebalance(ts_ns, [decision], events)
         if self.check_books:
@@ -181,7 +180,7 @@ class Engine:
     def _rebalance(
         self, ts_ns: int, decisions: list[LeverageTargetChanged], events: list[object]
     ) -> None:
-        if not decisions or self.venue.liquidated:
+        if not decisions:
             return
         price = self.price
         changes = []
@@ -205,7 +204,11 @@ class Engine:
             self.books.apply_hedge(hedge)
             events.append(hedge)
         for decision in decisions:
-            self.books.mark_rebalanced(decision.product, price)
+            controller = self._controller(decision.product)
+            self.books.mark_rebalanced(decision.product, price, controller.floor_fraction())
+
+    def _controller(self, product: str) -> Controller:
+        return next(c for c in self.controllers if c.product == product)
 
     def nav(self, product: str) -> Decimal:
         return self.books.products[product].nav(self.price)

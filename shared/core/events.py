@@ -131,7 +131,9 @@ class ProductUnitsRedeemed:
 
 @dataclass(frozen=True, slots=True)
 class AccountLiquidated:
-    """The venue liquidated the account: never expected; reported loudly if it happens."""
+    """The venue closed the account's position at the mark: the smart products are built
+    never to see this; fixed-leverage benchmarks may. A bankrupt account's deficit is
+    covered by the venue's insurance fund, as an exchange's would be."""
 
     symbol: str
     ts_ns: int
@@ -140,3 +142,4 @@ class AccountLiquidated:
     maintenance_margin: Decimal
     closed_qty: Decimal
     penalty: Decimal
+    deficit_covered: Decimal

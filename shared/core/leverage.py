@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.core.events import LeverageTargetChanged, Reason
 from shared.core.market import NS_PER_DAY, Side
+from shared.core.money import ZERO
 from shared.core.regime import Regime, RegimeState
 
 
@@ -51,6 +52,12 @@ class LeverageConfig(BaseModel):
     )
     emergency_cut: float = Field(
         0.5, gt=0, le=1, description="Factor applied to the target on an emergency cut."
+    )
+    gap_floor: Decimal = Field(
+        Decimal("0.01"),
+        gt=0,
+        lt=1,
+        description="Share of equity at the last rebalance that insurance guarantees on a gap.",
     )
     leverage_ceiling: float = Field(
         5.5, gt=1, description="Actual leverage that forces an immediate rebalance to target."
@@ -105,6 +112,10 @@ class Controller(Protocol):
 
     def rebalance_now(self, ts_ns: int, price: Decimal, reason: str) -> LeverageTargetChanged: ...
 
+    def floor_fraction(self) -> Decimal:
+        """Share of equity at the last rebalance that insurance guarantees on a gap."""
+        ...
+
     def snapshot(self) -> dict[str, object]: ...
 
 
@@ -112,6 +123,7 @@ class SmartLeverageController:
     """Regime- and volatility-driven target, bounded speed, band and emergency rules."""
 
     __slots__ = (
+        "_floor",
         "_is_long",
         "_regime",
         "_target_f",
@@ -135,6 +147,7 @@ class SmartLeverageController:
         self._regime = str(Regime.RANGE)
         self._is_long = side is Side.LONG
         self._trigger = -math.inf if self._is_long else math.inf
+        self._floor = config.gap_floor
 
     @property
     def target(self) -> Decimal:
@@ -236,6 +249,9 @@ class SmartLeverageController:
 
     def rebalance_now(self, ts_ns: int, price: Decimal, reason: str) -> LeverageTargetChanged:
         return self._decide(ts_ns, price, self.target_value, True, False, [reason])
+
+    def floor_fraction(self) -> Decimal:
+        return self._floor
 
     def _emergency(self, ts_ns: int, price: Decimal, price_f: float) -> LeverageTargetChanged:
         cfg = self.config
@@ -353,6 +369,10 @@ class FixedLeverageController:
             reasons=(reason,),
             regime="",
         )
+
+    def floor_fraction(self) -> Decimal:
+        """A benchmark token is not insured: it shows what a wipe-out looks like."""
+        return ZERO
 
     def snapshot(self) -> dict[str, object]:
         return {"v": 1, "day": self._day}

@@ -69,7 +69,7 @@ class PerpVenue:
         "fees_paid",
         "funding_paid",
         "insurance_fund",
-        "liquidated",
+        "liquidations",
         "position",
         "spec",
         "transfers_in",
@@ -85,7 +85,7 @@ class PerpVenue:
         self.fees_paid = ZERO
         self.funding_paid = ZERO
         self.insurance_fund = ZERO
-        self.liquidated = False
+        self.liquidations = 0
         self._liq_long_below = -math.inf
         self._liq_short_above = math.inf
 
@@ -116,8 +116,6 @@ class PerpVenue:
             raise MoneyError("order quantity is zero")
         if qty % self.spec.lot_step != 0:
             raise MoneyError(f"quantity {qty} is not a multiple of lot {self.spec.lot_step}")
-        if self.liquidated:
-            raise MoneyError("account is liquidated")
         price = self.fill_price(qty, reference, liquidity)
         rate = self.config.taker_fee if liquidity is Liquidity.TAKER else self.config.maker_fee
         fee = abs(qty) * price * rate
@@ -159,10 +157,16 @@ class PerpVenue:
         closed = self.position
         self.wallet += closed * mark - penalty
         self.insurance_fund += penalty
+        # A bankrupt account is written up to zero by the venue's insurance fund.
+        deficit = -self.wallet if self.wallet < 0 else ZERO
+        self.wallet += deficit
+        self.insurance_fund -= deficit
         self.position = ZERO
-        self.liquidated = True
+        self.liquidations += 1
         self._update_liquidation_price()
-        return AccountLiquidated(self.spec.symbol, ts_ns, mark, equity, margin, closed, penalty)
+        return AccountLiquidated(
+            self.spec.symbol, ts_ns, mark, equity, margin, closed, penalty, deficit
+        )
 
     def _update_liquidation_price(self) -> None:
         mmr = float(self.config.maintenance_margin)
@@ -187,7 +191,7 @@ class PerpVenue:
             "fees_paid": str(self.fees_paid),
             "funding_paid": str(self.funding_paid),
             "insurance_fund": str(self.insurance_fund),
-            "liquidated": self.liquidated,
+            "liquidations": self.liquidations,
         }
 
     @classmethod
@@ -204,6 +208,8 @@ class PerpVenue:
             "insurance_fund",
         ):
             setattr(venue, name, Decimal(str(snapshot[name])))
-        venue.liquidated = bool(snapshot["liquidated"])
+        liquidations = snapshot["liquidations"]
+        assert isinstance(liquidations, int)
+        venue.liquidations = liquidations
         venue._update_liquidation_price()
         return venue

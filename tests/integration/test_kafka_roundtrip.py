@@ -1,13 +1,12 @@
 """Real broker: protobuf MarketEvents of real BTC history go through Kafka unchanged, with
 kafka-python and with a faust agent. Each test uses its own topic (and faust app id), so
-runs never read each other's messages. Broker: $SMARTLEV_TEST_KAFKA_BOOTSTRAP or the
-local stack's 127.0.0.1:9092."""
+runs never read each other's messages. Broker: the `kafka_bootstrap` fixture
+(conftest.py: $SMARTLEV_TEST_KAFKA_BOOTSTRAP or the local stack's 127.0.0.1:9092)."""
 
 from __future__ import annotations
 
 import asyncio
 import csv
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +25,6 @@ from shared.topics import TopicSpec
 
 pytestmark = pytest.mark.integration
 
-BOOTSTRAP = os.environ.get("SMARTLEV_TEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 N = 300
 
 
@@ -60,7 +58,7 @@ def real_ticks(n: int) -> list[market_pb2.MarketEvent]:
 
 
 @pytest.fixture
-def topic() -> Iterator[TopicSpec]:
+def topic(kafka_bootstrap: str) -> Iterator[TopicSpec]:
     spec = TopicSpec(
         name=f"test.roundtrip.{uuid.uuid4().hex[:12]}",
         key="symbol",
@@ -68,32 +66,32 @@ def topic() -> Iterator[TopicSpec]:
         description="integration test topic",
         retention_ms=3_600_000,
     )
-    report = ensure_topics(BOOTSTRAP, [spec], verbose=False)
+    report = ensure_topics(kafka_bootstrap, [spec], verbose=False)
     assert report.created == [spec.name]
     yield spec
-    admin = KafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     try:
         admin.delete_topics([spec.name])
     finally:
         admin.close()
 
 
-def test_ensure_topics_is_idempotent(topic: TopicSpec) -> None:
-    again = ensure_topics(BOOTSTRAP, [topic], verbose=False)
+def test_ensure_topics_is_idempotent(kafka_bootstrap: str, topic: TopicSpec) -> None:
+    again = ensure_topics(kafka_bootstrap, [topic], verbose=False)
     assert again.created == [] and again.existing == [topic.name]
     assert again.mismatched == []
 
 
-def test_kafka_python_round_trip_is_exact(topic: TopicSpec) -> None:
+def test_kafka_python_round_trip_is_exact(kafka_bootstrap: str, topic: TopicSpec) -> None:
     events = real_ticks(N)
-    producer = make_producer(BOOTSTRAP, client_id="test-roundtrip")
+    producer = make_producer(kafka_bootstrap, client_id="test-roundtrip")
     try:
         assert publish(producer, events, topic=topic.name) == N
     finally:
         producer.close()
 
     consumer = KafkaConsumer(
-        bootstrap_servers=BOOTSTRAP,
+        bootstrap_servers=kafka_bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         key_deserializer=codec.key_deserializer,
@@ -118,12 +116,12 @@ def test_kafka_python_round_trip_is_exact(topic: TopicSpec) -> None:
     assert prices == [Decimal(e.tick.price) for e in events]
 
 
-async def test_faust_agent_on_the_real_broker(topic: TopicSpec) -> None:
+async def test_faust_agent_on_the_real_broker(kafka_bootstrap: str, topic: TopicSpec) -> None:
     events = real_ticks(N)
     app_id = f"smartlev-test-{uuid.uuid4().hex[:10]}"
     app = faust.App(
         app_id,
-        broker=f"kafka://{BOOTSTRAP}",
+        broker=f"kafka://{kafka_bootstrap}",
         store="memory://",
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
@@ -132,6 +130,8 @@ async def test_faust_agent_on_the_real_broker(topic: TopicSpec) -> None:
         producer_acks=-1,
     )
     source = codec.faust_topic(app, topic)
+    # A table too: its changelog is an internal topic faust must create on this broker.
+    ticks_per_symbol = app.Table("ticks_per_symbol", default=int, partitions=topic.partitions)
     seen: list[tuple[str, market_pb2.MarketEvent]] = []
     done = asyncio.Event()
 
@@ -139,28 +139,37 @@ async def test_faust_agent_on_the_real_broker(topic: TopicSpec) -> None:
     async def collect(stream: faust.StreamT) -> None:
         async for key, event in stream.items():
             seen.append((key, event))
+            ticks_per_symbol[key] += 1
             if len(seen) >= N:
                 done.set()
 
-    producer = make_producer(BOOTSTRAP, client_id="test-faust")
+    producer = make_producer(kafka_bootstrap, client_id="test-faust")
     try:
         publish(producer, events, topic=topic.name)
     finally:
         producer.close()
 
+    internal: list[str] = []
     await app.start()
     try:
         await asyncio.wait_for(done.wait(), timeout=60)
+        counted = ticks_per_symbol["BTC-USDT"]
     finally:
         await app.stop()
-        admin = KafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
         try:  # faust's own topics for this throwaway app id
-            internal = [t for t in admin.list_topics() if t.startswith(app_id)]
-            print("faust created:", internal)
+            internal = sorted(t for t in admin.list_topics() if t.startswith(app_id))
             if internal:
                 admin.delete_topics(internal)
         finally:
             admin.close()
+
+    # Auto-create is off on the broker: faust created its internal topics itself (admin API).
+    assert internal == [
+        f"{app_id}-__assignor-__leader",
+        f"{app_id}-ticks_per_symbol-changelog",
+    ]
+    assert counted == N
 
     assert [event for _, event in seen] == events
     assert {key for key, _ in seen} == {"BTC-USDT"}

@@ -1,11 +1,10 @@
 """Apply-once against a real Redis: a redelivered message changes nothing, and of several
 concurrent appliers exactly one wins. Redis URL: $SMARTLEV_TEST_REDIS_URL or the local
-stack's default."""
+stack's default (fixtures in conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -17,17 +16,10 @@ from shared.redis_store import ApplyOnceStore, ApplyStatus, product_key
 
 pytestmark = pytest.mark.integration
 
-REDIS_URL = os.environ.get("SMARTLEV_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
 
 @pytest.fixture
-async def client() -> AsyncIterator[Redis]:
-    redis = Redis.from_url(REDIS_URL)
-    try:
-        await redis.ping()
-    except Exception as exc:  # pragma: no cover - the stack is part of the integration tier
-        await redis.aclose()
-        pytest.fail(f"Redis not reachable at {REDIS_URL}: {exc} (run `make up`)")
+async def client(redis_url: str) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(redis_url)
     yield redis
     await redis.aclose()
 
@@ -84,10 +76,10 @@ async def test_several_hashes_change_together(store: ApplyOnceStore, tag: str) -
 
 
 async def test_concurrent_appliers_of_one_message_exactly_one_wins(
-    client: Redis, tag: str, store: ApplyOnceStore
+    redis_url: str, tag: str, store: ApplyOnceStore
 ) -> None:
     # Independent connections, as separate service instances would have.
-    clients = [Redis.from_url(REDIS_URL) for _ in range(16)]
+    clients = [Redis.from_url(redis_url) for _ in range(16)]
     try:
         stores = [ApplyOnceStore(c) for c in clients]
         state = product_key(tag, "state")
@@ -105,11 +97,11 @@ async def test_concurrent_appliers_of_one_message_exactly_one_wins(
 
 
 async def test_concurrent_read_modify_write_loses_no_update(
-    tag: str, store: ApplyOnceStore
+    redis_url: str, tag: str, store: ApplyOnceStore
 ) -> None:
     """20 different messages each add 0.1 to a balance: optimistic version check +
     retry gives exactly 2.0, and redelivering all of them changes nothing."""
-    clients = [Redis.from_url(REDIS_URL) for _ in range(20)]
+    clients = [Redis.from_url(redis_url) for _ in range(20)]
 
     def add_tenth(fields: dict[str, str]) -> dict[str, Decimal]:
         return {"balance": Decimal(fields.get("balance", "0")) + Decimal("0.1")}

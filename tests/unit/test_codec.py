@@ -159,7 +159,7 @@ def test_event_without_id_is_refused() -> None:
 
 def test_faust_wraps_decode_error_with_our_reason() -> None:
     registered = faust_codecs.get_codec("smartlev.v1.MarketEvent")
-    with pytest.raises(codec.DecodeError, match="cannot decode smartlev.v1.MarketEvent"):
+    with pytest.raises(codec.DecodeError, match=r"cannot decode smartlev\.v1\.MarketEvent"):
         registered.loads(b"\x0a\x05junk!")
 
 
@@ -250,3 +250,17 @@ def test_every_registered_topic_type_is_a_faust_codec() -> None:
         assert isinstance(
             faust_codecs.get_codec(codec.type_name(spec.value_type)), codec.ProtobufCodec
         )
+
+
+def test_faust_topic_from_spec() -> None:
+    import faust
+
+    from shared.topics import MARKET_TICKS
+
+    app = faust.App("test-codec", store="memory://", web_enabled=False)
+    decoded = codec.faust_topic(app, MARKET_TICKS)
+    raw = codec.faust_topic(app, MARKET_TICKS, decode_values=False)
+    assert decoded.get_topic_name() == raw.get_topic_name() == "market.ticks"
+    assert isinstance(decoded.value_serializer, codec.ProtobufCodec)
+    assert raw.value_serializer == "raw" and raw.value_type is bytes
+    assert decoded.partitions == 3

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Benchmarks: each prints a table with its baseline measured in the same run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "==> core: features -> regime -> leverage -> hedging -> NAV (pure, no I/O)"
+.venv/bin/python -m tests.bench.bench_core "$@"

@@ -1,0 +1,336 @@
+"""docker-compose.yml and the native stack (scripts/stack.sh) run the same system.
+
+The native side is read through the runner itself (scripts/stack.py: stack.toml,
+server.properties, redis.conf, the pom's Kafka version); the compose side is the parsed
+YAML. `differences()` lists every drift; the real pair must have none, and doctored copies
+of either side must be caught. Needs no running stack.
+
+Allowed differences, and only these: inside Docker the broker binds 0.0.0.0 and has one
+more listener (DOCKER, advertised as kafka:29092) for the other containers, and services
+reach Kafka/Redis by container name instead of 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.integration.conftest import load_stack_runner
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKER_ONLY_LISTENER = "DOCKER"
+# Environment variables of the apache/kafka image that are not broker properties.
+KAFKA_IMAGE_ENV = {"CLUSTER_ID", "KAFKA_HEAP_OPTS", "KAFKA_JVM_PERFORMANCE_OPTS", "KAFKA_OPTS"}
+# Set per side: where things listen and where data lives.
+KAFKA_ADDRESS_PROPS = {
+    "listeners",
+    "advertised.listeners",
+    "listener.security.protocol.map",
+    "log.dirs",
+}
+REDIS_PERSISTENCE = ("appendonly", "appendfsync", "save")
+
+runner = load_stack_runner()
+
+
+def env_to_property(name: str) -> str:
+    """KAFKA_LOG_DIRS -> log.dirs (apache/kafka: '_' is '.', '__' is '_', '___' is '-')."""
+    body = name.removeprefix("KAFKA_").lower()
+    return (
+        body.replace("___", "\0dash")
+        .replace("__", "\0us")
+        .replace("_", ".")
+        .replace("\0dash", "-")
+        .replace("\0us", "_")
+    )
+
+
+def listener_map(value: str) -> dict[str, tuple[str, int]]:
+    out = {}
+    for entry in filter(None, (e.strip() for e in value.split(","))):
+        name, _, hostport = entry.partition("://")
+        host, _, port = hostport.rpartition(":")
+        out[name] = (host, int(port))
+    return out
+
+
+def published(ports: list[str]) -> dict[int, tuple[str, int]]:
+    """["127.0.0.1:9092:9092"] -> {9092: ("127.0.0.1", 9092)}: container port -> host ip, port."""
+    out = {}
+    for spec in ports:
+        parts = str(spec).split(":")
+        ip, host, container = ("0.0.0.0", *parts) if len(parts) == 2 else parts
+        out[int(container)] = (ip, int(host))
+    return out
+
+
+def redis_args(command: list[str]) -> dict[str, str]:
+    """["redis-server", "--appendonly", "yes", ...] -> {"appendonly": "yes", ...}."""
+    out: dict[str, str] = {}
+    key = None
+    for arg in command[1:]:
+        if arg.startswith("--"):
+            key = arg[2:].lower()
+            out[key] = ""
+        elif key is not None:
+            out[key] = (out[key] + " " + arg).strip()
+    return out
+
+
+def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[str]:
+    """Every way in which `compose` (parsed docker-compose.yml) differs from the native stack."""
+    native = runner.Stack(root=ROOT, config=config)
+    diffs: list[str] = []
+    services: dict[str, Any] = compose.get("services", {})
+    roles = {n: (s.get("labels") or {}).get("smartlev.role") for n, s in services.items()}
+    for name, role in roles.items():
+        if role not in ("infra", "init", "service"):
+            diffs.append(f"compose service {name}: label smartlev.role is {role!r}")
+    if {n for n, r in roles.items() if r == "infra"} != {"kafka", "redis"}:
+        diffs.append(
+            f"compose infra services are {sorted(n for n, r in roles.items() if r == 'infra')}"
+        )
+
+    # ---- Kafka
+    kafka = services.get("kafka", {})
+    if kafka.get("image") != f"apache/kafka:{native.kafka_version}":
+        diffs.append(
+            f"kafka image {kafka.get('image')!r} != apache/kafka:{native.kafka_version} (pom)"
+        )
+    env = {k: str(v) for k, v in (kafka.get("environment") or {}).items()}
+    if env.get("CLUSTER_ID") != native.kafka_cfg["cluster_id"]:
+        diffs.append(
+            f"kafka CLUSTER_ID {env.get('CLUSTER_ID')!r} != {native.kafka_cfg['cluster_id']!r}"
+        )
+    heap = f"-Xmx{native.kafka_cfg.get('heap', '512m')}"
+    if heap not in env.get("KAFKA_HEAP_OPTS", "").split():
+        diffs.append(f"kafka KAFKA_HEAP_OPTS {env.get('KAFKA_HEAP_OPTS')!r} lacks {heap}")
+    props = {env_to_property(k): v for k, v in env.items() if k not in KAFKA_IMAGE_ENV}
+    nprops = native.kafka_props
+    for key in sorted((set(nprops) | set(props)) - KAFKA_ADDRESS_PROPS):
+        if nprops.get(key) != props.get(key):
+            diffs.append(f"kafka {key}: native {nprops.get(key)!r}, compose {props.get(key)!r}")
+
+    n_listen, c_listen = (listener_map(p.get("listeners", "")) for p in (nprops, props))
+    n_adv, c_adv = (listener_map(p.get("advertised.listeners", "")) for p in (nprops, props))
+    n_proto, c_proto = (
+        dict(e.split(":") for e in p.get("listener.security.protocol.map", "").split(",") if e)
+        for p in (nprops, props)
+    )
+    for name, (_, port) in n_listen.items():
+        if c_listen.get(name, ("", None))[1] != port:
+            diffs.append(f"kafka listener {name}: native port {port}, compose {c_listen.get(name)}")
+    for name, value in n_adv.items():
+        if c_adv.get(name) != value:
+            diffs.append(
+                f"kafka advertised listener {name}: native {value}, compose {c_adv.get(name)}"
+            )
+    for name, proto in n_proto.items():
+        if c_proto.get(name) != proto:
+            diffs.append(f"kafka protocol of {name}: native {proto}, compose {c_proto.get(name)}")
+    for extra in (
+        (set(c_listen) | set(c_adv) | set(c_proto)) - set(n_listen) - {DOCKER_ONLY_LISTENER}
+    ):
+        diffs.append(f"kafka listener {extra} exists only in compose")
+    volumes = [str(v).split(":", 1)[1] for v in kafka.get("volumes", [])]
+    if props.get("log.dirs") not in volumes:
+        diffs.append(f"kafka log.dirs {props.get('log.dirs')!r} is not a volume ({volumes})")
+    # The host reaches the broker where the native one listens: published port == advertised.
+    kafka_ports = published(kafka.get("ports", []))
+    host_side = n_adv.get(nprops["inter.broker.listener.name"], ("", 0))
+    container_port = c_listen.get(nprops["inter.broker.listener.name"], ("", 0))[1]
+    if kafka_ports.get(container_port) != host_side:
+        diffs.append(f"kafka published ports {kafka.get('ports')} do not expose {host_side}")
+    if len(kafka_ports) != 1:
+        diffs.append(f"kafka publishes {sorted(kafka_ports)}; native exposes only {host_side[1]}")
+
+    # ---- Redis
+    redis = services.get("redis", {})
+    if str(redis.get("image", "")).split(":")[0] != "redis":
+        diffs.append(f"redis image {redis.get('image')!r} is not the official redis image")
+    args = redis_args([str(a) for a in redis.get("command", [])])
+    for key in sorted(set(REDIS_PERSISTENCE) | set(args)):
+        if native.redis_conf.get(key) != args.get(key):
+            diffs.append(
+                f"redis {key}: native {native.redis_conf.get(key)!r}, compose {args.get(key)!r}"
+            )
+    redis_ports = published(redis.get("ports", []))
+    expected = {native.redis_port: (native.redis_conf.get("bind", "127.0.0.1"), native.redis_port)}
+    if redis_ports != expected:
+        diffs.append(f"redis published ports {redis.get('ports')} != {expected}")
+    if not any(str(v).endswith(":/data") for v in redis.get("volumes", [])):
+        diffs.append("redis has no volume on /data (its AOF would die with the container)")
+
+    # ---- init steps and Python services: same names, commands, ports, environment
+    kafka_in_docker = "{}:{}".format(*c_adv.get(DOCKER_ONLY_LISTENER, ("kafka", 0)))
+    to_docker = {
+        f"{host_side[0]}:{host_side[1]}": kafka_in_docker,
+        f"{expected[native.redis_port][0]}:{native.redis_port}": f"redis:{native.redis_port}",
+    }
+
+    def translate(envs: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for key, value in envs.items():
+            for local, docker in to_docker.items():
+                value = value.replace(local, docker)
+            out[key] = value
+        return out
+
+    inits = [n for n, r in roles.items() if r == "init"]
+    if native.cfg.init:
+        if inits != ["init"]:
+            diffs.append(f"native has init steps; compose init services are {inits}")
+        else:
+            init = services["init"]
+            want: dict[str, str] = {}
+            for step in native.cfg.init:
+                want.update(native.cfg.env_for(step.name))
+            have = {k: str(v) for k, v in (init.get("environment") or {}).items()}
+            if have != translate(want):
+                diffs.append(f"init environment: compose {have}, native {translate(want)}")
+            if init.get("command") != ["python", "scripts/stack.py", "init"]:
+                diffs.append(f"init command {init.get('command')}")
+    elif inits:
+        diffs.append(f"compose has init services {inits}; native has no init steps")
+
+    native_services = {s.name: s for s in native.cfg.services}
+    compose_services = {n: services[n] for n, r in roles.items() if r == "service"}
+    for name in sorted(set(native_services) - set(compose_services)):
+        diffs.append(f"service {name} is in scripts/stack.toml but not in docker-compose.yml")
+    for name in sorted(set(compose_services) - set(native_services)):
+        diffs.append(f"service {name} is in docker-compose.yml but not in scripts/stack.toml")
+    for name in sorted(set(native_services) & set(compose_services)):
+        spec, svc = native_services[name], compose_services[name]
+        command = ["python", "-m", spec.module, *spec.args]
+        if svc.get("command") != command:
+            diffs.append(f"service {name}: command {svc.get('command')} != {command}")
+        want_ports = {p: ("127.0.0.1", p) for p in spec.ports}
+        if published(svc.get("ports", [])) != want_ports:
+            diffs.append(f"service {name}: ports {svc.get('ports')} != {sorted(spec.ports)}")
+        have = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
+        want = translate(native.cfg.env_for(name, spec.env))
+        if have != want:
+            diffs.append(f"service {name}: environment {have} != {want}")
+        if svc.get("image") != "smartlev:dev" or svc.get("build") != ".":
+            diffs.append(f"service {name}: not built from the one Dockerfile (smartlev:dev)")
+    return diffs
+
+
+@pytest.fixture
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_matches_native_stack(compose: dict[str, Any]) -> None:
+    assert differences(compose) == []
+
+
+def _env(name: str, key: str, value: str | None) -> Callable[[dict[str, Any]], None]:
+    def mutate(c: dict[str, Any]) -> None:
+        if value is None:
+            del c["services"][name]["environment"][key]
+        else:
+            c["services"][name]["environment"][key] = value
+
+    return mutate
+
+
+def _set(name: str, key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(c: dict[str, Any]) -> None:
+        c["services"][name][key] = value
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (_env("kafka", "KAFKA_AUTO_CREATE_TOPICS_ENABLE", "true"), "auto.create.topics.enable"),
+        (_env("kafka", "KAFKA_NUM_PARTITIONS", None), "num.partitions"),
+        (_env("kafka", "KAFKA_LOG_RETENTION_HOURS", "1"), "log.retention.hours"),
+        (_env("kafka", "CLUSTER_ID", "AAAAAAAAAAAAAAAAAAAAAA"), "CLUSTER_ID"),
+        (
+            _env("kafka", "KAFKA_ADVERTISED_LISTENERS", "PLAINTEXT://localhost:9092"),
+            "advertised listener PLAINTEXT",
+        ),
+        (_set("kafka", "image", "apache/kafka:3.8.0"), "kafka image"),
+        (_set("kafka", "ports", ["127.0.0.1:19092:9092"]), "kafka published ports"),
+        (
+            _set("redis", "command", ["redis-server", "--appendonly", "yes", "--save", ""]),
+            "redis appendfsync",
+        ),
+        (
+            _set(
+                "redis",
+                "command",
+                ["redis-server", "--appendonly", "no", "--appendfsync", "everysec", "--save", ""],
+            ),
+            "redis appendonly",
+        ),
+        (_set("redis", "ports", ["6379:6379"]), "redis published ports"),
+        (_env("init", "SMARTLEV_TOPICS_KAFKA__BOOTSTRAP", "127.0.0.1:9092"), "init environment"),
+        (
+            lambda c: c["services"].update(
+                extra={"image": "smartlev:dev", "labels": {"smartlev.role": "service"}}
+            ),
+            "service extra is in docker-compose.yml but not in scripts/stack.toml",
+        ),
+    ],
+)
+def test_a_doctored_compose_file_is_caught(
+    compose: dict[str, Any], mutate: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    doctored = copy.deepcopy(compose)
+    mutate(doctored)
+    found = differences(doctored)
+    assert any(expected in d for d in found), found
+
+
+SERVICE = """
+[[services]]
+name = "regime"
+module = "services.regime"
+ports = [9102]
+env = { SMARTLEV_REGIME_METRICS_PORT = "9102" }
+health = { kind = "http", port = 9102, path = "/healthz" }
+"""
+
+
+def test_a_service_declared_on_one_side_only_is_caught(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    config = tmp_path / "stack.toml"
+    config.write_text(runner.CONFIG.read_text() + SERVICE)
+    assert "service regime is in scripts/stack.toml but not in docker-compose.yml" in differences(
+        compose, config
+    )
+
+    # Declared on both sides, as docker-compose.yml's note shows: no difference...
+    both = copy.deepcopy(compose)
+    both["services"]["regime"] = {
+        **compose["x-python-service"],
+        "command": ["python", "-m", "services.regime"],
+        "ports": ["127.0.0.1:9102:9102"],
+        "environment": {
+            "SMARTLEV_REGIME_KAFKA__BOOTSTRAP": "kafka:29092",
+            "SMARTLEV_REGIME_REDIS__URL": "redis://redis:6379/0",
+            "SMARTLEV_REGIME_METRICS_PORT": "9102",
+        },
+    }
+    assert differences(both, config) == []
+
+    # ...until the environment drifts.
+    both["services"]["regime"]["environment"]["SMARTLEV_REGIME_METRICS_PORT"] = "9103"
+    assert any("service regime: environment" in d for d in differences(both, config))
+
+
+def test_env_names_map_to_kafka_properties() -> None:
+    assert env_to_property("KAFKA_LOG_DIRS") == "log.dirs"
+    assert env_to_property("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR") == "transaction.state.log.min.isr"
+    assert env_to_property("KAFKA_SOME__UNDER___DASH") == "some_under-dash"

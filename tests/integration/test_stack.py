@@ -1,0 +1,239 @@
+"""The native local stack (scripts/stack.sh): real Kafka and Redis answer the pinned clients,
+Redis keeps data across a restart (AOF), `up` is idempotent, a taken port is reported at
+once, and the runner can start, health-check and stop a declared Python service.
+
+These tests use the stack in this checkout (.run/); they never run `down`."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from kafka import KafkaAdminClient
+
+from tests.integration.conftest import load_stack_runner
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = ROOT / ".run"
+
+
+stack_mod = load_stack_runner()
+
+
+def stack_sh(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "scripts/stack.sh", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def pid_of(name: str) -> int:
+    return int((RUN / f"{name}.pid").read_text().split()[0])
+
+
+@pytest.fixture(scope="module")
+def native_stack() -> None:
+    """These tests are about the stack stack.sh runs in this checkout."""
+    missing = [n for n in ("kafka", "redis") if not (RUN / f"{n}.pid").exists()]
+    if missing:
+        pytest.fail(f"{missing} not started by scripts/stack.sh in {ROOT}; run `make up`")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+def test_kafka_python_metadata_request(kafka_bootstrap: str) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, request_timeout_ms=10_000)
+    try:
+        cluster = admin.describe_cluster()
+        topics = admin.list_topics()
+    finally:
+        admin.close()
+    assert cluster["cluster_id"] == "c21hcnRsZXYtbG9jYWwtMQ"  # the fixed id in stack.toml
+    assert [(b["broker_id"], b["host"], b["port"]) for b in cluster["brokers"]] == [
+        (1, "127.0.0.1", 9092)
+    ]
+    assert cluster["controller_id"] == 1  # KRaft: the broker is its own controller
+    assert isinstance(topics, list)
+
+
+async def test_aiokafka_metadata_request(kafka_bootstrap: str) -> None:
+    """faust's client (aiokafka) speaks to the same broker."""
+    from aiokafka import AIOKafkaClient
+
+    client = AIOKafkaClient(bootstrap_servers=kafka_bootstrap, request_timeout_ms=10_000)
+    await client.bootstrap()
+    try:
+        brokers = {(b.nodeId, b.host, b.port) for b in client.cluster.brokers()}
+    finally:
+        await client.close()
+    assert brokers == {(1, "127.0.0.1", 9092)}
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+def test_redis_write_and_read(redis_client: redis.Redis) -> None:
+    key = f"test:stack:{uuid.uuid4().hex}"
+    redis_client.set(key, "v1", ex=60)
+    assert redis_client.get(key) == "v1"
+    redis_client.delete(key)
+
+
+def test_redis_runs_with_aof_only(redis_client: redis.Redis) -> None:
+    assert redis_client.config_get("appendonly") == {"appendonly": "yes"}
+    assert redis_client.config_get("appendfsync") == {"appendfsync": "everysec"}
+    assert redis_client.config_get("save") == {"save": ""}  # no RDB: AOF is the one path
+
+
+def test_redis_keeps_data_across_restart(native_stack: None, redis_url: str) -> None:
+    key = f"test:stack:aof:{uuid.uuid4().hex}"
+    before = redis.Redis.from_url(redis_url, decode_responses=True)
+    before.hset(key, mapping={"units": "12.5", "equity": "1000.00"})
+    before.expire(key, 300)
+    before.close()
+    old_pid = pid_of("redis")
+
+    result = stack_sh("restart-redis", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stopped redis" in result.stdout and "redis is healthy" in result.stdout
+
+    new_pid = pid_of("redis")
+    assert new_pid != old_pid and stack_mod.pid_alive(new_pid)
+    assert not stack_mod.pid_alive(old_pid)
+    after = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        assert after.hgetall(key) == {"units": "12.5", "equity": "1000.00"}
+        after.delete(key)
+    finally:
+        after.close()
+
+
+def test_native_redis_major_matches_compose_image(redis_client: redis.Redis) -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    image_major = compose["services"]["redis"]["image"].split(":")[1].split(".")[0]
+    assert str(redis_client.info("server")["redis_version"]).split(".")[0] == image_major
+
+
+# --------------------------------------------------------------------------- stack.sh
+
+
+def test_up_again_is_a_noop(native_stack: None) -> None:
+    pids = {n: pid_of(n) for n in ("kafka", "redis")}
+    started = time.monotonic()
+    result = stack_sh("up")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 20
+    assert "kafka already running" in result.stdout
+    assert "redis already running" in result.stdout
+    assert "started kafka" not in result.stdout and "started redis" not in result.stdout
+    assert {n: pid_of(n) for n in pids} == pids
+
+
+def test_ps_shows_component_pid_ports_state(native_stack: None) -> None:
+    result = stack_sh("ps", timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert re.match(rf"kafka\s+{pid_of('kafka')}\s+9092,9093\s+healthy$", rows["kafka"])
+    assert re.match(rf"redis\s+{pid_of('redis')}\s+6379\s+healthy$", rows["redis"])
+
+
+def test_taken_port_is_reported_at_once_with_its_holder() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(stack_mod.StackError) as err:
+            stack_mod.check_port_free(port, "kafka")
+        assert time.monotonic() - started < 2
+    message = str(err.value)
+    assert f"port {port} (needed by kafka) is in use by pid {os.getpid()}" in message
+    assert "python" in message.split(f"pid {os.getpid()}")[1]  # names the holder's command
+    stack_mod.check_port_free(port, "kafka")  # released: no error
+
+
+def test_unknown_command_and_no_args_fail() -> None:
+    assert stack_sh("frobnicate").returncode != 0
+    assert stack_sh().returncode != 0
+
+
+# --------------------------------------------------------------------------- Python services
+
+
+def stack_with_service(tmp_path: Path, port: int) -> object:
+    """A Stack on a private run dir, declaring one service: Python's own http.server."""
+    config = tmp_path / "stack.toml"
+    config.write_text(
+        (ROOT / "scripts" / "stack.toml").read_text()
+        + f"""
+[[services]]
+name = "websvc"
+module = "http.server"
+args = ["{port}", "--bind", "127.0.0.1"]
+ports = [{port}]
+env = {{ SMARTLEV_WEBSVC_EXTRA = "1" }}
+health = {{ kind = "http", port = {port}, path = "/" }}
+start_timeout_s = 15
+"""
+    )
+    return stack_mod.Stack(root=ROOT, config=config, run_dir=tmp_path / "run")
+
+
+def test_declared_service_starts_is_healthy_and_stops(tmp_path: Path) -> None:
+    port = free_port()
+    stack = stack_with_service(tmp_path, port)
+    (svc,) = stack.services()
+    assert svc.env["SMARTLEV_WEBSVC_KAFKA__BOOTSTRAP"] == "127.0.0.1:9092"  # from [env]
+    assert svc.env["SMARTLEV_WEBSVC_EXTRA"] == "1"
+    stack.run.mkdir(parents=True)
+    pid = stack.launch(svc)
+    try:
+        assert pid is not None
+        stack.wait_healthy(svc)
+        assert stack.launch(svc) is None  # second start: already running, same pid
+        assert stack.running_pid(svc) == pid
+        row = next(r for r in stack.ps() if r[0] == "websvc")
+        assert row == ("websvc", str(pid), str(port), "healthy")
+        env = (Path(f"/proc/{pid}/environ").read_bytes()).split(b"\0")
+        assert b"SMARTLEV_WEBSVC_REDIS__URL=redis://127.0.0.1:6379/0" in env
+    finally:
+        stack.stop(svc)
+    assert not stack_mod.pid_alive(pid)
+    assert not (stack.run / "websvc.pid").exists()
+    assert stack.ps()[-1] == ("websvc", "-", str(port), "stopped")
+
+
+def test_service_whose_port_is_taken_fails_fast(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        stack = stack_with_service(tmp_path, port)
+        (svc,) = stack.services()
+        stack.run.mkdir(parents=True)
+        started = time.monotonic()
+        with pytest.raises(stack_mod.StackError, match=rf"port {port} .*in use by pid"):
+            stack.launch(svc)
+        assert time.monotonic() - started < 2
+    assert not (stack.run / "websvc.pid").exists()

@@ -1,0 +1,114 @@
+"""The backtester on the real 2019-2023 data, and its command line on bad input."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from shared.adapters.market_data import load_bars, load_funding, load_marks
+from shared.adapters.tick_replay import data_dir
+from shared.backtest import metrics, run_backtest
+from shared.cli import app, summary_table
+from shared.core.config import StrategyConfig
+
+DATA = data_dir()
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
+runner = CliRunner()
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.parametrize("asset", ["BTC", "ETH"])
+def test_smart_products_survive_2019_2023_where_fixed_3x_is_wiped_out(
+    asset: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    symbol = f"{asset}-USDT"
+    bars, _ = load_bars(DATA / f"{asset}USDT_perp_1h_2019_2023.csv", symbol)
+    funding, _ = load_funding(DATA / f"{asset}USDT_funding_8h_2019_2023.csv", symbol)
+    marks = load_marks(DATA / f"{asset}USDT_mark_1h_2019_2023.csv")
+    result = run_backtest(symbol, bars, funding, StrategyConfig(), marks=marks)
+    figures = metrics(result)
+    with capsys.disabled():
+        from rich.console import Console
+
+        Console(width=150).print(summary_table(figures))
+    start = result.initial_nav
+    for side in ("LONG", "SHORT"):
+        assert min(result.series[f"{symbol}:{side}"].navs) > 0
+        fixed = result.series[f"{symbol}:{side}:3X-FIXED"]
+        assert min(fixed.navs) < start * Decimal("0.05"), "the 3x benchmark should lose > 95%"
+    for engine in result.engines:
+        engine.books.check_balanced(engine.venue, engine.price)
+    assert result.engines[0].venue.liquidations == 0
+    assert result.funding_events > 4000
+
+
+@needs_data
+def test_cli_writes_metrics_nav_and_chart(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    outcome = runner.invoke(
+        app,
+        [
+            "backtest",
+            "--data", str(DATA / "BTCUSDT_perp_1h_2019_2023.csv"),
+            "--funding", str(DATA / "BTCUSDT_funding_8h_2019_2023.csv"),
+            "--start", "2021-05-01", "--end", "2021-06-01",
+            "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["bars"] == 31 * 24 - 1  # the last bar closes only when a later tick comes
+    assert set(document["products"]) >= {
+        "BTC-USDT:LONG",
+        "BTC-USDT:SHORT",
+        "BTC-USDT:LONG:3X-FIXED",
+    }
+    rows = (out / "nav.csv").read_text().splitlines()
+    assert len(rows) == document["bars"] + 1
+    assert rows[0].startswith("timestamp,price,regime,BTC-USDT:LONG:target")
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("timestamp,open,high,low\n", "missing"),
+        (
+            "timestamp,open,high,low,close,volume\n"
+            "2021-01-01T00:00:00Z,1,2,1,2,1\n"
+            "2021-01-01T00:00:00Z,1,2,1,2,1\n",
+            "bad.csv:3: duplicate timestamp",
+        ),
+        (
+            "timestamp,open,high,low,close,volume\n2021-01-01T00:00:00Z,1,2,1,-2,1\n",
+            "bad.csv:2: close price must be > 0",
+        ),
+    ],
+)
+def test_cli_refuses_bad_data_with_a_clear_error(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    data = tmp_path / "bad.csv"
+    data.write_text(content)
+    outcome = runner.invoke(app, ["backtest", "--data", str(data), "--out", str(tmp_path / "o")])
+    assert outcome.exit_code == 2
+    assert message in " ".join(outcome.output.split())
+    assert "Traceback" not in outcome.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_a_config_with_unknown_or_unsafe_fields(tmp_path: Path) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text("[leverage]\nl_max = 8.0\nemergency_move = 0.2\n")
+    data = tmp_path / "unused.csv"
+    data.write_text("timestamp,open,high,low,close,volume\n")
+    outcome = runner.invoke(
+        app, ["backtest", "--data", str(data), "--out", str(tmp_path), "--config", str(config)]
+    )
+    assert outcome.exit_code == 2
+    assert "must be < 1" in outcome.output

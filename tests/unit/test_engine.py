@@ -1,0 +1,252 @@
+"""The core end to end: golden leveraged-token cases and the DESIGN section 5 invariants."""
+
+from __future__ import annotations
+
+import json
+import os
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shared.core.accounting import BooksOutOfBalance
+from shared.core.config import StrategyConfig
+from shared.core.engine import Engine, SignalPipeline
+from shared.core.events import HedgeExecuted, LeverageTargetChanged
+from shared.core.leverage import FixedLeverageController, SmartLeverageController
+from shared.core.market import NS_PER_DAY, NS_PER_HOUR, Side
+from tests.unit.core_stubs import (
+    LONG,
+    SHORT,
+    SYMBOL,
+    T0,
+    fast_config,
+    frictionless_engine,
+    smart_run,
+    tick,
+)
+
+CAPITAL = Decimal(1_000_000)
+TICK_NS = NS_PER_HOUR // 4
+
+
+def daily_3x(prices: list[int], side: Side = Side.LONG) -> Decimal:
+    """Return of a 3x token rebalanced daily, no fees, over one price per day."""
+    controller = FixedLeverageController(f"{SYMBOL}:{side.name}:3X", side, Decimal(3))
+    engine = frictionless_engine([controller])
+    signals = SignalPipeline(SYMBOL, StrategyConfig().features, StrategyConfig().regime)
+    for day, price in enumerate(prices):
+        market = tick(T0 + day * NS_PER_DAY, price)
+        engine.on_tick(market, signals.on_tick(market.ts_ns, market.price))
+        if day == 0:
+            engine.deposit(controller.product, CAPITAL, market.ts_ns)
+    start = engine.books.config.initial_nav
+    return engine.nav(controller.product) / start - 1
+
+
+@pytest.mark.parametrize(
+    ("prices", "expected"),
+    [
+        ([10_000, 11_000, 10_000], Decimal("-0.0545")),
+        ([10_000, 11_000, 12_100], Decimal("0.69")),
+        ([10_000, 9_500, 9_000], Decimal("-0.284")),
+    ],
+)
+def test_ftx_faq_golden_cases(prices: list[int], expected: Decimal) -> None:
+    # FTX leveraged-token FAQ: BULL 3x, rebalanced daily.
+    result = daily_3x(prices)
+    assert result.quantize(expected) == expected
+
+
+def test_golden_case_is_path_dependent_not_3x_the_move() -> None:
+    # 10k -> 11k -> 10k: the underlying is flat, a static 3x position would be flat too.
+    assert daily_3x([10_000, 11_000, 10_000]) < 0
+    assert daily_3x([10_000, 10_000, 10_000]) == 0
+
+
+# --- paths ---------------------------------------------------------------------------
+
+bounded_moves = st.floats(-0.17, 0.17, allow_nan=False)
+"""Single-step moves below 1/leverage_ceiling, with maintenance-margin headroom."""
+
+
+def _segment() -> st.SearchStrategy[list[float]]:
+    calm = st.lists(st.floats(-0.02, 0.02), min_size=1, max_size=40)
+    crash = st.lists(st.floats(-0.9, -0.3), min_size=1, max_size=2)
+    spike = st.lists(st.floats(0.3, 3.0), min_size=1, max_size=2)
+    chop = st.builds(lambda a, n: [a, -a] * n, st.floats(0.01, 0.08), st.integers(2, 20))
+    run = st.builds(lambda a, n: [a] * n, st.floats(-0.05, 0.05), st.integers(2, 30))
+    return st.one_of(calm, crash, spike, chop, run)
+
+
+adversarial_paths = st.lists(_segment(), min_size=1, max_size=12).map(
+    lambda parts: [m for part in parts for m in part]
+)
+
+
+def prices_from(moves: list[float], start: float = 10_000.0) -> list[Decimal]:
+    """Prices on the BTC tick grid, kept inside [10, 1e7] so lots and ticks stay meaningful."""
+    prices, price = [Decimal(int(start))], start
+    for move in moves:
+        price = min(max(price * (1 + move), 10.0), 1e7)
+        prices.append(Decimal(round(price * 10)) / 10)
+    return prices
+
+
+def drive(
+    config: StrategyConfig,
+    prices: list[Decimal],
+    snapshot_at: int | None = None,
+    products: tuple[str, ...] = (LONG, SHORT),
+) -> tuple[list[tuple[Decimal, Decimal]], Engine, list[object]]:
+    """Run the smart products over `prices` with capital in `products`; optionally
+    snapshot and restore mid-way."""
+    signals, engine = smart_run(config)
+    navs, events = [], []
+    for i, price in enumerate(prices):
+        if i == snapshot_at:
+            signals, engine = restore(config, json.loads(json.dumps(snapshot(signals, engine))))
+        market = tick(T0 + i * TICK_NS, price)
+        events.extend(engine.on_tick(market, signals.on_tick(market.ts_ns, market.price)))
+        if i == 0:
+            for product in products:
+                events.extend(engine.deposit(product, CAPITAL, market.ts_ns))
+        navs.append((engine.nav(LONG), engine.nav(SHORT)))
+    return navs, engine, events
+
+
+def snapshot(signals: SignalPipeline, engine: Engine) -> dict[str, object]:
+    return {"signals": signals.snapshot(), "engine": engine.snapshot()}
+
+
+def restore(config: StrategyConfig, state: dict[str, object]) -> tuple[SignalPipeline, Engine]:
+    signals = SignalPipeline.restore(SYMBOL, config.features, config.regime, state["signals"])
+    _, engine = smart_run(config)
+    engine_state = state["engine"]
+    controllers = [
+        SmartLeverageController.restore(product, side, config.leverage, snap)
+        for (product, side), snap in zip(
+            [(LONG, Side.LONG), (SHORT, Side.SHORT)], engine_state["controllers"], strict=True
+        )
+    ]
+    engine.restore_state(engine_state, controllers)
+    return signals, engine
+
+
+PROPERTY = settings(
+    max_examples=int(os.environ.get("SMARTLEV_PROPERTY_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@PROPERTY
+@given(adversarial_paths)
+def test_nav_stays_positive_and_targets_in_bounds_on_adversarial_paths(moves: list[float]) -> None:
+    config = fast_config()
+    navs, engine, events = drive(config, prices_from(moves))
+    for long_nav, short_nav in navs:
+        assert long_nav > 0 and short_nav > 0
+    lev = config.leverage
+    for event in events:
+        if isinstance(event, LeverageTargetChanged):
+            assert Decimal(str(lev.l_min)) <= event.target <= Decimal(str(lev.l_max))
+    # Books balance: Engine checks after every event and raises; check the end state too.
+    engine.books.check_balanced(engine.venue, engine.price)
+
+
+# Trends lift the target to its cap, then bounded shocks hit it: the dangerous case.
+trend_then_shocks = st.lists(
+    st.one_of(
+        st.builds(lambda a, n: [a] * n, st.floats(-0.03, 0.03), st.integers(10, 60)),
+        st.lists(bounded_moves, min_size=1, max_size=6),
+    ),
+    min_size=1,
+    max_size=10,
+).map(lambda parts: [m for part in parts for m in part])
+
+
+@PROPERTY
+@given(trend_then_shocks, st.sampled_from([(LONG,), (SHORT,), (LONG, SHORT)]))
+def test_venue_account_never_liquidated_when_steps_stay_below_the_bound(
+    moves: list[float], products: tuple[str, ...]
+) -> None:
+    _, engine, _ = drive(fast_config(), prices_from(moves), products=products)
+    assert engine.venue.liquidations == 0
+
+
+@PROPERTY
+@given(adversarial_paths)
+def test_same_input_same_output_bit_for_bit(moves: list[float]) -> None:
+    prices = prices_from(moves)
+    first = drive(fast_config(), prices)
+    second = drive(fast_config(), prices)
+    assert first[0] == second[0]
+    assert first[2] == second[2]
+    assert first[1].snapshot() == second[1].snapshot()
+
+
+@PROPERTY
+@given(adversarial_paths, st.floats(0, 1))
+def test_snapshot_and_restore_mid_run_gives_the_identical_result(
+    moves: list[float], where: float
+) -> None:
+    prices = prices_from(moves)
+    cut = 1 + int(where * (len(prices) - 1))
+    uninterrupted = drive(fast_config(), prices)
+    resumed = drive(fast_config(), prices, snapshot_at=cut)
+    assert resumed[0] == uninterrupted[0]
+    assert resumed[1].snapshot() == uninterrupted[1].snapshot()
+
+
+def test_long_and_short_requests_are_netted_into_one_venue_order() -> None:
+    config = fast_config()
+    signals, engine = smart_run(config)
+    first = tick(T0, 10_000)
+    engine.on_tick(first, signals.on_tick(first.ts_ns, first.price))
+    engine.deposit(LONG, CAPITAL, T0)
+    engine.deposit(SHORT, CAPITAL, T0)
+    # Both products at 1x: +100 BTC long, -100 BTC short (less fees), the venue nets them.
+    assert engine.books.products[LONG].qty > 0 > engine.books.products[SHORT].qty
+    assert engine.venue.position == (
+        engine.books.products[LONG].qty + engine.books.products[SHORT].qty
+    )
+    assert abs(engine.venue.position) < engine.books.products[LONG].qty / 10
+
+
+def test_emergency_deleverage_fires_on_the_tick_that_crosses_the_trigger() -> None:
+    config = fast_config()
+    signals, engine = smart_run(config)
+    start = tick(T0, 10_000)
+    engine.on_tick(start, signals.on_tick(start.ts_ns, start.price))
+    engine.deposit(LONG, CAPITAL, T0)
+    ref = engine.books.products[LONG].qty
+    # A move of exactly emergency_move (10%) down, inside one bar: no bar closes here.
+    crash = tick(T0 + 1, 9_000)
+    events = engine.on_tick(crash, signals.on_tick(crash.ts_ns, crash.price))
+    decisions = [e for e in events if isinstance(e, LeverageTargetChanged)]
+    assert [d.reasons for d in decisions] == [("EMERGENCY_ADVERSE_MOVE",)]
+    assert any(isinstance(e, HedgeExecuted) for e in events)
+    assert engine.books.products[LONG].qty < ref
+
+
+def test_tampered_books_are_caught() -> None:
+    _, engine, _ = drive(fast_config(), prices_from([0.01, -0.02, 0.03]))
+    engine.books.products[LONG].cash += Decimal("0.00000001")
+    with pytest.raises(BooksOutOfBalance):
+        engine.books.check_balanced(engine.venue, engine.price)
+
+
+def test_deposit_and_redeem_settle_at_nav_and_keep_the_books() -> None:
+    config = fast_config()
+    navs, engine, _ = drive(config, prices_from([0.01] * 30))
+    book = engine.books.products[LONG]
+    nav = engine.nav(LONG)
+    events = engine.redeem(LONG, book.units / 2, T0 + 40 * TICK_NS)
+    redeemed = events[0]
+    gross = (book.units * nav).quantize(Decimal("0.00000001"))  # units already halved
+    assert redeemed.nav == nav
+    assert redeemed.gross == gross
+    assert redeemed.payout == redeemed.gross - redeemed.fee
+    engine.books.check_balanced(engine.venue, engine.price)

@@ -1,0 +1,115 @@
+"""Health endpoints reflect real checks (503 when one fails), and gRPC health flips."""
+
+from __future__ import annotations
+
+import json
+import logging
+from io import StringIO
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.health import GrpcHealth, HealthRegistry, HealthServer, freshness_check, kafka_check
+from shared.logging import configure_logging, get_logger
+
+
+async def _get(port: int, path: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}{path}") as response,
+    ):
+        return response.status, await response.text()
+
+
+async def test_healthz_is_503_until_every_check_passes() -> None:
+    state = {"ok": False}
+    registry = HealthRegistry(timeout_s=0.5)
+    server = HealthServer(registry, port=0, host="127.0.0.1", service="t")
+    port = await server.start()
+    try:
+        status, body = await _get(port, "/healthz")
+        assert status == 503 and "no health checks registered" in body
+
+        registry.register("dep", lambda: True if state["ok"] else "dependency down")
+        registry.register("async", _async_ok)
+        status, body = await _get(port, "/healthz")
+        assert status == 503
+        assert json.loads(body)["checks"]["dep"] == {
+            "ok": False, "detail": "dependency down", "ms": json.loads(body)["checks"]["dep"]["ms"]
+        }  # fmt: skip
+
+        state["ok"] = True
+        status, body = await _get(port, "/healthz")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+
+        status, body = await _get(port, "/metrics")
+        assert status == 200 and "python_info" in body
+    finally:
+        await server.stop()
+
+
+async def _async_ok() -> None:
+    return None
+
+
+def _boom() -> bool:
+    raise ZeroDivisionError("division by zero")
+
+
+async def test_a_raising_or_unreachable_check_fails() -> None:
+    registry = HealthRegistry(timeout_s=1.0)
+    registry.register("boom", _boom)
+    registry.register("kafka", kafka_check("127.0.0.1:1", timeout_s=0.3))
+    registry.register("fresh", freshness_check(lambda: None, max_age_s=5, what="tick"))
+    ok, outcomes = await registry.run()
+    assert not ok
+    details = {o.name: o.detail for o in outcomes}
+    assert "ZeroDivisionError" in details["boom"]
+    assert details["kafka"].startswith("kafka unreachable")
+    assert details["fresh"] == "no tick yet"
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("boom", lambda: True)
+
+
+async def test_grpc_health_starts_not_serving_and_flips() -> None:
+    server = grpc.aio.server()
+    health = await GrpcHealth.install(server, ["smartlev.v1.Gateway"])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def status(name: str) -> int:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+                return int(reply.status)
+
+            assert await status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await status("smartlev.v1.Gateway") == health_pb2.HealthCheckResponse.NOT_SERVING
+            await health.set_serving(True)
+            assert await status("smartlev.v1.Gateway") == health_pb2.HealthCheckResponse.SERVING
+            await health.shutdown()
+            assert await status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await server.stop(None)
+
+
+def test_logs_are_one_json_object_per_line() -> None:
+    stream = StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    configure_logging("regime", "DEBUG", stream=stream)
+    try:
+        from decimal import Decimal
+
+        get_logger("regime").info("regime_changed", symbol="BTC-USDT", price=Decimal("1.10"))
+        logging.getLogger("aiokafka").warning("third party %s", "x")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert lines[0]["service"] == "regime" and lines[0]["event"] == "regime_changed"
+    assert lines[0]["price"] == "1.10" and lines[0]["level"] == "info"
+    assert lines[1]["event"] == "third party x" and lines[1]["logger"] == "aiokafka"

@@ -1,0 +1,312 @@
+"""shared.core.venue.PerpVenue: fills, fees, cash accounting, funding, margin, liquidation.
+
+Default VenueConfig: taker 4 bps, maker 2 bps, half spread 0.5 bps, impact 10 bps at
+depth 50,000,000 USDT (square root), maintenance margin 0.5%, liquidation fee 1.25%.
+Spec: tick 0.1, lot 0.001. Expected values are worked by hand in the comments.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from shared.core.events import AccountLiquidated
+from shared.core.money import MoneyError
+from shared.core.venue import Liquidity, PerpVenue
+from tests.unit.stubs import BTC, btc_spec, json_round_trip, venue, venue_config, venue_with
+
+D = Decimal
+
+
+# --- fill prices ------------------------------------------------------------------------
+
+
+def test_taker_buy_exact_square_root_on_tick() -> None:
+    # notional 10 x 50000 = 500000; /50e6 = 0.01; sqrt = 0.1; impact 10 x 0.1 = 1 bps;
+    # + 0.5 half spread = 1.5 bps; shift = 50000 x 1.5e-4 = 7.5 -> 50007.5 (on the tick)
+    v = venue()
+    fill = v.execute(1, D(10), D(50000))
+    assert fill.price == D("50007.5")
+    # fee 10 x 50007.5 x 0.0004 = 200.03
+    assert fill.fee == D("200.03")
+    assert (fill.qty, fill.liquidity, fill.symbol, fill.ts_ns) == (D(10), "TAKER", BTC, 1)
+    # cash accounting: wallet -= 10 x 50007.5 + 200.03 = 500075 + 200.03
+    assert v.wallet == D("-500275.03")
+    assert v.position == D(10)
+    assert v.fees_paid == D("200.03")
+
+
+def test_taker_price_rounds_to_tick_against_the_trader() -> None:
+    # Same order on a 1-USDT tick: buy 50007.5 -> ceil 50008; sell 49992.5 -> floor 49992.
+    v = venue(spec=btc_spec(tick="1"))
+    assert v.fill_price(D(10), D(50000), Liquidity.TAKER) == D(50008)
+    assert v.fill_price(D(-10), D(50000), Liquidity.TAKER) == D(49992)
+
+
+def test_taker_price_irrational_impact() -> None:
+    # 2 BTC at 60000: notional 120000; /50e6 = 0.0024; sqrt = 0.048989794855..;
+    # impact 0.48989794855.. bps; total 0.98989794855.. bps;
+    # shift = 60000 x 0.98989794855e-4 = 5.9393876913..
+    # buy: 60005.93938.. -> ceil to 0.1 -> 60006.0; sell: 59994.06061.. -> floor -> 59994.0
+    v = venue()
+    assert v.fill_price(D(2), D(60000), Liquidity.TAKER) == D("60006.0")
+    assert v.fill_price(D(-2), D(60000), Liquidity.TAKER) == D("59994.0")
+
+
+def test_taker_sell_wallet_and_equity() -> None:
+    # sell 1 at 50000: notional 50000; /50e6 = 0.001; sqrt = 0.0316227766..;
+    # cost = 0.5 + 0.316227766.. = 0.816227766.. bps; shift = 4.08113883..;
+    # 49995.91886.. -> floor to 0.1 -> 49995.9; fee 49995.9 x 0.0004 = 19.99836
+    v = venue(collateral="10000")
+    fill = v.execute(1, D(-1), D(50000))
+    assert (fill.price, fill.fee) == (D("49995.9"), D("19.99836"))
+    # wallet 10000 + 49995.9 - 19.99836 = 59975.90164
+    assert v.wallet == D("59975.90164")
+    assert v.position == D(-1)
+    # at mark 49000: equity 59975.90164 - 49000 = 10975.90164; pnl = equity - 10000
+    assert v.equity(D(49000)) == D("10975.90164")
+    assert v.pnl(D(49000)) == D("975.90164")
+    # maintenance margin |−1| x 49000 x 0.005 = 245
+    assert v.maintenance_margin(D(49000)) == D(245)
+
+
+def test_maker_fill_at_reference_with_maker_fee() -> None:
+    v = venue()
+    fill = v.execute(3, D(1), D("50000.05"), Liquidity.MAKER)
+    # price = reference; fee 1 x 50000.05 x 0.0002 = 10.00001
+    assert (fill.price, fill.fee, fill.liquidity) == (D("50000.05"), D("10.00001"), "MAKER")
+    assert v.wallet == D("-50010.05001")
+
+
+def test_fills_accumulate_position_and_fees() -> None:
+    v = venue(collateral="1000")
+    v.execute(1, D(2), D(50000), Liquidity.MAKER)  # -100000 - 20
+    v.execute(2, D("-0.5"), D(51000), Liquidity.MAKER)  # +25500 - 5.1
+    assert v.position == D("1.5")
+    assert v.fees_paid == D("25.1")
+    assert v.wallet == D(1000) - D(100020) + D("25494.9")  # = -73525.1
+    assert v.wallet == D("-73525.1")
+    assert v.transfers_in == D(1000)
+    # equity at 52000: -73525.1 + 78000 = 4474.9; pnl 3474.9
+    assert v.pnl(D(52000)) == D("3474.9")
+
+
+@given(
+    st.integers(-(10**6), 10**6).filter(bool).map(lambda n: D(n).scaleb(-3)),
+    st.integers(10**4, 10**9).map(lambda n: D(n).scaleb(-2)),
+)
+@settings(deadline=None)
+def test_taker_fill_price_formula(qty: Decimal, reference: Decimal) -> None:
+    v = venue()
+    fill = v.execute(0, qty, reference)
+    cfg = v.config
+    bps = cfg.half_spread_bps + cfg.impact_bps * (abs(qty) * reference / cfg.depth_notional).sqrt()
+    raw = reference * (1 + (1 if qty > 0 else -1) * bps / 10000)
+    rounding = ROUND_CEILING if qty > 0 else ROUND_FLOOR
+    expected = (raw / D("0.1")).to_integral_value(rounding=rounding) * D("0.1")
+    assert fill.price == expected
+    assert (fill.price >= reference) if qty > 0 else (fill.price <= reference)
+    assert fill.fee == abs(qty) * fill.price * D("0.0004")
+    assert v.wallet == -(qty * fill.price + fill.fee)
+
+
+@pytest.mark.parametrize("qty", ["0.0015", "-0.0015", "0.0001", "1.0000001"])
+def test_quantity_not_a_lot_multiple_is_refused_and_changes_nothing(qty: str) -> None:
+    v = venue(collateral="100")
+    before = v.snapshot()
+    with pytest.raises(MoneyError, match="not a multiple of lot"):
+        v.execute(0, D(qty), D(50000))
+    assert v.snapshot() == before
+
+
+@pytest.mark.parametrize("qty", ["0", "-0", "0.000"])
+def test_zero_quantity_is_refused(qty: str) -> None:
+    v = venue()
+    with pytest.raises(MoneyError, match="zero"):
+        v.execute(0, D(qty), D(50000))
+    assert v.snapshot() == venue().snapshot()
+
+
+# --- funding ----------------------------------------------------------------------------
+
+
+def test_long_pays_positive_funding() -> None:
+    v = venue_with(wallet="-90000", position="2")
+    # 2 x 51000 x 0.0001 = 10.2 paid
+    assert v.settle_funding(D("0.0001"), D(51000)) == D("10.2")
+    assert v.wallet == D("-90010.2")
+    assert v.funding_paid == D("10.2")
+
+
+def test_short_receives_positive_funding() -> None:
+    v = venue_with(wallet="150000", position="-3")
+    # -3 x 51000 x 0.0001 = -15.3: received
+    assert v.settle_funding(D("0.0001"), D(51000)) == D("-15.3")
+    assert v.wallet == D("150015.3")
+
+
+def test_long_receives_negative_funding_and_flat_pays_nothing() -> None:
+    v = venue_with(wallet="0", position="1")
+    assert v.settle_funding(D("-0.0003"), D(40000)) == D(-12)  # 1 x 40000 x -0.0003
+    assert v.wallet == D(12)
+    flat = venue(collateral="5")
+    assert flat.settle_funding(D("0.01"), D(40000)) == 0
+    assert flat.wallet == D(5)
+
+
+@given(
+    st.integers(-(10**7), 10**7).map(lambda n: D(n).scaleb(-3)),
+    st.integers(1, 10**9).map(lambda n: D(n).scaleb(-2)),
+    st.integers(-(10**6), 10**6).map(lambda n: D(n).scaleb(-8)),
+)
+def test_funding_is_exactly_position_times_mark_times_rate(
+    position: Decimal, mark: Decimal, rate: Decimal
+) -> None:
+    v = venue_with(wallet="1000", position=position)
+    amount = v.settle_funding(rate, mark)
+    assert amount == position * mark * rate
+    assert v.wallet == D(1000) - amount
+    assert amount == 0 or (amount > 0) == ((position > 0) == (rate > 0))
+
+
+# --- liquidation ------------------------------------------------------------------------
+
+# Long 1 BTC with wallet -45770: equity(m) = m - 45770, margin(m) = 0.005 m.
+# Boundary: m - 45770 = 0.005 m  <=>  0.995 m = 45770  <=>  m = 46000 exactly.
+
+
+def test_not_liquidated_just_above_maintenance_margin() -> None:
+    v = venue_with(wallet="-45770", position="1")
+    before = v.snapshot()
+    # at 46000.1: equity 230.1 > margin 230.0005
+    assert v.check_liquidation(0, D("46000.1")) is None
+    assert v.snapshot() == before
+
+
+def test_liquidated_exactly_at_maintenance_margin() -> None:
+    v = venue_with(wallet="-45770", position="1")
+    event = v.check_liquidation(7, D(46000))
+    # equity 230 == margin 46000 x 0.005 = 230 -> liquidated.
+    # penalty = min(max(230, 0), 46000 x 0.0125 = 575) = 230
+    assert event == AccountLiquidated(
+        symbol=BTC,
+        ts_ns=7,
+        mark_price=D(46000),
+        equity=D(230),
+        maintenance_margin=D(230),
+        closed_qty=D(1),
+        penalty=D(230),
+        deficit_covered=D(0),
+    )
+    assert v.position == 0
+    assert v.wallet == 0  # -45770 + 1 x 46000 - 230
+    assert v.insurance_fund == D(230)
+    assert v.liquidations == 1
+    assert v.check_liquidation(8, D(1)) is None  # nothing left to close
+
+
+def test_liquidation_penalty_capped_by_liquidation_fee() -> None:
+    v = venue_with(wallet="-45770", position="1", config=venue_config(liquidation_fee=D("0.001")))
+    event = v.check_liquidation(0, D(46000))
+    assert event is not None
+    # penalty = min(230, 46000 x 0.001 = 46) = 46; wallet = 230 - 46 = 184
+    assert event.penalty == D(46)
+    assert v.wallet == D(184)
+    assert v.insurance_fund == D(46)
+
+
+def test_bankrupt_long_liquidation_covers_deficit_from_venue_insurance() -> None:
+    v = venue_with(wallet="-45770", position="1")
+    event = v.check_liquidation(0, D(45000))
+    assert event is not None
+    # equity -770: penalty min(max(-770, 0), ..) = 0; wallet -770 written up to 0
+    assert (event.equity, event.penalty, event.deficit_covered) == (D(-770), D(0), D(770))
+    assert v.wallet == 0
+    assert v.insurance_fund == D(-770)
+
+
+def test_short_liquidated_at_boundary() -> None:
+    # short 1 with wallet 50250: equity = 50250 - m; margin 0.005 m; boundary 1.005 m = 50250
+    v = venue_with(wallet="50250", position="-1")
+    assert v.check_liquidation(0, D("49999.9")) is None
+    event = v.check_liquidation(0, D(50000))
+    assert event is not None
+    assert (event.equity, event.maintenance_margin, event.closed_qty) == (D(250), D(250), D(-1))
+    assert v.wallet == 0  # 50250 - 50000 - 250
+    assert v.insurance_fund == D(250)
+
+
+def test_flat_account_is_never_liquidated() -> None:
+    v = venue_with(wallet="-5", position="0")
+    assert v.check_liquidation(0, D(1)) is None
+    assert not v.at_risk(1.0)
+
+
+lots = st.integers(-(10**6), 10**6).filter(bool).map(lambda n: D(n).scaleb(-3))
+wallets = st.integers(-(10**17), 10**17).map(lambda n: D(n).scaleb(-8))
+
+
+@st.composite
+def account_and_mark(draw: st.DrawFn) -> tuple[Decimal, Decimal, Decimal]:
+    """wallet, position, mark; half the marks are placed within a few ticks of the exact
+    liquidation price, where a float pre-check could go wrong."""
+    wallet, position = draw(wallets), draw(lots)
+    mmr = D("0.005")
+    if draw(st.booleans()):
+        if position > 0:
+            boundary = -wallet / (position * (1 - mmr))
+        else:
+            boundary = wallet / (-position * (1 + mmr))
+        ticks = draw(st.integers(-3, 3))
+        mark = boundary.quantize(D("0.1")) + ticks * D("0.1")
+    else:
+        mark = draw(st.integers(1, 10**9).map(lambda n: D(n).scaleb(-2)))
+    assume(mark > 0)
+    return wallet, position, mark
+
+
+@settings(max_examples=500, deadline=None)
+@given(account_and_mark())
+def test_at_risk_never_misses_a_liquidation(case: tuple[Decimal, Decimal, Decimal]) -> None:
+    wallet, position, mark = case
+    v = venue_with(wallet=wallet, position=position)
+    liquidates = v.equity(mark) <= v.maintenance_margin(mark)
+    if liquidates:
+        assert v.at_risk(float(mark)), (wallet, position, mark)
+    event = v.check_liquidation(0, mark)
+    assert (event is not None) == liquidates
+
+
+def test_at_risk_thresholds_follow_fills() -> None:
+    # built through fills/transfers, not restore: the threshold must track every change
+    v = venue(collateral="5000")
+    v.execute(0, D(1), D(50000), Liquidity.MAKER)  # wallet 5000 - 50000 - 10 = -45010
+    # exact liquidation price: 45010 / 0.995 = 45236.18..
+    assert v.at_risk(45236.0)
+    assert not v.at_risk(47000.0)
+    v.transfer(D(10000))  # wallet -35010 -> liquidation 35185.9..
+    assert not v.at_risk(45236.0)
+    assert v.at_risk(35185.0)
+
+
+def test_snapshot_restore_round_trip_through_json() -> None:
+    spec, config = btc_spec(), venue_config()
+    v = PerpVenue(spec, config)
+    v.transfer(D("12345.67890123"))
+    v.execute(0, D("0.25"), D("50000.3"))
+    v.execute(1, D("-0.1"), D("50100"), Liquidity.MAKER)
+    v.settle_funding(D("0.0001"), D("50050.5"))
+    snapshot = v.snapshot()
+    restored = PerpVenue.restore(spec, config, json_round_trip(snapshot))
+    assert restored.snapshot() == snapshot
+    for name in ("wallet", "position", "transfers_in", "fees_paid", "funding_paid"):
+        assert getattr(restored, name) == getattr(v, name)
+        assert str(getattr(restored, name)) == str(getattr(v, name))  # same exponent too
+    for mark in (1.0, 10000.0, 40000.0, 49000.0, 60000.0):
+        assert restored.at_risk(mark) == v.at_risk(mark)
+    # and it keeps working identically
+    assert restored.execute(2, D("0.003"), D(50000)) == v.execute(2, D("0.003"), D(50000))
+    assert restored.snapshot() == v.snapshot()
