@@ -701,9 +701,10 @@ class Stack:
         t0 = time.monotonic()
         self.run.mkdir(parents=True, exist_ok=True)
         ensure_apt_packages()
-        infra = self.infra()
-        launched = [c.name for c in infra if self.launch(c) is not None]
-        for comp in infra:  # started side by side, then waited for
+        redis, kafka = self.redis(), self.kafka()
+        # Kafka first (its first run fetches jars), then Redis, so both start side by side.
+        launched = [c.name for c in (kafka, redis) if self.launch(c) is not None]
+        for comp in (redis, kafka):
             self.wait_healthy(comp, quiet=comp.name not in launched)
         self.run_init()
         services = self.services()

@@ -147,6 +147,8 @@ class Books:
         if units <= 0 or units > book.units:
             raise MoneyError(f"{product}: cannot redeem {units} of {book.units} units")
         nav = book.nav(price)
+        if nav <= 0:
+            raise MoneyError(f"{product}: NAV is {nav}, nothing can be paid out")
         gross = usdt_down(units * nav)
         fee = usdt_down(gross * self.config.close_fee)
         book.units -= units

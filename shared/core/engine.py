@@ -21,8 +21,6 @@ from shared.core.money import ZERO, to_step
 from shared.core.regime import RegimeClassifier, RegimeConfig, RegimeState
 from shared.core.venue import InstrumentSpec, PerpVenue, VenueConfig
 
-NO_EVENTS: tuple[object, ...] = ()
-
 
 class SignalPipeline:
     """Per-symbol signal state; a regime comes out on the tick that closes a bar."""
@@ -104,50 +102,56 @@ class Engine:
         self.mark = ZERO
         self._fee_ts: int | None = None
 
-    def on_tick(self, tick: Tick, regime: RegimeState | None) -> list[object] | tuple[object, ...]:
+    def on_tick(self, tick: Tick, regime: RegimeState | None) -> list[object]:
         """Mark, then decide: a closed bar runs the policy, any tick may fire an emergency."""
+        ts_ns = tick.ts_ns
         price = self.price = tick.price
         price_f = self.price_f = float(price)
-        self.mark = tick.mark_price or price
-        events: list[object] | None = None
-        if self.venue.at_risk(float(self.mark)):
-            liquidation = self.venue.check_liquidation(tick.ts_ns, self.mark)
-            if liquidation is not None:
-                claims = self.books.apply_liquidation(liquidation)
-                self.venue.transfer(sum((c.amount for c in claims), ZERO))
-                events = [liquidation, *claims]
-        if regime is not None:
-            events = events or []
-            if self._fee_ts is None:
-                self._fee_ts = tick.ts_ns
-            elif tick.ts_ns // NS_PER_DAY != self._fee_ts // NS_PER_DAY:
-                # Management fee accrues once per UTC day, on the first closed bar of the day.
-                fees = self.books.accrue_management_fee(
-                    tick.ts_ns, price, tick.ts_ns - self._fee_ts
-                )
-                if fees:
-                    self.venue.transfer(-sum((f.amount for f in fees), ZERO))
-                    events.extend(fees)
-                self._fee_ts = tick.ts_ns
+        mark = tick.mark_price
+        if mark is None:
+            self.mark, mark_f = price, price_f
+        else:
+            self.mark, mark_f = mark, float(mark)
+        events: list[object] = []
+        if self.venue.at_risk(mark_f):
+            self._liquidate(ts_ns, events)
+        if regime is None:
             decisions = [
-                d
-                for c in self.controllers
-                if (d := c.on_bar(tick.ts_ns, price, regime)) is not None
+                d for c in self.controllers if (d := c.on_tick(ts_ns, price, price_f)) is not None
             ]
         else:
+            self._accrue_management_fee(ts_ns, events)
             decisions = [
                 d
                 for c in self.controllers
-                if (d := c.on_tick(tick.ts_ns, price, price_f)) is not None
+                if (d := c.on_bar(ts_ns, price, price_f, regime)) is not None
             ]
-            if not decisions:
-                return events or NO_EVENTS
-            events = events or []
-        events.extend(decisions)
-        self._rebalance(tick.ts_ns, [d for d in decisions if d.rebalance], events)
-        if self.check_books and events:
+        moved_money = bool(events)
+        if decisions:
+            events.extend(decisions)
+            moved_money |= self._rebalance(ts_ns, [d for d in decisions if d.rebalance], events)
+        if moved_money and self.check_books:
             self.books.check_balanced(self.venue, price)
         return events
+
+    def _liquidate(self, ts_ns: int, events: list[object]) -> None:
+        liquidation = self.venue.check_liquidation(ts_ns, self.mark)
+        if liquidation is not None:
+            claims = self.books.apply_liquidation(liquidation)
+            self.venue.transfer(sum((c.amount for c in claims), ZERO))
+            events.append(liquidation)
+            events.extend(claims)
+
+    def _accrue_management_fee(self, ts_ns: int, events: list[object]) -> None:
+        """Once per UTC day, on the first closed bar of the day."""
+        if self._fee_ts is None:
+            self._fee_ts = ts_ns
+        elif ts_ns // NS_PER_DAY != self._fee_ts // NS_PER_DAY:
+            fees = self.books.accrue_management_fee(ts_ns, self.price, ts_ns - self._fee_ts)
+            if fees:
+                self.venue.transfer(-sum((f.amount for f in fees), ZERO))
+                events.extend(fees)
+            self._fee_ts = ts_ns
 
     def on_funding(self, funding: FundingRate) -> list[object]:
         if self.venue.position == 0 or self.mark == 0:
@@ -179,9 +183,11 @@ class Engine:
 
     def _rebalance(
         self, ts_ns: int, decisions: list[LeverageTargetChanged], events: list[object]
-    ) -> None:
+    ) -> bool:
+        """Bring the decided products to target in one netted order; True if money moved."""
         if not decisions:
-            return
+            return False
+        moved = False
         price = self.price
         changes = []
         for decision in decisions:
@@ -190,6 +196,7 @@ class Engine:
                 if claim is not None:
                     self.venue.transfer(claim.amount)
                     events.append(claim)
+                    moved = True
             book = self.books.products[decision.product]
             equity = book.equity(price)
             wanted = ZERO
@@ -203,9 +210,11 @@ class Engine:
             hedge = execute_netted(self.venue, ts_ns, changes, price, self.hedging)
             self.books.apply_hedge(hedge)
             events.append(hedge)
+            moved = True
         for decision in decisions:
             controller = self._controller(decision.product)
             self.books.mark_rebalanced(decision.product, price, controller.floor_fraction())
+        return moved
 
     def _controller(self, product: str) -> Controller:
         return next(c for c in self.controllers if c.product == product)

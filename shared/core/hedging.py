@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,8 +41,8 @@ class PositionChange:
 def plan_slices(net: Decimal, price: Decimal, lot: Decimal, max_notional: Decimal) -> list[Decimal]:
     """Equal slices of whole lots, each at most `max_notional`, summing exactly to `net`."""
     lots = int(abs(net) / lot)
-    count = int((abs(net) * price / max_notional).to_integral_value(rounding=ROUND_CEILING))
-    count = max(1, min(count, lots))
+    lots_per_slice = max(1, int(max_notional / (lot * price)))
+    count = max(1, -(-lots // lots_per_slice))
     sign = 1 if net > 0 else -1
     base, extra = divmod(lots, count)
     return [sign * (base + (1 if i < extra else 0)) * lot for i in range(count)]

@@ -103,7 +103,7 @@ class Controller(Protocol):
     def target(self) -> Decimal: ...
 
     def on_bar(
-        self, ts_ns: int, price: Decimal, regime: RegimeState
+        self, ts_ns: int, price: Decimal, price_f: float, regime: RegimeState
     ) -> LeverageTargetChanged | None: ...
 
     def on_tick(
@@ -175,8 +175,14 @@ class SmartLeverageController:
             base = cfg.base_trend_against
         sigma = features.sigma_ann
         scale = cfg.vol_scale_max if sigma <= 0 else cfg.sigma_reference / sigma
-        value = base * min(max(scale, cfg.vol_scale_min), cfg.vol_scale_max)
-        return min(max(value, cfg.l_min), cfg.l_max)
+        if scale < cfg.vol_scale_min:
+            scale = cfg.vol_scale_min
+        elif scale > cfg.vol_scale_max:
+            scale = cfg.vol_scale_max
+        value = base * scale
+        if value < cfg.l_min:
+            return cfg.l_min
+        return cfg.l_max if value > cfg.l_max else value
 
     def policy_reasons(self, regime: RegimeState) -> list[str]:
         """Why `policy_target` said what it said; built only when a target is published."""
@@ -207,10 +213,9 @@ class SmartLeverageController:
         return reasons
 
     def on_bar(
-        self, ts_ns: int, price: Decimal, regime: RegimeState
+        self, ts_ns: int, price: Decimal, price_f: float, regime: RegimeState
     ) -> LeverageTargetChanged | None:
         self._regime = regime.regime
-        price_f = float(price)
         if price_f <= self._trigger if self._is_long else price_f >= self._trigger:
             return self._emergency(ts_ns, price, price_f)
         cfg = self.config
@@ -218,6 +223,11 @@ class SmartLeverageController:
         previous = self._target_f
         if abs(desired - previous) <= cfg.target_deadband:
             desired = previous
+            if self.ref_price is not None:
+                # Hot path: target kept, leverage still inside the band -> nothing to say.
+                actual = model_leverage(self.side, self.ref_leverage, self.ref_price, price_f)
+                if abs(actual - previous) <= cfg.rebalance_band * previous:
+                    return None
         limited = False
         if desired > previous + cfg.max_raise_per_bar:
             desired, limited = previous + cfg.max_raise_per_bar, True
@@ -346,7 +356,7 @@ class FixedLeverageController:
         return self.target_value
 
     def on_bar(
-        self, ts_ns: int, price: Decimal, regime: RegimeState
+        self, ts_ns: int, price: Decimal, price_f: float, regime: RegimeState
     ) -> LeverageTargetChanged | None:
         if self._day == ts_ns // NS_PER_DAY:
             return None

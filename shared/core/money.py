@@ -6,8 +6,8 @@ Rounding rules, stated once:
 - Amounts that leave the system or are split between products are rounded to the USDT
   minor unit (1e-8): fees and payouts ROUND_DOWN (never pay out more than is there),
   pro-rata splits by largest remainder so the parts sum exactly to the whole.
-- NAV is rounded half-even to 1e-8 USDT; product units are rounded down to 1e-8, so a
-  new holder never receives more units than the money paid buys.
+- NAV is rounded toward zero to 1e-8 USDT, so paying out units x NAV never takes more
+  than the product's equity; product units are rounded down to 1e-8.
 - Venue quantities are whole multiples of the instrument's lot step (rounded toward
   zero, so actual leverage never overshoots a target); fill prices are multiples of the
   price tick, rounded against the trader.
@@ -65,7 +65,7 @@ def usdt_down(amount: Decimal) -> Decimal:
 
 
 def nav_of(equity: Decimal, units: Decimal) -> Decimal:
-    return (equity / units).quantize(NAV_QUANTUM, rounding=ROUND_HALF_EVEN)
+    return (equity / units).quantize(NAV_QUANTUM, rounding=ROUND_DOWN)
 
 
 def units_down(units: Decimal) -> Decimal:

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 
 import faust
 import pytest
@@ -116,11 +117,14 @@ def test_kafka_python_round_trip_is_exact(kafka_bootstrap: str, topic: TopicSpec
     assert prices == [Decimal(e.tick.price) for e in events]
 
 
-async def test_faust_agent_on_the_real_broker(kafka_bootstrap: str, topic: TopicSpec) -> None:
+async def test_faust_agent_on_the_real_broker(
+    kafka_bootstrap: str, topic: TopicSpec, tmp_path: Path
+) -> None:
     events = real_ticks(N)
     app_id = f"smartlev-test-{uuid.uuid4().hex[:10]}"
     app = faust.App(
         app_id,
+        datadir=str(tmp_path),
         broker=f"kafka://{kafka_bootstrap}",
         store="memory://",
         web_enabled=False,

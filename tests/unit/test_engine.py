@@ -240,7 +240,7 @@ def test_tampered_books_are_caught() -> None:
 
 def test_deposit_and_redeem_settle_at_nav_and_keep_the_books() -> None:
     config = fast_config()
-    navs, engine, _ = drive(config, prices_from([0.01] * 30))
+    _, engine, _ = drive(config, prices_from([0.01] * 30))
     book = engine.books.products[LONG]
     nav = engine.nav(LONG)
     events = engine.redeem(LONG, book.units / 2, T0 + 40 * TICK_NS)

@@ -98,14 +98,14 @@ def test_usdt_down_rounds_toward_zero(amount: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("equity", "units", "expected"),
     [
-        ("100", "3", "33.33333333"),  # 33.333333333.. -> next digit 3, down
-        ("200", "3", "66.66666667"),  # 66.666666666.. -> next digit 6, up
-        ("0.000000025", "1", "0.00000002"),  # exact tie -> even (2)
-        ("0.000000035", "1", "0.00000004"),  # exact tie -> even (4)
-        ("-200", "3", "-66.66666667"),
+        ("100", "3", "33.33333333"),  # 33.333333333.. -> cut
+        ("200", "3", "66.66666666"),  # 66.666666666.. -> cut, never up
+        ("0.000000025", "1", "0.00000002"),  # a half is cut too
+        ("0.000000035", "1", "0.00000003"),
+        ("-200", "3", "-66.66666666"),  # toward zero
     ],
 )
-def test_nav_of_rounds_half_even_to_8_places(equity: str, units: str, expected: str) -> None:
+def test_nav_of_rounds_toward_zero_to_8_places(equity: str, units: str, expected: str) -> None:
     assert nav_of(D(equity), D(units)) == D(expected)
 
 
@@ -177,7 +177,11 @@ def test_price_against_properties(price: Decimal, tick: Decimal) -> None:
 def test_allocate_leftover_quantum_goes_to_the_lower_index_on_ties() -> None:
     # 10 / 3 = 3.333333333..; floors 3.33333333 x 3 = 9.99999999, 1 quantum left over,
     # equal remainders -> lowest index.
-    assert allocate(D(10), [D(1), D(1), D(1)]) == [D("3.33333334"), D("3.33333333"), D("3.33333333")]
+    assert allocate(D(10), [D(1), D(1), D(1)]) == [
+        D("3.33333334"),
+        D("3.33333333"),
+        D("3.33333333"),
+    ]
 
 
 def test_allocate_negative_total_mirrors_the_positive_split() -> None:
