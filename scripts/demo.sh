@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Demo: start the stack, replay real BTC ticks through Kafka and check they come back exact.
-#   scripts/demo.sh [-n 500] [--symbol BTC-USDT]     (SMARTLEV_DATA_DIR overrides ../shared/data)
+# `make demo`: start the real stack, prove real ticks make the round trip through Kafka, then
+# run the strategy core over BTC 2019-2023 beside fixed-leverage tokens and chart it.
+#   bash scripts/demo.sh            (SMARTLEV_DATA_DIR overrides ../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || { echo "no .venv: run 'make setup' first" >&2; exit 1; }
-[ -f gen/.generated ] || [ -d gen/smartlev ] || bash scripts/gen_proto.sh
-if [ -f scripts/stack.sh ]; then
-  bash scripts/stack.sh up
-else
-  echo "scripts/stack.sh not found: using a broker already on \${SMARTLEV_SERVICE_KAFKA__BOOTSTRAP:-127.0.0.1:9092}" >&2
-fi
-.venv/bin/python -m shared.adapters.kafka_admin
-exec .venv/bin/python -m shared.demo_roundtrip "$@"
+data=${SMARTLEV_DATA_DIR:-../shared/data}
+[ -d "$data" ] || { echo "market data not found at $data (set SMARTLEV_DATA_DIR)" >&2; exit 1; }
+
+echo "==> 1/3 stack: Kafka + Redis"
+bash scripts/stack.sh up
+
+echo "==> 2/3 real BTC ticks through the broker and back"
+.venv/bin/python -m shared.demo_roundtrip -n 2000
+
+echo "==> 3/3 backtest: smart long/short vs 1x/2x/3x daily-rebalanced tokens, BTC 2019-2023"
+.venv/bin/smartlev backtest \
+  --data "$data/BTCUSDT_perp_1h_2019_2023.csv" \
+  --funding "$data/BTCUSDT_funding_8h_2019_2023.csv" \
+  --marks "$data/BTCUSDT_mark_1h_2019_2023.csv" \
+  --symbol BTC-USDT --out out/demo
+echo "==> chart: out/demo/chart.png   metrics: out/demo/metrics.json   series: out/demo/nav.csv"

@@ -74,8 +74,8 @@ class Engine:
         "controllers",
         "hedging",
         "mark",
+        "mark_f",
         "price",
-        "price_f",
         "spec",
         "venue",
     )
@@ -98,33 +98,34 @@ class Engine:
         )
         self.check_books = check_books
         self.price = ZERO
-        self.price_f = 0.0
         self.mark = ZERO
+        self.mark_f = 0.0
         self._fee_ts: int | None = None
 
     def on_tick(self, tick: Tick, regime: RegimeState | None) -> list[object]:
         """Mark, then decide: a closed bar runs the policy, any tick may fire an emergency."""
         ts_ns = tick.ts_ns
         price = self.price = tick.price
-        price_f = self.price_f = float(price)
+        price_f = float(price)
         mark = tick.mark_price
         if mark is None:
             self.mark, mark_f = price, price_f
         else:
             self.mark, mark_f = mark, float(mark)
+        self.mark_f = mark_f
         events: list[object] = []
         if self.venue.at_risk(mark_f):
             self._liquidate(ts_ns, events)
         if regime is None:
             decisions = [
-                d for c in self.controllers if (d := c.on_tick(ts_ns, price, price_f)) is not None
+                d for c in self.controllers if (d := c.on_tick(ts_ns, price, mark_f)) is not None
             ]
         else:
             self._accrue_management_fee(ts_ns, events)
             decisions = [
                 d
                 for c in self.controllers
-                if (d := c.on_bar(ts_ns, price, price_f, regime)) is not None
+                if (d := c.on_bar(ts_ns, price, mark_f, regime)) is not None
             ]
         moved_money = bool(events)
         if decisions:
@@ -174,7 +175,9 @@ class Engine:
         return self._after_order(product, ts_ns, redeemed)
 
     def _after_order(self, product: str, ts_ns: int, event: object) -> list[object]:
-        decision = self._controller(product).rebalance_now(ts_ns, self.price, Reason.ORDER_FLOW)
+        decision = self._controller(product).rebalance_now(
+            ts_ns, self.price, self.mark_f, Reason.ORDER_FLOW
+        )
         events: list[object] = [event, decision]
         self._rebalance(ts_ns, [decision], events)
         if self.check_books:
@@ -187,16 +190,11 @@ class Engine:
         """Bring the decided products to target in one netted order; True if money moved."""
         if not decisions:
             return False
-        moved = False
         price = self.price
+        emergencies = [d.product for d in decisions if d.emergency]
+        moved = self._cover_gaps(emergencies, ts_ns, events)
         changes = []
         for decision in decisions:
-            if decision.emergency:
-                claim = self.books.cover_gap(decision.product, price, ts_ns)
-                if claim is not None:
-                    self.venue.transfer(claim.amount)
-                    events.append(claim)
-                    moved = True
             book = self.books.products[decision.product]
             equity = book.equity(price)
             wanted = ZERO
@@ -211,10 +209,22 @@ class Engine:
             self.books.apply_hedge(hedge)
             events.append(hedge)
             moved = True
+            # The emergency trade's own costs must not take a gapped product below its floor.
+            self._cover_gaps(emergencies, ts_ns, events)
         for decision in decisions:
             controller = self._controller(decision.product)
             self.books.mark_rebalanced(decision.product, price, controller.floor_fraction())
         return moved
+
+    def _cover_gaps(self, products: list[str], ts_ns: int, events: list[object]) -> bool:
+        paid = False
+        for product in products:
+            claim = self.books.cover_gap(product, self.price, ts_ns)
+            if claim is not None:
+                self.venue.transfer(claim.amount)
+                events.append(claim)
+                paid = True
+        return paid
 
     def _controller(self, product: str) -> Controller:
         return next(c for c in self.controllers if c.product == product)
@@ -236,8 +246,8 @@ class Engine:
     def restore_state(self, snapshot: dict[str, object], controllers: Sequence[Controller]) -> None:
         """Load a snapshot into this engine; `controllers` are restored by the caller."""
         self.price = Decimal(str(snapshot["price"]))
-        self.price_f = float(self.price)
         self.mark = Decimal(str(snapshot["mark"]))
+        self.mark_f = float(self.mark)
         fee_ts = snapshot["fee_ts"]
         self._fee_ts = fee_ts if isinstance(fee_ts, int) else None
         self.venue = PerpVenue.restore(self.spec, self.venue.config, _dict(snapshot["venue"]))

@@ -28,24 +28,24 @@ class LeverageConfig(BaseModel):
     l_min: float = Field(1.0, gt=0, description="Lowest target leverage.")
     l_max: float = Field(5.0, gt=0, description="Highest target leverage.")
     base_trend_aligned: float = Field(
-        4.0, description="Base leverage in a trend in the product's direction at confidence 1."
+        3.0, description="Base leverage in a trend in the product's direction at confidence 1."
     )
     base_trend_against: float = Field(1.0, description="Base leverage in a trend against it.")
-    base_range: float = Field(1.5, description="Base leverage in a ranging (choppy) market.")
+    base_range: float = Field(1.0, description="Base leverage in a ranging (choppy) market.")
     base_high_vol: float = Field(1.0, description="Base leverage when volatility is high.")
     warmup_leverage: float = Field(1.0, description="Leverage before the features are warm.")
     sigma_reference: float = Field(
-        0.6, gt=0, description="Annualized vol at which vol scaling is neutral (BTC's median)."
+        0.5, gt=0, description="Annualized vol at which vol scaling is neutral (BTC's median)."
     )
     vol_scale_min: float = Field(0.3, gt=0, description="Lowest vol-scaling factor.")
-    vol_scale_max: float = Field(1.25, gt=0, description="Highest vol-scaling factor.")
+    vol_scale_max: float = Field(1.0, gt=0, description="Highest vol-scaling factor.")
     target_deadband: float = Field(
-        0.1, ge=0, description="Keep the target while the policy moves less than this (x)."
+        0.25, ge=0, description="Keep the target while the policy moves less than this (x)."
     )
     max_raise_per_bar: float = Field(0.25, gt=0, description="Fastest rise of the target per bar.")
     max_cut_per_bar: float = Field(1.0, gt=0, description="Fastest cut of the target per bar.")
     rebalance_band: float = Field(
-        0.1, gt=0, description="Rebalance when |actual - target| > band x target (cost control)."
+        0.2, gt=0, description="Rebalance when |actual - target| > band x target (cost control)."
     )
     emergency_move: float = Field(
         0.1, gt=0, lt=1, description="Adverse move since the last rebalance that forces a cut."
@@ -94,7 +94,12 @@ def model_leverage(side: Side, ref_leverage: float, ref_price: float, price: flo
 
 
 class Controller(Protocol):
-    """What the engine asks of a leverage policy for one product."""
+    """What the engine asks of a leverage policy for one product.
+
+    `price` is the last traded price, at which a rebalance executes; `risk_price` is the
+    price the risk rules watch: the venue's mark when known, so a thin last-trade wick
+    that the mark ignores does not force a sale at the wick.
+    """
 
     product: str
     side: Side
@@ -103,14 +108,16 @@ class Controller(Protocol):
     def target(self) -> Decimal: ...
 
     def on_bar(
-        self, ts_ns: int, price: Decimal, price_f: float, regime: RegimeState
+        self, ts_ns: int, price: Decimal, risk_price: float, regime: RegimeState
     ) -> LeverageTargetChanged | None: ...
 
     def on_tick(
-        self, ts_ns: int, price: Decimal, price_f: float
+        self, ts_ns: int, price: Decimal, risk_price: float
     ) -> LeverageTargetChanged | None: ...
 
-    def rebalance_now(self, ts_ns: int, price: Decimal, reason: str) -> LeverageTargetChanged: ...
+    def rebalance_now(
+        self, ts_ns: int, price: Decimal, risk_price: float, reason: str
+    ) -> LeverageTargetChanged: ...
 
     def floor_fraction(self) -> Decimal:
         """Share of equity at the last rebalance that insurance guarantees on a gap."""
@@ -123,6 +130,7 @@ class SmartLeverageController:
     """Regime- and volatility-driven target, bounded speed, band and emergency rules."""
 
     __slots__ = (
+        "_adverse",
         "_floor",
         "_is_long",
         "_regime",
@@ -146,7 +154,7 @@ class SmartLeverageController:
         self.ref_leverage = 0.0
         self._regime = str(Regime.RANGE)
         self._is_long = side is Side.LONG
-        self._trigger = -math.inf if self._is_long else math.inf
+        self._trigger = self._adverse = -math.inf if self._is_long else math.inf
         self._floor = config.gap_floor
 
     @property
@@ -213,11 +221,11 @@ class SmartLeverageController:
         return reasons
 
     def on_bar(
-        self, ts_ns: int, price: Decimal, price_f: float, regime: RegimeState
+        self, ts_ns: int, price: Decimal, risk_price: float, regime: RegimeState
     ) -> LeverageTargetChanged | None:
         self._regime = regime.regime
-        if price_f <= self._trigger if self._is_long else price_f >= self._trigger:
-            return self._emergency(ts_ns, price, price_f)
+        if risk_price <= self._trigger if self._is_long else risk_price >= self._trigger:
+            return self._emergency(ts_ns, price, risk_price)
         cfg = self.config
         desired = self.policy_target(regime)
         previous = self._target_f
@@ -225,7 +233,7 @@ class SmartLeverageController:
             desired = previous
             if self.ref_price is not None:
                 # Hot path: target kept, leverage still inside the band -> nothing to say.
-                actual = model_leverage(self.side, self.ref_leverage, self.ref_price, price_f)
+                actual = model_leverage(self.side, self.ref_leverage, self.ref_price, risk_price)
                 if abs(actual - previous) <= cfg.rebalance_band * previous:
                     return None
         limited = False
@@ -238,7 +246,7 @@ class SmartLeverageController:
         if self.ref_price is None:
             rebalance = True
         else:
-            actual = model_leverage(self.side, self.ref_leverage, self.ref_price, price_f)
+            actual = model_leverage(self.side, self.ref_leverage, self.ref_price, risk_price)
             rebalance = abs(actual - target_f) > cfg.rebalance_band * target_f
         if not rebalance and steps == self._target_steps:
             return None
@@ -247,37 +255,42 @@ class SmartLeverageController:
             reasons.append(Reason.RATE_LIMITED)
         if rebalance:
             reasons.append(Reason.OUTSIDE_BAND)
-        return self._decide(ts_ns, price, to_target(target_f), rebalance, False, reasons)
+        return self._decide(
+            ts_ns, price, risk_price, to_target(target_f), rebalance, False, reasons
+        )
 
-    def on_tick(self, ts_ns: int, price: Decimal, price_f: float) -> LeverageTargetChanged | None:
+    def on_tick(
+        self, ts_ns: int, price: Decimal, risk_price: float
+    ) -> LeverageTargetChanged | None:
         if self._is_long:
-            if price_f > self._trigger:
+            if risk_price > self._trigger:
                 return None
-        elif price_f < self._trigger:
+        elif risk_price < self._trigger:
             return None
-        return self._emergency(ts_ns, price, price_f)
+        return self._emergency(ts_ns, price, risk_price)
 
-    def rebalance_now(self, ts_ns: int, price: Decimal, reason: str) -> LeverageTargetChanged:
-        return self._decide(ts_ns, price, self.target_value, True, False, [reason])
+    def rebalance_now(
+        self, ts_ns: int, price: Decimal, risk_price: float, reason: str
+    ) -> LeverageTargetChanged:
+        return self._decide(ts_ns, price, risk_price, self.target_value, True, False, [reason])
 
     def floor_fraction(self) -> Decimal:
         return self._floor
 
-    def _emergency(self, ts_ns: int, price: Decimal, price_f: float) -> LeverageTargetChanged:
+    def _emergency(self, ts_ns: int, price: Decimal, risk_price: float) -> LeverageTargetChanged:
         cfg = self.config
-        assert self.ref_price is not None
-        adverse = (self.ref_price - price_f) / self.ref_price * self.side
-        if adverse >= cfg.emergency_move:
+        if risk_price <= self._adverse if self._is_long else risk_price >= self._adverse:
             target = to_target(max(cfg.l_min, float(self.target_value) * cfg.emergency_cut))
             reason = Reason.EMERGENCY_ADVERSE_MOVE
         else:
             target, reason = self.target_value, Reason.EMERGENCY_LEVERAGE_CEILING
-        return self._decide(ts_ns, price, target, True, True, [reason])
+        return self._decide(ts_ns, price, risk_price, target, True, True, [reason])
 
     def _decide(
         self,
         ts_ns: int,
         price: Decimal,
+        risk_price: float,
         target: Decimal,
         rebalance: bool,
         emergency: bool,
@@ -286,7 +299,7 @@ class SmartLeverageController:
         previous = self.target_value
         self._set_target(target)
         if rebalance:
-            self._rebalanced_at(float(price), float(target))
+            self._rebalanced_at(risk_price, float(target))
         return LeverageTargetChanged(
             product=self.product,
             side=self.side,
@@ -306,13 +319,14 @@ class SmartLeverageController:
         self.ref_price = price
         self.ref_leverage = lev
         ceiling = cfg.leverage_ceiling
+        # One adverse price, computed once, decides both whether and why an emergency fires.
+        move = Decimal(repr(cfg.emergency_move)) * self.side
+        adverse = self._adverse = float(Decimal(repr(price)) * (1 - move))
         if self._is_long:
-            adverse = price * (1.0 - cfg.emergency_move)
             # model_leverage > ceiling  <=>  x < C(L-1) / (L(C-1)), only possible when L > 1
             at_ceiling = price * ceiling * (lev - 1.0) / (lev * (ceiling - 1.0))
             self._trigger = max(adverse, at_ceiling)
         else:
-            adverse = price * (1.0 + cfg.emergency_move)
             # model_leverage > ceiling  <=>  x > C(1+L) / (L(1+C))
             at_ceiling = price * ceiling * (1.0 + lev) / (lev * (1.0 + ceiling))
             self._trigger = min(adverse, at_ceiling)
@@ -356,16 +370,20 @@ class FixedLeverageController:
         return self.target_value
 
     def on_bar(
-        self, ts_ns: int, price: Decimal, price_f: float, regime: RegimeState
+        self, ts_ns: int, price: Decimal, risk_price: float, regime: RegimeState
     ) -> LeverageTargetChanged | None:
         if self._day == ts_ns // NS_PER_DAY:
             return None
-        return self.rebalance_now(ts_ns, price, Reason.FIXED_SCHEDULE)
+        return self.rebalance_now(ts_ns, price, risk_price, Reason.FIXED_SCHEDULE)
 
-    def on_tick(self, ts_ns: int, price: Decimal, price_f: float) -> LeverageTargetChanged | None:
+    def on_tick(
+        self, ts_ns: int, price: Decimal, risk_price: float
+    ) -> LeverageTargetChanged | None:
         return None
 
-    def rebalance_now(self, ts_ns: int, price: Decimal, reason: str) -> LeverageTargetChanged:
+    def rebalance_now(
+        self, ts_ns: int, price: Decimal, risk_price: float, reason: str
+    ) -> LeverageTargetChanged:
         self._day = ts_ns // NS_PER_DAY
         return LeverageTargetChanged(
             product=self.product,

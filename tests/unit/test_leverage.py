@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -30,7 +31,23 @@ from shared.core.market import NS_PER_DAY, NS_PER_HOUR, Side
 from shared.core.regime import Regime, RegimeState
 from tests.unit.core_stubs import LONG, SHORT, T0, regime_state
 
-DEFAULT = LeverageConfig()
+# The rules under test, with the numbers pinned: the shipped defaults are tuned on the
+# real data and may move; the arithmetic in these tests is worked out for these values.
+PINNED: dict[str, float] = {
+    "base_range": 1.5,
+    "base_trend_aligned": 4.0,
+    "sigma_reference": 0.6,
+    "vol_scale_max": 1.25,
+    "rebalance_band": 0.1,
+    "target_deadband": 0.1,
+}
+
+
+def rules(**overrides: Any) -> LeverageConfig:
+    return LeverageConfig(**{**PINNED, **overrides})
+
+
+DEFAULT = rules()
 RANGE = regime_state(Regime.RANGE)
 NOT_WARM = regime_state(warm=False)
 GRID = Decimal("0.05")
@@ -62,7 +79,7 @@ def rebalanced(
     side: Side, target: float, p0: float | str = 100.0, **overrides: float
 ) -> SmartLeverageController:
     """A controller that has just rebalanced at `p0` to `target` (its warm-up leverage)."""
-    config = LeverageConfig(warmup_leverage=target, **overrides)
+    config = rules(warmup_leverage=target, **overrides)
     c = SmartLeverageController(LONG if side is Side.LONG else SHORT, side, config)
     event = bar(c, p0, NOT_WARM)
     assert event is not None
@@ -247,7 +264,7 @@ def test_first_bar_not_warm_targets_the_warmup_leverage() -> None:
 
 
 def test_warmup_leverage_is_configurable() -> None:
-    c = SmartLeverageController(SHORT, Side.SHORT, LeverageConfig(warmup_leverage=2.0))
+    c = SmartLeverageController(SHORT, Side.SHORT, rules(warmup_leverage=2.0))
     assert c.target == Decimal("2.00")
     event = bar(c, 100.0, NOT_WARM)
     assert event is not None
@@ -334,7 +351,7 @@ def test_range_and_high_vol_bases(side: Side) -> None:
 
 
 def test_high_vol_base_inside_the_bounds_is_not_clamped() -> None:
-    config = LeverageConfig(base_high_vol=1.2)
+    config = rules(base_high_vol=1.2)
     high = regime_state(Regime.HIGH_VOL, sigma=0.6)
     assert policy(Side.LONG, high, config) == 1.2
     assert reasons(Side.LONG, high, config) == [Reason.REGIME_HIGH_VOL]
@@ -387,7 +404,7 @@ def test_high_sigma_lowers_the_target_through_on_bar() -> None:
 
 
 def test_custom_bounds_clamp_both_ways() -> None:
-    config = LeverageConfig(l_min=2.0, l_max=3.0)
+    config = rules(l_min=2.0, l_max=3.0)
     rng = regime_state(Regime.RANGE, sigma=0.6)
     trend = regime_state(Regime.TREND_UP, confidence=1.0, sigma=0.6)
     assert policy(Side.LONG, rng, config) == 2.0  # 1.5 -> l_min 2
@@ -397,7 +414,7 @@ def test_custom_bounds_clamp_both_ways() -> None:
 
 
 def test_warmup_below_l_min_is_clamped_on_the_first_bar() -> None:
-    config = LeverageConfig(l_min=1.5, warmup_leverage=1.0)
+    config = rules(l_min=1.5, warmup_leverage=1.0)
     c = SmartLeverageController(LONG, Side.LONG, config)
     event = bar(c, 100.0, NOT_WARM)
     assert event is not None
@@ -672,7 +689,7 @@ def test_on_bar_fires_the_emergency_past_the_trigger(side: Side) -> None:
 
 def test_rebalance_now_resets_the_reference() -> None:
     c = rebalanced(Side.LONG, 2.0)
-    event = c.rebalance_now(T0 + 5, Decimal("95"), Reason.ORDER_FLOW)
+    event = c.rebalance_now(T0 + 5, Decimal("95"), 95.0, Reason.ORDER_FLOW)
     assert event.reasons == (Reason.ORDER_FLOW,)
     assert event.rebalance and not event.emergency and event.target == Decimal("2.00")
     assert tick(c, 90.0) is None  # 5.3 % from 95: no longer an emergency
@@ -684,11 +701,6 @@ def test_smart_floor_fraction_is_the_gap_floor() -> None:
     assert c.floor_fraction() == Decimal("0.01")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the emergency trigger price (ref x (1 -/+ move) in float) and the ADVERSE "
-    "classification ((ref - price) / ref x side >= move) disagree at an exact 10 % move",
-)
 @pytest.mark.parametrize(
     ("side", "p0", "at"),
     [
@@ -716,19 +728,31 @@ regimes = st.builds(
     ),
     st.sampled_from(list(Regime)),
     st.floats(0.0, 1.0),
-    st.floats(0.05, 5.0),
-    st.booleans(),
+    st.one_of(st.floats(0.05, 0.6), st.floats(0.05, 5.0)),
+    st.sampled_from([True, True, True, False]),  # mostly warm, so high targets happen
 )
 # One step: a price move, and a regime if the step closes a bar (None: a plain tick).
 steps = st.lists(
-    st.tuples(st.floats(0.85, 1.15), st.one_of(st.none(), regimes, regimes)),
+    st.tuples(
+        st.one_of(st.floats(0.99, 1.01), st.floats(0.97, 1.03), st.floats(0.85, 1.15)),
+        st.one_of(st.none(), regimes, regimes),
+    ),
     min_size=1,
     max_size=60,
 )
 configs = st.sampled_from(
     [
         DEFAULT,
-        LeverageConfig(
+        # Fast raise and low vol reference: high targets, so the ceiling gets hit.
+        rules(
+            max_raise_per_bar=2.0,
+            sigma_reference=2.0,
+            base_trend_aligned=5.0,
+            base_range=4.0,
+            base_trend_against=3.0,
+            base_high_vol=2.0,
+        ),
+        rules(
             l_min=0.5,
             l_max=3.0,
             warmup_leverage=0.5,
@@ -786,10 +810,12 @@ def test_every_target_is_bounded_on_grid_explained_and_moves_at_bounded_speed(
             assert event.rebalance
             assert event.target <= before  # an emergency never raises leverage
             assert len(event.reasons) == 1
-            assert event.reasons[0] in (
-                Reason.EMERGENCY_ADVERSE_MOVE,
-                Reason.EMERGENCY_LEVERAGE_CEILING,
-            )
+            if event.reasons[0] == Reason.EMERGENCY_ADVERSE_MOVE:
+                cut_to = max(config.l_min, float(before) * config.emergency_cut)
+                assert event.target == to_target(cut_to)
+            else:
+                assert event.reasons == (Reason.EMERGENCY_LEVERAGE_CEILING,)
+                assert event.target == before
         else:
             assert regime is not None  # a tick only ever says something in an emergency
             raise_ = Decimal(str(config.max_raise_per_bar))
@@ -890,5 +916,5 @@ def test_fixed_snapshot_restore_keeps_the_day() -> None:
 
 def test_fixed_rebalance_now() -> None:
     c = fixed()
-    event = c.rebalance_now(T0 + 5, Decimal("100"), Reason.ORDER_FLOW)
+    event = c.rebalance_now(T0 + 5, Decimal("100"), 100.0, Reason.ORDER_FLOW)
     assert event.reasons == (Reason.ORDER_FLOW,) and event.rebalance and not event.emergency
