@@ -1,10 +1,14 @@
-"""Market data values: what the outside world tells the core. Times are integer UTC ns."""
+"""Market data values: what the outside world tells the core. Times are integer UTC ns.
+
+Named tuples, not dataclasses: immutable, and several times cheaper to create on the
+per-tick path.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from decimal import Decimal
 from enum import IntEnum
+from typing import NamedTuple
 
 NS_PER_SECOND = 1_000_000_000
 NS_PER_HOUR = 3600 * NS_PER_SECOND
@@ -19,8 +23,7 @@ class Side(IntEnum):
     SHORT = -1
 
 
-@dataclass(frozen=True, slots=True)
-class Tick:
+class Tick(NamedTuple):
     """A traded (perp) price; `mark_price` is the venue's mark when known."""
 
     symbol: str
@@ -29,8 +32,7 @@ class Tick:
     mark_price: Decimal | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Bar:
+class Bar(NamedTuple):
     symbol: str
     open_ts_ns: int
     open: Decimal
@@ -40,8 +42,7 @@ class Bar:
     volume: Decimal
 
 
-@dataclass(frozen=True, slots=True)
-class FundingRate:
+class FundingRate(NamedTuple):
     """The rate settled at `ts_ns` (fraction per 8h); positive: longs pay shorts."""
 
     symbol: str

@@ -24,13 +24,12 @@ regime duration 99 and 93 bars (~4 days). A 24-bar dwell with thresholds 1.0/0.7
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.core.features import Features, slots_builder
+from shared.core.features import Features
 
 SNAPSHOT_VERSION = 1
 
@@ -82,8 +81,7 @@ class RegimeConfig(BaseModel):
         return self
 
 
-@dataclass(frozen=True, slots=True)
-class RegimeState:
+class RegimeState(NamedTuple):
     """The regime at one bar, how sure we are, and the features it was decided on."""
 
     regime: Regime
@@ -93,7 +91,6 @@ class RegimeState:
     features: Features
 
 
-_new_state = slots_builder(RegimeState)
 # Module constants: `Regime.X` is a ~0.1 us class-attribute lookup, too slow per bar.
 _TREND_UP, _TREND_DOWN, _RANGE, _HIGH_VOL = (
     Regime.TREND_UP,
@@ -146,11 +143,11 @@ class RegimeClassifier:
             new, confidence = current, 0.0
         if new is current:
             self._bars_in_regime += 1
-            return _new_state(new, confidence, self._since_ts_ns, False, features)
+            return RegimeState(new, confidence, self._since_ts_ns, False, features)
         self._regime = new
         self._since_ts_ns = features.ts_ns
         self._bars_in_regime = 1
-        return _new_state(new, confidence, features.ts_ns, True, features)
+        return RegimeState(new, confidence, features.ts_ns, True, features)
 
     def _next_regime(self, current: Regime, features: Features) -> Regime:
         sigma = features.sigma_ann

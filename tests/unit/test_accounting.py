@@ -381,7 +381,14 @@ def test_books_balance_after_any_sequence(seed: list[int], steps: list[tuple[obj
     for step in steps:
         _apply(w, step)
         w.books.check_balanced(w.venue, w.price)
-        assert w.venue.check_liquidation(w.ts, w.price) is None
+        # Arbitrary jumps may bankrupt the account: mirror the venue's liquidation as the
+        # engine does, and the books must still balance.
+        liquidation = w.venue.check_liquidation(w.ts, w.price)
+        if liquidation is not None:
+            note("liquidated")
+            claims = w.books.apply_liquidation(liquidation)
+            w.venue.transfer(sum((c.amount for c in claims), D(0)))
+            w.books.check_balanced(w.venue, w.price)
     b, v = w.books, w.venue
     # restart: a json round trip of both sides still balances
     restored = Books.restore(b.config, json_round_trip(b.snapshot()))
