@@ -20,11 +20,12 @@ from pathlib import Path
 
 from shared.core.bars import ticks_from_bars
 from shared.core.config import StrategyConfig
-from shared.core.engine import Engine, SignalPipeline
+from shared.core.engine import SignalPipeline, Strategy
 from shared.core.events import HedgeExecuted, InsuranceClaimPaid, LeverageTargetChanged
-from shared.core.leverage import Controller, FixedLeverageController, SmartLeverageController
+from shared.core.leverage import SmartLeverageController
 from shared.core.market import NS_PER_YEAR, Bar, FundingRate, Side, Tick
 from shared.core.money import ZERO
+from shared.core.products import SIDES, fixed_strategy, smart_strategy
 
 BENCHMARK_LEVERAGES = (Decimal(1), Decimal(2), Decimal(3))
 
@@ -53,14 +54,9 @@ class BacktestResult:
     prices: list[Decimal]
     regimes: list[str]
     series: dict[str, ProductSeries]
-    engines: list[Engine]
+    strategies: list[Strategy]
     ticks: int
     funding_events: int
-
-
-def product_id(symbol: str, side: Side, fixed: Decimal | None = None) -> str:
-    name = f"{symbol}:{side.name}"
-    return name if fixed is None else f"{name}:{fixed}X-FIXED"
 
 
 def market_events(
@@ -76,27 +72,22 @@ def market_events(
         yield event
 
 
-def build_engines(
+def build_strategies(
     symbol: str, config: StrategyConfig, benchmarks: bool
-) -> tuple[list[Engine], dict[str, ProductSeries]]:
-    spec = config.instrument(symbol)
-
-    def engine(controllers: Sequence[Controller]) -> Engine:
-        return Engine(spec, config.venue, config.hedging, config.accounting, controllers)
-
-    smart: list[Controller] = [
-        SmartLeverageController(product_id(symbol, side), side, config.leverage)
-        for side in (Side.LONG, Side.SHORT)
-    ]
-    engines = [engine(smart)]
-    series = {c.product: ProductSeries(c.product, c.side, True) for c in smart}
+) -> tuple[list[Strategy], dict[str, ProductSeries]]:
+    strategies = [smart_strategy(symbol, config)]
     if benchmarks:
-        for leverage in BENCHMARK_LEVERAGES:
-            for side in (Side.LONG, Side.SHORT):
-                fixed = FixedLeverageController(product_id(symbol, side, leverage), side, leverage)
-                engines.append(engine([fixed]))
-                series[fixed.product] = ProductSeries(fixed.product, side, False)
-    return engines, series
+        strategies += [
+            fixed_strategy(symbol, side, leverage, config)
+            for leverage in BENCHMARK_LEVERAGES
+            for side in SIDES
+        ]
+    series = {
+        c.product: ProductSeries(c.product, c.side, isinstance(c, SmartLeverageController))
+        for strategy in strategies
+        for c in strategy.controllers
+    }
+    return strategies, series
 
 
 def run_backtest(
@@ -116,25 +107,27 @@ def run_backtest(
     interval = config.features.bar_seconds * 1_000_000_000
     ticks = ticks_from_bars(bars, interval, marks, mode="close" if tick_mode == "close" else "ohlc")
     signals = SignalPipeline(symbol, config.features, config.regime)
-    engines, series = build_engines(symbol, config, benchmarks)
+    strategies, series = build_strategies(symbol, config, benchmarks)
     result = BacktestResult(
-        symbol, config.accounting.initial_nav, [], [], [], series, engines, 0, 0
+        symbol, config.accounting.initial_nav, [], [], [], series, strategies, 0, 0
     )
     seeded = False
     for event in market_events(ticks, funding):
         if isinstance(event, FundingRate):
             if seeded:
                 result.funding_events += 1
-                for engine in engines:
-                    engine.on_funding(event)
+                for strategy in strategies:
+                    strategy.engine.on_funding(event)
             continue
         result.ticks += 1
         regime = signals.on_tick(event.ts_ns, event.price)
-        for engine in engines:
-            _count(series, engine.on_tick(event, regime))
+        for strategy in strategies:
+            _count(series, strategy.on_tick(event, regime))
             if not seeded:
-                for controller in engine.controllers:
-                    _count(series, engine.deposit(controller.product, capital, event.ts_ns))
+                for controller in strategy.controllers:
+                    _count(
+                        series, strategy.engine.deposit(controller.product, capital, event.ts_ns)
+                    )
         seeded = True
         if regime is not None:
             _record(result, event, regime.regime.value)
@@ -163,9 +156,9 @@ def _record(result: BacktestResult, tick: Tick, regime: str) -> None:
     result.times.append(tick.ts_ns)
     result.prices.append(tick.price)
     result.regimes.append(regime)
-    for engine in result.engines:
-        for controller in engine.controllers:
-            book = engine.books.products[controller.product]
+    for strategy in result.strategies:
+        for controller in strategy.controllers:
+            book = strategy.engine.books.products[controller.product]
             item = result.series[controller.product]
             item.navs.append(book.nav(tick.price))
             item.targets.append(float(controller.target))
@@ -177,10 +170,10 @@ def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
     years = (result.times[-1] - result.times[0]) / NS_PER_YEAR if len(result.times) > 1 else 0.0
     bars_per_year = (len(result.times) - 1) / years if years > 0 else 0.0
     out: dict[str, dict[str, object]] = {}
-    for engine in result.engines:
-        for controller in engine.controllers:
+    for strategy in result.strategies:
+        for controller in strategy.controllers:
             item = result.series[controller.product]
-            book = engine.books.products[controller.product]
+            book = strategy.engine.books.products[controller.product]
             navs = [float(n) for n in item.navs]
             start = float(result.initial_nav)
             final = navs[-1] if navs else start

@@ -24,7 +24,7 @@ from shared.core.events import (
 )
 from shared.core.market import NS_PER_YEAR, Side
 from shared.core.money import ZERO, MoneyError, allocate, nav_of, units_down, usdt_down
-from shared.core.venue import PerpVenue
+from shared.core.venue import Venue
 
 
 class AccountingConfig(BaseModel):
@@ -239,7 +239,7 @@ class Books:
         book = self.products[product]
         book.equity_floor = usdt_down(book.equity(price) * floor_fraction)
 
-    def check_balanced(self, venue: PerpVenue, price: Decimal) -> None:
+    def check_balanced(self, venue: Venue, price: Decimal) -> None:
         """DESIGN section 5, exactly: raise if any side differs by even one minor unit."""
         books = self.products.values()
         qty = sum((b.qty for b in books), ZERO)

@@ -1,25 +1,28 @@
 """The core's one code path: ticks -> bars -> features -> regime -> targets -> hedge -> NAV.
 
-`SignalPipeline` turns a symbol's ticks into regime states (one per closed bar);
-`Engine` runs the products of one venue account on those. The backtester drives them
-directly; the stream services call the same pieces one stage at a time.
+Three stages, each a service in production and one call each in the backtester:
+- `SignalPipeline`: a symbol's ticks -> a regime state on every closed bar (regime);
+- `decide`: the products' leverage controllers -> target decisions (leverage targeting);
+- `Engine`: decisions -> netted venue orders and the products' books (hedging and NAV).
+`Strategy` chains the last two for the backtester, so both run the very same functions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 
 from shared.core.accounting import AccountingConfig, Books, ProductBook
 from shared.core.bars import BarBuilder
-from shared.core.events import LeverageTargetChanged, Reason
+from shared.core.events import LeverageTargetChanged
 from shared.core.features import FeatureConfig, FeatureTracker
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted
 from shared.core.leverage import Controller
-from shared.core.market import NS_PER_DAY, FundingRate, Tick
+from shared.core.market import NS_PER_DAY, FundingRate, Side, Tick
 from shared.core.money import ZERO, to_step
 from shared.core.regime import RegimeClassifier, RegimeConfig, RegimeState
-from shared.core.venue import InstrumentSpec, PerpVenue, VenueConfig
+from shared.core.venue import InstrumentSpec, Venue
 
 
 class SignalPipeline:
@@ -64,73 +67,92 @@ def _dict(value: object) -> dict[str, object]:
     return value
 
 
+def decide(
+    controllers: Sequence[Controller],
+    ts_ns: int,
+    price: Decimal,
+    risk_price: float,
+    regime: RegimeState | None,
+) -> list[LeverageTargetChanged]:
+    """A closed bar runs the policy; any other tick only checks the emergency rules."""
+    if regime is None:
+        return [d for c in controllers if (d := c.on_tick(ts_ns, price, risk_price)) is not None]
+    return [d for c in controllers if (d := c.on_bar(ts_ns, price, risk_price, regime)) is not None]
+
+
+def risk_price(tick: Tick) -> float:
+    """The price the risk rules watch: the venue's mark when the tick carries it."""
+    return float(tick.price if tick.mark_price is None else tick.mark_price)
+
+
+@dataclass(frozen=True, slots=True)
+class ProductSpec:
+    """A product as the books see it; `gap_floor` is the share of equity at the last
+    rebalance that insurance guarantees after a gap (0: not insured, as a benchmark)."""
+
+    product: str
+    side: Side
+    initial_target: Decimal
+    gap_floor: Decimal
+
+
 class Engine:
-    """The products of one venue account: policy decisions, netted hedging, books."""
+    """The products of one venue account: netted hedging of decisions, and the books."""
 
     __slots__ = (
         "_fee_ts",
         "books",
         "check_books",
-        "controllers",
+        "floors",
         "hedging",
         "mark",
-        "mark_f",
         "price",
         "spec",
+        "targets",
         "venue",
     )
 
     def __init__(
         self,
-        spec: InstrumentSpec,
-        venue: VenueConfig,
+        venue: Venue,
         hedging: HedgingConfig,
         accounting: AccountingConfig,
-        controllers: Sequence[Controller],
+        products: Sequence[ProductSpec],
         check_books: bool = True,
     ) -> None:
-        self.spec = spec
-        self.venue = PerpVenue(spec, venue)
+        self.spec: InstrumentSpec = venue.spec
+        self.venue = venue
         self.hedging = hedging
-        self.controllers = list(controllers)
         self.books = Books(
-            accounting, [ProductBook(c.product, spec.symbol, c.side) for c in self.controllers]
+            accounting, [ProductBook(p.product, self.spec.symbol, p.side) for p in products]
         )
+        self.targets = {p.product: p.initial_target for p in products}
+        self.floors = {p.product: p.gap_floor for p in products}
         self.check_books = check_books
         self.price = ZERO
         self.mark = ZERO
-        self.mark_f = 0.0
         self._fee_ts: int | None = None
 
-    def on_tick(self, tick: Tick, regime: RegimeState | None) -> list[object]:
-        """Mark, then decide: a closed bar runs the policy, any tick may fire an emergency."""
+    def on_tick(
+        self, tick: Tick, decisions: Sequence[LeverageTargetChanged], bar_closed: bool
+    ) -> list[object]:
+        """Mark; liquidation rule; on a closed bar the management fee; then execute."""
         ts_ns = tick.ts_ns
         price = self.price = tick.price
-        price_f = float(price)
-        mark = tick.mark_price
-        if mark is None:
-            self.mark, mark_f = price, price_f
-        else:
-            self.mark, mark_f = mark, float(mark)
-        self.mark_f = mark_f
+        self.mark = price if tick.mark_price is None else tick.mark_price
         events: list[object] = []
-        if self.venue.at_risk(mark_f):
+        if self.venue.at_risk(float(self.mark)):
             self._liquidate(ts_ns, events)
-        if regime is None:
-            decisions = [
-                d for c in self.controllers if (d := c.on_tick(ts_ns, price, mark_f)) is not None
-            ]
-        else:
+        if bar_closed:
             self._accrue_management_fee(ts_ns, events)
-            decisions = [
-                d
-                for c in self.controllers
-                if (d := c.on_bar(ts_ns, price, mark_f, regime)) is not None
-            ]
         moved_money = bool(events)
         if decisions:
             events.extend(decisions)
-            moved_money |= self._rebalance(ts_ns, [d for d in decisions if d.rebalance], events)
+            for decision in decisions:
+                self.targets[decision.product] = decision.target
+            moved_money |= self._rebalance(
+                ts_ns, [(d.product, d.emergency) for d in decisions if d.rebalance], events
+            )
         if moved_money and self.check_books:
             self.books.check_balanced(self.venue, price)
         return events
@@ -164,7 +186,7 @@ class Engine:
         return [event]
 
     def deposit(self, product: str, amount: Decimal, ts_ns: int) -> list[object]:
-        """A user's money buys units at the current NAV and is hedged at once."""
+        """A user's money buys units at the current NAV and is hedged to target at once."""
         issued = self.books.issue(product, amount, self.price, ts_ns)
         self.venue.transfer(amount - issued.fee)
         return self._after_order(product, ts_ns, issued)
@@ -175,35 +197,33 @@ class Engine:
         return self._after_order(product, ts_ns, redeemed)
 
     def _after_order(self, product: str, ts_ns: int, event: object) -> list[object]:
-        decision = self._controller(product).rebalance_now(
-            ts_ns, self.price, self.mark_f, Reason.ORDER_FLOW
-        )
-        events: list[object] = [event, decision]
-        self._rebalance(ts_ns, [decision], events)
+        events: list[object] = [event]
+        self._rebalance(ts_ns, [(product, False)], events)
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)
         return events
 
     def _rebalance(
-        self, ts_ns: int, decisions: list[LeverageTargetChanged], events: list[object]
+        self, ts_ns: int, requests: list[tuple[str, bool]], events: list[object]
     ) -> bool:
-        """Bring the decided products to target in one netted order; True if money moved."""
-        if not decisions:
+        """Bring (product, emergency) requests to target in one netted order; True if money
+        moved."""
+        if not requests:
             return False
         price = self.price
-        emergencies = [d.product for d in decisions if d.emergency]
+        emergencies = [product for product, emergency in requests if emergency]
         moved = self._cover_gaps(emergencies, ts_ns, events)
         changes = []
-        for decision in decisions:
-            book = self.books.products[decision.product]
+        for product, _ in requests:
+            book = self.books.products[product]
             equity = book.equity(price)
             wanted = ZERO
             if equity > 0:
                 wanted = to_step(
-                    decision.side * decision.target * equity / price, self.spec.lot_step
+                    book.side * self.targets[product] * equity / price, self.spec.lot_step
                 )
             if wanted != book.qty:
-                changes.append(PositionChange(decision.product, wanted - book.qty))
+                changes.append(PositionChange(product, wanted - book.qty))
         if changes:
             hedge = execute_netted(self.venue, ts_ns, changes, price, self.hedging)
             self.books.apply_hedge(hedge)
@@ -211,9 +231,8 @@ class Engine:
             moved = True
             # The emergency trade's own costs must not take a gapped product below its floor.
             self._cover_gaps(emergencies, ts_ns, events)
-        for decision in decisions:
-            controller = self._controller(decision.product)
-            self.books.mark_rebalanced(decision.product, price, controller.floor_fraction())
+        for product, _ in requests:
+            self.books.mark_rebalanced(product, price, self.floors[product])
         return moved
 
     def _cover_gaps(self, products: list[str], ts_ns: int, events: list[object]) -> bool:
@@ -226,30 +245,40 @@ class Engine:
                 paid = True
         return paid
 
-    def _controller(self, product: str) -> Controller:
-        return next(c for c in self.controllers if c.product == product)
-
     def nav(self, product: str) -> Decimal:
         return self.books.products[product].nav(self.price)
 
     def snapshot(self) -> dict[str, object]:
+        """The books and this engine's marks; the venue keeps its own state."""
         return {
             "v": 1,
             "price": str(self.price),
             "mark": str(self.mark),
             "fee_ts": self._fee_ts,
-            "venue": self.venue.snapshot(),
+            "targets": {p: str(t) for p, t in self.targets.items()},
             "books": self.books.snapshot(),
-            "controllers": [c.snapshot() for c in self.controllers],
         }
 
-    def restore_state(self, snapshot: dict[str, object], controllers: Sequence[Controller]) -> None:
-        """Load a snapshot into this engine; `controllers` are restored by the caller."""
+    def restore_state(self, snapshot: dict[str, object]) -> None:
         self.price = Decimal(str(snapshot["price"]))
         self.mark = Decimal(str(snapshot["mark"]))
-        self.mark_f = float(self.mark)
         fee_ts = snapshot["fee_ts"]
         self._fee_ts = fee_ts if isinstance(fee_ts, int) else None
-        self.venue = PerpVenue.restore(self.spec, self.venue.config, _dict(snapshot["venue"]))
+        targets = _dict(snapshot["targets"])
+        self.targets = {p: Decimal(str(t)) for p, t in targets.items()}
         self.books = Books.restore(self.books.config, _dict(snapshot["books"]))
+
+
+class Strategy:
+    """Leverage decisions and their execution for one venue account, chained as the
+    backtester runs them (the services run the same two halves in two processes)."""
+
+    __slots__ = ("controllers", "engine")
+
+    def __init__(self, controllers: Sequence[Controller], engine: Engine) -> None:
         self.controllers = list(controllers)
+        self.engine = engine
+
+    def on_tick(self, tick: Tick, regime: RegimeState | None) -> list[object]:
+        decisions = decide(self.controllers, tick.ts_ns, tick.price, risk_price(tick), regime)
+        return self.engine.on_tick(tick, decisions, regime is not None)

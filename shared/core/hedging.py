@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.core.events import HedgeAllocation, HedgeExecuted
 from shared.core.money import ZERO, allocate, to_step
-from shared.core.venue import Liquidity, PerpVenue
+from shared.core.venue import Liquidity, Venue
 
 
 class HedgingConfig(BaseModel):
@@ -49,7 +49,7 @@ def plan_slices(net: Decimal, price: Decimal, lot: Decimal, max_notional: Decima
 
 
 def execute_netted(
-    venue: PerpVenue,
+    venue: Venue,
     ts_ns: int,
     changes: Sequence[PositionChange],
     reference: Decimal,

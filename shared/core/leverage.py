@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.core.events import LeverageTargetChanged, Reason
 from shared.core.market import NS_PER_DAY, Side
-from shared.core.money import ZERO
 from shared.core.regime import Regime, RegimeState
 
 
@@ -115,14 +114,6 @@ class Controller(Protocol):
         self, ts_ns: int, price: Decimal, risk_price: float
     ) -> LeverageTargetChanged | None: ...
 
-    def rebalance_now(
-        self, ts_ns: int, price: Decimal, risk_price: float, reason: str
-    ) -> LeverageTargetChanged: ...
-
-    def floor_fraction(self) -> Decimal:
-        """Share of equity at the last rebalance that insurance guarantees on a gap."""
-        ...
-
     def snapshot(self) -> dict[str, object]: ...
 
 
@@ -131,7 +122,6 @@ class SmartLeverageController:
 
     __slots__ = (
         "_adverse",
-        "_floor",
         "_is_long",
         "_regime",
         "_target_f",
@@ -155,7 +145,6 @@ class SmartLeverageController:
         self._regime = str(Regime.RANGE)
         self._is_long = side is Side.LONG
         self._trigger = self._adverse = -math.inf if self._is_long else math.inf
-        self._floor = config.gap_floor
 
     @property
     def target(self) -> Decimal:
@@ -262,20 +251,17 @@ class SmartLeverageController:
     def on_tick(
         self, ts_ns: int, price: Decimal, risk_price: float
     ) -> LeverageTargetChanged | None:
+        if self.ref_price is None:
+            # The first price seen anchors the emergency rules: deposits are hedged to the
+            # current target at once, so the product is at target from its first tick on.
+            self._rebalanced_at(risk_price, self._target_f)
+            return None
         if self._is_long:
             if risk_price > self._trigger:
                 return None
         elif risk_price < self._trigger:
             return None
         return self._emergency(ts_ns, price, risk_price)
-
-    def rebalance_now(
-        self, ts_ns: int, price: Decimal, risk_price: float, reason: str
-    ) -> LeverageTargetChanged:
-        return self._decide(ts_ns, price, risk_price, self.target_value, True, False, [reason])
-
-    def floor_fraction(self) -> Decimal:
-        return self._floor
 
     def _emergency(self, ts_ns: int, price: Decimal, risk_price: float) -> LeverageTargetChanged:
         cfg = self.config
@@ -374,16 +360,6 @@ class FixedLeverageController:
     ) -> LeverageTargetChanged | None:
         if self._day == ts_ns // NS_PER_DAY:
             return None
-        return self.rebalance_now(ts_ns, price, risk_price, Reason.FIXED_SCHEDULE)
-
-    def on_tick(
-        self, ts_ns: int, price: Decimal, risk_price: float
-    ) -> LeverageTargetChanged | None:
-        return None
-
-    def rebalance_now(
-        self, ts_ns: int, price: Decimal, risk_price: float, reason: str
-    ) -> LeverageTargetChanged:
         self._day = ts_ns // NS_PER_DAY
         return LeverageTargetChanged(
             product=self.product,
@@ -394,13 +370,14 @@ class FixedLeverageController:
             previous_target=self.target_value,
             rebalance=True,
             emergency=False,
-            reasons=(reason,),
+            reasons=(Reason.FIXED_SCHEDULE,),
             regime="",
         )
 
-    def floor_fraction(self) -> Decimal:
-        """A benchmark token is not insured: it shows what a wipe-out looks like."""
-        return ZERO
+    def on_tick(
+        self, ts_ns: int, price: Decimal, risk_price: float
+    ) -> LeverageTargetChanged | None:
+        return None
 
     def snapshot(self) -> dict[str, object]:
         return {"v": 1, "day": self._day}

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,6 +58,33 @@ class VenueConfig(BaseModel):
     liquidation_fee: Decimal = Field(
         Decimal("0.0125"), ge=0, description="Share of notional taken into the insurance fund."
     )
+
+
+class Venue(Protocol):
+    """What the engine needs of a venue account: this simulator in the backtester, a gRPC
+    client of the venue service in production, an exchange adapter live."""
+
+    spec: InstrumentSpec
+
+    @property
+    def position(self) -> Decimal: ...
+
+    @property
+    def wallet(self) -> Decimal: ...
+
+    def transfer(self, amount: Decimal) -> None: ...
+
+    def execute(
+        self, ts_ns: int, qty: Decimal, reference: Decimal, liquidity: Liquidity = ...
+    ) -> OrderFilled: ...
+
+    def settle_funding(self, rate: Decimal, mark: Decimal) -> Decimal: ...
+
+    def pnl(self, mark: Decimal) -> Decimal: ...
+
+    def at_risk(self, mark_f: float) -> bool: ...
+
+    def check_liquidation(self, ts_ns: int, mark: Decimal) -> AccountLiquidated | None: ...
 
 
 class PerpVenue:

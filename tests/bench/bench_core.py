@@ -20,9 +20,9 @@ from shared.adapters.market_data import load_bars
 from shared.adapters.tick_replay import data_dir
 from shared.core.bars import ticks_from_bars
 from shared.core.config import StrategyConfig
-from shared.core.engine import Engine, SignalPipeline
-from shared.core.leverage import SmartLeverageController
-from shared.core.market import NS_PER_HOUR, Bar, Side, Tick
+from shared.core.engine import SignalPipeline, Strategy
+from shared.core.market import NS_PER_HOUR, Bar, Tick
+from shared.core.products import smart_strategy
 
 SYMBOL = "BTC-USDT"
 
@@ -48,23 +48,17 @@ def interpolated_ticks(bars: Sequence[Bar], total: int) -> list[Tick]:
     return ticks
 
 
-def run_core(ticks: Iterable[Tick], config: StrategyConfig) -> Engine:
+def run_core(ticks: Iterable[Tick], config: StrategyConfig) -> Strategy:
     signals = SignalPipeline(SYMBOL, config.features, config.regime)
-    controllers = [
-        SmartLeverageController(f"{SYMBOL}:{side.name}", side, config.leverage)
-        for side in (Side.LONG, Side.SHORT)
-    ]
-    engine = Engine(
-        config.instrument(SYMBOL), config.venue, config.hedging, config.accounting, controllers
-    )
+    strategy = smart_strategy(SYMBOL, config)
     seeded = False
     for tick in ticks:
-        engine.on_tick(tick, signals.on_tick(tick.ts_ns, tick.price))
+        strategy.on_tick(tick, signals.on_tick(tick.ts_ns, tick.price))
         if not seeded:
-            for controller in controllers:
-                engine.deposit(controller.product, Decimal(1_000_000), tick.ts_ns)
+            for controller in strategy.controllers:
+                strategy.engine.deposit(controller.product, Decimal(1_000_000), tick.ts_ns)
             seeded = True
-    return engine
+    return strategy
 
 
 def bare_loop(ticks: Iterable[Tick]) -> int:

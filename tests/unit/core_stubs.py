@@ -6,13 +6,12 @@ from decimal import Decimal
 
 from shared.core.accounting import AccountingConfig
 from shared.core.config import StrategyConfig
-from shared.core.engine import Engine, SignalPipeline
+from shared.core.engine import SignalPipeline, Strategy
 from shared.core.features import FeatureConfig, Features
-from shared.core.hedging import HedgingConfig
-from shared.core.leverage import FixedLeverageController, SmartLeverageController
 from shared.core.market import NS_PER_HOUR, Side, Tick
+from shared.core.products import fixed_strategy, smart_strategy
 from shared.core.regime import Regime, RegimeConfig, RegimeState
-from shared.core.venue import InstrumentSpec, VenueConfig
+from shared.core.venue import InstrumentSpec, PerpVenue, VenueConfig
 
 SYMBOL = "BTC-USDT"
 LONG = f"{SYMBOL}:LONG"
@@ -32,12 +31,14 @@ def regime_state(
     return RegimeState(regime, confidence, T0, False, features(sigma=sigma, warm=warm))
 
 
-def frictionless_engine(controllers: list[FixedLeverageController]) -> Engine:
-    """No fees, no slippage and a fine lot: the FTX FAQ's arithmetic exactly."""
+def frictionless_strategy(side: Side, leverage: Decimal) -> Strategy:
+    """A fixed-leverage token with no fees, no slippage and a fine lot: the FTX FAQ's
+    arithmetic exactly."""
     spec = InstrumentSpec(SYMBOL, Decimal("0.00000001"), Decimal("0.000000000001"))
     venue = VenueConfig(taker_fee=Decimal(0), half_spread_bps=Decimal(0), impact_bps=Decimal(0))
     accounting = AccountingConfig(open_fee=Decimal(0), close_fee=Decimal(0), management_fee=0)
-    return Engine(spec, venue, HedgingConfig(), accounting, controllers)
+    config = StrategyConfig(venue=venue, accounting=accounting)
+    return fixed_strategy(SYMBOL, side, leverage, config, PerpVenue(spec, venue))
 
 
 def fast_config() -> StrategyConfig:
@@ -50,20 +51,8 @@ def fast_config() -> StrategyConfig:
     )
 
 
-def smart_run(config: StrategyConfig) -> tuple[SignalPipeline, Engine]:
-    signals = SignalPipeline(SYMBOL, config.features, config.regime)
-    controllers = [
-        SmartLeverageController(LONG, Side.LONG, config.leverage),
-        SmartLeverageController(SHORT, Side.SHORT, config.leverage),
-    ]
-    engine = Engine(
-        config.instrument(SYMBOL),
-        config.venue,
-        config.hedging,
-        config.accounting,
-        controllers,
-    )
-    return signals, engine
+def smart_run(config: StrategyConfig) -> tuple[SignalPipeline, Strategy]:
+    return SignalPipeline(SYMBOL, config.features, config.regime), smart_strategy(SYMBOL, config)
 
 
 def tick(ts_ns: int, price: Decimal | str | int) -> Tick:

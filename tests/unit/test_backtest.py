@@ -14,6 +14,7 @@ from shared.adapters.tick_replay import data_dir
 from shared.backtest import metrics, run_backtest
 from shared.cli import app, summary_table
 from shared.core.config import StrategyConfig
+from shared.core.venue import PerpVenue
 
 DATA = data_dir()
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
@@ -41,9 +42,10 @@ def test_smart_products_survive_2019_2023_where_fixed_3x_is_wiped_out(
         assert min(result.series[f"{symbol}:{side}"].navs) > 0
         fixed = result.series[f"{symbol}:{side}:3X-FIXED"]
         assert min(fixed.navs) < start * Decimal("0.05"), "the 3x benchmark should lose > 95%"
-    for engine in result.engines:
-        engine.books.check_balanced(engine.venue, engine.price)
-    assert result.engines[0].venue.liquidations == 0
+    for strategy in result.strategies:
+        strategy.engine.books.check_balanced(strategy.engine.venue, strategy.engine.price)
+    smart_venue = result.strategies[0].engine.venue
+    assert isinstance(smart_venue, PerpVenue) and smart_venue.liquidations == 0
     assert result.funding_events > 4000
 
 

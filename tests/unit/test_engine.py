@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,17 +13,19 @@ from hypothesis import strategies as st
 
 from shared.core.accounting import BooksOutOfBalance
 from shared.core.config import StrategyConfig
-from shared.core.engine import Engine, SignalPipeline
+from shared.core.engine import Engine, SignalPipeline, Strategy
 from shared.core.events import HedgeExecuted, LeverageTargetChanged
-from shared.core.leverage import FixedLeverageController, SmartLeverageController
+from shared.core.leverage import Controller, SmartLeverageController
 from shared.core.market import NS_PER_DAY, NS_PER_HOUR, Side
+from shared.core.products import smart_controllers, smart_engine
+from shared.core.venue import PerpVenue
 from tests.unit.core_stubs import (
     LONG,
     SHORT,
     SYMBOL,
     T0,
     fast_config,
-    frictionless_engine,
+    frictionless_strategy,
     smart_run,
     tick,
 )
@@ -33,16 +36,16 @@ TICK_NS = NS_PER_HOUR // 4
 
 def daily_3x(prices: list[int], side: Side = Side.LONG) -> Decimal:
     """Return of a 3x token rebalanced daily, no fees, over one price per day."""
-    controller = FixedLeverageController(f"{SYMBOL}:{side.name}:3X", side, Decimal(3))
-    engine = frictionless_engine([controller])
+    strategy = frictionless_strategy(side, Decimal(3))
+    product = strategy.controllers[0].product
     signals = SignalPipeline(SYMBOL, StrategyConfig().features, StrategyConfig().regime)
     for day, price in enumerate(prices):
         market = tick(T0 + day * NS_PER_DAY, price)
-        engine.on_tick(market, signals.on_tick(market.ts_ns, market.price))
+        strategy.on_tick(market, signals.on_tick(market.ts_ns, market.price))
         if day == 0:
-            engine.deposit(controller.product, CAPITAL, market.ts_ns)
-    start = engine.books.config.initial_nav
-    return engine.nav(controller.product) / start - 1
+            strategy.engine.deposit(product, CAPITAL, market.ts_ns)
+    start = strategy.engine.books.config.initial_nav
+    return strategy.engine.nav(product) / start - 1
 
 
 @pytest.mark.parametrize(
@@ -102,36 +105,48 @@ def drive(
 ) -> tuple[list[tuple[Decimal, Decimal]], Engine, list[object]]:
     """Run the smart products over `prices` with capital in `products`; optionally
     snapshot and restore mid-way."""
-    signals, engine = smart_run(config)
+    signals, strategy = smart_run(config)
     navs, events = [], []
     for i, price in enumerate(prices):
         if i == snapshot_at:
-            signals, engine = restore(config, json.loads(json.dumps(snapshot(signals, engine))))
+            state = json.loads(json.dumps(snapshot(signals, strategy)))
+            signals, strategy = restore(config, state)
         market = tick(T0 + i * TICK_NS, price)
-        events.extend(engine.on_tick(market, signals.on_tick(market.ts_ns, market.price)))
+        events.extend(strategy.on_tick(market, signals.on_tick(market.ts_ns, market.price)))
         if i == 0:
             for product in products:
-                events.extend(engine.deposit(product, CAPITAL, market.ts_ns))
-        navs.append((engine.nav(LONG), engine.nav(SHORT)))
-    return navs, engine, events
+                events.extend(strategy.engine.deposit(product, CAPITAL, market.ts_ns))
+        navs.append((strategy.engine.nav(LONG), strategy.engine.nav(SHORT)))
+    return navs, strategy.engine, events
 
 
-def snapshot(signals: SignalPipeline, engine: Engine) -> dict[str, object]:
-    return {"signals": signals.snapshot(), "engine": engine.snapshot()}
+def snapshot(signals: SignalPipeline, strategy: Strategy) -> dict[str, object]:
+    """Everything a restart needs: signals, controllers, books and the venue account."""
+    venue = strategy.engine.venue
+    assert isinstance(venue, PerpVenue)
+    return {
+        "signals": signals.snapshot(),
+        "controllers": [c.snapshot() for c in strategy.controllers],
+        "engine": strategy.engine.snapshot(),
+        "venue": venue.snapshot(),
+    }
 
 
-def restore(config: StrategyConfig, state: dict[str, object]) -> tuple[SignalPipeline, Engine]:
+def restore(config: StrategyConfig, state: dict[str, Any]) -> tuple[SignalPipeline, Strategy]:
     signals = SignalPipeline.restore(SYMBOL, config.features, config.regime, state["signals"])
-    _, engine = smart_run(config)
-    engine_state = state["engine"]
-    controllers = [
-        SmartLeverageController.restore(product, side, config.leverage, snap)
-        for (product, side), snap in zip(
-            [(LONG, Side.LONG), (SHORT, Side.SHORT)], engine_state["controllers"], strict=True
-        )
+    controllers: list[Controller] = [
+        SmartLeverageController.restore(c.product, c.side, config.leverage, snap)
+        for c, snap in zip(smart_controllers(SYMBOL, config), state["controllers"], strict=True)
     ]
-    engine.restore_state(engine_state, controllers)
-    return signals, engine
+    venue = PerpVenue.restore(config.instrument(SYMBOL), config.venue, state["venue"])
+    engine = smart_engine(SYMBOL, config, venue)
+    engine.restore_state(state["engine"])
+    return signals, Strategy(controllers, engine)
+
+
+def venue_state(engine: Engine) -> dict[str, object]:
+    assert isinstance(engine.venue, PerpVenue)
+    return engine.venue.snapshot()
 
 
 PROPERTY = settings(
@@ -185,6 +200,7 @@ def test_same_input_same_output_bit_for_bit(moves: list[float]) -> None:
     assert first[0] == second[0]
     assert first[2] == second[2]
     assert first[1].snapshot() == second[1].snapshot()
+    assert venue_state(first[1]) == venue_state(second[1])
 
 
 @PROPERTY
@@ -198,13 +214,15 @@ def test_snapshot_and_restore_mid_run_gives_the_identical_result(
     resumed = drive(fast_config(), prices, snapshot_at=cut)
     assert resumed[0] == uninterrupted[0]
     assert resumed[1].snapshot() == uninterrupted[1].snapshot()
+    assert venue_state(resumed[1]) == venue_state(uninterrupted[1])
 
 
 def test_long_and_short_requests_are_netted_into_one_venue_order() -> None:
     config = fast_config()
-    signals, engine = smart_run(config)
+    signals, strategy = smart_run(config)
+    engine = strategy.engine
     first = tick(T0, 10_000)
-    engine.on_tick(first, signals.on_tick(first.ts_ns, first.price))
+    strategy.on_tick(first, signals.on_tick(first.ts_ns, first.price))
     engine.deposit(LONG, CAPITAL, T0)
     engine.deposit(SHORT, CAPITAL, T0)
     # Both products at 1x: +100 BTC long, -100 BTC short (less fees), the venue nets them.
@@ -217,14 +235,15 @@ def test_long_and_short_requests_are_netted_into_one_venue_order() -> None:
 
 def test_emergency_deleverage_fires_on_the_tick_that_crosses_the_trigger() -> None:
     config = fast_config()
-    signals, engine = smart_run(config)
+    signals, strategy = smart_run(config)
+    engine = strategy.engine
     start = tick(T0, 10_000)
-    engine.on_tick(start, signals.on_tick(start.ts_ns, start.price))
+    strategy.on_tick(start, signals.on_tick(start.ts_ns, start.price))
     engine.deposit(LONG, CAPITAL, T0)
     ref = engine.books.products[LONG].qty
     # A move of exactly emergency_move (10%) down, inside one bar: no bar closes here.
     crash = tick(T0 + 1, 9_000)
-    events = engine.on_tick(crash, signals.on_tick(crash.ts_ns, crash.price))
+    events = strategy.on_tick(crash, signals.on_tick(crash.ts_ns, crash.price))
     decisions = [e for e in events if isinstance(e, LeverageTargetChanged)]
     assert [d.reasons for d in decisions] == [("EMERGENCY_ADVERSE_MOVE",)]
     assert any(isinstance(e, HedgeExecuted) for e in events)

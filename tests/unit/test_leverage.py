@@ -687,20 +687,6 @@ def test_on_bar_fires_the_emergency_past_the_trigger(side: Side) -> None:
     assert after.target == Decimal("1.25")
 
 
-def test_rebalance_now_resets_the_reference() -> None:
-    c = rebalanced(Side.LONG, 2.0)
-    event = c.rebalance_now(T0 + 5, Decimal("95"), 95.0, Reason.ORDER_FLOW)
-    assert event.reasons == (Reason.ORDER_FLOW,)
-    assert event.rebalance and not event.emergency and event.target == Decimal("2.00")
-    assert tick(c, 90.0) is None  # 5.3 % from 95: no longer an emergency
-    assert tick(c, 85.5) is not None  # 95 x 0.9
-
-
-def test_smart_floor_fraction_is_the_gap_floor() -> None:
-    c = SmartLeverageController(LONG, Side.LONG, DEFAULT)
-    assert c.floor_fraction() == Decimal("0.01")
-
-
 @pytest.mark.parametrize(
     ("side", "p0", "at"),
     [
@@ -897,10 +883,6 @@ def test_fixed_never_emergencies(side: Side) -> None:
     assert c.target == Decimal("5")
 
 
-def test_fixed_benchmarks_are_not_insured() -> None:
-    assert fixed().floor_fraction() == 0
-
-
 def test_fixed_snapshot_restore_keeps_the_day() -> None:
     c = fixed()
     fresh = json.loads(json.dumps(c.snapshot()))
@@ -912,9 +894,3 @@ def test_fixed_snapshot_restore_keeps_the_day() -> None:
     assert restored.target == Decimal("3")
     assert bar(restored, 100.0, RANGE, T0 + 2 * NS_PER_HOUR) is None  # same day
     assert bar(restored, 100.0, RANGE, T0 + NS_PER_DAY) is not None  # next day
-
-
-def test_fixed_rebalance_now() -> None:
-    c = fixed()
-    event = c.rebalance_now(T0 + 5, Decimal("100"), 100.0, Reason.ORDER_FLOW)
-    assert event.reasons == (Reason.ORDER_FLOW,) and event.rebalance and not event.emergency
