@@ -111,24 +111,20 @@ def run_backtest(
     result = BacktestResult(
         symbol, config.accounting.initial_nav, [], [], [], series, strategies, 0, 0
     )
-    seeded = False
+    for strategy in strategies:  # seed capital; the first tick builds the positions
+        for controller in strategy.controllers:
+            seed = strategy.engine.deposit(controller.product, capital, bars[0].open_ts_ns)
+            _count(series, seed)
     for event in market_events(ticks, funding):
         if isinstance(event, FundingRate):
-            if seeded:
-                result.funding_events += 1
-                for strategy in strategies:
-                    strategy.engine.on_funding(event)
+            result.funding_events += 1
+            for strategy in strategies:
+                _count(series, strategy.engine.on_funding(event))
             continue
         result.ticks += 1
         regime = signals.on_tick(event.ts_ns, event.price)
         for strategy in strategies:
             _count(series, strategy.on_tick(event, regime))
-            if not seeded:
-                for controller in strategy.controllers:
-                    _count(
-                        series, strategy.engine.deposit(controller.product, capital, event.ts_ns)
-                    )
-        seeded = True
         if regime is not None:
             _record(result, event, regime.regime.value)
         if progress is not None and result.ticks % 4096 == 0:

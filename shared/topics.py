@@ -92,21 +92,21 @@ MARKET_TICKS = TopicSpec(
 MARKET_REGIMES = TopicSpec(
     name="market.regimes",
     key="symbol",
-    value_type=market_pb2.RegimeDetected,
+    value_type=market_pb2.RegimeUpdate,
     description="regime per symbol with confidence and features (regime detection)",
     retention_ms=30 * DAY_MS,
 )
 LEVERAGE_TARGETS = TopicSpec(
     name="leverage.targets",
     key="symbol",  # not product: hedging nets every product of a symbol (module doc)
-    value_type=leverage_pb2.LeverageTargetChanged,
+    value_type=leverage_pb2.TargetsUpdate,
     description="target leverage per product with reason codes (leverage targeting)",
     retention_ms=30 * DAY_MS,
 )
 HEDGE_FILLS = TopicSpec(
     name="hedge.fills",
     key="symbol",
-    value_type=hedging_pb2.HedgeEvent,
+    value_type=hedging_pb2.HedgeUpdate,
     description="net venue fills and funding, allocated to products (hedging execution)",
 )
 ORDERS_EVENTS = TopicSpec(

@@ -186,7 +186,8 @@ class Engine:
         return [event]
 
     def deposit(self, product: str, amount: Decimal, ts_ns: int) -> list[object]:
-        """A user's money buys units at the current NAV and is hedged to target at once."""
+        """A user's money buys units at the current NAV (a product with no position has
+        the same NAV at any price) and is hedged to target at once."""
         issued = self.books.issue(product, amount, self.price, ts_ns)
         self.venue.transfer(amount - issued.fee)
         return self._after_order(product, ts_ns, issued)
@@ -197,8 +198,10 @@ class Engine:
         return self._after_order(product, ts_ns, redeemed)
 
     def _after_order(self, product: str, ts_ns: int, event: object) -> list[object]:
+        """Hedge the order at once; before the first price, the first tick will."""
         events: list[object] = [event]
-        self._rebalance(ts_ns, [(product, False)], events)
+        if self.price:
+            self._rebalance(ts_ns, [(product, False)], events)
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)
         return events

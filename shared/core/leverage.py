@@ -252,10 +252,11 @@ class SmartLeverageController:
         self, ts_ns: int, price: Decimal, risk_price: float
     ) -> LeverageTargetChanged | None:
         if self.ref_price is None:
-            # The first price seen anchors the emergency rules: deposits are hedged to the
-            # current target at once, so the product is at target from its first tick on.
-            self._rebalanced_at(risk_price, self._target_f)
-            return None
+            # The first price seen: build the position at the current target, and anchor
+            # the emergency rules there.
+            return self._decide(
+                ts_ns, price, risk_price, self.target_value, True, False, [Reason.FIRST_PRICE]
+            )
         if self._is_long:
             if risk_price > self._trigger:
                 return None
@@ -356,7 +357,7 @@ class FixedLeverageController:
         return self.target_value
 
     def on_bar(
-        self, ts_ns: int, price: Decimal, risk_price: float, regime: RegimeState
+        self, ts_ns: int, price: Decimal, risk_price: float, regime: RegimeState | None
     ) -> LeverageTargetChanged | None:
         if self._day == ts_ns // NS_PER_DAY:
             return None
@@ -377,6 +378,8 @@ class FixedLeverageController:
     def on_tick(
         self, ts_ns: int, price: Decimal, risk_price: float
     ) -> LeverageTargetChanged | None:
+        if self._day is None:
+            return self.on_bar(ts_ns, price, risk_price, None)
         return None
 
     def snapshot(self) -> dict[str, object]:

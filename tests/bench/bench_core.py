@@ -51,13 +51,10 @@ def interpolated_ticks(bars: Sequence[Bar], total: int) -> list[Tick]:
 def run_core(ticks: Iterable[Tick], config: StrategyConfig) -> Strategy:
     signals = SignalPipeline(SYMBOL, config.features, config.regime)
     strategy = smart_strategy(SYMBOL, config)
-    seeded = False
+    for controller in strategy.controllers:
+        strategy.engine.deposit(controller.product, Decimal(1_000_000), 0)
     for tick in ticks:
         strategy.on_tick(tick, signals.on_tick(tick.ts_ns, tick.price))
-        if not seeded:
-            for controller in strategy.controllers:
-                strategy.engine.deposit(controller.product, Decimal(1_000_000), tick.ts_ns)
-            seeded = True
     return strategy
 
 

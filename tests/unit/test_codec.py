@@ -36,31 +36,52 @@ def tick_event() -> market_pb2.MarketEvent:
 
 SAMPLES: dict[str, Message] = {
     "smartlev.v1.MarketEvent": tick_event(),
-    "smartlev.v1.RegimeDetected": market_pb2.RegimeDetected(
-        event_id="r-1",
-        symbol="BTC-USDT",
-        ts_event_ns=TS,
-        regime=common_pb2.TREND_UP,
-        confidence=0.8125,
-        changed=True,
-        features=market_pb2.RegimeFeatures(
-            sigma_ann=0.61, trend_score=1.5, drawdown=0.02, efficiency=[0.4, 0.3], momentum=[2.1]
+    "smartlev.v1.RegimeUpdate": market_pb2.RegimeUpdate(
+        market=tick_event(),
+        regime=market_pb2.RegimeDetected(
+            event_id="r-1",
+            symbol="BTC-USDT",
+            ts_event_ns=TS,
+            regime=common_pb2.TREND_UP,
+            confidence=0.8125,
+            changed=True,
+            features=market_pb2.RegimeFeatures(
+                sigma_ann=0.61,
+                trend_score=1.5,
+                drawdown=0.02,
+                efficiency=[0.4, 0.3],
+                momentum=[2.1],
+            ),
         ),
     ),
-    "smartlev.v1.LeverageTargetChanged": leverage_pb2.LeverageTargetChanged(
-        event_id="l-1",
-        product="BTC-USDT:LONG",
-        symbol="BTC-USDT",
-        side=common_pb2.LONG,
-        ts_event_ns=TS,
-        target_leverage="3.25",
-        previous_target="2.5",
-        rebalance=True,
-        reasons=["REGIME_TREND_UP", "VOL_SCALED"],
-        price="43210.12",
+    "smartlev.v1.TargetsUpdate": leverage_pb2.TargetsUpdate(
+        market=tick_event(),
+        bar_closed=True,
         regime=common_pb2.TREND_UP,
+        targets=[
+            leverage_pb2.LeverageTargetChanged(
+                event_id="l-1",
+                product="BTC-USDT:LONG",
+                symbol="BTC-USDT",
+                side=common_pb2.LONG,
+                ts_event_ns=TS,
+                target_leverage="3.25",
+                previous_target="2.5",
+                rebalance=True,
+                reasons=["REGIME_TREND_UP", "VOL_SCALED"],
+                price="43210.12",
+                regime=common_pb2.TREND_UP,
+            )
+        ],
     ),
-    "smartlev.v1.HedgeEvent": hedging_pb2.HedgeEvent(
+    "smartlev.v1.HedgeUpdate": hedging_pb2.HedgeUpdate(
+        event_id="BTC-USDT:1",
+        market=tick_event(),
+        products=[
+            hedging_pb2.ProductBookState(
+                product="BTC-USDT:LONG", units="10", cash="-5.5", qty="0.001"
+            )
+        ],
         filled=hedging_pb2.HedgeFilled(
             event_id="h-1",
             symbol="BTC-USDT",
@@ -73,7 +94,7 @@ SAMPLES: dict[str, Message] = {
                 hedging_pb2.FillAllocation(product="BTC-USDT:LONG", qty="0.5", fee="1"),
                 hedging_pb2.FillAllocation(product="BTC-USDT:SHORT", qty="-0.625", fee="1.16"),
             ],
-        )
+        ),
     ),
     "smartlev.v1.OrderEvent": orders_pb2.OrderEvent(
         opened=orders_pb2.PositionOpened(
@@ -128,7 +149,7 @@ def test_faust_codec_survives_clone_and_refuses_other_types() -> None:
 
 
 def test_encoding_is_deterministic() -> None:
-    message = SAMPLES["smartlev.v1.HedgeEvent"]
+    message = SAMPLES["smartlev.v1.HedgeUpdate"]
     assert len({codec.encode(message) for _ in range(5)}) == 1
 
 

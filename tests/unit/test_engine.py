@@ -111,11 +111,11 @@ def drive(
         if i == snapshot_at:
             state = json.loads(json.dumps(snapshot(signals, strategy)))
             signals, strategy = restore(config, state)
+        if i == 0:  # seed capital; the first tick builds the positions
+            for product in products:
+                events.extend(strategy.engine.deposit(product, CAPITAL, T0))
         market = tick(T0 + i * TICK_NS, price)
         events.extend(strategy.on_tick(market, signals.on_tick(market.ts_ns, market.price)))
-        if i == 0:
-            for product in products:
-                events.extend(strategy.engine.deposit(product, CAPITAL, market.ts_ns))
         navs.append((strategy.engine.nav(LONG), strategy.engine.nav(SHORT)))
     return navs, strategy.engine, events
 

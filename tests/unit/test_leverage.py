@@ -229,10 +229,13 @@ def test_model_leverage_closed_form_and_monotone(
 
 
 @pytest.mark.parametrize("side", [Side.LONG, Side.SHORT])
-def test_first_bar_rebalances_since_there_is_no_position_yet(side: Side) -> None:
+def test_first_price_builds_the_position_then_the_first_bar_moves_it(side: Side) -> None:
     c = SmartLeverageController(LONG, side, DEFAULT)
     assert c.target == Decimal("1.00")  # warm-up leverage before anything is seen
-    assert tick(c, 100.0) is None  # no reference yet: no emergency from a tick
+    first = tick(c, 100.0)  # no reference yet: rebalance at the current target, anchor there
+    assert first is not None and first.reasons == (Reason.FIRST_PRICE,)
+    assert first.rebalance and not first.emergency and first.target == Decimal("1.00")
+    assert tick(c, 100.0) is None
     event = bar(c, 100.0, RANGE)
     # RANGE at sigma_reference: 1.5 x 1 = 1.5; from 1.0 the raise is capped at 1.0 + 0.25.
     assert event == LeverageTargetChanged(
@@ -802,8 +805,11 @@ def test_every_target_is_bounded_on_grid_explained_and_moves_at_bounded_speed(
             else:
                 assert event.reasons == (Reason.EMERGENCY_LEVERAGE_CEILING,)
                 assert event.target == before
+        elif regime is None:
+            # A tick only ever says something in an emergency, or on the very first price.
+            assert event.reasons == (Reason.FIRST_PRICE,) and i == 0
+            assert event.rebalance and event.target == before
         else:
-            assert regime is not None  # a tick only ever says something in an emergency
             raise_ = Decimal(str(config.max_raise_per_bar))
             cut = Decimal(str(config.max_cut_per_bar))
             assert event.target - before <= raise_ + half_step

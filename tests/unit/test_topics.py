@@ -35,9 +35,9 @@ def test_keys_are_declared() -> None:
 def test_the_design_topics_exist_with_their_payloads() -> None:
     expected = {
         "market.ticks": "smartlev.v1.MarketEvent",
-        "market.regimes": "smartlev.v1.RegimeDetected",
-        "leverage.targets": "smartlev.v1.LeverageTargetChanged",
-        "hedge.fills": "smartlev.v1.HedgeEvent",
+        "market.regimes": "smartlev.v1.RegimeUpdate",
+        "leverage.targets": "smartlev.v1.TargetsUpdate",
+        "hedge.fills": "smartlev.v1.HedgeUpdate",
         "orders.events": "smartlev.v1.OrderEvent",
         "nav.updates": "smartlev.v1.NavUpdated",
     }
