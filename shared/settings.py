@@ -82,6 +82,8 @@ class ServiceSettings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     log_level: LogLevel = "INFO"
     metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no metrics endpoint
+    # Prefix of every topic name, Redis key and consumer group: isolates a pipeline (tests).
+    namespace: str = Field(default="", pattern=r"^[a-z0-9_.-]*$")
 
     @property
     def kafka_bootstrap(self) -> str:

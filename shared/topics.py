@@ -18,7 +18,7 @@ decode or validate.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from google.protobuf.message import Message
@@ -69,6 +69,11 @@ class TopicSpec:
         if not self.compacted:
             out["retention.ms"] = str(self.retention_ms)
         return out
+
+    def in_namespace(self, namespace: str) -> TopicSpec:
+        """The same topic under a name prefix: a test or a second demo runs a whole
+        isolated pipeline on the same broker (`namespace` from the services' settings)."""
+        return replace(self, name=f"{namespace}{self.name}") if namespace else self
 
     def dlq(self) -> TopicSpec:
         """The dead-letter twin: same key, DeadLetter values, one partition, 30 days."""

@@ -90,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", default=ServiceSettings().kafka_bootstrap)
     parser.add_argument("--timeout-ms", type=int, default=30_000)
+    parser.add_argument("--namespace", default="", help="prefix of every topic name")
     args = parser.parse_args(argv)
+    specs = [spec.in_namespace(args.namespace) for spec in ALL_TOPICS]
     try:
-        report = ensure_topics(args.bootstrap, timeout_ms=args.timeout_ms)
+        report = ensure_topics(args.bootstrap, specs, timeout_ms=args.timeout_ms)
     except Exception as exc:
         print(f"kafka_admin: cannot ensure topics on {args.bootstrap}: {exc}", file=sys.stderr)
         return 1
