@@ -6,7 +6,7 @@ STAMP_VENV := .venv/.installed
 STAMP_PROTO := gen/.generated
 PROTOS := $(shell find proto -name '*.proto' 2>/dev/null)
 
-.PHONY: help setup up down ps logs demo test lint typecheck unit integration bench backtest chaos clean
+.PHONY: help setup up down ps logs demo test lint typecheck unit integration bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
