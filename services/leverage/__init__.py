@@ -1,0 +1,1 @@
+"""Leverage targeting: market.regimes -> leverage.targets (docs/pipeline.md)."""

@@ -1,0 +1,3 @@
+from services.leverage.main import main
+
+main()

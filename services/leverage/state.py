@@ -1,0 +1,94 @@
+"""A symbol's leverage controllers: one RegimeUpdate in, one TargetsUpdate out.
+
+Kept in Redis as one hash `<ns>lev:{<symbol>}:controllers` (fields `seq`, `regime`,
+`controllers` = JSON of every controller's snapshot), written by one atomic script
+that also refuses a seq not above the stored one (shared/redis_store.ApplyOnceStore).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from smartlev.v1 import leverage_pb2, market_pb2
+
+from services.leverage.messages import targets_update
+from services.regime.messages import regime_state
+from shared.core.config import StrategyConfig
+from shared.core.engine import decide, risk_price
+from shared.core.leverage import SmartLeverageController
+from shared.core.market import Tick
+from shared.core.products import smart_controllers
+from shared.core.regime import Regime, RegimeState
+from shared.stream import MarketInput, parse_market
+
+
+class RegimeInput(NamedTuple):
+    """A validated RegimeUpdate: the market event, and the regime if a bar closed."""
+
+    market: MarketInput
+    regime: RegimeState | None
+
+
+def parse_regime_update(message: market_pb2.RegimeUpdate) -> RegimeInput:
+    """ValueError when the update cannot be acted on (-> DLQ)."""
+    if not message.HasField("market"):
+        raise ValueError("no market event in RegimeUpdate")
+    market = parse_market(message.market)
+    if not message.HasField("regime"):
+        return RegimeInput(market, None)
+    if not isinstance(market.value, Tick):
+        raise ValueError("a regime can only come with a tick")
+    if message.regime.symbol != market.symbol:
+        raise ValueError(f"regime of {message.regime.symbol!r} on a {market.symbol!r} tick")
+    return RegimeInput(market, regime_state(message.regime))
+
+
+@dataclass(slots=True)
+class SymbolControllers:
+    controllers: list[SmartLeverageController]
+    last_seq: int | None = None
+    regime: str = str(Regime.RANGE)  # the symbol's current regime (last closed bar)
+
+    def step(self, update: RegimeInput, ts_init_ns: int) -> leverage_pb2.TargetsUpdate:
+        """`decide` on a tick (the policy on a closed bar, else the emergency rules);
+        a funding event passes with no decisions."""
+        market, regime = update
+        tick = market.value
+        decisions = []
+        if isinstance(tick, Tick):
+            decisions = decide(self.controllers, tick.ts_ns, tick.price, risk_price(tick), regime)
+        if regime is not None:
+            self.regime = str(regime.regime)
+        self.last_seq = market.seq
+        return targets_update(
+            market.message,
+            market.symbol,
+            market.seq,
+            regime is not None,
+            self.regime,
+            decisions,
+            ts_init_ns,
+        )
+
+    def fields(self) -> dict[str, str | int]:
+        snapshots = {c.product: c.snapshot() for c in self.controllers}
+        return {
+            "seq": self.last_seq or 0,
+            "regime": self.regime,
+            "controllers": json.dumps(snapshots, separators=(",", ":")),
+        }
+
+
+def restore(symbol: str, config: StrategyConfig, fields: dict[str, str]) -> SymbolControllers:
+    """The state in a stored hash; an empty hash: fresh controllers."""
+    controllers = smart_controllers(symbol, config)
+    if not fields:
+        return SymbolControllers(controllers)
+    snapshots = json.loads(fields["controllers"])
+    restored = [
+        SmartLeverageController.restore(c.product, c.side, config.leverage, snapshots[c.product])
+        for c in controllers
+    ]
+    return SymbolControllers(restored, int(fields["seq"]), fields["regime"])

@@ -1,0 +1,1 @@
+"""Regime detection: market.ticks -> market.regimes (docs/pipeline.md)."""

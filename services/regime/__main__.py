@@ -1,0 +1,3 @@
+from services.regime.main import main
+
+main()

@@ -1,0 +1,98 @@
+"""A symbol's signal state and how it is kept in the faust table, per tick cheaply.
+
+A full `SignalPipeline.snapshot()` serialised to JSON costs ~150 us and ~7 KB (the
+feature windows), too much for every tick. So each symbol has two table rows, written
+after the output is acked and in this order to one changelog partition:
+
+- `<symbol>|signal` on a bar close: the full snapshot at that seq;
+- `<symbol>` on every event: last seq, the bar builder (~200 bytes, ~10 us) and the seq
+  of the full snapshot it continues.
+
+`restore` rebuilds exactly the state after the last event whose rows are both in.
+The live pipeline stays in memory between events (see services/regime/main.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from smartlev.v1 import market_pb2
+
+from services.regime.messages import regime_detected
+from shared.core.bars import BarBuilder
+from shared.core.config import StrategyConfig
+from shared.core.engine import SignalPipeline
+from shared.core.market import Tick
+from shared.core.regime import Regime
+from shared.stream import MarketInput
+
+Row = dict[str, Any]
+
+
+def signal_key(symbol: str) -> str:
+    return f"{symbol}|signal"
+
+
+@dataclass(slots=True)
+class SymbolSignals:
+    pipeline: SignalPipeline
+    last_seq: int | None = None
+    signal_seq: int | None = None  # seq of the last full snapshot (last bar close)
+    regime: Regime = Regime.RANGE  # regime on the last closed bar
+
+    def step(self, market: MarketInput, ts_init_ns: int) -> tuple[market_pb2.RegimeUpdate, bool]:
+        """Apply one event: the RegimeUpdate to publish, and whether a bar closed.
+        ValueError (tick back in time) leaves the state unchanged."""
+        update = market_pb2.RegimeUpdate(market=market.message)
+        closed = False
+        tick = market.value
+        if isinstance(tick, Tick):
+            state = self.pipeline.on_tick(tick.ts_ns, tick.price)
+            if state is not None:
+                detected = regime_detected(
+                    market.symbol, market.seq, state, self.regime, ts_init_ns
+                )
+                update.regime.CopyFrom(detected)
+                self.regime = state.regime
+                self.signal_seq = market.seq
+                closed = True
+        self.last_seq = market.seq
+        return update, closed
+
+    def tick_row(self) -> Row:
+        return {
+            "seq": self.last_seq,
+            "signal_seq": self.signal_seq,
+            "bars": self.pipeline.bars.snapshot(),
+        }
+
+    def signal_row(self) -> Row:
+        return {"seq": self.signal_seq, "pipeline": self.pipeline.snapshot()}
+
+
+def restore(
+    symbol: str, config: StrategyConfig, tick_row: Row | None, signal_row: Row | None
+) -> SymbolSignals:
+    """The state the rows describe; no rows: a fresh pipeline."""
+    features, regime = config.features, config.regime
+    if signal_row is None:
+        pipeline = SignalPipeline(symbol, features, regime)
+        signals = SymbolSignals(pipeline)
+    else:
+        snapshot = signal_row["pipeline"]
+        pipeline = SignalPipeline.restore(symbol, features, regime, snapshot)
+        seq = int(signal_row["seq"])
+        signals = SymbolSignals(pipeline, seq, seq, Regime(snapshot["classifier"]["regime"]))
+    if tick_row is None or (signals.last_seq is not None and tick_row["seq"] < signals.last_seq):
+        # No tick row yet, or the process stopped between the two writes of a bar close:
+        # the full snapshot is the newer state.
+        return signals
+    if tick_row["signal_seq"] != signals.signal_seq:
+        raise ValueError(
+            f"{symbol}: tick row continues snapshot {tick_row['signal_seq']}, "
+            f"table has {signals.signal_seq}"
+        )
+    pipeline.bars = BarBuilder.restore(tick_row["bars"])
+    signals.last_seq = int(tick_row["seq"])
+    return signals

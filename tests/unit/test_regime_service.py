@@ -1,0 +1,153 @@
+"""The regime service's pure parts: RegimeState <-> RegimeDetected (exact), and the
+per-symbol state rows, which restore to the uninterrupted state at any event."""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+
+from hypothesis import given
+from hypothesis import strategies as st
+from smartlev.v1 import market_pb2
+
+from services.regime.messages import regime_detected, regime_state, regime_to_wire
+from services.regime.state import SymbolSignals, restore
+from shared import codec
+from shared.core.engine import SignalPipeline
+from shared.core.features import Features
+from shared.core.market import NS_PER_HOUR, FundingRate, Tick
+from shared.core.regime import Regime, RegimeState
+from shared.stream import MarketInput
+from tests.unit.core_stubs import SYMBOL, T0, fast_config
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@given(
+    regime=st.sampled_from(list(Regime)),
+    previous=st.sampled_from(list(Regime)),
+    confidence=st.floats(0, 1),
+    changed=st.booleans(),
+    warm=st.booleans(),
+    values=st.lists(finite, min_size=6, max_size=6),
+    horizons=st.lists(st.tuples(finite, finite), min_size=1, max_size=4),
+    bars=st.integers(0, 2**62),
+    since=st.integers(0, 2**62),
+)
+def test_regime_round_trips_exactly_through_the_wire(
+    regime: Regime,
+    previous: Regime,
+    confidence: float,
+    changed: bool,
+    warm: bool,
+    values: list[float],
+    horizons: list[tuple[float, float]],
+    bars: int,
+    since: int,
+) -> None:
+    close, sigma, trend, drawdown, rally, _ = values
+    features = Features(
+        T0,
+        close,
+        bars,
+        sigma,
+        tuple(e for e, _ in horizons),
+        tuple(m for _, m in horizons),
+        trend,
+        drawdown,
+        rally,
+        warm,
+    )
+    state = RegimeState(regime, confidence, since, changed, features)
+    message = regime_detected(SYMBOL, 42, state, previous, ts_init_ns=1)
+    wire = codec.decode(market_pb2.RegimeDetected, codec.encode(message))
+    assert regime_state(wire) == state
+    assert wire.event_id == "BTC-USDT:42"
+    assert wire.previous_regime == regime_to_wire(previous)
+
+
+def market_inputs(prices: list[str]) -> list[MarketInput]:
+    """Ticks every 20 minutes (a bar closes every third tick), a funding every 8th event."""
+    out = []
+    for seq, price in enumerate(prices, start=1):
+        ts = T0 + seq * NS_PER_HOUR // 3
+        if seq % 8 == 0:
+            value: Tick | FundingRate = FundingRate(SYMBOL, ts, Decimal("0.0001"))
+            message = codec.market_event_from_funding(value, seq=seq, source="t", ts_init_ns=0)
+        else:
+            value = Tick(SYMBOL, ts, Decimal(price))
+            message = codec.market_event_from_tick(value, seq=seq, source="t", ts_init_ns=0)
+        out.append(MarketInput(message, SYMBOL, seq, 0, value))
+    return out
+
+
+PRICES = [str(100 + (i * 37) % 23 - (i // 10) % 7) for i in range(300)]
+
+
+def test_step_forwards_every_event_and_equals_the_pipeline() -> None:
+    config = fast_config()
+    signals = SymbolSignals(SignalPipeline(SYMBOL, config.features, config.regime))
+    reference = SignalPipeline(SYMBOL, config.features, config.regime)
+    closed_bars = 0
+    for market in market_inputs(PRICES):
+        update, closed = signals.step(market, ts_init_ns=5)
+        assert update.market == market.message
+        expected = None
+        if isinstance(market.value, Tick):
+            expected = reference.on_tick(market.value.ts_ns, market.value.price)
+        assert closed == (expected is not None) == update.HasField("regime")
+        if expected is not None:
+            closed_bars += 1
+            assert regime_state(update.regime) == expected
+            assert update.regime.event_id == f"{SYMBOL}:{market.seq}"
+        assert signals.last_seq == market.seq
+    assert closed_bars > 50
+
+
+def test_rows_restore_the_uninterrupted_state_at_every_event() -> None:
+    config = fast_config()
+    inputs = market_inputs(PRICES)
+    live = SymbolSignals(SignalPipeline(SYMBOL, config.features, config.regime))
+    tick_row = signal_row = None
+    outputs = []
+    for market in inputs:
+        # A restart before every event, from the rows as the table holds them (JSON).
+        restored = restore(SYMBOL, config, tick_row, signal_row)
+        assert restored.last_seq == live.last_seq and restored.regime == live.regime
+        out, closed = restored.step(market, 0)
+        expected, _ = live.step(market, 0)
+        outputs.append(out)
+        assert out == expected
+        if closed:
+            signal_row = json.loads(json.dumps(restored.signal_row()))
+        tick_row = json.loads(json.dumps(restored.tick_row()))
+    assert sum(o.HasField("regime") for o in outputs) > 50
+
+
+def test_a_stop_between_the_two_writes_of_a_bar_close_resumes_from_the_snapshot() -> None:
+    config = fast_config()
+    signals = SymbolSignals(SignalPipeline(SYMBOL, config.features, config.regime))
+    tick_row = None
+    for market in market_inputs(PRICES[:40]):
+        _, closed = signals.step(market, 0)
+        if closed:
+            # Only the signal row made it: it is the newer state.
+            resumed = restore(SYMBOL, config, tick_row, signals.signal_row())
+            assert resumed.tick_row() == signals.tick_row()
+            assert resumed.last_seq == market.seq
+        tick_row = signals.tick_row()
+
+
+def test_state_cost_per_tick() -> None:
+    """The per-tick table row is small; the full snapshot (bar close only) is not."""
+    config = fast_config()
+    signals = SymbolSignals(SignalPipeline(SYMBOL, config.features, config.regime))
+    for market in market_inputs(PRICES):
+        signals.step(market, 0)
+    n = 2000
+    start = time.perf_counter()
+    for _ in range(n):
+        json.dumps(signals.tick_row())
+    per_tick = (time.perf_counter() - start) / n
+    assert per_tick < 100e-6, f"tick row costs {per_tick * 1e6:.1f} us"

@@ -1,0 +1,171 @@
+"""The pure parts of the shared stream runtime: seq guard, DLQ decision, market parsing,
+and the faust app's settings (no broker)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from smartlev.v1 import market_pb2
+
+from shared import codec
+from shared.core.market import FundingRate, Tick
+from shared.settings import ServiceSettings
+from shared.stream import (
+    MarketInput,
+    StreamRuntime,
+    app_id,
+    dead_letter,
+    decode_input,
+    is_new,
+    parse_market,
+)
+from shared.topics import MARKET_TICKS
+
+SYMBOL = "BTC-USDT"
+
+
+def tick_event(seq: int = 1, price: str = "43210.5", mark: str = "") -> market_pb2.MarketEvent:
+    return market_pb2.MarketEvent(
+        tick=market_pb2.Tick(
+            event_id=f"t|{seq}",
+            symbol=SYMBOL,
+            ts_event_ns=10,
+            ts_init_ns=20,
+            price=price,
+            mark_price=mark,
+            seq=seq,
+            source="t",
+        )
+    )
+
+
+def funding_event(seq: int = 2, rate: str = "0.0001") -> market_pb2.MarketEvent:
+    return market_pb2.MarketEvent(
+        funding=market_pb2.FundingRateObserved(
+            event_id=f"f|{seq}",
+            symbol=SYMBOL,
+            ts_event_ns=30,
+            ts_init_ns=40,
+            rate=rate,
+            seq=seq,
+            source="t",
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("last", "seq", "apply"),
+    [(None, 1, True), (1, 2, True), (5, 7, True), (5, 5, False), (5, 4, False)],
+)
+def test_sequence_guard_applies_only_newer_seq(last: int | None, seq: int, apply: bool) -> None:
+    assert is_new(last, seq) is apply
+
+
+def test_parse_market_tick_and_funding() -> None:
+    parsed = parse_market(tick_event(3, "100.5", "100.4"))
+    assert parsed == MarketInput(
+        tick_event(3, "100.5", "100.4"),
+        SYMBOL,
+        3,
+        20,
+        Tick(SYMBOL, 10, Decimal("100.5"), Decimal("100.4")),
+    )
+    funding = parse_market(funding_event())
+    assert funding.value == FundingRate(SYMBOL, 30, Decimal("0.0001"))
+    assert (funding.seq, funding.ts_init_ns) == (2, 40)
+
+
+def decide_bytes(payload: bytes | None) -> MarketInput | str:
+    return decode_input(market_pb2.MarketEvent, payload, parse_market)
+
+
+def test_decode_input_returns_the_value_or_the_reason() -> None:
+    assert isinstance(decide_bytes(codec.encode(tick_event())), MarketInput)
+    assert "malformed protobuf" in str(decide_bytes(b"\xff\x00garbage"))
+    assert decide_bytes(b"") == "no event set in the oneof wrapper"
+    assert decide_bytes(None) == "payload is null (tombstone)"
+    assert "is not a plain decimal" in str(decide_bytes(codec.encode(tick_event(price="1e5"))))
+    assert "price must be positive" in str(decide_bytes(codec.encode(tick_event(price="0"))))
+    assert "mark_price must be positive" in str(decide_bytes(codec.encode(tick_event(mark="-1"))))
+    assert "seq is missing" in str(decide_bytes(codec.encode(tick_event(seq=0))))
+    no_symbol = tick_event()
+    no_symbol.tick.symbol = ""
+    assert decide_bytes(codec.encode(no_symbol)) == "symbol is empty"
+
+
+def test_dead_letter_names_where_the_input_was() -> None:
+    letter = dead_letter(
+        topic="ns.market.ticks",
+        partition=2,
+        offset=151,
+        key=b"BTC-USDT",
+        payload=b"\xff",
+        reason="bad",
+        service="regime",
+        ts_ns=7,
+    )
+    assert letter == market_pb2.DeadLetter(
+        event_id="ns.market.ticks/2/151",
+        topic="ns.market.ticks",
+        partition=2,
+        offset=151,
+        key=b"BTC-USDT",
+        payload=b"\xff",
+        reason="bad",
+        ts_ns=7,
+        service="regime",
+    )
+    assert (
+        dead_letter(
+            topic="t",
+            partition=0,
+            offset=0,
+            key=None,
+            payload=None,
+            reason="r",
+            service="s",
+            ts_ns=0,
+        ).key
+        == b""
+    )
+
+
+def test_app_settings() -> None:
+    settings = ServiceSettings(service="regime", namespace="t1.")
+    runtime = StreamRuntime(settings)
+    conf = runtime.app.conf
+    assert app_id(settings) == "t1.smartlev-regime" == runtime.app.conf.id
+    assert str(conf.store) == "memory:"
+    assert conf.web_enabled is False
+    assert conf.producer_acks == -1
+    assert conf.consumer_auto_offset_reset == "earliest"
+    assert conf.topic_replication_factor == 1
+    assert conf.topic_allow_declare is True
+    ticks = runtime.input(MARKET_TICKS)
+    assert ticks.topic.get_topic_name() == "t1.market.ticks"
+    assert ticks.dlq.get_topic_name() == "t1.market.ticks.dlq"
+
+
+async def test_parse_dead_letters_bad_input_and_returns_none() -> None:
+    runtime = StreamRuntime(ServiceSettings(service="regime", namespace="t2."))
+    ticks = runtime.input(MARKET_TICKS)
+    sent: list[tuple[Any, str, Any]] = []
+
+    async def send(topic: Any, key: str, value: Any) -> None:
+        sent.append((topic, key, value))
+
+    runtime.send = send  # type: ignore[method-assign]
+    message = SimpleNamespace(topic="t2.market.ticks", partition=1, offset=9, key=b"BTC-USDT")
+    bad = SimpleNamespace(key=b"BTC-USDT", value=b"\xff\x00", message=message)
+    assert await runtime.parse(ticks, bad, parse_market) is None  # type: ignore[arg-type]
+    [(topic, key, letter)] = sent
+    assert topic is ticks.dlq and key == SYMBOL
+    assert (letter.partition, letter.offset, letter.payload) == (1, 9, b"\xff\x00")
+    assert letter.service == "regime" and "malformed protobuf" in letter.reason
+
+    good = SimpleNamespace(key=b"BTC-USDT", value=codec.encode(tick_event()), message=message)
+    parsed = await runtime.parse(ticks, good, parse_market)  # type: ignore[arg-type]
+    assert isinstance(parsed, MarketInput) and len(sent) == 1
