@@ -22,6 +22,7 @@ from smartlev.v1 import market_pb2
 
 from shared import codec
 from shared.adapters.market_data import load_bars, load_funding, load_marks
+from shared.backtest import market_events
 from shared.core.bars import ticks_from_bars
 from shared.core.market import NS_PER_HOUR, FundingRate, Tick
 from shared.topics import MARKET_TICKS
@@ -38,6 +39,26 @@ def data_dir() -> Path:
 def file_stem(symbol: str) -> str:
     """ "BTC-USDT" -> "BTCUSDT" (the data files' naming)."""
     return symbol.replace("-", "")
+
+
+def backtest_stream(
+    data: Path,
+    symbol: str,
+    *,
+    funding: Path | None = None,
+    marks: Path | None = None,
+    start_ns: int | None = None,
+    end_ns: int | None = None,
+    mode: Literal["ohlc", "close"] = "ohlc",
+    interval_ns: int = NS_PER_HOUR,
+) -> Iterator[Tick | FundingRate]:
+    """Exactly the market events `smartlev backtest` feeds `run_backtest` for the same
+    files and window (same loaders, `ticks_from_bars`, `market_events`), so a service
+    replaying this stream and the backtester see the same ticks in the same order."""
+    bars, _ = load_bars(data, symbol, start_ns=start_ns, end_ns=end_ns, interval_ns=interval_ns)
+    rates = load_funding(funding, symbol, start_ns=start_ns, end_ns=end_ns)[0] if funding else []
+    mark_prices = load_marks(marks, start_ns=start_ns, end_ns=end_ns) if marks else None
+    return market_events(ticks_from_bars(bars, interval_ns, mark_prices, mode=mode), rates)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

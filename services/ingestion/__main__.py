@@ -1,0 +1,5 @@
+import sys
+
+from services.ingestion.main import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""Binance USDT-M futures messages -> market events: a pure parser and a pure fold.
+
+The live loop (`services.ingestion.live`) receives the exchange's raw websocket payloads
+(ccxt.pro hands them over as the `info` of its unified trades and tickers) and passes
+each one to `BinanceFeed.on_message`, which returns the market events it implies or
+raises `FeedError` with the reason (the service dead-letters the payload with it).
+
+Payloads (Binance USDT-M websocket streams, combined-stream `{"stream", "data"}` wrapper
+accepted):
+- `aggTrade`: `{"e": "aggTrade", "E": event ms, "s": "BTCUSDT", "p": "price", "q": qty,
+  "T": trade ms, ...}` -> a `Tick` at the trade time, carrying the last mark price seen.
+- `markPriceUpdate`: `{"e": "markPriceUpdate", "E": ms, "s": "BTCUSDT", "p": "mark",
+  "r": "funding rate", "T": next funding time ms, ...}` -> updates the mark and the
+  predicted rate of the next settlement.
+
+Funding: Binance settles, at time `T`, the rate it last published for `T`. So once the
+feed passes `T` (a trade at or after it, or a mark update announcing a later `T`), a
+`FundingRate` at `T` with the last rate seen for it is emitted, before any tick at or
+after `T` (the backtester's order: funding first on an equal instant).
+Prices are decimal strings on the wire and stay exact; a JSON number is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from shared.core.market import FundingRate, Tick
+
+NS_PER_MS = 1_000_000
+
+
+class FeedError(ValueError):
+    """An exchange payload that is not a usable market message; str() is the reason."""
+
+
+def exchange_symbol(symbol: str) -> str:
+    """ "BTC-USDT" -> "BTCUSDT" (Binance's spelling)."""
+    return symbol.replace("-", "").upper()
+
+
+def ccxt_symbol(symbol: str) -> str:
+    """ "BTC-USDT" -> "BTC/USDT:USDT" (ccxt's unified USDT-margined perpetual)."""
+    base, _, quote = symbol.partition("-")
+    if not base or not quote:
+        raise ValueError(f"symbol must look like BASE-QUOTE, got {symbol!r}")
+    return f"{base}/{quote}:{quote}"
+
+
+@dataclass(frozen=True, slots=True)
+class TradeObserved:
+    ts_ns: int
+    price: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class MarkObserved:
+    ts_ns: int
+    mark: Decimal
+    funding_rate: Decimal | None
+    next_funding_ns: int | None
+
+
+def _field(data: Mapping[str, Any], name: str) -> Any:
+    if name not in data:
+        raise FeedError(f"missing field {name!r}")
+    return data[name]
+
+
+def _decimal(data: Mapping[str, Any], name: str) -> Decimal:
+    raw = _field(data, name)
+    if not isinstance(raw, str):
+        raise FeedError(f"field {name!r} must be a decimal string, got {type(raw).__name__}")
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise FeedError(f"field {name!r} is not a number: {raw[:40]!r}") from None
+    if not value.is_finite():
+        raise FeedError(f"field {name!r} is not finite: {raw!r}")
+    return value
+
+
+def _ms(data: Mapping[str, Any], name: str) -> int:
+    raw = _field(data, name)
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw <= 0:
+        raise FeedError(f"field {name!r} must be a positive integer of ms, got {raw!r}")
+    return raw * NS_PER_MS
+
+
+def as_mapping(message: object) -> Mapping[str, Any]:
+    """A payload as a dict: JSON text/bytes are parsed, a combined-stream wrapper opened."""
+    if isinstance(message, bytes | bytearray | str):
+        try:
+            message = json.loads(message)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise FeedError(f"not JSON: {exc}") from None
+    if not isinstance(message, Mapping):
+        raise FeedError(f"expected a JSON object, got {type(message).__name__}")
+    data = message.get("data")
+    if "stream" in message and isinstance(data, Mapping):
+        return data
+    return message
+
+
+def parse(message: object, symbol: str) -> TradeObserved | MarkObserved:
+    """One raw payload for `symbol` (e.g. "BTC-USDT") -> what it says; FeedError if bad."""
+    data = as_mapping(message)
+    event = data.get("e")
+    if event not in ("aggTrade", "trade", "markPriceUpdate"):
+        raise FeedError(f"unsupported event type {event!r}")
+    if data.get("s") != exchange_symbol(symbol):
+        raise FeedError(f"symbol {data.get('s')!r} is not {exchange_symbol(symbol)!r}")
+    if event == "markPriceUpdate":
+        rate = _decimal(data, "r") if data.get("r") not in (None, "") else None
+        next_ns = _ms(data, "T") if data.get("T") not in (None, 0) else None
+        return MarkObserved(_ms(data, "E"), _decimal(data, "p"), rate, next_ns)
+    return TradeObserved(_ms(data, "T"), _decimal(data, "p"))
+
+
+@dataclass(frozen=True, slots=True)
+class BinanceFeed:
+    """The fold over one symbol's messages: last mark, pending funding (immutable; each
+    `on_message` returns the next feed with the events to publish)."""
+
+    symbol: str
+    mark: Decimal | None = None
+    pending_rate: Decimal | None = None
+    pending_at_ns: int | None = None
+
+    def _settle(self, now_ns: int) -> tuple[BinanceFeed, list[FundingRate]]:
+        if self.pending_at_ns is None or self.pending_rate is None or now_ns < self.pending_at_ns:
+            return self, []
+        settled = FundingRate(self.symbol, self.pending_at_ns, self.pending_rate)
+        return BinanceFeed(self.symbol, self.mark), [settled]
+
+    def on_message(self, message: object) -> tuple[BinanceFeed, list[Tick | FundingRate]]:
+        observed = parse(message, self.symbol)
+        out: list[Tick | FundingRate] = []
+        if isinstance(observed, TradeObserved):
+            feed, funding = self._settle(observed.ts_ns)
+            out.extend(funding)
+            out.append(Tick(self.symbol, observed.ts_ns, observed.price, feed.mark))
+            return feed, out
+        feed = self
+        announced = observed.next_funding_ns
+        if (
+            announced is not None
+            and self.pending_at_ns is not None
+            and announced > self.pending_at_ns
+        ):
+            feed, funding = self._settle(self.pending_at_ns)  # a later T: the old one settled
+            out.extend(funding)
+        feed = BinanceFeed(
+            self.symbol,
+            observed.mark,
+            observed.funding_rate if observed.funding_rate is not None else feed.pending_rate,
+            observed.next_funding_ns or feed.pending_at_ns,
+        )
+        return feed, out

@@ -1,0 +1,282 @@
+"""Price ingestion: the one entrypoint.
+
+    python -m services.ingestion replay --data PERP.csv [--funding F.csv] [--marks M.csv]
+        --symbol BTC-USDT [--start ISO --end ISO] [--speed max|N] [--ticks ohlc|close]
+    python -m services.ingestion synthetic --seed N --symbol X --ticks N
+        [--scenario gaps|crash|chop|mixed]          (SYNTHETIC stress paths, tests only)
+    python -m services.ingestion live --exchange binance --symbol BTC-USDT
+    python -m services.ingestion serve              (what `make up` runs; source from
+                                                      SMARTLEV_INGESTION_SOURCE)
+
+Every command builds `IngestionSettings` (env, then flags) and runs the same source code
+path as `serve`; the one-shot commands print a summary and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import signal
+import sys
+import threading
+from collections.abc import Iterable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from services.ingestion.config import IngestionSettings
+from services.ingestion.publisher import IngestionMetrics, Ingestor
+from services.ingestion.runner import Summary, ccxt_messages, run_finite, run_live
+from services.ingestion.store import SeqStore, topic_recovery
+from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, synthetic_stream
+from services.ingestion.validation import MarketValue, Policy
+from shared.adapters.kafka_admin import ensure_topics
+from shared.adapters.tick_replay import backtest_stream, make_producer
+from shared.health import CheckResult, HealthRegistry, HealthServer, kafka_check, redis_check
+from shared.logging import configure_logging, get_logger
+from shared.topics import MARKET_TICKS
+
+log = get_logger("ingestion")
+console = Console(stderr=True)
+
+
+def parse_time(text: str | None) -> int | None:
+    """ISO-8601 (UTC unless it says otherwise) -> ns since the epoch."""
+    if text is None:
+        return None
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp()) * 1_000_000_000
+
+
+def source_name(settings: IngestionSettings) -> str:
+    if settings.source == "replay":
+        return f"replay:{settings.replay_files()[0].name}"
+    if settings.source == "synthetic":
+        return f"synthetic:{settings.scenario}:seed={settings.seed}"
+    return settings.exchange
+
+
+def finite_events(settings: IngestionSettings) -> Iterable[MarketValue]:
+    """The replay (exactly the backtester's stream) or synthetic events."""
+    if settings.source == "synthetic":
+        spec = SyntheticSpec(
+            symbol=settings.symbol,
+            seed=settings.seed,
+            ticks=settings.synthetic_ticks,
+            scenario=settings.scenario,
+        )
+        return synthetic_stream(spec)
+    data, funding, marks = settings.replay_files()
+    return backtest_stream(
+        data,
+        settings.symbol,
+        funding=funding,
+        marks=marks,
+        start_ns=parse_time(settings.start),
+        end_ns=parse_time(settings.end),
+        mode=settings.ticks,
+    )
+
+
+def build_ingestor(
+    settings: IngestionSettings, metrics: IngestionMetrics
+) -> tuple[Ingestor, Any, Any]:
+    """(ingestor, producer, redis client): topics ensured, nothing published yet."""
+    topic = MARKET_TICKS.in_namespace(settings.namespace)
+    ensure_topics(settings.kafka_bootstrap, [topic, topic.dlq()], verbose=False)
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    store = SeqStore(
+        client, settings.namespace, topic_recovery(settings.kafka_bootstrap, topic.name)
+    )
+    producer = make_producer(settings.kafka_bootstrap, client_id="smartlev-ingestion")
+    ingestor = Ingestor(
+        producer=producer,
+        store=store,
+        topic=topic.name,
+        dlq_topic=topic.dlq_name,
+        source=source_name(settings),
+        policy=Policy(max_jump=settings.max_jump),
+        metrics=metrics,
+        log=log,
+    )
+    return ingestor, producer, client
+
+
+def print_summary(summary: Summary) -> None:
+    print(
+        f"published {summary.published}, rejected {summary.rejected}, "
+        f"dead-lettered {summary.dead_lettered}, flagged jumps {summary.flagged}, "
+        f"skipped (already published) {summary.skipped}, "
+        f"{summary.seconds:.2f}s, {summary.rate:,.0f} msg/s"
+    )
+
+
+def run_once(settings: IngestionSettings) -> int:
+    """replay / synthetic from the command line: progress bar, then the summary."""
+    configure_logging(
+        "ingestion", "WARNING" if settings.log_level == "INFO" else settings.log_level
+    )
+    events = list(finite_events(settings))
+    ingestor, producer, client = build_ingestor(settings, IngestionMetrics())
+    try:
+        with Progress(
+            TextColumn(f"{settings.source} {settings.symbol}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("events", total=len(events))
+            summary = run_finite(
+                ingestor,
+                settings.symbol,
+                events,
+                speed=settings.speed_factor,
+                batch_size=settings.batch_size,
+                progress=lambda n: progress.update(task, completed=n),
+            )
+    finally:
+        producer.close()
+        client.close()
+    print_summary(summary)
+    return 0
+
+
+async def serve(settings: IngestionSettings) -> int:
+    """The long-running service: health/metrics, then the configured source."""
+    configure_logging("ingestion", settings.log_level)
+    metrics = IngestionMetrics()
+    health = HealthRegistry()
+    health.register("kafka", kafka_check(settings.kafka_bootstrap))
+    check_client = aredis.Redis.from_url(settings.redis_url)
+    health.register("redis", redis_check(check_client))
+    server = HealthServer(health, port=settings.metrics_port, service="ingestion")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    log.info("started", source=settings.source, symbol=settings.symbol, port=server.port)
+    try:
+        if settings.source == "idle":
+            await stop.wait()  # healthy, publishing nothing
+            return 0
+        return await _serve_source(settings, metrics, health, stop)
+    finally:
+        await server.stop()
+        await check_client.aclose()
+        log.info("stopped")
+
+
+async def _serve_source(
+    settings: IngestionSettings,
+    metrics: IngestionMetrics,
+    health: HealthRegistry,
+    stop: asyncio.Event,
+) -> int:
+    ingestor, producer, client = await asyncio.to_thread(build_ingestor, settings, metrics)
+    wall_clock_feed = settings.source == "live" or settings.speed_factor is not None
+    finished = threading.Event()
+    failure: list[str] = []
+
+    def feed_check() -> CheckResult:
+        if failure:
+            return f"source failed: {failure[0]}"
+        if finished.is_set() or not wall_clock_feed:
+            return True
+        age = ingestor.staleness()
+        limit = settings.stale_after_s
+        return True if age <= limit else f"stale: no event for {age:.1f}s (max {limit}s)"
+
+    health.register("feed", feed_check)
+    halt = threading.Event()
+    work: asyncio.Future[Any]
+    if settings.source == "live":
+        messages = ccxt_messages(settings.symbol)
+        work = asyncio.ensure_future(run_live(ingestor, settings.symbol, messages))
+    else:
+        job = functools.partial(
+            run_finite,
+            ingestor,
+            settings.symbol,
+            finite_events(settings),
+            speed=settings.speed_factor,
+            batch_size=settings.batch_size,
+            stop=halt,
+        )
+        work = asyncio.ensure_future(asyncio.to_thread(job))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            try:
+                result = work.result()
+            except Exception as exc:
+                failure.append(f"{type(exc).__name__}: {exc}")
+                log.exception("source_failed", source=settings.source)
+                await stop.wait()  # stay up, unhealthy, so the failure is visible
+                return 1
+            finished.set()
+            if isinstance(result, Summary):
+                log.info("source_finished", rate=round(result.rate), **asdict(result))
+            await stop.wait()
+        return 0
+    finally:
+        halt.set()
+        work.cancel()
+        stopping.cancel()
+        with contextlib.suppress(BaseException):
+            await work
+        await asyncio.to_thread(producer.close)
+        client.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.ingestion", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    replay = commands.add_parser("replay", help="replay real history as ticks")
+    replay.add_argument("--data", required=True, help="perpetual 1h OHLCV CSV")
+    replay.add_argument("--funding", help="funding-rate CSV (8h)")
+    replay.add_argument("--marks", help="mark-price 1h CSV")
+    replay.add_argument("--symbol", default="BTC-USDT")
+    replay.add_argument("--start", help="first bar, ISO-8601 UTC")
+    replay.add_argument("--end", help="end (exclusive), ISO-8601 UTC")
+    replay.add_argument("--speed", default="max", help="max, or N x real time")
+    replay.add_argument("--ticks", choices=("ohlc", "close"), default="ohlc")
+    synthetic = commands.add_parser("synthetic", help="SYNTHETIC stress paths (tests only)")
+    synthetic.add_argument("--seed", type=int, required=True)
+    synthetic.add_argument("--symbol", default="BTC-USDT")
+    synthetic.add_argument("--ticks", type=int, default=10_000, dest="synthetic_ticks")
+    synthetic.add_argument("--scenario", choices=SCENARIOS, default="mixed")
+    synthetic.add_argument("--speed", default="max", help="max, or N x event time")
+    live = commands.add_parser("live", help="live exchange feed (ccxt.pro websocket)")
+    live.add_argument("--exchange", choices=("binance",), default="binance")
+    live.add_argument("--symbol", default="BTC-USDT")
+    commands.add_parser("serve", help="the long-running service (source from settings)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    command = args.pop("command")
+    overrides = {k: v for k, v in args.items() if v is not None}
+    if command != "serve":
+        overrides["source"] = command
+    try:
+        settings = IngestionSettings(**overrides)
+    except ValidationError as exc:
+        print(f"ingestion: bad settings:\n{exc}", file=sys.stderr)
+        return 2
+    if command in ("replay", "synthetic"):
+        return run_once(settings)
+    return asyncio.run(serve(settings))

@@ -1,0 +1,183 @@
+"""Drive an `Ingestor` from a source: finite streams (replay, synthetic) and the live feed.
+
+The loops only move events: validation is `validation.admit`, parsing `binance`, pacing
+`paced` (pure), publishing and recording `publisher.Ingestor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from services.ingestion.binance import BinanceFeed, FeedError, ccxt_symbol
+from services.ingestion.publisher import Ingestor
+from services.ingestion.validation import (
+    MarketValue,
+    OrderKey,
+    Reason,
+    Rejected,
+    check,
+    order_key,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    published: int
+    rejected: int
+    dead_lettered: int
+    flagged: int
+    skipped: int  # already published by an earlier run (resumed after them)
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        """Published + dead-lettered messages per second."""
+        return (self.published + self.dead_lettered) / self.seconds if self.seconds else 0.0
+
+
+def paced(
+    events: Iterable[MarketValue], speed: float | None
+) -> Iterator[tuple[float, MarketValue]]:
+    """(seconds to wait before the event, event): the event-time gap since the previous
+    event divided by `speed` (None: no waiting, as fast as possible)."""
+    previous: int | None = None
+    for event in events:
+        delay = 0.0
+        ts = event.ts_ns if check(event) is None else None
+        if ts is not None:
+            if speed is not None and previous is not None and ts > previous:
+                delay = (ts - previous) / 1e9 / speed
+            previous = ts if previous is None else max(previous, ts)
+        yield delay, event
+
+
+class Resume:
+    """Drop the leading events at or before `after` (what an earlier run published), so
+    a restarted replay continues where it stopped instead of dead-lettering its past."""
+
+    def __init__(self, events: Iterable[MarketValue], after: OrderKey | None) -> None:
+        self.events = events
+        self.after = after
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[MarketValue]:
+        resuming = self.after is not None
+        for event in self.events:
+            after = self.after if resuming and check(event) is None else None
+            if after is not None and order_key(event) <= after:
+                self.skipped += 1
+                continue
+            resuming = False
+            yield event
+
+
+def run_finite(
+    ingestor: Ingestor,
+    symbol: str,
+    events: Iterable[MarketValue],
+    *,
+    speed: float | None,
+    batch_size: int,
+    stop: threading.Event | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Summary:
+    """Publish a finite stream for `symbol`, resuming after what is already published."""
+    stop = stop or threading.Event()
+    began = time.perf_counter()
+    source = Resume(events, ingestor.state(symbol).last_key)
+    since_commit = 0
+    for count, (delay, event) in enumerate(paced(source, speed), start=1):
+        if delay > 0:
+            ingestor.commit()
+            since_commit = 0
+            if stop.wait(delay):
+                break
+        if stop.is_set():
+            break
+        ingestor.submit(event)
+        since_commit += 1
+        if since_commit >= batch_size:
+            ingestor.commit()
+            since_commit = 0
+        if progress is not None:
+            progress(count + source.skipped)
+    ingestor.commit()
+    stats = ingestor.stats
+    return Summary(
+        stats.published,
+        stats.rejected,
+        stats.dead_lettered,
+        stats.flagged,
+        source.skipped,
+        time.perf_counter() - began,
+    )
+
+
+def handle_live(ingestor: Ingestor, feed: BinanceFeed, message: object) -> BinanceFeed:
+    """One exchange payload: publish what it implies, or dead-letter it; commit."""
+    try:
+        feed, events = feed.on_message(message)
+    except FeedError as exc:
+        raw = message if isinstance(message, bytes) else str(message).encode("utf-8")
+        ingestor.dead_letter(feed.symbol, raw[:4096], Rejected(Reason.PARSE, str(exc)))
+        events = []
+    for event in events:
+        ingestor.submit(event)
+    ingestor.commit()
+    return feed
+
+
+async def run_live(ingestor: Ingestor, symbol: str, messages: AsyncIterator[object]) -> None:
+    """The live loop: blocking Kafka/Redis work runs in a worker thread."""
+    feed = BinanceFeed(symbol)
+    await asyncio.to_thread(ingestor.state, symbol)
+    async for message in messages:
+        feed = await asyncio.to_thread(handle_live, ingestor, feed, message)
+
+
+async def ccxt_messages(
+    symbol: str, exchange_id: str = "binanceusdm", retry_s: float = 5.0
+) -> AsyncIterator[object]:
+    """Raw Binance payloads (`info` of ccxt.pro's unified trades and mark-price tickers)
+    for one symbol; network errors are retried, anything else ends the stream."""
+    import ccxt.pro
+
+    exchange = getattr(ccxt.pro, exchange_id)({"newUpdates": True})
+    market = ccxt_symbol(symbol)
+    queue: asyncio.Queue[object] = asyncio.Queue(maxsize=10_000)
+
+    async def watch(call: Callable[[], object], many: bool) -> None:
+        while True:
+            try:
+                result = await call()  # type: ignore[misc]
+            except ccxt.NetworkError:
+                await asyncio.sleep(retry_s)
+                continue
+            for item in result if many else [result]:
+                await queue.put(item["info"])
+
+    watchers = [
+        asyncio.create_task(
+            watch(lambda: exchange.watch_trades(market, params={"name": "aggTrade"}), True)
+        ),
+        asyncio.create_task(watch(lambda: exchange.watch_mark_price(market), False)),
+    ]
+    try:
+        while True:
+            getter = asyncio.create_task(queue.get())
+            done, _ = await asyncio.wait({getter, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                for task in done:
+                    task.result()  # re-raise why a watcher stopped
+            yield getter.result()
+    finally:
+        for task in watchers:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await exchange.close()

@@ -1,0 +1,151 @@
+"""Tick validation and seq allocation: pure (no I/O, no clock), one symbol state at a time.
+
+`admit(state, event, policy)` decides whether a candidate market event may enter
+`market.ticks` and, if so, gives it the symbol's next `seq`:
+
+- schema: a `Tick` or `FundingRate` with a non-empty symbol, an int ns timestamp > 0, and
+  `Decimal` numbers (a float is refused: it is not an exact price);
+- numbers: price (and mark, when present) finite and > 0; a funding rate finite with
+  |rate| < 1 (the same bound as the CSV loader);
+- time moves forward per symbol: the order key `(ts_ns, rank)` must be strictly above the
+  last accepted one, where funding ranks before a tick of the same instant (as in
+  `shared.backtest.market_events`). So a tick at an equal or earlier ts is refused, and
+  a funding may precede a tick at its own settlement instant but never follow it;
+- a jump: a tick more than `policy.max_jump` (default 30%) away from the last accepted
+  tick's price is PUBLISHED and flagged, not refused. Real markets gap (the March 2020
+  crash, exchange outages) and those are exactly the moves the emergency deleverage
+  exists for; refusing them would also freeze the feed, since every later tick would be
+  judged against a stale price. The service counts and logs each flagged jump.
+
+A refused event leaves the state unchanged and consumes no seq, so published seqs are
+1, 2, 3, ... with no holes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from decimal import Decimal
+
+from shared.core.market import FundingRate, Tick
+
+FUNDING_RANK = 0  # a funding settles on the position held up to its instant: first
+TICK_RANK = 1
+
+MarketValue = Tick | FundingRate
+OrderKey = tuple[int, int]
+
+
+class Reason(enum.StrEnum):
+    """Why an event was refused (also the `reason` label of the rejected metric)."""
+
+    SCHEMA = "schema"
+    NOT_FINITE = "not_finite"
+    NOT_POSITIVE = "not_positive"
+    OUT_OF_BOUNDS = "out_of_bounds"
+    NOT_FORWARD = "not_forward"
+    PARSE = "parse"  # an exchange message that is not a market event (live parser)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    max_jump: Decimal = Decimal("0.30")  # relative move from the last accepted tick
+
+    def __post_init__(self) -> None:
+        if not self.max_jump.is_finite() or self.max_jump <= 0:
+            raise ValueError(f"max_jump must be > 0, got {self.max_jump}")
+
+
+@dataclass(frozen=True, slots=True)
+class SymbolState:
+    """What ingestion remembers per symbol: last seq, last accepted order key, last
+    accepted tick price (the jump reference). Persisted in Redis by the service."""
+
+    seq: int = 0
+    last_key: OrderKey | None = None
+    last_price: Decimal | None = None
+
+
+EMPTY = SymbolState()
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    seq: int
+    event: MarketValue
+    jump: Decimal | None = None  # set when the move from the last tick exceeds max_jump
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: Reason
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.detail}"
+
+
+Verdict = Accepted | Rejected
+
+
+def order_key(event: MarketValue) -> OrderKey:
+    return (event.ts_ns, FUNDING_RANK if isinstance(event, FundingRate) else TICK_RANK)
+
+
+def _number(value: object, name: str) -> Rejected | None:
+    if not isinstance(value, Decimal):
+        return Rejected(Reason.SCHEMA, f"{name} must be a Decimal, got {type(value).__name__}")
+    if not value.is_finite():
+        return Rejected(Reason.NOT_FINITE, f"{name} is {value}")
+    return None
+
+
+def _positive(value: object, name: str) -> Rejected | None:
+    bad = _number(value, name)
+    if bad is None and isinstance(value, Decimal) and value <= 0:
+        bad = Rejected(Reason.NOT_POSITIVE, f"{name} must be > 0, got {value}")
+    return bad
+
+
+def check(event: object) -> Rejected | None:
+    """Stateless checks: schema and numbers."""
+    if not isinstance(event, Tick | FundingRate):
+        return Rejected(Reason.SCHEMA, f"not a Tick or FundingRate: {type(event).__name__}")
+    if not isinstance(event.symbol, str) or not event.symbol.strip():
+        return Rejected(Reason.SCHEMA, f"symbol must be a non-empty string, got {event.symbol!r}")
+    if isinstance(event.ts_ns, bool) or not isinstance(event.ts_ns, int) or event.ts_ns <= 0:
+        return Rejected(Reason.SCHEMA, f"ts_ns must be an int > 0, got {event.ts_ns!r}")
+    if isinstance(event, FundingRate):
+        bad = _number(event.rate, "rate")
+        if bad is None and abs(event.rate) >= 1:
+            bad = Rejected(Reason.OUT_OF_BOUNDS, f"|rate| must be < 1, got {event.rate}")
+        return bad
+    bad = _positive(event.price, "price")
+    if bad is None and event.mark_price is not None:
+        bad = _positive(event.mark_price, "mark_price")
+    return bad
+
+
+def admit(state: SymbolState, event: object, policy: Policy) -> tuple[SymbolState, Verdict]:
+    """(next state, verdict) for one candidate event of `state`'s symbol."""
+    bad = check(event)
+    if bad is not None:
+        return state, bad
+    assert isinstance(event, Tick | FundingRate)  # check() guarantees it
+    key = order_key(event)
+    if state.last_key is not None and key <= state.last_key:
+        kind = "funding" if key[1] == FUNDING_RANK else "tick"
+        return state, Rejected(
+            Reason.NOT_FORWARD,
+            f"{kind} at ts {event.ts_ns} does not move past the last accepted "
+            f"{'funding' if state.last_key[1] == FUNDING_RANK else 'tick'} at {state.last_key[0]}",
+        )
+    seq = state.seq + 1
+    if isinstance(event, FundingRate):
+        return SymbolState(seq, key, state.last_price), Accepted(seq, event)
+    jump = None
+    if state.last_price is not None:
+        move = abs(event.price / state.last_price - 1)
+        if move > policy.max_jump:
+            jump = move
+    return SymbolState(seq, key, event.price), Accepted(seq, event, jump)

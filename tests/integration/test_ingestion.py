@@ -1,0 +1,205 @@
+"""Ingestion against the real broker and Redis, each test in its own namespace."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from itertools import islice
+
+import pytest
+import redis
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
+from smartlev.v1 import market_pb2
+
+from services.ingestion.config import IngestionSettings
+from services.ingestion.main import build_ingestor
+from services.ingestion.publisher import IngestionMetrics, Ingestor
+from services.ingestion.runner import run_finite
+from services.ingestion.store import SeqConflict, state_key
+from services.ingestion.validation import SymbolState
+from shared import codec
+from shared.adapters.market_data import load_bars, load_funding, load_marks
+from shared.adapters.tick_replay import data_dir
+from shared.backtest import market_events
+from shared.core.bars import ticks_from_bars
+from shared.core.market import NS_PER_HOUR, FundingRate, Tick
+from shared.topics import MARKET_TICKS
+
+pytestmark = pytest.mark.integration
+
+SYMBOL = "BTC-USDT"
+START = 1_609_459_200 * 10**9  # 2021-01-01
+TICKS = 200
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, redis_url: str) -> Iterator[IngestionSettings]:
+    namespace = f"t{uuid.uuid4().hex[:8]}."
+    yield IngestionSettings(
+        namespace=namespace,
+        kafka={"bootstrap": kafka_bootstrap},
+        redis={"url": redis_url},
+        source="replay",
+        batch_size=64,
+    )
+    topic = MARKET_TICKS.in_namespace(namespace)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap.split(","))
+    try:
+        admin.delete_topics([topic.name, topic.dlq_name])
+    finally:
+        admin.close()
+    client = redis.Redis.from_url(redis_url)
+    client.delete(state_key(namespace, SYMBOL))
+    client.close()
+
+
+def backtester_stream() -> list[Tick | FundingRate]:
+    """What run_backtest iterates for 50 hourly BTC bars from 2021-01-01 (200 ticks)."""
+    root, stem = data_dir(), "BTCUSDT"
+    end = START + 50 * NS_PER_HOUR
+    bars, _ = load_bars(root / f"{stem}_perp_1h_2019_2023.csv", SYMBOL, start_ns=START, end_ns=end)
+    rates, _ = load_funding(
+        root / f"{stem}_funding_8h_2019_2023.csv", SYMBOL, start_ns=START, end_ns=end
+    )
+    marks = load_marks(root / f"{stem}_mark_1h_2019_2023.csv", start_ns=START, end_ns=end)
+    return list(market_events(ticks_from_bars(bars, NS_PER_HOUR, marks), rates))
+
+
+def replay_settings(settings: IngestionSettings) -> IngestionSettings:
+    return settings.model_copy(
+        update={"start": "2021-01-01T00:00:00Z", "end": "2021-01-03T02:00:00Z"}
+    )
+
+
+def ingestor(settings: IngestionSettings) -> tuple[Ingestor, object, redis.Redis]:
+    return build_ingestor(settings, IngestionMetrics(CollectorRegistry()))  # type: ignore[return-value]
+
+
+def close(parts: tuple[Ingestor, object, redis.Redis]) -> None:
+    parts[1].close()  # type: ignore[attr-defined]
+    parts[2].close()
+
+
+def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 15.0) -> list[object]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), enable_auto_commit=False)
+    records: list[object] = []
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        deadline = time.monotonic() + timeout_s
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=300).values():
+                records.extend(batch)
+        # one more poll: a duplicate beyond the expected count would show up here
+        records.extend(r for b in consumer.poll(timeout_ms=500).values() for r in b)
+    finally:
+        consumer.close()
+    return records
+
+
+def as_core(event: market_pb2.MarketEvent) -> Tick | FundingRate:
+    if event.HasField("tick"):
+        return codec.tick_from_proto(event.tick)
+    return codec.funding_from_proto(event.funding)
+
+
+def test_replay_is_the_backtester_stream_with_seqs_1_to_n_across_a_restart(
+    settings: IngestionSettings,
+) -> None:
+    from services.ingestion.main import finite_events
+
+    replay = replay_settings(settings)
+    expected = backtester_stream()
+    assert sum(isinstance(e, Tick) for e in expected) == TICKS
+    assert list(finite_events(replay)) == expected
+
+    first = ingestor(replay)  # publishes the first half, then "crashes"
+    try:
+        half = run_finite(first[0], SYMBOL, list(islice(expected, 90)), speed=None, batch_size=32)
+    finally:
+        close(first)
+    assert half.published == 90
+    second = ingestor(replay)  # restarted: the whole file again
+    try:
+        rest = run_finite(second[0], SYMBOL, finite_events(replay), speed=None, batch_size=32)
+    finally:
+        close(second)
+    assert (rest.skipped, rest.published, rest.rejected) == (90, len(expected) - 90, 0)
+
+    topic = MARKET_TICKS.in_namespace(settings.namespace).name
+    records = consume(settings.kafka_bootstrap, topic, len(expected))
+    assert len(records) == len(expected)
+    events = [codec.decode(market_pb2.MarketEvent, r.value) for r in records]  # type: ignore[attr-defined]
+    assert {r.key for r in records} == {SYMBOL.encode()}  # type: ignore[attr-defined]
+    assert [as_core(e) for e in events] == expected
+    inner = [getattr(e, e.WhichOneof("event")) for e in events]
+    assert [m.seq for m in inner] == list(range(1, len(expected) + 1))
+    assert [m.event_id for m in inner] == [f"{SYMBOL}:{n}" for n in range(1, len(expected) + 1)]
+    assert all(m.ts_init_ns > 0 for m in inner)
+
+
+def test_bad_ticks_are_dead_lettered_with_reasons_and_the_stream_goes_on(
+    settings: IngestionSettings,
+) -> None:
+    good = [Tick(SYMBOL, START + i, Decimal(100 + i), Decimal(100)) for i in range(1, 11)]
+    bad = [
+        Tick(SYMBOL, START + 2, Decimal(500)),  # out of order (earlier than the last)
+        Tick(SYMBOL, START + 20, Decimal(0)),
+        Tick(SYMBOL, START + 21, Decimal("-5")),
+        Tick(SYMBOL, START + 22, Decimal("NaN")),
+    ]
+    stream = [*good[:5], *bad, *good[5:]]
+    parts = ingestor(settings.model_copy(update={"source": "synthetic"}))
+    try:
+        summary = run_finite(parts[0], SYMBOL, stream, speed=None, batch_size=3)
+    finally:
+        close(parts)
+    assert (summary.published, summary.rejected, summary.dead_lettered) == (10, 4, 4)
+    # refused events leave the state alone: good[5:] (START+6..) are still accepted
+    topic = MARKET_TICKS.in_namespace(settings.namespace)
+    published = consume(settings.kafka_bootstrap, topic.name, 10)
+    ticks = [codec.decode(market_pb2.MarketEvent, r.value).tick for r in published]  # type: ignore[attr-defined]
+    assert [t.seq for t in ticks] == list(range(1, 11))
+    assert [codec.tick_from_proto(t) for t in ticks] == good
+    letters = [
+        codec.decode(market_pb2.DeadLetter, r.value)  # type: ignore[attr-defined]
+        for r in consume(settings.kafka_bootstrap, topic.dlq_name, 4)
+    ]
+    reasons = [letter.reason.split(":")[0] for letter in letters]
+    assert reasons == ["not_forward", "not_positive", "not_positive", "not_finite"]
+    assert all(letter.topic == topic.name and letter.key == SYMBOL.encode() for letter in letters)
+    assert b'"price": "NaN"' in letters[3].payload
+
+
+def test_a_lost_redis_record_is_recovered_from_the_topic_without_reusing_seqs(
+    settings: IngestionSettings, redis_client: redis.Redis
+) -> None:
+    ticks = [Tick(SYMBOL, START + i, Decimal(100 + i)) for i in range(1, 31)]
+    parts = ingestor(settings)
+    try:
+        run_finite(parts[0], SYMBOL, ticks[:20], speed=None, batch_size=7)
+    finally:
+        close(parts)
+    key = state_key(settings.namespace, SYMBOL)
+    assert redis_client.hget(key, "seq") == "20"
+    redis_client.delete(key)  # as if the process died between the ack and the record
+    parts = ingestor(settings)
+    try:
+        assert parts[0].state(SYMBOL) == SymbolState(20, (START + 20, 1), Decimal(120))
+        summary = run_finite(parts[0], SYMBOL, ticks, speed=None, batch_size=7)
+        assert (summary.skipped, summary.published) == (20, 10)
+        with pytest.raises(SeqConflict):  # a second writer cannot fork the sequence
+            parts[0].store.record(SYMBOL, 25, SymbolState(26, (START + 99, 1), Decimal(1)))
+    finally:
+        close(parts)
+    topic = MARKET_TICKS.in_namespace(settings.namespace).name
+    seqs = [
+        codec.decode(market_pb2.MarketEvent, r.value).tick.seq  # type: ignore[attr-defined]
+        for r in consume(settings.kafka_bootstrap, topic, 30)
+    ]
+    assert seqs == list(range(1, 31))
+    assert redis_client.hget(key, "seq") == "30"

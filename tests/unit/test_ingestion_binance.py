@@ -1,0 +1,113 @@
+"""The Binance USDT-M parser and fold against recorded-format exchange messages.
+
+The payloads below are RECORDED-FORMAT SAMPLES: written in the exact shape Binance's
+USDT-M futures websocket streams send (`<symbol>@aggTrade`, `<symbol>@markPrice@1s`,
+and the combined-stream wrapper), with realistic values; not captured from a live
+session (no network here).
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from services.ingestion.binance import (
+    BinanceFeed,
+    FeedError,
+    MarkObserved,
+    TradeObserved,
+    ccxt_symbol,
+    parse,
+)
+from shared.core.market import FundingRate, Tick
+
+MS = 1_000_000
+AGG_TRADE = """{"e":"aggTrade","E":1717200000123,"a":2155403291,"s":"BTCUSDT","p":"67512.30",
+"q":"0.015","f":5070362144,"l":5070362146,"T":1717200000120,"m":true}"""
+MARK_UPDATE = """{"e":"markPriceUpdate","E":1717199999000,"s":"BTCUSDT","p":"67508.61428571",
+"P":"67534.92160305","i":"67546.83404762","r":"0.00010000","T":1717200000000}"""
+MARK_NEXT = """{"e":"markPriceUpdate","E":1717200001000,"s":"BTCUSDT","p":"67515.10000000",
+"P":"67530.01000000","i":"67549.20000000","r":"0.00007431","T":1717228800000}"""
+COMBINED = """{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1717200002001,
+"a":2155403300,"s":"BTCUSDT","p":"67520.00","q":"1.204","f":5070362150,"l":5070362160,
+"T":1717200002000,"m":false}}"""
+
+
+def test_agg_trade_is_an_exact_trade_at_trade_time() -> None:
+    assert parse(AGG_TRADE, "BTC-USDT") == TradeObserved(1717200000120 * MS, Decimal("67512.30"))
+    assert parse(COMBINED.encode(), "BTC-USDT") == TradeObserved(
+        1717200002000 * MS, Decimal("67520.00")
+    )
+
+
+def test_mark_price_update() -> None:
+    assert parse(json.loads(MARK_UPDATE), "BTC-USDT") == MarkObserved(
+        1717199999000 * MS, Decimal("67508.61428571"), Decimal("0.00010000"), 1717200000000 * MS
+    )
+
+
+def test_fold_carries_the_mark_and_settles_funding_before_the_next_tick() -> None:
+    feed = BinanceFeed("BTC-USDT")
+    feed, out = feed.on_message(MARK_UPDATE)
+    assert out == []
+    # The trade at T+120ms passed the settlement at T: funding first, then the tick.
+    feed, out = feed.on_message(AGG_TRADE)
+    mark = Decimal("67508.61428571")
+    assert out == [
+        FundingRate("BTC-USDT", 1717200000000 * MS, Decimal("0.00010000")),
+        Tick("BTC-USDT", 1717200000120 * MS, Decimal("67512.30"), mark),
+    ]
+    # The next mark update announces the next T; nothing settles twice.
+    feed, out = feed.on_message(MARK_NEXT)
+    assert out == []
+    feed, out = feed.on_message(COMBINED)
+    assert out == [Tick("BTC-USDT", 1717200002000 * MS, Decimal("67520.00"), Decimal("67515.1"))]
+
+
+def test_a_later_funding_time_settles_the_pending_one_without_a_trade() -> None:
+    feed, _ = BinanceFeed("BTC-USDT").on_message(MARK_UPDATE)
+    feed, out = feed.on_message(MARK_NEXT)
+    assert out == [FundingRate("BTC-USDT", 1717200000000 * MS, Decimal("0.00010000"))]
+    assert feed.pending_at_ns == 1717228800000 * MS
+    assert feed.pending_rate == Decimal("0.00007431")
+
+
+def _with(payload: str, **changes: object) -> dict[str, object]:
+    data = json.loads(payload)
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("{not json", "not JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        (_with(AGG_TRADE, e="depthUpdate"), "unsupported event type"),
+        (_with(AGG_TRADE, s="ETHUSDT"), "is not 'BTCUSDT'"),
+        (_with(AGG_TRADE, p=67512.3), "must be a decimal string"),
+        (_with(AGG_TRADE, p="NaN"), "not finite"),
+        (_with(AGG_TRADE, p="abc"), "not a number"),
+        (_with(AGG_TRADE, T=None), "positive integer of ms"),
+        (_with(AGG_TRADE, T=-1), "positive integer of ms"),
+        ({k: v for k, v in json.loads(AGG_TRADE).items() if k != "p"}, "missing field 'p'"),
+        (_with(MARK_UPDATE, p="Infinity"), "not finite"),
+        (_with(MARK_UPDATE, E="1717199999000"), "positive integer of ms"),
+    ],
+)
+def test_malformed_messages_raise_with_the_reason(message: object, reason: str) -> None:
+    with pytest.raises(FeedError, match=reason):
+        BinanceFeed("BTC-USDT").on_message(message)
+
+
+def test_zero_and_negative_prices_parse_and_are_left_to_the_validator() -> None:
+    _, out = BinanceFeed("BTC-USDT").on_message(_with(AGG_TRADE, p="0"))
+    assert out == [Tick("BTC-USDT", 1717200000120 * MS, Decimal("0"), None)]
+
+
+def test_ccxt_symbol() -> None:
+    assert ccxt_symbol("BTC-USDT") == "BTC/USDT:USDT"
+    with pytest.raises(ValueError):
+        ccxt_symbol("BTCUSDT")
