@@ -1,0 +1,3 @@
+from services.hedging.main import main
+
+main()

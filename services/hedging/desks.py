@@ -1,0 +1,125 @@
+"""One desk per symbol: the core `Engine` of its products on a `RemoteVenue`, and its
+state in Redis as of the last committed event.
+
+Redis (all keys under the symbol's hash tag, so one atomic step on Redis Cluster too):
+- `<ns>hedge:{<symbol>}:state`: `engine` (Engine.snapshot, JSON) and `venue` (the
+  client's mirror of the venue account, JSON; a re-run starts from it, not from the
+  venue's current account);
+- `<ns>hedge:{<symbol>}:positions`: every product's `qty` and the venue `position`;
+- `<ns>hedge:{<symbol>}:meta`: `offset:seq` = the last market seq applied, and the
+  version; `...:applied`: the order event ids applied.
+A commit writes all of it in one `ApplyOnceStore.apply`, after the output was acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import grpc
+from redis.asyncio import Redis
+
+from shared.adapters.venue_client import RemoteVenue
+from shared.core.config import StrategyConfig
+from shared.core.engine import Engine
+from shared.core.products import smart_engine
+from shared.redis_store import ApplyOnceStore, ApplyStatus
+
+SEQ_SOURCE = "seq"
+
+
+@dataclass
+class Desk:
+    symbol: str
+    engine: Engine
+    venue: RemoteVenue
+    last_seq: int | None
+    version: int
+
+
+class Desks:
+    """Loads, caches and commits desks; a desk whose Redis version moved (another
+    instance owned the symbol meanwhile) is reloaded before it is used."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        config: StrategyConfig,
+        channel: grpc.Channel,
+        *,
+        namespace: str = "",
+        venue_timeout_s: float = 10.0,
+    ) -> None:
+        self.config = config
+        self.channel = channel
+        self.venue_timeout_s = venue_timeout_s
+        self.store = ApplyOnceStore(redis, namespace=f"{namespace}hedge")
+        self._desks: dict[str, Desk] = {}
+
+    async def current(self, symbol: str) -> Desk:
+        desk = self._desks.get(symbol)
+        if desk is None or await self.store.version(symbol) != desk.version:
+            desk = self._desks[symbol] = await self._load(symbol)
+        return desk
+
+    def drop(self, symbol: str) -> None:
+        """Forget the in-memory desk (after a failed event): the next use reloads it."""
+        self._desks.pop(symbol, None)
+
+    async def _load(self, symbol: str) -> Desk:
+        venue = RemoteVenue(
+            self.channel,
+            self.config.instrument(symbol),
+            self.config.venue,
+            timeout_s=self.venue_timeout_s,
+        )
+        engine = smart_engine(symbol, self.config, venue=venue)
+        fields, version = await self.store.read(symbol, "state")
+        if fields:
+            engine.restore_state(json.loads(fields["engine"]))
+            venue.restore(json.loads(fields["venue"]))
+        else:
+            await asyncio.to_thread(venue.sync)
+        last_seq = await self.store.last_offset(symbol, SEQ_SOURCE)
+        return Desk(symbol, engine, venue, last_seq, version)
+
+    async def was_applied(self, desk: Desk, order_id: str) -> bool:
+        return await self.store.was_applied(desk.symbol, order_id)
+
+    async def commit(
+        self, desk: Desk, *, seq: int | None = None, order_id: str | None = None
+    ) -> bool:
+        """Write the desk's state for one event (a market `seq` or an `order_id`);
+        False if Redis refused it (another writer): the desk is dropped and reloads."""
+        engine = desk.engine
+        positions: dict[str, str | int] = {
+            book.product: str(book.qty) for book in engine.books.products.values()
+        }
+        positions["venue"] = str(desk.venue.position)
+        changes: dict[str, dict[str, str | int]] = {
+            self.store.state_key(desk.symbol, "state"): {
+                "engine": json.dumps(engine.snapshot(), sort_keys=True),
+                "venue": json.dumps(desk.venue.state(), sort_keys=True),
+            },
+            self.store.state_key(desk.symbol, "positions"): positions,
+        }
+        if seq is not None:
+            result = await self.store.apply(
+                desk.symbol,
+                changes,
+                source=SEQ_SOURCE,
+                offset=seq,
+                expected_version=desk.version,
+            )
+        else:
+            result = await self.store.apply(
+                desk.symbol, changes, message_id=order_id, expected_version=desk.version
+            )
+        if result.status is not ApplyStatus.APPLIED:
+            self.drop(desk.symbol)
+            return False
+        desk.version = result.version
+        if seq is not None:
+            desk.last_seq = seq
+        return True

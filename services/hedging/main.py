@@ -1,0 +1,266 @@
+"""The hedging execution service: `python -m services.hedging`.
+
+Consumes `leverage.targets` (every market event with the leverage decisions taken on it)
+and `orders.events` (user opens and closes); per symbol, runs the core `Engine` on a
+`RemoteVenue` (the venue service) and publishes one `HedgeUpdate` per input on
+`hedge.fills`, then commits the desk's state (docs/pipeline.md: output before state).
+
+Failures:
+- a redelivered market event (seq at or below the last applied) or order (id applied)
+  is skipped; a re-run after a crash makes the same venue calls with the same ids, which
+  the venue answers from its record;
+- a transient failure (venue, Redis or Kafka unreachable) reloads the symbol's desk from
+  Redis and retries the event until it goes through;
+- anything else, a `BooksOutOfBalance` first of all, is a bug: it is logged loudly, the
+  symbol's consumer stops on that event (its offset is never committed, so nothing is
+  skipped: the partition waits for a fix and a restart) and /healthz turns unhealthy.
+- an order the books refuse (redeeming more units than the product has) goes to the
+  `.dlq` with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aiokafka.errors import KafkaError
+from faust.types import EventT
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from smartlev.v1 import hedging_pb2
+
+from services.hedging.config import HedgingSettings
+from services.hedging.desks import Desk, Desks
+from services.hedging.messages import (
+    MarketStep,
+    OrderStep,
+    hedge_update,
+    market_step,
+    order_step,
+    products_by_symbol,
+)
+from shared.adapters.venue_client import venue_channel
+from shared.core.config import StrategyConfig
+from shared.core.market import FundingRate
+from shared.core.money import MoneyError
+from shared.health import HealthRegistry
+from shared.logging import get_logger
+from shared.stream import Input, StreamRuntime, dead_letter, event_key, is_new
+from shared.topics import HEDGE_FILLS, LEVERAGE_TARGETS, ORDERS_EVENTS
+
+log = get_logger("hedging")
+
+_TRANSIENT_GRPC = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying the event: a dependency is down, not a bug in the books."""
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        return code in _TRANSIENT_GRPC
+    return isinstance(exc, RedisError | OSError | TimeoutError | KafkaError)
+
+
+@dataclass
+class HedgingRuntime(StreamRuntime):
+    """The shared stream runtime plus a `books` health check: unhealthy once a symbol
+    halted on a bug."""
+
+    halted: dict[str, str] = field(default_factory=dict)
+
+    def health(self) -> HealthRegistry:
+        registry = super().health()
+        registry.register("books", self._books_check)
+        return registry
+
+    def _books_check(self) -> bool | str:
+        if not self.halted:
+            return True
+        return "; ".join(f"{symbol} halted: {why}" for symbol, why in sorted(self.halted.items()))
+
+
+Work = Callable[[Desk], hedging_pb2.HedgeUpdate]
+
+
+class Hedger:
+    """The two agents' handlers; per symbol one event at a time (both inputs share it)."""
+
+    def __init__(
+        self, runtime: HedgingRuntime, desks: Desks, config: StrategyConfig, backoff_s: float
+    ) -> None:
+        self.runtime = runtime
+        self.desks = desks
+        self.products = products_by_symbol(config)
+        self.backoff_s = backoff_s
+        self.out = runtime.output(HEDGE_FILLS)
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def market_step(self, message: Any) -> MarketStep:
+        return market_step(message, self.products)
+
+    def order_step(self, message: Any) -> OrderStep:
+        return order_step(message, self.products)
+
+    async def on_market(self, inp: Input, step: MarketStep) -> None:
+        def work(desk: Desk) -> hedging_pb2.HedgeUpdate:
+            desk.venue.begin(step.event_id)
+            engine = desk.engine
+            if isinstance(step.event, FundingRate):
+                events = engine.on_funding(step.event)
+            else:
+                events = engine.on_tick(step.event, step.decisions, step.message.bar_closed)
+            return hedge_update(
+                engine,
+                step.event_id,
+                events,
+                ts_init_ns=step.ts_init_ns,
+                market=step.message.market,
+                targets=step.message.targets,
+                regime=step.message.regime,
+            )
+
+        async def repeat(desk: Desk) -> bool:
+            return not is_new(desk.last_seq, step.seq)
+
+        await self._process(inp, step.symbol, repeat, work, step.ts_init_ns, seq=step.seq)
+
+    async def on_order(self, inp: Input, event: EventT, step: OrderStep) -> None:
+        def work(desk: Desk) -> hedging_pb2.HedgeUpdate:
+            desk.venue.begin(step.event_id)
+            engine = desk.engine
+            if step.amount is not None:
+                events = engine.deposit(step.product, step.amount, step.ts_ns)
+            else:
+                assert step.units is not None
+                events = engine.redeem(step.product, step.units, step.ts_ns)
+            return hedge_update(engine, step.event_id, events, ts_init_ns=step.ts_init_ns)
+
+        async def repeat(desk: Desk) -> bool:
+            return await self.desks.was_applied(desk, step.order_id)
+
+        async def refuse(reason: str) -> None:
+            message = event.message
+            letter = dead_letter(
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+                key=message.key,
+                payload=event.value,
+                reason=reason,
+                service=self.runtime.service,
+                ts_ns=time.time_ns(),
+            )
+            await self.runtime.send(inp.dlq, event_key(event), letter)
+            log.error("order_refused", order=step.order_id, product=step.product, reason=reason)
+
+        await self._process(
+            inp, step.symbol, repeat, work, step.ts_init_ns, order_id=step.order_id, refuse=refuse
+        )
+
+    async def _process(
+        self,
+        inp: Input,
+        symbol: str,
+        repeat: Callable[[Desk], Awaitable[bool]],
+        work: Work,
+        ts_init_ns: int,
+        *,
+        seq: int | None = None,
+        order_id: str | None = None,
+        refuse: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        """Run one input event to its acked output and committed state; see module doc."""
+        while True:
+            if symbol in self.runtime.halted:
+                await asyncio.Event().wait()  # stopped on a bug: never skip the event
+            async with self._locks[symbol]:
+                try:
+                    desk = await self.desks.current(symbol)
+                    if await repeat(desk):
+                        self.runtime.skipped(inp)
+                        return
+                    update = await asyncio.to_thread(work, desk)
+                    await self.runtime.send(self.out, symbol, update)
+                    if await self.desks.commit(desk, seq=seq, order_id=order_id):
+                        self.runtime.processed(inp, ts_init_ns)
+                        return
+                    log.warning("state_conflict", symbol=symbol, seq=seq, order=order_id)
+                    continue
+                except MoneyError as exc:
+                    self.desks.drop(symbol)
+                    if refuse is None:
+                        self._halt(symbol, exc)
+                    else:
+                        await refuse(str(exc))
+                        return
+                except Exception as exc:
+                    self.desks.drop(symbol)
+                    if not is_transient(exc):
+                        self._halt(symbol, exc)
+                        continue
+                    log.warning(
+                        "event_retry", symbol=symbol, seq=seq, order=order_id, error=repr(exc)
+                    )
+            await asyncio.sleep(self.backoff_s)
+
+    def _halt(self, symbol: str, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        self.runtime.halted[symbol] = reason
+        log.exception("symbol_halted", symbol=symbol, reason=reason)
+
+
+def build(settings: HedgingSettings, config: StrategyConfig | None = None) -> HedgingRuntime:
+    """The app with its two agents, wired to Redis and the venue."""
+    config = config or StrategyConfig()
+    runtime = HedgingRuntime(settings)
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    channel = venue_channel(settings.venue_address)
+    runtime.redis = redis
+
+    async def close() -> None:
+        channel.close()
+        await redis.aclose()
+
+    runtime.on_stop(close)
+    desks = Desks(
+        redis,
+        config,
+        channel,
+        namespace=settings.namespace,
+        venue_timeout_s=settings.venue_timeout_s,
+    )
+    hedger = Hedger(runtime, desks, config, settings.retry_backoff_s)
+    targets_in = runtime.input(LEVERAGE_TARGETS)
+    orders_in = runtime.input(ORDERS_EVENTS)
+
+    @runtime.app.agent(targets_in.topic, name="hedging-targets")
+    async def targets(stream: Any) -> None:
+        async for event in stream.events():
+            step = await runtime.parse(targets_in, event, hedger.market_step)
+            if step is not None:
+                await hedger.on_market(targets_in, step)
+
+    @runtime.app.agent(orders_in.topic, name="hedging-orders")
+    async def orders(stream: Any) -> None:
+        async for event in stream.events():
+            step = await runtime.parse(orders_in, event, hedger.order_step)
+            if step is not None:
+                await hedger.on_order(orders_in, event, step)
+
+    return runtime
+
+
+def main() -> None:
+    build(HedgingSettings()).run()

@@ -1,0 +1,239 @@
+"""Hedging's wire <-> core conversions, exact: decimals go through the codec's plain
+decimal strings both ways, so a round trip gives the identical Decimal.
+
+Inputs are validated here (a ValueError names what is wrong, and the runtime
+dead-letters the message); a leverage decision is read back by the leverage service's own
+`decision()`, the inverse of what it wrote. Outputs are built from the engine's own events
+and books.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from smartlev.v1 import common_pb2, hedging_pb2, leverage_pb2, market_pb2, orders_pb2
+
+from services.leverage.messages import decision
+from shared.adapters.venue_client import liquidation_to_wire
+from shared.codec import decimal_from_wire, decimal_to_wire, funding_from_proto, tick_from_proto
+from shared.core.config import StrategyConfig
+from shared.core.engine import Engine
+from shared.core.events import (
+    AccountLiquidated,
+    FundingSettled,
+    HedgeExecuted,
+    InsuranceClaimPaid,
+    LeverageTargetChanged,
+    ManagementFeeAccrued,
+)
+from shared.core.market import FundingRate, Tick
+from shared.core.money import USDT_QUANTUM, ZERO
+from shared.core.products import SIDES, product_id
+
+
+def products_by_symbol(config: StrategyConfig) -> dict[str, str]:
+    """product -> symbol for every smart product of every configured instrument."""
+    return {product_id(symbol, side): symbol for symbol in config.instruments for side in SIDES}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True, slots=True)
+class MarketStep:
+    """A TargetsUpdate as the engine takes it."""
+
+    symbol: str
+    seq: int
+    ts_init_ns: int
+    event: Tick | FundingRate
+    decisions: tuple[LeverageTargetChanged, ...]
+    message: leverage_pb2.TargetsUpdate
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.symbol}:{self.seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class OrderStep:
+    """A user's open (`amount` paid in) or close (`units` redeemed) of one product."""
+
+    symbol: str
+    product: str
+    order_id: str
+    ts_ns: int
+    ts_init_ns: int
+    amount: Decimal | None
+    units: Decimal | None
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.symbol}:order:{self.order_id}"
+
+
+def market_step(message: leverage_pb2.TargetsUpdate, products: Mapping[str, str]) -> MarketStep:
+    which = message.market.WhichOneof("event") if message.HasField("market") else None
+    event: Tick | FundingRate
+    if which == "tick":
+        wire_tick = message.market.tick
+        event = tick_from_proto(wire_tick)
+        seq, ts_init = wire_tick.seq, wire_tick.ts_init_ns
+        if event.price <= 0 or (event.mark_price is not None and event.mark_price <= 0):
+            raise ValueError(f"{event.symbol}: prices must be > 0")
+    elif which == "funding":
+        wire_funding = message.market.funding
+        event = funding_from_proto(wire_funding)
+        seq, ts_init = wire_funding.seq, wire_funding.ts_init_ns
+        if message.targets:
+            raise ValueError("a funding event carries no leverage targets")
+    else:
+        raise ValueError("TargetsUpdate carries no market event")
+    symbol = event.symbol
+    if symbol not in products.values():
+        raise ValueError(f"unknown symbol {symbol!r}")
+    decisions = tuple(decision(d) for d in message.targets)
+    for taken in decisions:
+        if products.get(taken.product) != symbol:
+            raise ValueError(f"target for {taken.product!r} is not a product of {symbol}")
+    return MarketStep(symbol, seq, ts_init, event, decisions, message)
+
+
+def order_step(message: orders_pb2.OrderEvent, products: Mapping[str, str]) -> OrderStep:
+    which = message.WhichOneof("event")
+    order: orders_pb2.PositionOpened | orders_pb2.PositionClosed
+    if which == "opened":
+        order = message.opened
+        amount, units = decimal_from_wire(order.amount, name="amount"), None
+        if amount <= 0:
+            raise ValueError(f"amount: must be > 0, got {amount}")
+    else:  # the codec already refused an empty oneof
+        order = message.closed
+        amount, units = None, decimal_from_wire(message.closed.units, name="units")
+        if units <= 0:
+            raise ValueError(f"units: must be > 0, got {units}")
+    symbol = products.get(order.product)
+    if symbol is None:
+        raise ValueError(f"unknown product {order.product!r}")
+    return OrderStep(
+        symbol, order.product, order.event_id, order.ts_event_ns, order.ts_init_ns, amount, units
+    )
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def book_states(engine: Engine) -> list[hedging_pb2.ProductBookState]:
+    """Every product's books, exact: what NAV accounting marks at the tick price."""
+    out = []
+    for book in engine.books.products.values():
+        values = {
+            "units": book.units,
+            "cash": book.cash,
+            "qty": book.qty,
+            "target_leverage": engine.targets[book.product],
+            "equity_floor": book.equity_floor,
+            "trading_fees": book.trading_fees,
+            "slippage": book.slippage,
+            "funding": book.funding,
+            "management_fees": book.management_fees,
+            "insurance_received": book.insurance_received,
+            "last_nav": book.last_nav,
+        }
+        out.append(
+            hedging_pb2.ProductBookState(
+                product=book.product,
+                **{name: decimal_to_wire(value, name=name) for name, value in values.items()},
+            )
+        )
+    return out
+
+
+def hedge_filled(hedge: HedgeExecuted, event_id: str, ts_init_ns: int) -> hedging_pb2.HedgeFilled:
+    """`fill_price` is the volume-weighted average to 1e-8 (the reference when the
+    products' changes crossed and nothing traded); the allocations are exact."""
+    cost = sum((f.qty * f.price for f in hedge.fills), ZERO)
+    average = (
+        (cost / hedge.net_qty).quantize(USDT_QUANTUM, ROUND_HALF_EVEN)
+        if hedge.net_qty
+        else hedge.reference_price
+    )
+    return hedging_pb2.HedgeFilled(
+        event_id=event_id,
+        symbol=hedge.symbol,
+        ts_event_ns=hedge.ts_ns,
+        ts_init_ns=ts_init_ns,
+        net_qty=decimal_to_wire(hedge.net_qty, name="net_qty"),
+        fill_price=decimal_to_wire(average, name="fill_price"),
+        venue_fee=decimal_to_wire(sum((f.fee for f in hedge.fills), ZERO), name="venue_fee"),
+        slices=len(hedge.fills),
+        allocations=[
+            hedging_pb2.FillAllocation(
+                product=a.product,
+                qty=decimal_to_wire(a.qty, name="qty"),
+                cost=decimal_to_wire(a.notional + a.slippage, name="cost"),
+                fee=decimal_to_wire(a.fee, name="fee"),
+                slippage=decimal_to_wire(a.slippage, name="slippage"),
+            )
+            for a in hedge.allocations
+        ],
+    )
+
+
+def funding_settled(
+    funding: FundingSettled, event_id: str, ts_init_ns: int
+) -> hedging_pb2.FundingSettled:
+    return hedging_pb2.FundingSettled(
+        event_id=event_id,
+        symbol=funding.symbol,
+        ts_event_ns=funding.ts_ns,
+        ts_init_ns=ts_init_ns,
+        rate=decimal_to_wire(funding.rate, name="rate"),
+        mark_price=decimal_to_wire(funding.mark_price, name="mark_price"),
+        allocations=[
+            hedging_pb2.FundingAllocation(
+                product=product, amount=decimal_to_wire(amount, name="amount")
+            )
+            for product, amount in funding.allocations
+        ],
+    )
+
+
+def hedge_update(
+    engine: Engine,
+    event_id: str,
+    events: Iterable[object],
+    *,
+    ts_init_ns: int,
+    market: market_pb2.MarketEvent | None = None,
+    targets: Sequence[leverage_pb2.LeverageTargetChanged] = (),
+    regime: common_pb2.Regime = common_pb2.REGIME_UNSPECIFIED,
+) -> hedging_pb2.HedgeUpdate:
+    """One HedgeUpdate for one engine call: its events, and every product's books after."""
+    update = hedging_pb2.HedgeUpdate(
+        event_id=event_id, targets=targets, regime=regime, products=book_states(engine)
+    )
+    if market is not None:
+        update.market.CopyFrom(market)
+    for event in events:
+        if isinstance(event, HedgeExecuted):
+            if update.HasField("filled"):
+                raise ValueError(f"{event_id}: the engine executed two hedges in one event")
+            update.filled.CopyFrom(hedge_filled(event, event_id, ts_init_ns))
+        elif isinstance(event, FundingSettled):
+            update.funding.CopyFrom(funding_settled(event, event_id, ts_init_ns))
+        elif isinstance(event, ManagementFeeAccrued):
+            update.management_fees.add(
+                product=event.product, amount=decimal_to_wire(event.amount, name="amount")
+            )
+        elif isinstance(event, InsuranceClaimPaid):
+            update.insurance_claims.add(
+                product=event.product,
+                amount=decimal_to_wire(event.amount, name="amount"),
+                equity_before=decimal_to_wire(event.equity_before, name="equity_before"),
+            )
+        elif isinstance(event, AccountLiquidated):
+            update.liquidated.CopyFrom(liquidation_to_wire(event))
+    return update

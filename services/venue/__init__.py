@@ -1,0 +1,1 @@
+"""The venue service: the simulated perpetual exchange behind gRPC (services/venue/main.py)."""

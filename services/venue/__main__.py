@@ -1,0 +1,3 @@
+from services.venue.main import main
+
+main()

@@ -1,0 +1,18 @@
+"""Venue settings: env prefix SMARTLEV_VENUE_ (see shared/settings.py)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import ServiceSettings, service_config
+
+
+class VenueSettings(ServiceSettings):
+    model_config = service_config("venue")
+
+    service: str = "venue"
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50052, ge=0, le=65535)  # 0: any free port (tests)
+    metrics_port: int = Field(default=9106, ge=0, le=65535)
+    health_interval_s: float = Field(default=1.0, gt=0)  # how often Redis is probed
+    grace_s: float = Field(default=5.0, ge=0)  # in-flight calls finish on SIGTERM

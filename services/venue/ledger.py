@@ -1,0 +1,146 @@
+"""The venue's accounts: one `PerpVenue` per symbol, persisted in Redis, applied once per id.
+
+Every mutating call runs under its symbol's lock: look the id up; if it was applied,
+answer its recorded reply; otherwise apply the call to the in-memory account and write
+the account's new state together with the id and its reply in one atomic Redis step
+(`ApplyOnceStore`, keys `<ns>venue:{<symbol>}:account|applied|meta`). A failed write
+rolls the in-memory account back, so memory never runs ahead of Redis. The tag version
+is checked on write: a second venue process writing the same account is refused
+(CONFLICT) instead of silently forking its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from google.protobuf.message import Message
+from redis.asyncio import Redis
+
+from shared.codec import encode
+from shared.core.config import StrategyConfig
+from shared.core.venue import PerpVenue
+from shared.redis_store import ApplyOnceStore, ApplyStatus
+
+R = TypeVar("R", bound=Message)
+
+
+class IdReused(ValueError):
+    """An id already applied to a different request: the caller has a bug."""
+
+
+class StateConflict(RuntimeError):
+    """Another writer moved the account in Redis; the in-memory copy was reloaded."""
+
+
+@dataclass
+class _Account:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    venue: PerpVenue | None = None
+    version: int = 0
+
+
+def fingerprint(method: str, request: Message) -> str:
+    """What an id was first used for: a repeat must be the very same request."""
+    return hashlib.sha256(method.encode() + b"\0" + encode(request)).hexdigest()
+
+
+class VenueLedger:
+    """All accounts of the venue; see the module doc."""
+
+    def __init__(self, redis: Redis, config: StrategyConfig, namespace: str = "") -> None:
+        self.config = config
+        self.store = ApplyOnceStore(redis, namespace=f"{namespace}venue")
+        self._accounts: dict[str, _Account] = {}
+
+    def _slot(self, symbol: str) -> _Account:
+        self.config.instrument(symbol)  # ValueError naming the configured symbols
+        return self._accounts.setdefault(symbol, _Account())
+
+    async def _load(self, symbol: str, account: _Account) -> PerpVenue:
+        if account.venue is None:
+            fields, version = await self.store.read(symbol, "account")
+            spec = self.config.instrument(symbol)
+            if fields:
+                snapshot: dict[str, object] = dict(fields)
+                snapshot["liquidations"] = int(fields["liquidations"])
+                account.venue = PerpVenue.restore(spec, self.config.venue, snapshot)
+            else:
+                account.venue = PerpVenue(spec, self.config.venue)
+            account.version = version
+        return account.venue
+
+    async def account(self, symbol: str) -> PerpVenue:
+        """The account as of the last applied call (read under the lock: consistent)."""
+        account = self._slot(symbol)
+        async with account.lock:
+            return await self._load(symbol, account)
+
+    async def apply(
+        self,
+        symbol: str,
+        call_id: str,
+        method: str,
+        request: Message,
+        reply_type: type[R],
+        mutate: Callable[[PerpVenue], R],
+    ) -> tuple[R, bool]:
+        """(reply, replayed): run `mutate` once for `call_id`, or answer its record."""
+        account = self._slot(symbol)
+        print_ = fingerprint(method, request)
+        async with account.lock:
+            venue = await self._load(symbol, account)
+            recorded = await self._recorded(symbol, call_id, print_, reply_type)
+            if recorded is not None:
+                return recorded, True
+            before = venue.snapshot()
+            try:
+                reply = mutate(venue)
+                record = json.dumps(
+                    {"method": method, "request": print_, "reply": _b64(encode(reply))}
+                )
+                result = await self.store.apply(
+                    symbol,
+                    {self.store.state_key(symbol, "account"): _fields(venue)},
+                    message_id=call_id,
+                    marker=record,
+                    expected_version=account.version,
+                )
+            except BaseException:
+                account.venue = PerpVenue.restore(venue.spec, venue.config, before)
+                raise
+            if result.status is ApplyStatus.APPLIED:
+                account.version = result.version
+                return reply, False
+            account.venue = None  # another writer: reload from Redis on the next call
+            raise StateConflict(
+                f"{symbol}: account changed in Redis under this venue ({result.status.name})"
+            )
+
+    async def _recorded(
+        self, symbol: str, call_id: str, print_: str, reply_type: type[R]
+    ) -> R | None:
+        applied_key = self.store.state_key(symbol, "applied")
+        raw = await self.store.client.hget(applied_key, call_id)
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        if record["request"] != print_:
+            raise IdReused(f"id {call_id!r} was already used for a different {record['method']}")
+        reply = reply_type()
+        reply.ParseFromString(base64.b64decode(record["reply"]))
+        return reply
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _fields(venue: PerpVenue) -> dict[str, str | int]:
+    snapshot = venue.snapshot()
+    return {k: v if isinstance(v, int) else str(v) for k, v in snapshot.items()}

@@ -1,0 +1,347 @@
+"""The venue service: `python -m services.venue`.
+
+A grpc.aio server (smartlev.v1.Venue, grpc.health.v1, reflection) over `VenueLedger`.
+This module only validates requests, calls the ledger and maps errors to status codes;
+the exchange rules are the core's `PerpVenue`, the persistence and idempotency the
+ledger's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from prometheus_client import Counter, Histogram
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from smartlev.v1 import venue_pb2, venue_pb2_grpc
+
+from services.venue.config import VenueSettings
+from services.venue.ledger import IdReused, StateConflict, VenueLedger
+from shared.adapters.venue_client import (
+    LIQUIDITY_FROM_WIRE,
+    account_to_wire,
+    fill_to_wire,
+    liquidation_to_wire,
+)
+from shared.codec import DecodeError, decimal_from_wire, decimal_to_wire
+from shared.core.config import StrategyConfig
+from shared.core.venue import PerpVenue
+from shared.health import GrpcHealth, HealthRegistry, HealthServer, redis_check
+from shared.logging import configure_logging, get_logger
+
+SERVICE_NAME = "smartlev.v1.Venue"
+T = TypeVar("T")
+R = TypeVar("R", bound=Message)
+
+REQUESTS = Counter(
+    "smartlev_venue_requests_total",
+    "Venue calls by rpc and outcome: applied, replayed (repeated id), or the status code.",
+    ["rpc", "outcome"],
+)
+FILLS = Counter("smartlev_venue_fills_total", "Orders filled (not replays).", ["symbol"])
+LATENCY = Histogram(
+    "smartlev_venue_request_seconds",
+    "Time to answer a venue call, Redis write included.",
+    ["rpc"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+
+log = get_logger("venue")
+
+
+class Rejected(Exception):
+    """A request refused before anything changed."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _id(value: str, name: str) -> str:
+    if not value.strip():
+        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is required")
+    return value
+
+
+def _decimal(text: str, name: str, *, positive: bool = False) -> Decimal:
+    try:
+        value = decimal_from_wire(text, name=name)
+    except DecodeError as exc:
+        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, exc.reason) from None
+    if positive and value <= 0:
+        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: must be > 0, got {value}")
+    return value
+
+
+class VenueServicer(venue_pb2_grpc.VenueServicer):
+    def __init__(self, ledger: VenueLedger) -> None:
+        self.ledger = ledger
+
+    def _symbol(self, symbol: str) -> str:
+        try:
+            self.ledger.config.instrument(symbol)
+        except ValueError as exc:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        return symbol
+
+    async def _answer(
+        self, rpc: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
+    ) -> T:
+        start = time.perf_counter()
+        try:
+            result = await work()
+        except Rejected as exc:
+            REQUESTS.labels(rpc, exc.code.name).inc()
+            await context.abort(exc.code, str(exc))
+        except IdReused as exc:
+            REQUESTS.labels(rpc, "FAILED_PRECONDITION").inc()
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except (StateConflict, RedisError, OSError) as exc:
+            REQUESTS.labels(rpc, "UNAVAILABLE").inc()
+            log.error("venue_unavailable", rpc=rpc, error=f"{type(exc).__name__}: {exc}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"venue state unavailable: {exc}")
+        LATENCY.labels(rpc).observe(time.perf_counter() - start)
+        return result
+
+    async def _apply(
+        self,
+        rpc: str,
+        symbol: str,
+        call_id: str,
+        request: Message,
+        reply_type: type[R],
+        mutate: Callable[[PerpVenue], R],
+    ) -> tuple[R, bool]:
+        """(reply, replayed) of a mutating call, counted."""
+        reply, replayed = await self.ledger.apply(symbol, call_id, rpc, request, reply_type, mutate)
+        REQUESTS.labels(rpc, "replayed" if replayed else "applied").inc()
+        return reply, replayed
+
+    async def SubmitOrder(
+        self, request: venue_pb2.SubmitOrderRequest, context: grpc.aio.ServicerContext
+    ) -> venue_pb2.SubmitOrderReply:
+        async def work() -> venue_pb2.SubmitOrderReply:
+            symbol = self._symbol(request.symbol)
+            order_id = _id(request.client_order_id, "client_order_id")
+            qty = _decimal(request.qty, "qty")
+            reference = _decimal(request.reference_price, "reference_price", positive=True)
+            lot = self.ledger.config.instrument(symbol).lot_step
+            if qty == 0 or qty % lot != 0:
+                raise Rejected(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"qty: {qty} is not a non-zero whole number of lots ({lot})",
+                )
+            liquidity = LIQUIDITY_FROM_WIRE.get(request.liquidity)
+            if liquidity is None:
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "liquidity: TAKER or MAKER")
+
+            def fill(venue: PerpVenue) -> venue_pb2.SubmitOrderReply:
+                filled = venue.execute(request.ts_event_ns, qty, reference, liquidity)
+                return venue_pb2.SubmitOrderReply(
+                    client_order_id=order_id,
+                    fill=fill_to_wire(filled),
+                    account=account_to_wire(venue),
+                )
+
+            reply, replayed = await self._apply(
+                "SubmitOrder", symbol, order_id, request, venue_pb2.SubmitOrderReply, fill
+            )
+            if not replayed:
+                FILLS.labels(symbol).inc()
+            return reply
+
+        return await self._answer("SubmitOrder", context, work)
+
+    async def Transfer(
+        self, request: venue_pb2.TransferRequest, context: grpc.aio.ServicerContext
+    ) -> venue_pb2.TransferReply:
+        async def work() -> venue_pb2.TransferReply:
+            symbol = self._symbol(request.symbol)
+            transfer_id = _id(request.transfer_id, "transfer_id")
+            amount = _decimal(request.amount, "amount")
+
+            def move(venue: PerpVenue) -> venue_pb2.TransferReply:
+                venue.transfer(amount)
+                return venue_pb2.TransferReply(
+                    transfer_id=transfer_id, account=account_to_wire(venue)
+                )
+
+            reply, _ = await self._apply(
+                "Transfer", symbol, transfer_id, request, venue_pb2.TransferReply, move
+            )
+            return reply
+
+        return await self._answer("Transfer", context, work)
+
+    async def SettleFunding(
+        self, request: venue_pb2.SettleFundingRequest, context: grpc.aio.ServicerContext
+    ) -> venue_pb2.SettleFundingReply:
+        async def work() -> venue_pb2.SettleFundingReply:
+            symbol = self._symbol(request.symbol)
+            settlement_id = _id(request.settlement_id, "settlement_id")
+            rate = _decimal(request.rate, "rate")
+            mark = _decimal(request.mark_price, "mark_price", positive=True)
+
+            def settle(venue: PerpVenue) -> venue_pb2.SettleFundingReply:
+                amount = venue.settle_funding(rate, mark)
+                return venue_pb2.SettleFundingReply(
+                    settlement_id=settlement_id,
+                    amount=decimal_to_wire(amount, name="amount"),
+                    account=account_to_wire(venue),
+                )
+
+            reply, _ = await self._apply(
+                "SettleFunding",
+                symbol,
+                settlement_id,
+                request,
+                venue_pb2.SettleFundingReply,
+                settle,
+            )
+            return reply
+
+        return await self._answer("SettleFunding", context, work)
+
+    async def CheckLiquidation(
+        self, request: venue_pb2.CheckLiquidationRequest, context: grpc.aio.ServicerContext
+    ) -> venue_pb2.CheckLiquidationReply:
+        async def work() -> venue_pb2.CheckLiquidationReply:
+            symbol = self._symbol(request.symbol)
+            check_id = _id(request.check_id, "check_id")
+            mark = _decimal(request.mark_price, "mark_price", positive=True)
+
+            def check(venue: PerpVenue) -> venue_pb2.CheckLiquidationReply:
+                event = venue.check_liquidation(request.ts_event_ns, mark)
+                reply = venue_pb2.CheckLiquidationReply(
+                    check_id=check_id, account=account_to_wire(venue)
+                )
+                if event is not None:
+                    reply.liquidated.CopyFrom(liquidation_to_wire(event))
+                return reply
+
+            reply, _ = await self._apply(
+                "CheckLiquidation",
+                symbol,
+                check_id,
+                request,
+                venue_pb2.CheckLiquidationReply,
+                check,
+            )
+            return reply
+
+        return await self._answer("CheckLiquidation", context, work)
+
+    async def GetAccount(
+        self, request: venue_pb2.GetAccountRequest, context: grpc.aio.ServicerContext
+    ) -> venue_pb2.VenueAccount:
+        async def work() -> venue_pb2.VenueAccount:
+            symbol = self._symbol(request.symbol)
+            account = account_to_wire(await self.ledger.account(symbol))
+            REQUESTS.labels("GetAccount", "applied").inc()
+            return account
+
+        return await self._answer("GetAccount", context, work)
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class VenueServer:
+    """The gRPC server, its health switch (SERVING only while Redis answers) and the
+    /metrics + /healthz endpoint; `start()` / `stop()` so tests run it in-process."""
+
+    def __init__(
+        self,
+        settings: VenueSettings,
+        redis: Redis,
+        config: StrategyConfig | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.ledger = VenueLedger(redis, config or StrategyConfig(), settings.namespace)
+        self.server = grpc.aio.server()
+        self.port = 0
+        self._health: GrpcHealth | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._http: HealthServer | None = None
+
+    async def start(self) -> int:
+        """Serve; returns the bound gRPC port."""
+        venue_pb2_grpc.add_VenueServicer_to_server(VenueServicer(self.ledger), self.server)
+        self._health = await GrpcHealth.install(self.server, [SERVICE_NAME])
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise RuntimeError(f"venue: cannot bind gRPC on {address}")
+        await self.server.start()
+        self._watch = asyncio.create_task(self._watch_redis(self._health))
+        if self.settings.metrics_port:
+            registry = HealthRegistry()
+            registry.register("redis", redis_check(self.redis))
+            self._http = HealthServer(
+                registry, port=self.settings.metrics_port, service=self.settings.service
+            )
+            await self._http.start()
+        log.info("venue_started", grpc=f"{self.settings.grpc_host}:{self.port}")
+        return self.port
+
+    async def _watch_redis(self, health: GrpcHealth) -> None:
+        serving: bool | None = None
+        while True:
+            try:
+                ok = bool(await asyncio.wait_for(self.redis.ping(), 2.0))
+            except (RedisError, OSError, TimeoutError):
+                ok = False
+            if ok != serving:
+                await health.set_serving(ok)
+                log.info("venue_health", serving=ok)
+                serving = ok
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self._health is not None:
+            await self._health.shutdown()
+        await self.server.stop(self.settings.grace_s)
+        if self._http is not None:
+            await self._http.stop()
+
+
+async def serve(settings: VenueSettings) -> None:
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        await redis.ping()
+    except (RedisError, OSError) as exc:
+        raise SystemExit(f"venue: Redis at {settings.redis_url} is not reachable: {exc}") from exc
+    server = VenueServer(settings, redis)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("venue_stopping")
+        await server.stop()
+        await redis.aclose()
+
+
+def main() -> None:
+    settings = VenueSettings()
+    configure_logging(settings.service, settings.log_level)
+    asyncio.run(serve(settings))

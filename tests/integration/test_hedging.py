@@ -1,0 +1,257 @@
+"""Hedging end to end on the real broker and Redis, against a real venue process.
+
+TargetsUpdates are made in-process by the same core calls the regime and leverage
+services make (SignalPipeline + decide) over ~300 real BTC ticks from 2021-05-12 (the
+May crash), funding merged in; two PositionOpened orders go first. The last HedgeUpdate's
+books must equal, to the last digit, `smart_strategy` run in-process on the same input.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from uuid import uuid4
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kafka import KafkaConsumer, KafkaProducer
+from smartlev.v1 import hedging_pb2, leverage_pb2, orders_pb2, venue_pb2, venue_pb2_grpc
+
+from services.hedging.messages import book_states
+from services.leverage.messages import targets_update
+from shared import codec
+from shared.adapters.kafka_admin import ensure_topics
+from shared.adapters.market_data import load_bars, load_funding, load_marks
+from shared.adapters.tick_replay import data_dir, file_stem
+from shared.backtest import market_events
+from shared.core.bars import ticks_from_bars
+from shared.core.config import StrategyConfig
+from shared.core.engine import SignalPipeline, decide, risk_price
+from shared.core.market import FundingRate
+from shared.core.products import SIDES, product_id, smart_controllers, smart_strategy
+from shared.topics import HEDGE_FILLS, LEVERAGE_TARGETS, ORDERS_EVENTS
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SYMBOL = "BTC-USDT"
+START = int(datetime(2021, 5, 12, tzinfo=UTC).timestamp()) * 1_000_000_000
+BARS = 75  # x 4 ticks (open, low/high, high/low, close)
+DEPOSITS = {
+    product_id(SYMBOL, side): Decimal(amount)
+    for side, amount in zip(SIDES, ("250000", "100000.5"), strict=True)
+}
+
+
+@dataclass
+class Input:
+    targets: list[leverage_pb2.TargetsUpdate]
+    orders: list[orders_pb2.OrderEvent]
+    expected: list[hedging_pb2.ProductBookState]
+
+
+def build_input(config: StrategyConfig) -> Input:
+    """The messages, and the books the in-process strategy ends with on them."""
+    stem, root = file_stem(SYMBOL), data_dir()
+    interval = config.features.bar_seconds * 1_000_000_000
+    end = START + BARS * interval
+    bars, _ = load_bars(root / f"{stem}_perp_1h_2019_2023.csv", SYMBOL, start_ns=START, end_ns=end)
+    rates, _ = load_funding(root / f"{stem}_funding_8h_2019_2023.csv", SYMBOL)
+    marks = load_marks(root / f"{stem}_mark_1h_2019_2023.csv", start_ns=START, end_ns=end)
+    funding = [r for r in rates if START <= r.ts_ns < end]
+    ticks = list(ticks_from_bars(bars, interval, marks))
+
+    orders = [
+        orders_pb2.OrderEvent(
+            opened=orders_pb2.PositionOpened(
+                event_id=f"open-{i}",
+                position_id=f"p{i}",
+                user_id="u",
+                product=product,
+                ts_event_ns=START,
+                ts_init_ns=START,
+                amount=codec.decimal_to_wire(amount),
+            )
+        )
+        for i, (product, amount) in enumerate(DEPOSITS.items())
+    ]
+    signals = SignalPipeline(SYMBOL, config.features, config.regime)
+    controllers = smart_controllers(SYMBOL, config)
+    reference = smart_strategy(SYMBOL, config)
+    for product, amount in DEPOSITS.items():
+        reference.engine.deposit(product, amount, START)
+    targets = []
+    for seq, event in enumerate(market_events(ticks, funding), start=1):
+        if isinstance(event, FundingRate):
+            market = codec.market_event_from_funding(event, seq=seq, source="t", ts_init_ns=1)
+            targets.append(targets_update(market, SYMBOL, seq, False, "RANGE", [], 1))
+            reference.engine.on_funding(event)
+            continue
+        market = codec.market_event_from_tick(event, seq=seq, source="t", ts_init_ns=1)
+        regime = signals.on_tick(event.ts_ns, event.price)
+        decisions = decide(controllers, event.ts_ns, event.price, risk_price(event), regime)
+        name = "RANGE" if regime is None else str(regime.regime)
+        targets.append(targets_update(market, SYMBOL, seq, regime is not None, name, decisions, 1))
+        reference.on_tick(event, regime)
+    return Input(targets, orders, book_states(reference.engine))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", **env},
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+@dataclass
+class Stack:
+    namespace: str
+    venue_address: str
+    metrics: str
+    producer: KafkaProducer
+    consumer: KafkaConsumer
+
+    def fills(self, count: int, timeout_s: float = 60.0) -> list[hedging_pb2.HedgeUpdate]:
+        out: list[hedging_pb2.HedgeUpdate] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < count and time.monotonic() < deadline:
+            for records in self.consumer.poll(timeout_ms=500).values():
+                out += [codec.decode(hedging_pb2.HedgeUpdate, r.value) for r in records]
+        return out
+
+    def send(self, spec_name: str, messages: list[object]) -> None:
+        for message in messages:
+            self.producer.send(spec_name, key=SYMBOL, value=message)
+        self.producer.flush()
+
+    def account(self) -> venue_pb2.VenueAccount:
+        with grpc.insecure_channel(self.venue_address) as channel:
+            stub = venue_pb2_grpc.VenueStub(channel)
+            return stub.GetAccount(venue_pb2.GetAccountRequest(symbol=SYMBOL))
+
+    def skipped(self) -> float:
+        """Redelivered targets the service skipped (its /metrics)."""
+        url = f"http://127.0.0.1:{self.metrics}/metrics"
+        with urllib.request.urlopen(url) as reply:
+            lines = reply.read().decode().splitlines()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if line.startswith("smartlev_stream_messages_total{")
+            and 'outcome="skipped"' in line
+            and 'topic="leverage.targets"' in line
+        )
+
+
+@pytest.fixture
+def stack(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> Iterator[Stack]:
+    namespace = f"t{uuid4().hex[:8]}."
+    specs = [s.in_namespace(namespace) for s in (LEVERAGE_TARGETS, ORDERS_EVENTS, HEDGE_FILLS)]
+    ensure_topics(kafka_bootstrap, [*specs, *(s.dlq() for s in specs)], verbose=False)
+    grpc_port, metrics = free_port(), free_port()
+    common = {"KAFKA__BOOTSTRAP": kafka_bootstrap, "REDIS__URL": redis_url, "NAMESPACE": namespace}
+    venue = start(
+        "services.venue",
+        {f"SMARTLEV_VENUE_{k}": v for k, v in common.items()}
+        | {"SMARTLEV_VENUE_GRPC_PORT": str(grpc_port), "SMARTLEV_VENUE_METRICS_PORT": "0"},
+        tmp_path / "venue.log",
+    )
+    address = f"127.0.0.1:{grpc_port}"
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=15)
+        for _ in range(50):
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            time.sleep(0.1)
+            reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    hedging = start(
+        "services.hedging",
+        {f"SMARTLEV_HEDGING_{k}": v for k, v in common.items()}
+        | {
+            "SMARTLEV_HEDGING_VENUE_ADDRESS": address,
+            "SMARTLEV_HEDGING_METRICS_PORT": str(metrics),
+        },
+        tmp_path / "hedging.log",
+    )
+    producer = KafkaProducer(
+        bootstrap_servers=kafka_bootstrap,
+        key_serializer=codec.key_serializer,
+        value_serializer=codec.serializer,
+        acks="all",
+    )
+    consumer = KafkaConsumer(
+        specs[2].name, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    try:
+        yield Stack(namespace, address, str(metrics), producer, consumer)
+    finally:
+        producer.close()
+        consumer.close()
+        stop(hedging)
+        stop(venue)
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=f"{namespace}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+        for name in ("venue.log", "hedging.log"):
+            print(f"--- {name}\n" + (tmp_path / name).read_text()[-3000:])
+
+
+def test_hedging_books_equal_the_in_process_strategy(stack: Stack) -> None:
+    data = build_input(StrategyConfig())
+    ns = stack.namespace
+    stack.send(f"{ns}orders.events", list(data.orders))
+    opened = stack.fills(len(data.orders))
+    assert [u.event_id for u in opened] == [f"{SYMBOL}:order:open-{i}" for i in range(2)]
+
+    stack.send(f"{ns}leverage.targets", list(data.targets))
+    updates = stack.fills(len(data.targets))
+    assert len(updates) == len(data.targets)
+    seqs = [u.market.tick.seq or u.market.funding.seq for u in updates]
+    assert seqs == list(range(1, len(data.targets) + 1))
+    assert any(u.HasField("filled") for u in updates)
+    assert any(u.HasField("funding") for u in updates)
+    last = updates[-1]
+    assert list(last.products) == data.expected  # every field, every digit
+
+    # A redelivered TargetsUpdate (same seq) changes nothing and trades nothing.
+    account = stack.account()
+    stack.send(f"{ns}leverage.targets", [data.targets[-1]])
+    deadline = time.monotonic() + 15
+    while stack.skipped() < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stack.skipped() == 1
+    assert stack.fills(1, timeout_s=1.0) == []
+    assert stack.account() == account

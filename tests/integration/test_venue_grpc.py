@@ -1,0 +1,242 @@
+"""The venue service over a real gRPC channel, its state in the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from uuid import uuid4
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from redis.asyncio import Redis
+from smartlev.v1 import venue_pb2, venue_pb2_grpc
+
+from services.venue.config import VenueSettings
+from services.venue.main import VenueServer
+from shared.adapters.venue_client import RemoteVenue, fill_from_wire, venue_channel
+from shared.core.config import StrategyConfig
+from shared.core.venue import Liquidity, PerpVenue
+
+pytestmark = pytest.mark.integration
+
+SYMBOL = "BTC-USDT"
+CONFIG = StrategyConfig()
+
+
+class Venue:
+    """An in-process venue server on a free port with its own Redis namespace."""
+
+    def __init__(self, redis: Redis, namespace: str) -> None:
+        self.redis = redis
+        self.settings = VenueSettings(
+            namespace=namespace, grpc_port=0, metrics_port=0, health_interval_s=0.1, grace_s=0
+        )
+        self.server = VenueServer(self.settings, redis)
+
+    async def __aenter__(self) -> Venue:
+        port = await self.server.start()
+        self.target = f"127.0.0.1:{port}"
+        self.channel = grpc.aio.insecure_channel(self.target)
+        self.stub = venue_pb2_grpc.VenueStub(self.channel)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+        await self.server.stop()
+
+
+@pytest.fixture
+async def env(redis_url: str) -> AsyncIterator[tuple[Redis, str]]:
+    namespace = f"t{uuid4().hex[:8]}."
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    yield redis, namespace
+    keys = [k async for k in redis.scan_iter(match=f"{namespace}venue:*")]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()
+
+
+def order(
+    order_id: str, qty: str, price: str = "50000", ts: int = 1, symbol: str = SYMBOL
+) -> venue_pb2.SubmitOrderRequest:
+    return venue_pb2.SubmitOrderRequest(
+        symbol=symbol,
+        client_order_id=order_id,
+        qty=qty,
+        reference_price=price,
+        liquidity=venue_pb2.LIQUIDITY_TAKER,
+        ts_event_ns=ts,
+    )
+
+
+async def account(stub: venue_pb2_grpc.VenueStub) -> venue_pb2.VenueAccount:
+    return await stub.GetAccount(venue_pb2.GetAccountRequest(symbol=SYMBOL))
+
+
+async def test_remote_venue_equals_perp_venue(env: tuple[Redis, str]) -> None:
+    """The same calls through RemoteVenue (sync client, in a thread) and a local PerpVenue
+    give the same fills, funding, liquidation check and account, exactly."""
+    redis, namespace = env
+    spec = CONFIG.instrument(SYMBOL)
+    local = PerpVenue(spec, CONFIG.venue)
+    async with Venue(redis, namespace) as venue:
+
+        def run(target: object) -> list[object]:
+            out: list[object] = []
+            assert isinstance(target, PerpVenue | RemoteVenue)
+            if isinstance(target, RemoteVenue):
+                target.begin(f"{SYMBOL}:1")
+            target.transfer(Decimal("100000.5"))
+            out.append(target.execute(1, Decimal("3.217"), Decimal("50000.1")))
+            out.append(target.execute(2, Decimal("-1.001"), Decimal("49000"), Liquidity.MAKER))
+            out.append(target.execute(3, Decimal("-40"), Decimal("51234.5")))
+            out.append(target.settle_funding(Decimal("0.0001"), Decimal("50500.25")))
+            out.append(target.check_liquidation(4, Decimal("50000")))
+            out.append((target.position, target.wallet, target.pnl(Decimal("49999.9"))))
+            out.append(target.at_risk(1e9))
+            return out
+
+        channel = venue_channel(venue.target)
+        remote = RemoteVenue(channel, spec, CONFIG.venue)
+        try:
+            remote_out = await asyncio.to_thread(run, remote)
+        finally:
+            channel.close()
+        assert remote_out == run(local)
+        assert remote.state() == local.snapshot()
+        state = await account(venue.stub)
+        assert state.wallet == str(local.wallet) and state.position == str(local.position)
+        assert state.fees_paid == str(local.fees_paid)
+        assert state.funding_paid == str(local.funding_paid)
+
+
+async def test_repeated_id_returns_original_and_changes_nothing(env: tuple[Redis, str]) -> None:
+    redis, namespace = env
+    async with Venue(redis, namespace) as venue:
+        await venue.stub.Transfer(
+            venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="t1", amount="1000000")
+        )
+        first = await venue.stub.SubmitOrder(order("o1", "2.5"))
+        after_first = await account(venue.stub)
+        again = await venue.stub.SubmitOrder(order("o1", "2.5"))
+        assert again == first
+        assert await account(venue.stub) == after_first
+        # The repeated transfer is not applied twice either.
+        await venue.stub.Transfer(
+            venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="t1", amount="1000000")
+        )
+        assert await account(venue.stub) == after_first
+        # The same id for a different order is a caller bug: refused, nothing changes.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await venue.stub.SubmitOrder(order("o1", "3"))
+        assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert await account(venue.stub) == after_first
+        assert fill_from_wire(first.fill).qty == Decimal("2.5")
+
+
+async def test_restart_continues_with_the_same_state(env: tuple[Redis, str]) -> None:
+    redis, namespace = env
+    async with Venue(redis, namespace) as venue:
+        await venue.stub.Transfer(
+            venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="t1", amount="500000")
+        )
+        first = await venue.stub.SubmitOrder(order("o1", "1.234"))
+        before = await account(venue.stub)
+    async with Venue(redis, namespace) as venue:
+        assert await account(venue.stub) == before
+        assert await venue.stub.SubmitOrder(order("o1", "1.234")) == first  # still known
+        second = await venue.stub.SubmitOrder(order("o2", "-0.5", "51000", 2))
+    local = PerpVenue(CONFIG.instrument(SYMBOL), CONFIG.venue)
+    local.transfer(Decimal("500000"))
+    local.execute(1, Decimal("1.234"), Decimal("50000"))
+    fill = local.execute(2, Decimal("-0.5"), Decimal("51000"))
+    assert fill_from_wire(second.fill) == fill
+    assert second.account.wallet == str(local.wallet)
+    assert second.account.position == str(local.position)
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (order("x1", "1", symbol="DOGE-USDT"), "unknown symbol"),
+        (order("x1", "NaN"), "not a plain decimal"),
+        (order("x1", "1e3"), "not a plain decimal"),
+        (order("x1", "Infinity"), "not a plain decimal"),
+        (order("x1", "0.0005"), "whole number of lots"),
+        (order("x1", "0"), "whole number of lots"),
+        (order("", "1"), "client_order_id is required"),
+        (order("x1", "1", "-5"), "must be > 0"),
+        (order("x1", "1", ""), "not a plain decimal"),
+    ],
+)
+async def test_invalid_orders_change_nothing(
+    env: tuple[Redis, str], request_: venue_pb2.SubmitOrderRequest, message: str
+) -> None:
+    redis, namespace = env
+    async with Venue(redis, namespace) as venue:
+        await venue.stub.Transfer(
+            venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="t1", amount="1000")
+        )
+        before = await account(venue.stub)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await venue.stub.SubmitOrder(request_)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert message in (err.value.details() or "")
+        assert await account(venue.stub) == before
+        assert not await redis.hexists(f"{namespace}venue:{{{SYMBOL}}}:applied", "x1")
+
+
+async def test_invalid_transfer_funding_and_check_change_nothing(env: tuple[Redis, str]) -> None:
+    redis, namespace = env
+    bad = [
+        ("Transfer", venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="b", amount="nan")),
+        ("Transfer", venue_pb2.TransferRequest(symbol=SYMBOL, amount="1")),
+        (
+            "SettleFunding",
+            venue_pb2.SettleFundingRequest(
+                symbol=SYMBOL, settlement_id="b", rate="0.0001", mark_price="0"
+            ),
+        ),
+        (
+            "SettleFunding",
+            venue_pb2.SettleFundingRequest(
+                symbol=SYMBOL, settlement_id="b", rate="-inf", mark_price="1"
+            ),
+        ),
+        (
+            "CheckLiquidation",
+            venue_pb2.CheckLiquidationRequest(symbol=SYMBOL, check_id="b", mark_price="x"),
+        ),
+        ("GetAccount", venue_pb2.GetAccountRequest(symbol="")),
+    ]
+    async with Venue(redis, namespace) as venue:
+        before = await account(venue.stub)
+        for rpc, request in bad:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await getattr(venue.stub, rpc)(request)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, rpc
+        assert await account(venue.stub) == before
+        assert await redis.hlen(f"{namespace}venue:{{{SYMBOL}}}:applied") == 0
+
+
+async def test_health_serving_and_reflection(env: tuple[Redis, str]) -> None:
+    redis, namespace = env
+    async with Venue(redis, namespace) as venue:
+        health = health_pb2_grpc.HealthStub(venue.channel)
+        for _ in range(50):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service="smartlev.v1.Venue"))
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.05)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        def services() -> set[str]:
+            with grpc.insecure_channel(venue.target) as channel:
+                return set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+        assert "smartlev.v1.Venue" in await asyncio.to_thread(services)
