@@ -183,6 +183,18 @@ def pid_alive(pid: int) -> bool:
     return state is not None and state not in ("Z", "X")  # a zombie has already exited
 
 
+STACK_MARKER = "SMARTLEV_STACK_ROOT"
+
+
+def pid_environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
 def pid_cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -464,11 +476,18 @@ class Stack:
             ports=spec.ports,
             argv=lambda: argv,
             health=health,
+            # The marker tells our service from a test's pipeline running the same module.
             owns=lambda pid: (
-                pid_cmdline(pid)[1:3] == ["-m", spec.module] and pid_cwd(pid) == self.root
+                pid_cmdline(pid)[1:3] == ["-m", spec.module]
+                and pid_cwd(pid) == self.root
+                and pid_environ(pid).get(STACK_MARKER) == str(self.root)
             ),
             start_timeout_s=spec.start_timeout_s,
-            env={"PYTHONUNBUFFERED": "1", **self.cfg.env_for(spec.name, spec.env)},
+            env={
+                "PYTHONUNBUFFERED": "1",
+                STACK_MARKER: str(self.root),
+                **self.cfg.env_for(spec.name, spec.env),
+            },
             prepare=prepare,
         )
 

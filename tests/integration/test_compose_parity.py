@@ -173,6 +173,10 @@ def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[s
         f"{host_side[0]}:{host_side[1]}": kafka_in_docker,
         f"{expected[native.redis_port][0]}:{native.redis_port}": f"redis:{native.redis_port}",
     }
+    # A gRPC service is reached by its container name instead of the host's loopback.
+    for spec in native.cfg.services:
+        if spec.health is not None and spec.health.kind == "grpc":
+            to_docker[f"127.0.0.1:{spec.health.port}"] = f"{spec.name}:{spec.health.port}"
 
     def translate(envs: dict[str, str]) -> dict[str, str]:
         out = {}
@@ -215,6 +219,9 @@ def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[s
             diffs.append(f"service {name}: ports {svc.get('ports')} != {sorted(spec.ports)}")
         have = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
         want = translate(native.cfg.env_for(name, spec.env))
+        # A gRPC server in a container listens on all its interfaces; natively on loopback.
+        for key in [k for k in want if k.endswith("_GRPC_HOST")]:
+            want[key] = "0.0.0.0"
         if have != want:
             diffs.append(f"service {name}: environment {have} != {want}")
         if svc.get("image") != "smartlev:dev" or svc.get("build") != ".":
@@ -294,11 +301,11 @@ def test_a_doctored_compose_file_is_caught(
 
 SERVICE = """
 [[services]]
-name = "regime"
-module = "services.regime"
-ports = [9102]
-env = { SMARTLEV_REGIME_METRICS_PORT = "9102" }
-health = { kind = "http", port = 9102, path = "/healthz" }
+name = "example"
+module = "services.example"
+ports = [9199]
+env = { SMARTLEV_EXAMPLE_METRICS_PORT = "9199" }
+health = { kind = "http", port = 9199, path = "/healthz" }
 """
 
 
@@ -307,27 +314,27 @@ def test_a_service_declared_on_one_side_only_is_caught(
 ) -> None:
     config = tmp_path / "stack.toml"
     config.write_text(runner.CONFIG.read_text() + SERVICE)
-    assert "service regime is in scripts/stack.toml but not in docker-compose.yml" in differences(
-        compose, config
+    assert "service example is in scripts/stack.toml but not in docker-compose.yml" in (
+        differences(compose, config)
     )
 
     # Declared on both sides, as docker-compose.yml's note shows: no difference...
     both = copy.deepcopy(compose)
-    both["services"]["regime"] = {
+    both["services"]["example"] = {
         **compose["x-python-service"],
-        "command": ["python", "-m", "services.regime"],
-        "ports": ["127.0.0.1:9102:9102"],
+        "command": ["python", "-m", "services.example"],
+        "ports": ["127.0.0.1:9199:9199"],
         "environment": {
-            "SMARTLEV_REGIME_KAFKA__BOOTSTRAP": "kafka:29092",
-            "SMARTLEV_REGIME_REDIS__URL": "redis://redis:6379/0",
-            "SMARTLEV_REGIME_METRICS_PORT": "9102",
+            "SMARTLEV_EXAMPLE_KAFKA__BOOTSTRAP": "kafka:29092",
+            "SMARTLEV_EXAMPLE_REDIS__URL": "redis://redis:6379/0",
+            "SMARTLEV_EXAMPLE_METRICS_PORT": "9199",
         },
     }
     assert differences(both, config) == []
 
     # ...until the environment drifts.
-    both["services"]["regime"]["environment"]["SMARTLEV_REGIME_METRICS_PORT"] = "9103"
-    assert any("service regime: environment" in d for d in differences(both, config))
+    both["services"]["example"]["environment"]["SMARTLEV_EXAMPLE_METRICS_PORT"] = "9198"
+    assert any("service example: environment" in d for d in differences(both, config))
 
 
 def test_env_names_map_to_kafka_properties() -> None:
