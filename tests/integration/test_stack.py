@@ -203,7 +203,7 @@ start_timeout_s = 15
 def test_declared_service_starts_is_healthy_and_stops(tmp_path: Path) -> None:
     port = free_port()
     stack = stack_with_service(tmp_path, port)
-    (svc,) = stack.services()
+    svc = next(s for s in stack.services() if s.name == "websvc")
     assert svc.env["SMARTLEV_WEBSVC_KAFKA__BOOTSTRAP"] == "127.0.0.1:9092"  # from [env]
     assert svc.env["SMARTLEV_WEBSVC_EXTRA"] == "1"
     stack.run.mkdir(parents=True)
@@ -230,7 +230,7 @@ def test_service_whose_port_is_taken_fails_fast(tmp_path: Path) -> None:
         holder.listen()
         port = holder.getsockname()[1]
         stack = stack_with_service(tmp_path, port)
-        (svc,) = stack.services()
+        svc = next(s for s in stack.services() if s.name == "websvc")
         stack.run.mkdir(parents=True)
         started = time.monotonic()
         with pytest.raises(stack_mod.StackError, match=rf"port {port} .*in use by pid"):
