@@ -4,3 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "==> core: features -> regime -> leverage -> hedging -> NAV (pure, no I/O)"
 .venv/bin/python -m tests.bench.bench_core "$@"
+echo "==> pipeline: ingestion -> regime -> leverage -> hedging -> venue -> NAV (running services)"
+.venv/bin/python -m tests.bench.bench_pipeline

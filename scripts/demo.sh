@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# `make demo`: start the real stack, prove real ticks make the round trip through Kafka, then
-# run the strategy core over BTC 2019-2023 beside fixed-leverage tokens and chart it.
+# `make demo`: start the real stack, replay real BTC history through the running services
+# (ingestion -> regime -> leverage -> hedging -> venue -> NAV) with a live NAV table and a
+# chart, then run the backtester over BTC 2019-2023 beside fixed-leverage tokens and chart it.
 #   bash scripts/demo.sh            (SMARTLEV_DATA_DIR overrides ../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${SMARTLEV_DATA_DIR:-../shared/data}
 [ -d "$data" ] || { echo "market data not found at $data (set SMARTLEV_DATA_DIR)" >&2; exit 1; }
 
-echo "==> 1/3 stack: Kafka + Redis"
+echo "==> 1/3 stack: Kafka + Redis (+ topics)"
 bash scripts/stack.sh up
 
-echo "==> 2/3 real BTC ticks through the broker and back"
-.venv/bin/python -m shared.demo_roundtrip -n 2000
+echo "==> 2/3 the services: BTC 2021-04-01..2021-07-01 replayed through the pipeline, live"
+.venv/bin/python -m shared.pipeline_demo --start 2021-04-01 --end 2021-07-01 --out out/demo
 
 echo "==> 3/3 backtest: smart long/short vs 1x/2x/3x daily-rebalanced tokens, BTC 2019-2023"
 .venv/bin/smartlev backtest \

@@ -101,7 +101,11 @@ def run_backtest(
     tick_mode: str = "ohlc",
     benchmarks: bool = True,
     progress: Callable[[int], None] | None = None,
+    on_tick: Callable[[Tick, str | None, Sequence[Strategy]], None] | None = None,
 ) -> BacktestResult:
+    """`on_tick(tick, regime or None, strategies)` runs after every tick is applied: a
+    per-tick record (the pipeline parity test compares every tick's NAV, not only bar
+    closes)."""
     if not bars:
         raise ValueError("no bars to backtest")
     interval = config.features.bar_seconds * 1_000_000_000
@@ -127,6 +131,8 @@ def run_backtest(
             _count(series, strategy.on_tick(event, regime))
         if regime is not None:
             _record(result, event, regime.regime.value)
+        if on_tick is not None:
+            on_tick(event, None if regime is None else regime.regime.value, strategies)
         if progress is not None and result.ticks % 4096 == 0:
             progress(result.ticks)
     if progress is not None:

@@ -1,0 +1,1 @@
+"""NAV accounting: marks every product's books (from `hedge.fills`) to market."""

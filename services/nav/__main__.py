@@ -1,0 +1,3 @@
+from services.nav.main import main
+
+main()

@@ -1,0 +1,193 @@
+"""The NAV service's pure part: a `HedgeUpdate` -> each product's books marked to market.
+
+Hedging sends every product's books after each event (`ProductBookState`), so marking
+needs no history: equity, NAV and leverage come from the core's `ProductBook` at the
+event's price. Only the last mark is remembered per product (Redis, see main.py): its
+price marks the books after an order (no tick), and its NAV stands in for the books'
+`last_nav` (a product's worth while it has no units) if hedging did not send one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+from smartlev.v1 import common_pb2, hedging_pb2, nav_pb2
+
+from shared.codec import decimal_from_wire, decimal_to_wire, optional_decimal_from_wire
+from shared.core.accounting import ProductBook
+from shared.core.market import Side
+
+Kind = Literal["tick", "funding", "order"]
+# Leverage is a ratio of exact decimals with 60 significant digits; 1e-8 is plenty for a
+# figure users read, and keeps it within the wire's 40.40 digits.
+LEVERAGE_QUANTUM = Decimal("0.00000001")
+
+
+@dataclass(frozen=True, slots=True)
+class BookState:
+    """What marking needs of one product's books (exact decimals off the wire)."""
+
+    product: str
+    side: Side
+    units: Decimal
+    cash: Decimal
+    qty: Decimal
+    target: Decimal
+    last_nav: Decimal | None  # a product with no units is worth this (None: not sent)
+
+
+@dataclass(frozen=True, slots=True)
+class FillsEvent:
+    """One validated `HedgeUpdate`: a market event (tick or funding) or a user order."""
+
+    kind: Kind
+    event_id: str
+    symbol: str
+    seq: int  # the market event's seq; 0 for an order (orders carry no market seq)
+    ts_event_ns: int
+    ts_init_ns: int
+    price: Decimal | None  # the tick's traded price; None for funding and orders
+    regime: int
+    books: tuple[BookState, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Marked:
+    """A product's books at a price: what `nav:{product}` and `NavUpdated` hold."""
+
+    product: str
+    price: Decimal
+    equity: Decimal
+    units: Decimal
+    nav: Decimal
+    leverage: Decimal
+    target: Decimal
+    qty: Decimal
+
+
+def side_of(product: str) -> Side:
+    """`BTC-USDT:LONG` -> Side.LONG (shared/core/products.product_id's format)."""
+    parts = product.split(":")
+    if len(parts) < 2 or parts[1] not in Side.__members__:
+        raise ValueError(f"product {product!r} names no side")
+    return Side[parts[1]]
+
+
+def _book(state: hedging_pb2.ProductBookState) -> BookState:
+    name = state.product
+    return BookState(
+        product=name,
+        side=side_of(name),
+        units=decimal_from_wire(state.units, name=f"{name}.units"),
+        cash=decimal_from_wire(state.cash, name=f"{name}.cash"),
+        qty=decimal_from_wire(state.qty, name=f"{name}.qty"),
+        target=decimal_from_wire(state.target_leverage, name=f"{name}.target_leverage"),
+        last_nav=optional_decimal_from_wire(state.last_nav, name=f"{name}.last_nav"),
+    )
+
+
+def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
+    """Validate a HedgeUpdate (ValueError -> dead letter): books must parse exactly."""
+    books = tuple(_book(p) for p in update.products)
+    if not books:
+        raise ValueError("HedgeUpdate carries no product books")
+    common_pb2.Regime.Name(update.regime)  # ValueError on an unknown regime
+    which = update.market.WhichOneof("event")
+    if which == "tick":
+        tick = update.market.tick
+        price = decimal_from_wire(tick.price, name="tick.price")
+        if price <= 0:
+            raise ValueError(f"tick price must be > 0, got {price}")
+        return FillsEvent(
+            "tick",
+            update.event_id,
+            tick.symbol,
+            tick.seq,
+            tick.ts_event_ns,
+            tick.ts_init_ns,
+            price,
+            update.regime,
+            books,
+        )
+    if which == "funding":
+        funding = update.market.funding
+        return FillsEvent(
+            "funding",
+            update.event_id,
+            funding.symbol,
+            funding.seq,
+            funding.ts_event_ns,
+            funding.ts_init_ns,
+            None,
+            update.regime,
+            books,
+        )
+    symbol = books[0].product.split(":")[0]
+    ts = update.filled.ts_event_ns if update.HasField("filled") else 0
+    return FillsEvent("order", update.event_id, symbol, 0, ts, 0, None, update.regime, books)
+
+
+def mark(book: BookState, price: Decimal, last_nav: Decimal) -> Marked:
+    """The core's own marking (`ProductBook.nav` / `.leverage`), so the pipeline's NAV is
+    the backtester's to the last unit."""
+    core = ProductBook(
+        book.product,
+        "",
+        book.side,
+        units=book.units,
+        cash=book.cash,
+        qty=book.qty,
+        last_nav=last_nav if book.last_nav is None else book.last_nav,
+    )
+    return Marked(
+        product=book.product,
+        price=price,
+        equity=core.equity(price),
+        units=book.units,
+        nav=core.nav(price),
+        leverage=core.leverage(price).quantize(LEVERAGE_QUANTUM),
+        target=book.target,
+        qty=book.qty,
+    )
+
+
+def nav_event_id(product: str, event: FillsEvent) -> str:
+    """`<product>:<seq>` for a tick; an order has no seq: `<product>:<order event_id>`."""
+    return f"{product}:{event.seq}" if event.kind == "tick" else f"{product}:{event.event_id}"
+
+
+def nav_updated(marked: Marked, event: FillsEvent, seq: int, ts_init_ns: int) -> nav_pb2.NavUpdated:
+    """`seq` is the market seq the NAV reflects (the last applied, for an order)."""
+    return nav_pb2.NavUpdated(
+        event_id=nav_event_id(marked.product, event),
+        product=marked.product,
+        ts_event_ns=event.ts_event_ns,
+        ts_init_ns=ts_init_ns,
+        nav=decimal_to_wire(marked.nav, name="nav"),
+        equity=decimal_to_wire(marked.equity, name="equity"),
+        units=decimal_to_wire(marked.units, name="units"),
+        target_leverage=decimal_to_wire(marked.target, name="target_leverage"),
+        actual_leverage=decimal_to_wire(marked.leverage, name="actual_leverage"),
+        regime=common_pb2.Regime.Name(event.regime),
+        price=decimal_to_wire(marked.price, name="price"),
+        position_qty=decimal_to_wire(marked.qty, name="position_qty"),
+        seq=seq,
+    )
+
+
+def state_fields(marked: Marked, event: FillsEvent, seq: int) -> dict[str, str | int | Decimal]:
+    """The `nav:{product}` hash after this update."""
+    return {
+        "equity": marked.equity,
+        "units": marked.units,
+        "nav": marked.nav,
+        "leverage": marked.leverage,
+        "target": marked.target,
+        "regime": common_pb2.Regime.Name(event.regime),
+        "price": marked.price,
+        "qty": marked.qty,
+        "ts": event.ts_event_ns,
+        "seq": seq,
+    }

@@ -1,0 +1,397 @@
+"""Run the stage services as subprocesses in one namespace, feed them, read their NAVs.
+
+The demo, the end-to-end benchmark and the parity test all need the same thing: a whole
+pipeline (`python -m services.<name>` each) isolated on the shared broker and Redis by a
+namespace (docs/pipeline.md), started in order, each up only once its /healthz answers
+200, stopped cleanly, with its log kept for whoever has to find out why it stalled.
+
+    with Pipeline.start(namespace="demo.", services=STAGES) as pipeline:
+        pipeline.deposit("BTC-USDT:LONG", Decimal(1_000_000))
+        pipeline.replay(["--data", ..., "--speed", "max"])
+        for update in pipeline.nav_updates(): ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from types import TracebackType
+
+from kafka import KafkaConsumer, TopicPartition
+from smartlev.v1 import nav_pb2, orders_pb2
+
+from shared import codec
+from shared.adapters.kafka_admin import ensure_topics
+from shared.adapters.tick_replay import data_dir, file_stem, make_producer
+from shared.topics import (
+    ALL_TOPICS,
+    HEDGE_FILLS,
+    LEVERAGE_TARGETS,
+    MARKET_REGIMES,
+    MARKET_TICKS,
+    NAV_UPDATES,
+    ORDERS_EVENTS,
+    TopicSpec,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+_PORT_REF = re.compile(r"\{port:([a-z0-9_.]+)\}")
+PYTHON = sys.executable
+
+
+class PipelineError(RuntimeError):
+    """A service did not come up, died, or the pipeline stalled; names whose log to read."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    """A service as the runner starts it: `python -m <module>`, healthy on /healthz."""
+
+    name: str
+    module: str
+    # Extra env (SMARTLEV_<NAME>_...) beside NAMESPACE and METRICS_PORT; "{port:<key>}"
+    # in a value becomes a free port picked once per key for the whole pipeline.
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return f"SMARTLEV_{self.name.upper()}_"
+
+
+# Start order: a stage's dependencies first (hedging calls the venue over gRPC).
+VENUE = StageSpec("venue", "services.venue", env={"SMARTLEV_VENUE_GRPC_PORT": "{port:venue.grpc}"})
+HEDGING = StageSpec(
+    "hedging",
+    "services.hedging",
+    env={"SMARTLEV_HEDGING_VENUE_ADDRESS": "127.0.0.1:{port:venue.grpc}"},
+)
+LEVERAGE = StageSpec("leverage", "services.leverage")
+REGIME = StageSpec("regime", "services.regime")
+NAV = StageSpec("nav", "services.nav")
+STAGES: tuple[StageSpec, ...] = (VENUE, HEDGING, LEVERAGE, REGIME, NAV)
+# (inputs, service, output) of the stages that send one output per input message.
+CHAIN: tuple[tuple[tuple[TopicSpec, ...], str, TopicSpec], ...] = (
+    ((MARKET_TICKS,), "regime", MARKET_REGIMES),
+    ((MARKET_REGIMES,), "leverage", LEVERAGE_TARGETS),
+    ((LEVERAGE_TARGETS, ORDERS_EVENTS), "hedging", HEDGE_FILLS),
+)
+
+
+def missing_modules(specs: Sequence[StageSpec]) -> list[str]:
+    """Service packages not in this tree yet (`services/<name>/main.py`)."""
+    return [s.module for s in specs if not (ROOT / s.module.replace(".", "/") / "main.py").exists()]
+
+
+def replay_args(symbol: str, start: str, end: str, speed: str = "max") -> list[str]:
+    """`services.ingestion replay` flags for the real data set's files of `symbol`,
+    from `start` to `end` (dates, UTC, end exclusive)."""
+    root, stem = data_dir(), file_stem(symbol)
+    return [
+        "--data", str(root / f"{stem}_perp_1h_2019_2023.csv"),
+        "--funding", str(root / f"{stem}_funding_8h_2019_2023.csv"),
+        "--marks", str(root / f"{stem}_mark_1h_2019_2023.csv"),
+        "--symbol", symbol, "--start", f"{start}T00:00:00Z", "--end", f"{end}T00:00:00Z",
+        "--speed", speed,
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def new_namespace(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}."
+
+
+@dataclass
+class Running:
+    spec: StageSpec
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    port: int
+    oneshot: bool = False  # a job that ends (a replay): exit code 0 is success
+
+    @property
+    def failed(self) -> bool:
+        code = self.process.poll()
+        return code is not None and (code != 0 or not self.oneshot)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:])
+
+
+class Pipeline:
+    """Services of one namespace; a context manager that always stops what it started."""
+
+    def __init__(
+        self, namespace: str, log_dir: Path, bootstrap: str, redis_url: str, env: Mapping[str, str]
+    ) -> None:
+        self.namespace = namespace
+        self.log_dir = log_dir
+        self.bootstrap = bootstrap
+        self.redis_url = redis_url
+        self.base_env = dict(env)
+        self.running: dict[str, Running] = {}
+        self.ports: dict[str, int] = {}
+
+    @classmethod
+    def start(
+        cls,
+        services: Sequence[StageSpec] = STAGES,
+        *,
+        namespace: str | None = None,
+        log_dir: Path | None = None,
+        bootstrap: str = "127.0.0.1:9092",
+        redis_url: str = "redis://127.0.0.1:6379/0",
+        env: Mapping[str, str] | None = None,
+        timeout_s: float = 60.0,
+    ) -> Pipeline:
+        """Create the namespace's topics, then start `services` in order, each healthy."""
+        namespace = namespace or new_namespace()
+        log_dir = log_dir or ROOT / ".run" / "pipelines" / namespace.rstrip(".")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        pipeline = cls(namespace, log_dir, bootstrap, redis_url, env or {})
+        ensure_topics(bootstrap, [s.in_namespace(namespace) for s in ALL_TOPICS], verbose=False)
+        try:
+            for spec in services:
+                pipeline._launch(spec)
+                pipeline._wait_healthy(pipeline.running[spec.name], timeout_s)
+        except BaseException:
+            pipeline.stop()
+            raise
+        return pipeline
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- processes
+
+    def env_for(self, name: str, port: int | None = None) -> dict[str, str]:
+        """The environment of service `name`: connection, namespace, metrics port."""
+        prefix = f"SMARTLEV_{name.upper()}_"
+        env = {**os.environ, **self.base_env}
+        env.update(
+            {
+                f"{prefix}NAMESPACE": self.namespace,
+                f"{prefix}KAFKA__BOOTSTRAP": self.bootstrap,
+                f"{prefix}REDIS__URL": self.redis_url,
+                f"{prefix}METRICS_PORT": str(port or 0),
+                "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
+            }
+        )
+        return env
+
+    def _port(self, key: str) -> int:
+        if key not in self.ports:
+            self.ports[key] = free_port()
+        return self.ports[key]
+
+    def _launch(self, spec: StageSpec) -> None:
+        port = self._port(spec.name)
+        env = self.env_for(spec.name, port)
+        for name, value in spec.env.items():
+            env[name] = _PORT_REF.sub(lambda m: str(self._port(m.group(1))), value)
+        log_path = self.log_dir / f"{spec.name}.log"
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [PYTHON, "-m", spec.module],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.running[spec.name] = Running(spec, process, log_path, port)
+
+    def _wait_healthy(self, running: Running, timeout_s: float) -> None:
+        url = f"http://127.0.0.1:{running.port}/healthz"
+        deadline = time.monotonic() + timeout_s
+        detail = "no answer"
+        while time.monotonic() < deadline:
+            if running.process.poll() is not None:
+                raise self.failure(running.spec.name, f"exited with {running.process.returncode}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode(errors="replace")
+            except OSError as exc:
+                detail = str(exc)
+            time.sleep(0.2)
+        raise self.failure(running.spec.name, f"not healthy after {timeout_s:.0f}s: {detail}")
+
+    def failure(self, name: str, what: str) -> PipelineError:
+        running = self.running.get(name)
+        if running is None:
+            return PipelineError(f"{name}: {what}")
+        return PipelineError(
+            f"service {name} {what}; read its log {running.log_path}\n"
+            f"--- last lines of {running.log_path.name} ---\n{running.log_tail()}"
+        )
+
+    def check_alive(self) -> None:
+        for name, running in self.running.items():
+            if running.failed:
+                raise self.failure(name, f"died with exit code {running.process.returncode}")
+
+    def logs(self) -> str:
+        """Every service's log tail (attach to a failing test's output)."""
+        return "\n".join(
+            f"--- {name} ({r.log_path}) ---\n{r.log_tail()}" for name, r in self.running.items()
+        )
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every service (last started first); SIGKILL what outlives the grace."""
+        for running in reversed(list(self.running.values())):
+            if running.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(running.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for running in self.running.values():
+            try:
+                running.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(running.process.pid, signal.SIGKILL)
+                running.process.wait()
+
+    # ----------------------------------------------------------------- input
+
+    def topic(self, name: str) -> str:
+        return f"{self.namespace}{name}"
+
+    def deposit(self, product: str, amount: Decimal, ts_ns: int, user: str = "seed") -> str:
+        """Publish a PositionOpened on orders.events (keyed by symbol); returns its id."""
+        event_id = f"deposit:{product}:{user}"
+        opened = orders_pb2.PositionOpened(
+            event_id=event_id,
+            position_id=event_id,
+            user_id=user,
+            product=product,
+            ts_event_ns=ts_ns,
+            ts_init_ns=time.time_ns(),
+            amount=codec.decimal_to_wire(amount),
+            client_order_id=event_id,
+        )
+        producer = make_producer(self.bootstrap, client_id="smartlev-pipeline-orders")
+        try:
+            producer.send(
+                self.topic(ORDERS_EVENTS.name),
+                key=product.split(":")[0],
+                value=orders_pb2.OrderEvent(opened=opened),
+            ).get(timeout=30)
+        finally:
+            producer.close()
+        return event_id
+
+    def start_replay(self, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start `python -m services.ingestion replay <args>` in this namespace."""
+        log_path = self.log_dir / "ingestion.log"
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [PYTHON, "-m", "services.ingestion", "replay", *args],
+                cwd=ROOT,
+                env=self.env_for("ingestion"),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.running["ingestion"] = Running(
+            StageSpec("ingestion", "services.ingestion"), process, log_path, 0, oneshot=True
+        )
+        return process
+
+    def replay(self, args: Sequence[str], timeout_s: float = 600.0) -> None:
+        """Replay to the end; raises naming ingestion's log if it fails."""
+        process = self.start_replay(args)
+        code = process.wait(timeout=timeout_s)
+        if code != 0:
+            raise self.failure("ingestion", f"replay exited with {code}")
+
+    def topic_counts(self, names: Sequence[str]) -> dict[str, int]:
+        """Messages written so far to each (namespaced) topic: the sum of end offsets."""
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","))
+        try:
+            out = {}
+            for name in names:
+                topic = self.topic(name)
+                parts = [
+                    TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()
+                ]
+                out[name] = sum(consumer.end_offsets(parts).values())
+            return out
+        finally:
+            consumer.close()
+
+    def stalled_stage(self) -> str:
+        """The service whose log explains a stall: a dead one, else the first stage whose
+        output lags its input (regime, leverage and hedging send one message per input)."""
+        for name, running in self.running.items():
+            if running.failed:
+                return name
+        counts = self.topic_counts(sorted({t.name for ins, _, out in CHAIN for t in (*ins, out)}))
+        if counts[MARKET_TICKS.name] == 0:
+            return "ingestion"
+        for inputs, service, output in CHAIN:
+            if counts[output.name] < sum(counts[t.name] for t in inputs):
+                return service
+        return "nav"
+
+    # ----------------------------------------------------------------- output
+
+    def nav_consumer(self) -> NavReader:
+        return NavReader(self.bootstrap, self.topic(NAV_UPDATES.name))
+
+
+class NavReader:
+    """Reads a namespace's nav.updates from the beginning, every partition, no group."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap.split(","),
+            enable_auto_commit=False,
+            key_deserializer=codec.key_deserializer,
+            client_id="smartlev-nav-reader",
+        )
+        partitions = self.consumer.partitions_for_topic(topic) or set()
+        assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+        self.consumer.assign(assigned)
+        self.consumer.seek_to_beginning(*assigned)
+
+    def poll(self, timeout_ms: int = 200) -> Iterator[tuple[int, nav_pb2.NavUpdated]]:
+        """(time seen in ns, update) for every message that arrived."""
+        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
+            now = time.time_ns()
+            for record in records:
+                yield now, codec.decode(nav_pb2.NavUpdated, record.value)
+
+    def close(self) -> None:
+        self.consumer.close()

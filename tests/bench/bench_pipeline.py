@@ -1,0 +1,200 @@
+"""End to end through the running services, beside raw Kafka on the same broker (the
+ceiling).
+
+    python -m tests.bench.bench_pipeline [--seconds 6]
+
+Starts venue, hedging, leverage, regime and NAV in a fresh namespace, seeds both smart
+products, then replays consecutive slices of real BTC history through
+`services.ingestion replay` offered at 100 and 1,000 ticks/s and at max speed. For each
+tick the latency is the time its NavUpdated is consumed minus the tick's publish time
+(`ts_init_ns` on market.ticks); the rate is ticks marked per second from the first
+publish to the last NavUpdated. Run by `make bench`; never a timed assertion in a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from rich.console import Console
+from rich.table import Table
+from smartlev.v1 import market_pb2
+
+from shared import codec
+from shared.adapters.kafka_admin import ensure_topics
+from shared.adapters.tick_replay import make_producer
+from shared.core.market import Tick
+from shared.core.products import SIDES, product_id
+from shared.pipeline_runner import STAGES, Pipeline, replay_args
+from shared.settings import ServiceSettings
+from shared.topics import MARKET_TICKS, TopicSpec
+
+SYMBOL = "BTC-USDT"
+TICKS_PER_DAY = 24 * 4  # ohlc mode: four ticks per hourly bar
+EVENT_SECONDS_PER_TICK = 900  # ... 15 minutes of market time apart
+FIRST_DAY = datetime(2021, 1, 1, tzinfo=UTC)
+console = Console()
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    name: str
+    rate: int | None  # offered ticks/s; None: as fast as ingestion publishes
+    ticks: int
+    marked: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else float("nan")
+
+
+class TickClock:
+    """seq -> publish time, read from the namespace's market.ticks."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","))
+        parts = [TopicPartition(topic, p) for p in self.consumer.partitions_for_topic(topic) or ()]
+        self.consumer.assign(parts)
+        self.consumer.seek_to_beginning(*parts)
+        self.published: dict[int, int] = {}
+
+    def poll(self) -> None:
+        for records in self.consumer.poll(timeout_ms=0).values():
+            for record in records:
+                event = codec.decode(market_pb2.MarketEvent, record.value)
+                if event.WhichOneof("event") == "tick":
+                    self.published[event.tick.seq] = event.tick.ts_init_ns
+
+
+def run_case(
+    pipeline: Pipeline, clock: TickClock, name: str, rate: int | None, days: int, day0: datetime
+) -> Case:
+    start, end = day0, day0 + timedelta(days=days)
+    speed = "max" if rate is None else str(rate * EVENT_SECONDS_PER_TICK)
+    args = replay_args(SYMBOL, f"{start:%Y-%m-%d}", f"{end:%Y-%m-%d}", speed=speed)
+    reader = pipeline.nav_consumer()
+    long = product_id(SYMBOL, SIDES[0])
+    before = set(clock.published)
+    seen_at: dict[int, int] = {}  # tick seq -> when its NavUpdated was consumed
+    try:
+        while list(reader.poll(timeout_ms=200)):  # skip what earlier cases left
+            pass
+        replay = pipeline.start_replay(args)
+        idle_since = time.monotonic()
+        while True:
+            clock.poll()
+            seen = list(reader.poll(timeout_ms=50))
+            for seen_ns, update in seen:
+                if update.product == long and update.event_id == f"{long}:{update.seq}":
+                    seen_at[update.seq] = seen_ns
+            pipeline.check_alive()
+            if seen:
+                idle_since = time.monotonic()
+            new = set(clock.published) - before
+            if replay.poll() is not None and new and new <= seen_at.keys():
+                break
+            if time.monotonic() - idle_since > 30:
+                raise pipeline.failure(pipeline.stalled_stage(), "stalled in the benchmark")
+    finally:
+        reader.close()
+    ticks = sorted(set(clock.published) - before)
+    latencies = [(seen_at[s] - clock.published[s]) / 1e6 for s in ticks]
+    first = min(clock.published[s] for s in ticks)
+    seconds = (max(seen_at[s] for s in ticks) - first) / 1e9
+    return Case(
+        name, rate, len(ticks), len(latencies), seconds,
+        _percentile(latencies, 0.50), _percentile(latencies, 0.99),
+    )  # fmt: skip
+
+
+def raw_kafka(bootstrap: str, messages: int) -> float:
+    """kafka-python produce -> consume of MarketEvent-sized messages: msgs/s (ceiling)."""
+    spec = TopicSpec(
+        name=f"bench.raw.{uuid.uuid4().hex[:10]}", key="symbol",
+        value_type=market_pb2.MarketEvent, description="bench", partitions=1,
+        retention_ms=3_600_000,
+    )  # fmt: skip
+    ensure_topics(bootstrap, [spec], verbose=False)
+    payload = codec.encode(
+        codec.market_event_from_tick(
+            Tick(SYMBOL, 1, Decimal("43210.1"), Decimal("43209.9")),
+            seq=1, source="bench", ts_init_ns=time.time_ns(),
+        )
+    )  # fmt: skip
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), enable_auto_commit=False)
+    tp = TopicPartition(spec.name, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    producer = make_producer(bootstrap, value_serializer=None, client_id="bench-raw")
+    try:
+        started = time.perf_counter()
+        for _ in range(messages):
+            producer.send(spec.name, key=SYMBOL, value=payload)
+        producer.flush()
+        got = 0
+        while got < messages:
+            got += sum(len(r) for r in consumer.poll(timeout_ms=500).values())
+        return messages / (time.perf_counter() - started)
+    finally:
+        producer.close()
+        consumer.close()
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+        try:
+            admin.delete_topics([spec.name])
+        finally:
+            admin.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=6.0, help="target length per case")
+    args = parser.parse_args()
+    settings = ServiceSettings()
+    bootstrap = settings.kafka_bootstrap
+    console.print("[bold]==> pipeline: starting the services[/]")
+    cases: list[Case] = []
+    with Pipeline.start(
+        STAGES, namespace=f"bench{uuid.uuid4().hex[:8]}.", bootstrap=bootstrap,
+        redis_url=settings.redis_url,
+    ) as pipeline:  # fmt: skip
+        for product in (product_id(SYMBOL, side) for side in SIDES):
+            pipeline.deposit(product, Decimal(1_000_000), int(FIRST_DAY.timestamp() * 1e9))
+        clock = TickClock(bootstrap, pipeline.topic(MARKET_TICKS.name))
+        day = FIRST_DAY
+        # Offered load x seconds, capped so an overloaded case stays short too.
+        for name, rate, ticks in (
+            ("100 ticks/s", 100, int(100 * args.seconds)),
+            ("1,000 ticks/s", 1000, min(int(1000 * args.seconds), 1000)),
+            ("max", None, 1000),
+        ):
+            days = max(ticks // TICKS_PER_DAY, 1)
+            console.print(f"    {name}: {days * TICKS_PER_DAY} ticks ({days} days from {day:%F})")
+            cases.append(run_case(pipeline, clock, name, rate, days, day))
+            day += timedelta(days=days)
+    ceiling = raw_kafka(bootstrap, 20_000)
+
+    table = Table(title="End to end: ingestion publish -> NavUpdated consumed (loopback)")
+    for column in ("case", "ticks", "ticks/s end to end", "p50 latency", "p99 latency"):
+        table.add_column(column, justify="left" if column == "case" else "right")
+    for case in cases:
+        table.add_row(
+            case.name, f"{case.marked:,}", f"{case.marked / case.seconds:,.0f}",
+            f"{case.p50_ms:,.1f} ms", f"{case.p99_ms:,.1f} ms",
+        )  # fmt: skip
+    table.add_row(
+        "raw kafka-python produce -> consume (ceiling)", "20,000", f"{ceiling:,.0f}", "-", "-"
+    )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
