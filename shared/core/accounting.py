@@ -41,6 +41,33 @@ class AccountingConfig(BaseModel):
     )
 
 
+def issue_terms(
+    amount: Decimal, nav: Decimal, fee_rate: Decimal
+) -> tuple[Decimal, Decimal, Decimal]:
+    """(fee, net, units) of a deposit of `amount` at `nav`: the one formula the gateway
+    quotes and the books apply."""
+    if amount <= 0:
+        raise MoneyError(f"deposit must be > 0, got {amount}")
+    if nav <= 0:
+        raise MoneyError(f"NAV is {nav}, the product cannot take deposits")
+    fee = usdt_down(amount * fee_rate)
+    net = amount - fee
+    units = units_down(net / nav)
+    if units <= 0:
+        raise MoneyError(f"deposit {amount} buys no units at NAV {nav}")
+    return fee, net, units
+
+
+def redeem_terms(units: Decimal, nav: Decimal, fee_rate: Decimal) -> tuple[Decimal, Decimal]:
+    """(gross, fee) of redeeming `units` at `nav`; the user is paid gross - fee."""
+    if units <= 0:
+        raise MoneyError(f"units to redeem must be > 0, got {units}")
+    if nav <= 0:
+        raise MoneyError(f"NAV is {nav}, nothing can be paid out")
+    gross = usdt_down(units * nav)
+    return gross, usdt_down(gross * fee_rate)
+
+
 class BooksOutOfBalance(AssertionError):
     """The books-balance identity broke: a bug, never to be papered over."""
 
@@ -118,20 +145,18 @@ class Books:
         self.platform_fees += fee - to_insurance
 
     def issue(
-        self, product: str, amount: Decimal, price: Decimal, ts_ns: int
+        self,
+        product: str,
+        amount: Decimal,
+        price: Decimal,
+        ts_ns: int,
+        nav: Decimal | None = None,
     ) -> ProductUnitsIssued:
-        """A deposit buys units at the current NAV; returns what to move to the venue."""
-        if amount <= 0:
-            raise MoneyError(f"deposit must be > 0, got {amount}")
+        """A deposit buys units at NAV: the product's own at `price`, or the `nav` an order
+        gateway quoted the user (it settles at the NAV it showed; the books stay exact)."""
         book = self.products[product]
-        nav = book.nav(price)
-        if nav <= 0:
-            raise MoneyError(f"{product}: NAV is {nav}, the product cannot take deposits")
-        fee = usdt_down(amount * self.config.open_fee)
-        net = amount - fee
-        units = units_down(net / nav)
-        if units <= 0:
-            raise MoneyError(f"deposit {amount} buys no units at NAV {nav}")
+        nav = book.nav(price) if nav is None else nav
+        fee, net, units = issue_terms(amount, nav, self.config.open_fee)
         book.units += units
         book.cash += net
         book.last_nav = nav
@@ -140,17 +165,19 @@ class Books:
         return ProductUnitsIssued(product, ts_ns, amount, fee, units, nav)
 
     def redeem(
-        self, product: str, units: Decimal, price: Decimal, ts_ns: int
+        self,
+        product: str,
+        units: Decimal,
+        price: Decimal,
+        ts_ns: int,
+        nav: Decimal | None = None,
     ) -> ProductUnitsRedeemed:
-        """Pays `units x NAV - fee`; the gross leaves the product's equity."""
+        """Pays `units x NAV - fee` (NAV as in `issue`); the gross leaves the equity."""
         book = self.products[product]
-        if units <= 0 or units > book.units:
+        if units > book.units:
             raise MoneyError(f"{product}: cannot redeem {units} of {book.units} units")
-        nav = book.nav(price)
-        if nav <= 0:
-            raise MoneyError(f"{product}: NAV is {nav}, nothing can be paid out")
-        gross = usdt_down(units * nav)
-        fee = usdt_down(gross * self.config.close_fee)
+        nav = book.nav(price) if nav is None else nav
+        gross, fee = redeem_terms(units, nav, self.config.close_fee)
         book.units -= units
         book.cash -= gross
         book.last_nav = nav

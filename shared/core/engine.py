@@ -185,15 +185,20 @@ class Engine:
             self.books.check_balanced(self.venue, self.price)
         return [event]
 
-    def deposit(self, product: str, amount: Decimal, ts_ns: int) -> list[object]:
+    def deposit(
+        self, product: str, amount: Decimal, ts_ns: int, nav: Decimal | None = None
+    ) -> list[object]:
         """A user's money buys units at the current NAV (a product with no position has
-        the same NAV at any price) and is hedged to target at once."""
-        issued = self.books.issue(product, amount, self.price, ts_ns)
+        the same NAV at any price), or at the `nav` the gateway quoted, and is hedged to
+        target at once."""
+        issued = self.books.issue(product, amount, self.price, ts_ns, nav)
         self.venue.transfer(amount - issued.fee)
         return self._after_order(product, ts_ns, issued)
 
-    def redeem(self, product: str, units: Decimal, ts_ns: int) -> list[object]:
-        redeemed = self.books.redeem(product, units, self.price, ts_ns)
+    def redeem(
+        self, product: str, units: Decimal, ts_ns: int, nav: Decimal | None = None
+    ) -> list[object]:
+        redeemed = self.books.redeem(product, units, self.price, ts_ns, nav)
         self.venue.transfer(-redeemed.gross)
         return self._after_order(product, ts_ns, redeemed)
 
