@@ -2,22 +2,25 @@
 
     python -m services.leverage        (settings: SMARTLEV_LEVERAGE_*, services/leverage/config.py)
 
-Per event: read the symbol's controllers from Redis, skip a redelivered seq, `decide`,
-publish and wait for the ack, then write the new state (seq-guarded, atomic).
+Per batch of events (shared/stream.py): read each symbol's controllers from Redis once,
+skip redelivered seqs, `decide` every event in order, publish all outputs and wait for
+the acks, then write each symbol's new state once (seq-guarded, atomic).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import faust
+from faust.types import EventT
 from redis.asyncio import Redis
 
 from services.leverage.config import LeverageSettings
 from services.leverage.state import SymbolControllers, parse_regime_update, restore
 from shared.core.config import StrategyConfig
 from shared.redis_store import ApplyOnceStore
-from shared.stream import StreamRuntime, is_new
+from shared.stream import Outgoing, StreamRuntime, is_new
 from shared.topics import LEVERAGE_TARGETS, MARKET_REGIMES
 
 STATE = "controllers"
@@ -37,27 +40,48 @@ def build(settings: LeverageSettings, config: StrategyConfig | None = None) -> S
         fields, _ = await store.read(symbol, STATE)
         return restore(symbol, config, fields)
 
-    @runtime.app.agent(regimes.topic, name="leverage")
-    async def leverage(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
+    async def handle(batch: list[EventT]) -> None:
+        """Outputs of the whole batch in order, acked together, then per symbol one
+        seq-guarded write of the state after its last event."""
+        states: dict[str, SymbolControllers] = {}
+        changed: set[str] = set()
+        outputs: list[Outgoing] = []
+        done: list[int] = []
+        for event in batch:
             update = await runtime.parse(regimes, event, parse_regime_update)
             if update is None:
                 continue
             market = update.market
-            state = await load(market.symbol)
+            state = states.get(market.symbol) or await load(market.symbol)
+            states[market.symbol] = state
             if not is_new(state.last_seq, market.seq):
                 runtime.skipped(regimes)
                 continue
-            await runtime.send(targets, market.symbol, state.step(update, time.time_ns()))
-            result = await store.apply(
-                market.symbol,
-                {store.state_key(market.symbol, STATE): state.fields()},
-                source="seq",
-                offset=market.seq,
+            outputs.append((targets, market.symbol, state.step(update, time.time_ns())))
+            changed.add(market.symbol)
+            done.append(market.ts_init_ns)
+        await runtime.send_many(outputs)
+        symbols = sorted(changed)
+        written = await asyncio.gather(
+            *(
+                store.apply(
+                    symbol,
+                    {store.state_key(symbol, STATE): states[symbol].fields()},
+                    source="seq",
+                    offset=states[symbol].last_seq or 0,
+                )
+                for symbol in symbols
             )
+        )
+        for symbol, result in zip(symbols, written, strict=True):
             if not result.applied:
-                runtime.log.warning("state_not_written", symbol=market.symbol, seq=market.seq)
-            runtime.processed(regimes, market.ts_init_ns)
+                runtime.log.warning("state_not_written", symbol=symbol, seq=states[symbol].last_seq)
+        for ts_init_ns in done:
+            runtime.processed(regimes, ts_init_ns)
+
+    @runtime.app.agent(regimes.topic, name="leverage")
+    async def leverage(stream: faust.StreamT[bytes]) -> None:
+        await runtime.consume(stream, handle)
 
     return runtime
 

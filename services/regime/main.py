@@ -6,6 +6,8 @@ Per symbol a `SignalPipeline` lives in memory; its state is kept in the faust ta
 `regime-state` (changelog in Kafka, see services/regime/state.py), so a partition that
 moves to another instance takes its symbols' state along. The in-memory pipeline is
 used only while its seq matches the table's, i.e. nobody else moved the symbol on.
+Events are handled in batches (shared/stream.py: outputs acked together, then the
+rows of each symbol once).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import time
 
 import faust
+from faust.types import EventT
 
 from services.regime.config import RegimeSettings
 from services.regime.state import SymbolSignals, restore, signal_key
 from shared.core.config import StrategyConfig
-from shared.stream import StreamRuntime, is_new, parse_market
+from shared.stream import Outgoing, StreamRuntime, acting_on, is_new, parse_market
 from shared.topics import MARKET_REGIMES, MARKET_TICKS
 
 TABLE = "regime-state"
@@ -39,30 +42,43 @@ def build(settings: RegimeSettings, config: StrategyConfig | None = None) -> Str
             return cached
         return restore(symbol, config, row, table.get(signal_key(symbol)))
 
-    @runtime.app.agent(ticks.topic, name="regime")
-    async def regime(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
+    async def handle(batch: list[EventT]) -> None:
+        """Outputs of the whole batch in order, acked together, then each symbol's rows."""
+        touched: dict[str, tuple[SymbolSignals, bool]] = {}
+        last_event: dict[str, EventT] = {}
+        outputs: list[Outgoing] = []
+        done: list[int] = []
+        for event in batch:
             market = await runtime.parse(ticks, event, parse_market)
             if market is None:
                 continue
             symbol = market.symbol
-            signals = load(symbol)
+            last_event[symbol] = event
+            signals, closed = touched.get(symbol) or (load(symbol), False)
+            touched[symbol] = (signals, closed)
             if not is_new(signals.last_seq, market.seq):
-                live[symbol] = signals
                 runtime.skipped(ticks)
                 continue
             try:
-                update, closed = signals.step(market, time.time_ns())
+                update, bar_closed = signals.step(market, time.time_ns())
             except ValueError as exc:  # a tick back in time; the state is unchanged
-                live[symbol] = signals
                 await runtime.reject(ticks, event, str(exc))
                 continue
-            await runtime.send(regimes, symbol, update)
-            if closed:
-                table[signal_key(symbol)] = signals.signal_row()
-            table[symbol] = signals.tick_row()
+            touched[symbol] = (signals, closed or bar_closed)
+            outputs.append((regimes, symbol, update))
+            done.append(market.ts_init_ns)
+        await runtime.send_many(outputs)
+        for symbol, (signals, closed) in touched.items():
+            with acting_on(last_event[symbol]):  # the changelog partition of the symbol
+                for key, row in signals.rows(symbol, closed):
+                    table[key] = row
             live[symbol] = signals
-            runtime.processed(ticks, market.ts_init_ns)
+        for ts_init_ns in done:
+            runtime.processed(ticks, ts_init_ns)
+
+    @runtime.app.agent(ticks.topic, name="regime")
+    async def regime(stream: faust.StreamT[bytes]) -> None:
+        await runtime.consume(stream, handle)
 
     return runtime
 

@@ -2,11 +2,13 @@
 
 A full `SignalPipeline.snapshot()` serialised to JSON costs ~150 us and ~7 KB (the
 feature windows), too much for every tick. So each symbol has two table rows, written
-after the output is acked and in this order to one changelog partition:
+once per batch after the batch's outputs are acked, in this order, to one changelog
+partition (`rows`):
 
-- `<symbol>|signal` on a bar close: the full snapshot at that seq;
-- `<symbol>` on every event: last seq, the bar builder (~200 bytes, ~10 us) and the seq
-  of the full snapshot it continues.
+- `<symbol>|signal` if a bar closed in the batch: the full snapshot at the batch's last
+  seq;
+- `<symbol>` always: last seq, the bar builder (~200 bytes, ~10 us) and the seq of the
+  full snapshot it continues.
 
 `restore` rebuilds exactly the state after the last event whose rows are both in.
 The live pipeline stays in memory between events (see services/regime/main.py).
@@ -38,7 +40,7 @@ def signal_key(symbol: str) -> str:
 class SymbolSignals:
     pipeline: SignalPipeline
     last_seq: int | None = None
-    signal_seq: int | None = None  # seq of the last full snapshot (last bar close)
+    signal_seq: int | None = None  # seq of the last full snapshot written
     regime: Regime = Regime.RANGE  # regime on the last closed bar
 
     def step(self, market: MarketInput, ts_init_ns: int) -> tuple[market_pb2.RegimeUpdate, bool]:
@@ -55,10 +57,20 @@ class SymbolSignals:
                 )
                 update.regime.CopyFrom(detected)
                 self.regime = state.regime
-                self.signal_seq = market.seq
                 closed = True
         self.last_seq = market.seq
         return update, closed
+
+    def rows(self, symbol: str, bar_closed: bool) -> list[tuple[str, Row]]:
+        """The table rows (key, value) to write, in order, once the outputs up to
+        `last_seq` are acked; `bar_closed`: a bar closed since the last write, so the
+        full snapshot goes first (taken now, at `last_seq`)."""
+        rows = []
+        if bar_closed:
+            self.signal_seq = self.last_seq
+            rows.append((signal_key(symbol), self.signal_row()))
+        rows.append((symbol, self.tick_row()))
+        return rows
 
     def tick_row(self) -> Row:
         return {

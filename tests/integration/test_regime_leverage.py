@@ -232,12 +232,18 @@ def test_two_regime_instances_share_the_group_and_agree(stack: Stack) -> None:
         stack.publish(events[symbol][90:])
 
     out = [codec.decode(market_pb2.RegimeUpdate, v) for v in stack.read(MARKET_REGIMES, total)]
-    assert len(out) == total
+    got_ids = [(_symbol(u.market), _seq(u.market)) for u in out]
+    want_ids = [(_symbol(e), _seq(e)) for s in symbols for e in events[s]]
+    assert len(out) == total, f"missing {sorted(set(want_ids) - set(got_ids))}"
     for symbol in symbols:
         mine = [u for u in out if _symbol(u.market) == symbol]
         assert [u.market for u in mine] == events[symbol]
         got = [regime_state(u.regime) if u.HasField("regime") else None for u in mine]
         assert got == want[symbol].regimes
+
+
+def _seq(event: market_pb2.MarketEvent) -> int:
+    return event.tick.seq if event.HasField("tick") else event.funding.seq
 
 
 def _symbol(event: market_pb2.MarketEvent) -> str:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import time
 from decimal import Decimal
+from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from smartlev.v1 import market_pb2
 
 from services.regime.messages import regime_detected, regime_state, regime_to_wire
-from services.regime.state import SymbolSignals, restore
+from services.regime.state import SymbolSignals, restore, signal_key
 from shared import codec
 from shared.core.engine import SignalPipeline
 from shared.core.features import Features
@@ -105,23 +107,28 @@ def test_step_forwards_every_event_and_equals_the_pipeline() -> None:
     assert closed_bars > 50
 
 
-def test_rows_restore_the_uninterrupted_state_at_every_event() -> None:
+@pytest.mark.parametrize("batch", [1, 2, 7, 50])
+def test_rows_restore_the_uninterrupted_state_after_every_batch(batch: int) -> None:
+    """Rows written once per batch (the service's way) restore, before every batch, the
+    state an uninterrupted pipeline has there; a batch re-run from them gives the same
+    outputs."""
     config = fast_config()
     inputs = market_inputs(PRICES)
     live = SymbolSignals(SignalPipeline(SYMBOL, config.features, config.regime))
-    tick_row = signal_row = None
+    table: dict[str, Any] = {}
     outputs = []
-    for market in inputs:
-        # A restart before every event, from the rows as the table holds them (JSON).
-        restored = restore(SYMBOL, config, tick_row, signal_row)
+    for start in range(0, len(inputs), batch):
+        # A restart before every batch, from the rows as the table holds them (JSON).
+        restored = restore(SYMBOL, config, table.get(SYMBOL), table.get(signal_key(SYMBOL)))
         assert restored.last_seq == live.last_seq and restored.regime == live.regime
-        out, closed = restored.step(market, 0)
-        expected, _ = live.step(market, 0)
-        outputs.append(out)
-        assert out == expected
-        if closed:
-            signal_row = json.loads(json.dumps(restored.signal_row()))
-        tick_row = json.loads(json.dumps(restored.tick_row()))
+        closed_any = False
+        for market in inputs[start : start + batch]:
+            out, closed = restored.step(market, 0)
+            expected, _ = live.step(market, 0)
+            assert out == expected
+            outputs.append(out)
+            closed_any = closed_any or closed
+        table.update(json.loads(json.dumps(restored.rows(SYMBOL, closed_any))))
     assert sum(o.HasField("regime") for o in outputs) > 50
 
 
@@ -131,12 +138,13 @@ def test_a_stop_between_the_two_writes_of_a_bar_close_resumes_from_the_snapshot(
     tick_row = None
     for market in market_inputs(PRICES[:40]):
         _, closed = signals.step(market, 0)
+        rows = dict(signals.rows(SYMBOL, closed))
         if closed:
             # Only the signal row made it: it is the newer state.
-            resumed = restore(SYMBOL, config, tick_row, signals.signal_row())
+            resumed = restore(SYMBOL, config, tick_row, rows[signal_key(SYMBOL)])
             assert resumed.tick_row() == signals.tick_row()
             assert resumed.last_seq == market.seq
-        tick_row = signals.tick_row()
+        tick_row = rows[SYMBOL]
 
 
 def test_state_cost_per_tick() -> None:
