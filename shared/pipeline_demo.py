@@ -36,37 +36,28 @@ CAPITAL = Decimal(1_000_000)
 
 @dataclass
 class Series:
-    """The pipeline's tick-by-tick path, as NavUpdated tells it (for the chart)."""
+    """The pipeline's tick-by-tick path, as NavUpdated tells it (for the chart).
 
-    times: list[int] = field(default_factory=list)
-    prices: list[Decimal] = field(default_factory=list)
-    regimes: list[str] = field(default_factory=list)
-    navs: dict[str, list[Decimal]] = field(default_factory=dict)
-    leverages: dict[str, list[float]] = field(default_factory=dict)
-    targets: dict[str, list[float]] = field(default_factory=dict)
+    nav.updates is keyed by product, so the products' updates arrive from different
+    partitions at their own pace: they are kept per product by seq and joined at the end.
+    """
+
+    by_seq: dict[str, dict[int, nav_pb2.NavUpdated]] = field(default_factory=dict)
     latest: dict[str, nav_pb2.NavUpdated] = field(default_factory=dict)
     ticks: int = 0
 
     def add(self, update: nav_pb2.NavUpdated, products: list[str]) -> None:
-        """Keep the last update per product; a row per tick once every product has it."""
         self.latest[update.product] = update
         if update.event_id != f"{update.product}:{update.seq}":
             return  # an order's re-mark, not a tick
         if update.product == products[0]:
             self.ticks += 1
-        if update.product != products[-1]:
-            return
-        first = self.latest[products[0]]
-        if first.seq != update.seq:
-            return
-        self.times.append(update.ts_event_ns)
-        self.prices.append(Decimal(update.price))
-        self.regimes.append(common_pb2.Regime.Name(update.regime))
-        for product in products:
-            item = self.latest[product]
-            self.navs.setdefault(product, []).append(Decimal(item.nav))
-            self.leverages.setdefault(product, []).append(float(item.actual_leverage))
-            self.targets.setdefault(product, []).append(float(item.target_leverage))
+        self.by_seq.setdefault(update.product, {})[update.seq] = update
+
+    def rows(self, products: list[str]) -> list[list[nav_pb2.NavUpdated]]:
+        """One row per tick every product has been marked on, in tick order."""
+        seqs = set.intersection(*(set(self.by_seq.get(p, {})) for p in products))
+        return [[self.by_seq[p][seq] for p in products] for seq in sorted(seqs)]
 
 
 def table(series: Series, products: list[str], elapsed_s: float) -> Table:
@@ -147,15 +138,16 @@ def run(args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - replay_started
     args.out.mkdir(parents=True, exist_ok=True)
     chart = args.out / "pipeline.png"
+    rows = series.rows(products)
     nav_chart(
         chart,
         f"{args.symbol} through the services, {args.start}..{args.end}",
-        series.times,
-        series.prices,
-        series.regimes,
-        series.navs,
-        series.leverages,
-        series.targets,
+        [row[0].ts_event_ns for row in rows],
+        [Decimal(row[0].price) for row in rows],
+        [common_pb2.Regime.Name(row[0].regime) for row in rows],
+        {p: [Decimal(row[i].nav) for row in rows] for i, p in enumerate(products)},
+        {p: [float(row[i].actual_leverage) for row in rows] for i, p in enumerate(products)},
+        {p: [float(row[i].target_leverage) for row in rows] for i, p in enumerate(products)},
         highlight=products,
     )
     console.print(
