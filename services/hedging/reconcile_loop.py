@@ -1,0 +1,47 @@
+"""The books check (shared/reconcile.py, check 1) on a timer inside the hedging service:
+`smartlev_books_balanced{symbol}` and `smartlev_books_difference{symbol}` on /metrics.
+
+It only reads Redis (hedging's state and the venue's account), never the event path, so
+a slow or failing check cannot hold up an event.
+"""
+
+from __future__ import annotations
+
+from redis.exceptions import RedisError
+
+from shared.core.config import StrategyConfig
+from shared.logging import get_logger
+from shared.reconcile import BooksMonitor
+from shared.settings import ServiceSettings
+from shared.stream import StreamRuntime
+
+log = get_logger("hedging", "reconcile")
+
+
+def install_reconcile_loop(
+    runtime: StreamRuntime,
+    settings: ServiceSettings,
+    config: StrategyConfig,
+    interval_s: float = 30.0,
+) -> BooksMonitor:
+    """Check every configured symbol's books every `interval_s` (runtime.redis set)."""
+    monitor = BooksMonitor(runtime.redis, config, settings.namespace, list(config.instruments))
+
+    @runtime.app.timer(interval_s, name="reconcile-books")
+    async def reconcile_books() -> None:
+        try:
+            found = await monitor.check()
+        except (RedisError, OSError) as exc:
+            log.warning("reconcile_unavailable", error=repr(exc))
+            return
+        for symbol, rows in found.items():
+            for row in rows:
+                log.error(
+                    "books_out_of_balance",
+                    symbol=symbol,
+                    check=row.check,
+                    expected=str(row.expected),
+                    actual=str(row.actual),
+                )
+
+    return monitor

@@ -1,0 +1,826 @@
+"""Reconciliation: prove from the outside that the books balance (DESIGN section 5).
+
+`python -m shared.reconcile [--namespace NS] [--symbol S ...]` reads what the services
+left in Redis and the history on Kafka, and checks, per symbol:
+
+1. books: hedging's engine snapshot against the venue service's account: the products'
+   qty sum to the venue position, their cash to the venue wallet, and equity + platform
+   fees + insurance fund == deposits - payouts + venue PnL (the core's `check_balanced`
+   identity); hedging's mirror of the account and its `positions` hash agree with both.
+2. replay: every HedgeUpdate on `hedge.fills` re-applied, in order, to fresh core `Books`
+   (orders from `orders.events`, fills, funding, management fees, insurance claims) must
+   give each update's ProductBookState and, at the end, hedging's snapshot; the venue's
+   position, wallet, transfers, fees and funding must equal the sums on the topic.
+3. orders: every order on `orders.events` applied by hedging exactly once (its applied
+   ids and one HedgeUpdate each); with the order gateway, every user position's units ==
+   its opens - closes, and each product's units == the positions' units.
+4. NAV: each `nav:{product}` equals the books of the HedgeUpdate NAV last marked it on,
+   marked by the core (`ProductBook.nav`).
+
+Every check is a pure function over plain values returning `Row`s (expected vs actual,
+exact Decimals); the loader below reads Redis and Kafka. Exit 0 when every row agrees,
+1 listing each difference, 2 on a usage or connection error. `BooksMonitor` runs check 1
+continuously inside a service and exports `smartlev_books_balanced{symbol}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import TypeVar
+
+from google.protobuf.message import Message
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from prometheus_client import Gauge
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from smartlev.v1 import hedging_pb2, orders_pb2
+
+from shared import codec
+from shared.core.accounting import Books, BooksOutOfBalance, ProductBook
+from shared.core.config import StrategyConfig
+from shared.core.events import HedgeAllocation, HedgeExecuted
+from shared.core.money import ZERO, MoneyError, usdt_down
+from shared.core.products import smart_product_specs
+from shared.core.venue import PerpVenue
+from shared.redis_store import ApplyOnceStore, key
+from shared.topics import HEDGE_FILLS, ORDERS_EVENTS
+
+Value = Decimal | int | str
+M = TypeVar("M", bound=Message)
+
+# ProductBook fields hedging sends in every ProductBookState and a replay re-derives.
+REPLAYED = (
+    "units",
+    "cash",
+    "qty",
+    "trading_fees",
+    "slippage",
+    "funding",
+    "management_fees",
+    "insurance_received",
+    "last_nav",
+)
+BOOK_TOTALS = ("deposits", "payouts", "platform_fees", "insurance_fund")
+ACCOUNT = ("wallet", "position", "transfers_in", "fees_paid", "funding_paid", "insurance_fund")
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One comparison: `expected` is what the derivation says, `actual` the state checked."""
+
+    check: str
+    subject: str
+    expected: Value
+    actual: Value
+
+    @property
+    def ok(self) -> bool:
+        return self.expected == self.actual
+
+    @property
+    def difference(self) -> Decimal | None:
+        if isinstance(self.expected, str) or isinstance(self.actual, str):
+            return None
+        return Decimal(self.actual) - Decimal(self.expected)
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def differences(self) -> list[Row]:
+        return [r for r in self.rows if not r.ok]
+
+    @property
+    def balanced(self) -> bool:
+        return not self.differences
+
+
+# --------------------------------------------------------------------------- 1. books
+
+
+def check_books(
+    symbol: str,
+    books: Books,
+    venue: PerpVenue,
+    price: Decimal,
+    mirror: PerpVenue | None = None,
+    positions: Mapping[str, str] | None = None,
+) -> list[Row]:
+    """Hedging's books against the venue account (the sides of `Books.check_balanced`),
+    plus hedging's own mirror of the account and its `positions` hash."""
+    products = books.products.values()
+    left = sum((b.equity(price) for b in products), ZERO) + books.platform_fees
+    left += books.insurance_fund
+    rows = [
+        Row("books.qty", symbol, venue.position, sum((b.qty for b in products), ZERO)),
+        Row("books.cash", symbol, venue.wallet, sum((b.cash for b in products), ZERO)),
+        Row("books.identity", symbol, books.deposits - books.payouts + venue.pnl(price), left),
+    ]
+    if all(r.ok for r in rows):
+        try:  # the core's own check must agree: never report balanced when it does not
+            books.check_balanced(venue, price)
+        except BooksOutOfBalance as exc:
+            rows.append(Row("books.check_balanced", symbol, "balanced", str(exc)))
+    if mirror is not None:
+        rows += [
+            Row(f"hedging.mirror.{name}", symbol, getattr(venue, name), getattr(mirror, name))
+            for name in ACCOUNT
+        ]
+    if positions is not None:
+        wanted = {b.product: str(b.qty) for b in products} | {"venue": str(venue.position)}
+        rows += [
+            Row("hedging.positions", f"{symbol} {name}", Decimal(qty), _dec(positions.get(name)))
+            for name, qty in wanted.items()
+        ]
+    return rows
+
+
+def _dec(text: str | None) -> Value:
+    return "(missing)" if text is None else Decimal(text)
+
+
+# --------------------------------------------------------------------------- 2. replay
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """What the NAV service last wrote for a product: the books it marked, at a price."""
+
+    seq: int
+    price: Decimal
+    book: ProductBook
+
+
+@dataclass
+class VenueFlows:
+    """The venue account as the sums on hedge.fills say it must be."""
+
+    position: Decimal = ZERO
+    transfers_in: Decimal = ZERO
+    cost: Decimal = ZERO
+    fees_paid: Decimal = ZERO
+    funding_paid: Decimal = ZERO
+
+    @property
+    def wallet(self) -> Decimal:
+        return self.transfers_in - self.cost - self.fees_paid - self.funding_paid
+
+
+def order_id_of(symbol: str, event_id: str) -> str | None:
+    """`<symbol>:order:<order id>` (hedging's event id of an order) -> the order id."""
+    prefix = f"{symbol}:order:"
+    return event_id[len(prefix) :] if event_id.startswith(prefix) else None
+
+
+def order_of(event: orders_pb2.OrderEvent) -> orders_pb2.PositionOpened | orders_pb2.PositionClosed:
+    return event.opened if event.WhichOneof("event") == "opened" else event.closed
+
+
+class Replay:
+    """hedge.fills of one symbol re-applied to fresh core `Books`; every update's books
+    compared with what hedging sent (a difference is listed once, then the replay takes
+    hedging's figure so one slip is not reported on every later update)."""
+
+    def __init__(
+        self, symbol: str, config: StrategyConfig, orders: Mapping[str, orders_pb2.OrderEvent]
+    ) -> None:
+        self.symbol = symbol
+        self.config = config.accounting
+        self.orders = orders
+        specs = smart_product_specs(symbol, config)
+        self.books = Books(
+            config.accounting, [ProductBook(s.product, symbol, s.side) for s in specs]
+        )
+        self.venue = VenueFlows()
+        self.price = ZERO
+        self.rows: list[Row] = []
+        self.updates = 0
+        self.matched = 0  # updates whose every book equalled the replay's
+        self.applied: Counter[str] = Counter()  # order id -> distinct HedgeUpdates
+        self.order_units: dict[str, Decimal] = {}  # order id -> signed units it moved
+        self.marks: dict[str, Mark] = {}
+        self.liquidated = False
+        self._seen: dict[str, bytes] = {}
+        self._reported: set[tuple[str, str]] = set()
+
+    def apply_all(self, updates: Iterable[hedging_pb2.HedgeUpdate]) -> Replay:
+        for update in updates:
+            self.apply(update)
+        return self
+
+    def apply(self, update: hedging_pb2.HedgeUpdate) -> None:
+        payload = codec.encode(update)
+        seen = self._seen.get(update.event_id)
+        if seen == payload:
+            return  # re-sent after a crash (output before state): the same output again
+        if seen is not None:
+            self.rows.append(
+                Row("fills.repeat", update.event_id, "one content", "sent twice, different")
+            )
+        self._seen[update.event_id] = payload
+        self.updates += 1
+        which = update.market.WhichOneof("event") if update.HasField("market") else None
+        seq = 0
+        if which == "tick":
+            self.price = Decimal(update.market.tick.price)
+            seq = update.market.tick.seq
+        order_id = order_id_of(self.symbol, update.event_id)
+        if order_id is not None:
+            self.applied[order_id] += 1
+            self._order(order_id, update)
+        if update.HasField("filled"):
+            self._filled(update.filled)
+        if update.HasField("funding"):
+            self._funding(update.event_id, update.funding)
+        for fee in update.management_fees:
+            self._management_fee(fee.product, Decimal(fee.amount))
+        for claim in update.insurance_claims:
+            self._claim(claim.product, Decimal(claim.amount))
+        if update.HasField("liquidated"):  # never allowed (section 5); not replayable
+            self.liquidated = True
+            self.rows.append(Row("venue.liquidated", update.event_id, "never", "liquidated"))
+        self._compare(update)
+        self._mark(update, which, seq)
+
+    def _order(self, order_id: str, update: hedging_pb2.HedgeUpdate) -> None:
+        event = self.orders.get(order_id)
+        if event is None:
+            self.rows.append(Row("orders.unknown", order_id, "on orders.events", "missing"))
+            return
+        order = order_of(event)
+        nav = Decimal(order.nav) if order.nav else None
+        try:
+            if isinstance(order, orders_pb2.PositionOpened):
+                amount = Decimal(order.amount)
+                issued = self.books.issue(order.product, amount, self.price, order.ts_event_ns, nav)
+                self.order_units[order_id] = issued.units
+                self.venue.transfers_in += amount - issued.fee
+            else:
+                units = Decimal(order.units)
+                redeemed = self.books.redeem(order.product, units, self.price, 0, nav)
+                self.order_units[order_id] = -units
+                self.venue.transfers_in -= redeemed.gross
+        except (MoneyError, KeyError) as exc:
+            self.rows.append(Row("orders.settle", order_id, "settles", f"refused: {exc}"))
+
+    def _filled(self, filled: hedging_pb2.HedgeFilled) -> None:
+        allocations = tuple(
+            HedgeAllocation(
+                a.product,
+                Decimal(a.qty),
+                Decimal(a.cost) - Decimal(a.slippage),
+                Decimal(a.slippage),
+                Decimal(a.fee),
+            )
+            for a in filled.allocations
+        )
+        net, fee = Decimal(filled.net_qty), Decimal(filled.venue_fee)
+        subject = filled.event_id
+        self.rows.append(Row("fills.qty", subject, net, sum((a.qty for a in allocations), ZERO)))
+        self.rows.append(Row("fills.fee", subject, fee, sum((a.fee for a in allocations), ZERO)))
+        self.books.apply_hedge(HedgeExecuted(self.symbol, 0, self.price, net, (), allocations))
+        self.venue.position += net
+        self.venue.fees_paid += fee
+        self.venue.cost += sum((a.notional + a.slippage for a in allocations), ZERO)
+
+    def _funding(self, event_id: str, funding: hedging_pb2.FundingSettled) -> None:
+        sent = {a.product: Decimal(a.amount) for a in funding.allocations}
+        total = sum(sent.values(), ZERO)
+        derived = self.books.funding(
+            self.symbol, 0, Decimal(funding.rate), Decimal(funding.mark_price), total
+        )
+        for product, amount in derived.allocations:
+            self.rows.append(
+                Row("fills.funding", f"{product} @ {event_id}", amount, sent.get(product, ZERO))
+            )
+        self.venue.funding_paid += total
+
+    def _management_fee(self, product: str, amount: Decimal) -> None:
+        """`Books.accrue_management_fee`'s effect of one accrued fee (the accrual itself
+        needs the elapsed time, which the topic does not carry)."""
+        book = self.books.products[product]
+        book.cash -= amount
+        book.management_fees += amount
+        to_insurance = usdt_down(amount * self.config.insurance_share)
+        self.books.insurance_fund += to_insurance
+        self.books.platform_fees += amount - to_insurance
+        self.venue.transfers_in -= amount
+
+    def _claim(self, product: str, amount: Decimal) -> None:
+        book = self.books.products[product]
+        book.cash += amount
+        book.insurance_received += amount
+        self.books.insurance_fund -= amount
+        self.venue.transfers_in += amount
+
+    def _compare(self, update: hedging_pb2.HedgeUpdate) -> None:
+        matched = True
+        for state in update.products:
+            book = self.books.products.get(state.product)
+            if book is None:
+                self.rows.append(Row("fills.product", state.product, "a known product", "unknown"))
+                continue
+            book.equity_floor = Decimal(state.equity_floor)  # set by rebalances, not flows
+            for name in REPLAYED:
+                sent, derived = Decimal(getattr(state, name)), getattr(book, name)
+                if sent != derived:
+                    matched = False
+                    if (state.product, name) not in self._reported:
+                        self._reported.add((state.product, name))
+                        subject = f"{state.product} @ {update.event_id}"
+                        self.rows.append(Row(f"replay.{name}", subject, derived, sent))
+                    setattr(book, name, sent)
+        self.matched += matched
+
+    def _mark(self, update: hedging_pb2.HedgeUpdate, which: str | None, seq: int) -> None:
+        """The NAV service's rule: a tick marks every product at its price; an order
+        re-marks, at the last mark, the products whose units it changed; funding none."""
+        if which == "funding":
+            return
+        for state in update.products:
+            if state.product not in self.books.products:
+                continue
+            book = replace(self.books.products[state.product])  # as hedging sent it
+            last = self.marks.get(state.product)
+            if which == "tick":
+                self.marks[state.product] = Mark(seq, self.price, book)
+            elif last is None or last.book.units != book.units:
+                seq_, price = (0, ZERO) if last is None else (last.seq, last.price)
+                self.marks[state.product] = Mark(seq_, price, book)
+
+    def totals(self, snapshot: Books, venue: PerpVenue) -> list[Row]:
+        """The replay's end against hedging's snapshot and the venue account."""
+        rows = [Row("replay.updates_matched", self.symbol, self.updates, self.matched)]
+        rows += [
+            Row(f"replay.{name}", f"{self.symbol} {p.product}", getattr(p, name), getattr(s, name))
+            for p in self.books.products.values()
+            if (s := snapshot.products.get(p.product)) is not None
+            for name in REPLAYED
+        ]
+        rows += [
+            Row(f"replay.{name}", self.symbol, getattr(self.books, name), getattr(snapshot, name))
+            for name in BOOK_TOTALS
+        ]
+        if self.liquidated:
+            return rows
+        rows += [
+            Row(f"venue.{name}", self.symbol, getattr(self.venue, name), getattr(venue, name))
+            for name in ("position", "wallet", "transfers_in", "fees_paid", "funding_paid")
+        ]
+        return rows
+
+
+# --------------------------------------------------------------------------- 3. orders
+
+
+def unique_orders(
+    events: Iterable[orders_pb2.OrderEvent],
+) -> tuple[dict[str, orders_pb2.OrderEvent], list[Row]]:
+    """Orders by id; the gateway's outbox may publish one twice (identical: fine)."""
+    orders: dict[str, orders_pb2.OrderEvent] = {}
+    rows = []
+    for event in events:
+        order_id = order_of(event).event_id
+        first = orders.setdefault(order_id, event)
+        if codec.encode(first) != codec.encode(event):
+            rows.append(Row("orders.repeat", order_id, "one content", "published twice, different"))
+    return orders, rows
+
+
+def check_orders(
+    symbol: str,
+    orders: Mapping[str, orders_pb2.OrderEvent],
+    applied_ids: Iterable[str],
+    applied_updates: Mapping[str, int],
+) -> list[Row]:
+    """Each order applied once: in hedging's applied ids and with one HedgeUpdate."""
+    applied = set(applied_ids)
+    rows = []
+    for order_id in orders:
+        if order_id not in applied:
+            rows.append(Row("orders.applied", order_id, "applied", "not in hedging's ids"))
+        if applied_updates.get(order_id, 0) != 1:
+            rows.append(Row("orders.updates", order_id, 1, applied_updates.get(order_id, 0)))
+    rows += [
+        Row("orders.applied", order_id, "on orders.events", "unknown order applied")
+        for order_id in sorted(applied - set(orders))
+    ]
+    once = sum(1 for o in orders if o in applied and applied_updates.get(o, 0) == 1)
+    rows.append(Row("orders.applied_once", symbol, len(orders), once))
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayState:
+    """The order gateway's state of one symbol (services/gateway/ledger.py)."""
+
+    positions: Sequence[Mapping[str, str]]
+    ledger: Mapping[str, str]
+    pending: int  # orders in its outbox, not yet on orders.events
+
+
+def check_gateway(
+    symbol: str,
+    gateway: GatewayState,
+    orders: Mapping[str, orders_pb2.OrderEvent],
+    books: Books,
+    order_units: Mapping[str, Decimal],
+) -> list[Row]:
+    """Positions against their orders; products' units against the positions."""
+    moved: defaultdict[str, Decimal] = defaultdict(Decimal)
+    for event in orders.values():
+        order = order_of(event)
+        sign = 1 if isinstance(order, orders_pb2.PositionOpened) else -1
+        moved[order.position_id] += sign * Decimal(order.units or "0")
+    rows = []
+    held: defaultdict[str, Decimal] = defaultdict(Decimal)
+    ids = set()
+    for position in gateway.positions:
+        pid, units = position["position_id"], Decimal(position["units"])
+        ids.add(pid)
+        held[position["product"]] += units
+        if gateway.pending == 0:
+            rows.append(Row("gateway.position", pid, moved.get(pid, ZERO), units))
+    for product, book in books.products.items():
+        units = held.get(product, ZERO)
+        ledger = gateway.ledger.get(f"{product}:units")
+        rows.append(Row("gateway.ledger", product, units, _dec(ledger) if ledger else ZERO))
+        if gateway.pending == 0:
+            outside = sum(
+                (
+                    order_units.get(o, ZERO)
+                    for o, e in orders.items()
+                    if order_of(e).product == product and order_of(e).position_id not in ids
+                ),
+                ZERO,
+            )
+            rows.append(Row("gateway.units", f"{symbol} {product}", book.units - outside, units))
+    return rows
+
+
+# --------------------------------------------------------------------------- 4. NAV
+
+
+def check_nav(product: str, mark: Mark | None, nav: Mapping[str, str]) -> list[Row]:
+    """`nav:{product}` against the core's marking of the books NAV last marked."""
+    if mark is None:
+        return [Row("nav.marked", product, "no mark yet", "written" if nav else "none")]
+    book, price = mark.book, mark.price
+    expected: dict[str, Value] = {
+        "nav": book.nav(price),
+        "equity": book.equity(price),
+        "units": book.units,
+        "qty": book.qty,
+        "price": price,
+        "seq": mark.seq,
+    }
+    rows = []
+    for name, value in expected.items():
+        raw = nav.get(name)
+        actual: Value = "(missing)" if raw is None else int(raw) if name == "seq" else Decimal(raw)
+        rows.append(Row(f"nav.{name}", product, value, actual))
+    return rows
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class SymbolState:
+    """Everything Redis holds about one symbol that the checks need."""
+
+    symbol: str
+    engine: dict[str, object]
+    mirror: dict[str, object]
+    positions: dict[str, str]
+    account: dict[str, str]
+    applied: set[str]
+    navs: dict[str, dict[str, str]]
+    gateway: GatewayState | None
+    versions: tuple[int, int]  # hedging's and the venue's tag versions
+
+
+class StateMissing(LookupError):
+    """No hedging state for a symbol under the namespace: nothing to reconcile."""
+
+
+async def load_symbol(
+    redis: Redis, namespace: str, symbol: str, products: Sequence[str]
+) -> SymbolState:
+    """Read one symbol's state; retried until hedging's and the venue's versions stood
+    still across the read, so both sides are each as of one commit. NAV and gateway
+    state only for `products` (none: the books alone, cheap enough for a timer)."""
+    hedge = ApplyOnceStore(redis, namespace=f"{namespace}hedge")
+    venue = ApplyOnceStore(redis, namespace=f"{namespace}venue")
+    nav = ApplyOnceStore(redis, namespace=f"{namespace}nav")
+    for _ in range(20):
+        before = (await hedge.version(symbol), await venue.version(symbol))
+        state, _ = await hedge.read(symbol, "state")
+        positions, _ = await hedge.read(symbol, "positions")
+        account, _ = await venue.read(symbol, "account")
+        applied = {_text(k) for k in await redis.hkeys(key(f"{namespace}hedge", symbol, "applied"))}
+        after = (await hedge.version(symbol), await venue.version(symbol))
+        if before == after:
+            break
+    if not state:
+        raise StateMissing(f"no hedging state for {symbol} under namespace {namespace!r}")
+    navs = {p: (await nav.read(p))[0] for p in products}
+    gateway = await load_gateway(redis, namespace, symbol) if products else None
+    return SymbolState(
+        symbol,
+        json.loads(state["engine"]),
+        json.loads(state["venue"]),
+        positions,
+        account,
+        applied,
+        navs,
+        gateway,
+        after,
+    )
+
+
+async def load_gateway(redis: Redis, namespace: str, symbol: str) -> GatewayState | None:
+    gw = ApplyOnceStore(redis, namespace=f"{namespace}gw")
+    pattern = gw.state_key(symbol, "pos") + ":*"
+    position_keys = [k async for k in redis.scan_iter(match=pattern, count=500)]
+    ledger, _ = await gw.read(symbol, "ledger")
+    pending = await redis.hlen(gw.state_key(symbol, "outbox"))
+    if not position_keys and not ledger:
+        return None
+    positions = [
+        {_text(k): _text(v) for k, v in (await redis.hgetall(k)).items()} for k in position_keys
+    ]
+    return GatewayState(positions, ledger, int(pending))
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def restore(
+    config: StrategyConfig, state: SymbolState
+) -> tuple[Books, Decimal, PerpVenue, PerpVenue]:
+    """(books, last price, venue account, hedging's mirror) through the core's restore."""
+    engine = state.engine
+    books_snapshot = engine["books"]
+    assert isinstance(books_snapshot, dict)
+    books = Books.restore(config.accounting, books_snapshot)
+    spec = config.instrument(state.symbol)
+    account: dict[str, object] = dict(state.account)
+    account["liquidations"] = int(state.account.get("liquidations", "0"))
+    if "wallet" not in account:
+        account.update({name: "0" for name in ACCOUNT})
+    venue = PerpVenue.restore(spec, config.venue, account)
+    mirror = PerpVenue.restore(spec, config.venue, state.mirror)
+    return books, Decimal(str(engine["price"])), venue, mirror
+
+
+def read_topic(bootstrap: str, topic: str) -> list[tuple[str | None, bytes]]:
+    """Every message of a topic, each partition in order, without a consumer group."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap.split(","),
+        enable_auto_commit=False,
+        key_deserializer=codec.key_deserializer,
+        client_id="smartlev-reconcile",
+    )
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise StateMissing(f"topic {topic} does not exist")
+        assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(assigned)
+        consumer.seek_to_beginning(*assigned)
+        ends = consumer.end_offsets(assigned)
+        by_partition: dict[int, list[tuple[str | None, bytes]]] = defaultdict(list)
+        while any(consumer.position(tp) < ends[tp] for tp in assigned):
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                by_partition[tp.partition] += [(r.key, r.value) for r in records]
+        return [m for p in sorted(by_partition) for m in by_partition[p]]
+    finally:
+        consumer.close()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def reconcile_symbol(
+    config: StrategyConfig,
+    state: SymbolState,
+    updates: Sequence[hedging_pb2.HedgeUpdate],
+    order_events: Sequence[orders_pb2.OrderEvent],
+) -> Report:
+    """All four checks of one symbol, from values already read."""
+    symbol = state.symbol
+    report = Report()
+    books, price, venue, mirror = restore(config, state)
+    report.rows += check_books(symbol, books, venue, price, mirror, state.positions)
+    orders, repeats = unique_orders(order_events)
+    report.rows += repeats
+    replay = Replay(symbol, config, orders).apply_all(updates)
+    report.rows += replay.rows
+    report.rows += replay.totals(books, venue)
+    report.notes.append(
+        f"{symbol}: {replay.updates} HedgeUpdates replayed, {len(orders)} orders, "
+        f"venue position {venue.position}, wallet {venue.wallet}, last price {price}"
+    )
+    report.rows += check_orders(symbol, orders, state.applied, replay.applied)
+    if state.gateway is None:
+        report.notes.append(f"{symbol}: no order-gateway state; user positions not checked")
+    else:
+        if state.gateway.pending:
+            report.notes.append(
+                f"{symbol}: {state.gateway.pending} order(s) in the gateway's outbox, not "
+                "yet published: positions and units against the books not compared"
+            )
+        report.rows += check_gateway(symbol, state.gateway, orders, books, replay.order_units)
+    for product in books.products:
+        report.rows += check_nav(product, replay.marks.get(product), state.navs.get(product, {}))
+    return report
+
+
+def decode_all(
+    messages: Iterable[tuple[str | None, bytes]], symbol: str, value_type: type[M]
+) -> tuple[list[M], list[Row]]:
+    """The messages keyed by `symbol`, decoded; one that does not decode is listed."""
+    out: list[M] = []
+    rows = []
+    for message_key, payload in messages:
+        if message_key != symbol:
+            continue
+        try:
+            out.append(codec.decode(value_type, payload))
+        except codec.DecodeError as exc:
+            rows.append(Row("kafka.decode", symbol, "a valid message", exc.reason))
+    return out, rows
+
+
+async def reconcile(
+    redis: Redis,
+    bootstrap: str,
+    config: StrategyConfig,
+    namespace: str = "",
+    symbols: Sequence[str] = (),
+) -> Report:
+    """Read and check every symbol (all configured symbols with hedging state by default)."""
+    explicit = bool(symbols)
+    wanted = list(symbols) or list(config.instruments)
+    fills = read_topic(bootstrap, HEDGE_FILLS.in_namespace(namespace).name)
+    order_messages = read_topic(bootstrap, ORDERS_EVENTS.in_namespace(namespace).name)
+    report = Report()
+    for symbol in wanted:
+        products = [s.product for s in smart_product_specs(symbol, config)]
+        try:
+            state = await load_symbol(redis, namespace, symbol, products)
+        except StateMissing as exc:
+            if explicit:
+                raise
+            report.notes.append(f"{symbol}: {exc}; skipped")
+            continue
+        updates, bad_fills = decode_all(fills, symbol, hedging_pb2.HedgeUpdate)
+        orders, bad_orders = decode_all(order_messages, symbol, orders_pb2.OrderEvent)
+        part = reconcile_symbol(config, state, updates, orders)
+        report.rows += bad_fills + bad_orders + part.rows
+        report.notes += part.notes
+    if not report.rows:
+        raise StateMissing(f"no hedging state under namespace {namespace!r}")
+    return report
+
+
+# --------------------------------------------------------------------------- continuous
+
+
+BALANCED = Gauge(
+    "smartlev_books_balanced",
+    "1 when the symbol's books balance against the venue account (DESIGN section 5), else 0",
+    ["symbol"],
+)
+DIFFERENCE = Gauge(
+    "smartlev_books_difference",
+    "Largest absolute difference (USDT or contracts) the last books check found",
+    ["symbol"],
+)
+
+
+class BooksMonitor:
+    """Check 1 on a timer, for a service's /metrics. A difference counts only when it is
+    seen twice at the same state versions: between the venue's write and hedging's
+    commit of one event the two legitimately differ for a moment."""
+
+    def __init__(
+        self, redis: Redis, config: StrategyConfig, namespace: str, symbols: Sequence[str]
+    ) -> None:
+        self.redis = redis
+        self.config = config
+        self.namespace = namespace
+        self.symbols = list(symbols)
+        self._suspect: dict[str, tuple[int, int]] = {}
+
+    async def check(self) -> dict[str, list[Row]]:
+        """Run once; returns the confirmed differences per symbol checked."""
+        found = {}
+        for symbol in self.symbols:
+            try:
+                state = await load_symbol(self.redis, self.namespace, symbol, ())
+            except StateMissing:
+                continue
+            books, price, venue, mirror = restore(self.config, state)
+            bad = [r for r in check_books(symbol, books, venue, price, mirror) if not r.ok]
+            if bad and self._suspect.get(symbol) != state.versions:
+                self._suspect[symbol] = state.versions
+                continue
+            self._suspect.pop(symbol, None)
+            amounts = [abs(d) for r in bad if (d := r.difference) is not None]
+            BALANCED.labels(symbol).set(0 if bad else 1)
+            DIFFERENCE.labels(symbol).set(float(max(amounts, default=ZERO)))
+            found[symbol] = bad
+        return found
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def render(report: Report) -> str:
+    """Plain lines: every difference, then a one-line summary per check."""
+    lines = []
+    for row in report.rows:
+        if row.ok and row.check.startswith("books."):
+            lines.append(f"ok    {row.check:<24} {row.subject:<44} {row.actual}")
+    for row in report.differences:
+        diff = row.difference
+        lines.append(
+            f"DIFF  {row.check:<24} {row.subject:<44} expected {row.expected}  actual "
+            f"{row.actual}" + ("" if diff is None else f"  difference {diff:f}")
+        )
+    by_check: Counter[str] = Counter(r.check for r in report.rows)
+    failed: Counter[str] = Counter(r.check for r in report.differences)
+    for check in sorted(by_check):
+        status = "ok" if not failed[check] else f"{failed[check]} DIFFERENT"
+        lines.append(f"{check:<30} {by_check[check]:>6} compared  {status}")
+    lines += [f"note: {note}" for note in report.notes]
+    verdict = (
+        "books balance: every figure agrees to the minor unit"
+        if report.balanced
+        else f"books DO NOT balance: {len(report.differences)} difference(s)"
+    )
+    lines.append(verdict)
+    return "\n".join(lines)
+
+
+def run(namespace: str, symbols: Sequence[str], bootstrap: str, redis_url: str) -> int:
+    """The command: print the report; 0 balanced, 1 differences, 2 cannot check."""
+    config = StrategyConfig()
+    for symbol in symbols:
+        if symbol not in config.instruments:
+            print(
+                f"error: unknown symbol {symbol!r}; configured: {sorted(config.instruments)}",
+                file=sys.stderr,
+            )
+            return 2
+
+    async def go() -> Report:
+        redis = Redis.from_url(redis_url, decode_responses=True)
+        try:
+            return await reconcile(redis, bootstrap, config, namespace, symbols)
+        finally:
+            await redis.aclose()
+
+    try:
+        report = asyncio.run(go())
+    except StateMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KafkaError as exc:
+        print(f"error: cannot read Kafka at {bootstrap}: {exc!r}", file=sys.stderr)
+        return 2
+    except (RedisError, OSError) as exc:
+        print(f"error: cannot read Redis at {redis_url}: {exc}", file=sys.stderr)
+        return 2
+    print(render(report))
+    return 0 if report.balanced else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.reconcile", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--namespace", default="", help="topic/key prefix, e.g. 't1234abcd.'")
+    parser.add_argument("--symbol", action="append", default=[], help="repeatable; default all")
+    parser.add_argument("--bootstrap", default="127.0.0.1:9092")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args(argv)
+    return run(args.namespace, args.symbol, args.bootstrap, args.redis_url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

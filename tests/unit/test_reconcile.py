@@ -1,0 +1,264 @@
+"""Reconciliation on hand-built states: a small history run through the core engine and
+hedging's own wire builder, so every check sees what the services would have written;
+then one figure is spoiled at a time and the check must name it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from decimal import Decimal
+
+import pytest
+from smartlev.v1 import hedging_pb2, orders_pb2
+
+from services.hedging.messages import hedge_update
+from services.nav.marking import mark, parse_update, state_fields
+from shared import codec
+from shared.core.config import StrategyConfig
+from shared.core.engine import Engine
+from shared.core.market import NS_PER_DAY, NS_PER_HOUR, FundingRate, Tick
+from shared.core.products import smart_engine
+from shared.core.venue import PerpVenue
+from shared.reconcile import (
+    GatewayState,
+    Report,
+    Row,
+    SymbolState,
+    reconcile_symbol,
+    render,
+)
+
+SYMBOL = "BTC-USDT"
+LONG, SHORT = f"{SYMBOL}:LONG", f"{SYMBOL}:SHORT"
+T0 = 1_600_000_000 * 1_000_000_000 // NS_PER_DAY * NS_PER_DAY
+CONFIG = StrategyConfig()
+
+
+@dataclass
+class History:
+    """What the services leave behind after a few events."""
+
+    engine: Engine
+    updates: list[hedging_pb2.HedgeUpdate]
+    orders: list[orders_pb2.OrderEvent]
+    navs: dict[str, dict[str, str]]
+
+    def state(self, **changes: object) -> SymbolState:
+        venue = self.engine.venue
+        assert isinstance(venue, PerpVenue)
+        account = {k: str(v) for k, v in venue.snapshot().items()}
+        books = self.engine.books.products.values()
+        state = SymbolState(
+            symbol=SYMBOL,
+            engine=json.loads(json.dumps(self.engine.snapshot())),
+            mirror=venue.snapshot(),
+            positions={b.product: str(b.qty) for b in books} | {"venue": str(venue.position)},
+            account=account,
+            applied={order_id(o) for o in self.orders},
+            navs=self.navs,
+            gateway=None,
+            versions=(1, 1),
+        )
+        return replace(state, **changes)  # type: ignore[arg-type]
+
+
+def order_id(event: orders_pb2.OrderEvent) -> str:
+    which = event.WhichOneof("event")
+    return str(getattr(event, str(which)).event_id)
+
+
+def nav_fields(navs: dict[str, dict[str, str]], update: hedging_pb2.HedgeUpdate) -> None:
+    """The NAV service's rule (services/nav/main.py) with its own pure functions."""
+    event = parse_update(update)
+    for book in event.books:
+        last = navs.get(book.product, {})
+        if event.kind == "tick":
+            assert event.price is not None
+            marked, seq = mark(book, event.price, Decimal(100)), event.seq
+        elif event.kind == "order" and Decimal(last.get("units", "0")) != book.units:
+            seq = int(last.get("seq", "0"))
+            marked = mark(book, Decimal(last.get("price", "0")), Decimal(100))
+        else:
+            continue
+        fields = state_fields(marked, event, seq, 0)
+        navs[book.product] = {k: str(v) for k, v in fields.items()}
+
+
+def history(positions: bool = False) -> History:
+    engine = smart_engine(SYMBOL, CONFIG)
+    updates: list[hedging_pb2.HedgeUpdate] = []
+    orders: list[orders_pb2.OrderEvent] = []
+    navs: dict[str, dict[str, str]] = {}
+    seq = 0
+
+    def send(update: hedging_pb2.HedgeUpdate) -> None:
+        updates.append(update)
+        nav_fields(navs, update)
+
+    def tick(ts: int, price: str, bar_closed: bool = False) -> None:
+        nonlocal seq
+        seq += 1
+        event = Tick(SYMBOL, ts, Decimal(price))
+        events = engine.on_tick(event, [], bar_closed)
+        market = codec.market_event_from_tick(event, seq=seq, source="t", ts_init_ns=1)
+        send(hedge_update(engine, f"{SYMBOL}:{seq}", events, ts_init_ns=1, market=market))
+
+    def order(event: orders_pb2.OrderEvent) -> None:
+        orders.append(event)
+        if event.WhichOneof("event") == "opened":
+            o = event.opened
+            events = engine.deposit(o.product, Decimal(o.amount), o.ts_event_ns)
+        else:
+            c = event.closed
+            events = engine.redeem(c.product, Decimal(c.units), c.ts_event_ns)
+        send(hedge_update(engine, f"{SYMBOL}:order:{order_id(event)}", events, ts_init_ns=1))
+
+    def opened(oid: str, product: str, amount: str) -> orders_pb2.OrderEvent:
+        return orders_pb2.OrderEvent(
+            opened=orders_pb2.PositionOpened(
+                event_id=oid, position_id=oid, product=product, amount=amount, ts_event_ns=T0
+            )
+        )
+
+    tick(T0, "40000", bar_closed=True)
+    order(opened("o1", LONG, "1000000"))
+    order(opened("o2", SHORT, "500000"))
+    tick(T0 + NS_PER_HOUR, "41000.5")
+    nonlocal_seq = seq + 1
+    funding = FundingRate(SYMBOL, T0 + 8 * NS_PER_HOUR, Decimal("0.0001"))
+    events = engine.on_funding(funding)
+    market = codec.market_event_from_funding(funding, seq=nonlocal_seq, source="t", ts_init_ns=1)
+    seq = nonlocal_seq
+    send(hedge_update(engine, f"{SYMBOL}:{seq}", events, ts_init_ns=1, market=market))
+    tick(T0 + NS_PER_DAY, "39000", bar_closed=True)  # the day's management fee
+    units = engine.books.products[LONG].units / 4
+    closed = orders_pb2.PositionClosed(
+        event_id="c1", position_id="o1", product=LONG, units=str(units), ts_event_ns=T0
+    )
+    order(orders_pb2.OrderEvent(closed=closed))
+    tick(T0 + NS_PER_DAY + NS_PER_HOUR, "39500")
+    return History(engine, updates, orders, navs)
+
+
+def differences(report: Report) -> list[Row]:
+    return report.differences
+
+
+def test_a_consistent_history_balances() -> None:
+    h = history()
+    assert any(u.management_fees for u in h.updates) and any(
+        u.funding.allocations for u in h.updates
+    )
+    report = reconcile_symbol(CONFIG, h.state(), h.updates, h.orders)
+    assert report.balanced, render(report)
+    checks = {r.check for r in report.rows}
+    assert {
+        "books.identity",
+        "replay.cash",
+        "venue.wallet",
+        "orders.applied_once",
+        "nav.nav",
+    } <= checks
+    assert any("no order-gateway state" in n for n in report.notes)
+    assert render(report).endswith("every figure agrees to the minor unit")
+
+
+def test_a_minor_unit_of_cash_is_named() -> None:
+    h = history()
+    state = h.state()
+    books = state.engine["books"]
+    assert isinstance(books, dict)
+    cash = Decimal(books["products"][0]["cash"])
+    books["products"][0]["cash"] = str(cash + Decimal("0.00000001"))
+    report = reconcile_symbol(CONFIG, state, h.updates, h.orders)
+    found = {(r.check, r.difference) for r in report.differences}
+    assert ("books.cash", Decimal("0.00000001")) in found
+    assert ("books.identity", Decimal("0.00000001")) in found
+    assert ("replay.cash", Decimal("0.00000001")) in found
+    assert "books DO NOT balance" in render(report)
+
+
+def test_venue_position_off_is_named() -> None:
+    h = history()
+    state = h.state()
+    state.account["position"] = str(Decimal(state.account["position"]) + Decimal("0.001"))
+    report = reconcile_symbol(CONFIG, state, h.updates, h.orders)
+    found = {(r.check, r.difference) for r in report.differences}
+    assert ("books.qty", Decimal("-0.001")) in found  # products hold 0.001 less
+    assert ("venue.position", Decimal("0.001")) in found
+    assert ("hedging.mirror.position", Decimal("-0.001")) in found
+
+
+def test_an_order_applied_twice_is_named() -> None:
+    h = history()
+    again = hedging_pb2.HedgeUpdate()
+    again.CopyFrom(h.updates[1])  # o1's update, re-applied on other books
+    again.products[0].units = str(Decimal(again.products[0].units) * 2)
+    report = reconcile_symbol(CONFIG, h.state(), [*h.updates, again], h.orders)
+    found = {(r.check, r.subject) for r in report.differences}
+    assert ("orders.updates", "o1") in found
+    assert ("fills.repeat", f"{SYMBOL}:order:o1") in found
+
+
+def test_an_identical_redelivery_is_not_a_difference() -> None:
+    h = history()
+    doubled = [u for u in h.updates for _ in (0, 1)]
+    report = reconcile_symbol(CONFIG, h.state(), doubled, [*h.orders, h.orders[0]])
+    assert report.balanced, render(report)
+
+
+def test_an_order_hedging_never_applied_is_named() -> None:
+    h = history()
+    lost = orders_pb2.OrderEvent(
+        opened=orders_pb2.PositionOpened(event_id="o9", product=LONG, amount="10")
+    )
+    report = reconcile_symbol(CONFIG, h.state(), h.updates, [*h.orders, lost])
+    found = {(r.check, r.subject) for r in report.differences}
+    assert {("orders.applied", "o9"), ("orders.updates", "o9")} <= found
+
+
+def test_a_stale_nav_is_named() -> None:
+    h = history()
+    navs = {p: dict(f) for p, f in h.navs.items()}
+    navs[LONG]["nav"] = str(Decimal(navs[LONG]["nav"]) - Decimal("0.00000001"))
+    report = reconcile_symbol(CONFIG, h.state(navs=navs), h.updates, h.orders)
+    assert [(r.check, r.subject) for r in report.differences] == [("nav.nav", LONG)]
+
+
+def test_gateway_positions_against_orders_and_books() -> None:
+    h = history()
+    books = h.engine.books.products
+    issued = {u.event_id: u for u in h.updates}
+    # The units each open bought, as the gateway would have quoted them.
+    bought = {
+        oid: Decimal(
+            next(p.units for p in issued[f"{SYMBOL}:order:{oid}"].products if p.product == product)
+        )
+        for oid, product in (("o2", SHORT),)
+    }
+    gateway = GatewayState(
+        positions=[{"position_id": "o2", "product": SHORT, "units": str(bought["o2"])}],
+        ledger={f"{SHORT}:units": str(bought["o2"])},
+        pending=0,
+    )
+    opened = orders_pb2.OrderEvent()
+    opened.CopyFrom(h.orders[1])
+    opened.opened.units = str(bought["o2"])
+    orders = [h.orders[0], opened, *h.orders[2:]]
+    report = reconcile_symbol(CONFIG, h.state(gateway=gateway), h.updates, orders)
+    assert report.balanced, render(report)
+    assert books[SHORT].units == bought["o2"]
+
+    short = replace(gateway, positions=[{**gateway.positions[0], "units": "1"}])
+    report = reconcile_symbol(CONFIG, h.state(gateway=short), h.updates, orders)
+    found = {r.check for r in report.differences}
+    assert {"gateway.position", "gateway.units", "gateway.ledger"} <= found
+
+
+@pytest.mark.parametrize("field", ["fees_paid", "funding_paid", "transfers_in"])
+def test_venue_sums_against_the_topic(field: str) -> None:
+    h = history()
+    state = h.state()
+    state.account[field] = str(Decimal(state.account[field]) + 1)
+    report = reconcile_symbol(CONFIG, state, h.updates, h.orders)
+    assert ("venue." + field, Decimal(1)) in {(r.check, r.difference) for r in report.differences}
