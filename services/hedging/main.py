@@ -39,6 +39,8 @@ from services.hedging.desks import Desk, Desks
 from services.hedging.messages import (
     MarketStep,
     OrderStep,
+    QuoteMismatch,
+    check_settled,
     hedge_update,
     market_step,
     order_step,
@@ -141,10 +143,17 @@ class Hedger:
             desk.venue.begin(step.event_id)
             engine = desk.engine
             if step.amount is not None:
-                events = engine.deposit(step.product, step.amount, step.ts_ns)
+                events = engine.deposit(step.product, step.amount, step.ts_ns, nav=step.nav)
             else:
                 assert step.units is not None
-                events = engine.redeem(step.product, step.units, step.ts_ns)
+                events = engine.redeem(step.product, step.units, step.ts_ns, nav=step.nav)
+            try:
+                check_settled(step, events)
+            except QuoteMismatch as exc:  # a bug in the gateway or the books: loud
+                log.error(
+                    "quote_mismatch", order=step.order_id, product=step.product, error=str(exc)
+                )
+                raise
             return hedge_update(engine, step.event_id, events, ts_init_ns=step.ts_init_ns)
 
         async def repeat(desk: Desk) -> bool:

@@ -17,7 +17,13 @@ from smartlev.v1 import common_pb2, hedging_pb2, leverage_pb2, market_pb2, order
 
 from services.leverage.messages import decision
 from shared.adapters.venue_client import liquidation_to_wire
-from shared.codec import decimal_from_wire, decimal_to_wire, funding_from_proto, tick_from_proto
+from shared.codec import (
+    decimal_from_wire,
+    decimal_to_wire,
+    funding_from_proto,
+    optional_decimal_from_wire,
+    tick_from_proto,
+)
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine
 from shared.core.events import (
@@ -27,9 +33,11 @@ from shared.core.events import (
     InsuranceClaimPaid,
     LeverageTargetChanged,
     ManagementFeeAccrued,
+    ProductUnitsIssued,
+    ProductUnitsRedeemed,
 )
 from shared.core.market import FundingRate, Tick
-from shared.core.money import USDT_QUANTUM, ZERO
+from shared.core.money import USDT_QUANTUM, ZERO, MoneyError
 from shared.core.products import SIDES, product_id
 
 
@@ -59,7 +67,9 @@ class MarketStep:
 
 @dataclass(frozen=True, slots=True)
 class OrderStep:
-    """A user's open (`amount` paid in) or close (`units` redeemed) of one product."""
+    """A user's open (`amount` paid in) or close (`units` redeemed) of one product, at
+    the `nav` the gateway quoted; `units` of an open and `payout` of a close are what the
+    gateway promised (None: not sent, nothing to check)."""
 
     symbol: str
     product: str
@@ -68,6 +78,8 @@ class OrderStep:
     ts_init_ns: int
     amount: Decimal | None
     units: Decimal | None
+    nav: Decimal | None = None
+    payout: Decimal | None = None
 
     @property
     def event_id(self) -> str:
@@ -104,22 +116,61 @@ def market_step(message: leverage_pb2.TargetsUpdate, products: Mapping[str, str]
 def order_step(message: orders_pb2.OrderEvent, products: Mapping[str, str]) -> OrderStep:
     which = message.WhichOneof("event")
     order: orders_pb2.PositionOpened | orders_pb2.PositionClosed
+    payout = None
     if which == "opened":
         order = message.opened
-        amount, units = decimal_from_wire(order.amount, name="amount"), None
+        amount = decimal_from_wire(order.amount, name="amount")
+        units = optional_decimal_from_wire(order.units, name="units")
         if amount <= 0:
             raise ValueError(f"amount: must be > 0, got {amount}")
     else:  # the codec already refused an empty oneof
         order = message.closed
         amount, units = None, decimal_from_wire(message.closed.units, name="units")
+        payout = optional_decimal_from_wire(message.closed.payout, name="payout")
         if units <= 0:
             raise ValueError(f"units: must be > 0, got {units}")
+    nav = optional_decimal_from_wire(order.nav, name="nav")
+    if nav is not None and nav <= 0:
+        raise ValueError(f"nav: must be > 0, got {nav}")
     symbol = products.get(order.product)
     if symbol is None:
         raise ValueError(f"unknown product {order.product!r}")
     return OrderStep(
-        symbol, order.product, order.event_id, order.ts_event_ns, order.ts_init_ns, amount, units
+        symbol,
+        order.product,
+        order.event_id,
+        order.ts_event_ns,
+        order.ts_init_ns,
+        amount,
+        units,
+        nav,
+        payout,
     )
+
+
+def check_settled(step: OrderStep, events: Sequence[object]) -> None:
+    """The books must settle the order exactly as the gateway quoted it; a difference is
+    a bug (gateway and books disagree on the formulas): MoneyError -> dead letter."""
+    for event in events:
+        if isinstance(event, ProductUnitsIssued) and step.amount is not None:
+            if step.units is not None and event.units != step.units:
+                raise QuoteMismatch(
+                    f"order {step.order_id}: the books issued {event.units} units, "
+                    f"the gateway recorded {step.units}"
+                )
+            return
+        if isinstance(event, ProductUnitsRedeemed) and step.amount is None:
+            if step.payout is not None and event.payout != step.payout:
+                raise QuoteMismatch(
+                    f"order {step.order_id}: the books paid out {event.payout}, "
+                    f"the gateway recorded {step.payout}"
+                )
+            return
+    raise QuoteMismatch(f"order {step.order_id}: the books recorded no settlement")
+
+
+class QuoteMismatch(MoneyError):
+    """The books and the gateway's quote disagree."""
 
 
 # --------------------------------------------------------------------------- outputs

@@ -75,7 +75,7 @@ class NavService:
             )
         )
         for marked, seq, _ in messages:
-            changes = {self.store.state_key(marked.product): state_fields(marked, event, seq)}
+            changes = {self.store.state_key(marked.product): state_fields(marked, event, seq, now)}
             if event.kind == "tick":
                 await self.store.apply(
                     marked.product, changes, source=MARKET_SOURCE, offset=event.seq

@@ -51,6 +51,8 @@ class FillsEvent:
     price: Decimal | None  # the tick's traded price; None for funding and orders
     regime: int
     books: tuple[BookState, ...]
+    # Reason codes of the leverage changes this event carries, per product (comma-joined).
+    reasons: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,7 @@ def _book(state: hedging_pb2.ProductBookState) -> BookState:
 def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
     """Validate a HedgeUpdate (ValueError -> dead letter): books must parse exactly."""
     books = tuple(_book(p) for p in update.products)
+    reasons = tuple((t.product, ",".join(t.reasons)) for t in update.targets)
     if not books:
         raise ValueError("HedgeUpdate carries no product books")
     common_pb2.Regime.Name(update.regime)  # ValueError on an unknown regime
@@ -110,6 +113,7 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
             price,
             update.regime,
             books,
+            reasons,
         )
     if which == "funding":
         funding = update.market.funding
@@ -123,6 +127,7 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
             None,
             update.regime,
             books,
+            reasons,
         )
     symbol = books[0].product.split(":")[0]
     ts = update.filled.ts_event_ns if update.HasField("filled") else 0
@@ -177,9 +182,19 @@ def nav_updated(marked: Marked, event: FillsEvent, seq: int, ts_init_ns: int) ->
     )
 
 
-def state_fields(marked: Marked, event: FillsEvent, seq: int) -> dict[str, str | int | Decimal]:
-    """The `nav:{product}` hash after this update."""
+def state_fields(
+    marked: Marked, event: FillsEvent, seq: int, written_ns: int
+) -> dict[str, str | int | Decimal]:
+    """The `nav:{product}` hash after this update. `written_ns` (wall clock) tells the
+    order gateway how fresh the NAV is; `reasons` (the last leverage change's codes) is
+    only written when this event changed the product's target."""
+    reasons = dict(event.reasons)
+    extra: dict[str, str | int | Decimal] = (
+        {"reasons": reasons[marked.product]} if marked.product in reasons else {}
+    )
     return {
+        **extra,
+        "written_ns": written_ns,
         "equity": marked.equity,
         "units": marked.units,
         "nav": marked.nav,

@@ -1,0 +1,43 @@
+"""Gateway settings: env prefix SMARTLEV_GATEWAY_ (see shared/settings.py).
+
+Clients (shared/cli.py, the benchmark) reach the gateway at `grpc_host:grpc_port` and
+send `authorization: Bearer <api key>`. Keys map to users through `api_keys_file` (TOML,
+`[users.<user>] key_sha256 = "<hex>"`) and/or `api_keys` (env
+`SMARTLEV_GATEWAY_API_KEYS='{"<user>": "<sha256 hex of the key>"}'`); only hashes are
+stored. The committed `api_keys.toml` holds two local development users, for local use
+only: `alice` with key `dev-alice-key` and `bob` with key `dev-bob-key`.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+from pydantic import Field
+
+from shared.settings import ServiceSettings, service_config
+
+DEFAULT_KEYS_FILE = Path(__file__).with_name("api_keys.toml")
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = service_config("gateway")
+
+    service: str = "gateway"
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)  # 0: any free port (tests)
+    metrics_port: int = Field(default=9107, ge=0, le=65535)
+    api_keys_file: Path | None = DEFAULT_KEYS_FILE  # None: env keys only
+    api_keys: dict[str, str] = Field(default_factory=dict)  # user -> sha256(key) hex
+    # Order limits (USDT amounts, inclusive) and precision.
+    min_order: Decimal = Field(default=Decimal("10"), gt=0)
+    max_order: Decimal = Field(default=Decimal("1000000"), gt=0)
+    amount_decimals: int = Field(default=8, ge=0, le=8)
+    units_decimals: int = Field(default=8, ge=0, le=8)
+    max_message_bytes: int = Field(default=64 * 1024, ge=1024)  # per request
+    # A NAV older than this (wall clock since the NAV service wrote it) is not traded on.
+    max_nav_age_s: float = Field(default=120.0, gt=0)
+    outbox_poll_s: float = Field(default=0.5, gt=0)  # relay sweep when nothing signals it
+    health_interval_s: float = Field(default=1.0, gt=0)
+    grace_s: float = Field(default=5.0, ge=0)  # in-flight calls finish on SIGTERM
+    stream_queue: int = Field(default=256, ge=1)  # updates buffered per stream subscriber

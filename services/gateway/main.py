@@ -1,0 +1,728 @@
+"""The order gateway: `python -m services.gateway`.
+
+A grpc.aio server (smartlev.v1.Gateway, grpc.health.v1, reflection). Each call is
+authenticated (auth.py), validated and quoted by the pure part (orders.py) and settled in
+one atomic Redis step (ledger.py); the outbox relay (relay.py) publishes the settled
+orders to `orders.events`, and feeds.py streams `nav.updates` to clients.
+
+Idempotency: a client_order_id is claimed per user with the request's hash and symbol
+before the symbol's step; the step records the reply under (user, client_order_id). A
+retry of the same request returns the recorded reply and changes nothing; a different
+request under a used id is ALREADY_EXISTS. Within one process the steps of a symbol run
+one at a time (a lock), across processes the step's version check makes the loser
+recompute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import NoReturn, TypeVar
+
+import grpc
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from google.protobuf.message import Message
+from prometheus_client import Counter, Histogram
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
+
+from services.gateway.auth import KeyRing, bearer_key, load_keys_file
+from services.gateway.config import GatewaySettings
+from services.gateway.feeds import NavFeed
+from services.gateway.ledger import Ledger, Snapshot, b64, ledger_fields, unb64
+from services.gateway.orders import (
+    Limits,
+    PositionState,
+    Rejected,
+    canonical,
+    client_order_id,
+    close_units,
+    order_amount,
+    order_id,
+    position_id,
+    quote_close,
+    quote_open,
+    request_hash,
+)
+from services.gateway.relay import OutboxRelay
+from shared.core.config import StrategyConfig
+from shared.core.market import Side
+from shared.core.products import SIDES, product_id
+from shared.health import GrpcHealth, HealthRegistry, HealthServer, kafka_check, redis_check
+from shared.logging import configure_logging, get_logger
+from shared.redis_store import ApplyStatus
+from shared.topics import NAV_UPDATES, ORDERS_EVENTS
+
+SERVICE_NAME = "smartlev.v1.Gateway"
+T = TypeVar("T")
+R = TypeVar("R", bound=Message)
+
+REQUESTS = Counter(
+    "smartlev_gateway_requests_total",
+    "Gateway calls by rpc and outcome: ok, replayed (idempotent retry) or the status code.",
+    ["rpc", "outcome"],
+)
+LATENCY = Histogram(
+    "smartlev_gateway_request_seconds",
+    "Time to answer a unary gateway call.",
+    ["rpc"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+
+log = get_logger("gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One settled order: the reply, the position after it, the product's ledger
+    entries after it and the event for orders.events."""
+
+    reply: Message
+    position: PositionState
+    ledger: dict[str, Decimal]
+    event: orders_pb2.OrderEvent
+
+
+class Replayed(Exception):
+    """The order was settled before: answer with the recorded reply."""
+
+    def __init__(self, reply: Message) -> None:
+        self.reply = reply
+
+
+def _fail(code: grpc.StatusCode, message: str) -> NoReturn:
+    raise Rejected(code, message)
+
+
+def _decimal(fields: dict[str, str], name: str) -> Decimal | None:
+    return Decimal(fields[name]) if fields.get(name) else None
+
+
+class Gateway(gateway_pb2_grpc.GatewayServicer):
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        ledger: Ledger,
+        keys: KeyRing,
+        config: StrategyConfig,
+        feed: NavFeed | None,
+        wake_relay: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.keys = keys
+        self.feed = feed
+        self.wake_relay = wake_relay
+        self.accounting = config.accounting
+        self.products: dict[str, tuple[str, Side]] = {
+            product_id(symbol, side): (symbol, side)
+            for symbol in config.instruments
+            for side in SIDES
+        }
+        self.limits = Limits(
+            min_order=settings.min_order,
+            max_order=settings.max_order,
+            amount_decimals=settings.amount_decimals,
+            units_decimals=settings.units_decimals,
+        )
+        self._locks: dict[str, asyncio.Lock] = {s: asyncio.Lock() for s in config.instruments}
+        self._watchers: dict[str, set[asyncio.Queue[object]]] = {}
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _user(self, context: grpc.aio.ServicerContext) -> str:
+        key = bearer_key(context.invocation_metadata())
+        user = None if key is None else self.keys.user_for(key)
+        if user is None:
+            why = "missing" if key is None else "unknown"
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{why} API key: send metadata 'authorization: Bearer <api key>'",
+            )
+        assert user is not None
+        return user
+
+    async def _answer(
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[str], Awaitable[T]],
+    ) -> T:
+        user = await self._user(context)
+        start = time.perf_counter()
+        outcome = "ok"
+        try:
+            result = await work(user)
+        except Replayed as replay:
+            outcome = "replayed"
+            result = replay.reply
+        except Rejected as exc:
+            REQUESTS.labels(rpc, exc.code.name).inc()
+            await context.abort(exc.code, str(exc))
+        except (RedisError, OSError) as exc:
+            REQUESTS.labels(rpc, "UNAVAILABLE").inc()
+            log.error("gateway_unavailable", rpc=rpc, error=f"{type(exc).__name__}: {exc}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}")
+        REQUESTS.labels(rpc, outcome).inc()
+        LATENCY.labels(rpc).observe(time.perf_counter() - start)
+        return result
+
+    def _product(self, name: str) -> tuple[str, Side]:
+        if not name:
+            _fail(grpc.StatusCode.INVALID_ARGUMENT, "product is required, e.g. BTC-USDT:LONG")
+        found = self.products.get(name)
+        if found is None:
+            known = ", ".join(sorted(self.products))
+            shown = name if len(name) <= 80 else name[:80] + "..."
+            _fail(grpc.StatusCode.NOT_FOUND, f"unknown product {shown!r}; known: {known}")
+        return found
+
+    def _tradable_nav(self, product: str, nav: dict[str, str], snap: Snapshot) -> Decimal:
+        """The NAV an order of `product` settles at, or FAILED_PRECONDITION."""
+        ledger_units = Decimal(snap.ledger.get(f"{product}:units", "0"))
+        if not nav:
+            if ledger_units == 0:
+                return self.accounting.initial_nav
+            _fail(grpc.StatusCode.FAILED_PRECONDITION, f"{product}: no NAV published yet")
+        value = Decimal(nav["nav"])
+        if ledger_units == 0 and Decimal(nav.get("units", "0")) == 0:
+            return value  # no units anywhere: the NAV cannot move, however old the mark
+        written = int(nav.get("written_ns", "0"))
+        age_s = (time.time_ns() - written) / 1e9
+        if not written or age_s > self.settings.max_nav_age_s:
+            _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{product}: the last NAV is stale ({age_s:.0f}s old, max "
+                f"{self.settings.max_nav_age_s:.0f}s); try again when prices flow",
+            )
+        if value <= 0:
+            _fail(grpc.StatusCode.FAILED_PRECONDITION, f"{product}: NAV is {value}")
+        return value
+
+    async def _replay(
+        self, user: str, client_id: str, claim: str, symbol: str, reply_type: type[R]
+    ) -> None:
+        """Raise Replayed / ALREADY_EXISTS for a used client_order_id; return if unused
+        (or claimed by this same request whose step has not happened yet)."""
+        existing = await self.ledger.claimed(user, client_id)
+        if existing is None:
+            return
+        if existing != claim:
+            _fail(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"client_order_id {client_id!r} was already used for a different request",
+            )
+        await self._recorded(user, client_id, claim, symbol, reply_type)
+
+    async def _recorded(
+        self, user: str, client_id: str, claim: str, symbol: str, reply_type: type[R]
+    ) -> None:
+        record = await self.ledger.record(symbol, user, client_id)
+        if record is None:
+            return
+        digest, _, payload = record.partition(":")
+        if digest != claim.partition("|")[0]:
+            _fail(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"client_order_id {client_id!r} was already used for a different request",
+            )
+        reply = reply_type()
+        reply.ParseFromString(unb64(payload))
+        raise Replayed(reply)
+
+    async def _settle(
+        self,
+        user: str,
+        client_id: str,
+        claim: str,
+        symbol: str,
+        reply_type: type[R],
+        compute: Callable[[Snapshot], Step],
+        pid: str,
+        product: str,
+    ) -> Step:
+        """Compute the step from a fresh snapshot and write it atomically; the claim and
+        the user's index go in first, once the first computation validated the order."""
+        claimed = False
+        async with self._locks[symbol]:
+            for _ in range(50):
+                snap = await self.ledger.snapshot(symbol, pid)
+                step = compute(snap)
+                if not claimed:
+                    if await self.ledger.claim(user, client_id, claim) != claim:
+                        _fail(
+                            grpc.StatusCode.ALREADY_EXISTS,
+                            f"client_order_id {client_id!r} was already used for a "
+                            "different request",
+                        )
+                    await self.ledger.index(user, pid, product)
+                    claimed = True
+                status = await self.ledger.settle(
+                    symbol,
+                    snap,
+                    record_id=f"{user}:{client_id}",
+                    record=f"{claim.partition('|')[0]}:{b64(step.reply.SerializeToString())}",
+                    position=step.position.fields(),
+                    pid=pid,
+                    ledger=step.ledger,
+                    event=step.event.SerializeToString(deterministic=True),
+                )
+                if status is ApplyStatus.APPLIED:
+                    self.wake_relay()
+                    self._notify(user, step.position)
+                    return step
+                if status is ApplyStatus.DUPLICATE:
+                    await self._recorded(user, client_id, claim, symbol, reply_type)
+                    raise RuntimeError(f"{user}:{client_id}: duplicate without a record")
+        raise RuntimeError(f"{symbol}: the ledger kept changing under the order")
+
+    def _notify(self, user: str, position: PositionState) -> None:
+        for queue in list(self._watchers.get(user, ())):
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(position)
+
+    # ------------------------------------------------------------------ products
+
+    def _product_reply(self, product: str, nav: dict[str, str]) -> gateway_pb2.Product:
+        symbol, side = self.products[product]
+        written = int(nav.get("written_ns", "0"))
+        fresh = bool(nav) and (time.time_ns() - written) / 1e9 <= self.settings.max_nav_age_s
+        reply = gateway_pb2.Product(
+            product=product,
+            symbol=symbol,
+            side=side.name,
+            nav=nav.get("nav", str(self.accounting.initial_nav)),
+            units=nav.get("units", "0"),
+            equity=nav.get("equity", "0"),
+            target_leverage=nav.get("target", ""),
+            actual_leverage=nav.get("leverage", ""),
+            regime=nav.get("regime", "REGIME_UNSPECIFIED"),
+            ts_event_ns=int(nav.get("ts", "0")),
+            reasons=[r for r in nav.get("reasons", "").split(",") if r],
+            price=nav.get("price", ""),
+            seq=int(nav.get("seq", "0")),
+            tradable=fresh or not nav,
+            min_order=str(self.limits.min_order),
+            max_order=str(self.limits.max_order),
+            amount_decimals=self.limits.amount_decimals,
+            units_decimals=self.limits.units_decimals,
+            open_fee_rate=str(self.accounting.open_fee),
+            close_fee_rate=str(self.accounting.close_fee),
+        )
+        return reply
+
+    async def ListProducts(
+        self, request: gateway_pb2.ListProductsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListProductsReply:
+        async def work(user: str) -> gateway_pb2.ListProductsReply:
+            names = sorted(self.products)
+            navs = await self.ledger.navs(names)
+            return gateway_pb2.ListProductsReply(
+                products=[self._product_reply(p, n) for p, n in zip(names, navs, strict=True)]
+            )
+
+        return await self._answer("ListProducts", context, work)
+
+    async def GetProduct(
+        self, request: gateway_pb2.GetProductRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.Product:
+        async def work(user: str) -> gateway_pb2.Product:
+            self._product(request.product)
+            return self._product_reply(request.product, await self.ledger.nav(request.product))
+
+        return await self._answer("GetProduct", context, work)
+
+    # ------------------------------------------------------------------ orders
+
+    async def OpenPosition(
+        self, request: gateway_pb2.OpenPositionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.OpenPositionReply:
+        async def work(user: str) -> gateway_pb2.OpenPositionReply:
+            client_id = client_order_id(request.client_order_id)
+            product = request.product
+            symbol, _ = self._product(product)
+            amount = order_amount(request.amount_usdt, self.limits)
+            claim = f"{request_hash('open', product, canonical(amount))}|{symbol}"
+            reply_type = gateway_pb2.OpenPositionReply
+            await self._replay(user, client_id, claim, symbol, reply_type)
+            pid = order_id(user, client_id)
+            nav_fields = await self.ledger.nav(product)
+
+            def compute(snap: Snapshot) -> Step:
+                nav = self._tradable_nav(product, nav_fields, snap)
+                now = time.time_ns()
+                opened = quote_open(
+                    pid=pid,
+                    user=user,
+                    product=product,
+                    amount=amount,
+                    nav=nav,
+                    fee_rate=self.accounting.open_fee,
+                    ts_ns=now,
+                )
+                reply = gateway_pb2.OpenPositionReply(
+                    order_id=pid,
+                    position_id=pid,
+                    product=product,
+                    amount=str(amount),
+                    fee=str(opened.fee),
+                    units=str(opened.units),
+                    nav=str(nav),
+                    ts_event_ns=now,
+                    position=opened.position.to_proto(nav),
+                )
+                event = orders_pb2.OrderEvent(
+                    opened=orders_pb2.PositionOpened(
+                        event_id=pid,
+                        position_id=pid,
+                        user_id=user,
+                        product=product,
+                        ts_event_ns=now,
+                        ts_init_ns=now,
+                        amount=str(amount),
+                        fee=str(opened.fee),
+                        units=str(opened.units),
+                        nav=str(nav),
+                        client_order_id=client_id,
+                    )
+                )
+                ledger = ledger_fields(
+                    product, snap.ledger, units=opened.units, deposits=amount, fees=opened.fee
+                )
+                return Step(reply, opened.position, ledger, event)
+
+            step = await self._settle(
+                user, client_id, claim, symbol, reply_type, compute, pid, product
+            )
+            log.info("position_opened", user=user, position=pid, product=product)
+            assert isinstance(step.reply, gateway_pb2.OpenPositionReply)
+            return step.reply
+
+        return await self._answer("OpenPosition", context, work)
+
+    async def _owned(self, user: str, pid: str) -> tuple[str, str]:
+        """(product, symbol) of the caller's position, else NOT_FOUND (also for another
+        user's position: its existence is not revealed)."""
+        product = (await self.ledger.user_positions(user)).get(pid)
+        if product is None or product not in self.products:
+            _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
+        return product, self.products[product][0]
+
+    async def ClosePosition(
+        self, request: gateway_pb2.ClosePositionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ClosePositionReply:
+        async def work(user: str) -> gateway_pb2.ClosePositionReply:
+            client_id = client_order_id(request.client_order_id)
+            pid = position_id(request.position_id)
+            units = close_units(request.units, request.all, self.limits)
+            product, symbol = await self._owned(user, pid)
+            wanted = "all" if units is None else canonical(units)
+            claim = f"{request_hash('close', pid, wanted)}|{symbol}"
+            reply_type = gateway_pb2.ClosePositionReply
+            await self._replay(user, client_id, claim, symbol, reply_type)
+            oid = order_id(user, client_id)
+            nav_fields = await self.ledger.nav(product)
+
+            def compute(snap: Snapshot) -> Step:
+                if not snap.position or snap.position.get("user") != user:
+                    _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
+                position = PositionState.from_fields(snap.position)
+                if position.units <= 0:
+                    _fail(grpc.StatusCode.FAILED_PRECONDITION, f"position {pid} is closed")
+                nav = self._tradable_nav(product, nav_fields, snap)
+                now = time.time_ns()
+                closed = quote_close(position, units, nav, self.accounting.close_fee, now)
+                reply = gateway_pb2.ClosePositionReply(
+                    order_id=oid,
+                    position_id=pid,
+                    product=product,
+                    units=str(closed.units),
+                    nav=str(nav),
+                    gross=str(closed.gross),
+                    fee=str(closed.fee),
+                    payout=str(closed.payout),
+                    realized_pnl=str(closed.realized_pnl),
+                    ts_event_ns=now,
+                    position=closed.position.to_proto(nav),
+                )
+                event = orders_pb2.OrderEvent(
+                    closed=orders_pb2.PositionClosed(
+                        event_id=oid,
+                        position_id=pid,
+                        user_id=user,
+                        product=product,
+                        ts_event_ns=now,
+                        ts_init_ns=now,
+                        units=str(closed.units),
+                        nav=str(nav),
+                        payout=str(closed.payout),
+                        fee=str(closed.fee),
+                        client_order_id=client_id,
+                        gross=str(closed.gross),
+                        realized_pnl=str(closed.realized_pnl),
+                    )
+                )
+                ledger = ledger_fields(
+                    product,
+                    snap.ledger,
+                    units=-closed.units,
+                    payouts=closed.payout,
+                    fees=closed.fee,
+                )
+                return Step(reply, closed.position, ledger, event)
+
+            step = await self._settle(
+                user, client_id, claim, symbol, reply_type, compute, pid, product
+            )
+            log.info("position_closed", user=user, position=pid, order=oid, product=product)
+            assert isinstance(step.reply, gateway_pb2.ClosePositionReply)
+            return step.reply
+
+        return await self._answer("ClosePosition", context, work)
+
+    # ------------------------------------------------------------------ positions
+
+    async def _positions(self, user: str, include_closed: bool) -> list[PositionState]:
+        index = await self.ledger.user_positions(user)
+        entries = sorted(
+            (pid, product) for pid, product in index.items() if product in self.products
+        )
+        found = await self.ledger.positions([(self.products[p][0], pid) for pid, p in entries])
+        positions = [
+            PositionState.from_fields(fields)
+            for fields in found
+            if fields and fields.get("user") == user
+        ]
+        return [p for p in positions if include_closed or p.units > 0]
+
+    async def _navs(self, products: set[str]) -> dict[str, Decimal | None]:
+        names = sorted(products)
+        navs = await self.ledger.navs(names)
+        return {name: _decimal(nav, "nav") for name, nav in zip(names, navs, strict=True)}
+
+    async def GetPosition(
+        self, request: gateway_pb2.GetPositionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.Position:
+        async def work(user: str) -> gateway_pb2.Position:
+            pid = position_id(request.position_id)
+            product, symbol = await self._owned(user, pid)
+            fields = await self.ledger.position(symbol, pid)
+            if not fields or fields.get("user") != user:
+                _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
+            nav = _decimal(await self.ledger.nav(product), "nav")
+            return PositionState.from_fields(fields).to_proto(nav)
+
+        return await self._answer("GetPosition", context, work)
+
+    async def ListPositions(
+        self, request: gateway_pb2.ListPositionsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListPositionsReply:
+        async def work(user: str) -> gateway_pb2.ListPositionsReply:
+            positions = await self._positions(user, request.include_closed)
+            navs = await self._navs({p.product for p in positions})
+            return gateway_pb2.ListPositionsReply(
+                positions=[p.to_proto(navs[p.product]) for p in positions]
+            )
+
+        return await self._answer("ListPositions", context, work)
+
+    # ------------------------------------------------------------------ streams
+
+    async def StreamNav(
+        self, request: gateway_pb2.StreamNavRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[nav_pb2.NavUpdated]:
+        await self._user(context)
+        for name in request.products:
+            if name not in self.products:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown product {name[:80]!r}")
+        if self.feed is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "NAV feed not running")
+        assert self.feed is not None
+        REQUESTS.labels("StreamNav", "ok").inc()
+        with self.feed.subscribe(frozenset(request.products) or None) as subscriber:
+            while True:
+                update = await subscriber.queue.get()
+                assert isinstance(update, nav_pb2.NavUpdated)
+                yield update
+
+    async def StreamPositions(
+        self, request: gateway_pb2.StreamPositionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.Position]:
+        user = await self._user(context)
+        if self.feed is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "NAV feed not running")
+        assert self.feed is not None
+        REQUESTS.labels("StreamPositions", "ok").inc()
+        with self.feed.subscribe(None) as subscriber:
+            watchers = self._watchers.setdefault(user, set())
+            watchers.add(subscriber.queue)
+            try:
+                held = {p.position_id: p for p in await self._positions(user, True)}
+                navs = await self._navs({p.product for p in held.values()})
+                for position in held.values():
+                    if request.include_closed or position.units > 0:
+                        yield position.to_proto(navs[position.product])
+                while True:
+                    item = await subscriber.queue.get()
+                    if isinstance(item, PositionState):
+                        held[item.position_id] = item
+                        yield item.to_proto(navs.get(item.product))
+                    elif isinstance(item, nav_pb2.NavUpdated):
+                        navs[item.product] = Decimal(item.nav)
+                        for position in held.values():
+                            if position.product == item.product and position.units > 0:
+                                yield position.to_proto(navs[item.product])
+            finally:
+                watchers.discard(subscriber.queue)
+                if not watchers:
+                    self._watchers.pop(user, None)
+
+    async def Ping(
+        self, request: gateway_pb2.PingRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.PingReply:
+        await self._user(context)
+        return gateway_pb2.PingReply(ts_ns=time.time_ns())
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def key_ring(settings: GatewaySettings) -> KeyRing:
+    from_file = load_keys_file(settings.api_keys_file) if settings.api_keys_file else {}
+    return KeyRing.build(from_file, settings.api_keys)
+
+
+class GatewayServer:
+    """The gRPC server, the outbox relay, the NAV feed, the health switch (SERVING only
+    while Redis and Kafka answer) and /metrics + /healthz; `start()` / `stop()` so tests
+    run it in-process (`relay=False`: the test drives the relay itself)."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        redis: Redis,
+        config: StrategyConfig | None = None,
+        *,
+        relay: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.config = config or StrategyConfig()
+        self.ledger = Ledger(redis, settings.namespace)
+        self.run_relay = relay
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            client_id=f"{settings.namespace}gateway",
+        )
+        self.relay = OutboxRelay(
+            self.ledger,
+            self.producer,
+            ORDERS_EVENTS.in_namespace(settings.namespace).name,
+            self.config.instruments,
+            settings.outbox_poll_s,
+        )
+        nav_topic = NAV_UPDATES.in_namespace(settings.namespace)
+        self.feed = NavFeed(
+            settings.kafka_bootstrap, nav_topic.name, nav_topic.partitions, settings.stream_queue
+        )
+        self.gateway = Gateway(
+            settings, self.ledger, key_ring(settings), self.config, self.feed, self.relay.wake
+        )
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ]
+        self.server = grpc.aio.server(options=options)
+        self.port = 0
+        self.health: GrpcHealth | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._http: HealthServer | None = None
+        self._checks = HealthRegistry()
+        self._checks.register("redis", redis_check(redis))
+        self._checks.register("kafka", kafka_check(settings.kafka_bootstrap))
+
+    async def start(self) -> int:
+        """Serve; returns the bound gRPC port."""
+        gateway_pb2_grpc.add_GatewayServicer_to_server(self.gateway, self.server)
+        self.health = await GrpcHealth.install(self.server, [SERVICE_NAME])
+        await self.producer.start()
+        await self.feed.start()
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise RuntimeError(f"gateway: cannot bind gRPC on {address}")
+        await self.server.start()
+        if self.run_relay:
+            self._tasks.append(asyncio.create_task(self.relay.run()))
+            self.relay.wake()  # what a previous run left in the outbox goes out first
+        self._tasks.append(asyncio.create_task(self._watch(self.health)))
+        if self.settings.metrics_port:
+            self._http = HealthServer(
+                self._checks, port=self.settings.metrics_port, service=self.settings.service
+            )
+            await self._http.start()
+        log.info("gateway_started", grpc=f"{self.settings.grpc_host}:{self.port}")
+        return self.port
+
+    async def _watch(self, health: GrpcHealth) -> None:
+        serving: bool | None = None
+        while True:
+            ok, outcomes = await self._checks.run()
+            if ok != serving:
+                await health.set_serving(ok)
+                failed = {o.name: o.detail for o in outcomes if not o.ok}
+                log.info("gateway_health", serving=ok, failed=failed)
+                serving = ok
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    async def stop(self) -> None:
+        if self.health is not None:
+            await self.health.shutdown()
+        await self.server.stop(self.settings.grace_s)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.run_relay:
+            with contextlib.suppress(KafkaError, RedisError, OSError):
+                await self.relay.sweep()  # what was settled during the grace period
+        await self.feed.stop()
+        await self.producer.stop()
+        if self._http is not None:
+            await self._http.stop()
+
+
+async def serve(settings: GatewaySettings) -> None:
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        await redis.ping()
+    except (RedisError, OSError) as exc:
+        raise SystemExit(f"gateway: Redis at {settings.redis_url} is not reachable: {exc}") from exc
+    server = GatewayServer(settings, redis)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("gateway_stopping")
+        await server.stop()
+        await redis.aclose()
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    configure_logging(settings.service, settings.log_level)
+    asyncio.run(serve(settings))

@@ -1,0 +1,284 @@
+"""The gateway's pure part: request validation, ids, quotes and position arithmetic.
+
+No I/O: the servicer (main.py) reads the NAV and the ledger, calls these, and writes the
+result in one atomic step (ledger.py). Quotes use the core's `issue_terms` /
+`redeem_terms`, the same formulas hedging applies to the books, so the units and payout
+the gateway promises are exactly what the books record.
+
+Cost basis: a position's `cost` starts at the amount paid (fee included); a partial
+close takes `cost x units_closed / units_held` (to 1e-8, half-even), a full close takes
+what is left, so the costs of all closes sum exactly to the amount paid.
+Realized PnL of a close = payout - cost taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, replace
+from decimal import ROUND_HALF_EVEN, Decimal
+
+import grpc
+from smartlev.v1 import gateway_pb2
+
+from shared.core.accounting import issue_terms, redeem_terms
+from shared.core.money import USDT_QUANTUM, ZERO, MoneyError, usdt_down
+
+CLIENT_ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+POSITION_ID = re.compile(r"[0-9a-f]{32}")
+# Plain decimal text only: no sign, exponent, NaN, infinity or whitespace; bounded length.
+PLAIN_DECIMAL = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")
+
+
+class Rejected(Exception):
+    """A request refused before anything changed: the status code and what is wrong."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def invalid(message: str) -> Rejected:
+    return Rejected(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    min_order: Decimal
+    max_order: Decimal
+    amount_decimals: int
+    units_decimals: int
+
+
+def client_order_id(text: str) -> str:
+    if not CLIENT_ORDER_ID.fullmatch(text):
+        shown = text if len(text) <= 80 else text[:80] + "..."
+        raise invalid(f"client_order_id: {shown!r} must be 1..64 characters of [A-Za-z0-9_-]")
+    return text
+
+
+def position_id(text: str) -> str:
+    if not POSITION_ID.fullmatch(text):
+        shown = text if len(text) <= 80 else text[:80] + "..."
+        raise invalid(f"position_id: {shown!r} is not a position id (32 lowercase hex digits)")
+    return text
+
+
+def decimal_arg(text: str, name: str, decimals: int) -> Decimal:
+    """A positive plain decimal with at most `decimals` places, or INVALID_ARGUMENT."""
+    if not text:
+        raise invalid(f"{name} is required")
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    if text.strip().lower().lstrip("+-") in {"nan", "snan", "inf", "infinity"}:
+        raise invalid(f"{name}: {shown!r} is not a finite number")
+    if text.startswith("-"):
+        raise invalid(f"{name}: must be > 0, got {shown}")
+    if not PLAIN_DECIMAL.fullmatch(text):
+        raise invalid(f"{name}: {shown!r} is not a plain decimal number (e.g. 100.5)")
+    value = Decimal(text)
+    if value <= 0:
+        raise invalid(f"{name}: must be > 0, got {text}")
+    if len(text.partition(".")[2].rstrip("0")) > decimals:
+        raise invalid(f"{name}: {text} has more than {decimals} decimal places")
+    return value
+
+
+def order_amount(text: str, limits: Limits) -> Decimal:
+    amount = decimal_arg(text, "amount_usdt", limits.amount_decimals)
+    if amount < limits.min_order:
+        raise invalid(f"amount_usdt: {text} is below the minimum order of {limits.min_order}")
+    if amount > limits.max_order:
+        raise invalid(f"amount_usdt: {text} is above the maximum order of {limits.max_order}")
+    return amount
+
+
+def close_units(text: str, close_all: bool, limits: Limits) -> Decimal | None:
+    """The units to redeem, or None for all of them."""
+    if close_all and text:
+        raise invalid("give either units or all, not both")
+    if close_all:
+        return None
+    if not text:
+        raise invalid("units is required (or set all to close the whole position)")
+    return decimal_arg(text, "units", limits.units_decimals)
+
+
+def canonical(value: Decimal) -> str:
+    """One text per number ("100" == "100.00"), for request hashes."""
+    return format(value.normalize(), "f") if value else "0"
+
+
+def order_id(user: str, client_id: str) -> str:
+    """Deterministic, so a retry after a crash names the same order and position."""
+    return hashlib.sha256(f"{user}\0{client_id}".encode()).hexdigest()[:32]
+
+
+def request_hash(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- positions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PositionState:
+    """A position as stored (exact decimals); `nav`-dependent figures are computed."""
+
+    position_id: str
+    user: str
+    product: str
+    units: Decimal
+    units_opened: Decimal
+    entry_nav: Decimal
+    amount: Decimal
+    cost: Decimal
+    realized_pnl: Decimal
+    payout: Decimal
+    fees: Decimal
+    ts_opened_ns: int
+    ts_closed_ns: int
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> PositionState:
+        return cls(
+            position_id=fields["position_id"],
+            user=fields["user"],
+            product=fields["product"],
+            units=Decimal(fields["units"]),
+            units_opened=Decimal(fields["units_opened"]),
+            entry_nav=Decimal(fields["entry_nav"]),
+            amount=Decimal(fields["amount"]),
+            cost=Decimal(fields["cost"]),
+            realized_pnl=Decimal(fields["realized_pnl"]),
+            payout=Decimal(fields["payout"]),
+            fees=Decimal(fields["fees"]),
+            ts_opened_ns=int(fields["ts_opened_ns"]),
+            ts_closed_ns=int(fields["ts_closed_ns"]),
+        )
+
+    def fields(self) -> dict[str, str | int | Decimal]:
+        return {
+            "position_id": self.position_id,
+            "user": self.user,
+            "product": self.product,
+            "units": self.units,
+            "units_opened": self.units_opened,
+            "entry_nav": self.entry_nav,
+            "amount": self.amount,
+            "cost": self.cost,
+            "realized_pnl": self.realized_pnl,
+            "payout": self.payout,
+            "fees": self.fees,
+            "ts_opened_ns": self.ts_opened_ns,
+            "ts_closed_ns": self.ts_closed_ns,
+        }
+
+    def to_proto(self, nav: Decimal | None) -> gateway_pb2.Position:
+        value = usdt_down(self.units * nav) if nav is not None else None
+        return gateway_pb2.Position(
+            position_id=self.position_id,
+            product=self.product,
+            units=str(self.units),
+            units_opened=str(self.units_opened),
+            entry_nav=str(self.entry_nav),
+            amount=str(self.amount),
+            cost=str(self.cost),
+            nav="" if nav is None else str(nav),
+            value="" if value is None else str(value),
+            unrealized_pnl="" if value is None else str(value - self.cost),
+            realized_pnl=str(self.realized_pnl),
+            payout=str(self.payout),
+            fees=str(self.fees),
+            open=self.units > 0,
+            ts_opened_ns=self.ts_opened_ns,
+            ts_closed_ns=self.ts_closed_ns,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    position: PositionState
+    fee: Decimal
+    units: Decimal
+    nav: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    position: PositionState
+    units: Decimal
+    nav: Decimal
+    gross: Decimal
+    fee: Decimal
+    payout: Decimal
+    realized_pnl: Decimal
+
+
+def quote_open(
+    *,
+    pid: str,
+    user: str,
+    product: str,
+    amount: Decimal,
+    nav: Decimal,
+    fee_rate: Decimal,
+    ts_ns: int,
+) -> Opened:
+    try:
+        fee, _, units = issue_terms(amount, nav, fee_rate)
+    except MoneyError as exc:
+        raise invalid(f"amount_usdt: {exc}") from None
+    position = PositionState(
+        position_id=pid,
+        user=user,
+        product=product,
+        units=units,
+        units_opened=units,
+        entry_nav=nav,
+        amount=amount,
+        cost=amount,
+        realized_pnl=ZERO,
+        payout=ZERO,
+        fees=fee,
+        ts_opened_ns=ts_ns,
+        ts_closed_ns=0,
+    )
+    return Opened(position, fee, units, nav)
+
+
+def quote_close(
+    position: PositionState, units: Decimal | None, nav: Decimal, fee_rate: Decimal, ts_ns: int
+) -> Closed:
+    """Redeem `units` (None: all) of an open position at `nav`."""
+    if position.units <= 0:
+        raise Rejected(
+            grpc.StatusCode.FAILED_PRECONDITION, f"position {position.position_id} is closed"
+        )
+    redeemed = position.units if units is None else units
+    if redeemed > position.units:
+        raise Rejected(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"units: cannot close {redeemed}, the position holds {position.units}",
+        )
+    try:
+        gross, fee = redeem_terms(redeemed, nav, fee_rate)
+    except MoneyError as exc:
+        raise invalid(f"units: {exc}") from None
+    payout = gross - fee
+    left = position.units - redeemed
+    cost = (
+        position.cost
+        if left == 0
+        else (position.cost * redeemed / position.units).quantize(USDT_QUANTUM, ROUND_HALF_EVEN)
+    )
+    pnl = payout - cost
+    after = replace(
+        position,
+        units=left,
+        cost=position.cost - cost,
+        realized_pnl=position.realized_pnl + pnl,
+        payout=position.payout + payout,
+        fees=position.fees + fee,
+        ts_closed_ns=ts_ns if left == 0 else 0,
+    )
+    return Closed(after, redeemed, nav, gross, fee, payout, pnl)

@@ -1,0 +1,89 @@
+"""The outbox relay: settled orders -> `orders.events`, at least once, in order.
+
+An order is settled in Redis together with its outbox entry (ledger.py); this task
+publishes the entries of each symbol in the order they were settled (acks=all,
+idempotent producer) and deletes them only once the broker acked them. A crash between
+the ack and the delete publishes them again on the next sweep; hedging applies an
+order's `event_id` once, so the books see it once. It sweeps when a settle wakes it and
+every `poll_s` anyway (entries left by a crash, or by another gateway instance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from prometheus_client import Counter, Gauge
+from redis.exceptions import RedisError
+
+from services.gateway.ledger import Ledger
+from shared.logging import get_logger
+
+log = get_logger("gateway", "relay")
+
+PUBLISHED = Counter(
+    "smartlev_gateway_outbox_published_total", "Order events acked by Kafka.", ["symbol"]
+)
+PENDING = Gauge(
+    "smartlev_gateway_outbox_pending", "Order events settled but not yet acked.", ["symbol"]
+)
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        ledger: Ledger,
+        producer: AIOKafkaProducer,
+        topic: str,
+        symbols: Iterable[str],
+        poll_s: float,
+    ) -> None:
+        self.ledger = ledger
+        self.producer = producer
+        self.topic = topic
+        self.symbols = tuple(symbols)
+        self.poll_s = poll_s
+        self.last_ok: float | None = None  # time.monotonic() of the last clean sweep
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def publish(self, symbol: str) -> list[str]:
+        """Send the symbol's pending events and wait for every ack; returns their fields
+        (not yet deleted: `flush` does both)."""
+        entries = await self.ledger.outbox(symbol)
+        PENDING.labels(symbol).set(len(entries))
+        sent = [
+            await self.producer.send(self.topic, value=payload, key=symbol.encode())
+            for _, payload in entries
+        ]
+        await asyncio.gather(*sent)
+        PUBLISHED.labels(symbol).inc(len(entries))
+        return [field for field, _ in entries]
+
+    async def flush(self, symbol: str) -> int:
+        fields = await self.publish(symbol)
+        await self.ledger.acked(symbol, fields)
+        PENDING.labels(symbol).set(0)
+        return len(fields)
+
+    async def sweep(self) -> int:
+        counts = await asyncio.gather(*(self.flush(s) for s in self.symbols))
+        self.last_ok = time.monotonic()
+        return sum(counts)
+
+    async def run(self) -> None:
+        """Until cancelled; a failed sweep is logged and retried on the next one."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            self._wake.clear()
+            try:
+                await self.sweep()
+            except (KafkaError, RedisError, OSError) as exc:
+                log.warning("outbox_sweep_failed", error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,476 @@
+"""The order gateway over a real gRPC channel, with the real Redis and Kafka.
+
+Each test runs an in-process GatewayServer on a free port under its own namespace; the
+NAV service is stood in for by writing its Redis hash (`<ns>nav:{product}`) directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from uuid import uuid4
+
+import grpc
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from redis.asyncio import Redis
+from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
+
+from services.gateway.config import GatewaySettings
+from services.gateway.main import GatewayServer
+from services.hedging.messages import order_step, products_by_symbol
+from shared.adapters.kafka_admin import ensure_topics
+from shared.codec import decode
+from shared.core.accounting import issue_terms, redeem_terms
+from shared.core.config import StrategyConfig
+from shared.topics import NAV_UPDATES, ORDERS_EVENTS
+
+pytestmark = pytest.mark.integration
+
+PRODUCT = "BTC-USDT:LONG"
+ALICE = (("authorization", "Bearer dev-alice-key"),)
+BOB = (("authorization", "Bearer dev-bob-key"),)
+ACCOUNTING = StrategyConfig().accounting
+NAV = Decimal("123.45678901")
+
+
+class Env:
+    def __init__(self, redis: Redis, namespace: str, bootstrap: str, server: GatewayServer):
+        self.redis = redis
+        self.ns = namespace
+        self.bootstrap = bootstrap
+        self.server = server
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    async def set_nav(self, product: str, nav: Decimal, *, age_s: float = 0.0) -> None:
+        await self.redis.hset(
+            f"{self.ns}nav:{{{product}}}",
+            mapping={
+                "nav": str(nav),
+                "units": "1000",
+                "equity": str(nav * 1000),
+                "target": "2",
+                "leverage": "1.9",
+                "regime": "TREND_UP",
+                "reasons": "REGIME_TREND_ALIGNED,RATE_LIMITED",
+                "price": "43000",
+                "seq": "7",
+                "ts": "1700000000000000000",
+                "written_ns": str(time.time_ns() - int(age_s * 1e9)),
+            },
+        )
+
+    async def state(self) -> dict[str, dict[str, str]]:
+        """Every gateway key of this namespace and its fields, but the outbox (the relay
+        empties it whenever it likes)."""
+        keys = sorted(
+            [
+                k
+                async for k in self.redis.scan_iter(match=f"{self.ns}gw:*")
+                if not k.endswith(":outbox")
+            ]
+        )
+        return {k: await self.redis.hgetall(k) for k in keys}
+
+    async def open(
+        self, client_id: str, amount: str = "1000", who: tuple = ALICE, product: str = PRODUCT
+    ) -> gateway_pb2.OpenPositionReply:
+        request = gateway_pb2.OpenPositionRequest(
+            client_order_id=client_id, product=product, amount_usdt=amount
+        )
+        return await self.stub.OpenPosition(request, metadata=who)
+
+    async def events(self, expected: int, timeout_s: float = 10.0) -> list[orders_pb2.OrderEvent]:
+        """Everything on the namespaced orders.events, waiting for `expected` messages."""
+        topic = ORDERS_EVENTS.in_namespace(self.ns)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            parts = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
+            consumer.assign(parts)
+            await consumer.seek_to_beginning(*parts)
+            out: list[orders_pb2.OrderEvent] = []
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                batch = await consumer.getmany(timeout_ms=300)
+                for records in batch.values():
+                    out.extend(decode(orders_pb2.OrderEvent, r.value) for r in records)
+                if len(out) >= expected:
+                    await asyncio.sleep(0.3)  # anything beyond `expected` shows up too
+                    for records in (await consumer.getmany(timeout_ms=200)).values():
+                        out.extend(decode(orders_pb2.OrderEvent, r.value) for r in records)
+                    break
+            return out
+        finally:
+            await consumer.stop()
+
+
+async def _env(redis_url: str, bootstrap: str, relay: bool) -> AsyncIterator[Env]:
+    namespace = f"t{uuid4().hex[:8]}."
+    await asyncio.to_thread(
+        ensure_topics,
+        bootstrap,
+        [ORDERS_EVENTS.in_namespace(namespace), NAV_UPDATES.in_namespace(namespace)],
+    )
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    settings = GatewaySettings(
+        namespace=namespace,
+        grpc_port=0,
+        metrics_port=0,
+        health_interval_s=0.1,
+        outbox_poll_s=0.1,
+        grace_s=0,
+        max_nav_age_s=30,
+        kafka={"bootstrap": bootstrap},
+        redis={"url": redis_url},
+    )
+    server = GatewayServer(settings, redis, relay=relay)
+    await server.start()
+    env = Env(redis, namespace, bootstrap, server)
+    try:
+        yield env
+    finally:
+        await env.channel.close()
+        await server.stop()
+        keys = [k async for k in redis.scan_iter(match=f"{namespace}*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+
+
+@pytest.fixture
+async def env(redis_url: str, kafka_bootstrap: str) -> AsyncIterator[Env]:
+    async for value in _env(redis_url, kafka_bootstrap, relay=True):
+        yield value
+
+
+@pytest.fixture
+async def quiet_env(redis_url: str, kafka_bootstrap: str) -> AsyncIterator[Env]:
+    """No relay task: the test decides when the outbox is published."""
+    async for value in _env(redis_url, kafka_bootstrap, relay=False):
+        yield value
+
+
+async def _code(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    return info.value.code(), info.value.details() or ""
+
+
+# --------------------------------------------------------------------------- auth
+
+
+async def test_calls_without_a_valid_key_are_unauthenticated(env: Env) -> None:
+    request = gateway_pb2.ListProductsRequest()
+    for metadata in [
+        (),
+        (("authorization", "Bearer nope"),),
+        (("authorization", "dev-alice-key"),),
+    ]:
+        code, details = await _code(env.stub.ListProducts(request, metadata=metadata))
+        assert code is grpc.StatusCode.UNAUTHENTICATED, details
+        assert "API key" in details
+    code, _ = await _code(env.stub.Ping(gateway_pb2.PingRequest()))
+    assert code is grpc.StatusCode.UNAUTHENTICATED
+    assert (await env.stub.Ping(gateway_pb2.PingRequest(), metadata=ALICE)).ts_ns > 0
+
+
+# --------------------------------------------------------------------------- orders
+
+
+async def test_open_and_close_settle_at_the_nav_with_the_core_formulas(env: Env) -> None:
+    await env.set_nav(PRODUCT, NAV)
+    product = await env.stub.GetProduct(
+        gateway_pb2.GetProductRequest(product=PRODUCT), metadata=ALICE
+    )
+    assert (product.nav, product.tradable, list(product.reasons)) == (
+        str(NAV),
+        True,
+        ["REGIME_TREND_ALIGNED", "RATE_LIMITED"],
+    )
+    opened = await env.open("open-1", "1000.5")
+    fee, _, units = issue_terms(Decimal("1000.5"), NAV, ACCOUNTING.open_fee)
+    assert (opened.nav, opened.fee, opened.units) == (str(NAV), str(fee), str(units))
+    assert opened.position.entry_nav == str(NAV) and opened.position.open
+
+    half = units / 2
+    closed = await env.stub.ClosePosition(
+        gateway_pb2.ClosePositionRequest(
+            client_order_id="close-1", position_id=opened.position_id, units=str(half)
+        ),
+        metadata=ALICE,
+    )
+    gross, close_fee = redeem_terms(half, NAV, ACCOUNTING.close_fee)
+    cost = (Decimal("1000.5") / 2).quantize(Decimal("0.00000001"))
+    assert (closed.gross, closed.fee, closed.payout) == (
+        str(gross),
+        str(close_fee),
+        str(gross - close_fee),
+    )
+    assert Decimal(closed.realized_pnl) == gross - close_fee - cost
+    rest = await env.stub.ClosePosition(
+        gateway_pb2.ClosePositionRequest(
+            client_order_id="close-2", position_id=opened.position_id, all=True
+        ),
+        metadata=ALICE,
+    )
+    assert Decimal(rest.units) == units - half and not rest.position.open
+    # The costs of the closes add up to what was paid.
+    assert Decimal(closed.payout) + Decimal(rest.payout) - Decimal("1000.5") == Decimal(
+        rest.position.realized_pnl
+    )
+    listed = await env.stub.ListPositions(gateway_pb2.ListPositionsRequest(), metadata=ALICE)
+    assert list(listed.positions) == []
+    listed = await env.stub.ListPositions(
+        gateway_pb2.ListPositionsRequest(include_closed=True), metadata=ALICE
+    )
+    assert [p.position_id for p in listed.positions] == [opened.position_id]
+    # Three events, in order, each the order's id; hedging reads them as the gateway quoted.
+    events = await env.events(3)
+    assert [e.WhichOneof("event") for e in events] == ["opened", "closed", "closed"]
+    assert events[0].opened.units == str(units) and events[0].opened.nav == str(NAV)
+    steps = [order_step(e, products_by_symbol(StrategyConfig())) for e in events]
+    assert steps[0].order_id == opened.order_id and steps[0].nav == NAV
+    assert steps[1].payout == gross - close_fee
+    assert await env.redis.hgetall(env.server.ledger.outbox_key("BTC-USDT")) == {}
+
+
+async def test_another_users_position_is_not_found(env: Env) -> None:
+    await env.set_nav(PRODUCT, NAV)
+    opened = await env.open("mine")
+    before = await env.state()
+    code, details = await _code(
+        env.stub.GetPosition(
+            gateway_pb2.GetPositionRequest(position_id=opened.position_id), metadata=BOB
+        )
+    )
+    assert code is grpc.StatusCode.NOT_FOUND and opened.position_id in details
+    missing = "0" * 32
+    code2, details2 = await _code(
+        env.stub.GetPosition(gateway_pb2.GetPositionRequest(position_id=missing), metadata=BOB)
+    )
+    assert code2 is grpc.StatusCode.NOT_FOUND  # same answer as for one that does not exist
+    assert details2 == details.replace(opened.position_id, missing)
+    code, _ = await _code(
+        env.stub.ClosePosition(
+            gateway_pb2.ClosePositionRequest(
+                client_order_id="steal", position_id=opened.position_id, all=True
+            ),
+            metadata=BOB,
+        )
+    )
+    assert code is grpc.StatusCode.NOT_FOUND
+    listed = await env.stub.ListPositions(gateway_pb2.ListPositionsRequest(), metadata=BOB)
+    assert list(listed.positions) == []
+    assert await env.state() == before
+
+
+async def test_a_retry_returns_the_original_and_a_different_request_is_refused(env: Env) -> None:
+    await env.set_nav(PRODUCT, NAV)
+    first = await env.open("retry-me", "500")
+    await env.events(1)
+    before = await env.state()
+    await env.set_nav(PRODUCT, NAV * 2)  # the NAV moved: the retry still gets the original
+    again = await env.open("retry-me", "500.000")
+    assert again == first
+    assert await env.state() == before
+    code, details = await _code(env.open("retry-me", "501"))
+    assert code is grpc.StatusCode.ALREADY_EXISTS and "retry-me" in details
+    code, _ = await _code(env.open("retry-me", "500", product="ETH-USDT:LONG"))
+    assert code is grpc.StatusCode.ALREADY_EXISTS
+    assert await env.state() == before
+    # The same id is a different order for another user.
+    bobs = await env.open("retry-me", "500", who=BOB)
+    assert bobs.position_id != first.position_id
+    assert len(await env.events(2)) == 2
+
+
+async def test_concurrent_duplicates_make_exactly_one_position(quiet_env: Env) -> None:
+    env = quiet_env
+    await env.set_nav(PRODUCT, NAV)
+    replies = await asyncio.gather(*(env.open("dup", "250") for _ in range(20)))
+    assert len({r.SerializeToString() for r in replies}) == 1
+    outbox = await env.redis.hgetall(env.server.ledger.outbox_key("BTC-USDT"))
+    assert len(outbox) == 1
+    ledger = await env.redis.hgetall(env.server.ledger.ledger_key("BTC-USDT"))
+    assert ledger[f"{PRODUCT}:units"] == replies[0].units
+    assert await env.server.relay.flush("BTC-USDT") == 1
+    events = await env.events(1)
+    assert [e.opened.event_id for e in events] == [replies[0].order_id]
+
+
+async def test_outbox_republishes_after_a_crash_between_ack_and_delete(quiet_env: Env) -> None:
+    env = quiet_env
+    await env.set_nav(PRODUCT, NAV)
+    opened = await env.open("crash", "100")
+    fields = await env.server.relay.publish("BTC-USDT")  # acked, then the process "dies"
+    assert len(fields) == 1
+    assert await env.server.relay.flush("BTC-USDT") == 1  # the restart publishes again
+    events = await env.events(2)
+    assert [e.opened.event_id for e in events] == [opened.order_id] * 2
+    # Hedging records applied orders by this id (Desks.was_applied), so it applies it once.
+    products = products_by_symbol(StrategyConfig())
+    assert {order_step(e, products).order_id for e in events} == {opened.order_id}
+    assert await env.server.relay.flush("BTC-USDT") == 0
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("client_id", "product", "amount", "code", "says"),
+    [
+        ("v1", "DOGE-USDT:LONG", "100", grpc.StatusCode.NOT_FOUND, "unknown product"),
+        ("v2", "", "100", grpc.StatusCode.INVALID_ARGUMENT, "product is required"),
+        ("v3", PRODUCT, "0", grpc.StatusCode.INVALID_ARGUMENT, "must be > 0"),
+        ("v4", PRODUCT, "-5", grpc.StatusCode.INVALID_ARGUMENT, "must be > 0"),
+        ("v5", PRODUCT, "NaN", grpc.StatusCode.INVALID_ARGUMENT, "not a finite number"),
+        ("v6", PRODUCT, "Infinity", grpc.StatusCode.INVALID_ARGUMENT, "not a finite number"),
+        ("v7", PRODUCT, "1e3", grpc.StatusCode.INVALID_ARGUMENT, "not a plain decimal"),
+        ("v8", PRODUCT, "100.123456789", grpc.StatusCode.INVALID_ARGUMENT, "decimal places"),
+        ("v9", PRODUCT, "9.99", grpc.StatusCode.INVALID_ARGUMENT, "below the minimum"),
+        ("v10", PRODUCT, "1000000.01", grpc.StatusCode.INVALID_ARGUMENT, "above the maximum"),
+        ("v11", PRODUCT, "", grpc.StatusCode.INVALID_ARGUMENT, "amount_usdt is required"),
+        ("bad id!", PRODUCT, "100", grpc.StatusCode.INVALID_ARGUMENT, "client_order_id"),
+        ("", PRODUCT, "100", grpc.StatusCode.INVALID_ARGUMENT, "client_order_id"),
+        ("x" * 65, PRODUCT, "100", grpc.StatusCode.INVALID_ARGUMENT, "client_order_id"),
+    ],
+)
+async def test_invalid_opens_change_nothing(
+    env: Env, client_id: str, product: str, amount: str, code: grpc.StatusCode, says: str
+) -> None:
+    await env.set_nav(PRODUCT, NAV)
+    await env.open("existing")
+    before = await env.state()
+    got, details = await _code(env.open(client_id, amount, product=product))
+    assert (got, says in details) == (code, True), details
+    assert await env.state() == before
+
+
+async def test_closes_that_cannot_be_done_change_nothing(env: Env) -> None:
+    await env.set_nav(PRODUCT, NAV)
+    opened = await env.open("held")
+    before = await env.state()
+    cases = [
+        (
+            "c1",
+            opened.position_id,
+            str(Decimal(opened.units) + Decimal("0.00000001")),
+            False,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "the position holds",
+        ),
+        ("c2", "not-an-id", "1", False, grpc.StatusCode.INVALID_ARGUMENT, "position_id"),
+        ("c3", "f" * 32, "1", False, grpc.StatusCode.NOT_FOUND, "not found"),
+        ("c4", opened.position_id, "1", True, grpc.StatusCode.INVALID_ARGUMENT, "not both"),
+        (
+            "c5",
+            opened.position_id,
+            "",
+            False,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "units is required",
+        ),
+        (
+            "c6",
+            opened.position_id,
+            "0.000000001",
+            False,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "decimal places",
+        ),
+    ]
+    for client_id, pid, units, close_all, code, says in cases:
+        request = gateway_pb2.ClosePositionRequest(
+            client_order_id=client_id, position_id=pid, units=units, all=close_all
+        )
+        got, details = await _code(env.stub.ClosePosition(request, metadata=ALICE))
+        assert (got, says in details) == (code, True), (client_id, details)
+    assert await env.state() == before
+
+
+async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
+    await env.set_nav(PRODUCT, NAV)
+    opened = await env.open("before-stale")
+    await env.set_nav(PRODUCT, NAV, age_s=60)
+    before = await env.state()
+    code, details = await _code(env.open("stale"))
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and "stale" in details
+    code, _ = await _code(
+        env.stub.ClosePosition(
+            gateway_pb2.ClosePositionRequest(
+                client_order_id="stale-close", position_id=opened.position_id, all=True
+            ),
+            metadata=ALICE,
+        )
+    )
+    assert code is grpc.StatusCode.FAILED_PRECONDITION
+    assert await env.state() == before
+    # A product nobody holds and the NAV service never marked opens at the initial NAV.
+    first = await env.open("first-eth", "100", product="ETH-USDT:SHORT")
+    assert first.nav == str(ACCOUNTING.initial_nav)
+
+
+async def test_oversized_message_is_refused(env: Env) -> None:
+    before = await env.state()
+    request = gateway_pb2.OpenPositionRequest(
+        client_order_id="big", product=PRODUCT, amount_usdt="1" * (70 * 1024)
+    )
+    code, _ = await _code(env.stub.OpenPosition(request, metadata=ALICE))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await env.state() == before
+
+
+# --------------------------------------------------------------------------- service
+
+
+async def test_health_serving_and_reflection(env: Env) -> None:
+    health = health_pb2_grpc.HealthStub(env.channel)
+    for _ in range(50):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="smartlev.v1.Gateway"))
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            break
+        await asyncio.sleep(0.1)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    sync_channel = grpc.insecure_channel(f"127.0.0.1:{env.server.port}")
+    try:
+        database = ProtoReflectionDescriptorDatabase(sync_channel)
+        services = await asyncio.to_thread(database.get_services)
+        assert "smartlev.v1.Gateway" in services
+    finally:
+        sync_channel.close()
+
+
+async def test_stream_nav_delivers_published_updates(env: Env) -> None:
+    stream = env.stub.StreamNav(gateway_pb2.StreamNavRequest(products=[PRODUCT]), metadata=ALICE)
+    positions = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
+    await env.set_nav(PRODUCT, NAV)
+    opened = await env.open("streamed")
+    first = await asyncio.wait_for(positions.read(), 5)
+    assert first.position_id == opened.position_id
+    await asyncio.sleep(0.3)  # the subscription is in place before the update goes out
+    producer = AIOKafkaProducer(bootstrap_servers=env.bootstrap)
+    await producer.start()
+    topic = NAV_UPDATES.in_namespace(env.ns).name
+    try:
+        for product, nav in [("ETH-USDT:LONG", "1"), (PRODUCT, "130.5")]:
+            update = nav_pb2.NavUpdated(event_id=f"{product}:1", product=product, nav=nav)
+            await producer.send_and_wait(topic, update.SerializeToString(), key=product.encode())
+    finally:
+        await producer.stop()
+    got = await asyncio.wait_for(stream.read(), 10)
+    assert (got.product, got.nav) == (PRODUCT, "130.5")  # the ETH update was filtered out
+    moved = await asyncio.wait_for(positions.read(), 10)
+    assert moved.nav == "130.5"
+    assert Decimal(moved.value) == (Decimal(opened.units) * Decimal("130.5")).quantize(
+        Decimal("0.00000001"), rounding="ROUND_DOWN"
+    )
+    stream.cancel()
+    positions.cancel()

@@ -1,0 +1,48 @@
+"""API keys: hashed only, compared by hash, parsed from metadata strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.gateway.auth import KeyConfigError, KeyRing, bearer_key, hash_key, load_keys_file
+from services.gateway.config import DEFAULT_KEYS_FILE
+
+
+def test_the_committed_dev_keys_map_to_their_users() -> None:
+    ring = KeyRing.build(load_keys_file(DEFAULT_KEYS_FILE))
+    assert ring.user_for("dev-alice-key") == "alice"
+    assert ring.user_for("dev-bob-key") == "bob"
+    assert ring.user_for("dev-alice-key ") is None
+    assert ring.user_for("") is None
+    assert "dev-alice-key" not in DEFAULT_KEYS_FILE.read_text().split("key_sha256")[1]
+
+
+def test_env_keys_add_to_and_override_the_file() -> None:
+    ring = KeyRing.build({"alice": hash_key("a")}, {"alice": hash_key("b"), "carol": hash_key("c")})
+    assert [ring.user_for(k) for k in ("a", "b", "c")] == [None, "alice", "carol"]
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [{"bad user": hash_key("x")}, {"u": "not-hex"}, {"u": hash_key("x"), "v": hash_key("x")}],
+)
+def test_bad_key_configuration_is_refused(entries: dict[str, str]) -> None:
+    with pytest.raises(KeyConfigError):
+        KeyRing.build(entries)
+
+
+def test_a_keys_file_without_hashes_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text('[users.alice]\nkey = "plain"\n')
+    with pytest.raises(KeyConfigError, match="key_sha256"):
+        load_keys_file(path)
+
+
+def test_bearer_key_from_metadata() -> None:
+    assert bearer_key([("authorization", "Bearer k1")]) == "k1"
+    assert bearer_key([("x-other", "1"), ("authorization", "bearer  k2 ")]) == "k2"
+    assert bearer_key([("authorization", "k3")]) is None
+    assert bearer_key([("authorization", "Bearer ")]) is None
+    assert bearer_key(None) is None

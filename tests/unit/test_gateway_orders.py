@@ -1,0 +1,186 @@
+"""The gateway's pure part: validation, ids and quotes (with the core's formulas)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import grpc
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from smartlev.v1 import orders_pb2
+
+from services.gateway.orders import (
+    Limits,
+    Rejected,
+    canonical,
+    client_order_id,
+    close_units,
+    order_amount,
+    order_id,
+    position_id,
+    quote_close,
+    quote_open,
+)
+from services.hedging.messages import QuoteMismatch, check_settled, order_step, products_by_symbol
+from shared.core.accounting import issue_terms, redeem_terms
+from shared.core.config import StrategyConfig
+from shared.core.products import smart_engine
+
+LIMITS = Limits(
+    min_order=Decimal("10"), max_order=Decimal("1000000"), amount_decimals=8, units_decimals=8
+)
+FEE = Decimal("0.001")
+
+
+def _rejected(call: object, *args: object) -> Rejected:
+    with pytest.raises(Rejected) as info:
+        call(*args)  # type: ignore[operator]
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "required"),
+        ("0", "> 0"),
+        ("-1", "> 0"),
+        ("NaN", "finite"),
+        ("-inf", "finite"),
+        ("Infinity", "finite"),
+        ("1e3", "plain decimal"),
+        (" 100", "plain decimal"),
+        ("+100", "plain decimal"),
+        ("0x10", "plain decimal"),
+        ("10.123456789", "decimal places"),
+        ("9.99999999", "below the minimum"),
+        ("1000000.00000001", "above the maximum"),
+    ],
+)
+def test_bad_amounts_are_invalid_with_a_reason(text: str, says: str) -> None:
+    error = _rejected(order_amount, text, LIMITS)
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT and says in str(error)
+
+
+def test_amounts_within_limits_parse_exactly() -> None:
+    assert order_amount("10", LIMITS) == Decimal("10")
+    assert order_amount("1000000", LIMITS) == Decimal("1000000")
+    assert order_amount("12.345678900", LIMITS) == Decimal("12.3456789")  # trailing zeros
+
+
+def test_close_units_need_exactly_one_of_units_or_all() -> None:
+    assert close_units("", True, LIMITS) is None
+    assert close_units("1.5", False, LIMITS) == Decimal("1.5")
+    assert "not both" in str(_rejected(close_units, "1", True, LIMITS))
+    assert "required" in str(_rejected(close_units, "", False, LIMITS))
+
+
+def test_ids() -> None:
+    assert client_order_id("a-Z_9") == "a-Z_9"
+    for bad in ["", "x" * 65, "a b", "a:b", "é"]:
+        assert _rejected(client_order_id, bad).code is grpc.StatusCode.INVALID_ARGUMENT
+    pid = order_id("alice", "o-1")
+    assert position_id(pid) == pid and len(pid) == 32
+    assert order_id("alice", "o-1") == pid != order_id("bob", "o-1")
+    for bad in ["", pid.upper(), pid[:-1], pid + "0"]:
+        assert _rejected(position_id, bad).code is grpc.StatusCode.INVALID_ARGUMENT
+    assert canonical(Decimal("100.00")) == canonical(Decimal("1E+2")) == "100"
+
+
+@given(
+    amount=st.decimals(min_value="10", max_value="1000000", places=8),
+    nav=st.decimals(min_value="0.01", max_value="100000", places=8),
+    share=st.integers(min_value=1, max_value=100),
+)
+def test_quotes_are_the_core_formulas_and_costs_add_up(
+    amount: Decimal, nav: Decimal, share: int
+) -> None:
+    opened = quote_open(
+        pid="p" * 32,
+        user="u",
+        product="BTC-USDT:LONG",
+        amount=amount,
+        nav=nav,
+        fee_rate=FEE,
+        ts_ns=1,
+    )
+    fee, _, units = issue_terms(amount, nav, FEE)
+    assert (opened.fee, opened.units, opened.position.cost) == (fee, units, amount)
+    part = (units * share / 100).quantize(Decimal("0.00000001"))
+    if part <= 0:
+        return
+    first = quote_close(opened.position, part, nav, FEE, 2)
+    gross, close_fee = redeem_terms(part, nav, FEE)
+    assert (first.gross, first.fee, first.payout) == (gross, close_fee, gross - close_fee)
+    if first.position.units == 0:
+        assert first.position.cost == 0 and first.position.ts_closed_ns == 2
+        return
+    rest = quote_close(first.position, None, nav, FEE, 3)
+    assert rest.position.units == 0 and rest.position.cost == 0
+    assert first.realized_pnl + rest.realized_pnl == first.payout + rest.payout - amount
+
+
+def test_closing_more_than_held_or_a_closed_position_fails_the_precondition() -> None:
+    opened = quote_open(
+        pid="p" * 32,
+        user="u",
+        product="X:LONG",
+        amount=Decimal(100),
+        nav=Decimal(10),
+        fee_rate=FEE,
+        ts_ns=1,
+    )
+    error = _rejected(
+        quote_close, opened.position, opened.units + Decimal("1e-8"), Decimal(10), FEE, 2
+    )
+    assert error.code is grpc.StatusCode.FAILED_PRECONDITION and "holds" in str(error)
+    closed = quote_close(opened.position, None, Decimal(10), FEE, 2).position
+    error = _rejected(quote_close, closed, None, Decimal(10), FEE, 3)
+    assert error.code is grpc.StatusCode.FAILED_PRECONDITION and "closed" in str(error)
+
+
+def test_hedging_settles_an_order_exactly_as_the_gateway_quoted_it() -> None:
+    """The gateway's quote, through orders.events, applied by the books at the quoted NAV:
+    same units, same payout; a doctored quote is refused (QuoteMismatch -> dead letter)."""
+    config = StrategyConfig()
+    products = products_by_symbol(config)
+    nav = Decimal("100")  # a product with no units is worth the initial NAV at any price
+    opened = quote_open(
+        pid="a" * 32,
+        user="u",
+        product="BTC-USDT:LONG",
+        amount=Decimal("1234.56789"),
+        nav=nav,
+        fee_rate=config.accounting.open_fee,
+        ts_ns=1,
+    )
+    event = orders_pb2.OrderEvent(
+        opened=orders_pb2.PositionOpened(
+            event_id="a" * 32,
+            product="BTC-USDT:LONG",
+            amount="1234.56789",
+            units=str(opened.units),
+            nav=str(nav),
+        )
+    )
+    engine = smart_engine("BTC-USDT", config)
+    step = order_step(event, products)
+    check_settled(step, engine.deposit(step.product, step.amount, 1, nav=step.nav))
+    closed = quote_close(opened.position, None, nav, config.accounting.close_fee, 2)
+    close = orders_pb2.OrderEvent(
+        closed=orders_pb2.PositionClosed(
+            event_id="b" * 32,
+            product="BTC-USDT:LONG",
+            units=str(closed.units),
+            nav=str(nav),
+            payout=str(closed.payout),
+        )
+    )
+    step = order_step(close, products)
+    assert step.units is not None
+    check_settled(step, engine.redeem(step.product, step.units, 2, nav=step.nav))
+
+    event.opened.units = str(opened.units + Decimal("0.00000001"))
+    step = order_step(event, products)
+    with pytest.raises(QuoteMismatch, match="gateway recorded"):
+        check_settled(step, engine.deposit(step.product, step.amount, 3, nav=step.nav))
