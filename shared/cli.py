@@ -1,21 +1,36 @@
-"""`smartlev`: the command line for people (backtest now; orders and NAV watch later)."""
+"""`smartlev`: the command line for people.
+
+`backtest` runs the core offline; `products`, `open`, `close`, `positions` and `watch` talk
+to the order gateway over gRPC (server from `--server` / `SMARTLEV_GATEWAY`, key from
+`--api-key` / `SMARTLEV_API_KEY`). A refused call prints one line, `error: <CODE>:
+<message>`, and exits 1; a usage error exits 2; never a traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import tomllib
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import grpc
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2
 
 from shared.adapters.market_data import DataError, load_bars, load_funding, load_marks
 from shared.backtest import run_backtest, write_metrics, write_nav_csv
@@ -190,6 +205,426 @@ def summary_table(figures: dict[str, dict[str, object]]) -> Table:
             f"{Decimal(str(row['funding_paid'])):,.0f}",
         )
     return table
+
+
+# --------------------------------------------------------------------------- gateway
+
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+CALL_TIMEOUT_S = 10.0
+
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", envvar="SMARTLEV_API_KEY", show_envvar=True, help="Your gateway API key."
+    ),
+]
+Server = Annotated[
+    str,
+    typer.Option(
+        "--server", envvar="SMARTLEV_GATEWAY", show_envvar=True, help="Gateway host:port."
+    ),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """A stub and the caller's credentials: every call goes through `call`."""
+
+    stub: gateway_pb2_grpc.GatewayStub
+    metadata: tuple[tuple[str, str], ...]
+
+    def call(self, method: Any, request: object) -> Any:
+        return method(request, metadata=self.metadata, timeout=CALL_TIMEOUT_S)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print `error: <message>` as one plain line on stderr; the caller raises the Exit."""
+    errors.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    return typer.Exit(code)
+
+
+def rpc_error_line(exc: grpc.RpcError, server: str) -> str:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+    name = code.name if code is not None else "UNKNOWN"
+    if code is grpc.StatusCode.UNAVAILABLE:
+        details = f"cannot reach the gateway at {server} ({details})"
+    return f"{name}: {details}"
+
+
+@contextlib.contextmanager
+def gateway(server: str, api_key: str | None) -> Iterator[Gateway]:
+    """A channel to the gateway; any gRPC error ends the command with one line, exit 1."""
+    if not api_key:
+        raise fail("no API key: pass --api-key or set SMARTLEV_API_KEY", 2)
+    channel = grpc.insecure_channel(server)
+    try:
+        yield Gateway(
+            gateway_pb2_grpc.GatewayStub(channel), (("authorization", f"Bearer {api_key}"),)
+        )
+    except grpc.RpcError as exc:
+        raise fail(rpc_error_line(exc, server)) from None
+    finally:
+        channel.close()
+
+
+def _when(ts_ns: int) -> str:
+    if not ts_ns:
+        return "-"
+    return datetime.fromtimestamp(ts_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _num(text: str, absent: str = "-") -> str:
+    """An exact decimal off the wire in plain notation ("0E-8" -> "0.00000000")."""
+    if not text:
+        return absent
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        return text
+    return f"{value:f}" if value.is_finite() else text
+
+
+def _leverage(text: str) -> str:
+    try:
+        return f"{Decimal(text):.2f}x" if text else "-"
+    except InvalidOperation:
+        return text
+
+
+def _regime(value: int) -> str:
+    return common_pb2.Regime.Name(value) if value else "-"
+
+
+def _pnl(text: str) -> str:
+    """Exact figure, green when positive, red when negative."""
+    if not text:
+        return "-"
+    shown = _num(text)
+    colour = "red" if shown.startswith("-") else "green" if Decimal(text) > 0 else ""
+    return f"[{colour}]{shown}[/{colour}]" if colour else shown
+
+
+def _columns(table: Table, names: tuple[str, ...], left: tuple[str, ...]) -> None:
+    for name in names:
+        table.add_column(name, justify="left" if name in left else "right", no_wrap=True)
+
+
+def show(table: Table, records: Callable[[], list[Table]]) -> None:
+    """The table if the terminal is wide enough for every digit and id, else one
+    field/value record per row (a cut id or amount is worse than a longer listing)."""
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    if natural <= console.width:
+        console.print(table)
+    else:
+        for record in records():
+            console.print(record)
+
+
+def products_table(products: list[gateway_pb2.Product]) -> Table:
+    table = Table(title="products")
+    columns = ("product", "NAV", "price", "target", "actual", "regime", "why", "tradable")
+    _columns(table, columns, left=("product", "why"))
+    for p in products:
+        table.add_row(
+            p.product,
+            _num(p.nav),
+            _num(p.price),
+            _leverage(p.target_leverage),
+            _leverage(p.actual_leverage),
+            _regime(p.regime),
+            ", ".join(p.reasons) or "-",
+            "yes" if p.tradable else "[red]no[/red]",
+        )
+    return table
+
+
+def product_detail(p: gateway_pb2.Product) -> Table:
+    table = Table(title=p.product, show_header=False)
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    rows = (
+        ("NAV", _num(p.nav)),
+        ("units outstanding", _num(p.units)),
+        ("equity (USDT)", _num(p.equity)),
+        ("underlying price", _num(p.price)),
+        ("target leverage", _leverage(p.target_leverage)),
+        ("actual leverage", _leverage(p.actual_leverage)),
+        ("regime", _regime(p.regime)),
+        ("last leverage change", ", ".join(p.reasons) or "-"),
+        ("marked at (market time)", _when(p.ts_event_ns)),
+        ("tradable", "yes" if p.tradable else "[red]no: no fresh NAV[/red]"),
+        ("order size (USDT)", f"{p.min_order} .. {p.max_order}"),
+        ("open / close fee", f"{p.open_fee_rate} / {p.close_fee_rate}"),
+    )
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _total_pnl(p: gateway_pb2.Position) -> str:
+    """Realized plus, while open, unrealized: what the position made so far."""
+    realized = Decimal(p.realized_pnl or "0")
+    return _pnl(str(realized + Decimal(p.unrealized_pnl)) if p.unrealized_pnl else str(realized))
+
+
+def positions_table(positions: list[gateway_pb2.Position]) -> Table:
+    table = Table(title="positions")
+    columns = ("position", "product", "units", "NAV", "value", "PnL", "status")
+    _columns(table, columns, left=("position", "product"))
+    for p in positions:
+        table.add_row(
+            p.position_id,
+            p.product,
+            _num(p.units),
+            _num(p.nav),
+            _num(p.value),
+            _total_pnl(p),
+            "open" if p.open else "closed",
+        )
+    return table
+
+
+def position_detail(p: gateway_pb2.Position) -> Table:
+    return receipt(
+        f"position {p.position_id}",
+        [
+            ("product", p.product),
+            ("status", "open" if p.open else f"closed {_when(p.ts_closed_ns)} UTC"),
+            ("opened", f"{_when(p.ts_opened_ns)} UTC"),
+            ("paid in (USDT, fee included)", _num(p.amount)),
+            ("units bought / held", f"{_num(p.units_opened)} / {_num(p.units)}"),
+            ("entry NAV / NAV now", f"{_num(p.entry_nav)} / {_num(p.nav)}"),
+            ("value (USDT)", _num(p.value)),
+            ("cost of units held", _num(p.cost)),
+            ("unrealized PnL", _pnl(p.unrealized_pnl)),
+            ("realized PnL", _pnl(p.realized_pnl)),
+            ("paid out (USDT)", _num(p.payout, "0")),
+            ("fees paid (USDT)", _num(p.fees)),
+        ],
+    )
+
+
+def receipt(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+@app.command()
+def products(
+    product: Annotated[str | None, typer.Argument(help="One product, e.g. BTC-USDT:LONG.")] = None,
+    api_key: ApiKey = None,
+    server: Server = DEFAULT_GATEWAY,
+) -> None:
+    """List the products (NAV, leverage, regime, why), or show one in full."""
+    with gateway(server, api_key) as gw:
+        if product is None:
+            reply: gateway_pb2.ListProductsReply = gw.call(
+                gw.stub.ListProducts, gateway_pb2.ListProductsRequest()
+            )
+            found = list(reply.products)
+            show(products_table(found), lambda: [product_detail(p) for p in found])
+        else:
+            one: gateway_pb2.Product = gw.call(
+                gw.stub.GetProduct, gateway_pb2.GetProductRequest(product=product)
+            )
+            console.print(product_detail(one))
+
+
+@app.command("open")
+def open_position(
+    product: Annotated[str, typer.Argument(help="Product, e.g. BTC-USDT:LONG.")],
+    amount: Annotated[str, typer.Argument(help="USDT to pay in, open fee included.")],
+    client_order_id: Annotated[
+        str | None,
+        typer.Option(help="Idempotency key: repeat it to retry safely (default: a new one)."),
+    ] = None,
+    api_key: ApiKey = None,
+    server: Server = DEFAULT_GATEWAY,
+) -> None:
+    """Open a position: pay AMOUNT USDT into PRODUCT at the current NAV."""
+    order_id = client_order_id or f"cli-{uuid.uuid4().hex[:20]}"
+    request = gateway_pb2.OpenPositionRequest(
+        client_order_id=order_id, product=product, amount_usdt=amount
+    )
+    with gateway(server, api_key) as gw:
+        reply: gateway_pb2.OpenPositionReply = gw.call(gw.stub.OpenPosition, request)
+    console.print(
+        receipt(
+            f"opened {reply.product}",
+            [
+                ("position", reply.position_id),
+                ("paid (USDT)", _num(reply.amount)),
+                ("fee (USDT)", _num(reply.fee)),
+                ("units", _num(reply.units)),
+                ("NAV", _num(reply.nav)),
+                ("client order id", order_id),
+            ],
+        )
+    )
+
+
+@app.command("close")
+def close_position(
+    position_id: Annotated[str, typer.Argument(help="The position to close.")],
+    units: Annotated[str | None, typer.Option(help="Units to redeem (a partial close).")] = None,
+    all_units: Annotated[bool, typer.Option("--all", help="Redeem every unit.")] = False,
+    client_order_id: Annotated[
+        str | None,
+        typer.Option(help="Idempotency key: repeat it to retry safely (default: a new one)."),
+    ] = None,
+    api_key: ApiKey = None,
+    server: Server = DEFAULT_GATEWAY,
+) -> None:
+    """Close a position, or part of it, at the current NAV."""
+    if (units is None) == (not all_units):
+        raise fail("give either --units N or --all", 2)
+    order_id = client_order_id or f"cli-{uuid.uuid4().hex[:20]}"
+    request = gateway_pb2.ClosePositionRequest(
+        client_order_id=order_id, position_id=position_id, units=units or "", all=all_units
+    )
+    with gateway(server, api_key) as gw:
+        reply: gateway_pb2.ClosePositionReply = gw.call(gw.stub.ClosePosition, request)
+    console.print(
+        receipt(
+            f"closed {_num(reply.units)} units of {reply.product}",
+            [
+                ("position", reply.position_id),
+                ("units redeemed", _num(reply.units)),
+                ("NAV", _num(reply.nav)),
+                ("gross (USDT)", _num(reply.gross)),
+                ("fee (USDT)", _num(reply.fee)),
+                ("payout (USDT)", _num(reply.payout)),
+                ("realized PnL (USDT)", _pnl(reply.realized_pnl)),
+                ("units left", _num(reply.position.units)),
+                ("client order id", order_id),
+            ],
+        )
+    )
+
+
+@app.command()
+def positions(
+    position_id: Annotated[str | None, typer.Argument(help="One position.")] = None,
+    include_closed: Annotated[
+        bool, typer.Option("--all", help="Include closed positions.")
+    ] = False,
+    api_key: ApiKey = None,
+    server: Server = DEFAULT_GATEWAY,
+) -> None:
+    """Your positions, valued at the current NAV."""
+    with gateway(server, api_key) as gw:
+        if position_id is not None:
+            one: gateway_pb2.Position = gw.call(
+                gw.stub.GetPosition, gateway_pb2.GetPositionRequest(position_id=position_id)
+            )
+            console.print(position_detail(one))
+            return
+        reply: gateway_pb2.ListPositionsReply = gw.call(
+            gw.stub.ListPositions, gateway_pb2.ListPositionsRequest(include_closed=include_closed)
+        )
+    if reply.positions:
+        held = list(reply.positions)
+        show(positions_table(held), lambda: [position_detail(p) for p in held])
+    else:
+        console.print("no positions" if include_closed else "no open positions")
+
+
+@dataclass(slots=True)
+class NavBoard:
+    """The latest NAV of each watched product, and what it opened the watch at."""
+
+    rows: dict[str, nav_pb2.NavUpdated]
+    first: dict[str, Decimal]
+    updates: int = 0
+
+    def apply(self, update: nav_pb2.NavUpdated) -> None:
+        self.rows[update.product] = update
+        if update.nav:
+            self.first.setdefault(update.product, Decimal(update.nav))
+        self.updates += 1
+
+    def table(self) -> Table:
+        table = Table(title=f"NAV live ({self.updates} updates; Ctrl-C to stop)")
+        columns = ("product", "NAV", "change", "price", "target", "actual", "regime",
+                   "market time")  # fmt: skip
+        _columns(table, columns, left=("product",))
+        for product in sorted(self.rows):
+            u = self.rows[product]
+            start = self.first.get(product)
+            change = f"{Decimal(u.nav) / start - 1:+.2%}" if u.nav and start else "-"
+            table.add_row(
+                product,
+                _num(u.nav),
+                change,
+                _num(u.price) if u.price != "0" else "-",
+                _leverage(u.target_leverage),
+                _leverage(u.actual_leverage),
+                _regime(u.regime),
+                _when(u.ts_event_ns),
+            )
+        return table
+
+
+def _as_update(p: gateway_pb2.Product) -> nav_pb2.NavUpdated:
+    return nav_pb2.NavUpdated(
+        product=p.product,
+        nav=p.nav,
+        price=p.price,
+        target_leverage=p.target_leverage,
+        actual_leverage=p.actual_leverage,
+        regime=p.regime,
+        ts_event_ns=p.ts_event_ns,
+        seq=p.seq,
+    )
+
+
+@app.command()
+def watch(
+    products: Annotated[
+        list[str] | None, typer.Argument(help="Products to watch (default: all).")
+    ] = None,
+    count: Annotated[
+        int | None, typer.Option(min=1, help="Stop after this many updates (default: never).")
+    ] = None,
+    api_key: ApiKey = None,
+    server: Server = DEFAULT_GATEWAY,
+) -> None:
+    """Stream NAV updates live as a refreshing table until Ctrl-C."""
+    wanted = list(products or [])
+    with gateway(server, api_key) as gw:
+        listed: gateway_pb2.ListProductsReply = gw.call(
+            gw.stub.ListProducts, gateway_pb2.ListProductsRequest()
+        )
+        known = {p.product: p for p in listed.products}
+        unknown = [p for p in wanted if p not in known]
+        if unknown:
+            raise fail(f"NOT_FOUND: unknown product {', '.join(unknown)}")
+        board = NavBoard({}, {})
+        for name in wanted or sorted(known):
+            board.rows[name] = _as_update(known[name])
+            if known[name].nav:
+                board.first[name] = Decimal(known[name].nav)
+        stream = gw.stub.StreamNav(
+            gateway_pb2.StreamNavRequest(products=wanted), metadata=gw.metadata
+        )
+        try:
+            with Live(board.table(), console=console, auto_refresh=False) as live:
+                for update in stream:
+                    board.apply(update)
+                    live.update(board.table(), refresh=True)
+                    if count is not None and board.updates >= count:
+                        break
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stream.cancel()
+            if not console.is_terminal:
+                console.line()  # Live leaves its last frame unterminated off a terminal
 
 
 def main() -> None:

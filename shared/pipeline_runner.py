@@ -81,6 +81,10 @@ HEDGING = StageSpec(
 LEVERAGE = StageSpec("leverage", "services.leverage")
 REGIME = StageSpec("regime", "services.regime")
 NAV = StageSpec("nav", "services.nav")
+# The order gateway (not in STAGES: only what takes user orders starts it).
+GATEWAY = StageSpec(
+    "gateway", "services.gateway", env={"SMARTLEV_GATEWAY_GRPC_PORT": "{port:gateway.grpc}"}
+)
 STAGES: tuple[StageSpec, ...] = (VENUE, HEDGING, LEVERAGE, REGIME, NAV)
 # (inputs, service, output) of the stages that send one output per input message.
 CHAIN: tuple[tuple[tuple[TopicSpec, ...], str, TopicSpec], ...] = (

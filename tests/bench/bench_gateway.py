@@ -1,0 +1,207 @@
+"""The order gateway under load: open+close round trips beside a no-op call (the ceiling).
+
+    python -m tests.bench.bench_gateway [--seconds 3] [--clients 1,8,64]
+
+Starts the gateway (`python -m services.gateway`, its own process, as deployed) in a
+fresh namespace and writes a fresh NAV for every product the way the NAV service does
+(`<ns>nav:{<product>}`), so orders settle against the real Redis and their events go
+to the real Kafka through the outbox relay; no other stage runs, so only the gateway is
+measured. For each number of concurrent clients (asyncio grpc.aio, one channel each,
+loopback), every client opens a position and closes it (2 orders), again and again for
+`--seconds`; then the same clients call `Ping` (authentication and the gRPC round trip,
+nothing else) for as long. Latency is per call, from the client. Goals (issue #5):
+orders/s at least half the no-op rate; p99 under 20 ms with 8 clients.
+Run by `make bench`; never a timed assertion in a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+import redis
+from rich.console import Console
+from rich.table import Table
+from smartlev.v1 import gateway_pb2, gateway_pb2_grpc
+
+from shared.core.config import StrategyConfig
+from shared.core.products import SIDES, product_id
+from shared.pipeline_runner import GATEWAY, Pipeline
+from shared.settings import ServiceSettings
+
+console = Console()
+KEYS = ("dev-alice-key", "dev-bob-key")  # services/gateway/api_keys.toml (local dev users)
+AMOUNT = "100"
+WARMUP_S = 0.5
+NAV_REFRESH_S = 10.0  # well inside the gateway's max_nav_age_s
+
+
+@dataclass
+class Run:
+    """What the clients of one case did: call latencies (s) and the wall time."""
+
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else 0.0
+
+
+def write_navs(client: redis.Redis, namespace: str, products: list[str]) -> None:
+    """A fresh mark per product, as services/nav writes it (state_fields)."""
+    for product in products:
+        client.hset(
+            f"{namespace}nav:{{{product}}}",
+            mapping={
+                "nav": "100",
+                "units": "0",
+                "equity": "0",
+                "leverage": "0",
+                "target": "1",
+                "regime": "RANGE",
+                "price": "50000",
+                "qty": "0",
+                "ts": str(time.time_ns()),
+                "seq": "1",
+                "written_ns": str(time.time_ns()),
+            },
+        )
+
+
+async def round_trip(
+    stub: gateway_pb2_grpc.GatewayStub,
+    auth: tuple[tuple[str, str], ...],
+    client: int,
+    n: int,
+    product: str,
+    tag: str,
+    run: Run | None,
+) -> None:
+    """Open a position, then close all of it: two orders, each timed."""
+    began = time.perf_counter()
+    opened = await stub.OpenPosition(
+        gateway_pb2.OpenPositionRequest(
+            client_order_id=f"{tag}-{client}-{n}-o", product=product, amount_usdt=AMOUNT
+        ),
+        metadata=auth,
+    )
+    middle = time.perf_counter()
+    await stub.ClosePosition(
+        gateway_pb2.ClosePositionRequest(
+            client_order_id=f"{tag}-{client}-{n}-c", position_id=opened.position_id, all=True
+        ),
+        metadata=auth,
+    )
+    if run is not None:
+        run.latencies += [middle - began, time.perf_counter() - middle]
+
+
+async def ping(
+    stub: gateway_pb2_grpc.GatewayStub, auth: tuple[tuple[str, str], ...], run: Run | None
+) -> None:
+    began = time.perf_counter()
+    await stub.Ping(gateway_pb2.PingRequest(), metadata=auth)
+    if run is not None:
+        run.latencies.append(time.perf_counter() - began)
+
+
+async def drive(
+    target: str, clients: int, seconds: float, orders: bool, products: list[str]
+) -> Run:
+    """`clients` concurrent loops for WARMUP_S (not counted) and then `seconds`."""
+    run = Run()
+    tag = uuid.uuid4().hex[:8]
+    channels = [grpc.aio.insecure_channel(target) for _ in range(clients)]
+    stubs = [gateway_pb2_grpc.GatewayStub(c) for c in channels]
+    start = time.perf_counter() + WARMUP_S
+    stop = start + seconds
+
+    async def client(i: int) -> None:
+        auth = (("authorization", f"Bearer {KEYS[i % len(KEYS)]}"),)
+        product = products[i % len(products)]
+        n = 0
+        while (now := time.perf_counter()) < stop:
+            counted = run if now >= start else None
+            if orders:
+                await round_trip(stubs[i], auth, i, n, product, tag, counted)
+            else:
+                await ping(stubs[i], auth, counted)
+            n += 1
+
+    try:
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        run.seconds = time.perf_counter() - start
+    finally:
+        await asyncio.gather(*(c.close() for c in channels))
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured time per case")
+    parser.add_argument("--clients", default="1,8,64", help="concurrent clients per case")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+    settings = ServiceSettings()
+    products = [product_id(s, side) for s in StrategyConfig().instruments for side in SIDES]
+    namespace = f"bench{uuid.uuid4().hex[:8]}."
+    store = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    console.print(f"[bold]==> gateway: starting it in namespace {namespace}[/]")
+    rows = []
+    with Pipeline.start(
+        (GATEWAY,), namespace=namespace, bootstrap=settings.kafka_bootstrap,
+        redis_url=settings.redis_url,
+    ) as pipeline:  # fmt: skip
+        target = f"127.0.0.1:{pipeline.ports['gateway.grpc']}"
+        for clients in levels:
+            write_navs(store, namespace, products)
+            trades = asyncio.run(drive(target, clients, args.seconds, True, products))
+            pipeline.check_alive()
+            noop = asyncio.run(drive(target, clients, args.seconds, False, products))
+            rows.append((clients, trades, noop))
+            console.print(
+                f"    {clients} clients: {trades.rate:,.0f} orders/s, no-op {noop.rate:,.0f}/s"
+            )
+    for name in store.scan_iter(f"{namespace}*", count=1000):  # this run's keys only
+        store.delete(name)
+    store.close()
+
+    table = Table(title="Gateway: open+close orders vs a no-op call (loopback; latency in ms)")
+    columns = ("clients", "orders/s", "p50", "p99", "no-op/s", "no-op p50", "no-op p99", "ratio")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for clients, trades, noop in rows:
+        ratio = trades.rate / noop.rate if noop.rate else 0.0
+        table.add_row(
+            str(clients),
+            f"{trades.rate:,.0f}",
+            f"{trades.percentile(0.50) * 1e3:.1f}",
+            f"{trades.percentile(0.99) * 1e3:.1f}",
+            f"{noop.rate:,.0f}",
+            f"{noop.percentile(0.50) * 1e3:.1f}",
+            f"{noop.percentile(0.99) * 1e3:.1f}",
+            f"{ratio:.2f}",
+        )
+    console.print(table)
+    by_clients = {clients: (trades, noop) for clients, trades, noop in rows}
+    if 8 in by_clients:
+        trades, noop = by_clients[8]
+        half = trades.rate >= noop.rate / 2
+        fast = trades.percentile(0.99) < 0.020
+        console.print(
+            f"goals, 8 clients: orders/s >= no-op/s / 2: {'met' if half else 'NOT met'}; "
+            f"p99 < 20 ms: {'met' if fast else 'NOT met'}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""`smartlev products|open|close|positions|watch` against an in-process fake gateway.
+
+The fake answers with canned replies and the gateway's status codes, so these tests pin
+what the CLI itself owns: the requests it sends, its tables, one-line errors with a
+non-zero exit (never a traceback), and `watch` stopping cleanly on Ctrl-C. The real
+gateway is exercised in tests/integration/test_gateway_e2e.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2
+from typer.testing import CliRunner
+
+from shared.cli import app
+
+KEY = "test-key"
+ROOT = Path(__file__).resolve().parents[2]
+POSITION = "0123456789abcdef0123456789abcdef"
+PRODUCTS = [
+    gateway_pb2.Product(
+        product="BTC-USDT:LONG",
+        symbol="BTC-USDT",
+        side=common_pb2.LONG,
+        nav="103.25000000",
+        units="9990",
+        price="49000.5",
+        target_leverage="2.5",
+        actual_leverage="2.41234567",
+        regime=common_pb2.TREND_UP,
+        reasons=["REGIME_TREND_ALIGNED", "RATE_LIMITED"],
+        tradable=True,
+        min_order="10",
+        max_order="1000000",
+        open_fee_rate="0.001",
+        close_fee_rate="0.001",
+    ),
+    gateway_pb2.Product(
+        product="BTC-USDT:SHORT",
+        symbol="BTC-USDT",
+        side=common_pb2.SHORT,
+        nav="97.10000000",
+        target_leverage="1",
+        actual_leverage="1.0",
+        regime=common_pb2.TREND_UP,
+        tradable=False,
+    ),
+]
+
+
+class FakeGateway(gateway_pb2_grpc.GatewayServicer):
+    """Canned answers; records the last request of each method."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, object] = {}
+
+    def _auth(self, context: grpc.ServicerContext) -> None:
+        if ("authorization", f"Bearer {KEY}") not in context.invocation_metadata():
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown API key")
+
+    def ListProducts(
+        self, request: gateway_pb2.ListProductsRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.ListProductsReply:
+        self._auth(context)
+        return gateway_pb2.ListProductsReply(products=PRODUCTS)
+
+    def GetProduct(
+        self, request: gateway_pb2.GetProductRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.Product:
+        self._auth(context)
+        for product in PRODUCTS:
+            if product.product == request.product:
+                return product
+        context.abort(grpc.StatusCode.NOT_FOUND, f"unknown product {request.product!r}")
+        raise AssertionError  # abort raises
+
+    def OpenPosition(
+        self, request: gateway_pb2.OpenPositionRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.OpenPositionReply:
+        self._auth(context)
+        self.requests["open"] = request
+        if request.amount_usdt == "5":
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "amount_usdt: 5 is below the minimum order of 10",
+            )
+        return gateway_pb2.OpenPositionReply(
+            order_id=POSITION,
+            position_id=POSITION,
+            product=request.product,
+            amount=request.amount_usdt,
+            fee="1.00000000",
+            units="9.67554479",
+            nav="103.25000000",
+        )
+
+    def ClosePosition(
+        self, request: gateway_pb2.ClosePositionRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.ClosePositionReply:
+        self._auth(context)
+        self.requests["close"] = request
+        return gateway_pb2.ClosePositionReply(
+            order_id="f" * 32,
+            position_id=request.position_id,
+            product="BTC-USDT:LONG",
+            units="9.67554479",
+            nav="104.00000000",
+            gross="1006.25665816",
+            fee="1.00625665",
+            payout="1005.25040151",
+            realized_pnl="5.25040151",
+            position=gateway_pb2.Position(units="0"),
+        )
+
+    def ListPositions(
+        self, request: gateway_pb2.ListPositionsRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.ListPositionsReply:
+        self._auth(context)
+        self.requests["list"] = request
+        position = gateway_pb2.Position(
+            position_id=POSITION,
+            product="BTC-USDT:LONG",
+            units="9.67554479",
+            units_opened="9.67554479",
+            entry_nav="103.25000000",
+            amount="1000",
+            cost="1000",
+            nav="104.00000000",
+            value="1006.25665816",
+            unrealized_pnl="6.25665816",
+            realized_pnl="0",
+            fees="1.00000000",
+            open=True,
+        )
+        return gateway_pb2.ListPositionsReply(positions=[position])
+
+    def GetPosition(
+        self, request: gateway_pb2.GetPositionRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.Position:
+        self._auth(context)
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no position {request.position_id}")
+        raise AssertionError
+
+    def StreamNav(
+        self, request: gateway_pb2.StreamNavRequest, context: grpc.ServicerContext
+    ) -> Iterator[nav_pb2.NavUpdated]:
+        self._auth(context)
+        self.requests["stream"] = request
+        for i, nav in enumerate(("103.30000000", "103.40000000", "103.50000000")):
+            yield nav_pb2.NavUpdated(
+                product="BTC-USDT:LONG",
+                nav=nav,
+                price=f"4900{i}",
+                target_leverage="2.5",
+                actual_leverage="2.4",
+                regime=common_pb2.TREND_UP,
+                ts_event_ns=1_620_777_600_000_000_000 + i * 900_000_000_000,
+            )
+        while context.is_active():  # then nothing more: a quiet market
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[tuple[FakeGateway, str]]:
+    servicer = FakeGateway()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+@pytest.fixture
+def cli(fake: tuple[FakeGateway, str], monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.setenv("SMARTLEV_GATEWAY", fake[1])
+    monkeypatch.setenv("SMARTLEV_API_KEY", KEY)
+    monkeypatch.setenv("COLUMNS", "240")  # rich wraps to the terminal width
+    return CliRunner()
+
+
+def error_line(stderr: str) -> str:
+    """The CLI's whole error output: exactly one line, no traceback."""
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_products_table_shows_nav_leverage_regime_and_reasons(cli: CliRunner) -> None:
+    result = cli.invoke(app, ["products"])
+    assert result.exit_code == 0, result.output
+    for text in ("BTC-USDT:LONG", "103.25000000", "2.50x", "2.41x", "TREND_UP", "RATE_LIMITED"):
+        assert text in result.stdout
+
+
+def test_one_product_in_full(cli: CliRunner) -> None:
+    result = cli.invoke(app, ["products", "BTC-USDT:LONG"])
+    assert result.exit_code == 0, result.output
+    assert "REGIME_TREND_ALIGNED, RATE_LIMITED" in result.stdout
+    assert "10 .. 1000000" in result.stdout
+
+
+def test_unknown_product_is_one_error_line_and_exit_1(cli: CliRunner) -> None:
+    result = cli.invoke(app, ["products", "DOGE-USDT:LONG"])
+    assert result.exit_code == 1
+    assert error_line(result.stderr) == "error: NOT_FOUND: unknown product 'DOGE-USDT:LONG'"
+
+
+def test_wrong_key_is_unauthenticated(cli: CliRunner) -> None:
+    result = cli.invoke(app, ["products", "--api-key", "nope"])
+    assert result.exit_code == 1
+    assert error_line(result.stderr) == "error: UNAUTHENTICATED: unknown API key"
+
+
+def test_missing_key_is_a_usage_error(cli: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SMARTLEV_API_KEY")
+    result = cli.invoke(app, ["positions"])
+    assert result.exit_code == 2
+    assert "no API key: pass --api-key or set SMARTLEV_API_KEY" in error_line(result.stderr)
+
+
+def test_unreachable_gateway_names_the_address(cli: CliRunner) -> None:
+    result = cli.invoke(app, ["products", "--server", "127.0.0.1:1"])
+    assert result.exit_code == 1
+    line = error_line(result.stderr)
+    assert line.startswith("error: UNAVAILABLE: cannot reach the gateway at 127.0.0.1:1")
+
+
+def test_open_sends_the_order_and_prints_the_receipt(
+    cli: CliRunner, fake: tuple[FakeGateway, str]
+) -> None:
+    result = cli.invoke(app, ["open", "BTC-USDT:LONG", "1000", "--client-order-id", "my-order-1"])
+    assert result.exit_code == 0, result.output
+    sent = fake[0].requests["open"]
+    assert sent == gateway_pb2.OpenPositionRequest(
+        client_order_id="my-order-1", product="BTC-USDT:LONG", amount_usdt="1000"
+    )
+    for text in (POSITION, "9.67554479", "103.25000000", "1.00000000"):
+        assert text in result.stdout
+
+
+def test_open_without_an_id_gets_a_fresh_one_each_time(
+    cli: CliRunner, fake: tuple[FakeGateway, str]
+) -> None:
+    ids = set()
+    for _ in range(2):
+        assert cli.invoke(app, ["open", "BTC-USDT:LONG", "1000"]).exit_code == 0
+        sent = fake[0].requests["open"]
+        assert isinstance(sent, gateway_pb2.OpenPositionRequest)
+        ids.add(sent.client_order_id)
+    assert len(ids) == 2
+
+
+def test_refused_open_is_invalid_argument(cli: CliRunner) -> None:
+    result = cli.invoke(app, ["open", "BTC-USDT:LONG", "5"])
+    assert result.exit_code == 1
+    assert error_line(result.stderr) == (
+        "error: INVALID_ARGUMENT: amount_usdt: 5 is below the minimum order of 10"
+    )
+
+
+@pytest.mark.parametrize("args", [[], ["--units", "1", "--all"]])
+def test_close_needs_units_or_all(cli: CliRunner, args: list[str]) -> None:
+    result = cli.invoke(app, ["close", POSITION, *args])
+    assert result.exit_code == 2
+    assert error_line(result.stderr) == "error: give either --units N or --all"
+
+
+def test_close_all_and_partial(cli: CliRunner, fake: tuple[FakeGateway, str]) -> None:
+    result = cli.invoke(app, ["close", POSITION, "--all"])
+    assert result.exit_code == 0, result.output
+    sent = fake[0].requests["close"]
+    assert isinstance(sent, gateway_pb2.ClosePositionRequest)
+    assert (sent.position_id, sent.all, sent.units) == (POSITION, True, "")
+    for text in ("1005.25040151", "1.00625665", "5.25040151", "104.00000000"):
+        assert text in result.stdout
+    assert cli.invoke(app, ["close", POSITION, "--units", "2.5"]).exit_code == 0
+    sent = fake[0].requests["close"]
+    assert isinstance(sent, gateway_pb2.ClosePositionRequest)
+    assert (sent.all, sent.units) == (False, "2.5")
+
+
+def test_positions_table(cli: CliRunner, fake: tuple[FakeGateway, str]) -> None:
+    result = cli.invoke(app, ["positions", "--all"])
+    assert result.exit_code == 0, result.output
+    assert fake[0].requests["list"] == gateway_pb2.ListPositionsRequest(include_closed=True)
+    for text in (POSITION, "9.67554479", "6.25665816", "open"):
+        assert text in result.stdout
+
+
+def test_a_narrow_terminal_gets_records_not_cut_ids(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "60")
+    result = cli.invoke(app, ["positions"])
+    assert result.exit_code == 0, result.output
+    assert f"position {POSITION}" in result.stdout and "…" not in result.stdout
+    assert "6.25665816" in result.stdout
+
+
+def test_unknown_position(cli: CliRunner) -> None:
+    result = cli.invoke(app, ["positions", "f" * 32])
+    assert result.exit_code == 1
+    assert error_line(result.stderr) == f"error: NOT_FOUND: no position {'f' * 32}"
+
+
+def test_watch_streams_until_count(cli: CliRunner, fake: tuple[FakeGateway, str]) -> None:
+    result = cli.invoke(app, ["watch", "BTC-USDT:LONG", "--count", "3"])
+    assert result.exit_code == 0, result.output
+    assert fake[0].requests["stream"] == gateway_pb2.StreamNavRequest(products=["BTC-USDT:LONG"])
+    assert "103.50000000" in result.stdout  # the last update is on the board
+    assert "+0.24%" in result.stdout  # 103.50 against 103.25 when the watch began
+    assert "BTC-USDT:SHORT" not in result.stdout
+
+
+def test_watch_unknown_product(cli: CliRunner) -> None:
+    result = cli.invoke(app, ["watch", "NOPE:LONG"])
+    assert result.exit_code == 1
+    assert error_line(result.stderr) == "error: NOT_FOUND: unknown product NOPE:LONG"
+
+
+def test_watch_stops_cleanly_on_ctrl_c(fake: tuple[FakeGateway, str]) -> None:
+    env = {
+        **os.environ,
+        "SMARTLEV_GATEWAY": fake[1],
+        "SMARTLEV_API_KEY": KEY,
+        "COLUMNS": "240",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
+    }
+    fake[0].requests.pop("stream", None)
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from shared.cli import main; main()", "watch"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "stream" not in fake[0].requests:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the stream's updates are drawn; now it waits on a quiet market
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=10)
+    assert process.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+    assert b"103.50000000" in out
