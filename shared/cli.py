@@ -627,5 +627,23 @@ def watch(
                 console.line()  # Live leaves its last frame unterminated off a terminal
 
 
+@app.command()
+def reconcile(
+    namespace: Annotated[str, typer.Option(help="Pipeline prefix, e.g. 't1234abcd.'")] = "",
+    symbol: Annotated[
+        list[str] | None, typer.Option(help="Symbol (repeatable); default all.")
+    ] = None,
+    bootstrap: Annotated[str, typer.Option(envvar="SMARTLEV_KAFKA_BOOTSTRAP")] = "127.0.0.1:9092",
+    redis_url: Annotated[
+        str, typer.Option(envvar="SMARTLEV_REDIS_URL")
+    ] = "redis://127.0.0.1:6379/0",
+) -> None:
+    """Check the books (DESIGN section 5) from Redis and Kafka: exit 0 balanced, 1 with
+    each difference listed, 2 when it cannot check."""
+    from shared.reconcile import run
+
+    raise typer.Exit(run(namespace, symbol or [], bootstrap, redis_url))
+
+
 def main() -> None:
     app()

@@ -46,6 +46,7 @@ from services.hedging.messages import (
     order_step,
     products_by_symbol,
 )
+from services.hedging.reconcile_loop import install_reconcile_loop
 from shared.adapters.venue_client import venue_channel
 from shared.core.config import StrategyConfig
 from shared.core.market import FundingRate
@@ -251,6 +252,7 @@ def build(settings: HedgingSettings, config: StrategyConfig | None = None) -> He
         venue_timeout_s=settings.venue_timeout_s,
     )
     hedger = Hedger(runtime, desks, config, settings.retry_backoff_s)
+    install_reconcile_loop(runtime, settings, config)
     targets_in = runtime.input(LEVERAGE_TARGETS)
     orders_in = runtime.input(ORDERS_EVENTS)
 

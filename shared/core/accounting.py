@@ -233,6 +233,15 @@ class Books:
             return None
         return self._pay_claim(book, book.equity_floor - equity, ts_ns, equity)
 
+    def cover_empty(self, product: str, price: Decimal, ts_ns: int) -> InsuranceClaimPaid | None:
+        """The last holder left at NAV, then unwinding the hedge cost fees: the insurance
+        fund takes a product with no units back to zero, so no later depositor pays."""
+        book = self.products[product]
+        equity = book.equity(price)
+        if book.units or equity >= 0:
+            return None
+        return self._pay_claim(book, -equity, ts_ns, equity)
+
     def apply_liquidation(self, event: AccountLiquidated) -> list[InsuranceClaimPaid]:
         """Mirror a venue liquidation: products are closed at the mark, share the penalty
         by size and the venue's deficit cover by their losses; insurance then restores

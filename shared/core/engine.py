@@ -207,6 +207,10 @@ class Engine:
         events: list[object] = [event]
         if self.price:
             self._rebalance(ts_ns, [(product, False)], events)
+            claim = self.books.cover_empty(product, self.price, ts_ns)
+            if claim is not None:
+                self.venue.transfer(claim.amount)
+                events.append(claim)
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)
         return events

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from shared.core.accounting import BooksOutOfBalance
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine, SignalPipeline, Strategy
-from shared.core.events import HedgeExecuted, LeverageTargetChanged
+from shared.core.events import HedgeExecuted, InsuranceClaimPaid, LeverageTargetChanged
 from shared.core.leverage import Controller, SmartLeverageController
 from shared.core.market import NS_PER_DAY, NS_PER_HOUR, Side
 from shared.core.products import smart_controllers, smart_engine
@@ -268,4 +268,23 @@ def test_deposit_and_redeem_settle_at_nav_and_keep_the_books() -> None:
     assert redeemed.nav == nav
     assert redeemed.gross == gross
     assert redeemed.payout == redeemed.gross - redeemed.fee
+    engine.books.check_balanced(engine.venue, engine.price)
+
+
+def test_the_last_holder_leaving_never_leaves_a_deficit_for_the_next_depositor() -> None:
+    config = fast_config()
+    _, engine, _ = drive(config, prices_from([0.01] * 30), products=(LONG,))
+    book = engine.books.products[LONG]
+    fund_before = engine.books.insurance_fund
+    events = engine.redeem(LONG, book.units, T0 + 40 * TICK_NS)
+    # Paid at NAV, then the hedge unwound at a cost: the empty product is back at zero.
+    assert book.units == 0 and book.qty == 0
+    assert book.equity(engine.price) == 0
+    claims = [e for e in events if isinstance(e, InsuranceClaimPaid)]
+    assert len(claims) == 1 and claims[0].amount > 0
+    redeemed = events[0]
+    share = (redeemed.fee * config.accounting.insurance_share).quantize(
+        Decimal("1e-8"), "ROUND_DOWN"
+    )
+    assert engine.books.insurance_fund == fund_before + share - claims[0].amount
     engine.books.check_balanced(engine.venue, engine.price)
