@@ -166,6 +166,36 @@ def freshness_check(
     return check
 
 
+def stalled_check(
+    last_progress: Callable[[], float | None],
+    backlog_mark: Callable[[], Awaitable[int]],
+    max_age_s: float,
+) -> Check:
+    """Fails only when input is waiting and nothing was handled for max_age_s.
+
+    An idle stage is healthy however long the market is quiet; a stuck one is not.
+    `backlog_mark()` is a number that grows with new input (e.g. the sum of the input
+    partitions' high-water marks): when it moved since the last progress and the last
+    progress is older than max_age_s, the stage is stuck.
+    """
+    seen: dict[str, float | int | None] = {"progress": None, "mark": None}
+
+    async def check() -> CheckResult:
+        progress = last_progress()
+        mark = await backlog_mark()
+        if seen["progress"] != progress or seen["mark"] is None:
+            seen["progress"], seen["mark"] = progress, mark  # the backlog as of this progress
+            return True
+        baseline = seen["mark"]
+        assert isinstance(baseline, int)
+        since = time.monotonic() - (progress if progress is not None else 0.0)
+        if mark > baseline and (progress is None or since > max_age_s):
+            return f"{mark - baseline} new input message(s) waiting, none handled for {since:.0f}s"
+        return True
+
+    return check
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
