@@ -4,19 +4,25 @@ Per symbol (hash tag `{<symbol>}`, so every key of a step lives in one Cluster s
 under `<namespace>gw`:
 - `pos:<position_id>`   the position (hash of exact decimal strings);
 - `ledger`              per product: units outstanding, deposits, payouts, fees;
-- `outbox`              OrderEvents not yet acked by Kafka, field = the step's version
-                        (zero-padded, so the relay publishes them in order);
-- `applied` / `meta`    ApplyOnceStore's idempotency records (`<user>:<client_order_id>`
-                        -> request hash + the reply, base64) and the version counter.
-An order's position, ledger, outbox entry and idempotency record are written by ONE
-ApplyOnceStore script that refuses if the symbol's version moved since the read (then
-the step is recomputed) and changes nothing if the order id is already recorded.
+- `outbox`              OrderEvents not yet acked by Kafka, field = the symbol's version
+                        after the step (zero-padded, so the relay publishes in order);
+- `applied`             `<user>:<client_order_id>` -> request hash + the reply (base64);
+- `meta`                `version` (steps settled on the symbol) and `rev:<product>`
+                        (steps settled on the product), ApplyOnceStore's layout.
+An order's position, ledger entries, outbox entry and record are written by ONE script
+(`_SETTLE_LUA`) that answers with the recorded reply if the order was settled before,
+and refuses if the product's revision or the position's units moved since the read
+(answering with the fresh state, so the retry needs no extra read). An order reads and
+writes only its product's ledger entries and one position, so orders of different
+products never conflict. A position's units only ever fall, so equal units mean an
+unchanged position.
 
 Per user (hash tag `{user:<user>}`): `orders` (client_order_id -> request hash and
 symbol, set once: a reused id for another request or symbol is caught before the
 symbol's step) and `positions` (position_id -> product: the user's index, and the
-ownership check). The position id is derived from (user, client_order_id), so writing
-the index before the step is idempotent and a retry after a crash finds it.
+ownership check). `_CLAIM_LUA` writes the index only for the request holding the claim.
+The position id is derived from (user, client_order_id), so a retry after a crash
+between the claim and the step finds both and settles.
 """
 
 from __future__ import annotations
@@ -25,13 +31,50 @@ import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.redis_store import ApplyOnceStore, ApplyStatus, FieldValue, key
+from shared.codec import decimal_to_wire
+from shared.redis_store import ApplyStatus, FieldValue, key
 
 OUTBOX = "outbox"
 LEDGER = "ledger"
+
+# KEYS: applied, meta, position, ledger, outbox. ARGV: record id, record, revision field,
+# expected revision, event (base64), the position's units as read ("" = no position),
+# then n + n position field/value pairs, then n + n ledger field/value pairs.
+_SETTLE_LUA = """
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+if record then return {0, record} end
+local rev = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0')
+local units = redis.call('HGET', KEYS[3], 'units') or ''
+if rev ~= tonumber(ARGV[4]) or units ~= ARGV[6] then
+  return {-1, rev, redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[3])}
+end
+local i = 7
+for k = 3, 4 do
+  local n = tonumber(ARGV[i])
+  local args = {}
+  for j = 1, 2 * n do args[j] = ARGV[i + j] end
+  if n > 0 then redis.call('HSET', KEYS[k], unpack(args)) end
+  i = i + 2 * n + 1
+end
+local version = redis.call('HINCRBY', KEYS[2], 'version', 1)
+redis.call('HSET', KEYS[2], ARGV[3], rev + 1)
+redis.call('HSET', KEYS[5], string.format('%020d', version), ARGV[5])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return {1, version}
+"""
+
+# KEYS: the user's orders, the user's positions. ARGV: client_order_id, claim, position
+# id, product. Returns the claim that stands.
+_CLAIM_LUA = """
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current == ARGV[2] then redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) end
+return current
+"""
 
 
 def b64(data: bytes) -> str:
@@ -44,11 +87,32 @@ def unb64(text: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """What a step is computed from, and the version it must still be at."""
+    """What a step is computed from: the symbol's ledger as of the product's revision
+    `rev` and the position; the step must still find both as they were."""
 
-    version: int
+    rev: int
     ledger: dict[str, str]
     position: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class OrderView:
+    """One round trip's worth of what an order needs: the client order id's claim, the
+    recorded reply (if settled before), the product's NAV hash and the snapshot."""
+
+    claim: str | None
+    record: str | None
+    nav: dict[str, str]
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """APPLIED; DUPLICATE with the recorded reply; CONFLICT with the fresh snapshot."""
+
+    status: ApplyStatus
+    record: str | None = None
+    snapshot: Snapshot | None = None
 
 
 class Ledger:
@@ -56,24 +120,28 @@ class Ledger:
         self.redis = redis
         self.ns = f"{namespace}gw"
         self.nav_ns = f"{namespace}nav"
-        self.store = ApplyOnceStore(redis, namespace=self.ns)
+        self._settle = redis.register_script(_SETTLE_LUA)
+        self._claim = redis.register_script(_CLAIM_LUA)
 
     # ------------------------------------------------------------------ keys
 
     def position_key(self, symbol: str, pid: str) -> str:
-        return self.store.state_key(symbol, "pos", pid)
+        return key(self.ns, symbol, "pos", pid)
 
     def ledger_key(self, symbol: str) -> str:
-        return self.store.state_key(symbol, LEDGER)
+        return key(self.ns, symbol, LEDGER)
 
     def outbox_key(self, symbol: str) -> str:
-        return self.store.state_key(symbol, OUTBOX)
+        return key(self.ns, symbol, OUTBOX)
+
+    def applied_key(self, symbol: str) -> str:
+        return key(self.ns, symbol, "applied")
+
+    def meta_key(self, symbol: str) -> str:
+        return key(self.ns, symbol, "meta")
 
     def _user_key(self, user: str, what: str) -> str:
         return key(self.ns, f"user:{user}", what)
-
-    def applied_key(self, symbol: str) -> str:
-        return self.store.state_key(symbol, "applied")
 
     # ------------------------------------------------------------------ reads
 
@@ -87,40 +155,31 @@ class Ledger:
                 pipe.hgetall(key(self.nav_ns, product))
             return [_texts(fields) for fields in await pipe.execute()]
 
-    async def claimed(self, user: str, client_id: str) -> str | None:
-        raw = await self.redis.hget(self._user_key(user, "orders"), client_id)
+    async def owner(self, user: str, pid: str) -> str | None:
+        """The product of the user's position `pid` (None: not the user's, or none)."""
+        raw = await self.redis.hget(self._user_key(user, "positions"), pid)
         return None if raw is None else _text(raw)
-
-    async def claim(self, user: str, client_id: str, value: str) -> str:
-        """Set the client order id's claim once; returns the claim that stands."""
-        orders = self._user_key(user, "orders")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(orders, client_id, value)
-            pipe.hget(orders, client_id)
-            _, current = await pipe.execute()
-        return _text(current)
-
-    async def index(self, user: str, pid: str, product: str) -> None:
-        await self.redis.hset(self._user_key(user, "positions"), pid, product)
 
     async def user_positions(self, user: str) -> dict[str, str]:
         return _texts(await self.redis.hgetall(self._user_key(user, "positions")))
 
-    async def record(self, symbol: str, user: str, client_id: str) -> str | None:
-        raw = await self.redis.hget(self.applied_key(symbol), f"{user}:{client_id}")
-        return None if raw is None else _text(raw)
-
-    async def snapshot(self, symbol: str, pid: str | None = None) -> Snapshot:
-        """Version first: anything written after it moves the version, so a step computed
-        from these reads can only be applied if nothing changed."""
-        version = await self.store.version(symbol)
-        async with self.redis.pipeline(transaction=True) as pipe:
+    async def order_view(
+        self, user: str, client_id: str, symbol: str, product: str, pid: str | None
+    ) -> OrderView:
+        """Everything an order reads, in one pipelined round trip. The revision is read
+        before the ledger and the position: whatever is settled between the reads moves
+        it, so a step computed from newer state than `rev` is refused, never applied."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self._user_key(user, "orders"), client_id)
+            pipe.hget(self.applied_key(symbol), f"{user}:{client_id}")
+            pipe.hgetall(key(self.nav_ns, product))
+            pipe.hget(self.meta_key(symbol), f"rev:{product}")
             pipe.hgetall(self.ledger_key(symbol))
             if pid is not None:
                 pipe.hgetall(self.position_key(symbol, pid))
-            results = await pipe.execute()
-        position = _texts(results[1]) if pid is not None else {}
-        return Snapshot(version, _texts(results[0]), position)
+            claim, record, nav, rev, ledger, *position = await pipe.execute()
+        snapshot = Snapshot(int(rev or 0), _texts(ledger), _texts(position[0]) if position else {})
+        return OrderView(_maybe(claim), _maybe(record), _texts(nav), snapshot)
 
     async def position(self, symbol: str, pid: str) -> dict[str, str]:
         return _texts(await self.redis.hgetall(self.position_key(symbol, pid)))
@@ -134,33 +193,54 @@ class Ledger:
 
     # ------------------------------------------------------------------ the step
 
+    async def claim(self, user: str, client_id: str, claim: str, pid: str, product: str) -> str:
+        """Claim the client order id once and index the position for the request that
+        holds the claim; returns the claim that stands."""
+        keys = [self._user_key(user, "orders"), self._user_key(user, "positions")]
+        return _text(await self._claim(keys=keys, args=[client_id, claim, pid, product]))
+
     async def settle(
         self,
         symbol: str,
+        product: str,
         snapshot: Snapshot,
         *,
         record_id: str,
         record: str,
-        position: Mapping[str, FieldValue],
         pid: str,
+        position: Mapping[str, FieldValue],
         ledger: Mapping[str, FieldValue],
         event: bytes,
-    ) -> ApplyStatus:
-        """Write position + ledger + outbox entry + idempotency record at once, if the
-        symbol is still at `snapshot.version` and `record_id` is not recorded yet."""
-        changes = {
-            self.position_key(symbol, pid): position,
-            self.ledger_key(symbol): ledger,
-            self.outbox_key(symbol): {f"{snapshot.version + 1:020d}": b64(event)},
-        }
-        result = await self.store.apply(
-            symbol,
-            changes,
-            message_id=record_id,
-            expected_version=snapshot.version,
-            marker=record,
-        )
-        return result.status
+    ) -> Settled:
+        """Write position + ledger entries + outbox entry + record at once, if
+        `record_id` is not recorded yet and the product and the position are still as in
+        `snapshot`."""
+        keys = [
+            self.applied_key(symbol),
+            self.meta_key(symbol),
+            self.position_key(symbol, pid),
+            self.ledger_key(symbol),
+            self.outbox_key(symbol),
+        ]
+        args: list[str | int] = [
+            record_id,
+            record,
+            f"rev:{product}",
+            snapshot.rev,
+            b64(event),
+            snapshot.position.get("units", ""),
+        ]
+        for fields in (position, ledger):
+            args.append(len(fields))
+            for name, value in fields.items():
+                args.extend((name, _wire(value, name)))
+        raw = await self._settle(keys=keys, args=args)
+        status = ApplyStatus(int(raw[0]))
+        if status is ApplyStatus.APPLIED:
+            return Settled(status)
+        if status is ApplyStatus.DUPLICATE:
+            return Settled(status, record=_text(raw[1]))
+        return Settled(status, snapshot=Snapshot(int(raw[1]), _pairs(raw[2]), _pairs(raw[3])))
 
     # ------------------------------------------------------------------ outbox
 
@@ -182,9 +262,28 @@ def ledger_fields(product: str, fields: Mapping[str, str], **deltas: Decimal) ->
     }
 
 
+def after(snapshot: Snapshot, ledger: Mapping[str, FieldValue]) -> Snapshot:
+    """The product's snapshot once a step wrote `ledger` on it (its position unknown)."""
+    changed = {name: _wire(value, name) for name, value in ledger.items()}
+    return Snapshot(snapshot.rev + 1, {**snapshot.ledger, **changed}, {})
+
+
+def _wire(value: FieldValue, name: str) -> str:
+    return decimal_to_wire(value, name=name) if isinstance(value, Decimal) else str(value)
+
+
 def _text(value: str | bytes) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
+def _maybe(value: str | bytes | None) -> str | None:
+    return None if value is None else _text(value)
+
+
 def _texts(fields: Mapping[str | bytes, str | bytes]) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in fields.items()}
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    """A Lua HGETALL reply (field, value, field, value, ...) as a dict."""
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}

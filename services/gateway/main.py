@@ -5,12 +5,16 @@ authenticated (auth.py), validated and quoted by the pure part (orders.py) and s
 one atomic Redis step (ledger.py); the outbox relay (relay.py) publishes the settled
 orders to `orders.events`, and feeds.py streams `nav.updates` to clients.
 
+An order is three Redis round trips: one pipelined read (claim, record, NAV, ledger,
+position), the claim, and the atomic step; the relay publishes in the background, off
+the request path (the outbox guarantees delivery once the step committed).
+
 Idempotency: a client_order_id is claimed per user with the request's hash and symbol
 before the symbol's step; the step records the reply under (user, client_order_id). A
 retry of the same request returns the recorded reply and changes nothing; a different
-request under a used id is ALREADY_EXISTS. Within one process the steps of a symbol run
-one at a time (a lock), across processes the step's version check makes the loser
-recompute.
+request under a used id is ALREADY_EXISTS. The step checks the product's revision and
+the position, so an order computed from state that moved is recomputed from the fresh
+state the refusal carries, whichever process moved it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 from services.gateway.auth import KeyRing, bearer_key, load_keys_file
 from services.gateway.config import GatewaySettings
 from services.gateway.feeds import NavFeed
-from services.gateway.ledger import Ledger, Snapshot, b64, ledger_fields, unb64
+from services.gateway.ledger import Ledger, Snapshot, after, b64, ledger_fields, unb64
 from services.gateway.orders import (
     Limits,
     PositionState,
@@ -61,6 +65,7 @@ from shared.redis_store import ApplyStatus
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
 
 SERVICE_NAME = "smartlev.v1.Gateway"
+OWNERS_CACHED = 100_000  # (user, position id) -> product entries kept in memory
 T = TypeVar("T")
 R = TypeVar("R", bound=Message)
 
@@ -90,6 +95,20 @@ class Step:
     event: orders_pb2.OrderEvent
 
 
+@dataclass(frozen=True, slots=True)
+class Order:
+    """Who orders what: `claim` is the request's hash and symbol, `position` the
+    position a close reads (None for an open: its position is new)."""
+
+    user: str
+    client_id: str
+    claim: str
+    symbol: str
+    product: str
+    order_id: str
+    position: str | None
+
+
 class Replayed(Exception):
     """The order was settled before: answer with the recorded reply."""
 
@@ -113,7 +132,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         keys: KeyRing,
         config: StrategyConfig,
         feed: NavFeed | None,
-        wake_relay: Callable[[], None],
+        wake_relay: Callable[[str], None],
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -132,7 +151,9 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             amount_decimals=settings.amount_decimals,
             units_decimals=settings.units_decimals,
         )
-        self._locks: dict[str, asyncio.Lock] = {s: asyncio.Lock() for s in config.instruments}
+        self._owners: dict[tuple[str, str], str] = {}
+        self._queues: dict[str, asyncio.Lock] = {}
+        self._latest: dict[str, Snapshot] = {}  # per product: as the last settle left it
         self._watchers: dict[str, set[asyncio.Queue[object]]] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -206,82 +227,85 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             _fail(grpc.StatusCode.FAILED_PRECONDITION, f"{product}: NAV is {value}")
         return value
 
-    async def _replay(
-        self, user: str, client_id: str, claim: str, symbol: str, reply_type: type[R]
-    ) -> None:
-        """Raise Replayed / ALREADY_EXISTS for a used client_order_id; return if unused
-        (or claimed by this same request whose step has not happened yet)."""
-        existing = await self.ledger.claimed(user, client_id)
-        if existing is None:
-            return
-        if existing != claim:
-            _fail(
-                grpc.StatusCode.ALREADY_EXISTS,
-                f"client_order_id {client_id!r} was already used for a different request",
-            )
-        await self._recorded(user, client_id, claim, symbol, reply_type)
+    def _refuse_reuse(self, client_id: str) -> NoReturn:
+        _fail(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"client_order_id {client_id!r} was already used for a different request",
+        )
 
-    async def _recorded(
-        self, user: str, client_id: str, claim: str, symbol: str, reply_type: type[R]
-    ) -> None:
-        record = await self.ledger.record(symbol, user, client_id)
-        if record is None:
-            return
+    def _recorded(self, record: str, claim: str, client_id: str, reply_type: type[R]) -> R:
+        """The reply recorded for the client order id, if it was for this request."""
         digest, _, payload = record.partition(":")
         if digest != claim.partition("|")[0]:
-            _fail(
-                grpc.StatusCode.ALREADY_EXISTS,
-                f"client_order_id {client_id!r} was already used for a different request",
-            )
+            self._refuse_reuse(client_id)
         reply = reply_type()
         reply.ParseFromString(unb64(payload))
-        raise Replayed(reply)
+        return reply
 
     async def _settle(
         self,
-        user: str,
-        client_id: str,
-        claim: str,
-        symbol: str,
+        order: Order,
         reply_type: type[R],
-        compute: Callable[[Snapshot], Step],
-        pid: str,
-        product: str,
+        compute: Callable[[dict[str, str], Snapshot], Step],
     ) -> Step:
-        """Compute the step from a fresh snapshot and write it atomically; the claim and
-        the user's index go in first, once the first computation validated the order."""
-        claimed = False
-        async with self._locks[symbol]:
+        """Read (one round trip), compute, claim the client order id (once the
+        computation validated the order) and settle atomically (one round trip).
+
+        The settle script is what keeps the rules: it applies a duplicate once and
+        answers the others with the recorded reply, and refuses a step computed from a
+        product or position that moved, answering with the fresh state to recompute
+        from. The product's queue only orders this process's settles of one product
+        (one round trip each) and hands each the state the previous one left, so they do
+        not refuse one another; reads, claims and other products go on concurrently."""
+        user, client_id, claim = order.user, order.client_id, order.claim
+        view = await self.ledger.order_view(
+            user, client_id, order.symbol, order.product, order.position
+        )
+        if view.claim is not None and view.claim != claim:
+            self._refuse_reuse(client_id)
+        if view.record is not None:
+            raise Replayed(self._recorded(view.record, claim, client_id, reply_type))
+        snap = view.snapshot
+        step = compute(view.nav, snap)
+        index = order.position or order.order_id
+        if view.claim is None:
+            if await self.ledger.claim(user, client_id, claim, index, order.product) != claim:
+                self._refuse_reuse(client_id)
+            self._remember(user, index, order.product)
+        async with self._queues.setdefault(order.product, asyncio.Lock()):
             for _ in range(50):
-                snap = await self.ledger.snapshot(symbol, pid)
-                step = compute(snap)
-                if not claimed:
-                    if await self.ledger.claim(user, client_id, claim) != claim:
-                        _fail(
-                            grpc.StatusCode.ALREADY_EXISTS,
-                            f"client_order_id {client_id!r} was already used for a "
-                            "different request",
-                        )
-                    await self.ledger.index(user, pid, product)
-                    claimed = True
-                status = await self.ledger.settle(
-                    symbol,
+                latest = self._latest.get(order.product)
+                if latest is not None and latest.rev > snap.rev:
+                    snap = Snapshot(latest.rev, latest.ledger, snap.position)
+                    step = compute(view.nav, snap)
+                settled = await self.ledger.settle(
+                    order.symbol,
+                    order.product,
                     snap,
                     record_id=f"{user}:{client_id}",
                     record=f"{claim.partition('|')[0]}:{b64(step.reply.SerializeToString())}",
+                    pid=step.position.position_id,
                     position=step.position.fields(),
-                    pid=pid,
                     ledger=step.ledger,
                     event=step.event.SerializeToString(deterministic=True),
                 )
-                if status is ApplyStatus.APPLIED:
-                    self.wake_relay()
+                if settled.status is ApplyStatus.APPLIED:
+                    self._latest[order.product] = after(snap, step.ledger)
+                    self.wake_relay(order.symbol)
                     self._notify(user, step.position)
                     return step
-                if status is ApplyStatus.DUPLICATE:
-                    await self._recorded(user, client_id, claim, symbol, reply_type)
-                    raise RuntimeError(f"{user}:{client_id}: duplicate without a record")
-        raise RuntimeError(f"{symbol}: the ledger kept changing under the order")
+                if settled.record is not None:
+                    raise Replayed(self._recorded(settled.record, claim, client_id, reply_type))
+                assert settled.snapshot is not None
+                snap = self._latest[order.product] = settled.snapshot
+                step = compute(view.nav, snap)
+        raise RuntimeError(f"{order.product}: the ledger kept changing under the order")
+
+    def _remember(self, user: str, pid: str, product: str) -> None:
+        """Cache an index entry (they never change once written), bounded."""
+        if len(self._owners) >= OWNERS_CACHED:
+            del self._owners[next(iter(self._owners))]
+        self._owners[(user, pid)] = product
 
     def _notify(self, user: str, position: PositionState) -> None:
         for queue in list(self._watchers.get(user, ())):
@@ -351,12 +375,10 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             symbol, _ = self._product(product)
             amount = order_amount(request.amount_usdt, self.limits)
             claim = f"{request_hash('open', product, canonical(amount))}|{symbol}"
-            reply_type = gateway_pb2.OpenPositionReply
-            await self._replay(user, client_id, claim, symbol, reply_type)
             pid = order_id(user, client_id)
-            nav_fields = await self.ledger.nav(product)
+            order = Order(user, client_id, claim, symbol, product, pid, None)
 
-            def compute(snap: Snapshot) -> Step:
+            def compute(nav_fields: dict[str, str], snap: Snapshot) -> Step:
                 nav = self._tradable_nav(product, nav_fields, snap)
                 now = time.time_ns()
                 opened = quote_open(
@@ -399,9 +421,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 )
                 return Step(reply, opened.position, ledger, event)
 
-            step = await self._settle(
-                user, client_id, claim, symbol, reply_type, compute, pid, product
-            )
+            step = await self._settle(order, gateway_pb2.OpenPositionReply, compute)
             log.info("position_opened", user=user, position=pid, product=product)
             assert isinstance(step.reply, gateway_pb2.OpenPositionReply)
             return step.reply
@@ -411,7 +431,11 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     async def _owned(self, user: str, pid: str) -> tuple[str, str]:
         """(product, symbol) of the caller's position, else NOT_FOUND (also for another
         user's position: its existence is not revealed)."""
-        product = (await self.ledger.user_positions(user)).get(pid)
+        product = self._owners.get((user, pid))
+        if product is None:
+            product = await self.ledger.owner(user, pid)
+            if product is not None:
+                self._remember(user, pid, product)
         if product is None or product not in self.products:
             _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
         return product, self.products[product][0]
@@ -426,12 +450,10 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             product, symbol = await self._owned(user, pid)
             wanted = "all" if units is None else canonical(units)
             claim = f"{request_hash('close', pid, wanted)}|{symbol}"
-            reply_type = gateway_pb2.ClosePositionReply
-            await self._replay(user, client_id, claim, symbol, reply_type)
             oid = order_id(user, client_id)
-            nav_fields = await self.ledger.nav(product)
+            order = Order(user, client_id, claim, symbol, product, oid, pid)
 
-            def compute(snap: Snapshot) -> Step:
+            def compute(nav_fields: dict[str, str], snap: Snapshot) -> Step:
                 if not snap.position or snap.position.get("user") != user:
                     _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
                 position = PositionState.from_fields(snap.position)
@@ -479,9 +501,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 )
                 return Step(reply, closed.position, ledger, event)
 
-            step = await self._settle(
-                user, client_id, claim, symbol, reply_type, compute, pid, product
-            )
+            step = await self._settle(order, gateway_pb2.ClosePositionReply, compute)
             log.info("position_closed", user=user, position=pid, order=oid, product=product)
             assert isinstance(step.reply, gateway_pb2.ClosePositionReply)
             return step.reply
@@ -664,7 +684,6 @@ class GatewayServer:
         await self.server.start()
         if self.run_relay:
             self._tasks.append(asyncio.create_task(self.relay.run()))
-            self.relay.wake()  # what a previous run left in the outbox goes out first
         self._tasks.append(asyncio.create_task(self._watch(self.health)))
         if self.settings.metrics_port:
             self._http = HealthServer(

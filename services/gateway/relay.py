@@ -5,13 +5,13 @@ publishes the entries of each symbol in the order they were settled (acks=all,
 idempotent producer) and deletes them only once the broker acked them. A crash between
 the ack and the delete publishes them again on the next sweep; hedging applies an
 order's `event_id` once, so the books see it once. It sweeps when a settle wakes it and
-every `poll_s` anyway (entries left by a crash, or by another gateway instance).
+every `poll_s` anyway (entries left by a crash, by a failed sweep, or by another
+gateway instance).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Iterable
 
@@ -49,8 +49,11 @@ class OutboxRelay:
         self.poll_s = poll_s
         self.last_ok: float | None = None  # time.monotonic() of the last clean sweep
         self._wake = asyncio.Event()
+        self._dirty: set[str] = set()
 
-    def wake(self) -> None:
+    def wake(self, symbol: str) -> None:
+        """`symbol` has a new entry: sweep it soon (entries settled meanwhile go with it)."""
+        self._dirty.add(symbol)
         self._wake.set()
 
     async def publish(self, symbol: str) -> list[str]:
@@ -72,18 +75,28 @@ class OutboxRelay:
         PENDING.labels(symbol).set(0)
         return len(fields)
 
-    async def sweep(self) -> int:
-        counts = await asyncio.gather(*(self.flush(s) for s in self.symbols))
-        self.last_ok = time.monotonic()
+    async def sweep(self, symbols: Iterable[str] | None = None) -> int:
+        """Flush `symbols` (None: all of them)."""
+        chosen = self.symbols if symbols is None else tuple(symbols)
+        counts = await asyncio.gather(*(self.flush(s) for s in chosen))
+        if symbols is None:
+            self.last_ok = time.monotonic()
         return sum(counts)
 
     async def run(self) -> None:
-        """Until cancelled; a failed sweep is logged and retried on the next one."""
+        """Until cancelled: every symbol first (what a previous run left goes out first)
+        and every `poll_s`, the woken symbols when woken; a failed sweep is logged and
+        its entries go out with the next full one."""
+        woken = False
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
-            self._wake.clear()
+            dirty, self._dirty = self._dirty, set()
             try:
-                await self.sweep()
+                await self.sweep(dirty if woken else None)
             except (KafkaError, RedisError, OSError) as exc:
                 log.warning("outbox_sweep_failed", error=f"{type(exc).__name__}: {exc}")
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                woken = True
+            except TimeoutError:
+                woken = False
+            self._wake.clear()

@@ -23,12 +23,14 @@ from redis.asyncio import Redis
 from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
 from services.gateway.config import GatewaySettings
+from services.gateway.ledger import Snapshot
 from services.gateway.main import GatewayServer
 from services.hedging.messages import order_step, products_by_symbol
 from shared.adapters.kafka_admin import ensure_topics
 from shared.codec import decode
 from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.config import StrategyConfig
+from shared.redis_store import ApplyStatus
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
 
 pytestmark = pytest.mark.integration
@@ -304,6 +306,48 @@ async def test_concurrent_duplicates_make_exactly_one_position(quiet_env: Env) -
     assert await env.server.relay.flush("BTC-USDT") == 1
     events = await env.events(1)
     assert [e.opened.event_id for e in events] == [replies[0].order_id]
+
+
+async def test_concurrent_orders_of_one_product_all_settle_exactly(quiet_env: Env) -> None:
+    """No lock around the reads: every order lands once and the ledger sums them; a step
+    computed from a moved product is refused with the fresh state (another process)."""
+    env = quiet_env
+    await env.set_nav(PRODUCT, NAV)
+    opened = await asyncio.gather(*(env.open(f"many-{i}", "100") for i in range(20)))
+    closes = [
+        env.stub.ClosePosition(
+            gateway_pb2.ClosePositionRequest(
+                client_order_id=f"shut-{i}", position_id=o.position_id, all=True
+            ),
+            metadata=ALICE,
+        )
+        for i, o in enumerate(opened[:10])
+    ]
+    closed = await asyncio.gather(*closes, *(env.open(f"more-{i}", "100") for i in range(10)))
+    ledger_key = env.server.ledger.ledger_key("BTC-USDT")
+    ledger = await env.redis.hgetall(ledger_key)
+    held = sum(Decimal(o.units) for o in opened[10:]) + sum(
+        Decimal(r.units) for r in closed[10:] if isinstance(r, gateway_pb2.OpenPositionReply)
+    )
+    assert Decimal(ledger[f"{PRODUCT}:units"]) == held
+    assert Decimal(ledger[f"{PRODUCT}:deposits"]) == 30 * Decimal("100")
+    assert len(await env.redis.hgetall(env.server.ledger.outbox_key("BTC-USDT"))) == 40
+    # A step computed before those orders (revision 0) is refused, with the state now.
+    stale = Snapshot(0, {}, {})
+    settled = await env.server.ledger.settle(
+        "BTC-USDT",
+        PRODUCT,
+        stale,
+        record_id="alice:late",
+        record="x:y",
+        pid="0" * 32,
+        position={"units": "1"},
+        ledger={f"{PRODUCT}:units": Decimal("1")},
+        event=b"",
+    )
+    assert settled.status is ApplyStatus.CONFLICT and settled.snapshot is not None
+    assert (settled.snapshot.rev, settled.snapshot.ledger) == (40, ledger)
+    assert await env.redis.hgetall(ledger_key) == ledger
 
 
 async def test_outbox_republishes_after_a_crash_between_ack_and_delete(quiet_env: Env) -> None:
