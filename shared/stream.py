@@ -65,7 +65,7 @@ from smartlev.v1 import market_pb2
 
 from shared.codec import DecodeError, decode, faust_topic, funding_from_proto, tick_from_proto
 from shared.core.market import FundingRate, Tick
-from shared.health import HealthRegistry, HealthServer, freshness_check, kafka_check, redis_check
+from shared.health import HealthRegistry, HealthServer, kafka_check, redis_check, stalled_check
 from shared.logging import configure_logging, get_logger
 from shared.settings import ServiceSettings
 from shared.topics import TopicSpec
@@ -175,6 +175,30 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError | TimeoutError | RedisConnectionError | RedisTimeoutError)
 
 
+class OffsetGaps:
+    """Per partition, the offset the stage must handle next. A later one means faust
+    dropped fetched events on the way: after a rebalance, faust seeks to the committed
+    offset while its fetch loop is still handing over records fetched before (moving
+    its read offset past the seek), then clears the agent queues when flow resumes, and
+    drops the re-read records as below its read offset. The stage then seeks back to
+    the first one missing and drops what arrives before it (see `batches`).
+    Input topics are written without transactions, so their offsets have no holes."""
+
+    def __init__(self) -> None:
+        self.generation: int | None = None
+        self.next: dict[Any, int] = {}
+
+    def check(self, generation: int, tp: Any, offset: int) -> int | None:
+        """None: handle the event; else drop it and seek `tp` to the offset returned."""
+        if generation != self.generation:  # new assignment: start where faust seeked
+            self.generation, self.next = generation, {}
+        want = self.next.get(tp)
+        if want is not None and offset > want:
+            return want
+        self.next[tp] = max(want or 0, offset + 1)
+        return None
+
+
 @contextmanager
 def acting_on(event: EventT) -> Iterator[None]:
     """Make `event` faust's current event for the block. A table write goes to the
@@ -244,10 +268,11 @@ class StreamRuntime:
 
     settings: ServiceSettings
     stale_after_s: float = 900.0  # /healthz fails when no input was handled for this long
-    # Events handled together at most. 1 until batches are gap-safe: while a partial
-    # batch is collected, faust may pull, skip and ack a later event (rebalance or stop),
-    # and its commit then jumps over the unacked batch (seen in the two-instance test).
-    max_batch: int = 1
+    # Events handled together at most (one round of acks and state writes per batch).
+    max_batch: int = 256
+    # Pause before seeking back over a gap: faust's fetch loop moves its read offset
+    # after handing an event over, and would drop the re-read events if that came last.
+    gap_settle_s: float = 0.05
     retry_backoff_s: float = 0.2  # first pause before a batch is re-run after a blip
     app: faust.App = field(init=False)
     last_progress: float | None = field(init=False, default=None)
@@ -336,7 +361,23 @@ class StreamRuntime:
             raise TypeError("batches() reads a topic's stream")
         waiting = channel.queue
         batch: list[EventT] = []
+        gaps = OffsetGaps()
         async for event in stream.events():
+            message = event.message
+            resume_at = gaps.check(self.app.consumer_generation_id, message.tp, message.offset)
+            if resume_at is not None:  # faust dropped fetched events: read them again
+                await stream.ack(event)  # not handled: it comes again after the seek
+                if waiting.empty():  # let faust's fetch loop hand over what it has
+                    await asyncio.sleep(self.gap_settle_s)
+                if waiting.empty():  # else seek once the last of them is dropped
+                    self.log.warning(
+                        "offset_gap",
+                        partition=message.tp.partition,
+                        offset=message.offset,
+                        resume_at=resume_at,
+                    )
+                    await self.app.consumer.seek(message.tp, resume_at)
+                continue
             batch.append(event)
             if len(batch) < limit and not waiting.empty():
                 continue
@@ -370,6 +411,13 @@ class StreamRuntime:
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 5.0)
 
+    async def _input_mark(self) -> int:
+        """Sum of the high-water marks of the partitions this instance consumes."""
+        assigned = self.app.consumer.assignment()
+        if not assigned:
+            return 0
+        return sum((await self.app.consumer.highwaters(*assigned)).values())
+
     async def fail(self, exc: BaseException) -> None:
         """Stop the worker without acking the event(s) in hand; never returns (the agent
         must not go on to later events on top of state that was not written)."""
@@ -397,7 +445,7 @@ class StreamRuntime:
             registry.register("redis", redis_check(self.redis))
         registry.register(
             "consumer",
-            freshness_check(lambda: self.last_progress, self.stale_after_s, "input handled"),
+            stalled_check(lambda: self.last_progress, self._input_mark, self.stale_after_s),
         )
         return registry
 
