@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ from shared.core.products import SIDES, product_id
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.logging import configure_logging, get_logger
 from shared.redis_store import ApplyStatus
+from shared.serving import serve_until_signalled
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
 
 SERVICE_NAME = "smartlev.v1.Gateway"
@@ -721,27 +721,11 @@ class GatewayServer:
             await self._http.stop()
 
 
-async def serve(settings: GatewaySettings) -> None:
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
-    try:
-        await redis.ping()
-    except (RedisError, OSError) as exc:
-        raise SystemExit(f"gateway: Redis at {settings.redis_url} is not reachable: {exc}") from exc
-    server = GatewayServer(settings, redis)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    try:
-        await stop.wait()
-    finally:
-        log.info("gateway_stopping")
-        await server.stop()
-        await redis.aclose()
-
-
 def main() -> None:
     settings = GatewaySettings()
     configure_logging(settings.service, settings.log_level)
-    asyncio.run(serve(settings))
+    asyncio.run(
+        serve_until_signalled(
+            "gateway", settings.redis_url, lambda redis: GatewayServer(settings, redis)
+        )
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -36,6 +35,7 @@ from shared.core.config import StrategyConfig
 from shared.core.venue import PerpVenue
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, redis_check
 from shared.logging import configure_logging, get_logger
+from shared.serving import serve_until_signalled
 
 SERVICE_NAME = "smartlev.v1.Venue"
 T = TypeVar("T")
@@ -321,27 +321,11 @@ class VenueServer:
             await self._http.stop()
 
 
-async def serve(settings: VenueSettings) -> None:
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
-    try:
-        await redis.ping()
-    except (RedisError, OSError) as exc:
-        raise SystemExit(f"venue: Redis at {settings.redis_url} is not reachable: {exc}") from exc
-    server = VenueServer(settings, redis)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    try:
-        await stop.wait()
-    finally:
-        log.info("venue_stopping")
-        await server.stop()
-        await redis.aclose()
-
-
 def main() -> None:
     settings = VenueSettings()
     configure_logging(settings.service, settings.log_level)
-    asyncio.run(serve(settings))
+    asyncio.run(
+        serve_until_signalled(
+            "venue", settings.redis_url, lambda redis: VenueServer(settings, redis)
+        )
+    )

@@ -7,6 +7,7 @@ NAV service is stood in for by writing its Redis hash (`<ns>nav:{product}`) dire
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -499,17 +500,29 @@ async def test_stream_nav_delivers_published_updates(env: Env) -> None:
     opened = await env.open("streamed")
     first = await asyncio.wait_for(positions.read(), 5)
     assert first.position_id == opened.position_id
-    await asyncio.sleep(0.3)  # the subscription is in place before the update goes out
     producer = AIOKafkaProducer(bootstrap_servers=env.bootstrap)
     await producer.start()
     topic = NAV_UPDATES.in_namespace(env.ns).name
+
+    async def publish_until_read() -> None:
+        # The feed reads nav.updates from its end on: until its consumer is in place an
+        # update is not for it, so repeat the pair until the stream has delivered one.
+        while True:
+            for product, nav in [("ETH-USDT:LONG", "1"), (PRODUCT, "130.5")]:
+                update = nav_pb2.NavUpdated(event_id=f"{product}:1", product=product, nav=nav)
+                await producer.send_and_wait(
+                    topic, update.SerializeToString(), key=product.encode()
+                )
+            await asyncio.sleep(0.25)
+
+    publisher = asyncio.create_task(publish_until_read())
     try:
-        for product, nav in [("ETH-USDT:LONG", "1"), (PRODUCT, "130.5")]:
-            update = nav_pb2.NavUpdated(event_id=f"{product}:1", product=product, nav=nav)
-            await producer.send_and_wait(topic, update.SerializeToString(), key=product.encode())
+        got = await asyncio.wait_for(stream.read(), 10)
     finally:
+        publisher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publisher
         await producer.stop()
-    got = await asyncio.wait_for(stream.read(), 10)
     assert (got.product, got.nav) == (PRODUCT, "130.5")  # the ETH update was filtered out
     moved = await asyncio.wait_for(positions.read(), 10)
     assert moved.nav == "130.5"

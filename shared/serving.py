@@ -1,0 +1,43 @@
+"""The imperative shell every gRPC service shares: connect Redis, serve until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.logging import get_logger
+
+
+class Server(Protocol):
+    async def start(self) -> object: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve_until_signalled(
+    service: str, redis_url: str, make_server: Callable[[Redis], Server]
+) -> None:
+    """Stop with a clear message when Redis is missing; otherwise serve until SIGTERM or
+    SIGINT, then stop gracefully and close Redis."""
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await redis.ping()
+    except (RedisError, OSError) as exc:
+        raise SystemExit(f"{service}: Redis at {redis_url} is not reachable: {exc}") from exc
+    server = make_server(redis)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        get_logger(service).info(f"{service}_stopping")
+        await server.stop()
+        await redis.aclose()
