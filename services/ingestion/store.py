@@ -121,7 +121,9 @@ def topic_recovery(bootstrap: str, topic: str, chunk: int = 1000) -> Recover:
             last: market_pb2.MarketEvent | None = None
             while end > begin:
                 start = max(begin, end - chunk)
-                events = [e for e in _read(consumer, tp, start, end) if _symbol(e) == symbol]
+                events = [
+                    e for e in _read(consumer, tp, start, end) if _symbol(e) == symbol and _sound(e)
+                ]
                 if last is None and events:
                     last = events[-1]
                 ticks = [e for e in events if e.HasField("tick")]
@@ -153,6 +155,22 @@ def _read(
 def _symbol(event: market_pb2.MarketEvent) -> str:
     which = event.WhichOneof("event")
     return str(getattr(event, which).symbol) if which else ""
+
+
+def _sound(event: market_pb2.MarketEvent) -> bool:
+    """Only what ingestion itself could have published counts: a positive seq and exact
+    numbers. Anything else on the topic was injected by someone else; its consumers
+    dead-letter it, and recovery must not trust (or crash on) it."""
+    which = event.WhichOneof("event")
+    inner = getattr(event, which)
+    try:
+        if which == "tick" and codec.decimal_from_wire(inner.price) <= 0:
+            return False
+        if which == "funding":
+            codec.decimal_from_wire(inner.rate)
+    except codec.DecodeError:
+        return False
+    return int(inner.seq) > 0
 
 
 def _state_from_events(
