@@ -93,14 +93,18 @@ def build(settings: NavSettings) -> StreamRuntime:
     service = NavService(runtime, redis, AccountingConfig().initial_nav)
     fills: Input = runtime.input(HEDGE_FILLS)
 
+    async def handle(batch: list[Any]) -> None:
+        # Each event reads its products' state from Redis, so a re-run of the batch after
+        # a transient error (consume() retries) skips what was applied, by seq or id.
+        for message in batch:
+            event = await runtime.parse(fills, message, parse_update)
+            if event is not None:
+                await service.handle(event)
+                runtime.processed(fills, event.ts_init_ns or time.time_ns())
+
     @runtime.app.agent(fills.topic)
     async def nav(stream: Any) -> None:
-        async for message in stream.events():
-            event = await runtime.parse(fills, message, parse_update)
-            if event is None:
-                continue
-            await service.handle(event)
-            runtime.processed(fills, event.ts_init_ns or time.time_ns())
+        await runtime.consume(stream, handle)
 
     return runtime
 
