@@ -232,10 +232,14 @@ def build_app(settings: ServiceSettings, **overrides: Any) -> faust.App:
 
     Latency: the producer sends at once (`producer_linger` 0; a batch's sends still go
     out as one request, they are queued before the sender runs). The consumer's fetch
-    wait (1.5 s, fixed by faust) does not delay data: the broker answers a fetch as
-    soon as one byte is there (fetch_min_bytes=1) and aiokafka keeps one fetch in
-    flight per broker. `stream_wait_empty` stays on: a rebalance waits for the batch
-    being handled to finish."""
+    wait is fixed by faust at 1.5 s: it does not delay a partition that has data, but
+    aiokafka keeps one fetch in flight per broker, so when a stage holds its loop for
+    more than aiokafka's 100 ms prefetch backoff, a busy partition can wait behind a
+    fetch of idle ones for up to 1.5 s (measured; the known limit of these services).
+    `stream_wait_empty` stays on: a rebalance waits for the batch being handled.
+
+    A member that died (kill -9) holds its partitions until its session times out; 15 s
+    instead of faust's 60 s lets a restarted instance take over that much sooner."""
     options: dict[str, Any] = {
         "broker": settings.kafka.faust_broker,
         "store": "memory://",
@@ -248,6 +252,8 @@ def build_app(settings: ServiceSettings, **overrides: Any) -> faust.App:
         "producer_acks": -1,
         "producer_linger": 0.0,
         "broker_client_id": f"{settings.kafka.client_id}-{settings.service}",
+        "broker_session_timeout": 15.0,
+        "broker_heartbeat_interval": 3.0,
     }
     options.update(overrides)
     return faust.App(app_id(settings), **options)
