@@ -6,7 +6,7 @@ STAMP_VENV := .venv/.installed
 STAMP_PROTO := gen/.generated
 PROTOS := $(shell find proto -name '*.proto' 2>/dev/null)
 
-.PHONY: help setup up down ps logs demo test lint typecheck unit integration bench clean
+.PHONY: help setup up down ps logs demo test lint typecheck unit integration bench chaos clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ demo: setup ## start the stack and run the main job end to end
 
 bench: setup ## benchmarks with their baselines, printed as a table
 	@bash scripts/bench.sh
+
+chaos: setup ## fault injection: bad input, gRPC fuzz, 20+ kill -9/restart cycles (CHAOS_SEED=N)
+	@bash scripts/chaos.sh
 
 clean: down
 	rm -rf .venv gen .run out

@@ -1,0 +1,102 @@
+"""Bad input everywhere: malformed, truncated, wrong-schema, empty, tombstone and invalid
+messages on every stage's input topic go to the matching `.dlq` with the reason, and do
+not stop the consumer.
+
+One namespaced pipeline (venue, hedging, leverage, regime, NAV). Every bad kind
+(tests/chaos/faults.py) is produced, keyed by the symbol so it lands in the partition the
+good events use, on market.ticks, market.regimes, leverage.targets, orders.events and
+hedge.fills; then the deposits and a real day of BTC go through. The good flow must be
+untouched: its NAV series equals the backtester's to the unit (a bad message that was
+applied, or a consumer that stopped, breaks that), and each bad message is on its .dlq
+exactly once, dead-lettered by its consumer, with a reason.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from shared import codec
+from shared.pipeline_runner import STAGES, Pipeline
+from shared.topics import MARKET_TICKS
+from tests.chaos.faults import CONSUMED, bad_payloads, dead_letters, market, publish_raw
+from tests.integration.pipeline import (
+    CAPITAL,
+    PRODUCTS,
+    Slice,
+    backtest_reference,
+    collect,
+    compare_navs,
+    ns,
+    require_services,
+)
+
+pytestmark = pytest.mark.integration
+
+WINDOW = Slice("2021-05-12", "2021-05-13")
+
+
+def test_fault_payloads_really_fail_to_decode() -> None:
+    """The truncated and malformed payloads are not accidentally valid protobuf."""
+    for consumed in CONSUMED:
+        payloads = bad_payloads(consumed)
+        for kind in ("malformed", "truncated", "tombstone"):
+            with pytest.raises(codec.DecodeError):
+                codec.decode(consumed.topic.value_type, payloads[kind])
+
+
+def test_bad_input_on_every_topic_is_dead_lettered_and_the_flow_goes_on(
+    kafka_bootstrap: str, redis_url: str
+) -> None:
+    require_services(STAGES, ingestion=True)
+    reference = backtest_reference(WINDOW)
+    n = len(reference.ticks)
+
+    with Pipeline.start(STAGES, bootstrap=kafka_bootstrap, redis_url=redis_url) as pipeline:
+        sent: dict[str, dict[tuple[int, int], str]] = {}
+        for consumed in CONSUMED:
+            kinds = bad_payloads(consumed)
+            where = publish_raw(
+                kafka_bootstrap, pipeline.topic(consumed.topic.name), list(kinds.values())
+            )
+            sent[consumed.topic.name] = dict(zip(where, kinds, strict=True))
+        for product in PRODUCTS:
+            pipeline.deposit(product, CAPITAL, ns(WINDOW.start))
+        seeded = collect(pipeline, lambda u: len(u) >= len(PRODUCTS), timeout_s=30)
+        assert all(Decimal(u.nav) == Decimal(100) for u in seeded)
+        pipeline.replay(WINDOW.replay_args())
+        updates = collect(
+            pipeline,
+            lambda u: sum(1 for x in u if x.event_id == f"{x.product}:{x.seq}") >= 2 * n,
+            timeout_s=60,
+            settle_s=1.0,
+        )
+        letters = dead_letters(kafka_bootstrap, pipeline.namespace)
+        pipeline.check_alive()
+
+    compared = compare_navs(reference, updates)
+    counts = {}
+    for consumed in CONSUMED:
+        name = consumed.topic.name
+        mine = [d for d in letters[name] if d.service == consumed.service]
+        got = {(d.partition, d.offset): d for d in mine}
+        assert len(got) == len(mine), f"{name}: a bad message was dead-lettered twice"
+        missing = {kind for where, kind in sent[name].items() if where not in got}
+        assert not missing, f"{name}: {consumed.service} did not dead-letter {sorted(missing)}"
+        extra = [d.reason for where, d in got.items() if where not in sent[name]]
+        assert not extra, f"{name}: {consumed.service} dead-lettered good input: {extra}"
+        for letter in mine:
+            assert letter.reason and letter.topic == pipeline.topic(name)
+        counts[name] = len(mine)
+    print(f"\ndlq fuzz: {counts}; {sum(compared.values())} NAV updates equal to the backtest")
+
+
+def test_ingestion_recovery_skips_an_invalid_tick(kafka_bootstrap: str, redis_url: str) -> None:
+    """Ingestion reads market.ticks back when Redis has no state: a bad tick there is a
+    consumer's to dead-letter, not a reason for ingestion never to start again."""
+    require_services([], ingestion=True)
+    with Pipeline.start((), bootstrap=kafka_bootstrap, redis_url=redis_url) as pipeline:
+        bad = codec.encode(market(price="NaN", seq=1))
+        publish_raw(kafka_bootstrap, pipeline.topic(MARKET_TICKS.name), [bad])
+        pipeline.replay(WINDOW.replay_args(), timeout_s=60)
