@@ -13,12 +13,8 @@ cycles=${CHAOS_CYCLES:-21}
 infra=()
 [ "${CHAOS_INFRA:-}" = "1" ] && infra=(--infra)
 
-# Only Kafka and Redis are needed (every run starts its own namespaced services); the
-# shared stack's services are left alone (`stack.sh up` would restart unhealthy ones).
-for address in "${SMARTLEV_TEST_KAFKA_BOOTSTRAP:-127.0.0.1:9092}" 127.0.0.1:6379; do
-  (exec 3<>"/dev/tcp/${address%:*}/${address##*:}") 2>/dev/null \
-    || { echo "chaos: nothing listens on $address; run \`make up\`" >&2; exit 1; }
-done
+# Every run starts its own namespaced services; the stack provides Kafka and Redis.
+bash scripts/stack.sh up
 echo "==> bad input on every topic -> .dlq; every gRPC method fuzzed"
 fuzz=0
 SMARTLEV_FUZZ_EXAMPLES=${CHAOS_FUZZ_EXAMPLES:-100} .venv/bin/pytest -q -s -rxX \
