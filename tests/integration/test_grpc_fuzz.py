@@ -16,6 +16,7 @@ grpc.health.v1 and no process died.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,11 +34,13 @@ from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
 from smartlev.v1 import gateway_pb2, venue_pb2
 
+from services.ingestion.store import state_key
 from shared.pipeline_runner import GATEWAY, STAGES, Pipeline
 from shared.topics import ORDERS_EVENTS
 from tests.integration.pipeline import (
     CAPITAL,
     PRODUCTS,
+    SYMBOL,
     Slice,
     collect,
     ns,
@@ -191,6 +194,7 @@ def stack(kafka_bootstrap: str, redis_url: str) -> Iterator[tuple[Pipeline, list
             p.deposit(product, CAPITAL, ns(WINDOW.start))
         collect(p, lambda u: len(u) >= len(PRODUCTS), timeout_s=30)
         p.replay(WINDOW.replay_args())
+        _wait_until_marked(p, redis_url)  # a "before" snapshot must not race the pipeline
         servers = [
             Server("gateway", grpc.insecure_channel(f"127.0.0.1:{p.ports['gateway.grpc']}"),
                    "smartlev.v1.Gateway", ALICE),
@@ -202,6 +206,25 @@ def stack(kafka_bootstrap: str, redis_url: str) -> Iterator[tuple[Pipeline, list
         finally:
             for server in servers:
                 server.channel.close()
+
+
+def _wait_until_marked(pipeline: Pipeline, redis_url: str, timeout_s: float = 60.0) -> None:
+    """Until NAV has marked every product at the last seq ingestion published."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    ns = pipeline.namespace
+    try:
+        last = client.hget(state_key(ns, SYMBOL), "seq")
+        assert last is not None, "ingestion published nothing"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            marked = {client.hget(f"{ns}nav:{{{p}}}", "seq") for p in PRODUCTS}
+            if marked == {last}:
+                return
+            pipeline.check_alive()
+            time.sleep(0.2)
+        raise AssertionError(f"NAV did not mark seq {last} within {timeout_s:.0f}s")
+    finally:
+        client.close()
 
 
 FUZZED: Counter[str] = Counter()
