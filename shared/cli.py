@@ -165,7 +165,8 @@ def backtest(
         {p: result.series[p].targets for p in smart},
         highlight=smart,
     )
-    console.print(summary_table(figures))
+    # The table needs ~130 columns; a log or pipe gets them rather than cut product names.
+    Console(width=max(console.width, 132)).print(summary_table(figures))
     console.print(
         f"{result.ticks:,} ticks, {len(result.times):,} bars, "
         f"{result.funding_events:,} funding settlements in {elapsed:.1f} s; "
