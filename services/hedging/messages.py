@@ -15,7 +15,6 @@ from decimal import ROUND_HALF_EVEN, Decimal
 
 from smartlev.v1 import common_pb2, hedging_pb2, leverage_pb2, market_pb2, orders_pb2
 
-from services.leverage.messages import decision
 from shared.adapters.venue_client import liquidation_to_wire
 from shared.codec import (
     decimal_from_wire,
@@ -39,6 +38,7 @@ from shared.core.events import (
 from shared.core.market import FundingRate, Tick
 from shared.core.money import USDT_QUANTUM, ZERO, MoneyError
 from shared.core.products import SIDES, product_id
+from shared.wire import decision
 
 
 def products_by_symbol(config: StrategyConfig) -> dict[str, str]:

@@ -13,8 +13,6 @@ from typing import NamedTuple
 
 from smartlev.v1 import leverage_pb2, market_pb2
 
-from services.leverage.messages import targets_update
-from services.regime.messages import regime_state
 from shared.core.config import StrategyConfig
 from shared.core.engine import decide, risk_price
 from shared.core.leverage import SmartLeverageController
@@ -22,6 +20,7 @@ from shared.core.market import Tick
 from shared.core.products import smart_controllers
 from shared.core.regime import Regime, RegimeState
 from shared.stream import MarketInput, parse_market
+from shared.wire import regime_state, targets_update
 
 
 class RegimeInput(NamedTuple):

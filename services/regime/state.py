@@ -21,13 +21,13 @@ from typing import Any
 
 from smartlev.v1 import market_pb2
 
-from services.regime.messages import regime_detected
 from shared.core.bars import BarBuilder
 from shared.core.config import StrategyConfig
 from shared.core.engine import SignalPipeline
 from shared.core.market import Tick
 from shared.core.regime import Regime
 from shared.stream import MarketInput
+from shared.wire import regime_detected
 
 Row = dict[str, Any]
 

@@ -29,7 +29,6 @@ from kafka import KafkaConsumer, KafkaProducer
 from smartlev.v1 import hedging_pb2, leverage_pb2, orders_pb2, venue_pb2, venue_pb2_grpc
 
 from services.hedging.messages import book_states
-from services.leverage.messages import targets_update
 from shared import codec
 from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.market_data import load_bars, load_funding, load_marks
@@ -41,6 +40,7 @@ from shared.core.engine import SignalPipeline, decide, risk_price
 from shared.core.market import FundingRate
 from shared.core.products import SIDES, product_id, smart_controllers, smart_strategy
 from shared.topics import HEDGE_FILLS, LEVERAGE_TARGETS, ORDERS_EVENTS
+from shared.wire import targets_update
 
 pytestmark = pytest.mark.integration
 

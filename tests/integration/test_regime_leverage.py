@@ -23,8 +23,6 @@ import redis
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from smartlev.v1 import leverage_pb2, market_pb2
 
-from services.leverage.messages import decision
-from services.regime.messages import regime_state
 from shared import codec
 from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.tick_replay import ReplaySource, make_producer, publish
@@ -35,6 +33,7 @@ from shared.core.market import Tick
 from shared.core.products import smart_controllers
 from shared.core.regime import RegimeState
 from shared.topics import LEVERAGE_TARGETS, MARKET_REGIMES, MARKET_TICKS, TopicSpec
+from shared.wire import decision, regime_state
 
 pytestmark = pytest.mark.integration
 

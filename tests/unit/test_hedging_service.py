@@ -19,7 +19,6 @@ from services.hedging.messages import (
     order_step,
     products_by_symbol,
 )
-from services.leverage.messages import targets_update
 from shared import codec
 from shared.core.accounting import BooksOutOfBalance
 from shared.core.config import StrategyConfig
@@ -34,6 +33,7 @@ from shared.core.events import (
 )
 from shared.core.market import FundingRate, Side, Tick
 from shared.core.products import smart_engine
+from shared.wire import targets_update
 
 CONFIG = StrategyConfig()
 PRODUCTS = products_by_symbol(CONFIG)

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from smartlev.v1 import leverage_pb2, market_pb2
 
-from services.leverage.messages import decision, target_changed
 from services.leverage.state import SymbolControllers, parse_regime_update, restore
 from services.regime.state import SymbolSignals
 from shared import codec
@@ -20,6 +19,7 @@ from shared.core.events import LeverageTargetChanged, Reason
 from shared.core.market import NS_PER_HOUR, FundingRate, Side, Tick
 from shared.core.products import smart_controllers
 from shared.stream import MarketInput
+from shared.wire import decision, target_changed
 from tests.unit.core_stubs import SYMBOL, T0, fast_config
 
 

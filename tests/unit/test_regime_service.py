@@ -13,7 +13,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from smartlev.v1 import market_pb2
 
-from services.regime.messages import regime_detected, regime_state, regime_to_wire
 from services.regime.state import SymbolSignals, restore, signal_key
 from shared import codec
 from shared.core.engine import SignalPipeline
@@ -21,6 +20,7 @@ from shared.core.features import Features
 from shared.core.market import NS_PER_HOUR, FundingRate, Tick
 from shared.core.regime import Regime, RegimeState
 from shared.stream import MarketInput
+from shared.wire import regime_detected, regime_state, regime_to_wire
 from tests.unit.core_stubs import SYMBOL, T0, fast_config
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
