@@ -10,7 +10,8 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.logging import get_logger
+from shared.logging import configure_logging, get_logger
+from shared.settings import ServiceSettings
 
 
 class Server(Protocol):
@@ -41,3 +42,9 @@ async def serve_until_signalled(
         get_logger(service).info(f"{service}_stopping")
         await server.stop()
         await redis.aclose()
+
+
+def run(service: str, settings: ServiceSettings, make_server: Callable[[Redis], Server]) -> None:
+    """A gRPC service's whole `main()`: structured logs, then serve until signalled."""
+    configure_logging(settings.service, settings.log_level)
+    asyncio.run(serve_until_signalled(service, settings.redis_url, make_server))

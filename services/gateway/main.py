@@ -59,9 +59,9 @@ from shared.core.config import StrategyConfig
 from shared.core.market import Side
 from shared.core.products import SIDES, product_id
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, kafka_check, redis_check
-from shared.logging import configure_logging, get_logger
+from shared.logging import get_logger
 from shared.redis_store import ApplyStatus
-from shared.serving import serve_until_signalled
+from shared.serving import run
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
 
 SERVICE_NAME = "smartlev.v1.Gateway"
@@ -723,9 +723,4 @@ class GatewayServer:
 
 def main() -> None:
     settings = GatewaySettings()
-    configure_logging(settings.service, settings.log_level)
-    asyncio.run(
-        serve_until_signalled(
-            "gateway", settings.redis_url, lambda redis: GatewayServer(settings, redis)
-        )
-    )
+    run("gateway", settings, lambda redis: GatewayServer(settings, redis))

@@ -34,8 +34,8 @@ from shared.codec import DecodeError, decimal_from_wire, decimal_to_wire
 from shared.core.config import StrategyConfig
 from shared.core.venue import PerpVenue
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, redis_check
-from shared.logging import configure_logging, get_logger
-from shared.serving import serve_until_signalled
+from shared.logging import get_logger
+from shared.serving import run
 
 SERVICE_NAME = "smartlev.v1.Venue"
 T = TypeVar("T")
@@ -323,9 +323,4 @@ class VenueServer:
 
 def main() -> None:
     settings = VenueSettings()
-    configure_logging(settings.service, settings.log_level)
-    asyncio.run(
-        serve_until_signalled(
-            "venue", settings.redis_url, lambda redis: VenueServer(settings, redis)
-        )
-    )
+    run("venue", settings, lambda redis: VenueServer(settings, redis))
