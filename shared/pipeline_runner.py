@@ -217,12 +217,15 @@ class Pipeline:
             self.ports[key] = free_port()
         return self.ports[key]
 
-    def _launch(self, spec: StageSpec) -> None:
-        port = self._port(spec.name)
+    def _launch(self, spec: StageSpec, instance: str | None = None) -> None:
+        """Start `spec` as `instance` (default: the spec's name); an instance keeps its
+        metrics port and log across restarts, and shares every other port of the spec."""
+        instance = instance or spec.name
+        port = self._port(instance)
         env = self.env_for(spec.name, port)
         for name, value in spec.env.items():
             env[name] = _PORT_REF.sub(lambda m: str(self._port(m.group(1))), value)
-        log_path = self.log_dir / f"{spec.name}.log"
+        log_path = self.log_dir / f"{instance}.log"
         with log_path.open("ab") as log:
             process = subprocess.Popen(
                 [PYTHON, "-m", spec.module],
@@ -232,7 +235,34 @@ class Pipeline:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.running[spec.name] = Running(spec, process, log_path, port)
+        self.running[instance] = Running(spec, process, log_path, port)
+
+    def add_instance(self, spec: StageSpec, timeout_s: float = 60.0) -> str:
+        """One more instance of a stage (same consumer group); returns its name
+        (`<service>#2`, ...), healthy. Only for services without a fixed listening port."""
+        count = sum(1 for r in self.running.values() if r.spec.name == spec.name)
+        instance = f"{spec.name}#{count + 1}"
+        self._launch(spec, instance)
+        self._wait_healthy(self.running[instance], timeout_s)
+        return instance
+
+    def kill(self, instance: str) -> None:
+        """kill -9 the instance (its whole process group) and reap it."""
+        process = self.running[instance].process
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def restart(self, instance: str, timeout_s: float = 90.0) -> None:
+        """Start a stopped or killed instance again on its ports; wait until healthy."""
+        self._launch(self.running[instance].spec, instance)
+        self._wait_healthy(self.running[instance], timeout_s)
+
+    def metrics(self, instance: str) -> str:
+        """The instance's Prometheus exposition text."""
+        url = f"http://127.0.0.1:{self.running[instance].port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return str(reply.read().decode("utf-8"))
 
     def _wait_healthy(self, running: Running, timeout_s: float) -> None:
         url = f"http://127.0.0.1:{running.port}/healthz"

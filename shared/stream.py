@@ -54,13 +54,14 @@ from typing import Any, NamedTuple, TypeVar
 
 import faust
 import mode
-from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from faust import streams as faust_streams
+from faust.exceptions import ConsumerNotStarted
+from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import ChannelT, EventT, RecordMetadata, StreamT, TopicT
 from google.protobuf.message import Message
-from prometheus_client import Counter, Histogram
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from smartlev.v1 import market_pb2
 
 from shared.codec import DecodeError, decode, faust_topic, funding_from_proto, tick_from_proto
@@ -69,6 +70,7 @@ from shared.health import HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.logging import configure_logging, get_logger
 from shared.settings import ServiceSettings
 from shared.topics import TopicSpec
+from shared.transient import is_transient
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
@@ -167,14 +169,6 @@ def parse_market(message: market_pb2.MarketEvent) -> MarketInput:
     return MarketInput(message, wire.symbol, wire.seq, wire.ts_init_ns, value)
 
 
-def is_transient(exc: BaseException) -> bool:
-    """An error that goes away by itself (a broker, Redis or network blip): worth
-    re-running the batch; anything else is a bug and stops the worker."""
-    if isinstance(exc, KafkaError):
-        return bool(exc.retriable) or isinstance(exc, KafkaConnectionError | KafkaTimeoutError)
-    return isinstance(exc, OSError | TimeoutError | RedisConnectionError | RedisTimeoutError)
-
-
 class OffsetGaps:
     """Per partition, the offset the stage must handle next. A later one means faust
     dropped fetched events on the way: after a rebalance, faust seeks to the committed
@@ -226,16 +220,44 @@ def app_id(settings: ServiceSettings) -> str:
     return f"{settings.namespace}smartlev-{settings.service}"
 
 
+FETCH_MAX_WAIT_MS = 10
+
+
+class _ShortFetchWaitThread(aiokafka_driver.AIOKafkaConsumerThread):
+    """faust 0.15.3 hard-codes the consumer's `fetch_max_wait_ms=1500`. aiokafka keeps
+    one fetch in flight per broker and leaves partitions with records still buffered
+    out of it, so while a stage works through a batch, the next fetch asks only for
+    its idle partitions and the broker holds it the full wait: the busy partition then
+    waits up to 1.5 s for its next records (measured: ~1.5 s per stage under load).
+    A short wait bounds that stall; an idle stage costs a fetch every few ms."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when its fetcher starts
+        return consumer
+
+
+class _Consumer(aiokafka_driver.Consumer):
+    def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
+        return _ShortFetchWaitThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(aiokafka_driver.Transport):
+    Consumer = _Consumer
+
+
+class _App(faust.App):
+    def _new_transport(self) -> Any:
+        return _Transport(self.conf.broker_consumer, self)
+
+
 def build_app(settings: ServiceSettings, **overrides: Any) -> faust.App:
     """A faust App for a stage: in-memory tables restored from their Kafka changelog,
     no faust web server (shared/health serves /healthz and /metrics), acks=all.
 
     Latency: the producer sends at once (`producer_linger` 0; a batch's sends still go
-    out as one request, they are queued before the sender runs). The consumer's fetch
-    wait is fixed by faust at 1.5 s: it does not delay a partition that has data, but
-    aiokafka keeps one fetch in flight per broker, so when a stage holds its loop for
-    more than aiokafka's 100 ms prefetch backoff, a busy partition can wait behind a
-    fetch of idle ones for up to 1.5 s (measured; the known limit of these services).
+    out as one request, they are queued before the sender runs), and the consumer's
+    fetch wait is FETCH_MAX_WAIT_MS instead of faust's fixed 1.5 s (_ShortFetchWaitThread).
     `stream_wait_empty` stays on: a rebalance waits for the batch being handled.
 
     A member that died (kill -9) holds its partitions until its session times out; 15 s
@@ -252,11 +274,16 @@ def build_app(settings: ServiceSettings, **overrides: Any) -> faust.App:
         "producer_acks": -1,
         "producer_linger": 0.0,
         "broker_client_id": f"{settings.kafka.client_id}-{settings.service}",
+        # No standby copies of tables: an instance promoted from standby to active in
+        # faust 0.15.3 seeks its changelog to -1 while its consumer already stands at
+        # the end, and waits forever for records (seen when the active one was killed;
+        # tests/integration/test_two_instances.py). A new active replays the changelog.
+        "table_standby_replicas": 0,
         "broker_session_timeout": 15.0,
         "broker_heartbeat_interval": 3.0,
     }
     options.update(overrides)
-    return faust.App(app_id(settings), **options)
+    return _App(app_id(settings), **options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,18 +500,52 @@ class StreamRuntime:
         self.worker().execute_from_commandline()
 
 
+class AssignedPartitions(Collector):
+    """`smartlev_stream_assigned_partitions`: 1 per (topic, partition) this instance
+    consumes right now, read at scrape time, so an operator (or a test) sees which of
+    several instances holds a symbol's partition, and that a survivor took it over."""
+
+    def __init__(self, runtime: StreamRuntime) -> None:
+        self.runtime = runtime
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "smartlev_stream_assigned_partitions",
+            "Partitions assigned to this instance (topic without the namespace).",
+            labels=["service", "topic", "partition"],
+        )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield self._family()  # registering must not touch the consumer (not started yet)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self._family()
+        namespace = self.runtime.settings.namespace
+        try:
+            assignment = self.runtime.app.consumer.assignment()
+        except ConsumerNotStarted:
+            assignment = set()
+        for tp in sorted(assignment):
+            topic = tp.topic.removeprefix(namespace)
+            family.add_metric([self.runtime.service, topic, str(tp.partition)], 1)
+        yield family
+
+
 class _Sidecar(mode.Service):
     """Starts the health/metrics server with the worker, closes clients when it stops."""
 
     def __init__(self, runtime: StreamRuntime, **kwargs: Any) -> None:
         self.runtime = runtime
         self.server: HealthServer | None = None
+        self.assigned = AssignedPartitions(runtime)
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
         # Idle since start counts as fresh: a quiet market is not a stuck consumer.
         self.runtime.last_progress = time.monotonic()
         settings = self.runtime.settings
+        REGISTRY.register(self.assigned)
         if settings.metrics_port:
             self.server = HealthServer(
                 self.runtime.health(), port=settings.metrics_port, service=settings.service
@@ -492,6 +553,7 @@ class _Sidecar(mode.Service):
             await self.server.start()
 
     async def on_stop(self) -> None:
+        REGISTRY.unregister(self.assigned)
         if self.server is not None:
             await self.server.stop()
         for callback in self.runtime._on_stop:

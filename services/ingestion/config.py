@@ -44,6 +44,9 @@ class IngestionSettings(ServiceSettings):
     max_jump: Decimal = Field(default=Decimal("0.30"), gt=0)
     stale_after_s: float = Field(default=60.0, gt=0)  # live/paced feeds: unhealthy after
     batch_size: int = Field(default=500, ge=1)  # events per ack wait at --speed max
+    # broker or Redis down: rebuild and resume after a pause doubling up to the max
+    retry_backoff_s: float = Field(default=0.5, gt=0)
+    retry_backoff_max_s: float = Field(default=10.0, gt=0)
 
     @field_validator("speed")
     @classmethod

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import signal
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +44,7 @@ from shared.adapters.tick_replay import backtest_stream, make_producer
 from shared.health import CheckResult, HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.logging import configure_logging, get_logger
 from shared.topics import MARKET_TICKS
+from shared.transient import is_transient
 
 log = get_logger("ingestion")
 console = Console(stderr=True)
@@ -112,11 +114,61 @@ def build_ingestor(
     return ingestor, producer, client
 
 
+def run_with_retries(
+    settings: IngestionSettings,
+    build: Callable[[], tuple[Ingestor, Any, Any]],
+    events: Sequence[MarketValue],
+    *,
+    stop: threading.Event,
+    progress: Callable[[int], None] | None = None,
+    on_retry: Callable[[str | None], None] = lambda _: None,
+) -> Summary:
+    """Publish a finite source to its end, whatever the broker and Redis do meanwhile.
+
+    A transient failure (`shared.transient`) drops the producer and the Redis client
+    and, after a pause doubling up to the max, starts over exactly as a restarted
+    process would: state loaded from Redis and the topic's tail, events already
+    published skipped. `on_retry` gets the reason while waiting, None once running."""
+    pause = settings.retry_backoff_s
+    retries = 0
+    while True:
+        ingestor = producer = client = None
+        try:
+            ingestor, producer, client = build()
+            on_retry(None)
+            summary = run_finite(
+                ingestor,
+                settings.symbol,
+                events,
+                speed=settings.speed_factor,
+                batch_size=settings.batch_size,
+                stop=stop,
+                progress=progress,
+            )
+            return dataclasses.replace(summary, retries=retries)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            retries += 1
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("source_retry", error=reason, pause_s=pause, retries=retries)
+            on_retry(f"retrying after {reason}")
+        finally:
+            if producer is not None:
+                with contextlib.suppress(Exception):  # a broker that is down: drop it
+                    producer.close(timeout=5)
+            if client is not None:
+                client.close()
+        if stop.wait(pause):
+            raise InterruptedError("stopped while waiting to retry")
+        pause = min(pause * 2, settings.retry_backoff_max_s)
+
+
 def print_summary(summary: Summary) -> None:
     print(
         f"published {summary.published}, rejected {summary.rejected}, "
         f"dead-lettered {summary.dead_lettered}, flagged jumps {summary.flagged}, "
-        f"skipped (already published) {summary.skipped}, "
+        f"skipped (already published) {summary.skipped}, retries {summary.retries}, "
         f"{summary.seconds:.2f}s, {summary.rate:,.0f} msg/s"
     )
 
@@ -127,27 +179,24 @@ def run_once(settings: IngestionSettings) -> int:
         "ingestion", "WARNING" if settings.log_level == "INFO" else settings.log_level
     )
     events = list(finite_events(settings))
-    ingestor, producer, client = build_ingestor(settings, IngestionMetrics())
-    try:
-        with Progress(
-            TextColumn(f"{settings.source} {settings.symbol}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
-            task = progress.add_task("events", total=len(events))
-            summary = run_finite(
-                ingestor,
-                settings.symbol,
-                events,
-                speed=settings.speed_factor,
-                batch_size=settings.batch_size,
-                progress=lambda n: progress.update(task, completed=n),
-            )
-    finally:
-        producer.close()
-        client.close()
+    with Progress(
+        TextColumn(f"{settings.source} {settings.symbol}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("events", total=len(events), status="")
+        metrics = IngestionMetrics()
+        summary = run_with_retries(
+            settings,
+            lambda: build_ingestor(settings, metrics),
+            events,
+            stop=threading.Event(),
+            progress=lambda n: progress.update(task, completed=n),
+            on_retry=lambda why: progress.update(task, status=why or ""),
+        )
     print_summary(summary)
     return 0
 
@@ -184,17 +233,26 @@ async def _serve_source(
     health: HealthRegistry,
     stop: asyncio.Event,
 ) -> int:
-    ingestor, producer, client = await asyncio.to_thread(build_ingestor, settings, metrics)
     wall_clock_feed = settings.source == "live" or settings.speed_factor is not None
     finished = threading.Event()
     failure: list[str] = []
+    retrying: list[str | None] = [None]  # why the source waits to retry, if it does
+    current: list[Ingestor] = []  # the ingestor of the running attempt
+    opened: list[Any] = []  # live: the producer and Redis client to close at the end
+
+    def build() -> tuple[Ingestor, Any, Any]:
+        built = build_ingestor(settings, metrics)
+        current[:] = [built[0]]
+        return built
 
     def feed_check() -> CheckResult:
         if failure:
             return f"source failed: {failure[0]}"
-        if finished.is_set() or not wall_clock_feed:
+        if retrying[0] is not None:
+            return retrying[0]
+        if finished.is_set() or not wall_clock_feed or not current:
             return True
-        age = ingestor.staleness()
+        age = current[0].staleness()
         limit = settings.stale_after_s
         return True if age <= limit else f"stale: no event for {age:.1f}s (max {limit}s)"
 
@@ -202,17 +260,18 @@ async def _serve_source(
     halt = threading.Event()
     work: asyncio.Future[Any]
     if settings.source == "live":
+        ingestor, *clients = await asyncio.to_thread(build)
+        opened.extend(clients)
         messages = ccxt_messages(settings.symbol)
         work = asyncio.ensure_future(run_live(ingestor, settings.symbol, messages))
     else:
         job = functools.partial(
-            run_finite,
-            ingestor,
-            settings.symbol,
-            finite_events(settings),
-            speed=settings.speed_factor,
-            batch_size=settings.batch_size,
+            run_with_retries,
+            settings,
+            build,
+            list(finite_events(settings)),
             stop=halt,
+            on_retry=lambda why: retrying.__setitem__(0, why),
         )
         work = asyncio.ensure_future(asyncio.to_thread(job))
     stopping = asyncio.ensure_future(stop.wait())
@@ -237,8 +296,8 @@ async def _serve_source(
         stopping.cancel()
         with contextlib.suppress(BaseException):
             await work
-        await asyncio.to_thread(producer.close)
-        client.close()
+        for client in opened:
+            await asyncio.to_thread(client.close)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -33,6 +33,7 @@ class Summary:
     flagged: int
     skipped: int  # already published by an earlier run (resumed after them)
     seconds: float
+    retries: int = 0  # rebuilt and resumed after a broker or Redis failure
 
     @property
     def rate(self) -> float:

@@ -28,7 +28,7 @@ from services.nav.marking import (
 )
 from shared.core.accounting import AccountingConfig
 from shared.redis_store import ApplyOnceStore
-from shared.stream import Input, StreamRuntime
+from shared.stream import Input, Outgoing, StreamRuntime
 from shared.topics import HEDGE_FILLS, NAV_LATEST, NAV_UPDATES
 
 MARKET_SOURCE = "market"  # ApplyOnceStore source whose "offset" is the market seq
@@ -44,21 +44,59 @@ class NavService:
         self.updates = runtime.output(NAV_UPDATES)
         self.latest = runtime.output(NAV_LATEST)
 
+    async def handle_market(self, events: list[FillsEvent]) -> int:
+        """Apply a run of market events (ticks, funding) at once: one read per product,
+        every NavUpdated sent before one write per product with the last seq marked.
+        A product's fields merge over the run (a leverage change's `reasons` stay).
+        Returns how many NavUpdateds went out."""
+        products = list(dict.fromkeys(b.product for e in events for b in e.books))
+        reads = await asyncio.gather(*(self.store.read(p) for p in products))
+        current = {p: fields for p, (fields, _) in zip(products, reads, strict=True)}
+        last_seq = {p: int(f.get("seq", "0")) for p, f in current.items()}
+        last_nav = {p: Decimal(f.get("nav", str(self.initial_nav))) for p, f in current.items()}
+        now = time.time_ns()
+        outgoing: list[Outgoing] = []
+        writes: dict[str, dict[str, str | int | Decimal]] = {}
+        for event in events:
+            if event.kind != "tick":
+                continue  # funding moves the books; the next tick marks them
+            assert event.price is not None
+            for book in event.books:
+                if event.seq <= last_seq[book.product]:
+                    continue  # redelivery: its output already went out
+                marked = mark(book, event.price, last_nav[book.product])
+                message = nav_updated(marked, event, event.seq, now)
+                outgoing += [(t, book.product, message) for t in (self.updates, self.latest)]
+                writes.setdefault(book.product, {}).update(
+                    state_fields(marked, event, event.seq, now)
+                )
+                last_seq[book.product], last_nav[book.product] = event.seq, marked.nav
+        if not outgoing:
+            return 0
+        await self.runtime.send_many(outgoing)
+        await asyncio.gather(
+            *(
+                self.store.apply(
+                    product,
+                    {self.store.state_key(product): fields},
+                    source=MARKET_SOURCE,
+                    offset=last_seq[product],
+                )
+                for product, fields in writes.items()
+            )
+        )
+        return len(outgoing) // 2
+
     async def handle(self, event: FillsEvent) -> int:
         """Apply one event; returns how many products got a NavUpdated."""
-        if event.kind == "funding":
-            return 0
+        if event.kind != "order":
+            return await self.handle_market([event])
         current = await asyncio.gather(*(self.store.read(b.product) for b in event.books))
         pending: list[tuple[Marked, int]] = []
         for book, (fields, _) in zip(event.books, current, strict=True):
             last_seq = int(fields.get("seq", "0"))
             last_nav = Decimal(fields.get("nav", str(self.initial_nav)))
-            if event.kind == "tick":
-                if event.seq <= last_seq:  # redelivery: its output already went out
-                    continue
-                assert event.price is not None
-                pending.append((mark(book, event.price, last_nav), event.seq))
-            elif Decimal(fields.get("units", "0")) != book.units and not (
+            if Decimal(fields.get("units", "0")) != book.units and not (
                 await self.store.was_applied(book.product, event.event_id)
             ):
                 price = Decimal(fields.get("price", "0"))
@@ -76,12 +114,7 @@ class NavService:
         )
         for marked, seq, _ in messages:
             changes = {self.store.state_key(marked.product): state_fields(marked, event, seq, now)}
-            if event.kind == "tick":
-                await self.store.apply(
-                    marked.product, changes, source=MARKET_SOURCE, offset=event.seq
-                )
-            else:
-                await self.store.apply(marked.product, changes, message_id=event.event_id)
+            await self.store.apply(marked.product, changes, message_id=event.event_id)
         return len(messages)
 
 
@@ -94,13 +127,28 @@ def build(settings: NavSettings) -> StreamRuntime:
     fills: Input = runtime.input(HEDGE_FILLS)
 
     async def handle(batch: list[Any]) -> None:
-        # Each event reads its products' state from Redis, so a re-run of the batch after
-        # a transient error (consume() retries) skips what was applied, by seq or id.
+        # Market events go in runs (one read and one write per product per run), orders
+        # one by one; state is read from Redis per run, so a re-run of the batch after a
+        # transient error (consume() retries) skips what was applied, by seq or id.
+        run: list[FillsEvent] = []
         for message in batch:
             event = await runtime.parse(fills, message, parse_update)
-            if event is not None:
-                await service.handle(event)
+            if event is None:
+                continue
+            if event.kind != "order":
+                run.append(event)
+                continue
+            await flush(run)
+            await service.handle(event)
+            runtime.processed(fills, event.ts_init_ns or time.time_ns())
+        await flush(run)
+
+    async def flush(run: list[FillsEvent]) -> None:
+        if run:
+            await service.handle_market(run)
+            for event in run:
                 runtime.processed(fills, event.ts_init_ns or time.time_ns())
+            run.clear()
 
     @runtime.app.agent(fills.topic)
     async def nav(stream: Any) -> None:

@@ -11,10 +11,7 @@ NAV series must be equal tick by tick, to the unit.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -180,19 +177,14 @@ class Run:
         if target in INFRA:
             subprocess.run(["bash", "scripts/stack.sh", f"restart-{target}"], cwd=ROOT, check=True)
         else:
-            running = self.pipeline.running[target]
-            if running.process.poll() is not None:  # a replay that already ended
+            if self.pipeline.running[target].process.poll() is not None:  # replay ended
                 self.outcome.faults.append((began - self.started, f"{target} (done)", 0.0))
                 return
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(running.process.pid, signal.SIGKILL)
-            running.process.wait()
+            self.pipeline.kill(target)
             if target == "ingestion":
                 self.pipeline.start_replay(replay)
             else:
-                # pipeline_runner has no public restart; _launch reuses the stage's ports
-                self.pipeline._launch(running.spec)
-                self.pipeline._wait_healthy(self.pipeline.running[target], 90.0)
+                self.pipeline.restart(target)
         self.outcome.faults.append((began - self.started, target, time.monotonic() - began))
 
     def check_alive(self) -> None:
