@@ -265,6 +265,7 @@ def build_app(settings: ServiceSettings, **overrides: Any) -> faust.App:
     options: dict[str, Any] = {
         "broker": settings.kafka.faust_broker,
         "store": "memory://",
+        "datadir": f".run/faust/{app_id(settings)}-data",  # not litter in the cwd
         "web_enabled": False,
         "autodiscover": False,
         "topic_replication_factor": settings.kafka.replication,
