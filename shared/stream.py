@@ -50,6 +50,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import faust
@@ -262,10 +263,12 @@ def build_app(settings: ServiceSettings, **overrides: Any) -> faust.App:
 
     A member that died (kill -9) holds its partitions until its session times out; 15 s
     instead of faust's 60 s lets a restarted instance take over that much sooner."""
+    datadir = Path(".run") / "faust" / f"{app_id(settings)}-data"  # not litter in the cwd
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     options: dict[str, Any] = {
         "broker": settings.kafka.faust_broker,
         "store": "memory://",
-        "datadir": f".run/faust/{app_id(settings)}-data",  # not litter in the cwd
+        "datadir": str(datadir),
         "web_enabled": False,
         "autodiscover": False,
         "topic_replication_factor": settings.kafka.replication,

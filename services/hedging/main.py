@@ -94,9 +94,6 @@ class HedgingRuntime(StreamRuntime):
         return "; ".join(f"{symbol} halted: {why}" for symbol, why in sorted(self.halted.items()))
 
 
-Work = Callable[[Desk], hedging_pb2.HedgeUpdate]
-
-
 class Hedger:
     """The two agents' handlers; per symbol one event at a time (both inputs share it)."""
 
@@ -116,8 +113,13 @@ class Hedger:
     def order_step(self, message: Any) -> OrderStep:
         return order_step(message, self.products)
 
-    async def on_market(self, inp: Input, step: MarketStep) -> None:
-        def work(desk: Desk) -> hedging_pb2.HedgeUpdate:
+    async def on_market(self, inp: Input, steps: list[MarketStep]) -> None:
+        """One symbol's market events, in order, as one step: the new ones (above the
+        desk's last seq) run through the engine, their HedgeUpdates go out together,
+        then the desk is committed once at the last seq (output before state)."""
+        symbol = steps[0].symbol
+
+        def work(desk: Desk, step: MarketStep) -> hedging_pb2.HedgeUpdate:
             desk.venue.begin(step.event_id)
             engine = desk.engine
             if isinstance(step.event, FundingRate):
@@ -134,10 +136,23 @@ class Hedger:
                 regime=step.message.regime,
             )
 
-        async def repeat(desk: Desk) -> bool:
-            return not is_new(desk.last_seq, step.seq)
+        async def attempt() -> bool:
+            desk = await self.desks.current(symbol)
+            fresh = [s for s in steps if is_new(desk.last_seq, s.seq)]
+            for _ in range(len(steps) - len(fresh)):
+                self.runtime.skipped(inp)
+            if not fresh:
+                return True
+            updates = await asyncio.to_thread(lambda: [work(desk, s) for s in fresh])
+            await self.runtime.send_many([(self.out, symbol, u) for u in updates])
+            if not await self.desks.commit(desk, seq=fresh[-1].seq):
+                log.warning("state_conflict", symbol=symbol, seq=fresh[-1].seq)
+                return False
+            for step in fresh:
+                self.runtime.processed(inp, step.ts_init_ns)
+            return True
 
-        await self._process(inp, step.symbol, repeat, work, step.ts_init_ns, seq=step.seq)
+        await self._guarded(symbol, attempt)
 
     async def on_order(self, inp: Input, event: EventT, step: OrderStep) -> None:
         def work(desk: Desk) -> hedging_pb2.HedgeUpdate:
@@ -157,8 +172,18 @@ class Hedger:
                 raise
             return hedge_update(engine, step.event_id, events, ts_init_ns=step.ts_init_ns)
 
-        async def repeat(desk: Desk) -> bool:
-            return await self.desks.was_applied(desk, step.order_id)
+        async def attempt() -> bool:
+            desk = await self.desks.current(step.symbol)
+            if await self.desks.was_applied(desk, step.order_id):
+                self.runtime.skipped(inp)
+                return True
+            update = await asyncio.to_thread(work, desk)
+            await self.runtime.send(self.out, step.symbol, update)
+            if not await self.desks.commit(desk, order_id=step.order_id):
+                log.warning("state_conflict", symbol=step.symbol, order=step.order_id)
+                return False
+            self.runtime.processed(inp, step.ts_init_ns)
+            return True
 
         async def refuse(reason: str) -> None:
             message = event.message
@@ -175,38 +200,24 @@ class Hedger:
             await self.runtime.send(inp.dlq, event_key(event), letter)
             log.error("order_refused", order=step.order_id, product=step.product, reason=reason)
 
-        await self._process(
-            inp, step.symbol, repeat, work, step.ts_init_ns, order_id=step.order_id, refuse=refuse
-        )
+        await self._guarded(step.symbol, attempt, refuse)
 
-    async def _process(
+    async def _guarded(
         self,
-        inp: Input,
         symbol: str,
-        repeat: Callable[[Desk], Awaitable[bool]],
-        work: Work,
-        ts_init_ns: int,
-        *,
-        seq: int | None = None,
-        order_id: str | None = None,
+        attempt: Callable[[], Awaitable[bool]],
         refuse: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
-        """Run one input event to its acked output and committed state; see module doc."""
+        """Run `attempt` under the symbol's lock until it is done (True; False: another
+        writer moved the desk, so it reloads and runs again); see the module doc for
+        what a refused order, a transient failure and a bug do."""
         while True:
             if symbol in self.runtime.halted:
                 await asyncio.Event().wait()  # stopped on a bug: never skip the event
             async with self._locks[symbol]:
                 try:
-                    desk = await self.desks.current(symbol)
-                    if await repeat(desk):
-                        self.runtime.skipped(inp)
+                    if await attempt():
                         return
-                    update = await asyncio.to_thread(work, desk)
-                    await self.runtime.send(self.out, symbol, update)
-                    if await self.desks.commit(desk, seq=seq, order_id=order_id):
-                        self.runtime.processed(inp, ts_init_ns)
-                        return
-                    log.warning("state_conflict", symbol=symbol, seq=seq, order=order_id)
                     continue
                 except MoneyError as exc:
                     self.desks.drop(symbol)
@@ -220,9 +231,7 @@ class Hedger:
                     if not is_transient(exc):
                         self._halt(symbol, exc)
                         continue
-                    log.warning(
-                        "event_retry", symbol=symbol, seq=seq, order=order_id, error=repr(exc)
-                    )
+                    log.warning("event_retry", symbol=symbol, error=repr(exc))
             await asyncio.sleep(self.backoff_s)
 
     def _halt(self, symbol: str, exc: BaseException) -> None:
@@ -256,12 +265,18 @@ def build(settings: HedgingSettings, config: StrategyConfig | None = None) -> He
     targets_in = runtime.input(LEVERAGE_TARGETS)
     orders_in = runtime.input(ORDERS_EVENTS)
 
-    @runtime.app.agent(targets_in.topic, name="hedging-targets")
-    async def targets(stream: Any) -> None:
-        async for event in stream.events():
+    async def handle_targets(batch: list[EventT]) -> None:
+        by_symbol: dict[str, list[MarketStep]] = defaultdict(list)
+        for event in batch:
             step = await runtime.parse(targets_in, event, hedger.market_step)
             if step is not None:
-                await hedger.on_market(targets_in, step)
+                by_symbol[step.symbol].append(step)
+        for steps in by_symbol.values():
+            await hedger.on_market(targets_in, steps)
+
+    @runtime.app.agent(targets_in.topic, name="hedging-targets")
+    async def targets(stream: Any) -> None:
+        await runtime.consume(stream, handle_targets)
 
     @runtime.app.agent(orders_in.topic, name="hedging-orders")
     async def orders(stream: Any) -> None:
