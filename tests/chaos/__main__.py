@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         ("orders accepted (each once)", len(chaos.orders)),
         ("dead letters (chaos run)", sum(chaos.dead_letters.values())),
         ("reconcile", chaos.reconcile),
+        *(
+            (f"unhealthy during {target} restart", ", ".join(sorted(names)) or "none seen")
+            for target, names in sorted(chaos.unhealthy.items())
+        ),
         ("namespaces", f"reference {reference.namespace} chaos {chaos.namespace}"),
     ]
     print()

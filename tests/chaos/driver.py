@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import random
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -107,6 +109,46 @@ class Outcome:
     faults: list[tuple[float, str, float]] = field(default_factory=list)  # (t, target, down_s)
     dead_letters: dict[str, int] = field(default_factory=dict)
     reconcile: str = ""
+    # broker/Redis restarted -> the services whose /healthz said unhealthy meanwhile
+    unhealthy: dict[str, set[str]] = field(default_factory=dict)
+
+
+class HealthWatch:
+    """Polls every running service's /healthz (5 times a second) while the broker or
+    Redis restarts: who reported unhealthy, and that everyone is healthy again after."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.ports = {n: r.port for n, r in pipeline.running.items() if r.port}
+        self.unhealthy: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> HealthWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def healthy(port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:  # HTTPError (503) included
+            return False
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.2):
+            self.unhealthy.update(n for n, port in self.ports.items() if not self.healthy(port))
+
+    def until_all_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while sick := [n for n, port in self.ports.items() if not self.healthy(port)]:
+            if time.monotonic() > deadline:
+                raise ChaosFailure(f"still unhealthy {timeout_s:.0f}s after the restart: {sick}")
+            time.sleep(0.5)
 
 
 class Run:
@@ -175,7 +217,12 @@ class Run:
         A finished replay is not restarted (there is nothing left to kill)."""
         began = time.monotonic()
         if target in INFRA:
-            subprocess.run(["bash", "scripts/stack.sh", f"restart-{target}"], cwd=ROOT, check=True)
+            with HealthWatch(self.pipeline) as watch:
+                subprocess.run(
+                    ["bash", "scripts/stack.sh", f"restart-{target}"], cwd=ROOT, check=True
+                )
+                watch.until_all_healthy(timeout_s=120)
+            self.outcome.unhealthy.setdefault(target, set()).update(watch.unhealthy)
         else:
             if self.pipeline.running[target].process.poll() is not None:  # replay ended
                 self.outcome.faults.append((began - self.started, f"{target} (done)", 0.0))
