@@ -55,17 +55,26 @@ from typing import Any, NamedTuple, TypeVar
 
 import faust
 import mode
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import RecordMetadata
 from faust import streams as faust_streams
 from faust.exceptions import ConsumerNotStarted
 from faust.transport.drivers import aiokafka as aiokafka_driver
-from faust.types import ChannelT, EventT, RecordMetadata, StreamT, TopicT
+from faust.types import ChannelT, EventT, StreamT, TopicT
 from google.protobuf.message import Message
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from smartlev.v1 import market_pb2
 
-from shared.codec import DecodeError, decode, faust_topic, funding_from_proto, tick_from_proto
+from shared.codec import (
+    DecodeError,
+    decode,
+    encode,
+    faust_topic,
+    funding_from_proto,
+    tick_from_proto,
+)
 from shared.core.market import FundingRate, Tick
 from shared.health import HealthRegistry, HealthServer, kafka_check, redis_check, stalled_check
 from shared.logging import configure_logging, get_logger
@@ -314,11 +323,13 @@ class StreamRuntime:
     app: faust.App = field(init=False)
     last_progress: float | None = field(init=False, default=None)
     redis: Any = field(init=False, default=None)  # set by services that use Redis
+    producer: AIOKafkaProducer | None = field(init=False, default=None)  # started on first send
 
     def __post_init__(self) -> None:
         self.app = build_app(self.settings)
         self.log = get_logger(self.settings.service, "stream")
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._producer_lock = asyncio.Lock()
 
     @property
     def service(self) -> str:
@@ -375,15 +386,35 @@ class StreamRuntime:
 
     async def send(self, topic: TopicT, key: str, value: Message) -> RecordMetadata:
         """Produce and wait for the broker's ack (acks=all): output before state."""
-        pending = await topic.send(key=key, value=value)
-        return await pending
+        return (await self.send_many([(topic, key, value)]))[0]
 
     async def send_many(self, messages: Sequence[Outgoing]) -> list[RecordMetadata]:
         """Produce every message in order, then wait for all the acks together: one
-        round trip for a whole batch. Order per partition is kept (one in-flight
-        request per broker)."""
-        pending = [await topic.send(key=key, value=value) for topic, key, value in messages]
+        round trip for a whole batch. Order per partition is kept (idempotent producer).
+
+        Not through faust's `Topic.send`: its per-message path cost ~1 ms a message in
+        these services (measured: 7,680 NavUpdateds queued in 5.9 s), where the aiokafka
+        producer itself queues one in ~15 us."""
+        producer = await self._producer()
+        pending = [
+            await producer.send(topic.get_topic_name(), value=encode(value), key=key.encode())
+            for topic, key, value in messages
+        ]
         return list(await asyncio.gather(*pending))
+
+    async def _producer(self) -> AIOKafkaProducer:
+        async with self._producer_lock:
+            if self.producer is None:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=self.settings.kafka_bootstrap,
+                    client_id=f"{self.settings.kafka.client_id}-{self.service}-out",
+                    acks="all",
+                    enable_idempotence=True,
+                    linger_ms=0,
+                )
+                await producer.start()
+                self.producer = producer
+        return self.producer
 
     async def batches(
         self, stream: StreamT[Any], max_batch: int | None = None
@@ -562,3 +593,5 @@ class _Sidecar(mode.Service):
             await self.server.stop()
         for callback in self.runtime._on_stop:
             await callback()
+        if self.runtime.producer is not None:
+            await self.runtime.producer.stop()
