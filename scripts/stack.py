@@ -710,6 +710,11 @@ class Stack:
         alive = [p for p in pids if pid_alive(p)]
         if alive:
             raise StackError(f"could not stop {comp.name} (pid {alive})")
+        # A killed JVM's listening sockets can outlive its /proc entry for a moment (seen
+        # after a SIGKILL of Kafka): a restart right away would find its own ports taken.
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline and any(port_open(port) for port in comp.ports):
+            time.sleep(0.2)
         self.pid_file(comp).unlink(missing_ok=True)
         if not quiet:
             say(f"stopped {comp.name} (pid {', '.join(map(str, pids))})")
