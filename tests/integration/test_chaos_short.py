@@ -28,8 +28,9 @@ from tests.integration.pipeline import (
 
 pytestmark = pytest.mark.integration
 
-# Not the faust stages: a kill -9 of one stalls it for the broker's session timeout
-# (faust's default 60 s) before its partitions are handed to the restarted instance.
+# Not the faust stages: a kill -9 of one stalls it for the broker's session timeout (15 s)
+# before its partitions go to the restarted instance; `make chaos` kills them, and
+# test_two_instances.py kills all four mid-replay.
 PLAN = Plan(
     seed=7,
     cycles=3,
