@@ -45,6 +45,7 @@ DLQ. Metrics are labelled by service and input topic (un-namespaced name).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -320,6 +321,7 @@ class StreamRuntime:
     # after handing an event over, and would drop the re-read events if that came last.
     gap_settle_s: float = 0.05
     retry_backoff_s: float = 0.2  # first pause before a batch is re-run after a blip
+    recovery_stall_s: float = 45.0  # table recovery without progress: exit (RecoveryWatch)
     app: faust.App = field(init=False)
     last_progress: float | None = field(init=False, default=None)
     redis: Any = field(init=False, default=None)  # set by services that use Redis
@@ -535,6 +537,32 @@ class StreamRuntime:
         self.worker().execute_from_commandline()
 
 
+RECOVERY_STALLED_EXIT = 70  # the exit code of a worker whose table recovery hung
+
+
+class RecoveryWatch:
+    """faust 0.15.3 can hang in table recovery after a takeover: the instance left waits
+    forever for changelog records that never come ("No event received for active tp ...
+    since recovery start"; docs/reliability.md, problem 5). A fresh start recovers, so a
+    recovery without progress for `stall_s` makes the worker exit for its supervisor to
+    restart it (docker-compose restarts; tests restart it themselves)."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.since: float | None = None
+        self.offsets: dict[Any, int] = {}
+
+    def stalled(self, in_recovery: bool, offsets: dict[Any, int], now: float) -> bool:
+        """True once recovery has been in progress with unchanged offsets for stall_s."""
+        if not in_recovery:
+            self.since = None
+            return False
+        if self.since is None or offsets != self.offsets:
+            self.since, self.offsets = now, dict(offsets)
+            return False
+        return now - self.since >= self.stall_s
+
+
 class AssignedPartitions(Collector):
     """`smartlev_stream_assigned_partitions`: 1 per (topic, partition) this instance
     consumes right now, read at scrape time, so an operator (or a test) sees which of
@@ -586,6 +614,23 @@ class _Sidecar(mode.Service):
                 self.runtime.health(), port=settings.metrics_port, service=settings.service
             )
             await self.server.start()
+
+    @mode.Service.task
+    async def _watch_recovery(self) -> None:
+        watch = RecoveryWatch(self.runtime.recovery_stall_s)
+        tables: Any = self.runtime.app.tables  # faust's TableManager (its type hides recovery)
+        recovery = tables.recovery
+        while not self.should_stop:
+            await self.sleep(1.0)
+            offsets = dict(recovery.active_offsets)
+            if watch.stalled(recovery.in_recovery, offsets, time.monotonic()):
+                self.runtime.log.error(
+                    "recovery_stalled",
+                    stall_s=watch.stall_s,
+                    offsets={str(tp): offset for tp, offset in offsets.items()},
+                    exit_code=RECOVERY_STALLED_EXIT,
+                )
+                os._exit(RECOVERY_STALLED_EXIT)  # a clean stop would wait on the hung recovery
 
     async def on_stop(self) -> None:
         REGISTRY.unregister(self.assigned)

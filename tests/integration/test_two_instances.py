@@ -30,13 +30,13 @@ from shared.pipeline_runner import (
     Pipeline,
     replay_args,
 )
+from shared.stream import RECOVERY_STALLED_EXIT
 from shared.topics import HEDGE_FILLS, LEVERAGE_TARGETS, MARKET_REGIMES, MARKET_TICKS, TopicSpec
 from tests.integration.pipeline import (
     CAPITAL,
     PRODUCTS,
     Slice,
     backtest_reference,
-    collect,
     compare_navs,
     ns,
     require_services,
@@ -102,6 +102,38 @@ def unique_tick_updates(updates: list[nav_pb2.NavUpdated]) -> list[nav_pb2.NavUp
     return out
 
 
+def supervised_collect(
+    pipeline: Pipeline, ticks: int, survivors: list[list[str]], timeout_s: float = 240
+) -> tuple[list[nav_pb2.NavUpdated], list[str]]:
+    """nav.updates until `ticks` tick updates are in, acting as the survivors' supervisor
+    (docker-compose's restart policy): a survivor that exits with RECOVERY_STALLED_EXIT
+    (faust's takeover hang, shared/stream.RecoveryWatch) is started again; any other
+    death fails. Returns the updates and the instances restarted."""
+    reader = pipeline.nav_consumer()
+    updates: list[nav_pb2.NavUpdated] = []
+    restarted: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len({u.event_id for u in updates if u.event_id == f"{u.product}:{u.seq}"}) < ticks:
+            for (instance,) in survivors:
+                code = pipeline.running[instance].process.poll()
+                if code == RECOVERY_STALLED_EXIT:
+                    restarted.append(instance)
+                    pipeline.restart(instance)
+            for name, running in pipeline.running.items():
+                if running.failed and running.process.returncode != RECOVERY_STALLED_EXIT:
+                    raise pipeline.failure(name, f"died with {running.process.returncode}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"nav.updates stalled at {len(updates)}\n{pipeline.logs()}")
+            updates.extend(u for _, u in reader.poll())
+        settled = time.monotonic() + 1.0
+        while time.monotonic() < settled:
+            updates.extend(u for _, u in reader.poll())
+    finally:
+        reader.close()
+    return updates, restarted
+
+
 def test_survivors_take_over_from_killed_instances(kafka_bootstrap: str, redis_url: str) -> None:
     require_services(STAGES, ingestion=True)
     reference = backtest_reference(WINDOW)
@@ -138,18 +170,13 @@ def test_survivors_take_over_from_killed_instances(kafka_bootstrap: str, redis_u
         for instance in killed.values():
             del pipeline.running[instance]  # dead on purpose: not a failure to report
         assert replay.wait(timeout=120) == 0
-        updates = collect(
-            pipeline,
-            lambda u: len({x.event_id for x in u if x.event_id == f"{x.product}:{x.seq}"}) >= 2 * n,
-            timeout_s=150,
-            stall_s=60,  # the survivors wait out the dead members' 15 s session timeout
-            settle_s=1.0,
-        )
+        updates, restarted = supervised_collect(pipeline, 2 * n, [*survivors.values()])
         for stage, (survivor,) in survivors.items():
             assert holders(pipeline, stage, [survivor]) == [survivor], f"{stage} not taken over"
 
     compared = compare_navs(reference, unique_tick_updates(updates))
     print(
         f"\ntwo instances: killed {sorted(killed.values())} while they held BTC; "
-        f"{sum(compared.values())} NAV updates equal the backtester's"
+        f"{sum(compared.values())} NAV updates equal the backtester's; "
+        f"restarted after a stalled table recovery: {restarted or 'none'}"
     )

@@ -16,6 +16,7 @@ from shared.settings import ServiceSettings
 from shared.stream import (
     MarketInput,
     OffsetGaps,
+    RecoveryWatch,
     StreamRuntime,
     app_id,
     dead_letter,
@@ -185,3 +186,20 @@ def test_offset_gaps_seek_back_to_the_first_event_faust_dropped() -> None:
     # a new assignment starts wherever faust put the partition
     assert gaps.check(2, "p2", 300) is None
     assert gaps.check(2, "p2", 301) is None
+
+
+def test_recovery_watch_fires_only_after_stall_without_progress() -> None:
+    watch = RecoveryWatch(stall_s=45)
+    assert not watch.stalled(True, {"tp": 0}, now=0)
+    assert not watch.stalled(True, {"tp": 0}, now=44.9)
+    assert watch.stalled(True, {"tp": 0}, now=45)
+
+
+def test_recovery_watch_restarts_the_clock_on_progress_and_after_recovery() -> None:
+    watch = RecoveryWatch(stall_s=45)
+    watch.stalled(True, {"tp": 0}, now=0)
+    assert not watch.stalled(True, {"tp": 7}, now=40)  # progress: a new offset
+    assert not watch.stalled(True, {"tp": 7}, now=84)
+    assert watch.stalled(True, {"tp": 7}, now=85)
+    assert not watch.stalled(False, {"tp": 7}, now=200)  # recovered
+    assert not watch.stalled(True, {"tp": 7}, now=201)  # a new recovery starts afresh
