@@ -1,0 +1,123 @@
+"""Ingestion keeps publishing through a Redis restart, and publishes every event once.
+
+A private redis-server (its own port and append-only file, so the shared one and other
+runs never notice) holds ingestion's state while `python -m services.ingestion replay`
+publishes a paced real slice to the shared broker. Mid-replay the server is killed with
+-9 (the last second of its AOF may be lost) and started again on the same files, which
+it then reloads (`BusyLoadingError` until done). The replay must wait, rebuild, resume
+(`run_with_retries`) and end with exit 0: `market.ticks` then holds seq 1..n, each once,
+in the backtester's order.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from smartlev.v1 import market_pb2
+
+from shared.pipeline_runner import PYTHON, ROOT, free_port, new_namespace, replay_args
+from shared.topics import MARKET_TICKS
+from tests.chaos.faults import read_topic
+from tests.integration.pipeline import Slice
+
+pytestmark = pytest.mark.integration
+
+WINDOW = Slice("2021-05-12", "2021-05-16")  # 384 ticks + funding
+SPEED = "40000"  # x real time: ~9 s of replay
+
+
+class PrivateRedis:
+    """A redis-server of this test only: AOF on, in `workdir`."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed; run `make up` (it installs it)")
+        self.binary, self.workdir, self.port = binary, workdir, free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.workdir), "--appendonly", "yes", "--appendfsync", "everysec",
+             "--save", ""],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.BusyLoadingError:
+                return  # up, still loading: exactly what ingestion must wait out
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def test_replay_survives_a_redis_restart_and_publishes_each_event_once(
+    kafka_bootstrap: str, private_redis: PrivateRedis
+) -> None:
+    namespace = new_namespace()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
+        "SMARTLEV_INGESTION_NAMESPACE": namespace,
+        "SMARTLEV_INGESTION_KAFKA__BOOTSTRAP": kafka_bootstrap,
+        "SMARTLEV_INGESTION_REDIS__URL": private_redis.url,
+        "SMARTLEV_INGESTION_RETRY_BACKOFF_S": "0.2",
+    }
+    replay = subprocess.Popen(
+        [PYTHON, "-m", "services.ingestion", "replay",
+         *replay_args(WINDOW.symbol, WINDOW.start, WINDOW.end, SPEED)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    topic = MARKET_TICKS.in_namespace(namespace).name
+    deadline = time.monotonic() + 60
+    while not read_topic(kafka_bootstrap, topic, market_pb2.MarketEvent)[50:]:
+        assert replay.poll() is None, replay.communicate()[0]
+        assert time.monotonic() < deadline, "the replay published nothing"
+        time.sleep(0.2)
+    private_redis.kill()
+    time.sleep(2.0)  # Redis is down for a while: ingestion must wait, not give up
+    private_redis.start()
+    output, _ = replay.communicate(timeout=120)
+    assert replay.returncode == 0, output
+
+    summary = output.strip().splitlines()[-1]
+    retries = int(summary.split("retries ")[1].split(",")[0])
+    assert retries >= 1, f"Redis was down and nothing was retried? {summary}"
+    events = read_topic(kafka_bootstrap, topic, market_pb2.MarketEvent)
+    inner = [getattr(e, e.WhichOneof("event")) for e in events]
+    assert [m.seq for m in inner] == list(range(1, len(inner) + 1)), "a seq lost or reused"
+    times = [(m.ts_event_ns, e.WhichOneof("event")) for m, e in zip(inner, events, strict=True)]
+    assert len(set(times)) == len(times), "an event was published twice"
+    ticks = sum(1 for e in events if e.HasField("tick"))
+    assert ticks == 4 * 24 * 4, f"{ticks} ticks published, the slice has {4 * 24 * 4}"
+    print(f"\ningestion across a Redis restart: {summary}")
