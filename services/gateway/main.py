@@ -593,6 +593,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 while True:
                     item = await subscriber.queue.get()
                     if isinstance(item, PositionState):
+                        if held.get(item.position_id) == item:
+                            continue  # the snapshot above already had it (a settle raced it)
                         held[item.position_id] = item
                         yield item.to_proto(navs.get(item.product))
                     elif isinstance(item, nav_pb2.NavUpdated):
