@@ -7,11 +7,20 @@ import signal
 from collections.abc import Callable
 from typing import Protocol
 
+import grpc
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.logging import configure_logging, get_logger
 from shared.settings import ServiceSettings
+
+
+class Rejected(Exception):
+    """A request refused before anything changed: the status code and what is wrong."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Server(Protocol):

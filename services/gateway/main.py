@@ -43,7 +43,6 @@ from services.gateway.ledger import Ledger, Snapshot, after, b64, ledger_fields,
 from services.gateway.orders import (
     Limits,
     PositionState,
-    Rejected,
     canonical,
     client_order_id,
     close_units,
@@ -61,7 +60,7 @@ from shared.core.products import SIDES, product_id
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.logging import get_logger
 from shared.redis_store import ApplyStatus
-from shared.serving import run
+from shared.serving import Rejected, run
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
 
 SERVICE_NAME = "smartlev.v1.Gateway"

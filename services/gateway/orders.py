@@ -23,19 +23,12 @@ from smartlev.v1 import gateway_pb2
 
 from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.money import USDT_QUANTUM, ZERO, MoneyError, usdt_down
+from shared.serving import Rejected
 
 CLIENT_ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 POSITION_ID = re.compile(r"[0-9a-f]{32}")
 # Plain decimal text only: no sign, exponent, NaN, infinity or whitespace; bounded length.
 PLAIN_DECIMAL = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")
-
-
-class Rejected(Exception):
-    """A request refused before anything changed: the status code and what is wrong."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def invalid(message: str) -> Rejected:

@@ -1,8 +1,9 @@
 """`python -m services.nav`: hedge.fills -> every product marked to market -> nav.updates.
 
-For each HedgeUpdate: a tick marks every product's books at the tick's price; an order
-(no tick) re-marks the products whose units changed at the last price; funding only
-moves the books, which the next tick marks. Output before state: the NavUpdated goes to
+For each HedgeUpdate: a tick marks every product's books at the tick's price (a run of
+market events is marked together, `handle_market`); an order (no tick) re-marks the
+products whose units changed at the last price; funding only moves the books, which the
+next tick marks. Output before state: the NavUpdated goes to
 `nav.updates` and `nav.latest` (keyed by product) and is acked, then `nav:{product}` is
 written in Redis together with the last applied seq (or order id), so a redelivered
 event is skipped and a crash in between re-sends the same NavUpdated (same event_id).
@@ -87,10 +88,9 @@ class NavService:
         )
         return len(outgoing) // 2
 
-    async def handle(self, event: FillsEvent) -> int:
-        """Apply one event; returns how many products got a NavUpdated."""
-        if event.kind != "order":
-            return await self.handle_market([event])
+    async def handle_order(self, event: FillsEvent) -> int:
+        """Re-mark the products an order changed, at the last price; returns how many
+        products got a NavUpdated."""
         current = await asyncio.gather(*(self.store.read(b.product) for b in event.books))
         pending: list[tuple[Marked, int]] = []
         for book, (fields, _) in zip(event.books, current, strict=True):
@@ -105,12 +105,12 @@ class NavService:
             return 0
         now = time.time_ns()
         messages = [(m, seq, nav_updated(m, event, seq, now)) for m, seq in pending]
-        await asyncio.gather(
-            *(
-                self.runtime.send(topic, m.product, message)
+        await self.runtime.send_many(
+            [
+                (t, m.product, message)
                 for m, _, message in messages
-                for topic in (self.updates, self.latest)
-            )
+                for t in (self.updates, self.latest)
+            ]
         )
         for marked, seq, _ in messages:
             changes = {self.store.state_key(marked.product): state_fields(marked, event, seq, now)}
@@ -139,7 +139,7 @@ def build(settings: NavSettings) -> StreamRuntime:
                 run.append(event)
                 continue
             await flush(run)
-            await service.handle(event)
+            await service.handle_order(event)
             runtime.processed(fills, event.ts_init_ns or time.time_ns())
         await flush(run)
 

@@ -35,7 +35,7 @@ from shared.core.config import StrategyConfig
 from shared.core.venue import PerpVenue
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, redis_check
 from shared.logging import get_logger
-from shared.serving import run
+from shared.serving import Rejected, run
 
 SERVICE_NAME = "smartlev.v1.Venue"
 T = TypeVar("T")
@@ -55,14 +55,6 @@ LATENCY = Histogram(
 )
 
 log = get_logger("venue")
-
-
-class Rejected(Exception):
-    """A request refused before anything changed."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # --------------------------------------------------------------------------- validation
