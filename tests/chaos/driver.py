@@ -38,6 +38,7 @@ from shared.pipeline_runner import (
 )
 from shared.topics import NAV_UPDATES
 from tests.chaos.faults import CONSUMED, SYMBOL, read_topic
+from tests.integration.pipeline import tick_navs
 
 T = TypeVar("T")
 PRODUCTS = (f"{SYMBOL}:LONG", f"{SYMBOL}:SHORT")
@@ -302,19 +303,11 @@ class Run:
         updates = read_topic(
             self.bootstrap, self.pipeline.topic(NAV_UPDATES.name), nav_pb2.NavUpdated
         )
-        series: dict[tuple[str, int], str] = {}
-        duplicates = 0
-        for u in updates:
-            if u.event_id != f"{u.product}:{u.seq}":
-                continue  # an order's or a deposit's update
-            seen = series.get((u.product, u.seq))
-            if seen is None:
-                series[(u.product, u.seq)] = u.nav
-            elif seen != u.nav:
-                raise ChaosFailure(f"{u.event_id} sent twice with NAVs {seen} and {u.nav}")
-            else:
-                duplicates += 1
-        return series, duplicates
+        try:
+            ticks, resent = tick_navs(updates)
+        except AssertionError as exc:
+            raise ChaosFailure(str(exc)) from exc
+        return {key: update.nav for key, update in ticks.items()}, resent
 
     def reconcile(self) -> str:
         """`python -m shared.reconcile`: exit 0 or the differences it lists."""

@@ -165,6 +165,28 @@ def compare_navs(
     return compared
 
 
+def tick_navs(
+    updates: Sequence[nav_pb2.NavUpdated],
+) -> tuple[dict[tuple[str, int], nav_pb2.NavUpdated], int]:
+    """Each product's first NavUpdated per tick, in the order they came (orders' and
+    deposits' updates left out), and how many were sent again after a restart; a re-sent
+    one must carry the same NAV, equity and units (AssertionError otherwise)."""
+    first: dict[tuple[str, int], nav_pb2.NavUpdated] = {}
+    resent = 0
+    for update in updates:
+        if update.event_id != f"{update.product}:{update.seq}":
+            continue
+        seen = first.setdefault((update.product, update.seq), update)
+        if seen is update:
+            continue
+        if (seen.nav, seen.equity, seen.units) != (update.nav, update.equity, update.units):
+            raise AssertionError(
+                f"{update.event_id} re-sent with a different NAV: {seen.nav} then {update.nav}"
+            )
+        resent += 1
+    return first, resent
+
+
 def collect(
     pipeline: Pipeline,
     until: Any,

@@ -40,6 +40,7 @@ from tests.integration.pipeline import (
     compare_navs,
     ns,
     require_services,
+    tick_navs,
 )
 
 pytestmark = pytest.mark.integration
@@ -80,26 +81,6 @@ def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"{what} after {timeout_s:.0f}s\n{pipeline.logs()}")
         time.sleep(0.5)
-
-
-def unique_tick_updates(updates: list[nav_pb2.NavUpdated]) -> list[nav_pb2.NavUpdated]:
-    """Each product's first NavUpdated per tick; a re-sent one must be identical."""
-    first: dict[str, nav_pb2.NavUpdated] = {}
-    out = []
-    for update in updates:
-        if update.event_id != f"{update.product}:{update.seq}":
-            out.append(update)  # an order's update
-            continue
-        seen = first.setdefault(update.event_id, update)
-        if seen is update:
-            out.append(update)
-        else:
-            assert (seen.nav, seen.equity, seen.units) == (
-                update.nav,
-                update.equity,
-                update.units,
-            ), f"{update.event_id} re-sent with a different NAV: {seen.nav} then {update.nav}"
-    return out
 
 
 def supervised_collect(
@@ -174,7 +155,7 @@ def test_survivors_take_over_from_killed_instances(kafka_bootstrap: str, redis_u
         for stage, (survivor,) in survivors.items():
             assert holders(pipeline, stage, [survivor]) == [survivor], f"{stage} not taken over"
 
-    compared = compare_navs(reference, unique_tick_updates(updates))
+    compared = compare_navs(reference, list(tick_navs(updates)[0].values()))
     print(
         f"\ntwo instances: killed {sorted(killed.values())} while they held BTC; "
         f"{sum(compared.values())} NAV updates equal the backtester's; "
