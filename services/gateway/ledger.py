@@ -31,10 +31,8 @@ import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
-from redis.asyncio import Redis
-
+from shared.adapters.redis_wire import RedisWire
 from shared.codec import decimal_to_wire
 from shared.redis_store import ApplyStatus, FieldValue, key
 
@@ -116,12 +114,12 @@ class Settled:
 
 
 class Ledger:
-    def __init__(self, redis: Redis, namespace: str) -> None:
+    def __init__(self, redis: RedisWire, namespace: str) -> None:
         self.redis = redis
         self.ns = f"{namespace}gw"
         self.nav_ns = f"{namespace}nav"
-        self._settle = redis.register_script(_SETTLE_LUA)
-        self._claim = redis.register_script(_CLAIM_LUA)
+        self._settle = redis.script(_SETTLE_LUA)
+        self._claim = redis.script(_CLAIM_LUA)
 
     # ------------------------------------------------------------------ keys
 
@@ -147,21 +145,21 @@ class Ledger:
 
     async def nav(self, product: str) -> dict[str, str]:
         """What the NAV service last wrote for `product` (empty: nothing yet)."""
-        return _texts(await self.redis.hgetall(key(self.nav_ns, product)))
+        return _pairs(await self.redis.call("HGETALL", key(self.nav_ns, product)))
 
     async def navs(self, products: list[str]) -> list[dict[str, str]]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for product in products:
-                pipe.hgetall(key(self.nav_ns, product))
-            return [_texts(fields) for fields in await pipe.execute()]
+        replies = await self.redis.pipeline(
+            [("HGETALL", key(self.nav_ns, product)) for product in products]
+        )
+        return [_pairs(fields) for fields in replies]
 
     async def owner(self, user: str, pid: str) -> str | None:
         """The product of the user's position `pid` (None: not the user's, or none)."""
-        raw = await self.redis.hget(self._user_key(user, "positions"), pid)
-        return None if raw is None else _text(raw)
+        product: str | None = await self.redis.call("HGET", self._user_key(user, "positions"), pid)
+        return product
 
     async def user_positions(self, user: str) -> dict[str, str]:
-        return _texts(await self.redis.hgetall(self._user_key(user, "positions")))
+        return _pairs(await self.redis.call("HGETALL", self._user_key(user, "positions")))
 
     async def order_view(
         self, user: str, client_id: str, symbol: str, product: str, pid: str | None
@@ -169,27 +167,28 @@ class Ledger:
         """Everything an order reads, in one pipelined round trip. The revision is read
         before the ledger and the position: whatever is settled between the reads moves
         it, so a step computed from newer state than `rev` is refused, never applied."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hget(self._user_key(user, "orders"), client_id)
-            pipe.hget(self.applied_key(symbol), f"{user}:{client_id}")
-            pipe.hgetall(key(self.nav_ns, product))
-            pipe.hget(self.meta_key(symbol), f"rev:{product}")
-            pipe.hgetall(self.ledger_key(symbol))
-            if pid is not None:
-                pipe.hgetall(self.position_key(symbol, pid))
-            claim, record, nav, rev, ledger, *position = await pipe.execute()
-        snapshot = Snapshot(int(rev or 0), _texts(ledger), _texts(position[0]) if position else {})
-        return OrderView(_maybe(claim), _maybe(record), _texts(nav), snapshot)
+        commands: list[tuple[str, ...]] = [
+            ("HGET", self._user_key(user, "orders"), client_id),
+            ("HGET", self.applied_key(symbol), f"{user}:{client_id}"),
+            ("HGETALL", key(self.nav_ns, product)),
+            ("HGET", self.meta_key(symbol), f"rev:{product}"),
+            ("HGETALL", self.ledger_key(symbol)),
+        ]
+        if pid is not None:
+            commands.append(("HGETALL", self.position_key(symbol, pid)))
+        claim, record, nav, rev, ledger, *position = await self.redis.pipeline(commands)
+        snapshot = Snapshot(int(rev or 0), _pairs(ledger), _pairs(position[0]) if position else {})
+        return OrderView(claim, record, _pairs(nav), snapshot)
 
     async def position(self, symbol: str, pid: str) -> dict[str, str]:
-        return _texts(await self.redis.hgetall(self.position_key(symbol, pid)))
+        return _pairs(await self.redis.call("HGETALL", self.position_key(symbol, pid)))
 
     async def positions(self, entries: list[tuple[str, str]]) -> list[dict[str, str]]:
         """[(symbol, position_id)] -> their hashes, in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for symbol, pid in entries:
-                pipe.hgetall(self.position_key(symbol, pid))
-            return [_texts(fields) for fields in await pipe.execute()]
+        replies = await self.redis.pipeline(
+            [("HGETALL", self.position_key(symbol, pid)) for symbol, pid in entries]
+        )
+        return [_pairs(fields) for fields in replies]
 
     # ------------------------------------------------------------------ the step
 
@@ -197,7 +196,8 @@ class Ledger:
         """Claim the client order id once and index the position for the request that
         holds the claim; returns the claim that stands."""
         keys = [self._user_key(user, "orders"), self._user_key(user, "positions")]
-        return _text(await self._claim(keys=keys, args=[client_id, claim, pid, product]))
+        standing: str = await self._claim(keys=keys, args=[client_id, claim, pid, product])
+        return standing
 
     async def settle(
         self,
@@ -239,19 +239,19 @@ class Ledger:
         if status is ApplyStatus.APPLIED:
             return Settled(status)
         if status is ApplyStatus.DUPLICATE:
-            return Settled(status, record=_text(raw[1]))
+            return Settled(status, record=raw[1])
         return Settled(status, snapshot=Snapshot(int(raw[1]), _pairs(raw[2]), _pairs(raw[3])))
 
     # ------------------------------------------------------------------ outbox
 
     async def outbox(self, symbol: str) -> list[tuple[str, bytes]]:
         """Pending events in the order they were settled."""
-        entries = _texts(await self.redis.hgetall(self.outbox_key(symbol)))
+        entries = _pairs(await self.redis.call("HGETALL", self.outbox_key(symbol)))
         return [(field, unb64(entries[field])) for field in sorted(entries)]
 
     async def acked(self, symbol: str, fields: list[str]) -> None:
         if fields:
-            await self.redis.hdel(self.outbox_key(symbol), *fields)
+            await self.redis.call("HDEL", self.outbox_key(symbol), *fields)
 
 
 def ledger_fields(product: str, fields: Mapping[str, str], **deltas: Decimal) -> dict[str, Decimal]:
@@ -272,18 +272,6 @@ def _wire(value: FieldValue, name: str) -> str:
     return decimal_to_wire(value, name=name) if isinstance(value, Decimal) else str(value)
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
-def _maybe(value: str | bytes | None) -> str | None:
-    return None if value is None else _text(value)
-
-
-def _texts(fields: Mapping[str | bytes, str | bytes]) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in fields.items()}
-
-
-def _pairs(flat: list[Any]) -> dict[str, str]:
-    """A Lua HGETALL reply (field, value, field, value, ...) as a dict."""
-    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """An HGETALL reply (field, value, field, value, ...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))

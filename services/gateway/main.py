@@ -5,9 +5,10 @@ authenticated (auth.py), validated and quoted by the pure part (orders.py) and s
 one atomic Redis step (ledger.py); the outbox relay (relay.py) publishes the settled
 orders to `orders.events`, and feeds.py streams `nav.updates` to clients.
 
-An order is three Redis round trips: one pipelined read (claim, record, NAV, ledger,
-position), the claim, and the atomic step; the relay publishes in the background, off
-the request path (the outbox guarantees delivery once the step committed).
+An order is three Redis round trips on one multiplexed connection (redis_wire.py): one
+pipelined read (claim, record, NAV, ledger, position), the claim, and the atomic step;
+the relay publishes in the background, off the request path (the outbox guarantees
+delivery once the step committed).
 
 Idempotency: a client_order_id is claimed per user with the request's hash and symbol
 before the symbol's step; the step records the reply under (user, client_order_id). A
@@ -54,6 +55,7 @@ from services.gateway.orders import (
     request_hash,
 )
 from services.gateway.relay import OutboxRelay
+from shared.adapters.redis_wire import RedisWire
 from shared.core.config import StrategyConfig
 from shared.core.market import Side
 from shared.core.products import SIDES, product_id
@@ -637,7 +639,10 @@ class GatewayServer:
         self.settings = settings
         self.redis = redis
         self.config = config or StrategyConfig()
-        self.ledger = Ledger(redis, settings.namespace)
+        # The order path's own connection (redis_wire: ~8x less CPU per command than
+        # redis-py); `redis` serves the health check.
+        self.wire = RedisWire.from_url(settings.redis_url)
+        self.ledger = Ledger(self.wire, settings.namespace)
         self.run_relay = relay
         self.producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap,
@@ -718,6 +723,7 @@ class GatewayServer:
                 await self.relay.sweep()  # what was settled during the grace period
         await self.feed.stop()
         await self.producer.stop()
+        await self.wire.aclose()
         if self._http is not None:
             await self._http.stop()
 
