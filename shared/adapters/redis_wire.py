@@ -26,7 +26,7 @@ import hashlib
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -48,8 +48,7 @@ class _Protocol(asyncio.Protocol):
         self.lost: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -77,7 +76,7 @@ class _Protocol(asyncio.Protocol):
         if self.lost is None:
             self.lost = (
                 exc
-                if isinstance(exc, RedisConnectionError)
+                if isinstance(exc, RedisError)
                 else RedisConnectionError(f"Redis connection lost: {exc}")
             )
         while self.waiting:

@@ -1,0 +1,153 @@
+"""shared/adapters/redis_wire.py against the real redis-server: replies reach their own
+callers under concurrency, errors stay with the command that caused them, a lost or
+silent connection fails what was in flight and the next command reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.adapters.redis_wire import RedisWire
+from shared.pipeline_runner import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def fresh_key() -> str:
+    return f"t{uuid.uuid4().hex[:8]}.wire"
+
+
+@given(
+    batches=st.lists(
+        st.lists(st.text(min_size=0, max_size=40), min_size=1, max_size=5), min_size=1, max_size=40
+    )
+)
+@settings(max_examples=25, deadline=None)
+def test_concurrent_callers_each_get_their_own_replies(redis_url: str, batches: list[list[str]]):
+    async def scenario() -> None:
+        wire = RedisWire.from_url(redis_url)
+        try:
+
+            async def one(values: list[str]) -> list[str]:
+                if len(values) == 1:
+                    return [await wire.call("ECHO", values[0])]
+                return await wire.pipeline([("ECHO", value) for value in values])
+
+            assert await asyncio.gather(*(one(b) for b in batches)) == batches
+        finally:
+            await wire.aclose()
+
+    asyncio.run(scenario())
+
+
+async def test_an_error_reply_raises_for_its_command_only(redis_url: str, redis_client):
+    name = fresh_key()
+    wire = RedisWire.from_url(redis_url)
+    try:
+        await wire.call("SET", name, "text")
+        bad, good = await asyncio.gather(
+            wire.call("HGET", name, "field"), wire.call("GET", name), return_exceptions=True
+        )
+        assert isinstance(bad, ResponseError) and "WRONGTYPE" in str(bad)
+        assert good == "text"
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await wire.pipeline([("GET", name), ("HGET", name, "f"), ("SET", name, "after")])
+        # The whole pipeline ran and its replies were all consumed: nothing misaligned.
+        assert await wire.call("GET", name) == "after"
+    finally:
+        redis_client.delete(name)
+        await wire.aclose()
+
+
+async def test_script_loads_itself_when_the_server_lacks_it(redis_url: str, redis_client):
+    name = fresh_key()
+    wire = RedisWire.from_url(redis_url)
+    source = f"-- {name}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])"
+    script = wire.script(source)
+    try:
+        assert redis_client.script_exists(script.sha) == [False]
+        assert await script(keys=[name], args=[5]) == 5
+        assert redis_client.script_exists(script.sha) == [True]
+        assert await script(keys=[name], args=[2]) == 7
+    finally:
+        redis_client.delete(name)
+        await wire.aclose()
+
+
+async def test_a_killed_connection_fails_in_flight_commands_and_reconnects(
+    redis_url: str, redis_client: redis.Redis
+):
+    wire = RedisWire.from_url(redis_url)
+    try:
+        first_id = await wire.call("CLIENT", "ID")
+        blocked = asyncio.create_task(wire.call("BLPOP", fresh_key(), 5))
+        await asyncio.sleep(0.2)
+        assert redis_client.client_kill_filter(_id=first_id) == 1
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(blocked, 2)
+        assert await wire.call("PING") == "PONG"
+        assert await wire.call("CLIENT", "ID") != first_id
+    finally:
+        await wire.aclose()
+
+
+async def test_an_overdue_reply_times_out_and_the_next_command_reconnects(redis_url: str):
+    wire = RedisWire.from_url(redis_url, timeout_s=0.4)
+    try:
+        began = time.monotonic()
+        with pytest.raises(RedisTimeoutError):
+            await wire.call("BLPOP", fresh_key(), 5)
+        assert time.monotonic() - began < 2
+        assert await wire.call("ECHO", "again") == "again"
+    finally:
+        await wire.aclose()
+
+
+async def test_a_cancelled_caller_does_not_shift_the_replies_of_the_others(redis_url: str):
+    wire = RedisWire.from_url(redis_url)
+    try:
+        slow = asyncio.create_task(wire.call("BLPOP", fresh_key(), 1))
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(wire.call("ECHO", "mine"))
+        await asyncio.sleep(0.05)
+        slow.cancel()
+        assert await asyncio.wait_for(queued, 3) == "mine"
+        assert await wire.call("ECHO", "next") == "next"
+    finally:
+        await wire.aclose()
+
+
+async def test_the_url_picks_the_database(redis_url: str):
+    name = fresh_key()
+    base = redis_url.rsplit("/", 1)[0]
+    wire = RedisWire.from_url(f"{base}/3")
+    other = redis.Redis.from_url(f"{base}/3", decode_responses=True)
+    try:
+        await wire.call("SET", name, "in-db-3")
+        assert other.get(name) == "in-db-3"
+    finally:
+        other.delete(name)
+        other.close()
+        await wire.aclose()
+
+
+def test_unsupported_urls_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="unsupported Redis URL"):
+        RedisWire.from_url("rediss://127.0.0.1:6379/0")
+    with pytest.raises(ValueError, match="unsupported Redis URL"):
+        RedisWire.from_url("unix:///tmp/redis.sock")
+
+
+async def test_an_unreachable_server_is_a_connection_error():
+    wire = RedisWire.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(RedisConnectionError, match="cannot connect"):
+        await wire.call("PING")
