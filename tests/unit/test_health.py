@@ -104,12 +104,26 @@ def test_logs_are_one_json_object_per_line() -> None:
     try:
         from decimal import Decimal
 
-        get_logger("regime").info("regime_changed", symbol="BTC-USDT", price=Decimal("1.10"))
-        logging.getLogger("aiokafka").warning("third party %s", "x")
+        log = get_logger("regime")
+        log.info("regime_changed", symbol="BTC-USDT", price=Decimal("1.10"), ids=("a", 1))
+        logging.getLogger("aiokafka").warning("third party %s", "x", extra={"topic": "t"})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("step_failed", step=3)
+        log.debug("detail", raw=b"\x01\xff")
+        root.setLevel("INFO")
+        log.debug("not_written")
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert lines[0]["service"] == "regime" and lines[0]["event"] == "regime_changed"
     assert lines[0]["price"] == "1.10" and lines[0]["level"] == "info"
+    assert lines[0]["ids"] == ["a", 1] and lines[0]["logger"] == "smartlev.regime"
     assert lines[1]["event"] == "third party x" and lines[1]["logger"] == "aiokafka"
+    assert lines[1]["topic"] == "t" and lines[1]["level"] == "warning"
+    assert lines[2]["event"] == "step_failed" and lines[2]["level"] == "error"
+    assert lines[2]["step"] == 3 and "ValueError: boom" in lines[2]["exc"]
+    assert lines[3] == {**lines[3], "event": "detail", "level": "debug", "raw": "01ff"}
+    assert len(lines) == 4
