@@ -64,10 +64,10 @@ def test_spec_validation() -> None:
         SyntheticSpec(start_price=Decimal("100.05"))
 
 
-def test_paced_scales_event_time_gaps() -> None:
-    ticks = [Tick("X-Y", 10**9 * s, Decimal(1)) for s in (1, 11, 11, 41)]
-    assert [d for d, _ in paced(ticks, 10.0)] == [0.0, 1.0, 0.0, 3.0]
-    assert [d for d, _ in paced(ticks, None)] == [0.0] * 4
+def test_paced_schedules_event_time_from_the_first_event() -> None:
+    ticks = [Tick("X-Y", 10**9 * s, Decimal(1)) for s in (1, 11, 11, 41, 21)]
+    assert [d for d, _ in paced(ticks, 10.0)] == [0.0, 1.0, 1.0, 4.0, 4.0]
+    assert [d for d, _ in paced(ticks, None)] == [0.0] * 5
 
 
 def test_resume_drops_only_the_already_published_prefix() -> None:
