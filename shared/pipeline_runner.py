@@ -421,11 +421,12 @@ class NavReader:
         self.consumer.seek_to_beginning(*assigned)
 
     def poll(self, timeout_ms: int = 200) -> Iterator[tuple[int, nav_pb2.NavUpdated]]:
-        """(time seen in ns, update) for every message that arrived."""
+        """(when the NAV service published it, ns, update) for every message that arrived.
+        The record's CreateTime (ms, the NAV service's clock at send), not when this
+        reader got round to it: a polling reader's own delays are not the pipeline's."""
         for records in self.consumer.poll(timeout_ms=timeout_ms).values():
-            now = time.time_ns()
             for record in records:
-                yield now, codec.decode(nav_pb2.NavUpdated, record.value)
+                yield record.timestamp * 1_000_000, codec.decode(nav_pb2.NavUpdated, record.value)
 
     def close(self) -> None:
         self.consumer.close()

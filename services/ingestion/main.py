@@ -100,7 +100,9 @@ def build_ingestor(
     store = SeqStore(
         client, settings.namespace, topic_recovery(settings.kafka_bootstrap, topic.name)
     )
-    producer = make_producer(settings.kafka_bootstrap, client_id="smartlev-ingestion")
+    producer = make_producer(
+        settings.kafka_bootstrap, client_id="smartlev-ingestion", linger_ms=settings.linger_ms
+    )
     ingestor = Ingestor(
         producer=producer,
         store=store,
