@@ -112,6 +112,17 @@ def replay_args(symbol: str, start: str, end: str, speed: str = "max") -> list[s
     ]  # fmt: skip
 
 
+def health_problem(port: int) -> str | None:
+    """None if the service on `port` answers /healthz with 200, else what it said."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as reply:
+            return None if reply.status == 200 else f"status {reply.status}"
+    except urllib.error.HTTPError as exc:
+        return str(exc.read().decode(errors="replace"))
+    except OSError as exc:
+        return str(exc)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -265,20 +276,13 @@ class Pipeline:
             return str(reply.read().decode("utf-8"))
 
     def _wait_healthy(self, running: Running, timeout_s: float) -> None:
-        url = f"http://127.0.0.1:{running.port}/healthz"
         deadline = time.monotonic() + timeout_s
-        detail = "no answer"
+        detail: str | None = "no answer"
         while time.monotonic() < deadline:
             if running.process.poll() is not None:
                 raise self.failure(running.spec.name, f"exited with {running.process.returncode}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except urllib.error.HTTPError as exc:
-                detail = exc.read().decode(errors="replace")
-            except OSError as exc:
-                detail = str(exc)
+            if (detail := health_problem(running.port)) is None:
+                return
             time.sleep(0.2)
         raise self.failure(running.spec.name, f"not healthy after {timeout_s:.0f}s: {detail}")
 

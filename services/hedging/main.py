@@ -28,10 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from aiokafka.errors import KafkaError
 from faust.types import EventT
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from smartlev.v1 import hedging_pb2
 
 from services.hedging.config import HedgingSettings
@@ -55,6 +53,7 @@ from shared.health import HealthRegistry
 from shared.logging import get_logger
 from shared.stream import Input, StreamRuntime, dead_letter, event_key, is_new
 from shared.topics import HEDGE_FILLS, LEVERAGE_TARGETS, ORDERS_EVENTS
+from shared.transient import is_transient as shared_is_transient
 
 log = get_logger("hedging")
 
@@ -69,11 +68,12 @@ _TRANSIENT_GRPC = frozenset(
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying the event: a dependency is down, not a bug in the books."""
+    """Worth retrying the event: the venue is unreachable or busy, or the rule every
+    service retries by (shared/transient.py) says so; anything else halts the symbol."""
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if isinstance(exc, grpc.Call) else None
         return code in _TRANSIENT_GRPC
-    return isinstance(exc, RedisError | OSError | TimeoutError | KafkaError)
+    return shared_is_transient(exc)
 
 
 @dataclass

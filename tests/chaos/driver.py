@@ -15,7 +15,6 @@ import random
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ from shared.pipeline_runner import (
     STAGES,
     Pipeline,
     PipelineError,
+    health_problem,
     replay_args,
 )
 from shared.topics import NAV_UPDATES
@@ -132,21 +132,16 @@ class HealthWatch:
         self._stop.set()
         self._thread.join()
 
-    @staticmethod
-    def healthy(port: int) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:  # HTTPError (503) included
-            return False
-
     def _poll(self) -> None:
         while not self._stop.wait(0.2):
-            self.unhealthy.update(n for n, port in self.ports.items() if not self.healthy(port))
+            self.unhealthy.update(self.sick())
+
+    def sick(self) -> list[str]:
+        return [n for n, port in self.ports.items() if health_problem(port) is not None]
 
     def until_all_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while sick := [n for n, port in self.ports.items() if not self.healthy(port)]:
+        while sick := self.sick():
             if time.monotonic() > deadline:
                 raise ChaosFailure(f"still unhealthy {timeout_s:.0f}s after the restart: {sick}")
             time.sleep(0.5)

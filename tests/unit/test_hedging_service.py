@@ -6,9 +6,11 @@ from decimal import Decimal
 
 import grpc
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from hypothesis import given
 from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from smartlev.v1 import leverage_pb2, orders_pb2
 
 from services.hedging.main import is_transient
@@ -266,3 +268,6 @@ def test_transient_failures_are_retried_bugs_are_not() -> None:
     assert not is_transient(_Call(grpc.StatusCode.FAILED_PRECONDITION))
     assert not is_transient(BooksOutOfBalance("off by one"))
     assert not is_transient(KeyError("x"))
+    # The shared rule: a script error or a refused command is a bug, not an outage.
+    assert not is_transient(ResponseError("ERR user_script:3: attempt to compare nil"))
+    assert is_transient(KafkaConnectionError())
