@@ -8,9 +8,9 @@ callers pipeline by themselves. Same exceptions as redis-py (`redis.exceptions`)
 callers and `is_transient` treat both alike:
 
 - an error reply raises `ResponseError` (`NoScriptError` for NOSCRIPT) to its caller only;
-- a lost connection fails every command in flight with `ConnectionError` (their outcome is
-  unknown: callers rely on idempotent steps, as with any client) and the next command
-  reconnects;
+- a lost connection fails every command in flight (their outcome is unknown) and the next
+  command reconnects; a failed command is sent again on the fresh connection `retries`
+  times (1, as redis-py), then raises `ConnectionError`: callers send idempotent steps;
 - a reply overdue by `timeout_s` closes the connection the same way (`TimeoutError`).
 
     wire = RedisWire.from_url("redis://127.0.0.1:6379/0")
@@ -116,16 +116,18 @@ class RedisWire:
         password: str | None = None,
         username: str | None = None,
         timeout_s: float = 10.0,
+        retries: int = 1,
     ) -> None:
         self.host, self.port, self.db = host, port, db
         self.password, self.username = password, username
         self.timeout_s = timeout_s
+        self.retries = retries
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._watchdog: asyncio.TimerHandle | None = None
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 10.0) -> RedisWire:
+    def from_url(cls, url: str, *, timeout_s: float = 10.0, retries: int = 1) -> RedisWire:
         """redis://[[user]:password@]host[:port][/db]"""
         parts = urlsplit(url)
         if parts.scheme != "redis" or not parts.hostname:
@@ -138,6 +140,7 @@ class RedisWire:
             password=unquote(parts.password) if parts.password else None,
             username=unquote(parts.username) if parts.username else None,
             timeout_s=timeout_s,
+            retries=retries,
         )
 
     async def _connected(self) -> _Protocol:
@@ -207,11 +210,24 @@ class RedisWire:
             self._arm_watchdog()
 
     async def call(self, *command: Arg) -> Any:
-        return (await self._send(await self._connected(), [command]))[0]
+        return (await self._run([command]))[0]
 
     async def pipeline(self, commands: Sequence[Command]) -> list[Any]:
         """Send all in one write; the replies in order (the first error raises)."""
-        return await self._send(await self._connected(), commands) if commands else []
+        return await self._run(commands) if commands else []
+
+    async def _run(self, commands: Sequence[Command]) -> list[Any]:
+        """Commands lost with their connection are sent again on a fresh one, `retries`
+        times (redis-py's default does the same): callers send idempotent steps only."""
+        failed = 0
+        while True:
+            protocol = await self._connected()
+            try:
+                return await self._send(protocol, commands)
+            except (RedisConnectionError, RedisTimeoutError):
+                failed += 1
+                if failed > self.retries:
+                    raise
 
     def script(self, source: str) -> Script:
         return Script(self, source)

@@ -86,7 +86,7 @@ async def test_script_loads_itself_when_the_server_lacks_it(redis_url: str, redi
 async def test_a_killed_connection_fails_in_flight_commands_and_reconnects(
     redis_url: str, redis_client: redis.Redis
 ):
-    wire = RedisWire.from_url(redis_url)
+    wire = RedisWire.from_url(redis_url, retries=0)
     try:
         first_id = await wire.call("CLIENT", "ID")
         blocked = asyncio.create_task(wire.call("BLPOP", fresh_key(), 5))
@@ -100,8 +100,27 @@ async def test_a_killed_connection_fails_in_flight_commands_and_reconnects(
         await wire.aclose()
 
 
+async def test_a_command_lost_with_its_connection_is_sent_again_on_a_fresh_one(
+    redis_url: str, redis_client: redis.Redis
+):
+    wire = RedisWire.from_url(redis_url)  # retries=1
+    name = fresh_key()
+    try:
+        first_id = await wire.call("CLIENT", "ID")
+        blocked = asyncio.create_task(wire.call("BLPOP", name, 1))
+        await asyncio.sleep(0.2)
+        assert redis_client.client_kill_filter(_id=first_id) == 1
+        await asyncio.sleep(0.2)
+        redis_client.rpush(name, "after-the-kill")
+        assert await asyncio.wait_for(blocked, 3) == [name, "after-the-kill"]
+        assert await wire.call("CLIENT", "ID") != first_id
+    finally:
+        redis_client.delete(name)
+        await wire.aclose()
+
+
 async def test_an_overdue_reply_times_out_and_the_next_command_reconnects(redis_url: str):
-    wire = RedisWire.from_url(redis_url, timeout_s=0.4)
+    wire = RedisWire.from_url(redis_url, timeout_s=0.4, retries=0)
     try:
         began = time.monotonic()
         with pytest.raises(RedisTimeoutError):
