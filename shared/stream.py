@@ -248,9 +248,36 @@ class _ShortFetchWaitThread(aiokafka_driver.AIOKafkaConsumerThread):
         return consumer
 
 
+class _Gathering:
+    """Events `batches` took for its next batch and has not handed out yet."""
+
+    __slots__ = ("__weakref__", "events")
+
+    def __init__(self) -> None:
+        self.events: list[EventT] = []
+
+
+_GATHERING: weakref.WeakSet[_Gathering] = weakref.WeakSet()
+
+
 class _Consumer(aiokafka_driver.Consumer):
     def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
         return _ShortFetchWaitThread(self, loop=self.loop, beacon=self.beacon)
+
+    def stop_flow(self) -> None:
+        """A rebalance (or shutdown) stops the flow, clears the agents' queues and then
+        waits for every event taken off them to be acked. A batch still gathering
+        (taken, waiting for the next event that the cleared queue no longer holds) is
+        never handled, so it would never be acked: the rebalance hung until SIGKILL
+        (seen under load: "wait_empty: Waiting for tasks ..."). Drop it instead, as
+        faust drops what it clears from the queues: off the unacked set (faust's stream
+        iterator still holds the last event, so it would not be garbage-collected out of
+        that weak set), never acked, so read again from the committed offset."""
+        super().stop_flow()
+        for gathering in list(_GATHERING):
+            for event in gathering.events:
+                self._unacked_messages.discard(event.message)
+            gathering.events.clear()
 
 
 class _Transport(aiokafka_driver.Transport):
@@ -423,14 +450,18 @@ class StreamRuntime:
     ) -> AsyncIterator[list[EventT]]:
         """The stream's events in batches of what is already buffered (1..max_batch);
         a batch is acked to faust when the next one is asked for, never if the
-        consumer of the batch raised. Prefer `consume`, which also stops on failure."""
+        consumer of the batch raised; events gathered but not handed out yet are dropped
+        when the flow stops (`_Consumer.stop_flow`). Prefer `consume`, which also stops
+        on failure."""
         limit = max_batch or self.max_batch
         stream.enable_acks = False  # acked below, once the batch is handled
         channel = stream.channel
         if not isinstance(channel, ChannelT):
             raise TypeError("batches() reads a topic's stream")
         waiting = channel.queue
-        batch: list[EventT] = []
+        gathering = _Gathering()  # the consumer drops it when the flow stops
+        _GATHERING.add(gathering)
+        batch = gathering.events
         gaps = OffsetGaps()
         async for event in stream.events():
             message = event.message
@@ -449,12 +480,13 @@ class StreamRuntime:
                     await self.app.consumer.seek(message.tp, resume_at)
                 continue
             batch.append(event)
+            del event, message  # only the gathering batch holds it: stop_flow may drop it
             if len(batch) < limit and not waiting.empty():
                 continue
-            yield batch
-            for done in batch:
+            handed, batch[:] = list(batch), []
+            yield handed
+            for done in handed:
                 await stream.ack(done)
-            batch = []
 
     async def consume(
         self,

@@ -3,6 +3,8 @@ and the faust app's settings (no broker)."""
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
@@ -14,10 +16,13 @@ from shared import codec
 from shared.core.market import FundingRate, Tick
 from shared.settings import ServiceSettings
 from shared.stream import (
+    _GATHERING,
     MarketInput,
     OffsetGaps,
     RecoveryWatch,
     StreamRuntime,
+    _Consumer,
+    _Gathering,
     app_id,
     dead_letter,
     decode_input,
@@ -203,3 +208,30 @@ def test_recovery_watch_restarts_the_clock_on_progress_and_after_recovery() -> N
     assert watch.stalled(True, {"tp": 7}, now=85)
     assert not watch.stalled(False, {"tp": 7}, now=200)  # recovered
     assert not watch.stalled(True, {"tp": 7}, now=201)  # a new recovery starts afresh
+
+
+class _Message:
+    """Stands in for a faust ConsumerMessage: only identity matters to the unacked set."""
+
+
+def test_stopping_the_flow_drops_a_gathering_batch_without_acking_it() -> None:
+    """A rebalance waits for every unacked message; events a batch gathered but never
+    handed out would hold it forever. They leave the unacked set (not acked: read again
+    from the committed offset) and the batch is emptied; other messages stay tracked."""
+    consumer = _Consumer.__new__(_Consumer)  # the flow-control state is all stop_flow uses
+    consumer.flow_active = True
+    consumer.can_resume_flow = asyncio.Event()
+    consumer.suspend_flow = asyncio.Event()
+    gathered, handed_out = [_Message(), _Message()], _Message()
+    consumer._unacked_messages = weakref.WeakSet([*gathered, handed_out])
+    gathering = _Gathering()
+    gathering.events.extend(SimpleNamespace(message=m) for m in gathered)
+    _GATHERING.add(gathering)
+    try:
+        consumer.stop_flow()
+    finally:
+        _GATHERING.discard(gathering)
+    assert gathering.events == []
+    assert set(consumer._unacked_messages) == {handed_out}
+    assert not consumer.flow_active and consumer.suspend_flow.is_set()
+    assert not any(getattr(m, "acked", False) for m in gathered)
