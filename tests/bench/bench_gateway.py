@@ -9,7 +9,8 @@ to the real Kafka through the outbox relay; no other stage runs, so only the gat
 measured. For each number of concurrent clients (asyncio grpc.aio, one channel each,
 loopback), every client opens a position and closes it (2 orders), again and again for
 `--seconds`; then the same clients call `Ping` (authentication and the gRPC round trip,
-nothing else) for as long. Latency is per call, from the client. Goals (issue #5):
+nothing else) for as long. Latency is per call, from the client; the gateway process's
+CPU per call is the figure the machine's noise moves least. Goals (issue #5):
 orders/s at least half the no-op rate; p99 under 20 ms with 8 clients.
 Run by `make bench`; never a timed assertion in a test.
 """
@@ -32,6 +33,7 @@ from shared.core.config import StrategyConfig
 from shared.core.products import SIDES, product_id
 from shared.pipeline_runner import GATEWAY, Pipeline
 from shared.settings import ServiceSettings
+from tests.bench.cpu import cpu_seconds
 
 console = Console()
 KEYS = ("dev-alice-key", "dev-bob-key")  # services/gateway/api_keys.toml (local dev users)
@@ -42,10 +44,16 @@ NAV_REFRESH_S = 10.0  # well inside the gateway's max_nav_age_s
 
 @dataclass
 class Run:
-    """What the clients of one case did: call latencies (s) and the wall time."""
+    """What the clients of one case did: call latencies (s), the wall time and the
+    gateway process's CPU seconds over the measured part."""
 
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    server_cpu_s: float = 0.0
+
+    @property
+    def server_ms_per_call(self) -> float:
+        return self.server_cpu_s / len(self.latencies) * 1e3 if self.latencies else 0.0
 
     @property
     def rate(self) -> float:
@@ -115,9 +123,10 @@ async def ping(
 
 
 async def drive(
-    target: str, clients: int, seconds: float, orders: bool, products: list[str]
+    target: str, clients: int, seconds: float, orders: bool, products: list[str], server: int
 ) -> Run:
-    """`clients` concurrent loops for WARMUP_S (not counted) and then `seconds`."""
+    """`clients` concurrent loops for WARMUP_S (not counted) and then `seconds`; the
+    CPU the `server` process used in between."""
     run = Run()
     tag = uuid.uuid4().hex[:8]
     channels = [grpc.aio.insecure_channel(target) for _ in range(clients)]
@@ -137,8 +146,14 @@ async def drive(
                 await ping(stubs[i], auth, counted)
             n += 1
 
+    async def meter() -> None:
+        await asyncio.sleep(max(start - time.perf_counter(), 0))
+        began = cpu_seconds([server])
+        await asyncio.sleep(max(stop - time.perf_counter(), 0))
+        run.server_cpu_s = cpu_seconds([server]) - began
+
     try:
-        await asyncio.gather(*(client(i) for i in range(clients)))
+        await asyncio.gather(meter(), *(client(i) for i in range(clients)))
         run.seconds = time.perf_counter() - start
     finally:
         await asyncio.gather(*(c.close() for c in channels))
@@ -162,11 +177,12 @@ def main() -> None:
         redis_url=settings.redis_url,
     ) as pipeline:  # fmt: skip
         target = f"127.0.0.1:{pipeline.ports['gateway.grpc']}"
+        server = pipeline.running["gateway"].process.pid
         for clients in levels:
             write_navs(store, namespace, products)
-            trades = asyncio.run(drive(target, clients, args.seconds, True, products))
+            trades = asyncio.run(drive(target, clients, args.seconds, True, products, server))
             pipeline.check_alive()
-            noop = asyncio.run(drive(target, clients, args.seconds, False, products))
+            noop = asyncio.run(drive(target, clients, args.seconds, False, products, server))
             rows.append((clients, trades, noop))
             console.print(
                 f"    {clients} clients: {trades.rate:,.0f} orders/s, no-op {noop.rate:,.0f}/s"
@@ -176,7 +192,10 @@ def main() -> None:
     store.close()
 
     table = Table(title="Gateway: open+close orders vs a no-op call (loopback; latency in ms)")
-    columns = ("clients", "orders/s", "p50", "p99", "no-op/s", "no-op p50", "no-op p99", "ratio")
+    columns = (
+        "clients", "orders/s", "p50", "p99", "no-op/s", "no-op p50", "no-op p99", "ratio",
+        "gateway CPU ms/order", "ms/no-op",
+    )  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
     for clients, trades, noop in rows:
@@ -190,6 +209,8 @@ def main() -> None:
             f"{noop.percentile(0.50) * 1e3:.1f}",
             f"{noop.percentile(0.99) * 1e3:.1f}",
             f"{ratio:.2f}",
+            f"{trades.server_ms_per_call:.2f}",
+            f"{noop.server_ms_per_call:.2f}",
         )
     console.print(table)
     by_clients = {clients: (trades, noop) for clients, trades, noop in rows}

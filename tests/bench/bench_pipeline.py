@@ -10,7 +10,8 @@ tick the latency is from the tick's publish (`ts_init_ns` on market.ticks) to it
 NavUpdated's publish (the record's CreateTime, ms, set by the NAV service's producer;
 the benchmark's own polling reader would add its delays). The rate is the sustained
 one: ticks marked per second while the middle 80% of the case's NavUpdateds were
-published (filling and draining the pipeline at either end is not throughput). Run by
+published (filling and draining the pipeline at either end is not throughput). The CPU
+per tick is the five services' (the figure the machine's noise moves least). Run by
 `make bench`; never a timed assertion in a test.
 """
 
@@ -36,6 +37,7 @@ from shared.core.products import SIDES, product_id
 from shared.pipeline_runner import STAGES, Pipeline, replay_args
 from shared.settings import ServiceSettings
 from shared.topics import MARKET_TICKS, TopicSpec
+from tests.bench.cpu import cpu_seconds
 
 SYMBOL = "BTC-USDT"
 TICKS_PER_DAY = 24 * 4  # ohlc mode: four ticks per hourly bar
@@ -51,6 +53,7 @@ class Case:
     ticks: int
     marked: int
     rate_per_s: float
+    cpu_ms_per_tick: float  # the five services' CPU (not ingestion's, not the broker's)
     p50_ms: float
     p99_ms: float
 
@@ -88,6 +91,8 @@ def run_case(
     long = product_id(SYMBOL, SIDES[0])
     before = set(clock.published)
     seen_at: dict[int, int] = {}  # tick seq -> when its NavUpdated was published
+    services = [running.process.pid for running in pipeline.running.values()]
+    cpu_before = cpu_seconds(services)
     try:
         while list(reader.poll(timeout_ms=200)):  # skip what earlier cases left
             pass
@@ -109,11 +114,12 @@ def run_case(
                 raise pipeline.failure(pipeline.stalled_stage(), "stalled in the benchmark")
     finally:
         reader.close()
+    cpu_ms = (cpu_seconds(services) - cpu_before) * 1e3
     ticks = sorted(set(clock.published) - before)
     latencies = [(seen_at[s] - clock.published[s]) / 1e6 for s in ticks]
     return Case(
         name, rate, len(ticks), len(latencies), sustained_rate([seen_at[s] for s in ticks]),
-        _percentile(latencies, 0.50), _percentile(latencies, 0.99),
+        cpu_ms / len(ticks), _percentile(latencies, 0.50), _percentile(latencies, 0.99),
     )  # fmt: skip
 
 
@@ -192,15 +198,23 @@ def main() -> None:
     ceiling = raw_kafka(bootstrap, 20_000)
 
     table = Table(title="End to end: tick published -> its NavUpdated published (loopback)")
-    for column in ("case", "ticks", "ticks/s end to end", "p50 latency", "p99 latency"):
+    columns = (
+        "case",
+        "ticks",
+        "ticks/s end to end",
+        "services CPU/tick",
+        "p50 latency",
+        "p99 latency",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "case" else "right")
     for case in cases:
         table.add_row(
             case.name, f"{case.marked:,}", f"{case.rate_per_s:,.0f}",
-            f"{case.p50_ms:,.1f} ms", f"{case.p99_ms:,.1f} ms",
+            f"{case.cpu_ms_per_tick:.2f} ms", f"{case.p50_ms:,.1f} ms", f"{case.p99_ms:,.1f} ms",
         )  # fmt: skip
     table.add_row(
-        "raw kafka-python produce -> consume (ceiling)", "20,000", f"{ceiling:,.0f}", "-", "-"
+        "raw kafka-python produce -> consume (ceiling)", "20,000", f"{ceiling:,.0f}", "-", "-", "-"
     )
     console.print(table)
 
