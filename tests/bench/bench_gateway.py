@@ -191,10 +191,13 @@ def main() -> None:
         store.delete(name)
     store.close()
 
-    table = Table(title="Gateway: open+close orders vs a no-op call (loopback; latency in ms)")
+    table = Table(
+        title="Gateway: open+close orders vs a no-op call (loopback; latency and the gateway "
+        "process's CPU per call in ms)"
+    )
     columns = (
         "clients", "orders/s", "p50", "p99", "no-op/s", "no-op p50", "no-op p99", "ratio",
-        "gateway CPU ms/order", "ms/no-op",
+        "CPU/order", "CPU/no-op",
     )  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
