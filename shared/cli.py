@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import threading
 import time
 import tomllib
 import uuid
@@ -613,6 +615,16 @@ def watch(
         stream = gw.stub.StreamNav(
             gateway_pb2.StreamNavRequest(products=wanted), metadata=gw.metadata
         )
+        stopping = threading.Event()
+
+        def stop_on_ctrl_c(signum: int, frame: object) -> None:
+            """Ctrl-C cancels the stream (from another thread, as gRPC allows) instead of
+            raising KeyboardInterrupt wherever the main thread is, possibly inside gRPC
+            or rich holding a lock; the loop below then ends on the cancelled stream."""
+            stopping.set()
+            threading.Thread(target=stream.cancel, daemon=True).start()
+
+        previous = signal.signal(signal.SIGINT, stop_on_ctrl_c)
         try:
             with Live(board.table(), console=console, auto_refresh=False) as live:
                 for update in stream:
@@ -620,9 +632,11 @@ def watch(
                     live.update(board.table(), refresh=True)
                     if count is not None and board.updates >= count:
                         break
-        except KeyboardInterrupt:
-            pass
+        except grpc.RpcError:
+            if not stopping.is_set():
+                raise
         finally:
+            signal.signal(signal.SIGINT, previous)
             stream.cancel()
             if not console.is_terminal:
                 console.line()  # Live leaves its last frame unterminated off a terminal
