@@ -1,25 +1,27 @@
-"""The runtime every faust stage service shares: app, input/DLQ topics, seq guard, main().
+"""What every stage service shares (`StageRuntime`), and the faust one (`StreamRuntime`).
 
-A stage service (regime, leverage, hedging, NAV; docs/pipeline.md) is a thin shell:
+A stage service (regime, leverage, hedging, NAV; docs/pipeline.md) is a thin shell.
+Regime (a faust table) and leverage read through faust:
 
     runtime = StreamRuntime(settings)                       # settings.service = "regime"
     ticks = runtime.input(MARKET_TICKS)                     # raw bytes + its .dlq twin
     out = runtime.output(MARKET_REGIMES)
 
+    async def handle(batch):                                 # faust events, in order
+        for event in batch:
+            parsed = await runtime.parse(ticks, event.message, to_core)  # None: DLQ'd
+            if parsed is None or not is_new(last_seq, seq):          # bad / redelivery
+                continue
+            outputs.append((out, symbol, message))
+        await runtime.send_many(outputs)                     # broker acked
+        ... write state ...                                  # output before state
+
     @runtime.app.agent(ticks.topic)
     async def regime(stream):
-        async for event in stream.events():
-            parsed = await runtime.parse(ticks, event, to_core)   # None: dead-lettered
-            if parsed is None:
-                continue
-            if not is_new(last_seq, seq):                          # redelivery
-                runtime.skipped(ticks); continue
-            await runtime.send(out, symbol, message)               # broker acked
-            ... write state ...                                    # output before state
-            runtime.processed(ticks, ts_init_ns)
+        await runtime.consume(stream, handle)
 
-    def main() -> None:
-        runtime.run()                                        # logs, /healthz, SIGTERM
+Hedging and NAV keep no faust table and read with a plain aiokafka consumer
+(`shared.consumer_stage.ConsumerRuntime`, same handler shape, records instead of events).
 
 Why raw bytes in: faust throws a value that fails to decode into the agent, which kills
 it; reading bytes and decoding here turns bad input into a `DeadLetter` on
@@ -28,18 +30,18 @@ moves on. The decision itself is pure (`decode_input`, `dead_letter`), so it is 
 tested without a broker.
 
 Batches. Awaiting the broker's ack for every event caps a stage at a few hundred events
-a second. `runtime.consume(stream, handle)` hands `handle` the events already waiting
-(up to `max_batch`, never waiting for more: an idle stage handles one event at once),
-and the stage does, per batch: compute every output in order in memory, `send_many`
-(produce all, then await all acks), then write its state once per symbol (last seq +
-state). Still output before state: a crash re-runs at most the batch, and the seq guard
-skips what was already applied. A batch's events are acked to faust (so their offsets
-may be committed) only after `handle` returned; if it raises, the worker stops with the
-batch unacked, so it is redelivered instead of being skipped over by the next batch.
+a second. `runtime.consume(stream, handle)` hands `handle` the events waiting (up to
+`max_batch`; an idle stage handles one event at once, after a few turns of the event
+loop to see whether more are on their way, `_more_coming`), and the stage does, per
+batch: compute every output in order in memory, `send_many` (produce all, then await
+all acks), then write its state once per symbol (last seq + state). Still output before
+state: a crash re-runs at most the batch, and the seq guard skips what was already
+applied. A batch's events are acked to faust (so their offsets may be committed) only
+after `handle` returned; if it raises, the worker stops with the batch unacked, so it
+is redelivered instead of being skipped over by the next batch.
 
-A service with several inputs (hedging: leverage.targets and orders.events) calls
-`runtime.input()` once per topic and runs one agent per input; each `Input` has its own
-DLQ. Metrics are labelled by service and input topic (un-namespaced name).
+Metrics are labelled by service and input topic (un-namespaced name); each `Input` has
+its own DLQ.
 """
 
 from __future__ import annotations
@@ -52,12 +54,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import faust
 import mode
 from aiokafka import AIOKafkaProducer
-from aiokafka.structs import RecordMetadata
+from aiokafka.structs import RecordMetadata, TopicPartition
 from faust import streams as faust_streams
 from faust.exceptions import ConsumerNotStarted
 from faust.transport.drivers import aiokafka as aiokafka_driver
@@ -85,7 +87,7 @@ from shared.transient import is_transient
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
-Outgoing = tuple[TopicT, str, Message]  # (topic, key, value) to produce
+Outgoing = tuple[str, str, Message]  # (topic name, key, value) to produce
 
 MESSAGES = Counter(
     "smartlev_stream_messages_total",
@@ -217,12 +219,6 @@ def acting_on(event: EventT) -> Iterator[None]:
         faust_streams._current_event.reset(token)
 
 
-def event_key(event: EventT) -> str:
-    """The message key as text (keys are symbols/products, UTF-8)."""
-    key = event.key
-    return key.decode("utf-8") if isinstance(key, bytes) else str(key or "")
-
-
 # --------------------------------------------------------------------------- the app
 
 
@@ -327,38 +323,60 @@ def build_app(settings: ServiceSettings, **overrides: Any) -> faust.App:
     return _App(app_id(settings), **options)
 
 
+class Record(Protocol):
+    """What a stage reads of an input message: faust's `Message` (`event.message`) and
+    aiokafka's `ConsumerRecord` both have it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: Any
+    value: Any
+
+
+def record_key(record: Record) -> str:
+    """The message key as text (keys are symbols/products, UTF-8)."""
+    key = record.key
+    return key.decode("utf-8") if isinstance(key, bytes) else str(key or "")
+
+
 @dataclass(frozen=True, slots=True)
 class Input:
     """A raw-bytes input topic (namespaced) with its dead-letter twin."""
 
     spec: TopicSpec  # the registry entry (un-namespaced: metric label)
-    topic: TopicT  # values arrive as bytes
-    dlq: TopicT  # DeadLetter values
+    name: str  # the namespaced topic
+    dlq: str  # the namespaced `.dlq` twin (DeadLetter values)
+
+
+@dataclass(frozen=True, slots=True)
+class FaustInput(Input):
+    """An input a faust agent reads: values arrive as bytes."""
+
+    topic: TopicT
 
 
 @dataclass
-class StreamRuntime:
-    """One service's app, topics, metrics and entrypoint; see the module doc."""
+class StageRuntime:
+    """What every stage runtime shares, however it reads its input (see the module doc):
+    outputs through its own idempotent producer, dead letters, metrics, health, the
+    transient-retry rule, and the health/metrics server's start and stop."""
 
     settings: ServiceSettings
     stale_after_s: float = 900.0  # /healthz fails when no input was handled for this long
     # Events handled together at most (one round of acks and state writes per batch).
     max_batch: int = 256
-    # Pause before seeking back over a gap: faust's fetch loop moves its read offset
-    # after handing an event over, and would drop the re-read events if that came last.
-    gap_settle_s: float = 0.05
     retry_backoff_s: float = 0.2  # first pause before a batch is re-run after a blip
-    recovery_stall_s: float = 45.0  # table recovery without progress: exit (RecoveryWatch)
-    app: faust.App = field(init=False)
     last_progress: float | None = field(init=False, default=None)
     redis: Any = field(init=False, default=None)  # set by services that use Redis
     producer: AIOKafkaProducer | None = field(init=False, default=None)  # started on first send
 
     def __post_init__(self) -> None:
-        self.app = build_app(self.settings)
         self.log = get_logger(self.settings.service, "stream")
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._producer_lock = asyncio.Lock()
+        self._server: HealthServer | None = None
+        self._assigned = AssignedPartitions(self)
 
     @property
     def service(self) -> str:
@@ -367,53 +385,48 @@ class StreamRuntime:
     def spec(self, spec: TopicSpec) -> TopicSpec:
         return spec.in_namespace(self.settings.namespace)
 
-    def input(self, spec: TopicSpec) -> Input:
-        named = self.spec(spec)
-        return Input(
-            spec=spec,
-            topic=faust_topic(self.app, named, decode_values=False),
-            dlq=faust_topic(self.app, named.dlq()),
-        )
+    def output(self, spec: TopicSpec) -> str:
+        """The namespaced name of an output topic (for `send_many`)."""
+        return self.spec(spec).name
 
-    def output(self, spec: TopicSpec) -> TopicT:
-        return faust_topic(self.app, self.spec(spec))
+    def assignment(self) -> set[TopicPartition]:
+        """The input partitions this instance consumes right now."""
+        raise NotImplementedError
 
-    async def parse(self, inp: Input, event: EventT, convert: Callable[[Any], T]) -> T | None:
-        """Decode + validate the event's value as `inp.spec.value_type`, converted by
+    async def parse(self, inp: Input, record: Record, convert: Callable[[Any], T]) -> T | None:
+        """Decode + validate the record's value as `inp.spec.value_type`, converted by
         `convert`; on failure dead-letter it and return None."""
-        result = decode_input(inp.spec.value_type, event.value, convert)
+        result = decode_input(inp.spec.value_type, record.value, convert)
         if isinstance(result, str):
-            await self.reject(inp, event, result)
+            await self.reject(inp, record, result)
             return None
         return result
 
-    async def reject(self, inp: Input, event: EventT, reason: str) -> None:
-        """Send the event to the input's DLQ with `reason` (waits for the ack). Also for
+    async def reject(self, inp: Input, record: Record, reason: str) -> None:
+        """Send the record to the input's DLQ with `reason` (waits for the ack). Also for
         input that decodes but the stage's state refuses (e.g. a tick back in time)."""
-        message = event.message
-        payload = event.value if isinstance(event.value, bytes) else message.value
         letter = dead_letter(
-            topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            key=message.key,
-            payload=payload,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            payload=record.value,
             reason=reason,
             service=self.service,
             ts_ns=time.time_ns(),
         )
-        await self.send(inp.dlq, event_key(event), letter)
+        await self.send(inp.dlq, record_key(record), letter)
         MESSAGES.labels(self.service, inp.spec.name, "dead_lettered").inc()
         self.last_progress = time.monotonic()
         self.log.warning(
             "dead_lettered",
-            topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
             reason=reason,
         )
 
-    async def send(self, topic: TopicT, key: str, value: Message) -> RecordMetadata:
+    async def send(self, topic: str, key: str, value: Message) -> RecordMetadata:
         """Produce and wait for the broker's ack (acks=all): output before state."""
         return (await self.send_many([(topic, key, value)]))[0]
 
@@ -426,7 +439,7 @@ class StreamRuntime:
         producer itself queues one in ~15 us."""
         producer = await self._producer()
         pending = [
-            await producer.send(topic.get_topic_name(), value=encode(value), key=key.encode())
+            await producer.send(topic, value=encode(value), key=key.encode())
             for topic, key, value in messages
         ]
         return list(await asyncio.gather(*pending))
@@ -444,6 +457,113 @@ class StreamRuntime:
                 await producer.start()
                 self.producer = producer
         return self.producer
+
+    async def handle_batch(
+        self, handle: Callable[[list[T]], Awaitable[None]], batch: list[T]
+    ) -> None:
+        """`handle(batch)` until it goes through: a transient error (broker, Redis,
+        network) re-runs the whole batch after a pause, exactly as a redelivery would
+        (same outputs again, seq-guarded state); any other error stops the stage with
+        the batch unacknowledged (`fail`), so it is redelivered on restart, never
+        skipped. So `handle` must take its state from the store, not from what a failed
+        run left in memory."""
+        pause = self.retry_backoff_s
+        while True:
+            try:
+                await handle(batch)
+                return
+            except Exception as exc:
+                if not is_transient(exc):
+                    await self.fail(exc)
+                self.log.warning("batch_retry", events=len(batch), error=repr(exc))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
+    async def fail(self, exc: BaseException) -> None:
+        """Stop the stage without acknowledging the input in hand; never returns (the
+        stage must not go on to later events on top of state that was not written)."""
+        raise NotImplementedError
+
+    async def _input_mark(self) -> int:
+        """A number that grows with new input: the sum of the assigned partitions'
+        high-water marks (`stalled_check`)."""
+        raise NotImplementedError
+
+    def processed(self, inp: Input, ts_init_ns: int) -> None:
+        MESSAGES.labels(self.service, inp.spec.name, "processed").inc()
+        LATENCY.labels(self.service).observe(max(time.time_ns() - ts_init_ns, 0) / 1e9)
+        self.last_progress = time.monotonic()
+
+    def skipped(self, inp: Input) -> None:
+        MESSAGES.labels(self.service, inp.spec.name, "skipped").inc()
+        self.last_progress = time.monotonic()
+
+    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Close a client (e.g. Redis) when the stage stops."""
+        self._on_stop.append(callback)
+
+    def health(self) -> HealthRegistry:
+        registry = HealthRegistry()
+        registry.register("kafka", kafka_check(self.settings.kafka_bootstrap))
+        if self.redis is not None:
+            registry.register("redis", redis_check(self.redis))
+        registry.register(
+            "consumer",
+            stalled_check(lambda: self.last_progress, self._input_mark, self.stale_after_s),
+        )
+        return registry
+
+    async def start_serving(self) -> None:
+        """/healthz and /metrics up (if a port is set); idle since start counts as fresh:
+        a quiet market is not a stuck consumer."""
+        self.last_progress = time.monotonic()
+        REGISTRY.register(self._assigned)
+        if self.settings.metrics_port:
+            self._server = HealthServer(
+                self.health(), port=self.settings.metrics_port, service=self.service
+            )
+            await self._server.start()
+
+    async def stop_serving(self) -> None:
+        """The health server down, then every client closed, the producer last."""
+        REGISTRY.unregister(self._assigned)
+        if self._server is not None:
+            await self._server.stop()
+        for callback in self._on_stop:
+            await callback()
+        if self.producer is not None:
+            await self.producer.stop()
+
+
+@dataclass
+class StreamRuntime(StageRuntime):
+    """A stage whose agents read through faust (regime: its table; leverage)."""
+
+    # Pause before seeking back over a gap: faust's fetch loop moves its read offset
+    # after handing an event over, and would drop the re-read events if that came last.
+    gap_settle_s: float = 0.05
+    recovery_stall_s: float = 45.0  # table recovery without progress: exit (RecoveryWatch)
+    gather_turns: int = 4  # see `_more_coming`
+    app: faust.App = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.app = build_app(self.settings)
+
+    def input(self, spec: TopicSpec) -> FaustInput:
+        named = self.spec(spec)
+        return FaustInput(
+            spec=spec,
+            name=named.name,
+            dlq=named.dlq().name,
+            topic=faust_topic(self.app, named, decode_values=False),
+        )
+
+    def assignment(self) -> set[TopicPartition]:
+        try:
+            return set(self.app.consumer.assignment())
+        except ConsumerNotStarted:
+            return set()
 
     async def batches(
         self, stream: StreamT[Any], max_batch: int | None = None
@@ -481,12 +601,25 @@ class StreamRuntime:
                 continue
             batch.append(event)
             del event, message  # only the gathering batch holds it: stop_flow may drop it
-            if len(batch) < limit and not waiting.empty():
+            if len(batch) < limit and await self._more_coming(waiting):
+                continue
+            if not batch:  # dropped by stop_flow while waiting for more
                 continue
             handed, batch[:] = list(batch), []
             yield handed
             for done in handed:
                 await stream.ack(done)
+
+    async def _more_coming(self, waiting: Any) -> bool:
+        """True when the next event is already in the queue, or arrives within a few
+        turns of the event loop: faust's fetch loop hands a fetched chunk over one event
+        per turn or so, so looking only at the queue closed batches of ~7 events under
+        full load (each with its own round of acks and state writes)."""
+        for _ in range(self.gather_turns):
+            if not waiting.empty():
+                return True
+            await asyncio.sleep(0)
+        return not waiting.empty()
 
     async def consume(
         self,
@@ -494,62 +627,20 @@ class StreamRuntime:
         handle: Callable[[list[EventT]], Awaitable[None]],
         max_batch: int | None = None,
     ) -> None:
-        """The agent body of a batching stage: `handle` each batch. A transient error
-        (broker, Redis, network) re-runs the whole batch after a pause, exactly as a
-        redelivery would (same outputs again, seq-guarded state); any other error stops
-        the worker with the batch unacked (redelivered on restart, see module doc).
-        So `handle` must take its state from the store, not from what a failed run
-        left in memory."""
+        """The agent body of a batching stage: `handle` each batch (`handle_batch`)."""
         async for batch in self.batches(stream, max_batch):
-            pause = self.retry_backoff_s
-            while True:
-                try:
-                    await handle(batch)
-                    break
-                except Exception as exc:
-                    if not is_transient(exc):
-                        await self.fail(exc)
-                    self.log.warning("batch_retry", events=len(batch), error=repr(exc))
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 5.0)
+            await self.handle_batch(handle, batch)
 
     async def _input_mark(self) -> int:
-        """Sum of the high-water marks of the partitions this instance consumes."""
-        assigned = self.app.consumer.assignment()
+        assigned = self.assignment()
         if not assigned:
             return 0
         return sum((await self.app.consumer.highwaters(*assigned)).values())
 
     async def fail(self, exc: BaseException) -> None:
-        """Stop the worker without acking the event(s) in hand; never returns (the agent
-        must not go on to later events on top of state that was not written)."""
         self.log.error("stage_failed", error=repr(exc), exc_info=exc)
         await self.app.crash(exc)
         await asyncio.Event().wait()
-
-    def processed(self, inp: Input, ts_init_ns: int) -> None:
-        MESSAGES.labels(self.service, inp.spec.name, "processed").inc()
-        LATENCY.labels(self.service).observe(max(time.time_ns() - ts_init_ns, 0) / 1e9)
-        self.last_progress = time.monotonic()
-
-    def skipped(self, inp: Input) -> None:
-        MESSAGES.labels(self.service, inp.spec.name, "skipped").inc()
-        self.last_progress = time.monotonic()
-
-    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Close a client (e.g. Redis) when the worker stops."""
-        self._on_stop.append(callback)
-
-    def health(self) -> HealthRegistry:
-        registry = HealthRegistry()
-        registry.register("kafka", kafka_check(self.settings.kafka_bootstrap))
-        if self.redis is not None:
-            registry.register("redis", redis_check(self.redis))
-        registry.register(
-            "consumer",
-            stalled_check(lambda: self.last_progress, self._input_mark, self.stale_after_s),
-        )
-        return registry
 
     def worker(self, **kwargs: Any) -> faust.Worker:
         """The faust worker running the app plus /healthz + /metrics (if a port is set)."""
@@ -600,7 +691,7 @@ class AssignedPartitions(Collector):
     consumes right now, read at scrape time, so an operator (or a test) sees which of
     several instances holds a symbol's partition, and that a survivor took it over."""
 
-    def __init__(self, runtime: StreamRuntime) -> None:
+    def __init__(self, runtime: StageRuntime) -> None:
         self.runtime = runtime
 
     @staticmethod
@@ -617,11 +708,7 @@ class AssignedPartitions(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = self._family()
         namespace = self.runtime.settings.namespace
-        try:
-            assignment = self.runtime.app.consumer.assignment()
-        except ConsumerNotStarted:
-            assignment = set()
-        for tp in sorted(assignment):
+        for tp in sorted(self.runtime.assignment()):
             topic = tp.topic.removeprefix(namespace)
             family.add_metric([self.runtime.service, topic, str(tp.partition)], 1)
         yield family
@@ -632,20 +719,10 @@ class _Sidecar(mode.Service):
 
     def __init__(self, runtime: StreamRuntime, **kwargs: Any) -> None:
         self.runtime = runtime
-        self.server: HealthServer | None = None
-        self.assigned = AssignedPartitions(runtime)
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
-        # Idle since start counts as fresh: a quiet market is not a stuck consumer.
-        self.runtime.last_progress = time.monotonic()
-        settings = self.runtime.settings
-        REGISTRY.register(self.assigned)
-        if settings.metrics_port:
-            self.server = HealthServer(
-                self.runtime.health(), port=settings.metrics_port, service=settings.service
-            )
-            await self.server.start()
+        await self.runtime.start_serving()
 
     @mode.Service.task
     async def _watch_recovery(self) -> None:
@@ -665,10 +742,4 @@ class _Sidecar(mode.Service):
                 os._exit(RECOVERY_STALLED_EXIT)  # a clean stop would wait on the hung recovery
 
     async def on_stop(self) -> None:
-        REGISTRY.unregister(self.assigned)
-        if self.server is not None:
-            await self.server.stop()
-        for callback in self.runtime._on_stop:
-            await callback()
-        if self.runtime.producer is not None:
-            await self.runtime.producer.stop()
+        await self.runtime.stop_serving()

@@ -21,14 +21,12 @@ Failures:
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from faust.types import EventT
 from redis.asyncio import Redis
 from smartlev.v1 import hedging_pb2
 
@@ -46,12 +44,13 @@ from services.hedging.messages import (
 )
 from services.hedging.reconcile_loop import install_reconcile_loop
 from shared.adapters.venue_client import venue_channel
+from shared.consumer_stage import ConsumerRuntime, Records
 from shared.core.config import StrategyConfig
 from shared.core.market import FundingRate
 from shared.core.money import MoneyError
 from shared.health import HealthRegistry
 from shared.logging import get_logger
-from shared.stream import Input, StreamRuntime, dead_letter, event_key, is_new
+from shared.stream import Input, Record, is_new
 from shared.topics import HEDGE_FILLS, LEVERAGE_TARGETS, ORDERS_EVENTS
 from shared.transient import is_transient as shared_is_transient
 
@@ -77,7 +76,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 @dataclass
-class HedgingRuntime(StreamRuntime):
+class HedgingRuntime(ConsumerRuntime):
     """The shared stream runtime plus a `books` health check: unhealthy once a symbol
     halted on a bug."""
 
@@ -95,7 +94,7 @@ class HedgingRuntime(StreamRuntime):
 
 
 class Hedger:
-    """The two agents' handlers; per symbol one event at a time (both inputs share it)."""
+    """The two inputs' handlers; per symbol one event at a time (both inputs share it)."""
 
     def __init__(
         self, runtime: HedgingRuntime, desks: Desks, config: StrategyConfig, backoff_s: float
@@ -154,7 +153,7 @@ class Hedger:
 
         await self._guarded(symbol, attempt)
 
-    async def on_order(self, inp: Input, event: EventT, step: OrderStep) -> None:
+    async def on_order(self, inp: Input, record: Record, step: OrderStep) -> None:
         def work(desk: Desk) -> hedging_pb2.HedgeUpdate:
             desk.venue.begin(step.event_id)
             engine = desk.engine
@@ -186,18 +185,7 @@ class Hedger:
             return True
 
         async def refuse(reason: str) -> None:
-            message = event.message
-            letter = dead_letter(
-                topic=message.topic,
-                partition=message.partition,
-                offset=message.offset,
-                key=message.key,
-                payload=event.value,
-                reason=reason,
-                service=self.runtime.service,
-                ts_ns=time.time_ns(),
-            )
-            await self.runtime.send(inp.dlq, event_key(event), letter)
+            await self.runtime.reject(inp, record, reason)
             log.error("order_refused", order=step.order_id, product=step.product, reason=reason)
 
         await self._guarded(step.symbol, attempt, refuse)
@@ -265,26 +253,23 @@ def build(settings: HedgingSettings, config: StrategyConfig | None = None) -> He
     targets_in = runtime.input(LEVERAGE_TARGETS)
     orders_in = runtime.input(ORDERS_EVENTS)
 
-    async def handle_targets(batch: list[EventT]) -> None:
+    async def handle_targets(batch: Records) -> None:
         by_symbol: dict[str, list[MarketStep]] = defaultdict(list)
-        for event in batch:
-            step = await runtime.parse(targets_in, event, hedger.market_step)
+        for record in batch:
+            step = await runtime.parse(targets_in, record, hedger.market_step)
             if step is not None:
                 by_symbol[step.symbol].append(step)
         for steps in by_symbol.values():
             await hedger.on_market(targets_in, steps)
 
-    @runtime.app.agent(targets_in.topic, name="hedging-targets")
-    async def targets(stream: Any) -> None:
-        await runtime.consume(stream, handle_targets)
-
-    @runtime.app.agent(orders_in.topic, name="hedging-orders")
-    async def orders(stream: Any) -> None:
-        async for event in stream.events():
-            step = await runtime.parse(orders_in, event, hedger.order_step)
+    async def handle_orders(batch: Records) -> None:
+        for record in batch:
+            step = await runtime.parse(orders_in, record, hedger.order_step)
             if step is not None:
-                await hedger.on_order(orders_in, event, step)
+                await hedger.on_order(orders_in, record, step)
 
+    runtime.on_batch(targets_in, handle_targets)
+    runtime.on_batch(orders_in, handle_orders)
     return runtime
 
 

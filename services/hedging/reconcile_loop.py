@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from redis.exceptions import RedisError
 
+from shared.consumer_stage import ConsumerRuntime
 from shared.core.config import StrategyConfig
 from shared.logging import get_logger
 from shared.reconcile import BooksMonitor
 from shared.settings import ServiceSettings
-from shared.stream import StreamRuntime
 
 log = get_logger("hedging", "reconcile")
 
 
 def install_reconcile_loop(
-    runtime: StreamRuntime,
+    runtime: ConsumerRuntime,
     settings: ServiceSettings,
     config: StrategyConfig,
     interval_s: float = 30.0,
@@ -27,7 +27,6 @@ def install_reconcile_loop(
     """Check every configured symbol's books every `interval_s` (runtime.redis set)."""
     monitor = BooksMonitor(runtime.redis, config, settings.namespace, list(config.instruments))
 
-    @runtime.app.timer(interval_s, name="reconcile-books")
     async def reconcile_books() -> None:
         try:
             found = await monitor.check()
@@ -44,4 +43,5 @@ def install_reconcile_loop(
                     actual=str(row.actual),
                 )
 
+    runtime.every("reconcile-books", interval_s, reconcile_books)
     return monitor

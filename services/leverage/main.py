@@ -48,7 +48,7 @@ def build(settings: LeverageSettings, config: StrategyConfig | None = None) -> S
         outputs: list[Outgoing] = []
         done: list[int] = []
         for event in batch:
-            update = await runtime.parse(regimes, event, parse_regime_update)
+            update = await runtime.parse(regimes, event.message, parse_regime_update)
             if update is None:
                 continue
             market = update.market

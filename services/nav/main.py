@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import time
 from decimal import Decimal
-from typing import Any
 
 from redis.asyncio import Redis
 
@@ -27,9 +26,10 @@ from services.nav.marking import (
     parse_update,
     state_fields,
 )
+from shared.consumer_stage import ConsumerRuntime, Records
 from shared.core.accounting import AccountingConfig
 from shared.redis_store import ApplyOnceStore
-from shared.stream import Input, Outgoing, StreamRuntime
+from shared.stream import Outgoing
 from shared.topics import HEDGE_FILLS, NAV_LATEST, NAV_UPDATES
 
 MARKET_SOURCE = "market"  # ApplyOnceStore source whose "offset" is the market seq
@@ -38,7 +38,7 @@ MARKET_SOURCE = "market"  # ApplyOnceStore source whose "offset" is the market s
 class NavService:
     """The shell: read the books' last marks, call the core, send, then write."""
 
-    def __init__(self, runtime: StreamRuntime, redis: Redis, initial_nav: Decimal) -> None:
+    def __init__(self, runtime: ConsumerRuntime, redis: Redis, initial_nav: Decimal) -> None:
         self.runtime = runtime
         self.store = ApplyOnceStore(redis, namespace=f"{runtime.settings.namespace}nav")
         self.initial_nav = initial_nav
@@ -118,18 +118,18 @@ class NavService:
         return len(messages)
 
 
-def build(settings: NavSettings) -> StreamRuntime:
-    runtime = StreamRuntime(settings)
+def build(settings: NavSettings) -> ConsumerRuntime:
+    runtime = ConsumerRuntime(settings)
     redis = Redis.from_url(settings.redis_url)
     runtime.redis = redis
     runtime.on_stop(redis.aclose)
     service = NavService(runtime, redis, AccountingConfig().initial_nav)
-    fills: Input = runtime.input(HEDGE_FILLS)
+    fills = runtime.input(HEDGE_FILLS)
 
-    async def handle(batch: list[Any]) -> None:
+    async def handle(batch: Records) -> None:
         # Market events go in runs (one read and one write per product per run), orders
         # one by one; state is read from Redis per run, so a re-run of the batch after a
-        # transient error (consume() retries) skips what was applied, by seq or id.
+        # transient error (handle_batch retries) skips what was applied, by seq or id.
         run: list[FillsEvent] = []
         for message in batch:
             event = await runtime.parse(fills, message, parse_update)
@@ -150,10 +150,7 @@ def build(settings: NavSettings) -> StreamRuntime:
                 runtime.processed(fills, event.ts_init_ns or time.time_ns())
             run.clear()
 
-    @runtime.app.agent(fills.topic)
-    async def nav(stream: Any) -> None:
-        await runtime.consume(stream, handle)
-
+    runtime.on_batch(fills, handle)
     return runtime
 
 

@@ -49,7 +49,7 @@ def build(settings: RegimeSettings, config: StrategyConfig | None = None) -> Str
         outputs: list[Outgoing] = []
         done: list[int] = []
         for event in batch:
-            market = await runtime.parse(ticks, event, parse_market)
+            market = await runtime.parse(ticks, event.message, parse_market)
             if market is None:
                 continue
             symbol = market.symbol
@@ -62,7 +62,7 @@ def build(settings: RegimeSettings, config: StrategyConfig | None = None) -> Str
             try:
                 update, bar_closed = signals.step(market, time.time_ns())
             except ValueError as exc:  # a tick back in time; the state is unchanged
-                await runtime.reject(ticks, event, str(exc))
+                await runtime.reject(ticks, event.message, str(exc))
                 continue
             touched[symbol] = (signals, closed or bar_closed)
             outputs.append((regimes, symbol, update))

@@ -74,9 +74,10 @@ def test_nav_service_marks_the_core_books_exactly(
         got = collect(pipeline, lambda u: len(u) >= 2 * n + 2, timeout_s=60, settle_s=1.0)
 
         orders = [u for u in got if u.event_id.startswith(f"{u.product}:deposit:")]
-        assert [(u.product, Decimal(u.nav), Decimal(u.equity)) for u in orders] == [
+        # one partition per product: their order on the topic is not defined
+        assert sorted((u.product, Decimal(u.nav), Decimal(u.equity)) for u in orders) == sorted(
             (p, Decimal(100), CAPITAL - CAPITAL * config.accounting.open_fee) for p in PRODUCTS
-        ]
+        )
         compared = compare_navs(reference, got)
         assert len(got) == 2 * n + 2
         print(f"compared {n} ticks, {sum(compared.values())} NAV updates: equal to the unit")

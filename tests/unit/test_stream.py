@@ -152,8 +152,8 @@ def test_app_settings() -> None:
     assert conf.topic_replication_factor == 1
     assert conf.topic_allow_declare is True
     ticks = runtime.input(MARKET_TICKS)
-    assert ticks.topic.get_topic_name() == "t1.market.ticks"
-    assert ticks.dlq.get_topic_name() == "t1.market.ticks.dlq"
+    assert ticks.topic.get_topic_name() == ticks.name == "t1.market.ticks"
+    assert ticks.dlq == "t1.market.ticks.dlq"
 
 
 async def test_parse_dead_letters_bad_input_and_returns_none() -> None:
@@ -165,16 +165,23 @@ async def test_parse_dead_letters_bad_input_and_returns_none() -> None:
         sent.append((topic, key, value))
 
     runtime.send = send  # type: ignore[method-assign]
-    message = SimpleNamespace(topic="t2.market.ticks", partition=1, offset=9, key=b"BTC-USDT")
-    bad = SimpleNamespace(key=b"BTC-USDT", value=b"\xff\x00", message=message)
-    assert await runtime.parse(ticks, bad, parse_market) is None  # type: ignore[arg-type]
+    bad = SimpleNamespace(
+        topic="t2.market.ticks", partition=1, offset=9, key=b"BTC-USDT", value=b"\xff\x00"
+    )
+    assert await runtime.parse(ticks, bad, parse_market) is None
     [(topic, key, letter)] = sent
-    assert topic is ticks.dlq and key == SYMBOL
+    assert topic == ticks.dlq == "t2.market.ticks.dlq" and key == SYMBOL
     assert (letter.partition, letter.offset, letter.payload) == (1, 9, b"\xff\x00")
     assert letter.service == "regime" and "malformed protobuf" in letter.reason
 
-    good = SimpleNamespace(key=b"BTC-USDT", value=codec.encode(tick_event()), message=message)
-    parsed = await runtime.parse(ticks, good, parse_market)  # type: ignore[arg-type]
+    good = SimpleNamespace(
+        topic="t2.market.ticks",
+        partition=1,
+        offset=10,
+        key=b"BTC-USDT",
+        value=codec.encode(tick_event()),
+    )
+    parsed = await runtime.parse(ticks, good, parse_market)
     assert isinstance(parsed, MarketInput) and len(sent) == 1
 
 

@@ -1,0 +1,217 @@
+"""A stage that reads its inputs with one aiokafka consumer in its own event loop.
+
+For the stages that keep no faust table (hedging, NAV): faust's path from the broker to
+an agent costs a stage ~0.2-0.3 ms of CPU per event (a consumer thread, a hop to the main
+loop, a race against the flow-control event per message, the conductor, a queue, the
+stream iterator), more than the stage's own work. Here `getmany` hands over what was
+fetched (up to `max_batch` records) and the stage's handler takes it as one batch:
+
+    runtime = ConsumerRuntime(settings)
+    fills = runtime.input(HEDGE_FILLS)                  # raw bytes + its .dlq twin
+    runtime.on_batch(fills, handle)                     # handle(list[ConsumerRecord])
+    runtime.run()                                       # logs, /healthz, SIGTERM
+
+The guarantees are the stream runtime's (shared/stream.py): output before state, a seq
+or id guard in the state, transient errors re-run the batch, anything else stops the
+stage with the batch not committed. Offsets are committed after the batch is handled,
+at most every `commit_interval_s` (the seq guard skips what a restart reads again), and
+always before a partition is given up: a rebalance waits for the batch in hand
+(`_Rebalance`), commits, then lets the partitions go. A batch fetched before a rebalance
+keeps only the records of partitions still assigned; a partition that moved is read by
+its new owner from the last commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import TopicPartition
+
+from shared.logging import configure_logging
+from shared.stream import FETCH_MAX_WAIT_MS, Input, StageRuntime, app_id
+from shared.topics import TopicSpec
+from shared.transient import is_transient
+
+Records = list[ConsumerRecord]
+BatchHandler = Callable[[Records], Awaitable[None]]
+
+
+class StageFailed(Exception):
+    """The stage stopped on an error that retrying cannot fix (see `fail`)."""
+
+
+@dataclass
+class ConsumerRuntime(StageRuntime):
+    """See the module doc."""
+
+    max_batch: int = 500
+    commit_interval_s: float = 1.0
+    poll_timeout_ms: int = 1000  # getmany's longest wait (a stop cancels it sooner)
+    consumer: AIOKafkaConsumer | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._handlers: dict[str, tuple[Input, BatchHandler]] = {}
+        self._timers: list[tuple[str, float, Callable[[], Awaitable[None]]]] = []
+        self._handling = asyncio.Lock()  # held while a batch is handled and committed
+        self._pending: dict[TopicPartition, int] = {}  # handled, not yet committed
+        self._committed_at = time.monotonic()
+        self._stopping = False
+
+    def input(self, spec: TopicSpec) -> Input:
+        named = self.spec(spec)
+        return Input(spec=spec, name=named.name, dlq=named.dlq().name)
+
+    def on_batch(self, inp: Input, handle: BatchHandler) -> None:
+        """Hand `inp`'s records to `handle`, in offset order per partition."""
+        self._handlers[inp.name] = (inp, handle)
+
+    def every(self, name: str, interval_s: float, job: Callable[[], Awaitable[None]]) -> None:
+        """Run `job` every `interval_s` beside the consumer (its errors are its own)."""
+        self._timers.append((name, interval_s, job))
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.consumer.assignment()) if self.consumer is not None else set()
+
+    async def _input_mark(self) -> int:
+        assigned = self.assignment()
+        if not assigned or self.consumer is None:
+            return 0
+        return sum((await self.consumer.end_offsets(list(assigned))).values())
+
+    async def fail(self, exc: BaseException) -> NoReturn:
+        self.log.error("stage_failed", error=repr(exc), exc_info=exc)
+        raise StageFailed(repr(exc)) from exc
+
+    def run(self) -> None:
+        """The service entrypoint: JSON logs, health server, consumer; exits on SIGTERM
+        (status 1 when the stage failed)."""
+        configure_logging(self.service, self.settings.log_level)
+        try:
+            asyncio.run(self.serve())
+        except StageFailed:
+            raise SystemExit(1) from None
+
+    async def serve(self) -> None:
+        """Consume until SIGTERM/SIGINT, then commit what was handled and leave the group."""
+        consumer = self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            client_id=f"{self.settings.kafka.client_id}-{self.service}",
+            group_id=app_id(self.settings),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            session_timeout_ms=15_000,  # as the faust stages: a killed member is replaced soon
+            heartbeat_interval_ms=3_000,
+        )
+        consumer.subscribe(list(self._handlers), listener=_Rebalance(self))
+        await self.start_serving()
+        timers = [asyncio.create_task(self._every(*timer)) for timer in self._timers]
+        try:
+            await consumer.start()
+            self.log.info("stage_started", inputs=sorted(self._handlers))
+            loop_task = asyncio.create_task(self._consume(consumer))
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop, loop_task)
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+            async with self._handling:
+                await self._commit(consumer)
+        finally:
+            for task in timers:
+                task.cancel()
+            await consumer.stop()
+            await self.stop_serving()
+            self.log.info("stage_stopped")
+
+    def _stop(self, loop_task: asyncio.Task[None]) -> None:
+        """Stop after the batch in hand (a wait for input is cut short)."""
+        self._stopping = True
+        if not self._handling.locked():
+            loop_task.cancel()
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        while not self._stopping:
+            fetched = await consumer.getmany(
+                timeout_ms=self.poll_timeout_ms, max_records=self.max_batch
+            )
+            if fetched:
+                await self._handle(consumer, fetched)
+            elif self._pending:
+                async with self._handling:
+                    await self._commit(consumer)
+
+    async def _handle(
+        self, consumer: AIOKafkaConsumer, fetched: dict[TopicPartition, Records]
+    ) -> None:
+        async with self._handling:
+            owned = consumer.assignment()
+            by_topic: dict[str, Records] = {}
+            for tp, records in fetched.items():
+                if tp in owned:  # else it moved in a rebalance: its new owner reads it
+                    by_topic.setdefault(tp.topic, []).extend(records)
+            for topic, records in by_topic.items():
+                _, handle = self._handlers[topic]
+                await self.handle_batch(handle, records)
+            for tp, records in fetched.items():
+                if tp in owned:
+                    self._pending[tp] = records[-1].offset + 1
+            if time.monotonic() - self._committed_at >= self.commit_interval_s:
+                await self._commit(consumer)
+
+    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
+        """Commit the handled offsets of the partitions still assigned (lock held)."""
+        owned = consumer.assignment()
+        offsets = {tp: offset for tp, offset in self._pending.items() if tp in owned}
+        self._pending.clear()
+        self._committed_at = time.monotonic()
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The partitions moved meanwhile: their new owner reads from the last commit
+            # and the seq guard skips what this instance already applied.
+            self.log.warning("commit_skipped", error=repr(exc))
+        except KafkaError as exc:
+            if not is_transient(exc):
+                raise
+            self.log.warning("commit_deferred", error=repr(exc))
+            self._pending = {**offsets, **self._pending}
+
+    async def _every(
+        self, name: str, interval_s: float, job: Callable[[], Awaitable[None]]
+    ) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await job()
+            except Exception as exc:  # a periodic check must not stop the stage
+                self.log.error("timer_failed", timer=name, error=repr(exc), exc_info=exc)
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Give partitions up only after the batch in hand is handled and committed."""
+
+    def __init__(self, runtime: ConsumerRuntime) -> None:
+        self.runtime = runtime
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        runtime = self.runtime
+        async with runtime._handling:
+            if runtime.consumer is not None:
+                await runtime._commit(runtime.consumer)
+        runtime.log.info("partitions_revoked", partitions=sorted(str(tp) for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.runtime.log.info("partitions_assigned", partitions=sorted(str(tp) for tp in assigned))
