@@ -68,8 +68,10 @@ from google.protobuf.message import Message
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from redis.asyncio import Redis
 from smartlev.v1 import market_pb2
 
+from shared.adapters.redis_wire import RedisWire
 from shared.codec import (
     DecodeError,
     decode,
@@ -392,6 +394,16 @@ class StageRuntime:
     def assignment(self) -> set[TopicPartition]:
         """The input partitions this instance consumes right now."""
         raise NotImplementedError
+
+    def connect_redis(self, **redis_py: Any) -> RedisWire:
+        """The stage's Redis: `self.redis` (redis-py: /healthz and the slow paths) and the
+        multiplexed connection its state steps go over (~15 us of CPU a command instead
+        of ~120 us); both closed when the stage stops."""
+        self.redis = Redis.from_url(self.settings.redis_url, **redis_py)
+        wire = RedisWire.from_url(self.settings.redis_url)
+        self.on_stop(self.redis.aclose)
+        self.on_stop(wire.aclose)
+        return wire
 
     async def parse(self, inp: Input, record: Record, convert: Callable[[Any], T]) -> T | None:
         """Decode + validate the record's value as `inp.spec.value_type`, converted by

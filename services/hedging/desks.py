@@ -18,8 +18,8 @@ import json
 from dataclasses import dataclass
 
 import grpc
-from redis.asyncio import Redis
 
+from shared.adapters.redis_wire import RedisWire
 from shared.adapters.venue_client import RemoteVenue
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine
@@ -44,7 +44,7 @@ class Desks:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisWire,
         config: StrategyConfig,
         channel: grpc.Channel,
         *,

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from redis.asyncio import Redis
 from smartlev.v1 import hedging_pb2
 
 from services.hedging.config import HedgingSettings
@@ -232,17 +231,15 @@ def build(settings: HedgingSettings, config: StrategyConfig | None = None) -> He
     """The app with its two agents, wired to Redis and the venue."""
     config = config or StrategyConfig()
     runtime = HedgingRuntime(settings)
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    wire = runtime.connect_redis(decode_responses=True)
     channel = venue_channel(settings.venue_address)
-    runtime.redis = redis
 
     async def close() -> None:
         channel.close()
-        await redis.aclose()
 
     runtime.on_stop(close)
     desks = Desks(
-        redis,
+        wire,
         config,
         channel,
         namespace=settings.namespace,

@@ -14,7 +14,6 @@ import time
 
 import faust
 from faust.types import EventT
-from redis.asyncio import Redis
 
 from services.leverage.config import LeverageSettings
 from services.leverage.state import SymbolControllers, parse_regime_update, restore
@@ -32,9 +31,7 @@ def build(settings: LeverageSettings, config: StrategyConfig | None = None) -> S
     runtime = StreamRuntime(settings)
     regimes = runtime.input(MARKET_REGIMES)
     targets = runtime.output(LEVERAGE_TARGETS)
-    runtime.redis = redis = Redis.from_url(settings.redis_url)
-    runtime.on_stop(redis.aclose)
-    store = ApplyOnceStore(redis, namespace=f"{settings.namespace}lev")
+    store = ApplyOnceStore(runtime.connect_redis(), namespace=f"{settings.namespace}lev")
 
     async def load(symbol: str) -> SymbolControllers:
         fields, _ = await store.read(symbol, STATE)

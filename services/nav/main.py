@@ -15,8 +15,6 @@ import asyncio
 import time
 from decimal import Decimal
 
-from redis.asyncio import Redis
-
 from services.nav.config import NavSettings
 from services.nav.marking import (
     FillsEvent,
@@ -26,6 +24,7 @@ from services.nav.marking import (
     parse_update,
     state_fields,
 )
+from shared.adapters.redis_wire import RedisWire
 from shared.consumer_stage import ConsumerRuntime, Records
 from shared.core.accounting import AccountingConfig
 from shared.redis_store import ApplyOnceStore
@@ -38,7 +37,7 @@ MARKET_SOURCE = "market"  # ApplyOnceStore source whose "offset" is the market s
 class NavService:
     """The shell: read the books' last marks, call the core, send, then write."""
 
-    def __init__(self, runtime: ConsumerRuntime, redis: Redis, initial_nav: Decimal) -> None:
+    def __init__(self, runtime: ConsumerRuntime, redis: RedisWire, initial_nav: Decimal) -> None:
         self.runtime = runtime
         self.store = ApplyOnceStore(redis, namespace=f"{runtime.settings.namespace}nav")
         self.initial_nav = initial_nav
@@ -120,10 +119,7 @@ class NavService:
 
 def build(settings: NavSettings) -> ConsumerRuntime:
     runtime = ConsumerRuntime(settings)
-    redis = Redis.from_url(settings.redis_url)
-    runtime.redis = redis
-    runtime.on_stop(redis.aclose)
-    service = NavService(runtime, redis, AccountingConfig().initial_nav)
+    service = NavService(runtime, runtime.connect_redis(), AccountingConfig().initial_nav)
     fills = runtime.input(HEDGE_FILLS)
 
     async def handle(batch: Records) -> None:

@@ -55,6 +55,7 @@ class VenueLedger:
 
     def __init__(self, redis: Redis, config: StrategyConfig, namespace: str = "") -> None:
         self.config = config
+        self.redis = redis
         self.store = ApplyOnceStore(redis, namespace=f"{namespace}venue")
         self._accounts: dict[str, _Account] = {}
 
@@ -126,7 +127,7 @@ class VenueLedger:
         self, symbol: str, call_id: str, print_: str, reply_type: type[R]
     ) -> R | None:
         applied_key = self.store.state_key(symbol, "applied")
-        raw = await self.store.client.hget(applied_key, call_id)
+        raw = await self.redis.hget(applied_key, call_id)
         if raw is None:
             return None
         record = json.loads(raw)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 
 import pytest
 from redis.asyncio import Redis
 
+from shared.adapters.redis_wire import RedisWire
 from shared.redis_store import ApplyOnceStore, ApplyStatus, product_key
 
 pytestmark = pytest.mark.integration
@@ -24,6 +25,17 @@ async def client(redis_url: str) -> AsyncIterator[Redis]:
     await redis.aclose()
 
 
+Client = Redis | RedisWire
+
+
+@pytest.fixture(params=["redis-py", "wire"])
+def connect(request: pytest.FixtureRequest, redis_url: str) -> Callable[[], Client]:
+    """A new client of either kind: the store gives the same answers over both."""
+    if request.param == "wire":
+        return lambda: RedisWire.from_url(redis_url)
+    return lambda: Redis.from_url(redis_url)
+
+
 @pytest.fixture
 def tag() -> str:
     # A product name unique per test, so runs never see each other's state.
@@ -31,8 +43,12 @@ def tag() -> str:
 
 
 @pytest.fixture
-async def store(client: Redis, tag: str) -> AsyncIterator[ApplyOnceStore]:
-    yield ApplyOnceStore(client)
+async def store(
+    client: Redis, connect: Callable[[], Client], tag: str
+) -> AsyncIterator[ApplyOnceStore]:
+    used = connect()
+    yield ApplyOnceStore(used)
+    await used.aclose()
     keys = [k async for k in client.scan_iter(match=f"pos:{{{tag}}}:*")]
     if keys:
         await client.delete(*keys)
@@ -76,10 +92,10 @@ async def test_several_hashes_change_together(store: ApplyOnceStore, tag: str) -
 
 
 async def test_concurrent_appliers_of_one_message_exactly_one_wins(
-    redis_url: str, tag: str, store: ApplyOnceStore
+    connect: Callable[[], Client], tag: str, store: ApplyOnceStore
 ) -> None:
     # Independent connections, as separate service instances would have.
-    clients = [Redis.from_url(redis_url) for _ in range(16)]
+    clients = [connect() for _ in range(16)]
     try:
         stores = [ApplyOnceStore(c) for c in clients]
         state = product_key(tag, "state")
@@ -97,11 +113,11 @@ async def test_concurrent_appliers_of_one_message_exactly_one_wins(
 
 
 async def test_concurrent_read_modify_write_loses_no_update(
-    redis_url: str, tag: str, store: ApplyOnceStore
+    connect: Callable[[], Client], tag: str, store: ApplyOnceStore
 ) -> None:
     """20 different messages each add 0.1 to a balance: optimistic version check +
     retry gives exactly 2.0, and redelivering all of them changes nothing."""
-    clients = [Redis.from_url(redis_url) for _ in range(20)]
+    clients = [connect() for _ in range(20)]
 
     def add_tenth(fields: dict[str, str]) -> dict[str, Decimal]:
         return {"balance": Decimal(fields.get("balance", "0")) + Decimal("0.1")}
@@ -128,3 +144,13 @@ async def test_stale_expected_version_is_a_conflict(store: ApplyOnceStore, tag: 
     assert stale.status is ApplyStatus.CONFLICT
     assert not await store.was_applied(tag, "b")
     assert (await store.read(tag, "state"))[0] == {"a": "1"}
+
+
+async def test_absent_state_reads_empty_at_version_zero(store: ApplyOnceStore, tag: str) -> None:
+    assert await store.read(tag, "state") == ({}, 0)
+    assert await store.version(tag) == 0
+    assert await store.last_offset(tag, "seq") is None
+    assert (await store.apply(tag, {product_key(tag, "state"): {"x": "ü"}}, source="seq",
+                              offset=3)).version == 1  # fmt: skip
+    assert await store.read(tag, "state") == ({"x": "ü"}, 1)
+    assert await store.version(tag) == 1 and await store.last_offset(tag, "seq") == 3
