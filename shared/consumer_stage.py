@@ -33,7 +33,12 @@ from typing import Any, NoReturn
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaError,
+)
 from aiokafka.structs import TopicPartition
 
 from shared.logging import configure_logging
@@ -123,7 +128,13 @@ class ConsumerRuntime(StageRuntime):
         await self.start_serving()
         timers = [asyncio.create_task(self._every(*timer)) for timer in self._timers]
         try:
-            await consumer.start()
+            try:
+                await consumer.start()
+            except KafkaConnectionError as exc:
+                raise SystemExit(
+                    f"{self.service}: Kafka at {self.settings.kafka_bootstrap} is not "
+                    f"reachable: {exc}"
+                ) from exc
             self.log.info("stage_started", inputs=sorted(self._handlers))
             loop_task = asyncio.create_task(self._consume(consumer))
             loop = asyncio.get_running_loop()

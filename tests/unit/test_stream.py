@@ -242,3 +242,26 @@ def test_stopping_the_flow_drops_a_gathering_batch_without_acking_it() -> None:
     assert set(consumer._unacked_messages) == {handed_out}
     assert not consumer.flow_active and consumer.suspend_flow.is_set()
     assert not any(getattr(m, "acked", False) for m in gathered)
+
+
+async def test_a_batch_waits_a_few_loop_turns_for_events_on_their_way() -> None:
+    """faust hands a fetched chunk over about one event per turn of the event loop: the
+    batch stays open while the next event arrives within `gather_turns` turns, and
+    closes (False) once the queue stayed empty that long."""
+    runtime = StreamRuntime(ServiceSettings(service="regime", namespace="t3."))
+    queue: asyncio.Queue[int] = asyncio.Queue()
+
+    async def put_after(turns: int) -> None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        queue.put_nowait(1)
+
+    late = asyncio.create_task(put_after(runtime.gather_turns - 1))
+    assert await runtime._more_coming(queue)
+    await late
+    queue.get_nowait()
+    assert not await runtime._more_coming(queue)  # nothing on its way
+    too_late = asyncio.create_task(put_after(runtime.gather_turns + 2))
+    assert not await runtime._more_coming(queue)
+    await too_late
+    assert await runtime._more_coming(queue)  # already waiting: no turn needed
