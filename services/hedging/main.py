@@ -12,8 +12,9 @@ Failures:
 - a transient failure (venue, Redis or Kafka unreachable) reloads the symbol's desk from
   Redis and retries the event until it goes through;
 - anything else, a `BooksOutOfBalance` first of all, is a bug: it is logged loudly, the
-  symbol's consumer stops on that event (its offset is never committed, so nothing is
-  skipped: the partition waits for a fix and a restart) and /healthz turns unhealthy.
+  service stops on that event (one consumer reads both inputs, so every symbol of the
+  instance waits; the offset is never committed, so nothing is skipped: the input waits
+  for a fix and a restart) and /healthz turns unhealthy.
 - an order the books refuse (redeeming more units than the product has) goes to the
   `.dlq` with the reason.
 """
