@@ -30,7 +30,8 @@ from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 
-from kafka import KafkaConsumer, TopicPartition
+import redis
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from smartlev.v1 import nav_pb2, orders_pb2
 
 from shared import codec
@@ -131,6 +132,35 @@ def free_port() -> int:
 
 def new_namespace(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}."
+
+
+# Namespaces that test, bench and chaos runs create (`new_namespace` and the tests' own):
+# t<8 hex>. and bench<8 hex>.
+LEFTOVER = re.compile(r"^(t|bench)[0-9a-f]{8}\.")
+
+
+def remove_leftover_namespaces(bootstrap: str, redis_url: str) -> int:
+    """Delete the topics and Redis keys earlier test and bench runs left behind (a run
+    keeps its namespace so whoever reads a failure can look at it); returns how many
+    topics went. Thousands of leftover partitions made a broker restart outlast its 60 s
+    start timeout, and every request the broker serves costs more with them. Not beside
+    another run on the same stack."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="cleanup")
+    try:
+        old = sorted(t for t in admin.list_topics() if LEFTOVER.match(t))
+        for start in range(0, len(old), 200):
+            admin.delete_topics(old[start : start + 200], timeout_ms=120_000)
+    finally:
+        admin.close()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for pattern in ("t????????.*", "bench????????.*"):
+            batch = [k for k in client.scan_iter(match=pattern, count=1000)]
+            for start in range(0, len(batch), 1000):
+                client.delete(*batch[start : start + 1000])
+    finally:
+        client.close()
+    return len(old)
 
 
 @dataclass

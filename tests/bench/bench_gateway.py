@@ -31,7 +31,7 @@ from smartlev.v1 import gateway_pb2, gateway_pb2_grpc
 
 from shared.core.config import StrategyConfig
 from shared.core.products import SIDES, product_id
-from shared.pipeline_runner import GATEWAY, Pipeline
+from shared.pipeline_runner import GATEWAY, Pipeline, remove_leftover_namespaces
 from shared.settings import ServiceSettings
 from tests.bench.cpu import cpu_seconds
 
@@ -168,6 +168,8 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     settings = ServiceSettings()
     products = [product_id(s, side) for s in StrategyConfig().instruments for side in SIDES]
+    # Earlier runs' namespaces cost the broker on every request: measure without them.
+    remove_leftover_namespaces(settings.kafka_bootstrap, settings.redis_url)
     namespace = f"bench{uuid.uuid4().hex[:8]}."
     store = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     console.print(f"[bold]==> gateway: starting it in namespace {namespace}[/]")

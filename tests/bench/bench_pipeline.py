@@ -34,7 +34,7 @@ from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.tick_replay import make_producer
 from shared.core.market import Tick
 from shared.core.products import SIDES, product_id
-from shared.pipeline_runner import STAGES, Pipeline, replay_args
+from shared.pipeline_runner import STAGES, Pipeline, remove_leftover_namespaces, replay_args
 from shared.settings import ServiceSettings
 from shared.topics import MARKET_TICKS, TopicSpec
 from tests.bench.cpu import cpu_seconds
@@ -183,6 +183,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = ServiceSettings()
     bootstrap = settings.kafka_bootstrap
+    # Earlier runs' namespaces cost the broker on every request: measure without them.
+    remove_leftover_namespaces(settings.kafka_bootstrap, settings.redis_url)
     console.print("[bold]==> pipeline: starting the services[/]")
     cases: list[Case] = []
     with Pipeline.start(

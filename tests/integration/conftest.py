@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import socket
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,8 @@ from urllib.parse import urlparse
 
 import pytest
 import redis
-from kafka import KafkaAdminClient
+
+from shared.pipeline_runner import remove_leftover_namespaces
 
 KAFKA_BOOTSTRAP = os.environ.get("SMARTLEV_TEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 REDIS_URL = os.environ.get("SMARTLEV_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -81,33 +81,12 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-# Namespaces that test and bench runs create (shared/pipeline_runner.new_namespace and
-# the tests' own): t<8 hex>. and bench<8 hex>.
-LEFTOVER = re.compile(r"^(t|bench)[0-9a-f]{8}\.")
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _remove_leftover_namespaces() -> None:
-    """Delete the topics and Redis keys earlier test and bench runs left behind (a run
-    keeps its namespace so whoever reads a failure can look at it). Thousands of leftover
-    partitions made a broker restart outlast its 60 s start timeout (seen locally after a
-    few hundred runs). Do not run `make test` beside another run on the same stack."""
+    """Earlier runs' namespaces go first (shared/pipeline_runner.py). Do not run `make
+    test` beside another run on the same stack."""
     host, _, port = KAFKA_BOOTSTRAP.split(",")[0].rpartition(":")
     url = urlparse(REDIS_URL)
     if not _reachable(host, int(port)) or not _reachable(url.hostname or "", url.port or 6379):
         return  # the fixtures that need them fail with what to run
-    admin = KafkaAdminClient(bootstrap_servers=KAFKA_BOOTSTRAP.split(","), client_id="cleanup")
-    try:
-        old = sorted(t for t in admin.list_topics() if LEFTOVER.match(t))
-        for start in range(0, len(old), 200):
-            admin.delete_topics(old[start : start + 200], timeout_ms=120_000)
-    finally:
-        admin.close()
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        for pattern in ("t????????.*", "bench????????.*"):
-            batch = [k for k in client.scan_iter(match=pattern, count=1000)]
-            for start in range(0, len(batch), 1000):
-                client.delete(*batch[start : start + 1000])
-    finally:
-        client.close()
+    remove_leftover_namespaces(KAFKA_BOOTSTRAP, REDIS_URL)
