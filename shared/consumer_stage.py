@@ -68,6 +68,7 @@ class ConsumerRuntime(StageRuntime):
 
     commit_interval_s: float = 1.0
     poll_timeout_ms: int = 1000  # getmany's longest wait (a stop cancels it sooner)
+    stop_grace_s: float = 5.0  # how long a stop waits for the batch in hand
     consumer: AIOKafkaConsumer | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -154,10 +155,14 @@ class ConsumerRuntime(StageRuntime):
             self.log.info("stage_stopped")
 
     def _stop(self, loop_task: asyncio.Task[None]) -> None:
-        """Stop after the batch in hand (a wait for input is cut short)."""
+        """Stop after the batch in hand (a wait for input is cut short); a batch still
+        retrying after `stop_grace_s` (Redis or the broker gone) is cut short too, as a
+        crash would cut it: not committed, so read again on restart."""
         self._stopping = True
         if not self._handling.locked():
             loop_task.cancel()
+        else:
+            asyncio.get_running_loop().call_later(self.stop_grace_s, loop_task.cancel)
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         while not self._stopping:

@@ -191,17 +191,23 @@ class OffsetGaps:
     its read offset past the seek), then clears the agent queues when flow resumes, and
     drops the re-read records as below its read offset. The stage then seeks back to
     the first one missing and drops what arrives before it (see `batches`).
+    In a new assignment the first offset due is the partition's committed one (where
+    faust seeked it), not whatever arrives first: events a rebalance took out of a
+    gathering batch (`_Consumer.stop_flow`) may be exactly the ones faust then drops.
     Input topics are written without transactions, so their offsets have no holes."""
 
     def __init__(self) -> None:
         self.generation: int | None = None
         self.next: dict[Any, int] = {}
 
-    def check(self, generation: int, tp: Any, offset: int) -> int | None:
-        """None: handle the event; else drop it and seek `tp` to the offset returned."""
+    def check(
+        self, generation: int, tp: Any, offset: int, committed: int | None = None
+    ) -> int | None:
+        """None: handle the event; else drop it and seek `tp` to the offset returned.
+        `committed`: the partition's committed offset in this assignment, if known."""
         if generation != self.generation:  # new assignment: start where faust seeked
             self.generation, self.next = generation, {}
-        want = self.next.get(tp)
+        want = self.next.get(tp, committed)
         if want is not None and offset > want:
             return want
         self.next[tp] = max(want or 0, offset + 1)
@@ -597,7 +603,12 @@ class StreamRuntime(StageRuntime):
         gaps = OffsetGaps()
         async for event in stream.events():
             message = event.message
-            resume_at = gaps.check(self.app.consumer_generation_id, message.tp, message.offset)
+            resume_at = gaps.check(
+                self.app.consumer_generation_id,
+                message.tp,
+                message.offset,
+                self._committed(message.tp),
+            )
             if resume_at is not None:  # faust dropped fetched events: read them again
                 await stream.ack(event)  # not handled: it comes again after the seek
                 if waiting.empty():  # let faust's fetch loop hand over what it has
@@ -621,6 +632,13 @@ class StreamRuntime(StageRuntime):
             yield handed
             for done in handed:
                 await stream.ack(done)
+
+    def _committed(self, tp: Any) -> int | None:
+        """The partition's committed offset as faust knows it (its seek after a
+        rebalance sets it; faust has no public accessor)."""
+        consumer: Any = self.app.consumer
+        offset = consumer._committed_offset.get(tp)
+        return offset if isinstance(offset, int) else None
 
     async def _more_coming(self, waiting: Any) -> bool:
         """True when the next event is already in the queue, or arrives within a few
