@@ -73,7 +73,7 @@ class ConsumerRuntime(StageRuntime):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._handlers: dict[str, tuple[Input, BatchHandler]] = {}
+        self._handlers: dict[str, BatchHandler] = {}  # by namespaced topic
         self._timers: list[tuple[str, float, Callable[[], Awaitable[None]]]] = []
         self._handling = asyncio.Lock()  # held while a batch is handled and committed
         self._pending: dict[TopicPartition, int] = {}  # handled, not yet committed
@@ -86,7 +86,7 @@ class ConsumerRuntime(StageRuntime):
 
     def on_batch(self, inp: Input, handle: BatchHandler) -> None:
         """Hand `inp`'s records to `handle`, in offset order per partition."""
-        self._handlers[inp.name] = (inp, handle)
+        self._handlers[inp.name] = handle
 
     def every(self, name: str, interval_s: float, job: Callable[[], Awaitable[None]]) -> None:
         """Run `job` every `interval_s` beside the consumer (its errors are its own)."""
@@ -177,17 +177,15 @@ class ConsumerRuntime(StageRuntime):
         self, consumer: AIOKafkaConsumer, fetched: dict[TopicPartition, Records]
     ) -> None:
         async with self._handling:
-            owned = consumer.assignment()
+            owned = consumer.assignment()  # a partition that moved is its new owner's
+            kept = {tp: records for tp, records in fetched.items() if tp in owned}
             by_topic: dict[str, Records] = {}
-            for tp, records in fetched.items():
-                if tp in owned:  # else it moved in a rebalance: its new owner reads it
-                    by_topic.setdefault(tp.topic, []).extend(records)
+            for tp, records in kept.items():
+                by_topic.setdefault(tp.topic, []).extend(records)
             for topic, records in by_topic.items():
-                _, handle = self._handlers[topic]
-                await self.handle_batch(handle, records)
-            for tp, records in fetched.items():
-                if tp in owned:
-                    self._pending[tp] = records[-1].offset + 1
+                await self.handle_batch(self._handlers[topic], records)
+            for tp, records in kept.items():
+                self._pending[tp] = records[-1].offset + 1
             if time.monotonic() - self._committed_at >= self.commit_interval_s:
                 await self._commit(consumer)
 

@@ -139,12 +139,12 @@ def new_namespace(prefix: str = "t") -> str:
 LEFTOVER = re.compile(r"^(t|bench)[0-9a-f]{8}\.")
 
 
-def remove_leftover_namespaces(bootstrap: str, redis_url: str) -> int:
+def remove_leftover_namespaces(bootstrap: str, redis_url: str) -> None:
     """Delete the topics and Redis keys earlier test and bench runs left behind (a run
-    keeps its namespace so whoever reads a failure can look at it); returns how many
-    topics went. Thousands of leftover partitions made a broker restart outlast its 60 s
-    start timeout, and every request the broker serves costs more with them. Not beside
-    another run on the same stack."""
+    keeps its namespace so whoever reads a failure can look at it). Thousands of
+    leftover partitions made a broker restart outlast its 60 s start timeout, and every
+    request the broker serves costs more with them. Not beside another run on the same
+    stack."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="cleanup")
     try:
         old = sorted(t for t in admin.list_topics() if LEFTOVER.match(t))
@@ -160,7 +160,6 @@ def remove_leftover_namespaces(bootstrap: str, redis_url: str) -> int:
                 client.delete(*batch[start : start + 1000])
     finally:
         client.close()
-    return len(old)
 
 
 @dataclass

@@ -196,18 +196,16 @@ class OffsetGaps:
     gathering batch (`_Consumer.stop_flow`) may be exactly the ones faust then drops.
     Input topics are written without transactions, so their offsets have no holes."""
 
-    def __init__(self) -> None:
+    def __init__(self, committed: Callable[[Any], int | None] = lambda tp: None) -> None:
+        self.committed = committed  # a partition's committed offset, if known
         self.generation: int | None = None
         self.next: dict[Any, int] = {}
 
-    def check(
-        self, generation: int, tp: Any, offset: int, committed: int | None = None
-    ) -> int | None:
-        """None: handle the event; else drop it and seek `tp` to the offset returned.
-        `committed`: the partition's committed offset in this assignment, if known."""
+    def check(self, generation: int, tp: Any, offset: int) -> int | None:
+        """None: handle the event; else drop it and seek `tp` to the offset returned."""
         if generation != self.generation:  # new assignment: start where faust seeked
             self.generation, self.next = generation, {}
-        want = self.next.get(tp, committed)
+        want = self.next[tp] if tp in self.next else self.committed(tp)
         if want is not None and offset > want:
             return want
         self.next[tp] = max(want or 0, offset + 1)
@@ -372,8 +370,6 @@ class StageRuntime:
 
     settings: ServiceSettings
     stale_after_s: float = 900.0  # /healthz fails when no input was handled for this long
-    # Events handled together at most (one round of acks and state writes per batch).
-    max_batch: int = 256
     retry_backoff_s: float = 0.2  # first pause before a batch is re-run after a blip
     last_progress: float | None = field(init=False, default=None)
     redis: Any = field(init=False, default=None)  # set by services that use Redis
@@ -557,6 +553,8 @@ class StageRuntime:
 class StreamRuntime(StageRuntime):
     """A stage whose agents read through faust (regime: its table; leverage)."""
 
+    # Events handled together at most (one round of acks and state writes per batch).
+    max_batch: int = 256
     # Pause before seeking back over a gap: faust's fetch loop moves its read offset
     # after handing an event over, and would drop the re-read events if that came last.
     gap_settle_s: float = 0.05
@@ -600,15 +598,10 @@ class StreamRuntime(StageRuntime):
         gathering = _Gathering()  # the consumer drops it when the flow stops
         _GATHERING.add(gathering)
         batch = gathering.events
-        gaps = OffsetGaps()
+        gaps = OffsetGaps(self._committed)
         async for event in stream.events():
             message = event.message
-            resume_at = gaps.check(
-                self.app.consumer_generation_id,
-                message.tp,
-                message.offset,
-                self._committed(message.tp),
-            )
+            resume_at = gaps.check(self.app.consumer_generation_id, message.tp, message.offset)
             if resume_at is not None:  # faust dropped fetched events: read them again
                 await stream.ack(event)  # not handled: it comes again after the seek
                 if waiting.empty():  # let faust's fetch loop hand over what it has

@@ -229,7 +229,7 @@ class Hedger:
 
 
 def build(settings: HedgingSettings, config: StrategyConfig | None = None) -> HedgingRuntime:
-    """The app with its two agents, wired to Redis and the venue."""
+    """The runtime with its two inputs' handlers, wired to Redis and the venue."""
     config = config or StrategyConfig()
     runtime = HedgingRuntime(settings)
     wire = runtime.connect_redis(decode_responses=True)

@@ -184,7 +184,7 @@ def main() -> None:
     settings = ServiceSettings()
     bootstrap = settings.kafka_bootstrap
     # Earlier runs' namespaces cost the broker on every request: measure without them.
-    remove_leftover_namespaces(settings.kafka_bootstrap, settings.redis_url)
+    remove_leftover_namespaces(bootstrap, settings.redis_url)
     console.print("[bold]==> pipeline: starting the services[/]")
     cases: list[Case] = []
     with Pipeline.start(
