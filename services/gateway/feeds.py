@@ -36,6 +36,7 @@ class Subscriber:
 
 class NavFeed:
     def __init__(self, bootstrap: str, topic: str, partitions: int, queue_size: int) -> None:
+        self.bootstrap = bootstrap
         self.topic = topic
         self.queue_size = queue_size
         self.consumer = AIOKafkaConsumer(
@@ -46,8 +47,16 @@ class NavFeed:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Connect, and fix the start at the current end of every partition."""
+        """Connect, and fix the start at the current end of every partition. A missing
+        topic stops the gateway saying so (aiokafka would ask for its metadata in a
+        tight loop, ~200 requests/s, for as long as it is missing)."""
         await self.consumer.start()
+        if self.topic not in await self.consumer.topics():
+            await self.consumer.stop()
+            raise SystemExit(
+                f"gateway: topic {self.topic} does not exist on Kafka at {self.bootstrap}; "
+                "create the topics first (`make up` does)"
+            )
         self.consumer.assign(self.partitions)
         await self.consumer.seek_to_end(*self.partitions)
         for partition in self.partitions:

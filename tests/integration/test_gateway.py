@@ -531,3 +531,30 @@ async def test_stream_nav_delivers_published_updates(env: Env) -> None:
     )
     stream.cancel()
     positions.cancel()
+
+
+async def test_a_gateway_without_its_topics_stops_saying_so(
+    redis_url: str, kafka_bootstrap: str
+) -> None:
+    namespace = f"t{uuid4().hex[:8]}."  # no topics were created in it
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    settings = GatewaySettings(
+        namespace=namespace,
+        grpc_port=0,
+        metrics_port=0,
+        kafka={"bootstrap": kafka_bootstrap},
+        redis={"url": redis_url},
+    )
+    server = GatewayServer(settings, redis)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            async with asyncio.timeout(30):  # without the check: metadata requests forever
+                await server.start()
+    finally:
+        await server.producer.stop()
+        await server.wire.aclose()
+        await redis.aclose()
+    topic = NAV_UPDATES.in_namespace(namespace).name
+    assert f"gateway: topic {topic} does not exist on Kafka at {kafka_bootstrap}" in str(
+        stopped.value
+    )
