@@ -41,17 +41,35 @@ async def serve_until_signalled(
     except (RedisError, OSError) as exc:
         raise SystemExit(f"{service}: Redis at {redis_url} is not reachable: {exc}") from exc
     server = make_server(redis)
+    log = get_logger(service)
     stop = asyncio.Event()
+    starting = asyncio.current_task()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        # A start stuck on a dependency must not make the process deaf to SIGTERM.
+        if starting is not None and not started:
+            starting.cancel()
+        stop.set()
+
+    started = False
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
+        loop.add_signal_handler(sig, on_signal)
     try:
+        await server.start()
+    except asyncio.CancelledError:
+        if starting is None or not stop.is_set():
+            raise
+        starting.uncancel()
+        log.warning(f"{service}_stopped_while_starting")
+    else:
+        started = True
         await stop.wait()
     finally:
-        get_logger(service).info(f"{service}_stopping")
-        await server.stop()
-        await redis.aclose()
+        if started or stop.is_set():
+            log.info(f"{service}_stopping")
+            await server.stop()
+            await redis.aclose()
 
 
 def run(service: str, settings: ServiceSettings, make_server: Callable[[Redis], Server]) -> None:
