@@ -43,17 +43,19 @@ from shared.codec import decimal_to_wire
 FieldValue = str | int | Decimal
 Changes = Mapping[str, Mapping[str, FieldValue]]
 
-_FORBIDDEN_IN_TAG = frozenset("{}")
+
+def _braced(text: str) -> bool:
+    return "{" in text or "}" in text
 
 
 def key(namespace: str, tag: str, *parts: str) -> str:
     """`namespace:{tag}:part:part`; the tag is the Redis Cluster hash tag."""
-    if not namespace or any(c in namespace for c in "{}:"):
+    if not namespace or _braced(namespace) or ":" in namespace:
         raise ValueError(f"bad key namespace {namespace!r}")
-    if not tag or any(c in _FORBIDDEN_IN_TAG for c in tag):
+    if not tag or _braced(tag):
         raise ValueError(f"bad hash tag {tag!r}: must be non-empty, without braces")
     for part in parts:
-        if not part or any(c in _FORBIDDEN_IN_TAG for c in part):
+        if not part or _braced(part):
             raise ValueError(f"bad key part {part!r}")
     return ":".join([namespace, "{" + tag + "}", *parts])
 

@@ -656,6 +656,7 @@ class GatewayServer:
             ORDERS_EVENTS.in_namespace(settings.namespace).name,
             self.config.instruments,
             settings.outbox_poll_s,
+            settings.outbox_linger_s,
         )
         nav_topic = NAV_UPDATES.in_namespace(settings.namespace)
         self.feed = NavFeed(

@@ -6,7 +6,9 @@ idempotent producer) and deletes them only once the broker acked them. A crash b
 the ack and the delete publishes them again on the next sweep; hedging applies an
 order's `event_id` once, so the books see it once. It sweeps when a settle wakes it and
 every `poll_s` anyway (entries left by a crash, by a failed sweep, or by another
-gateway instance).
+gateway instance). A woken relay lingers a few ms first: under load a sweep then carries
+many orders (one Redis read, one produce request, one delete for all of them) instead of
+one or two.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ class OutboxRelay:
         topic: str,
         symbols: Iterable[str],
         poll_s: float,
+        linger_s: float = 0.0,
     ) -> None:
         self.ledger = ledger
         self.producer = producer
         self.topic = topic
         self.symbols = tuple(symbols)
         self.poll_s = poll_s
+        self.linger_s = linger_s
         self.last_ok: float | None = None  # time.monotonic() of the last clean sweep
         self._wake = asyncio.Event()
         self._dirty: set[str] = set()
@@ -97,6 +101,7 @@ class OutboxRelay:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
                 woken = True
+                await asyncio.sleep(self.linger_s)
             except TimeoutError:
                 woken = False
             self._wake.clear()
