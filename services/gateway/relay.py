@@ -23,6 +23,7 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
 from services.gateway.ledger import Ledger
+from shared.adapters.record_batches import BatchSender
 from shared.logging import get_logger
 
 log = get_logger("gateway", "relay")
@@ -46,7 +47,7 @@ class OutboxRelay:
         linger_s: float = 0.0,
     ) -> None:
         self.ledger = ledger
-        self.producer = producer
+        self.sender = BatchSender(producer)
         self.topic = topic
         self.symbols = tuple(symbols)
         self.poll_s = poll_s
@@ -65,11 +66,8 @@ class OutboxRelay:
         (not yet deleted: `flush` does both)."""
         entries = await self.ledger.outbox(symbol)
         PENDING.labels(symbol).set(len(entries))
-        sent = [
-            await self.producer.send(self.topic, value=payload, key=symbol.encode())
-            for _, payload in entries
-        ]
-        await asyncio.gather(*sent)
+        key = symbol.encode()
+        await self.sender.send_all((self.topic, key, payload) for _, payload in entries)
         PUBLISHED.labels(symbol).inc(len(entries))
         return [field for field, _ in entries]
 

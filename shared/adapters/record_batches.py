@@ -1,0 +1,61 @@
+"""Produce many messages as one record batch per partition, then wait for every ack.
+
+Why: aiokafka's `send` per message costs ~13 us even in big batches, a third of it in the
+default partitioner (murmur2 in pure Python, and a set of available partitions built
+per message); at full speed that was a quarter of the NAV service's CPU. Here the
+partition of a (topic, key) is computed once, with the same formula (so a key lands
+where `send` and kafka-python would put it, and co-partitioned topics stay aligned),
+and the messages go into `BatchBuilder`s: ~1 us a message in batches of hundreds.
+
+Order: the messages of a partition keep the order given (one builder at a time per
+partition; aiokafka queues a partition's batches in order, the idempotent producer
+keeps them so across retries). Partition counts are fixed once a topic exists here
+(kafka_admin creates them), so the cached mapping stays right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.partitioner import murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
+
+Outbound = tuple[str, bytes, bytes]  # topic, key, value
+
+
+class BatchSender:
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+        self._partitions: dict[tuple[str, bytes], int] = {}
+
+    async def partition(self, topic: str, key: bytes) -> int:
+        """The partition `send(topic, key=key)` would choose (DefaultPartitioner)."""
+        found = self._partitions.get((topic, key))
+        if found is None:
+            partitions = sorted(await self.producer.partitions_for(topic))
+            found = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+            self._partitions[(topic, key)] = found
+        return found
+
+    async def send_all(self, messages: Iterable[Outbound]) -> None:
+        """Queue every message, then wait until the broker acked them all."""
+        building: dict[tuple[str, int], BatchBuilder] = {}
+        acks: list[asyncio.Future[object]] = []
+        for topic, key, value in messages:
+            where = (topic, await self.partition(topic, key))
+            batch = building.get(where)
+            if batch is None:
+                batch = building[where] = self.producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full
+                acks.append(await self.producer.send_batch(batch, topic, partition=where[1]))
+                batch = building[where] = self.producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    raise MessageSizeTooLargeError(
+                        f"{topic}: a {len(value)}-byte message does not fit in a batch"
+                    )
+        for (topic, partition), batch in building.items():
+            acks.append(await self.producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*acks)
