@@ -73,11 +73,11 @@ def decimal_to_wire(value: Decimal | int, *, name: str = "value") -> str:
     """
     if isinstance(value, bool) or not isinstance(value, Decimal | int):
         raise EncodeError(f"{name}: expected Decimal or int, got {type(value).__name__}")
-    dec = Decimal(value)
+    dec = value if isinstance(value, Decimal) else Decimal(value)
     if not dec.is_finite():
         raise EncodeError(f"{name}: {value!r} is not finite")
-    text = format(dec, "f")
-    if not _WIRE_DECIMAL.fullmatch(text):
+    text = format(dec, "f")  # always plain notation; up to 40 characters always in range
+    if len(text) > 40 and not _WIRE_DECIMAL.fullmatch(text):
         raise EncodeError(f"{name}: {value!r} is outside the wire range (40.40 digits)")
     return text
 

@@ -244,6 +244,30 @@ def test_decimal_wire_round_trip_is_exact(value: Decimal) -> None:
     assert codec.decimal_to_wire(back) == wire
 
 
+@given(
+    st.one_of(
+        st.decimals(allow_nan=False, allow_infinity=False),
+        st.builds(
+            lambda digits, exponent, sign: Decimal((sign, tuple(digits), exponent)),
+            st.lists(st.integers(0, 9), min_size=1, max_size=45),
+            st.integers(-45, 45),
+            st.integers(0, 1),
+        ),
+    )
+)
+def test_decimal_to_wire_takes_exactly_the_wire_range(value: Decimal) -> None:
+    """Inside 40 integer and 40 fraction digits: encoded in plain notation; outside:
+    refused (the range every reader accepts)."""
+    plain = format(value, "f")
+    integer, _, fraction = plain.lstrip("-").partition(".")
+    if len(integer) <= 40 and len(fraction) <= 40:
+        assert codec.decimal_to_wire(value) == plain
+        assert codec.decimal_from_wire(plain) == value
+    else:
+        with pytest.raises(codec.EncodeError, match="outside the wire range"):
+            codec.decimal_to_wire(value)
+
+
 # --------------------------------------------------------------------------- core <-> wire
 
 
