@@ -104,6 +104,12 @@ LATENCY = Histogram(
     ["service"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
 )
+BATCH_EVENTS = Histogram(
+    "smartlev_stream_batch_events",
+    "Input events per handled batch: a stage's costs are per batch more than per event.",
+    ["service"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -484,6 +490,7 @@ class StageRuntime:
         skipped. So `handle` must take its state from the store, not from what a failed
         run left in memory."""
         pause = self.retry_backoff_s
+        BATCH_EVENTS.labels(self.service).observe(len(batch))
         while True:
             try:
                 await handle(batch)

@@ -159,17 +159,21 @@ class Stack:
             stub = venue_pb2_grpc.VenueStub(channel)
             return stub.GetAccount(venue_pb2.GetAccountRequest(symbol=SYMBOL))
 
-    def skipped(self) -> float:
-        """Redelivered targets the service skipped (its /metrics)."""
+    def metric(self, name: str, *labels: str) -> float:
+        """The sum of the service's /metrics samples `name{...}` carrying every label."""
         url = f"http://127.0.0.1:{self.metrics}/metrics"
         with urllib.request.urlopen(url) as reply:
             lines = reply.read().decode().splitlines()
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in lines
-            if line.startswith("smartlev_stream_messages_total{")
-            and 'outcome="skipped"' in line
-            and 'topic="leverage.targets"' in line
+            if line.startswith(name + "{") and all(label in line for label in labels)
+        )
+
+    def skipped(self) -> float:
+        """Redelivered targets the service skipped."""
+        return self.metric(
+            "smartlev_stream_messages_total", 'outcome="skipped"', 'topic="leverage.targets"'
         )
 
 
@@ -255,3 +259,7 @@ def test_hedging_books_equal_the_in_process_strategy(stack: Stack) -> None:
     assert stack.skipped() == 1
     assert stack.fills(1, timeout_s=1.0) == []
     assert stack.account() == account
+    # Every input went through exactly one handled batch.
+    inputs = len(data.orders) + len(data.targets) + 1
+    assert stack.metric("smartlev_stream_batch_events_sum") == inputs
+    assert 1 <= stack.metric("smartlev_stream_batch_events_count") <= inputs
