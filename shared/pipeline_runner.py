@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ from smartlev.v1 import nav_pb2, orders_pb2
 from shared import codec
 from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.tick_replay import data_dir, file_stem, make_producer
+from shared.stream import FAUST_DATA
 from shared.topics import (
     ALL_TOPICS,
     HEDGE_FILLS,
@@ -152,6 +154,7 @@ def remove_leftover_namespaces(bootstrap: str, redis_url: str) -> None:
             admin.delete_topics(old[start : start + 200], timeout_ms=120_000)
     finally:
         admin.close()
+    remove_leftover_data(ROOT / FAUST_DATA)
     client = redis.Redis.from_url(redis_url)
     try:
         for pattern in ("t????????.*", "bench????????.*"):
@@ -160,6 +163,13 @@ def remove_leftover_namespaces(bootstrap: str, redis_url: str) -> None:
                 client.delete(*batch[start : start + 1000])
     finally:
         client.close()
+
+
+def remove_leftover_data(directory: Path) -> None:
+    """The faust stages' local data directories of those runs (one per app and run)."""
+    for path in directory.glob("*"):
+        if path.is_dir() and LEFTOVER.match(path.name):
+            shutil.rmtree(path)
 
 
 @dataclass

@@ -104,6 +104,7 @@ LATENCY = Histogram(
     ["service"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
 )
+FAUST_DATA = Path(".run") / "faust"  # each faust app's local data, under the cwd
 BATCH_EVENTS = Histogram(
     "smartlev_stream_batch_events",
     "Input events per handled batch: a stage's costs are per batch more than per event.",
@@ -310,7 +311,7 @@ def build_app(settings: ServiceSettings, **overrides: Any) -> faust.App:
 
     A member that died (kill -9) holds its partitions until its session times out; 15 s
     instead of faust's 60 s lets a restarted instance take over that much sooner."""
-    datadir = Path(".run") / "faust" / f"{app_id(settings)}-data"  # not litter in the cwd
+    datadir = FAUST_DATA / f"{app_id(settings)}-data"  # not litter in the cwd
     datadir.parent.mkdir(parents=True, exist_ok=True)
     options: dict[str, Any] = {
         "broker": settings.kafka.faust_broker,
