@@ -44,7 +44,6 @@ from aiokafka.structs import TopicPartition
 
 from shared.logging import configure_logging
 from shared.stream import Input, StageRuntime, app_id
-from shared.topics import TopicSpec
 from shared.transient import is_transient
 
 Records = list[ConsumerRecord]
@@ -79,10 +78,6 @@ class ConsumerRuntime(StageRuntime):
         self._pending: dict[TopicPartition, int] = {}  # handled, not yet committed
         self._committed_at = time.monotonic()
         self._stopping = False
-
-    def input(self, spec: TopicSpec) -> Input:
-        named = self.spec(spec)
-        return Input(spec=spec, name=named.name, dlq=named.dlq().name)
 
     def on_batch(self, inp: Input, handle: BatchHandler) -> None:
         """Hand `inp`'s records to `handle`, in offset order per partition."""

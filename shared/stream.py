@@ -382,13 +382,12 @@ class StageRuntime:
     retry_backoff_s: float = 0.2  # first pause before a batch is re-run after a blip
     last_progress: float | None = field(init=False, default=None)
     redis: Any = field(init=False, default=None)  # set by services that use Redis
-    producer: AIOKafkaProducer | None = field(init=False, default=None)  # started on first send
 
     def __post_init__(self) -> None:
         self.log = get_logger(self.settings.service, "stream")
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._producer_lock = asyncio.Lock()
-        self._batches: BatchSender | None = None
+        self._batches: BatchSender | None = None  # its producer starts on the first send
         self._server: HealthServer | None = None
         self._assigned = AssignedPartitions(self)
 
@@ -398,6 +397,10 @@ class StageRuntime:
 
     def spec(self, spec: TopicSpec) -> TopicSpec:
         return spec.in_namespace(self.settings.namespace)
+
+    def input(self, spec: TopicSpec) -> Input:
+        named = self.spec(spec)
+        return Input(spec=spec, name=named.name, dlq=named.dlq().name)
 
     def output(self, spec: TopicSpec) -> str:
         """The namespaced name of an output topic (for `send_many`)."""
@@ -477,7 +480,6 @@ class StageRuntime:
                     linger_ms=0,
                 )
                 await producer.start()
-                self.producer = producer
                 self._batches = BatchSender(producer)
         return self._batches
 
@@ -555,8 +557,8 @@ class StageRuntime:
             await self._server.stop()
         for callback in self._on_stop:
             await callback()
-        if self.producer is not None:
-            await self.producer.stop()
+        if self._batches is not None:
+            await self._batches.producer.stop()
 
 
 @dataclass
@@ -577,13 +579,9 @@ class StreamRuntime(StageRuntime):
         self.app = build_app(self.settings)
 
     def input(self, spec: TopicSpec) -> FaustInput:
-        named = self.spec(spec)
-        return FaustInput(
-            spec=spec,
-            name=named.name,
-            dlq=named.dlq().name,
-            topic=faust_topic(self.app, named, decode_values=False),
-        )
+        plain = super().input(spec)
+        topic = faust_topic(self.app, self.spec(spec), decode_values=False)
+        return FaustInput(spec=spec, name=plain.name, dlq=plain.dlq, topic=topic)
 
     def assignment(self) -> set[TopicPartition]:
         try:
