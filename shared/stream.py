@@ -66,6 +66,7 @@ from faust.exceptions import ConsumerNotStarted
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import ChannelT, EventT, StreamT, TopicT
 from google.protobuf.message import Message
+from mode.services import WaitResults
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -83,6 +84,7 @@ from shared.codec import (
     tick_from_proto,
 )
 from shared.core.market import FundingRate, Tick
+from shared.eager import Finished, run_until_suspended
 from shared.health import HealthRegistry, HealthServer, kafka_check, redis_check, stalled_check
 from shared.logging import configure_logging, get_logger
 from shared.settings import ServiceSettings
@@ -98,11 +100,13 @@ MESSAGES = Counter(
     "Input messages by outcome: processed, skipped (redelivered seq), dead_lettered.",
     ["service", "topic", "outcome"],
 )
+# Fine between 5 and 100 ms, where a stage's latency under load lives.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05)
 LATENCY = Histogram(
     "smartlev_stream_latency_seconds",
     "From the market event's ts_init (ingestion) to this stage's output being acked.",
     ["service"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+    buckets=(*LATENCY_BUCKETS, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 10),
 )
 FAUST_DATA = Path(".run") / "faust"  # each faust app's local data, under the cwd
 BATCH_EVENTS = Histogram(
@@ -275,6 +279,33 @@ class _Consumer(aiokafka_driver.Consumer):
     def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
         return _ShortFetchWaitThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def wait_first(self, *coros: Any, timeout: Any = None) -> WaitResults:
+        """faust's fetch loop hands over every message as `wait_first(deliver(message),
+        suspend_flow.wait())`: four tasks, a wait and three cancellations per message,
+        and a turn of the event loop each, though a delivery almost never suspends
+        (room in the agent's queue, flow running). Run the first coroutine eagerly
+        (shared/eager.py) and race the rest of it as before only if it suspends: a
+        delivery blocked on a full queue still loses to a rebalance's flow suspension.
+        While the flow is suspended, or the consumer stops, faust's own path is taken."""
+        first, *others = coros
+        if (
+            timeout is not None
+            or not asyncio.iscoroutine(first)
+            or self.suspend_flow.is_set()
+            or self.should_stop
+            or self._crashed.is_set()
+        ):
+            return await super().wait_first(*coros, timeout=timeout)
+        try:
+            started = run_until_suspended(first)
+        except BaseException:
+            _close(others)
+            raise
+        if isinstance(started, Finished):
+            _close(others)
+            return WaitResults([first], [started.value], False)
+        return await super().wait_first(started, *others)
+
     def stop_flow(self) -> None:
         """A rebalance (or shutdown) stops the flow, clears the agents' queues and then
         waits for every event taken off them to be acked. A batch still gathering
@@ -289,6 +320,13 @@ class _Consumer(aiokafka_driver.Consumer):
             for event in gathering.events:
                 self._unacked_messages.discard(event.message)
             gathering.events.clear()
+
+
+def _close(awaitables: Sequence[Any]) -> None:
+    """Close coroutines that will not be awaited (no "never awaited" warning)."""
+    for awaitable in awaitables:
+        if asyncio.iscoroutine(awaitable):
+            awaitable.close()
 
 
 class _Transport(aiokafka_driver.Transport):
@@ -643,9 +681,10 @@ class StreamRuntime(StageRuntime):
 
     async def _more_coming(self, waiting: Any) -> bool:
         """True when the next event is already in the queue, or arrives within a few
-        turns of the event loop: faust's fetch loop hands a fetched chunk over one event
-        per turn or so, so looking only at the queue closed batches of ~7 events under
-        full load (each with its own round of acks and state writes)."""
+        turns of the event loop: faust's fetch loop hands a fetched chunk over up to 100
+        events a turn (`_Consumer.wait_first`), but one a turn where a delivery had to
+        wait, and looking only at the queue then closed batches of ~7 events under full
+        load (each with its own round of acks and state writes)."""
         for _ in range(self.gather_turns):
             if not waiting.empty():
                 return True

@@ -283,3 +283,82 @@ async def test_a_batch_waits_a_few_loop_turns_for_events_on_their_way() -> None:
     assert not await runtime._more_coming(queue)
     await too_late
     assert await runtime._more_coming(queue)  # already waiting: no turn needed
+
+
+def _consumer() -> _Consumer:
+    """A stage's faust consumer as built for the worker (not started: no broker)."""
+    consumer = StreamRuntime(ServiceSettings(service="regime", namespace="t4.")).app.consumer
+    assert isinstance(consumer, _Consumer)
+    return consumer
+
+
+async def test_a_delivery_that_does_not_suspend_needs_no_race() -> None:
+    """faust's fetch loop hands each message over as wait_first(deliver, suspend_flow):
+    a delivery with room in the queue finishes in its first step, without a task."""
+    consumer = _consumer()
+    delivered: list[int] = []
+
+    async def deliver(message: int) -> None:
+        delivered.append(message)
+
+    tasks_before = len(asyncio.all_tasks())
+    for message in range(3):
+        result = await consumer.wait_first(deliver(message), consumer.suspend_flow.wait())
+        assert not result.stopped and result.results == [None]
+        assert len(asyncio.all_tasks()) == tasks_before
+    assert delivered == [0, 1, 2]
+
+
+async def test_a_blocked_delivery_still_loses_to_a_flow_suspension() -> None:
+    """The race faust's fetch loop relies on in a rebalance: a delivery waiting for room
+    in a full queue is abandoned (cancelled) when the flow is suspended."""
+    consumer = _consumer()
+    room = asyncio.Event()
+    states: list[str] = []
+
+    async def deliver() -> None:
+        states.append("waiting")
+        try:
+            await room.wait()
+            states.append("delivered")
+        except asyncio.CancelledError:
+            states.append("abandoned")
+            raise
+
+    race = asyncio.ensure_future(consumer.wait_first(deliver(), consumer.suspend_flow.wait()))
+    await asyncio.sleep(0.01)
+    assert not race.done() and states == ["waiting"]
+    consumer.suspend_flow.set()
+    result = await race
+    await asyncio.sleep(0)  # the loser's cancellation runs
+    assert result.results == [True]  # suspend_flow.wait() won
+    assert states == ["waiting", "abandoned"]
+
+
+async def test_a_delivery_that_waits_for_room_is_delivered_once_there_is_room() -> None:
+    consumer = _consumer()
+    room = asyncio.Event()
+
+    async def deliver() -> str:
+        await room.wait()
+        return "delivered"
+
+    race = asyncio.ensure_future(consumer.wait_first(deliver(), consumer.suspend_flow.wait()))
+    await asyncio.sleep(0.01)
+    room.set()
+    assert (await race).results == ["delivered"]
+
+
+async def test_while_the_flow_is_suspended_delivery_takes_fausts_own_race() -> None:
+    """No eager step then: the delivery runs as a task against the set suspension, as in
+    faust (the fast path must not change what a rebalance sees)."""
+    consumer = _consumer()
+    consumer.suspend_flow.set()
+    started: list[bool] = []
+
+    async def deliver() -> None:
+        started.append(True)
+        await asyncio.Event().wait()
+
+    result = await consumer.wait_first(deliver(), consumer.suspend_flow.wait())
+    assert result.results == [True] and not result.stopped
