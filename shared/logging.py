@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TextIO
@@ -40,6 +41,22 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _timestamp(created: float) -> str:
+    return (
+        datetime.fromtimestamp(created, tz=UTC)
+        .isoformat(timespec="microseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def _json_line(out: dict[str, Any], fields: dict[str, Any], exc: str | None) -> str:
+    """`out` (ts, level, service, event, logger) + the fields that do not clash + exc."""
+    out.update({k: _jsonable(v) for k, v in fields.items() if k not in out})
+    if exc:
+        out["exc"] = exc
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON line: ts, level, service, event, logger, fields."""
 
@@ -49,24 +66,56 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, tz=UTC)
-            .isoformat(timespec="microseconds")
-            .replace("+00:00", "Z"),
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "service": self.service or _service_name,
             "event": record.getMessage(),
             "logger": record.name,
         }
         fields = getattr(record, _FIELDS_ATTR, None)
-        if fields is not None:
-            out.update({k: _jsonable(v) for k, v in fields.items() if k not in out})
-        else:  # `extra=` given to plain stdlib calls (e.g. third-party code)
-            for key, value in record.__dict__.items():
-                if key not in _RESERVED and key not in out:
-                    out[key] = _jsonable(value)
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+        if fields is None:  # `extra=` given to plain stdlib calls (e.g. third-party code)
+            fields = {k: v for k, v in record.__dict__.items() if k not in _RESERVED}
+        exc = self.formatException(record.exc_info) if record.exc_info else None
+        return _json_line(out, fields, exc)
+
+
+class JsonLines(logging.StreamHandler[TextIO]):
+    """The root handler `configure_logging` installs. Besides formatting stdlib records,
+    it takes the project's own lines straight from `StructLogger` (`write`): no
+    LogRecord and no handler chain, ~10% of the gateway's CPU per order."""
+
+    def __init__(self, stream: TextIO, service: str) -> None:
+        super().__init__(stream)
+        self.service = service
+        self.formatter: JsonFormatter = JsonFormatter(service)
+        self.setFormatter(self.formatter)
+
+    def write(
+        self, level: int, logger: str, event: str, fields: dict[str, Any], exc_info: bool
+    ) -> None:
+        """The line `format` writes for a record of these."""
+        out: dict[str, Any] = {
+            "ts": _timestamp(time.time()),
+            "level": _LEVELS[level],
+            "service": self.service,
+            "event": event,
+            "logger": logger,
+        }
+        error = sys.exc_info() if exc_info else None
+        exc = self.formatter.formatException(error) if error and error[0] else None
+        line = _json_line(out, fields, exc) + self.terminator
+        with self.lock:  # type: ignore[union-attr]
+            self.stream.write(line)
+            self.stream.flush()
+
+
+_LEVELS = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+}
+_direct: JsonLines | None = None  # set by configure_logging
 
 
 class StructLogger:
@@ -78,15 +127,22 @@ class StructLogger:
         self._logger = logger
 
     def _log(self, level: int, event: str, exc_info: bool, fields: dict[str, Any]) -> None:
-        """The record is built here, not by `Logger.log`: that would walk the stack for a
-        caller location the JSON lines do not carry (a third of a line's cost)."""
+        """Straight to the JSON handler while it is the only one listening (the
+        services); through stdlib logging otherwise (e.g. pytest's caplog added one).
+        Not through `Logger.log`: it walks the stack for a caller location the JSON
+        lines do not carry (a third of a line's cost)."""
         logger = self._logger
-        if logger.isEnabledFor(level):
-            error = sys.exc_info() if exc_info else None
-            record = logger.makeRecord(
-                logger.name, level, "", 0, event, (), error, extra={_FIELDS_ATTR: fields}
-            )
-            logger.handle(record)
+        if not logger.isEnabledFor(level):
+            return
+        direct = _direct
+        if direct is not None and logging.root.handlers == [direct]:
+            direct.write(level, logger.name, event, fields, exc_info)
+            return
+        error = sys.exc_info() if exc_info else None
+        record = logger.makeRecord(
+            logger.name, level, "", 0, event, (), error, extra={_FIELDS_ATTR: fields}
+        )
+        logger.handle(record)
 
     def debug(self, event: str, **fields: Any) -> None:
         self._log(logging.DEBUG, event, False, fields)
@@ -112,14 +168,13 @@ def configure_logging(
     service: str, level: str | int = "INFO", stream: TextIO | None = None
 ) -> None:
     """Route all logging (root logger) to JSON lines on `stream` (stderr by default)."""
-    global _service_name
+    global _service_name, _direct
     _service_name = service
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter(service))
+    _direct = JsonLines(stream or sys.stderr, service)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    root.addHandler(_direct)
     root.setLevel(level if isinstance(level, int) else level.upper())
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-from io import StringIO
 
 import aiohttp
 import grpc
@@ -12,7 +10,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, freshness_check, kafka_check
-from shared.logging import configure_logging, get_logger
 
 
 async def _get(port: int, path: str) -> tuple[int, str]:
@@ -94,36 +91,3 @@ async def test_grpc_health_starts_not_serving_and_flips() -> None:
             assert await status("") == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await server.stop(None)
-
-
-def test_logs_are_one_json_object_per_line() -> None:
-    stream = StringIO()
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    configure_logging("regime", "DEBUG", stream=stream)
-    try:
-        from decimal import Decimal
-
-        log = get_logger("regime")
-        log.info("regime_changed", symbol="BTC-USDT", price=Decimal("1.10"), ids=("a", 1))
-        logging.getLogger("aiokafka").warning("third party %s", "x", extra={"topic": "t"})
-        try:
-            raise ValueError("boom")
-        except ValueError:
-            log.exception("step_failed", step=3)
-        log.debug("detail", raw=b"\x01\xff")
-        root.setLevel("INFO")
-        log.debug("not_written")
-    finally:
-        root.handlers[:] = saved[0]
-        root.setLevel(saved[1])
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert lines[0]["service"] == "regime" and lines[0]["event"] == "regime_changed"
-    assert lines[0]["price"] == "1.10" and lines[0]["level"] == "info"
-    assert lines[0]["ids"] == ["a", 1] and lines[0]["logger"] == "smartlev.regime"
-    assert lines[1]["event"] == "third party x" and lines[1]["logger"] == "aiokafka"
-    assert lines[1]["topic"] == "t" and lines[1]["level"] == "warning"
-    assert lines[2]["event"] == "step_failed" and lines[2]["level"] == "error"
-    assert lines[2]["step"] == 3 and "ValueError: boom" in lines[2]["exc"]
-    assert lines[3] == {**lines[3], "event": "detail", "level": "debug", "raw": "01ff"}
-    assert len(lines) == 4
