@@ -42,7 +42,6 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import TopicPartition
 
-from shared.logging import configure_logging
 from shared.stream import Input, StageRuntime, app_id
 from shared.transient import is_transient
 
@@ -104,7 +103,7 @@ class ConsumerRuntime(StageRuntime):
         """The service entrypoint: JSON logs, health server, consumer; exits on SIGTERM
         (status 1 when the stage failed). On uvloop: NAV alone at 100 updates/s used
         ~10% less CPU than on asyncio's own loop (2.2-2.4 vs 2.5-2.7 ms an update)."""
-        configure_logging(self.service, self.settings.log_level)
+        self.enter_service()
         try:
             uvloop.run(self.serve())
         except StageFailed:

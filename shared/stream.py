@@ -86,6 +86,7 @@ from shared.codec import (
 from shared.core.market import FundingRate, Tick
 from shared.eager import Finished, run_until_suspended
 from shared.health import HealthRegistry, HealthServer, kafka_check, redis_check, stalled_check
+from shared.heap import freeze_heap
 from shared.logging import configure_logging, get_logger
 from shared.settings import ServiceSettings
 from shared.topics import TopicSpec
@@ -418,6 +419,8 @@ class StageRuntime:
     settings: ServiceSettings
     stale_after_s: float = 900.0  # /healthz fails when no input was handled for this long
     retry_backoff_s: float = 0.2  # first pause before a batch is re-run after a blip
+    # shared/heap.py; the entrypoints (`run`) set it, not stages built inside a test run
+    freeze_heap_at_first_batch: bool = False
     last_progress: float | None = field(init=False, default=None)
     redis: Any = field(init=False, default=None)  # set by services that use Redis
 
@@ -531,6 +534,9 @@ class StageRuntime:
         skipped. So `handle` must take its state from the store, not from what a failed
         run left in memory."""
         pause = self.retry_backoff_s
+        if self.freeze_heap_at_first_batch:  # up and reading: its heap is built
+            self.freeze_heap_at_first_batch = False
+            self.log.info("heap_frozen", objects=freeze_heap())
         BATCH_EVENTS.labels(self.service).observe(len(batch))
         while True:
             try:
@@ -561,6 +567,12 @@ class StageRuntime:
     def skipped(self, inp: Input) -> None:
         MESSAGES.labels(self.service, inp.spec.name, "skipped").inc()
         self.last_progress = time.monotonic()
+
+    def enter_service(self) -> None:
+        """What a service entrypoint (`run`) does first: JSON logs, and the heap frozen
+        at the first batch."""
+        configure_logging(self.service, self.settings.log_level)
+        self.freeze_heap_at_first_batch = True
 
     def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Close a client (e.g. Redis) when the stage stops."""
@@ -728,7 +740,7 @@ class StreamRuntime(StageRuntime):
         """The service entrypoint: JSON logs, health server, worker; exits on SIGTERM.
         On uvloop, faust's consumer thread too (regime + leverage paced at 1,000 ticks/s:
         tick -> target p50 60-62 -> 37-46 ms, bench_stages, alternating runs)."""
-        configure_logging(self.service, self.settings.log_level)
+        self.enter_service()
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         self.worker().execute_from_commandline()
 

@@ -42,6 +42,7 @@ from services.ingestion.validation import MarketValue, Policy
 from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.tick_replay import backtest_stream, make_producer
 from shared.health import CheckResult, HealthRegistry, HealthServer, kafka_check, redis_check
+from shared.heap import freeze_heap
 from shared.logging import configure_logging, get_logger
 from shared.topics import MARKET_TICKS
 from shared.transient import is_transient
@@ -181,6 +182,7 @@ def run_once(settings: IngestionSettings) -> int:
         "ingestion", "WARNING" if settings.log_level == "INFO" else settings.log_level
     )
     events = list(finite_events(settings))
+    freeze_heap()  # the events to publish live to the end (shared/heap.py)
     with Progress(
         TextColumn(f"{settings.source} {settings.symbol}"),
         BarColumn(),
@@ -264,14 +266,17 @@ async def _serve_source(
     if settings.source == "live":
         ingestor, *clients = await asyncio.to_thread(build)
         opened.extend(clients)
+        freeze_heap()  # shared/heap.py
         messages = ccxt_messages(settings.symbol)
         work = asyncio.ensure_future(run_live(ingestor, settings.symbol, messages))
     else:
+        events = list(finite_events(settings))
+        freeze_heap()  # the events to publish live to the end (shared/heap.py)
         job = functools.partial(
             run_with_retries,
             settings,
             build,
-            list(finite_events(settings)),
+            events,
             stop=halt,
             on_retry=lambda why: retrying.__setitem__(0, why),
         )
