@@ -7,7 +7,8 @@ The commands callers send in one event-loop iteration go out in one write, so co
 callers pipeline by themselves. Same exceptions as redis-py (`redis.exceptions`), so
 callers and `is_transient` treat both alike:
 
-- an error reply raises `ResponseError` (`NoScriptError` for NOSCRIPT) to its caller only;
+- an error reply raises to its caller only, as redis-py's class for it (`ResponseError`,
+  `NoScriptError` for NOSCRIPT, `BusyLoadingError` while a restarted Redis loads its data);
 - a lost connection fails every command in flight (their outcome is unknown) and the next
   command reconnects; a failed command is sent again on the fresh connection `retries`
   times (1, as redis-py), then raises `ConnectionError`: callers send idempotent steps;
@@ -30,6 +31,7 @@ from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
+from redis._parsers.base import BaseParser
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -65,8 +67,9 @@ class _Protocol(asyncio.Protocol):
             if future.done():
                 continue
             if isinstance(reply, ResponseError):
-                text = str(reply)
-                future.set_exception(NoScriptError(text) if text.startswith("NOSCRIPT") else reply)
+                # redis-py's class for the reply: LOADING (a restarted Redis reading its
+                # data back) is BusyLoadingError, a ConnectionError, so it is transient
+                future.set_exception(BaseParser.parse_error(str(reply)))
             else:
                 future.set_result(reply)
 

@@ -5,6 +5,9 @@ silent connection fails what was in flight and the next command reconnects."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import subprocess
 import time
 import uuid
 
@@ -12,12 +15,13 @@ import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.adapters.redis_wire import RedisWire
 from shared.pipeline_runner import free_port
+from shared.transient import is_transient
 
 pytestmark = pytest.mark.integration
 
@@ -170,3 +174,50 @@ async def test_an_unreachable_server_is_a_connection_error():
     wire = RedisWire.from_url(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(RedisConnectionError, match="cannot connect"):
         await wire.call("PING")
+
+
+async def test_a_redis_still_loading_its_data_raises_a_transient_error(tmp_path):
+    """A restarted Redis answers LOADING until its data is read back. That must be
+    redis-py's BusyLoadingError, which every stage waits out (`is_transient`), not a
+    plain ResponseError: the leverage stage stopped on one in a chaos run (seed 12)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed; run `make up` (it installs it)")
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    argv += ["--save", "", "--appendonly", "no", "--enable-debug-command", "local"]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    try:
+        admin = redis.Redis(port=port)
+        for _ in range(200):
+            with contextlib.suppress(redis.ConnectionError):
+                if admin.ping():
+                    break
+            time.sleep(0.02)
+        admin.execute_command("DEBUG", "POPULATE", 2_000_000)  # ~1 s to load back
+        admin.save()
+        admin.shutdown(nosave=True)
+    except redis.ConnectionError:
+        pass  # SHUTDOWN closes the connection
+    first.wait(10)
+    second = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    wire = RedisWire.from_url(f"redis://127.0.0.1:{port}/0", retries=0)
+    seen: list[Exception] = []
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                await wire.call("GET", "key:1")
+                break  # loaded
+            except BusyLoadingError as exc:
+                seen.append(exc)
+            except RedisConnectionError:
+                pass  # not listening yet
+            await asyncio.sleep(0.005)
+        assert seen, "never saw Redis loading (a faster machine needs a bigger dataset)"
+        assert all(is_transient(exc) for exc in seen)
+        assert await wire.call("GET", "key:1") == "value:1"  # the same connection works on
+    finally:
+        await wire.aclose()
+        second.terminate()
+        second.wait(10)
