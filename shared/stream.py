@@ -288,7 +288,7 @@ class _Consumer(aiokafka_driver.Consumer):
         (shared/eager.py) and race the rest of it as before only if it suspends: a
         delivery blocked on a full queue still loses to a rebalance's flow suspension.
         While the flow is suspended, or the consumer stops, faust's own path is taken."""
-        first, *others = coros
+        first, *others = coros or (None,)
         if (
             timeout is not None
             or not asyncio.iscoroutine(first)
