@@ -41,22 +41,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _timestamp(created: float) -> str:
-    return (
-        datetime.fromtimestamp(created, tz=UTC)
-        .isoformat(timespec="microseconds")
-        .replace("+00:00", "Z")
-    )
-
-
-def _json_line(out: dict[str, Any], fields: dict[str, Any], exc: str | None) -> str:
-    """`out` (ts, level, service, event, logger) + the fields that do not clash + exc."""
-    out.update({k: _jsonable(v) for k, v in fields.items() if k not in out})
-    if exc:
-        out["exc"] = exc
-    return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
-
-
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON line: ts, level, service, event, logger, fields."""
 
@@ -65,18 +49,37 @@ class JsonFormatter(logging.Formatter):
         self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": _timestamp(record.created),
-            "level": record.levelname.lower(),
-            "service": self.service or _service_name,
-            "event": record.getMessage(),
-            "logger": record.name,
-        }
         fields = getattr(record, _FIELDS_ATTR, None)
         if fields is None:  # `extra=` given to plain stdlib calls (e.g. third-party code)
             fields = {k: v for k, v in record.__dict__.items() if k not in _RESERVED}
-        exc = self.formatException(record.exc_info) if record.exc_info else None
-        return _json_line(out, fields, exc)
+        message = record.getMessage()
+        return self.line(
+            record.created, record.levelname, message, record.name, fields, record.exc_info
+        )
+
+    def line(
+        self,
+        created: float,
+        level_name: str,
+        event: str,
+        logger: str,
+        fields: dict[str, Any],
+        exc_info: Any,
+    ) -> str:
+        """The JSON line of these; `fields` named like a standard key are left out."""
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(created, tz=UTC)
+            .isoformat(timespec="microseconds")
+            .replace("+00:00", "Z"),
+            "level": level_name.lower(),
+            "service": self.service or _service_name,
+            "event": event,
+            "logger": logger,
+        }
+        out.update({k: _jsonable(v) for k, v in fields.items() if k not in out})
+        if exc_info and exc_info[0]:
+            out["exc"] = self.formatException(exc_info)
+        return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
 
 
 class JsonLines(logging.StreamHandler[TextIO]):
@@ -86,35 +89,22 @@ class JsonLines(logging.StreamHandler[TextIO]):
 
     def __init__(self, stream: TextIO, service: str) -> None:
         super().__init__(stream)
-        self.service = service
-        self.formatter: JsonFormatter = JsonFormatter(service)
-        self.setFormatter(self.formatter)
+        self.json = JsonFormatter(service)
+        self.setFormatter(self.json)
 
     def write(
         self, level: int, logger: str, event: str, fields: dict[str, Any], exc_info: bool
     ) -> None:
         """The line `format` writes for a record of these."""
-        out: dict[str, Any] = {
-            "ts": _timestamp(time.time()),
-            "level": _LEVELS[level],
-            "service": self.service,
-            "event": event,
-            "logger": logger,
-        }
         error = sys.exc_info() if exc_info else None
-        exc = self.formatter.formatException(error) if error and error[0] else None
-        line = _json_line(out, fields, exc) + self.terminator
+        line = self.json.line(
+            time.time(), logging.getLevelName(level), event, logger, fields, error
+        )
         with self.lock:  # type: ignore[union-attr]
-            self.stream.write(line)
+            self.stream.write(line + self.terminator)
             self.stream.flush()
 
 
-_LEVELS = {
-    logging.DEBUG: "debug",
-    logging.INFO: "info",
-    logging.WARNING: "warning",
-    logging.ERROR: "error",
-}
 _direct: JsonLines | None = None  # set by configure_logging
 
 
