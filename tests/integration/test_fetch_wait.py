@@ -1,0 +1,110 @@
+"""Real broker: the faust stages' fetcher lets the broker hold a fetch long only while
+every assigned partition is in it (shared/stream.py, `_wait_long_when_idle`), and a
+long-held fetch still ends as soon as a record arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from shared import stream
+from shared.adapters.kafka_admin import ensure_topics
+from shared.topics import MARKET_TICKS
+
+pytestmark = pytest.mark.integration
+
+LONG_MS = 5_000  # far above anything the assertions wait for
+
+
+def record_fetch_waits(fetcher: Any) -> list[int]:
+    """The max wait of every fetch request the fetcher sends from now on."""
+    waits: list[int] = []
+    send = fetcher._proc_fetch_request
+
+    def proc_fetch_request(assignment: Any, node_id: int, request: Any) -> Any:
+        waits.append(request._max_wait_ms)
+        return send(assignment, node_id, request)
+
+    fetcher._proc_fetch_request = proc_fetch_request
+    return waits
+
+
+@pytest.fixture
+async def consumer(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[AIOKafkaConsumer, list[TopicPartition], list[int]]]:
+    monkeypatch.setattr(stream, "IDLE_FETCH_MAX_WAIT_MS", LONG_MS)
+    topic = MARKET_TICKS.in_namespace(f"t{uuid.uuid4().hex[:8]}.")
+    ensure_topics(kafka_bootstrap, [topic])
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka_bootstrap,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=stream.FETCH_MAX_WAIT_MS,
+    )
+    await consumer.start()
+    try:
+        waits = record_fetch_waits(consumer._fetcher)
+        stream._wait_long_when_idle(consumer._fetcher)  # before any partition is assigned
+        tps = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        yield consumer, tps, waits
+    finally:
+        await consumer.stop()
+
+
+async def produce(bootstrap: str, tp: TopicPartition) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(tp.topic, b"tick", partition=tp.partition)
+    finally:
+        await producer.stop()
+
+
+async def take_all(reader: AIOKafkaConsumer) -> int:
+    fetched = await reader.getmany(timeout_ms=LONG_MS // 2)
+    return sum(len(records) for records in fetched.values())
+
+
+async def test_an_idle_consumer_waits_long_and_a_record_ends_the_wait(
+    consumer: tuple[AIOKafkaConsumer, list[TopicPartition], list[int]], kafka_bootstrap: str
+) -> None:
+    reader, tps, waits = consumer
+    await asyncio.sleep(1.0)
+    assert waits and set(waits) == {LONG_MS}, waits  # with the short wait: ~100 fetches
+    assert len(waits) <= 2
+
+    await produce(kafka_bootstrap, tps[0])
+    record = await asyncio.wait_for(reader.getone(), timeout=LONG_MS / 1000 / 2)
+    assert record.value == b"tick"
+
+
+async def test_the_wait_stays_short_while_a_partition_is_left_out_of_the_fetch(
+    consumer: tuple[AIOKafkaConsumer, list[TopicPartition], list[int]], kafka_bootstrap: str
+) -> None:
+    reader, tps, waits = consumer
+    await asyncio.sleep(0.2)
+
+    # Fetched, not consumed: the next fetches leave that partition out, so they are short.
+    await produce(kafka_bootstrap, tps[0])
+    await asyncio.sleep(0.5)
+    assert waits[-1] == stream.FETCH_MAX_WAIT_MS, waits
+    assert await take_all(reader) == 1  # as faust does: getmany
+    await asyncio.sleep(0.3)
+    assert waits[-1] == LONG_MS, waits  # every partition back in the fetch
+
+    # Paused: resuming must not wait behind a long fetch, so fetches are short meanwhile.
+    reader.pause(tps[1])
+    await produce(kafka_bootstrap, tps[0])  # ends the long fetch in flight
+    assert await take_all(reader) == 1
+    await asyncio.sleep(0.3)
+    assert waits[-1] == stream.FETCH_MAX_WAIT_MS, waits
+    reader.resume(tps[1])
+    await asyncio.sleep(0.3)
+    assert waits[-1] == LONG_MS, waits
