@@ -11,8 +11,10 @@ NavUpdated's publish (the record's CreateTime, ms, set by the NAV service's prod
 the benchmark's own polling reader would add its delays). The rate is the sustained
 one: ticks marked per second while the middle 80% of the case's NavUpdateds were
 published (filling and draining the pipeline at either end is not throughput). The CPU
-per tick is the five services' (the figure the machine's noise moves least). Run by
-`make bench`; never a timed assertion in a test.
+per tick is the five services' (the figure the machine's noise moves least); "machine
+busy" is the share of all cores in use over the same window, by everything on the machine
+(broker, Redis, ingestion, this benchmark's readers, the services): near 100% every hop
+waits for a core. Run by `make bench`; never a timed assertion in a test.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from shared.core.products import SIDES, product_id
 from shared.pipeline_runner import STAGES, Pipeline, remove_leftover_namespaces, replay_args
 from shared.settings import ServiceSettings
 from shared.topics import MARKET_TICKS, TopicSpec
-from tests.bench.cpu import cpu_seconds
+from tests.bench.cpu import cpu_seconds, machine_cpu_seconds
 
 SYMBOL = "BTC-USDT"
 TICKS_PER_DAY = 24 * 4  # ohlc mode: four ticks per hourly bar
@@ -54,6 +56,8 @@ class Case:
     marked: int
     rate_per_s: float
     cpu_ms_per_tick: float  # the five services' CPU (not ingestion's, not the broker's)
+    machine_busy: float  # share of the machine's CPU busy while sustained (everything:
+    # broker, Redis, ingestion, this benchmark's readers, the services)
     p50_ms: float
     p99_ms: float
 
@@ -100,12 +104,14 @@ def run_case(
     seen_at: dict[int, int] = {}  # tick seq -> when its NavUpdated was published
     services = [running.process.pid for running in pipeline.running.values()]
     cpu_before = cpu_seconds(services)
+    machine: list[tuple[int, float, float]] = []  # (wall ns, busy s, all s) as it went
     try:
         while list(reader.poll(timeout_ms=200)):  # skip what earlier cases left
             pass
         replay = pipeline.start_replay(args)
         idle_since = time.monotonic()
         while True:
+            machine.append((time.time_ns(), *machine_cpu_seconds()))
             clock.poll()
             seen = list(reader.poll(timeout_ms=50))
             for seen_ns, update in seen:
@@ -125,18 +131,33 @@ def run_case(
     cpu_ms = (cpu_seconds(services) - cpu_before) * 1e3
     ticks = sorted(set(clock.published) - before)
     latencies = [(seen_at[s] - clock.published[s]) / 1e6 for s in ticks]
+    first, last, completions = steady_window([seen_at[s] for s in ticks])
+    span_s = (last - first) / 1e9
     return Case(
-        name, rate, len(ticks), len(latencies), sustained_rate([seen_at[s] for s in ticks]),
-        cpu_ms / len(ticks), _percentile(latencies, 0.50), _percentile(latencies, 0.99),
+        name, rate, len(ticks), len(latencies),
+        completions / span_s if span_s > 0 else float("nan"), cpu_ms / len(ticks),
+        busy_share(machine, first, last), _percentile(latencies, 0.50),
+        _percentile(latencies, 0.99),
     )  # fmt: skip
 
 
-def sustained_rate(arrivals_ns: list[int]) -> float:
-    """Completions per second between the 10th and the 90th percentile arrival."""
+def steady_window(arrivals_ns: list[int]) -> tuple[int, int, int]:
+    """(first, last, completions between them) of the middle 80% of the arrivals: filling
+    and draining the pipeline at either end is not throughput."""
     ordered = sorted(arrivals_ns)
     low, high = int(0.1 * len(ordered)), int(0.9 * len(ordered))
-    span_s = (ordered[high] - ordered[low]) / 1e9 if high > low else 0.0
-    return (high - low) / span_s if span_s > 0 else float("nan")
+    if high <= low:
+        return 0, 0, 0
+    return ordered[low], ordered[high], high - low
+
+
+def busy_share(machine: list[tuple[int, float, float]], first_ns: int, last_ns: int) -> float:
+    """The machine's busy share of CPU between two wall times, from (wall ns, busy s,
+    all s) samples."""
+    inside = [sample for sample in machine if first_ns <= sample[0] <= last_ns]
+    if len(inside) < 2 or inside[-1][2] <= inside[0][2]:
+        return float("nan")
+    return (inside[-1][1] - inside[0][1]) / (inside[-1][2] - inside[0][2])
 
 
 def raw_kafka(bootstrap: str, messages: int) -> float:
@@ -213,6 +234,7 @@ def main() -> None:
         "ticks",
         "ticks/s end to end",
         "services CPU/tick",
+        "machine busy",
         "p50 latency",
         "p99 latency",
     )
@@ -221,10 +243,11 @@ def main() -> None:
     for case in cases:
         table.add_row(
             case.name, f"{case.marked:,}", f"{case.rate_per_s:,.0f}",
-            f"{case.cpu_ms_per_tick:.2f} ms", f"{case.p50_ms:,.1f} ms", f"{case.p99_ms:,.1f} ms",
+            f"{case.cpu_ms_per_tick:.2f} ms", f"{case.machine_busy:.0%}",
+            f"{case.p50_ms:,.1f} ms", f"{case.p99_ms:,.1f} ms",
         )  # fmt: skip
     table.add_row(
-        "raw kafka-python produce -> consume (ceiling)", "20,000", f"{ceiling:,.0f}", "-", "-", "-"
+        "raw kafka-python produce -> consume (ceiling)", "20,000", f"{ceiling:,.0f}", *"----"
     )
     console.print(table)
 

@@ -20,3 +20,13 @@ def cpu_seconds(pids: Iterable[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
     return total / _TICKS_PER_S
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far, every core summed (/proc/stat):
+    how saturated the machine was over a run tells why its latency was what it was."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    total = sum(fields[:8])  # user .. steal (guest time is already in user)
+    return (total - idle) / _TICKS_PER_S, total / _TICKS_PER_S
