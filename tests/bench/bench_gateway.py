@@ -35,7 +35,7 @@ from shared.pipeline_runner import GATEWAY, Pipeline, remove_leftover_namespaces
 from shared.settings import ServiceSettings
 from tests.bench.cpu import cpu_seconds
 
-console = Console()
+console = Console(width=130)  # the tables stay whole when piped (80 columns otherwise)
 KEYS = ("dev-alice-key", "dev-bob-key")  # services/gateway/api_keys.toml (local dev users)
 AMOUNT = "100"
 WARMUP_S = 0.5

@@ -45,7 +45,7 @@ SYMBOL = "BTC-USDT"
 TICKS_PER_DAY = 24 * 4  # ohlc mode: four ticks per hourly bar
 EVENT_SECONDS_PER_TICK = 900  # ... 15 minutes of market time apart
 FIRST_DAY = datetime(2021, 1, 1, tzinfo=UTC)
-console = Console()
+console = Console(width=130)  # the tables stay whole when piped (80 columns otherwise)
 
 
 @dataclass(frozen=True, slots=True)
