@@ -91,6 +91,14 @@ def finite_events(settings: IngestionSettings) -> Iterable[MarketValue]:
     )
 
 
+def events_to_publish(settings: IngestionSettings) -> list[MarketValue]:
+    """`finite_events` loaded, for an entrypoint: they live to the end, so the heap is
+    frozen after them (shared/heap.py)."""
+    events = list(finite_events(settings))
+    freeze_heap()
+    return events
+
+
 def build_ingestor(
     settings: IngestionSettings, metrics: IngestionMetrics
 ) -> tuple[Ingestor, Any, Any]:
@@ -181,8 +189,7 @@ def run_once(settings: IngestionSettings) -> int:
     configure_logging(
         "ingestion", "WARNING" if settings.log_level == "INFO" else settings.log_level
     )
-    events = list(finite_events(settings))
-    freeze_heap()  # the events to publish live to the end (shared/heap.py)
+    events = events_to_publish(settings)
     with Progress(
         TextColumn(f"{settings.source} {settings.symbol}"),
         BarColumn(),
@@ -270,13 +277,11 @@ async def _serve_source(
         messages = ccxt_messages(settings.symbol)
         work = asyncio.ensure_future(run_live(ingestor, settings.symbol, messages))
     else:
-        events = list(finite_events(settings))
-        freeze_heap()  # the events to publish live to the end (shared/heap.py)
         job = functools.partial(
             run_with_retries,
             settings,
             build,
-            events,
+            events_to_publish(settings),
             stop=halt,
             on_retry=lambda why: retrying.__setitem__(0, why),
         )
