@@ -16,14 +16,15 @@ busy" is the share of all cores in use over the same window, by everything on th
 (broker, Redis, ingestion, this benchmark's readers, the services): near 100% every hop
 waits for a core. Beside them, on the same broker: the raw kafka-python produce ->
 consume rate (the ceiling the goal is set against) and the same messages passed through
-four forwarding processes that do no work, one per stage between a tick and its NavUpdated
-(the floor of the design's chain on this machine: what any implementation of it pays in
-Kafka hops alone). Run by `make bench`; never a timed assertion in a test.
+four forwarding processes that do no work, one per stage between a tick and its NavUpdated,
+each with the stages' own Kafka I/O (aiokafka, one record batch out per batch in): what
+the design's chain costs in Kafka hops alone on this machine, before any stage's work. Run by `make bench`; never a timed assertion in a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing
 import time
 import uuid
@@ -32,6 +33,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from multiprocessing.synchronize import Event
 
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition as AioTopicPartition
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from rich.console import Console
 from rich.table import Table
@@ -39,6 +42,7 @@ from smartlev.v1 import market_pb2
 
 from shared import codec
 from shared.adapters.kafka_admin import ensure_topics
+from shared.adapters.record_batches import BatchSender
 from shared.adapters.tick_replay import make_producer
 from shared.core.market import Tick
 from shared.core.products import SIDES, product_id
@@ -170,22 +174,33 @@ def busy_share(machine: list[tuple[int, float, float]], first_ns: int, last_ns: 
 
 
 def _forward(bootstrap: str, source: str, sink: str, messages: int, ready: Event) -> None:
-    """One hop of the floor: consume `source`, produce every record unchanged to `sink`
-    (kafka-python, the producer settings ingestion uses), until `messages` went through."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), enable_auto_commit=False)
-    consumer.assign([TopicPartition(source, 0)])
-    consumer.seek_to_beginning()
-    producer = make_producer(bootstrap, value_serializer=None, key_serializer=None, client_id="hop")
-    ready.set()
-    forwarded = 0
-    while forwarded < messages:
-        for records in consumer.poll(timeout_ms=100).values():
-            for record in records:
-                producer.send(sink, key=record.key, value=record.value)
-            forwarded += len(records)
-    producer.flush()
-    producer.close()
-    consumer.close()
+    """One hop of the floor: the stages' own Kafka I/O (aiokafka in, one record batch per
+    fetched batch out, acks=all) with no work between, until `messages` went through."""
+
+    async def forward() -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10
+        )
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True
+        )
+        await consumer.start()
+        await producer.start()
+        try:
+            consumer.assign([AioTopicPartition(source, 0)])
+            await consumer.seek_to_beginning()
+            sender = BatchSender(producer)
+            ready.set()
+            forwarded = 0
+            while forwarded < messages:
+                for records in (await consumer.getmany(timeout_ms=100)).values():
+                    await sender.send_all((sink, r.key or b"", r.value or b"") for r in records)
+                    forwarded += len(records)
+        finally:
+            await producer.stop()
+            await consumer.stop()
+
+    asyncio.run(forward())
 
 
 def kafka_chain(bootstrap: str, hops: int, messages: int) -> float:
