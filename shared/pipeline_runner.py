@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -48,6 +48,7 @@ from shared.topics import (
     NAV_UPDATES,
     ORDERS_EVENTS,
     TopicSpec,
+    partition_for,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -444,14 +445,15 @@ class Pipeline:
 
     # ----------------------------------------------------------------- output
 
-    def nav_consumer(self) -> NavReader:
-        return NavReader(self.bootstrap, self.topic(NAV_UPDATES.name))
+    def nav_consumer(self, products: Collection[str] | None = None) -> NavReader:
+        return NavReader(self.bootstrap, self.topic(NAV_UPDATES.name), products)
 
 
 class NavReader:
-    """Reads a namespace's nav.updates from the beginning, every partition, no group."""
+    """Reads a namespace's nav.updates from the beginning, no group: every partition, or
+    only those holding `products` (a reader that wants one product reads less)."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, products: Collection[str] | None = None) -> None:
         self.consumer = KafkaConsumer(
             bootstrap_servers=bootstrap.split(","),
             enable_auto_commit=False,
@@ -459,6 +461,8 @@ class NavReader:
             client_id="smartlev-nav-reader",
         )
         partitions = self.consumer.partitions_for_topic(topic) or set()
+        if products is not None:
+            partitions = {partition_for(p, len(partitions)) for p in products}
         assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
         self.consumer.assign(assigned)
         self.consumer.seek_to_beginning(*assigned)

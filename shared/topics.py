@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from google.protobuf.message import Message
+from kafka.partitioner.default import murmur2
 from smartlev.v1 import hedging_pb2, leverage_pb2, market_pb2, nav_pb2, orders_pb2
 
 KeyKind = Literal["symbol", "product"]
@@ -30,6 +31,12 @@ DAY_MS = 24 * 3600 * 1000
 FOREVER = -1  # retention.ms = -1: keep everything (history that rebuilds state)
 DEFAULT_PARTITIONS = 3
 DLQ_SUFFIX = ".dlq"
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """The partition a key goes to: murmur2, as kafka-python's and aiokafka's default
+    partitioners and the stages' BatchSender compute it."""
+    return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % partitions
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,12 +20,12 @@ from decimal import Decimal
 
 import redis
 from kafka import KafkaConsumer, TopicPartition
-from kafka.partitioner.default import murmur2
 from smartlev.v1 import market_pb2
 
 from services.ingestion.validation import EMPTY, FUNDING_RANK, TICK_RANK, SymbolState
 from shared import codec
 from shared.redis_store import key
+from shared.topics import partition_for
 
 # KEYS[1] the state hash. ARGV[1] the seq read before (expected), ARGV[2] the new seq,
 # ARGV[3..] field/value pairs. Returns {1, seq} when recorded, {0, current seq} if not.
@@ -93,11 +93,6 @@ class SeqStore:
                 f"{symbol}: stored seq is {int(current)}, expected {expected_seq} "
                 f"(recording {state.seq}); is another ingestion publishing this symbol?"
             )
-
-
-def partition_for(symbol: str, partitions: int) -> int:
-    """The partition kafka-python's default partitioner sends a symbol's key to."""
-    return (murmur2(symbol.encode("utf-8")) & 0x7FFFFFFF) % partitions
 
 
 def topic_recovery(bootstrap: str, topic: str, chunk: int = 1000) -> Recover:

@@ -9,10 +9,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError
 
-from services.ingestion.store import partition_for
 from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.record_batches import BatchSender
-from shared.topics import ORDERS_EVENTS
+from shared.topics import ORDERS_EVENTS, partition_for
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,6 @@ from collections.abc import Callable
 import pytest
 from smartlev.v1 import nav_pb2
 
-from services.ingestion.store import partition_for
 from shared.pipeline_runner import (
     HEDGING,
     LEVERAGE,
@@ -31,7 +30,14 @@ from shared.pipeline_runner import (
     replay_args,
 )
 from shared.stream import RECOVERY_STALLED_EXIT
-from shared.topics import HEDGE_FILLS, LEVERAGE_TARGETS, MARKET_REGIMES, MARKET_TICKS, TopicSpec
+from shared.topics import (
+    HEDGE_FILLS,
+    LEVERAGE_TARGETS,
+    MARKET_REGIMES,
+    MARKET_TICKS,
+    TopicSpec,
+    partition_for,
+)
 from tests.integration.pipeline import (
     CAPITAL,
     PRODUCTS,
