@@ -357,10 +357,10 @@ def main() -> None:
             f"{case.cpu_ms_per_tick:.2f} ms", f"{case.machine_busy:.0%}",
             f"{case.p50_ms:,.1f} ms", f"{case.p99_ms:,.1f} ms",
         )  # fmt: skip
-    floor_name = f"{len(HOPS)} forwarding hops, no work (floor)"
+    floor_name = f"floor: {len(HOPS)} hops, no work"
     for label, count, run in (
         (f"{floor_name}, 1,000/s", paced, floor_paced),
-        ("raw kafka-python produce -> consume (ceiling)", CHAIN_MESSAGES, ceiling),
+        ("ceiling: raw produce -> consume", CHAIN_MESSAGES, ceiling),
         (f"{floor_name}, max", CHAIN_MESSAGES, floor),
     ):
         paced_only = (
