@@ -152,33 +152,38 @@ def run_case(
     cpu_ms = (cpu_seconds(services) - cpu_before) * 1e3
     ticks = sorted(set(clock.published) - before)
     latencies = [(seen_at[s] - clock.published[s]) / 1e6 for s in ticks]
-    first, last, completions = steady_window([seen_at[s] for s in ticks])
-    span_s = (last - first) / 1e9
+    first, last, sustained = steady_window([seen_at[s] for s in ticks])
     return Case(
-        name, rate, len(ticks), len(latencies),
-        completions / span_s if span_s > 0 else float("nan"), cpu_ms / len(ticks),
+        name, rate, len(ticks), len(latencies), sustained, cpu_ms / len(ticks),
         busy_share(machine, first, last), _percentile(latencies, 0.50),
         _percentile(latencies, 0.99),
     )  # fmt: skip
 
 
-def steady_window(arrivals_ns: list[int]) -> tuple[int, int, int]:
-    """(first, last, completions between them) of the middle 80% of the arrivals: filling
-    and draining the pipeline at either end is not throughput."""
+def steady_window(arrivals_ns: list[int]) -> tuple[int, int, float]:
+    """(first, last, completions per second between them) of the middle 80% of the
+    arrivals: filling and draining the pipeline at either end is not throughput."""
     ordered = sorted(arrivals_ns)
     low, high = int(0.1 * len(ordered)), int(0.9 * len(ordered))
-    if high <= low:
-        return 0, 0, 0
-    return ordered[low], ordered[high], high - low
+    if high <= low or ordered[high] <= ordered[low]:
+        return 0, 0, float("nan")
+    return ordered[low], ordered[high], (high - low) / ((ordered[high] - ordered[low]) / 1e9)
 
 
 def busy_share(machine: list[tuple[int, float, float]], first_ns: int, last_ns: int) -> float:
     """The machine's busy share of CPU between two wall times, from (wall ns, busy s,
     all s) samples."""
     inside = [sample for sample in machine if first_ns <= sample[0] <= last_ns]
-    if len(inside) < 2 or inside[-1][2] <= inside[0][2]:
+    if len(inside) < 2:
         return float("nan")
-    return (inside[-1][1] - inside[0][1]) / (inside[-1][2] - inside[0][2])
+    return busy_between(inside[0][1:], inside[-1][1:])
+
+
+def busy_between(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """The machine's busy share between two `machine_cpu_seconds()` readings."""
+    if after[1] <= before[1]:
+        return float("nan")
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def _forward(bootstrap: str, source: str, sink: str, messages: int, ready: Event) -> None:
@@ -292,13 +297,12 @@ def kafka_chain(bootstrap: str, hops: int, messages: int, rate: int | None = Non
             admin.close()
     if rate is None:
         return ChainRun(messages / elapsed, *[float("nan")] * 3)
-    busy = (busy_after[0] - busy_before[0]) / (busy_after[1] - busy_before[1])
     # (CreateTime on the last topic, ns; the message's ts_init_ns)
     arrivals = [(r.timestamp * 1_000_000, _sent_ns(r.value)) for r in records]
-    first, last, completions = steady_window([at for at, _ in arrivals])
+    _, _, sustained = steady_window([at for at, _ in arrivals])
     latencies = [(at - sent) / 1e6 for at, sent in arrivals]
     return ChainRun(
-        completions / ((last - first) / 1e9), busy,
+        sustained, busy_between(busy_before, busy_after),
         _percentile(latencies, 0.50), _percentile(latencies, 0.99),
     )  # fmt: skip
 
