@@ -461,6 +461,10 @@ class StageRuntime:
         self._batches: BatchSender | None = None  # its producer starts on the first send
         self._server: HealthServer | None = None
         self._assigned = AssignedPartitions(self)
+        # Labelled children looked up once: `labels()` per event cost ~2.5 us of ~130.
+        self._latency = LATENCY.labels(self.service)
+        self._batch_events = BATCH_EVENTS.labels(self.service)
+        self._counts: dict[tuple[str, str], Any] = {}
 
     @property
     def service(self) -> str:
@@ -514,7 +518,7 @@ class StageRuntime:
             ts_ns=time.time_ns(),
         )
         await self.send(inp.dlq, record_key(record), letter)
-        MESSAGES.labels(self.service, inp.spec.name, "dead_lettered").inc()
+        self._count(inp, "dead_lettered").inc()
         self.last_progress = time.monotonic()
         self.log.warning(
             "dead_lettered",
@@ -567,7 +571,7 @@ class StageRuntime:
         if self.freeze_heap_at_first_batch:  # up and reading: its heap is built
             self.freeze_heap_at_first_batch = False
             self.log.info("heap_frozen", objects=freeze_heap())
-        BATCH_EVENTS.labels(self.service).observe(len(batch))
+        self._batch_events.observe(len(batch))
         while True:
             try:
                 await handle(batch)
@@ -590,13 +594,21 @@ class StageRuntime:
         raise NotImplementedError
 
     def processed(self, inp: Input, ts_init_ns: int) -> None:
-        MESSAGES.labels(self.service, inp.spec.name, "processed").inc()
-        LATENCY.labels(self.service).observe(max(time.time_ns() - ts_init_ns, 0) / 1e9)
+        self._count(inp, "processed").inc()
+        self._latency.observe(max(time.time_ns() - ts_init_ns, 0) / 1e9)
         self.last_progress = time.monotonic()
 
     def skipped(self, inp: Input) -> None:
-        MESSAGES.labels(self.service, inp.spec.name, "skipped").inc()
+        self._count(inp, "skipped").inc()
         self.last_progress = time.monotonic()
+
+    def _count(self, inp: Input, outcome: str) -> Any:
+        child = self._counts.get((inp.spec.name, outcome))
+        if child is None:
+            child = self._counts[inp.spec.name, outcome] = MESSAGES.labels(
+                self.service, inp.spec.name, outcome
+            )
+        return child
 
     def enter_service(self) -> None:
         """What a service entrypoint (`run`) does first: JSON logs, and the heap frozen

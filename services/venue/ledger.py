@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from google.protobuf.message import Message
-from redis.asyncio import Redis
 
+from shared.adapters.redis_wire import RedisWire
 from shared.codec import encode
 from shared.core.config import StrategyConfig
 from shared.core.venue import PerpVenue
@@ -53,7 +53,7 @@ def fingerprint(method: str, request: Message) -> str:
 class VenueLedger:
     """All accounts of the venue; see the module doc."""
 
-    def __init__(self, redis: Redis, config: StrategyConfig, namespace: str = "") -> None:
+    def __init__(self, redis: RedisWire, config: StrategyConfig, namespace: str = "") -> None:
         self.config = config
         self.redis = redis
         self.store = ApplyOnceStore(redis, namespace=f"{namespace}venue")
@@ -127,7 +127,7 @@ class VenueLedger:
         self, symbol: str, call_id: str, print_: str, reply_type: type[R]
     ) -> R | None:
         applied_key = self.store.state_key(symbol, "applied")
-        raw = await self.redis.hget(applied_key, call_id)
+        raw = await self.redis.call("HGET", applied_key, call_id)
         if raw is None:
             return None
         record = json.loads(raw)

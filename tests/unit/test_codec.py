@@ -233,6 +233,16 @@ def test_optional_decimals() -> None:
     assert codec.optional_decimal_from_wire("2.50") == Decimal("2.50")
 
 
+@given(st.decimals(allow_nan=False, allow_infinity=False))
+def test_decimal_to_wire_is_plain_notation_of_any_finite_decimal(value: Decimal) -> None:
+    text = format(value, "f")
+    if len(text) <= 40 or codec._WIRE_DECIMAL.fullmatch(text):
+        assert codec.decimal_to_wire(value) == text
+    else:
+        with pytest.raises(codec.EncodeError, match="outside the wire range"):
+            codec.decimal_to_wire(value)
+
+
 @given(
     st.decimals(allow_nan=False, allow_infinity=False, places=8, min_value=-(10**20),
                 max_value=10**20)
