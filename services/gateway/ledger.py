@@ -31,6 +31,7 @@ import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import lru_cache, partial
 
 from shared.adapters.redis_wire import RedisWire
 from shared.codec import decimal_to_wire
@@ -38,6 +39,7 @@ from shared.redis_store import ApplyStatus, FieldValue, key
 
 OUTBOX = "outbox"
 LEDGER = "ledger"
+KEYS_CACHED = 4096
 
 # KEYS: applied, meta, position, ledger, outbox. ARGV: record id, record, revision field,
 # expected revision, event (base64), the position's units as read ("" = no position),
@@ -118,38 +120,41 @@ class Ledger:
         self.redis = redis
         self.ns = f"{namespace}gw"
         self.nav_ns = f"{namespace}nav"
+        # An order names ~12 keys; built and checked once (~1.5 us each), then looked up.
+        self._key = lru_cache(maxsize=KEYS_CACHED)(partial(key, self.ns))
+        self._nav_key = lru_cache(maxsize=KEYS_CACHED)(partial(key, self.nav_ns))
         self._settle = redis.script(_SETTLE_LUA)
         self._claim = redis.script(_CLAIM_LUA)
 
     # ------------------------------------------------------------------ keys
 
     def position_key(self, symbol: str, pid: str) -> str:
-        return key(self.ns, symbol, "pos", pid)
+        return self._key(symbol, "pos", pid)
 
     def ledger_key(self, symbol: str) -> str:
-        return key(self.ns, symbol, LEDGER)
+        return self._key(symbol, LEDGER)
 
     def outbox_key(self, symbol: str) -> str:
-        return key(self.ns, symbol, OUTBOX)
+        return self._key(symbol, OUTBOX)
 
     def applied_key(self, symbol: str) -> str:
-        return key(self.ns, symbol, "applied")
+        return self._key(symbol, "applied")
 
     def meta_key(self, symbol: str) -> str:
-        return key(self.ns, symbol, "meta")
+        return self._key(symbol, "meta")
 
     def _user_key(self, user: str, what: str) -> str:
-        return key(self.ns, f"user:{user}", what)
+        return self._key(f"user:{user}", what)
 
     # ------------------------------------------------------------------ reads
 
     async def nav(self, product: str) -> dict[str, str]:
         """What the NAV service last wrote for `product` (empty: nothing yet)."""
-        return _pairs(await self.redis.call("HGETALL", key(self.nav_ns, product)))
+        return _pairs(await self.redis.call("HGETALL", self._nav_key(product)))
 
     async def navs(self, products: list[str]) -> list[dict[str, str]]:
         replies = await self.redis.pipeline(
-            [("HGETALL", key(self.nav_ns, product)) for product in products]
+            [("HGETALL", self._nav_key(product)) for product in products]
         )
         return [_pairs(fields) for fields in replies]
 
@@ -170,7 +175,7 @@ class Ledger:
         commands: list[tuple[str, ...]] = [
             ("HGET", self._user_key(user, "orders"), client_id),
             ("HGET", self.applied_key(symbol), f"{user}:{client_id}"),
-            ("HGETALL", key(self.nav_ns, product)),
+            ("HGETALL", self._nav_key(product)),
             ("HGET", self.meta_key(symbol), f"rev:{product}"),
             ("HGETALL", self.ledger_key(symbol)),
         ]
