@@ -6,8 +6,10 @@ import itertools
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from services.ingestion.runner import Resume, paced
+from services.ingestion.runner import PACE_GRANULARITY_S, Resume, paced, wait_before
 from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, synthetic_stream
 from services.ingestion.validation import EMPTY, Accepted, Policy, admit, order_key
 from shared.core.market import FundingRate, Tick
@@ -68,6 +70,28 @@ def test_paced_schedules_event_time_from_the_first_event() -> None:
     ticks = [Tick("X-Y", 10**9 * s, Decimal(1)) for s in (1, 11, 11, 41, 21)]
     assert [d for d, _ in paced(ticks, 10.0)] == [0.0, 1.0, 1.0, 4.0, 4.0]
     assert [d for d, _ in paced(ticks, None)] == [0.0] * 5
+
+
+@given(st.lists(st.integers(min_value=0, max_value=50_000), min_size=1, max_size=300))
+def test_pacing_never_publishes_early_by_more_than_the_granularity(gaps_us: list[int]) -> None:
+    """The replay loop on an ideal clock: it waits what `wait_before` says, publishing
+    takes no time. Every event goes out at or before its due time, at most
+    PACE_GRANULARITY_S early, and close events share a wake-up."""
+    due = list(itertools.accumulate(gap / 1e6 for gap in gaps_us))
+    elapsed, wakeups = 0.0, 0
+    for due_s in due:
+        wait = wait_before(due_s, elapsed)
+        assert wait == 0.0 or wait > PACE_GRANULARITY_S
+        wakeups += wait > 0
+        elapsed += wait
+        assert due_s - PACE_GRANULARITY_S - 1e-9 <= elapsed <= due_s + 1e-9
+    assert wakeups <= due[-1] / PACE_GRANULARITY_S + 1
+
+
+def test_pacing_at_1000_events_a_second_wakes_once_per_granularity() -> None:
+    waits = [wait_before(k / 1000, elapsed_s=0.0) for k in range(12)]
+    assert waits[:6] == [0.0] * 6  # due within 5 ms: at once
+    assert waits[6:] == [k / 1000 for k in range(6, 12)]
 
 
 def test_resume_drops_only_the_already_published_prefix() -> None:
