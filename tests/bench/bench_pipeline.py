@@ -49,7 +49,13 @@ from shared.adapters.record_batches import BatchSender
 from shared.adapters.tick_replay import make_producer
 from shared.core.market import Tick
 from shared.core.products import SIDES, product_id
-from shared.pipeline_runner import STAGES, Pipeline, remove_leftover_namespaces, replay_args
+from shared.pipeline_runner import (
+    READER_FETCH,
+    STAGES,
+    Pipeline,
+    remove_leftover_namespaces,
+    replay_args,
+)
 from shared.settings import ServiceSettings
 from shared.topics import MARKET_TICKS, TopicSpec
 from tests.bench.cpu import cpu_seconds, machine_cpu_seconds
@@ -88,7 +94,7 @@ class TickClock:
     """seq -> publish time, read from the namespace's market.ticks."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","))
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), **READER_FETCH)
         parts = [TopicPartition(topic, p) for p in self.consumer.partitions_for_topic(topic) or ()]
         self.consumer.assign(parts)
         self.consumer.seek_to_beginning(*parts)
