@@ -44,11 +44,6 @@ class IngestionSettings(ServiceSettings):
     max_jump: Decimal = Field(default=Decimal("0.30"), gt=0)
     stale_after_s: float = Field(default=60.0, gt=0)  # live/paced feeds: unhealthy after
     batch_size: int = Field(default=500, ge=1)  # events per ack wait at --speed max
-    # The producer's wait for more ticks to batch. None is needed: a paced replay hands
-    # over the ticks due within 5 ms together (runner.wait_before), so they share a
-    # request anyway, and 5 ms only delayed every tick (p50 at 100 ticks/s: 8.9-10.6 ms
-    # with 0, 14.8-15.3 with 5; at 1,000/s the same CPU per tick, p99 70-180 vs 134-192).
-    linger_ms: int = Field(default=0, ge=0, le=1000)
     # broker or Redis down: rebuild and resume after a pause doubling up to the max
     retry_backoff_s: float = Field(default=0.5, gt=0)
     retry_backoff_max_s: float = Field(default=10.0, gt=0)

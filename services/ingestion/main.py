@@ -34,13 +34,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from services.ingestion.config import IngestionSettings
+from services.ingestion.producer import BatchProducer
 from services.ingestion.publisher import IngestionMetrics, Ingestor
 from services.ingestion.runner import Summary, ccxt_messages, run_finite, run_live
 from services.ingestion.store import SeqStore, topic_recovery
 from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, synthetic_stream
 from services.ingestion.validation import MarketValue, Policy
 from shared.adapters.kafka_admin import ensure_topics
-from shared.adapters.tick_replay import backtest_stream, make_producer
+from shared.adapters.tick_replay import backtest_stream
 from shared.health import CheckResult, HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.heap import freeze_heap
 from shared.logging import configure_logging, get_logger
@@ -109,9 +110,7 @@ def build_ingestor(
     store = SeqStore(
         client, settings.namespace, topic_recovery(settings.kafka_bootstrap, topic.name)
     )
-    producer = make_producer(
-        settings.kafka_bootstrap, client_id="smartlev-ingestion", linger_ms=settings.linger_ms
-    )
+    producer = BatchProducer(settings.kafka_bootstrap, client_id="smartlev-ingestion")
     ingestor = Ingestor(
         producer=producer,
         store=store,

@@ -17,11 +17,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kafka import KafkaProducer
-from kafka.producer.future import FutureRecordMetadata
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from smartlev.v1 import market_pb2
 
+from services.ingestion.producer import BatchProducer, Sent
 from services.ingestion.store import SeqStore
 from services.ingestion.validation import (
     Accepted,
@@ -95,7 +94,7 @@ class Ingestor:
     def __init__(
         self,
         *,
-        producer: KafkaProducer,
+        producer: BatchProducer,
         store: SeqStore,
         topic: str,
         dlq_topic: str,
@@ -119,7 +118,7 @@ class Ingestor:
         self.last_accepted: float | None = None  # time.monotonic() of the last accept
         self._states: dict[str, SymbolState] = {}
         self._recorded: dict[str, int] = {}  # symbol -> seq stored in Redis
-        self._pending: list[tuple[FutureRecordMetadata, float, Accepted | None]] = []
+        self._pending: list[tuple[Sent, float, Accepted | None]] = []
         metrics.staleness.set_function(self.staleness)
 
     def staleness(self) -> float:
@@ -209,7 +208,7 @@ class Ingestor:
             return
         self.producer.flush()
         for future, sent_at, accepted in self._pending:
-            future.get(timeout=30)
+            future.result(timeout=30)
             if accepted is None:
                 self.stats.dead_lettered += 1
                 continue

@@ -23,7 +23,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
-Outbound = tuple[str, bytes, bytes]  # topic, key, value
+Outbound = tuple[str, bytes | None, bytes]  # topic, key (None: keyless), value
 
 
 class BatchSender:
@@ -31,8 +31,10 @@ class BatchSender:
         self.producer = producer
         self._partitions: dict[tuple[str, bytes], int] = {}
 
-    async def partition(self, topic: str, key: bytes) -> int:
-        """The partition `send(topic, key=key)` would choose (DefaultPartitioner)."""
+    async def partition(self, topic: str, key: bytes | None) -> int:
+        """The partition `send(topic, key=key)` would choose (DefaultPartitioner); a
+        keyless message goes where an empty key would (`send` would pick at random)."""
+        key = key or b""
         found = self._partitions.get((topic, key))
         if found is None:
             partitions = sorted(await self.producer.partitions_for(topic))
