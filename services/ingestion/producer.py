@@ -2,8 +2,8 @@
 
 Why not kafka-python's `KafkaProducer`, which ingestion used first: its network thread
 costs ~0.9 ms of CPU per produce request and its `send` ~25 us a message. Offered 1,000
-ticks/s, a replay used 0.26 cores with it and 0.17 with this; at full speed it published
-~10,000 messages/s, this 15,000-16,000 (2-vCPU VM).
+ticks/s, a replay used 0.26 cores with it and 0.16 with this; at full speed it published
+~10,000 messages/s, this ~21,000 (2-vCPU VM).
 
 The ingestor sees the shape it had: `send(topic, key, value)` returns a future that
 raises if the broker refused the message, `flush()` waits for everything sent so far,
@@ -96,7 +96,9 @@ class BatchProducer:
             self._wake.clear()
             with self._lock:
                 records, self._pending = self._pending, []
-                burst = self._last = self._burst
+                burst = self._burst
+                if records:
+                    self._last = burst
             if not records:
                 continue
             try:
