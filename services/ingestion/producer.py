@@ -47,8 +47,10 @@ class BatchProducer:
         self._thread.start()
         self._lock = threading.Lock()
         self._pending: list[Outbound] = []
-        self._burst: Sent = concurrent.futures.Future()  # what the pending events share
-        self._last: Sent | None = None  # the newest burst handed to the pump
+        # The newest burst: the pending events' while there are any, else the one last
+        # handed to the pump (a done one before the first send).
+        self._burst: Sent = concurrent.futures.Future()
+        self._burst.set_result(None)
         self._wake = asyncio.Event()
         try:
             self._producer = self._run(self._start(bootstrap, client_id), START_TIMEOUT_S)
@@ -97,8 +99,6 @@ class BatchProducer:
             with self._lock:
                 records, self._pending = self._pending, []
                 burst = self._burst
-                if records:
-                    self._last = burst
             if not records:
                 continue
             try:
@@ -111,10 +111,7 @@ class BatchProducer:
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything sent so far is acked or refused (bursts go out in
         order, so the newest one is the last to finish)."""
-        with self._lock:
-            newest = self._burst if self._pending else self._last
-        if newest is not None:
-            concurrent.futures.wait([newest], timeout)
+        concurrent.futures.wait([self._burst], timeout)
 
     def close(self, timeout: float | None = None) -> None:
         try:
