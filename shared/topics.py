@@ -33,10 +33,11 @@ DEFAULT_PARTITIONS = 3
 DLQ_SUFFIX = ".dlq"
 
 
-def partition_for(key: str, partitions: int) -> int:
+def partition_for(key: str | bytes, partitions: int) -> int:
     """The partition a key goes to: murmur2, as kafka-python's and aiokafka's default
-    partitioners and the stages' BatchSender compute it."""
-    return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % partitions
+    partitioners compute it (the stages' BatchSender calls this)."""
+    raw = key.encode("utf-8") if isinstance(key, str) else key
+    return (murmur2(raw) & 0x7FFFFFFF) % partitions
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

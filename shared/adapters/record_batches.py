@@ -20,8 +20,9 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
-from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
+
+from shared.topics import partition_for
 
 Outbound = tuple[str, bytes | None, bytes]  # topic, key (None: keyless), value
 
@@ -38,7 +39,7 @@ class BatchSender:
         found = self._partitions.get((topic, key))
         if found is None:
             partitions = sorted(await self.producer.partitions_for(topic))
-            found = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+            found = partitions[partition_for(key, len(partitions))]
             self._partitions[(topic, key)] = found
         return found
 

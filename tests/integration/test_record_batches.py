@@ -8,10 +8,11 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.partitioner import DefaultPartitioner
 
 from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.record_batches import BatchSender
-from shared.topics import ORDERS_EVENTS, partition_for
+from shared.topics import ORDERS_EVENTS
 
 pytestmark = pytest.mark.integration
 
@@ -69,6 +70,7 @@ async def test_messages_land_where_send_would_put_them_in_order(kafka_bootstrap:
 
 
 def expected_partition(key: bytes, partitions: int) -> int:
-    """kafka-python's choice (the ingestion service's formula, independent of the code
-    under test)."""
-    return partition_for(key.decode(), partitions)
+    """aiokafka's own choice (the partitioner its `send` uses), independent of the code
+    under test, which computes it with `shared.topics.partition_for`."""
+    every = list(range(partitions))
+    return int(DefaultPartitioner()(key, every, every))
