@@ -241,7 +241,8 @@ def _tick_message(ts_init_ns: int) -> bytes:
 
 
 def kafka_chain(bootstrap: str, hops: int, messages: int, rate: int | None = None) -> ChainRun:
-    """MarketEvent-sized messages produced with kafka-python (as ingestion does), passed
+    """MarketEvent-sized messages produced with kafka-python (the issue sets the ceiling on
+    kafka-python; ingestion itself publishes with aiokafka since session 9), passed
     through `hops` forwarding processes (each its own topic and process, no work) and
     consumed. 0 hops: the raw produce -> consume ceiling; 4 hops: the floor of the
     design's chain regime -> leverage -> hedging -> NAV. `rate`: offered messages/s,
