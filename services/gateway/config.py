@@ -38,8 +38,10 @@ class GatewaySettings(ServiceSettings):
     # A NAV older than this (wall clock since the NAV service wrote it) is not traded on.
     max_nav_age_s: float = Field(default=120.0, gt=0)
     outbox_poll_s: float = Field(default=0.5, gt=0)  # relay sweep when nothing signals it
-    # A woken relay waits this long so the orders settling meanwhile share its sweep.
-    outbox_linger_s: float = Field(default=0.005, ge=0)
+    # A woken relay waits this long so the orders settling meanwhile share its sweep
+    # (one Redis read, one produce request, one delete); hedging sees an order this much
+    # later. 20 ms instead of 5 halved the broker's CPU per order under load.
+    outbox_linger_s: float = Field(default=0.02, ge=0)
     health_interval_s: float = Field(default=1.0, gt=0)
     grace_s: float = Field(default=5.0, ge=0)  # in-flight calls finish on SIGTERM
     stream_queue: int = Field(default=256, ge=1)  # updates buffered per stream subscriber

@@ -6,7 +6,7 @@ idempotent producer) and deletes them only once the broker acked them. A crash b
 the ack and the delete publishes them again on the next sweep; hedging applies an
 order's `event_id` once, so the books see it once. It sweeps when a settle wakes it and
 every `poll_s` anyway (entries left by a crash, by a failed sweep, or by another
-gateway instance). A woken relay lingers a few ms first: under load a sweep then carries
+gateway instance). A woken relay lingers ~20 ms first: under load a sweep then carries
 many orders (one Redis read, one produce request, one delete for all of them) instead of
 one or two.
 """
