@@ -138,8 +138,14 @@ def new_namespace(prefix: str = "t") -> str:
 
 
 # Namespaces that test, bench and chaos runs create (`new_namespace` and the tests' own):
-# t<8 hex>. and bench<8 hex>.
-LEFTOVER = re.compile(r"^(t|bench)[0-9a-f]{8}\.")
+# t<8 hex>. and bench<8 hex>.; and the pipeline benchmark's raw chain topics, which a
+# killed benchmark leaves behind.
+LEFTOVER = re.compile(r"^(t|bench)[0-9a-f]{8}\.|^bench\.chain\.[0-9a-f]{10}$")
+
+
+def chain_topic() -> str:
+    """A fresh topic for the pipeline benchmark's raw produce -> consume chain."""
+    return f"bench.chain.{uuid.uuid4().hex[:10]}"
 
 
 def remove_leftover_namespaces(bootstrap: str, redis_url: str) -> None:

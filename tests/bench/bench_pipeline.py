@@ -53,6 +53,7 @@ from shared.pipeline_runner import (
     READER_FETCH,
     STAGES,
     Pipeline,
+    chain_topic,
     remove_leftover_namespaces,
     replay_args,
 )
@@ -247,7 +248,7 @@ def kafka_chain(bootstrap: str, hops: int, messages: int, rate: int | None = Non
     consumed. 0 hops: the raw produce -> consume ceiling; 4 hops: the floor of the
     design's chain regime -> leverage -> hedging -> NAV. `rate`: offered messages/s,
     each stamped with its send time; None: as fast as the producer goes."""
-    topics = [f"bench.chain.{uuid.uuid4().hex[:10]}" for _ in range(hops + 1)]
+    topics = [chain_topic() for _ in range(hops + 1)]
     specs = [
         TopicSpec(name=name, key="symbol", value_type=market_pb2.MarketEvent,
                   description="bench", partitions=1, retention_ms=3_600_000)
