@@ -42,17 +42,17 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import TopicPartition
 
-from shared.stream import Input, StageRuntime, app_id
+from shared.stream import (
+    FETCH_MAX_WAIT_MS,
+    Input,
+    StageRuntime,
+    app_id,
+    wait_long_when_idle,
+)
 from shared.transient import is_transient
 
 Records = list[ConsumerRecord]
 
-# The broker holds an empty fetch this long. aiokafka sends no fetch to a broker while
-# records it fetched wait unconsumed, and `getmany` here takes all of them: the next
-# fetch goes out as soon as a batch is taken, and returns as soon as any input arrives.
-# So the wait bounds nothing but how often an idle stage wakes up (each wake-up of the
-# event loop costs ~0.1 ms of CPU on the 2-core VMs measured here).
-FETCH_MAX_WAIT_MS = 500
 BatchHandler = Callable[[Records], Awaitable[None]]
 
 
@@ -111,22 +111,13 @@ class ConsumerRuntime(StageRuntime):
 
     async def serve(self) -> None:
         """Consume until SIGTERM/SIGINT, then commit what was handled and leave the group."""
-        consumer = self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            client_id=f"{self.settings.kafka.client_id}-{self.service}",
-            group_id=app_id(self.settings),
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-            session_timeout_ms=15_000,  # as the faust stages: a killed member is replaced soon
-            heartbeat_interval_ms=3_000,
-        )
+        consumer = self.consumer = self.new_consumer()
         consumer.subscribe(list(self._handlers), listener=_Rebalance(self))
         await self.start_serving()
         timers = [asyncio.create_task(self._every(*timer)) for timer in self._timers]
         try:
             try:
-                await consumer.start()
+                await start_consumer(consumer)
             except KafkaConnectionError as exc:
                 raise SystemExit(
                     f"{self.service}: Kafka at {self.settings.kafka_bootstrap} is not "
@@ -147,6 +138,20 @@ class ConsumerRuntime(StageRuntime):
             await consumer.stop()
             await self.stop_serving()
             self.log.info("stage_stopped")
+
+    def new_consumer(self) -> AIOKafkaConsumer:
+        """The stage's consumer (its group, manual commits), to start with
+        `start_consumer`."""
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            client_id=f"{self.settings.kafka.client_id}-{self.service}",
+            group_id=app_id(self.settings),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            session_timeout_ms=15_000,  # as the faust stages: a killed member is replaced soon
+            heartbeat_interval_ms=3_000,
+        )
 
     def _stop(self, loop_task: asyncio.Task[None]) -> None:
         """Stop after the batch in hand (a wait for input is cut short); a batch still
@@ -212,6 +217,18 @@ class ConsumerRuntime(StageRuntime):
                 await job()
             except Exception as exc:  # a periodic check must not stop the stage
                 self.log.error("timer_failed", timer=name, error=repr(exc), exc_info=exc)
+
+
+async def start_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Start it; from then on the broker may hold a fetch long only while every assigned
+    partition is in it (`wait_long_when_idle`, as the faust stages). With one long wait
+    for every fetch, a batch handled for longer than aiokafka's prefetch backoff (0.1 s)
+    let a fetch for the other partitions go out while the batch's partition had records
+    waiting, and the broker held it: that partition's next records waited up to the
+    whole 500 ms behind it. Under load hedging then fell behind (batches grew, so they
+    took longer, so the stall came again); its latency went from tens of ms to seconds."""
+    await consumer.start()
+    wait_long_when_idle(consumer._fetcher)
 
 
 class _Rebalance(ConsumerRebalanceListener):

@@ -259,7 +259,7 @@ class _FetchWaitThread(aiokafka_driver.AIOKafkaConsumerThread):
     waits up to 1.5 s for its next records (measured: ~1.5 s per stage under load).
     A short wait bounds that stall. But an idle stage then fetches a hundred times a
     second (measured: regime and leverage idle cost the broker 17% of a core and
-    themselves 11%), so the wait is short only while it is needed (`_wait_long_when_idle`)."""
+    themselves 11%), so the wait is short only while it is needed (`wait_long_when_idle`)."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
@@ -269,14 +269,15 @@ class _FetchWaitThread(aiokafka_driver.AIOKafkaConsumerThread):
     async def on_start(self) -> None:
         await super().on_start()
         assert self._consumer is not None  # on_start made it
-        _wait_long_when_idle(self._consumer._fetcher)
+        wait_long_when_idle(self._consumer._fetcher)
 
 
-def _wait_long_when_idle(fetcher: Any) -> None:
+def wait_long_when_idle(fetcher: Any) -> None:
     """Let the broker hold a fetch IDLE_FETCH_MAX_WAIT_MS when it asks for every
     assigned partition (none has records waiting, none is paused): then only new
     records can end the wait, and they end it at once. Otherwise a partition left out
-    of the fetch may become fetchable meanwhile, and the wait stays short."""
+    of the fetch may become fetchable meanwhile, and the wait stays short (the fetcher
+    is an aiokafka consumer's, started with FETCH_MAX_WAIT_MS; both stage runtimes)."""
     plan = fetcher._get_actions_per_node
 
     def actions_per_node(assignment: Any) -> tuple[Any, ...]:

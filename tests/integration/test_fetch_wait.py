@@ -1,10 +1,12 @@
-"""Real broker: the faust stages' fetcher lets the broker hold a fetch long only while
-every assigned partition is in it (shared/stream.py, `_wait_long_when_idle`), and a
-long-held fetch still ends as soon as a record arrives."""
+"""Real broker: the stages' fetchers let the broker hold a fetch long only while every
+assigned partition is in it (shared/stream.py, `wait_long_when_idle`), a long-held
+fetch still ends as soon as a record arrives, and a plain-consumer stage's records are
+not held up behind a fetch sent while it handled a long batch."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +16,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from shared import stream
 from shared.adapters.kafka_admin import ensure_topics
+from shared.consumer_stage import ConsumerRuntime, start_consumer
+from shared.settings import KafkaSettings, ServiceSettings
 from shared.topics import MARKET_TICKS
 
 pytestmark = pytest.mark.integration
@@ -49,7 +53,7 @@ async def consumer(
     await consumer.start()
     try:
         waits = record_fetch_waits(consumer._fetcher)
-        stream._wait_long_when_idle(consumer._fetcher)  # before any partition is assigned
+        stream.wait_long_when_idle(consumer._fetcher)  # before any partition is assigned
         tps = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
         consumer.assign(tps)
         await consumer.seek_to_end(*tps)
@@ -108,3 +112,46 @@ async def test_the_wait_stays_short_while_a_partition_is_left_out_of_the_fetch(
     reader.resume(tps[1])
     await asyncio.sleep(0.3)
     assert waits[-1] == LONG_MS, waits
+
+
+async def test_a_stage_batch_longer_than_the_prefetch_backoff_does_not_stall_its_partition(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain-consumer stage (hedging, NAV) waits long only while idle. While it handles
+    a batch of partition 0 for longer than aiokafka's prefetch backoff (0.1 s), the next
+    records of partition 0 wait fetched and a fetch for the other partitions goes out;
+    were that one held long (it was: 500 ms), partition 0's next records would wait
+    behind it."""
+    monkeypatch.setattr(stream, "IDLE_FETCH_MAX_WAIT_MS", LONG_MS)
+    namespace = f"t{uuid.uuid4().hex[:8]}."
+    topic = MARKET_TICKS.in_namespace(namespace)
+    ensure_topics(kafka_bootstrap, [topic])
+    settings = ServiceSettings(
+        service="fetchtest", namespace=namespace, kafka=KafkaSettings(bootstrap=kafka_bootstrap)
+    )
+    reader = ConsumerRuntime(settings).new_consumer()
+    tps = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
+    reader.assign(tps)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await start_consumer(reader)
+    await producer.start()
+    try:
+        waits = record_fetch_waits(reader._fetcher)
+        await reader.seek_to_end(*tps)
+        await asyncio.sleep(0.5)
+        assert waits and set(waits) == {LONG_MS}, waits  # idle: few, long fetches
+
+        await producer.send_and_wait(topic.name, b"1", partition=0)
+        assert await take_all(reader) == 1  # a batch taken: its handling begins
+        await producer.send_and_wait(topic.name, b"2", partition=0)  # fetched meanwhile
+        await asyncio.sleep(0.25)  # the handling, past the prefetch backoff
+        assert await take_all(reader) == 1  # the next batch, fetched already
+
+        await producer.send_and_wait(topic.name, b"3", partition=0)
+        sent = time.monotonic()
+        assert await take_all(reader) == 1
+        waited_s = time.monotonic() - sent
+        assert waited_s < 0.15, waited_s  # not held up behind the other partitions' fetch
+    finally:
+        await producer.stop()
+        await reader.stop()
