@@ -89,9 +89,10 @@ def test_pacing_never_publishes_early_by_more_than_the_granularity(gaps_us: list
 
 
 def test_pacing_at_1000_events_a_second_wakes_once_per_granularity() -> None:
-    waits = [wait_before(k / 1000, elapsed_s=0.0) for k in range(12)]
-    assert waits[:6] == [0.0] * 6  # due within 5 ms: at once
-    assert waits[6:] == [k / 1000 for k in range(6, 12)]
+    burst = round(PACE_GRANULARITY_S * 1000)  # events due within the granularity
+    waits = [wait_before(k / 1000, elapsed_s=0.0) for k in range(2 * burst + 2)]
+    assert waits[: burst + 1] == [0.0] * (burst + 1)  # at once
+    assert waits[burst + 1 :] == [k / 1000 for k in range(burst + 1, 2 * burst + 2)]
 
 
 def test_resume_drops_only_the_already_published_prefix() -> None:
