@@ -269,20 +269,35 @@ class _FetchWaitThread(aiokafka_driver.AIOKafkaConsumerThread):
     async def on_start(self) -> None:
         await super().on_start()
         assert self._consumer is not None  # on_start made it
-        wait_long_when_idle(self._consumer._fetcher)
+        tables: Any = self.consumer.app.tables  # faust's TableManager (its type hides recovery)
+        wait_long_when_idle(self._consumer._fetcher, faust_reads(tables))
 
 
-def wait_long_when_idle(fetcher: Any) -> None:
+def faust_reads(tables: Any) -> Callable[[Any], bool]:
+    """Whether a faust app reads a partition's records now: it reads its tables'
+    changelogs only while it recovers them. The rest of the time their partitions stay
+    assigned, and what was fetched of them (the app's own writes) stays buffered; were
+    they counted, the wait would stay short for good (regime, idle after it had written
+    its table: ~95 fetches a second instead of ~2)."""
+
+    def read(tp: Any) -> bool:
+        return tp.topic not in tables.changelog_topics or bool(tables.recovery.in_recovery)
+
+    return read
+
+
+def wait_long_when_idle(fetcher: Any, read: Callable[[Any], bool] = lambda tp: True) -> None:
     """Let the broker hold a fetch IDLE_FETCH_MAX_WAIT_MS when it asks for every
-    assigned partition (none has records waiting, none is paused): then only new
-    records can end the wait, and they end it at once. Otherwise a partition left out
-    of the fetch may become fetchable meanwhile, and the wait stays short (the fetcher
-    is an aiokafka consumer's, started with FETCH_MAX_WAIT_MS; both stage runtimes)."""
+    partition the app reads (`read(tp)`; none has records waiting, none is paused):
+    then only new records can end the wait, and they end it at once. Otherwise a
+    partition left out of the fetch may become fetchable meanwhile, and the wait stays
+    short (the fetcher is an aiokafka consumer's, started with FETCH_MAX_WAIT_MS; both
+    stage runtimes)."""
     plan = fetcher._get_actions_per_node
 
     def actions_per_node(assignment: Any) -> tuple[Any, ...]:
         requests, *rest = plan(assignment)
-        if requests and not fetcher._records and not _any_paused(assignment):
+        if requests and not _any_left_out(fetcher, assignment, read):
             for _node, request in requests:
                 request._max_wait_ms = IDLE_FETCH_MAX_WAIT_MS
         return (requests, *rest)
@@ -290,8 +305,12 @@ def wait_long_when_idle(fetcher: Any) -> None:
     fetcher._get_actions_per_node = actions_per_node
 
 
-def _any_paused(assignment: Any) -> bool:
-    return any(assignment.state_value(tp).paused for tp in assignment.tps)
+def _any_left_out(fetcher: Any, assignment: Any, read: Callable[[Any], bool]) -> bool:
+    """Some partition the app reads has fetched records not taken yet, or is paused."""
+    buffered = fetcher._records
+    return any(
+        (tp in buffered or assignment.state_value(tp).paused) for tp in assignment.tps if read(tp)
+    )
 
 
 class _Gathering:

@@ -114,6 +114,47 @@ async def test_the_wait_stays_short_while_a_partition_is_left_out_of_the_fetch(
     assert waits[-1] == LONG_MS, waits
 
 
+async def test_records_of_a_partition_the_app_does_not_read_leave_the_wait_long(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A faust app's own table writes come back on its changelog partitions, which it
+    does not read outside recovery: fetched, they stay buffered for good. Only the
+    partitions it reads decide the wait."""
+    monkeypatch.setattr(stream, "IDLE_FETCH_MAX_WAIT_MS", LONG_MS)
+    namespace = f"t{uuid.uuid4().hex[:8]}."
+    ticks = MARKET_TICKS.in_namespace(namespace)
+    changelog = MARKET_TICKS.in_namespace(f"{namespace}changelog.")
+    ensure_topics(kafka_bootstrap, [ticks, changelog])
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=kafka_bootstrap,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=stream.FETCH_MAX_WAIT_MS,
+    )
+    await reader.start()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        waits = record_fetch_waits(reader._fetcher)
+        stream.wait_long_when_idle(reader._fetcher, lambda tp: tp.topic != changelog.name)
+        read = [TopicPartition(ticks.name, p) for p in range(ticks.partitions)]
+        unread = [TopicPartition(changelog.name, p) for p in range(changelog.partitions)]
+        reader.assign(read + unread)
+        await reader.seek_to_end(*read, *unread)
+        await producer.send_and_wait(changelog.name, b"row", partition=0)
+        await asyncio.sleep(0.5)  # fetched and buffered, never taken
+        assert TopicPartition(changelog.name, 0) in reader._fetcher._records
+        sent = len(waits)
+        await asyncio.sleep(0.5)
+        assert len(waits) - sent <= 1 and waits[-1] == LONG_MS, waits  # idle: held long
+
+        await producer.send_and_wait(ticks.name, b"tick", partition=1)  # ends the wait
+        fetched = await reader.getmany(*read, timeout_ms=LONG_MS // 2)
+        assert sum(len(records) for records in fetched.values()) == 1
+    finally:
+        await producer.stop()
+        await reader.stop()
+
+
 async def test_a_stage_batch_longer_than_the_prefetch_backoff_does_not_stall_its_partition(
     kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

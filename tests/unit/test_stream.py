@@ -26,6 +26,7 @@ from shared.stream import (
     app_id,
     dead_letter,
     decode_input,
+    faust_reads,
     is_new,
     parse_market,
 )
@@ -362,3 +363,14 @@ async def test_while_the_flow_is_suspended_delivery_takes_fausts_own_race() -> N
 
     result = await consumer.wait_first(deliver(), consumer.suspend_flow.wait())
     assert result.results == [True] and not result.stopped
+
+
+def test_a_faust_app_reads_its_changelogs_only_while_it_recovers_them() -> None:
+    changelog = "ns.smartlev-regime-regime-state-changelog"
+    recovery = SimpleNamespace(in_recovery=False)
+    tables = SimpleNamespace(changelog_topics={changelog}, recovery=recovery)
+    read = faust_reads(tables)
+    ticks, table = SimpleNamespace(topic="ns.market.ticks"), SimpleNamespace(topic=changelog)
+    assert read(ticks) and not read(table)
+    recovery.in_recovery = True
+    assert read(ticks) and read(table)
