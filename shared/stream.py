@@ -395,8 +395,9 @@ def build_app(settings: ServiceSettings, **overrides: Any) -> faust.App:
     faust's producer carries only table changelogs (a stage's outputs go through its
     own `BatchSender`), off the events' path: it lingers 5 ms, so a batch's table rows
     go out as one request (regime at 1,000 ticks/s: ~30 produce requests a second
-    instead of ~90, of ~470 the broker served in all). The consumer's fetch wait is FETCH_MAX_WAIT_MS instead of faust's fixed 1.5 s, longer
-    while idle (_FetchWaitThread).
+    instead of ~90, of ~470 the broker served in all). The consumer's fetch wait is
+    FETCH_MAX_WAIT_MS instead of faust's fixed 1.5 s, longer while idle
+    (_FetchWaitThread).
     `stream_wait_empty` stays on: a rebalance waits for the batch being handled.
 
     A member that died (kill -9) holds its partitions until its session times out; 15 s
