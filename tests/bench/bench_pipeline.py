@@ -4,8 +4,10 @@ ceiling).
     python -m tests.bench.bench_pipeline [--seconds 6]
 
 Starts venue, hedging, leverage, regime and NAV in a fresh namespace, seeds both smart
-products, then replays consecutive slices of real BTC history through
-`services.ingestion replay` offered at 100 and 1,000 ticks/s and at max speed. For each
+products, warms them up (`WARMUP_DAYS` of ticks at 1,000/s, not measured: one-time costs
+of a fresh broker and of each service's first batch), then replays consecutive slices of
+real BTC history through `services.ingestion replay` offered at 100 and 1,000 ticks/s and
+at max speed. For each
 tick the latency is from the tick's publish (`ts_init_ns` on market.ticks) to its
 NavUpdated's publish (the record's CreateTime, ms, set by the NAV service's producer;
 the benchmark's own polling reader would add its delays). The rate is the sustained
@@ -68,6 +70,12 @@ FIRST_DAY = datetime(2021, 1, 1, tzinfo=UTC)
 # The stages between a tick and its NavUpdated, each a consume -> produce hop.
 HOPS = ("regime", "leverage", "hedging", "nav")
 CHAIN_MESSAGES = 20_000
+# Replayed before the measured cases (the days before FIRST_DAY), not measured: each
+# service's first batch starts its producer and freezes its heap (tens to hundreds of ms,
+# once: the 100 ticks/s case's p99 was 64-74 ms without a warm-up, 23-25 ms with it), and
+# a freshly started broker compiles its hot paths for minutes (its CPU per tick fell from
+# ~1.0 to ~0.45 ms over the first ~30,000 ticks at 1,000/s): this covers the steepest part.
+WARMUP_DAYS = 150
 READ_EVERY_S = 0.05  # the benchmark's readers poll at most this often
 console = Console(width=130)  # the tables stay whole when piped (80 columns otherwise)
 
@@ -333,9 +341,14 @@ def main() -> None:
         STAGES, namespace=f"bench{uuid.uuid4().hex[:8]}.", bootstrap=bootstrap,
         redis_url=settings.redis_url,
     ) as pipeline:  # fmt: skip
+        warm_from = FIRST_DAY - timedelta(days=WARMUP_DAYS)
         for product in (product_id(SYMBOL, side) for side in SIDES):
-            pipeline.deposit(product, Decimal(1_000_000), int(FIRST_DAY.timestamp() * 1e9))
+            pipeline.deposit(product, Decimal(1_000_000), int(warm_from.timestamp() * 1e9))
         clock = TickClock(bootstrap, pipeline.topic(MARKET_TICKS.name))
+        console.print(
+            f"    warm-up: {WARMUP_DAYS * TICKS_PER_DAY:,} ticks at 1,000/s (not measured)"
+        )
+        run_case(pipeline, clock, "warm-up", 1000, WARMUP_DAYS, warm_from)
         day = FIRST_DAY
         # Offered load x seconds: long enough for a steady state at every rate.
         for name, rate, ticks in (
