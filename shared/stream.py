@@ -59,7 +59,6 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import faust
 import mode
 import uvloop
-from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 from faust import streams as faust_streams
 from faust.exceptions import ConsumerNotStarted
@@ -73,7 +72,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from smartlev.v1 import market_pb2
 
-from shared.adapters.record_batches import BatchSender
+from shared.adapters.record_batches import BatchSender, idempotent_producer
 from shared.adapters.redis_wire import RedisWire
 from shared.codec import (
     DecodeError,
@@ -569,12 +568,9 @@ class StageRuntime:
     async def _sender(self) -> BatchSender:
         async with self._producer_lock:
             if self._batches is None:
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=self.settings.kafka_bootstrap,
-                    client_id=f"{self.settings.kafka.client_id}-{self.service}-out",
-                    acks="all",
-                    enable_idempotence=True,
-                    linger_ms=0,
+                producer = idempotent_producer(
+                    self.settings.kafka_bootstrap,
+                    f"{self.settings.kafka.client_id}-{self.service}-out",
                 )
                 await producer.start()
                 self._batches = BatchSender(producer)

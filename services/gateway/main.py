@@ -29,7 +29,6 @@ from decimal import Decimal
 from typing import NoReturn, TypeVar
 
 import grpc
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
@@ -55,6 +54,7 @@ from services.gateway.orders import (
     request_hash,
 )
 from services.gateway.relay import OutboxRelay
+from shared.adapters.record_batches import idempotent_producer
 from shared.adapters.redis_wire import RedisWire
 from shared.core.config import StrategyConfig
 from shared.core.market import Side
@@ -644,11 +644,8 @@ class GatewayServer:
         self.wire = RedisWire.from_url(settings.redis_url)
         self.ledger = Ledger(self.wire, settings.namespace)
         self.run_relay = relay
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            client_id=f"{settings.namespace}gateway",
+        self.producer = idempotent_producer(
+            settings.kafka_bootstrap, f"{settings.namespace}gateway"
         )
         self.relay = OutboxRelay(
             self.ledger,

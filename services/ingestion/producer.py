@@ -30,7 +30,7 @@ import uvloop
 from aiokafka import AIOKafkaProducer
 from google.protobuf.message import Message
 
-from shared.adapters.record_batches import BatchSender, Outbound
+from shared.adapters.record_batches import BatchSender, Outbound, idempotent_producer
 from shared.codec import encode
 
 T = TypeVar("T")
@@ -65,13 +65,7 @@ class BatchProducer:
 
     @staticmethod
     async def _start(bootstrap: str, client_id: str) -> AIOKafkaProducer:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
-            client_id=client_id,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=0,
-        )
+        producer = idempotent_producer(bootstrap, client_id)
         try:
             await producer.start()
         except BaseException:

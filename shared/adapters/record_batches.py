@@ -27,6 +27,19 @@ from shared.topics import partition_for
 Outbound = tuple[str, bytes | None, bytes]  # topic, key (None: keyless), value
 
 
+def idempotent_producer(bootstrap: str, client_id: str) -> AIOKafkaProducer:
+    """The producer every `BatchSender` of the project sends through (not started):
+    acks from all in-sync replicas, idempotent (a retried batch is written once, a
+    partition's batches stay in order), no linger (a batch is built before it is sent)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=0,
+    )
+
+
 class BatchSender:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self.producer = producer
