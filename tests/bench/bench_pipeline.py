@@ -6,22 +6,22 @@ ceiling).
 Starts venue, hedging, leverage, regime and NAV in a fresh namespace, seeds both smart
 products, warms them up (`WARMUP_DAYS` of ticks at 1,000/s, not measured: one-time costs
 of a fresh broker and of each service's first batch), then replays consecutive slices of
-real BTC history through `services.ingestion replay` offered at 100 and 1,000 ticks/s and
-at max speed. For each
-tick the latency is from the tick's publish (`ts_init_ns` on market.ticks) to its
-NavUpdated's publish (the record's CreateTime, ms, set by the NAV service's producer;
-the benchmark's own polling reader would add its delays). The rate is the sustained
-one: ticks marked per second while the middle 80% of the case's NavUpdateds were
-published (filling and draining the pipeline at either end is not throughput). The CPU
-per tick is the five services' (the figure the machine's noise moves least); "machine
-busy" is the share of all cores in use over the same window, by everything on the machine
-(broker, Redis, ingestion, this benchmark's readers, the services): near 100% every hop
-waits for a core. Beside them, on the same broker: the raw kafka-python produce ->
-consume rate (the ceiling the goal is set against) and the same messages passed through
-four forwarding processes that do no work, one per stage between a tick and its NavUpdated,
-each with the stages' own Kafka I/O (aiokafka, one record batch out per batch in): what
-the design's chain costs in Kafka hops alone on this machine, before any stage's work.
-Run by `make bench`; never a timed assertion in a test.
+real BTC history through `services.ingestion replay` offered at 100 and 1,000 ticks/s
+and at max speed. For each tick the latency is from the tick's publish (`ts_init_ns` on
+market.ticks) to its NavUpdated's publish (the record's CreateTime, ms, set by the NAV
+service's producer; the benchmark's own polling reader would add its delays). The rate
+is the sustained one: ticks marked per second while the middle 80% of the case's
+NavUpdateds were published (filling and draining the pipeline at either end is not
+throughput). The CPU per tick is the five services' (the figure the machine's noise
+moves least); "machine busy" is the share of all cores in use over the same window, by
+everything on the machine (broker, Redis, ingestion, this benchmark's readers, the
+services): near 100% every hop waits for a core. Beside them, on the same broker: the
+raw kafka-python produce -> consume rate (the ceiling the goal is set against) and the
+same messages passed through four forwarding processes that do no work, one per stage
+between a tick and its NavUpdated, each with the stages' own Kafka I/O (aiokafka, one
+record batch out per batch in): what the design's chain costs in Kafka hops alone on
+this machine, before any stage's work. Run by `make bench`; never a timed assertion in a
+test.
 """
 
 from __future__ import annotations
