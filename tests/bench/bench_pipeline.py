@@ -20,8 +20,10 @@ raw kafka-python produce -> consume rate (the ceiling the goal is set against) a
 same messages passed through four forwarding processes that do no work, one per stage
 between a tick and its NavUpdated, each with the stages' own Kafka I/O (aiokafka, one
 record batch out per batch in): what the design's chain costs in Kafka hops alone on
-this machine, before any stage's work. Run by `make bench`; never a timed assertion in a
-test.
+this machine, before any stage's work. A second table splits each case's CPU per tick by
+process (every service, ingestion, the broker, Redis, these readers; `CpuSplit`): at the
+throughput goal the whole machine may spend cores / (half the ceiling) per tick.
+Run by `make bench`; never a timed assertion in a test.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -53,6 +56,7 @@ from shared.core.market import Tick
 from shared.core.products import SIDES, product_id
 from shared.pipeline_runner import (
     READER_FETCH,
+    ROOT,
     STAGES,
     Pipeline,
     chain_topic,
@@ -61,7 +65,7 @@ from shared.pipeline_runner import (
 )
 from shared.settings import ServiceSettings
 from shared.topics import MARKET_TICKS, TopicSpec
-from tests.bench.cpu import cpu_seconds, machine_cpu_seconds
+from tests.bench.cpu import cpu_seconds, machine_cpu_seconds, process_cpu_seconds
 
 SYMBOL = "BTC-USDT"
 TICKS_PER_DAY = 24 * 4  # ohlc mode: four ticks per hourly bar
@@ -92,6 +96,7 @@ class Case:
     # broker, Redis, ingestion, this benchmark's readers, the services)
     p50_ms: float
     p99_ms: float
+    cpu_split: dict[str, float]  # ms of CPU per tick by process (CpuSplit)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -124,6 +129,62 @@ class TickClock:
         return all(self.consumer.position(tp) >= end for tp, end in ends.items())
 
 
+# The parts of the machine a tick costs CPU in, in the order of its path (CpuSplit).
+STACK_PROCESSES = ("kafka", "redis")  # the stack's own, by their pid files
+INGESTION, READERS, MACHINE = "ingestion (replay)", "this benchmark's readers", "whole machine"
+
+
+def stack_pid(name: str) -> int | None:
+    """The pid of the stack's `name` from the pid file scripts/stack.py writes, if it is
+    running here (None for a broker elsewhere, e.g. docker-compose)."""
+    try:
+        pid = int((ROOT / ".run" / f"{name}.pid").read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if os.path.exists(f"/proc/{pid}") else None
+
+
+class CpuSplit:
+    """Where the CPU goes in a case: every service of the pipeline, ingestion's replay,
+    the broker and Redis (the stack's pid files), this benchmark's own process (its
+    readers) and the whole machine, sampled together as the case goes, from just before
+    its first tick went out (a replay's start-up, ~1 s of imports and file reading, is
+    not the ticks' cost) to its end. Which part a faster pipeline has to shrink."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pids = {
+            name: running.process.pid
+            for name, running in pipeline.running.items()
+            if not running.oneshot
+        }
+        for name in STACK_PROCESSES:
+            if (pid := stack_pid(name)) is not None:
+                self.pids[name] = pid
+        self.pids[READERS] = os.getpid()
+        self.last: dict[str, float] = {}
+        self.first: dict[str, float] | None = None  # just before the first tick
+
+    def sample(self, ticks_seen: bool) -> None:
+        """Read every part; `ticks_seen`: the case's first ticks are known to be out,
+        so the sample before this one becomes the start (a tick may have gone out since
+        it, none before it: the replay's start-up ends there, give or take a sample)."""
+        previous = dict(self.last)
+        for name, pid in self.pids.items():
+            seconds = process_cpu_seconds(pid)
+            if seconds is not None:  # an ended process (the replay) keeps its last value
+                self.last[name] = seconds
+        self.last[MACHINE] = machine_cpu_seconds()[0]
+        if ticks_seen and self.first is None:
+            self.first = previous
+
+    def ms_per_tick(self, ticks: int) -> dict[str, float]:
+        first = self.first or {}
+        return {
+            name: (seconds - first.get(name, seconds)) * 1e3 / max(ticks, 1)
+            for name, seconds in self.last.items()
+        }
+
+
 def run_case(
     pipeline: Pipeline, clock: TickClock, name: str, rate: int | None, days: int, day0: datetime
 ) -> Case:
@@ -133,18 +194,22 @@ def run_case(
     long = product_id(SYMBOL, SIDES[0])
     reader = pipeline.nav_consumer(products=[long])  # the short's partition: not read
     before = set(clock.published)
+    known = len(before)
     seen_at: dict[int, int] = {}  # tick seq -> when its NavUpdated was published
     services = [running.process.pid for running in pipeline.running.values()]
     cpu_before = cpu_seconds(services)
+    split = CpuSplit(pipeline)
     machine: list[tuple[int, float, float]] = []  # (wall ns, busy s, all s) as it went
     try:
         while list(reader.poll(timeout_ms=200)):  # skip what earlier cases left
             pass
         replay = pipeline.start_replay(args)
+        split.pids[INGESTION] = replay.pid
         idle_since = time.monotonic()
         while True:
             began = time.monotonic()
             machine.append((time.time_ns(), *machine_cpu_seconds()))
+            split.sample(ticks_seen=len(clock.published) > known)
             clock.poll()
             seen = list(reader.poll(timeout_ms=50))
             for seen_ns, update in seen:
@@ -171,7 +236,7 @@ def run_case(
     return Case(
         name, rate, len(ticks), len(latencies), sustained, cpu_ms / len(ticks),
         busy_share(machine, first, last), _percentile(latencies, 0.50),
-        _percentile(latencies, 0.99),
+        _percentile(latencies, 0.99), split.ms_per_tick(len(ticks)),
     )  # fmt: skip
 
 
@@ -327,6 +392,31 @@ def _sent_ns(value: bytes) -> int:
     return codec.decode(market_pb2.MarketEvent, value).tick.ts_init_ns
 
 
+def _ms(split: dict[str, float], part: str) -> str:
+    return f"{split[part]:.3f}" if part in split else "-"
+
+
+def cpu_table(cases: list[Case]) -> Table:
+    """CPU per tick by process, per case: which part a tick costs most."""
+    table = Table(title="Where a tick's CPU goes (ms per tick, from the case's first tick)")
+    table.add_column("process", no_wrap=True)
+    for case in cases:
+        table.add_column(case.name, justify="right")
+    labels = {"kafka": "broker (Kafka)", "redis": "Redis"}
+    parts = [INGESTION, *HOPS[:3], "venue", HOPS[3], *STACK_PROCESSES, READERS]
+    for part in parts:
+        if any(part in case.cpu_split for case in cases):
+            table.add_row(labels.get(part, part), *(_ms(case.cpu_split, part) for case in cases))
+    table.add_row(
+        "all of these",
+        *(f"{sum(case.cpu_split.get(part, 0.0) for part in parts):.3f}" for case in cases),
+    )
+    table.add_row(
+        f"{MACHINE} ({os.cpu_count()} cores)", *(_ms(case.cpu_split, MACHINE) for case in cases)
+    )
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="target length per case")
@@ -404,14 +494,22 @@ def main() -> None:
         )
         table.add_row(label, f"{count:,}", f"{run.rate_per_s:,.0f}", "-", *paced_only)
     console.print(table)
+    console.print(cpu_table(cases))
     fastest = max(case.rate_per_s for case in cases)
     at_1000 = next(case for case in cases if case.rate == 1000)
+    at_max = next(case for case in cases if case.rate is None)
     console.print(
         f"goals: end to end >= half the ceiling ({ceiling.rate_per_s / 2:,.0f}/s): "
         f"{'met' if fastest >= ceiling.rate_per_s / 2 else 'NOT met'} ({fastest:,.0f}/s; "
         f"the floor: {floor.rate_per_s / ceiling.rate_per_s:.0%} of the ceiling); p99 < 50 ms "
         f"at 1,000 ticks/s: {'met' if at_1000.p99_ms < 50 else 'NOT met'} "
         f"({at_1000.p99_ms:,.1f} ms; the floor: {floor_paced.p99_ms:,.1f} ms)"
+    )
+    cores = os.cpu_count() or 1
+    console.print(
+        f"at half the ceiling, {cores} cores leave {cores * 1e3 / (ceiling.rate_per_s / 2):.3f} "
+        f"ms of CPU per tick for the whole machine; at max it took "
+        f"{_ms(at_max.cpu_split, MACHINE)}"
     )
 
 

@@ -9,17 +9,19 @@ from collections.abc import Iterable
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds so far of `pid`; None once it has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S  # utime, stime (14, 15)
+
+
 def cpu_seconds(pids: Iterable[int]) -> float:
     """User + system CPU seconds so far of every process in `pids` still alive."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / _TICKS_PER_S
+    return sum(seconds for pid in pids if (seconds := process_cpu_seconds(pid)) is not None)
 
 
 def machine_cpu_seconds() -> tuple[float, float]:
