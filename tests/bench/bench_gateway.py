@@ -10,7 +10,10 @@ measured. For each number of concurrent clients (asyncio grpc.aio, one channel e
 loopback), every client opens a position and closes it (2 orders), again and again for
 `--seconds`; then the same clients call `Ping` (authentication and the gRPC round trip,
 nothing else) for as long. Latency is per call, from the client; the gateway process's
-CPU per call is the figure the machine's noise moves least. Goals (issue #5):
+CPU per call is the figure the machine's noise moves least. A second table splits the
+machine's CPU per call between the gateway, these clients, Redis and the broker: with
+both kinds of call saturating the cores, the ratio cannot beat the no-op's total over
+the order's. Goals (issue #5):
 orders/s at least half the no-op rate; p99 under 20 ms with 8 clients.
 Run by `make bench`; never a timed assertion in a test.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,7 +37,7 @@ from shared.core.config import StrategyConfig
 from shared.core.products import SIDES, product_id
 from shared.pipeline_runner import GATEWAY, Pipeline, remove_leftover_namespaces
 from shared.settings import ServiceSettings
-from tests.bench.cpu import cpu_seconds
+from tests.bench.cpu import cpu_seconds, stack_pid
 
 console = Console(width=130)  # the tables stay whole when piped (80 columns otherwise)
 KEYS = ("dev-alice-key", "dev-bob-key")  # services/gateway/api_keys.toml (local dev users)
@@ -42,18 +46,22 @@ WARMUP_S = 0.5
 NAV_REFRESH_S = 10.0  # well inside the gateway's max_nav_age_s
 
 
+GATEWAY_PART, CLIENTS_PART = "gateway", "clients (this benchmark)"
+PARTS = {GATEWAY_PART: GATEWAY_PART, CLIENTS_PART: CLIENTS_PART, "redis": "Redis",
+         "kafka": "broker (Kafka)"}  # fmt: skip
+
+
 @dataclass
 class Run:
-    """What the clients of one case did: call latencies (s), the wall time and the
-    gateway process's CPU seconds over the measured part."""
+    """What the clients of one case did: call latencies (s), the wall time and the CPU
+    seconds of each part of the machine (PARTS) over the measured part."""
 
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
-    server_cpu_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def server_ms_per_call(self) -> float:
-        return self.server_cpu_s / len(self.latencies) * 1e3 if self.latencies else 0.0
+    def ms_per_call(self, part: str) -> float:
+        return self.cpu_s.get(part, 0.0) / len(self.latencies) * 1e3 if self.latencies else 0.0
 
     @property
     def rate(self) -> float:
@@ -126,7 +134,7 @@ async def drive(
     target: str, clients: int, seconds: float, orders: bool, products: list[str], server: int
 ) -> Run:
     """`clients` concurrent loops for WARMUP_S (not counted) and then `seconds`; the
-    CPU the `server` process used in between."""
+    CPU the `server` process, these clients, Redis and the broker used in between."""
     run = Run()
     tag = uuid.uuid4().hex[:8]
     channels = [grpc.aio.insecure_channel(target) for _ in range(clients)]
@@ -146,11 +154,14 @@ async def drive(
                 await ping(stubs[i], auth, counted)
             n += 1
 
+    pids = {GATEWAY_PART: server, CLIENTS_PART: os.getpid()}
+    pids |= {name: pid for name in ("redis", "kafka") if (pid := stack_pid(name)) is not None}
+
     async def meter() -> None:
         await asyncio.sleep(max(start - time.perf_counter(), 0))
-        began = cpu_seconds([server])
+        began = {name: cpu_seconds([pid]) for name, pid in pids.items()}
         await asyncio.sleep(max(stop - time.perf_counter(), 0))
-        run.server_cpu_s = cpu_seconds([server]) - began
+        run.cpu_s = {name: cpu_seconds([pid]) - began[name] for name, pid in pids.items()}
 
     try:
         await asyncio.gather(meter(), *(client(i) for i in range(clients)))
@@ -158,6 +169,25 @@ async def drive(
     finally:
         await asyncio.gather(*(c.close() for c in channels))
     return run
+
+
+def cpu_table(rows: list[tuple[int, Run, Run]]) -> Table:
+    """The machine's CPU per call by part, orders beside no-ops: with both saturating the
+    cores, orders/s over no-ops/s is at most the no-op's machine CPU over the order's."""
+    table = Table(title="Where a call's CPU goes (ms per call; the stack's processes by pid)")
+    table.add_column("clients", justify="right")
+    table.add_column("call")
+    for label in PARTS.values():
+        table.add_column(label, justify="right")
+    table.add_column("all four", justify="right")
+    table.add_column("no-op / order", justify="right")
+    for clients, trades, noop in rows:
+        totals = [sum(run.ms_per_call(part) for part in PARTS) for run in (trades, noop)]
+        for name, run, total in (("order", trades, totals[0]), ("no-op", noop, totals[1])):
+            cells = [f"{run.ms_per_call(part):.3f}" for part in PARTS]
+            bound = f"{totals[1] / totals[0]:.2f}" if name == "order" and totals[0] else ""
+            table.add_row(str(clients), name, *cells, f"{total:.3f}", bound)
+    return table
 
 
 def main() -> None:
@@ -214,10 +244,11 @@ def main() -> None:
             f"{noop.percentile(0.50) * 1e3:.1f}",
             f"{noop.percentile(0.99) * 1e3:.1f}",
             f"{ratio:.2f}",
-            f"{trades.server_ms_per_call:.2f}",
-            f"{noop.server_ms_per_call:.2f}",
+            f"{trades.ms_per_call(GATEWAY_PART):.2f}",
+            f"{noop.ms_per_call(GATEWAY_PART):.2f}",
         )
     console.print(table)
+    console.print(cpu_table(rows))
     by_clients = {clients: (trades, noop) for clients, trades, noop in rows}
     if 8 in by_clients:
         trades, noop = by_clients[8]

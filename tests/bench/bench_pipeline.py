@@ -56,7 +56,6 @@ from shared.core.market import Tick
 from shared.core.products import SIDES, product_id
 from shared.pipeline_runner import (
     READER_FETCH,
-    ROOT,
     STAGES,
     Pipeline,
     chain_topic,
@@ -65,7 +64,7 @@ from shared.pipeline_runner import (
 )
 from shared.settings import ServiceSettings
 from shared.topics import MARKET_TICKS, TopicSpec
-from tests.bench.cpu import cpu_seconds, machine_cpu_seconds, process_cpu_seconds
+from tests.bench.cpu import cpu_seconds, machine_cpu_seconds, process_cpu_seconds, stack_pid
 
 SYMBOL = "BTC-USDT"
 TICKS_PER_DAY = 24 * 4  # ohlc mode: four ticks per hourly bar
@@ -132,16 +131,6 @@ class TickClock:
 # The parts of the machine a tick costs CPU in, in the order of its path (CpuSplit).
 STACK_PROCESSES = ("kafka", "redis")  # the stack's own, by their pid files
 INGESTION, READERS, MACHINE = "ingestion (replay)", "this benchmark's readers", "whole machine"
-
-
-def stack_pid(name: str) -> int | None:
-    """The pid of the stack's `name` from the pid file scripts/stack.py writes, if it is
-    running here (None for a broker elsewhere, e.g. docker-compose)."""
-    try:
-        pid = int((ROOT / ".run" / f"{name}.pid").read_text())
-    except (OSError, ValueError):
-        return None
-    return pid if os.path.exists(f"/proc/{pid}") else None
 
 
 class CpuSplit:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from shared.pipeline_runner import ROOT
+
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
@@ -32,3 +34,13 @@ def machine_cpu_seconds() -> tuple[float, float]:
     idle = fields[3] + fields[4]  # idle, iowait
     total = sum(fields[:8])  # user .. steal (guest time is already in user)
     return (total - idle) / _TICKS_PER_S, total / _TICKS_PER_S
+
+
+def stack_pid(name: str) -> int | None:
+    """The pid of the stack's `name` (kafka, redis) from the pid file scripts/stack.py
+    writes, if it runs here (None for one elsewhere, e.g. under docker-compose)."""
+    try:
+        pid = int((ROOT / ".run" / f"{name}.pid").read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if os.path.exists(f"/proc/{pid}") else None
