@@ -128,7 +128,7 @@ class TickClock:
         return all(self.consumer.position(tp) >= end for tp, end in ends.items())
 
 
-# The parts of the machine a tick costs CPU in, in the order of its path (CpuSplit).
+# Names of the parts CpuSplit reads besides the services.
 STACK_PROCESSES = ("kafka", "redis")  # the stack's own, by their pid files
 INGESTION, READERS, MACHINE = "ingestion (replay)", "this benchmark's readers", "whole machine"
 
