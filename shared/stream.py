@@ -681,12 +681,15 @@ class StreamRuntime(StageRuntime):
     # after handing an event over, and would drop the re-read events if that came last.
     gap_settle_s: float = 0.05
     recovery_stall_s: float = 45.0  # table recovery without progress: exit (RecoveryWatch)
+    tail_gap_s: float = 5.0  # a position past the events handed over this long: seek back
     gather_turns: int = 4  # see `_more_coming`
     app: faust.App = field(init=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.app = build_app(self.settings)
+        self._gaps: list[OffsetGaps] = []  # of each `batches` running
+        self._batch_in_hand = False  # a batch handed out by `batches` is being handled
 
     def input(self, spec: TopicSpec) -> FaustInput:
         plain = super().input(spec)
@@ -717,6 +720,7 @@ class StreamRuntime(StageRuntime):
         _GATHERING.add(gathering)
         batch = gathering.events
         gaps = OffsetGaps(self._committed)
+        self._gaps.append(gaps)
         async for event in stream.events():
             message = event.message
             resume_at = gaps.check(self.app.consumer_generation_id, message.tp, message.offset)
@@ -740,9 +744,40 @@ class StreamRuntime(StageRuntime):
             if not batch:  # dropped by stop_flow while waiting for more
                 continue
             handed, batch[:] = list(batch), []
-            yield handed
+            self._batch_in_hand = True
+            try:
+                yield handed
+            finally:
+                self._batch_in_hand = False
             for done in handed:
                 await stream.ack(done)
+
+    async def tail_gaps(self) -> dict[Any, tuple[int, int]]:
+        """Input partitions whose consumer position stands past the offset `batches`
+        expects next, as (position, expected), while no batch is in hand and the flow
+        runs (see TailGapWatch). Expected: the next offset after the events handed over
+        in this generation, else the committed one (where faust sought the partition)."""
+        consumer: Any = self.app.consumer
+        tables: Any = self.app.tables  # faust's TableManager (its type hides recovery)
+        if self._batch_in_hand or not consumer.flow_active or tables.recovery.in_recovery:
+            return {}
+        generation = self.app.consumer_generation_id
+        expected_next = {
+            tp: offset
+            for gaps in self._gaps
+            if gaps.generation == generation
+            for tp, offset in gaps.next.items()
+        }
+        changelogs = tables.changelog_topics
+        behind: dict[Any, tuple[int, int]] = {}
+        for tp in self.assignment():
+            if tp.topic in changelogs:
+                continue
+            expected = expected_next.get(tp, self._committed(tp))
+            position = await consumer.position(tp)
+            if expected is not None and position is not None and position > expected:
+                behind[tp] = (position, expected)
+        return behind
 
     def _committed(self, tp: Any) -> int | None:
         """The partition's committed offset as faust knows it (its seek after a
@@ -831,6 +866,35 @@ class RecoveryWatch:
         return now - self.since >= self.stall_s
 
 
+class TailGapWatch:
+    """faust 0.15.3's fetch loop drops the rest of a fetched chunk when the group's
+    generation changes while it hands the chunk over (`Consumer.getmany`), though the
+    consumer's position already stands past it. `batches` seeks back over such a gap
+    once a later event arrives (OffsetGaps); at the end of a partition none arrives,
+    and the stage waited forever for events it was never handed (docs/reliability.md,
+    problem 12). A partition whose position stays past the offset the stage expects
+    next, unchanged for `settle_s` with no batch in hand, is due a seek back to it."""
+
+    def __init__(self, settle_s: float) -> None:
+        self.settle_s = settle_s
+        self.since: dict[Any, tuple[tuple[int, int], float]] = {}  # tp -> (seen, since)
+
+    def due(self, behind: dict[Any, tuple[int, int]], now: float) -> dict[Any, int]:
+        """`behind`: tp -> (position, expected) now (`StreamRuntime.tail_gaps`). The
+        offsets to seek to, for the partitions behind the same way for settle_s."""
+        since: dict[Any, tuple[tuple[int, int], float]] = {}
+        due: dict[Any, int] = {}
+        for tp, seen in behind.items():
+            previous = self.since.get(tp)
+            at = previous[1] if previous is not None and previous[0] == seen else now
+            if now - at >= self.settle_s:
+                due[tp] = seen[1]  # sought back: watched afresh from here
+            else:
+                since[tp] = (seen, at)
+        self.since = since
+        return due
+
+
 class AssignedPartitions(Collector):
     """`smartlev_stream_assigned_partitions`: 1 per (topic, partition) this instance
     consumes right now, read at scrape time, so an operator (or a test) sees which of
@@ -885,6 +949,19 @@ class _Sidecar(mode.Service):
                     exit_code=RECOVERY_STALLED_EXIT,
                 )
                 os._exit(RECOVERY_STALLED_EXIT)  # a clean stop would wait on the hung recovery
+
+    @mode.Service.task
+    async def _watch_tail_gaps(self) -> None:
+        watch = TailGapWatch(self.runtime.tail_gap_s)
+        while not self.should_stop:
+            await self.sleep(1.0)
+            try:  # a rebalance may take a partition away meanwhile: look again next second
+                behind = await self.runtime.tail_gaps()
+                for tp, offset in watch.due(behind, time.monotonic()).items():
+                    self.runtime.log.warning("offset_gap_at_tail", tp=str(tp), resume_at=offset)
+                    await self.runtime.app.consumer.seek(tp, offset)
+            except Exception as exc:
+                self.runtime.log.warning("tail_gap_watch_failed", error=repr(exc))
 
     async def on_stop(self) -> None:
         await self.runtime.stop_serving()

@@ -21,6 +21,7 @@ from shared.stream import (
     OffsetGaps,
     RecoveryWatch,
     StreamRuntime,
+    TailGapWatch,
     _Consumer,
     _Gathering,
     app_id,
@@ -234,6 +235,29 @@ def test_recovery_watch_restarts_the_clock_on_progress_and_after_recovery() -> N
     assert watch.stalled(True, {"tp": 7}, now=85)
     assert not watch.stalled(False, {"tp": 7}, now=200)  # recovered
     assert not watch.stalled(True, {"tp": 7}, now=201)  # a new recovery starts afresh
+
+
+def test_tail_gap_watch_seeks_back_a_partition_left_behind_unchanged() -> None:
+    """faust dropped the rest of a fetched chunk: the position stands past the next
+    offset the stage expects, and nothing more comes. Due only once unchanged for
+    settle_s, to the expected offset; then watched afresh."""
+    watch = TailGapWatch(settle_s=5)
+    assert watch.due({"p2": (297, 74)}, now=0) == {}
+    assert watch.due({"p2": (297, 74)}, now=4.9) == {}
+    assert watch.due({"p2": (297, 74)}, now=5) == {"p2": 74}
+    assert watch.due({"p2": (297, 74)}, now=6) == {}  # sought: a new wait starts here
+    assert watch.due({"p2": (297, 74)}, now=11) == {"p2": 74}
+
+
+def test_tail_gap_watch_restarts_the_clock_on_progress_and_forgets_caught_up() -> None:
+    watch = TailGapWatch(settle_s=5)
+    watch.due({"p2": (297, 74), "p1": (10, 8)}, now=0)
+    assert watch.due({"p2": (297, 120), "p1": (10, 8)}, now=4) == {}  # p2 moved on
+    assert watch.due({"p2": (297, 120), "p1": (10, 8)}, now=5) == {"p1": 8}
+    assert watch.due({"p2": (297, 120)}, now=8.9) == {}
+    assert watch.due({}, now=9) == {}  # caught up (or a batch in hand): forgotten
+    assert watch.due({"p2": (297, 120)}, now=10) == {}
+    assert watch.due({"p2": (297, 120)}, now=15) == {"p2": 120}
 
 
 class _Message:
