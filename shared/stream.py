@@ -688,7 +688,7 @@ class StreamRuntime(StageRuntime):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.app = build_app(self.settings)
-        self._gaps: list[OffsetGaps] = []  # of each `batches` running
+        self._gaps: dict[tuple[str, ...], OffsetGaps] = {}  # by input topics, newest `batches`
         self._batch_in_hand = False  # a batch handed out by `batches` is being handled
 
     def input(self, spec: TopicSpec) -> FaustInput:
@@ -720,7 +720,7 @@ class StreamRuntime(StageRuntime):
         _GATHERING.add(gathering)
         batch = gathering.events
         gaps = OffsetGaps(self._committed)
-        self._gaps.append(gaps)
+        self._gaps[tuple(getattr(channel, "topics", ()))] = gaps  # a restarted agent's replaces
         async for event in stream.events():
             message = event.message
             resume_at = gaps.check(self.app.consumer_generation_id, message.tp, message.offset)
@@ -764,7 +764,7 @@ class StreamRuntime(StageRuntime):
         generation = self.app.consumer_generation_id
         expected_next = {
             tp: offset
-            for gaps in self._gaps
+            for gaps in self._gaps.values()
             if gaps.generation == generation
             for tp, offset in gaps.next.items()
         }
