@@ -768,10 +768,10 @@ class StreamRuntime(StageRuntime):
             if gaps.generation == generation
             for tp, offset in gaps.next.items()
         }
-        changelogs = tables.changelog_topics
+        reads = faust_reads(tables)  # outside recovery: the input topics, no changelog
         behind: dict[Any, tuple[int, int]] = {}
         for tp in self.assignment():
-            if tp.topic in changelogs:
+            if not reads(tp):
                 continue
             expected = expected_next.get(tp, self._committed(tp))
             position = await consumer.position(tp)
