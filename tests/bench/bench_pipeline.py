@@ -153,8 +153,9 @@ class CpuSplit:
         self.last: dict[str, float] = {}
         self.first: dict[str, float] | None = None  # just before the first tick
 
-    def sample(self, ticks_seen: bool) -> None:
-        """Read every part; `ticks_seen`: the case's first ticks are known to be out,
+    def sample(self, machine_busy_s: float, ticks_seen: bool) -> None:
+        """Read every part (the machine's busy CPU seconds, read once per loop for both
+        this and the busy share, come in); `ticks_seen`: the case's first ticks are out,
         so the sample before this one becomes the start (a tick may have gone out since
         it, none before it: the replay's start-up ends there, give or take a sample)."""
         previous = dict(self.last)
@@ -162,7 +163,7 @@ class CpuSplit:
             seconds = process_cpu_seconds(pid)
             if seconds is not None:  # an ended process (the replay) keeps its last value
                 self.last[name] = seconds
-        self.last[MACHINE] = machine_cpu_seconds()[0]
+        self.last[MACHINE] = machine_busy_s
         if ticks_seen and self.first is None:
             self.first = previous
 
@@ -197,8 +198,9 @@ def run_case(
         idle_since = time.monotonic()
         while True:
             began = time.monotonic()
-            machine.append((time.time_ns(), *machine_cpu_seconds()))
-            split.sample(ticks_seen=len(clock.published) > known)
+            busy_s, all_s = machine_cpu_seconds()
+            machine.append((time.time_ns(), busy_s, all_s))
+            split.sample(busy_s, ticks_seen=len(clock.published) > known)
             clock.poll()
             seen = list(reader.poll(timeout_ms=50))
             for seen_ns, update in seen:
