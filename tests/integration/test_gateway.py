@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from uuid import uuid4
@@ -115,15 +116,8 @@ class Env:
             await consumer.stop()
 
 
-async def _env(redis_url: str, bootstrap: str, relay: bool) -> AsyncIterator[Env]:
-    namespace = f"t{uuid4().hex[:8]}."
-    await asyncio.to_thread(
-        ensure_topics,
-        bootstrap,
-        [ORDERS_EVENTS.in_namespace(namespace), NAV_UPDATES.in_namespace(namespace)],
-    )
-    redis = Redis.from_url(redis_url, decode_responses=True)
-    settings = GatewaySettings(
+def _settings(namespace: str, redis_url: str, bootstrap: str) -> GatewaySettings:
+    return GatewaySettings(
         namespace=namespace,
         grpc_port=0,
         metrics_port=0,
@@ -134,7 +128,17 @@ async def _env(redis_url: str, bootstrap: str, relay: bool) -> AsyncIterator[Env
         kafka={"bootstrap": bootstrap},
         redis={"url": redis_url},
     )
-    server = GatewayServer(settings, redis, relay=relay)
+
+
+async def _env(redis_url: str, bootstrap: str, relay: bool) -> AsyncIterator[Env]:
+    namespace = f"t{uuid4().hex[:8]}."
+    await asyncio.to_thread(
+        ensure_topics,
+        bootstrap,
+        [ORDERS_EVENTS.in_namespace(namespace), NAV_UPDATES.in_namespace(namespace)],
+    )
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    server = GatewayServer(_settings(namespace, redis_url, bootstrap), redis, relay=relay)
     await server.start()
     env = Env(redis, namespace, bootstrap, server)
     try:
@@ -349,6 +353,69 @@ async def test_concurrent_orders_of_one_product_all_settle_exactly(quiet_env: En
     assert settled.status is ApplyStatus.CONFLICT and settled.snapshot is not None
     assert (settled.snapshot.rev, settled.snapshot.ledger) == (40, ledger)
     assert await env.redis.hgetall(ledger_key) == ledger
+
+
+@contextlib.asynccontextmanager
+async def another_gateway(env: Env, redis_url: str) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+    """A second gateway on the same namespace: its own locks and caches, as another process
+    has; only Redis orders the two."""
+    server = GatewayServer(_settings(env.ns, redis_url, env.bootstrap), env.redis, relay=False)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield gateway_pb2_grpc.GatewayStub(channel)
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+async def test_racing_closes_of_a_position_from_two_gateways_settle_once(
+    quiet_env: Env, redis_url: str
+) -> None:
+    """Closes of one position from two gateways at once: one close settles, the others
+    find it closed, and every copy of a request gets the same answer."""
+    env = quiet_env
+    await env.set_nav(PRODUCT, NAV)
+    opened = {o.position_id: o for o in [await env.open(f"raced-{p}") for p in range(6)]}
+    # Per position, requests 0..5 each sent twice, spread over both gateways.
+    sent = [(pid, f"race-{pid[:6]}-{i}") for pid in opened for i in range(6)] * 2
+    async with another_gateway(env, redis_url) as other:
+        stubs = [env.stub, other]
+        answers = await asyncio.gather(
+            *(
+                stubs[n % 2].ClosePosition(
+                    gateway_pb2.ClosePositionRequest(
+                        client_order_id=cid, position_id=pid, all=True
+                    ),
+                    metadata=ALICE,
+                )
+                for n, (pid, cid) in enumerate(sent)
+            ),
+            return_exceptions=True,
+        )
+    outcomes: dict[str, set[object]] = {}
+    closes: dict[str, set[str]] = {pid: set() for pid in opened}
+    for (pid, cid), answer in zip(sent, answers, strict=True):
+        if isinstance(answer, grpc.aio.AioRpcError):
+            assert answer.code() is grpc.StatusCode.FAILED_PRECONDITION, answer.details()
+            assert "is closed" in (answer.details() or ""), answer.details()
+            outcomes.setdefault(cid, set()).add(answer.code())
+        else:
+            assert isinstance(answer, gateway_pb2.ClosePositionReply), answer
+            outcomes.setdefault(cid, set()).add(answer.SerializeToString())
+            closes[pid].add(answer.order_id)
+    assert all(len(seen) == 1 for seen in outcomes.values()), outcomes
+    assert all(len(ids) == 1 for ids in closes.values()), closes
+    paid = [redeem_terms(Decimal(o.units), NAV, ACCOUNTING.close_fee) for o in opened.values()]
+    ledger = await env.redis.hgetall(env.server.ledger.ledger_key("BTC-USDT"))
+    assert Decimal(ledger[f"{PRODUCT}:units"]) == 0
+    assert Decimal(ledger[f"{PRODUCT}:payouts"]) == sum(gross - fee for gross, fee in paid)
+    assert Decimal(ledger[f"{PRODUCT}:fees"]) == sum(Decimal(o.fee) for o in opened.values()) + sum(
+        fee for _, fee in paid
+    )
+    assert await env.server.relay.flush("BTC-USDT") == 2 * len(opened)  # opens, one close each
+    events = await env.events(2 * len(opened))
+    assert Counter(e.WhichOneof("event") for e in events) == {"opened": 6, "closed": 6}
 
 
 async def test_outbox_republishes_after_a_crash_between_ack_and_delete(quiet_env: Env) -> None:
