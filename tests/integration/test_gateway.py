@@ -418,6 +418,33 @@ async def test_racing_closes_of_a_position_from_two_gateways_settle_once(
     assert Counter(e.WhichOneof("event") for e in events) == {"opened": 6, "closed": 6}
 
 
+async def test_opens_from_two_gateways_at_once_all_count_in_the_ledger(
+    quiet_env: Env, redis_url: str
+) -> None:
+    """Each gateway orders its own settles of a product; across the two only the step's
+    revision check does: a step computed from a ledger the other moved is recomputed."""
+    env = quiet_env
+    await env.set_nav(PRODUCT, NAV)
+    async with another_gateway(env, redis_url) as other:
+        stubs = [env.stub, other]
+        opened = await asyncio.gather(
+            *(
+                stubs[n % 2].OpenPosition(
+                    gateway_pb2.OpenPositionRequest(
+                        client_order_id=f"both-{n}", product=PRODUCT, amount_usdt="100"
+                    ),
+                    metadata=ALICE,
+                )
+                for n in range(40)
+            )
+        )
+    ledger = await env.redis.hgetall(env.server.ledger.ledger_key("BTC-USDT"))
+    assert Decimal(ledger[f"{PRODUCT}:units"]) == sum(Decimal(o.units) for o in opened)
+    assert Decimal(ledger[f"{PRODUCT}:deposits"]) == 40 * Decimal("100")
+    assert Decimal(ledger[f"{PRODUCT}:fees"]) == sum(Decimal(o.fee) for o in opened)
+    assert await env.server.relay.flush("BTC-USDT") == 40
+
+
 async def test_outbox_republishes_after_a_crash_between_ack_and_delete(quiet_env: Env) -> None:
     env = quiet_env
     await env.set_nav(PRODUCT, NAV)
