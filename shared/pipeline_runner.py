@@ -13,6 +13,7 @@ namespace (docs/pipeline.md), started in order, each up only once its /healthz a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -52,6 +53,7 @@ from shared.topics import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / ".run" / "runs"  # one file per process using the stack (mark_stack_user)
 _PORT_REF = re.compile(r"\{port:([a-z0-9_.]+)\}")
 PYTHON = sys.executable
 
@@ -148,12 +150,43 @@ def chain_topic() -> str:
     return f"bench.chain.{uuid.uuid4().hex[:10]}"
 
 
-def remove_leftover_namespaces(bootstrap: str, redis_url: str) -> None:
+def mark_stack_user(runs: Path = RUNS) -> None:
+    """Say, until this process exits, that it keeps namespaces on the stack (a file named
+    by its pid), so another run's `remove_leftover_namespaces` leaves them alone."""
+    mark = runs / str(os.getpid())
+    if mark.exists():
+        return
+    runs.mkdir(parents=True, exist_ok=True)
+    mark.touch()
+    atexit.register(mark.unlink, missing_ok=True)
+
+
+def other_stack_users(runs: Path = RUNS) -> list[int]:
+    """Live processes but this one that marked themselves; a dead one's mark (kill -9
+    runs no exit handler) is removed."""
+    alive = []
+    for mark in runs.glob("*") if runs.is_dir() else ():
+        if not mark.name.isdigit() or int(mark.name) == os.getpid():
+            continue
+        if Path(f"/proc/{mark.name}").exists():
+            alive.append(int(mark.name))
+        else:
+            mark.unlink(missing_ok=True)
+    return sorted(alive)
+
+
+def remove_leftover_namespaces(bootstrap: str, redis_url: str, runs: Path = RUNS) -> None:
     """Delete the topics and Redis keys earlier test and bench runs left behind (a run
     keeps its namespace so whoever reads a failure can look at it). Thousands of
     leftover partitions made a broker restart outlast its 60 s start timeout, and every
-    request the broker serves costs more with them. Not beside another run on the same
-    stack."""
+    request the broker serves costs more with them. Skipped while another run uses the
+    stack: its namespaces look the same."""
+    mark_stack_user(runs)  # first: two runs starting at once then both keep theirs
+    others = other_stack_users(runs)
+    if others:
+        pids = ", ".join(map(str, others))
+        print(f"leftover namespaces kept: another run uses the stack (pid {pids})", flush=True)
+        return
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="cleanup")
     try:
         old = sorted(t for t in admin.list_topics() if LEFTOVER.match(t))
@@ -227,6 +260,7 @@ class Pipeline:
         timeout_s: float = 60.0,
     ) -> Pipeline:
         """Create the namespace's topics, then start `services` in order, each healthy."""
+        mark_stack_user()
         namespace = namespace or new_namespace()
         log_dir = log_dir or ROOT / ".run" / "pipelines" / namespace.rstrip(".")
         log_dir.mkdir(parents=True, exist_ok=True)

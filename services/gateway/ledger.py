@@ -23,6 +23,13 @@ symbol's step) and `positions` (position_id -> product: the user's index, and th
 ownership check). `_CLAIM_LUA` writes the index only for the request holding the claim.
 The position id is derived from (user, client_order_id), so a retry after a crash
 between the claim and the step finds both and settles.
+A claim is written only once the order validated against what it read, so an order
+refused then leaves nothing. One that validated, claimed, had its step refused because
+the product or position moved, and no longer validates against the fresh state (a close
+that lost a race with another close of the position) keeps its claim: that id stays
+bound to that request (a retry gets the same refusal, another request ALREADY_EXISTS).
+Releasing it would race the request's own duplicates, and the claim and the step live
+in different slots, so no single script can do both.
 """
 
 from __future__ import annotations

@@ -83,8 +83,8 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _remove_leftover_namespaces() -> None:
-    """Earlier runs' namespaces go first (shared/pipeline_runner.py). Do not run `make
-    test` beside another run on the same stack."""
+    """Earlier runs' namespaces go first (shared/pipeline_runner.py), unless another run
+    (a test session, a benchmark, chaos) is using the stack: its look the same."""
     host, _, port = KAFKA_BOOTSTRAP.split(",")[0].rpartition(":")
     url = urlparse(REDIS_URL)
     if not _reachable(host, int(port)) or not _reachable(url.hostname or "", url.port or 6379):

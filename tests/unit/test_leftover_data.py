@@ -1,11 +1,26 @@
 """Leftover topics and faust data of earlier test and bench runs go; the stack's own
-and a demo's (kept to be looked at) stay."""
+and a demo's (kept to be looked at) stay, and so does everything while another run uses
+the stack."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-from shared.pipeline_runner import LEFTOVER, chain_topic, new_namespace, remove_leftover_data
+import pytest
+
+from shared import pipeline_runner
+from shared.pipeline_runner import (
+    LEFTOVER,
+    chain_topic,
+    mark_stack_user,
+    new_namespace,
+    other_stack_users,
+    remove_leftover_data,
+    remove_leftover_namespaces,
+)
 from shared.topics import MARKET_TICKS
 
 
@@ -33,3 +48,52 @@ def test_only_the_data_of_test_and_bench_namespaces_is_removed(tmp_path: Path) -
     (tmp_path / "t0123abcd.note").write_text("a file, not a data directory")
     remove_leftover_data(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "t0123abcd.note"])
+
+
+def _exited_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_other_live_runs_count_and_dead_ones_marks_go(tmp_path: Path) -> None:
+    mark_stack_user(tmp_path)
+    mark_stack_user(tmp_path)  # once per process
+    assert [p.name for p in tmp_path.iterdir()] == [str(os.getpid())]
+    assert other_stack_users(tmp_path) == []  # this process is not "another run"
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as other:
+        try:
+            dead = _exited_pid()
+            for pid in (other.pid, dead):
+                (tmp_path / str(pid)).touch()
+            (tmp_path / "notes").touch()
+            assert other_stack_users(tmp_path) == [other.pid]
+            assert not (tmp_path / str(dead)).exists()
+        finally:
+            other.kill()
+    assert other_stack_users(tmp_path) == []
+
+
+def test_leftovers_are_kept_while_another_run_uses_the_stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While another run holds a mark the cleanup does not even reach the broker; once
+    none does, it does."""
+
+    class Reached(Exception):
+        pass
+
+    def admin_client(**_: object) -> None:
+        raise Reached
+
+    monkeypatch.setattr(pipeline_runner, "KafkaAdminClient", admin_client)
+    stack = ("127.0.0.1:9092", "redis://127.0.0.1:6379/0")
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as other:
+        try:
+            (tmp_path / str(other.pid)).touch()
+            remove_leftover_namespaces(*stack, runs=tmp_path)
+            assert f"another run uses the stack (pid {other.pid})" in capsys.readouterr().out
+        finally:
+            other.kill()
+    with pytest.raises(Reached):
+        remove_leftover_namespaces(*stack, runs=tmp_path)
