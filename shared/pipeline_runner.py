@@ -152,27 +152,39 @@ def chain_topic() -> str:
 
 def mark_stack_user(runs: Path = RUNS) -> None:
     """Say, until this process exits, that it keeps namespaces on the stack (a file named
-    by its pid), so another run's `remove_leftover_namespaces` leaves them alone."""
+    by its pid, holding its start time), so another run's `remove_leftover_namespaces`
+    leaves them alone."""
     mark = runs / str(os.getpid())
     if mark.exists():
         return
     runs.mkdir(parents=True, exist_ok=True)
-    mark.touch()
+    mark.write_text(process_start_time(os.getpid()) or "")
     atexit.register(mark.unlink, missing_ok=True)
 
 
 def other_stack_users(runs: Path = RUNS) -> list[int]:
-    """Live processes but this one that marked themselves; a dead one's mark (kill -9
-    runs no exit handler) is removed."""
+    """Live processes but this one that marked themselves. A mark whose process is gone
+    (kill -9 runs no exit handler) is removed, also when its pid now names another
+    process (the start time differs)."""
     alive = []
     for mark in runs.glob("*") if runs.is_dir() else ():
         if not mark.name.isdigit() or int(mark.name) == os.getpid():
             continue
-        if Path(f"/proc/{mark.name}").exists():
+        started = process_start_time(int(mark.name))
+        if started is not None and started == mark.read_text():
             alive.append(int(mark.name))
         else:
             mark.unlink(missing_ok=True)
     return sorted(alive)
+
+
+def process_start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
 
 
 def remove_leftover_namespaces(bootstrap: str, redis_url: str, runs: Path = RUNS) -> None:

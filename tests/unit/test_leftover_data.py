@@ -18,6 +18,7 @@ from shared.pipeline_runner import (
     mark_stack_user,
     new_namespace,
     other_stack_users,
+    process_start_time,
     remove_leftover_data,
     remove_leftover_namespaces,
 )
@@ -50,6 +51,11 @@ def test_only_the_data_of_test_and_bench_namespaces_is_removed(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "t0123abcd.note"])
 
 
+def mark_stack_user_as(pid: int, runs: Path) -> None:
+    """The mark `mark_stack_user` leaves, for another process."""
+    (runs / str(pid)).write_text(process_start_time(pid) or "")
+
+
 def _exited_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
@@ -63,12 +69,14 @@ def test_other_live_runs_count_and_dead_ones_marks_go(tmp_path: Path) -> None:
     assert other_stack_users(tmp_path) == []  # this process is not "another run"
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as other:
         try:
+            mark_stack_user_as(other.pid, tmp_path)
             dead = _exited_pid()
-            for pid in (other.pid, dead):
-                (tmp_path / str(pid)).touch()
+            (tmp_path / str(dead)).write_text("1")
+            reused = tmp_path / str(os.getppid())  # a live pid, started at another time
+            reused.write_text("1")
             (tmp_path / "notes").touch()
             assert other_stack_users(tmp_path) == [other.pid]
-            assert not (tmp_path / str(dead)).exists()
+            assert not (tmp_path / str(dead)).exists() and not reused.exists()
         finally:
             other.kill()
     assert other_stack_users(tmp_path) == []
@@ -90,7 +98,7 @@ def test_leftovers_are_kept_while_another_run_uses_the_stack(
     stack = ("127.0.0.1:9092", "redis://127.0.0.1:6379/0")
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as other:
         try:
-            (tmp_path / str(other.pid)).touch()
+            mark_stack_user_as(other.pid, tmp_path)
             remove_leftover_namespaces(*stack, runs=tmp_path)
             assert f"another run uses the stack (pid {other.pid})" in capsys.readouterr().out
         finally:
