@@ -1,6 +1,6 @@
 """Binance USDT-M futures messages -> market events: a pure parser and a pure fold.
 
-The live loop (`services.ingestion.live`) receives the exchange's raw websocket payloads
+The live loop (`services.ingestion.runner.run_live`) receives the raw websocket payloads
 (ccxt.pro hands them over as the `info` of its unified trades and tickers) and passes
 each one to `BinanceFeed.on_message`, which returns the market events it implies or
 raises `FeedError` with the reason (the service dead-letters the payload with it).
