@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,16 @@ def test_only_the_data_of_test_and_bench_namespaces_is_removed(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "t0123abcd.note"])
 
 
+@pytest.fixture
+def other() -> Iterator[subprocess.Popen[bytes]]:
+    """Another live process."""
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as process:
+        try:
+            yield process
+        finally:
+            process.kill()
+
+
 def mark_stack_user_as(pid: int, runs: Path) -> None:
     """The mark `mark_stack_user` leaves, for another process."""
     (runs / str(pid)).write_text(process_start_time(pid) or "")
@@ -62,28 +73,31 @@ def _exited_pid() -> int:
     return process.pid
 
 
-def test_other_live_runs_count_and_dead_ones_marks_go(tmp_path: Path) -> None:
+def test_other_live_runs_count_and_dead_ones_marks_go(
+    tmp_path: Path, other: subprocess.Popen[bytes]
+) -> None:
     mark_stack_user(tmp_path)
     mark_stack_user(tmp_path)  # once per process
     assert [p.name for p in tmp_path.iterdir()] == [str(os.getpid())]
     assert other_stack_users(tmp_path) == []  # this process is not "another run"
-    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as other:
-        try:
-            mark_stack_user_as(other.pid, tmp_path)
-            dead = _exited_pid()
-            (tmp_path / str(dead)).write_text("1")
-            reused = tmp_path / str(os.getppid())  # a live pid, started at another time
-            reused.write_text("1")
-            (tmp_path / "notes").touch()
-            assert other_stack_users(tmp_path) == [other.pid]
-            assert not (tmp_path / str(dead)).exists() and not reused.exists()
-        finally:
-            other.kill()
+    mark_stack_user_as(other.pid, tmp_path)
+    dead = _exited_pid()
+    (tmp_path / str(dead)).write_text("1")
+    reused = tmp_path / str(os.getppid())  # a live pid, started at another time
+    reused.write_text("1")
+    (tmp_path / "notes").touch()
+    assert other_stack_users(tmp_path) == [other.pid]
+    assert not (tmp_path / str(dead)).exists() and not reused.exists()
+    other.kill()
+    other.wait()
     assert other_stack_users(tmp_path) == []
 
 
 def test_leftovers_are_kept_while_another_run_uses_the_stack(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    other: subprocess.Popen[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """While another run holds a mark the cleanup does not even reach the broker; once
     none does, it does."""
@@ -96,12 +110,10 @@ def test_leftovers_are_kept_while_another_run_uses_the_stack(
 
     monkeypatch.setattr(pipeline_runner, "KafkaAdminClient", admin_client)
     stack = ("127.0.0.1:9092", "redis://127.0.0.1:6379/0")
-    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as other:
-        try:
-            mark_stack_user_as(other.pid, tmp_path)
-            remove_leftover_namespaces(*stack, runs=tmp_path)
-            assert f"another run uses the stack (pid {other.pid})" in capsys.readouterr().out
-        finally:
-            other.kill()
+    mark_stack_user_as(other.pid, tmp_path)
+    remove_leftover_namespaces(*stack, runs=tmp_path)
+    assert f"another run uses the stack (pid {other.pid})" in capsys.readouterr().out
+    other.kill()
+    other.wait()
     with pytest.raises(Reached):
         remove_leftover_namespaces(*stack, runs=tmp_path)
