@@ -170,8 +170,12 @@ def other_stack_users(runs: Path = RUNS) -> list[int]:
     for mark in runs.glob("*") if runs.is_dir() else ():
         if not mark.name.isdigit() or int(mark.name) == os.getpid():
             continue
+        try:
+            recorded = mark.read_text()
+        except OSError:  # its process ended and removed it since the glob
+            continue
         started = process_start_time(int(mark.name))
-        if started is not None and started == mark.read_text():
+        if started is not None and started == recorded:
             alive.append(int(mark.name))
         else:
             mark.unlink(missing_ok=True)
