@@ -138,7 +138,8 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('HGET', KEYS[2], 'version')}
 """
 
 
-def _wire(value: FieldValue, field: str) -> str:
+def field_to_wire(value: FieldValue, field: str) -> str:
+    """A hash field's value as stored: Decimals exact (shared/codec.py), ints as text."""
     if isinstance(value, Decimal):
         return decimal_to_wire(value, name=field)
     if isinstance(value, bool) or not isinstance(value, str | int):
@@ -222,7 +223,7 @@ class ApplyOnceStore:
             keys.append(state_key)
             args.append(len(fields))
             for field, value in fields.items():
-                args.extend((field, _wire(value, field)))
+                args.extend((field, field_to_wire(value, field)))
         raw = await self._script(keys=keys, args=args)
         status, version = int(raw[0]), int(raw[1])
         return ApplyResult(ApplyStatus(status), version)

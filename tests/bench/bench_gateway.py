@@ -26,6 +26,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import grpc
 import redis
@@ -38,6 +39,7 @@ from shared.core.products import SIDES, product_id
 from shared.pipeline_runner import GATEWAY, Pipeline, remove_leftover_namespaces
 from shared.settings import ServiceSettings
 from tests.bench.cpu import cpu_seconds, stack_pid
+from tests.nav_marks import nav_hash
 
 console = Console(width=130)  # the tables stay whole when piped (80 columns otherwise)
 KEYS = ("dev-alice-key", "dev-bob-key")  # services/gateway/api_keys.toml (local dev users)
@@ -73,24 +75,10 @@ class Run:
 
 
 def write_navs(client: redis.Redis, namespace: str, products: list[str]) -> None:
-    """A fresh mark per product, as services/nav writes it (state_fields)."""
+    """A fresh mark per product, as services/nav writes it."""
     for product in products:
-        client.hset(
-            f"{namespace}nav:{{{product}}}",
-            mapping={
-                "nav": "100",
-                "units": "0",
-                "equity": "0",
-                "leverage": "0",
-                "target": "1",
-                "regime": "RANGE",
-                "price": "50000",
-                "qty": "0",
-                "ts": str(time.time_ns()),
-                "seq": "1",
-                "written_ns": str(time.time_ns()),
-            },
-        )
+        name, fields = nav_hash(namespace, product, Decimal(100))
+        client.hset(name, mapping=fields)
 
 
 async def round_trip(

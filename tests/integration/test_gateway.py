@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from redis.asyncio import Redis
-from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
+from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
 from services.gateway.config import GatewaySettings
 from services.gateway.ledger import Snapshot
@@ -34,6 +34,7 @@ from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.config import StrategyConfig
 from shared.redis_store import ApplyStatus
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
+from tests.nav_marks import nav_hash
 
 pytestmark = pytest.mark.integration
 
@@ -54,22 +55,20 @@ class Env:
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     async def set_nav(self, product: str, nav: Decimal, *, age_s: float = 0.0) -> None:
-        await self.redis.hset(
-            f"{self.ns}nav:{{{product}}}",
-            mapping={
-                "nav": str(nav),
-                "units": "1000",
-                "equity": str(nav * 1000),
-                "target": "2",
-                "leverage": "1.9",
-                "regime": "TREND_UP",
-                "reasons": "REGIME_TREND_ALIGNED,RATE_LIMITED",
-                "price": "43000",
-                "seq": "7",
-                "ts": "1700000000000000000",
-                "written_ns": str(time.time_ns() - int(age_s * 1e9)),
-            },
+        name, fields = nav_hash(
+            self.ns,
+            product,
+            nav,
+            units=Decimal(1000),
+            age_s=age_s,
+            price=Decimal(43000),
+            target=Decimal(2),
+            leverage=Decimal("1.9"),
+            regime=common_pb2.TREND_UP,
+            reasons="REGIME_TREND_ALIGNED,RATE_LIMITED",
+            seq=7,
         )
+        await self.redis.hset(name, mapping=fields)
 
     async def state(self) -> dict[str, dict[str, str]]:
         """Every gateway key of this namespace and its fields, but the outbox (the relay

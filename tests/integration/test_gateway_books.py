@@ -14,7 +14,6 @@ every sequence, to the minor unit:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
@@ -31,6 +30,7 @@ from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.config import StrategyConfig
 from shared.pipeline_runner import GATEWAY, Pipeline
 from tests.integration.pipeline import require_services
+from tests.nav_marks import nav_hash
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +53,8 @@ class Desk:
 
     def show_nav(self, nav: Decimal) -> None:
         """What the NAV service writes (services/nav), fresh."""
-        self.redis.hset(
-            f"{self.pipeline.namespace}nav:{{{PRODUCT}}}",
-            mapping={
-                "nav": str(nav), "units": "1000", "equity": str(nav * 1000), "target": "1",
-                "leverage": "1", "regime": "RANGE", "price": "50000", "qty": "0",
-                "ts": str(time.time_ns()), "seq": "1", "written_ns": str(time.time_ns()),
-            },
-        )  # fmt: skip
+        name, fields = nav_hash(self.pipeline.namespace, PRODUCT, nav, units=Decimal(1000))
+        self.redis.hset(name, mapping=fields)
 
     def ledger(self) -> dict[str, Decimal]:
         fields = self.redis.hgetall(f"{self.pipeline.namespace}gw:{{BTC-USDT}}:ledger")

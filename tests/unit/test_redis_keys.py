@@ -39,9 +39,9 @@ def test_bad_keys_are_refused(namespace: str, tag: str, parts: tuple[str, ...]) 
 def test_field_values_are_exact_strings() -> None:
     from decimal import Decimal
 
-    assert redis_store._wire(Decimal("1E+2"), "f") == "100"
-    assert redis_store._wire(5, "f") == "5"
+    assert redis_store.field_to_wire(Decimal("1E+2"), "f") == "100"
+    assert redis_store.field_to_wire(5, "f") == "5"
     with pytest.raises(TypeError):
-        redis_store._wire(0.5, "f")  # type: ignore[arg-type]
+        redis_store.field_to_wire(0.5, "f")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not finite"):
-        redis_store._wire(Decimal("NaN"), "f")
+        redis_store.field_to_wire(Decimal("NaN"), "f")
