@@ -1,9 +1,13 @@
-"""`nav.updates` -> every open StreamNav / StreamPositions call of this gateway.
+"""`nav.updates` and `orders.events` -> every open StreamNav / StreamPositions call of
+this gateway.
 
 One consumer per process (no consumer group: every instance needs every update), from
-the end of each partition at start: streams carry what happens from now on. Each
-subscriber has a bounded queue; a subscriber too slow to keep up loses its oldest
-updates (a NAV stream wants the latest value, not a backlog), never blocks the others.
+the end of each partition at start: streams carry what happens from now on. Positions
+change through orders, and any gateway instance may settle a user's order, so a
+position stream learns of changes from `orders.events` (every instance's relay publishes
+there), not from this process's own settles. Each subscriber has a bounded queue; a
+subscriber too slow to keep up loses its oldest updates (a stream wants the latest
+value, not a backlog), never blocks the others.
 """
 
 from __future__ import annotations
@@ -14,17 +18,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from smartlev.v1 import nav_pb2
+from smartlev.v1 import nav_pb2, orders_pb2
 
 from shared.codec import DecodeError, decode
 from shared.logging import get_logger
+from shared.topics import TopicSpec
 
 log = get_logger("gateway", "feeds")
 
 
 @dataclass(eq=False)
 class Subscriber:
-    products: frozenset[str] | None  # None: every product
+    products: frozenset[str] | None  # NAV updates of these products (None: every product)
+    user: str | None = None  # order events of this user's positions (None: none)
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
 
     def offer(self, item: object) -> None:
@@ -34,15 +40,19 @@ class Subscriber:
         self.queue.put_nowait(item)
 
 
-class NavFeed:
-    def __init__(self, bootstrap: str, topic: str, partitions: int, queue_size: int) -> None:
+class StreamFeed:
+    def __init__(self, bootstrap: str, navs: TopicSpec, orders: TopicSpec, queue_size: int) -> None:
         self.bootstrap = bootstrap
-        self.topic = topic
+        self.nav_topic, self.orders_topic = navs.name, orders.name
         self.queue_size = queue_size
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
         )
-        self.partitions = [TopicPartition(topic, p) for p in range(partitions)]
+        self.partitions = [
+            TopicPartition(topic.name, p)
+            for topic in (navs, orders)
+            for p in range(topic.partitions)
+        ]
         self.subscribers: set[Subscriber] = set()
         self._task: asyncio.Task[None] | None = None
 
@@ -51,12 +61,14 @@ class NavFeed:
         topic stops the gateway saying so (aiokafka would ask for its metadata in a
         tight loop, ~200 requests/s, for as long as it is missing)."""
         await self.consumer.start()
-        if self.topic not in await self.consumer.topics():
-            await self.consumer.stop()
-            raise SystemExit(
-                f"gateway: topic {self.topic} does not exist on Kafka at {self.bootstrap}; "
-                "create the topics first (`make up` does)"
-            )
+        existing = await self.consumer.topics()
+        for topic in (self.nav_topic, self.orders_topic):
+            if topic not in existing:
+                await self.consumer.stop()
+                raise SystemExit(
+                    f"gateway: topic {topic} does not exist on Kafka at {self.bootstrap}; "
+                    "create the topics first (`make up` does)"
+                )
         self.consumer.assign(self.partitions)
         await self.consumer.seek_to_end(*self.partitions)
         for partition in self.partitions:
@@ -71,8 +83,10 @@ class NavFeed:
         await self.consumer.stop()
 
     @contextlib.contextmanager
-    def subscribe(self, products: frozenset[str] | None) -> Iterator[Subscriber]:
-        subscriber = Subscriber(products, asyncio.Queue(self.queue_size))
+    def subscribe(
+        self, products: frozenset[str] | None, user: str | None = None
+    ) -> Iterator[Subscriber]:
+        subscriber = Subscriber(products, user, asyncio.Queue(self.queue_size))
         self.subscribers.add(subscriber)
         try:
             yield subscriber
@@ -84,11 +98,23 @@ class NavFeed:
             if subscriber.products is None or update.product in subscriber.products:
                 subscriber.offer(update)
 
+    def publish_order(self, event: orders_pb2.OrderEvent) -> None:
+        user = event.opened.user_id if event.HasField("opened") else event.closed.user_id
+        for subscriber in list(self.subscribers):
+            if subscriber.user == user:
+                subscriber.offer(event)
+
     async def _run(self) -> None:
         async for record in self.consumer:
             try:
-                update = decode(nav_pb2.NavUpdated, record.value)
+                if record.topic == self.nav_topic:
+                    self.publish(decode(nav_pb2.NavUpdated, record.value))
+                elif any(s.user is not None for s in self.subscribers):  # else: not worth decoding
+                    self.publish_order(decode(orders_pb2.OrderEvent, record.value))
             except DecodeError as exc:
-                log.warning("nav_update_undecodable", offset=record.offset, reason=exc.reason)
-                continue
-            self.publish(update)
+                log.warning(
+                    "stream_update_undecodable",
+                    topic=record.topic,
+                    offset=record.offset,
+                    reason=exc.reason,
+                )

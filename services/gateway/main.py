@@ -3,7 +3,8 @@
 A grpc.aio server (smartlev.v1.Gateway, grpc.health.v1, reflection). Each call is
 authenticated (auth.py), validated and quoted by the pure part (orders.py) and settled in
 one atomic Redis step (ledger.py); the outbox relay (relay.py) publishes the settled
-orders to `orders.events`, and feeds.py streams `nav.updates` to clients.
+orders to `orders.events`, and feeds.py streams `nav.updates` and the positions
+`orders.events` names to clients.
 
 An order is three Redis round trips on one multiplexed connection (redis_wire.py): one
 pipelined read (claim, record, NAV, ledger, position), the claim, and the atomic step;
@@ -38,7 +39,7 @@ from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
 from services.gateway.auth import KeyRing, bearer_key, load_keys_file
 from services.gateway.config import GatewaySettings
-from services.gateway.feeds import NavFeed
+from services.gateway.feeds import StreamFeed
 from services.gateway.ledger import Ledger, Snapshot, after, b64, ledger_fields, unb64
 from services.gateway.orders import (
     Limits,
@@ -56,6 +57,7 @@ from services.gateway.orders import (
 from services.gateway.relay import OutboxRelay
 from shared.adapters.record_batches import idempotent_producer
 from shared.adapters.redis_wire import RedisWire
+from shared.codec import decimal_to_wire
 from shared.core.config import StrategyConfig
 from shared.core.market import Side
 from shared.core.products import SIDES, product_id
@@ -132,7 +134,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         ledger: Ledger,
         keys: KeyRing,
         config: StrategyConfig,
-        feed: NavFeed | None,
+        feed: StreamFeed | None,
         wake_relay: Callable[[str], None],
     ) -> None:
         self.settings = settings
@@ -155,7 +157,6 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         self._owners: dict[tuple[str, str], str] = {}
         self._queues: dict[str, asyncio.Lock] = {}
         self._latest: dict[str, Snapshot] = {}  # per product: as the last settle left it
-        self._watchers: dict[str, set[asyncio.Queue[object]]] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -293,7 +294,6 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 if settled.status is ApplyStatus.APPLIED:
                     self._latest[order.product] = after(snap, step.ledger)
                     self.wake_relay(order.symbol)
-                    self._notify(user, step.position)
                     return step
                 if settled.record is not None:
                     raise Replayed(self._recorded(settled.record, claim, client_id, reply_type))
@@ -308,12 +308,6 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             del self._owners[next(iter(self._owners))]
         self._owners[(user, pid)] = product
 
-    def _notify(self, user: str, position: PositionState) -> None:
-        for queue in list(self._watchers.get(user, ())):
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(position)
-
     # ------------------------------------------------------------------ products
 
     def _product_reply(self, product: str, nav: dict[str, str]) -> gateway_pb2.Product:
@@ -324,7 +318,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             product=product,
             symbol=symbol,
             side=side.name,
-            nav=nav.get("nav", str(self.accounting.initial_nav)),
+            nav=nav.get("nav", decimal_to_wire(self.accounting.initial_nav)),
             units=nav.get("units", "0"),
             equity=nav.get("equity", "0"),
             target_leverage=nav.get("target", ""),
@@ -335,12 +329,12 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             price=nav.get("price", ""),
             seq=int(nav.get("seq", "0")),
             tradable=fresh or not nav,
-            min_order=str(self.limits.min_order),
-            max_order=str(self.limits.max_order),
+            min_order=decimal_to_wire(self.limits.min_order),
+            max_order=decimal_to_wire(self.limits.max_order),
             amount_decimals=self.limits.amount_decimals,
             units_decimals=self.limits.units_decimals,
-            open_fee_rate=str(self.accounting.open_fee),
-            close_fee_rate=str(self.accounting.close_fee),
+            open_fee_rate=decimal_to_wire(self.accounting.open_fee),
+            close_fee_rate=decimal_to_wire(self.accounting.close_fee),
         )
         return reply
 
@@ -395,10 +389,10 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                     order_id=pid,
                     position_id=pid,
                     product=product,
-                    amount=str(amount),
-                    fee=str(opened.fee),
-                    units=str(opened.units),
-                    nav=str(nav),
+                    amount=decimal_to_wire(amount),
+                    fee=decimal_to_wire(opened.fee),
+                    units=decimal_to_wire(opened.units),
+                    nav=decimal_to_wire(nav),
                     ts_event_ns=now,
                     position=opened.position.to_proto(nav),
                 )
@@ -410,10 +404,10 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                         product=product,
                         ts_event_ns=now,
                         ts_init_ns=now,
-                        amount=str(amount),
-                        fee=str(opened.fee),
-                        units=str(opened.units),
-                        nav=str(nav),
+                        amount=decimal_to_wire(amount),
+                        fee=decimal_to_wire(opened.fee),
+                        units=decimal_to_wire(opened.units),
+                        nav=decimal_to_wire(nav),
                         client_order_id=client_id,
                     )
                 )
@@ -467,12 +461,12 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                     order_id=oid,
                     position_id=pid,
                     product=product,
-                    units=str(closed.units),
-                    nav=str(nav),
-                    gross=str(closed.gross),
-                    fee=str(closed.fee),
-                    payout=str(closed.payout),
-                    realized_pnl=str(closed.realized_pnl),
+                    units=decimal_to_wire(closed.units),
+                    nav=decimal_to_wire(nav),
+                    gross=decimal_to_wire(closed.gross),
+                    fee=decimal_to_wire(closed.fee),
+                    payout=decimal_to_wire(closed.payout),
+                    realized_pnl=decimal_to_wire(closed.realized_pnl),
                     ts_event_ns=now,
                     position=closed.position.to_proto(nav),
                 )
@@ -484,13 +478,13 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                         product=product,
                         ts_event_ns=now,
                         ts_init_ns=now,
-                        units=str(closed.units),
-                        nav=str(nav),
-                        payout=str(closed.payout),
-                        fee=str(closed.fee),
+                        units=decimal_to_wire(closed.units),
+                        nav=decimal_to_wire(nav),
+                        payout=decimal_to_wire(closed.payout),
+                        fee=decimal_to_wire(closed.fee),
                         client_order_id=client_id,
-                        gross=str(closed.gross),
-                        realized_pnl=str(closed.realized_pnl),
+                        gross=decimal_to_wire(closed.gross),
+                        realized_pnl=decimal_to_wire(closed.realized_pnl),
                     )
                 )
                 ledger = ledger_fields(
@@ -524,6 +518,11 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         ]
         return [p for p in positions if include_closed or p.units > 0]
 
+    async def _position(self, user: str, symbol: str, pid: str) -> PositionState | None:
+        """The user's position as stored (None: no such position, or another user's)."""
+        fields = await self.ledger.position(symbol, pid)
+        return PositionState.from_fields(fields) if fields.get("user") == user else None
+
     async def _navs(self, products: set[str]) -> dict[str, Decimal | None]:
         names = sorted(products)
         navs = await self.ledger.navs(names)
@@ -535,11 +534,10 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         async def work(user: str) -> gateway_pb2.Position:
             pid = position_id(request.position_id)
             product, symbol = await self._owned(user, pid)
-            fields = await self.ledger.position(symbol, pid)
-            if not fields or fields.get("user") != user:
+            position = await self._position(user, symbol, pid)
+            if position is None:
                 _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
-            nav = _decimal(await self.ledger.nav(product), "nav")
-            return PositionState.from_fields(fields).to_proto(nav)
+            return position.to_proto(_decimal(await self.ledger.nav(product), "nav"))
 
         return await self._answer("GetPosition", context, work)
 
@@ -565,7 +563,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             if name not in self.products:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown product {name[:80]!r}")
         if self.feed is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "NAV feed not running")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "stream feed not running")
         assert self.feed is not None
         REQUESTS.labels("StreamNav", "ok").inc()
         with self.feed.subscribe(frozenset(request.products) or None) as subscriber:
@@ -579,34 +577,37 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.Position]:
         user = await self._user(context)
         if self.feed is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "NAV feed not running")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "stream feed not running")
         assert self.feed is not None
         REQUESTS.labels("StreamPositions", "ok").inc()
-        with self.feed.subscribe(None) as subscriber:
-            watchers = self._watchers.setdefault(user, set())
-            watchers.add(subscriber.queue)
-            try:
-                held = {p.position_id: p for p in await self._positions(user, True)}
-                navs = await self._navs({p.product for p in held.values()})
-                for position in held.values():
-                    if request.include_closed or position.units > 0:
-                        yield position.to_proto(navs[position.product])
-                while True:
-                    item = await subscriber.queue.get()
-                    if isinstance(item, PositionState):
-                        if held.get(item.position_id) == item:
-                            continue  # the snapshot above already had it (a settle raced it)
-                        held[item.position_id] = item
-                        yield item.to_proto(navs.get(item.product))
-                    elif isinstance(item, nav_pb2.NavUpdated):
-                        navs[item.product] = Decimal(item.nav)
-                        for position in held.values():
-                            if position.product == item.product and position.units > 0:
-                                yield position.to_proto(navs[item.product])
-            finally:
-                watchers.discard(subscriber.queue)
-                if not watchers:
-                    self._watchers.pop(user, None)
+        with self.feed.subscribe(None, user) as subscriber:
+            held = {p.position_id: p for p in await self._positions(user, True)}
+            navs = await self._navs({p.product for p in held.values()})
+            for position in held.values():
+                if request.include_closed or position.units > 0:
+                    yield position.to_proto(navs[position.product])
+            while True:
+                item = await subscriber.queue.get()
+                if isinstance(item, orders_pb2.OrderEvent):
+                    changed = await self._changed_position(user, item)
+                    if changed is None or held.get(changed.position_id) == changed:
+                        continue  # the snapshot above, or an earlier event, had it
+                    held[changed.position_id] = changed
+                    yield changed.to_proto(navs.get(changed.product))
+                elif isinstance(item, nav_pb2.NavUpdated):
+                    navs[item.product] = Decimal(item.nav)
+                    for position in held.values():
+                        if position.product == item.product and position.units > 0:
+                            yield position.to_proto(navs[item.product])
+
+    async def _changed_position(
+        self, user: str, event: orders_pb2.OrderEvent
+    ) -> PositionState | None:
+        """The position an order event changed, as it is now (a later order may have
+        changed it again: the stream shows the latest state, once)."""
+        order = event.opened if event.HasField("opened") else event.closed
+        found = self.products.get(order.product)
+        return None if found is None else await self._position(user, found[0], order.position_id)
 
     async def Ping(
         self, request: gateway_pb2.PingRequest, context: grpc.aio.ServicerContext
@@ -655,9 +656,11 @@ class GatewayServer:
             settings.outbox_poll_s,
             settings.outbox_linger_s,
         )
-        nav_topic = NAV_UPDATES.in_namespace(settings.namespace)
-        self.feed = NavFeed(
-            settings.kafka_bootstrap, nav_topic.name, nav_topic.partitions, settings.stream_queue
+        self.feed = StreamFeed(
+            settings.kafka_bootstrap,
+            NAV_UPDATES.in_namespace(settings.namespace),
+            ORDERS_EVENTS.in_namespace(settings.namespace),
+            settings.stream_queue,
         )
         self.gateway = Gateway(
             settings, self.ledger, key_ring(settings), self.config, self.feed, self.relay.wake

@@ -21,6 +21,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 import grpc
 from smartlev.v1 import gateway_pb2
 
+from shared.codec import decimal_to_wire
 from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.money import USDT_QUANTUM, ZERO, MoneyError, usdt_down
 from shared.serving import Rejected
@@ -171,17 +172,17 @@ class PositionState:
         return gateway_pb2.Position(
             position_id=self.position_id,
             product=self.product,
-            units=str(self.units),
-            units_opened=str(self.units_opened),
-            entry_nav=str(self.entry_nav),
-            amount=str(self.amount),
-            cost=str(self.cost),
-            nav="" if nav is None else str(nav),
-            value="" if value is None else str(value),
-            unrealized_pnl="" if value is None else str(value - self.cost),
-            realized_pnl=str(self.realized_pnl),
-            payout=str(self.payout),
-            fees=str(self.fees),
+            units=decimal_to_wire(self.units),
+            units_opened=decimal_to_wire(self.units_opened),
+            entry_nav=decimal_to_wire(self.entry_nav),
+            amount=decimal_to_wire(self.amount),
+            cost=decimal_to_wire(self.cost),
+            nav="" if nav is None else decimal_to_wire(nav),
+            value="" if value is None else decimal_to_wire(value),
+            unrealized_pnl="" if value is None else decimal_to_wire(value - self.cost),
+            realized_pnl=decimal_to_wire(self.realized_pnl),
+            payout=decimal_to_wire(self.payout),
+            fees=decimal_to_wire(self.fees),
             open=self.units > 0,
             ts_opened_ns=self.ts_opened_ns,
             ts_closed_ns=self.ts_closed_ns,

@@ -29,7 +29,7 @@ from services.gateway.ledger import Snapshot
 from services.gateway.main import GatewayServer
 from services.hedging.messages import order_step, products_by_symbol
 from shared.adapters.kafka_admin import ensure_topics
-from shared.codec import decode
+from shared.codec import decimal_from_wire, decode
 from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.config import StrategyConfig
 from shared.redis_store import ApplyStatus
@@ -246,6 +246,49 @@ async def test_open_and_close_settle_at_the_nav_with_the_core_formulas(env: Env)
     assert steps[0].order_id == opened.order_id and steps[0].nav == NAV
     assert steps[1].payout == gross - close_fee
     assert await env.redis.hgetall(env.server.ledger.outbox_key("BTC-USDT")) == {}
+
+
+POSITION_DECIMALS = (
+    "units", "units_opened", "entry_nav", "amount", "cost", "nav", "value", "unrealized_pnl",
+    "realized_pnl", "payout", "fees",
+)  # fmt: skip
+
+
+async def test_a_dust_close_pays_nothing_in_plain_decimals_that_hedging_takes(env: Env) -> None:
+    """1e-8 units at a NAV under 1 gross less than a minor unit: gross, fee and payout
+    are zero, written "0.00000000" like every decimal the gateway sends, never "0E-8"
+    (hedging's parser dead-letters that, and its books would miss the units)."""
+    nav = Decimal("0.5")
+    await env.set_nav(PRODUCT, nav)
+    opened = await env.open("dust-open")
+    dust = await env.stub.ClosePosition(
+        gateway_pb2.ClosePositionRequest(
+            client_order_id="dust-close", position_id=opened.position_id, units="0.00000001"
+        ),
+        metadata=ALICE,
+    )
+    rest = await env.stub.ClosePosition(
+        gateway_pb2.ClosePositionRequest(
+            client_order_id="rest-close", position_id=opened.position_id, all=True
+        ),
+        metadata=ALICE,
+    )
+    assert (dust.gross, dust.fee, dust.payout) == ("0.00000000",) * 3
+    assert (rest.position.units, rest.position.cost) == ("0.00000000",) * 2
+    for reply in (opened, dust, rest):
+        for name in (
+            "units",
+            "nav",
+            "fee",
+            *(("gross", "payout", "realized_pnl") if reply is not opened else ()),
+        ):
+            decimal_from_wire(getattr(reply, name), name=name)
+        for name in POSITION_DECIMALS:
+            decimal_from_wire(getattr(reply.position, name), name=f"position.{name}")
+    products = products_by_symbol(StrategyConfig())
+    steps = [order_step(e, products) for e in await env.events(3)]
+    assert [s.payout for s in steps] == [None, Decimal(0), Decimal(rest.payout)]
+    assert steps[1].units == Decimal("0.00000001")
 
 
 async def test_another_users_position_is_not_found(env: Env) -> None:
@@ -624,6 +667,62 @@ async def test_stream_nav_delivers_published_updates(env: Env) -> None:
     )
     stream.cancel()
     positions.cancel()
+
+
+async def test_position_streams_show_orders_that_another_gateway_settled(
+    env: Env, redis_url: str
+) -> None:
+    """Any gateway instance may take a user's order: a position stream on one shows what
+    another settled (through orders.events), and only the caller's own positions."""
+    await env.set_nav(PRODUCT, NAV)
+    streams = {
+        who: env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=who)
+        for who in (ALICE, BOB)
+    }
+
+    async def next_of(who: tuple) -> gateway_pb2.Position:
+        position: gateway_pb2.Position = await asyncio.wait_for(streams[who].read(), 10)
+        return position
+
+    # One order each through this gateway first: once it shows, the stream is live.
+    for who in (ALICE, BOB):
+        here = await env.open(f"here-{who[0][1][-9:-4]}", who=who)
+        assert (await next_of(who)).position_id == here.position_id
+    async with another_gateway(env, redis_url) as other:
+        opened = await other.OpenPosition(
+            gateway_pb2.OpenPositionRequest(
+                client_order_id="there-1", product=PRODUCT, amount_usdt="500"
+            ),
+            metadata=ALICE,
+        )
+        shown = await next_of(ALICE)
+        assert (shown.position_id, shown.units, shown.open) == (
+            opened.position_id,
+            opened.units,
+            True,
+        )
+        closed = await other.ClosePosition(
+            gateway_pb2.ClosePositionRequest(
+                client_order_id="there-2", position_id=opened.position_id, all=True
+            ),
+            metadata=ALICE,
+        )
+        shown = await next_of(ALICE)
+        assert (shown.position_id, shown.units, shown.open, shown.payout) == (
+            opened.position_id,
+            "0.00000000",
+            False,
+            closed.payout,
+        )
+        bobs = await other.OpenPosition(
+            gateway_pb2.OpenPositionRequest(
+                client_order_id="there-3", product=PRODUCT, amount_usdt="700"
+            ),
+            metadata=BOB,
+        )
+        assert (await next_of(BOB)).position_id == bobs.position_id  # not Alice's two
+    for stream in streams.values():
+        stream.cancel()
 
 
 async def test_a_gateway_without_its_topics_stops_saying_so(
