@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import grpc
 import uvloop
@@ -23,6 +23,31 @@ class Rejected(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def grpc_server(options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Server:
+    """A grpc.aio server that owns its port. gRPC binds with SO_REUSEPORT by default, so
+    a second instance started on a taken port shares it and silently takes part of the
+    connections (a second gateway did, beside the one `make up` started); this server
+    fails to bind instead (`listen`)."""
+    return grpc.aio.server(options=[("grpc.so_reuseport", 0), *options])
+
+
+def listen(server: grpc.aio.Server, service: str, host: str, port: int) -> int:
+    """Listen on host:port (port 0: any free one) and return the port, or stop saying why."""
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises where it used to return 0
+        bound, why = 0, str(exc).partition(";")[0]
+    else:
+        why = "no address bound"
+    if not bound:
+        raise SystemExit(
+            f"{service}: cannot listen on {address} ({why}): is another process on that "
+            "port, or the host not this machine's?"
+        )
+    return bound
 
 
 class Server(Protocol):

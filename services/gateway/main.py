@@ -64,7 +64,7 @@ from shared.core.products import SIDES, product_id
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.logging import get_logger
 from shared.redis_store import ApplyStatus
-from shared.serving import Rejected, run
+from shared.serving import Rejected, grpc_server, listen, run
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
 
 SERVICE_NAME = "smartlev.v1.Gateway"
@@ -669,7 +669,7 @@ class GatewayServer:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
         ]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc_server(options)
         self.port = 0
         self.health: GrpcHealth | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -681,13 +681,11 @@ class GatewayServer:
     async def start(self) -> int:
         """Serve; returns the bound gRPC port."""
         gateway_pb2_grpc.add_GatewayServicer_to_server(self.gateway, self.server)
+        host = self.settings.grpc_host
+        self.port = listen(self.server, "gateway", host, self.settings.grpc_port)
         self.health = await GrpcHealth.install(self.server, [SERVICE_NAME])
         await self.producer.start()
         await self.feed.start()
-        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        self.port = self.server.add_insecure_port(address)
-        if not self.port:
-            raise RuntimeError(f"gateway: cannot bind gRPC on {address}")
         await self.server.start()
         if self.run_relay:
             self._tasks.append(asyncio.create_task(self.relay.run()))

@@ -36,7 +36,7 @@ from shared.core.config import StrategyConfig
 from shared.core.venue import PerpVenue
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, redis_check
 from shared.logging import get_logger
-from shared.serving import Rejected, run
+from shared.serving import Rejected, grpc_server, listen, run
 
 SERVICE_NAME = "smartlev.v1.Venue"
 T = TypeVar("T")
@@ -266,7 +266,7 @@ class VenueServer:
         # than redis-py); `redis` serves the health checks.
         self.wire = RedisWire.from_url(settings.redis_url)
         self.ledger = VenueLedger(self.wire, config or StrategyConfig(), settings.namespace)
-        self.server = grpc.aio.server()
+        self.server = grpc_server()
         self.port = 0
         self._health: GrpcHealth | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -276,10 +276,8 @@ class VenueServer:
         """Serve; returns the bound gRPC port."""
         venue_pb2_grpc.add_VenueServicer_to_server(VenueServicer(self.ledger), self.server)
         self._health = await GrpcHealth.install(self.server, [SERVICE_NAME])
-        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        self.port = self.server.add_insecure_port(address)
-        if not self.port:
-            raise RuntimeError(f"venue: cannot bind gRPC on {address}")
+        host = self.settings.grpc_host
+        self.port = listen(self.server, "venue", host, self.settings.grpc_port)
         await self.server.start()
         self._watch = asyncio.create_task(self._watch_redis(self._health))
         if self.settings.metrics_port:

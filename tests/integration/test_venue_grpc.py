@@ -240,3 +240,16 @@ async def test_health_serving_and_reflection(env: tuple[Redis, str]) -> None:
                 return set(ProtoReflectionDescriptorDatabase(channel).get_services())
 
         assert "smartlev.v1.Venue" in await asyncio.to_thread(services)
+
+
+async def test_a_second_venue_on_a_taken_port_stops_saying_so(env: tuple[Redis, str]) -> None:
+    redis, namespace = env
+    async with Venue(redis, namespace) as first:
+        port = first.server.port
+        second = VenueServer(first.settings.model_copy(update={"grpc_port": port}), redis)
+        try:
+            with pytest.raises(SystemExit) as stopped:
+                await second.start()
+        finally:
+            await second.stop()  # what a start that got further than it should took
+        assert f"venue: cannot listen on 127.0.0.1:{port}" in str(stopped.value)
