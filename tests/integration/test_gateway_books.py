@@ -9,7 +9,8 @@ every sequence, to the minor unit:
   redeem_terms), and the position reads back as the replies left it;
 - the product's ledger moved by exactly the sequence's units, deposits, payouts and fees;
 - a position closed in steps has taken its whole cost, no more: its realized PnL is what
-  it paid out minus what it was paid.
+  it paid out minus what it was paid;
+- every decimal sent is exact and in plain notation (`decimal_from_wire` refuses "0E-8").
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from smartlev.v1 import gateway_pb2, gateway_pb2_grpc
 
+from shared.codec import decimal_from_wire
 from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.config import StrategyConfig
 from shared.pipeline_runner import GATEWAY, Pipeline
@@ -104,7 +106,7 @@ def test_any_order_sequence_keeps_the_books_exact(
         metadata=ALICE,
     )
     fee, _, units = issue_terms(amount, entry_nav, FEES.open_fee)
-    assert (Decimal(opened.units), Decimal(opened.fee)) == (units, fee)
+    assert (decimal_from_wire(opened.units), decimal_from_wire(opened.fee)) == (units, fee)
     held, paid_out, fees = units, Decimal(0), fee
     replies = []
     for percent, nav in [*closes, *([(100, entry_nav)] if close_rest else [])]:
@@ -115,23 +117,32 @@ def test_any_order_sequence_keeps_the_books_exact(
         reply = desk.close(opened.position_id, wanted)
         redeemed = held if wanted is None else wanted
         gross, fee = redeem_terms(redeemed, nav, FEES.close_fee)
-        assert (Decimal(reply.units), Decimal(reply.gross), Decimal(reply.fee)) == (
+        assert (
+            decimal_from_wire(reply.units),
+            decimal_from_wire(reply.gross),
+            decimal_from_wire(reply.fee),
+        ) == (
             redeemed,
             gross,
             fee,
         )
-        assert Decimal(reply.payout) == gross - fee
+        assert decimal_from_wire(reply.payout) == gross - fee
         held, paid_out, fees = held - redeemed, paid_out + gross - fee, fees + fee
         replies.append(reply)
     position = desk.stub.GetPosition(
         gateway_pb2.GetPositionRequest(position_id=opened.position_id), metadata=ALICE
     )
-    assert (Decimal(position.units), Decimal(position.payout)) == (held, paid_out)
-    assert Decimal(position.fees) == fees
-    assert Decimal(position.realized_pnl) == sum(Decimal(r.realized_pnl) for r in replies)
+    assert (decimal_from_wire(position.units), decimal_from_wire(position.payout)) == (
+        held,
+        paid_out,
+    )
+    assert decimal_from_wire(position.fees) == fees
+    assert decimal_from_wire(position.realized_pnl) == sum(
+        decimal_from_wire(r.realized_pnl) for r in replies
+    )
     if held == 0:
-        assert Decimal(position.cost) == 0
-        assert Decimal(position.realized_pnl) == paid_out - amount
+        assert decimal_from_wire(position.cost) == 0
+        assert decimal_from_wire(position.realized_pnl) == paid_out - amount
     after = desk.ledger()
     assert {name: after[name] - before[name] for name in LEDGER} == {
         "units": held,
