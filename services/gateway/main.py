@@ -123,6 +123,12 @@ def _fail(code: grpc.StatusCode, message: str) -> NoReturn:
     raise Rejected(code, message)
 
 
+def _wire_texts(**figures: Decimal) -> dict[str, str]:
+    """Exact decimals as the wire carries them: plain notation ("0.00000000", not "0E-8",
+    which every reader's decimal_from_wire refuses)."""
+    return {name: decimal_to_wire(value, name=name) for name, value in figures.items()}
+
+
 def _decimal(fields: dict[str, str], name: str) -> Decimal | None:
     return Decimal(fields[name]) if fields.get(name) else None
 
@@ -385,16 +391,15 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                     fee_rate=self.accounting.open_fee,
                     ts_ns=now,
                 )
+                # The reply and the event carry the same figures, as the same text.
+                figures = _wire_texts(amount=amount, fee=opened.fee, units=opened.units, nav=nav)
                 reply = gateway_pb2.OpenPositionReply(
                     order_id=pid,
                     position_id=pid,
                     product=product,
-                    amount=decimal_to_wire(amount),
-                    fee=decimal_to_wire(opened.fee),
-                    units=decimal_to_wire(opened.units),
-                    nav=decimal_to_wire(nav),
                     ts_event_ns=now,
                     position=opened.position.to_proto(nav),
+                    **figures,
                 )
                 event = orders_pb2.OrderEvent(
                     opened=orders_pb2.PositionOpened(
@@ -404,11 +409,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                         product=product,
                         ts_event_ns=now,
                         ts_init_ns=now,
-                        amount=decimal_to_wire(amount),
-                        fee=decimal_to_wire(opened.fee),
-                        units=decimal_to_wire(opened.units),
-                        nav=decimal_to_wire(nav),
                         client_order_id=client_id,
+                        **figures,
                     )
                 )
                 ledger = ledger_fields(
@@ -457,18 +459,21 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 nav = self._tradable_nav(product, nav_fields, snap)
                 now = time.time_ns()
                 closed = quote_close(position, units, nav, self.accounting.close_fee, now)
+                figures = _wire_texts(
+                    units=closed.units,
+                    nav=nav,
+                    gross=closed.gross,
+                    fee=closed.fee,
+                    payout=closed.payout,
+                    realized_pnl=closed.realized_pnl,
+                )
                 reply = gateway_pb2.ClosePositionReply(
                     order_id=oid,
                     position_id=pid,
                     product=product,
-                    units=decimal_to_wire(closed.units),
-                    nav=decimal_to_wire(nav),
-                    gross=decimal_to_wire(closed.gross),
-                    fee=decimal_to_wire(closed.fee),
-                    payout=decimal_to_wire(closed.payout),
-                    realized_pnl=decimal_to_wire(closed.realized_pnl),
                     ts_event_ns=now,
                     position=closed.position.to_proto(nav),
+                    **figures,
                 )
                 event = orders_pb2.OrderEvent(
                     closed=orders_pb2.PositionClosed(
@@ -478,13 +483,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                         product=product,
                         ts_event_ns=now,
                         ts_init_ns=now,
-                        units=decimal_to_wire(closed.units),
-                        nav=decimal_to_wire(nav),
-                        payout=decimal_to_wire(closed.payout),
-                        fee=decimal_to_wire(closed.fee),
                         client_order_id=client_id,
-                        gross=decimal_to_wire(closed.gross),
-                        realized_pnl=decimal_to_wire(closed.realized_pnl),
+                        **figures,
                     )
                 )
                 ledger = ledger_fields(
