@@ -34,6 +34,7 @@ from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.config import StrategyConfig
 from shared.redis_store import ApplyStatus
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
+from tests.integration.serving import refused_start
 from tests.nav_marks import nav_hash
 
 pytestmark = pytest.mark.integration
@@ -728,12 +729,7 @@ async def test_position_streams_show_orders_that_another_gateway_settled(
 async def test_a_second_gateway_on_a_taken_port_stops_saying_so(env: Env, redis_url: str) -> None:
     settings = _settings(env.ns, redis_url, env.bootstrap)
     second = GatewayServer(settings.model_copy(update={"grpc_port": env.server.port}), env.redis)
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            await second.start()
-    finally:
-        await second.stop()  # what a start that got further than it should took
-    assert f"gateway: cannot listen on 127.0.0.1:{env.server.port}" in str(stopped.value)
+    assert f"gateway: cannot listen on 127.0.0.1:{env.server.port}" in await refused_start(second)
 
 
 async def test_a_gateway_without_its_topics_stops_saying_so(

@@ -21,6 +21,7 @@ from services.venue.main import VenueServer
 from shared.adapters.venue_client import RemoteVenue, fill_from_wire, venue_channel
 from shared.core.config import StrategyConfig
 from shared.core.venue import Liquidity, PerpVenue
+from tests.integration.serving import refused_start
 
 pytestmark = pytest.mark.integration
 
@@ -247,9 +248,4 @@ async def test_a_second_venue_on_a_taken_port_stops_saying_so(env: tuple[Redis, 
     async with Venue(redis, namespace) as first:
         port = first.server.port
         second = VenueServer(first.settings.model_copy(update={"grpc_port": port}), redis)
-        try:
-            with pytest.raises(SystemExit) as stopped:
-                await second.start()
-        finally:
-            await second.stop()  # what a start that got further than it should took
-        assert f"venue: cannot listen on 127.0.0.1:{port}" in str(stopped.value)
+        assert f"venue: cannot listen on 127.0.0.1:{port}" in await refused_start(second)
