@@ -1,20 +1,20 @@
 """The order gateway under load: open+close round trips beside a no-op call (the ceiling).
 
-    python -m tests.bench.bench_gateway [--seconds 3] [--clients 1,8,64]
+    python -m tests.bench.bench_gateway [--seconds 3] [--rounds 3] [--clients 1,8,64]
 
 Starts the gateway (`python -m services.gateway`, its own process, as deployed) in a
 fresh namespace and writes a fresh NAV for every product the way the NAV service does
-(`<ns>nav:{<product>}`), so orders settle against the real Redis and their events go
-to the real Kafka through the outbox relay; no other stage runs, so only the gateway is
+(`<ns>nav:{<product>}`), so orders settle against the real Redis and their events go to
+the real Kafka through the outbox relay; no other stage runs, so only the gateway is
 measured. For each number of concurrent clients (asyncio grpc.aio, one channel each,
-loopback), every client opens a position and closes it (2 orders), again and again for
-`--seconds`; then the same clients call `Ping` (authentication and the gRPC round trip,
-nothing else) for as long. Latency is per call, from the client; the gateway process's
-CPU per call is the figure the machine's noise moves least. A second table splits the
-machine's CPU per call between the gateway, these clients, Redis and the broker: with
-both kinds of call saturating the cores, the ratio cannot beat the no-op's total over
-the order's. Goals (issue #5):
-orders/s at least half the no-op rate; p99 under 20 ms with 8 clients.
+loopback), every client opens a position and closes it (2 orders), again and again; then
+the same clients call `Ping` (authentication and the gRPC round trip, nothing else) for
+as long; the two take `--rounds` turns over `--seconds` each. Latency is per call, from
+the client; the gateway process's CPU per call is the figure the machine's noise moves
+least. A second table splits the machine's CPU per call between the gateway, these
+clients, Redis and the broker: with both kinds of call saturating the cores, the ratio
+cannot beat the no-op's total over the order's. Goals (issue #5): orders/s at least half
+the no-op rate; p99 under 20 ms with 8 clients.
 Run by `make bench`; never a timed assertion in a test.
 """
 
@@ -68,6 +68,13 @@ class Run:
     @property
     def rate(self) -> float:
         return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+    def add(self, other: Run) -> None:
+        """Count `other`'s calls, time and CPU as part of this run."""
+        self.latencies += other.latencies
+        self.seconds += other.seconds
+        for part, cpu_s in other.cpu_s.items():
+            self.cpu_s[part] = self.cpu_s.get(part, 0.0) + cpu_s
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -181,6 +188,9 @@ def cpu_table(rows: list[tuple[int, Run, Run]]) -> Table:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="measured time per case")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="turns of orders and no-ops sharing --seconds"
+    )
     parser.add_argument("--clients", default="1,8,64", help="concurrent clients per case")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -199,10 +209,15 @@ def main() -> None:
         target = f"127.0.0.1:{pipeline.ports['gateway.grpc']}"
         server = pipeline.running["gateway"].process.pid
         for clients in levels:
-            write_navs(store, namespace, products)
-            trades = asyncio.run(drive(target, clients, args.seconds, True, products, server))
-            pipeline.check_alive()
-            noop = asyncio.run(drive(target, clients, args.seconds, False, products, server))
+            # Orders and no-ops take turns, so both meet the machine as it is then (its
+            # speed drifts by up to a third within a minute).
+            trades, noop = Run(), Run()
+            turn = args.seconds / args.rounds
+            for _ in range(args.rounds):
+                write_navs(store, namespace, products)
+                trades.add(asyncio.run(drive(target, clients, turn, True, products, server)))
+                pipeline.check_alive()
+                noop.add(asyncio.run(drive(target, clients, turn, False, products, server)))
             rows.append((clients, trades, noop))
             console.print(
                 f"    {clients} clients: {trades.rate:,.0f} orders/s, no-op {noop.rate:,.0f}/s"
