@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
+from shared.codec import decimal_to_wire
 from shared.core.bars import ticks_from_bars
 from shared.core.config import StrategyConfig
 from shared.core.engine import SignalPipeline, Strategy
@@ -221,6 +222,8 @@ def _sharpe(navs: Sequence[float], bars_per_year: float) -> float:
 
 
 def write_nav_csv(result: BacktestResult, path: Path) -> None:
+    """Prices and NAVs exact, in plain notation like the wire's ("0.00000000", not the
+    "0E-8" of a product wiped out)."""
     products = list(result.series)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -229,10 +232,11 @@ def write_nav_csv(result: BacktestResult, path: Path) -> None:
             + [f"{p}:{column}" for p in products for column in ("target", "leverage", "nav")]
         )
         for i, ts in enumerate(result.times):
-            row: list[object] = [_iso(ts), result.prices[i], result.regimes[i]]
+            row: list[object] = [_iso(ts), decimal_to_wire(result.prices[i]), result.regimes[i]]
             for p in products:
                 item = result.series[p]
-                row += [f"{item.targets[i]:.2f}", f"{item.leverages[i]:.4f}", item.navs[i]]
+                nav = decimal_to_wire(item.navs[i])
+                row += [f"{item.targets[i]:.2f}", f"{item.leverages[i]:.4f}", nav]
             writer.writerow(row)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from shared.adapters.market_data import load_bars, load_funding, load_marks
+from shared.adapters.market_data import load_bars, load_funding, load_marks, parse_timestamp
 from shared.adapters.tick_replay import data_dir
-from shared.backtest import metrics, run_backtest
+from shared.backtest import metrics, run_backtest, write_nav_csv
 from shared.cli import app, summary_table
+from shared.codec import decimal_from_wire
 from shared.core.config import StrategyConfig
 from shared.core.venue import PerpVenue
 
@@ -74,6 +76,30 @@ def test_cli_writes_metrics_nav_and_chart(tmp_path: Path) -> None:
     assert len(rows) == document["bars"] + 1
     assert rows[0].startswith("timestamp,price,regime,BTC-USDT:LONG:target")
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_data
+def test_nav_csv_writes_exact_plain_decimals_even_for_a_wiped_out_product(
+    tmp_path: Path,
+) -> None:
+    """March 2020 takes the fixed 3x long to zero: its NAV is written "0.00000000"."""
+    window = {
+        "start_ns": parse_timestamp("2020-03-01T00:00:00Z"),
+        "end_ns": parse_timestamp("2020-03-20T00:00:00Z"),
+    }
+    bars, _ = load_bars(DATA / "BTCUSDT_perp_1h_2019_2023.csv", "BTC-USDT", **window)
+    funding, _ = load_funding(DATA / "BTCUSDT_funding_8h_2019_2023.csv", "BTC-USDT", **window)
+    result = run_backtest("BTC-USDT", bars, funding, StrategyConfig())
+    write_nav_csv(result, tmp_path / "nav.csv")
+    with (tmp_path / "nav.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(result.times)
+    navs = [decimal_from_wire(row["BTC-USDT:LONG:3X-FIXED:nav"]) for row in rows]
+    assert navs[-1] == 0  # the case this test is for
+    for row in rows:
+        for name, cell in row.items():
+            if name == "price" or name.endswith(":nav"):
+                decimal_from_wire(cell, name=name)  # plain notation, else DecodeError
 
 
 @pytest.mark.parametrize(
