@@ -183,22 +183,22 @@ def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
             out[item.product] = {
                 "smart": item.smart,
                 "side": item.side.name,
-                "final_nav": str(item.navs[-1] if item.navs else result.initial_nav),
+                "final_nav": decimal_to_wire(item.navs[-1] if item.navs else result.initial_nav),
                 "cagr": ((final / start) ** (1 / years) - 1) if years > 0 and final > 0 else -1.0,
                 "max_drawdown": _max_drawdown(navs),
                 "sharpe": _sharpe(navs, bars_per_year),
-                "min_nav": str(min(item.navs) if item.navs else result.initial_nav),
+                "min_nav": decimal_to_wire(min(item.navs) if item.navs else result.initial_nav),
                 "avg_leverage": sum(item.leverages) / len(item.leverages)
                 if item.leverages
                 else 0.0,
                 "rebalances": item.rebalances,
                 "emergency_deleverages": item.emergencies,
-                "trading_fees_paid": str(book.trading_fees),
-                "slippage_paid": str(book.slippage),
-                "management_fees_paid": str(book.management_fees),
-                "funding_paid": str(book.funding),
+                "trading_fees_paid": decimal_to_wire(book.trading_fees),
+                "slippage_paid": decimal_to_wire(book.slippage),
+                "management_fees_paid": decimal_to_wire(book.management_fees),
+                "funding_paid": decimal_to_wire(book.funding),
                 "insurance_claims": item.insurance_claims,
-                "insurance_paid": str(item.insurance_paid),
+                "insurance_paid": decimal_to_wire(item.insurance_paid),
             }
     return out
 
@@ -249,7 +249,7 @@ def write_metrics(result: BacktestResult, path: Path) -> dict[str, dict[str, obj
         "bars": len(result.times),
         "ticks": result.ticks,
         "funding_settlements": result.funding_events,
-        "initial_nav": str(result.initial_nav),
+        "initial_nav": decimal_to_wire(result.initial_nav),
         "products": figures,
     }
     path.write_text(json.dumps(document, indent=2) + "\n")

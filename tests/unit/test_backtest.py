@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from shared.adapters.market_data import load_bars, load_funding, load_marks, parse_timestamp
 from shared.adapters.tick_replay import data_dir
-from shared.backtest import metrics, run_backtest, write_nav_csv
+from shared.backtest import metrics, run_backtest, write_metrics, write_nav_csv
 from shared.cli import app, summary_table
 from shared.codec import decimal_from_wire
 from shared.core.config import StrategyConfig
@@ -79,7 +79,7 @@ def test_cli_writes_metrics_nav_and_chart(tmp_path: Path) -> None:
 
 
 @needs_data
-def test_nav_csv_writes_exact_plain_decimals_even_for_a_wiped_out_product(
+def test_nav_csv_and_metrics_write_exact_plain_decimals_even_for_a_wiped_out_product(
     tmp_path: Path,
 ) -> None:
     """March 2020 takes the fixed 3x long to zero: its NAV is written "0.00000000"."""
@@ -100,6 +100,13 @@ def test_nav_csv_writes_exact_plain_decimals_even_for_a_wiped_out_product(
         for name, cell in row.items():
             if name == "price" or name.endswith(":nav"):
                 decimal_from_wire(cell, name=name)  # plain notation, else DecodeError
+    wiped = write_metrics(result, tmp_path / "metrics.json")["BTC-USDT:LONG:3X-FIXED"]
+    assert (wiped["final_nav"], wiped["min_nav"]) == ("0.00000000",) * 2
+    for name, value in json.loads((tmp_path / "metrics.json").read_text())["products"][
+        "BTC-USDT:LONG:3X-FIXED"
+    ].items():
+        if isinstance(value, str) and name not in ("side",):
+            decimal_from_wire(value, name=name)
 
 
 @pytest.mark.parametrize(
