@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import Gauge
 from smartlev.v1 import nav_pb2, orders_pb2
 
 from shared.codec import DecodeError, decode
@@ -25,6 +26,12 @@ from shared.logging import get_logger
 from shared.topics import TopicSpec
 
 log = get_logger("gateway", "feeds")
+
+SUBSCRIBERS = Gauge(
+    "smartlev_gateway_stream_subscribers",
+    "Open streams of this gateway: nav (StreamNav) and positions (StreamPositions).",
+    ["stream"],
+)
 
 
 @dataclass(eq=False)
@@ -87,11 +94,14 @@ class StreamFeed:
         self, products: frozenset[str] | None, user: str | None = None
     ) -> Iterator[Subscriber]:
         subscriber = Subscriber(products, user, asyncio.Queue(self.queue_size))
+        open_streams = SUBSCRIBERS.labels("nav" if user is None else "positions")
         self.subscribers.add(subscriber)
+        open_streams.inc()
         try:
             yield subscriber
         finally:
             self.subscribers.discard(subscriber)
+            open_streams.dec()
 
     def publish(self, update: nav_pb2.NavUpdated) -> None:
         for subscriber in list(self.subscribers):

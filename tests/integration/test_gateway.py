@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
@@ -247,6 +248,11 @@ async def test_open_and_close_settle_at_the_nav_with_the_core_formulas(env: Env)
     assert steps[0].order_id == opened.order_id and steps[0].nav == NAV
     assert steps[1].payout == gross - close_fee
     assert await env.redis.hgetall(env.server.ledger.outbox_key("BTC-USDT")) == {}
+
+
+def open_streams(kind: str) -> float:
+    """The gateway's smartlev_gateway_stream_subscribers gauge (this process's servers)."""
+    return REGISTRY.get_sample_value("smartlev_gateway_stream_subscribers", {"stream": kind}) or 0.0
 
 
 POSITION_DECIMALS = (
@@ -676,6 +682,7 @@ async def test_position_streams_show_orders_that_another_gateway_settled(
     """Any gateway instance may take a user's order: a position stream on one shows what
     another settled (through orders.events), and only the caller's own positions."""
     await env.set_nav(PRODUCT, NAV)
+    streams_before = open_streams("positions")
     streams = {
         who: env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=who)
         for who in (ALICE, BOB)
@@ -689,6 +696,7 @@ async def test_position_streams_show_orders_that_another_gateway_settled(
     for who in (ALICE, BOB):
         here = await env.open(f"here-{who[0][1][-9:-4]}", who=who)
         assert (await next_of(who)).position_id == here.position_id
+    assert open_streams("positions") == streams_before + 2
     async with another_gateway(env, redis_url) as other:
         opened = await other.OpenPosition(
             gateway_pb2.OpenPositionRequest(
@@ -724,6 +732,9 @@ async def test_position_streams_show_orders_that_another_gateway_settled(
         assert (await next_of(BOB)).position_id == bobs.position_id  # not Alice's two
     for stream in streams.values():
         stream.cancel()
+    async with asyncio.timeout(10):  # the server learns of the cancel a moment later
+        while open_streams("positions") != streams_before:
+            await asyncio.sleep(0.05)
 
 
 async def test_a_second_gateway_on_a_taken_port_stops_saying_so(env: Env, redis_url: str) -> None:
