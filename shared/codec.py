@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import EncodeError as ProtobufEncodeError
 from google.protobuf.message import Message
 from kafka.serializer import Deserializer, Serializer
-from smartlev.v1 import market_pb2
+from smartlev.v1 import market_pb2, orders_pb2
 
 from shared.core.market import FundingRate, Tick
 
@@ -146,6 +146,11 @@ def _check_envelope(message: Message) -> None:
         _check_envelope(getattr(message, which))
     if "event_id" in descriptor.fields_by_name and not getattr(message, "event_id"):  # noqa: B009
         raise ValueError("event_id is empty")
+
+
+def order_of(event: orders_pb2.OrderEvent) -> orders_pb2.PositionOpened | orders_pb2.PositionClosed:
+    """The user's order an `orders.events` record carries, opened or closed."""
+    return event.opened if event.WhichOneof("event") == "opened" else event.closed
 
 
 def decode(message_type: type[M], data: bytes | bytearray | memoryview | None) -> M:

@@ -183,10 +183,6 @@ def order_id_of(symbol: str, event_id: str) -> str | None:
     return event_id[len(prefix) :] if event_id.startswith(prefix) else None
 
 
-def order_of(event: orders_pb2.OrderEvent) -> orders_pb2.PositionOpened | orders_pb2.PositionClosed:
-    return event.opened if event.WhichOneof("event") == "opened" else event.closed
-
-
 class Replay:
     """hedge.fills of one symbol re-applied to fresh core `Books`; every update's books
     compared with what hedging sent (a difference is listed once, then the replay takes
@@ -258,7 +254,7 @@ class Replay:
         if event is None:
             self.rows.append(Row("orders.unknown", order_id, "on orders.events", "missing"))
             return
-        order = order_of(event)
+        order = codec.order_of(event)
         nav = Decimal(order.nav) if order.nav else None
         try:
             if isinstance(order, orders_pb2.PositionOpened):
@@ -391,7 +387,7 @@ def unique_orders(
     orders: dict[str, orders_pb2.OrderEvent] = {}
     rows = []
     for event in events:
-        order_id = order_of(event).event_id
+        order_id = codec.order_of(event).event_id
         first = orders.setdefault(order_id, event)
         if codec.encode(first) != codec.encode(event):
             rows.append(Row("orders.repeat", order_id, "one content", "published twice, different"))
@@ -440,7 +436,7 @@ def check_gateway(
     """Positions against their orders; products' units against the positions."""
     moved: defaultdict[str, Decimal] = defaultdict(Decimal)
     for event in orders.values():
-        order = order_of(event)
+        order = codec.order_of(event)
         sign = 1 if isinstance(order, orders_pb2.PositionOpened) else -1
         moved[order.position_id] += sign * Decimal(order.units or "0")
     rows = []
@@ -461,7 +457,8 @@ def check_gateway(
                 (
                     order_units.get(o, ZERO)
                     for o, e in orders.items()
-                    if order_of(e).product == product and order_of(e).position_id not in ids
+                    if (order := codec.order_of(e)).product == product
+                    and order.position_id not in ids
                 ),
                 ZERO,
             )

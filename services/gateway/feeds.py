@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Gauge
 from smartlev.v1 import nav_pb2, orders_pb2
 
-from shared.codec import DecodeError, decode
+from shared.codec import DecodeError, decode, order_of
 from shared.logging import get_logger
 from shared.topics import TopicSpec
 
@@ -109,7 +109,7 @@ class StreamFeed:
                 subscriber.offer(update)
 
     def publish_order(self, event: orders_pb2.OrderEvent) -> None:
-        user = event.opened.user_id if event.HasField("opened") else event.closed.user_id
+        user = order_of(event).user_id
         for subscriber in list(self.subscribers):
             if subscriber.user == user:
                 subscriber.offer(event)

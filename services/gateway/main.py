@@ -57,7 +57,7 @@ from services.gateway.orders import (
 from services.gateway.relay import OutboxRelay
 from shared.adapters.record_batches import idempotent_producer
 from shared.adapters.redis_wire import RedisWire
-from shared.codec import decimal_to_wire
+from shared.codec import decimal_to_wire, order_of
 from shared.core.config import StrategyConfig
 from shared.core.market import Side
 from shared.core.products import SIDES, product_id
@@ -605,7 +605,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     ) -> PositionState | None:
         """The position an order event changed, as it is now (a later order may have
         changed it again: the stream shows the latest state, once)."""
-        order = event.opened if event.HasField("opened") else event.closed
+        order = order_of(event)
         found = self.products.get(order.product)
         return None if found is None else await self._position(user, found[0], order.position_id)
 
