@@ -13,7 +13,7 @@ from __future__ import annotations
 from decimal import Decimal
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.settings import ServiceSettings, service_config
 
@@ -34,7 +34,10 @@ class GatewaySettings(ServiceSettings):
     max_order: Decimal = Field(default=Decimal("1000000"), gt=0)
     amount_decimals: int = Field(default=8, ge=0, le=8)
     units_decimals: int = Field(default=8, ge=0, le=8)
-    max_message_bytes: int = Field(default=64 * 1024, ge=1024)  # per request
+    # A request larger than this is INVALID_ARGUMENT, saying its size; the transport takes
+    # up to transport_max_bytes (beyond: RESOURCE_EXHAUSTED before any handler runs).
+    max_message_bytes: int = Field(default=64 * 1024, ge=1024)
+    transport_max_bytes: int = Field(default=1024 * 1024, ge=1024)
     # A NAV older than this (wall clock since the NAV service wrote it) is not traded on.
     max_nav_age_s: float = Field(default=120.0, gt=0)
     outbox_poll_s: float = Field(default=0.5, gt=0)  # relay sweep when nothing signals it
@@ -45,3 +48,12 @@ class GatewaySettings(ServiceSettings):
     health_interval_s: float = Field(default=1.0, gt=0)
     grace_s: float = Field(default=5.0, ge=0)  # in-flight calls finish on SIGTERM
     stream_queue: int = Field(default=256, ge=1)  # updates buffered per stream subscriber
+
+    @model_validator(mode="after")
+    def _transport_takes_what_the_gateway_checks(self) -> GatewaySettings:
+        if self.transport_max_bytes < self.max_message_bytes:
+            raise ValueError(
+                f"transport_max_bytes ({self.transport_max_bytes}) must be at least "
+                f"max_message_bytes ({self.max_message_bytes})"
+            )
+        return self

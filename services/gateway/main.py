@@ -166,7 +166,9 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _user(self, context: grpc.aio.ServicerContext) -> str:
+    async def _caller(self, request: Message, context: grpc.aio.ServicerContext) -> str:
+        """The authenticated user. A request over `max_message_bytes` is INVALID_ARGUMENT
+        saying so (the transport takes up to `transport_max_bytes`, so it reaches here)."""
         key = bearer_key(context.invocation_metadata())
         user = None if key is None else self.keys.user_for(key)
         if user is None:
@@ -176,15 +178,22 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 f"{why} API key: send metadata 'authorization: Bearer <api key>'",
             )
         assert user is not None
+        size, limit = request.ByteSize(), self.settings.max_message_bytes
+        if size > limit:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request is {size:,} bytes, over the gateway's limit of {limit:,}",
+            )
         return user
 
     async def _answer(
         self,
         rpc: str,
+        request: Message,
         context: grpc.aio.ServicerContext,
         work: Callable[[str], Awaitable[T]],
     ) -> T:
-        user = await self._user(context)
+        user = await self._caller(request, context)
         start = time.perf_counter()
         outcome = "ok"
         try:
@@ -354,7 +363,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 products=[self._product_reply(p, n) for p, n in zip(names, navs, strict=True)]
             )
 
-        return await self._answer("ListProducts", context, work)
+        return await self._answer("ListProducts", request, context, work)
 
     async def GetProduct(
         self, request: gateway_pb2.GetProductRequest, context: grpc.aio.ServicerContext
@@ -363,7 +372,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             self._product(request.product)
             return self._product_reply(request.product, await self.ledger.nav(request.product))
 
-        return await self._answer("GetProduct", context, work)
+        return await self._answer("GetProduct", request, context, work)
 
     # ------------------------------------------------------------------ orders
 
@@ -423,7 +432,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             assert isinstance(step.reply, gateway_pb2.OpenPositionReply)
             return step.reply
 
-        return await self._answer("OpenPosition", context, work)
+        return await self._answer("OpenPosition", request, context, work)
 
     async def _owned(self, user: str, pid: str) -> tuple[str, str]:
         """(product, symbol) of the caller's position, else NOT_FOUND (also for another
@@ -501,7 +510,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             assert isinstance(step.reply, gateway_pb2.ClosePositionReply)
             return step.reply
 
-        return await self._answer("ClosePosition", context, work)
+        return await self._answer("ClosePosition", request, context, work)
 
     # ------------------------------------------------------------------ positions
 
@@ -539,7 +548,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
             return position.to_proto(_decimal(await self.ledger.nav(product), "nav"))
 
-        return await self._answer("GetPosition", context, work)
+        return await self._answer("GetPosition", request, context, work)
 
     async def ListPositions(
         self, request: gateway_pb2.ListPositionsRequest, context: grpc.aio.ServicerContext
@@ -551,14 +560,14 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 positions=[p.to_proto(navs[p.product]) for p in positions]
             )
 
-        return await self._answer("ListPositions", context, work)
+        return await self._answer("ListPositions", request, context, work)
 
     # ------------------------------------------------------------------ streams
 
     async def StreamNav(
         self, request: gateway_pb2.StreamNavRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[nav_pb2.NavUpdated]:
-        await self._user(context)
+        await self._caller(request, context)
         for name in request.products:
             if name not in self.products:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown product {name[:80]!r}")
@@ -575,7 +584,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     async def StreamPositions(
         self, request: gateway_pb2.StreamPositionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.Position]:
-        user = await self._user(context)
+        user = await self._caller(request, context)
         if self.feed is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "stream feed not running")
         assert self.feed is not None
@@ -612,7 +621,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     async def Ping(
         self, request: gateway_pb2.PingRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PingReply:
-        await self._user(context)
+        await self._caller(request, context)
         return gateway_pb2.PingReply(ts_ns=time.time_ns())
 
 
@@ -666,7 +675,7 @@ class GatewayServer:
             settings, self.ledger, key_ring(settings), self.config, self.feed, self.relay.wake
         )
         options = [
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.transport_max_bytes),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
         ]
         self.server = grpc_server(options)

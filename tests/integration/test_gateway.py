@@ -607,11 +607,42 @@ async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
 
 
 async def test_oversized_message_is_refused(env: Env) -> None:
+    """Over the gateway's limit: INVALID_ARGUMENT saying the size; far over it, the
+    transport refuses it before any handler runs. Nothing changes either way."""
+    await env.set_nav(PRODUCT, NAV)
     before = await env.state()
-    request = gateway_pb2.OpenPositionRequest(
-        client_order_id="big", product=PRODUCT, amount_usdt="1" * (70 * 1024)
+    limit = env.server.settings.max_message_bytes
+    for method, request in [
+        (
+            env.stub.OpenPosition,
+            gateway_pb2.OpenPositionRequest(
+                client_order_id="big", product=PRODUCT, amount_usdt="1" * (limit + 1)
+            ),
+        ),
+        (env.stub.ListProducts, gateway_pb2.ListProductsRequest()),  # within the limit
+        (
+            env.stub.GetProduct,
+            gateway_pb2.GetProductRequest(product="X" * (limit + 1)),
+        ),
+    ]:
+        if request.ByteSize() <= limit:
+            await method(request, metadata=ALICE)
+            continue
+        code, details = await _code(method(request, metadata=ALICE))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, details
+        size = request.ByteSize()
+        assert details == f"request is {size:,} bytes, over the gateway's limit of {limit:,}"
+    stream = env.stub.StreamNav(
+        gateway_pb2.StreamNavRequest(products=["P" * 100] * (limit // 100)), metadata=ALICE
     )
-    code, _ = await _code(env.stub.OpenPosition(request, metadata=ALICE))
+    code, details = await _code(stream.read())
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "over the gateway's limit" in details
+    huge = gateway_pb2.OpenPositionRequest(
+        client_order_id="huge",
+        product=PRODUCT,
+        amount_usdt="1" * (env.server.settings.transport_max_bytes + 1),
+    )
+    code, _ = await _code(env.stub.OpenPosition(huge, metadata=ALICE))
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert await env.state() == before
 

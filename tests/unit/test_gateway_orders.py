@@ -8,8 +8,10 @@ import grpc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 from smartlev.v1 import orders_pb2
 
+from services.gateway.config import GatewaySettings
 from services.gateway.orders import (
     Limits,
     Rejected,
@@ -184,3 +186,12 @@ def test_hedging_settles_an_order_exactly_as_the_gateway_quoted_it() -> None:
     step = order_step(event, products)
     with pytest.raises(QuoteMismatch, match="gateway recorded"):
         check_settled(step, engine.deposit(step.product, step.amount, 3, nav=step.nav))
+
+
+def test_the_transport_must_take_what_the_gateway_checks() -> None:
+    """A transport limit under the gateway's would refuse with RESOURCE_EXHAUSTED what the
+    gateway means to refuse with INVALID_ARGUMENT and its reason."""
+    assert GatewaySettings(max_message_bytes=4096, transport_max_bytes=4096).max_message_bytes
+    says = r"transport_max_bytes \(4096\) must be at least max_message_bytes \(8192\)"
+    with pytest.raises(ValidationError, match=says):
+        GatewaySettings(max_message_bytes=8192, transport_max_bytes=4096)
