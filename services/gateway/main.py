@@ -39,7 +39,7 @@ from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
 from services.gateway.auth import KeyRing, bearer_key, load_keys_file
 from services.gateway.config import GatewaySettings
-from services.gateway.feeds import StreamFeed
+from services.gateway.feeds import StreamFeed, Subscriber
 from services.gateway.ledger import Ledger, Snapshot, after, b64, ledger_fields, unb64
 from services.gateway.orders import (
     Limits,
@@ -205,12 +205,18 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             REQUESTS.labels(rpc, exc.code.name).inc()
             await context.abort(exc.code, str(exc))
         except (RedisError, OSError) as exc:
-            REQUESTS.labels(rpc, "UNAVAILABLE").inc()
-            log.error("gateway_unavailable", rpc=rpc, error=f"{type(exc).__name__}: {exc}")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}")
+            await self._unavailable(rpc, context, exc)
         REQUESTS.labels(rpc, outcome).inc()
         LATENCY.labels(rpc).observe(time.perf_counter() - start)
         return result
+
+    async def _unavailable(
+        self, rpc: str, context: grpc.aio.ServicerContext, exc: Exception
+    ) -> NoReturn:
+        REQUESTS.labels(rpc, "UNAVAILABLE").inc()
+        log.error("gateway_unavailable", rpc=rpc, error=f"{type(exc).__name__}: {exc}")
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}")
+        raise AssertionError("context.abort() raises")  # its stub does not say NoReturn
 
     def _product(self, name: str) -> tuple[str, Side]:
         if not name:
@@ -590,24 +596,34 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         assert self.feed is not None
         REQUESTS.labels("StreamPositions", "ok").inc()
         with self.feed.subscribe(None, user) as subscriber:
-            held = {p.position_id: p for p in await self._positions(user, True)}
-            navs = await self._navs({p.product for p in held.values()})
-            for position in held.values():
-                if request.include_closed or position.units > 0:
-                    yield position.to_proto(navs[position.product])
-            while True:
-                item = await subscriber.queue.get()
-                if isinstance(item, orders_pb2.OrderEvent):
-                    changed = await self._changed_position(user, item)
-                    if changed is None or held.get(changed.position_id) == changed:
-                        continue  # the snapshot above, or an earlier event, had it
-                    held[changed.position_id] = changed
-                    yield changed.to_proto(navs.get(changed.product))
-                elif isinstance(item, nav_pb2.NavUpdated):
-                    navs[item.product] = Decimal(item.nav)
-                    for position in held.values():
-                        if position.product == item.product and position.units > 0:
-                            yield position.to_proto(navs[item.product])
+            try:
+                async for position in self._position_updates(user, request, subscriber):
+                    yield position
+            except (RedisError, OSError) as exc:  # the client reconnects for a fresh snapshot
+                await self._unavailable("StreamPositions", context, exc)
+
+    async def _position_updates(
+        self, user: str, request: gateway_pb2.StreamPositionsRequest, subscriber: Subscriber
+    ) -> AsyncIterator[gateway_pb2.Position]:
+        """The user's positions now, then each one again as an order or a NAV moves it."""
+        held = {p.position_id: p for p in await self._positions(user, True)}
+        navs = await self._navs({p.product for p in held.values()})
+        for position in held.values():
+            if request.include_closed or position.units > 0:
+                yield position.to_proto(navs[position.product])
+        while True:
+            item = await subscriber.queue.get()
+            if isinstance(item, orders_pb2.OrderEvent):
+                changed = await self._changed_position(user, item)
+                if changed is None or held.get(changed.position_id) == changed:
+                    continue  # the snapshot above, or an earlier event, had it
+                held[changed.position_id] = changed
+                yield changed.to_proto(navs.get(changed.product))
+            elif isinstance(item, nav_pb2.NavUpdated):
+                navs[item.product] = Decimal(item.nav)
+                for position in held.values():
+                    if position.product == item.product and position.units > 0:
+                        yield position.to_proto(navs[item.product])
 
     async def _changed_position(
         self, user: str, event: orders_pb2.OrderEvent

@@ -30,6 +30,7 @@ from services.gateway.ledger import Snapshot
 from services.gateway.main import GatewayServer
 from services.hedging.messages import order_step, products_by_symbol
 from shared.adapters.kafka_admin import ensure_topics
+from shared.adapters.redis_wire import RedisWire
 from shared.codec import decimal_from_wire, decode
 from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.config import StrategyConfig
@@ -405,10 +406,12 @@ async def test_concurrent_orders_of_one_product_all_settle_exactly(quiet_env: En
 
 
 @contextlib.asynccontextmanager
-async def another_gateway(env: Env, redis_url: str) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+async def another_gateway(
+    env: Env, redis_url: str, *, relay: bool = False
+) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
     """A second gateway on the same namespace: its own locks and caches, as another process
     has; only Redis orders the two."""
-    server = GatewayServer(_settings(env.ns, redis_url, env.bootstrap), env.redis, relay=False)
+    server = GatewayServer(_settings(env.ns, redis_url, env.bootstrap), env.redis, relay=relay)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -766,6 +769,35 @@ async def test_position_streams_show_orders_that_another_gateway_settled(
     async with asyncio.timeout(10):  # the server learns of the cancel a moment later
         while open_streams("positions") != streams_before:
             await asyncio.sleep(0.05)
+
+
+async def test_a_position_stream_that_loses_redis_ends_unavailable(
+    env: Env, redis_url: str
+) -> None:
+    """An order settled elsewhere must be re-read here; with this gateway's Redis gone the
+    stream ends UNAVAILABLE (the client reconnects for a fresh snapshot), not UNKNOWN."""
+    await env.set_nav(PRODUCT, NAV)
+    stream = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
+    here = await env.open("before-the-loss")
+    assert (await asyncio.wait_for(stream.read(), 10)).position_id == here.position_id
+    working = env.server.ledger.redis
+    env.server.ledger.redis = RedisWire("127.0.0.1", 1, timeout_s=1)  # nothing listens
+    try:
+        # This gateway's relay reads the outbox over the lost connection: the other's
+        # publishes the order.
+        async with another_gateway(env, redis_url, relay=True) as other:
+            await other.OpenPosition(
+                gateway_pb2.OpenPositionRequest(
+                    client_order_id="elsewhere", product=PRODUCT, amount_usdt="100"
+                ),
+                metadata=ALICE,
+            )
+            code, details = await _code(asyncio.wait_for(stream.read(), 10))
+    finally:
+        await env.server.ledger.redis.aclose()
+        env.server.ledger.redis = working
+    assert code is grpc.StatusCode.UNAVAILABLE, details
+    assert "state store unavailable" in details
 
 
 async def test_a_second_gateway_on_a_taken_port_stops_saying_so(env: Env, redis_url: str) -> None:
