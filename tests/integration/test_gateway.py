@@ -727,8 +727,8 @@ async def test_position_streams_show_orders_that_another_gateway_settled(
         return position
 
     # One order each through this gateway first: once it shows, the stream is live.
-    for who in (ALICE, BOB):
-        here = await env.open(f"here-{who[0][1][-9:-4]}", who=who)
+    for n, who in enumerate((ALICE, BOB)):
+        here = await env.open(f"here-{n}", who=who)
         assert (await next_of(who)).position_id == here.position_id
     assert open_streams("positions") == streams_before + 2
     async with another_gateway(env, redis_url) as other:
