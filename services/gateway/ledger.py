@@ -19,10 +19,12 @@ unchanged position.
 
 Per user (hash tag `{user:<user>}`): `orders` (client_order_id -> request hash and
 symbol, set once: a reused id for another request or symbol is caught before the
-symbol's step) and `positions` (position_id -> product: the user's index, and the
-ownership check). `_CLAIM_LUA` writes the index only for the request holding the claim.
-The position id is derived from (user, client_order_id), so a retry after a crash
-between the claim and the step finds both and settles.
+symbol's step), `positions` (position_id -> product: the user's index, and the ownership
+check) and `closed` (ids a listing found closed, so the next listing of open positions
+skips them: a user's history grows, the positions held do not). `_CLAIM_LUA` writes the
+index only for the request holding the claim. The position id is derived from (user,
+client_order_id), so a retry after a crash between the claim and the step finds both and
+settles.
 A claim is written only once the order validated against what it read, so an order
 refused then leaves nothing. One that validated, claimed, had its step refused because
 the product or position moved, and no longer validates against the fresh state (a close
@@ -170,8 +172,21 @@ class Ledger:
         product: str | None = await self.redis.call("HGET", self._user_key(user, "positions"), pid)
         return product
 
-    async def user_positions(self, user: str) -> dict[str, str]:
-        return _pairs(await self.redis.call("HGETALL", self._user_key(user, "positions")))
+    async def user_positions(self, user: str) -> tuple[dict[str, str], set[str]]:
+        """The user's index (position id -> product) and the ids known to be closed."""
+        index, closed = await self.redis.pipeline(
+            [
+                ("HGETALL", self._user_key(user, "positions")),
+                ("SMEMBERS", self._user_key(user, "closed")),
+            ]
+        )
+        return _pairs(index), set(closed)
+
+    async def remember_closed(self, user: str, pids: list[str]) -> None:
+        """Positions found closed stay closed (units only fall): later listings of open
+        positions need not read them again."""
+        if pids:
+            await self.redis.call("SADD", self._user_key(user, "closed"), *pids)
 
     async def order_view(
         self, user: str, client_id: str, symbol: str, product: str, pid: str | None

@@ -521,9 +521,13 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     # ------------------------------------------------------------------ positions
 
     async def _positions(self, user: str, include_closed: bool) -> list[PositionState]:
-        index = await self.ledger.user_positions(user)
+        """The user's positions (open ones only unless `include_closed`), reading only
+        the open ones and those not yet found closed."""
+        index, closed = await self.ledger.user_positions(user)
         entries = sorted(
-            (pid, product) for pid, product in index.items() if product in self.products
+            (pid, product)
+            for pid, product in index.items()
+            if product in self.products and (include_closed or pid not in closed)
         )
         found = await self.ledger.positions([(self.products[p][0], pid) for pid, p in entries])
         positions = [
@@ -531,6 +535,9 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             for fields in found
             if fields and fields.get("user") == user
         ]
+        await self.ledger.remember_closed(
+            user, [p.position_id for p in positions if p.units == 0 and p.position_id not in closed]
+        )
         return [p for p in positions if include_closed or p.units > 0]
 
     async def _position(self, user: str, symbol: str, pid: str) -> PositionState | None:
@@ -606,11 +613,10 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         self, user: str, request: gateway_pb2.StreamPositionsRequest, subscriber: Subscriber
     ) -> AsyncIterator[gateway_pb2.Position]:
         """The user's positions now, then each one again as an order or a NAV moves it."""
-        held = {p.position_id: p for p in await self._positions(user, True)}
+        held = {p.position_id: p for p in await self._positions(user, request.include_closed)}
         navs = await self._navs({p.product for p in held.values()})
         for position in held.values():
-            if request.include_closed or position.units > 0:
-                yield position.to_proto(navs[position.product])
+            yield position.to_proto(navs[position.product])
         while True:
             item = await subscriber.queue.get()
             if isinstance(item, orders_pb2.OrderEvent):

@@ -73,8 +73,8 @@ class Env:
         )
         await self.redis.hset(name, mapping=fields)
 
-    async def state(self) -> dict[str, dict[str, str]]:
-        """Every gateway key of this namespace and its fields, but the outbox (the relay
+    async def state(self) -> dict[str, object]:
+        """Every gateway key of this namespace and what it holds, but the outbox (the relay
         empties it whenever it likes)."""
         keys = sorted(
             [
@@ -83,7 +83,10 @@ class Env:
                 if not k.endswith(":outbox")
             ]
         )
-        return {k: await self.redis.hgetall(k) for k in keys}
+        return {
+            k: await (self.redis.smembers(k) if k.endswith(":closed") else self.redis.hgetall(k))
+            for k in keys
+        }
 
     async def open(
         self, client_id: str, amount: str = "1000", who: tuple = ALICE, product: str = PRODUCT
@@ -297,6 +300,32 @@ async def test_a_dust_close_pays_nothing_in_plain_decimals_that_hedging_takes(en
     steps = [order_step(e, products) for e in await env.events(3)]
     assert [s.payout for s in steps] == [None, Decimal(0), Decimal(rest.payout)]
     assert steps[1].units == Decimal("0.00000001")
+
+
+async def test_listing_open_positions_skips_those_found_closed_before(env: Env) -> None:
+    """A user's history grows, the positions held do not: once a listing has found a
+    position closed, later listings of open positions do not read it again."""
+    await env.set_nav(PRODUCT, NAV)
+    opened = [await env.open(f"listed-{n}") for n in range(3)]
+    for n, position in enumerate(opened[:2]):
+        await env.stub.ClosePosition(
+            gateway_pb2.ClosePositionRequest(
+                client_order_id=f"listed-close-{n}", position_id=position.position_id, all=True
+            ),
+            metadata=ALICE,
+        )
+    request = gateway_pb2.ListPositionsRequest()
+    listed = await env.stub.ListPositions(request, metadata=ALICE)
+    assert [p.position_id for p in listed.positions] == [opened[2].position_id]
+    closed = {p.position_id for p in opened[:2]}
+    assert await env.redis.smembers(f"{env.ns}gw:{{user:alice}}:closed") == closed
+    for pid in closed:  # were they read again, they would fail the call
+        await env.redis.hset(env.server.ledger.position_key("BTC-USDT", pid), "units", "x")
+    listed = await env.stub.ListPositions(request, metadata=ALICE)
+    assert [p.position_id for p in listed.positions] == [opened[2].position_id]
+    stream = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
+    assert (await asyncio.wait_for(stream.read(), 10)).position_id == opened[2].position_id
+    stream.cancel()
 
 
 async def test_another_users_position_is_not_found(env: Env) -> None:
