@@ -623,6 +623,10 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 changed = await self._changed_position(user, item)
                 if changed is None or held.get(changed.position_id) == changed:
                     continue  # the snapshot above, or an earlier event, had it
+                if changed.position_id not in held and not (
+                    request.include_closed or changed.units > 0
+                ):
+                    continue  # closed before the snapshot (a late or repeated event)
                 held[changed.position_id] = changed
                 yield changed.to_proto(navs.get(changed.product))
             elif isinstance(item, nav_pb2.NavUpdated):

@@ -328,6 +328,38 @@ async def test_listing_open_positions_skips_those_found_closed_before(env: Env) 
     stream.cancel()
 
 
+async def test_a_position_stream_skips_late_events_of_positions_closed_before_it(
+    env: Env,
+) -> None:
+    """The relay may publish an order again (a crash between the ack and the delete): a
+    stream of open positions that began after the close does not show it."""
+    await env.set_nav(PRODUCT, NAV)
+    gone = await env.open("gone")
+    await env.stub.ClosePosition(
+        gateway_pb2.ClosePositionRequest(
+            client_order_id="gone-close", position_id=gone.position_id, all=True
+        ),
+        metadata=ALICE,
+    )
+    close_event = (await env.events(2))[1]
+    stream = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
+    first = await env.open("live-1")
+    assert (await asyncio.wait_for(stream.read(), 10)).position_id == first.position_id
+    producer = AIOKafkaProducer(bootstrap_servers=env.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            ORDERS_EVENTS.in_namespace(env.ns).name,
+            close_event.SerializeToString(),
+            key=b"BTC-USDT",
+        )
+    finally:
+        await producer.stop()
+    second = await env.open("live-2")  # its event comes after the repeated one
+    assert (await asyncio.wait_for(stream.read(), 10)).position_id == second.position_id
+    stream.cancel()
+
+
 async def test_another_users_position_is_not_found(env: Env) -> None:
     await env.set_nav(PRODUCT, NAV)
     opened = await env.open("mine")
