@@ -43,8 +43,7 @@ from decimal import Decimal
 from functools import lru_cache, partial
 
 from shared.adapters.redis_wire import RedisWire
-from shared.codec import decimal_to_wire
-from shared.redis_store import ApplyStatus, FieldValue, key
+from shared.redis_store import ApplyStatus, FieldValue, field_to_wire, key
 
 OUTBOX = "outbox"
 LEDGER = "ledger"
@@ -260,7 +259,7 @@ class Ledger:
         for fields in (position, ledger):
             args.append(len(fields))
             for name, value in fields.items():
-                args.extend((name, _wire(value, name)))
+                args.extend((name, field_to_wire(value, name)))
         raw = await self._settle(keys=keys, args=args)
         status = ApplyStatus(int(raw[0]))
         if status is ApplyStatus.APPLIED:
@@ -291,12 +290,8 @@ def ledger_fields(product: str, fields: Mapping[str, str], **deltas: Decimal) ->
 
 def after(snapshot: Snapshot, ledger: Mapping[str, FieldValue]) -> Snapshot:
     """The product's snapshot once a step wrote `ledger` on it (its position unknown)."""
-    changed = {name: _wire(value, name) for name, value in ledger.items()}
+    changed = {name: field_to_wire(value, name) for name, value in ledger.items()}
     return Snapshot(snapshot.rev + 1, {**snapshot.ledger, **changed}, {})
-
-
-def _wire(value: FieldValue, name: str) -> str:
-    return decimal_to_wire(value, name=name) if isinstance(value, Decimal) else str(value)
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
