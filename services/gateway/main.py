@@ -39,7 +39,7 @@ from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
 from services.gateway.auth import KeyRing, bearer_key, load_keys_file
 from services.gateway.config import GatewaySettings
-from services.gateway.feeds import StreamFeed, Subscriber
+from services.gateway.feeds import FeedUnavailable, StreamFeed, Subscriber
 from services.gateway.ledger import Ledger, Snapshot, after, b64, ledger_fields, unb64
 from services.gateway.orders import (
     Limits,
@@ -215,7 +215,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     ) -> NoReturn:
         REQUESTS.labels(rpc, "UNAVAILABLE").inc()
         log.error("gateway_unavailable", rpc=rpc, error=f"{type(exc).__name__}: {exc}")
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}")
+        what = "stream feed" if isinstance(exc, FeedUnavailable) else "state store"
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{what} unavailable: {exc}")
         raise AssertionError("context.abort() raises")  # its stub does not say NoReturn
 
     def _product(self, name: str) -> tuple[str, Side]:
@@ -587,12 +588,15 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         if self.feed is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "stream feed not running")
         assert self.feed is not None
-        REQUESTS.labels("StreamNav", "ok").inc()
-        with self.feed.subscribe(frozenset(request.products) or None) as subscriber:
-            while True:
-                update = await subscriber.queue.get()
-                assert isinstance(update, nav_pb2.NavUpdated)
-                yield update
+        try:
+            async with self.feed.subscribe(frozenset(request.products) or None) as subscriber:
+                REQUESTS.labels("StreamNav", "ok").inc()
+                while True:
+                    update = await subscriber.queue.get()
+                    assert isinstance(update, nav_pb2.NavUpdated)
+                    yield update
+        except FeedUnavailable as exc:
+            await self._unavailable("StreamNav", context, exc)
 
     async def StreamPositions(
         self, request: gateway_pb2.StreamPositionsRequest, context: grpc.aio.ServicerContext
@@ -601,13 +605,13 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         if self.feed is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "stream feed not running")
         assert self.feed is not None
-        REQUESTS.labels("StreamPositions", "ok").inc()
-        with self.feed.subscribe(None, user) as subscriber:
-            try:
+        try:
+            async with self.feed.subscribe(None, user) as subscriber:
+                REQUESTS.labels("StreamPositions", "ok").inc()
                 async for position in self._position_updates(user, request, subscriber):
                     yield position
-            except (RedisError, OSError) as exc:  # the client reconnects for a fresh snapshot
-                await self._unavailable("StreamPositions", context, exc)
+        except (FeedUnavailable, RedisError, OSError) as exc:  # the client reconnects
+            await self._unavailable("StreamPositions", context, exc)
 
     async def _position_updates(
         self, user: str, request: gateway_pb2.StreamPositionsRequest, subscriber: Subscriber

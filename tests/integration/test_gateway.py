@@ -731,6 +731,36 @@ async def test_health_serving_and_reflection(env: Env) -> None:
         sync_channel.close()
 
 
+async def read_while_publishing(
+    env: Env, stream: grpc.aio.UnaryStreamCall, navs: list[tuple[str, str]]
+) -> nav_pb2.NavUpdated:
+    """Publish `navs` ((product, nav) NAV updates) to nav.updates again and again until
+    `stream` delivers something; returns it. A stream subscribes a moment after the call
+    starts, and the feed reads from the end on: until then an update is not for it."""
+    producer = AIOKafkaProducer(bootstrap_servers=env.bootstrap)
+    await producer.start()
+    topic = NAV_UPDATES.in_namespace(env.ns).name
+
+    async def publish() -> None:
+        while True:
+            for product, nav in navs:
+                update = nav_pb2.NavUpdated(event_id=f"{product}:{nav}", product=product, nav=nav)
+                await producer.send_and_wait(
+                    topic, update.SerializeToString(), key=product.encode()
+                )
+            await asyncio.sleep(0.25)
+
+    publisher = asyncio.create_task(publish())
+    try:
+        got: nav_pb2.NavUpdated = await asyncio.wait_for(stream.read(), 10)
+    finally:
+        publisher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publisher
+        await producer.stop()
+    return got
+
+
 async def test_stream_nav_delivers_published_updates(env: Env) -> None:
     stream = env.stub.StreamNav(gateway_pb2.StreamNavRequest(products=[PRODUCT]), metadata=ALICE)
     positions = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
@@ -738,29 +768,7 @@ async def test_stream_nav_delivers_published_updates(env: Env) -> None:
     opened = await env.open("streamed")
     first = await asyncio.wait_for(positions.read(), 5)
     assert first.position_id == opened.position_id
-    producer = AIOKafkaProducer(bootstrap_servers=env.bootstrap)
-    await producer.start()
-    topic = NAV_UPDATES.in_namespace(env.ns).name
-
-    async def publish_until_read() -> None:
-        # The feed reads nav.updates from its end on: until its consumer is in place an
-        # update is not for it, so repeat the pair until the stream has delivered one.
-        while True:
-            for product, nav in [("ETH-USDT:LONG", "1"), (PRODUCT, "130.5")]:
-                update = nav_pb2.NavUpdated(event_id=f"{product}:1", product=product, nav=nav)
-                await producer.send_and_wait(
-                    topic, update.SerializeToString(), key=product.encode()
-                )
-            await asyncio.sleep(0.25)
-
-    publisher = asyncio.create_task(publish_until_read())
-    try:
-        got = await asyncio.wait_for(stream.read(), 10)
-    finally:
-        publisher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await publisher
-        await producer.stop()
+    got = await read_while_publishing(env, stream, [("ETH-USDT:LONG", "1"), (PRODUCT, "130.5")])
     assert (got.product, got.nav) == (PRODUCT, "130.5")  # the ETH update was filtered out
     moved = await asyncio.wait_for(positions.read(), 10)
     assert moved.nav == "130.5"
@@ -769,6 +777,72 @@ async def test_stream_nav_delivers_published_updates(env: Env) -> None:
     )
     stream.cancel()
     positions.cancel()
+
+
+def paused_topics(env: Env) -> set[str]:
+    """The topics whose partitions the gateway's stream feed does not fetch."""
+    return {partition.topic for partition in env.server.feed.consumer.paused()}
+
+
+async def until_streams(kind: str, count: float) -> None:
+    async with asyncio.timeout(10):  # a stream (un)subscribes a moment after its call
+        while open_streams(kind) != count:
+            await asyncio.sleep(0.02)
+
+
+async def test_the_feed_fetches_only_the_topics_that_open_streams_follow(env: Env) -> None:
+    """No stream, no fetching; a NAV stream follows nav.updates, a position stream both
+    topics; a stream opened after the others ended starts from now, not from where the
+    feed paused (what was published meanwhile is not news)."""
+    navs_topic = NAV_UPDATES.in_namespace(env.ns).name
+    orders_topic = ORDERS_EVENTS.in_namespace(env.ns).name
+    assert paused_topics(env) == {navs_topic, orders_topic}
+    before = {kind: open_streams(kind) for kind in ("nav", "positions")}
+    first = env.stub.StreamNav(gateway_pb2.StreamNavRequest(products=[PRODUCT]), metadata=ALICE)
+    assert (await read_while_publishing(env, first, [(PRODUCT, "101")])).nav == "101"
+    assert paused_topics(env) == {orders_topic}
+    positions = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
+    await until_streams("positions", before["positions"] + 1)
+    assert paused_topics(env) == set()
+    positions.cancel()
+    await until_streams("positions", before["positions"])
+    assert paused_topics(env) == {orders_topic}
+    first.cancel()
+    await until_streams("nav", before["nav"])
+    assert paused_topics(env) == {navs_topic, orders_topic}
+
+    producer = AIOKafkaProducer(bootstrap_servers=env.bootstrap)
+    await producer.start()
+    try:
+        stale = nav_pb2.NavUpdated(event_id="stale", product=PRODUCT, nav="102")
+        await producer.send_and_wait(navs_topic, stale.SerializeToString(), key=PRODUCT.encode())
+    finally:
+        await producer.stop()
+    second = env.stub.StreamNav(gateway_pb2.StreamNavRequest(products=[PRODUCT]), metadata=ALICE)
+    assert (await read_while_publishing(env, second, [(PRODUCT, "103")])).nav == "103"
+    second.cancel()
+
+
+async def test_a_stream_that_cannot_reach_kafka_to_start_ends_unavailable(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first stream of a topic reads where it ends; when Kafka does not answer in time
+    the call ends UNAVAILABLE, subscribes nothing, and the next stream works."""
+    before = open_streams("nav")
+    monkeypatch.setattr("services.gateway.feeds.FOLLOW_TIMEOUT_S", 0.0)
+    stream = env.stub.StreamNav(gateway_pb2.StreamNavRequest(products=[PRODUCT]), metadata=ALICE)
+    code, details = await _code(stream.read())
+    assert code is grpc.StatusCode.UNAVAILABLE, details
+    assert "stream feed unavailable: cannot read where" in details
+    assert open_streams("nav") == before
+    assert paused_topics(env) == {
+        NAV_UPDATES.in_namespace(env.ns).name,
+        ORDERS_EVENTS.in_namespace(env.ns).name,
+    }
+    monkeypatch.undo()
+    again = env.stub.StreamNav(gateway_pb2.StreamNavRequest(products=[PRODUCT]), metadata=ALICE)
+    assert (await read_while_publishing(env, again, [(PRODUCT, "104")])).nav == "104"
+    again.cancel()
 
 
 async def test_position_streams_show_orders_that_another_gateway_settled(
@@ -827,9 +901,7 @@ async def test_position_streams_show_orders_that_another_gateway_settled(
         assert (await next_of(BOB)).position_id == bobs.position_id  # not Alice's two
     for stream in streams.values():
         stream.cancel()
-    async with asyncio.timeout(10):  # the server learns of the cancel a moment later
-        while open_streams("positions") != streams_before:
-            await asyncio.sleep(0.05)
+    await until_streams("positions", streams_before)
 
 
 async def test_a_position_stream_that_loses_redis_ends_unavailable(
