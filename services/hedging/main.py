@@ -37,6 +37,7 @@ from services.hedging.messages import (
     OrderStep,
     QuoteMismatch,
     check_settled,
+    fresh_steps,
     hedge_update,
     market_step,
     order_step,
@@ -50,7 +51,7 @@ from shared.core.market import FundingRate
 from shared.core.money import MoneyError
 from shared.health import HealthRegistry
 from shared.logging import get_logger
-from shared.stream import Input, Record, is_new
+from shared.stream import Input, Record
 from shared.topics import HEDGE_FILLS, LEVERAGE_TARGETS, ORDERS_EVENTS
 from shared.transient import is_transient as shared_is_transient
 
@@ -137,7 +138,7 @@ class Hedger:
 
         async def attempt() -> bool:
             desk = await self.desks.current(symbol)
-            fresh = [s for s in steps if is_new(desk.last_seq, s.seq)]
+            fresh = fresh_steps(desk.last_seq, steps)
             for _ in range(len(steps) - len(fresh)):
                 self.runtime.skipped(inp)
             if not fresh:

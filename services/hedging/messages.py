@@ -38,6 +38,7 @@ from shared.core.events import (
 from shared.core.market import FundingRate, Tick
 from shared.core.money import USDT_QUANTUM, ZERO, MoneyError
 from shared.core.products import SIDES, product_id
+from shared.stream import is_new
 from shared.wire import decision
 
 
@@ -84,6 +85,18 @@ class OrderStep:
     @property
     def event_id(self) -> str:
         return f"{self.symbol}:order:{self.order_id}"
+
+
+def fresh_steps(last_seq: int | None, steps: Sequence[MarketStep]) -> list[MarketStep]:
+    """The steps to run, in order: each above the last one applied before it. A stage
+    that re-sent seqs 5-7 after a crash leaves 5, 6, 7, 5, 6, 7 on the topic; when both
+    copies come in one batch, the second is a redelivery as surely as in a later one."""
+    fresh = []
+    for step in steps:
+        if is_new(last_seq, step.seq):
+            fresh.append(step)
+            last_seq = step.seq
+    return fresh
 
 
 def market_step(message: leverage_pb2.TargetsUpdate, products: Mapping[str, str]) -> MarketStep:

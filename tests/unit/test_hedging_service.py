@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from decimal import Decimal
 
 import grpc
@@ -16,6 +17,7 @@ from smartlev.v1 import leverage_pb2, orders_pb2
 from services.hedging.main import is_transient
 from services.hedging.messages import (
     book_states,
+    fresh_steps,
     hedge_update,
     market_step,
     order_step,
@@ -73,6 +75,34 @@ def test_targets_update_to_core_is_exact(
         "BTC-USDT:5",
         9,
     )
+
+
+def test_a_redelivery_inside_one_batch_is_skipped_like_one_in_a_later_batch() -> None:
+    """A stage that re-sent seqs 5-7 after a crash: both copies in one batch."""
+    steps = [
+        market_step(tick_update(Decimal(100 + seq), [], seq=seq), PRODUCTS)
+        for seq in (5, 6, 7, 5, 6, 7, 8)
+    ]
+    assert [s.seq for s in fresh_steps(4, steps)] == [5, 6, 7, 8]
+    assert [s.seq for s in fresh_steps(None, steps)] == [5, 6, 7, 8]
+    assert [s.seq for s in fresh_steps(6, steps)] == [7, 8]
+    assert [s.message.market.tick.price for s in fresh_steps(4, steps)] == [
+        "105",
+        "106",
+        "107",
+        "108",
+    ]  # the first copies
+
+
+@given(st.one_of(st.none(), st.integers(0, 20)), st.lists(st.integers(1, 20), max_size=30))
+def test_fresh_steps_run_each_seq_once_in_rising_order(last: int | None, seqs: list[int]) -> None:
+    steps = [market_step(tick_update(Decimal(1), [], seq=seq), PRODUCTS) for seq in seqs]
+    ran = [s.seq for s in fresh_steps(last, steps)]
+    assert all(a < b for a, b in itertools.pairwise(ran))
+    floor = 0 if last is None else last
+    assert all(seq > floor for seq in ran)
+    records = [seq for i, seq in enumerate(seqs) if seq > max([floor, *seqs[:i]])]
+    assert ran == records  # every seq above all before it runs, nothing else
 
 
 def test_funding_update_to_core() -> None:
