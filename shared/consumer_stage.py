@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 import uvloop
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
@@ -151,6 +152,11 @@ class ConsumerRuntime(StageRuntime):
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             session_timeout_ms=15_000,  # as the faust stages: a killed member is replaced soon
             heartbeat_interval_ms=3_000,
+            # Co-partitioned: every input is keyed by symbol with the same partition count,
+            # so an instance must hold the same partitions of each (all of a symbol's
+            # inputs in one place, topics.py). aiokafka's default, round robin over all
+            # the partitions, gave one instance a symbol's targets and another its orders.
+            partition_assignment_strategy=(RangePartitionAssignor,),
         )
 
     def _stop(self, loop_task: asyncio.Task[None]) -> None:

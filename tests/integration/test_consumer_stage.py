@@ -1,10 +1,12 @@
 """The plain-consumer stage runtime (shared/consumer_stage.py) as a real process, through
 the NAV service on the real broker and Redis: a stop commits what was handled and a
 restart reads on from there (nothing re-read, nothing lost, nothing sent twice), and a
-missing broker stops the service at once with a message that says so."""
+missing broker stops the service at once with a message that says so; and its consumers,
+as several instances of a stage in one group split the inputs."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -16,12 +18,14 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from shared import codec
+from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.tick_replay import make_producer
+from shared.consumer_stage import ConsumerRuntime, start_consumer
 from shared.core.config import StrategyConfig
-from shared.pipeline_runner import NAV, ROOT, Pipeline
+from shared.pipeline_runner import NAV, ROOT, Pipeline, new_namespace
 from shared.settings import ServiceSettings
 from shared.stream import app_id
-from shared.topics import HEDGE_FILLS
+from shared.topics import HEDGE_FILLS, LEVERAGE_TARGETS, ORDERS_EVENTS
 from tests.integration.pipeline import (
     SYMBOL,
     Slice,
@@ -104,3 +108,36 @@ def test_a_stage_without_kafka_stops_at_once_saying_so() -> None:
     assert done.returncode == 1
     assert f"nav: Kafka at 127.0.0.1:{port} is not reachable" in done.stderr
     assert time.monotonic() - started < 60
+
+
+async def test_instances_of_a_stage_hold_the_same_partitions_of_every_input(
+    kafka_bootstrap: str,
+) -> None:
+    """Hedging nets a symbol's targets and orders on one desk (topics.py): two instances in
+    one group must each hold the same partitions of both inputs (a symbol's key lands on
+    the same partition of each), or one instance trades a symbol while the other deposits
+    into it."""
+    namespace = new_namespace()
+    inputs = [spec.in_namespace(namespace) for spec in (LEVERAGE_TARGETS, ORDERS_EVENTS)]
+    await asyncio.to_thread(ensure_topics, kafka_bootstrap, inputs, verbose=False)
+    settings = ServiceSettings(
+        service="hedging", namespace=namespace, kafka={"bootstrap": kafka_bootstrap}
+    )
+    instances = [ConsumerRuntime(settings).new_consumer() for _ in range(2)]
+    for consumer in instances:
+        consumer.subscribe([spec.name for spec in inputs])
+        await start_consumer(consumer)
+    try:
+        everything = {(spec.name, p) for spec in inputs for p in range(spec.partitions)}
+        async with asyncio.timeout(30):
+            while True:  # until the group settled: every partition held, each by one
+                held = [{(tp.topic, tp.partition) for tp in c.assignment()} for c in instances]
+                if all(held) and set().union(*held) == everything and not held[0] & held[1]:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        for consumer in instances:
+            await consumer.stop()
+    for partitions in held:
+        numbers = [{p for topic, p in partitions if topic == spec.name} for spec in inputs]
+        assert numbers[0] == numbers[1], partitions
