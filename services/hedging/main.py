@@ -35,8 +35,6 @@ from services.hedging.desks import Desk, Desks
 from services.hedging.messages import (
     MarketStep,
     OrderStep,
-    QuoteMismatch,
-    check_settled,
     fresh_steps,
     hedge_update,
     market_step,
@@ -46,6 +44,7 @@ from services.hedging.messages import (
 from services.hedging.reconcile_loop import install_reconcile_loop
 from shared.adapters.venue_client import venue_channel
 from shared.consumer_stage import ConsumerRuntime, Records
+from shared.core.accounting import QuoteMismatch
 from shared.core.config import StrategyConfig
 from shared.core.market import FundingRate
 from shared.core.money import MoneyError
@@ -158,13 +157,16 @@ class Hedger:
         def work(desk: Desk) -> hedging_pb2.HedgeUpdate:
             desk.venue.begin(step.event_id)
             engine = desk.engine
-            if step.amount is not None:
-                events = engine.deposit(step.product, step.amount, step.ts_ns, nav=step.nav)
-            else:
-                assert step.units is not None
-                events = engine.redeem(step.product, step.units, step.ts_ns, nav=step.nav)
-            try:
-                check_settled(step, events)
+            try:  # the books settle exactly the gateway's quote, or nothing moves
+                if step.amount is not None:
+                    events = engine.deposit(
+                        step.product, step.amount, step.ts_ns, step.nav, quoted_units=step.units
+                    )
+                else:
+                    assert step.units is not None
+                    events = engine.redeem(
+                        step.product, step.units, step.ts_ns, step.nav, quoted_payout=step.payout
+                    )
             except QuoteMismatch as exc:  # a bug in the gateway or the books: loud
                 log.error(
                     "quote_mismatch", order=step.order_id, product=step.product, error=str(exc)

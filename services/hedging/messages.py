@@ -32,11 +32,9 @@ from shared.core.events import (
     InsuranceClaimPaid,
     LeverageTargetChanged,
     ManagementFeeAccrued,
-    ProductUnitsIssued,
-    ProductUnitsRedeemed,
 )
 from shared.core.market import FundingRate, Tick
-from shared.core.money import USDT_QUANTUM, ZERO, MoneyError
+from shared.core.money import USDT_QUANTUM, ZERO
 from shared.core.products import SIDES, product_id
 from shared.stream import is_new
 from shared.wire import decision
@@ -159,31 +157,6 @@ def order_step(message: orders_pb2.OrderEvent, products: Mapping[str, str]) -> O
         nav,
         payout,
     )
-
-
-def check_settled(step: OrderStep, events: Sequence[object]) -> None:
-    """The books must settle the order exactly as the gateway quoted it; a difference is
-    a bug (gateway and books disagree on the formulas): MoneyError -> dead letter."""
-    for event in events:
-        if isinstance(event, ProductUnitsIssued) and step.amount is not None:
-            if step.units is not None and event.units != step.units:
-                raise QuoteMismatch(
-                    f"order {step.order_id}: the books issued {event.units} units, "
-                    f"the gateway recorded {step.units}"
-                )
-            return
-        if isinstance(event, ProductUnitsRedeemed) and step.amount is None:
-            if step.payout is not None and event.payout != step.payout:
-                raise QuoteMismatch(
-                    f"order {step.order_id}: the books paid out {event.payout}, "
-                    f"the gateway recorded {step.payout}"
-                )
-            return
-    raise QuoteMismatch(f"order {step.order_id}: the books recorded no settlement")
-
-
-class QuoteMismatch(MoneyError):
-    """The books and the gateway's quote disagree."""
 
 
 # --------------------------------------------------------------------------- outputs

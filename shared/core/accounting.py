@@ -68,6 +68,11 @@ def redeem_terms(units: Decimal, nav: Decimal, fee_rate: Decimal) -> tuple[Decim
     return gross, usdt_down(gross * fee_rate)
 
 
+class QuoteMismatch(MoneyError):
+    """The books would settle an order otherwise than the gateway quoted it: a bug in one
+    of them, so the order is refused whole (a dead letter), never half applied."""
+
+
 class BooksOutOfBalance(AssertionError):
     """The books-balance identity broke: a bug, never to be papered over."""
 
@@ -151,12 +156,19 @@ class Books:
         price: Decimal,
         ts_ns: int,
         nav: Decimal | None = None,
+        quoted_units: Decimal | None = None,
     ) -> ProductUnitsIssued:
         """A deposit buys units at NAV: the product's own at `price`, or the `nav` an order
-        gateway quoted the user (it settles at the NAV it showed; the books stay exact)."""
+        gateway quoted the user (it settles at the NAV it showed; the books stay exact).
+        `quoted_units`: what the gateway promised; the books issue exactly that or
+        nothing (QuoteMismatch, before anything changes)."""
         book = self.products[product]
         nav = book.nav(price) if nav is None else nav
         fee, net, units = issue_terms(amount, nav, self.config.open_fee)
+        if quoted_units is not None and units != quoted_units:
+            raise QuoteMismatch(
+                f"{product}: the books issue {units} units, the gateway quoted {quoted_units}"
+            )
         book.units += units
         book.cash += net
         book.last_nav = nav
@@ -171,13 +183,19 @@ class Books:
         price: Decimal,
         ts_ns: int,
         nav: Decimal | None = None,
+        quoted_payout: Decimal | None = None,
     ) -> ProductUnitsRedeemed:
-        """Pays `units x NAV - fee` (NAV as in `issue`); the gross leaves the equity."""
+        """Pays `units x NAV - fee` (NAV and the quote as in `issue`); the gross leaves
+        the equity."""
         book = self.products[product]
         if units > book.units:
             raise MoneyError(f"{product}: cannot redeem {units} of {book.units} units")
         nav = book.nav(price) if nav is None else nav
         gross, fee = redeem_terms(units, nav, self.config.close_fee)
+        if quoted_payout is not None and gross - fee != quoted_payout:
+            raise QuoteMismatch(
+                f"{product}: the books pay out {gross - fee}, the gateway quoted {quoted_payout}"
+            )
         book.units -= units
         book.cash -= gross
         book.last_nav = nav

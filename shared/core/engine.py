@@ -186,19 +186,30 @@ class Engine:
         return [event]
 
     def deposit(
-        self, product: str, amount: Decimal, ts_ns: int, nav: Decimal | None = None
+        self,
+        product: str,
+        amount: Decimal,
+        ts_ns: int,
+        nav: Decimal | None = None,
+        quoted_units: Decimal | None = None,
     ) -> list[object]:
         """A user's money buys units at the current NAV (a product with no position has
         the same NAV at any price), or at the `nav` the gateway quoted, and is hedged to
-        target at once."""
-        issued = self.books.issue(product, amount, self.price, ts_ns, nav)
+        target at once. An order the books would settle otherwise than `quoted_units`
+        raises QuoteMismatch before the venue hears of it."""
+        issued = self.books.issue(product, amount, self.price, ts_ns, nav, quoted_units)
         self.venue.transfer(amount - issued.fee)
         return self._after_order(product, ts_ns, issued)
 
     def redeem(
-        self, product: str, units: Decimal, ts_ns: int, nav: Decimal | None = None
+        self,
+        product: str,
+        units: Decimal,
+        ts_ns: int,
+        nav: Decimal | None = None,
+        quoted_payout: Decimal | None = None,
     ) -> list[object]:
-        redeemed = self.books.redeem(product, units, self.price, ts_ns, nav)
+        redeemed = self.books.redeem(product, units, self.price, ts_ns, nav, quoted_payout)
         self.venue.transfer(-redeemed.gross)
         return self._after_order(product, ts_ns, redeemed)
 

@@ -24,8 +24,8 @@ from services.gateway.orders import (
     quote_close,
     quote_open,
 )
-from services.hedging.messages import QuoteMismatch, check_settled, order_step, products_by_symbol
-from shared.core.accounting import issue_terms, redeem_terms
+from services.hedging.messages import order_step, products_by_symbol
+from shared.core.accounting import QuoteMismatch, issue_terms, redeem_terms
 from shared.core.config import StrategyConfig
 from shared.core.products import smart_engine
 
@@ -143,7 +143,8 @@ def test_closing_more_than_held_or_a_closed_position_fails_the_precondition() ->
 
 def test_hedging_settles_an_order_exactly_as_the_gateway_quoted_it() -> None:
     """The gateway's quote, through orders.events, applied by the books at the quoted NAV:
-    same units, same payout; a doctored quote is refused (QuoteMismatch -> dead letter)."""
+    same units, same payout; a doctored quote is refused (QuoteMismatch -> dead letter)
+    before anything moves, the venue's wallet included."""
     config = StrategyConfig()
     products = products_by_symbol(config)
     nav = Decimal("100")  # a product with no units is worth the initial NAV at any price
@@ -167,7 +168,8 @@ def test_hedging_settles_an_order_exactly_as_the_gateway_quoted_it() -> None:
     )
     engine = smart_engine("BTC-USDT", config)
     step = order_step(event, products)
-    check_settled(step, engine.deposit(step.product, step.amount, 1, nav=step.nav))
+    assert step.amount is not None
+    engine.deposit(step.product, step.amount, 1, step.nav, quoted_units=step.units)
     closed = quote_close(opened.position, None, nav, config.accounting.close_fee, 2)
     close = orders_pb2.OrderEvent(
         closed=orders_pb2.PositionClosed(
@@ -180,12 +182,23 @@ def test_hedging_settles_an_order_exactly_as_the_gateway_quoted_it() -> None:
     )
     step = order_step(close, products)
     assert step.units is not None
-    check_settled(step, engine.redeem(step.product, step.units, 2, nav=step.nav))
+    engine.redeem(step.product, step.units, 2, step.nav, quoted_payout=step.payout)
 
+    books, wallet = engine.books.snapshot(), engine.venue.wallet
     event.opened.units = str(opened.units + Decimal("0.00000001"))
     step = order_step(event, products)
-    with pytest.raises(QuoteMismatch, match="gateway recorded"):
-        check_settled(step, engine.deposit(step.product, step.amount, 3, nav=step.nav))
+    assert step.amount is not None
+    with pytest.raises(QuoteMismatch, match="the gateway quoted"):
+        engine.deposit(step.product, step.amount, 3, step.nav, quoted_units=step.units)
+    assert (engine.books.snapshot(), engine.venue.wallet) == (books, wallet)
+    close.closed.payout = str(closed.payout - Decimal("0.00000001"))
+    engine.deposit(step.product, step.amount, 4, step.nav)  # units to close again
+    books, wallet = engine.books.snapshot(), engine.venue.wallet
+    step = order_step(close, products)
+    assert step.units is not None
+    with pytest.raises(QuoteMismatch, match="the gateway quoted"):
+        engine.redeem(step.product, step.units, 5, step.nav, quoted_payout=step.payout)
+    assert (engine.books.snapshot(), engine.venue.wallet) == (books, wallet)
 
 
 def test_the_transport_must_take_what_the_gateway_checks() -> None:
