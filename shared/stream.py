@@ -82,7 +82,7 @@ from shared.codec import (
     funding_from_proto,
     tick_from_proto,
 )
-from shared.core.market import FundingRate, Tick
+from shared.core.market import FundingRate, Tick, symbol_problem
 from shared.eager import Finished, run_until_suspended
 from shared.health import HealthRegistry, HealthServer, kafka_check, redis_check, stalled_check
 from shared.heap import freeze_heap
@@ -190,8 +190,9 @@ def parse_market(message: market_pb2.MarketEvent) -> MarketInput:
         value = funding_from_proto(message.funding)
     else:
         raise ValueError("no event set in MarketEvent")
-    if not wire.symbol:
-        raise ValueError("symbol is empty")
+    bad_symbol = symbol_problem(wire.symbol)
+    if bad_symbol is not None:
+        raise ValueError(bad_symbol)
     if wire.seq <= 0:
         raise ValueError("seq is missing (must be >= 1)")
     return MarketInput(message, wire.symbol, wire.seq, wire.ts_init_ns, value)

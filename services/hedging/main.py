@@ -102,12 +102,13 @@ class Hedger:
         self.runtime = runtime
         self.desks = desks
         self.products = products_by_symbol(config)
+        self.leverage = config.leverage
         self.backoff_s = backoff_s
         self.out = runtime.output(HEDGE_FILLS)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def market_step(self, message: Any) -> MarketStep:
-        return market_step(message, self.products)
+        return market_step(message, self.products, self.leverage)
 
     def order_step(self, message: Any) -> OrderStep:
         return order_step(message, self.products)

@@ -19,9 +19,7 @@ from shared.adapters.venue_client import liquidation_to_wire
 from shared.codec import (
     decimal_from_wire,
     decimal_to_wire,
-    funding_from_proto,
     optional_decimal_from_wire,
-    tick_from_proto,
 )
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine
@@ -33,10 +31,11 @@ from shared.core.events import (
     LeverageTargetChanged,
     ManagementFeeAccrued,
 )
+from shared.core.leverage import LeverageConfig
 from shared.core.market import FundingRate, Tick
 from shared.core.money import USDT_QUANTUM, ZERO
 from shared.core.products import SIDES, product_id
-from shared.stream import is_new
+from shared.stream import is_new, parse_market
 from shared.wire import decision
 
 
@@ -97,31 +96,37 @@ def fresh_steps(last_seq: int | None, steps: Sequence[MarketStep]) -> list[Marke
     return fresh
 
 
-def market_step(message: leverage_pb2.TargetsUpdate, products: Mapping[str, str]) -> MarketStep:
-    which = message.market.WhichOneof("event") if message.HasField("market") else None
-    event: Tick | FundingRate
-    if which == "tick":
-        wire_tick = message.market.tick
-        event = tick_from_proto(wire_tick)
-        seq, ts_init = wire_tick.seq, wire_tick.ts_init_ns
-        if event.price <= 0 or (event.mark_price is not None and event.mark_price <= 0):
-            raise ValueError(f"{event.symbol}: prices must be > 0")
-    elif which == "funding":
-        wire_funding = message.market.funding
-        event = funding_from_proto(wire_funding)
-        seq, ts_init = wire_funding.seq, wire_funding.ts_init_ns
-        if message.targets:
-            raise ValueError("a funding event carries no leverage targets")
-    else:
+def market_step(
+    message: leverage_pb2.TargetsUpdate, products: Mapping[str, str], leverage: LeverageConfig
+) -> MarketStep:
+    """A TargetsUpdate the books can act on: a valid market event (parse_market) and at
+    most one target per product of its symbol, on the product's side, within
+    [l_min, l_max] (the books would trade whatever they are given)."""
+    if not message.HasField("market"):
         raise ValueError("TargetsUpdate carries no market event")
-    symbol = event.symbol
+    market = parse_market(message.market)
+    symbol = market.symbol
     if symbol not in products.values():
         raise ValueError(f"unknown symbol {symbol!r}")
+    if isinstance(market.value, FundingRate) and message.targets:
+        raise ValueError("a funding event carries no leverage targets")
     decisions = tuple(decision(d) for d in message.targets)
+    targeted: set[str] = set()
     for taken in decisions:
-        if products.get(taken.product) != symbol:
-            raise ValueError(f"target for {taken.product!r} is not a product of {symbol}")
-    return MarketStep(symbol, seq, ts_init, event, decisions, message)
+        product = taken.product
+        if products.get(product) != symbol:
+            raise ValueError(f"target for {product!r} is not a product of {symbol}")
+        if product != product_id(symbol, taken.side):
+            raise ValueError(f"target for {product!r} is on the {taken.side.name} side")
+        if product in targeted:
+            raise ValueError(f"two targets for {product!r} in one update")
+        targeted.add(product)
+        if not leverage.l_min <= taken.target <= leverage.l_max:
+            raise ValueError(
+                f"target for {product!r} is {taken.target}, outside "
+                f"[{leverage.l_min}, {leverage.l_max}]"
+            )
+    return MarketStep(symbol, market.seq, market.ts_init_ns, market.value, decisions, message)
 
 
 def order_step(message: orders_pb2.OrderEvent, products: Mapping[str, str]) -> OrderStep:

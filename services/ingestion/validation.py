@@ -3,7 +3,8 @@
 `admit(state, event, policy)` decides whether a candidate market event may enter
 `market.ticks` and, if so, gives it the symbol's next `seq`:
 
-- schema: a `Tick` or `FundingRate` with a non-empty symbol, an int ns timestamp > 0, and
+- schema: a `Tick` or `FundingRate` with a symbol of 1-40 `[A-Za-z0-9._-]` (it names Redis
+  keys and products), an int ns timestamp > 0, and
   `Decimal` numbers (a float is refused: it is not an exact price);
 - numbers: price (and mark, when present) finite and > 0; a funding rate finite with
   |rate| < 1 (the same bound as the CSV loader);
@@ -27,7 +28,7 @@ import enum
 from dataclasses import dataclass
 from decimal import Decimal
 
-from shared.core.market import FundingRate, Tick
+from shared.core.market import FundingRate, Tick, symbol_problem
 
 FUNDING_RANK = 0  # a funding settles on the position held up to its instant: first
 TICK_RANK = 1
@@ -111,8 +112,9 @@ def check(event: object) -> Rejected | None:
     """Stateless checks: schema and numbers."""
     if not isinstance(event, Tick | FundingRate):
         return Rejected(Reason.SCHEMA, f"not a Tick or FundingRate: {type(event).__name__}")
-    if not isinstance(event.symbol, str) or not event.symbol.strip():
-        return Rejected(Reason.SCHEMA, f"symbol must be a non-empty string, got {event.symbol!r}")
+    bad_symbol = symbol_problem(event.symbol)
+    if bad_symbol is not None:
+        return Rejected(Reason.SCHEMA, bad_symbol)
     if isinstance(event.ts_ns, bool) or not isinstance(event.ts_ns, int) or event.ts_ns <= 0:
         return Rejected(Reason.SCHEMA, f"ts_ns must be an int > 0, got {event.ts_ns!r}")
     if isinstance(event, FundingRate):

@@ -8,6 +8,7 @@ that also refuses a seq not above the stored one (shared/redis_store.ApplyOnceSt
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -41,7 +42,26 @@ def parse_regime_update(message: market_pb2.RegimeUpdate) -> RegimeInput:
         raise ValueError("a regime can only come with a tick")
     if message.regime.symbol != market.symbol:
         raise ValueError(f"regime of {message.regime.symbol!r} on a {market.symbol!r} tick")
-    return RegimeInput(market, regime_state(message.regime))
+    regime = regime_state(message.regime)
+    features = regime.features
+    numbers = {
+        "confidence": regime.confidence,
+        "close": features.close,
+        "sigma_ann": features.sigma_ann,
+        "trend_score": features.trend_score,
+        "drawdown": features.drawdown,
+        "rally": features.rally,
+        **{f"efficiency[{i}]": v for i, v in enumerate(features.efficiency)},
+        **{f"momentum[{i}]": v for i, v in enumerate(features.momentum_t)},
+    }
+    for name, value in numbers.items():  # a NaN would reach the policy and stop the stage
+        if not math.isfinite(value):
+            raise ValueError(f"regime {name} is not finite: {value}")
+    if not 0 <= regime.confidence <= 1:
+        raise ValueError(f"regime confidence must be within [0, 1], got {regime.confidence}")
+    if features.sigma_ann < 0:
+        raise ValueError(f"regime sigma_ann must be >= 0, got {features.sigma_ann}")
+    return RegimeInput(market, regime)
 
 
 @dataclass(slots=True)

@@ -79,10 +79,13 @@ def side_of(product: str) -> Side:
 
 def _book(state: hedging_pb2.ProductBookState) -> BookState:
     name = state.product
+    units = decimal_from_wire(state.units, name=f"{name}.units")
+    if units < 0:  # a NAV of negative units would be published as it is
+        raise ValueError(f"{name}.units must be >= 0, got {units}")
     return BookState(
         product=name,
         side=side_of(name),
-        units=decimal_from_wire(state.units, name=f"{name}.units"),
+        units=units,
         cash=decimal_from_wire(state.cash, name=f"{name}.cash"),
         qty=decimal_from_wire(state.qty, name=f"{name}.qty"),
         target=decimal_from_wire(state.target_leverage, name=f"{name}.target_leverage"),
@@ -98,6 +101,13 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
         raise ValueError("HedgeUpdate carries no product books")
     common_pb2.Regime.Name(update.regime)  # ValueError on an unknown regime
     which = update.market.WhichOneof("event")
+    if which is not None:
+        market = getattr(update.market, which)
+        if market.seq <= 0:
+            raise ValueError(f"{which} seq is missing (must be >= 1)")
+        strangers = [b.product for b in books if b.product.split(":")[0] != market.symbol]
+        if strangers:  # marked at this symbol's price, then skipped as redeliveries
+            raise ValueError(f"books of {strangers} on a {market.symbol!r} {which}")
     if which == "tick":
         tick = update.market.tick
         price = decimal_from_wire(tick.price, name="tick.price")

@@ -6,6 +6,7 @@ per-tick path.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from enum import IntEnum
 from typing import NamedTuple
@@ -14,6 +15,16 @@ NS_PER_SECOND = 1_000_000_000
 NS_PER_HOUR = 3600 * NS_PER_SECOND
 NS_PER_DAY = 24 * NS_PER_HOUR
 NS_PER_YEAR = 365 * NS_PER_DAY
+# A symbol names Redis hash tags, table keys (`<symbol>|signal`) and product ids
+# (`<symbol>:LONG`): letters, digits, '.', '_' and '-' only, so it can break none of them.
+SYMBOL = re.compile(r"[A-Za-z0-9._-]{1,40}")
+
+
+def symbol_problem(symbol: object) -> str | None:
+    """Why `symbol` cannot be a symbol, or None."""
+    if isinstance(symbol, str) and SYMBOL.fullmatch(symbol):
+        return None
+    return f"symbol {symbol!r} must be 1-40 characters of A-Z a-z 0-9 . _ -"
 
 
 class Side(IntEnum):

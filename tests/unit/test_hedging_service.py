@@ -59,14 +59,17 @@ def tick_update(
     return targets_update(market, "BTC-USDT", seq, True, "TREND_UP", decisions, 9)
 
 
-@given(positive, positive, positive, st.booleans(), st.booleans())
+targets = st.decimals(min_value=Decimal(1), max_value=Decimal(5), places=8)
+
+
+@given(positive, targets, positive, st.booleans(), st.booleans())
 def test_targets_update_to_core_is_exact(
     price: Decimal, target: Decimal, previous: Decimal, rebalance: bool, emergency: bool
 ) -> None:
     decision = LeverageTargetChanged(
         LONG, Side.LONG, 1_000, price, target, previous, rebalance, emergency, ("A", "B"), "RANGE"
     )
-    step = market_step(tick_update(price, [decision], mark=price * 2), PRODUCTS)
+    step = market_step(tick_update(price, [decision], mark=price * 2), PRODUCTS, CONFIG.leverage)
     assert step.event == Tick("BTC-USDT", 1_000, price, price * 2)
     assert step.decisions == (decision,)
     assert (step.symbol, step.seq, step.event_id, step.ts_init_ns) == (
@@ -80,7 +83,7 @@ def test_targets_update_to_core_is_exact(
 def test_a_redelivery_inside_one_batch_is_skipped_like_one_in_a_later_batch() -> None:
     """A stage that re-sent seqs 5-7 after a crash: both copies in one batch."""
     steps = [
-        market_step(tick_update(Decimal(100 + seq), [], seq=seq), PRODUCTS)
+        market_step(tick_update(Decimal(100 + seq), [], seq=seq), PRODUCTS, CONFIG.leverage)
         for seq in (5, 6, 7, 5, 6, 7, 8)
     ]
     assert [s.seq for s in fresh_steps(4, steps)] == [5, 6, 7, 8]
@@ -96,7 +99,9 @@ def test_a_redelivery_inside_one_batch_is_skipped_like_one_in_a_later_batch() ->
 
 @given(st.one_of(st.none(), st.integers(0, 20)), st.lists(st.integers(1, 20), max_size=30))
 def test_fresh_steps_run_each_seq_once_in_rising_order(last: int | None, seqs: list[int]) -> None:
-    steps = [market_step(tick_update(Decimal(1), [], seq=seq), PRODUCTS) for seq in seqs]
+    steps = [
+        market_step(tick_update(Decimal(1), [], seq=seq), PRODUCTS, CONFIG.leverage) for seq in seqs
+    ]
     ran = [s.seq for s in fresh_steps(last, steps)]
     assert all(a < b for a, b in itertools.pairwise(ran))
     floor = 0 if last is None else last
@@ -108,8 +113,16 @@ def test_fresh_steps_run_each_seq_once_in_rising_order(last: int | None, seqs: l
 def test_funding_update_to_core() -> None:
     funding = FundingRate("BTC-USDT", 2_000, Decimal("-0.000125"))
     market = codec.market_event_from_funding(funding, seq=3, source="t", ts_init_ns=9)
-    step = market_step(targets_update(market, "BTC-USDT", 3, False, "RANGE", [], 9), PRODUCTS)
+    step = market_step(
+        targets_update(market, "BTC-USDT", 3, False, "RANGE", [], 9), PRODUCTS, CONFIG.leverage
+    )
     assert step.event == funding and step.decisions == () and step.event_id == "BTC-USDT:3"
+
+
+def long_decision(target: Decimal = Decimal(2), side: Side = Side.LONG) -> LeverageTargetChanged:
+    return LeverageTargetChanged(
+        LONG, side, 1, Decimal(1), target, Decimal(1), True, False, (), "RANGE"
+    )
 
 
 def eth_decision() -> LeverageTargetChanged:
@@ -122,27 +135,37 @@ def eth_decision() -> LeverageTargetChanged:
     ("message", "reason"),
     [
         (leverage_pb2.TargetsUpdate(), "no market event"),
-        (tick_update(Decimal(0), []), "must be > 0"),
+        (tick_update(Decimal(0), []), "price must be positive"),
+        (tick_update(Decimal(1), [], seq=0), "seq is missing"),
+        (tick_update(Decimal(1), [long_decision(Decimal(6))]), r"is 6, outside \[1.0, 5.0\]"),
+        (tick_update(Decimal(1), [long_decision(Decimal(-3))]), "outside"),
+        (tick_update(Decimal(1), [long_decision(side=Side.SHORT)]), "is on the SHORT side"),
+        (
+            tick_update(Decimal(1), [long_decision(), long_decision(Decimal(3))]),
+            "two targets for 'BTC-USDT:LONG'",
+        ),
         (tick_update(Decimal(1), [eth_decision()]), "not a product of BTC-USDT"),
     ],
 )
 def test_bad_targets_updates_are_refused(message: leverage_pb2.TargetsUpdate, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
-        market_step(message, PRODUCTS)
+        market_step(message, PRODUCTS, CONFIG.leverage)
 
 
 def test_unknown_symbol_and_funding_with_targets_are_refused() -> None:
     tick = Tick("DOGE-USDT", 1, Decimal(1))
     market = codec.market_event_from_tick(tick, seq=1, source="t", ts_init_ns=1)
     with pytest.raises(ValueError, match="unknown symbol"):
-        market_step(targets_update(market, "DOGE-USDT", 1, False, "RANGE", [], 1), PRODUCTS)
+        market_step(
+            targets_update(market, "DOGE-USDT", 1, False, "RANGE", [], 1), PRODUCTS, CONFIG.leverage
+        )
     funding = codec.market_event_from_funding(
         FundingRate("BTC-USDT", 1, Decimal(0)), seq=1, source="t", ts_init_ns=1
     )
     message = tick_update(Decimal(1), [eth_decision()])
     message.market.CopyFrom(funding)
     with pytest.raises(ValueError, match="no leverage targets"):
-        market_step(message, PRODUCTS)
+        market_step(message, PRODUCTS, CONFIG.leverage)
 
 
 @given(positive)

@@ -60,6 +60,8 @@ def test_first_tick_gets_seq_1_and_becomes_the_state() -> None:
         (tick(ts=-5), Reason.SCHEMA),
         (Tick("BTC-USDT", 1.5e18, Decimal(1)), Reason.SCHEMA),  # type: ignore[arg-type]
         (Tick("", T0, Decimal(1)), Reason.SCHEMA),
+        (Tick("BTC{USDT}", T0, Decimal(1)), Reason.SCHEMA),  # a Redis hash tag inside
+        (Tick("BTC-USDT|signal", T0, Decimal(1)), Reason.SCHEMA),  # a regime table key
         (FundingRate("BTC-USDT", T0, Decimal(1)), Reason.OUT_OF_BOUNDS),
         (FundingRate("BTC-USDT", T0, Decimal("NaN")), Reason.NOT_FINITE),
         ({"price": "1"}, Reason.SCHEMA),

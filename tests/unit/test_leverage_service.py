@@ -120,6 +120,40 @@ def test_invalid_regime_updates_are_refused() -> None:
         parse_regime_update(market_pb2.RegimeUpdate(market=tick.message, regime=unspecified))
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("confidence", float("nan"), "confidence is not finite"),
+        ("confidence", 1.5, "confidence must be within"),
+        ("features.sigma_ann", float("nan"), "sigma_ann is not finite"),
+        ("features.sigma_ann", -0.1, "sigma_ann must be >= 0"),
+        ("features.trend_score", float("inf"), "trend_score is not finite"),
+        ("features.efficiency", [0.5, float("nan")], r"efficiency\[1\] is not finite"),
+        ("features.momentum", [float("-inf")], r"momentum\[0\] is not finite"),
+    ],
+)
+def test_a_regime_with_numbers_the_policy_cannot_use_is_refused(
+    field: str, value: object, reason: str
+) -> None:
+    """A NaN confidence or volatility would reach the policy on a warm regime and raise
+    there, outside the parse: the stage would stop on the record at every restart."""
+    [tick, *_] = market_inputs([0] * 3)
+    regime = market_pb2.RegimeDetected(
+        event_id="x", symbol=SYMBOL, regime="TREND_UP", confidence=0.8
+    )
+    regime.features.warm = True
+    regime.features.sigma_ann = 0.6
+    target, _, name = field.rpartition(".")
+    holder = regime.features if target else regime
+    if isinstance(value, list):
+        getattr(holder, name).extend(value)
+    else:
+        setattr(holder, name, value)
+    update = market_pb2.RegimeUpdate(market=tick.message, regime=regime)
+    with pytest.raises(ValueError, match=reason):
+        parse_regime_update(update)
+
+
 def test_stored_fields_are_json_and_restore() -> None:
     config = fast_config()
     stage = SymbolControllers(smart_controllers(SYMBOL, config))

@@ -100,9 +100,12 @@ def test_decode_input_returns_the_value_or_the_reason() -> None:
     assert "price must be positive" in str(decide_bytes(codec.encode(tick_event(price="0"))))
     assert "mark_price must be positive" in str(decide_bytes(codec.encode(tick_event(mark="-1"))))
     assert "seq is missing" in str(decide_bytes(codec.encode(tick_event(seq=0))))
-    no_symbol = tick_event()
-    no_symbol.tick.symbol = ""
-    assert decide_bytes(codec.encode(no_symbol)) == "symbol is empty"
+    for symbol in ("", "BTC{X}", "BTC-USDT|signal", "BTC:LONG", "BTC USDT", "X" * 41):
+        bad = tick_event()
+        bad.tick.symbol = symbol  # each would break a Redis hash tag, a key or a product id
+        assert decide_bytes(codec.encode(bad)) == (
+            f"symbol {symbol!r} must be 1-40 characters of A-Z a-z 0-9 . _ -"
+        )
 
 
 def test_dead_letter_names_where_the_input_was() -> None:

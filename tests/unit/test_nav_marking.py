@@ -1,0 +1,79 @@
+"""The NAV service's input check: a HedgeUpdate it cannot mark exactly is refused (a dead
+letter with the reason), never marked and published."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from decimal import Decimal
+
+import pytest
+from smartlev.v1 import hedging_pb2
+
+from services.hedging.messages import hedge_update
+from services.nav.marking import parse_update
+from shared import codec
+from shared.core.config import StrategyConfig
+from shared.core.market import Tick
+from shared.core.products import smart_engine
+
+SYMBOL = "BTC-USDT"
+T0 = 1_600_000_000 * 1_000_000_000
+
+
+def tick_update(seq: int = 1) -> hedging_pb2.HedgeUpdate:
+    """What hedging publishes for a tick, built by hedging's own wire builder."""
+    engine = smart_engine(SYMBOL, StrategyConfig())
+    tick = Tick(SYMBOL, T0, Decimal("43210.5"))
+    events = engine.on_tick(tick, (), False)
+    market = codec.market_event_from_tick(tick, seq=seq, source="t", ts_init_ns=1)
+    return hedge_update(engine, f"{SYMBOL}:{seq}", events, ts_init_ns=1, market=market)
+
+
+def negative_units(update: hedging_pb2.HedgeUpdate) -> None:
+    update.products[0].units = "-1.00000000"
+
+
+def a_stranger_book(update: hedging_pb2.HedgeUpdate) -> None:
+    update.products[1].product = "ETH-USDT:SHORT"
+
+
+def no_books(update: hedging_pb2.HedgeUpdate) -> None:
+    del update.products[:]
+
+
+def no_seq(update: hedging_pb2.HedgeUpdate) -> None:
+    update.market.tick.seq = 0
+
+
+def a_zero_price(update: hedging_pb2.HedgeUpdate) -> None:
+    update.market.tick.price = "0"
+
+
+def test_a_valid_update_parses_with_every_book() -> None:
+    event = parse_update(tick_update(7))
+    assert (event.kind, event.symbol, event.seq, event.price) == (
+        "tick",
+        SYMBOL,
+        7,
+        Decimal("43210.5"),
+    )
+    assert [b.product for b in event.books] == [f"{SYMBOL}:LONG", f"{SYMBOL}:SHORT"]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (negative_units, r"BTC-USDT:LONG.units must be >= 0, got -1"),
+        (a_stranger_book, r"books of \['ETH-USDT:SHORT'\] on a 'BTC-USDT' tick"),
+        (no_books, "carries no product books"),
+        (no_seq, "tick seq is missing"),
+        (a_zero_price, "tick price must be > 0"),
+    ],
+)
+def test_an_update_that_cannot_be_marked_exactly_is_refused(
+    spoil: Callable[[hedging_pb2.HedgeUpdate], None], reason: str
+) -> None:
+    update = tick_update()
+    spoil(update)
+    with pytest.raises(ValueError, match=reason):
+        parse_update(update)
