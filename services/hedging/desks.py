@@ -24,7 +24,7 @@ from shared.adapters.venue_client import RemoteVenue
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine
 from shared.core.products import smart_engine
-from shared.redis_store import ApplyOnceStore, ApplyStatus
+from shared.redis_store import ApplyOnceStore, ApplyStatus, field_to_wire
 
 SEQ_SOURCE = "seq"
 
@@ -94,9 +94,10 @@ class Desks:
         False if Redis refused it (another writer): the desk is dropped and reloads."""
         engine = desk.engine
         positions: dict[str, str | int] = {
-            book.product: str(book.qty) for book in engine.books.products.values()
+            book.product: field_to_wire(book.qty, book.product)
+            for book in engine.books.products.values()
         }
-        positions["venue"] = str(desk.venue.position)
+        positions["venue"] = field_to_wire(desk.venue.position, "venue")
         changes: dict[str, dict[str, str | int]] = {
             self.store.state_key(desk.symbol, "state"): {
                 "engine": json.dumps(engine.snapshot(), sort_keys=True),

@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TypeVar
 
 from google.protobuf.message import Message
@@ -25,7 +26,7 @@ from shared.adapters.redis_wire import RedisWire
 from shared.codec import encode
 from shared.core.config import StrategyConfig
 from shared.core.venue import PerpVenue
-from shared.redis_store import ApplyOnceStore, ApplyStatus
+from shared.redis_store import ApplyOnceStore, ApplyStatus, field_to_wire
 
 R = TypeVar("R", bound=Message)
 
@@ -107,7 +108,7 @@ class VenueLedger:
                 )
                 result = await self.store.apply(
                     symbol,
-                    {self.store.state_key(symbol, "account"): _fields(venue)},
+                    {self.store.state_key(symbol, "account"): account_fields(venue)},
                     message_id=call_id,
                     marker=record,
                     expected_version=account.version,
@@ -142,6 +143,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _fields(venue: PerpVenue) -> dict[str, str | int]:
-    snapshot = venue.snapshot()
-    return {k: v if isinstance(v, int) else str(v) for k, v in snapshot.items()}
+def account_fields(venue: PerpVenue) -> dict[str, str | int]:
+    """The account hash: the snapshot's figures in plain notation, as every reader's
+    `decimal_from_wire` takes them (a snapshot writes `str()`: "0E-8" for a zero)."""
+    return {
+        name: value if isinstance(value, int) else field_to_wire(Decimal(str(value)), name)
+        for name, value in venue.snapshot().items()
+    }

@@ -31,8 +31,9 @@ from shared.adapters.venue_client import (
     fill_to_wire,
     liquidation_to_wire,
 )
-from shared.codec import DecodeError, decimal_from_wire, decimal_to_wire
+from shared.codec import DecodeError, EncodeError, decimal_from_wire, decimal_to_wire
 from shared.core.config import StrategyConfig
+from shared.core.money import MoneyError
 from shared.core.venue import PerpVenue
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, redis_check
 from shared.logging import get_logger
@@ -100,6 +101,11 @@ class VenueServicer(venue_pb2_grpc.VenueServicer):
         except IdReused as exc:
             REQUESTS.labels(rpc, "FAILED_PRECONDITION").inc()
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except (EncodeError, MoneyError, ArithmeticError) as exc:  # the account rolled back
+            REQUESTS.labels(rpc, "INVALID_ARGUMENT").inc()
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the call's figures are out of range: {exc}"
+            )
         except (StateConflict, RedisError, OSError) as exc:
             REQUESTS.labels(rpc, "UNAVAILABLE").inc()
             log.error("venue_unavailable", rpc=rpc, error=f"{type(exc).__name__}: {exc}")

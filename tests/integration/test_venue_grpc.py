@@ -173,6 +173,7 @@ async def test_restart_continues_with_the_same_state(env: tuple[Redis, str]) -> 
         (order("", "1"), "client_order_id is required"),
         (order("x1", "1", "-5"), "must be > 0"),
         (order("x1", "1", ""), "not a plain decimal"),
+        (order("x1", "1" + "0" * 39, "100000"), "figures are out of range"),  # a fee of 40+ digits
     ],
 )
 async def test_invalid_orders_change_nothing(

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from smartlev.v1 import venue_pb2
 
-from services.venue.ledger import fingerprint
+from services.venue.ledger import account_fields, fingerprint
 from services.venue.main import Rejected, _decimal, _id
 from shared.adapters.venue_client import (
     RemoteVenue,
@@ -22,6 +22,7 @@ from shared.adapters.venue_client import (
     liquidation_from_wire,
     liquidation_to_wire,
 )
+from shared.codec import decimal_from_wire
 from shared.core.config import StrategyConfig
 from shared.core.events import AccountLiquidated, OrderFilled
 from shared.core.venue import PerpVenue
@@ -42,6 +43,19 @@ def test_account_round_trip_is_exact(values: list[Decimal], liquidations: int) -
     back = account_from_wire(account_to_wire(venue), SPEC, CONFIG.venue)
     assert back.snapshot() == venue.snapshot()
     assert back.at_risk(1.0) == venue.at_risk(1.0)
+
+
+@given(st.lists(money, min_size=6, max_size=6))
+def test_the_account_hash_holds_plain_decimals_every_reader_takes(values: list[Decimal]) -> None:
+    names = ("wallet", "position", "transfers_in", "fees_paid", "funding_paid", "insurance_fund")
+    values[2] = Decimal("999.00000000") - Decimal("999.00000000")  # "0E-8" by str()
+    snapshot: dict[str, object] = {**dict(zip(names, values, strict=True)), "liquidations": 3}
+    venue = PerpVenue.restore(SPEC, CONFIG.venue, snapshot)
+    fields = account_fields(venue)
+    assert fields["transfers_in"] == "0.00000000"
+    for name, value in zip(names, values, strict=True):
+        assert decimal_from_wire(str(fields[name]), name=name) == value
+    assert fields["liquidations"] == 3
 
 
 def test_account_for_another_symbol_is_refused() -> None:
