@@ -10,6 +10,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
+from intervaltree import IntervalTree
 from smartlev.v1 import market_pb2
 
 from shared import codec
@@ -401,3 +404,27 @@ def test_a_faust_app_reads_its_changelogs_only_while_it_recovers_them() -> None:
     assert read(ticks) and not read(table)
     recovery.in_recovery = True
     assert read(ticks) and read(table)
+
+
+PARTITION = TP("ns.market.ticks", 0)
+
+
+def consumer_with(acked: list[int], committed: int | None) -> _Consumer:
+    """The stages' faust consumer with only its commit bookkeeping set (no broker)."""
+    consumer = _Consumer.__new__(_Consumer)
+    consumer._acked = {PARTITION: list(acked)}
+    consumer._acked_index = {PARTITION: set(acked)}
+    consumer._committed_offset = {PARTITION: committed}
+    consumer._gap = {PARTITION: IntervalTree()}
+    return consumer
+
+
+def test_a_commit_never_skips_an_offset_that_was_not_handled() -> None:
+    """Committed 500 (the next to read), 500 dropped in a rebalance, 501 acked unhandled
+    when the stage found the gap: faust's own rule commits 502, past 500."""
+    assert faust_aiokafka.Consumer._new_offset(consumer_with([501], 500), PARTITION) == 502
+    assert consumer_with([501], 500)._new_offset(PARTITION) is None
+    assert consumer_with([501, 502], 500)._new_offset(PARTITION) is None
+    assert consumer_with([500, 501], 500)._new_offset(PARTITION) == 502
+    assert consumer_with([3, 4], None)._new_offset(PARTITION) == 5  # nothing committed yet
+    assert consumer_with([], 500)._new_offset(PARTITION) is None
