@@ -46,6 +46,8 @@ app = typer.Typer(
 )
 console = Console()
 errors = Console(stderr=True)
+# A seed past this is no fund anyone holds, and products of it overflow exact arithmetic.
+MAX_CAPITAL = Decimal("1000000000000000")
 
 
 @app.callback()
@@ -110,8 +112,10 @@ def backtest(
         settings.instrument(symbol)
     except (ArithmeticError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    if not seed.is_finite() or seed <= 0:
-        raise typer.BadParameter(f"--capital must be a positive amount, got {capital}")
+    if not seed.is_finite() or not 0 < seed <= MAX_CAPITAL:
+        raise typer.BadParameter(
+            f"--capital must be a positive amount up to {MAX_CAPITAL:,}, got {capital}"
+        )
     start_ns, end_ns = _parse_time(start, "--start"), _parse_time(end, "--end")
     interval = settings.features.bar_seconds * 1_000_000_000
     try:
@@ -130,7 +134,12 @@ def backtest(
     console.print(report.summary())
     if funding_report is not None:
         console.print(funding_report.summary())
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(
+            f"cannot create {out}: {exc.strerror}", param_hint="--out"
+        ) from None
     total = len(bars) * (4 if ticks is TickMode.OHLC else 1)
     began = time.perf_counter()
     with Progress(

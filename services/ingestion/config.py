@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,21 @@ from shared.adapters.tick_replay import data_dir, file_stem
 from shared.settings import ServiceSettings, service_config
 
 Source = Literal["idle", "replay", "synthetic", "live"]
+
+
+def parse_time(text: str | None) -> int | None:
+    """ISO-8601 (UTC unless it says otherwise) -> ns since the epoch."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an ISO-8601 time (e.g. 2021-05-12 or 2021-05-12T08:00:00Z)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp()) * 1_000_000_000
 
 
 class IngestionSettings(ServiceSettings):
@@ -47,6 +63,19 @@ class IngestionSettings(ServiceSettings):
     # broker or Redis down: rebuild and resume after a pause doubling up to the max
     retry_backoff_s: float = Field(default=0.5, gt=0)
     retry_backoff_max_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("start", "end")
+    @classmethod
+    def _iso_time(cls, value: str | None) -> str | None:
+        parse_time(value)  # ValueError says what is wrong
+        return value
+
+    @field_validator("data", "funding", "marks")
+    @classmethod
+    def _existing_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
 
     @field_validator("speed")
     @classmethod

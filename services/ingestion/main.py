@@ -24,7 +24,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -33,7 +32,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from services.ingestion.config import IngestionSettings
+from services.ingestion.config import IngestionSettings, parse_time
 from services.ingestion.producer import BatchProducer
 from services.ingestion.publisher import IngestionMetrics, Ingestor
 from services.ingestion.runner import Summary, ccxt_messages, run_finite, run_live
@@ -41,6 +40,7 @@ from services.ingestion.store import SeqStore, topic_recovery
 from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, synthetic_stream
 from services.ingestion.validation import MarketValue, Policy
 from shared.adapters.kafka_admin import ensure_topics
+from shared.adapters.market_data import DataError
 from shared.adapters.tick_replay import backtest_stream
 from shared.health import CheckResult, HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.heap import freeze_heap
@@ -50,16 +50,6 @@ from shared.transient import is_transient
 
 log = get_logger("ingestion")
 console = Console(stderr=True)
-
-
-def parse_time(text: str | None) -> int | None:
-    """ISO-8601 (UTC unless it says otherwise) -> ns since the epoch."""
-    if text is None:
-        return None
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp()) * 1_000_000_000
 
 
 def source_name(settings: IngestionSettings) -> str:
@@ -188,7 +178,11 @@ def run_once(settings: IngestionSettings) -> int:
     configure_logging(
         "ingestion", "WARNING" if settings.log_level == "INFO" else settings.log_level
     )
-    events = events_to_publish(settings)
+    try:
+        events = events_to_publish(settings)
+    except DataError as exc:  # a file that is not the data it should be
+        print(f"ingestion: {exc}", file=sys.stderr)
+        return 2
     with Progress(
         TextColumn(f"{settings.source} {settings.symbol}"),
         BarColumn(),

@@ -137,6 +137,28 @@ def test_cli_refuses_bad_data_with_a_clear_error(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--capital", "1e999999999"], "--capital must be a positive amount up to"),
+        (["--capital", "-5"], "--capital must be a positive amount up to"),
+        (["--out", "{file}/o"], "cannot create"),
+    ],
+)
+def test_cli_refuses_bad_options_with_a_clear_error(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    data = tmp_path / "bars.csv"
+    data.write_text("timestamp,open,high,low,close,volume\n2021-01-01T00:00:00Z,1,2,1,2,1\n")
+    args = [a.replace("{file}", str(data)) for a in args]
+    outcome = runner.invoke(
+        app, ["backtest", "--data", str(data), "--out", str(tmp_path / "o"), *args]
+    )
+    assert outcome.exit_code == 2
+    assert message in " ".join(outcome.output.split())
+    assert "Traceback" not in outcome.output
+
+
 def test_cli_refuses_a_config_with_unknown_or_unsafe_fields(tmp_path: Path) -> None:
     config = tmp_path / "policy.toml"
     config.write_text("[leverage]\nl_max = 8.0\nemergency_move = 0.2\n")
