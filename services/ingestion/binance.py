@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -129,12 +129,22 @@ class BinanceFeed:
     mark: Decimal | None = None
     pending_rate: Decimal | None = None
     pending_at_ns: int | None = None
+    last_trade_ns: int | None = None  # the time given to the last trade's tick
 
     def _settle(self, now_ns: int) -> tuple[BinanceFeed, list[FundingRate]]:
         if self.pending_at_ns is None or self.pending_rate is None or now_ns < self.pending_at_ns:
             return self, []
         settled = FundingRate(self.symbol, self.pending_at_ns, self.pending_rate)
-        return BinanceFeed(self.symbol, self.mark), [settled]
+        return replace(self, pending_rate=None, pending_at_ns=None), [settled]
+
+    def _trade_time(self, ts_ns: int) -> int:
+        """Trades come stamped to the millisecond, and one taker order sweeping several
+        price levels makes several in the same one: each later trade of that millisecond
+        gets the next nanosecond, so time still moves forward and none is refused."""
+        last = self.last_trade_ns
+        if last is not None and ts_ns <= last and ts_ns // NS_PER_MS == last // NS_PER_MS:
+            return last + 1
+        return ts_ns
 
     def on_message(self, message: object) -> tuple[BinanceFeed, list[Tick | FundingRate]]:
         observed = parse(message, self.symbol)
@@ -142,8 +152,9 @@ class BinanceFeed:
         if isinstance(observed, TradeObserved):
             feed, funding = self._settle(observed.ts_ns)
             out.extend(funding)
-            out.append(Tick(self.symbol, observed.ts_ns, observed.price, feed.mark))
-            return feed, out
+            ts_ns = self._trade_time(observed.ts_ns)
+            out.append(Tick(self.symbol, ts_ns, observed.price, feed.mark))
+            return replace(feed, last_trade_ns=ts_ns), out
         feed = self
         announced = observed.next_funding_ns
         if (
@@ -153,10 +164,12 @@ class BinanceFeed:
         ):
             feed, funding = self._settle(self.pending_at_ns)  # a later T: the old one settled
             out.extend(funding)
-        feed = BinanceFeed(
-            self.symbol,
-            observed.mark,
-            observed.funding_rate if observed.funding_rate is not None else feed.pending_rate,
-            observed.next_funding_ns or feed.pending_at_ns,
+        feed = replace(
+            feed,
+            mark=observed.mark,
+            pending_rate=(
+                observed.funding_rate if observed.funding_rate is not None else feed.pending_rate
+            ),
+            pending_at_ns=observed.next_funding_ns or feed.pending_at_ns,
         )
         return feed, out

@@ -21,6 +21,7 @@ from services.ingestion.binance import (
     ccxt_symbol,
     parse,
 )
+from services.ingestion.validation import EMPTY, Accepted, Policy, admit
 from shared.core.market import FundingRate, Tick
 
 MS = 1_000_000
@@ -64,6 +65,33 @@ def test_fold_carries_the_mark_and_settles_funding_before_the_next_tick() -> Non
     assert out == []
     feed, out = feed.on_message(COMBINED)
     assert out == [Tick("BTC-USDT", 1717200002000 * MS, Decimal("67520.00"), Decimal("67515.1"))]
+
+
+def test_trades_of_one_millisecond_all_pass_the_validator_in_order() -> None:
+    """One taker order sweeping three price levels: three aggTrades stamped the same ms.
+    Each later one is a nanosecond later, so time still moves forward; the next ms is
+    its own time again."""
+    sweep = [
+        {**json.loads(AGG_TRADE), "a": 2155403291 + i, "p": price}
+        for i, price in enumerate(("67512.30", "67512.40", "67512.90"))
+    ]
+    later = {**json.loads(AGG_TRADE), "a": 2155403294, "T": 1717200000121, "p": "67513.00"}
+    feed = BinanceFeed("BTC-USDT")
+    ticks = []
+    for message in [*sweep, later]:
+        feed, out = feed.on_message(message)
+        ticks.extend(out)
+    t = 1717200000120 * MS
+    assert [(tick.ts_ns, tick.price) for tick in ticks] == [
+        (t, Decimal("67512.30")),
+        (t + 1, Decimal("67512.40")),
+        (t + 2, Decimal("67512.90")),
+        (t + MS, Decimal("67513.00")),
+    ]
+    state = EMPTY
+    for tick in ticks:
+        state, verdict = admit(state, tick, Policy())
+        assert isinstance(verdict, Accepted), verdict
 
 
 def test_a_later_funding_time_settles_the_pending_one_without_a_trade() -> None:
