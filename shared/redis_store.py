@@ -19,7 +19,7 @@ more hashes under one tag) AND records the message that caused it, in one Lua sc
   Bounded state, the natural choice for a consumer.
 
 Read-modify-write is safe with `expected_version`: every tag has a version counter; the
-script refuses (`CONFLICT`) if it moved since the read, and `update_once()` re-reads and
+script refuses (`CONFLICT`) if it moved since the read, and the caller re-reads and
 retries. Values are strings on the wire; Decimals are written exactly (plain notation).
 
 Clients. Either redis-py's asyncio client or `RedisWire` (one multiplexed hiredis
@@ -68,16 +68,6 @@ def hash_tag(redis_key: str) -> str:
         if end > start + 1:
             return redis_key[start + 1 : end]
     return redis_key
-
-
-def product_key(product: str, *parts: str) -> str:
-    """Per-product keys: pos:{BTC-USDT:LONG}:..."""
-    return key("pos", product, *parts)
-
-
-def symbol_key(symbol: str, *parts: str) -> str:
-    """Per-underlying keys (netting spans every product of the symbol): sym:{BTC-USDT}:..."""
-    return key("sym", symbol, *parts)
 
 
 class ApplyStatus(enum.Enum):
@@ -227,30 +217,6 @@ class ApplyOnceStore:
         raw = await self._script(keys=keys, args=args)
         status, version = int(raw[0]), int(raw[1])
         return ApplyResult(ApplyStatus(status), version)
-
-    async def update_once(
-        self,
-        tag: str,
-        parts: tuple[str, ...],
-        message_id: str,
-        compute: Callable[[dict[str, str]], Mapping[str, FieldValue]],
-        *,
-        max_attempts: int = 20,
-    ) -> ApplyResult:
-        """Read state, `compute(fields) -> new fields`, write once; retry on CONFLICT."""
-        for _ in range(max_attempts):
-            current, version = await self.read(tag, *parts)
-            if await self.was_applied(tag, message_id):
-                return ApplyResult(ApplyStatus.DUPLICATE, version)
-            result = await self.apply(
-                tag,
-                {self.state_key(tag, *parts): compute(current)},
-                message_id=message_id,
-                expected_version=version,
-            )
-            if result.status is not ApplyStatus.CONFLICT:
-                return result
-        raise RuntimeError(f"update_once({tag!r}, {message_id!r}): still conflicting")
 
 
 def _text(value: Any) -> str:

@@ -163,10 +163,6 @@ def get(name: str) -> TopicSpec:
         raise KeyError(f"unknown topic {name!r}; known: {sorted(BY_NAME)}") from None
 
 
-def dlq_for(spec: TopicSpec) -> TopicSpec:
-    return BY_NAME[spec.dlq_name]
-
-
 def message_types() -> Iterator[type[Message]]:
     """Every value type on any topic, once each (for codec registration)."""
     seen: set[str] = set()

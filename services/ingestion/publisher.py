@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from smartlev.v1 import market_pb2
@@ -77,7 +77,6 @@ class Stats:
     rejected: int = 0
     dead_lettered: int = 0
     flagged: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
 
 
 def describe(value: object) -> bytes:
@@ -198,7 +197,6 @@ class Ingestor:
         self._pending.append((future, time.perf_counter(), None))
         reason = rejected.reason.value
         self.stats.rejected += 1
-        self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
         self.metrics.rejected.labels(symbol or "?", reason).inc()
         self.log.warning("event_rejected", symbol=symbol, reason=str(rejected))
 

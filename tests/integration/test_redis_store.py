@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.adapters.redis_wire import RedisWire
-from shared.redis_store import ApplyOnceStore, ApplyStatus, product_key
+from shared.redis_store import ApplyOnceStore, ApplyStatus, FieldValue
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ async def store(
 
 
 async def test_same_message_id_applies_once(store: ApplyOnceStore, tag: str) -> None:
-    state = product_key(tag, "state")
+    state = store.state_key(tag, "state")
     first = await store.apply(tag, {state: {"equity": Decimal("100.5"), "units": 100}},
                               message_id="evt-1")  # fmt: skip
     assert first.status is ApplyStatus.APPLIED and first.version == 1
@@ -69,7 +69,7 @@ async def test_same_message_id_applies_once(store: ApplyOnceStore, tag: str) -> 
 
 
 async def test_kafka_offsets_apply_only_forward(store: ApplyOnceStore, tag: str) -> None:
-    state = product_key(tag, "state")
+    state = store.state_key(tag, "state")
     src = "orders.events/1"
     assert (await store.apply(tag, {state: {"n": 1}}, source=src, offset=10)).applied
     assert not (await store.apply(tag, {state: {"n": 2}}, source=src, offset=10)).applied
@@ -84,11 +84,14 @@ async def test_kafka_offsets_apply_only_forward(store: ApplyOnceStore, tag: str)
 
 
 async def test_several_hashes_change_together(store: ApplyOnceStore, tag: str) -> None:
-    changes = {product_key(tag, "state"): {"q": "0.5"}, product_key(tag, "last"): {"px": "1"}}
+    changes = {
+        store.state_key(tag, "state"): {"q": "0.5"},
+        store.state_key(tag, "last"): {"px": "1"},
+    }
     assert (await store.apply(tag, changes, message_id="m")).applied
     assert (await store.read(tag, "last"))[0] == {"px": "1"}
     with pytest.raises(ValueError, match="hash tag"):
-        await store.apply(tag, {product_key("OTHER:LONG", "state"): {"q": "1"}}, message_id="x")
+        await store.apply(tag, {store.state_key("OTHER:LONG", "state"): {"q": "1"}}, message_id="x")
 
 
 async def test_concurrent_appliers_of_one_message_exactly_one_wins(
@@ -98,7 +101,7 @@ async def test_concurrent_appliers_of_one_message_exactly_one_wins(
     clients = [connect() for _ in range(16)]
     try:
         stores = [ApplyOnceStore(c) for c in clients]
-        state = product_key(tag, "state")
+        state = store.state_key(tag, "state")
         results = await asyncio.gather(
             *(s.apply(tag, {state: {"winner": str(i)}}, message_id="redelivered")
               for i, s in enumerate(stores))
@@ -119,17 +122,30 @@ async def test_concurrent_read_modify_write_loses_no_update(
     retry gives exactly 2.0, and redelivering all of them changes nothing."""
     clients = [connect() for _ in range(20)]
 
-    def add_tenth(fields: dict[str, str]) -> dict[str, Decimal]:
-        return {"balance": Decimal(fields.get("balance", "0")) + Decimal("0.1")}
+    async def add_tenth(store: ApplyOnceStore, message_id: str) -> ApplyStatus:
+        """Read, add, write at the version read; a CONFLICT re-reads (as hedging and the
+        venue do with their state)."""
+        while True:
+            fields, version = await store.read(tag, "state")
+            if await store.was_applied(tag, message_id):
+                return ApplyStatus.DUPLICATE
+            balance: FieldValue = Decimal(fields.get("balance", "0")) + Decimal("0.1")
+            result = await store.apply(
+                tag,
+                {store.state_key(tag, "state"): {"balance": balance}},
+                message_id=message_id,
+                expected_version=version,
+            )
+            if result.status is not ApplyStatus.CONFLICT:
+                return result.status
 
     try:
         stores = [ApplyOnceStore(c) for c in clients]
         for _ in range(2):  # second round = redelivery of the same 20 messages
             results = await asyncio.gather(
-                *(s.update_once(tag, ("state",), f"dep-{i}", add_tenth)
-                  for i, s in enumerate(stores))
-            )  # fmt: skip
-        assert all(r.status is ApplyStatus.DUPLICATE for r in results)
+                *(add_tenth(s, f"dep-{i}") for i, s in enumerate(stores))
+            )
+        assert all(status is ApplyStatus.DUPLICATE for status in results)
     finally:
         await asyncio.gather(*(c.aclose() for c in clients))
     fields, version = await store.read(tag, "state")
@@ -138,7 +154,7 @@ async def test_concurrent_read_modify_write_loses_no_update(
 
 
 async def test_stale_expected_version_is_a_conflict(store: ApplyOnceStore, tag: str) -> None:
-    state = product_key(tag, "state")
+    state = store.state_key(tag, "state")
     assert (await store.apply(tag, {state: {"a": 1}}, message_id="a", expected_version=0)).applied
     stale = await store.apply(tag, {state: {"a": 2}}, message_id="b", expected_version=0)
     assert stale.status is ApplyStatus.CONFLICT
@@ -150,7 +166,7 @@ async def test_absent_state_reads_empty_at_version_zero(store: ApplyOnceStore, t
     assert await store.read(tag, "state") == ({}, 0)
     assert await store.version(tag) == 0
     assert await store.last_offset(tag, "seq") is None
-    assert (await store.apply(tag, {product_key(tag, "state"): {"x": "ü"}}, source="seq",
+    assert (await store.apply(tag, {store.state_key(tag, "state"): {"x": "ü"}}, source="seq",
                               offset=3)).version == 1  # fmt: skip
     assert await store.read(tag, "state") == ({"x": "ü"}, 1)
     assert await store.version(tag) == 1 and await store.last_offset(tag, "seq") == 3

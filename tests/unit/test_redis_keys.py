@@ -5,19 +5,18 @@ from __future__ import annotations
 import pytest
 
 from shared import redis_store
-from shared.redis_store import hash_tag, key, product_key, symbol_key
+from shared.redis_store import hash_tag, key
 
 
-def test_product_and_symbol_keys() -> None:
-    assert product_key("BTC-USDT:LONG", "state") == "pos:{BTC-USDT:LONG}:state"
-    assert symbol_key("BTC-USDT", "venue") == "sym:{BTC-USDT}:venue"
+def test_keys_name_their_hash_tag() -> None:
+    assert key("pos", "BTC-USDT:LONG", "state") == "pos:{BTC-USDT:LONG}:state"
     assert key("user", "u-1") == "user:{u-1}"
 
 
 def test_keys_of_one_tag_hash_together() -> None:
-    keys = [product_key("BTC-USDT:LONG", p) for p in ("state", "applied", "meta")]
+    keys = [key("pos", "BTC-USDT:LONG", p) for p in ("state", "applied", "meta")]
     assert {hash_tag(k) for k in keys} == {"BTC-USDT:LONG"}
-    assert hash_tag(product_key("BTC-USDT:SHORT", "state")) != hash_tag(keys[0])
+    assert hash_tag(key("pos", "BTC-USDT:SHORT", "state")) != hash_tag(keys[0])
 
 
 def test_hash_tag_follows_redis_rules() -> None:

@@ -17,7 +17,7 @@ def test_names_are_unique() -> None:
 
 def test_every_topic_has_a_dlq_twin() -> None:
     for spec in SOURCES:
-        twin = topics.dlq_for(spec)
+        twin = topics.BY_NAME[spec.dlq_name]
         assert twin.name == f"{spec.name}.dlq"
         assert twin.value_type is market_pb2.DeadLetter
         assert twin.key == spec.key
