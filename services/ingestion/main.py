@@ -202,6 +202,13 @@ def run_once(settings: IngestionSettings) -> int:
             on_retry=lambda why: progress.update(task, status=why or ""),
         )
     print_summary(summary)
+    if summary.skipped and not (summary.published or summary.dead_lettered):
+        print(
+            f"ingestion: nothing new: all {summary.skipped:,} events are at or before the "
+            f"last one already on market.ticks for {settings.symbol} (it only moves "
+            "forward; a fresh namespace starts over)",
+            file=sys.stderr,
+        )
     return 0
 
 
