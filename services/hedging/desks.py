@@ -6,6 +6,8 @@ Redis (all keys under the symbol's hash tag, so one atomic step on Redis Cluster
   client's mirror of the venue account, JSON; a re-run starts from it, not from the
   venue's current account);
 - `<ns>hedge:{<symbol>}:positions`: every product's `qty` and the venue `position`;
+- `<ns>hedge:{<symbol>}:inflight`: the input an event began on (`Inflight`), until its
+  commit clears it;
 - `<ns>hedge:{<symbol>}:meta`: `offset:seq` = the last market seq applied, and the
   version; `...:applied`: the order event ids applied.
 A commit writes all of it in one `ApplyOnceStore.apply`, after the output was acked.
@@ -14,6 +16,7 @@ A commit writes all of it in one `ApplyOnceStore.apply`, after the output was ac
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from dataclasses import dataclass
 
@@ -27,6 +30,33 @@ from shared.core.products import smart_engine
 from shared.redis_store import ApplyOnceStore, ApplyStatus, field_to_wire
 
 SEQ_SOURCE = "seq"
+INFLIGHT = "inflight"
+MARKET, ORDER = "market", "order"
+_CLEARED: dict[str, str | int] = {"kind": "", "payloads": "[]"}
+
+
+@dataclass(frozen=True, slots=True)
+class Inflight:
+    """The input an event began to run on: written before its first venue call, cleared
+    by its commit. A re-run is safe because it starts from the same state and makes the
+    same venue calls, which the venue answers from its record; but hedging reads two
+    topics, and after a crash the symbol's other input may be taken first: from that
+    state the same ids would carry other requests, and the venue refuses them. So a
+    desk loaded with an Inflight runs it before anything else."""
+
+    kind: str  # MARKET: TargetsUpdates, in order; ORDER: one OrderEvent
+    payloads: tuple[bytes, ...]
+
+    def fields(self) -> dict[str, str | int]:
+        encoded = [base64.b64encode(p).decode("ascii") for p in self.payloads]
+        return {"kind": self.kind, "payloads": json.dumps(encoded)}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> Inflight | None:
+        if not fields.get("kind"):
+            return None
+        payloads = tuple(base64.b64decode(p) for p in json.loads(fields["payloads"]))
+        return cls(fields["kind"], payloads)
 
 
 @dataclass
@@ -36,6 +66,7 @@ class Desk:
     venue: RemoteVenue
     last_seq: int | None
     version: int
+    inflight: Inflight | None = None
 
 
 class Desks:
@@ -82,7 +113,35 @@ class Desks:
         else:
             await asyncio.to_thread(venue.sync)
         last_seq = await self.store.last_offset(symbol, SEQ_SOURCE)
-        return Desk(symbol, engine, venue, last_seq, version)
+        inflight, _ = await self.store.read(symbol, INFLIGHT)
+        return Desk(symbol, engine, venue, last_seq, version, Inflight.from_fields(inflight))
+
+    async def begin(self, desk: Desk, inflight: Inflight) -> bool:
+        """Record the input about to move the venue, before it does; False if another
+        writer moved the desk (dropped: it reloads)."""
+        return await self._write_inflight(desk, inflight.fields(), inflight)
+
+    async def abandon(self, symbol: str) -> None:
+        """Clear the symbol's Inflight: an order the books refused (dead-lettered)."""
+        desk = await self.current(symbol)
+        if desk.inflight is not None:
+            await self._write_inflight(desk, _CLEARED, None)
+
+    async def _write_inflight(
+        self, desk: Desk, fields: dict[str, str | int], inflight: Inflight | None
+    ) -> bool:
+        result = await self.store.apply(
+            desk.symbol,
+            {self.store.state_key(desk.symbol, INFLIGHT): fields},
+            source=INFLIGHT,
+            offset=desk.version + 1,  # versions only rise: a fresh offset every time
+            expected_version=desk.version,
+        )
+        if result.status is not ApplyStatus.APPLIED:
+            self.drop(desk.symbol)
+            return False
+        desk.version, desk.inflight = result.version, inflight
+        return True
 
     async def was_applied(self, desk: Desk, order_id: str) -> bool:
         return await self.store.was_applied(desk.symbol, order_id)
@@ -104,6 +163,7 @@ class Desks:
                 "venue": json.dumps(desk.venue.state(), sort_keys=True),
             },
             self.store.state_key(desk.symbol, "positions"): positions,
+            self.store.state_key(desk.symbol, INFLIGHT): _CLEARED,
         }
         if seq is not None:
             result = await self.store.apply(
@@ -120,7 +180,7 @@ class Desks:
         if result.status is not ApplyStatus.APPLIED:
             self.drop(desk.symbol)
             return False
-        desk.version = result.version
+        desk.version, desk.inflight = result.version, None
         if seq is not None:
             desk.last_seq = seq
         return True

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from smartlev.v1 import hedging_pb2
+from smartlev.v1 import hedging_pb2, leverage_pb2, orders_pb2
 
 from services.hedging.config import HedgingSettings
-from services.hedging.desks import Desk, Desks
+from services.hedging.desks import MARKET, ORDER, Desk, Desks, Inflight
 from services.hedging.messages import (
     MarketStep,
     OrderStep,
@@ -42,6 +42,7 @@ from services.hedging.messages import (
     products_by_symbol,
 )
 from services.hedging.reconcile_loop import install_reconcile_loop
+from shared import codec
 from shared.adapters.venue_client import venue_channel
 from shared.consumer_stage import ConsumerRuntime, Records
 from shared.core.accounting import QuoteMismatch
@@ -119,34 +120,16 @@ class Hedger:
         then the desk is committed once at the last seq (output before state)."""
         symbol = steps[0].symbol
 
-        def work(desk: Desk, step: MarketStep) -> hedging_pb2.HedgeUpdate:
-            desk.venue.begin(step.event_id)
-            engine = desk.engine
-            if isinstance(step.event, FundingRate):
-                events = engine.on_funding(step.event)
-            else:
-                events = engine.on_tick(step.event, step.decisions, step.message.bar_closed)
-            return hedge_update(
-                engine,
-                step.event_id,
-                events,
-                ts_init_ns=step.ts_init_ns,
-                market=step.message.market,
-                targets=step.message.targets,
-                regime=step.message.regime,
-            )
-
         async def attempt() -> bool:
-            desk = await self.desks.current(symbol)
+            desk = await self._ready(symbol)
+            if desk is None:
+                return False
             fresh = fresh_steps(desk.last_seq, steps)
             for _ in range(len(steps) - len(fresh)):
                 self.runtime.skipped(inp)
             if not fresh:
                 return True
-            updates = await asyncio.to_thread(lambda: [work(desk, s) for s in fresh])
-            await self.runtime.send_many([(self.out, symbol, u) for u in updates])
-            if not await self.desks.commit(desk, seq=fresh[-1].seq):
-                log.warning("state_conflict", symbol=symbol, seq=fresh[-1].seq)
+            if not await self._run_market(desk, fresh):
                 return False
             for step in fresh:
                 self.runtime.processed(inp, step.ts_init_ns)
@@ -155,44 +138,110 @@ class Hedger:
         await self._guarded(symbol, attempt)
 
     async def on_order(self, inp: Input, record: Record, step: OrderStep) -> None:
-        def work(desk: Desk) -> hedging_pb2.HedgeUpdate:
-            desk.venue.begin(step.event_id)
-            engine = desk.engine
-            try:  # the books settle exactly the gateway's quote, or nothing moves
-                if step.amount is not None:
-                    events = engine.deposit(
-                        step.product, step.amount, step.ts_ns, step.nav, quoted_units=step.units
-                    )
-                else:
-                    assert step.units is not None
-                    events = engine.redeem(
-                        step.product, step.units, step.ts_ns, step.nav, quoted_payout=step.payout
-                    )
-            except QuoteMismatch as exc:  # a bug in the gateway or the books: loud
-                log.error(
-                    "quote_mismatch", order=step.order_id, product=step.product, error=str(exc)
-                )
-                raise
-            return hedge_update(engine, step.event_id, events, ts_init_ns=step.ts_init_ns)
-
         async def attempt() -> bool:
-            desk = await self.desks.current(step.symbol)
+            desk = await self._ready(step.symbol)
+            if desk is None:
+                return False
             if await self.desks.was_applied(desk, step.order_id):
                 self.runtime.skipped(inp)
                 return True
-            update = await asyncio.to_thread(work, desk)
-            await self.runtime.send(self.out, step.symbol, update)
-            if not await self.desks.commit(desk, order_id=step.order_id):
-                log.warning("state_conflict", symbol=step.symbol, order=step.order_id)
+            if not await self._run_order(desk, step, record.value):
                 return False
             self.runtime.processed(inp, step.ts_init_ns)
             return True
 
         async def refuse(reason: str) -> None:
+            await self.desks.abandon(step.symbol)  # its Inflight: the books refused it
             await self.runtime.reject(inp, record, reason)
             log.error("order_refused", order=step.order_id, product=step.product, reason=reason)
 
         await self._guarded(step.symbol, attempt, refuse)
+
+    async def _ready(self, symbol: str) -> Desk | None:
+        """The symbol's desk, once the input a crash cut short (Inflight) ran first;
+        None: another writer moved the desk (it reloads)."""
+        desk = await self.desks.current(symbol)
+        inflight = desk.inflight
+        if inflight is None:
+            return desk
+        log.warning(
+            "inflight_resumed", symbol=symbol, kind=inflight.kind, events=len(inflight.payloads)
+        )
+        if inflight.kind == MARKET:
+            messages = [codec.decode(leverage_pb2.TargetsUpdate, p) for p in inflight.payloads]
+            try:
+                done = await self._run_market(desk, [self.market_step(m) for m in messages])
+            except MoneyError as exc:  # market input is never refused: a bug, halt
+                raise RuntimeError(f"in-flight market input failed again: {exc}") from exc
+        else:
+            [payload] = inflight.payloads
+            order = self.order_step(codec.decode(orders_pb2.OrderEvent, payload))
+            try:
+                done = await self._run_order(desk, order, payload)
+            except MoneyError:  # refused, as its record will be when it comes again
+                self.desks.drop(symbol)
+                await self.desks.abandon(symbol)
+                return None
+        return desk if done else None
+
+    async def _run_market(self, desk: Desk, steps: list[MarketStep]) -> bool:
+        if desk.inflight is None:
+            payloads = tuple(step.message.SerializeToString() for step in steps)
+            if not await self.desks.begin(desk, Inflight(MARKET, payloads)):
+                return False
+        updates = await asyncio.to_thread(lambda: [self._market_work(desk, s) for s in steps])
+        await self.runtime.send_many([(self.out, desk.symbol, u) for u in updates])
+        if not await self.desks.commit(desk, seq=steps[-1].seq):
+            log.warning("state_conflict", symbol=desk.symbol, seq=steps[-1].seq)
+            return False
+        return True
+
+    async def _run_order(self, desk: Desk, step: OrderStep, payload: bytes) -> bool:
+        if desk.inflight is None and not await self.desks.begin(desk, Inflight(ORDER, (payload,))):
+            return False
+        update = await asyncio.to_thread(self._order_work, desk, step)
+        await self.runtime.send(self.out, step.symbol, update)
+        if not await self.desks.commit(desk, order_id=step.order_id):
+            log.warning("state_conflict", symbol=step.symbol, order=step.order_id)
+            return False
+        return True
+
+    @staticmethod
+    def _market_work(desk: Desk, step: MarketStep) -> hedging_pb2.HedgeUpdate:
+        desk.venue.begin(step.event_id)
+        engine = desk.engine
+        if isinstance(step.event, FundingRate):
+            events = engine.on_funding(step.event)
+        else:
+            events = engine.on_tick(step.event, step.decisions, step.message.bar_closed)
+        return hedge_update(
+            engine,
+            step.event_id,
+            events,
+            ts_init_ns=step.ts_init_ns,
+            market=step.message.market,
+            targets=step.message.targets,
+            regime=step.message.regime,
+        )
+
+    @staticmethod
+    def _order_work(desk: Desk, step: OrderStep) -> hedging_pb2.HedgeUpdate:
+        desk.venue.begin(step.event_id)
+        engine = desk.engine
+        try:  # the books settle exactly the gateway's quote, or nothing moves
+            if step.amount is not None:
+                events = engine.deposit(
+                    step.product, step.amount, step.ts_ns, step.nav, quoted_units=step.units
+                )
+            else:
+                assert step.units is not None
+                events = engine.redeem(
+                    step.product, step.units, step.ts_ns, step.nav, quoted_payout=step.payout
+                )
+        except QuoteMismatch as exc:  # a bug in the gateway or the books: loud
+            log.error("quote_mismatch", order=step.order_id, product=step.product, error=str(exc))
+            raise
+        return hedge_update(engine, step.event_id, events, ts_init_ns=step.ts_init_ns)
 
     async def _guarded(
         self,

@@ -8,6 +8,7 @@ books must equal, to the last digit, `smart_strategy` run in-process on the same
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -28,10 +29,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kafka import KafkaConsumer, KafkaProducer
 from smartlev.v1 import hedging_pb2, leverage_pb2, orders_pb2, venue_pb2, venue_pb2_grpc
 
-from services.hedging.messages import book_states
+from services.hedging.desks import ORDER, Desks, Inflight
+from services.hedging.main import Hedger
+from services.hedging.messages import book_states, order_step, products_by_symbol
 from shared import codec
 from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.market_data import load_bars, load_funding, load_marks
+from shared.adapters.redis_wire import RedisWire
 from shared.adapters.tick_replay import data_dir, file_stem
 from shared.backtest import market_events
 from shared.core.bars import ticks_from_bars
@@ -61,8 +65,11 @@ class Input:
     expected: list[hedging_pb2.ProductBookState]
 
 
-def build_input(config: StrategyConfig) -> Input:
-    """The messages, and the books the in-process strategy ends with on them."""
+def build_input(
+    config: StrategyConfig, late: tuple[int, orders_pb2.OrderEvent] | None = None
+) -> Input:
+    """The messages, and the books the in-process strategy ends with on them; `late`:
+    (k, an open) deposited after the first k market events."""
     stem, root = file_stem(SYMBOL), data_dir()
     interval = config.features.bar_seconds * 1_000_000_000
     end = START + BARS * interval
@@ -93,6 +100,9 @@ def build_input(config: StrategyConfig) -> Input:
         reference.engine.deposit(product, amount, START)
     targets = []
     for seq, event in enumerate(market_events(ticks, funding), start=1):
+        if late is not None and seq == late[0] + 1:
+            opened = late[1].opened
+            reference.engine.deposit(opened.product, Decimal(opened.amount), opened.ts_event_ns)
         if isinstance(event, FundingRate):
             market = codec.market_event_from_funding(event, seq=seq, source="t", ts_init_ns=1)
             targets.append(targets_update(market, SYMBOL, seq, False, "RANGE", [], 1))
@@ -114,7 +124,7 @@ def free_port() -> int:
 
 
 def start(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    handle = log.open("wb")
+    handle = log.open("ab")  # a restarted service goes on in the same log
     return subprocess.Popen(
         [sys.executable, "-m", module],
         cwd=ROOT,
@@ -140,6 +150,17 @@ class Stack:
     metrics: str
     producer: KafkaProducer
     consumer: KafkaConsumer
+    hedging_env: dict[str, str]
+    log: Path
+    hedging: subprocess.Popen[bytes] | None = None
+
+    def start_hedging(self) -> None:
+        self.hedging = start("services.hedging", self.hedging_env, self.log)
+
+    def crash_hedging(self) -> None:
+        assert self.hedging is not None
+        self.hedging.kill()  # SIGKILL: nothing after the last commit is written
+        self.hedging.wait(10)
 
     def fills(self, count: int, timeout_s: float = 60.0) -> list[hedging_pb2.HedgeUpdate]:
         out: list[hedging_pb2.HedgeUpdate] = []
@@ -199,15 +220,10 @@ def stack(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> Iterator[Stac
                 break
             time.sleep(0.1)
             reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-    hedging = start(
-        "services.hedging",
-        {f"SMARTLEV_HEDGING_{k}": v for k, v in common.items()}
-        | {
-            "SMARTLEV_HEDGING_VENUE_ADDRESS": address,
-            "SMARTLEV_HEDGING_METRICS_PORT": str(metrics),
-        },
-        tmp_path / "hedging.log",
-    )
+    hedging_env = {f"SMARTLEV_HEDGING_{k}": v for k, v in common.items()} | {
+        "SMARTLEV_HEDGING_VENUE_ADDRESS": address,
+        "SMARTLEV_HEDGING_METRICS_PORT": str(metrics),
+    }
     producer = KafkaProducer(
         bootstrap_servers=kafka_bootstrap,
         key_serializer=codec.key_serializer,
@@ -217,12 +233,18 @@ def stack(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> Iterator[Stac
     consumer = KafkaConsumer(
         specs[2].name, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
     )
+    stack = Stack(
+        namespace, address, str(metrics), producer, consumer, hedging_env,
+        tmp_path / "hedging.log",
+    )  # fmt: skip
     try:
-        yield Stack(namespace, address, str(metrics), producer, consumer)
+        stack.start_hedging()
+        yield stack
     finally:
         producer.close()
         consumer.close()
-        stop(hedging)
+        if stack.hedging is not None:
+            stop(stack.hedging)
         stop(venue)
         client = redis.Redis.from_url(redis_url)
         keys = list(client.scan_iter(match=f"{namespace}*"))
@@ -263,3 +285,55 @@ def test_hedging_books_equal_the_in_process_strategy(stack: Stack) -> None:
     inputs = len(data.orders) + len(data.targets) + 1
     assert stack.metric("smartlev_stream_batch_events_sum") == inputs
     assert 1 <= stack.metric("smartlev_stream_batch_events_count") <= inputs
+
+
+async def cut_short(stack: Stack, redis_url: str, config: StrategyConfig, order: object) -> None:
+    """What a hedging process killed inside an order does: its Inflight written, the
+    venue's transfer and hedge made, no commit (hedging's own Desks and order work)."""
+    assert isinstance(order, orders_pb2.OrderEvent)
+    wire = RedisWire.from_url(redis_url)
+    channel = grpc.insecure_channel(stack.venue_address)
+    try:
+        desks = Desks(wire, config, channel, namespace=stack.namespace)
+        desk = await desks.current(SYMBOL)
+        assert await desks.begin(desk, Inflight(ORDER, (order.SerializeToString(),)))
+        step = order_step(order, products_by_symbol(config))
+        await asyncio.to_thread(Hedger._order_work, desk, step)
+    finally:
+        channel.close()
+        await wire.aclose()
+
+
+def test_an_order_cut_short_by_a_crash_runs_before_the_next_market_event(
+    stack: Stack, redis_url: str
+) -> None:
+    """Killed inside an order, hedging restarts and takes a market event first: the order
+    must run first all the same (from the state it began on, its venue calls are the
+    ones the venue recorded), or the venue's account and the books part and the symbol
+    halts. The books end as the in-process strategy's with the order in that place."""
+    config = StrategyConfig()
+    k = 40
+    late = orders_pb2.OrderEvent(
+        opened=orders_pb2.PositionOpened(
+            event_id="late-0", position_id="late", user_id="u", product=f"{SYMBOL}:LONG",
+            ts_event_ns=START + 1, ts_init_ns=START + 1, amount="5000",
+        )
+    )  # fmt: skip
+    data = build_input(config, late=(k, late))
+    ns = stack.namespace
+    stack.send(f"{ns}orders.events", list(data.orders))
+    stack.send(f"{ns}leverage.targets", data.targets[:k])
+    assert len(stack.fills(len(data.orders) + k)) == len(data.orders) + k
+
+    stack.crash_hedging()
+    asyncio.run(cut_short(stack, redis_url, config, late))
+    stack.send(f"{ns}leverage.targets", [data.targets[k]])  # on the topic before the order
+    stack.start_hedging()
+    resumed = stack.fills(2)
+    assert [u.event_id for u in resumed] == [f"{SYMBOL}:order:late-0", f"{SYMBOL}:{k + 1}"]
+
+    stack.send(f"{ns}orders.events", [late])  # its own record comes at last: skipped
+    stack.send(f"{ns}leverage.targets", data.targets[k + 1 :])
+    rest = stack.fills(len(data.targets) - k - 1)
+    assert len(rest) == len(data.targets) - k - 1
+    assert list(rest[-1].products) == data.expected  # every field, every digit
