@@ -114,6 +114,53 @@ def build_ingestor(
     return ingestor, producer, client
 
 
+class Attempts:
+    """The attempts of one source: each gets a fresh ingestor (the previous one's producer
+    and Redis client closed); after a transient failure (`shared.transient`) it says why
+    (`on_retry`; None once running again) and sets the pause, doubling up to the max;
+    any other failure is raised."""
+
+    def __init__(
+        self,
+        settings: IngestionSettings,
+        build: Callable[[], tuple[Ingestor, Any, Any]],
+        on_retry: Callable[[str | None], None],
+    ) -> None:
+        self._build = build
+        self.on_retry = on_retry
+        self.pause = settings.retry_backoff_s
+        self.max_pause = settings.retry_backoff_max_s
+        self.retries = 0
+        self._clients: tuple[Any, Any] | None = None
+
+    def build(self) -> Ingestor:
+        self.close()
+        ingestor, producer, client = self._build()
+        self._clients = (producer, client)
+        self.on_retry(None)
+        return ingestor
+
+    def failed(self, exc: Exception) -> float:
+        """The pause before the next attempt (after closing this one's clients)."""
+        self.close()
+        if not is_transient(exc):
+            raise exc
+        self.retries += 1
+        reason = f"{type(exc).__name__}: {exc}"
+        log.warning("source_retry", error=reason, pause_s=self.pause, retries=self.retries)
+        self.on_retry(f"retrying after {reason}")
+        pause, self.pause = self.pause, min(self.pause * 2, self.max_pause)
+        return pause
+
+    def close(self) -> None:
+        if self._clients is None:
+            return
+        (producer, client), self._clients = self._clients, None
+        with contextlib.suppress(Exception):  # a broker that is down: drop it
+            producer.close(timeout=5)
+        client.close()
+
+
 def run_with_retries(
     settings: IngestionSettings,
     build: Callable[[], tuple[Ingestor, Any, Any]],
@@ -125,43 +172,29 @@ def run_with_retries(
 ) -> Summary:
     """Publish a finite source to its end, whatever the broker and Redis do meanwhile.
 
-    A transient failure (`shared.transient`) drops the producer and the Redis client
-    and, after a pause doubling up to the max, starts over exactly as a restarted
-    process would: state loaded from Redis and the topic's tail, events already
-    published skipped. `on_retry` gets the reason while waiting, None once running."""
-    pause = settings.retry_backoff_s
-    retries = 0
-    while True:
-        ingestor = producer = client = None
-        try:
-            ingestor, producer, client = build()
-            on_retry(None)
-            summary = run_finite(
-                ingestor,
-                settings.symbol,
-                events,
-                speed=settings.speed_factor,
-                batch_size=settings.batch_size,
-                stop=stop,
-                progress=progress,
-            )
-            return dataclasses.replace(summary, retries=retries)
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            retries += 1
-            reason = f"{type(exc).__name__}: {exc}"
-            log.warning("source_retry", error=reason, pause_s=pause, retries=retries)
-            on_retry(f"retrying after {reason}")
-        finally:
-            if producer is not None:
-                with contextlib.suppress(Exception):  # a broker that is down: drop it
-                    producer.close(timeout=5)
-            if client is not None:
-                client.close()
-        if stop.wait(pause):
-            raise InterruptedError("stopped while waiting to retry")
-        pause = min(pause * 2, settings.retry_backoff_max_s)
+    A transient failure drops the producer and the Redis client and, after the pause,
+    starts over exactly as a restarted process would: state loaded from Redis and the
+    topic's tail, events already published skipped (`Attempts`)."""
+    attempts = Attempts(settings, build, on_retry)
+    try:
+        while True:
+            try:
+                summary = run_finite(
+                    attempts.build(),
+                    settings.symbol,
+                    events,
+                    speed=settings.speed_factor,
+                    batch_size=settings.batch_size,
+                    stop=stop,
+                    progress=progress,
+                )
+                return dataclasses.replace(summary, retries=attempts.retries)
+            except Exception as exc:  # `failed` raises what is not transient
+                pause = attempts.failed(exc)
+            if stop.wait(pause):
+                raise InterruptedError("stopped while waiting to retry")
+    finally:
+        attempts.close()
 
 
 def print_summary(summary: Summary) -> None:
@@ -249,12 +282,13 @@ async def _serve_source(
     failure: list[str] = []
     retrying: list[str | None] = [None]  # why the source waits to retry, if it does
     current: list[Ingestor] = []  # the ingestor of the running attempt
-    opened: list[Any] = []  # live: the producer and Redis client to close at the end
 
     def build() -> tuple[Ingestor, Any, Any]:
         built = build_ingestor(settings, metrics)
         current[:] = [built[0]]
         return built
+
+    live = Attempts(settings, build, lambda why: retrying.__setitem__(0, why))
 
     def feed_check() -> CheckResult:
         if failure:
@@ -271,11 +305,13 @@ async def _serve_source(
     halt = threading.Event()
     work: asyncio.Future[Any]
     if settings.source == "live":
-        ingestor, *clients = await asyncio.to_thread(build)
-        opened.extend(clients)
+
+        async def failed(exc: Exception) -> None:
+            await asyncio.sleep(await asyncio.to_thread(live.failed, exc))
+
         freeze_heap()  # shared/heap.py
         messages = ccxt_messages(settings.symbol)
-        work = asyncio.ensure_future(run_live(ingestor, settings.symbol, messages))
+        work = asyncio.ensure_future(run_live(live.build, settings.symbol, messages, failed))
     else:
         job = functools.partial(
             run_with_retries,
@@ -308,8 +344,7 @@ async def _serve_source(
         stopping.cancel()
         with contextlib.suppress(BaseException):
             await work
-        for client in opened:
-            await asyncio.to_thread(client.close)
+        await asyncio.to_thread(live.close)
 
 
 def _parser() -> argparse.ArgumentParser:

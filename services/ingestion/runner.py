@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from services.ingestion.binance import BinanceFeed, FeedError, ccxt_symbol
@@ -146,26 +146,49 @@ def run_finite(
     )
 
 
-def handle_live(ingestor: Ingestor, feed: BinanceFeed, message: object) -> BinanceFeed:
-    """One exchange payload: publish what it implies, or dead-letter it; commit."""
+def handle_live(
+    ingestor: Ingestor, feed: BinanceFeed, message: object, after: OrderKey | None = None
+) -> BinanceFeed:
+    """One exchange payload: publish what it implies (but what is at or before `after`,
+    published by an attempt a failure cut short), or dead-letter it; commit."""
     try:
         feed, events = feed.on_message(message)
     except FeedError as exc:
         raw = message if isinstance(message, bytes) else str(message).encode("utf-8")
         ingestor.dead_letter(feed.symbol, raw[:4096], Rejected(Reason.PARSE, str(exc)))
         events = []
-    for event in events:
+    for event in Resume(events, after):
         ingestor.submit(event)
     ingestor.commit()
     return feed
 
 
-async def run_live(ingestor: Ingestor, symbol: str, messages: AsyncIterator[object]) -> None:
-    """The live loop: blocking Kafka/Redis work runs in a worker thread."""
+async def run_live(
+    build: Callable[[], Ingestor],
+    symbol: str,
+    messages: AsyncIterator[object],
+    failed: Callable[[Exception], Awaitable[None]],
+) -> None:
+    """The live loop (blocking Kafka/Redis work in a worker thread). A failure of the
+    broker or Redis goes to `failed` (which raises if it is not transient, else waits);
+    then a fresh ingestor takes the message in hand again, skipping what the cut-short
+    attempt had published, and the feed goes on."""
     feed = BinanceFeed(symbol)
-    await asyncio.to_thread(ingestor.state, symbol)
-    async for message in messages:
-        feed = await asyncio.to_thread(handle_live, ingestor, feed, message)
+    in_hand: object | None = None
+    while True:
+        try:
+            ingestor = await asyncio.to_thread(build)
+            if in_hand is not None:
+                last = (await asyncio.to_thread(ingestor.state, symbol)).last_key
+                feed = await asyncio.to_thread(handle_live, ingestor, feed, in_hand, last)
+                in_hand = None
+            async for message in messages:
+                in_hand = message
+                feed = await asyncio.to_thread(handle_live, ingestor, feed, message)
+                in_hand = None
+            return
+        except Exception as exc:  # `failed` raises what is not transient
+            await failed(exc)
 
 
 async def ccxt_messages(

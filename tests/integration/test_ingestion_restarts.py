@@ -1,4 +1,5 @@
-"""Ingestion keeps publishing through a Redis restart, and publishes every event once.
+"""Ingestion keeps publishing through a Redis restart, and publishes every event once:
+a replay, and the live feed.
 
 A private redis-server (its own port and append-only file, so the shared one and other
 runs never notice) holds ingestion's state while `python -m services.ingestion replay`
@@ -6,22 +7,34 @@ publishes a paced real slice to the shared broker. Mid-replay the server is kill
 -9 (the last second of its AOF may be lost) and started again on the same files, which
 it then reloads (`BusyLoadingError` until done). The replay must wait, rebuild, resume
 (`run_with_retries`) and end with exit 0: `market.ticks` then holds seq 1..n, each once,
-in the backtester's order.
+in the backtester's order. The live feed (`run_live`, fed exchange trade messages made
+from real hourly closes) must do the same: rebuild, take the message in hand again and
+go on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 from smartlev.v1 import market_pb2
 
+from services.ingestion.config import IngestionSettings
+from services.ingestion.main import Attempts, build_ingestor
+from services.ingestion.publisher import IngestionMetrics
+from services.ingestion.runner import run_live
+from shared.adapters.market_data import load_bars
+from shared.adapters.tick_replay import data_dir
+from shared.core.market import NS_PER_HOUR
 from shared.pipeline_runner import PYTHON, ROOT, free_port, new_namespace, replay_args
 from shared.topics import MARKET_TICKS
 from tests.chaos.faults import read_topic
@@ -121,3 +134,67 @@ def test_replay_survives_a_redis_restart_and_publishes_each_event_once(
     ticks = sum(1 for e in events if e.HasField("tick"))
     assert ticks == 4 * 24 * 4, f"{ticks} ticks published, the slice has {4 * 24 * 4}"
     print(f"\ningestion across a Redis restart: {summary}")
+
+
+def trade_messages(count: int) -> list[dict[str, object]]:
+    """Binance aggTrade payloads at real BTC hourly closes from 2021-05-12 (the crash)."""
+    start = 1_620_777_600 * 10**9
+    bars, _ = load_bars(
+        data_dir() / "BTCUSDT_perp_1h_2019_2023.csv",
+        "BTC-USDT",
+        start_ns=start,
+        end_ns=start + count * NS_PER_HOUR,
+    )
+    return [
+        {"e": "aggTrade", "s": "BTCUSDT", "a": i, "p": str(bar.close),
+         "q": "0.001", "T": (bar.open_ts_ns + NS_PER_HOUR) // 10**6 - 1, "m": False}
+        for i, bar in enumerate(bars)
+    ]  # fmt: skip
+
+
+async def test_the_live_feed_survives_a_redis_restart_and_publishes_each_trade_once(
+    kafka_bootstrap: str, private_redis: PrivateRedis
+) -> None:
+    namespace = new_namespace()
+    settings = IngestionSettings(
+        namespace=namespace,
+        kafka={"bootstrap": kafka_bootstrap},
+        redis={"url": private_redis.url},
+        source="live",
+        retry_backoff_s=0.2,
+    )
+    trades = trade_messages(200)
+    said: list[str | None] = []
+    attempts = Attempts(
+        settings, lambda: build_ingestor(settings, IngestionMetrics(CollectorRegistry())),
+        said.append,
+    )  # fmt: skip
+    restarted: list[asyncio.Task[None]] = []
+
+    async def exchange() -> AsyncIterator[object]:
+        for n, trade in enumerate(trades):
+            if n == 100:  # Redis dies mid-stream and is back 1.5 s later
+                private_redis.kill()
+                restarted.append(asyncio.create_task(restart_later()))
+            yield json.dumps(trade)
+
+    async def restart_later() -> None:
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(private_redis.start)
+
+    async def failed(exc: Exception) -> None:
+        await asyncio.sleep(await asyncio.to_thread(attempts.failed, exc))
+
+    try:
+        await asyncio.wait_for(run_live(attempts.build, "BTC-USDT", exchange(), failed), 60)
+    finally:
+        await asyncio.to_thread(attempts.close)
+        await asyncio.gather(*restarted)
+    assert attempts.retries >= 1, "Redis was down and nothing was retried?"
+    assert any(why and why.startswith("retrying after") for why in said) and said[-1] is None
+
+    topic = MARKET_TICKS.in_namespace(namespace).name
+    events = read_topic(kafka_bootstrap, topic, market_pb2.MarketEvent)
+    ticks = [e.tick for e in events]
+    assert [t.seq for t in ticks] == list(range(1, len(trades) + 1)), "a seq lost or reused"
+    assert [t.price for t in ticks] == [trade["p"] for trade in trades]  # each once, in order
