@@ -287,6 +287,19 @@ def test_hedging_books_equal_the_in_process_strategy(stack: Stack) -> None:
     assert 1 <= stack.metric("smartlev_stream_batch_events_count") <= inputs
 
 
+def committed_through(redis_url: str, meta_key: str, seq: int, timeout_s: float = 15.0) -> None:
+    """Wait until hedging's desk has committed market seq `seq` (its HedgeUpdates are
+    published before the commit)."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while int(client.hget(meta_key, "offset:seq") or 0) < seq:
+            assert time.monotonic() < deadline, f"seq {seq} never committed"
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
 async def cut_short(stack: Stack, redis_url: str, config: StrategyConfig, order: object) -> None:
     """What a hedging process killed inside an order does: its Inflight written, the
     venue's transfer and hedge made, no commit (hedging's own Desks and order work)."""
@@ -322,8 +335,10 @@ def test_an_order_cut_short_by_a_crash_runs_before_the_next_market_event(
     data = build_input(config, late=(k, late))
     ns = stack.namespace
     stack.send(f"{ns}orders.events", list(data.orders))
+    assert len(stack.fills(len(data.orders))) == len(data.orders)  # deposits first, as above
     stack.send(f"{ns}leverage.targets", data.targets[:k])
-    assert len(stack.fills(len(data.orders) + k)) == len(data.orders) + k
+    assert len(stack.fills(k)) == k
+    committed_through(redis_url, f"{ns}hedge:{{{SYMBOL}}}:meta", k)  # outputs go first
 
     stack.crash_hedging()
     asyncio.run(cut_short(stack, redis_url, config, late))
