@@ -8,7 +8,9 @@ and `orders.events` (user opens and closes); per symbol, runs the core `Engine` 
 Failures:
 - a redelivered market event (seq at or below the last applied) or order (id applied)
   is skipped; a re-run after a crash makes the same venue calls with the same ids, which
-  the venue answers from its record;
+  the venue answers from its record: the input an event began on is written before its
+  first venue call (desks.Inflight), and a desk loaded with one runs it before anything
+  else, whichever topic's record comes first after the restart;
 - a transient failure (venue, Redis or Kafka unreachable) reloads the symbol's desk from
   Redis and retries the event until it goes through;
 - anything else, a `BooksOutOfBalance` first of all, is a bug: it is logged loudly, the
