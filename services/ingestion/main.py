@@ -35,7 +35,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from services.ingestion.config import IngestionSettings, parse_time
 from services.ingestion.producer import BatchProducer
 from services.ingestion.publisher import IngestionMetrics, Ingestor
-from services.ingestion.runner import Summary, ccxt_messages, run_finite, run_live
+from services.ingestion.runner import (
+    Summary,
+    ccxt_messages,
+    longest_gap_s,
+    run_finite,
+    run_live,
+)
 from services.ingestion.store import SeqStore, topic_recovery
 from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, synthetic_stream
 from services.ingestion.validation import MarketValue, Policy
@@ -282,6 +288,7 @@ async def _serve_source(
     failure: list[str] = []
     retrying: list[str | None] = [None]  # why the source waits to retry, if it does
     current: list[Ingestor] = []  # the ingestor of the running attempt
+    stale_limit = [settings.stale_after_s]  # a paced replay adds its longest wait
 
     def build() -> tuple[Ingestor, Any, Any]:
         built = build_ingestor(settings, metrics)
@@ -298,8 +305,8 @@ async def _serve_source(
         if finished.is_set() or not wall_clock_feed or not current:
             return True
         age = current[0].staleness()
-        limit = settings.stale_after_s
-        return True if age <= limit else f"stale: no event for {age:.1f}s (max {limit}s)"
+        limit = stale_limit[0]
+        return True if age <= limit else f"stale: no event for {age:.1f}s (max {limit:.0f}s)"
 
     health.register("feed", feed_check)
     halt = threading.Event()
@@ -313,11 +320,14 @@ async def _serve_source(
         messages = ccxt_messages(settings.symbol)
         work = asyncio.ensure_future(run_live(live.build, settings.symbol, messages, failed))
     else:
+        events = events_to_publish(settings)
+        if settings.speed_factor is not None:  # events 20 minutes apart at 1x are not late
+            stale_limit[0] += longest_gap_s(events) / settings.speed_factor
         job = functools.partial(
             run_with_retries,
             settings,
             build,
-            events_to_publish(settings),
+            events,
             stop=halt,
             on_retry=lambda why: retrying.__setitem__(0, why),
         )

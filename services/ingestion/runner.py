@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -64,6 +65,14 @@ def paced(
                 first = ts
             due = max(due, (ts - first) / 1e9 / speed)
         yield due, event
+
+
+def longest_gap_s(events: Iterable[MarketValue]) -> float:
+    """The longest stretch of event time between consecutive valid events (seconds): a
+    replay paced at `speed` waits up to this / speed for its next event, and is not
+    stale meanwhile."""
+    times = [event.ts_ns for event in events if check(event) is None]
+    return max((b - a for a, b in itertools.pairwise(times)), default=0) / 1e9
 
 
 def wait_before(due_s: float, elapsed_s: float) -> float:

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.ingestion.runner import PACE_GRANULARITY_S, Resume, paced, wait_before
+from services.ingestion.runner import (
+    PACE_GRANULARITY_S,
+    Resume,
+    longest_gap_s,
+    paced,
+    wait_before,
+)
 from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, synthetic_stream
 from services.ingestion.validation import EMPTY, Accepted, Policy, admit, order_key
 from shared.core.market import FundingRate, Tick
@@ -64,6 +70,21 @@ def test_spec_validation() -> None:
         SyntheticSpec(scenario="moon")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         SyntheticSpec(start_price=Decimal("100.05"))
+
+
+def test_a_paced_replay_may_wait_its_longest_gap_without_being_stale() -> None:
+    """The health check adds longest_gap_s / speed to the staleness limit: real OHLC ticks
+    are 20 minutes of event time apart, 20 minutes of wall time at 1x."""
+    s = 10**9
+    events = [
+        Tick("BTC-USDT", 100 * s, Decimal(1)),
+        FundingRate("BTC-USDT", 160 * s, Decimal("0.0001")),
+        Tick("BTC-USDT", 130 * s, Decimal(-1)),  # invalid: not part of the schedule
+        Tick("BTC-USDT", 1360 * s, Decimal(2)),
+    ]
+    assert longest_gap_s(events) == 1200.0
+    assert longest_gap_s(events[:1]) == 0.0
+    assert longest_gap_s([]) == 0.0
 
 
 def test_paced_schedules_event_time_from_the_first_event() -> None:
