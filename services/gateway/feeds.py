@@ -106,40 +106,51 @@ class StreamFeed:
     ) -> AsyncIterator[Subscriber]:
         """A stream's subscription: NAV updates of `products`, and with a `user` that
         user's order events. FeedUnavailable (nothing subscribed) when a topic nobody
-        followed cannot be followed from its end."""
+        followed cannot be followed from its end. The ends are read outside the lock
+        (each stream waits at most FOLLOW_TIMEOUT_S); counts, seeks, pauses and resumes
+        change under it, and a subscription whose view of the idle topics moved while it
+        read them looks again."""
         subscriber = Subscriber(products, user, asyncio.Queue(self.queue_size))
         topics = [self.nav_topic] if user is None else [self.nav_topic, self.orders_topic]
-        async with self._switch:
-            idle = [
-                tp for topic in topics if not self._streams[topic] for tp in self.partitions[topic]
-            ]
-            if idle:
-                await self._follow(idle)
-            for topic in topics:
-                self._streams[topic] += 1
-            self.subscribers.add(subscriber)
+        while True:
+            idle = self._idle(topics)
+            ends = await self._ends(idle) if idle else {}
+            async with self._switch:
+                if self._idle(topics) != idle:
+                    continue
+                for partition, end in ends.items():
+                    self.consumer.seek(partition, end)
+                if idle:
+                    self.consumer.resume(*idle)
+                for topic in topics:
+                    self._streams[topic] += 1
+                self.subscribers.add(subscriber)
+                break
         open_streams = SUBSCRIBERS.labels("nav" if user is None else "positions")
         open_streams.inc()
         try:
             yield subscriber
         finally:
-            self.subscribers.discard(subscriber)
             open_streams.dec()
-            for topic in topics:
-                self._streams[topic] -= 1
-                if not self._streams[topic]:
-                    self.consumer.pause(*self.partitions[topic])
+            async with self._switch:
+                self.subscribers.discard(subscriber)
+                for topic in topics:
+                    self._streams[topic] -= 1
+                    if not self._streams[topic]:
+                        self.consumer.pause(*self.partitions[topic])
 
-    async def _follow(self, partitions: list[TopicPartition]) -> None:
-        """Fetch `partitions` from their current end on (a paused partition's position is
-        wherever its last stream left it). Changes nothing if the ends cannot be read."""
+    def _idle(self, topics: list[str]) -> list[TopicPartition]:
+        """The partitions of `topics` that no stream follows (paused)."""
+        return [tp for topic in topics if not self._streams[topic] for tp in self.partitions[topic]]
+
+    async def _ends(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where `partitions` end now: a stream that starts following them reads on from
+        there (a paused partition's position is wherever its last stream left it)."""
         try:
             ends = await asyncio.wait_for(self.consumer.end_offsets(partitions), FOLLOW_TIMEOUT_S)
         except (KafkaError, TimeoutError) as exc:
             raise FeedUnavailable(f"cannot read where {partitions[0].topic} ends: {exc!r}") from exc
-        for partition in partitions:
-            self.consumer.seek(partition, ends[partition])
-        self.consumer.resume(*partitions)
+        return dict(ends)
 
     def publish(self, update: nav_pb2.NavUpdated) -> None:
         for subscriber in list(self.subscribers):

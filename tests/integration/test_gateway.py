@@ -823,6 +823,40 @@ async def test_the_feed_fetches_only_the_topics_that_open_streams_follow(env: En
     second.cancel()
 
 
+async def test_a_stream_ending_while_another_starts_leaves_no_followed_topic_paused(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A position stream starts (reading where orders.events ends, slowly here) while the
+    only NAV stream ends: nav.updates must still be fetched once the position stream is
+    in, which follows it too (it stayed paused with a follower: no NAV ever again)."""
+    navs_topic = NAV_UPDATES.in_namespace(env.ns).name
+    before = {kind: open_streams(kind) for kind in ("nav", "positions")}
+    nav = env.stub.StreamNav(gateway_pb2.StreamNavRequest(products=[PRODUCT]), metadata=ALICE)
+    assert (await read_while_publishing(env, nav, [(PRODUCT, "101")])).nav == "101"
+    consumer = env.server.feed.consumer
+    real_end_offsets = consumer.end_offsets
+
+    async def slow_end_offsets(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        await asyncio.sleep(0.5)
+        ends: dict[TopicPartition, int] = await real_end_offsets(partitions)
+        return ends
+
+    monkeypatch.setattr(consumer, "end_offsets", slow_end_offsets)
+    positions = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
+    await asyncio.sleep(0.2)  # the position stream is reading where orders.events ends
+    nav.cancel()
+    await until_streams("nav", before["nav"])
+    await until_streams("positions", before["positions"] + 1)
+    assert paused_topics(env) == set()
+    await env.set_nav(PRODUCT, NAV)
+    await env.open("held")  # a position for the stream to show NAV moves of
+    assert (await asyncio.wait_for(positions.read(), 10)).product == PRODUCT
+    moved = await read_while_publishing(env, positions, [(PRODUCT, "130.5")])
+    assert moved.nav == "130.5"
+    assert navs_topic not in paused_topics(env)
+    positions.cancel()
+
+
 async def test_a_stream_that_cannot_reach_kafka_to_start_ends_unavailable(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
