@@ -288,6 +288,11 @@ class Books:
         self.insurance_fund -= amount
         return InsuranceClaimPaid(book.product, ts_ns, amount, equity_before)
 
+    def scale_floor(self, product: str, ratio: Decimal) -> None:
+        """An order scaled the product's position with its equity: the floor too."""
+        book = self.products[product]
+        book.equity_floor = usdt_down(book.equity_floor * ratio)
+
     def mark_rebalanced(self, product: str, price: Decimal, floor_fraction: Decimal) -> None:
         """Set the equity the insurance fund guarantees until the next rebalance."""
         book = self.products[product]

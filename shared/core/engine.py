@@ -197,9 +197,10 @@ class Engine:
         the same NAV at any price), or at the `nav` the gateway quoted, and is hedged to
         target at once. An order the books would settle otherwise than `quoted_units`
         raises QuoteMismatch before the venue hears of it."""
+        equity = self._equity(product)
         issued = self.books.issue(product, amount, self.price, ts_ns, nav, quoted_units)
         self.venue.transfer(amount - issued.fee)
-        return self._after_order(product, ts_ns, issued)
+        return self._after_order(product, ts_ns, issued, equity)
 
     def redeem(
         self,
@@ -209,15 +210,29 @@ class Engine:
         nav: Decimal | None = None,
         quoted_payout: Decimal | None = None,
     ) -> list[object]:
+        equity = self._equity(product)
         redeemed = self.books.redeem(product, units, self.price, ts_ns, nav, quoted_payout)
         self.venue.transfer(-redeemed.gross)
-        return self._after_order(product, ts_ns, redeemed)
+        return self._after_order(product, ts_ns, redeemed, equity)
 
-    def _after_order(self, product: str, ts_ns: int, event: object) -> list[object]:
-        """Hedge the order at once; before the first price, the first tick will."""
+    def _equity(self, product: str) -> Decimal:
+        return self.books.products[product].equity(self.price) if self.price else ZERO
+
+    def _after_order(
+        self, product: str, ts_ns: int, event: object, equity_before: Decimal
+    ) -> list[object]:
+        """Hedge the order at once, at the product's own leverage: its position and its
+        insurance floor move with its equity. Re-levering it to target instead would move
+        the leverage its controller tracks from the last rebalance, unseen, and with it
+        the emergency trigger (a deposit after a rally took a 5x product to 60x on the way
+        back down, NAV below zero). A product with no position yet goes to target; before
+        the first price, the first tick does it."""
         events: list[object] = [event]
         if self.price:
-            self._rebalance(ts_ns, [(product, False)], events)
+            if self.books.products[product].qty and equity_before > 0:
+                self._scale(product, equity_before, ts_ns, events)
+            else:
+                self._rebalance(ts_ns, [(product, False)], events)
             claim = self.books.cover_empty(product, self.price, ts_ns)
             if claim is not None:
                 self.venue.transfer(claim.amount)
@@ -225,6 +240,19 @@ class Engine:
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)
         return events
+
+    def _scale(
+        self, product: str, equity_before: Decimal, ts_ns: int, events: list[object]
+    ) -> None:
+        book = self.books.products[product]
+        ratio = book.equity(self.price) / equity_before
+        wanted = to_step(book.qty * ratio, self.spec.lot_step) if ratio > 0 else ZERO
+        if wanted != book.qty:
+            change = [PositionChange(product, wanted - book.qty)]
+            hedge = execute_netted(self.venue, ts_ns, change, self.price, self.hedging)
+            self.books.apply_hedge(hedge)
+            events.append(hedge)
+        self.books.scale_floor(product, max(ratio, ZERO))
 
     def _rebalance(
         self, ts_ns: int, requests: list[tuple[str, bool]], events: list[object]

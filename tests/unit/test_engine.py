@@ -15,9 +15,9 @@ from shared.core.accounting import BooksOutOfBalance
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine, SignalPipeline, Strategy
 from shared.core.events import HedgeExecuted, InsuranceClaimPaid, LeverageTargetChanged
-from shared.core.leverage import Controller, SmartLeverageController
-from shared.core.market import NS_PER_DAY, NS_PER_HOUR, Side
-from shared.core.products import smart_controllers, smart_engine
+from shared.core.leverage import Controller, LeverageConfig, SmartLeverageController
+from shared.core.market import NS_PER_DAY, NS_PER_HOUR, Side, Tick
+from shared.core.products import smart_controllers, smart_engine, smart_strategy
 from shared.core.venue import PerpVenue
 from tests.unit.core_stubs import (
     LONG,
@@ -288,3 +288,38 @@ def test_the_last_holder_leaving_never_leaves_a_deficit_for_the_next_depositor()
     )
     assert engine.books.insurance_fund == fund_before + share - claims[0].amount
     engine.books.check_balanced(engine.venue, engine.price)
+
+
+@pytest.mark.parametrize("order", ["deposit", "redeem"])
+def test_an_order_keeps_the_products_leverage_so_the_emergency_rule_still_holds(
+    order: str,
+) -> None:
+    """A 5x long after a rally is at ~2.8x; an order must not re-lever it to target
+    behind its controller's back: the controller measures leverage from its last
+    rebalance, and its emergency trigger with it. Re-levered, the way back down took the
+    product past 60x and its NAV below zero before any emergency fired."""
+    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
+    strategy = smart_strategy("BTC-USDT", config)
+    engine = strategy.engine
+    for product in (f"{SYMBOL}:LONG", f"{SYMBOL}:SHORT"):
+        engine.deposit(product, Decimal(1_000_000), 0)
+    ts = 0
+
+    def tick(price: str) -> None:
+        nonlocal ts
+        ts += 1
+        strategy.on_tick(Tick(SYMBOL, ts, Decimal(price)), None)
+
+    for price in ("30000", "31500", "33000", "34500", "36000", "37500"):
+        tick(price)
+    long = engine.books.products[f"{SYMBOL}:LONG"]
+    before = long.leverage(Decimal(37500))
+    if order == "deposit":
+        engine.deposit(long.product, Decimal(250_000), ts)
+    else:
+        engine.redeem(long.product, long.units / 3, ts)
+    assert abs(long.leverage(Decimal(37500)) - before) < Decimal("0.01")
+    for price in ("36000", "34500", "33000", "31500", "30500", "30000", "29500", "29000"):
+        tick(price)
+        assert engine.nav(long.product) > 0
+        assert long.leverage(Decimal(price)) <= Decimal(config.leverage.l_max) * 2
