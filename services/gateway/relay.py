@@ -14,6 +14,7 @@ one or two.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterable
 
@@ -52,7 +53,6 @@ class OutboxRelay:
         self.symbols = tuple(symbols)
         self.poll_s = poll_s
         self.linger_s = linger_s
-        self.last_ok: float | None = None  # time.monotonic() of the last clean sweep
         self._wake = asyncio.Event()
         self._dirty: set[str] = set()
 
@@ -81,25 +81,28 @@ class OutboxRelay:
         """Flush `symbols` (None: all of them)."""
         chosen = self.symbols if symbols is None else tuple(symbols)
         counts = await asyncio.gather(*(self.flush(s) for s in chosen))
-        if symbols is None:
-            self.last_ok = time.monotonic()
         return sum(counts)
 
     async def run(self) -> None:
         """Until cancelled: every symbol first (what a previous run left goes out first)
-        and every `poll_s`, the woken symbols when woken; a failed sweep is logged and
-        its entries go out with the next full one."""
-        woken = False
+        and again at least every `poll_s`, however often settles wake it (entries a
+        failed sweep, a crash or another instance left would otherwise wait for a quiet
+        moment); the woken symbols in between. A failed sweep is logged."""
+        full_at = -math.inf
         while True:
+            now = time.monotonic()
+            full = now - full_at >= self.poll_s
+            if full:
+                full_at = now
             dirty, self._dirty = self._dirty, set()
             try:
-                await self.sweep(dirty if woken else None)
+                await self.sweep(None if full else dirty)
             except (KafkaError, RedisError, OSError) as exc:
                 log.warning("outbox_sweep_failed", error=f"{type(exc).__name__}: {exc}")
+            until_full = self.poll_s - (time.monotonic() - full_at)
             try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
-                woken = True
+                await asyncio.wait_for(self._wake.wait(), max(until_full, 0))
                 await asyncio.sleep(self.linger_s)
             except TimeoutError:
-                woken = False
+                pass
             self._wake.clear()

@@ -28,6 +28,7 @@ from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2, orde
 from services.gateway.config import GatewaySettings
 from services.gateway.ledger import Snapshot
 from services.gateway.main import GatewayServer
+from services.gateway.relay import OutboxRelay
 from services.hedging.messages import order_step, products_by_symbol
 from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.redis_wire import RedisWire
@@ -571,6 +572,41 @@ async def test_outbox_republishes_after_a_crash_between_ack_and_delete(quiet_env
     products = products_by_symbol(StrategyConfig())
     assert {order_step(e, products).order_id for e in events} == {opened.order_id}
     assert await env.server.relay.flush("BTC-USDT") == 0
+
+
+async def test_entries_left_in_an_outbox_go_out_while_other_symbols_keep_the_relay_busy(
+    quiet_env: Env,
+) -> None:
+    """A relay sweeps every symbol at least every poll_s, however often settles of
+    another symbol wake it: an entry a failed sweep, a crash or another instance left
+    must not wait for a quiet moment."""
+    env = quiet_env
+    server = env.server
+    relay = OutboxRelay(
+        server.ledger,
+        server.producer,
+        ORDERS_EVENTS.in_namespace(env.ns).name,
+        StrategyConfig().instruments,
+        poll_s=0.3,
+        linger_s=0.02,
+    )  # fmt: skip  (another instance's relay: this gateway's own does not run here)
+
+    async def eth_settles() -> None:
+        while True:
+            relay.wake("ETH-USDT")
+            await asyncio.sleep(0.05)
+
+    tasks = [asyncio.create_task(relay.run()), asyncio.create_task(eth_settles())]
+    try:
+        await asyncio.sleep(0.5)  # the relay's first full sweep is behind it
+        await env.set_nav(PRODUCT, NAV)
+        opened = await env.open("left-behind", "100")  # wakes nothing this relay hears
+        events = await env.events(1, timeout_s=5)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert [e.opened.event_id for e in events] == [opened.order_id]
 
 
 # --------------------------------------------------------------------------- validation
