@@ -582,6 +582,7 @@ async def test_entries_left_in_an_outbox_go_out_while_other_symbols_keep_the_rel
     must not wait for a quiet moment."""
     env = quiet_env
     server = env.server
+    # Another instance's relay, as it were: this gateway's own does not run here.
     relay = OutboxRelay(
         server.ledger,
         server.producer,
@@ -589,7 +590,7 @@ async def test_entries_left_in_an_outbox_go_out_while_other_symbols_keep_the_rel
         StrategyConfig().instruments,
         poll_s=0.3,
         linger_s=0.02,
-    )  # fmt: skip  (another instance's relay: this gateway's own does not run here)
+    )
 
     async def eth_settles() -> None:
         while True:
