@@ -710,38 +710,59 @@ DIFFERENCE = Gauge(
 
 
 class BooksMonitor:
-    """Check 1 on a timer, for a service's /metrics. A difference counts only when it is
-    seen twice at the same state versions: between the venue's write and hedging's
-    commit of one event the two legitimately differ for a moment."""
+    """Check 1 on a timer, for a service's /metrics. Between the venue's write and
+    hedging's commit of one event the two legitimately differ for a moment, so a
+    difference counts only when it holds: in two reads at the same state versions, or in
+    every one of `reads` reads `pause_s` apart while hedging commits on (a live pipeline
+    moves the versions between any two reads; one read that balances clears it)."""
 
     def __init__(
-        self, redis: Redis, config: StrategyConfig, namespace: str, symbols: Sequence[str]
+        self,
+        redis: Redis,
+        config: StrategyConfig,
+        namespace: str,
+        symbols: Sequence[str],
+        *,
+        reads: int = 5,
+        pause_s: float = 0.1,
     ) -> None:
         self.redis = redis
         self.config = config
         self.namespace = namespace
         self.symbols = list(symbols)
-        self._suspect: dict[str, tuple[int, int]] = {}
+        self.reads = reads
+        self.pause_s = pause_s
 
     async def check(self) -> dict[str, list[Row]]:
         """Run once; returns the confirmed differences per symbol checked."""
         found = {}
         for symbol in self.symbols:
-            try:
-                state = await load_symbol(self.redis, self.namespace, symbol, ())
-            except StateMissing:
+            bad = await self._held_differences(symbol)
+            if bad is None:
                 continue
-            books, price, venue, mirror = restore(self.config, state)
-            bad = [r for r in check_books(symbol, books, venue, price, mirror) if not r.ok]
-            if bad and self._suspect.get(symbol) != state.versions:
-                self._suspect[symbol] = state.versions
-                continue
-            self._suspect.pop(symbol, None)
             amounts = [abs(d) for r in bad if (d := r.difference) is not None]
             BALANCED.labels(symbol).set(0 if bad else 1)
             DIFFERENCE.labels(symbol).set(float(max(amounts, default=ZERO)))
             found[symbol] = bad
         return found
+
+    async def _held_differences(self, symbol: str) -> list[Row] | None:
+        """The differences every read shows ([] once one balances); None: no state."""
+        versions = None
+        bad: list[Row] = []
+        for read in range(self.reads):
+            if read:
+                await asyncio.sleep(self.pause_s)
+            try:
+                state = await load_symbol(self.redis, self.namespace, symbol, ())
+            except StateMissing:
+                return None
+            books, price, venue, mirror = restore(self.config, state)
+            bad = [r for r in check_books(symbol, books, venue, price, mirror) if not r.ok]
+            if not bad or state.versions == versions:
+                return bad
+            versions = state.versions
+        return bad
 
 
 # --------------------------------------------------------------------------- CLI

@@ -12,11 +12,12 @@ from decimal import Decimal
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from shared.core.config import StrategyConfig
 from shared.pipeline_runner import PYTHON, ROOT, STAGES, Pipeline
-from shared.reconcile import Report, reconcile, render
+from shared.reconcile import BooksMonitor, Report, reconcile, render
 from tests.integration.pipeline import CAPITAL, PRODUCTS, Slice, collect, ns, require_services
 
 pytestmark = pytest.mark.integration
@@ -84,3 +85,31 @@ def test_reconcile_a_real_pipeline_then_a_tampered_minor_unit(
 
     missing = _cli("tnothere0.", kafka_bootstrap, redis_url)
     assert missing.returncode == 2 and "error:" in missing.stderr
+
+    # hedging's books monitor confirms it too while commits keep moving the versions
+    found, balanced = asyncio.run(_monitor_while_committing(namespace, redis_url))
+    assert {row.check for row in found["BTC-USDT"]} == {"books.cash", "books.identity"}
+    assert balanced == 0
+
+
+async def _monitor_while_committing(namespace: str, redis_url: str) -> tuple[dict, float]:
+    """BooksMonitor.check while hedging's state version moves every 20 ms, as it does
+    under live traffic; and the smartlev_books_balanced gauge it leaves."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    meta = f"{namespace}hedge:{{BTC-USDT}}:meta"
+
+    async def commits() -> None:
+        while True:
+            await client.hincrby(meta, "version", 1)
+            await asyncio.sleep(0.02)
+
+    committing = asyncio.create_task(commits())
+    try:
+        monitor = BooksMonitor(client, StrategyConfig(), namespace, ["BTC-USDT"], pause_s=0.05)
+        found = await monitor.check()
+    finally:
+        committing.cancel()
+        await asyncio.gather(committing, return_exceptions=True)
+        await client.aclose()
+    gauge = REGISTRY.get_sample_value("smartlev_books_balanced", {"symbol": "BTC-USDT"})
+    return found, gauge if gauge is not None else -1.0
