@@ -243,8 +243,10 @@ class Books:
         return events
 
     def cover_gap(self, product: str, price: Decimal, ts_ns: int) -> InsuranceClaimPaid | None:
-        """A gap jumped past the emergency trigger: the insurance fund restores the equity
-        the product would have had, had the emergency fired at the trigger price."""
+        """A gap jumped past the emergency trigger and took the product's equity below its
+        floor (`gap_floor` of its equity at the last rebalance): the insurance fund brings
+        it back to the floor, so its NAV stays above zero (DESIGN section 4). The holders
+        bear the gap down to the floor; the fund, the rest."""
         book = self.products[product]
         equity = book.equity(price)
         if book.units == 0 or equity >= book.equity_floor:

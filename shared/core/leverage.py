@@ -75,6 +75,10 @@ class LeverageConfig(BaseModel):
             raise ValueError("leverage_ceiling must be above l_max, or every tick would trigger")
         if self.vol_scale_min > self.vol_scale_max:
             raise ValueError("vol_scale_min > vol_scale_max")
+        for name in ("l_min", "l_max"):  # targets round to 0.05x: a bound between steps
+            value = getattr(self, name)  # would round out of [l_min, l_max]
+            if round(value * 20) != value * 20:
+                raise ValueError(f"{name} {value} must be a multiple of 0.05 (the target step)")
         return self
 
 
@@ -139,7 +143,8 @@ class SmartLeverageController:
         self.product = product
         self.side = side
         self.config = config
-        self._set_target(to_target(config.warmup_leverage))
+        # the warm-up leverage within [l_min, l_max], as every later target is
+        self._set_target(to_target(min(max(config.warmup_leverage, config.l_min), config.l_max)))
         self.ref_price: float | None = None
         self.ref_leverage = 0.0
         self._regime = str(Regime.RANGE)

@@ -416,6 +416,18 @@ def test_custom_bounds_clamp_both_ways() -> None:
     assert reasons(Side.LONG, trend, config) == [Reason.REGIME_TREND_ALIGNED, Reason.CLAMPED_MAX]
 
 
+def test_bounds_must_be_whole_target_steps_and_the_first_target_is_within_them() -> None:
+    """Targets move in 0.05x steps: a bound between steps would round a clamped target
+    out of [l_min, l_max]. A warm-up outside the bounds is clamped from the start."""
+    with pytest.raises(ValidationError, match=r"l_min 1\.02 must be a multiple of 0\.05"):
+        rules(l_min=1.02)
+    with pytest.raises(ValidationError, match=r"l_max 4\.97 must be a multiple of 0\.05"):
+        rules(l_max=4.97)
+    assert SmartLeverageController(LONG, Side.LONG, rules(l_min=1.5)).target == Decimal("1.50")
+    high = rules(l_max=3.0, warmup_leverage=4.0, leverage_ceiling=3.5)
+    assert SmartLeverageController(LONG, Side.LONG, high).target == Decimal("3.00")
+
+
 def test_warmup_below_l_min_is_clamped_on_the_first_bar() -> None:
     config = rules(l_min=1.5, warmup_leverage=1.0)
     c = SmartLeverageController(LONG, Side.LONG, config)
