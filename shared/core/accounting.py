@@ -291,7 +291,8 @@ class Books:
         return InsuranceClaimPaid(book.product, ts_ns, amount, equity_before)
 
     def scale_floor(self, product: str, ratio: Decimal) -> None:
-        """An order scaled the product's position with its equity: the floor too."""
+        """An order changed the product's units: its floor (what insurance guarantees the
+        holders) moves with them."""
         book = self.products[product]
         book.equity_floor = usdt_down(book.equity_floor * ratio)
 

@@ -197,10 +197,10 @@ class Engine:
         the same NAV at any price), or at the `nav` the gateway quoted, and is hedged to
         target at once. An order the books would settle otherwise than `quoted_units`
         raises QuoteMismatch before the venue hears of it."""
-        equity = self._equity(product)
+        before = self._size(product)
         issued = self.books.issue(product, amount, self.price, ts_ns, nav, quoted_units)
         self.venue.transfer(amount - issued.fee)
-        return self._after_order(product, ts_ns, issued, equity)
+        return self._after_order(product, ts_ns, issued, before)
 
     def redeem(
         self,
@@ -210,33 +210,41 @@ class Engine:
         nav: Decimal | None = None,
         quoted_payout: Decimal | None = None,
     ) -> list[object]:
-        equity = self._equity(product)
+        before = self._size(product)
         redeemed = self.books.redeem(product, units, self.price, ts_ns, nav, quoted_payout)
         self.venue.transfer(-redeemed.gross)
-        return self._after_order(product, ts_ns, redeemed, equity)
+        return self._after_order(product, ts_ns, redeemed, before)
 
-    def _equity(self, product: str) -> Decimal:
-        return self.books.products[product].equity(self.price) if self.price else ZERO
+    def _size(self, product: str) -> tuple[Decimal, Decimal]:
+        """(equity, units) of the product before an order."""
+        book = self.books.products[product]
+        return (book.equity(self.price) if self.price else ZERO), book.units
 
     def _after_order(
-        self, product: str, ts_ns: int, event: object, equity_before: Decimal
+        self, product: str, ts_ns: int, event: object, before: tuple[Decimal, Decimal]
     ) -> list[object]:
-        """Hedge the order at once, at the product's own leverage: its position and its
-        insurance floor move with its equity. Re-levering it to target instead would move
-        the leverage its controller tracks from the last rebalance, unseen, and with it
-        the emergency trigger (a deposit after a rally took a 5x product to 60x on the way
-        back down, NAV below zero). A product with no position yet goes to target; before
-        the first price, the first tick does it."""
+        """Hedge the order at once, at the product's own leverage: its position moves with
+        its equity, its insurance floor with its units. Re-levering it to target instead
+        would move the leverage its controller tracks from the last rebalance, unseen, and
+        with it the emergency trigger (a deposit after a rally took a 5x product to 60x on
+        the way back down, NAV below zero). A product with no position yet goes to target;
+        before the first price, the first tick does it. A close paid at a quoted NAV the
+        market has since left behind can take more than the product holds: the insurance
+        fund then restores the remaining holders' floor, as after a gap."""
         events: list[object] = [event]
         if self.price:
-            if self.books.products[product].qty and equity_before > 0:
+            equity_before, units_before = before
+            book = self.books.products[product]
+            if book.qty and equity_before > 0 and units_before > 0:
                 self._scale(product, equity_before, ts_ns, events)
+                self.books.scale_floor(product, book.units / units_before)
             else:
                 self._rebalance(ts_ns, [(product, False)], events)
-            claim = self.books.cover_empty(product, self.price, ts_ns)
-            if claim is not None:
-                self.venue.transfer(claim.amount)
-                events.append(claim)
+            for cover in (self.books.cover_gap, self.books.cover_empty):
+                claim = cover(product, self.price, ts_ns)
+                if claim is not None:
+                    self.venue.transfer(claim.amount)
+                    events.append(claim)
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)
         return events
@@ -252,7 +260,6 @@ class Engine:
             hedge = execute_netted(self.venue, ts_ns, change, self.price, self.hedging)
             self.books.apply_hedge(hedge)
             events.append(hedge)
-        self.books.scale_floor(product, max(ratio, ZERO))
 
     def _rebalance(
         self, ts_ns: int, requests: list[tuple[str, bool]], events: list[object]

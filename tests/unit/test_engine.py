@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.core.accounting import BooksOutOfBalance
+from shared.core.accounting import BooksOutOfBalance, redeem_terms
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine, SignalPipeline, Strategy
 from shared.core.events import HedgeExecuted, InsuranceClaimPaid, LeverageTargetChanged
@@ -323,3 +323,23 @@ def test_an_order_keeps_the_products_leverage_so_the_emergency_rule_still_holds(
         tick(price)
         assert engine.nav(long.product) > 0
         assert long.leverage(Decimal(price)) <= Decimal(config.leverage.l_max) * 2
+
+
+def test_a_close_at_a_quote_the_market_left_behind_never_takes_nav_below_zero() -> None:
+    """The gateway settles at the NAV it quoted, which may be older than the last move: a
+    5x long quoted at ~99.68 before a 2% drop, 99% of its units closed at the quote, pays
+    out more than the product holds. The insurance fund restores the remaining holders'
+    floor (as after a gap); the books still balance to the last unit."""
+    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
+    strategy = smart_strategy("BTC-USDT", config)
+    engine = strategy.engine
+    long = engine.books.products[f"{SYMBOL}:LONG"]
+    engine.deposit(long.product, Decimal(1_000_000), 0)
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
+    quoted, units = engine.nav(long.product), long.units * Decimal("0.99")
+    strategy.on_tick(Tick(SYMBOL, 2, Decimal(29400)), None)
+    gross, fee = redeem_terms(units, quoted, config.accounting.close_fee)
+    events = engine.redeem(long.product, units, 3, quoted, quoted_payout=gross - fee)
+    assert any(isinstance(e, InsuranceClaimPaid) for e in events)
+    assert engine.nav(long.product) > 0
+    engine.books.check_balanced(engine.venue, engine.price)
