@@ -177,9 +177,11 @@ class Engine:
             self._fee_ts = ts_ns
 
     def on_funding(self, funding: FundingRate) -> list[object]:
-        if self.venue.position == 0 or self.mark == 0:
+        """Every product pays or receives its own position's funding. Netted to zero at
+        the venue, the long still pays the short (their amounts sum to the venue's 0)."""
+        if self.mark == 0 or not any(b.qty for b in self.books.products.values()):
             return []
-        amount = self.venue.settle_funding(funding.rate, self.mark)
+        amount = self.venue.settle_funding(funding.rate, self.mark) if self.venue.position else ZERO
         event = self.books.funding(self.spec.symbol, funding.ts_ns, funding.rate, self.mark, amount)
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)

@@ -16,7 +16,7 @@ from shared.core.config import StrategyConfig
 from shared.core.engine import Engine, SignalPipeline, Strategy
 from shared.core.events import HedgeExecuted, InsuranceClaimPaid, LeverageTargetChanged
 from shared.core.leverage import Controller, LeverageConfig, SmartLeverageController
-from shared.core.market import NS_PER_DAY, NS_PER_HOUR, Side, Tick
+from shared.core.market import NS_PER_DAY, NS_PER_HOUR, FundingRate, Side, Tick
 from shared.core.products import smart_controllers, smart_engine, smart_strategy
 from shared.core.venue import PerpVenue
 from tests.unit.core_stubs import (
@@ -342,4 +342,25 @@ def test_a_close_at_a_quote_the_market_left_behind_never_takes_nav_below_zero() 
     events = engine.redeem(long.product, units, 3, quoted, quoted_payout=gross - fee)
     assert any(isinstance(e, InsuranceClaimPaid) for e in events)
     assert engine.nav(long.product) > 0
+    engine.books.check_balanced(engine.venue, engine.price)
+
+
+def test_funding_is_paid_between_products_whose_positions_net_to_zero() -> None:
+    """A long and a short of equal size net to nothing at the venue, which then pays no
+    funding; the long still owes the short its funding, and the two sum to the venue's 0."""
+    strategy = smart_strategy("BTC-USDT", StrategyConfig())
+    engine = strategy.engine
+    for product in (f"{SYMBOL}:LONG", f"{SYMBOL}:SHORT"):
+        engine.deposit(product, Decimal(1_000_000), 0)
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
+    long, short = (engine.books.products[f"{SYMBOL}:{side}"] for side in ("LONG", "SHORT"))
+    assert engine.venue.position == 0 and long.qty == -short.qty != 0
+    wallet = engine.venue.wallet
+    [settled] = engine.on_funding(FundingRate(SYMBOL, 2, Decimal("0.0001")))
+    assert dict(settled.allocations) == {
+        long.product: long.qty * Decimal(30000) * Decimal("0.0001"),
+        short.product: short.qty * Decimal(30000) * Decimal("0.0001"),
+    }
+    assert long.funding > 0 and short.funding == -long.funding
+    assert engine.venue.wallet == wallet
     engine.books.check_balanced(engine.venue, engine.price)
