@@ -24,7 +24,7 @@ def _check_interval(interval_ns: int) -> None:
 
 
 def bar_to_ticks(
-    bar: Bar, interval_ns: int, mark: Decimal | None = None
+    bar: Bar, interval_ns: int, mark: Decimal | None = None, mark_before: Decimal | None = None
 ) -> tuple[Tick, Tick, Tick, Tick]:
     """Four ticks inside the bar: open, the two extremes, close.
 
@@ -32,15 +32,18 @@ def bar_to_ticks(
     bar (close >= open) dipped first (open -> low -> high -> close) and a down bar rallied
     first (open -> high -> low -> close), i.e. the path with the least travel. Ticks sit
     at open_ts, +interval/3, +2*interval/3 and +interval-1 ns: strictly increasing and
-    strictly before the next bar opens. Every tick carries `mark` as its mark price.
+    strictly before the next bar opens. `mark` is the bar's closing mark price: only the
+    close tick carries it (the others come before it is known, so a risk rule reading it
+    there would see the mark up to a bar early); they carry `mark_before`, the last mark
+    known when they happen (the previous bar's close; None: no mark yet).
     """
     _check_interval(interval_ns)
     t0 = bar.open_ts_ns
     first, second = (bar.low, bar.high) if bar.close >= bar.open else (bar.high, bar.low)
     return (
-        Tick(bar.symbol, t0, bar.open, mark),
-        Tick(bar.symbol, t0 + interval_ns // 3, first, mark),
-        Tick(bar.symbol, t0 + 2 * interval_ns // 3, second, mark),
+        Tick(bar.symbol, t0, bar.open, mark_before),
+        Tick(bar.symbol, t0 + interval_ns // 3, first, mark_before),
+        Tick(bar.symbol, t0 + 2 * interval_ns // 3, second, mark_before),
         Tick(bar.symbol, t0 + interval_ns - 1, bar.close, mark),
     )
 
@@ -51,7 +54,9 @@ def ticks_from_bars(
     marks: Mapping[int, Decimal] | None = None,
     mode: Literal["ohlc", "close"] = "ohlc",
 ) -> Iterator[Tick]:
-    """Replay bars as a tick stream; `marks` maps bar open ts_ns -> mark price.
+    """Replay bars as a tick stream; `marks` maps bar open ts_ns -> the bar's closing
+    mark price, which a tick carries only once it is known (at the bar's close; before
+    it, the last one known: a bar without a mark keeps the previous one).
 
     mode "ohlc": four ticks per bar (see `bar_to_ticks`); mode "close": one tick per bar
     at its last ns, at the close. Bars must not overlap (ValueError), so ticks never go
@@ -59,17 +64,19 @@ def ticks_from_bars(
     """
     _check_interval(interval_ns)
     next_open: int | None = None
+    known: Decimal | None = None  # the last closing mark so far
     for bar in bars:
         if next_open is not None and bar.open_ts_ns < next_open:
             raise ValueError(
                 f"bar at {bar.open_ts_ns} overlaps the previous bar (ends at {next_open})"
             )
         next_open = bar.open_ts_ns + interval_ns
-        mark = marks.get(bar.open_ts_ns) if marks is not None else None
+        closing = marks.get(bar.open_ts_ns, known) if marks is not None else None
         if mode == "ohlc":
-            yield from bar_to_ticks(bar, interval_ns, mark)
+            yield from bar_to_ticks(bar, interval_ns, closing, known)
         else:
-            yield Tick(bar.symbol, next_open - 1, bar.close, mark)
+            yield Tick(bar.symbol, next_open - 1, bar.close, closing)
+        known = closing
 
 
 class BarBuilder:

@@ -45,11 +45,13 @@ def feed(builder: BarBuilder, ticks: list[Tick]) -> list[Bar]:
     return [bar for t in ticks if (bar := builder.on_tick(t.ts_ns, t.price)) is not None]
 
 
-@given(interval_and_bars(), st.one_of(st.none(), prices))
-def test_bar_to_ticks_order_and_times(case: tuple[int, list[Bar]], mark: Decimal | None) -> None:
+@given(interval_and_bars(), st.one_of(st.none(), prices), st.one_of(st.none(), prices))
+def test_bar_to_ticks_order_and_times(
+    case: tuple[int, list[Bar]], mark: Decimal | None, before: Decimal | None
+) -> None:
     interval_ns, bars = case
     for bar in bars:
-        ticks = bar_to_ticks(bar, interval_ns, mark)
+        ticks = bar_to_ticks(bar, interval_ns, mark, before)
         times = [t.ts_ns for t in ticks]
         assert times[0] == bar.open_ts_ns
         assert all(a < b for a, b in itertools.pairwise(times))
@@ -58,7 +60,9 @@ def test_bar_to_ticks_order_and_times(case: tuple[int, list[Bar]], mark: Decimal
         middle = [ticks[1].price, ticks[2].price]
         up = bar.close >= bar.open
         assert middle == ([bar.low, bar.high] if up else [bar.high, bar.low])
-        assert all(t.mark_price == mark and t.symbol == bar.symbol for t in ticks)
+        assert all(t.symbol == bar.symbol for t in ticks)
+        # the bar's closing mark only at its close: the earlier ticks come before it
+        assert [t.mark_price for t in ticks] == [before, before, before, mark]
 
 
 def test_bar_to_ticks_rejects_too_small_interval() -> None:
@@ -87,11 +91,15 @@ def test_ticks_from_bars_modes_and_marks(case: tuple[int, list[Bar]], data: st.D
     assert [(t.ts_ns, t.price) for t in closes] == [
         (b.open_ts_ns + interval_ns - 1, b.close) for b in bars
     ]
-    assert [t.mark_price for t in closes] == [marks.get(b.open_ts_ns) for b in bars]
+    known: list[Decimal | None] = []  # each bar's closing mark, else the last one before
+    for b in bars:
+        known.append(marks.get(b.open_ts_ns, known[-1] if known else None))
+    assert [t.mark_price for t in closes] == known
     full = list(ticks_from_bars(bars, interval_ns, marks))
     assert len(full) == 4 * len(bars)
     assert all(a.ts_ns < b.ts_ns for a, b in itertools.pairwise(full))
-    assert [t.mark_price for t in full[3::4]] == [marks.get(b.open_ts_ns) for b in bars]
+    assert [t.mark_price for t in full[3::4]] == known
+    assert [t.mark_price for t in full[0::4]] == [None, *known[:-1]]  # nothing from ahead
 
 
 def test_ticks_from_bars_rejects_overlapping_bars() -> None:
@@ -167,3 +175,21 @@ def test_bar_builder_rejects_time_going_backwards() -> None:
 def test_restore_refuses_malformed_snapshots(broken: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="snapshot"):
         BarBuilder.restore(broken)
+
+
+def test_ticks_carry_a_mark_only_once_it_is_known() -> None:
+    """A bar's closing mark is known at its close: its earlier ticks carry the one before
+    (none at first); a bar without a mark keeps the last one."""
+    hour = 3_600_000_000_000
+    bars = [Bar("X", i * hour, Decimal(10), Decimal(12), Decimal(9), Decimal(11), Decimal(0))
+            for i in range(3)]  # fmt: skip
+    marks = {0: Decimal("10.5"), 2 * hour: Decimal("11.5")}
+    ticks = list(ticks_from_bars(bars, hour, marks))
+    assert [t.mark_price for t in ticks] == [
+        None, None, None, Decimal("10.5"),
+        Decimal("10.5"), Decimal("10.5"), Decimal("10.5"), Decimal("10.5"),
+        Decimal("10.5"), Decimal("10.5"), Decimal("10.5"), Decimal("11.5"),
+    ]  # fmt: skip
+    closes = list(ticks_from_bars(bars, hour, marks, mode="close"))
+    assert [t.mark_price for t in closes] == [Decimal("10.5"), Decimal("10.5"), Decimal("11.5")]
+    assert all(t.mark_price is None for t in ticks_from_bars(bars, hour))
