@@ -617,6 +617,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         self, user: str, request: gateway_pb2.StreamPositionsRequest, subscriber: Subscriber
     ) -> AsyncIterator[gateway_pb2.Position]:
         """The user's positions now, then each one again as an order or a NAV moves it."""
+        started = time.time_ns()
         held = {p.position_id: p for p in await self._positions(user, request.include_closed)}
         navs = await self._navs({p.product for p in held.values()})
         for position in held.values():
@@ -628,9 +629,9 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 if changed is None or held.get(changed.position_id) == changed:
                     continue  # the snapshot above, or an earlier event, had it
                 if changed.position_id not in held and not (
-                    request.include_closed or changed.units > 0
+                    request.include_closed or changed.units > 0 or changed.ts_opened_ns >= started
                 ):
-                    continue  # closed before the snapshot (a late or repeated event)
+                    continue  # opened and closed before the snapshot (a late or repeated event)
                 held[changed.position_id] = changed
                 yield changed.to_proto(navs.get(changed.product))
             elif isinstance(item, nav_pb2.NavUpdated):

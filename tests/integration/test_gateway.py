@@ -361,6 +361,30 @@ async def test_a_position_stream_skips_late_events_of_positions_closed_before_it
     stream.cancel()
 
 
+async def test_a_position_stream_shows_one_opened_and_closed_after_it_began(
+    quiet_env: Env,
+) -> None:
+    """Both events of a quick open-and-close may arrive after the close settled (the relay
+    lingers): the stream re-reads the position, finds it closed, and shows it all the
+    same, as an order on the caller's positions since the stream began."""
+    env = quiet_env
+    await env.set_nav(PRODUCT, NAV)
+    before = open_streams("positions")
+    stream = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
+    await until_streams("positions", before + 1)
+    quick = await env.open("quick")
+    await env.stub.ClosePosition(
+        gateway_pb2.ClosePositionRequest(
+            client_order_id="quick-close", position_id=quick.position_id, all=True
+        ),
+        metadata=ALICE,
+    )
+    assert await env.server.relay.sweep() == 2  # both events go out only now
+    shown = await asyncio.wait_for(stream.read(), 10)
+    assert (shown.position_id, shown.open, shown.units) == (quick.position_id, False, "0.00000000")
+    stream.cancel()
+
+
 async def test_another_users_position_is_not_found(env: Env) -> None:
     await env.set_nav(PRODUCT, NAV)
     opened = await env.open("mine")
