@@ -12,7 +12,8 @@ change through orders, and any gateway instance may settle a user's order, so a
 position stream learns of changes from `orders.events` (every instance's relay publishes
 there), not from this process's own settles. Each subscriber has a bounded queue; a
 subscriber too slow to keep up loses its oldest updates (a stream wants the latest
-value, not a backlog), never blocks the others.
+value, not a backlog), never blocks the others, and is told (`lost`): a position stream
+then reads its positions afresh, so a dropped order event cannot leave one stale.
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ class Subscriber:
     products: frozenset[str] | None  # NAV updates of these products (None: every product)
     user: str | None = None  # order events of this user's positions (None: none)
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    lost: bool = False  # an update was dropped: the stream reads its state afresh
 
     def offer(self, item: object) -> None:
-        """Enqueue without blocking; a full queue drops its oldest item."""
+        """Enqueue without blocking; a full queue drops its oldest item (and says so)."""
         if self.queue.full():
             self.queue.get_nowait()
+            self.lost = True
         self.queue.put_nowait(item)
 
 

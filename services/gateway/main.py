@@ -624,6 +624,10 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             yield position.to_proto(navs[position.product])
         while True:
             item = await subscriber.queue.get()
+            if subscriber.lost:  # updates were dropped for a slow reader
+                subscriber.lost = False
+                async for position in self._resync(user, request.include_closed, held, navs):
+                    yield position
             if isinstance(item, orders_pb2.OrderEvent):
                 changed = await self._changed_position(user, item)
                 if changed is None or held.get(changed.position_id) == changed:
@@ -639,6 +643,27 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 for position in held.values():
                     if position.product == item.product and position.units > 0:
                         yield position.to_proto(navs[item.product])
+
+    async def _resync(
+        self,
+        user: str,
+        include_closed: bool,
+        held: dict[str, PositionState],
+        navs: dict[str, Decimal | None],
+    ) -> AsyncIterator[gateway_pb2.Position]:
+        """Every position the stream shows or should show, read again (with the NAVs);
+        those that changed are shown again. `held` and `navs` are updated in place."""
+        current = {p.position_id: p for p in await self._positions(user, include_closed)}
+        for pid, position in held.items():
+            if pid not in current:  # closed since: a listing of open ones leaves it out
+                again = await self._position(user, self.products[position.product][0], pid)
+                if again is not None:
+                    current[pid] = again
+        navs.update(await self._navs({p.product for p in current.values()}))
+        for pid, position in current.items():
+            if held.get(pid) != position:
+                held[pid] = position
+                yield position.to_proto(navs.get(position.product))
 
     async def _changed_position(
         self, user: str, event: orders_pb2.OrderEvent

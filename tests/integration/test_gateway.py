@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
 from services.gateway.config import GatewaySettings
+from services.gateway.feeds import Subscriber
 from services.gateway.ledger import Snapshot
 from services.gateway.main import GatewayServer
 from services.gateway.relay import OutboxRelay
@@ -383,6 +384,38 @@ async def test_a_position_stream_shows_one_opened_and_closed_after_it_began(
     shown = await asyncio.wait_for(stream.read(), 10)
     assert (shown.position_id, shown.open, shown.units) == (quick.position_id, False, "0.00000000")
     stream.cancel()
+
+
+async def test_a_slow_position_stream_that_lost_an_order_reads_its_positions_afresh(
+    env: Env,
+) -> None:
+    """A slow reader's full queue drops its oldest update, which may be an order event:
+    the stream must not go on showing that position as it was. Here the close's event
+    is pushed out by two NAV updates; the next item reads the positions again."""
+    await env.set_nav(PRODUCT, NAV)
+    opened = await env.open("slow")
+    subscriber = Subscriber(None, "alice", asyncio.Queue(2))
+    request = gateway_pb2.StreamPositionsRequest()
+    updates = env.server.gateway._position_updates("alice", request, subscriber)
+    assert (await anext(updates)).position_id == opened.position_id  # the snapshot
+    await env.stub.ClosePosition(
+        gateway_pb2.ClosePositionRequest(
+            client_order_id="slow-close", position_id=opened.position_id, all=True
+        ),
+        metadata=ALICE,
+    )
+    [_, close_event] = await env.events(2)
+    subscriber.offer(close_event)
+    for nav in ("124", "125"):  # the queue holds two: the close event is dropped
+        subscriber.offer(nav_pb2.NavUpdated(event_id=nav, product=PRODUCT, nav=nav))
+    assert subscriber.lost
+    shown = await asyncio.wait_for(anext(updates), 5)
+    assert (shown.position_id, shown.open, shown.units) == (
+        opened.position_id,
+        False,
+        "0.00000000",
+    )
+    await updates.aclose()
 
 
 async def test_another_users_position_is_not_found(env: Env) -> None:
