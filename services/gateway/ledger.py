@@ -166,6 +166,11 @@ class Ledger:
         )
         return [_pairs(fields) for fields in replies]
 
+    async def ledgers(self, symbols: list[str]) -> dict[str, dict[str, str]]:
+        """Each symbol's ledger entries (per product: units, deposits, payouts, fees)."""
+        replies = await self.redis.pipeline([("HGETALL", self.ledger_key(s)) for s in symbols])
+        return {symbol: _pairs(fields) for symbol, fields in zip(symbols, replies, strict=True)}
+
     async def owner(self, user: str, pid: str) -> str | None:
         """The product of the user's position `pid` (None: not the user's, or none)."""
         product: str | None = await self.redis.call("HGET", self._user_key(user, "positions"), pid)

@@ -154,6 +154,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             for symbol in config.instruments
             for side in SIDES
         }
+        self.symbols = tuple(config.instruments)
         self.limits = Limits(
             min_order=settings.min_order,
             max_order=settings.max_order,
@@ -332,10 +333,19 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 
     # ------------------------------------------------------------------ products
 
-    def _product_reply(self, product: str, nav: dict[str, str]) -> gateway_pb2.Product:
+    def _tradable(self, product: str, nav: dict[str, str], ledger: dict[str, str]) -> bool:
+        """Whether an order would find a NAV to settle at now: `_tradable_nav`'s own rule
+        on the same state (the NAV hash and the product's ledger entries)."""
+        try:
+            self._tradable_nav(product, nav, Snapshot(0, ledger, {}))
+        except Rejected:
+            return False
+        return True
+
+    def _product_reply(
+        self, product: str, nav: dict[str, str], ledger: dict[str, str]
+    ) -> gateway_pb2.Product:
         symbol, side = self.products[product]
-        written = int(nav.get("written_ns", "0"))
-        fresh = bool(nav) and (time.time_ns() - written) / 1e9 <= self.settings.max_nav_age_s
         reply = gateway_pb2.Product(
             product=product,
             symbol=symbol,
@@ -350,7 +360,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             reasons=[r for r in nav.get("reasons", "").split(",") if r],
             price=nav.get("price", ""),
             seq=int(nav.get("seq", "0")),
-            tradable=fresh or not nav,
+            tradable=self._tradable(product, nav, ledger),
             min_order=decimal_to_wire(self.limits.min_order),
             max_order=decimal_to_wire(self.limits.max_order),
             amount_decimals=self.limits.amount_decimals,
@@ -366,8 +376,12 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         async def work(user: str) -> gateway_pb2.ListProductsReply:
             names = sorted(self.products)
             navs = await self.ledger.navs(names)
+            ledgers = await self.ledger.ledgers(list(self.symbols))
             return gateway_pb2.ListProductsReply(
-                products=[self._product_reply(p, n) for p, n in zip(names, navs, strict=True)]
+                products=[
+                    self._product_reply(p, n, ledgers[self.products[p][0]])
+                    for p, n in zip(names, navs, strict=True)
+                ]
             )
 
         return await self._answer("ListProducts", request, context, work)
@@ -376,8 +390,10 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GetProductRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.Product:
         async def work(user: str) -> gateway_pb2.Product:
-            self._product(request.product)
-            return self._product_reply(request.product, await self.ledger.nav(request.product))
+            symbol, _ = self._product(request.product)
+            nav = await self.ledger.nav(request.product)
+            ledgers = await self.ledger.ledgers([symbol])
+            return self._product_reply(request.product, nav, ledgers[symbol])
 
         return await self._answer("GetProduct", request, context, work)
 

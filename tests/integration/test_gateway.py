@@ -59,12 +59,14 @@ class Env:
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
-    async def set_nav(self, product: str, nav: Decimal, *, age_s: float = 0.0) -> None:
+    async def set_nav(
+        self, product: str, nav: Decimal, *, age_s: float = 0.0, units: Decimal = Decimal(1000)
+    ) -> None:
         name, fields = nav_hash(
             self.ns,
             product,
             nav,
-            units=Decimal(1000),
+            units=units,
             age_s=age_s,
             price=Decimal(43000),
             target=Decimal(2),
@@ -747,6 +749,7 @@ async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
     opened = await env.open("before-stale")
     await env.set_nav(PRODUCT, NAV, age_s=60)
     before = await env.state()
+    assert not (await product_of(env, PRODUCT)).tradable  # as the orders below find it
     code, details = await _code(env.open("stale"))
     assert code is grpc.StatusCode.FAILED_PRECONDITION and "stale" in details
     code, _ = await _code(
@@ -760,8 +763,26 @@ async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
     assert code is grpc.StatusCode.FAILED_PRECONDITION
     assert await env.state() == before
     # A product nobody holds and the NAV service never marked opens at the initial NAV.
+    assert (await product_of(env, "ETH-USDT:SHORT")).tradable
     first = await env.open("first-eth", "100", product="ETH-USDT:SHORT")
     assert first.nav == str(ACCOUNTING.initial_nav)
+    # Held now, and still no NAV from the NAV service: not tradable, as an order finds it.
+    assert not (await product_of(env, "ETH-USDT:SHORT")).tradable
+    code, details = await _code(env.open("second-eth", "100", product="ETH-USDT:SHORT"))
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and "no NAV published yet" in details
+    # A stale NAV of a product with no units anywhere: nothing can move it, tradable.
+    await env.set_nav("ETH-USDT:LONG", NAV, age_s=600, units=Decimal(0))
+    assert (await product_of(env, "ETH-USDT:LONG")).tradable
+    assert (await env.open("stale-but-empty", "100", product="ETH-USDT:LONG")).nav == str(NAV)
+    listed = await env.stub.ListProducts(gateway_pb2.ListProductsRequest(), metadata=ALICE)
+    assert {p.product: p.tradable for p in listed.products}["ETH-USDT:SHORT"] is False
+
+
+async def product_of(env: Env, product: str) -> gateway_pb2.Product:
+    reply: gateway_pb2.Product = await env.stub.GetProduct(
+        gateway_pb2.GetProductRequest(product=product), metadata=ALICE
+    )
+    return reply
 
 
 async def test_oversized_message_is_refused(env: Env) -> None:
