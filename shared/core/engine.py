@@ -15,7 +15,7 @@ from decimal import Decimal
 
 from shared.core.accounting import AccountingConfig, Books, ProductBook
 from shared.core.bars import BarBuilder
-from shared.core.events import LeverageTargetChanged
+from shared.core.events import InsuranceClaimPaid, LeverageTargetChanged
 from shared.core.features import FeatureConfig, FeatureTracker
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted
 from shared.core.leverage import Controller
@@ -196,8 +196,8 @@ class Engine:
         quoted_units: Decimal | None = None,
     ) -> list[object]:
         """A user's money buys units at the current NAV (a product with no position has
-        the same NAV at any price), or at the `nav` the gateway quoted, and is hedged to
-        target at once. An order the books would settle otherwise than `quoted_units`
+        the same NAV at any price), or at the `nav` the gateway quoted, and is hedged at
+        once (`_after_order`). An order the books would settle otherwise than `quoted_units`
         raises QuoteMismatch before the venue hears of it."""
         before = self._size(product)
         issued = self.books.issue(product, amount, self.price, ts_ns, nav, quoted_units)
@@ -242,11 +242,8 @@ class Engine:
                 self.books.scale_floor(product, book.units / units_before)
             else:
                 self._rebalance(ts_ns, [(product, False)], events)
-            for cover in (self.books.cover_gap, self.books.cover_empty):
-                claim = cover(product, self.price, ts_ns)
-                if claim is not None:
-                    self.venue.transfer(claim.amount)
-                    events.append(claim)
+            self._cover_gaps([product], ts_ns, events)
+            self._pay(self.books.cover_empty(product, self.price, ts_ns), events)
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)
         return events
@@ -258,10 +255,13 @@ class Engine:
         ratio = book.equity(self.price) / equity_before
         wanted = to_step(book.qty * ratio, self.spec.lot_step) if ratio > 0 else ZERO
         if wanted != book.qty:
-            change = [PositionChange(product, wanted - book.qty)]
-            hedge = execute_netted(self.venue, ts_ns, change, self.price, self.hedging)
-            self.books.apply_hedge(hedge)
-            events.append(hedge)
+            self._execute(ts_ns, [PositionChange(product, wanted - book.qty)], events)
+
+    def _execute(self, ts_ns: int, changes: list[PositionChange], events: list[object]) -> None:
+        """One netted order at the venue for `changes`, allocated to the products' books."""
+        hedge = execute_netted(self.venue, ts_ns, changes, self.price, self.hedging)
+        self.books.apply_hedge(hedge)
+        events.append(hedge)
 
     def _rebalance(
         self, ts_ns: int, requests: list[tuple[str, bool]], events: list[object]
@@ -285,9 +285,7 @@ class Engine:
             if wanted != book.qty:
                 changes.append(PositionChange(product, wanted - book.qty))
         if changes:
-            hedge = execute_netted(self.venue, ts_ns, changes, price, self.hedging)
-            self.books.apply_hedge(hedge)
-            events.append(hedge)
+            self._execute(ts_ns, changes, events)
             moved = True
             # The emergency trade's own costs must not take a gapped product below its floor.
             self._cover_gaps(emergencies, ts_ns, events)
@@ -298,12 +296,16 @@ class Engine:
     def _cover_gaps(self, products: list[str], ts_ns: int, events: list[object]) -> bool:
         paid = False
         for product in products:
-            claim = self.books.cover_gap(product, self.price, ts_ns)
-            if claim is not None:
-                self.venue.transfer(claim.amount)
-                events.append(claim)
-                paid = True
+            paid |= self._pay(self.books.cover_gap(product, self.price, ts_ns), events)
         return paid
+
+    def _pay(self, claim: InsuranceClaimPaid | None, events: list[object]) -> bool:
+        """Move an insurance claim's money to the venue account; True if there was one."""
+        if claim is None:
+            return False
+        self.venue.transfer(claim.amount)
+        events.append(claim)
+        return True
 
     def nav(self, product: str) -> Decimal:
         return self.books.products[product].nav(self.price)
