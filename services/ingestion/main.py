@@ -288,7 +288,11 @@ async def _serve_source(
     failure: list[str] = []
     retrying: list[str | None] = [None]  # why the source waits to retry, if it does
     current: list[Ingestor] = []  # the ingestor of the running attempt
-    stale_limit = [settings.stale_after_s]  # a paced replay adds its longest wait
+    events = [] if settings.source == "live" else events_to_publish(settings)
+    stale_limit = settings.stale_after_s
+    if events and settings.speed_factor is not None:
+        # a paced replay waits up to its longest gap / speed between events, not late
+        stale_limit += longest_gap_s(events) / settings.speed_factor
 
     def build() -> tuple[Ingestor, Any, Any]:
         built = build_ingestor(settings, metrics)
@@ -305,8 +309,9 @@ async def _serve_source(
         if finished.is_set() or not wall_clock_feed or not current:
             return True
         age = current[0].staleness()
-        limit = stale_limit[0]
-        return True if age <= limit else f"stale: no event for {age:.1f}s (max {limit:.0f}s)"
+        if age <= stale_limit:
+            return True
+        return f"stale: no event for {age:.1f}s (max {stale_limit:.0f}s)"
 
     health.register("feed", feed_check)
     halt = threading.Event()
@@ -320,9 +325,6 @@ async def _serve_source(
         messages = ccxt_messages(settings.symbol)
         work = asyncio.ensure_future(run_live(live.build, settings.symbol, messages, failed))
     else:
-        events = events_to_publish(settings)
-        if settings.speed_factor is not None:  # events 20 minutes apart at 1x are not late
-            stale_limit[0] += longest_gap_s(events) / settings.speed_factor
         job = functools.partial(
             run_with_retries,
             settings,
