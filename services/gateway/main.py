@@ -634,16 +634,16 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.Position]:
         """The user's positions now, then each one again as an order or a NAV moves it."""
         started = time.time_ns()
-        held = {p.position_id: p for p in await self._positions(user, request.include_closed)}
-        navs = await self._navs({p.product for p in held.values()})
-        for position in held.values():
-            yield position.to_proto(navs[position.product])
+        held: dict[str, PositionState] = {}
+        navs: dict[str, Decimal | None] = {}
+        async for shown in self._read_afresh(user, request.include_closed, held, navs):
+            yield shown  # the snapshot
         while True:
             item = await subscriber.queue.get()
             if subscriber.lost:  # updates were dropped for a slow reader
                 subscriber.lost = False
-                async for position in self._resync(user, request.include_closed, held, navs):
-                    yield position
+                async for shown in self._read_afresh(user, request.include_closed, held, navs):
+                    yield shown
             if isinstance(item, orders_pb2.OrderEvent):
                 changed = await self._changed_position(user, item)
                 if changed is None or held.get(changed.position_id) == changed:
@@ -660,7 +660,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                     if position.product == item.product and position.units > 0:
                         yield position.to_proto(navs[item.product])
 
-    async def _resync(
+    async def _read_afresh(
         self,
         user: str,
         include_closed: bool,
@@ -668,7 +668,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         navs: dict[str, Decimal | None],
     ) -> AsyncIterator[gateway_pb2.Position]:
         """Every position the stream shows or should show, read again (with the NAVs);
-        those that changed are shown again. `held` and `navs` are updated in place."""
+        those it does not hold as they are now are shown (all of them, for the first
+        snapshot). `held` and `navs` are updated in place."""
         current = {p.position_id: p for p in await self._positions(user, include_closed)}
         for pid, position in held.items():
             if pid not in current:  # closed since: a listing of open ones leaves it out
