@@ -15,12 +15,14 @@ import asyncio
 import time
 from decimal import Decimal
 
+from smartlev.v1 import nav_pb2
+
 from services.nav.config import NavSettings
 from services.nav.marking import (
     FillsEvent,
     Marked,
-    mark,
-    nav_updated,
+    Unmarkable,
+    marked_update,
     parse_update,
     state_fields,
 )
@@ -28,7 +30,7 @@ from shared.adapters.redis_wire import RedisWire
 from shared.consumer_stage import ConsumerRuntime, Records
 from shared.core.accounting import AccountingConfig
 from shared.redis_store import ApplyOnceStore
-from shared.stream import Outgoing
+from shared.stream import Outgoing, Record
 from shared.topics import HEDGE_FILLS, NAV_LATEST, NAV_UPDATES
 
 MARKET_SOURCE = "market"  # ApplyOnceStore source whose "offset" is the market seq
@@ -43,13 +45,15 @@ class NavService:
         self.initial_nav = initial_nav
         self.updates = runtime.output(NAV_UPDATES)
         self.latest = runtime.output(NAV_LATEST)
+        self.fills = runtime.input(HEDGE_FILLS)
 
-    async def handle_market(self, events: list[FillsEvent]) -> int:
+    async def handle_market(self, run: list[tuple[FillsEvent, Record]]) -> None:
         """Apply a run of market events (ticks, funding) at once: one read per product,
         every NavUpdated sent before one write per product with the last seq marked.
-        A product's fields merge over the run (a leverage change's `reasons` stay).
-        Returns how many NavUpdateds went out."""
-        products = list(dict.fromkeys(b.product for e in events for b in e.books))
+        A product's fields merge over the run (a leverage change's `reasons` stay). A
+        tick whose books cannot be marked is dead-lettered first, before anything after
+        it moves the products' seq past it."""
+        products = list(dict.fromkeys(b.product for e, _ in run for b in e.books))
         reads = await asyncio.gather(*(self.store.read(p) for p in products))
         current = {p: fields for p, (fields, _) in zip(products, reads, strict=True)}
         last_seq = {p: int(f.get("seq", "0")) for p, f in current.items()}
@@ -57,96 +61,102 @@ class NavService:
         now = time.time_ns()
         outgoing: list[Outgoing] = []
         writes: dict[str, dict[str, str | int | Decimal]] = {}
-        for event in events:
+        applied: list[FillsEvent] = []
+        for event, record in run:
             if event.kind != "tick":
-                continue  # funding moves the books; the next tick marks them
+                applied.append(event)  # funding moves the books; the next tick marks them
+                continue
             assert event.price is not None
-            for book in event.books:
-                if event.seq <= last_seq[book.product]:
-                    continue  # redelivery: its output already went out
-                marked = mark(book, event.price, last_nav[book.product])
-                message = nav_updated(marked, event, event.seq, now)
-                outgoing += [(t, book.product, message) for t in (self.updates, self.latest)]
-                writes.setdefault(book.product, {}).update(
+            try:
+                updates = [  # the books not marked yet (a redelivery's were)
+                    marked_update(book, event.price, last_nav[book.product], event, event.seq, now)
+                    for book in event.books
+                    if event.seq > last_seq[book.product]
+                ]
+            except Unmarkable as exc:
+                await self.runtime.reject(self.fills, record, str(exc))
+                continue
+            for marked, message in updates:
+                outgoing += [(t, marked.product, message) for t in (self.updates, self.latest)]
+                writes.setdefault(marked.product, {}).update(
                     state_fields(marked, event, event.seq, now)
                 )
-                last_seq[book.product], last_nav[book.product] = event.seq, marked.nav
-        if not outgoing:
-            return 0
-        await self.runtime.send_many(outgoing)
-        await asyncio.gather(
-            *(
-                self.store.apply(
-                    product,
-                    {self.store.state_key(product): fields},
-                    source=MARKET_SOURCE,
-                    offset=last_seq[product],
+                last_seq[marked.product], last_nav[marked.product] = event.seq, marked.nav
+            applied.append(event)
+        if outgoing:
+            await self.runtime.send_many(outgoing)
+            await asyncio.gather(
+                *(
+                    self.store.apply(
+                        product,
+                        {self.store.state_key(product): fields},
+                        source=MARKET_SOURCE,
+                        offset=last_seq[product],
+                    )
+                    for product, fields in writes.items()
                 )
-                for product, fields in writes.items()
             )
-        )
-        return len(outgoing) // 2
+        for event in applied:
+            self.runtime.processed(self.fills, event.ts_init_ns or now)
 
-    async def handle_order(self, event: FillsEvent) -> int:
-        """Re-mark the products an order changed, at the last price; returns how many
-        products got a NavUpdated."""
+    async def handle_order(self, event: FillsEvent, record: Record) -> None:
+        """Re-mark the products an order changed, at the last price (books that cannot be
+        marked there dead-letter the order's update, before anything is sent)."""
         current = await asyncio.gather(*(self.store.read(b.product) for b in event.books))
-        pending: list[tuple[Marked, int]] = []
-        for book, (fields, _) in zip(event.books, current, strict=True):
-            last_seq = int(fields.get("seq", "0"))
-            last_nav = Decimal(fields.get("nav", str(self.initial_nav)))
-            if Decimal(fields.get("units", "0")) != book.units and not (
-                await self.store.was_applied(book.product, event.event_id)
-            ):
-                price = Decimal(fields.get("price", "0"))
-                pending.append((mark(book, price, last_nav), last_seq))
-        if not pending:
-            return 0
         now = time.time_ns()
-        messages = [(m, seq, nav_updated(m, event, seq, now)) for m, seq in pending]
-        await self.runtime.send_many(
-            [
-                (t, m.product, message)
-                for m, _, message in messages
-                for t in (self.updates, self.latest)
-            ]
-        )
-        for marked, seq, _ in messages:
+        pending: list[tuple[Marked, nav_pb2.NavUpdated, int]] = []
+        try:
+            for book, (fields, _) in zip(event.books, current, strict=True):
+                last_seq = int(fields.get("seq", "0"))
+                last_nav = Decimal(fields.get("nav", str(self.initial_nav)))
+                if Decimal(fields.get("units", "0")) != book.units and not (
+                    await self.store.was_applied(book.product, event.event_id)
+                ):
+                    price = Decimal(fields.get("price", "0"))
+                    pending.append(
+                        (*marked_update(book, price, last_nav, event, last_seq, now), last_seq)
+                    )
+        except Unmarkable as exc:
+            await self.runtime.reject(self.fills, record, str(exc))
+            return
+        if pending:
+            await self.runtime.send_many(
+                [
+                    (t, m.product, message)
+                    for m, message, _ in pending
+                    for t in (self.updates, self.latest)
+                ]
+            )
+        for marked, _, seq in pending:
             changes = {self.store.state_key(marked.product): state_fields(marked, event, seq, now)}
             await self.store.apply(marked.product, changes, message_id=event.event_id)
-        return len(messages)
+        self.runtime.processed(self.fills, now)
 
 
 def build(settings: NavSettings) -> ConsumerRuntime:
     runtime = ConsumerRuntime(settings)
     service = NavService(runtime, runtime.connect_redis(), AccountingConfig().initial_nav)
-    fills = runtime.input(HEDGE_FILLS)
 
     async def handle(batch: Records) -> None:
         # Market events go in runs (one read and one write per product per run), orders
         # one by one; state is read from Redis per run, so a re-run of the batch after a
         # transient error (handle_batch retries) skips what was applied, by seq or id.
-        run: list[FillsEvent] = []
-        for message in batch:
-            event = await runtime.parse(fills, message, parse_update)
+        run: list[tuple[FillsEvent, Record]] = []
+        for record in batch:
+            event = await runtime.parse(service.fills, record, parse_update)
             if event is None:
                 continue
             if event.kind != "order":
-                run.append(event)
+                run.append((event, record))
                 continue
-            await flush(run)
-            await service.handle_order(event)
-            runtime.processed(fills, event.ts_init_ns or time.time_ns())
-        await flush(run)
-
-    async def flush(run: list[FillsEvent]) -> None:
+            if run:
+                await service.handle_market(run)
+                run = []
+            await service.handle_order(event, record)
         if run:
             await service.handle_market(run)
-            for event in run:
-                runtime.processed(fills, event.ts_init_ns or time.time_ns())
-            run.clear()
 
-    runtime.on_batch(fills, handle)
+    runtime.on_batch(service.fills, handle)
     return runtime
 
 

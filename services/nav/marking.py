@@ -15,7 +15,12 @@ from typing import Literal
 
 from smartlev.v1 import common_pb2, hedging_pb2, nav_pb2
 
-from shared.codec import decimal_from_wire, decimal_to_wire, optional_decimal_from_wire
+from shared.codec import (
+    EncodeError,
+    decimal_from_wire,
+    decimal_to_wire,
+    optional_decimal_from_wire,
+)
 from shared.core.accounting import ProductBook
 from shared.core.market import Side
 
@@ -166,6 +171,23 @@ def mark(book: BookState, price: Decimal, last_nav: Decimal) -> Marked:
         target=book.target,
         qty=book.qty,
     )
+
+
+class Unmarkable(ValueError):
+    """Books the core cannot mark at the price: figures past its 60 digits or the wire's
+    40.40 (only a broken producer sends them). Dead-lettered: retrying cannot help."""
+
+
+def marked_update(
+    book: BookState, price: Decimal, last_nav: Decimal, event: FillsEvent, seq: int, now: int
+) -> tuple[Marked, nav_pb2.NavUpdated]:
+    """`mark` and its NavUpdated, or Unmarkable."""
+    try:
+        marked = mark(book, price, last_nav)
+        return marked, nav_updated(marked, event, seq, now)
+    except (ArithmeticError, EncodeError) as exc:
+        why = f"{book.product}: its books cannot be marked at {price}: {exc!r}"
+        raise Unmarkable(why) from None
 
 
 def nav_event_id(product: str, event: FillsEvent) -> str:

@@ -1,7 +1,8 @@
 """The NAV service alone on the real broker and Redis, fed HedgeUpdates that the core
 makes in-process from a real BTC slice (as hedging would): its NAVs equal the
-backtester's to the unit, a redelivered tick changes nothing, bad bytes are dead-lettered,
-and `nav:{product}` in Redis holds the last mark with its seq."""
+backtester's to the unit, a redelivered tick changes nothing, bad bytes and books the core
+cannot mark are dead-lettered (the ticks after them still marked), and `nav:{product}` in
+Redis holds the last mark with its seq."""
 
 from __future__ import annotations
 
@@ -33,6 +34,21 @@ from tests.integration.pipeline import (
 pytestmark = pytest.mark.integration
 
 WINDOW = Slice("2021-05-12", "2021-05-14")
+# Within the wire's 40.40 digits, beyond what a NAV can be: the product's worth at any
+# real price has more than 40 integer digits.
+ABSURD_QTY = "9" * 39
+
+
+def unmarkable(
+    update: hedging_pb2.HedgeUpdate, units: str | None = None
+) -> hedging_pb2.HedgeUpdate:
+    """`update` with the first product's position blown past what can be marked."""
+    broken = hedging_pb2.HedgeUpdate()
+    broken.CopyFrom(update)
+    broken.products[0].qty = ABSURD_QTY
+    if units is not None:
+        broken.products[0].units = units
+    return broken
 
 
 def test_nav_service_marks_the_core_books_exactly(
@@ -44,6 +60,8 @@ def test_nav_service_marks_the_core_books_exactly(
     updates: list[hedging_pb2.HedgeUpdate] = list(seeded_books(config, ns(WINDOW.start)))
     for seq, record in enumerate(reference.ticks, start=1):
         updates.append(tick_update(record, seq))
+        if seq == 8:  # poison first, then the real tick 8: marked as if nothing came before
+            updates.insert(-1, unmarkable(updates[-1]))
         if seq == 6:  # a redelivery of an applied tick: skipped, no second NavUpdated
             updates.append(tick_update(reference.ticks[4], 5))
         if seq == 10:  # funding moves the books; the next tick marks them
@@ -55,6 +73,9 @@ def test_nav_service_marks_the_core_books_exactly(
             updates.append(
                 hedging_pb2.HedgeUpdate(event_id="f", market=funding, products=record.states)
             )
+    # an order's books that cannot be marked at the last price (units changed: re-marked)
+    updates.append(unmarkable(tick_update(reference.ticks[-1], n), units="1"))
+    updates[-1].ClearField("market")
 
     with Pipeline.start([NAV], bootstrap=kafka_bootstrap, redis_url=redis_url) as pipeline:
         topic = pipeline.topic(HEDGE_FILLS.name)
@@ -98,4 +119,8 @@ def test_nav_service_marks_the_core_books_exactly(
         finally:
             dlq.close()
         letters = [codec.decode(market_pb2.DeadLetter, r.value) for r in records]
-        assert [(d.service, d.payload) for d in letters] == [("nav", b"\x08garbage")]
+        assert [(d.service, d.payload) for d in letters[:1]] == [("nav", b"\x08garbage")]
+        poisoned = [codec.decode(hedging_pb2.HedgeUpdate, d.payload) for d in letters[1:]]
+        assert [u.products[0].qty for u in poisoned] == [ABSURD_QTY, ABSURD_QTY]
+        assert [u.market.tick.seq for u in poisoned] == [8, 0]
+        assert all("cannot be marked" in d.reason for d in letters[1:]), letters

@@ -10,7 +10,7 @@ import pytest
 from smartlev.v1 import hedging_pb2
 
 from services.hedging.messages import hedge_update
-from services.nav.marking import parse_update
+from services.nav.marking import Unmarkable, mark, marked_update, nav_updated, parse_update
 from shared import codec
 from shared.core.config import StrategyConfig
 from shared.core.market import Tick
@@ -77,3 +77,27 @@ def test_an_update_that_cannot_be_marked_exactly_is_refused(
     spoil(update)
     with pytest.raises(ValueError, match=reason):
         parse_update(update)
+
+
+@pytest.mark.parametrize(
+    ("qty", "units", "cash"),
+    [
+        ("9" * 39, None, None),  # worth more than 40 integer digits at any real price
+        (None, "0." + "0" * 39 + "1", "9" * 39),  # a NAV of ~1e79 per unit
+    ],
+)
+def test_books_past_what_a_nav_can_be_are_unmarkable(
+    qty: str | None, units: str | None, cash: str | None
+) -> None:
+    """Each figure is within the wire's range (it parses); the NAV it makes is not."""
+    update = tick_update()
+    book = update.products[0]
+    book.qty, book.units, book.cash = qty or book.qty, units or book.units, cash or book.cash
+    event = parse_update(update)
+    assert event.price is not None
+    with pytest.raises(Unmarkable, match=r"BTC-USDT:LONG: its books cannot be marked at 43210\.5"):
+        marked_update(event.books[0], event.price, Decimal(100), event, 1, 1)
+    # the other product's books mark as `mark` does, into the same NavUpdated
+    marked, message = marked_update(event.books[1], event.price, Decimal(100), event, 1, 1)
+    assert marked == mark(event.books[1], event.price, Decimal(100))
+    assert message == nav_updated(marked, event, 1, 1)
