@@ -93,6 +93,16 @@ from shared.transient import is_transient
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
+
+
+class OfSymbol(Protocol):
+    """A validated input: every stage reads symbol-keyed topics (shared/topics.py)."""
+
+    @property
+    def symbol(self) -> str: ...
+
+
+S = TypeVar("S", bound=OfSymbol)
 Outgoing = tuple[str, str, Message]  # (topic name, key, value) to produce
 
 MESSAGES = Counter(
@@ -512,6 +522,8 @@ class StageRuntime:
         return spec.in_namespace(self.settings.namespace)
 
     def input(self, spec: TopicSpec) -> Input:
+        if spec.key != "symbol":  # `parse` checks a record's key against its symbol
+            raise ValueError(f"{spec.name} is keyed by {spec.key}: stages read symbol keys")
         named = self.spec(spec)
         return Input(spec=spec, name=named.name, dlq=named.dlq().name)
 
@@ -533,10 +545,14 @@ class StageRuntime:
         self.on_stop(wire.aclose)
         return wire
 
-    async def parse(self, inp: Input, record: Record, convert: Callable[[Any], T]) -> T | None:
+    async def parse(self, inp: Input, record: Record, convert: Callable[[Any], S]) -> S | None:
         """Decode + validate the record's value as `inp.spec.value_type`, converted by
-        `convert`; on failure dead-letter it and return None."""
+        `convert`; on failure dead-letter it and return None. So is a record keyed by
+        another symbol than its own: it sits in that symbol's partition, out of its own
+        symbol's order, possibly on another instance than the rest of its symbol."""
         result = decode_input(inp.spec.value_type, record.value, convert)
+        if not isinstance(result, str) and record_key(record) != result.symbol:
+            result = f"record key {record_key(record)!r} is not its symbol {result.symbol!r}"
         if isinstance(result, str):
             await self.reject(inp, record, result)
             return None

@@ -116,9 +116,7 @@ def topic_recovery(bootstrap: str, topic: str, chunk: int = 1000) -> Recover:
             last: market_pb2.MarketEvent | None = None
             while end > begin:
                 start = max(begin, end - chunk)
-                events = [
-                    e for e in _read(consumer, tp, start, end) if _symbol(e) == symbol and _sound(e)
-                ]
+                events = [e for e in _read(consumer, tp, start, end, symbol) if _sound(e)]
                 if last is None and events:
                     last = events[-1]
                 ticks = [e for e in events if e.HasField("tick")]
@@ -133,17 +131,23 @@ def topic_recovery(bootstrap: str, topic: str, chunk: int = 1000) -> Recover:
 
 
 def _read(
-    consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int
+    consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, symbol: str
 ) -> list[market_pb2.MarketEvent]:
+    """`symbol`'s events in [start, end): keyed by it and about it (a record keyed by
+    another symbol is dead-lettered by the consumers, whatever it carries)."""
+    key = symbol.encode("utf-8")
     consumer.seek(tp, start)
     out: list[market_pb2.MarketEvent] = []
     while consumer.position(tp) < end:
         for record in consumer.poll(timeout_ms=1000).get(tp, []):
-            if record.offset < end:
-                try:
-                    out.append(codec.decode(market_pb2.MarketEvent, record.value))
-                except codec.DecodeError:
-                    continue  # not ours to judge here; consumers dead-letter it
+            if record.offset >= end or record.key != key:
+                continue
+            try:
+                event = codec.decode(market_pb2.MarketEvent, record.value)
+            except codec.DecodeError:
+                continue  # not ours to judge here; consumers dead-letter it
+            if _symbol(event) == symbol:
+                out.append(event)
     return out
 
 

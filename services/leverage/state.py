@@ -30,6 +30,10 @@ class RegimeInput(NamedTuple):
     market: MarketInput
     regime: RegimeState | None
 
+    @property
+    def symbol(self) -> str:
+        return self.market.symbol
+
 
 def parse_regime_update(message: market_pb2.RegimeUpdate) -> RegimeInput:
     """ValueError when the update cannot be acted on (-> DLQ)."""

@@ -8,7 +8,8 @@ good events use, on market.ticks, market.regimes, leverage.targets, orders.event
 hedge.fills; then the deposits and a real day of BTC go through. The good flow must be
 untouched: its NAV series equals the backtester's to the unit (a bad message that was
 applied, or a consumer that stopped, breaks that), and each bad message is on its .dlq
-exactly once, dead-lettered by its consumer, with a reason.
+exactly once, dead-lettered by its consumer, with a reason. So is a valid market event
+keyed by another symbol than its own (it sits in that symbol's partition).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 
 from shared import codec
 from shared.pipeline_runner import STAGES, Pipeline
-from shared.topics import MARKET_TICKS
+from shared.topics import LEVERAGE_TARGETS, MARKET_REGIMES, MARKET_TICKS
 from tests.chaos.faults import CONSUMED, bad_payloads, dead_letters, market, publish_raw
 from tests.integration.pipeline import (
     CAPITAL,
@@ -35,6 +36,7 @@ from tests.integration.pipeline import (
 pytestmark = pytest.mark.integration
 
 WINDOW = Slice("2021-05-12", "2021-05-13")
+CARRY_A_MARKET_EVENT = {MARKET_TICKS.name, MARKET_REGIMES.name, LEVERAGE_TARGETS.name}
 
 
 def test_fault_payloads_really_fail_to_decode() -> None:
@@ -61,6 +63,12 @@ def test_bad_input_on_every_topic_is_dead_lettered_and_the_flow_goes_on(
                 kafka_bootstrap, pipeline.topic(consumed.topic.name), list(kinds.values())
             )
             sent[consumed.topic.name] = dict(zip(where, kinds, strict=True))
+            if consumed.topic.name in CARRY_A_MARKET_EVENT:  # valid but for its key
+                valid = codec.encode(consumed.wrap(market()))
+                elsewhere = publish_raw(
+                    kafka_bootstrap, pipeline.topic(consumed.topic.name), [valid], "ETH-USDT"
+                )
+                sent[consumed.topic.name][elsewhere[0]] = "mis_keyed"
         for product in PRODUCTS:
             pipeline.deposit(product, CAPITAL, ns(WINDOW.start))
         seeded = collect(pipeline, lambda u: len(u) >= len(PRODUCTS), timeout_s=30)
@@ -88,6 +96,8 @@ def test_bad_input_on_every_topic_is_dead_lettered_and_the_flow_goes_on(
         assert not extra, f"{name}: {consumed.service} dead-lettered good input: {extra}"
         for letter in mine:
             assert letter.reason and letter.topic == pipeline.topic(name)
+            if sent[name][(letter.partition, letter.offset)] == "mis_keyed":
+                assert letter.reason == "record key 'ETH-USDT' is not its symbol 'BTC-USDT'"
         counts[name] = len(mine)
     print(f"\ndlq fuzz: {counts}; {sum(compared.values())} NAV updates equal to the backtest")
 

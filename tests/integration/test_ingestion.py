@@ -25,11 +25,11 @@ from services.ingestion.store import SeqConflict, state_key
 from services.ingestion.validation import SymbolState
 from shared import codec
 from shared.adapters.market_data import load_bars, load_funding, load_marks
-from shared.adapters.tick_replay import data_dir
+from shared.adapters.tick_replay import data_dir, make_producer
 from shared.backtest import market_events
 from shared.core.bars import ticks_from_bars
 from shared.core.market import NS_PER_HOUR, FundingRate, Tick
-from shared.topics import MARKET_TICKS
+from shared.topics import MARKET_TICKS, partition_for
 
 pytestmark = pytest.mark.integration
 
@@ -206,6 +206,21 @@ def test_a_lost_redis_record_is_recovered_from_the_topic_without_reusing_seqs(
     key = state_key(settings.namespace, SYMBOL)
     assert redis_client.hget(key, "seq") == "20"
     redis_client.delete(key)  # as if the process died between the ack and the record
+    topic = MARKET_TICKS.in_namespace(settings.namespace).name
+    # In the symbol's partition, keyed by another symbol (the stages dead-letter it): a
+    # sound tick of the symbol whose seq recovery must not resume from.
+    parts_n = MARKET_TICKS.partitions
+    stranger = next(
+        k
+        for i in range(1000)
+        if partition_for(k := f"X{i}", parts_n) == partition_for(SYMBOL, parts_n)
+    )
+    forged = codec.market_event_from_tick(ticks[25], seq=10**15, source="forged", ts_init_ns=1)
+    producer = make_producer(settings.kafka_bootstrap, value_serializer=None)
+    try:
+        producer.send(topic, key=stranger, value=codec.encode(forged)).get(timeout=30)
+    finally:
+        producer.close()
     parts = ingestor(settings)
     try:
         assert parts[0].state(SYMBOL) == SymbolState(20, (START + 20, 1), Decimal(120))
@@ -215,10 +230,10 @@ def test_a_lost_redis_record_is_recovered_from_the_topic_without_reusing_seqs(
             parts[0].store.record(SYMBOL, 25, SymbolState(26, (START + 99, 1), Decimal(1)))
     finally:
         close(parts)
-    topic = MARKET_TICKS.in_namespace(settings.namespace).name
     seqs = [
         codec.decode(market_pb2.MarketEvent, r.value).tick.seq  # type: ignore[attr-defined]
-        for r in consume(settings.kafka_bootstrap, topic, 30)
+        for r in consume(settings.kafka_bootstrap, topic, 31)
+        if r.key == SYMBOL.encode()  # type: ignore[attr-defined]
     ]
     assert seqs == list(range(1, 31))
     assert redis_client.hget(key, "seq") == "30"
