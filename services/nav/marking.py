@@ -22,7 +22,7 @@ from shared.codec import (
     optional_decimal_from_wire,
 )
 from shared.core.accounting import ProductBook
-from shared.core.market import Side
+from shared.core.market import Side, symbol_problem
 
 Kind = Literal["tick", "funding", "order"]
 # Leverage is a ratio of exact decimals with 60 significant digits; 1e-8 is plenty for a
@@ -75,10 +75,14 @@ class Marked:
 
 
 def side_of(product: str) -> Side:
-    """`BTC-USDT:LONG` -> Side.LONG (shared/core/products.product_id's format)."""
+    """`BTC-USDT:LONG` -> Side.LONG (shared/core/products.product_id's format); a
+    product of any other shape, or of a symbol Redis keys cannot carry, is refused."""
     parts = product.split(":")
-    if len(parts) < 2 or parts[1] not in Side.__members__:
-        raise ValueError(f"product {product!r} names no side")
+    if len(parts) != 2 or parts[1] not in Side.__members__:
+        raise ValueError(f"product {product!r} is not <symbol>:LONG or <symbol>:SHORT")
+    bad_symbol = symbol_problem(parts[0])
+    if bad_symbol:
+        raise ValueError(f"product {product!r}: {bad_symbol}")
     return Side[parts[1]]
 
 
@@ -106,13 +110,15 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
         raise ValueError("HedgeUpdate carries no product books")
     common_pb2.Regime.Name(update.regime)  # ValueError on an unknown regime
     which = update.market.WhichOneof("event")
+    symbol = books[0].product.split(":")[0]
     if which is not None:
         market = getattr(update.market, which)
         if market.seq <= 0:
             raise ValueError(f"{which} seq is missing (must be >= 1)")
-        strangers = [b.product for b in books if b.product.split(":")[0] != market.symbol]
-        if strangers:  # marked at this symbol's price, then skipped as redeliveries
-            raise ValueError(f"books of {strangers} on a {market.symbol!r} {which}")
+        symbol = market.symbol
+    strangers = [b.product for b in books if b.product.split(":")[0] != symbol]
+    if strangers:  # marked at another symbol's price, then skipped as redeliveries
+        raise ValueError(f"books of {strangers} on a {symbol!r} {which or 'order'}")
     if which == "tick":
         tick = update.market.tick
         price = decimal_from_wire(tick.price, name="tick.price")
@@ -144,7 +150,6 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
             books,
             reasons,
         )
-    symbol = books[0].product.split(":")[0]
     ts = update.filled.ts_event_ns if update.HasField("filled") else 0
     return FillsEvent("order", update.event_id, symbol, 0, ts, 0, None, update.regime, books)
 

@@ -49,6 +49,22 @@ def a_zero_price(update: hedging_pb2.HedgeUpdate) -> None:
     update.market.tick.price = "0"
 
 
+def a_brace_in_the_symbol(update: hedging_pb2.HedgeUpdate) -> None:
+    """A hash tag Redis keys cannot carry (it stopped the stage at its first read)."""
+    update.market.tick.symbol = "A{B"
+    for book, side in zip(update.products, ("LONG", "SHORT"), strict=True):
+        book.product = f"A{{B:{side}"
+
+
+def an_order_of_two_symbols(update: hedging_pb2.HedgeUpdate) -> None:
+    update.ClearField("market")
+    update.products[1].product = "ETH-USDT:SHORT"
+
+
+def a_product_of_three_parts(update: hedging_pb2.HedgeUpdate) -> None:
+    update.products[0].product = "BTC-USDT:LONG:X"
+
+
 def test_a_valid_update_parses_with_every_book() -> None:
     event = parse_update(tick_update(7))
     assert (event.kind, event.symbol, event.seq, event.price) == (
@@ -68,6 +84,9 @@ def test_a_valid_update_parses_with_every_book() -> None:
         (no_books, "carries no product books"),
         (no_seq, "tick seq is missing"),
         (a_zero_price, "tick price must be > 0"),
+        (a_brace_in_the_symbol, r"product 'A\{B:LONG': symbol 'A\{B' must be 1-40 characters"),
+        (an_order_of_two_symbols, r"books of \['ETH-USDT:SHORT'\] on a 'BTC-USDT' order"),
+        (a_product_of_three_parts, "is not <symbol>:LONG or <symbol>:SHORT"),
     ],
 )
 def test_an_update_that_cannot_be_marked_exactly_is_refused(
