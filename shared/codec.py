@@ -265,7 +265,8 @@ def faust_topic(
 
     faust turns a value that fails to decode into an exception thrown into the agent
     (`Channel.on_value_decode_error`), i.e. the agent crashes. A consumer that must
-    dead-letter bad input instead uses `decode_values=False` (values arrive as bytes)
+    dead-letter bad input instead uses `decode_values=False` (values and keys arrive as
+    bytes)
     and calls `decode(spec.value_type, value)` itself, sending a `DeadLetter` to
     `<topic>.dlq` on `DecodeError`.
 
@@ -276,12 +277,14 @@ def faust_topic(
     if decode_values:
         value_serializer: Any = ProtobufCodec(message_type=spec.value_type)
         kwargs.setdefault("value_type", None)
-    else:
+        key_type: type = str
+    else:  # keys as bytes too: one that is not UTF-8 would crash the agent like a value
         value_serializer = "raw"
         kwargs.setdefault("value_type", bytes)
+        key_type = bytes
     return app.topic(
         spec.name,
-        key_type=str,
+        key_type=key_type,
         key_serializer="raw",
         value_serializer=value_serializer,
         **kwargs,

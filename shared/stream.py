@@ -467,9 +467,10 @@ class Record(Protocol):
 
 
 def record_key(record: Record) -> str:
-    """The message key as text (keys are symbols/products, UTF-8)."""
+    """The message key as text (keys are symbols/products, UTF-8); bytes that are not
+    UTF-8 shown escaped (such a key is no symbol: its record is dead-lettered)."""
     key = record.key
-    return key.decode("utf-8") if isinstance(key, bytes) else str(key or "")
+    return key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else str(key or "")
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,7 +105,7 @@ def bad_payloads(consumed: Consumed) -> dict[str, bytes | None]:
 
 
 def publish_raw(
-    bootstrap: str, topic: str, payloads: Sequence[bytes | None], key: str = SYMBOL
+    bootstrap: str, topic: str, payloads: Sequence[bytes | None], key: str | bytes = SYMBOL
 ) -> list[tuple[int, int]]:
     """Produce raw values (no codec) keyed by `key`; (partition, offset) of each."""
     producer = make_producer(bootstrap, value_serializer=None, client_id="smartlev-chaos")

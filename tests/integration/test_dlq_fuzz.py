@@ -9,7 +9,8 @@ hedge.fills; then the deposits and a real day of BTC go through. The good flow m
 untouched: its NAV series equals the backtester's to the unit (a bad message that was
 applied, or a consumer that stopped, breaks that), and each bad message is on its .dlq
 exactly once, dead-lettered by its consumer, with a reason. So is a valid market event
-keyed by another symbol than its own (it sits in that symbol's partition).
+keyed by another symbol than its own (it sits in that symbol's partition), and anything
+keyed by bytes that are not UTF-8.
 """
 
 from __future__ import annotations
@@ -63,12 +64,14 @@ def test_bad_input_on_every_topic_is_dead_lettered_and_the_flow_goes_on(
                 kafka_bootstrap, pipeline.topic(consumed.topic.name), list(kinds.values())
             )
             sent[consumed.topic.name] = dict(zip(where, kinds, strict=True))
-            if consumed.topic.name in CARRY_A_MARKET_EVENT:  # valid but for its key
-                valid = codec.encode(consumed.wrap(market()))
-                elsewhere = publish_raw(
-                    kafka_bootstrap, pipeline.topic(consumed.topic.name), [valid], "ETH-USDT"
+            valid = codec.encode(consumed.wrap(market()))
+            for kind, key in (("mis_keyed", "ETH-USDT"), ("key_not_utf8", b"\xff\xfe")):
+                if kind == "mis_keyed" and consumed.topic.name not in CARRY_A_MARKET_EVENT:
+                    continue  # (the others' `valid` is refused for its content)
+                where = publish_raw(
+                    kafka_bootstrap, pipeline.topic(consumed.topic.name), [valid], key
                 )
-                sent[consumed.topic.name][elsewhere[0]] = "mis_keyed"
+                sent[consumed.topic.name][where[0]] = kind
         for product in PRODUCTS:
             pipeline.deposit(product, CAPITAL, ns(WINDOW.start))
         seeded = collect(pipeline, lambda u: len(u) >= len(PRODUCTS), timeout_s=30)
@@ -96,8 +99,14 @@ def test_bad_input_on_every_topic_is_dead_lettered_and_the_flow_goes_on(
         assert not extra, f"{name}: {consumed.service} dead-lettered good input: {extra}"
         for letter in mine:
             assert letter.reason and letter.topic == pipeline.topic(name)
-            if sent[name][(letter.partition, letter.offset)] == "mis_keyed":
+            kind = sent[name][(letter.partition, letter.offset)]
+            if kind == "mis_keyed":
                 assert letter.reason == "record key 'ETH-USDT' is not its symbol 'BTC-USDT'"
+            if kind == "key_not_utf8":
+                assert letter.key == b"\xff\xfe", letter
+                if name in CARRY_A_MARKET_EVENT:
+                    shown = repr(b"\xff\xfe".decode("utf-8", "backslashreplace"))
+                    assert letter.reason == f"record key {shown} is not its symbol 'BTC-USDT'"
         counts[name] = len(mine)
     print(f"\ndlq fuzz: {counts}; {sum(compared.values())} NAV updates equal to the backtest")
 

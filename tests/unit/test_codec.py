@@ -317,5 +317,5 @@ def test_faust_topic_from_spec() -> None:
     raw = codec.faust_topic(app, MARKET_TICKS, decode_values=False)
     assert decoded.get_topic_name() == raw.get_topic_name() == "market.ticks"
     assert isinstance(decoded.value_serializer, codec.ProtobufCodec)
-    assert raw.value_serializer == "raw" and raw.value_type is bytes
+    assert raw.value_serializer == "raw" and raw.value_type is bytes and raw.key_type is bytes
     assert decoded.partitions == 3
