@@ -116,7 +116,10 @@ def parse(message: object, symbol: str) -> TradeObserved | MarkObserved:
     if event == "markPriceUpdate":
         rate = _decimal(data, "r") if data.get("r") not in (None, "") else None
         next_ns = _ms(data, "T") if data.get("T") not in (None, 0) else None
-        return MarkObserved(_ms(data, "E"), _decimal(data, "p"), rate, next_ns)
+        mark = _decimal(data, "p")
+        if mark <= 0:  # kept, it would refuse every trade after it (not_positive mark)
+            raise FeedError(f"field 'p' (mark price) must be > 0, got {mark}")
+        return MarkObserved(_ms(data, "E"), mark, rate, next_ns)
     return TradeObserved(_ms(data, "T"), _decimal(data, "p"))
 
 

@@ -28,6 +28,7 @@ import enum
 from dataclasses import dataclass
 from decimal import Decimal
 
+from shared.codec import EncodeError, decimal_to_wire
 from shared.core.market import FundingRate, Tick, symbol_problem
 
 FUNDING_RANK = 0  # a funding settles on the position held up to its instant: first
@@ -35,6 +36,9 @@ TICK_RANK = 1
 
 MarketValue = Tick | FundingRate
 OrderKey = tuple[int, int]
+
+
+MAX_TS_NS = 2**63  # the wire's int64 nanoseconds
 
 
 class Reason(enum.StrEnum):
@@ -98,6 +102,10 @@ def _number(value: object, name: str) -> Rejected | None:
         return Rejected(Reason.SCHEMA, f"{name} must be a Decimal, got {type(value).__name__}")
     if not value.is_finite():
         return Rejected(Reason.NOT_FINITE, f"{name} is {value}")
+    try:  # what the wire cannot carry would stop the feed at the publish, every time
+        decimal_to_wire(value, name=name)
+    except EncodeError as exc:
+        return Rejected(Reason.OUT_OF_BOUNDS, str(exc))
     return None
 
 
@@ -115,8 +123,9 @@ def check(event: object) -> Rejected | None:
     bad_symbol = symbol_problem(event.symbol)
     if bad_symbol is not None:
         return Rejected(Reason.SCHEMA, bad_symbol)
-    if isinstance(event.ts_ns, bool) or not isinstance(event.ts_ns, int) or event.ts_ns <= 0:
-        return Rejected(Reason.SCHEMA, f"ts_ns must be an int > 0, got {event.ts_ns!r}")
+    ts_ns = event.ts_ns
+    if isinstance(ts_ns, bool) or not isinstance(ts_ns, int) or not 0 < ts_ns < MAX_TS_NS:
+        return Rejected(Reason.SCHEMA, f"ts_ns must be an int in (0, 2^63), got {ts_ns!r}")
     if isinstance(event, FundingRate):
         bad = _number(event.rate, "rate")
         if bad is None and abs(event.rate) >= 1:

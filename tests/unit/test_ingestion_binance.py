@@ -123,6 +123,8 @@ def _with(payload: str, **changes: object) -> dict[str, object]:
         ({k: v for k, v in json.loads(AGG_TRADE).items() if k != "p"}, "missing field 'p'"),
         (_with(MARK_UPDATE, p="Infinity"), "not finite"),
         (_with(MARK_UPDATE, E="1717199999000"), "positive integer of ms"),
+        (_with(MARK_UPDATE, p="0"), r"mark price\) must be > 0, got 0"),
+        (_with(MARK_UPDATE, p="-1.5"), r"mark price\) must be > 0, got -1.5"),
     ],
 )
 def test_malformed_messages_raise_with_the_reason(message: object, reason: str) -> None:

@@ -58,6 +58,11 @@ def test_first_tick_gets_seq_1_and_becomes_the_state() -> None:
         (tick(mark=Decimal("sNaN")), Reason.NOT_FINITE),
         (tick(ts=0), Reason.SCHEMA),
         (tick(ts=-5), Reason.SCHEMA),
+        (tick(ts=2**63), Reason.SCHEMA),  # past the wire's int64 (a Binance T of 10^13 ms)
+        (tick(price=Decimal("1E+41")), Reason.OUT_OF_BOUNDS),  # past the wire's 40.40
+        (tick(price=Decimal("0." + "1" * 41)), Reason.OUT_OF_BOUNDS),
+        (tick(mark=Decimal("1E+41")), Reason.OUT_OF_BOUNDS),
+        (FundingRate("BTC-USDT", T0, Decimal("1E-41")), Reason.OUT_OF_BOUNDS),
         (Tick("BTC-USDT", 1.5e18, Decimal(1)), Reason.SCHEMA),  # type: ignore[arg-type]
         (Tick("", T0, Decimal(1)), Reason.SCHEMA),
         (Tick("BTC{USDT}", T0, Decimal(1)), Reason.SCHEMA),  # a Redis hash tag inside
