@@ -322,8 +322,8 @@ async def _serve_source(
             await asyncio.sleep(await asyncio.to_thread(live.failed, exc))
 
         freeze_heap()  # shared/heap.py
-        messages = ccxt_messages(settings.symbol)
-        work = asyncio.ensure_future(run_live(live.build, settings.symbol, messages, failed))
+        connect = functools.partial(ccxt_messages, settings.symbol)
+        work = asyncio.ensure_future(run_live(live.build, settings.symbol, connect, failed))
     else:
         job = functools.partial(
             run_with_retries,

@@ -175,14 +175,18 @@ def handle_live(
 async def run_live(
     build: Callable[[], Ingestor],
     symbol: str,
-    messages: AsyncIterator[object],
+    connect: Callable[[], AsyncIterator[object]],
     failed: Callable[[Exception], Awaitable[None]],
 ) -> None:
-    """The live loop (blocking Kafka/Redis work in a worker thread). A failure of the
-    broker or Redis goes to `failed` (which raises if it is not transient, else waits);
-    then a fresh ingestor takes the message in hand again, skipping what the cut-short
-    attempt had published, and the feed goes on."""
+    """The live loop (blocking Kafka/Redis work in a worker thread) over the exchange's
+    messages, from `connect()`. A failure goes to `failed` (which raises if it is not
+    transient, else waits). One of the broker or Redis: a fresh ingestor takes the
+    message in hand again, skipping what the cut-short attempt had published. One of the
+    exchange's stream: that stream is over, so the next attempt connects afresh (else
+    the loop would end as if the feed had, and report healthy while publishing nothing).
+    Returns when a stream ends."""
     feed = BinanceFeed(symbol)
+    messages: AsyncIterator[object] | None = None
     in_hand: object | None = None
     while True:
         try:
@@ -191,11 +195,18 @@ async def run_live(
                 last = (await asyncio.to_thread(ingestor.state, symbol)).last_key
                 feed = await asyncio.to_thread(handle_live, ingestor, feed, in_hand, last)
                 in_hand = None
-            async for message in messages:
-                in_hand = message
-                feed = await asyncio.to_thread(handle_live, ingestor, feed, message)
+            while True:
+                if messages is None:
+                    messages = connect()
+                try:
+                    in_hand = await anext(messages)
+                except StopAsyncIteration:
+                    return
+                except Exception:
+                    messages = None
+                    raise
+                feed = await asyncio.to_thread(handle_live, ingestor, feed, in_hand)
                 in_hand = None
-            return
         except Exception as exc:  # `failed` raises what is not transient
             await failed(exc)
 

@@ -152,7 +152,7 @@ def trade_messages(count: int) -> list[dict[str, object]]:
     ]  # fmt: skip
 
 
-async def test_the_live_feed_survives_a_redis_restart_and_publishes_each_trade_once(
+async def test_the_live_feed_survives_a_dropped_stream_and_a_redis_restart_each_trade_once(
     kafka_bootstrap: str, private_redis: PrivateRedis
 ) -> None:
     namespace = new_namespace()
@@ -170,13 +170,22 @@ async def test_the_live_feed_survives_a_redis_restart_and_publishes_each_trade_o
         said.append,
     )  # fmt: skip
     restarted: list[asyncio.Task[None]] = []
+    connections: list[int] = []  # the first trade each connection sent
 
     async def exchange() -> AsyncIterator[object]:
-        for n, trade in enumerate(trades):
+        """The exchange, connected afresh after the first stream drops at trade 60: a
+        fresh connection goes on where the last one stopped."""
+        connections.append(sum(sent))
+        for n in range(sum(sent), len(trades)):
+            if n == 60 and len(connections) == 1:
+                raise ConnectionResetError("the exchange dropped the websocket")
             if n == 100:  # Redis dies mid-stream and is back 1.5 s later
                 private_redis.kill()
                 restarted.append(asyncio.create_task(restart_later()))
-            yield json.dumps(trade)
+            sent.append(1)
+            yield json.dumps(trades[n])
+
+    sent: list[int] = []
 
     async def restart_later() -> None:
         await asyncio.sleep(1.5)
@@ -186,11 +195,12 @@ async def test_the_live_feed_survives_a_redis_restart_and_publishes_each_trade_o
         await asyncio.sleep(await asyncio.to_thread(attempts.failed, exc))
 
     try:
-        await asyncio.wait_for(run_live(attempts.build, "BTC-USDT", exchange(), failed), 60)
+        await asyncio.wait_for(run_live(attempts.build, "BTC-USDT", exchange, failed), 60)
     finally:
         await asyncio.to_thread(attempts.close)
         await asyncio.gather(*restarted)
-    assert attempts.retries >= 1, "Redis was down and nothing was retried?"
+    assert attempts.retries >= 2, "the exchange and Redis failed and nothing was retried?"
+    assert connections == [0, 60], "the dropped stream was not connected afresh"
     assert any(why and why.startswith("retrying after") for why in said) and said[-1] is None
 
     topic = MARKET_TICKS.in_namespace(namespace).name
