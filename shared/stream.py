@@ -339,9 +339,9 @@ def _commit_would_skip(acked: Sequence[int], committed: int | None, gaps: Any) -
     """True when the acked offsets of a partition start above its committed offset (the
     next one to read) and faust knows of no gap to bridge it: committing them would skip
     the offsets between, never handled. faust 0.15.3's `_new_offset` refuses only when
-    they start two or more above it, so an event faust dropped in a rebalance, whose
-    successor the stage acked on finding the gap (OffsetGaps), was committed over, and
-    lost if the partition then moved before the seek back re-read it."""
+    they start two or more above it: an event faust dropped in a rebalance would be
+    committed over if its successor were acked first, and lost if the partition then
+    moved. `batches` never acks past a gap (OffsetGaps); this is the net under it."""
     return bool(acked) and committed is not None and not gaps and min(acked) > committed
 
 
@@ -759,7 +759,10 @@ class StreamRuntime(StageRuntime):
             message = event.message
             resume_at = gaps.check(self.app.consumer_generation_id, message.tp, message.offset)
             if resume_at is not None:  # faust dropped fetched events: read them again
-                await stream.ack(event)  # not handled: it comes again after the seek
+                # It comes again after the seek. Not acked: faust would count it handled
+                # and, once the re-read event before it is, commit past both (lost on a
+                # crash). Off the unacked set, as `stop_flow` drops a gathering batch.
+                self._drop(message)
                 if waiting.empty():  # let faust's fetch loop hand over what it has
                     await asyncio.sleep(self.gap_settle_s)
                 if waiting.empty():  # else seek once the last of them is dropped
@@ -812,6 +815,11 @@ class StreamRuntime(StageRuntime):
             if expected is not None and position is not None and position > expected:
                 behind[tp] = (position, expected)
         return behind
+
+    def _drop(self, message: Any) -> None:
+        """Forget an event without acking it (a rebalance waits for unacked ones)."""
+        consumer: Any = self.app.consumer
+        consumer._unacked_messages.discard(message)
 
     def _committed(self, tp: Any) -> int | None:
         """The partition's committed offset as faust knows it (its seek after a

@@ -420,11 +420,65 @@ def consumer_with(acked: list[int], committed: int | None) -> _Consumer:
 
 
 def test_a_commit_never_skips_an_offset_that_was_not_handled() -> None:
-    """Committed 500 (the next to read), 500 dropped in a rebalance, 501 acked unhandled
-    when the stage found the gap: faust's own rule commits 502, past 500."""
+    """Committed 500 (the next to read), 500 dropped in a rebalance, 501 acked before it
+    (`batches` does not; the guard is the net under it): faust's own rule commits 502,
+    past 500."""
     assert faust_aiokafka.Consumer._new_offset(consumer_with([501], 500), PARTITION) == 502
     assert consumer_with([501], 500)._new_offset(PARTITION) is None
     assert consumer_with([501, 502], 500)._new_offset(PARTITION) is None
     assert consumer_with([500, 501], 500)._new_offset(PARTITION) == 502
     assert consumer_with([3, 4], None)._new_offset(PARTITION) == 5  # nothing committed yet
     assert consumer_with([], 500)._new_offset(PARTITION) is None
+
+
+class _GapMessage:
+    def __init__(self, offset: int) -> None:
+        self.tp, self.offset = PARTITION, offset
+
+
+class _GapStream:
+    """What `batches` reads of a faust stream: its channel's queue, its events, acks."""
+
+    def __init__(self, app: Any, offsets: list[int]) -> None:
+        from faust import Channel
+
+        self.channel = Channel(app)
+        self.enable_acks = True
+        self.acked: list[int] = []
+        self.events_in = [SimpleNamespace(message=_GapMessage(o)) for o in offsets]
+
+    async def events(self) -> Any:
+        for event in self.events_in:
+            yield event
+
+    async def ack(self, event: Any) -> None:
+        self.acked.append(event.message.offset)
+
+
+async def test_events_dropped_at_a_gap_are_read_again_never_acked() -> None:
+    """Committed 500; faust dropped 500-501 and handed over 502-503. Those two are not
+    handled: `batches` seeks back to 500 and forgets them without acking (an ack would
+    count them handled, and faust would commit past them once 500 and 501 were). The
+    re-read 500-503 are handed out and acked once handled."""
+    runtime = StreamRuntime(ServiceSettings(service="regime", namespace="t6."))
+    consumer: Any = runtime.app.consumer
+    consumer._committed_offset = {PARTITION: 500}
+    runtime.gap_settle_s = 0
+    stream = _GapStream(runtime.app, [502, 503, 500, 501, 502, 503])
+    consumer._unacked_messages = weakref.WeakSet()
+    held = [e.message for e in stream.events_in]  # the weak set's referents
+    for message in held[:2]:
+        consumer._unacked_messages.add(message)
+    seeks: list[tuple[Any, int]] = []
+
+    async def seek(tp: Any, offset: int) -> None:
+        seeks.append((tp, offset))
+
+    consumer.seek = seek
+    handed: list[list[int]] = []
+    async for batch in runtime.batches(stream):  # type: ignore[arg-type]
+        handed.append([e.message.offset for e in batch])
+    assert seeks == [(PARTITION, 500), (PARTITION, 500)]
+    assert set(consumer._unacked_messages) == set()  # forgotten: no rebalance waits
+    assert [offset for batch in handed for offset in batch] == [500, 501, 502, 503]
+    assert stream.acked == [500, 501, 502, 503]  # only what was handed out and handled
