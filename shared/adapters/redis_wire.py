@@ -172,9 +172,23 @@ class RedisWire:
             if self.db:
                 hello.append(("SELECT", self.db))
             if hello:
-                await self._send(fresh, hello)
+                await self._hello(fresh, hello)
             self._protocol = fresh
             return fresh
+
+    async def _hello(self, fresh: _Protocol, hello: list[Command]) -> None:
+        """AUTH/SELECT on a fresh connection, within `timeout_s` (the watchdog watches the
+        connection in use only: a server that accepts and never answers held every caller
+        on the lock); a connection that failed them is closed, not left open."""
+        try:
+            await asyncio.wait_for(self._send(fresh, hello), self.timeout_s)
+        except BaseException as exc:
+            fresh.fail(RedisConnectionError("the connection's AUTH/SELECT failed"))
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(
+                    f"no reply from Redis to AUTH/SELECT in {self.timeout_s:.1f}s"
+                ) from None
+            raise
 
     async def _send(self, protocol: _Protocol, commands: Sequence[Command]) -> list[Any]:
         # hiredis' stub types the argument as a 1-tuple; it takes any length.
@@ -185,12 +199,17 @@ class RedisWire:
             return [await futures[0]]
         replies: list[Any] = []
         first_error: RedisError | None = None
-        for future in futures:  # every reply is taken, so no error goes unobserved
-            try:
-                replies.append(await future)
-            except RedisError as exc:
-                first_error = first_error or exc
-                replies.append(None)
+        try:
+            for future in futures:  # every reply is taken, so no error goes unobserved
+                try:
+                    replies.append(await future)
+                except RedisError as exc:
+                    first_error = first_error or exc
+                    replies.append(None)
+        except asyncio.CancelledError:
+            for future in futures:  # nobody takes them now: skipped when they arrive
+                future.cancel()
+            raise
         if first_error is not None:
             raise first_error
         return replies

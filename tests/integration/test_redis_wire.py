@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -174,6 +175,53 @@ async def test_an_unreachable_server_is_a_connection_error():
     wire = RedisWire.from_url(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(RedisConnectionError, match="cannot connect"):
         await wire.call("PING")
+
+
+def private_redis_server(tmp_path) -> tuple[subprocess.Popen[bytes], int, redis.Redis]:
+    """A redis-server of the test's own (to stop or count the clients of)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed; run `make up` (it installs it)")
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    server = subprocess.Popen(
+        [*argv, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
+    admin = redis.Redis(port=port)
+    for _ in range(200):
+        with contextlib.suppress(redis.ConnectionError):
+            if admin.ping():
+                break
+        time.sleep(0.02)
+    return server, port, admin
+
+
+async def test_a_login_that_fails_or_never_answers_closes_its_connection(tmp_path):
+    """AUTH/SELECT on a fresh connection: refused, the connection is closed (it was left
+    open, one per call); unanswered (the server stopped: the kernel still accepts), the
+    call fails within `timeout_s` (it hung every caller on the connecting lock)."""
+    server, port, admin = private_redis_server(tmp_path)
+    try:
+        refused = RedisWire.from_url(f"redis://:wrong@127.0.0.1:{port}/0", retries=0)
+        for _ in range(5):
+            with pytest.raises(redis.AuthenticationError, match="AUTH"):
+                await refused.call("PING")
+        await asyncio.sleep(0.1)
+        assert admin.info("clients")["connected_clients"] == 1  # only `admin`
+        server.send_signal(signal.SIGSTOP)
+        silent = RedisWire.from_url(f"redis://127.0.0.1:{port}/1", timeout_s=0.5, retries=0)
+        began = time.monotonic()
+        with pytest.raises(RedisTimeoutError, match="AUTH/SELECT"):
+            await asyncio.wait_for(silent.call("PING"), 10)
+        assert time.monotonic() - began < 3
+        server.send_signal(signal.SIGCONT)
+        assert await silent.call("PING") == "PONG"  # a fresh login, answered now
+        await silent.aclose()
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.terminate()
+        server.wait(10)
+        admin.close()
 
 
 async def test_a_redis_still_loading_its_data_raises_a_transient_error(tmp_path):
