@@ -28,7 +28,8 @@ from aiokafka.errors import KafkaError
 from prometheus_client import Gauge
 from smartlev.v1 import nav_pb2, orders_pb2
 
-from shared.codec import DecodeError, decode, order_of
+from services.gateway.orders import POSITION_ID
+from shared.codec import DecodeError, decimal_from_wire, decode, order_of
 from shared.logging import get_logger
 from shared.topics import TopicSpec
 
@@ -174,10 +175,19 @@ class StreamFeed:
                     self._dispatch(record.topic, record.offset, record.value)
 
     def _dispatch(self, topic: str, offset: int, value: bytes) -> None:
+        """Decode and check what streams read of an update (a NAV to value positions at,
+        a position id to look up), so that a bad record is skipped here instead of
+        ending every stream it reaches."""
         try:
             if topic == self.nav_topic:
-                self.publish(decode(nav_pb2.NavUpdated, value))
+                update = decode(nav_pb2.NavUpdated, value)
+                decimal_from_wire(update.nav, name="nav")
+                self.publish(update)
             else:
-                self.publish_order(decode(orders_pb2.OrderEvent, value))
+                event = decode(orders_pb2.OrderEvent, value)
+                if not POSITION_ID.fullmatch(order_of(event).position_id):
+                    shown = order_of(event).position_id[:80]
+                    raise DecodeError("OrderEvent", f"position_id {shown!r} is not an id")
+                self.publish_order(event)
         except DecodeError as exc:
             log.warning("stream_update_undecodable", topic=topic, offset=offset, reason=exc.reason)

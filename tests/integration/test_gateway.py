@@ -894,6 +894,40 @@ async def test_stream_nav_delivers_published_updates(env: Env) -> None:
     positions.cancel()
 
 
+async def test_a_position_stream_skips_updates_it_could_not_show(env: Env) -> None:
+    """A NavUpdated whose NAV is no decimal and an order event of the caller whose
+    position id is no id are skipped by the feed; the stream goes on (they ended it
+    UNKNOWN: the NAV failed to parse, the id to make a Redis key)."""
+    positions = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
+    await env.set_nav(PRODUCT, NAV)
+    opened = await env.open("before-poison")
+    assert (await asyncio.wait_for(positions.read(), 5)).position_id == opened.position_id
+    poison = orders_pb2.OrderEvent(
+        opened=orders_pb2.PositionOpened(
+            event_id="poison", position_id="", user_id="alice", product=PRODUCT
+        )
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=env.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            ORDERS_EVENTS.in_namespace(env.ns).name, poison.SerializeToString(), key=b"BTC-USDT"
+        )
+        bad_nav = nav_pb2.NavUpdated(event_id="poison", product=PRODUCT, nav="NaN")
+        await producer.send_and_wait(
+            NAV_UPDATES.in_namespace(env.ns).name,
+            bad_nav.SerializeToString(),
+            key=PRODUCT.encode(),
+        )
+    finally:
+        await producer.stop()
+    after = await env.open("after-poison")  # its event follows the poison on the partition
+    assert (await asyncio.wait_for(positions.read(), 10)).position_id == after.position_id
+    moved = await read_while_publishing(env, positions, [(PRODUCT, "130.5")])
+    assert moved.nav == "130.5"
+    positions.cancel()
+
+
 def paused_topics(env: Env) -> set[str]:
     """The topics whose partitions the gateway's stream feed does not fetch."""
     return {partition.topic for partition in env.server.feed.consumer.paused()}
