@@ -21,6 +21,7 @@ from shared.core.events import (
     ManagementFeeAccrued,
     ProductUnitsIssued,
     ProductUnitsRedeemed,
+    UnheldEquityTaken,
 )
 from shared.core.market import NS_PER_YEAR, Side
 from shared.core.money import ZERO, MoneyError, allocate, nav_of, units_down, usdt_down
@@ -253,14 +254,22 @@ class Books:
             return None
         return self._pay_claim(book, book.equity_floor - equity, ts_ns, equity)
 
-    def cover_empty(self, product: str, price: Decimal, ts_ns: int) -> InsuranceClaimPaid | None:
-        """The last holder left at NAV, then unwinding the hedge cost fees: the insurance
-        fund takes a product with no units back to zero, so no later depositor pays."""
+    def square_empty(
+        self, product: str, price: Decimal, ts_ns: int
+    ) -> InsuranceClaimPaid | UnheldEquityTaken | None:
+        """The last holder left (its position unwound): the insurance fund takes the
+        product's equity to zero, paying what unwinding and a quote below the market cost
+        it, or taking what a quote above the market left, so a later depositor neither
+        pays for nor gains from what happened before it."""
         book = self.products[product]
         equity = book.equity(price)
-        if book.units or equity >= 0:
+        if book.units or book.qty or not equity:
             return None
-        return self._pay_claim(book, -equity, ts_ns, equity)
+        if equity < 0:
+            return self._pay_claim(book, -equity, ts_ns, equity)
+        book.cash -= equity
+        self.insurance_fund += equity
+        return UnheldEquityTaken(product, ts_ns, equity)
 
     def apply_liquidation(self, event: AccountLiquidated) -> list[InsuranceClaimPaid]:
         """Mirror a venue liquidation: products are closed at the mark, share the penalty

@@ -15,7 +15,7 @@ from decimal import Decimal
 
 from shared.core.accounting import AccountingConfig, Books, ProductBook
 from shared.core.bars import BarBuilder
-from shared.core.events import InsuranceClaimPaid, LeverageTargetChanged
+from shared.core.events import InsuranceClaimPaid, LeverageTargetChanged, UnheldEquityTaken
 from shared.core.features import FeatureConfig, FeatureTracker
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted
 from shared.core.leverage import Controller
@@ -232,18 +232,23 @@ class Engine:
         the way back down, NAV below zero). A product with no position yet goes to target;
         before the first price, the first tick does it. A close paid at a quoted NAV the
         market has since left behind can take more than the product holds: the insurance
-        fund then restores the remaining holders' floor, as after a gap."""
+        fund then restores the remaining holders' floor, as after a gap. One that left no
+        units unwinds the whole position, and the fund squares what equity is left
+        (kept, it was an unowned position and the next depositor's gain or loss)."""
         events: list[object] = [event]
         if self.price:
             equity_before, units_before = before
             book = self.books.products[product]
-            if book.qty and equity_before > 0 and units_before > 0:
+            if not book.units:
+                if book.qty:
+                    self._execute(ts_ns, [PositionChange(product, -book.qty)], events)
+                self._square(self.books.square_empty(product, self.price, ts_ns), events)
+            elif book.qty and equity_before > 0 and units_before > 0:
                 self._scale(product, equity_before, ts_ns, events)
                 self.books.scale_floor(product, book.units / units_before)
             else:
                 self._rebalance(ts_ns, [(product, False)], events)
             self._cover_gaps([product], ts_ns, events)
-            self._pay(self.books.cover_empty(product, self.price, ts_ns), events)
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)
         return events
@@ -298,6 +303,15 @@ class Engine:
         for product in products:
             paid |= self._pay(self.books.cover_gap(product, self.price, ts_ns), events)
         return paid
+
+    def _square(
+        self, squared: InsuranceClaimPaid | UnheldEquityTaken | None, events: list[object]
+    ) -> None:
+        if isinstance(squared, UnheldEquityTaken):
+            self.venue.transfer(-squared.amount)
+            events.append(squared)
+        else:
+            self._pay(squared, events)
 
     def _pay(self, claim: InsuranceClaimPaid | None, events: list[object]) -> bool:
         """Move an insurance claim's money to the venue account; True if there was one."""

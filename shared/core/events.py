@@ -109,6 +109,17 @@ class InsuranceClaimPaid:
 
 
 @dataclass(frozen=True, slots=True)
+class UnheldEquityTaken:
+    """The last holder left at a quoted NAV below the product's worth: the equity no unit
+    holds went to the insurance fund (the fund pays when it is short, InsuranceClaimPaid),
+    so the next depositor buys into a product worth nothing but what it pays in."""
+
+    product: str
+    ts_ns: int
+    amount: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class ProductUnitsIssued:
     product: str
     ts_ns: int

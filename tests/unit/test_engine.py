@@ -14,9 +14,15 @@ from hypothesis import strategies as st
 from shared.core.accounting import BooksOutOfBalance, redeem_terms
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine, SignalPipeline, Strategy
-from shared.core.events import HedgeExecuted, InsuranceClaimPaid, LeverageTargetChanged
+from shared.core.events import (
+    HedgeExecuted,
+    InsuranceClaimPaid,
+    LeverageTargetChanged,
+    UnheldEquityTaken,
+)
 from shared.core.leverage import Controller, LeverageConfig, SmartLeverageController
 from shared.core.market import NS_PER_DAY, NS_PER_HOUR, FundingRate, Side, Tick
+from shared.core.money import usdt_down
 from shared.core.products import smart_controllers, smart_engine, smart_strategy
 from shared.core.venue import PerpVenue
 from tests.unit.core_stubs import (
@@ -342,6 +348,34 @@ def test_a_close_at_a_quote_the_market_left_behind_never_takes_nav_below_zero() 
     events = engine.redeem(long.product, units, 3, quoted, quoted_payout=gross - fee)
     assert any(isinstance(e, InsuranceClaimPaid) for e in events)
     assert engine.nav(long.product) > 0
+    engine.books.check_balanced(engine.venue, engine.price)
+
+
+def test_the_last_holder_leaving_at_a_stale_quote_leaves_no_position_and_no_equity() -> None:
+    """All units closed at a NAV quoted before a 2% rise: the product keeps equity that no
+    unit holds. It held ~9% of its position, unowned, and the next depositor took its
+    gains, or (after a gap past the floor the fund no longer covered, with no units) its
+    losses down to a NAV below zero. Now a product without units holds no position and
+    no equity: what is left goes to the insurance fund (which pays when it is short)."""
+    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
+    strategy = smart_strategy("BTC-USDT", config)
+    engine = strategy.engine
+    long = engine.books.products[f"{SYMBOL}:LONG"]
+    engine.deposit(long.product, Decimal(100_000), 0)
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
+    quoted, units = engine.nav(long.product), long.units
+    strategy.on_tick(Tick(SYMBOL, 2, Decimal(30600)), None)
+    assert engine.nav(long.product) > quoted  # the market left the quote behind
+    fund = engine.books.insurance_fund
+    gross, fee = redeem_terms(units, quoted, config.accounting.close_fee)
+    events = engine.redeem(long.product, units, 3, quoted, quoted_payout=gross - fee)
+    assert (long.units, long.qty, long.equity(engine.price)) == (0, 0, 0)
+    [taken] = [e for e in events if isinstance(e, UnheldEquityTaken)]
+    assert taken.amount > 0 and engine.books.insurance_fund >= fund + taken.amount  # + fee share
+    engine.books.check_balanced(engine.venue, engine.price)
+    engine.deposit(long.product, Decimal(1_000), 4)  # worth what it paid, less the hedge
+    net = Decimal(1_000) - usdt_down(Decimal(1_000) * config.accounting.open_fee)
+    assert net * Decimal("0.99") < long.equity(engine.price) <= net
     engine.books.check_balanced(engine.venue, engine.price)
 
 
