@@ -169,6 +169,8 @@ class VenueServicer(venue_pb2_grpc.VenueServicer):
             symbol = self._symbol(request.symbol)
             transfer_id = _id(request.transfer_id, "transfer_id")
             amount = _decimal(request.amount, "amount")
+            if amount == 0:
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "amount: must not be 0")
 
             def move(venue: PerpVenue) -> venue_pb2.TransferReply:
                 venue.transfer(amount)
@@ -190,6 +192,8 @@ class VenueServicer(venue_pb2_grpc.VenueServicer):
             symbol = self._symbol(request.symbol)
             settlement_id = _id(request.settlement_id, "settlement_id")
             rate = _decimal(request.rate, "rate")
+            if abs(rate) >= 1:  # ingestion's bound too: a rate of 100% a period is no rate
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"rate: |{rate}| must be < 1")
             mark = _decimal(request.mark_price, "mark_price", positive=True)
 
             def settle(venue: PerpVenue) -> venue_pb2.SettleFundingReply:

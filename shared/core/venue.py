@@ -39,14 +39,24 @@ class VenueConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    taker_fee: Decimal = Field(Decimal("0.0004"), ge=0, description="Taker fee rate (4 bps).")
-    maker_fee: Decimal = Field(Decimal("0.0002"), ge=0, description="Maker fee rate (2 bps).")
+    # Upper bounds no real venue comes near (fees of 1%, a half spread of 100 bps): past
+    # them a value is a typo, and a half spread of 20,000 bps took a backtest's NAV < 0.
+    taker_fee: Decimal = Field(
+        Decimal("0.0004"), ge=0, lt=Decimal("0.01"), description="Taker fee rate (4 bps)."
+    )
+    maker_fee: Decimal = Field(
+        Decimal("0.0002"), ge=0, lt=Decimal("0.01"), description="Maker fee rate (2 bps)."
+    )
     half_spread_bps: Decimal = Field(
-        Decimal("0.5"), ge=0, description="Half the bid-ask spread paid by a taker, in bps."
+        Decimal("0.5"),
+        ge=0,
+        le=100,
+        description="Half the bid-ask spread paid by a taker, in bps.",
     )
     impact_bps: Decimal = Field(
         Decimal("10"),
         ge=0,
+        le=1000,
         description="Square-root impact: impact_bps x sqrt(notional / depth_notional).",
     )
     depth_notional: Decimal = Field(
@@ -56,7 +66,10 @@ class VenueConfig(BaseModel):
         Decimal("0.005"), gt=0, lt=1, description="Maintenance margin rate of position notional."
     )
     liquidation_fee: Decimal = Field(
-        Decimal("0.0125"), ge=0, description="Share of notional taken into the insurance fund."
+        Decimal("0.0125"),
+        ge=0,
+        lt=Decimal("0.1"),
+        description="Share of notional taken into the insurance fund.",
     )
 
 
@@ -135,6 +148,10 @@ class PerpVenue:
         buying = qty > 0
         shift = reference * cost_bps * BPS
         raw = reference + shift if buying else reference - shift
+        if raw <= 0:  # a sell so large its impact passes the price: no such fill
+            raise MoneyError(
+                f"selling {-qty} at {reference} would fill at {raw:.2f}: the order is too large"
+            )
         return price_against(raw, self.spec.price_tick, buying)
 
     def execute(

@@ -174,6 +174,7 @@ async def test_restart_continues_with_the_same_state(env: tuple[Redis, str]) -> 
         (order("x1", "1", "-5"), "must be > 0"),
         (order("x1", "1", ""), "not a plain decimal"),
         (order("x1", "1" + "0" * 39, "100000"), "figures are out of range"),  # a fee of 40+ digits
+        (order("x1", "-2000000000", "50000"), "would fill at -"),  # impact past the price
     ],
 )
 async def test_invalid_orders_change_nothing(
@@ -198,6 +199,13 @@ async def test_invalid_transfer_funding_and_check_change_nothing(env: tuple[Redi
     bad = [
         ("Transfer", venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="b", amount="nan")),
         ("Transfer", venue_pb2.TransferRequest(symbol=SYMBOL, amount="1")),
+        ("Transfer", venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="b", amount="0")),
+        (
+            "SettleFunding",
+            venue_pb2.SettleFundingRequest(
+                symbol=SYMBOL, settlement_id="b", rate="5", mark_price="1"
+            ),
+        ),
         (
             "SettleFunding",
             venue_pb2.SettleFundingRequest(

@@ -12,10 +12,11 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from shared.core.events import AccountLiquidated
 from shared.core.money import MoneyError
-from shared.core.venue import Liquidity, PerpVenue
+from shared.core.venue import Liquidity, PerpVenue, VenueConfig
 from tests.unit.stubs import BTC, btc_spec, json_round_trip, venue, venue_config, venue_with
 
 D = Decimal
@@ -128,6 +129,32 @@ def test_zero_quantity_is_refused(qty: str) -> None:
     with pytest.raises(MoneyError, match="zero"):
         v.execute(0, D(qty), D(50000))
     assert v.snapshot() == venue().snapshot()
+
+
+def test_a_sell_whose_impact_passes_the_price_is_refused_and_changes_nothing() -> None:
+    """Square-root impact has no cap: 2e9 BTC sold at 50,000 would fill at -20,713 (the
+    venue paying the fee)."""
+    v = venue(collateral="100")
+    before = v.snapshot()
+    with pytest.raises(MoneyError, match="would fill at -"):
+        v.execute(0, D("-2000000000"), D(50000))
+    assert v.snapshot() == before
+    assert v.execute(0, D("-1"), D(50000)).price > 0  # an order of any real size fills
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"taker_fee": D("0.01")},
+        {"maker_fee": D("1")},
+        {"half_spread_bps": D("20000")},  # a backtest with it ended at NAV -58.86
+        {"impact_bps": D("5000")},
+        {"liquidation_fee": D("2")},
+    ],
+)
+def test_venue_costs_past_any_real_venue_are_refused(field: dict[str, Decimal]) -> None:
+    with pytest.raises(ValidationError):
+        VenueConfig(**field)
 
 
 # --- funding ----------------------------------------------------------------------------
