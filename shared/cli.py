@@ -46,8 +46,10 @@ app = typer.Typer(
 )
 console = Console()
 errors = Console(stderr=True)
-# A seed past this is no fund anyone holds, and products of it overflow exact arithmetic.
-MAX_CAPITAL = Decimal("1000000000000000")
+# A product of a billion already trades in ~500 slices a rebalance (the venue's impact
+# model slices orders, shared/core/hedging.py): past it, runs take hours and then memory.
+# Below a dollar, fees and lots round a product's first units away.
+MIN_CAPITAL, MAX_CAPITAL = Decimal(1), Decimal(1_000_000_000)
 
 
 @app.callback()
@@ -112,9 +114,9 @@ def backtest(
         settings.instrument(symbol)
     except (ArithmeticError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    if not seed.is_finite() or not 0 < seed <= MAX_CAPITAL:
+    if not seed.is_finite() or not MIN_CAPITAL <= seed <= MAX_CAPITAL:
         raise typer.BadParameter(
-            f"--capital must be a positive amount up to {MAX_CAPITAL:,}, got {capital}"
+            f"--capital must be {MIN_CAPITAL:,} to {MAX_CAPITAL:,} USDT, got {capital}"
         )
     start_ns, end_ns = _parse_time(start, "--start"), _parse_time(end, "--end")
     interval = settings.features.bar_seconds * 1_000_000_000

@@ -806,6 +806,12 @@ def run(namespace: str, symbols: Sequence[str], bootstrap: str, redis_url: str) 
             )
             return 2
 
+    try:
+        Redis.from_url(redis_url)  # a URL it cannot read: a usage error, not an imbalance
+    except ValueError as exc:
+        print(f"error: --redis-url {redis_url!r}: {exc}", file=sys.stderr)
+        return 2
+
     async def go() -> Report:
         redis = Redis.from_url(redis_url, decode_responses=True)
         try:

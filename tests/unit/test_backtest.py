@@ -123,6 +123,10 @@ def test_nav_csv_and_metrics_write_exact_plain_decimals_even_for_a_wiped_out_pro
             "timestamp,open,high,low,close,volume\n2021-01-01T00:00:00Z,1,2,1,-2,1\n",
             "bad.csv:2: close price must be > 0",
         ),
+        (  # finite, and past what the core computes with: a traceback in the features
+            "timestamp,open,high,low,close,volume\n2021-01-01T00:00:00Z,1,1e400,1,2,1\n",
+            "bad.csv:2: high: Decimal('1E+400') is outside the wire range",
+        ),
     ],
 )
 def test_cli_refuses_bad_data_with_a_clear_error(
@@ -140,8 +144,10 @@ def test_cli_refuses_bad_data_with_a_clear_error(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--capital", "1e999999999"], "--capital must be a positive amount up to"),
-        (["--capital", "-5"], "--capital must be a positive amount up to"),
+        (["--capital", "1e999999999"], "--capital must be 1 to 1,000,000,000 USDT"),
+        (["--capital", "-5"], "--capital must be 1 to 1,000,000,000 USDT"),
+        (["--capital", "1e-7"], "--capital must be 1 to 1,000,000,000 USDT"),  # buys no units
+        (["--capital", "1e15"], "--capital must be 1 to 1,000,000,000 USDT"),  # ran out of memory
         (["--out", "{file}/o"], "cannot create"),
     ],
 )

@@ -1,0 +1,17 @@
+"""`smartlev reconcile` exits 1 only when the books differ: a Redis URL it cannot read is
+a usage error (2, one line), not an imbalance, and nothing is read."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.reconcile import run
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "redis://127.0.0.1:abc/0", ""])
+def test_a_redis_url_it_cannot_read_is_a_usage_error(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("t.", ["BTC-USDT"], "127.0.0.1:1", url) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --redis-url {url!r}: ") and err.count("\n") == 1
