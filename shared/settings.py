@@ -20,12 +20,21 @@ message naming the variable. Defaults point at the local stack (scripts/stack.sh
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+# Durations in seconds, finite and at most a day (an infinite health interval was taken:
+# Redis probed once at start, health SERVING for good after it went away).
+Seconds = Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)]
+SecondsOrZero = Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]
+
+
+def _host_port(text: str) -> bool:
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
 
 
 class KafkaSettings(BaseModel):
@@ -39,8 +48,8 @@ class KafkaSettings(BaseModel):
     @classmethod
     def _hosts(cls, value: str) -> str:
         hosts = [h.strip() for h in value.split(",") if h.strip()]
-        if not hosts or any(":" not in h for h in hosts):
-            raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        if not hosts or not all(_host_port(h) for h in hosts):
+            raise ValueError(f"expected host:port[,host:port...] (port 1-65535), got {value!r}")
         return ",".join(hosts)
 
     @property

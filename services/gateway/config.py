@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from shared.settings import ServiceSettings, service_config
+from shared.settings import Seconds, SecondsOrZero, ServiceSettings, service_config
 
 DEFAULT_KEYS_FILE = Path(__file__).with_name("api_keys.toml")
 
@@ -39,14 +39,14 @@ class GatewaySettings(ServiceSettings):
     max_message_bytes: int = Field(default=64 * 1024, ge=1024)
     transport_max_bytes: int = Field(default=1024 * 1024, ge=1024)
     # A NAV older than this (wall clock since the NAV service wrote it) is not traded on.
-    max_nav_age_s: float = Field(default=120.0, gt=0)
-    outbox_poll_s: float = Field(default=0.5, gt=0)  # relay sweep when nothing signals it
+    max_nav_age_s: Seconds = 120.0
+    outbox_poll_s: Seconds = 0.5  # relay sweep when nothing signals it
     # A woken relay waits this long so the orders settling meanwhile share its sweep
     # (one Redis read, one produce request, one delete); hedging sees an order this much
     # later. 20 ms instead of 5 halved the broker's CPU per order under load.
-    outbox_linger_s: float = Field(default=0.02, ge=0)
-    health_interval_s: float = Field(default=1.0, gt=0)
-    grace_s: float = Field(default=5.0, ge=0)  # in-flight calls finish on SIGTERM
+    outbox_linger_s: SecondsOrZero = 0.02
+    health_interval_s: Seconds = 1.0
+    grace_s: SecondsOrZero = 5.0  # in-flight calls finish on SIGTERM
     stream_queue: int = Field(default=256, ge=1)  # updates buffered per stream subscriber
 
     @model_validator(mode="after")

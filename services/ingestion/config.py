@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 
 from services.ingestion.synthetic import Scenario
 from shared.adapters.tick_replay import data_dir, file_stem
-from shared.settings import ServiceSettings, service_config
+from shared.settings import Seconds, ServiceSettings, service_config
 
 Source = Literal["idle", "replay", "synthetic", "live"]
 
@@ -58,11 +58,11 @@ class IngestionSettings(ServiceSettings):
     exchange: Literal["binance"] = "binance"
     # validation and delivery
     max_jump: Decimal = Field(default=Decimal("0.30"), gt=0)
-    stale_after_s: float = Field(default=60.0, gt=0)  # live/paced feeds: unhealthy after
+    stale_after_s: Seconds = 60.0  # live/paced feeds: unhealthy after
     batch_size: int = Field(default=500, ge=1)  # events per ack wait at --speed max
     # broker or Redis down: rebuild and resume after a pause doubling up to the max
-    retry_backoff_s: float = Field(default=0.5, gt=0)
-    retry_backoff_max_s: float = Field(default=10.0, gt=0)
+    retry_backoff_s: Seconds = 0.5
+    retry_backoff_max_s: Seconds = 10.0
 
     @field_validator("start", "end")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from shared.settings import ServiceSettings, service_config
+from shared.settings import Seconds, SecondsOrZero, ServiceSettings, service_config
 
 
 class VenueSettings(ServiceSettings):
@@ -14,5 +14,5 @@ class VenueSettings(ServiceSettings):
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50052, ge=0, le=65535)  # 0: any free port (tests)
     metrics_port: int = Field(default=9106, ge=0, le=65535)
-    health_interval_s: float = Field(default=1.0, gt=0)  # how often Redis is probed
-    grace_s: float = Field(default=5.0, ge=0)  # in-flight calls finish on SIGTERM
+    health_interval_s: Seconds = 1.0  # how often Redis is probed
+    grace_s: SecondsOrZero = 5.0  # in-flight calls finish on SIGTERM
