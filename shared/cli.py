@@ -34,7 +34,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2
 
-from shared.adapters.market_data import DataError, load_bars, load_funding, load_marks
+from shared.adapters.market_data import (
+    DataError,
+    load_bars,
+    load_funding,
+    load_marks,
+    parse_time,
+)
 from shared.backtest import run_backtest, write_metrics, write_nav_csv
 from shared.chart import nav_chart
 from shared.core.config import StrategyConfig
@@ -81,15 +87,10 @@ def load_config(path: Path | None) -> StrategyConfig:
 
 
 def _parse_time(text: str | None, name: str) -> int | None:
-    if text is None:
-        return None
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise typer.BadParameter(f"{name}: {text!r} is not an ISO-8601 time") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp()) * 1_000_000_000
+        return parse_time(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{name}: {exc}") from None
 
 
 @app.command()

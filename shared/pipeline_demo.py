@@ -25,6 +25,7 @@ from rich.live import Live
 from rich.table import Table
 from smartlev.v1 import common_pb2, nav_pb2
 
+from shared.adapters.market_data import parse_time
 from shared.chart import nav_chart
 from shared.core.products import SIDES, product_id
 from shared.pipeline_runner import STAGES, Pipeline, PipelineError, new_namespace, replay_args
@@ -100,9 +101,8 @@ def run(args: argparse.Namespace) -> int:
         redis_url=settings.redis_url,
     ) as pipeline:
         console.print(f"    logs: {pipeline.log_dir}")
-        start_ns = int(datetime.fromisoformat(args.start).replace(tzinfo=UTC).timestamp() * 1e9)
         for product in products:
-            pipeline.deposit(product, CAPITAL, start_ns)
+            pipeline.deposit(product, CAPITAL, args.start_ns)
         series = Series()
         reader = pipeline.nav_consumer()
         replay = None
@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall-s", type=float, default=30.0)
     parser.add_argument("--namespace", default=None, help="default: a fresh demoXXXXXXXX.")
     args = parser.parse_args(argv)
+    try:  # before any service starts; as the replay reads them (UTC unless they say)
+        args.start_ns, end_ns = parse_time(args.start), parse_time(args.end)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not args.start_ns < end_ns:
+        parser.error(f"--start {args.start} is not before --end {args.end}")
     args.namespace = args.namespace or new_namespace("demo")
     try:
         return run(args)

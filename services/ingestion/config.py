@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -14,25 +13,11 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from services.ingestion.synthetic import Scenario
+from shared.adapters.market_data import parse_time
 from shared.adapters.tick_replay import data_dir, file_stem
 from shared.settings import Seconds, ServiceSettings, service_config
 
 Source = Literal["idle", "replay", "synthetic", "live"]
-
-
-def parse_time(text: str | None) -> int | None:
-    """ISO-8601 (UTC unless it says otherwise) -> ns since the epoch."""
-    if text is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not an ISO-8601 time (e.g. 2021-05-12 or 2021-05-12T08:00:00Z)"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp()) * 1_000_000_000
 
 
 class IngestionSettings(ServiceSettings):

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from services.ingestion.config import IngestionSettings, parse_time
+from services.ingestion.config import IngestionSettings
 from services.ingestion.producer import BatchProducer
 from services.ingestion.publisher import IngestionMetrics, Ingestor
 from services.ingestion.runner import (
@@ -46,7 +46,7 @@ from services.ingestion.store import SeqStore, topic_recovery
 from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, synthetic_stream
 from services.ingestion.validation import MarketValue, Policy
 from shared.adapters.kafka_admin import ensure_topics
-from shared.adapters.market_data import DataError
+from shared.adapters.market_data import DataError, parse_time
 from shared.adapters.tick_replay import backtest_stream
 from shared.health import CheckResult, HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.heap import freeze_heap

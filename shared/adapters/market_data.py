@@ -91,6 +91,22 @@ def parse_timestamp(text: str) -> int:
     return (delta.days * 86_400 + delta.seconds) * NS_PER_SECOND + delta.microseconds * 1000
 
 
+def parse_time(text: str | None) -> int | None:
+    """A time a person typed: ISO-8601, UTC unless it says otherwise -> ns since the
+    epoch (the data files' own timestamps must say, `parse_timestamp`). ValueError."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an ISO-8601 time (e.g. 2021-05-12 or 2021-05-12T08:00:00Z)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp()) * 1_000_000_000
+
+
 def _format_ns(ts_ns: int) -> str:
     seconds, ns = divmod(ts_ns, NS_PER_SECOND)
     text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.ingestion.config import IngestionSettings, parse_time
+from services.ingestion.config import IngestionSettings
 from services.ingestion.main import main
+from shared.adapters.market_data import parse_time
 from shared.adapters.tick_replay import data_dir
 
 PERP = next(Path(data_dir()).glob("BTCUSDT_perp_1h_*.csv"))
