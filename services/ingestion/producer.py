@@ -14,7 +14,10 @@ Batching needs no linger: the first `send` of a burst wakes the I/O thread, whic
 everything pending once it gets to run (the replay's main thread keeps the GIL until it
 waits for the next due event), so the ticks a paced replay hands over together share a
 request. Order: one burst in flight at a time, and the next one waits (and grows) until
-it is acked, so a symbol's events reach their partition in the order sent.
+it is acked, so a symbol's events reach their partition in the order sent. Once a burst
+fails, every later one fails too, unsent: had one gone out, the topic would hold events
+after a hole, and a restart resumes after the topic's last event (the ingestor starts
+over with a fresh producer).
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ START_TIMEOUT_S = 30.0
 Sent = concurrent.futures.Future[None]
 
 
+class BurstAfterFailure(Exception):
+    """Not sent: an earlier burst failed (sending it would leave a hole behind it)."""
+
+    def __init__(self, first: Exception) -> None:
+        super().__init__(f"not sent: an earlier burst failed ({first!r})")
+        self.first = first
+
+
 class BatchProducer:
     def __init__(self, bootstrap: str, client_id: str) -> None:
         self._loop = uvloop.new_event_loop()
@@ -52,6 +63,7 @@ class BatchProducer:
         self._burst: Sent = concurrent.futures.Future()
         self._burst.set_result(None)
         self._wake = asyncio.Event()
+        self._failed: Exception | None = None  # the first burst that failed, for good
         try:
             self._producer = self._run(self._start(bootstrap, client_id), START_TIMEOUT_S)
         except BaseException:
@@ -95,9 +107,13 @@ class BatchProducer:
                 burst = self._burst
             if not records:
                 continue
+            if self._failed is not None:
+                burst.set_exception(BurstAfterFailure(self._failed))
+                continue
             try:
                 await self._sender.send_all(records)
             except Exception as exc:  # the ingestor raises it from the burst's future
+                self._failed = exc
                 burst.set_exception(exc)
             else:
                 burst.set_result(None)

@@ -13,7 +13,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 from kafka import KafkaConsumer, TopicPartition
 from smartlev.v1 import market_pb2
 
-from services.ingestion.producer import BatchProducer
+from services.ingestion.producer import BatchProducer, BurstAfterFailure
 from shared.adapters.kafka_admin import ensure_topics
 from shared.topics import MARKET_TICKS, partition_for
 
@@ -77,7 +77,13 @@ def test_bursts_keep_each_keys_order_and_nothing_is_doubled(kafka_bootstrap: str
         ]
 
 
-def test_a_refused_burst_raises_and_the_next_one_goes_through(kafka_bootstrap: str) -> None:
+def test_after_a_refused_burst_nothing_more_goes_out_until_a_fresh_producer(
+    kafka_bootstrap: str,
+) -> None:
+    """Sent after a failed burst, a burst would leave a hole on the topic (its events
+    after the failed one's), and a restarted ingestor resumes after the topic's last
+    event: the failed ones were lost. Later bursts fail unsent; a fresh producer (the
+    ingestor's retry builds one) goes on."""
     topic = MARKET_TICKS.in_namespace(f"t{uuid.uuid4().hex[:8]}.")
     ensure_topics(kafka_bootstrap, [topic])
     producer = BatchProducer(kafka_bootstrap, client_id="test-batch-producer")
@@ -85,9 +91,15 @@ def test_a_refused_burst_raises_and_the_next_one_goes_through(kafka_bootstrap: s
         too_big = producer.send(topic.name, "BTC-USDT", letter("BTC-USDT", 1, size=2_000_000))
         with pytest.raises(MessageSizeTooLargeError):
             too_big.result(timeout=30)
-        keyless = producer.send(topic.name, None, letter("", 2))
-        keyless.result(timeout=30)
+        after = producer.send(topic.name, "BTC-USDT", letter("BTC-USDT", 2))
+        with pytest.raises(BurstAfterFailure, match="MessageSizeTooLarge"):
+            after.result(timeout=30)
     finally:
         producer.close(timeout=10)
+    fresh = BatchProducer(kafka_bootstrap, client_id="test-batch-producer")
+    try:
+        fresh.send(topic.name, "BTC-USDT", letter("BTC-USDT", 3)).result(timeout=30)
+    finally:
+        fresh.close(timeout=10)
     got = read_back(kafka_bootstrap, topic.name, topic.partitions, 1)
-    assert [e for records in got.values() for _, e in records] == [":2"]
+    assert [e for records in got.values() for _, e in records] == ["BTC-USDT:3"]
