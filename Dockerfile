@@ -25,8 +25,10 @@ RUN .venv/bin/pip install --no-cache-dir --no-deps -e . \
     && bash scripts/gen_proto.sh \
     && echo /app/gen > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/smartlev-generated.pth"
 
-# Run as an unprivileged user; services write nothing into the image.
-RUN useradd --system --uid 10001 --no-create-home smartlev
+# Run as an unprivileged user. Services write only .run/ (the faust stages' local data
+# directory, under the working directory): it must be theirs.
+RUN useradd --system --uid 10001 --no-create-home smartlev \
+    && mkdir -p /app/.run && chown smartlev /app/.run
 USER smartlev
 
 # docker-compose.yml sets the command per service.

@@ -207,7 +207,7 @@ class HealthServer:
         health: HealthRegistry,
         *,
         port: int,
-        host: str = "0.0.0.0",
+        host: str,
         service: str = "smartlev",
         registry: CollectorRegistry = REGISTRY,
     ) -> None:

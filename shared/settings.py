@@ -91,6 +91,9 @@ class ServiceSettings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     log_level: LogLevel = "INFO"
     metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no metrics endpoint
+    # /metrics and /healthz: loopback, as everything else natively; a container sets
+    # 0.0.0.0 (docker-compose.yml), its port published on the host's loopback only.
+    metrics_host: str = "127.0.0.1"
     # Prefix of every topic name, Redis key and consumer group: isolates a pipeline (tests).
     namespace: str = Field(default="", pattern=r"^[a-z0-9_.-]*$")
 

@@ -690,7 +690,10 @@ class StageRuntime:
         REGISTRY.register(self._assigned)
         if self.settings.metrics_port:
             self._server = HealthServer(
-                self.health(), port=self.settings.metrics_port, service=self.service
+                self.health(),
+                port=self.settings.metrics_port,
+                host=self.settings.metrics_host,
+                service=self.service,
             )
             await self._server.start()
 

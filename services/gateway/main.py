@@ -774,7 +774,10 @@ class GatewayServer:
         self._tasks.append(asyncio.create_task(self._watch(self.health)))
         if self.settings.metrics_port:
             self._http = HealthServer(
-                self._checks, port=self.settings.metrics_port, service=self.settings.service
+                self._checks,
+                port=self.settings.metrics_port,
+                host=self.settings.metrics_host,
+                service=self.settings.service,
             )
             await self._http.start()
         log.info("gateway_started", grpc=f"{self.settings.grpc_host}:{self.port}")

@@ -259,7 +259,9 @@ async def serve(settings: IngestionSettings) -> int:
     health.register("kafka", kafka_check(settings.kafka_bootstrap))
     check_client = aredis.Redis.from_url(settings.redis_url)
     health.register("redis", redis_check(check_client))
-    server = HealthServer(health, port=settings.metrics_port, service="ingestion")
+    server = HealthServer(
+        health, port=settings.metrics_port, host=settings.metrics_host, service="ingestion"
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -294,7 +294,10 @@ class VenueServer:
             registry = HealthRegistry()
             registry.register("redis", redis_check(self.redis))
             self._http = HealthServer(
-                registry, port=self.settings.metrics_port, service=self.settings.service
+                registry,
+                port=self.settings.metrics_port,
+                host=self.settings.metrics_host,
+                service=self.settings.service,
             )
             await self._http.start()
         log.info("venue_started", grpc=f"{self.settings.grpc_host}:{self.port}")

@@ -219,9 +219,12 @@ def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[s
             diffs.append(f"service {name}: ports {svc.get('ports')} != {sorted(spec.ports)}")
         have = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
         want = translate(native.cfg.env_for(name, spec.env))
-        # A gRPC server in a container listens on all its interfaces; natively on loopback.
+        # A server in a container listens on all its interfaces (its ports published on
+        # the host's loopback only); natively on loopback.
         for key in [k for k in want if k.endswith("_GRPC_HOST")]:
             want[key] = "0.0.0.0"
+        if f"SMARTLEV_{name.upper()}_METRICS_PORT" in want:
+            want[f"SMARTLEV_{name.upper()}_METRICS_HOST"] = "0.0.0.0"
         if have != want:
             diffs.append(f"service {name}: environment {have} != {want}")
         if svc.get("image") != "smartlev:dev" or svc.get("build") != ".":
@@ -327,6 +330,7 @@ def test_a_service_declared_on_one_side_only_is_caught(
         "environment": {
             "SMARTLEV_EXAMPLE_KAFKA__BOOTSTRAP": "kafka:29092",
             "SMARTLEV_EXAMPLE_REDIS__URL": "redis://redis:6379/0",
+            "SMARTLEV_EXAMPLE_METRICS_HOST": "0.0.0.0",
             "SMARTLEV_EXAMPLE_METRICS_PORT": "9199",
         },
     }

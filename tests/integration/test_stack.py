@@ -6,6 +6,7 @@ These tests use the stack in this checkout (.run/); they never run `down`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -156,6 +157,34 @@ def test_ps_shows_component_pid_ports_state(native_stack: None) -> None:
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
     assert re.match(rf"kafka\s+{pid_of('kafka')}\s+9092,9093\s+healthy$", rows["kafka"])
     assert re.match(rf"redis\s+{pid_of('redis')}\s+6379\s+healthy$", rows["redis"])
+
+
+def listening() -> dict[int, set[str]]:
+    """TCP port -> the addresses something listens on (IPv4 and IPv6), from /proc."""
+    out: dict[int, set[str]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as rows:
+            for row in list(rows)[1:]:
+                local, state = row.split()[1], row.split()[3]
+                if state == "0A":  # LISTEN
+                    address, port = local.rsplit(":", 1)
+                    out.setdefault(int(port, 16), set()).add(address)
+    return out
+
+
+# 127.0.0.1, ::1, ::ffff:127.0.0.1 (Java's and gRPC's IPv4 on an IPv6 socket)
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def test_every_port_of_the_stack_listens_on_loopback_only(native_stack: None) -> None:
+    """Kafka, Redis, both gRPC servers and every service's /metrics + /healthz (these
+    listened on 0.0.0.0)."""
+    ports = {p for s in stack_mod.load_config(stack_mod.CONFIG).services for p in s.ports}
+    ports |= {9092, 9093, 6379}
+    bound = listening()
+    assert ports <= set(bound), f"not listening: {sorted(ports - set(bound))}"
+    wide = {port: sorted(bound[port]) for port in ports if not bound[port] <= LOOPBACK}
+    assert not wide, f"listening beyond loopback: {wide}"
 
 
 def test_taken_port_is_reported_at_once_with_its_holder() -> None:
