@@ -163,9 +163,17 @@ class SmartLeverageController:
     def policy_target(self, regime: RegimeState) -> float:
         """The unsmoothed target for this regime and volatility (hot path: no reasons)."""
         cfg = self.config
-        features = regime.features
-        if not features.warm:
+        if not regime.features.warm:
             return cfg.warmup_leverage
+        base, scale = self._base_and_scale(regime)
+        value = base * scale
+        if value < cfg.l_min:
+            return cfg.l_min
+        return cfg.l_max if value > cfg.l_max else value
+
+    def _base_and_scale(self, regime: RegimeState) -> tuple[float, float]:
+        """The regime's base leverage and the volatility scale, within its bounds."""
+        cfg = self.config
         state = regime.regime
         if state is Regime.HIGH_VOL:
             base = cfg.base_high_vol
@@ -175,22 +183,15 @@ class SmartLeverageController:
             base = cfg.base_range + (cfg.base_trend_aligned - cfg.base_range) * regime.confidence
         else:
             base = cfg.base_trend_against
-        sigma = features.sigma_ann
+        sigma = regime.features.sigma_ann
         scale = cfg.vol_scale_max if sigma <= 0 else cfg.sigma_reference / sigma
-        if scale < cfg.vol_scale_min:
-            scale = cfg.vol_scale_min
-        elif scale > cfg.vol_scale_max:
-            scale = cfg.vol_scale_max
-        value = base * scale
-        if value < cfg.l_min:
-            return cfg.l_min
-        return cfg.l_max if value > cfg.l_max else value
+        return base, min(max(scale, cfg.vol_scale_min), cfg.vol_scale_max)
 
     def policy_reasons(self, regime: RegimeState) -> list[str]:
-        """Why `policy_target` said what it said; built only when a target is published."""
+        """Why `policy_target` said what it said; built only when a target is published.
+        A volatility scaling is named only if it moved the target (within its bounds)."""
         cfg = self.config
-        features = regime.features
-        if not features.warm:
+        if not regime.features.warm:
             return [Reason.WARMUP]
         state = regime.regime
         if state is Regime.HIGH_VOL:
@@ -201,16 +202,14 @@ class SmartLeverageController:
             reasons = [Reason.REGIME_TREND_ALIGNED]
         else:
             reasons = [Reason.REGIME_TREND_AGAINST]
-        sigma = features.sigma_ann
-        scale = cfg.vol_scale_max if sigma <= 0 else cfg.sigma_reference / sigma
+        base, scale = self._base_and_scale(regime)
         if scale < 0.99:
             reasons.append(Reason.VOL_SCALED_DOWN)
         elif scale > 1.01:
             reasons.append(Reason.VOL_SCALED_UP)
-        value = self.policy_target(regime)
-        if value <= cfg.l_min:
+        if base * scale <= cfg.l_min:  # held at a bound (or cut to it)
             reasons.append(Reason.CLAMPED_MIN)
-        elif value >= cfg.l_max:
+        elif base * scale >= cfg.l_max:
             reasons.append(Reason.CLAMPED_MAX)
         return reasons
 

@@ -912,3 +912,17 @@ def test_fixed_snapshot_restore_keeps_the_day() -> None:
     assert restored.target == Decimal("3")
     assert bar(restored, 100.0, RANGE, T0 + 2 * NS_PER_HOUR) is None  # same day
     assert bar(restored, 100.0, RANGE, T0 + NS_PER_DAY) is not None  # next day
+
+
+@pytest.mark.parametrize("regime", [Regime.TREND_UP, Regime.RANGE])
+def test_a_scale_up_the_bound_takes_back_is_not_reported(regime: Regime) -> None:
+    """The shipped policy never levers a calm market up (vol_scale_max 1.0): at sigma
+    0.3 the scale is 1.67 before its bound and 1.0 after, so no VOL_SCALED_UP (it was
+    reported about half of BTC's bars)."""
+    config = LeverageConfig()
+    assert config.vol_scale_max == 1.0
+    state = regime_state(regime, confidence=1.0, sigma=0.3)
+    assert Reason.VOL_SCALED_UP not in reasons(Side.LONG, state, config)
+    assert policy(Side.LONG, state, config) == (
+        config.base_trend_aligned if regime is Regime.TREND_UP else config.base_range
+    )
