@@ -17,7 +17,9 @@ from shared.core.events import (
     AccountLiquidated,
     FundingSettled,
     HedgeExecuted,
+    InsuranceAdvanced,
     InsuranceClaimPaid,
+    InsuranceRepaid,
     ManagementFeeAccrued,
     ProductUnitsIssued,
     ProductUnitsRedeemed,
@@ -93,6 +95,7 @@ class ProductBook:
     funding: Decimal = ZERO
     management_fees: Decimal = ZERO
     insurance_received: Decimal = ZERO
+    insurance_owed: Decimal = ZERO  # advanced at a wick, taken back as equity recovers
 
     def equity(self, price: Decimal) -> Decimal:
         return self.cash + self.qty * price
@@ -119,7 +122,7 @@ class ProductBook:
     def from_dict(cls, data: dict[str, object]) -> ProductBook:
         values: dict[str, object] = {}
         for f in fields(cls):
-            raw = data[f.name]
+            raw = data.get(f.name, "0") if f.name == "insurance_owed" else data[f.name]
             if f.name == "side":
                 values[f.name] = Side(int(str(raw)))
             elif f.name in ("product", "symbol"):
@@ -254,6 +257,33 @@ class Books:
             return None
         return self._pay_claim(book, book.equity_floor - equity, ts_ns, equity)
 
+    def advance_floor(
+        self, product: str, price: Decimal, ts_ns: int
+    ) -> InsuranceAdvanced | InsuranceRepaid | None:
+        """The rules watch the mark, so a wick it ignores forces no sale; the books value
+        at the last trade, and the NAV must stay above zero at every price it is shown
+        at. An insured product whose equity at `price` is below its floor gets the
+        difference advanced by the fund; what it recovers above the floor later repays
+        it first (a wick that reverts costs the fund nothing and gives the holders
+        nothing; one that does not is paid for, as a gap is)."""
+        book = self.products[product]
+        if not book.units:
+            return None
+        equity = book.equity(price)
+        if equity < book.equity_floor:
+            amount = book.equity_floor - equity
+            book.cash += amount
+            book.insurance_owed += amount
+            self.insurance_fund -= amount
+            return InsuranceAdvanced(product, ts_ns, amount, equity)
+        if book.insurance_owed and equity > book.equity_floor:
+            amount = min(book.insurance_owed, equity - book.equity_floor)
+            book.cash -= amount
+            book.insurance_owed -= amount
+            self.insurance_fund += amount
+            return InsuranceRepaid(product, ts_ns, amount)
+        return None
+
     def square_empty(
         self, product: str, price: Decimal, ts_ns: int
     ) -> InsuranceClaimPaid | UnheldEquityTaken | None:
@@ -263,7 +293,10 @@ class Books:
         pays for nor gains from what happened before it."""
         book = self.products[product]
         equity = book.equity(price)
-        if book.units or book.qty or not equity:
+        if book.units or book.qty:
+            return None
+        book.insurance_owed = ZERO  # the fund settles with the product whole, here
+        if not equity:
             return None
         if equity < 0:
             return self._pay_claim(book, -equity, ts_ns, equity)

@@ -15,7 +15,12 @@ from decimal import Decimal
 
 from shared.core.accounting import AccountingConfig, Books, ProductBook
 from shared.core.bars import BarBuilder
-from shared.core.events import InsuranceClaimPaid, LeverageTargetChanged, UnheldEquityTaken
+from shared.core.events import (
+    InsuranceAdvanced,
+    InsuranceClaimPaid,
+    LeverageTargetChanged,
+    UnheldEquityTaken,
+)
 from shared.core.features import FeatureConfig, FeatureTracker
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted
 from shared.core.leverage import Controller
@@ -101,6 +106,7 @@ class Engine:
 
     __slots__ = (
         "_fee_ts",
+        "_insured",
         "books",
         "check_books",
         "floors",
@@ -128,6 +134,7 @@ class Engine:
         )
         self.targets = {p.product: p.initial_target for p in products}
         self.floors = {p.product: p.gap_floor for p in products}
+        self._insured = [p.product for p in products if p.gap_floor > 0]
         self.check_books = check_books
         self.price = ZERO
         self.mark = ZERO
@@ -136,13 +143,24 @@ class Engine:
     def on_tick(
         self, tick: Tick, decisions: Sequence[LeverageTargetChanged], bar_closed: bool
     ) -> list[object]:
-        """Mark; liquidation rule; on a closed bar the management fee; then execute."""
+        """Mark; liquidation rule; the insured products' floors at this price, before
+        anything sizes on their equity (`Books.advance_floor`: ETH printed 323 on
+        2020-03-13 against a mark of 96.6, and a short's NAV was -177.87 on that tick);
+        on a closed bar the management fee; then execute."""
         ts_ns = tick.ts_ns
         price = self.price = tick.price
         self.mark = price if tick.mark_price is None else tick.mark_price
         events: list[object] = []
         if self.venue.at_risk(float(self.mark)):
             self._liquidate(ts_ns, events)
+        for product in self._insured:  # before anything sizes on their equity
+            advance = self.books.advance_floor(product, price, ts_ns)
+            if advance is not None:
+                into_product = (
+                    advance.amount if isinstance(advance, InsuranceAdvanced) else -advance.amount
+                )
+                self.venue.transfer(into_product)
+                events.append(advance)
         if bar_closed:
             self._accrue_management_fee(ts_ns, events)
         moved_money = bool(events)

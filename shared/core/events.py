@@ -109,6 +109,27 @@ class InsuranceClaimPaid:
 
 
 @dataclass(frozen=True, slots=True)
+class InsuranceAdvanced:
+    """A price the mark ignored took an insured product's equity below its floor: the
+    fund advanced the difference (repaid from what the equity recovers above it)."""
+
+    product: str
+    ts_ns: int
+    amount: Decimal
+    equity_before: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class InsuranceRepaid:
+    """An insured product's equity recovered above its floor: it paid back (part of)
+    what the fund had advanced it."""
+
+    product: str
+    ts_ns: int
+    amount: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class UnheldEquityTaken:
     """The last holder left at a quoted NAV below the product's worth: the equity no unit
     holds went to the insurance fund (the fund pays when it is short, InsuranceClaimPaid),

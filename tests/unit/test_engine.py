@@ -16,7 +16,9 @@ from shared.core.config import StrategyConfig
 from shared.core.engine import Engine, SignalPipeline, Strategy
 from shared.core.events import (
     HedgeExecuted,
+    InsuranceAdvanced,
     InsuranceClaimPaid,
+    InsuranceRepaid,
     LeverageTargetChanged,
     UnheldEquityTaken,
 )
@@ -377,6 +379,48 @@ def test_the_last_holder_leaving_at_a_stale_quote_leaves_no_position_and_no_equi
     net = Decimal(1_000) - usdt_down(Decimal(1_000) * config.accounting.open_fee)
     assert net * Decimal("0.99") < long.equity(engine.price) <= net
     engine.books.check_balanced(engine.venue, engine.price)
+
+
+def test_a_wick_the_mark_ignores_is_floored_by_an_advance_the_recovery_repays() -> None:
+    """A 3x short, rebalanced at 100; a print at 330 while the mark stays at 100 (the rules
+    watch the mark: no emergency, no sale at the wick). At 330 its equity would be far
+    below zero; the fund advances it up to its floor, so the NAV shown at that tick is
+    the floor's, above zero. The price comes back: the advance is repaid at once, and
+    the product, the fund and the venue end as if the print had never been."""
+    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=3.0))
+    runs = []
+    for wick in (True, False):
+        strategy = smart_strategy("BTC-USDT", config)
+        engine = strategy.engine
+        short = engine.books.products[f"{SYMBOL}:SHORT"]
+        engine.deposit(short.product, CAPITAL, 0)
+        strategy.on_tick(Tick(SYMBOL, 1, Decimal(100), Decimal(100)), None)
+        fund, floor = engine.books.insurance_fund, short.equity_floor
+        assert floor > 0 and short.qty < 0
+        if wick:
+            events = strategy.on_tick(Tick(SYMBOL, 2, Decimal(330), Decimal(100)), None)
+            [advanced] = [e for e in events if isinstance(e, InsuranceAdvanced)]
+            assert not any(isinstance(e, LeverageTargetChanged) for e in events)
+            assert short.equity(Decimal(330)) == floor and engine.nav(short.product) > 0
+            assert short.insurance_owed == advanced.amount == floor - advanced.equity_before
+            engine.books.check_balanced(engine.venue, engine.price)
+        events = strategy.on_tick(Tick(SYMBOL, 3, Decimal(101), Decimal(101)), None)
+        if wick:
+            [repaid] = [e for e in events if isinstance(e, InsuranceRepaid)]
+            assert repaid.amount == advanced.amount and short.insurance_owed == 0
+        assert engine.books.insurance_fund == fund
+        engine.books.check_balanced(engine.venue, engine.price)
+        runs.append((engine.nav(short.product), short.qty, engine.venue.wallet))
+    assert runs[0] == runs[1]
+
+
+def test_a_snapshot_from_before_insurance_advances_restores_with_none_owed() -> None:
+    book = smart_engine("BTC-USDT", StrategyConfig()).books.products[f"{SYMBOL}:LONG"]
+    book.insurance_owed = Decimal("12.5")
+    saved = book.to_dict()
+    assert type(book).from_dict(saved).insurance_owed == Decimal("12.5")
+    del saved["insurance_owed"]
+    assert type(book).from_dict(saved).insurance_owed == 0
 
 
 def test_funding_is_paid_between_products_whose_positions_net_to_zero() -> None:
