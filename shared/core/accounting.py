@@ -258,19 +258,22 @@ class Books:
         return self._pay_claim(book, book.equity_floor - equity, ts_ns, equity)
 
     def advance_floor(
-        self, product: str, price: Decimal, ts_ns: int
+        self, product: str, price: Decimal, ts_ns: int, may_advance: bool = True
     ) -> InsuranceAdvanced | InsuranceRepaid | None:
         """The rules watch the mark, so a wick it ignores forces no sale; the books value
         at the last trade, and the NAV must stay above zero at every price it is shown
         at. An insured product whose equity at `price` is below its floor gets the
         difference advanced by the fund; what it recovers above the floor later repays
         it first (a wick that reverts costs the fund nothing and gives the holders
-        nothing; one that does not is paid for, as a gap is)."""
+        nothing; one the product rebalances at is paid for, as a gap is:
+        `forgive_advance`)."""
         book = self.products[product]
         if not book.units:
             return None
         equity = book.equity(price)
         if equity < book.equity_floor:
+            if not may_advance:
+                return None
             amount = book.equity_floor - equity
             book.cash += amount
             book.insurance_owed += amount
@@ -283,6 +286,13 @@ class Books:
             self.insurance_fund += amount
             return InsuranceRepaid(product, ts_ns, amount)
         return None
+
+    def forgive_advance(self, product: str) -> None:
+        """A rebalance sized the product on its equity as it is, advance included: what
+        the fund advanced is now paid, as a claim would have been."""
+        book = self.products[product]
+        book.insurance_received += book.insurance_owed
+        book.insurance_owed = ZERO
 
     def square_empty(
         self, product: str, price: Decimal, ts_ns: int

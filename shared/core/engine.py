@@ -153,8 +153,12 @@ class Engine:
         events: list[object] = []
         if self.venue.at_risk(float(self.mark)):
             self._liquidate(ts_ns, events)
+        emergencies = {d.product for d in decisions if d.emergency}
         for product in self._insured:  # before anything sizes on their equity
-            advance = self.books.advance_floor(product, price, ts_ns)
+            # a gap the rules saw is no advance: the emergency's own cover pays it
+            advance = self.books.advance_floor(
+                product, price, ts_ns, may_advance=product not in emergencies
+            )
             if advance is not None:
                 into_product = (
                     advance.amount if isinstance(advance, InsuranceAdvanced) else -advance.amount
@@ -313,6 +317,7 @@ class Engine:
             # The emergency trade's own costs must not take a gapped product below its floor.
             self._cover_gaps(emergencies, ts_ns, events)
         for product, _ in requests:
+            self.books.forgive_advance(product)
             self.books.mark_rebalanced(product, price, self.floors[product])
         return moved
 

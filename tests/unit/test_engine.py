@@ -381,12 +381,16 @@ def test_the_last_holder_leaving_at_a_stale_quote_leaves_no_position_and_no_equi
     engine.books.check_balanced(engine.venue, engine.price)
 
 
-def test_a_wick_the_mark_ignores_is_floored_by_an_advance_the_recovery_repays() -> None:
+@pytest.mark.parametrize("mark_after", [Decimal(101), Decimal(120)])
+def test_a_wick_the_mark_ignores_is_floored_by_an_advance_the_recovery_repays(
+    mark_after: Decimal,
+) -> None:
     """A 3x short, rebalanced at 100; a print at 330 while the mark stays at 100 (the rules
     watch the mark: no emergency, no sale at the wick). At 330 its equity would be far
     below zero; the fund advances it up to its floor, so the NAV shown at that tick is
-    the floor's, above zero. The price comes back: the advance is repaid at once, and
-    the product, the fund and the venue end as if the print had never been."""
+    the floor's, above zero. The price comes back: the advance is repaid first, also
+    when the mark then fires an emergency on that tick (120), and the product, the fund
+    and the venue end as if the print had never been."""
     config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=3.0))
     runs = []
     for wick in (True, False):
@@ -404,13 +408,17 @@ def test_a_wick_the_mark_ignores_is_floored_by_an_advance_the_recovery_repays() 
             assert short.equity(Decimal(330)) == floor and engine.nav(short.product) > 0
             assert short.insurance_owed == advanced.amount == floor - advanced.equity_before
             engine.books.check_balanced(engine.venue, engine.price)
-        events = strategy.on_tick(Tick(SYMBOL, 3, Decimal(101), Decimal(101)), None)
+        events = strategy.on_tick(Tick(SYMBOL, 3, Decimal(101), mark_after), None)
+        emergency = any(isinstance(e, LeverageTargetChanged) and e.emergency for e in events)
+        assert emergency is (mark_after == 120)
         if wick:
             [repaid] = [e for e in events if isinstance(e, InsuranceRepaid)]
             assert repaid.amount == advanced.amount and short.insurance_owed == 0
-        assert engine.books.insurance_fund == fund
+        if not emergency:
+            assert engine.books.insurance_fund == fund
         engine.books.check_balanced(engine.venue, engine.price)
-        runs.append((engine.nav(short.product), short.qty, engine.venue.wallet))
+        books = engine.books
+        runs.append((engine.nav(short.product), short.qty, books.insurance_fund, short.cash))
     assert runs[0] == runs[1]
 
 
