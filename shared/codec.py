@@ -203,7 +203,9 @@ class Utf8KeySerializer(Serializer, Deserializer):
         return data.encode("utf-8")
 
     def deserialize(self, topic: str, headers: Any, data: bytes | None) -> str | None:
-        return None if data is None else data.decode("utf-8")
+        """Bytes that are not UTF-8 come escaped (no symbol: stages dead-letter them; a
+        reader such as reconcile must not stop on one)."""
+        return None if data is None else data.decode("utf-8", "backslashreplace")
 
 
 #: `KafkaProducer(value_serializer=serializer)`; `serializer(msg) -> bytes` works too.

@@ -319,3 +319,11 @@ def test_faust_topic_from_spec() -> None:
     assert isinstance(decoded.value_serializer, codec.ProtobufCodec)
     assert raw.value_serializer == "raw" and raw.value_type is bytes and raw.key_type is bytes
     assert decoded.partitions == 3
+
+
+def test_a_key_that_is_not_utf8_reads_escaped_instead_of_stopping_the_reader() -> None:
+    """kafka-python deserializes keys inside `poll`: a raise there stopped `reconcile` on
+    every attempt (such records sit on topics the stages dead-letter them from)."""
+    assert codec.key_deserializer.deserialize("t", None, b"BTC-USDT") == "BTC-USDT"
+    assert codec.key_deserializer.deserialize("t", None, b"\xff\xfe") == "\\xff\\xfe"
+    assert codec.key_deserializer.deserialize("t", None, None) is None
