@@ -18,11 +18,19 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from smartlev.v1 import market_pb2
 
 from shared import codec
 from shared.pipeline_runner import STAGES, Pipeline
 from shared.topics import LEVERAGE_TARGETS, MARKET_REGIMES, MARKET_TICKS
-from tests.chaos.faults import CONSUMED, bad_payloads, dead_letters, market, publish_raw
+from tests.chaos.faults import (
+    CONSUMED,
+    bad_payloads,
+    dead_letters,
+    market,
+    publish_raw,
+    read_topic,
+)
 from tests.integration.pipeline import (
     CAPITAL,
     PRODUCTS,
@@ -116,6 +124,16 @@ def test_ingestion_recovery_skips_an_invalid_tick(kafka_bootstrap: str, redis_ur
     consumer's to dead-letter, not a reason for ingestion never to start again."""
     require_services([], ingestion=True)
     with Pipeline.start((), bootstrap=kafka_bootstrap, redis_url=redis_url) as pipeline:
+        topic = pipeline.topic(MARKET_TICKS.name)
         bad = codec.encode(market(price="NaN", seq=1))
-        publish_raw(kafka_bootstrap, pipeline.topic(MARKET_TICKS.name), [bad])
+        publish_raw(kafka_bootstrap, topic, [bad])
         pipeline.replay(WINDOW.replay_args(), timeout_s=60)
+        events = read_topic(kafka_bootstrap, topic, market_pb2.MarketEvent)
+    bars, funding, _ = WINDOW.load()
+    published = [e for e in events if getattr(e, e.WhichOneof("event")).source != "chaos"]
+    # every event of the window once, numbered from 1: the bad tick's seq 1 and time were
+    # not taken as where to resume
+    assert [getattr(e, e.WhichOneof("event")).seq for e in published] == list(
+        range(1, 4 * len(bars) + len(funding) + 1)
+    )
+    assert sum(1 for e in published if e.HasField("tick")) == 4 * len(bars)

@@ -168,7 +168,7 @@ class Desk:
 def desk(kafka_bootstrap: str, redis_client: redis.Redis) -> Iterator[Desk]:
     missing = missing_modules([*STAGES, GATEWAY])
     if missing:
-        pytest.skip(f"services not in this tree yet: {', '.join(missing)}")
+        pytest.fail(f"services missing from the tree: {', '.join(missing)}")
     with Pipeline.start(services=(*STAGES, GATEWAY), bootstrap=kafka_bootstrap) as pipeline:
         view = Desk(pipeline, redis_client)
         try:

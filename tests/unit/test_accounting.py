@@ -134,12 +134,13 @@ def test_redeeming_all_units_never_pays_more_than_the_equity() -> None:
 
 
 def test_redeem_never_charges_the_user() -> None:
+    """A NAV at or below zero pays nothing (a payout of -4.995 would charge the user):
+    refused, and the books unchanged."""
     b = books(product(LONG, Side.LONG, units="1", cash="-5"))
-    try:
-        event = b.redeem(LONG, D(1), D(50000), 0)
-    except MoneyError:
-        return
-    assert event.payout >= 0  # actual: gross -5, fee -0.005, payout -4.995
+    before = b.snapshot()
+    with pytest.raises(MoneyError, match="nothing can be paid out"):
+        b.redeem(LONG, D(1), D(50000), 0)
+    assert b.snapshot() == before
 
 
 # --- fees and insurance -----------------------------------------------------------------

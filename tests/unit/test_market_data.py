@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -78,13 +77,6 @@ def test_btc_perp_skips_listing_placeholder_and_has_no_gaps() -> None:
     assert bars[-1].open_ts_ns == ns(last["timestamp"])
     assert bars[-1].close == Decimal(last["close"])  # exact text, no float on the way
     assert all(b.symbol == "BTC-USDT" for b in bars)
-
-
-@needs_data
-def test_btc_perp_loads_fast() -> None:
-    start = time.perf_counter()
-    load_bars(BTC_PERP, "BTC-USDT")
-    assert time.perf_counter() - start < 1.0
 
 
 @needs_data
