@@ -12,7 +12,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "==> installing pinned packages (requirements.lock)"
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements.lock
+# one line per package, not -q: the first setup downloads for minutes
+.venv/bin/python -m pip install --progress-bar off -r requirements.lock
 .venv/bin/python -m pip install -q --no-deps -e .
 # Generated protobuf code lives in gen/ (package smartlev.v1); put it on the venv's path.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

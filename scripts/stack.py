@@ -52,6 +52,20 @@ def say(msg: str) -> None:
     print(f"==> {msg}", flush=True)
 
 
+def run_logged(cmd: list[str], log: Path, what: str, every_s: float = 10.0, **kw: Any) -> int:
+    """Run `cmd` with its output appended to `log`, saying every `every_s` that it still
+    runs and what it last wrote (a first setup's downloads take minutes)."""
+    began = time.monotonic()
+    with log.open("a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **kw)
+        while True:
+            try:
+                return proc.wait(timeout=every_s)
+            except subprocess.TimeoutExpired:
+                last = tail(log, 1).strip()[:90]
+                print(f"    ... {what}: {time.monotonic() - began:.0f} s; {last}", flush=True)
+
+
 def warn(msg: str) -> None:
     print(f"WARNING: {msg}", file=sys.stderr, flush=True)
 
@@ -562,15 +576,14 @@ class Stack:
         cmd = [
             "mvn",
             "-B",
-            "-q",
             "-f",
             str(self.root / self.kafka_cfg["pom"]),
             "dependency:copy-dependencies",
             "-DincludeScope=runtime",
             f"-DoutputDirectory={tmp}",
         ]
-        with log.open("w") as out:
-            rc = subprocess.call(cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT)
+        log.write_text("")
+        rc = run_logged(cmd, log, "Maven", cwd=self.root)
         if rc != 0 or not (tmp / f"kafka_2.13-{self.kafka_version}.jar").exists():
             raise StackError(f"fetching Kafka jars with Maven failed; see {log}:\n{tail(log)}")
         tmp.rename(self.kafka_libs)  # only a complete download is ever used
@@ -825,12 +838,11 @@ def _apt_install(packages: list[str], log: Path) -> bool:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return False
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    with log.open("a") as out:
-        if not getattr(_apt_install, "updated", False):
-            subprocess.call(["apt-get", "update", "-qq"], stdout=out, stderr=out, env=env)
-            _apt_install.updated = True  # type: ignore[attr-defined]
-        cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
-        return subprocess.call(cmd, stdout=out, stderr=out, env=env) == 0
+    if not getattr(_apt_install, "updated", False):
+        run_logged(["apt-get", "update", "-q"], log, "apt-get update", env=env)
+        _apt_install.updated = True  # type: ignore[attr-defined]
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    return run_logged(cmd, log, "apt-get install", env=env) == 0
 
 
 def _stop_distro_redis(log: Path) -> None:
