@@ -177,30 +177,35 @@ async def test_an_unreachable_server_is_a_connection_error():
         await wire.call("PING")
 
 
-def private_redis_server(tmp_path) -> tuple[subprocess.Popen[bytes], int, redis.Redis]:
-    """A redis-server of the test's own (to stop or count the clients of)."""
+def redis_argv(tmp_path, *extra: str) -> tuple[list[str], int]:
+    """The command line of a redis-server of the test's own (to stop, restart or count
+    the clients of), and its port."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed; run `make up` (it installs it)")
     port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
-    server = subprocess.Popen(
-        [*argv, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
-    )
+    return [*argv, "--save", "", "--appendonly", "no", *extra], port
+
+
+def started(argv: list[str], port: int) -> tuple[subprocess.Popen[bytes], redis.Redis]:
+    """The server running, and a client of it once it answers."""
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     admin = redis.Redis(port=port)
     for _ in range(200):
         with contextlib.suppress(redis.ConnectionError):
             if admin.ping():
                 break
         time.sleep(0.02)
-    return server, port, admin
+    return server, admin
 
 
 async def test_a_login_that_fails_or_never_answers_closes_its_connection(tmp_path):
     """AUTH/SELECT on a fresh connection: refused, the connection is closed (it was left
     open, one per call); unanswered (the server stopped: the kernel still accepts), the
     call fails within `timeout_s` (it hung every caller on the connecting lock)."""
-    server, port, admin = private_redis_server(tmp_path)
+    argv, port = redis_argv(tmp_path)
+    server, admin = started(argv, port)
     try:
         refused = RedisWire.from_url(f"redis://:wrong@127.0.0.1:{port}/0", retries=0)
         for _ in range(5):
@@ -228,20 +233,9 @@ async def test_a_redis_still_loading_its_data_raises_a_transient_error(tmp_path)
     """A restarted Redis answers LOADING until its data is read back. That must be
     redis-py's BusyLoadingError, which every stage waits out (`is_transient`), not a
     plain ResponseError: the leverage stage stopped on one in a chaos run (seed 12)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed; run `make up` (it installs it)")
-    port = free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
-    argv += ["--save", "", "--appendonly", "no", "--enable-debug-command", "local"]
-    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    argv, port = redis_argv(tmp_path, "--enable-debug-command", "local")
+    first, admin = started(argv, port)
     try:
-        admin = redis.Redis(port=port)
-        for _ in range(200):
-            with contextlib.suppress(redis.ConnectionError):
-                if admin.ping():
-                    break
-            time.sleep(0.02)
         admin.execute_command("DEBUG", "POPULATE", 2_000_000)  # ~1 s to load back
         admin.save()
         admin.shutdown(nosave=True)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.core.accounting import BooksOutOfBalance, redeem_terms
+from shared.core.accounting import BooksOutOfBalance, ProductBook, redeem_terms
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine, SignalPipeline, Strategy
 from shared.core.events import (
@@ -333,19 +333,29 @@ def test_an_order_keeps_the_products_leverage_so_the_emergency_rule_still_holds(
         assert long.leverage(Decimal(price)) <= Decimal(config.leverage.l_max) * 2
 
 
+def quoted_5x_long(
+    capital: Decimal, moved_to: Decimal
+) -> tuple[StrategyConfig, Engine, ProductBook, Decimal]:
+    """A 5x long built at 30,000, its NAV quoted there, then the price moved: what a
+    gateway's quote may be settled against."""
+    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
+    strategy = smart_strategy("BTC-USDT", config)
+    engine = strategy.engine
+    long = engine.books.products[f"{SYMBOL}:LONG"]
+    engine.deposit(long.product, capital, 0)
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
+    quoted = engine.nav(long.product)
+    strategy.on_tick(Tick(SYMBOL, 2, moved_to), None)
+    return config, engine, long, quoted
+
+
 def test_a_close_at_a_quote_the_market_left_behind_never_takes_nav_below_zero() -> None:
     """The gateway settles at the NAV it quoted, which may be older than the last move: a
     5x long quoted at ~99.68 before a 2% drop, 99% of its units closed at the quote, pays
     out more than the product holds. The insurance fund restores the remaining holders'
     floor (as after a gap); the books still balance to the last unit."""
-    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
-    strategy = smart_strategy("BTC-USDT", config)
-    engine = strategy.engine
-    long = engine.books.products[f"{SYMBOL}:LONG"]
-    engine.deposit(long.product, Decimal(1_000_000), 0)
-    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
-    quoted, units = engine.nav(long.product), long.units * Decimal("0.99")
-    strategy.on_tick(Tick(SYMBOL, 2, Decimal(29400)), None)
+    config, engine, long, quoted = quoted_5x_long(Decimal(1_000_000), Decimal(29400))
+    units = long.units * Decimal("0.99")
     gross, fee = redeem_terms(units, quoted, config.accounting.close_fee)
     events = engine.redeem(long.product, units, 3, quoted, quoted_payout=gross - fee)
     assert any(isinstance(e, InsuranceClaimPaid) for e in events)
@@ -359,14 +369,8 @@ def test_the_last_holder_leaving_at_a_stale_quote_leaves_no_position_and_no_equi
     gains, or (after a gap past the floor the fund no longer covered, with no units) its
     losses down to a NAV below zero. Now a product without units holds no position and
     no equity: what is left goes to the insurance fund (which pays when it is short)."""
-    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
-    strategy = smart_strategy("BTC-USDT", config)
-    engine = strategy.engine
-    long = engine.books.products[f"{SYMBOL}:LONG"]
-    engine.deposit(long.product, Decimal(100_000), 0)
-    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
-    quoted, units = engine.nav(long.product), long.units
-    strategy.on_tick(Tick(SYMBOL, 2, Decimal(30600)), None)
+    config, engine, long, quoted = quoted_5x_long(Decimal(100_000), Decimal(30600))
+    units = long.units
     assert engine.nav(long.product) > quoted  # the market left the quote behind
     fund = engine.books.insurance_fund
     gross, fee = redeem_terms(units, quoted, config.accounting.close_fee)
