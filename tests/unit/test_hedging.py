@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted, plan_slices
@@ -169,6 +169,9 @@ change_lots = st.integers(-5000, 5000)
     st.integers(50, 10**6).map(D),
     st.integers(-(10**6), 10**6).map(lambda n: D(n).scaleb(-3)),
 )
+# found by CI: a part that got no leftover quantum is short of its share of the uncut
+# fee by its remainder plus its share of the dust, which can pass one quantum
+@example([282, -5000, -5000], D("13113.23"), Liquidity.MAKER, D(50), D(0).scaleb(-3))
 def test_netting_identity_is_exact(
     lots: list[int],
     reference: Decimal,
@@ -203,9 +206,11 @@ def test_netting_identity_is_exact(
     if sum(weights) > 0 and len(changes) > 1:
         largest = max(range(len(weights)), key=lambda i: (weights[i], -i))
         fees = v.fees_paid - fees_paid
+        whole = fees.quantize(USDT_QUANTUM, rounding=ROUND_DOWN)
         for i, a in enumerate(allocs):
-            share = fees * weights[i] / sum(weights)
-            tolerance = USDT_QUANTUM * (2 if i == largest else 1)
-            assert abs(a.fee - share) <= tolerance
+            share = whole * weights[i] / sum(weights)  # of the total cut to whole quanta
+            if i == largest:
+                share += fees - whole  # the dust below a quantum: the largest's
+            assert abs(a.fee - share) < USDT_QUANTUM
     if net == 0:
         assert all(a.fee == 0 and a.slippage == 0 for a in allocs)
