@@ -18,6 +18,7 @@ from shared.core.bars import BarBuilder
 from shared.core.events import (
     InsuranceAdvanced,
     InsuranceClaimPaid,
+    InsuranceRepaid,
     LeverageTargetChanged,
     UnheldEquityTaken,
 )
@@ -70,6 +71,10 @@ class SignalPipeline:
 def _dict(value: object) -> dict[str, object]:
     assert isinstance(value, dict)
     return value
+
+
+# What the insurance fund pays into or takes out of a product's books.
+FundMove = InsuranceClaimPaid | InsuranceAdvanced | InsuranceRepaid | UnheldEquityTaken
 
 
 def decide(
@@ -156,15 +161,10 @@ class Engine:
         emergencies = {d.product for d in decisions if d.emergency}
         for product in self._insured:  # before anything sizes on their equity
             # a gap the rules saw is no advance: the emergency's own cover pays it
-            advance = self.books.advance_floor(
+            advanced = self.books.advance_floor(
                 product, price, ts_ns, may_advance=product not in emergencies
             )
-            if advance is not None:
-                into_product = (
-                    advance.amount if isinstance(advance, InsuranceAdvanced) else -advance.amount
-                )
-                self.venue.transfer(into_product)
-                events.append(advance)
+            self._with_fund(advanced, events)
         if bar_closed:
             self._accrue_management_fee(ts_ns, events)
         moved_money = bool(events)
@@ -264,7 +264,7 @@ class Engine:
             if not book.units:
                 if book.qty:
                     self._execute(ts_ns, [PositionChange(product, -book.qty)], events)
-                self._square(self.books.square_empty(product, self.price, ts_ns), events)
+                self._with_fund(self.books.square_empty(product, self.price, ts_ns), events)
             elif book.qty and equity_before > 0 and units_before > 0:
                 self._scale(product, equity_before, ts_ns, events)
                 self.books.scale_floor(product, book.units / units_before)
@@ -324,24 +324,18 @@ class Engine:
     def _cover_gaps(self, products: list[str], ts_ns: int, events: list[object]) -> bool:
         paid = False
         for product in products:
-            paid |= self._pay(self.books.cover_gap(product, self.price, ts_ns), events)
+            paid |= self._with_fund(self.books.cover_gap(product, self.price, ts_ns), events)
         return paid
 
-    def _square(
-        self, squared: InsuranceClaimPaid | UnheldEquityTaken | None, events: list[object]
-    ) -> None:
-        if isinstance(squared, UnheldEquityTaken):
-            self.venue.transfer(-squared.amount)
-            events.append(squared)
-        else:
-            self._pay(squared, events)
-
-    def _pay(self, claim: InsuranceClaimPaid | None, events: list[object]) -> bool:
-        """Move an insurance claim's money to the venue account; True if there was one."""
-        if claim is None:
+    def _with_fund(self, moved: FundMove | None, events: list[object]) -> bool:
+        """Move what the insurance fund paid into (a claim, an advance) or took out of
+        (a repayment, unheld equity) a product's books through the venue account; True
+        if it moved anything."""
+        if moved is None:
             return False
-        self.venue.transfer(claim.amount)
-        events.append(claim)
+        paid = isinstance(moved, InsuranceClaimPaid | InsuranceAdvanced)
+        self.venue.transfer(moved.amount if paid else -moved.amount)
+        events.append(moved)
         return True
 
     def nav(self, product: str) -> Decimal:
