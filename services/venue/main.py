@@ -169,8 +169,6 @@ class VenueServicer(venue_pb2_grpc.VenueServicer):
             symbol = self._symbol(request.symbol)
             transfer_id = _id(request.transfer_id, "transfer_id")
             amount = _decimal(request.amount, "amount")
-            if amount == 0:
-                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "amount: must not be 0")
 
             def move(venue: PerpVenue) -> venue_pb2.TransferReply:
                 venue.transfer(amount)

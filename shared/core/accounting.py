@@ -275,24 +275,21 @@ class Books:
             if not may_advance:
                 return None
             amount = book.equity_floor - equity
-            book.cash += amount
             book.insurance_owed += amount
-            self.insurance_fund -= amount
+            self._pay_claim(book, amount, ts_ns, equity)
             return InsuranceAdvanced(product, ts_ns, amount, equity)
         if book.insurance_owed and equity > book.equity_floor:
             amount = min(book.insurance_owed, equity - book.equity_floor)
-            book.cash -= amount
             book.insurance_owed -= amount
-            self.insurance_fund += amount
-            return InsuranceRepaid(product, ts_ns, amount)
+            self._pay_claim(book, -amount, ts_ns, equity)
+            return InsuranceRepaid(product, ts_ns, amount, equity)
         return None
 
     def forgive_advance(self, product: str) -> None:
-        """A rebalance sized the product on its equity as it is, advance included: what
-        the fund advanced is now paid, as a claim would have been."""
-        book = self.products[product]
-        book.insurance_received += book.insurance_owed
-        book.insurance_owed = ZERO
+        """The product was sized (a rebalance) or its holders changed (an order) on its
+        equity as it is, advance included: what the fund advanced is now paid, as a claim
+        is (`insurance_received` counted it when it was advanced)."""
+        self.products[product].insurance_owed = ZERO
 
     def square_empty(
         self, product: str, price: Decimal, ts_ns: int
@@ -310,8 +307,7 @@ class Books:
             return None
         if equity < 0:
             return self._pay_claim(book, -equity, ts_ns, equity)
-        book.cash -= equity
-        self.insurance_fund += equity
+        self._pay_claim(book, -equity, ts_ns, equity)  # net of what the fund took back
         return UnheldEquityTaken(product, ts_ns, equity)
 
     def apply_liquidation(self, event: AccountLiquidated) -> list[InsuranceClaimPaid]:

@@ -261,11 +261,16 @@ class Engine:
         if self.price:
             equity_before, units_before = before
             book = self.books.products[product]
+            # Held up by an advance (a wick): its leverage at this price means nothing
+            # to scale by, and what it owes is not the new holders' (nor only the ones
+            # left): the advance becomes a claim and the product goes to target.
+            supported = bool(book.insurance_owed)
+            self.books.forgive_advance(product)
             if not book.units:
                 if book.qty:
                     self._execute(ts_ns, [PositionChange(product, -book.qty)], events)
                 self._with_fund(self.books.square_empty(product, self.price, ts_ns), events)
-            elif book.qty and equity_before > 0 and units_before > 0:
+            elif book.qty and equity_before > 0 and units_before > 0 and not supported:
                 self._scale(product, equity_before, ts_ns, events)
                 self.books.scale_floor(product, book.units / units_before)
             else:

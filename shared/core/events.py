@@ -127,6 +127,7 @@ class InsuranceRepaid:
     product: str
     ts_ns: int
     amount: Decimal
+    equity_before: Decimal
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,7 +199,6 @@ async def test_invalid_transfer_funding_and_check_change_nothing(env: tuple[Redi
     bad = [
         ("Transfer", venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="b", amount="nan")),
         ("Transfer", venue_pb2.TransferRequest(symbol=SYMBOL, amount="1")),
-        ("Transfer", venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="b", amount="0")),
         (
             "SettleFunding",
             venue_pb2.SettleFundingRequest(

@@ -454,3 +454,28 @@ def test_funding_is_paid_between_products_whose_positions_net_to_zero() -> None:
     assert long.funding > 0 and short.funding == -long.funding
     assert engine.venue.wallet == wallet
     engine.books.check_balanced(engine.venue, engine.price)
+
+
+@pytest.mark.parametrize("order", ["deposit", "redeem"])
+def test_an_order_while_an_advance_is_owed_makes_it_a_claim_and_goes_to_target(
+    order: str,
+) -> None:
+    """At a wick the product is held up by an advance and its leverage at that price is
+    ~1000x: an order scaled the position by it (a deposit doubled the short), and what
+    was owed moved onto the holders left. The advance becomes a claim and the product
+    goes to target."""
+    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=3.0))
+    strategy = smart_strategy("BTC-USDT", config)
+    engine = strategy.engine
+    short = engine.books.products[f"{SYMBOL}:SHORT"]
+    engine.deposit(short.product, CAPITAL, 0)
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(100), Decimal(100)), None)
+    strategy.on_tick(Tick(SYMBOL, 2, Decimal(330), Decimal(100)), None)
+    assert short.insurance_owed > 0 and short.leverage(Decimal(330)) > 100
+    if order == "deposit":
+        engine.deposit(short.product, Decimal(10_000), 3)
+    else:
+        engine.redeem(short.product, short.units / 2, 3)
+    assert short.insurance_owed == 0
+    assert short.leverage(Decimal(330)) <= Decimal(str(config.leverage.l_max))
+    engine.books.check_balanced(engine.venue, engine.price)

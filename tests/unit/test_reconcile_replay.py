@@ -1,0 +1,81 @@
+"""The fund's moves reach `hedge.fills`: reconcile's replay of the wire rebuilds the books
+exactly through an advance at a wick (repaid, or made a claim by a rebalance) and a last
+holder leaving at a stale quote (the fund takes what is left). They were missing from
+the wire: the replay was off by the advance (5.9M) and by the unheld equity."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from smartlev.v1 import market_pb2, orders_pb2
+
+from services.hedging.messages import hedge_update
+from shared.core.config import StrategyConfig
+from shared.core.events import (
+    InsuranceAdvanced,
+    InsuranceRepaid,
+    LeverageTargetChanged,
+    UnheldEquityTaken,
+)
+from shared.core.leverage import LeverageConfig
+from shared.core.market import Side, Tick
+from shared.core.products import smart_strategy
+from shared.reconcile import Replay
+
+SYMBOL = "BTC-USDT"
+
+
+@pytest.mark.parametrize("case", ["repaid", "made_a_claim", "unheld"])
+def test_the_wire_replays_the_funds_moves_exactly(case: str) -> None:
+    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=3.0))
+    strategy = smart_strategy(SYMBOL, config)
+    engine = strategy.engine
+    side = Side.LONG if case == "unheld" else Side.SHORT
+    product = f"{SYMBOL}:{side.name}"
+    updates, orders, seen = [], {}, []
+
+    def record(event_id: str, events: list[object], **extra: object) -> None:
+        seen.extend(type(e) for e in events)
+        updates.append(hedge_update(engine, event_id, events, ts_init_ns=1, **extra))  # type: ignore[arg-type]
+
+    def tick(seq: int, price: int, mark: int, decisions: list[LeverageTargetChanged]) -> None:
+        t = Tick(SYMBOL, seq, Decimal(price), Decimal(mark))
+        events = strategy.on_tick(t, None) if seq == 1 else engine.on_tick(t, decisions, False)
+        market = market_pb2.MarketEvent(
+            tick=market_pb2.Tick(
+                symbol=SYMBOL, seq=seq, price=str(price), mark_price=str(mark), ts_event_ns=seq
+            )
+        )
+        record(f"{SYMBOL}:{seq}", events, market=market)
+
+    opened = orders_pb2.PositionOpened(
+        event_id="o1", product=product, amount="1000000", ts_event_ns=0
+    )
+    orders["o1"] = orders_pb2.OrderEvent(opened=opened)
+    record(f"{SYMBOL}:order:o1", engine.deposit(product, Decimal(1_000_000), 0))
+    tick(1, 100, 100, [])
+    if case == "unheld":
+        quoted = engine.nav(product)
+        tick(2, 102, 102, [])
+        units = engine.books.products[product].units
+        closed = orders_pb2.PositionClosed(
+            event_id="o2", product=product, units=str(units), nav=str(quoted), ts_event_ns=3
+        )
+        orders["o2"] = orders_pb2.OrderEvent(closed=closed)
+        record(f"{SYMBOL}:order:o2", engine.redeem(product, units, 3, quoted))
+        assert UnheldEquityTaken in seen
+    else:
+        rebalance = [
+            LeverageTargetChanged(
+                product, side, 2, Decimal(330), Decimal(1), Decimal(3), True, False, (), "RANGE"
+            )
+        ]
+        tick(2, 330, 100, rebalance if case == "made_a_claim" else [])
+        tick(3, 101, 101, [])
+        assert InsuranceAdvanced in seen
+        assert (InsuranceRepaid in seen) is (case == "repaid")
+    engine.books.check_balanced(engine.venue, engine.price)
+    replay = Replay(SYMBOL, config, orders).apply_all(updates)
+    wrong = [r for r in replay.rows + replay.totals(engine.books, engine.venue) if not r.ok]
+    assert not wrong, wrong
