@@ -8,9 +8,7 @@ under `<namespace>gw`:
                         after the step (zero-padded, so the relay publishes in order);
 - `applied`             `<user>:<client_order_id>` -> request hash + the reply (base64);
 - `meta`                `version` (steps settled on the symbol) and `rev:<product>`
-                        (steps settled on the product), ApplyOnceStore's layout, and
-                        `relayed`: every outbox entry up to that version is published
-                        (the relay reads on from there, a window at a time).
+                        (steps settled on the product), ApplyOnceStore's layout.
 An order's position, ledger entries, outbox entry and record are written by ONE script
 (`_SETTLE_LUA`) that answers with the recorded reply if the order was settled before,
 and refuses if the product's revision or the position's units moved since the read
@@ -77,28 +75,6 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return {1, version}
 """
 
-# KEYS: meta, outbox. ARGV: the first version to read, the window's size. Returns the
-# symbol's version, then the entries of [first, first + size) up to it (false: none):
-# one read, so every version up to the one returned has its entry or was published.
-_OUTBOX_WINDOW_LUA = """
-local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-local first = tonumber(ARGV[1])
-local last = math.min(first + tonumber(ARGV[2]) - 1, version)
-local fields = {}
-for v = first, last do fields[#fields + 1] = string.format('%020d', v) end
-if #fields == 0 then return {version} end
-local values = redis.call('HMGET', KEYS[2], unpack(fields))
-table.insert(values, 1, version)
-return values
-"""
-
-# KEYS: meta, outbox. ARGV: the last version published, then the fields to delete.
-_RELAYED_LUA = """
-if #ARGV > 1 then redis.call('HDEL', KEYS[2], unpack(ARGV, 2)) end
-local relayed = tonumber(redis.call('HGET', KEYS[1], 'relayed') or '0')
-if tonumber(ARGV[1]) > relayed then redis.call('HSET', KEYS[1], 'relayed', ARGV[1]) end
-"""
-
 # KEYS: the user's orders, the user's positions. ARGV: client_order_id, claim, position
 # id, product. Returns the claim that stands.
 _CLAIM_LUA = """
@@ -157,8 +133,6 @@ class Ledger:
         self._nav_key = lru_cache(maxsize=KEYS_CACHED)(partial(key, self.nav_ns))
         self._settle = redis.script(_SETTLE_LUA)
         self._claim = redis.script(_CLAIM_LUA)
-        self._outbox_window = redis.script(_OUTBOX_WINDOW_LUA)
-        self._relayed = redis.script(_RELAYED_LUA)
 
     # ------------------------------------------------------------------ keys
 
@@ -301,38 +275,14 @@ class Ledger:
 
     # ------------------------------------------------------------------ outbox
 
-    async def relay_from(self, symbol: str) -> int:
-        """The first version the relay may not have published: after `relayed`, else
-        its oldest entry (an outbox written before `relayed` was kept, or state that went
-        back behind it: Redis lost writes)."""
-        meta = self.meta_key(symbol)
-        relayed, version = await self.redis.pipeline(
-            [("HGET", meta, "relayed"), ("HGET", meta, "version")]
-        )
-        if relayed is not None and int(relayed) <= int(version or 0):
-            return int(relayed) + 1
-        fields = await self.redis.call("HKEYS", self.outbox_key(symbol))
-        return min((int(f) for f in fields), default=int(version or 0) + 1)
+    async def outbox(self, symbol: str) -> list[tuple[str, bytes]]:
+        """Pending events in the order they were settled."""
+        entries = _pairs(await self.redis.call("HGETALL", self.outbox_key(symbol)))
+        return [(field, unb64(entries[field])) for field in sorted(entries)]
 
-    async def outbox_window(
-        self, symbol: str, first: int, size: int
-    ) -> tuple[int, list[tuple[str, bytes]]]:
-        """(the symbol's version, the pending events of versions [first, first + size)
-        up to it, in the order they were settled)."""
-        version, *values = await self._outbox_window(
-            keys=[self.meta_key(symbol), self.outbox_key(symbol)], args=[first, size]
-        )
-        return version, [
-            (f"{v:020d}", unb64(value))
-            for v, value in enumerate(values, start=first)
-            if value is not None
-        ]
-
-    async def relayed(self, symbol: str, through: int, fields: list[str]) -> None:
-        """Versions up to `through` are published: delete their entries (`fields`)."""
-        await self._relayed(
-            keys=[self.meta_key(symbol), self.outbox_key(symbol)], args=[through, *fields]
-        )
+    async def acked(self, symbol: str, fields: list[str]) -> None:
+        if fields:
+            await self.redis.call("HDEL", self.outbox_key(symbol), *fields)
 
 
 def ledger_fields(product: str, fields: Mapping[str, str], **deltas: Decimal) -> dict[str, Decimal]:

@@ -8,9 +8,7 @@ order's `event_id` once, so the books see it once. It sweeps when a settle wakes
 every `poll_s` anyway (entries left by a crash, by a failed sweep, or by another
 gateway instance). A woken relay lingers ~20 ms first: under load a sweep then carries
 many orders (one Redis read, one produce request, one delete for all of them) instead of
-one or two. It reads the outbox `window` versions at a time from the last version it
-published (`relayed`): after a long Kafka outage, the backlog goes out in bounded reads
-and requests on the connection the orders share, not as one read of everything.
+one or two.
 """
 
 from __future__ import annotations
@@ -48,7 +46,6 @@ class OutboxRelay:
         symbols: Iterable[str],
         poll_s: float,
         linger_s: float = 0.0,
-        window: int = 1000,
     ) -> None:
         self.ledger = ledger
         self.sender = BatchSender(producer)
@@ -56,38 +53,29 @@ class OutboxRelay:
         self.symbols = tuple(symbols)
         self.poll_s = poll_s
         self.linger_s = linger_s
-        self.window = window
         self._wake = asyncio.Event()
         self._dirty: set[str] = set()
-        self._next: dict[str, int] = {}  # per symbol: the first version not published
 
     def wake(self, symbol: str) -> None:
         """`symbol` has a new entry: sweep it soon (entries settled meanwhile go with it)."""
         self._dirty.add(symbol)
         self._wake.set()
 
+    async def publish(self, symbol: str) -> list[str]:
+        """Send the symbol's pending events and wait for every ack; returns their fields
+        (not yet deleted: `flush` does both)."""
+        entries = await self.ledger.outbox(symbol)
+        PENDING.labels(symbol).set(len(entries))
+        key = symbol.encode()
+        await self.sender.send_all((self.topic, key, payload) for _, payload in entries)
+        PUBLISHED.labels(symbol).inc(len(entries))
+        return [field for field, _ in entries]
+
     async def flush(self, symbol: str) -> int:
-        """Publish the symbol's pending events, a window at a time, each acked by the
-        broker before its entries are deleted; returns how many went out."""
-        first = self._next.get(symbol)
-        if first is None:
-            first = self._next[symbol] = await self.ledger.relay_from(symbol)
-        key, published = symbol.encode(), 0
-        while True:
-            version, entries = await self.ledger.outbox_window(symbol, first, self.window)
-            if version < first - 1:  # the symbol's state went back (Redis lost writes)
-                first = self._next[symbol] = await self.ledger.relay_from(symbol)
-                continue
-            last = min(first + self.window - 1, version)
-            if last >= first:
-                await self.sender.send_all((self.topic, key, payload) for _, payload in entries)
-                await self.ledger.relayed(symbol, last, [field for field, _ in entries])
-                PUBLISHED.labels(symbol).inc(len(entries))
-                published += len(entries)
-                first = self._next[symbol] = last + 1
-            PENDING.labels(symbol).set(version - last)  # (versions, some published elsewhere)
-            if last >= version:
-                return published
+        fields = await self.publish(symbol)
+        await self.ledger.acked(symbol, fields)
+        PENDING.labels(symbol).set(0)
+        return len(fields)
 
     async def sweep(self, symbols: Iterable[str] | None = None) -> int:
         """Flush `symbols` (None: all of them)."""

@@ -526,40 +526,6 @@ async def test_concurrent_orders_of_one_product_all_settle_exactly(quiet_env: En
     assert await env.redis.hgetall(ledger_key) == ledger
 
 
-async def test_the_relay_reads_a_backlog_a_window_at_a_time_in_order(quiet_env: Env) -> None:
-    """After a Kafka outage the outbox holds a backlog: it goes out in reads of `window`
-    versions on the connection the orders share (it was one read of everything, a reply
-    every order waited behind), in the order settled, each window deleted once acked. A
-    relay new to an outbox written before `relayed` was kept starts at its oldest entry."""
-    env = quiet_env
-    await env.set_nav(PRODUCT, NAV)
-    opened = [await env.open(f"backlog-{i}", "100") for i in range(25)]
-    relay, ledger = env.server.relay, env.server.ledger
-    relay.window = 10
-    read: list[int] = []
-    outbox_window = ledger.outbox_window
-
-    async def counted(symbol: str, first: int, size: int) -> tuple[int, list[tuple[str, bytes]]]:
-        version, entries = await outbox_window(symbol, first, size)
-        read.append(len(entries))
-        return version, entries
-
-    ledger.outbox_window = counted  # type: ignore[method-assign]
-    assert await relay.flush("BTC-USDT") == 25
-    assert read == [10, 10, 5]
-    events = await env.events(25)
-    assert [e.opened.position_id for e in events] == [o.position_id for o in opened]
-    assert await env.redis.hlen(ledger.outbox_key("BTC-USDT")) == 0
-    assert await env.redis.hget(ledger.meta_key("BTC-USDT"), "relayed") == "25"
-    # an outbox from before `relayed`: a fresh relay finds its oldest entry
-    await env.redis.hdel(ledger.meta_key("BTC-USDT"), "relayed")
-    later = [await env.open(f"later-{i}", "100") for i in range(3)]
-    fresh = OutboxRelay(ledger, env.server.producer, relay.topic, ["BTC-USDT"], 1.0, window=2)
-    assert await fresh.flush("BTC-USDT") == 3
-    events = await env.events(28)
-    assert [e.opened.position_id for e in events[25:]] == [o.position_id for o in later]
-
-
 @contextlib.asynccontextmanager
 async def another_gateway(
     env: Env, redis_url: str, *, relay: bool = False
@@ -656,24 +622,15 @@ async def test_outbox_republishes_after_a_crash_between_ack_and_delete(quiet_env
     env = quiet_env
     await env.set_nav(PRODUCT, NAV)
     opened = await env.open("crash", "100")
-    relay, ledger = env.server.relay, env.server.ledger
-
-    async def dies(symbol: str, through: int, fields: list[str]) -> None:
-        raise ConnectionError("the process died after the broker's ack")
-
-    ledger.relayed = dies  # type: ignore[method-assign]
-    with pytest.raises(ConnectionError):
-        await relay.flush("BTC-USDT")
-    del ledger.relayed  # the restart: a new relay, the ledger's own deletes
-    restarted = OutboxRelay(ledger, env.server.producer, relay.topic, ["BTC-USDT"], 1.0)
-    assert await restarted.flush("BTC-USDT") == 1  # published again
-    relay = restarted
+    fields = await env.server.relay.publish("BTC-USDT")  # acked, then the process "dies"
+    assert len(fields) == 1
+    assert await env.server.relay.flush("BTC-USDT") == 1  # the restart publishes again
     events = await env.events(2)
     assert [e.opened.event_id for e in events] == [opened.order_id] * 2
     # Hedging records applied orders by this id (Desks.was_applied), so it applies it once.
     products = products_by_symbol(StrategyConfig())
     assert {order_step(e, products).order_id for e in events} == {opened.order_id}
-    assert await relay.flush("BTC-USDT") == 0
+    assert await env.server.relay.flush("BTC-USDT") == 0
 
 
 async def test_entries_left_in_an_outbox_go_out_while_other_symbols_keep_the_relay_busy(
