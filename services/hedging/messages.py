@@ -26,13 +26,11 @@ from shared.core.engine import Engine
 from shared.core.events import (
     AccountLiquidated,
     FundingSettled,
+    FundMove,
     HedgeExecuted,
-    InsuranceAdvanced,
-    InsuranceClaimPaid,
-    InsuranceRepaid,
     LeverageTargetChanged,
     ManagementFeeAccrued,
-    UnheldEquityTaken,
+    into_product,
 )
 from shared.core.leverage import LeverageConfig
 from shared.core.market import FundingRate, Tick
@@ -246,18 +244,6 @@ def funding_settled(
     )
 
 
-def fund_move(
-    update: hedging_pb2.HedgeUpdate, product: str, amount: Decimal, equity_before: Decimal
-) -> None:
-    """Money between the insurance fund and a product's books, as the books count it
-    (`insurance_received`): positive paid in, negative taken back."""
-    update.insurance_claims.add(
-        product=product,
-        amount=decimal_to_wire(amount, name="amount"),
-        equity_before=decimal_to_wire(equity_before, name="equity_before"),
-    )
-
-
 def hedge_update(
     engine: Engine,
     event_id: str,
@@ -285,12 +271,12 @@ def hedge_update(
             update.management_fees.add(
                 product=event.product, amount=decimal_to_wire(event.amount, name="amount")
             )
-        elif isinstance(event, InsuranceClaimPaid | InsuranceAdvanced):
-            fund_move(update, event.product, event.amount, event.equity_before)
-        elif isinstance(event, InsuranceRepaid):  # what the fund takes back: negative
-            fund_move(update, event.product, -event.amount, event.equity_before)
-        elif isinstance(event, UnheldEquityTaken):
-            fund_move(update, event.product, -event.amount, event.amount)
+        elif isinstance(event, FundMove):  # signed as the books count it: - taken back
+            update.insurance_claims.add(
+                product=event.product,
+                amount=decimal_to_wire(into_product(event), name="amount"),
+                equity_before=decimal_to_wire(event.equity_before, name="equity_before"),
+            )
         elif isinstance(event, AccountLiquidated):
             update.liquidated.CopyFrom(liquidation_to_wire(event))
     return update

@@ -300,15 +300,10 @@ class Books:
         pays for nor gains from what happened before it."""
         book = self.products[product]
         equity = book.equity(price)
-        if book.units or book.qty:
+        if book.units or book.qty or not equity:
             return None
-        book.insurance_owed = ZERO  # the fund settles with the product whole, here
-        if not equity:
-            return None
-        if equity < 0:
-            return self._pay_claim(book, -equity, ts_ns, equity)
-        self._pay_claim(book, -equity, ts_ns, equity)  # net of what the fund took back
-        return UnheldEquityTaken(product, ts_ns, equity)
+        claim = self._pay_claim(book, -equity, ts_ns, equity)  # either way, net
+        return claim if equity < 0 else UnheldEquityTaken(product, ts_ns, equity, equity)
 
     def apply_liquidation(self, event: AccountLiquidated) -> list[InsuranceClaimPaid]:
         """Mirror a venue liquidation: products are closed at the mark, share the penalty

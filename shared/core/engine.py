@@ -15,13 +15,7 @@ from decimal import Decimal
 
 from shared.core.accounting import AccountingConfig, Books, ProductBook
 from shared.core.bars import BarBuilder
-from shared.core.events import (
-    InsuranceAdvanced,
-    InsuranceClaimPaid,
-    InsuranceRepaid,
-    LeverageTargetChanged,
-    UnheldEquityTaken,
-)
+from shared.core.events import FundMove, LeverageTargetChanged, into_product
 from shared.core.features import FeatureConfig, FeatureTracker
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted
 from shared.core.leverage import Controller
@@ -71,10 +65,6 @@ class SignalPipeline:
 def _dict(value: object) -> dict[str, object]:
     assert isinstance(value, dict)
     return value
-
-
-# What the insurance fund pays into or takes out of a product's books.
-FundMove = InsuranceClaimPaid | InsuranceAdvanced | InsuranceRepaid | UnheldEquityTaken
 
 
 def decide(
@@ -338,8 +328,7 @@ class Engine:
         if it moved anything."""
         if moved is None:
             return False
-        paid = isinstance(moved, InsuranceClaimPaid | InsuranceAdvanced)
-        self.venue.transfer(moved.amount if paid else -moved.amount)
+        self.venue.transfer(into_product(moved))
         events.append(moved)
         return True
 

@@ -139,6 +139,18 @@ class UnheldEquityTaken:
     product: str
     ts_ns: int
     amount: Decimal
+    equity_before: Decimal  # all of it went: the amount
+
+
+# What the insurance fund pays into or takes out of a product's books.
+FundMove = InsuranceClaimPaid | InsuranceAdvanced | InsuranceRepaid | UnheldEquityTaken
+
+
+def into_product(move: FundMove) -> Decimal:
+    """What a fund move put into the product's books; negative, what the fund took back
+    (the books count it so in `insurance_received`, the wire as a signed claim)."""
+    paid = isinstance(move, InsuranceClaimPaid | InsuranceAdvanced)
+    return move.amount if paid else -move.amount
 
 
 @dataclass(frozen=True, slots=True)
