@@ -552,8 +552,8 @@ class StageRuntime:
         another symbol than its own: it sits in that symbol's partition, out of its own
         symbol's order, possibly on another instance than the rest of its symbol."""
         result = decode_input(inp.spec.value_type, record.value, convert)
-        if not isinstance(result, str) and record_key(record) != result.symbol:
-            result = f"record key {record_key(record)!r} is not its symbol {result.symbol!r}"
+        if not isinstance(result, str) and (key := record_key(record)) != result.symbol:
+            result = f"record key {key!r} is not its symbol {result.symbol!r}"
         if isinstance(result, str):
             await self.reject(inp, record, result)
             return None

@@ -185,8 +185,9 @@ class StreamFeed:
                 self.publish(update)
             else:
                 event = decode(orders_pb2.OrderEvent, value)
-                if not POSITION_ID.fullmatch(order_of(event).position_id):
-                    shown = order_of(event).position_id[:80]
+                position_id = order_of(event).position_id
+                if not POSITION_ID.fullmatch(position_id):
+                    shown = position_id[:80]
                     raise DecodeError("OrderEvent", f"position_id {shown!r} is not an id")
                 self.publish_order(event)
         except DecodeError as exc:

@@ -165,27 +165,29 @@ class SmartLeverageController:
         cfg = self.config
         if not regime.features.warm:
             return cfg.warmup_leverage
-        base, scale = self._base_and_scale(regime)
+        _, base, scale = self._base_and_scale(regime)
         value = base * scale
         if value < cfg.l_min:
             return cfg.l_min
         return cfg.l_max if value > cfg.l_max else value
 
-    def _base_and_scale(self, regime: RegimeState) -> tuple[float, float]:
-        """The regime's base leverage and the volatility scale, within its bounds."""
+    def _base_and_scale(self, regime: RegimeState) -> tuple[str, float, float]:
+        """The regime's reason and base leverage, and the volatility scale within its
+        bounds: one reading for the target and for its reasons."""
         cfg = self.config
         state = regime.regime
         if state is Regime.HIGH_VOL:
-            base = cfg.base_high_vol
+            reason, base = Reason.REGIME_HIGH_VOL, cfg.base_high_vol
         elif state is Regime.RANGE:
-            base = cfg.base_range
+            reason, base = Reason.REGIME_RANGE, cfg.base_range
         elif (state is Regime.TREND_UP) is self._is_long:
+            reason = Reason.REGIME_TREND_ALIGNED
             base = cfg.base_range + (cfg.base_trend_aligned - cfg.base_range) * regime.confidence
         else:
-            base = cfg.base_trend_against
+            reason, base = Reason.REGIME_TREND_AGAINST, cfg.base_trend_against
         sigma = regime.features.sigma_ann
         scale = cfg.vol_scale_max if sigma <= 0 else cfg.sigma_reference / sigma
-        return base, min(max(scale, cfg.vol_scale_min), cfg.vol_scale_max)
+        return reason, base, min(max(scale, cfg.vol_scale_min), cfg.vol_scale_max)
 
     def policy_reasons(self, regime: RegimeState) -> list[str]:
         """Why `policy_target` said what it said; built only when a target is published.
@@ -193,23 +195,16 @@ class SmartLeverageController:
         cfg = self.config
         if not regime.features.warm:
             return [Reason.WARMUP]
-        state = regime.regime
-        if state is Regime.HIGH_VOL:
-            reasons = [Reason.REGIME_HIGH_VOL]
-        elif state is Regime.RANGE:
-            reasons = [Reason.REGIME_RANGE]
-        elif (state is Regime.TREND_UP) is self._is_long:
-            reasons = [Reason.REGIME_TREND_ALIGNED]
-        else:
-            reasons = [Reason.REGIME_TREND_AGAINST]
-        base, scale = self._base_and_scale(regime)
+        reason, base, scale = self._base_and_scale(regime)
+        reasons = [reason]
         if scale < 0.99:
             reasons.append(Reason.VOL_SCALED_DOWN)
         elif scale > 1.01:
             reasons.append(Reason.VOL_SCALED_UP)
-        if base * scale <= cfg.l_min:  # held at a bound (or cut to it)
+        value = base * scale
+        if value <= cfg.l_min:  # held at a bound (or cut to it)
             reasons.append(Reason.CLAMPED_MIN)
-        elif base * scale >= cfg.l_max:
+        elif value >= cfg.l_max:
             reasons.append(Reason.CLAMPED_MAX)
         return reasons
 
