@@ -89,6 +89,16 @@ def decimal_to_wire(value: Decimal | int, *, name: str = "value") -> str:
     return text
 
 
+def wire_problem(value: Decimal, name: str = "value") -> str | None:
+    """Why `value` cannot go on the wire (`decimal_to_wire` refuses it), or None: a
+    check for input to refuse before it is published or computed with."""
+    try:
+        decimal_to_wire(value, name=name)
+    except EncodeError as exc:
+        return str(exc)
+    return None
+
+
 def decimal_from_wire(text: str, *, name: str = "value") -> Decimal:
     """Wire string -> exact Decimal; anything but a plain finite decimal is a DecodeError."""
     if not isinstance(text, str):

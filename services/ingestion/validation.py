@@ -28,7 +28,7 @@ import enum
 from dataclasses import dataclass
 from decimal import Decimal
 
-from shared.codec import EncodeError, decimal_to_wire
+from shared.codec import wire_problem
 from shared.core.market import FundingRate, Tick, symbol_problem
 
 FUNDING_RANK = 0  # a funding settles on the position held up to its instant: first
@@ -102,11 +102,8 @@ def _number(value: object, name: str) -> Rejected | None:
         return Rejected(Reason.SCHEMA, f"{name} must be a Decimal, got {type(value).__name__}")
     if not value.is_finite():
         return Rejected(Reason.NOT_FINITE, f"{name} is {value}")
-    try:  # what the wire cannot carry would stop the feed at the publish, every time
-        decimal_to_wire(value, name=name)
-    except EncodeError as exc:
-        return Rejected(Reason.OUT_OF_BOUNDS, str(exc))
-    return None
+    beyond = wire_problem(value, name)  # it would stop the feed at the publish, every time
+    return None if beyond is None else Rejected(Reason.OUT_OF_BOUNDS, beyond)
 
 
 def _positive(value: object, name: str) -> Rejected | None:

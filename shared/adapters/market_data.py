@@ -19,7 +19,7 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
 
-from shared.codec import EncodeError, decimal_to_wire
+from shared.codec import wire_problem
 from shared.core.market import NS_PER_HOUR, NS_PER_SECOND, Bar, FundingRate
 
 BAR_COLUMNS = ("timestamp", "open", "high", "low", "close", "volume")
@@ -177,10 +177,9 @@ class _Rows:
             raise self.error(f"{column}: {text!r} is not a number") from None
         if not value.is_finite():
             raise self.error(f"{column}: {text!r} is not finite")
-        try:  # what the pipeline could not carry, the core cannot compute with either
-            decimal_to_wire(value, name=column)
-        except EncodeError as exc:
-            raise self.error(str(exc)) from None
+        beyond = wire_problem(value, column)  # the core cannot compute with it either
+        if beyond is not None:
+            raise self.error(beyond)
         return value
 
 
