@@ -42,7 +42,9 @@ from services.gateway.config import GatewaySettings
 from services.gateway.feeds import FeedUnavailable, StreamFeed, Subscriber
 from services.gateway.ledger import Ledger, Snapshot, after, b64, ledger_fields, unb64
 from services.gateway.orders import (
+    Closed,
     Limits,
+    Opened,
     PositionState,
     canonical,
     client_order_id,
@@ -71,6 +73,7 @@ SERVICE_NAME = "smartlev.v1.Gateway"
 OWNERS_CACHED = 100_000  # (user, position id) -> product entries kept in memory
 T = TypeVar("T")
 R = TypeVar("R", bound=Message)
+Q = TypeVar("Q")
 
 REQUESTS = Counter(
     "smartlev_gateway_requests_total",
@@ -271,17 +274,20 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         self,
         order: Order,
         reply_type: type[R],
-        compute: Callable[[dict[str, str], Snapshot], Step],
+        quote: Callable[[dict[str, str], Snapshot], Q],
+        render: Callable[[Q, Snapshot], Step],
     ) -> Step:
-        """Read (one round trip), compute, claim the client order id (once the
-        computation validated the order) and settle atomically (one round trip).
+        """Read (one round trip), quote, claim the client order id (once the quote
+        validated the order) and settle atomically (one round trip).
 
         The settle script is what keeps the rules: it applies a duplicate once and
         answers the others with the recorded reply, and refuses a step computed from a
         product or position that moved, answering with the fresh state to recompute
         from. The product's queue only orders this process's settles of one product
         (one round trip each) and hands each the state the previous one left, so they do
-        not refuse one another; reads, claims and other products go on concurrently."""
+        not refuse one another; reads, claims and other products go on concurrently.
+        A quote is re-made whenever the state it came from moved; the step (replies,
+        event, fields: most of an order's CPU) is rendered once per settle sent."""
         user, client_id, claim = order.user, order.client_id, order.claim
         view = await self.ledger.order_view(
             user, client_id, order.symbol, order.product, order.position
@@ -291,7 +297,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         if view.record is not None:
             raise Replayed(self._recorded(view.record, claim, client_id, reply_type))
         snap = view.snapshot
-        step = compute(view.nav, snap)
+        quoted = quote(view.nav, snap)
         index = order.position or order.order_id
         if view.claim is None:
             if await self.ledger.claim(user, client_id, claim, index, order.product) != claim:
@@ -302,7 +308,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 latest = self._latest.get(order.product)
                 if latest is not None and latest.rev > snap.rev:
                     snap = Snapshot(latest.rev, latest.ledger, snap.position)
-                    step = compute(view.nav, snap)
+                    quoted = quote(view.nav, snap)
+                step = render(quoted, snap)
                 settled = await self.ledger.settle(
                     order.symbol,
                     order.product,
@@ -322,7 +329,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                     raise Replayed(self._recorded(settled.record, claim, client_id, reply_type))
                 assert settled.snapshot is not None
                 snap = self._latest[order.product] = settled.snapshot
-                step = compute(view.nav, snap)
+                quoted = quote(view.nav, snap)
         raise RuntimeError(f"{order.product}: the ledger kept changing under the order")
 
     def _remember(self, user: str, pid: str, product: str) -> None:
@@ -411,18 +418,19 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             pid = order_id(user, client_id)
             order = Order(user, client_id, claim, symbol, product, pid, None)
 
-            def compute(nav_fields: dict[str, str], snap: Snapshot) -> Step:
-                nav = self._tradable_nav(product, nav_fields, snap)
-                now = time.time_ns()
-                opened = quote_open(
+            def quote(nav_fields: dict[str, str], snap: Snapshot) -> Opened:
+                return quote_open(
                     pid=pid,
                     user=user,
                     product=product,
                     amount=amount,
-                    nav=nav,
+                    nav=self._tradable_nav(product, nav_fields, snap),
                     fee_rate=self.accounting.open_fee,
-                    ts_ns=now,
+                    ts_ns=time.time_ns(),
                 )
+
+            def render(opened: Opened, snap: Snapshot) -> Step:
+                nav, now = opened.nav, opened.ts_ns
                 # The reply and the event carry the same figures, as the same text.
                 figures = _wire_texts(amount=amount, fee=opened.fee, units=opened.units, nav=nav)
                 reply = gateway_pb2.OpenPositionReply(
@@ -450,7 +458,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 )
                 return Step(reply, opened.position, ledger, event)
 
-            step = await self._settle(order, gateway_pb2.OpenPositionReply, compute)
+            step = await self._settle(order, gateway_pb2.OpenPositionReply, quote, render)
             log.info("position_opened", user=user, position=pid, product=product)
             assert isinstance(step.reply, gateway_pb2.OpenPositionReply)
             return step.reply
@@ -482,15 +490,17 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             oid = order_id(user, client_id)
             order = Order(user, client_id, claim, symbol, product, oid, pid)
 
-            def compute(nav_fields: dict[str, str], snap: Snapshot) -> Step:
+            def quote(nav_fields: dict[str, str], snap: Snapshot) -> Closed:
                 if not snap.position or snap.position.get("user") != user:
                     _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
                 position = PositionState.from_fields(snap.position)
                 if position.units <= 0:
                     _fail(grpc.StatusCode.FAILED_PRECONDITION, f"position {pid} is closed")
                 nav = self._tradable_nav(product, nav_fields, snap)
-                now = time.time_ns()
-                closed = quote_close(position, units, nav, self.accounting.close_fee, now)
+                return quote_close(position, units, nav, self.accounting.close_fee, time.time_ns())
+
+            def render(closed: Closed, snap: Snapshot) -> Step:
+                nav, now = closed.nav, closed.ts_ns
                 figures = _wire_texts(
                     units=closed.units,
                     nav=nav,
@@ -528,7 +538,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 )
                 return Step(reply, closed.position, ledger, event)
 
-            step = await self._settle(order, gateway_pb2.ClosePositionReply, compute)
+            step = await self._settle(order, gateway_pb2.ClosePositionReply, quote, render)
             log.info("position_closed", user=user, position=pid, order=oid, product=product)
             assert isinstance(step.reply, gateway_pb2.ClosePositionReply)
             return step.reply

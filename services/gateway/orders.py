@@ -195,6 +195,7 @@ class Opened:
     fee: Decimal
     units: Decimal
     nav: Decimal
+    ts_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +207,7 @@ class Closed:
     fee: Decimal
     payout: Decimal
     realized_pnl: Decimal
+    ts_ns: int
 
 
 def quote_open(
@@ -237,7 +239,7 @@ def quote_open(
         ts_opened_ns=ts_ns,
         ts_closed_ns=0,
     )
-    return Opened(position, fee, units, nav)
+    return Opened(position, fee, units, nav, ts_ns)
 
 
 def quote_close(
@@ -275,4 +277,4 @@ def quote_close(
         fees=position.fees + fee,
         ts_closed_ns=ts_ns if left == 0 else 0,
     )
-    return Closed(after, redeemed, nav, gross, fee, payout, pnl)
+    return Closed(after, redeemed, nav, gross, fee, payout, pnl, ts_ns)
