@@ -43,7 +43,8 @@ from decimal import Decimal
 from functools import lru_cache, partial
 
 from shared.adapters.redis_wire import RedisWire
-from shared.redis_store import ApplyStatus, FieldValue, field_to_wire, key
+from shared.codec import decimal_to_wire
+from shared.redis_store import ApplyStatus, key
 
 OUTBOX = "outbox"
 LEDGER = "ledger"
@@ -121,6 +122,9 @@ class Settled:
     status: ApplyStatus
     record: str | None = None
     snapshot: Snapshot | None = None
+
+
+APPLIED = Settled(ApplyStatus.APPLIED)
 
 
 class Ledger:
@@ -239,8 +243,8 @@ class Ledger:
         record_id: str,
         record: str,
         pid: str,
-        position: Mapping[str, FieldValue],
-        ledger: Mapping[str, FieldValue],
+        position: Mapping[str, str],
+        ledger: Mapping[str, str],
         event: bytes,
     ) -> Settled:
         """Write position + ledger entries + outbox entry + record at once, if
@@ -263,15 +267,15 @@ class Ledger:
         ]
         for fields in (position, ledger):
             args.append(len(fields))
-            for name, value in fields.items():
-                args.extend((name, field_to_wire(value, name)))
+            for name_value in fields.items():
+                args.extend(name_value)
         raw = await self._settle(keys=keys, args=args)
-        status = ApplyStatus(int(raw[0]))
-        if status is ApplyStatus.APPLIED:
-            return Settled(status)
-        if status is ApplyStatus.DUPLICATE:
-            return Settled(status, record=raw[1])
-        return Settled(status, snapshot=Snapshot(int(raw[1]), _pairs(raw[2]), _pairs(raw[3])))
+        if raw[0] == ApplyStatus.APPLIED.value:
+            return APPLIED
+        if raw[0] == ApplyStatus.DUPLICATE.value:
+            return Settled(ApplyStatus.DUPLICATE, record=raw[1])
+        snapshot = Snapshot(int(raw[1]), _pairs(raw[2]), _pairs(raw[3]))
+        return Settled(ApplyStatus.CONFLICT, snapshot=snapshot)
 
     # ------------------------------------------------------------------ outbox
 
@@ -285,18 +289,18 @@ class Ledger:
             await self.redis.call("HDEL", self.outbox_key(symbol), *fields)
 
 
-def ledger_fields(product: str, fields: Mapping[str, str], **deltas: Decimal) -> dict[str, Decimal]:
-    """The product's ledger entries after adding `deltas` (units=..., deposits=...)."""
+def ledger_fields(product: str, fields: Mapping[str, str], **deltas: Decimal) -> dict[str, str]:
+    """The product's ledger entries (wire text) after adding `deltas` (units=...,
+    deposits=...)."""
     return {
-        f"{product}:{name}": Decimal(fields.get(f"{product}:{name}", "0")) + delta
+        f"{product}:{name}": decimal_to_wire(Decimal(fields.get(f"{product}:{name}", "0")) + delta)
         for name, delta in deltas.items()
     }
 
 
-def after(snapshot: Snapshot, ledger: Mapping[str, FieldValue]) -> Snapshot:
+def after(snapshot: Snapshot, ledger: Mapping[str, str]) -> Snapshot:
     """The product's snapshot once a step wrote `ledger` on it (its position unknown)."""
-    changed = {name: field_to_wire(value, name) for name, value in ledger.items()}
-    return Snapshot(snapshot.rev + 1, {**snapshot.ledger, **changed}, {})
+    return Snapshot(snapshot.rev + 1, {**snapshot.ledger, **ledger}, {})
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -90,14 +91,25 @@ LATENCY = Histogram(
 log = get_logger("gateway")
 
 
+@functools.cache
+def _requests(rpc: str, outcome: str) -> Counter:
+    """REQUESTS' child for the labels: `labels()` takes a lock and checks them per call."""
+    return REQUESTS.labels(rpc, outcome)
+
+
+@functools.cache
+def _latency(rpc: str) -> Histogram:
+    return LATENCY.labels(rpc)
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
     """One settled order: the reply, the position after it, the product's ledger
     entries after it and the event for orders.events."""
 
     reply: Message
-    position: PositionState
-    ledger: dict[str, Decimal]
+    position: dict[str, str]
+    ledger: dict[str, str]
     event: orders_pb2.OrderEvent
 
 
@@ -206,18 +218,18 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             outcome = "replayed"
             result = replay.reply
         except Rejected as exc:
-            REQUESTS.labels(rpc, exc.code.name).inc()
+            _requests(rpc, exc.code.name).inc()
             await context.abort(exc.code, str(exc))
         except (RedisError, OSError) as exc:
             await self._unavailable(rpc, context, exc)
-        REQUESTS.labels(rpc, outcome).inc()
-        LATENCY.labels(rpc).observe(time.perf_counter() - start)
+        _requests(rpc, outcome).inc()
+        _latency(rpc).observe(time.perf_counter() - start)
         return result
 
     async def _unavailable(
         self, rpc: str, context: grpc.aio.ServicerContext, exc: Exception
     ) -> NoReturn:
-        REQUESTS.labels(rpc, "UNAVAILABLE").inc()
+        _requests(rpc, "UNAVAILABLE").inc()
         log.error("gateway_unavailable", rpc=rpc, error=f"{type(exc).__name__}: {exc}")
         what = "stream feed" if isinstance(exc, FeedUnavailable) else "state store"
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"{what} unavailable: {exc}")
@@ -316,8 +328,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                     snap,
                     record_id=f"{user}:{client_id}",
                     record=f"{claim.partition('|')[0]}:{b64(step.reply.SerializeToString())}",
-                    pid=step.position.position_id,
-                    position=step.position.fields(),
+                    pid=step.position["position_id"],
+                    position=step.position,
                     ledger=step.ledger,
                     event=step.event.SerializeToString(deterministic=True),
                 )
@@ -431,6 +443,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 
             def render(opened: Opened, snap: Snapshot) -> Step:
                 nav, now = opened.nav, opened.ts_ns
+                position = opened.position.fields()
                 # The reply and the event carry the same figures, as the same text.
                 figures = _wire_texts(amount=amount, fee=opened.fee, units=opened.units, nav=nav)
                 reply = gateway_pb2.OpenPositionReply(
@@ -438,7 +451,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                     position_id=pid,
                     product=product,
                     ts_event_ns=now,
-                    position=opened.position.to_proto(nav),
+                    position=opened.position.to_proto(nav, position),
                     **figures,
                 )
                 event = orders_pb2.OrderEvent(
@@ -456,7 +469,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 ledger = ledger_fields(
                     product, snap.ledger, units=opened.units, deposits=amount, fees=opened.fee
                 )
-                return Step(reply, opened.position, ledger, event)
+                return Step(reply, position, ledger, event)
 
             step = await self._settle(order, gateway_pb2.OpenPositionReply, quote, render)
             log.info("position_opened", user=user, position=pid, product=product)
@@ -501,6 +514,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 
             def render(closed: Closed, snap: Snapshot) -> Step:
                 nav, now = closed.nav, closed.ts_ns
+                position = closed.position.fields()
                 figures = _wire_texts(
                     units=closed.units,
                     nav=nav,
@@ -514,7 +528,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                     position_id=pid,
                     product=product,
                     ts_event_ns=now,
-                    position=closed.position.to_proto(nav),
+                    position=closed.position.to_proto(nav, position),
                     **figures,
                 )
                 event = orders_pb2.OrderEvent(
@@ -536,7 +550,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                     payouts=closed.payout,
                     fees=closed.fee,
                 )
-                return Step(reply, closed.position, ledger, event)
+                return Step(reply, position, ledger, event)
 
             step = await self._settle(order, gateway_pb2.ClosePositionReply, quote, render)
             log.info("position_closed", user=user, position=pid, order=oid, product=product)
@@ -616,7 +630,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         assert self.feed is not None
         try:
             async with self.feed.subscribe(frozenset(request.products) or None) as subscriber:
-                REQUESTS.labels("StreamNav", "ok").inc()
+                _requests("StreamNav", "ok").inc()
                 while True:
                     update = await subscriber.queue.get()
                     assert isinstance(update, nav_pb2.NavUpdated)
@@ -633,7 +647,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         assert self.feed is not None
         try:
             async with self.feed.subscribe(None, user) as subscriber:
-                REQUESTS.labels("StreamPositions", "ok").inc()
+                _requests("StreamPositions", "ok").inc()
                 async for position in self._position_updates(user, request, subscriber):
                     yield position
         except (FeedUnavailable, RedisError, OSError) as exc:  # the client reconnects

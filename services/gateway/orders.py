@@ -150,39 +150,44 @@ class PositionState:
             ts_closed_ns=int(fields["ts_closed_ns"]),
         )
 
-    def fields(self) -> dict[str, str | int | Decimal]:
+    def fields(self) -> dict[str, str]:
+        """As stored and as the proto carries them: exact decimals as wire text."""
         return {
             "position_id": self.position_id,
             "user": self.user,
             "product": self.product,
-            "units": self.units,
-            "units_opened": self.units_opened,
-            "entry_nav": self.entry_nav,
-            "amount": self.amount,
-            "cost": self.cost,
-            "realized_pnl": self.realized_pnl,
-            "payout": self.payout,
-            "fees": self.fees,
-            "ts_opened_ns": self.ts_opened_ns,
-            "ts_closed_ns": self.ts_closed_ns,
+            "units": decimal_to_wire(self.units),
+            "units_opened": decimal_to_wire(self.units_opened),
+            "entry_nav": decimal_to_wire(self.entry_nav),
+            "amount": decimal_to_wire(self.amount),
+            "cost": decimal_to_wire(self.cost),
+            "realized_pnl": decimal_to_wire(self.realized_pnl),
+            "payout": decimal_to_wire(self.payout),
+            "fees": decimal_to_wire(self.fees),
+            "ts_opened_ns": str(self.ts_opened_ns),
+            "ts_closed_ns": str(self.ts_closed_ns),
         }
 
-    def to_proto(self, nav: Decimal | None) -> gateway_pb2.Position:
+    def to_proto(
+        self, nav: Decimal | None, fields: dict[str, str] | None = None
+    ) -> gateway_pb2.Position:
+        """`fields`: this position's `fields()`, when the caller has them already."""
+        text = self.fields() if fields is None else fields
         value = usdt_down(self.units * nav) if nav is not None else None
         return gateway_pb2.Position(
             position_id=self.position_id,
             product=self.product,
-            units=decimal_to_wire(self.units),
-            units_opened=decimal_to_wire(self.units_opened),
-            entry_nav=decimal_to_wire(self.entry_nav),
-            amount=decimal_to_wire(self.amount),
-            cost=decimal_to_wire(self.cost),
+            units=text["units"],
+            units_opened=text["units_opened"],
+            entry_nav=text["entry_nav"],
+            amount=text["amount"],
+            cost=text["cost"],
             nav="" if nav is None else decimal_to_wire(nav),
             value="" if value is None else decimal_to_wire(value),
             unrealized_pnl="" if value is None else decimal_to_wire(value - self.cost),
-            realized_pnl=decimal_to_wire(self.realized_pnl),
-            payout=decimal_to_wire(self.payout),
-            fees=decimal_to_wire(self.fees),
+            realized_pnl=text["realized_pnl"],
+            payout=text["payout"],
+            fees=text["fees"],
             open=self.units > 0,
             ts_opened_ns=self.ts_opened_ns,
             ts_closed_ns=self.ts_closed_ns,

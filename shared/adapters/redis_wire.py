@@ -37,13 +37,15 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = str | int | bytes
-Command = Sequence[Arg]
+Command = tuple[Arg, ...]
 
 
 class _Protocol(asyncio.Protocol):
     """Replies resolve the oldest waiting future; a waiter cancelled meanwhile is skipped."""
 
     def __init__(self) -> None:
+        # Python 3.11's get_running_loop() is a getpid() syscall each time: asked once.
+        self.loop = asyncio.get_running_loop()
         self.reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
         self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.transport: asyncio.Transport | None = None
@@ -93,12 +95,11 @@ class _Protocol(asyncio.Protocol):
 
     def send(self, packed: bytes, count: int) -> list[asyncio.Future[Any]]:
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
         now = time.monotonic()
-        futures = [loop.create_future() for _ in range(count)]
+        futures = [self.loop.create_future() for _ in range(count)]
         self.waiting.extend((future, now) for future in futures)
         if not self.unsent:
-            loop.call_soon(self.flush)
+            self.loop.call_soon(self.flush)
         self.unsent.append(packed)
         return futures
 
@@ -192,9 +193,10 @@ class RedisWire:
 
     async def _send(self, protocol: _Protocol, commands: Sequence[Command]) -> list[Any]:
         # hiredis' stub types the argument as a 1-tuple; it takes any length.
-        packed = b"".join(hiredis.pack_command(tuple(c)) for c in commands)  # type: ignore[arg-type]
+        packed = b"".join(map(hiredis.pack_command, commands))  # type: ignore[arg-type]
         futures = protocol.send(packed, len(commands))
-        self._arm_watchdog()
+        if self._watchdog is None:
+            self._arm_watchdog()
         if len(futures) == 1:
             return [await futures[0]]
         replies: list[Any] = []
@@ -215,9 +217,8 @@ class RedisWire:
         return replies
 
     def _arm_watchdog(self) -> None:
-        if self._watchdog is None:
-            loop = asyncio.get_running_loop()
-            self._watchdog = loop.call_later(self.timeout_s / 4, self._check_overdue)
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(self.timeout_s / 4, self._check_overdue)
 
     def _check_overdue(self) -> None:
         """Fail the connection if its oldest command waited longer than `timeout_s`."""

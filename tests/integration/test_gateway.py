@@ -518,7 +518,7 @@ async def test_concurrent_orders_of_one_product_all_settle_exactly(quiet_env: En
         record="x:y",
         pid="0" * 32,
         position={"units": "1"},
-        ledger={f"{PRODUCT}:units": Decimal("1")},
+        ledger={f"{PRODUCT}:units": "1"},
         event=b"",
     )
     assert settled.status is ApplyStatus.CONFLICT and settled.snapshot is not None
