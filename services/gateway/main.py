@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import NoReturn, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 import grpc
 from aiokafka.errors import KafkaError
@@ -74,7 +74,7 @@ SERVICE_NAME = "smartlev.v1.Gateway"
 OWNERS_CACHED = 100_000  # (user, position id) -> product entries kept in memory
 T = TypeVar("T")
 R = TypeVar("R", bound=Message)
-Q = TypeVar("Q")
+Q = TypeVar("Q", bound="Quote")
 
 REQUESTS = Counter(
     "smartlev_gateway_requests_total",
@@ -125,6 +125,13 @@ class Order:
     product: str
     order_id: str
     position: str | None
+
+
+class Quote(Protocol):
+    """An order priced and validated (orders.Opened, orders.Closed)."""
+
+    @property
+    def nav(self) -> Decimal: ...
 
 
 class Replayed(Exception):
@@ -298,8 +305,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         from. The product's queue only orders this process's settles of one product
         (one round trip each) and hands each the state the previous one left, so they do
         not refuse one another; reads, claims and other products go on concurrently.
-        A quote is re-made whenever the state it came from moved; the step (replies,
-        event, fields: most of an order's CPU) is rendered once per settle sent."""
+        A quote is re-made when what it came from moved; the step (replies, event,
+        fields: most of an order's CPU) is rendered once per settle sent."""
         user, client_id, claim = order.user, order.client_id, order.claim
         view = await self.ledger.order_view(
             user, client_id, order.symbol, order.product, order.position
@@ -315,12 +322,18 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             if await self.ledger.claim(user, client_id, claim, index, order.product) != claim:
                 self._refuse_reuse(client_id)
             self._remember(user, index, order.product)
-        async with self._queues.setdefault(order.product, asyncio.Lock()):
+        queue = self._queues.get(order.product)
+        if queue is None:
+            queue = self._queues[order.product] = asyncio.Lock()
+        async with queue:
             for _ in range(50):
                 latest = self._latest.get(order.product)
                 if latest is not None and latest.rev > snap.rev:
+                    # The same position on a newer ledger: a quote reads the ledger only
+                    # for its NAV (`_tradable_nav`), so an unchanged NAV keeps the quote.
                     snap = Snapshot(latest.rev, latest.ledger, snap.position)
-                    quoted = quote(view.nav, snap)
+                    if self._tradable_nav(order.product, view.nav, snap) != quoted.nav:
+                        quoted = quote(view.nav, snap)
                 step = render(quoted, snap)
                 settled = await self.ledger.settle(
                     order.symbol,
