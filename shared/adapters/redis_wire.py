@@ -40,14 +40,27 @@ Arg = str | int | bytes
 Command = tuple[Arg, ...]
 
 
+class _Batch:
+    """The commands of one `send`: their replies, and one future for all of them."""
+
+    __slots__ = ("count", "future", "replies", "sent_at")
+
+    def __init__(self, future: asyncio.Future[list[Any]], count: int, sent_at: float) -> None:
+        self.future = future
+        self.count = count
+        self.replies: list[Any] = []
+        self.sent_at = sent_at
+
+
 class _Protocol(asyncio.Protocol):
-    """Replies resolve the oldest waiting future; a waiter cancelled meanwhile is skipped."""
+    """Replies fill the oldest waiting batch; a batch whose caller was cancelled
+    meanwhile still takes its replies, unseen."""
 
     def __init__(self) -> None:
         # Python 3.11's get_running_loop() is a getpid() syscall each time: asked once.
         self.loop = asyncio.get_running_loop()
         self.reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
-        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.waiting: deque[_Batch] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
         self.unsent: list[bytes] = []  # commands of this loop iteration, written together
@@ -65,15 +78,16 @@ class _Protocol(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            future = self.waiting.popleft()[0]
-            if future.done():
-                continue
+            batch = self.waiting[0]
             if isinstance(reply, ResponseError):
                 # redis-py's class for the reply: LOADING (a restarted Redis reading its
                 # data back) is BusyLoadingError, a ConnectionError, so it is transient
-                future.set_exception(BaseParser.parse_error(str(reply)))
-            else:
-                future.set_result(reply)
+                reply = BaseParser.parse_error(str(reply))
+            batch.replies.append(reply)
+            if len(batch.replies) == batch.count:
+                self.waiting.popleft()
+                if not batch.future.done():
+                    batch.future.set_result(batch.replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(exc or RedisConnectionError("Redis closed the connection"))
@@ -87,21 +101,22 @@ class _Protocol(asyncio.Protocol):
             )
         self.unsent.clear()
         while self.waiting:
-            future = self.waiting.popleft()[0]
+            future = self.waiting.popleft().future
             if not future.done():
                 future.set_exception(self.lost)
         if self.transport is not None:
             self.transport.abort()
 
-    def send(self, packed: bytes, count: int) -> list[asyncio.Future[Any]]:
+    def send(self, packed: bytes, count: int) -> asyncio.Future[list[Any]]:
+        """The future of the `count` commands' replies, in order (error replies as
+        exceptions in their place)."""
         assert self.transport is not None
-        now = time.monotonic()
-        futures = [self.loop.create_future() for _ in range(count)]
-        self.waiting.extend((future, now) for future in futures)
+        future: asyncio.Future[list[Any]] = self.loop.create_future()
+        self.waiting.append(_Batch(future, count, time.monotonic()))
         if not self.unsent:
             self.loop.call_soon(self.flush)
         self.unsent.append(packed)
-        return futures
+        return future
 
     def flush(self) -> None:
         """One write (one syscall) for every command sent since the last flush."""
@@ -194,26 +209,15 @@ class RedisWire:
     async def _send(self, protocol: _Protocol, commands: Sequence[Command]) -> list[Any]:
         # hiredis' stub types the argument as a 1-tuple; it takes any length.
         packed = b"".join(map(hiredis.pack_command, commands))  # type: ignore[arg-type]
-        futures = protocol.send(packed, len(commands))
+        batch = protocol.send(packed, len(commands))
         if self._watchdog is None:
             self._arm_watchdog()
-        if len(futures) == 1:
-            return [await futures[0]]
-        replies: list[Any] = []
-        first_error: RedisError | None = None
-        try:
-            for future in futures:  # every reply is taken, so no error goes unobserved
-                try:
-                    replies.append(await future)
-                except RedisError as exc:
-                    first_error = first_error or exc
-                    replies.append(None)
-        except asyncio.CancelledError:
-            for future in futures:  # nobody takes them now: skipped when they arrive
-                future.cancel()
-            raise
-        if first_error is not None:
-            raise first_error
+        # Cancelled meanwhile, the batch still takes its replies when they arrive (the
+        # protocol skips a done future).
+        replies = await batch
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                raise reply  # the first error; every reply was taken
         return replies
 
     def _arm_watchdog(self) -> None:
@@ -226,7 +230,7 @@ class RedisWire:
         protocol = self._protocol
         if protocol is None or not protocol.waiting:
             return
-        age = time.monotonic() - protocol.waiting[0][1]
+        age = time.monotonic() - protocol.waiting[0].sent_at
         if age > self.timeout_s:
             protocol.fail(RedisTimeoutError(f"no reply from Redis in {age:.1f}s"))
         else:
@@ -244,7 +248,9 @@ class RedisWire:
         times (redis-py's default does the same): callers send idempotent steps only."""
         failed = 0
         while True:
-            protocol = await self._connected()
+            protocol = self._protocol
+            if protocol is None or protocol.lost is not None:
+                protocol = await self._connected()
             try:
                 return await self._send(protocol, commands)
             except (RedisConnectionError, RedisTimeoutError):
