@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 from redis._parsers.base import BaseParser
@@ -136,8 +136,12 @@ class RedisWire:
         username: str | None = None,
         timeout_s: float = 10.0,
         retries: int = 1,
+        socket_path: str | None = None,
     ) -> None:
+        """`socket_path`: Redis's unix socket, used instead of host:port (a `unix://`
+        URL, which the services' settings accept and redis-py reads)."""
         self.host, self.port, self.db = host, port, db
+        self.socket_path = socket_path
         self.password, self.username = password, username
         self.timeout_s = timeout_s
         self.retries = retries
@@ -147,20 +151,37 @@ class RedisWire:
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 10.0, retries: int = 1) -> RedisWire:
-        """redis://[[user]:password@]host[:port][/db]"""
+        """redis://[[user]:password@]host[:port][/db] or, as redis-py reads it,
+        unix://[[user]:password@]/path/to/redis.sock[?db=N]"""
         parts = urlsplit(url)
-        if parts.scheme != "redis" or not parts.hostname:
-            raise ValueError(f"unsupported Redis URL {url!r} (want redis://host:port/db)")
-        db = parts.path.lstrip("/")
+        if parts.scheme == "unix" and parts.path:
+            query = parse_qs(parts.query)
+            db = query.get("db", ["0"])[0]
+            host, port, socket_path = "localhost", 0, unquote(parts.path)
+        elif parts.scheme == "redis" and parts.hostname:
+            db = parts.path.lstrip("/")
+            host, port, socket_path = parts.hostname, parts.port or 6379, None
+        else:
+            raise ValueError(
+                f"unsupported Redis URL {url!r} (want redis://host:port/db or "
+                "unix:///path/to/redis.sock?db=N)"
+            )
+        if db and not db.isdigit():
+            raise ValueError(f"Redis URL {url!r}: db {db!r} is not a number")
         return cls(
-            parts.hostname,
-            parts.port or 6379,
+            host,
+            port,
             db=int(db) if db else 0,
             password=unquote(parts.password) if parts.password else None,
             username=unquote(parts.username) if parts.username else None,
             timeout_s=timeout_s,
             retries=retries,
+            socket_path=socket_path,
         )
+
+    @property
+    def address(self) -> str:
+        return self.socket_path or f"{self.host}:{self.port}"
 
     async def _connected(self) -> _Protocol:
         protocol = self._protocol
@@ -173,13 +194,16 @@ class RedisWire:
             if protocol is not None and protocol.lost is None:
                 return protocol
             loop = asyncio.get_running_loop()
+            connect = (
+                loop.create_unix_connection(_Protocol, self.socket_path)
+                if self.socket_path
+                else loop.create_connection(_Protocol, self.host, self.port)
+            )
             try:
-                _, fresh = await asyncio.wait_for(
-                    loop.create_connection(_Protocol, self.host, self.port), self.timeout_s
-                )
+                _, fresh = await asyncio.wait_for(connect, self.timeout_s)
             except (OSError, TimeoutError) as exc:
                 raise RedisConnectionError(
-                    f"cannot connect to Redis at {self.host}:{self.port}: {exc}"
+                    f"cannot connect to Redis at {self.address}: {exc}"
                 ) from exc
             hello: list[Command] = []
             if self.password is not None:

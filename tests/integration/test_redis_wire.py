@@ -164,13 +164,6 @@ async def test_the_url_picks_the_database(redis_url: str):
         await wire.aclose()
 
 
-def test_unsupported_urls_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="unsupported Redis URL"):
-        RedisWire.from_url("rediss://127.0.0.1:6379/0")
-    with pytest.raises(ValueError, match="unsupported Redis URL"):
-        RedisWire.from_url("unix:///tmp/redis.sock")
-
-
 async def test_an_unreachable_server_is_a_connection_error():
     wire = RedisWire.from_url(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(RedisConnectionError, match="cannot connect"):
@@ -198,6 +191,27 @@ def started(argv: list[str], port: int) -> tuple[subprocess.Popen[bytes], redis.
                 break
         time.sleep(0.02)
     return server, admin
+
+
+async def test_a_unix_socket_url_reaches_its_redis_in_its_db(tmp_path):
+    """unix:///path?db=N, as redis-py reads it: the socket, then SELECT N."""
+    socket_path = tmp_path / "redis.sock"
+    argv, port = redis_argv(tmp_path, "--unixsocket", str(socket_path))
+    server, admin = started(argv, port)
+    try:
+        wire = RedisWire.from_url(f"unix://{socket_path}?db=3")
+        try:
+            assert await wire.call("SET", "k", "v") == "OK"
+            value, client = await wire.pipeline([("GET", "k"), ("CLIENT", "INFO")])
+            assert value == "v"
+            assert f" addr={socket_path}:0 " in client  # a socket peer, not host:port
+        finally:
+            await wire.aclose()
+        assert admin.get("k") is None  # db 0
+        assert redis.Redis(port=port, db=3).get("k") == b"v"
+    finally:
+        server.kill()
+        server.wait()
 
 
 async def test_a_login_that_fails_or_never_answers_closes_its_connection(tmp_path):
