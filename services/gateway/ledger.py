@@ -5,7 +5,10 @@ under `<namespace>gw`:
 - `pos:<position_id>`   the position (hash of exact decimal strings);
 - `ledger`              per product: units outstanding, deposits, payouts, fees;
 - `outbox`              OrderEvents not yet acked by Kafka, field = the symbol's version
-                        after the step (zero-padded, so the relay publishes in order);
+                        after the step (zero-padded), value = the event (base64);
+- `outbox:index`        the outbox's fields scored by version: the relay reads the lowest
+                        pending ones a window at a time (a long Kafka outage leaves a
+                        backlog no single read should return), in the order settled;
 - `applied`             `<user>:<client_order_id>` -> request hash + the reply (base64);
 - `meta`                `version` (steps settled on the symbol) and `rev:<product>`
                         (steps settled on the product), ApplyOnceStore's layout.
@@ -50,8 +53,9 @@ OUTBOX = "outbox"
 LEDGER = "ledger"
 KEYS_CACHED = 4096
 
-# KEYS: applied, meta, position, ledger, outbox. ARGV: record id, record, revision field,
-# expected revision, event (base64), the position's units as read ("" = no position),
+# KEYS: applied, meta, position, ledger, outbox, outbox index. ARGV: record id, record,
+# revision field, expected revision, event (base64), the position's units as read ("" =
+# no position),
 # then n + n position field/value pairs, then n + n ledger field/value pairs.
 _SETTLE_LUA = """
 local record = redis.call('HGET', KEYS[1], ARGV[1])
@@ -71,9 +75,34 @@ for k = 3, 4 do
 end
 local version = redis.call('HINCRBY', KEYS[2], 'version', 1)
 redis.call('HSET', KEYS[2], ARGV[3], rev + 1)
-redis.call('HSET', KEYS[5], string.format('%020d', version), ARGV[5])
+local field = string.format('%020d', version)
+redis.call('HSET', KEYS[5], field, ARGV[5])
+redis.call('ZADD', KEYS[6], version, field)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return {1, version}
+"""
+
+# KEYS: the outbox index, the outbox. ARGV: the window. The lowest pending fields, their
+# events and how many are pending. An index that does not match the outbox (an outbox
+# written before the index existed, or entries a relay without the index deleted) is
+# rebuilt from it first: ZCARD and HLEN cost O(1), so the check costs nothing after.
+_OUTBOX_WINDOW_LUA = """
+local pending = redis.call('HLEN', KEYS[2])
+if redis.call('ZCARD', KEYS[1]) ~= pending then
+  redis.call('DEL', KEYS[1])
+  for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
+    redis.call('ZADD', KEYS[1], tonumber(field), field)
+  end
+end
+local fields = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #fields == 0 then return {{}, {}, 0} end
+return {fields, redis.call('HMGET', KEYS[2], unpack(fields)), pending}
+"""
+
+# KEYS: the outbox index, the outbox. ARGV: the fields Kafka acked.
+_OUTBOX_ACKED_LUA = """
+redis.call('HDEL', KEYS[2], unpack(ARGV))
+return redis.call('ZREM', KEYS[1], unpack(ARGV))
 """
 
 # KEYS: the user's orders, the user's positions. ARGV: client_order_id, claim, position
@@ -137,6 +166,8 @@ class Ledger:
         self._nav_key = lru_cache(maxsize=KEYS_CACHED)(partial(key, self.nav_ns))
         self._settle = redis.script(_SETTLE_LUA)
         self._claim = redis.script(_CLAIM_LUA)
+        self._outbox_window = redis.script(_OUTBOX_WINDOW_LUA)
+        self._outbox_acked = redis.script(_OUTBOX_ACKED_LUA)
 
     # ------------------------------------------------------------------ keys
 
@@ -148,6 +179,9 @@ class Ledger:
 
     def outbox_key(self, symbol: str) -> str:
         return self._key(symbol, OUTBOX)
+
+    def outbox_index_key(self, symbol: str) -> str:
+        return self._key(symbol, OUTBOX, "index")
 
     def applied_key(self, symbol: str) -> str:
         return self._key(symbol, "applied")
@@ -256,6 +290,7 @@ class Ledger:
             self.position_key(symbol, pid),
             self.ledger_key(symbol),
             self.outbox_key(symbol),
+            self.outbox_index_key(symbol),
         ]
         args: list[str | int] = [
             record_id,
@@ -279,14 +314,17 @@ class Ledger:
 
     # ------------------------------------------------------------------ outbox
 
-    async def outbox(self, symbol: str) -> list[tuple[str, bytes]]:
-        """Pending events in the order they were settled."""
-        entries = _pairs(await self.redis.call("HGETALL", self.outbox_key(symbol)))
-        return [(field, unb64(entries[field])) for field in sorted(entries)]
+    async def outbox(self, symbol: str, window: int) -> tuple[list[tuple[str, bytes]], int]:
+        """The `window` oldest pending events (field, event) in the order they were
+        settled, and how many are pending in all."""
+        keys = [self.outbox_index_key(symbol), self.outbox_key(symbol)]
+        fields, events, pending = await self._outbox_window(keys=keys, args=[window])
+        return [(f, unb64(e)) for f, e in zip(fields, events, strict=True)], pending
 
     async def acked(self, symbol: str, fields: list[str]) -> None:
         if fields:
-            await self.redis.call("HDEL", self.outbox_key(symbol), *fields)
+            keys = [self.outbox_index_key(symbol), self.outbox_key(symbol)]
+            await self._outbox_acked(keys=keys, args=fields)
 
 
 def ledger_fields(product: str, fields: Mapping[str, str], **deltas: Decimal) -> dict[str, str]:

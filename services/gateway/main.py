@@ -774,6 +774,7 @@ class GatewayServer:
             self.config.instruments,
             settings.outbox_poll_s,
             settings.outbox_linger_s,
+            settings.outbox_window,
         )
         self.feed = StreamFeed(
             settings.kafka_bootstrap,

@@ -8,7 +8,9 @@ order's `event_id` once, so the books see it once. It sweeps when a settle wakes
 every `poll_s` anyway (entries left by a crash, by a failed sweep, or by another
 gateway instance). A woken relay lingers ~20 ms first: under load a sweep then carries
 many orders (one Redis read, one produce request, one delete for all of them) instead of
-one or two.
+one or two. A sweep takes the oldest `window` entries at a time, publishes and deletes
+them, then the next: a backlog a long Kafka outage left is never one Redis reply (and
+never one stall of the event loop every order waits behind).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class OutboxRelay:
         symbols: Iterable[str],
         poll_s: float,
         linger_s: float = 0.0,
+        window: int = 1000,
     ) -> None:
         self.ledger = ledger
         self.sender = BatchSender(producer)
@@ -53,6 +56,7 @@ class OutboxRelay:
         self.symbols = tuple(symbols)
         self.poll_s = poll_s
         self.linger_s = linger_s
+        self.window = window
         self._wake = asyncio.Event()
         self._dirty: set[str] = set()
 
@@ -62,20 +66,25 @@ class OutboxRelay:
         self._wake.set()
 
     async def publish(self, symbol: str) -> list[str]:
-        """Send the symbol's pending events and wait for every ack; returns their fields
-        (not yet deleted: `flush` does both)."""
-        entries = await self.ledger.outbox(symbol)
-        PENDING.labels(symbol).set(len(entries))
+        """Send the symbol's oldest pending events (up to `window`) and wait for every
+        ack; returns their fields (not yet deleted: `flush` does both)."""
+        entries, pending = await self.ledger.outbox(symbol, self.window)
+        PENDING.labels(symbol).set(pending)
         key = symbol.encode()
         await self.sender.send_all((self.topic, key, payload) for _, payload in entries)
         PUBLISHED.labels(symbol).inc(len(entries))
         return [field for field, _ in entries]
 
     async def flush(self, symbol: str) -> int:
-        fields = await self.publish(symbol)
-        await self.ledger.acked(symbol, fields)
-        PENDING.labels(symbol).set(0)
-        return len(fields)
+        """Publish and delete the symbol's pending events, a window at a time."""
+        total = 0
+        while True:
+            fields = await self.publish(symbol)
+            await self.ledger.acked(symbol, fields)
+            total += len(fields)
+            if len(fields) < self.window:
+                PENDING.labels(symbol).set(0)
+                return total
 
     async def sweep(self, symbols: Iterable[str] | None = None) -> int:
         """Flush `symbols` (None: all of them)."""

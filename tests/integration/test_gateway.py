@@ -84,7 +84,7 @@ class Env:
             [
                 k
                 async for k in self.redis.scan_iter(match=f"{self.ns}gw:*")
-                if not k.endswith(":outbox")
+                if not k.endswith((":outbox", ":outbox:index"))
             ]
         )
         return {
@@ -631,6 +631,58 @@ async def test_outbox_republishes_after_a_crash_between_ack_and_delete(quiet_env
     products = products_by_symbol(StrategyConfig())
     assert {order_step(e, products).order_id for e in events} == {opened.order_id}
     assert await env.server.relay.flush("BTC-USDT") == 0
+
+
+def window_relay(env: Env, window: int) -> OutboxRelay:
+    """A relay of `env`'s outbox that reads `window` entries at a time (not running)."""
+    server = env.server
+    return OutboxRelay(
+        server.ledger,
+        server.producer,
+        ORDERS_EVENTS.in_namespace(env.ns).name,
+        StrategyConfig().instruments,
+        poll_s=1.0,
+        window=window,
+    )
+
+
+async def test_a_backlog_goes_out_a_window_at_a_time_oldest_first(quiet_env: Env) -> None:
+    """After a Kafka outage the outbox holds a backlog: read whole, it was one Redis reply
+    every order waited behind. Each read takes the oldest `window`; all go, in order."""
+    env = quiet_env
+    await env.set_nav(PRODUCT, NAV)
+    opened = [await env.open(f"backlog-{i}", "100") for i in range(25)]
+    ledger = env.server.ledger
+    settled = await env.redis.zrange(ledger.outbox_index_key("BTC-USDT"), 0, -1)
+    assert len(settled) == 25
+    relay = window_relay(env, window=10)
+    first = await relay.publish("BTC-USDT")  # published, not yet deleted
+    assert first == sorted(settled)[:10]
+    await ledger.acked("BTC-USDT", first)
+    assert await relay.flush("BTC-USDT") == 15
+    events = await env.events(25)
+    assert [e.opened.event_id for e in events] == [o.order_id for o in opened]
+    assert await env.redis.exists(ledger.outbox_key("BTC-USDT")) == 0
+    assert await env.redis.exists(ledger.outbox_index_key("BTC-USDT")) == 0
+
+
+async def test_an_outbox_from_before_its_index_still_goes_out_whole(quiet_env: Env) -> None:
+    """Entries settled by a gateway that kept no index (or whose index went) are indexed
+    by the first read and published in order; an index entry whose event a relay that
+    keeps no index deleted is dropped, not read as an event."""
+    env = quiet_env
+    ledger = env.server.ledger
+    await env.set_nav(PRODUCT, NAV)
+    opened = [await env.open(f"legacy-{i}", "100") for i in range(4)]
+    index = ledger.outbox_index_key("BTC-USDT")
+    fields = await env.redis.zrange(index, 0, -1)
+    await env.redis.delete(index)  # as an older gateway left it: the outbox alone
+    await env.redis.zadd(index, {fields[0]: int(fields[0])})  # that one is indexed...
+    await env.redis.hdel(ledger.outbox_key("BTC-USDT"), fields[0])  # ...and gone
+    assert await window_relay(env, window=2).flush("BTC-USDT") == 3
+    events = await env.events(3)
+    assert [e.opened.event_id for e in events] == [o.order_id for o in opened[1:]]
+    assert await env.redis.exists(index) == 0
 
 
 async def test_entries_left_in_an_outbox_go_out_while_other_symbols_keep_the_relay_busy(
