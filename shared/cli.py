@@ -539,11 +539,18 @@ def positions(
             )
             console.print(position_detail(one))
             return
-        reply: gateway_pb2.ListPositionsReply = gw.call(
-            gw.stub.ListPositions, gateway_pb2.ListPositionsRequest(include_closed=include_closed)
-        )
-    if reply.positions:
-        held = list(reply.positions)
+        held: list[gateway_pb2.Position] = []
+        token = ""
+        while True:  # every page
+            request = gateway_pb2.ListPositionsRequest(
+                include_closed=include_closed, page_token=token
+            )
+            reply: gateway_pb2.ListPositionsReply = gw.call(gw.stub.ListPositions, request)
+            held.extend(reply.positions)
+            token = reply.next_page_token
+            if not token:
+                break
+    if held:
         show(positions_table(held), lambda: [position_detail(p) for p in held])
     else:
         console.print("no positions" if include_closed else "no open positions")

@@ -52,6 +52,9 @@ from services.gateway.orders import (
     close_units,
     order_amount,
     order_id,
+    page_size,
+    page_start,
+    page_token,
     position_id,
     quote_close,
     quote_open,
@@ -574,15 +577,26 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 
     # ------------------------------------------------------------------ positions
 
-    async def _positions(self, user: str, include_closed: bool) -> list[PositionState]:
-        """The user's positions (open ones only unless `include_closed`), reading only
-        the open ones and those not yet found closed."""
+    async def _positions(
+        self,
+        user: str,
+        include_closed: bool,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> tuple[list[PositionState], str | None]:
+        """The user's positions (open ones only unless `include_closed`) by id: the
+        first `limit` of those after position `after` (None: all), reading only open ones
+        and those not yet found closed; and the last id read, when more remain."""
         index, closed = await self.ledger.user_positions(user)
         entries = sorted(
             (pid, product)
             for pid, product in index.items()
-            if product in self.products and (include_closed or pid not in closed)
+            if product in self.products
+            and (include_closed or pid not in closed)
+            and (after is None or pid > after)
         )
+        more = limit is not None and len(entries) > limit
+        entries = entries[:limit]
         found = await self.ledger.positions([(self.products[p][0], pid) for pid, p in entries])
         positions = [
             PositionState.from_fields(fields)
@@ -592,7 +606,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         await self.ledger.remember_closed(
             user, [p.position_id for p in positions if p.units == 0 and p.position_id not in closed]
         )
-        return [p for p in positions if include_closed or p.units > 0]
+        listed = [p for p in positions if include_closed or p.units > 0]
+        return listed, entries[-1][0] if more else None
 
     async def _position(self, user: str, symbol: str, pid: str) -> PositionState | None:
         """The user's position as stored (None: no such position, or another user's)."""
@@ -621,10 +636,15 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.ListPositionsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListPositionsReply:
         async def work(user: str) -> gateway_pb2.ListPositionsReply:
-            positions = await self._positions(user, request.include_closed)
+            everything = request.include_closed
+            after = page_start(request.page_token, everything)
+            positions, last = await self._positions(
+                user, everything, after, page_size(request.page_size)
+            )
             navs = await self._navs({p.product for p in positions})
             return gateway_pb2.ListPositionsReply(
-                positions=[p.to_proto(navs[p.product]) for p in positions]
+                positions=[p.to_proto(navs[p.product]) for p in positions],
+                next_page_token="" if last is None else page_token(everything, last),
             )
 
         return await self._answer("ListPositions", request, context, work)
@@ -707,7 +727,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         """Every position the stream shows or should show, read again (with the NAVs);
         those it does not hold as they are now are shown (all of them, for the first
         snapshot). `held` and `navs` are updated in place."""
-        current = {p.position_id: p for p in await self._positions(user, include_closed)}
+        listed, _ = await self._positions(user, include_closed)
+        current = {p.position_id: p for p in listed}
         for pid, position in held.items():
             if pid not in current:  # closed since: a listing of open ones leaves it out
                 again = await self._position(user, self.products[position.product][0], pid)

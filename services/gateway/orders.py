@@ -97,6 +97,38 @@ def close_units(text: str, close_all: bool, limits: Limits) -> Decimal | None:
     return decimal_arg(text, "units", limits.units_decimals)
 
 
+PAGE_SIZE = 100  # positions per ListPositions page when the request names none
+MAX_PAGE_SIZE = 1000
+
+
+def page_size(requested: int) -> int:
+    """A request's page size: 0 is the default, above the maximum is the maximum."""
+    if requested < 0:
+        raise invalid(f"page_size: must be 0 (the default) or more, got {requested}")
+    return min(requested or PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def page_token(include_closed: bool, last: str) -> str:
+    """Where the page after the one ending at position `last` starts (opaque to clients)."""
+    return f"{'all' if include_closed else 'open'}.{last}"
+
+
+def page_start(token: str, include_closed: bool) -> str | None:
+    """The position id a page starts after (None: the first page), from `page_token`."""
+    if not token:
+        return None
+    kind, _, last = token.partition(".")
+    if kind not in {"all", "open"} or not POSITION_ID.fullmatch(last):
+        shown = token if len(token) <= 80 else token[:80] + "..."
+        raise invalid(f"page_token: {shown!r} is not a token from a ListPositions reply")
+    if (kind == "all") != include_closed:
+        raise invalid(
+            f"page_token: it continues a listing with include_closed={kind == 'all'}, "
+            f"not {include_closed}"
+        )
+    return last
+
+
 def canonical(value: Decimal) -> str:
     """One text per number ("100" == "100.00"), for request hashes."""
     return format(value.normalize(), "f") if value else "0"

@@ -332,6 +332,65 @@ async def test_listing_open_positions_skips_those_found_closed_before(env: Env) 
     stream.cancel()
 
 
+async def list_pages(
+    env: Env, include_closed: bool, size: int
+) -> list[gateway_pb2.ListPositionsReply]:
+    """Every page of Alice's listing, following next_page_token."""
+    pages, token = [], ""
+    while True:
+        request = gateway_pb2.ListPositionsRequest(
+            include_closed=include_closed, page_size=size, page_token=token
+        )
+        pages.append(await env.stub.ListPositions(request, metadata=ALICE))
+        token = pages[-1].next_page_token
+        if not token:
+            return pages
+
+
+async def test_listings_come_in_pages_that_cover_every_position_once(env: Env) -> None:
+    """A heavy trader's history no longer has to fit one reply: pages of page_size by
+    position id, each naming where the next starts, every position on exactly one."""
+    await env.set_nav(PRODUCT, NAV)
+    opened = [await env.open(f"paged-{n}", "100") for n in range(7)]
+    for n, position in enumerate(opened[:2]):
+        await env.stub.ClosePosition(
+            gateway_pb2.ClosePositionRequest(
+                client_order_id=f"paged-close-{n}", position_id=position.position_id, all=True
+            ),
+            metadata=ALICE,
+        )
+    every = sorted(o.position_id for o in opened)
+    pages = await list_pages(env, include_closed=True, size=3)
+    assert [len(p.positions) for p in pages] == [3, 3, 1]
+    assert [q.position_id for p in pages for q in p.positions] == every
+    held = sorted(o.position_id for o in opened[2:])
+    pages = await list_pages(env, include_closed=False, size=2)
+    assert [q.position_id for p in pages for q in p.positions] == held
+    assert all(len(p.positions) <= 2 for p in pages)
+    whole = await env.stub.ListPositions(gateway_pb2.ListPositionsRequest(), metadata=ALICE)
+    assert [p.position_id for p in whole.positions] == held  # 0: the default page of 100
+    assert whole.next_page_token == ""
+
+
+@pytest.mark.parametrize(
+    ("request_", "says"),
+    [
+        (gateway_pb2.ListPositionsRequest(page_size=-1), "page_size: must be 0"),
+        (gateway_pb2.ListPositionsRequest(page_token="not-a-token"), "not a token"),
+        (gateway_pb2.ListPositionsRequest(page_token="open." + "g" * 32), "not a token"),
+        (
+            gateway_pb2.ListPositionsRequest(include_closed=True, page_token="open." + "a" * 32),
+            "include_closed=False, not True",
+        ),
+    ],
+)
+async def test_a_bad_page_request_is_refused_saying_why(
+    env: Env, request_: gateway_pb2.ListPositionsRequest, says: str
+) -> None:
+    got, details = await _code(env.stub.ListPositions(request_, metadata=ALICE))
+    assert got is grpc.StatusCode.INVALID_ARGUMENT and says in details, details
+
+
 async def test_a_position_stream_skips_late_events_of_positions_closed_before_it(
     env: Env,
 ) -> None:

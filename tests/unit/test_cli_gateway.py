@@ -27,6 +27,7 @@ from shared.cli import app
 KEY = "test-key"
 ROOT = Path(__file__).resolve().parents[2]
 POSITION = "0123456789abcdef0123456789abcdef"
+LATER_POSITION = "fedcba9876543210fedcba9876543210"  # on the listing's second page
 PRODUCTS = [
     gateway_pb2.Product(
         product="BTC-USDT:LONG",
@@ -125,8 +126,13 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
     def ListPositions(
         self, request: gateway_pb2.ListPositionsRequest, context: grpc.ServicerContext
     ) -> gateway_pb2.ListPositionsReply:
+        """Two pages: POSITION, then LATER_POSITION."""
         self._auth(context)
-        self.requests["list"] = request
+        self.requests.setdefault("list", [])
+        self.requests["list"].append(request)  # type: ignore[attr-defined]
+        if request.page_token == "page-2":
+            later = gateway_pb2.Position(position_id=LATER_POSITION, product="ETH-USDT:SHORT")
+            return gateway_pb2.ListPositionsReply(positions=[later])
         position = gateway_pb2.Position(
             position_id=POSITION,
             product="BTC-USDT:LONG",
@@ -142,7 +148,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
             fees="1.00000000",
             open=True,
         )
-        return gateway_pb2.ListPositionsReply(positions=[position])
+        return gateway_pb2.ListPositionsReply(positions=[position], next_page_token="page-2")
 
     def GetPosition(
         self, request: gateway_pb2.GetPositionRequest, context: grpc.ServicerContext
@@ -294,8 +300,11 @@ def test_close_all_and_partial(cli: CliRunner, fake: tuple[FakeGateway, str]) ->
 def test_positions_table(cli: CliRunner, fake: tuple[FakeGateway, str]) -> None:
     result = cli.invoke(app, ["positions", "--all"])
     assert result.exit_code == 0, result.output
-    assert fake[0].requests["list"] == gateway_pb2.ListPositionsRequest(include_closed=True)
-    for text in (POSITION, "9.67554479", "6.25665816", "open"):
+    assert fake[0].requests["list"] == [  # every page, each asked with the listing's flag
+        gateway_pb2.ListPositionsRequest(include_closed=True),
+        gateway_pb2.ListPositionsRequest(include_closed=True, page_token="page-2"),
+    ]
+    for text in (POSITION, "9.67554479", "6.25665816", "open", LATER_POSITION):
         assert text in result.stdout
 
 

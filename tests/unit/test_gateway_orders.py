@@ -13,6 +13,8 @@ from smartlev.v1 import orders_pb2
 
 from services.gateway.config import GatewaySettings
 from services.gateway.orders import (
+    MAX_PAGE_SIZE,
+    PAGE_SIZE,
     Limits,
     Rejected,
     canonical,
@@ -20,6 +22,9 @@ from services.gateway.orders import (
     close_units,
     order_amount,
     order_id,
+    page_size,
+    page_start,
+    page_token,
     position_id,
     quote_close,
     quote_open,
@@ -208,3 +213,18 @@ def test_the_transport_must_take_what_the_gateway_checks() -> None:
     says = r"transport_max_bytes \(4096\) must be at least max_message_bytes \(8192\)"
     with pytest.raises(ValidationError, match=says):
         GatewaySettings(max_message_bytes=8192, transport_max_bytes=4096)
+
+
+def test_page_sizes_default_and_cap() -> None:
+    assert page_size(0) == PAGE_SIZE
+    assert page_size(7) == 7
+    assert page_size(MAX_PAGE_SIZE + 1) == MAX_PAGE_SIZE
+    assert _rejected(page_size, -1).code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@given(include_closed=st.booleans(), last=st.text("0123456789abcdef", min_size=32, max_size=32))
+def test_a_page_token_names_where_the_next_page_starts(include_closed: bool, last: str) -> None:
+    token = page_token(include_closed, last)
+    assert page_start(token, include_closed) == last
+    assert _rejected(page_start, token, not include_closed).code is grpc.StatusCode.INVALID_ARGUMENT
+    assert page_start("", include_closed) is None
