@@ -84,19 +84,31 @@ return {1, version}
 
 # KEYS: the outbox index, the outbox. ARGV: the window. The lowest pending fields, their
 # events and how many are pending. An index that does not match the outbox (an outbox
-# written before the index existed, or entries a relay without the index deleted) is
-# rebuilt from it first: ZCARD and HLEN cost O(1), so the check costs nothing after.
+# written before the index existed, entries a relay without the index deleted, or both
+# at once) is rebuilt from it: found by the counts (O(1) to compare) or by an indexed
+# entry with no event, then read again.
 _OUTBOX_WINDOW_LUA = """
-local pending = redis.call('HLEN', KEYS[2])
-if redis.call('ZCARD', KEYS[1]) ~= pending then
+local function rebuild()
   redis.call('DEL', KEYS[1])
   for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
     redis.call('ZADD', KEYS[1], tonumber(field), field)
   end
 end
+local pending = redis.call('HLEN', KEYS[2])
+if redis.call('ZCARD', KEYS[1]) ~= pending then rebuild() end
 local fields = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 if #fields == 0 then return {{}, {}, 0} end
-return {fields, redis.call('HMGET', KEYS[2], unpack(fields)), pending}
+local events = redis.call('HMGET', KEYS[2], unpack(fields))
+for i = 1, #fields do
+  if not events[i] then
+    rebuild()
+    fields = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+    if #fields == 0 then return {{}, {}, 0} end
+    events = redis.call('HMGET', KEYS[2], unpack(fields))
+    break
+  end
+end
+return {fields, events, pending}
 """
 
 # KEYS: the outbox index, the outbox. ARGV: the fields Kafka acked.

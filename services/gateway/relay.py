@@ -108,6 +108,8 @@ class OutboxRelay:
                 await self.sweep(None if full else dirty)
             except (KafkaError, RedisError, OSError) as exc:
                 log.warning("outbox_sweep_failed", error=f"{type(exc).__name__}: {exc}")
+            except Exception:  # a bug: logged, and the other symbols still go out
+                log.exception("outbox_sweep_crashed")
             until_full = self.poll_s - (time.monotonic() - full_at)
             try:
                 await asyncio.wait_for(self._wake.wait(), max(until_full, 0))

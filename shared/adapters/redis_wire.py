@@ -154,12 +154,12 @@ class RedisWire:
         """redis://[[user]:password@]host[:port][/db] or, as redis-py reads it,
         unix://[[user]:password@]/path/to/redis.sock[?db=N]"""
         parts = urlsplit(url)
+        in_query = parse_qs(parts.query).get("db", [""])[0]  # redis-py: the query wins
         if parts.scheme == "unix" and parts.path:
-            query = parse_qs(parts.query)
-            db = query.get("db", ["0"])[0]
+            db = in_query
             host, port, socket_path = "localhost", 0, unquote(parts.path)
         elif parts.scheme == "redis" and parts.hostname:
-            db = parts.path.lstrip("/")
+            db = in_query or parts.path.lstrip("/")
             host, port, socket_path = parts.hostname, parts.port or 6379, None
         else:
             raise ValueError(

@@ -9,8 +9,10 @@ import contextlib
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
@@ -195,7 +197,9 @@ def started(argv: list[str], port: int) -> tuple[subprocess.Popen[bytes], redis.
 
 async def test_a_unix_socket_url_reaches_its_redis_in_its_db(tmp_path):
     """unix:///path?db=N, as redis-py reads it: the socket, then SELECT N."""
-    socket_path = tmp_path / "redis.sock"
+    # A socket's path holds 107 bytes at most, less than a long TMPDIR leaves.
+    short_dir = Path(tempfile.mkdtemp(prefix="wire", dir="/tmp"))
+    socket_path = short_dir / "redis.sock"
     argv, port = redis_argv(tmp_path, "--unixsocket", str(socket_path))
     server, admin = started(argv, port)
     try:
@@ -208,10 +212,12 @@ async def test_a_unix_socket_url_reaches_its_redis_in_its_db(tmp_path):
         finally:
             await wire.aclose()
         assert admin.get("k") is None  # db 0
-        assert redis.Redis(port=port, db=3).get("k") == b"v"
+        with redis.Redis(port=port, db=3) as db3:
+            assert db3.get("k") == b"v"
     finally:
         server.kill()
         server.wait()
+        shutil.rmtree(short_dir, ignore_errors=True)
 
 
 async def test_a_login_that_fails_or_never_answers_closes_its_connection(tmp_path):

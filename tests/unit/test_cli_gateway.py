@@ -298,6 +298,7 @@ def test_close_all_and_partial(cli: CliRunner, fake: tuple[FakeGateway, str]) ->
 
 
 def test_positions_table(cli: CliRunner, fake: tuple[FakeGateway, str]) -> None:
+    fake[0].requests.pop("list", None)  # the fake serves the whole module
     result = cli.invoke(app, ["positions", "--all"])
     assert result.exit_code == 0, result.output
     assert fake[0].requests["list"] == [  # every page, each asked with the listing's flag

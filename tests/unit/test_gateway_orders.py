@@ -13,8 +13,6 @@ from smartlev.v1 import orders_pb2
 
 from services.gateway.config import GatewaySettings
 from services.gateway.orders import (
-    MAX_PAGE_SIZE,
-    PAGE_SIZE,
     Limits,
     Rejected,
     canonical,
@@ -216,9 +214,11 @@ def test_the_transport_must_take_what_the_gateway_checks() -> None:
 
 
 def test_page_sizes_default_and_cap() -> None:
-    assert page_size(0) == PAGE_SIZE
+    """As gateway.proto documents them: 0 is 100, above 1000 is 1000."""
+    assert page_size(0) == 100
     assert page_size(7) == 7
-    assert page_size(MAX_PAGE_SIZE + 1) == MAX_PAGE_SIZE
+    assert page_size(1000) == 1000
+    assert page_size(1001) == page_size(2**31 - 1) == 1000
     assert _rejected(page_size, -1).code is grpc.StatusCode.INVALID_ARGUMENT
 
 

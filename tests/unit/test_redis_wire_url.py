@@ -13,6 +13,12 @@ def test_a_tcp_url_names_host_port_db_and_login() -> None:
     assert (wire.host, wire.port, wire.db, wire.socket_path) == ("cache", 6380, 2, None)
     assert (wire.username, wire.password) == ("bob", "s@cret")
     assert wire.address == "cache:6380"
+    assert RedisWire.from_url("redis://cache").port == 6379
+
+
+def test_a_db_in_the_query_wins_over_the_path_as_in_redis_py() -> None:
+    assert RedisWire.from_url("redis://cache:6379?db=2").db == 2
+    assert RedisWire.from_url("redis://cache:6379/1?db=2").db == 2
 
 
 def test_a_unix_url_names_the_socket_and_its_db() -> None:
