@@ -54,8 +54,9 @@ class IngestionMetrics:
         )
         self.flagged = Counter(
             "smartlev_ingestion_flagged_jumps_total",
-            "ticks published although they moved more than max_jump from the last tick",
-            ["symbol"],
+            "ticks published although their price (or mark) moved more than max_jump from "
+            "the last one",
+            ["symbol", "of"],
             registry=registry,
         )
         self.staleness = Gauge(
@@ -148,17 +149,19 @@ class Ingestor:
         message = self._message(verdict)
         future = self.producer.send(self.topic, key=symbol, value=message)
         self._pending.append((future, time.perf_counter(), verdict))
-        if verdict.jump is not None:
-            self.stats.flagged += 1
-            self.metrics.flagged.labels(symbol).inc()
-            self.log.warning(
-                "jump_flagged",
-                symbol=symbol,
-                seq=verdict.seq,
-                ts_ns=event.ts_ns,
-                move=f"{verdict.jump:.4f}",
-                max_jump=self.policy.max_jump,
-            )
+        for of, move in (("price", verdict.jump), ("mark", verdict.mark_jump)):
+            if move is not None:
+                self.stats.flagged += 1
+                self.metrics.flagged.labels(symbol, of).inc()
+                self.log.warning(
+                    "jump_flagged",
+                    symbol=symbol,
+                    of=of,
+                    seq=verdict.seq,
+                    ts_ns=event.ts_ns,
+                    move=f"{move:.4f}",
+                    max_jump=self.policy.max_jump,
+                )
         return verdict
 
     def _message(self, accepted: Accepted) -> market_pb2.MarketEvent:

@@ -1,7 +1,8 @@
 """Where ingestion keeps its per-symbol state: Redis, with Kafka as the tie-breaker.
 
 Redis hash `<namespace>ingest:{<symbol>}` (the symbol is the cluster hash tag) holds the
-last published `seq`, the order key of the last accepted event and the last tick price.
+last published `seq`, the order key of the last accepted event and the last tick price and
+mark.
 The service records it only after the broker acknowledged every event up to that seq
 (output before state), with one Lua script that checks the seq it read is still there
 and moves it forward (allocation and the last tick change together, or not at all; a
@@ -51,9 +52,14 @@ def state_key(namespace: str, symbol: str) -> str:
 def _state_from_hash(fields: dict[str, str]) -> SymbolState:
     if not fields.get("seq"):
         return EMPTY
-    price = fields.get("price") or None
+    price, mark = fields.get("price"), fields.get("mark")
     last_key = (int(fields["ts_ns"]), int(fields["rank"])) if fields.get("ts_ns") else None
-    return SymbolState(int(fields["seq"]), last_key, Decimal(price) if price else None)
+    return SymbolState(
+        int(fields["seq"]),
+        last_key,
+        Decimal(price) if price else None,
+        Decimal(mark) if mark else None,
+    )
 
 
 class SeqStore:
@@ -85,6 +91,8 @@ class SeqStore:
             fields += ["ts_ns", state.last_key[0], "rank", state.last_key[1]]
         if state.last_price is not None:
             fields += ["price", codec.decimal_to_wire(state.last_price, name="price")]
+        if state.last_mark is not None:
+            fields += ["mark", codec.decimal_to_wire(state.last_mark, name="mark")]
         ok, current = self._record(
             keys=[state_key(self.namespace, symbol)], args=[expected_seq, state.seq, *fields]
         )
@@ -97,7 +105,9 @@ class SeqStore:
 
 def topic_recovery(bootstrap: str, topic: str, chunk: int = 1000) -> Recover:
     """A `Recover` that reads the symbol's partition of `topic` backwards, `chunk`
-    messages at a time, for its last event (seq, order key) and last tick (price)."""
+    messages at a time, for its last event (seq, order key) and last tick (price, and its
+    mark when it carries one: a mark further back is not looked for, so the first mark
+    after a recovery from the topic is not judged for a jump)."""
 
     def recover(symbol: str) -> SymbolState | None:
         consumer = KafkaConsumer(
@@ -165,6 +175,8 @@ def _sound(event: market_pb2.MarketEvent) -> bool:
     try:
         if which == "tick" and codec.decimal_from_wire(inner.price) <= 0:
             return False
+        if which == "tick" and inner.mark_price and codec.decimal_from_wire(inner.mark_price) <= 0:
+            return False
         if which == "funding":
             codec.decimal_from_wire(inner.rate)
     except codec.DecodeError:
@@ -178,8 +190,12 @@ def _state_from_events(
     which = last.WhichOneof("event")
     inner = getattr(last, which)
     rank = TICK_RANK if which == "tick" else FUNDING_RANK
-    price = codec.decimal_from_wire(last_tick.tick.price) if last_tick is not None else None
-    return SymbolState(int(inner.seq), (int(inner.ts_event_ns), rank), price)
+    if last_tick is None:
+        return SymbolState(int(inner.seq), (int(inner.ts_event_ns), rank))
+    tick = last_tick.tick
+    mark = codec.decimal_from_wire(tick.mark_price) if tick.mark_price else None
+    price = codec.decimal_from_wire(tick.price)
+    return SymbolState(int(inner.seq), (int(inner.ts_event_ns), rank), price, mark)
 
 
 def _text(value: object) -> str:

@@ -16,7 +16,9 @@
   tick's price is PUBLISHED and flagged, not refused. Real markets gap (the March 2020
   crash, exchange outages) and those are exactly the moves the emergency deleverage
   exists for; refusing them would also freeze the feed, since every later tick would be
-  judged against a stale price. The service counts and logs each flagged jump.
+  judged against a stale price. The service counts and logs each flagged jump. A tick's
+  mark is judged the same way against the last mark accepted (the risk rules watch the
+  mark, so its gaps matter as much as the trade's).
 
 A refused event leaves the state unchanged and consumes no seq, so published seqs are
 1, 2, 3, ... with no holes.
@@ -64,11 +66,13 @@ class Policy:
 @dataclass(frozen=True, slots=True)
 class SymbolState:
     """What ingestion remembers per symbol: last seq, last accepted order key, last
-    accepted tick price (the jump reference). Persisted in Redis by the service."""
+    accepted tick price and mark (the jump references). Persisted in Redis by the
+    service."""
 
     seq: int = 0
     last_key: OrderKey | None = None
     last_price: Decimal | None = None
+    last_mark: Decimal | None = None
 
 
 EMPTY = SymbolState()
@@ -79,6 +83,7 @@ class Accepted:
     seq: int
     event: MarketValue
     jump: Decimal | None = None  # set when the move from the last tick exceeds max_jump
+    mark_jump: Decimal | None = None  # the same for the tick's mark against the last mark
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +155,17 @@ def admit(state: SymbolState, event: object, policy: Policy) -> tuple[SymbolStat
         )
     seq = state.seq + 1
     if isinstance(event, FundingRate):
-        return SymbolState(seq, key, state.last_price), Accepted(seq, event)
-    jump = None
-    if state.last_price is not None:
-        move = abs(event.price / state.last_price - 1)
-        if move > policy.max_jump:
-            jump = move
-    return SymbolState(seq, key, event.price), Accepted(seq, event, jump)
+        return SymbolState(seq, key, state.last_price, state.last_mark), Accepted(seq, event)
+    mark = event.mark_price
+    jump = _jump(state.last_price, event.price, policy)
+    mark_jump = None if mark is None else _jump(state.last_mark, mark, policy)
+    after = SymbolState(seq, key, event.price, state.last_mark if mark is None else mark)
+    return after, Accepted(seq, event, jump, mark_jump)
+
+
+def _jump(last: Decimal | None, now: Decimal, policy: Policy) -> Decimal | None:
+    """The relative move from `last` to `now` when it exceeds `max_jump`, else None."""
+    if last is None:
+        return None
+    move = abs(now / last - 1)
+    return move if move > policy.max_jump else None

@@ -194,17 +194,39 @@ def test_bad_ticks_are_dead_lettered_with_reasons_and_the_stream_goes_on(
     assert b'"price": "NaN"' in letters[3].payload
 
 
+def test_jumps_of_the_price_and_of_the_mark_are_published_and_counted_apart(
+    settings: IngestionSettings,
+) -> None:
+    ticks = [
+        Tick(SYMBOL, START + 1, Decimal("100"), Decimal("100")),
+        Tick(SYMBOL, START + 2, Decimal("140"), Decimal("101")),  # the trade jumped
+        Tick(SYMBOL, START + 3, Decimal("139")),
+        Tick(SYMBOL, START + 4, Decimal("138"), Decimal("150")),  # the mark jumped
+    ]
+    registry = CollectorRegistry()
+    parts = build_ingestor(settings, IngestionMetrics(registry))
+    try:
+        summary = run_finite(parts[0], SYMBOL, ticks, speed=None, batch_size=2)
+    finally:
+        close(parts)
+    assert (summary.published, summary.flagged) == (4, 2)
+    for of in ("price", "mark"):
+        labels = {"symbol": SYMBOL, "of": of}
+        assert registry.get_sample_value("smartlev_ingestion_flagged_jumps_total", labels) == 1
+
+
 def test_a_lost_redis_record_is_recovered_from_the_topic_without_reusing_seqs(
     settings: IngestionSettings, redis_client: redis.Redis
 ) -> None:
-    ticks = [Tick(SYMBOL, START + i, Decimal(100 + i)) for i in range(1, 31)]
+    marked = {i: Decimal(99 + i) for i in range(2, 31, 2)}  # a mark on every other tick
+    ticks = [Tick(SYMBOL, START + i, Decimal(100 + i), marked.get(i)) for i in range(1, 31)]
     parts = ingestor(settings)
     try:
         run_finite(parts[0], SYMBOL, ticks[:20], speed=None, batch_size=7)
     finally:
         close(parts)
     key = state_key(settings.namespace, SYMBOL)
-    assert redis_client.hget(key, "seq") == "20"
+    assert redis_client.hmget(key, "seq", "price", "mark") == ["20", "120", "119"]
     redis_client.delete(key)  # as if the process died between the ack and the record
     topic = MARKET_TICKS.in_namespace(settings.namespace).name
     # In the symbol's partition, keyed by another symbol (the stages dead-letter it): a
@@ -223,7 +245,8 @@ def test_a_lost_redis_record_is_recovered_from_the_topic_without_reusing_seqs(
         producer.close()
     parts = ingestor(settings)
     try:
-        assert parts[0].state(SYMBOL) == SymbolState(20, (START + 20, 1), Decimal(120))
+        recovered = SymbolState(20, (START + 20, 1), Decimal(120), Decimal(119))
+        assert parts[0].state(SYMBOL) == recovered  # the last tick's mark, the jump reference
         summary = run_finite(parts[0], SYMBOL, ticks, speed=None, batch_size=7)
         assert (summary.skipped, summary.published) == (20, 10)
         with pytest.raises(SeqConflict):  # a second writer cannot fork the sequence

@@ -99,10 +99,25 @@ def test_a_jump_beyond_max_is_published_and_flagged() -> None:
     assert verdicts[1] == Accepted(2, tick(T0 + 1, Decimal("69")), Decimal("0.31"))
 
 
+def test_a_mark_jump_is_flagged_against_the_last_mark_not_the_last_tick() -> None:
+    """Marks come with some ticks only (hourly in the replays): each is judged against
+    the last mark accepted, however many ticks without one came between."""
+    events = [
+        tick(T0, Decimal("100"), mark=Decimal("100")),
+        tick(T0 + 1, Decimal("100")),  # no mark: the reference stays 100
+        tick(T0 + 2, Decimal("101"), mark=Decimal("60")),  # the trade held, the mark fell
+        tick(T0 + 3, Decimal("101"), mark=Decimal("61")),
+    ]
+    state, verdicts = run(events)
+    assert [v.mark_jump for v in verdicts] == [None, None, Decimal("0.4"), None]  # type: ignore[union-attr]
+    assert [v.jump for v in verdicts] == [None] * 4  # type: ignore[union-attr]
+    assert state.last_mark == Decimal("61") and state.last_price == Decimal("101")
+
+
 def test_funding_keeps_the_jump_reference() -> None:
     funding = FundingRate("BTC-USDT", T0 + 1, Decimal("-0.0002"))
-    state, _ = run([tick(T0), funding])
-    assert state.last_price == Decimal("100") and state.seq == 2
+    state, _ = run([tick(T0, mark=Decimal("99")), funding])
+    assert (state.last_price, state.last_mark, state.seq) == (Decimal("100"), Decimal("99"), 2)
 
 
 @st.composite
