@@ -107,8 +107,8 @@ def _latency(rpc: str) -> Histogram:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One settled order: the reply, the position after it, the product's ledger
-    entries after it and the event for orders.events."""
+    """One settled order: the reply, the position's and the product's ledger entries'
+    fields after it (wire text, as stored) and the event for orders.events."""
 
     reply: Message
     position: dict[str, str]

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from uuid import uuid4
 
@@ -730,41 +730,42 @@ async def test_a_backlog_goes_out_a_window_at_a_time_oldest_first(quiet_env: Env
     assert await env.redis.exists(ledger.outbox_index_key("BTC-USDT")) == 0
 
 
-async def test_an_outbox_from_before_its_index_still_goes_out_whole(quiet_env: Env) -> None:
-    """Entries settled by a gateway that kept no index (or whose index went) are indexed
-    by the first read and published in order; an index entry whose event a relay that
-    keeps no index deleted is dropped, not read as an event."""
-    env = quiet_env
-    ledger = env.server.ledger
-    await env.set_nav(PRODUCT, NAV)
-    opened = [await env.open(f"legacy-{i}", "100") for i in range(4)]
-    index = ledger.outbox_index_key("BTC-USDT")
-    fields = await env.redis.zrange(index, 0, -1)
-    await env.redis.delete(index)  # as an older gateway left it: the outbox alone
-    await env.redis.zadd(index, {fields[0]: int(fields[0])})  # that one is indexed...
-    await env.redis.hdel(ledger.outbox_key("BTC-USDT"), fields[0])  # ...and gone
-    assert await window_relay(env, window=2).flush("BTC-USDT") == 3
-    events = await env.events(3)
-    assert [e.opened.event_id for e in events] == [o.order_id for o in opened[1:]]
-    assert await env.redis.exists(index) == 0
+async def older_gateway_left_the_outbox_alone(redis: Redis, index: str, outbox: str) -> None:
+    """An outbox from before its index; the one entry indexed lost its event."""
+    fields = await redis.zrange(index, 0, -1)
+    await redis.delete(index)
+    await redis.zadd(index, {fields[0]: int(fields[0])})
+    await redis.hdel(outbox, fields[0])
 
 
-async def test_an_index_as_long_as_its_outbox_but_not_matching_it_is_rebuilt(
+async def rolling_deploy_with_equal_counts(redis: Redis, index: str, outbox: str) -> None:
+    """An older relay deleted an indexed entry's event and an older gateway settled an
+    entry it did not index: the counts agree, the contents do not."""
+    fields = await redis.zrange(index, 0, -1)
+    await redis.hdel(outbox, fields[0])
+    await redis.zrem(index, fields[1])
+    assert await redis.zcard(index) == await redis.hlen(outbox)
+
+
+@pytest.mark.parametrize(
+    ("settled", "window", "tamper"),
+    [(4, 2, older_gateway_left_the_outbox_alone), (3, 1, rolling_deploy_with_equal_counts)],
+)
+async def test_an_index_that_does_not_match_its_outbox_is_rebuilt_from_it(
     quiet_env: Env,
+    settled: int,
+    window: int,
+    tamper: Callable[[Redis, str, str], Awaitable[None]],
 ) -> None:
-    """A rolling deploy: an older relay deleted an indexed entry's event and an older
-    gateway settled an entry it did not index; the counts agree, the contents do not."""
+    """Every event still in the outbox goes out, in order; none whose event is gone."""
     env = quiet_env
     ledger = env.server.ledger
     await env.set_nav(PRODUCT, NAV)
-    opened = [await env.open(f"rolling-{i}", "100") for i in range(3)]
+    opened = [await env.open(f"tampered-{i}", "100") for i in range(settled)]
     index = ledger.outbox_index_key("BTC-USDT")
-    fields = await env.redis.zrange(index, 0, -1)
-    await env.redis.hdel(ledger.outbox_key("BTC-USDT"), fields[0])  # its event went
-    await env.redis.zrem(index, fields[1])  # settled unindexed
-    assert await env.redis.zcard(index) == await env.redis.hlen(ledger.outbox_key("BTC-USDT"))
-    assert await window_relay(env, window=1).flush("BTC-USDT") == 2
-    events = await env.events(2)
+    await tamper(env.redis, index, ledger.outbox_key("BTC-USDT"))
+    assert await window_relay(env, window=window).flush("BTC-USDT") == settled - 1
+    events = await env.events(settled - 1)
     assert [e.opened.event_id for e in events] == [o.order_id for o in opened[1:]]
     assert await env.redis.exists(index) == 0
 
