@@ -23,9 +23,10 @@ unchanged position.
 Per user (hash tag `{user:<user>}`): `orders` (client_order_id -> request hash and
 symbol, set once: a reused id for another request or symbol is caught before the
 symbol's step), `positions` (position_id -> product: the user's index, and the ownership
-check) and `closed` (ids a listing found closed, so the next listing of open positions
-skips them: a user's history grows, the positions held do not). `_CLAIM_LUA` writes the
-index only for the request holding the claim. The position id is derived from (user,
+check), `ids` (the same ids in a sorted set, so a listing reads one page of them) and
+`closed` (ids a listing found closed, so the next listing of open positions skips them: a
+user's history grows, the positions held do not). `_CLAIM_LUA` writes the index and the
+ids only for the request holding the claim. The position id is derived from (user,
 client_order_id), so a retry after a crash between the claim and the step finds both and
 settles.
 A claim is written only once the order validated against what it read, so an order
@@ -117,13 +118,58 @@ redis.call('HDEL', KEYS[2], unpack(ARGV))
 return redis.call('ZREM', KEYS[1], unpack(ARGV))
 """
 
-# KEYS: the user's orders, the user's positions. ARGV: client_order_id, claim, position
-# id, product. Returns the claim that stands.
+# KEYS: the user's orders, positions and position ids. ARGV: client_order_id, claim,
+# position id, product. Returns the claim that stands.
 _CLAIM_LUA = """
 redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current == ARGV[2] then redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) end
+if current == ARGV[2] then
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+  redis.call('ZADD', KEYS[3], 0, ARGV[3])
+end
 return current
+"""
+
+# KEYS: the user's positions (id -> product), position ids (a sorted set, by id) and the
+# ids found closed. ARGV: the id the page starts after ("": the first page), the page's
+# size, "1" to leave out the ids found closed. Returns id, product, id, product, ... and
+# last where the next page starts ("": no more). One id past the page is looked for, so
+# the last page says so; at most 10 x size ids are looked at (a long run of closed ones
+# ends a page early, the token then naming the last looked at). Ids that do not match
+# the index (an index from before the ids existed) are rebuilt from it first.
+_POSITION_PAGE_LUA = """
+if redis.call('ZCARD', KEYS[2]) ~= redis.call('HLEN', KEYS[1]) then
+  redis.call('DEL', KEYS[2])
+  for _, pid in ipairs(redis.call('HKEYS', KEYS[1])) do redis.call('ZADD', KEYS[2], 0, pid) end
+end
+local size, open_only = tonumber(ARGV[2]), ARGV[3] == '1'
+local page, last, looked = {}, ARGV[1], 0
+while #page <= size and looked < 10 * size do
+  local start = last == '' and '-' or '(' .. last
+  local ids = redis.call('ZRANGEBYLEX', KEYS[2], start, '+', 'LIMIT', 0, size + 1 - #page)
+  if #ids == 0 then break end
+  for _, pid in ipairs(ids) do
+    if not open_only or redis.call('SISMEMBER', KEYS[3], pid) == 0 then
+      table.insert(page, pid)
+    end
+  end
+  looked = looked + #ids
+  last = ids[#ids]
+end
+local following = ''
+if #page > size then
+  following = page[size]
+  page[size + 1] = nil
+elseif looked >= 10 * size then
+  following = last
+end
+local out = {}
+for _, pid in ipairs(page) do
+  table.insert(out, pid)
+  table.insert(out, redis.call('HGET', KEYS[1], pid))
+end
+table.insert(out, following)
+return out
 """
 
 
@@ -179,6 +225,7 @@ class Ledger:
         self._settle = redis.script(_SETTLE_LUA)
         self._claim = redis.script(_CLAIM_LUA)
         self._outbox_window = redis.script(_OUTBOX_WINDOW_LUA)
+        self._position_page = redis.script(_POSITION_PAGE_LUA)
         self._outbox_acked = redis.script(_OUTBOX_ACKED_LUA)
 
     # ------------------------------------------------------------------ keys
@@ -226,15 +273,21 @@ class Ledger:
         product: str | None = await self.redis.call("HGET", self._user_key(user, "positions"), pid)
         return product
 
-    async def user_positions(self, user: str) -> tuple[dict[str, str], set[str]]:
-        """The user's index (position id -> product) and the ids known to be closed."""
-        index, closed = await self.redis.pipeline(
-            [
-                ("HGETALL", self._user_key(user, "positions")),
-                ("SMEMBERS", self._user_key(user, "closed")),
-            ]
+    async def position_page(
+        self, user: str, after: str | None, size: int, open_only: bool
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        """Up to `size` of the user's (position id, product) by id after `after`, leaving
+        out the ids known closed if `open_only`; and the id the next page starts after
+        (None: no more). Reads that page only, however long the user's history."""
+        keys = [
+            self._user_key(user, "positions"),
+            self._user_key(user, "ids"),
+            self._user_key(user, "closed"),
+        ]
+        *flat, following = await self._position_page(
+            keys=keys, args=[after or "", size, "1" if open_only else ""]
         )
-        return _pairs(index), set(closed)
+        return list(zip(flat[::2], flat[1::2], strict=True)), following or None
 
     async def remember_closed(self, user: str, pids: list[str]) -> None:
         """Positions found closed stay closed (units only fall): later listings of open
@@ -276,7 +329,11 @@ class Ledger:
     async def claim(self, user: str, client_id: str, claim: str, pid: str, product: str) -> str:
         """Claim the client order id once and index the position for the request that
         holds the claim; returns the claim that stands."""
-        keys = [self._user_key(user, "orders"), self._user_key(user, "positions")]
+        keys = [
+            self._user_key(user, "orders"),
+            self._user_key(user, "positions"),
+            self._user_key(user, "ids"),
+        ]
         standing: str = await self._claim(keys=keys, args=[client_id, claim, pid, product])
         return standing
 

@@ -43,6 +43,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.feeds import FeedUnavailable, StreamFeed, Subscriber
 from services.gateway.ledger import Ledger, Snapshot, after, b64, ledger_fields, unb64
 from services.gateway.orders import (
+    MAX_PAGE_SIZE,
     Closed,
     Limits,
     Opened,
@@ -577,37 +578,35 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 
     # ------------------------------------------------------------------ positions
 
-    async def _positions(
-        self,
-        user: str,
-        include_closed: bool,
-        after: str | None = None,
-        limit: int | None = None,
+    async def _page(
+        self, user: str, include_closed: bool, after: str | None, size: int
     ) -> tuple[list[PositionState], str | None]:
-        """The user's positions (open ones only unless `include_closed`) by id: the
-        first `limit` of those after position `after` (None: all), reading only open ones
-        and those not yet found closed; and the last id read, when more remain."""
-        index, closed = await self.ledger.user_positions(user)
-        entries = sorted(
-            (pid, product)
-            for pid, product in index.items()
-            if product in self.products
-            and (include_closed or pid not in closed)
-            and (after is None or pid > after)
-        )
-        more = limit is not None and len(entries) > limit
-        entries = entries[:limit]
-        found = await self.ledger.positions([(self.products[p][0], pid) for pid, p in entries])
+        """Up to `size` of the user's positions by id after position `after` (open ones
+        only unless `include_closed`), and the id the next page starts after (None: no
+        more). Positions found closed are remembered, so open listings skip them later."""
+        entries, following = await self.ledger.position_page(user, after, size, not include_closed)
+        known = [(pid, product) for pid, product in entries if product in self.products]
+        found = await self.ledger.positions([(self.products[p][0], pid) for pid, p in known])
         positions = [
             PositionState.from_fields(fields)
             for fields in found
             if fields and fields.get("user") == user
         ]
-        await self.ledger.remember_closed(
-            user, [p.position_id for p in positions if p.units == 0 and p.position_id not in closed]
-        )
-        listed = [p for p in positions if include_closed or p.units > 0]
-        return listed, entries[-1][0] if more else None
+        closed = [p.position_id for p in positions if p.units == 0]
+        if closed and not include_closed:
+            await self.ledger.remember_closed(user, closed)
+        return [p for p in positions if include_closed or p.units > 0], following
+
+    async def _positions(self, user: str, include_closed: bool) -> list[PositionState]:
+        """All of the user's positions (open ones only unless `include_closed`), a page
+        at a time."""
+        listed: list[PositionState] = []
+        after: str | None = None
+        while True:
+            page, after = await self._page(user, include_closed, after, MAX_PAGE_SIZE)
+            listed += page
+            if after is None:
+                return listed
 
     async def _position(self, user: str, symbol: str, pid: str) -> PositionState | None:
         """The user's position as stored (None: no such position, or another user's)."""
@@ -638,7 +637,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         async def work(user: str) -> gateway_pb2.ListPositionsReply:
             everything = request.include_closed
             after = page_start(request.page_token, everything)
-            positions, last = await self._positions(
+            positions, last = await self._page(
                 user, everything, after, page_size(request.page_size)
             )
             navs = await self._navs({p.product for p in positions})
@@ -727,8 +726,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         """Every position the stream shows or should show, read again (with the NAVs);
         those it does not hold as they are now are shown (all of them, for the first
         snapshot). `held` and `navs` are updated in place."""
-        listed, _ = await self._positions(user, include_closed)
-        current = {p.position_id: p for p in listed}
+        current = {p.position_id: p for p in await self._positions(user, include_closed)}
         for pid, position in held.items():
             if pid not in current:  # closed since: a listing of open ones leaves it out
                 again = await self._position(user, self.products[position.product][0], pid)

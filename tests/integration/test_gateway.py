@@ -87,10 +87,14 @@ class Env:
                 if not k.endswith((":outbox", ":outbox:index"))
             ]
         )
-        return {
-            k: await (self.redis.smembers(k) if k.endswith(":closed") else self.redis.hgetall(k))
-            for k in keys
-        }
+        return {k: await self._read(k) for k in keys}
+
+    async def _read(self, key: str) -> object:
+        if key.endswith(":closed"):
+            return await self.redis.smembers(key)
+        if key.endswith(":ids"):
+            return await self.redis.zrange(key, 0, -1)
+        return await self.redis.hgetall(key)
 
     async def open(
         self, client_id: str, amount: str = "1000", who: tuple = ALICE, product: str = PRODUCT
@@ -375,6 +379,41 @@ async def test_listings_come_in_pages_that_cover_every_position_once(env: Env) -
     whole = await env.stub.ListPositions(gateway_pb2.ListPositionsRequest(), metadata=ALICE)
     assert [p.position_id for p in whole.positions] == held  # 0: the default page of 100
     assert whole.next_page_token == ""
+
+
+async def test_a_page_looks_at_ten_times_its_size_at_most(env: Env) -> None:
+    """A long run of positions known closed ends an open listing's page early (empty,
+    naming where the next starts) rather than reading the user's whole history."""
+    await env.set_nav(PRODUCT, NAV)
+    opened = sorted(
+        [await env.open(f"run-{n}", "100") for n in range(12)], key=lambda o: o.position_id
+    )
+    for n, position in enumerate(opened[:-1]):  # the one sorted last stays open
+        await env.stub.ClosePosition(
+            gateway_pb2.ClosePositionRequest(
+                client_order_id=f"run-close-{n}", position_id=position.position_id, all=True
+            ),
+            metadata=ALICE,
+        )
+    await list_pages(env, include_closed=False, size=100)  # finds the 11 closed
+    pages = await list_pages(env, include_closed=False, size=1)
+    assert [[q.position_id for q in p.positions] for p in pages] == [
+        [],  # ten closed ones looked at
+        [opened[-1].position_id],
+    ]
+    assert pages[0].next_page_token.endswith(opened[9].position_id)
+
+
+async def test_a_listing_rebuilds_the_ids_of_an_index_older_than_them(env: Env) -> None:
+    """Positions indexed before the sorted ids existed are listed whole, in id order."""
+    await env.set_nav(PRODUCT, NAV)
+    opened = [await env.open(f"before-ids-{n}", "100") for n in range(5)]
+    ids = f"{env.ns}gw:{{user:alice}}:ids"
+    await env.redis.delete(ids)
+    pages = await list_pages(env, include_closed=False, size=2)
+    listed = [q.position_id for p in pages for q in p.positions]
+    assert listed == sorted(o.position_id for o in opened)
+    assert await env.redis.zcard(ids) == 5
 
 
 @pytest.mark.parametrize(
