@@ -50,6 +50,7 @@ from services.gateway.orders import (
     PositionState,
     canonical,
     client_order_id,
+    clipped,
     close_units,
     order_amount,
     order_id,
@@ -252,8 +253,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         found = self.products.get(name)
         if found is None:
             known = ", ".join(sorted(self.products))
-            shown = name if len(name) <= 80 else name[:80] + "..."
-            _fail(grpc.StatusCode.NOT_FOUND, f"unknown product {shown!r}; known: {known}")
+            _fail(grpc.StatusCode.NOT_FOUND, f"unknown product {clipped(name)!r}; known: {known}")
         return found
 
     def _tradable_nav(self, product: str, nav: dict[str, str], snap: Snapshot) -> Decimal:

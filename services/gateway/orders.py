@@ -36,6 +36,11 @@ def invalid(message: str) -> Rejected:
     return Rejected(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def clipped(text: str, limit: int = 80) -> str:
+    """`text` as an error message quotes it: cut after `limit` characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
     min_order: Decimal
@@ -46,15 +51,17 @@ class Limits:
 
 def client_order_id(text: str) -> str:
     if not CLIENT_ORDER_ID.fullmatch(text):
-        shown = text if len(text) <= 80 else text[:80] + "..."
-        raise invalid(f"client_order_id: {shown!r} must be 1..64 characters of [A-Za-z0-9_-]")
+        raise invalid(
+            f"client_order_id: {clipped(text)!r} must be 1..64 characters of [A-Za-z0-9_-]"
+        )
     return text
 
 
 def position_id(text: str) -> str:
     if not POSITION_ID.fullmatch(text):
-        shown = text if len(text) <= 80 else text[:80] + "..."
-        raise invalid(f"position_id: {shown!r} is not a position id (32 lowercase hex digits)")
+        raise invalid(
+            f"position_id: {clipped(text)!r} is not a position id (32 lowercase hex digits)"
+        )
     return text
 
 
@@ -62,13 +69,13 @@ def decimal_arg(text: str, name: str, decimals: int) -> Decimal:
     """A positive plain decimal with at most `decimals` places, or INVALID_ARGUMENT."""
     if not text:
         raise invalid(f"{name} is required")
-    shown = text if len(text) <= 40 else text[:40] + "..."
+    quoted = clipped(text, 40)
     if text.strip().lower().lstrip("+-") in {"nan", "snan", "inf", "infinity"}:
-        raise invalid(f"{name}: {shown!r} is not a finite number")
+        raise invalid(f"{name}: {quoted!r} is not a finite number")
     if text.startswith("-"):
-        raise invalid(f"{name}: must be > 0, got {shown}")
+        raise invalid(f"{name}: must be > 0, got {quoted}")
     if not PLAIN_DECIMAL.fullmatch(text):
-        raise invalid(f"{name}: {shown!r} is not a plain decimal number (e.g. 100.5)")
+        raise invalid(f"{name}: {quoted!r} is not a plain decimal number (e.g. 100.5)")
     value = Decimal(text)
     if value <= 0:
         raise invalid(f"{name}: must be > 0, got {text}")
@@ -119,8 +126,7 @@ def page_start(token: str, include_closed: bool) -> str | None:
         return None
     kind, _, last = token.partition(".")
     if kind not in {"all", "open"} or not POSITION_ID.fullmatch(last):
-        shown = token if len(token) <= 80 else token[:80] + "..."
-        raise invalid(f"page_token: {shown!r} is not a token from a ListPositions reply")
+        raise invalid(f"page_token: {clipped(token)!r} is not a token from a ListPositions reply")
     if (kind == "all") != include_closed:
         raise invalid(
             f"page_token: it continues a listing with include_closed={kind == 'all'}, "
