@@ -83,18 +83,30 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return {1, version}
 """
 
+
+def _index_rebuilder(score: str) -> str:
+    """A Lua `rebuild()` the scripts below start with: the sorted set KEYS[1] made anew
+    from the fields of the hash KEYS[2] it indexes, each scored by `score` (Lua, of
+    `field`). An index falls out of step with its hash only across versions (a hash
+    written before the index existed, or by an instance that does not keep it)."""
+    return f"""
+local function rebuild()
+  redis.call('DEL', KEYS[1])
+  for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
+    redis.call('ZADD', KEYS[1], {score}, field)
+  end
+end
+"""
+
+
 # KEYS: the outbox index, the outbox. ARGV: the window. The lowest pending fields, their
 # events and how many are pending. An index that does not match the outbox (an outbox
 # written before the index existed, entries a relay without the index deleted, or both
 # at once) is rebuilt from it: found by the counts (O(1) to compare) or by an indexed
 # entry with no event, then read again.
-_OUTBOX_WINDOW_LUA = """
-local function rebuild()
-  redis.call('DEL', KEYS[1])
-  for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
-    redis.call('ZADD', KEYS[1], tonumber(field), field)
-  end
-end
+_OUTBOX_WINDOW_LUA = (
+    _index_rebuilder("tonumber(field)")
+    + """
 local pending = redis.call('HLEN', KEYS[2])
 if redis.call('ZCARD', KEYS[1]) ~= pending then rebuild() end
 local fields = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
@@ -111,6 +123,7 @@ for i = 1, #fields do
 end
 return {fields, events, pending}
 """
+)
 
 # KEYS: the outbox index, the outbox. ARGV: the fields Kafka acked.
 _OUTBOX_ACKED_LUA = """
@@ -130,23 +143,22 @@ end
 return current
 """
 
-# KEYS: the user's positions (id -> product), position ids (a sorted set, by id) and the
+# KEYS: the user's position ids (a sorted set, by id), positions (id -> product) and the
 # ids found closed. ARGV: the id the page starts after ("": the first page), the page's
 # size, "1" to leave out the ids found closed. Returns id, product, id, product, ... and
 # last where the next page starts ("": no more). One id past the page is looked for, so
 # the last page says so; at most 10 x size ids are looked at (a long run of closed ones
 # ends a page early, the token then naming the last looked at). Ids that do not match
 # the index (an index from before the ids existed) are rebuilt from it first.
-_POSITION_PAGE_LUA = """
-if redis.call('ZCARD', KEYS[2]) ~= redis.call('HLEN', KEYS[1]) then
-  redis.call('DEL', KEYS[2])
-  for _, pid in ipairs(redis.call('HKEYS', KEYS[1])) do redis.call('ZADD', KEYS[2], 0, pid) end
-end
+_POSITION_PAGE_LUA = (
+    _index_rebuilder("0")
+    + """
+if redis.call('ZCARD', KEYS[1]) ~= redis.call('HLEN', KEYS[2]) then rebuild() end
 local size, open_only = tonumber(ARGV[2]), ARGV[3] == '1'
 local page, last, looked = {}, ARGV[1], 0
 while #page <= size and looked < 10 * size do
   local start = last == '' and '-' or '(' .. last
-  local ids = redis.call('ZRANGEBYLEX', KEYS[2], start, '+', 'LIMIT', 0, size + 1 - #page)
+  local ids = redis.call('ZRANGEBYLEX', KEYS[1], start, '+', 'LIMIT', 0, size + 1 - #page)
   if #ids == 0 then break end
   for _, pid in ipairs(ids) do
     if not open_only or redis.call('SISMEMBER', KEYS[3], pid) == 0 then
@@ -166,11 +178,12 @@ end
 local out = {}
 for _, pid in ipairs(page) do
   table.insert(out, pid)
-  table.insert(out, redis.call('HGET', KEYS[1], pid))
+  table.insert(out, redis.call('HGET', KEYS[2], pid))
 end
 table.insert(out, following)
 return out
 """
+)
 
 
 def b64(data: bytes) -> str:
@@ -280,8 +293,8 @@ class Ledger:
         out the ids known closed if `open_only`; and the id the next page starts after
         (None: no more). Reads that page only, however long the user's history."""
         keys = [
-            self._user_key(user, "positions"),
             self._user_key(user, "ids"),
+            self._user_key(user, "positions"),
             self._user_key(user, "closed"),
         ]
         *flat, following = await self._position_page(
