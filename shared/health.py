@@ -10,7 +10,7 @@
         health.register("kafka", kafka_check(settings.kafka_bootstrap))
         health.register("redis", redis_check(redis_client))
         health.register("consumer", freshness_check(lambda: tracker.last_seen, max_age_s=60))
-        server = HealthServer(health, port=settings.metrics_port)
+        server = HealthServer(health, port=settings.metrics_port, host=settings.metrics_host)
         await server.start(); ...; await server.stop()
 
 (b) gRPC: `await GrpcHealth.install(server, service_names)` adds the standard grpc.health.v1
