@@ -41,10 +41,10 @@ class GatewaySettings(ServiceSettings):
     # A NAV older than this (wall clock since the NAV service wrote it) is not traded on.
     max_nav_age_s: Seconds = 120.0
     outbox_poll_s: Seconds = 0.5  # relay sweep when nothing signals it
-    # A woken relay waits this long so the orders settling meanwhile share its sweep
-    # (one Redis read, one produce request, one delete); hedging sees an order this much
-    # later. 20 ms instead of 5 halved the broker's CPU per order under load.
-    outbox_linger_s: SecondsOrZero = 0.02
+    # The relay's sweeps begin at most this often, so under load the orders settled
+    # meanwhile share one (one Redis read, one produce request, one delete): hedging then
+    # sees an order up to this much later; after a quiet spell, at once.
+    outbox_interval_s: SecondsOrZero = 0.05
     # Outbox entries a sweep reads, publishes and deletes at a time (~0.5 MB of events).
     outbox_window: int = Field(default=1000, ge=1, le=5000)
     health_interval_s: Seconds = 1.0

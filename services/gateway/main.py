@@ -792,7 +792,7 @@ class GatewayServer:
             ORDERS_EVENTS.in_namespace(settings.namespace).name,
             self.config.instruments,
             settings.outbox_poll_s,
-            settings.outbox_linger_s,
+            settings.outbox_interval_s,
             settings.outbox_window,
         )
         self.feed = StreamFeed(

@@ -6,9 +6,10 @@ idempotent producer) and deletes them only once the broker acked them. A crash b
 the ack and the delete publishes them again on the next sweep; hedging applies an
 order's `event_id` once, so the books see it once. It sweeps when a settle wakes it and
 every `poll_s` anyway (entries left by a crash, by a failed sweep, or by another
-gateway instance). A woken relay lingers ~20 ms first: under load a sweep then carries
-many orders (one Redis read, one produce request, one delete for all of them) instead of
-one or two. A sweep takes the oldest `window` entries at a time, publishes and deletes
+gateway instance). Sweeps begin at most every `interval_s` (50 ms): after a quiet spell an
+order goes out at once, and under load a sweep carries every order settled since the
+last (one Redis read, one produce request, one delete for all of them) instead of one or
+two. A sweep takes the oldest `window` entries at a time, publishes and deletes
 them, then the next: a backlog a long Kafka outage left is never one Redis reply (and
 never one stall of the event loop every order waits behind).
 """
@@ -47,7 +48,7 @@ class OutboxRelay:
         topic: str,
         symbols: Iterable[str],
         poll_s: float,
-        linger_s: float = 0.0,
+        interval_s: float = 0.0,
         window: int = 1000,
     ) -> None:
         self.ledger = ledger
@@ -55,7 +56,7 @@ class OutboxRelay:
         self.topic = topic
         self.symbols = tuple(symbols)
         self.poll_s = poll_s
-        self.linger_s = linger_s
+        self.interval_s = interval_s
         self.window = window
         self._wake = asyncio.Event()
         self._dirty: set[str] = set()
@@ -96,13 +97,14 @@ class OutboxRelay:
         """Until cancelled: every symbol first (what a previous run left goes out first)
         and again at least every `poll_s`, however often settles wake it (entries a
         failed sweep, a crash or another instance left would otherwise wait for a quiet
-        moment); the woken symbols in between. A failed sweep is logged."""
+        moment); the woken symbols in between, no sooner than `interval_s` after the
+        previous sweep began. A failed sweep is logged."""
         full_at = -math.inf
         while True:
-            now = time.monotonic()
-            full = now - full_at >= self.poll_s
+            began = time.monotonic()
+            full = began - full_at >= self.poll_s
             if full:
-                full_at = now
+                full_at = began
             dirty, self._dirty = self._dirty, set()
             try:
                 await self.sweep(None if full else dirty)
@@ -113,7 +115,7 @@ class OutboxRelay:
             until_full = self.poll_s - (time.monotonic() - full_at)
             try:
                 await asyncio.wait_for(self._wake.wait(), max(until_full, 0))
-                await asyncio.sleep(self.linger_s)
+                await asyncio.sleep(max(began + self.interval_s - time.monotonic(), 0))
             except TimeoutError:
                 pass
             self._wake.clear()

@@ -824,7 +824,7 @@ async def test_entries_left_in_an_outbox_go_out_while_other_symbols_keep_the_rel
         ORDERS_EVENTS.in_namespace(env.ns).name,
         StrategyConfig().instruments,
         poll_s=0.3,
-        linger_s=0.02,
+        interval_s=0.02,
     )
 
     async def eth_settles() -> None:
@@ -843,6 +843,48 @@ async def test_entries_left_in_an_outbox_go_out_while_other_symbols_keep_the_rel
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     assert [e.opened.event_id for e in events] == [opened.order_id]
+
+
+async def test_the_relay_sweeps_at_once_after_a_quiet_spell_and_at_most_every_interval(
+    quiet_env: Env,
+) -> None:
+    """An order after a quiet spell goes out at once; orders settled right after a sweep
+    wait for the interval and go out together (one sweep, one produce request)."""
+    env = quiet_env
+    relay = env.server.relay
+    relay.interval_s, relay.poll_s = 1.0, 60.0
+    sweeps: list[tuple[float, int]] = []  # (when it ended, events published) if any
+    sweep = relay.sweep
+
+    async def timed(symbols: object = None) -> int:
+        count = await sweep(symbols)  # type: ignore[arg-type]
+        if count:
+            sweeps.append((time.monotonic(), count))
+        return count
+
+    async def published(total: int) -> None:
+        async with asyncio.timeout(5):
+            while sum(count for _, count in sweeps) < total:
+                await asyncio.sleep(0.01)
+
+    relay.sweep = timed  # type: ignore[method-assign]
+    await env.set_nav(PRODUCT, NAV)
+    task = asyncio.create_task(relay.run())
+    try:
+        await asyncio.sleep(1.2)  # the first (full) sweep, then longer than an interval
+        began = time.monotonic()
+        await env.open("after-quiet", "100")
+        await published(1)
+        first = sweeps[0][0]
+        assert first - began < 0.5  # not an interval later
+        for n in range(3):
+            await env.open(f"busy-{n}", "100")
+        await published(4)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [count for _, count in sweeps] == [1, 3]
+    assert sweeps[1][0] - first >= 0.8  # the next sweep began an interval after the first
 
 
 # --------------------------------------------------------------------------- validation
