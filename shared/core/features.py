@@ -6,8 +6,11 @@ monotonic queues (never longer than `drawdown_window`). Absolute log returns are
 `RETURN_QUANTUM` so the running sums are exact: no float drift, and a snapshot restored
 from JSON continues bit for bit like an uninterrupted run.
 
-Signals are floats (they are not money). Each update is one closed bar; a gap in time is
-just a bigger return, so the annualisation assumes bars of `bar_seconds`.
+Signals are floats (they are not money). Each update is one closed bar. A bar that
+closes k bar lengths after the previous one (an outage: intervals without ticks make no
+bar) brings a return over k bars: the volatility takes it as k bars of its per-bar share
+(the old estimate decays k times, the squared return counts k-th), so an outage neither
+spikes the volatility nor lets it go stale. The trend and drawdown windows count bars.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class FeatureTracker:
     __slots__ = (
         "_abs_ring",
         "_abs_sums",
+        "_bar_ns",
         "_bars_seen",
         "_config",
         "_decay",
@@ -118,7 +122,8 @@ class FeatureTracker:
         # A horizon of h bars needs h returns, i.e. h + 1 closes.
         self._ring_size = longest + 1
         self._decay = 0.5 ** (1.0 / config.vol_halflife_bars)
-        self._sqrt_bars_per_year = math.sqrt(NS_PER_YEAR / (config.bar_seconds * NS_PER_SECOND))
+        self._bar_ns = config.bar_seconds * NS_PER_SECOND
+        self._sqrt_bars_per_year = math.sqrt(NS_PER_YEAR / self._bar_ns)
         self._inv_t_scale = 1.0 / config.trend_t_scale
         self._inv_sqrt_horizons = [1.0 / math.sqrt(h) for h in config.trend_horizons]
         self._inv_horizon_count = 1.0 / len(config.trend_horizons)
@@ -158,9 +163,15 @@ class FeatureTracker:
             log_return = log_close - self._last_log_close
             abs_quanta = round(abs(log_return) * _RETURNS_PER_QUANTUM)
             decay = self._decay
+            squared = log_return**2
+            assert last_ts_ns is not None
+            bars = round((ts_ns - last_ts_ns) / self._bar_ns)
+            if bars > 1:  # an outage: k bars in one return (module doc)
+                decay **= bars
+                squared /= bars
             # Bias-corrected EWMA: weights sum to 1 - decay^n, so the first bars are not
             # pulled toward a made-up starting variance.
-            ewma_sq = self._ewma_sq = decay * self._ewma_sq + (1.0 - decay) * log_return**2
+            ewma_sq = self._ewma_sq = decay * self._ewma_sq + (1.0 - decay) * squared
             ewma_weight = self._ewma_weight = decay * self._ewma_weight + (1.0 - decay)
             sigma_bar = math.sqrt(ewma_sq / ewma_weight)
         else:

@@ -45,6 +45,43 @@ def test_ewma_vol_after_a_regime_change_matches_the_closed_form() -> None:
     assert last.sigma_ann == pytest.approx(math.sqrt(variance * HOURS_PER_YEAR), rel=1e-6)
 
 
+def test_an_outage_of_typical_moves_does_not_move_the_volatility() -> None:
+    """Hourly returns of 1%, then no bar for three hours and a move of the size three
+    such hours make (1% x sqrt 3): the volatility stays at 1% an hour."""
+    tracker = FeatureTracker(FeatureConfig())
+    closes = geometric(100.0, [0.01, -0.01] * 20)
+    for i, close in enumerate(closes):
+        tracker.update((i + 1) * NS_PER_HOUR, close)
+    after_gap = tracker.update((len(closes) + 3) * NS_PER_HOUR, closes[-1] * math.exp(0.01732))
+    assert after_gap.sigma_ann == pytest.approx(0.01 * math.sqrt(HOURS_PER_YEAR), rel=1e-3)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.floats(-0.05, 0.05), min_size=1, max_size=40),
+    st.integers(2, 200),
+    st.floats(-0.3, 0.3),
+)
+def test_a_gap_of_k_bars_weighs_as_k_bars_of_its_per_bar_share(
+    history: list[float], k: int, move: float
+) -> None:
+    """One return over k bar lengths moves the EWMA exactly as k bars whose squared
+    returns are move^2 / k each (the old estimate decays k times, not once)."""
+    closes = geometric(1000.0, history)
+    gapped, stepped = FeatureTracker(SMALL), FeatureTracker(SMALL)
+    for i, close in enumerate(closes):
+        gapped.update((i + 1) * NS_PER_HOUR, close)
+        stepped.update((i + 1) * NS_PER_HOUR, close)
+    end = len(closes)
+    last = gapped.update((end + k) * NS_PER_HOUR, closes[-1] * math.exp(move))
+    share = abs(move) / math.sqrt(k)
+    close = closes[-1]
+    for j in range(1, k + 1):
+        close *= math.exp(share if j % 2 else -share)
+        expected = stepped.update((end + j) * NS_PER_HOUR, close)
+    assert last.sigma_ann == pytest.approx(expected.sigma_ann, rel=1e-9, abs=1e-12)
+
+
 def test_efficiency_is_one_on_a_monotonic_path() -> None:
     out = run(SMALL, geometric(10.0, [0.003 * (1 + i % 5) for i in range(40)]))
     assert all(e == pytest.approx(1.0, abs=1e-9) for e in out[-1].efficiency)
