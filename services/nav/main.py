@@ -22,6 +22,7 @@ from services.nav.marking import (
     FillsEvent,
     Marked,
     Unmarkable,
+    in_last_regime,
     marked_update,
     parse_update,
     state_fields,
@@ -100,11 +101,12 @@ class NavService:
             self.runtime.processed(self.fills, event.ts_init_ns or now)
 
     async def handle_order(self, event: FillsEvent, record: Record) -> None:
-        """Re-mark the products an order changed, at the last price (books that cannot be
-        marked there dead-letter the order's update, before anything is sent)."""
+        """Re-mark the products an order changed, at the last price and in the last
+        regime (an order's update carries none; books that cannot be marked there
+        dead-letter the order's update, before anything is sent)."""
         current = await asyncio.gather(*(self.store.read(b.product) for b in event.books))
         now = time.time_ns()
-        pending: list[tuple[Marked, nav_pb2.NavUpdated, int]] = []
+        pending: list[tuple[Marked, nav_pb2.NavUpdated, int, FillsEvent]] = []
         try:
             for book, (fields, _) in zip(event.books, current, strict=True):
                 last_seq = int(fields.get("seq", "0"))
@@ -113,9 +115,9 @@ class NavService:
                     await self.store.was_applied(book.product, event.event_id)
                 ):
                     price = Decimal(fields.get("price", "0"))
-                    pending.append(
-                        (*marked_update(book, price, last_nav, event, last_seq, now), last_seq)
-                    )
+                    remark = in_last_regime(event, fields)
+                    marked, message = marked_update(book, price, last_nav, remark, last_seq, now)
+                    pending.append((marked, message, last_seq, remark))
         except Unmarkable as exc:
             await self.runtime.reject(self.fills, record, str(exc))
             return
@@ -123,12 +125,12 @@ class NavService:
             await self.runtime.send_many(
                 [
                     (t, m.product, message)
-                    for m, message, _ in pending
+                    for m, message, _, _ in pending
                     for t in (self.updates, self.latest)
                 ]
             )
-        for marked, _, seq in pending:
-            changes = {self.store.state_key(marked.product): state_fields(marked, event, seq, now)}
+        for marked, _, seq, remark in pending:
+            changes = {self.store.state_key(marked.product): state_fields(marked, remark, seq, now)}
             await self.store.apply(marked.product, changes, message_id=event.event_id)
         self.runtime.processed(self.fills, now)
 

@@ -9,7 +9,7 @@ price marks the books after an order (no tick), and its NAV stands in for the bo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Literal
 
@@ -152,6 +152,13 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
         )
     ts = update.filled.ts_event_ns if update.HasField("filled") else 0
     return FillsEvent("order", update.event_id, symbol, 0, ts, 0, None, update.regime, books)
+
+
+def in_last_regime(order: FillsEvent, fields: dict[str, str]) -> FillsEvent:
+    """An order's event as its re-mark publishes it: in the regime the product was last
+    marked in (`fields`: its `nav:{product}` hash), since an order's update carries none."""
+    last = fields.get("regime")
+    return replace(order, regime=common_pb2.Regime.Value(last)) if last else order
 
 
 def mark(book: BookState, price: Decimal, last_nav: Decimal) -> Marked:

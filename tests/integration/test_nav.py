@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 import redis
 from kafka import KafkaConsumer, TopicPartition
-from smartlev.v1 import hedging_pb2, market_pb2
+from smartlev.v1 import common_pb2, hedging_pb2, market_pb2
 
 from shared import codec
 from shared.adapters.tick_replay import make_producer
@@ -76,6 +76,15 @@ def test_nav_service_marks_the_core_books_exactly(
     # an order's books that cannot be marked at the last price (units changed: re-marked)
     updates.append(unmarkable(tick_update(reference.ticks[-1], n), units="1"))
     updates[-1].ClearField("market")
+    # a deposit after the ticks: re-marked at the last price, in the last tick's regime
+    # (an order's update carries none)
+    late = tick_update(reference.ticks[-1], n)
+    late.ClearField("market")
+    late.event_id, late.regime = f"{SYMBOL}:order:late", 0
+    book = late.products[0]
+    book.units = str(Decimal(book.units) * 2)
+    book.cash = str(Decimal(book.cash) * 2)
+    updates.append(late)
 
     with Pipeline.start([NAV], bootstrap=kafka_bootstrap, redis_url=redis_url) as pipeline:
         topic = pipeline.topic(HEDGE_FILLS.name)
@@ -92,7 +101,7 @@ def test_nav_service_marks_the_core_books_exactly(
         finally:
             producer.close()
 
-        got = collect(pipeline, lambda u: len(u) >= 2 * n + 2, timeout_s=60, settle_s=1.0)
+        got = collect(pipeline, lambda u: len(u) >= 2 * n + 3, timeout_s=60, settle_s=1.0)
 
         orders = [u for u in got if u.event_id.startswith(f"{u.product}:deposit:")]
         # one partition per product: their order on the topic is not defined
@@ -100,15 +109,19 @@ def test_nav_service_marks_the_core_books_exactly(
             (p, Decimal(100), CAPITAL - CAPITAL * config.accounting.open_fee) for p in PRODUCTS
         )
         compared = compare_navs(reference, got)
-        assert len(got) == 2 * n + 2
+        assert len(got) == 2 * n + 3
         print(f"compared {n} ticks, {sum(compared.values())} NAV updates: equal to the unit")
 
         last = reference.ticks[-1]
+        assert last.regime  # the slice ends in a regime, so an order that drops it shows
+        [remarked] = [u for u in got if u.event_id == f"{book.product}:{late.event_id}"]
+        assert (common_pb2.Regime.Name(remarked.regime), remarked.seq) == (last.regime, n)
         for product in PRODUCTS:
             state = redis_client.hgetall(f"{pipeline.namespace}nav:{{{product}}}")
-            assert Decimal(state["nav"]) == last.navs[product]
+            marked = remarked.nav if product == book.product else last.navs[product]
+            assert Decimal(state["nav"]) == Decimal(marked)
             assert int(state["seq"]) == n
-            assert state["regime"] == (last.regime or "REGIME_UNSPECIFIED")
+            assert state["regime"] == last.regime
 
         dlq = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
         try:
