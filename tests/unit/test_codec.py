@@ -68,7 +68,7 @@ SAMPLES: dict[str, Message] = {
                 target_leverage="3.25",
                 previous_target="2.5",
                 rebalance=True,
-                reasons=["REGIME_TREND_UP", "VOL_SCALED"],
+                reasons=["REGIME_TREND_ALIGNED", "VOL_SCALED_DOWN"],
                 price="43210.12",
                 regime=common_pb2.TREND_UP,
             )
