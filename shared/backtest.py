@@ -106,7 +106,8 @@ def run_backtest(
 ) -> BacktestResult:
     """`on_tick(tick, regime or None, strategies)` runs after every tick is applied: a
     per-tick record (the pipeline parity test compares every tick's NAV, not only bar
-    closes)."""
+    closes). The report has a row per bar close and one for the last tick, where the
+    replay ends (a bar closes only on the next bar's first tick, which never comes)."""
     if not bars:
         raise ValueError("no bars to backtest")
     interval = config.features.bar_seconds * 1_000_000_000
@@ -120,6 +121,8 @@ def run_backtest(
         for controller in strategy.controllers:
             seed = strategy.engine.deposit(controller.product, capital, bars[0].open_ts_ns)
             _count(series, seed)
+    last_tick: Tick | None = None
+    last_regime: str | None = None  # the regime as of the last bar close
     for event in market_events(ticks, funding):
         if isinstance(event, FundingRate):
             result.funding_events += 1
@@ -130,12 +133,16 @@ def run_backtest(
         regime = signals.on_tick(event.ts_ns, event.price)
         for strategy in strategies:
             _count(series, strategy.on_tick(event, regime))
+        last_tick = event
         if regime is not None:
-            _record(result, event, regime.regime.value)
+            last_regime = regime.regime.value
+            _record(result, event, last_regime)
         if on_tick is not None:
             on_tick(event, None if regime is None else regime.regime.value, strategies)
         if progress is not None and result.ticks % 4096 == 0:
             progress(result.ticks)
+    if last_tick is not None and last_regime is not None and result.times[-1] != last_tick.ts_ns:
+        _record(result, last_tick, last_regime)
     if progress is not None:
         progress(result.ticks)
     return result

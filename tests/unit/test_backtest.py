@@ -80,7 +80,7 @@ def test_cli_writes_metrics_nav_and_chart(tmp_path: Path) -> None:
     )  # fmt: skip
     assert outcome.exit_code == 0, outcome.output
     document = json.loads((out / "metrics.json").read_text())
-    assert document["bars"] == 31 * 24 - 1  # the last bar closes only when a later tick comes
+    assert document["bars"] == 31 * 24  # every bar: the last at the replay's last tick
     assert set(document["products"]) >= {
         "BTC-USDT:LONG",
         "BTC-USDT:SHORT",
@@ -90,6 +90,27 @@ def test_cli_writes_metrics_nav_and_chart(tmp_path: Path) -> None:
     assert len(rows) == document["bars"] + 1
     assert rows[0].startswith("timestamp,price,regime,BTC-USDT:LONG:target")
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_data
+def test_the_report_ends_at_the_last_tick_with_the_books_as_they_were_then() -> None:
+    """The last bar closes on no later tick: its row is the last tick's, so the final
+    NAV counts the final bar's move."""
+    bars, _ = load_bars(DATA / "BTCUSDT_perp_1h_2019_2023.csv", "BTC-USDT")
+    window = [b for b in bars if parse_timestamp("2021-05-18T00:00:00Z") <= b.open_ts_ns][:240]
+    seen: list[tuple[int, dict[str, Decimal]]] = []
+
+    def every_tick(tick: Tick, regime: str | None, strategies: Sequence[Strategy]) -> None:
+        books = strategies[0].engine.books.products
+        seen.append((tick.ts_ns, {p: b.nav(tick.price) for p, b in books.items()}))
+
+    result = run_backtest("BTC-USDT", window, [], StrategyConfig(), on_tick=every_tick)
+    last_ts, last_navs = seen[-1]
+    assert result.times[-1] == last_ts
+    assert len(result.times) == len(set(result.times))
+    for product, nav in last_navs.items():
+        assert result.series[product].navs[-1] == nav
+    assert last_navs != seen[-4][1]  # the final bar moved the books after it opened
 
 
 @needs_data
