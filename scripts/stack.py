@@ -3,13 +3,16 @@
 
 Usage (normally through scripts/stack.sh / make):
     stack.py up | down | ps | logs [NAME...] [-n N] [--no-follow]
-    stack.py restart NAME | restart-kafka | restart-redis | init
+    stack.py restart NAME | stop NAME | restart-kafka | restart-redis | init
 
 What runs is declared in scripts/stack.toml; Kafka's and Redis's settings are in
 scripts/kafka/server.properties and scripts/redis/redis.conf. Everything this script
 starts runs from the project root in its own session, logs to .run/<name>.log and has
 its pid in .run/<name>.pid, so `up` is idempotent and `down` stops exactly what `up`
-started. Standard library only at import time (kafka-python is imported for the Kafka
+started. `up` also starts a supervisor (`stack.py supervise`, .run/supervisor.log) that
+starts again whatever exits, as docker-compose's `restart: unless-stopped` does, backing
+off while a component keeps failing; `stop NAME` holds one component down until the next
+`up` or `restart NAME`. Standard library only at import time (kafka-python is imported for the Kafka
 health check), so the Docker image can run `stack.py init` too.
 """
 
@@ -790,8 +793,97 @@ class Stack:
             say(f"init {step.name}: done ({step.module})")
 
     def down(self) -> None:
+        self.stop_supervisor()
         for comp in reversed(self.all()):
             self.stop(comp)
+
+    # ---- the supervisor
+
+    def held_file(self, name: str) -> Path:
+        return self.run / f"{name}.held"
+
+    def supervisors(self) -> list[int]:
+        """This checkout's supervisor processes (one, unless .run/ lost its pid file)."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != os.getpid():
+                pid = int(proc.name)
+                argv = pid_cmdline(pid)
+                mine = argv[-2:] == [str(Path(__file__).resolve()), "supervise"]
+                if mine and pid_cwd(pid) == self.root and pid_alive(pid):
+                    found.append(pid)
+        return sorted(found)
+
+    def start_supervisor(self) -> None:
+        """The supervisor (unless it runs): holds go, everything `up` started is watched."""
+        for held in self.run.glob("*.held"):
+            held.unlink()
+        if running := self.supervisors():
+            say(f"supervisor already watching (pid {running[0]})")
+            return
+        log = self.log_file("supervisor")
+        with log.open("a") as out:
+            proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "supervise"],
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (self.run / "supervisor.pid").write_text(f"{proc.pid}\n")
+        say(f"supervisor watching (pid {proc.pid}, log {rel(log)})")
+
+    def stop_supervisor(self) -> None:
+        """First thing `down` does, so nothing it stops is started again. No handler: a
+        SIGTERM ends the supervisor even while it waits for the stack's lock."""
+        for pid in self.supervisors():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10.0
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            say(f"stopped supervisor (pid {pid})")
+        (self.run / "supervisor.pid").unlink(missing_ok=True)
+
+    def supervise(self, interval_s: float = 1.0, max_backoff_s: float = 60.0) -> None:
+        """Until killed: every `interval_s`, under the stack's lock (so never in the middle
+        of an `up`, `down`, `stop` or `restart`), start again each component that is not
+        running, is not held down and is not served by a process we did not start. One
+        that dies within a minute of its start waits twice as long before the next (1 s
+        up to `max_backoff_s`)."""
+        backoff: dict[str, float] = {}
+        not_before: dict[str, float] = {}
+
+        def note(msg: str) -> None:
+            say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}")
+
+        note(f"supervisor watching {', '.join(c.name for c in self.all())}")
+        while True:
+            time.sleep(interval_s)
+            with locked(self.run):
+                for comp in self.all():
+                    now = time.monotonic()
+                    if self.held_file(comp.name).exists() or now < not_before.get(comp.name, 0):
+                        continue
+                    if self.running_pid(comp) is not None or (
+                        comp.ports and port_holder(comp.ports[0])
+                    ):
+                        continue
+                    last = tail(self.log_file(comp.name), 1).strip()[:160]
+                    note(f"{comp.name} is not running (its log's last line: {last}); starting it")
+                    started = self.launched_at.get(comp.name)
+                    died_young = started is not None and now - started < 60.0
+                    delay = (
+                        min(backoff.get(comp.name, 0.5) * 2, max_backoff_s) if died_young else 1.0
+                    )
+                    backoff[comp.name] = delay
+                    not_before[comp.name] = now + delay
+                    try:
+                        self.launch(comp)
+                        self.wait_healthy(comp)
+                    except StackError as exc:
+                        note(f"{comp.name} did not come back: {exc}; next try in {delay:.0f} s")
 
     def ps(self) -> list[tuple[str, str, str, str]]:
         rows = []
@@ -801,6 +893,8 @@ class Stack:
             if pid is not None:
                 reason = comp.health()
                 state = "healthy" if reason is None else f"running, unhealthy: {reason}"
+            elif self.held_file(comp.name).exists():
+                state = "stopped, held down (`stack.sh stop`; `up` or `restart` starts it)"
             else:
                 holders = [h for p in comp.ports if (h := port_holder(p))]
                 if holders and comp.external_ok is not None and comp.external_ok():
@@ -810,6 +904,9 @@ class Stack:
                 else:
                     state = "stopped"
             rows.append((comp.name, str(pid or "-"), ports, state))
+        supervisors = self.supervisors()
+        state = "watching" if supervisors else "stopped (`make up` starts it)"
+        rows.append(("supervisor", ",".join(map(str, supervisors)) or "-", "-", state))
         return rows
 
 
@@ -915,8 +1012,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.add_argument("--no-follow", action="store_true")
     restart = sub.add_parser("restart", help="stop and start one component")
     restart.add_argument("name")
+    stop = sub.add_parser("stop", help="stop one component and hold it down until `up`")
+    stop.add_argument("name")
     sub.add_parser("restart-kafka")
     sub.add_parser("restart-redis")
+    sub.add_parser("supervise", help="start again what exits (`up` starts it)")
     args = parser.parse_args(argv)
 
     try:
@@ -924,6 +1024,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "up":
             with locked(stack.run):
                 stack.up()
+                stack.start_supervisor()
+        elif args.cmd == "supervise":
+            stack.supervise()
+        elif args.cmd == "stop":
+            comp = stack.by_name(args.name)
+            with locked(stack.run):
+                stack.held_file(comp.name).touch()
+                stack.stop(comp)
         elif args.cmd == "down":
             with locked(stack.run):
                 stack.down()
@@ -952,6 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             with locked(stack.run):
                 stack.stop(comp)
+                stack.held_file(comp.name).unlink(missing_ok=True)
                 stack.launch(comp)
                 stack.wait_healthy(comp)
     except StackError as exc:

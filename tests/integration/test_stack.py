@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -159,6 +160,39 @@ def test_ps_shows_component_pid_ports_state(native_stack: None) -> None:
     assert re.match(rf"redis\s+{pid_of('redis')}\s+6379\s+healthy$", rows["redis"])
 
 
+def service_row(name: str) -> str:
+    rows = stack_sh("ps", timeout=60).stdout.splitlines()[1:]
+    return next(row for row in rows if row.split()[0] == name)
+
+
+def test_the_supervisor_starts_again_a_service_that_died(native_stack: None) -> None:
+    """As docker-compose's `restart: unless-stopped`: a kill -9 of a service is undone."""
+    assert re.match(r"supervisor\s+\d+\s+-\s+watching$", service_row("supervisor"))
+    killed = pid_of("nav")
+    os.killpg(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        row = service_row("nav")
+        if row.endswith("healthy") and not row.endswith("unhealthy") and row.split()[1] != "-":
+            break
+        time.sleep(0.5)
+    assert int(row.split()[1]) != killed, row
+    assert re.match(r"nav\s+\d+\s+9105\s+healthy$", row), row
+    log = (ROOT / ".run" / "supervisor.log").read_text()
+    assert "nav is not running" in log
+
+
+def test_stop_holds_a_service_down_until_it_is_restarted(native_stack: None) -> None:
+    assert stack_sh("stop", "nav").returncode == 0
+    try:
+        time.sleep(3)  # three of the supervisor's rounds
+        assert re.match(r"nav\s+-\s+9105\s+stopped, held down", service_row("nav"))
+    finally:
+        result = stack_sh("restart", "nav")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.match(r"nav\s+\d+\s+9105\s+healthy$", service_row("nav"))
+
+
 def listening() -> dict[int, set[str]]:
     """TCP port -> the addresses something listens on (IPv4 and IPv6), from /proc."""
     out: dict[int, set[str]] = {}
@@ -250,7 +284,7 @@ def test_declared_service_starts_is_healthy_and_stops(tmp_path: Path) -> None:
         stack.stop(svc)
     assert not stack_mod.pid_alive(pid)
     assert not (stack.run / "websvc.pid").exists()
-    assert stack.ps()[-1] == ("websvc", "-", str(port), "stopped")
+    assert next(r for r in stack.ps() if r[0] == "websvc") == ("websvc", "-", str(port), "stopped")
 
 
 def test_service_whose_port_is_taken_fails_fast(tmp_path: Path) -> None:
