@@ -861,6 +861,9 @@ class Stack:
         note(f"supervisor watching {', '.join(c.name for c in self.all())}")
         while True:
             time.sleep(interval_s)
+            with contextlib.suppress(ChildProcessError):  # reap what it started and died
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
             with locked(self.run):
                 for comp in self.all():
                     now = time.monotonic()
