@@ -45,6 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache, partial
+from typing import NamedTuple
 
 from shared.adapters.redis_wire import RedisWire
 from shared.codec import decimal_to_wire
@@ -52,6 +53,9 @@ from shared.redis_store import ApplyStatus, key
 
 OUTBOX = "outbox"
 LEDGER = "ledger"
+# What an order reads of its product's NAV hash (the NAV service's `nav:{product}`): the
+# NAV, whether units are out, and how fresh it is (`Gateway._tradable_nav`).
+NAV_QUOTED = ("nav", "units", "written_ns")
 KEYS_CACHED = 4096
 
 # KEYS: applied, meta, position, ledger, outbox, outbox index. ARGV: record id, record,
@@ -194,20 +198,21 @@ def unb64(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
+class Snapshot(NamedTuple):
     """What a step is computed from: the symbol's ledger as of the product's revision
-    `rev` and the position; the step must still find both as they were."""
+    `rev` and the position; the step must still find both as they were. (The order
+    path's records are NamedTuples: a frozen dataclass's __init__ sets each field through
+    object.__setattr__, several times slower, on every order.)"""
 
     rev: int
     ledger: dict[str, str]
     position: dict[str, str]
 
 
-@dataclass(frozen=True, slots=True)
-class OrderView:
+class OrderView(NamedTuple):
     """One round trip's worth of what an order needs: the client order id's claim, the
-    recorded reply (if settled before), the product's NAV hash and the snapshot."""
+    recorded reply (if settled before), the product's NAV fields an order is quoted on
+    (`NAV_QUOTED`, those written) and the snapshot."""
 
     claim: str | None
     record: str | None
@@ -317,7 +322,7 @@ class Ledger:
         commands: list[tuple[str, ...]] = [
             ("HGET", self._user_key(user, "orders"), client_id),
             ("HGET", self.applied_key(symbol), f"{user}:{client_id}"),
-            ("HGETALL", self._nav_key(product)),
+            ("HMGET", self._nav_key(product), *NAV_QUOTED),
             ("HGET", self.meta_key(symbol), f"rev:{product}"),
             ("HGETALL", self.ledger_key(symbol)),
         ]
@@ -325,7 +330,8 @@ class Ledger:
             commands.append(("HGETALL", self.position_key(symbol, pid)))
         claim, record, nav, rev, ledger, *position = await self.redis.pipeline(commands)
         snapshot = Snapshot(int(rev or 0), _pairs(ledger), _pairs(position[0]) if position else {})
-        return OrderView(claim, record, _pairs(nav), snapshot)
+        quoted = {name: value for name, value in zip(NAV_QUOTED, nav, strict=True) if value}
+        return OrderView(claim, record, quoted, snapshot)
 
     async def position(self, symbol: str, pid: str) -> dict[str, str]:
         return _pairs(await self.redis.call("HGETALL", self.position_key(symbol, pid)))

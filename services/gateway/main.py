@@ -26,9 +26,8 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from decimal import Decimal
-from typing import NoReturn, Protocol, TypeVar
+from typing import NamedTuple, NoReturn, Protocol, TypeVar
 
 import grpc
 from aiokafka.errors import KafkaError
@@ -107,8 +106,7 @@ def _latency(rpc: str) -> Histogram:
     return LATENCY.labels(rpc)
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
+class Step(NamedTuple):
     """One settled order: the reply, the position's and the product's ledger entries'
     fields after it (wire text, as stored) and the event for orders.events."""
 
@@ -118,8 +116,7 @@ class Step:
     event: orders_pb2.OrderEvent
 
 
-@dataclass(frozen=True, slots=True)
-class Order:
+class Order(NamedTuple):
     """Who orders what: `claim` is the request's hash and symbol, `position` the
     position a close reads (None for an open: its position is new)."""
 
