@@ -6,6 +6,8 @@ previous one computed."""
 
 from __future__ import annotations
 
+import math
+
 from smartlev.v1 import common_pb2, leverage_pb2, market_pb2
 
 from shared.codec import decimal_from_wire, decimal_to_wire
@@ -112,6 +114,7 @@ def target_changed(
         reasons=decision.reasons,
         price=decimal_to_wire(decision.price, name="price"),
         regime=regime_to_wire(decision.regime),
+        anchor=decision.anchor or 0.0,
     )
 
 
@@ -128,7 +131,18 @@ def decision(message: leverage_pb2.LeverageTargetChanged) -> LeverageTargetChang
         emergency=message.emergency,
         reasons=tuple(message.reasons),
         regime=str(regime_from_wire(message.regime)),
+        anchor=anchor(message.anchor),
     )
+
+
+def anchor(value: float) -> float | None:
+    """A decision's anchor from the wire: 0 (the field's default) is none; one that is not
+    a positive finite price is refused."""
+    if value == 0.0:
+        return None
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"anchor: {value!r} is not a positive finite price")
+    return value
 
 
 def targets_update(

@@ -9,6 +9,7 @@ Three stages, each a service in production and one call each in the backtester:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -18,7 +19,7 @@ from shared.core.bars import BarBuilder
 from shared.core.events import FundMove, LeverageTargetChanged, into_product
 from shared.core.features import FeatureConfig, FeatureTracker
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted
-from shared.core.leverage import Controller
+from shared.core.leverage import Controller, model_leverage
 from shared.core.market import NS_PER_DAY, FundingRate, Side, Tick
 from shared.core.money import ZERO, to_step
 from shared.core.regime import RegimeClassifier, RegimeConfig, RegimeState
@@ -67,6 +68,11 @@ def _dict(value: object) -> dict[str, object]:
     return value
 
 
+def _anchor(value: object) -> tuple[float, float]:
+    assert isinstance(value, list) and len(value) == 2
+    return float(value[0]), float(value[1])
+
+
 def decide(
     controllers: Sequence[Controller],
     ts_ns: int,
@@ -102,6 +108,7 @@ class Engine:
     __slots__ = (
         "_fee_ts",
         "_insured",
+        "anchors",
         "books",
         "check_books",
         "floors",
@@ -128,6 +135,8 @@ class Engine:
             accounting, [ProductBook(p.product, self.spec.symbol, p.side) for p in products]
         )
         self.targets = {p.product: p.initial_target for p in products}
+        # product -> (leverage, risk price) of its controller's last rebalance (`modelled`)
+        self.anchors: dict[str, tuple[float, float]] = {}
         self.floors = {p.product: p.gap_floor for p in products}
         self._insured = [p.product for p in products if p.gap_floor > 0]
         self.check_books = check_books
@@ -162,6 +171,8 @@ class Engine:
             events.extend(decisions)
             for decision in decisions:
                 self.targets[decision.product] = decision.target
+                if decision.anchor is not None:
+                    self.anchors[decision.product] = (float(decision.target), decision.anchor)
             moved_money |= self._rebalance(
                 ts_ns, [(d.product, d.emergency) for d in decisions if d.rebalance], events
             )
@@ -241,7 +252,8 @@ class Engine:
         its equity, its insurance floor with its units. Re-levering it to target instead
         would move the leverage its controller tracks from the last rebalance, unseen, and
         with it the emergency trigger (a deposit after a rally took a 5x product to 60x on
-        the way back down, NAV below zero). A product with no position yet goes to target;
+        the way back down, NAV below zero). A product with no position yet goes to the
+        leverage its controller models (`modelled`: its target before any rebalance);
         before the first price, the first tick does it. A close paid at a quoted NAV the
         market has since left behind can take more than the product holds: the insurance
         fund then restores the remaining holders' floor, as after a gap. One that left no
@@ -253,7 +265,7 @@ class Engine:
             book = self.books.products[product]
             # Held up by an advance (a wick): its leverage at this price means nothing
             # to scale by, and what it owes is not the new holders' (nor only the ones
-            # left): the advance becomes a claim and the product goes to target.
+            # left): the advance becomes a claim and the product is built afresh.
             supported = bool(book.insurance_owed)
             self.books.forgive_advance(product)
             if not book.units:
@@ -264,7 +276,7 @@ class Engine:
                 self._scale(product, equity_before, ts_ns, events)
                 self.books.scale_floor(product, book.units / units_before)
             else:
-                self._rebalance(ts_ns, [(product, False)], events)
+                self._rebalance(ts_ns, [(product, False)], events, self.modelled(product))
             self._cover_gaps([product], ts_ns, events)
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)
@@ -285,11 +297,29 @@ class Engine:
         self.books.apply_hedge(hedge)
         events.append(hedge)
 
+    def modelled(self, product: str) -> Decimal:
+        """The leverage the product's controller models at the current mark: where a
+        product with no position is built, so the emergency rules, anchored at the
+        controller's last rebalance, watch the position it holds. Built at its target
+        instead, a deposit into an empty 3x long after a 50% rally stood at 3x while the
+        rules modelled 1.8x, and fired ~40% lower instead of 10%. The target when there is
+        no anchor (a fixed benchmark, or no rebalance yet) or no finite model."""
+        anchor = self.anchors.get(product)
+        if anchor is None:
+            return self.targets[product]
+        side = self.books.products[product].side
+        leverage = model_leverage(side, anchor[0], anchor[1], float(self.mark))
+        return Decimal(repr(leverage)) if 0 < leverage < math.inf else self.targets[product]
+
     def _rebalance(
-        self, ts_ns: int, requests: list[tuple[str, bool]], events: list[object]
+        self,
+        ts_ns: int,
+        requests: list[tuple[str, bool]],
+        events: list[object],
+        leverage: Decimal | None = None,
     ) -> bool:
-        """Bring (product, emergency) requests to target in one netted order; True if money
-        moved."""
+        """Bring (product, emergency) requests to target (or to `leverage`) in one netted
+        order; True if money moved."""
         if not requests:
             return False
         price = self.price
@@ -301,9 +331,8 @@ class Engine:
             equity = book.equity(price)
             wanted = ZERO
             if equity > 0:
-                wanted = to_step(
-                    book.side * self.targets[product] * equity / price, self.spec.lot_step
-                )
+                at = self.targets[product] if leverage is None else leverage
+                wanted = to_step(book.side * at * equity / price, self.spec.lot_step)
             if wanted != book.qty:
                 changes.append(PositionChange(product, wanted - book.qty))
         if changes:
@@ -343,6 +372,7 @@ class Engine:
             "mark": str(self.mark),
             "fee_ts": self._fee_ts,
             "targets": {p: str(t) for p, t in self.targets.items()},
+            "anchors": {p: list(a) for p, a in self.anchors.items()},
             "books": self.books.snapshot(),
         }
 
@@ -353,6 +383,8 @@ class Engine:
         self._fee_ts = fee_ts if isinstance(fee_ts, int) else None
         targets = _dict(snapshot["targets"])
         self.targets = {p: Decimal(str(t)) for p, t in targets.items()}
+        anchors = _dict(snapshot.get("anchors", {}))  # none in a snapshot from before them
+        self.anchors = {p: _anchor(a) for p, a in anchors.items()}
         self.books = Books.restore(self.books.config, _dict(snapshot["books"]))
 
 

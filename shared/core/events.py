@@ -44,6 +44,9 @@ class LeverageTargetChanged:
     emergency: bool
     reasons: tuple[str, ...]
     regime: str
+    # The risk price a smart controller's emergency rules are anchored at from this
+    # decision on (a rebalance); None: no anchor (not a rebalance, or a fixed benchmark).
+    anchor: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

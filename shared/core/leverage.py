@@ -297,6 +297,7 @@ class SmartLeverageController:
             emergency=emergency,
             reasons=tuple(reasons),
             regime=str(self._regime),
+            anchor=risk_price if rebalance else None,
         )
 
     def _rebalanced_at(self, price: float, lev: float) -> None:

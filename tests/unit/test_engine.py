@@ -22,7 +22,12 @@ from shared.core.events import (
     LeverageTargetChanged,
     UnheldEquityTaken,
 )
-from shared.core.leverage import Controller, LeverageConfig, SmartLeverageController
+from shared.core.leverage import (
+    Controller,
+    LeverageConfig,
+    SmartLeverageController,
+    model_leverage,
+)
 from shared.core.market import NS_PER_DAY, NS_PER_HOUR, FundingRate, Side, Tick
 from shared.core.money import usdt_down
 from shared.core.products import smart_controllers, smart_engine, smart_strategy
@@ -327,6 +332,38 @@ def test_an_order_keeps_the_products_leverage_so_the_emergency_rule_still_holds(
     else:
         engine.redeem(long.product, long.units / 3, ts)
     assert abs(long.leverage(Decimal(37500)) - before) < Decimal("0.01")
+    for price in ("36000", "34500", "33000", "31500", "30500", "30000", "29500", "29000"):
+        tick(price)
+        assert engine.nav(long.product) > 0
+        assert long.leverage(Decimal(price)) <= Decimal(config.leverage.l_max) * 2
+
+
+def test_a_deposit_into_an_empty_product_stands_where_its_controller_models_it() -> None:
+    """A 5x long's controller anchored at 30,000 (its first price, nothing held) models
+    2.78x after a rally to 37,500. The first deposit is built there, not at 5x: its
+    emergency rules, anchored at 30,000, then watch the position it holds. Built at 5x,
+    the way back down took it past 60x before the rules, reading 5.5x, fired."""
+    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
+    strategy = smart_strategy("BTC-USDT", config)
+    engine = strategy.engine
+    long = engine.books.products[f"{SYMBOL}:LONG"]
+    ts = 0
+
+    def tick(price: str) -> None:
+        nonlocal ts
+        ts += 1
+        strategy.on_tick(Tick(SYMBOL, ts, Decimal(price)), None)
+
+    for price in ("30000", "33000", "36000", "37500"):
+        tick(price)
+    assert long.qty == 0 and engine.anchors[long.product] == (5.0, 30000.0)
+    engine.deposit(long.product, Decimal(1_000_000), ts)
+    modelled = model_leverage(Side.LONG, 5.0, 30000.0, 37500.0)
+    # (the hedge's own fee and slippage come out of the equity it sized on: ~0.2%)
+    assert abs(float(long.leverage(Decimal(37500))) / modelled - 1) < 0.01
+    restored = smart_engine("BTC-USDT", config)
+    restored.restore_state(json.loads(json.dumps(engine.snapshot())))
+    assert restored.anchors == engine.anchors
     for price in ("36000", "34500", "33000", "31500", "30500", "30000", "29500", "29000"):
         tick(price)
         assert engine.nav(long.product) > 0

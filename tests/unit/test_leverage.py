@@ -249,6 +249,7 @@ def test_first_price_builds_the_position_then_the_first_bar_moves_it(side: Side)
         emergency=False,
         reasons=(Reason.REGIME_RANGE, Reason.RATE_LIMITED, Reason.OUTSIDE_BAND),
         regime="RANGE",
+        anchor=100.0,  # the emergency rules move their anchor with the rebalance
     )
     assert c.target == Decimal("1.25")
 
@@ -598,6 +599,7 @@ def test_long_adverse_move_on_tick(target: float, cut: str) -> None:
         emergency=True,
         reasons=(Reason.EMERGENCY_ADVERSE_MOVE,),
         regime="RANGE",
+        anchor=90.0,
     )
     assert on_grid(event.target)
     # Reference reset at 90: the next trigger is 81.

@@ -4,6 +4,7 @@ a leverage stage fed through the wire deciding exactly as `decide` does in-proce
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -86,12 +87,26 @@ def test_decision_round_trips_exactly() -> None:
         emergency=True,
         reasons=(Reason.EMERGENCY_ADVERSE_MOVE,),
         regime="HIGH_VOL",
+        anchor=43198.123456789012,  # a mark, to the float's last bit
     )
     message = target_changed(SYMBOL, 7, original, ts_init_ns=1)
     assert message.event_id == "BTC-USDT:7:BTC-USDT:SHORT"
     assert (message.price, message.target_leverage) == ("43210.10", "2.35")
     wire = codec.decode(leverage_pb2.LeverageTargetChanged, codec.encode(message))
     assert decision(wire) == original
+    unanchored = replace(original, rebalance=False, anchor=None)
+    assert decision(target_changed(SYMBOL, 7, unanchored, ts_init_ns=1)) == unanchored
+
+
+@pytest.mark.parametrize("anchor", [-1.0, float("nan"), float("inf")])
+def test_a_decision_anchored_at_no_price_is_refused(anchor: float) -> None:
+    """Hedging sizes a new position on it: one it could not size on is dead-lettered."""
+    message = leverage_pb2.LeverageTargetChanged(
+        product="BTC-USDT:LONG", side=1, price="1", target_leverage="2", previous_target="2",
+        regime=1, anchor=anchor,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="anchor"):
+        decision(message)
 
 
 def test_funding_passes_with_no_decision_and_keeps_the_regime() -> None:
