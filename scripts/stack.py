@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -337,9 +339,17 @@ def kafka_metadata(bootstrap: str, timeout_ms: int = 3000) -> str | None:
 
 
 def http_health(port: int, path: str) -> str | None:
+    """None when healthy; else why: the failing checks a service's 503 body names."""
     try:
-        with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=2) as resp:
+        with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=5) as resp:
             return None if resp.status == 200 else f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        with contextlib.suppress(ValueError, AttributeError, OSError):
+            checks = json.loads(exc.read()).get("checks", {})
+            failing = [f"{n}: {c.get('detail')}" for n, c in checks.items() if not c.get("ok")]
+            if failing:
+                return f"HTTP {exc.code}, " + "; ".join(failing)
+        return f"HTTP {exc.code}"
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
 

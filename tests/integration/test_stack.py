@@ -7,11 +7,14 @@ These tests use the stack in this checkout (.run/); they never run `down`."""
 from __future__ import annotations
 
 import contextlib
+import http.server
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -234,6 +237,38 @@ def test_taken_port_is_reported_at_once_with_its_holder() -> None:
     assert f"port {port} (needed by kafka) is in use by pid {os.getpid()}" in message
     assert "python" in message.split(f"pid {os.getpid()}")[1]  # names the holder's command
     stack_mod.check_port_free(port, "kafka")  # released: no error
+
+
+def test_an_unhealthy_service_is_reported_with_its_failing_checks() -> None:
+    """`up` and `ps` say which check failed and why, not only "HTTP Error 503"."""
+    body = json.dumps(
+        {
+            "service": "hedging",
+            "status": "unhealthy",
+            "checks": {
+                "kafka": {"ok": True, "detail": "ok", "ms": 1.0},
+                "consumer": {"ok": False, "detail": "3 new input message(s) waiting", "ms": 2.0},
+            },
+        }
+    ).encode()
+
+    class Unhealthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Unhealthy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        reason = stack_mod.http_health(server.server_address[1], "/healthz")
+    finally:
+        server.shutdown()
+    assert reason == "HTTP 503, consumer: 3 new input message(s) waiting"
 
 
 def test_unknown_command_and_no_args_fail() -> None:
