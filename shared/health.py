@@ -37,6 +37,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from shared.logging import get_logger
+
+log = get_logger("health")
+
 # A check passes by returning None/True; it fails by returning False or a string (the
 # reason) or by raising. Sync or async.
 CheckResult = bool | str | None
@@ -217,6 +221,7 @@ class HealthServer:
         self.service = service
         self.registry = registry
         self._runner: web.AppRunner | None = None
+        self._failing: tuple[str, ...] | None = None  # the checks that failed last time
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -225,7 +230,13 @@ class HealthServer:
         return app
 
     async def _healthz(self, request: web.Request) -> web.Response:
+        """The checks' outcomes; a change of which checks fail is logged with their
+        details, so a service found unhealthy can say afterwards why it was."""
         ok, outcomes = await self.health.run()
+        failing = {o.name: o.detail for o in outcomes if not o.ok}
+        if tuple(failing) != self._failing:
+            (log.info if ok else log.warning)("health_changed", healthy=ok, failing=failing)
+            self._failing = tuple(failing)
         body = {
             "service": self.service,
             "status": "ok" if ok else "unhealthy",

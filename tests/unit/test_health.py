@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import aiohttp
 import grpc
@@ -20,7 +21,8 @@ async def _get(port: int, path: str) -> tuple[int, str]:
         return response.status, await response.text()
 
 
-async def test_healthz_is_503_until_every_check_passes() -> None:
+async def test_healthz_is_503_until_every_check_passes(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     state = {"ok": False}
     registry = HealthRegistry(timeout_s=0.5)
     server = HealthServer(registry, port=0, host="127.0.0.1", service="t")
@@ -40,6 +42,13 @@ async def test_healthz_is_503_until_every_check_passes() -> None:
         state["ok"] = True
         status, body = await _get(port, "/healthz")
         assert status == 200 and json.loads(body)["status"] == "ok"
+        await _get(port, "/healthz")  # no change: nothing more logged
+        changes = [r.smartlev_fields for r in caplog.records if r.msg == "health_changed"]
+        assert changes == [
+            {"healthy": False, "failing": {"registry": "no health checks registered"}},
+            {"healthy": False, "failing": {"dep": "dependency down"}},
+            {"healthy": True, "failing": {}},
+        ]
 
         status, body = await _get(port, "/metrics")
         assert status == 200 and "python_info" in body
