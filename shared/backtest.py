@@ -123,6 +123,7 @@ def run_backtest(
             _count(series, seed)
     last_tick: Tick | None = None
     last_regime: str | None = None  # the regime as of the last bar close
+    recorded_last = False  # the last tick has its row
     for event in market_events(ticks, funding):
         if isinstance(event, FundingRate):
             result.funding_events += 1
@@ -133,7 +134,7 @@ def run_backtest(
         regime = signals.on_tick(event.ts_ns, event.price)
         for strategy in strategies:
             _count(series, strategy.on_tick(event, regime))
-        last_tick = event
+        last_tick, recorded_last = event, regime is not None
         if regime is not None:
             last_regime = regime.regime.value
             _record(result, event, last_regime)
@@ -141,7 +142,7 @@ def run_backtest(
             on_tick(event, None if regime is None else regime.regime.value, strategies)
         if progress is not None and result.ticks % 4096 == 0:
             progress(result.ticks)
-    if last_tick is not None and last_regime is not None and result.times[-1] != last_tick.ts_ns:
+    if last_tick is not None and last_regime is not None and not recorded_last:
         _record(result, last_tick, last_regime)
     if progress is not None:
         progress(result.ticks)

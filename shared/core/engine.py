@@ -171,8 +171,8 @@ class Engine:
             events.extend(decisions)
             for decision in decisions:
                 self.targets[decision.product] = decision.target
-                if decision.anchor is not None:
-                    self.anchors[decision.product] = (float(decision.target), decision.anchor)
+                if decision.rebalance:  # moves the rules' anchor, or (none given) voids it
+                    self._anchor(decision)
             moved_money |= self._rebalance(
                 ts_ns, [(d.product, d.emergency) for d in decisions if d.rebalance], events
             )
@@ -297,19 +297,28 @@ class Engine:
         self.books.apply_hedge(hedge)
         events.append(hedge)
 
+    def _anchor(self, decision: LeverageTargetChanged) -> None:
+        if decision.anchor is None:  # a fixed benchmark, or a decision from before anchors
+            self.anchors.pop(decision.product, None)
+        else:
+            self.anchors[decision.product] = (float(decision.target), decision.anchor)
+
     def modelled(self, product: str) -> Decimal:
-        """The leverage the product's controller models at the current mark: where a
-        product with no position is built, so the emergency rules, anchored at the
-        controller's last rebalance, watch the position it holds. Built at its target
-        instead, a deposit into an empty 3x long after a 50% rally stood at 3x while the
-        rules modelled 1.8x, and fired ~40% lower instead of 10%. The target when there is
-        no anchor (a fixed benchmark, or no rebalance yet) or no finite model."""
+        """The leverage a product with no position is built at: the one its controller
+        models at the current mark, so the emergency rules, anchored at the controller's
+        last rebalance, watch the position it holds, and never above its target. Built at
+        its target instead, a deposit into an empty 3x long after a 50% rally stood at 3x
+        while the rules modelled 1.8x, and fired ~40% lower instead of 10%. Below the
+        model is safe (a smaller position's leverage stays below the modelled one at every
+        later price: the rules fire early, never late). The target when there is no anchor
+        (a fixed benchmark, or no rebalance yet) or no finite model."""
+        target = self.targets[product]
         anchor = self.anchors.get(product)
         if anchor is None:
-            return self.targets[product]
+            return target
         side = self.books.products[product].side
         leverage = model_leverage(side, anchor[0], anchor[1], float(self.mark))
-        return Decimal(repr(leverage)) if 0 < leverage < math.inf else self.targets[product]
+        return min(Decimal(repr(leverage)), target) if 0 < leverage < math.inf else target
 
     def _rebalance(
         self,

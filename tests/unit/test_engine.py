@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -338,36 +339,67 @@ def test_an_order_keeps_the_products_leverage_so_the_emergency_rule_still_holds(
         assert long.leverage(Decimal(price)) <= Decimal(config.leverage.l_max) * 2
 
 
-def test_a_deposit_into_an_empty_product_stands_where_its_controller_models_it() -> None:
-    """A 5x long's controller anchored at 30,000 (its first price, nothing held) models
-    2.78x after a rally to 37,500. The first deposit is built there, not at 5x: its
-    emergency rules, anchored at 30,000, then watch the position it holds. Built at 5x,
-    the way back down took it past 60x before the rules, reading 5.5x, fired."""
+@pytest.mark.parametrize(
+    ("side", "away", "back"),
+    [
+        (Side.LONG, (30000, 33000, 36000, 37500), (36000, 33000, 31500, 30500, 30000, 29000)),
+        (Side.SHORT, (30000, 27000, 25000, 24000), (25000, 27000, 28500, 29500, 30000, 31000)),
+    ],
+)
+def test_a_deposit_into_an_empty_product_stands_where_its_controller_models_it(
+    side: Side, away: tuple[int, ...], back: tuple[int, ...]
+) -> None:
+    """A 5x product's controller anchored at its first mark (nothing held) models 2.78x
+    (long) or 2x (short) once the market moved 25% or 20% its way. The first deposit is
+    built there, not at 5x: its emergency rules, anchored at the first mark, then watch
+    the position it holds. Built at 5x, the way back took it past 60x before the rules,
+    reading 5.5x, fired. The mark sits 2% off the trade price, which the model reads."""
+    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
+    strategy = smart_strategy("BTC-USDT", config)
+    product = f"{SYMBOL}:{side.name}"
+    ts = 0
+
+    def tick(price: int) -> None:
+        nonlocal ts
+        ts += 1
+        mark = Decimal(price) * Decimal("1.02")
+        strategy.on_tick(Tick(SYMBOL, ts, Decimal(price), mark), None)
+
+    for price in away:
+        tick(price)
+    first_mark, last_mark = away[0] * 1.02, away[-1] * 1.02
+    assert strategy.engine.anchors[product] == (5.0, first_mark)
+    # what hedging restores after a restart carries the anchors: deposit through it
+    restored = smart_engine("BTC-USDT", config)
+    restored.restore_state(json.loads(json.dumps(strategy.engine.snapshot())))
+    strategy.engine = restored
+    book = restored.books.products[product]
+    assert book.qty == 0
+    restored.deposit(product, Decimal(1_000_000), ts)
+    modelled = model_leverage(side, 5.0, first_mark, last_mark)
+    # (the hedge's own fee and slippage come out of the equity it sized on: ~0.2%)
+    assert abs(float(book.leverage(Decimal(away[-1]))) / modelled - 1) < 0.01
+    for price in back:
+        tick(price)
+        assert restored.nav(product) > 0
+        assert book.leverage(Decimal(price)) <= Decimal(config.leverage.l_max) * 2
+
+
+def test_a_rebalance_without_an_anchor_voids_the_last_one() -> None:
+    """A decision from a leverage service without anchors (an older one in a rolling
+    deploy) leaves no stale anchor behind: the product is built at its target."""
     config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
     strategy = smart_strategy("BTC-USDT", config)
     engine = strategy.engine
-    long = engine.books.products[f"{SYMBOL}:LONG"]
-    ts = 0
-
-    def tick(price: str) -> None:
-        nonlocal ts
-        ts += 1
-        strategy.on_tick(Tick(SYMBOL, ts, Decimal(price)), None)
-
-    for price in ("30000", "33000", "36000", "37500"):
-        tick(price)
-    assert long.qty == 0 and engine.anchors[long.product] == (5.0, 30000.0)
-    engine.deposit(long.product, Decimal(1_000_000), ts)
-    modelled = model_leverage(Side.LONG, 5.0, 30000.0, 37500.0)
-    # (the hedge's own fee and slippage come out of the equity it sized on: ~0.2%)
-    assert abs(float(long.leverage(Decimal(37500))) / modelled - 1) < 0.01
-    restored = smart_engine("BTC-USDT", config)
-    restored.restore_state(json.loads(json.dumps(engine.snapshot())))
-    assert restored.anchors == engine.anchors
-    for price in ("36000", "34500", "33000", "31500", "30500", "30000", "29500", "29000"):
-        tick(price)
-        assert engine.nav(long.product) > 0
-        assert long.leverage(Decimal(price)) <= Decimal(config.leverage.l_max) * 2
+    product = f"{SYMBOL}:LONG"
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
+    assert product in engine.anchors
+    [decision] = [d for d in strategy.on_tick(Tick(SYMBOL, 2, Decimal(15000)), None)
+                  if isinstance(d, LeverageTargetChanged) and d.product == product]  # fmt: skip
+    assert decision.rebalance and decision.anchor == 15000.0  # an emergency re-anchors
+    engine.on_tick(Tick(SYMBOL, 3, Decimal(15000)), [replace(decision, anchor=None)], False)
+    assert product not in engine.anchors
+    assert engine.modelled(product) == engine.targets[product]
 
 
 def quoted_5x_long(
