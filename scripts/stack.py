@@ -818,9 +818,11 @@ class Stack:
         for proc in Path("/proc").iterdir():
             if proc.name.isdigit() and int(proc.name) != os.getpid():
                 pid = int(proc.name)
-                argv = pid_cmdline(pid)
-                mine = argv[-2:] == [str(Path(__file__).resolve()), "supervise"]
-                if mine and pid_cwd(pid) == self.root and pid_alive(pid):
+                argv, cwd = pid_cmdline(pid), pid_cwd(pid)
+                if argv[-1:] != ["supervise"] or len(argv) < 2 or cwd != self.root:
+                    continue
+                # `make up` names this file by its full path; by hand, relative to root
+                if (cwd / argv[-2]).resolve() == Path(__file__).resolve() and pid_alive(pid):
                     found.append(pid)
         return sorted(found)
 
@@ -848,25 +850,38 @@ class Stack:
         """First thing `down` does, so nothing it stops is started again. No handler: a
         SIGTERM ends the supervisor even while it waits for the stack's lock."""
         for pid in self.supervisors():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10.0
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                deadline = time.monotonic() + 10.0
+                while pid_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if not pid_alive(pid):
+                    break
             say(f"stopped supervisor (pid {pid})")
         (self.run / "supervisor.pid").unlink(missing_ok=True)
 
     def supervise(self, interval_s: float = 1.0, max_backoff_s: float = 60.0) -> None:
         """Until killed: every `interval_s`, under the stack's lock (so never in the middle
         of an `up`, `down`, `stop` or `restart`), start again each component that is not
-        running, is not held down and is not served by a process we did not start. One
-        that dies within a minute of its start waits twice as long before the next (1 s
-        up to `max_backoff_s`)."""
-        backoff: dict[str, float] = {}
+        running, is not held down and is not served by a process we did not start. A
+        component that did not come back, or died within a minute of coming back, waits
+        twice as long before the next try each time (1 s up to `max_backoff_s`)."""
+        if len(self.supervisors()) > 0:
+            say(f"a supervisor already watches this stack (pid {self.supervisors()[0]})")
+            return
+        failures: dict[str, int] = {}  # consecutive tries that failed or died young
         not_before: dict[str, float] = {}
+        came_back: dict[str, float] = {}
 
         def note(msg: str) -> None:
             say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}")
+
+        def back_off(name: str, why: str) -> None:
+            failures[name] = failures.get(name, 0) + 1
+            delay = min(2.0 ** failures[name], max_backoff_s)
+            not_before[name] = time.monotonic() + delay
+            note(f"{name} {why}; next try in {delay:.0f} s")
 
         note(f"supervisor watching {', '.join(c.name for c in self.all())}")
         while True:
@@ -876,27 +891,27 @@ class Stack:
                     pass
             with locked(self.run):
                 for comp in self.all():
-                    now = time.monotonic()
-                    if self.held_file(comp.name).exists() or now < not_before.get(comp.name, 0):
+                    name = comp.name
+                    if self.held_file(name).exists() or time.monotonic() < not_before.get(name, 0):
                         continue
                     if self.running_pid(comp) is not None or (
                         comp.ports and port_holder(comp.ports[0])
                     ):
                         continue
-                    last = tail(self.log_file(comp.name), 1).strip()[:160]
-                    note(f"{comp.name} is not running (its log's last line: {last}); starting it")
-                    started = self.launched_at.get(comp.name)
-                    died_young = started is not None and now - started < 60.0
-                    delay = (
-                        min(backoff.get(comp.name, 0.5) * 2, max_backoff_s) if died_young else 1.0
-                    )
-                    backoff[comp.name] = delay
-                    not_before[comp.name] = now + delay
+                    last = tail(self.log_file(name), 1).strip()[:160]
+                    back_at = came_back.pop(name, None)
+                    if back_at is not None and time.monotonic() - back_at < 60.0:
+                        back_off(name, f"died soon after coming back ({last})")
+                        continue
+                    if back_at is not None:
+                        failures[name] = 0  # it had been up a while: a fresh failure
+                    note(f"{name} is not running (its log's last line: {last}); starting it")
                     try:
                         self.launch(comp)
                         self.wait_healthy(comp)
-                    except StackError as exc:
-                        note(f"{comp.name} did not come back: {exc}; next try in {delay:.0f} s")
+                        came_back[name] = time.monotonic()
+                    except Exception as exc:  # logged; the other components are still watched
+                        back_off(name, f"did not come back: {exc}")
 
     def ps(self) -> list[tuple[str, str, str, str]]:
         rows = []
@@ -1046,6 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack.held_file(comp.name).touch()
                 stack.stop(comp)
         elif args.cmd == "down":
+            stack.stop_supervisor()  # not behind the lock a supervisor's round may hold
             with locked(stack.run):
                 stack.down()
         elif args.cmd == "ps":

@@ -156,9 +156,13 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
 
 def in_last_regime(order: FillsEvent, fields: dict[str, str]) -> FillsEvent:
     """An order's event as its re-mark publishes it: in the regime the product was last
-    marked in (`fields`: its `nav:{product}` hash), since an order's update carries none."""
+    marked in (`fields`: its `nav:{product}` hash), since an order's update carries none.
+    A regime name this build does not know (a hash another build wrote) is left out: an
+    error here would stop the stage on the same record at every restart."""
     last = fields.get("regime")
-    return replace(order, regime=common_pb2.Regime.Value(last)) if last else order
+    if order.regime or not last or last not in common_pb2.Regime.DESCRIPTOR.values_by_name:
+        return order
+    return replace(order, regime=common_pb2.Regime.Value(last))
 
 
 def mark(book: BookState, price: Decimal, last_nav: Decimal) -> Marked:

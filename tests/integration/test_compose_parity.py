@@ -203,6 +203,14 @@ def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[s
     elif inits:
         diffs.append(f"compose has init services {inits}; native has no init steps")
 
+    for name, role in sorted(roles.items()):
+        restart = services[name].get("restart")
+        if role in ("infra", "service") and restart != "unless-stopped":
+            diffs.append(
+                f"{name}: restart {restart!r}, not 'unless-stopped' (the native stack's "
+                "supervisor starts again whatever exits)"
+            )
+
     native_services = {s.name: s for s in native.cfg.services}
     compose_services = {n: services[n] for n, r in roles.items() if r == "service"}
     for name in sorted(set(native_services) - set(compose_services)):
@@ -284,6 +292,7 @@ def _set(name: str, key: str, value: Any) -> Callable[[dict[str, Any]], None]:
             "redis appendonly",
         ),
         (_set("redis", "ports", ["6379:6379"]), "redis published ports"),
+        (_set("kafka", "restart", "no"), "kafka: restart 'no', not 'unless-stopped'"),
         (_env("init", "SMARTLEV_TOPICS_KAFKA__BOOTSTRAP", "127.0.0.1:9092"), "init environment"),
         (
             lambda c: c["services"].update(

@@ -4,13 +4,21 @@ letter with the reason), never marked and published."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
-from smartlev.v1 import hedging_pb2
+from smartlev.v1 import common_pb2, hedging_pb2
 
 from services.hedging.messages import hedge_update
-from services.nav.marking import Unmarkable, mark, marked_update, nav_updated, parse_update
+from services.nav.marking import (
+    Unmarkable,
+    in_last_regime,
+    mark,
+    marked_update,
+    nav_updated,
+    parse_update,
+)
 from shared import codec
 from shared.core.config import StrategyConfig
 from shared.core.market import Tick
@@ -120,3 +128,25 @@ def test_books_past_what_a_nav_can_be_are_unmarkable(
     marked, message = marked_update(event.books[1], event.price, Decimal(100), event, 1, 1)
     assert marked == mark(event.books[1], event.price, Decimal(100))
     assert message == nav_updated(marked, event, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        ({"regime": "TREND_DOWN"}, common_pb2.TREND_DOWN),  # the product's last regime
+        ({}, common_pb2.REGIME_UNSPECIFIED),  # no tick marked it yet
+        ({"regime": "SIDEWAYS"}, common_pb2.REGIME_UNSPECIFIED),  # another build's name
+    ],
+)
+def test_an_orders_re_mark_is_in_the_products_last_regime(
+    stored: dict[str, str], expected: int
+) -> None:
+    update = tick_update()
+    update.ClearField("market")
+    update.event_id = "BTC-USDT:order:o1"
+    order = parse_update(update)
+    assert order.regime == common_pb2.REGIME_UNSPECIFIED  # an order's update carries none
+    assert in_last_regime(order, stored).regime == expected
+    # one that carries a regime keeps it
+    carrying = replace(order, regime=common_pb2.RANGE)
+    assert in_last_regime(carrying, {"regime": "TREND_DOWN"}).regime == common_pb2.RANGE
