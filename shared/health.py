@@ -36,6 +36,7 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.logging import get_logger
 
@@ -144,13 +145,22 @@ def kafka_check(bootstrap: str, timeout_s: float = 1.5) -> Check:
 
 
 def redis_check(client: Any) -> Check:
-    """Redis answers PING (`client` is a redis.asyncio.Redis or a sync redis.Redis)."""
+    """Redis answers PING (`client` is a redis.asyncio.Redis or a sync redis.Redis). A
+    pooled connection the server closed (a Redis restart, CLIENT KILL) fails its first
+    command only: PING is tried once more, on a fresh connection, before Redis is called
+    down (every service read unhealthy for a probe after each Redis restart)."""
 
-    async def check() -> CheckResult:
+    async def ping() -> CheckResult:
         result = client.ping()
         if inspect.isawaitable(result):
             result = await result
         return True if result else "redis PING returned false"
+
+    async def check() -> CheckResult:
+        try:
+            return await ping()
+        except RedisConnectionError:
+            return await ping()
 
     return check
 
