@@ -813,7 +813,8 @@ class Stack:
         return self.run / f"{name}.held"
 
     def supervisors(self) -> list[int]:
-        """This checkout's supervisor processes (one, unless .run/ lost its pid file)."""
+        """This checkout's supervisor processes, found by command line and directory (the
+        pid file is for people); more than one only if one was started by hand."""
         found = []
         for proc in Path("/proc").iterdir():
             if proc.name.isdigit() and int(proc.name) != os.getpid():
@@ -866,9 +867,9 @@ class Stack:
         of an `up`, `down`, `stop` or `restart`), start again each component that is not
         running, is not held down and is not served by a process we did not start. A
         component that did not come back, or died within a minute of coming back, waits
-        twice as long before the next try each time (1 s up to `max_backoff_s`)."""
-        if len(self.supervisors()) > 0:
-            say(f"a supervisor already watches this stack (pid {self.supervisors()[0]})")
+        twice as long before the next try each time (2 s up to `max_backoff_s`)."""
+        if running := self.supervisors():
+            say(f"a supervisor already watches this stack (pid {running[0]})")
             return
         failures: dict[str, int] = {}  # consecutive tries that failed or died young
         not_before: dict[str, float] = {}
