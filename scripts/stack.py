@@ -803,7 +803,7 @@ class Stack:
             say(f"init {step.name}: done ({step.module})")
 
     def down(self) -> None:
-        self.stop_supervisor()
+        self.stop_supervisor()  # again under the lock: one an `up` started meanwhile
         for comp in reversed(self.all()):
             self.stop(comp)
 

@@ -60,8 +60,8 @@ KEYS_CACHED = 4096
 
 # KEYS: applied, meta, position, ledger, outbox, outbox index. ARGV: record id, record,
 # revision field, expected revision, event (base64), the position's units as read ("" =
-# no position),
-# then n + n position field/value pairs, then n + n ledger field/value pairs.
+# no position), then n + n position field/value pairs, then n + n ledger field/value
+# pairs.
 _SETTLE_LUA = """
 local record = redis.call('HGET', KEYS[1], ARGV[1])
 if record then return {0, record} end

@@ -68,7 +68,7 @@ def _dict(value: object) -> dict[str, object]:
     return value
 
 
-def _anchor(value: object) -> tuple[float, float]:
+def _anchor_entry(value: object) -> tuple[float, float]:
     assert isinstance(value, list) and len(value) == 2
     return float(value[0]), float(value[1])
 
@@ -172,7 +172,7 @@ class Engine:
             for decision in decisions:
                 self.targets[decision.product] = decision.target
                 if decision.rebalance:  # moves the rules' anchor, or (none given) voids it
-                    self._anchor(decision)
+                    self._move_anchor(decision)
             moved_money |= self._rebalance(
                 ts_ns, [(d.product, d.emergency) for d in decisions if d.rebalance], events
             )
@@ -297,7 +297,7 @@ class Engine:
         self.books.apply_hedge(hedge)
         events.append(hedge)
 
-    def _anchor(self, decision: LeverageTargetChanged) -> None:
+    def _move_anchor(self, decision: LeverageTargetChanged) -> None:
         if decision.anchor is None:  # a fixed benchmark, or a decision from before anchors
             self.anchors.pop(decision.product, None)
         else:
@@ -393,7 +393,7 @@ class Engine:
         targets = _dict(snapshot["targets"])
         self.targets = {p: Decimal(str(t)) for p, t in targets.items()}
         anchors = _dict(snapshot.get("anchors", {}))  # none in a snapshot from before them
-        self.anchors = {p: _anchor(a) for p, a in anchors.items()}
+        self.anchors = {p: _anchor_entry(a) for p, a in anchors.items()}
         self.books = Books.restore(self.books.config, _dict(snapshot["books"]))
 
 
