@@ -29,7 +29,7 @@ def nav_hash(
     reasons: str = "",
     seq: int = 1,
 ) -> tuple[str, dict[str, str]]:
-    """The key and fields of `product`'s mark at `nav`, written `age_s` ago: the
+    """The key and fields of `product`'s mark at `nav`, priced and written `age_s` ago: the
     gateway trades on a mark younger than its max_nav_age_s, or on any mark while no
     units are out (here or in its ledger)."""
     marked = Marked(
@@ -54,8 +54,8 @@ def nav_hash(
         books=(),
         reasons=((product, reasons),) if reasons else (),
     )
-    written_ns = time.time_ns() - int(age_s * 1e9)
-    fields = state_fields(marked, event, seq, written_ns)
+    priced_ns = time.time_ns() - int(age_s * 1e9)
+    fields = state_fields(marked, event, seq, priced_ns, priced_ns)
     return key(f"{namespace}nav", product), {
         name: field_to_wire(value, name) for name, value in fields.items()
     }

@@ -263,9 +263,9 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         value = Decimal(nav["nav"])
         if ledger_units == 0 and Decimal(nav.get("units", "0")) == 0:
             return value  # no units anywhere: the NAV cannot move, however old the mark
-        written = int(nav.get("written_ns", "0"))
-        age_s = (time.time_ns() - written) / 1e9
-        if not written or age_s > self.settings.max_nav_age_s:
+        priced = int(nav.get("priced_ns") or nav.get("written_ns") or "0")
+        age_s = (time.time_ns() - priced) / 1e9
+        if not priced or age_s > self.settings.max_nav_age_s:
             _fail(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{product}: the last NAV is stale ({age_s:.0f}s old, max "

@@ -30,10 +30,12 @@ from services.nav.marking import (
 from shared.adapters.redis_wire import RedisWire
 from shared.consumer_stage import ConsumerRuntime, Records
 from shared.core.accounting import AccountingConfig
+from shared.logging import get_logger
 from shared.redis_store import ApplyOnceStore
 from shared.stream import Outgoing, Record
 from shared.topics import HEDGE_FILLS, NAV_LATEST, NAV_UPDATES
 
+log = get_logger("nav")
 MARKET_SOURCE = "market"  # ApplyOnceStore source whose "offset" is the market seq
 
 
@@ -80,7 +82,7 @@ class NavService:
             for marked, message in updates:
                 outgoing += [(t, marked.product, message) for t in (self.updates, self.latest)]
                 writes.setdefault(marked.product, {}).update(
-                    state_fields(marked, event, event.seq, now)
+                    state_fields(marked, event, event.seq, now, event.ts_init_ns or now)
                 )
                 last_seq[marked.product], last_nav[marked.product] = event.seq, marked.nav
             applied.append(event)
@@ -101,12 +103,13 @@ class NavService:
             self.runtime.processed(self.fills, event.ts_init_ns or now)
 
     async def handle_order(self, event: FillsEvent, record: Record) -> None:
-        """Re-mark the products an order changed, at the last price and in the last
-        regime (an order's update carries none; books that cannot be marked there
-        dead-letter the order's update, before anything is sent)."""
+        """Re-mark the products an order changed, at the last price, in the last regime
+        and as fresh as that price (an order's update carries none of them; books that
+        cannot be marked there dead-letter the order's update, before anything is
+        sent). A hash an older build wrote has no price time: its write time stands in."""
         current = await asyncio.gather(*(self.store.read(b.product) for b in event.books))
         now = time.time_ns()
-        pending: list[tuple[Marked, nav_pb2.NavUpdated, int, FillsEvent]] = []
+        pending: list[tuple[Marked, nav_pb2.NavUpdated, int, FillsEvent, int]] = []
         try:
             for book, (fields, _) in zip(event.books, current, strict=True):
                 last_seq = int(fields.get("seq", "0"))
@@ -114,10 +117,16 @@ class NavService:
                 if Decimal(fields.get("units", "0")) != book.units and not (
                     await self.store.was_applied(book.product, event.event_id)
                 ):
-                    price = Decimal(fields.get("price", "0"))
+                    if "price" not in fields and book.qty != 0:
+                        # No tick marked the product yet (or its mark was lost): a hedge
+                        # cannot be valued without a price; the next tick marks it.
+                        log.warning("remark_without_price", product=book.product)
+                        continue
+                    price = Decimal(fields.get("price", "0"))  # 0 values no hedge
                     remark = in_last_regime(event, fields)
                     marked, message = marked_update(book, price, last_nav, remark, last_seq, now)
-                    pending.append((marked, message, last_seq, remark))
+                    priced = int(fields.get("priced_ns") or fields.get("written_ns") or now)
+                    pending.append((marked, message, last_seq, remark, priced))
         except Unmarkable as exc:
             await self.runtime.reject(self.fills, record, str(exc))
             return
@@ -125,12 +134,13 @@ class NavService:
             await self.runtime.send_many(
                 [
                     (t, m.product, message)
-                    for m, message, _, _ in pending
+                    for m, message, *_ in pending
                     for t in (self.updates, self.latest)
                 ]
             )
-        for marked, _, seq, remark in pending:
-            changes = {self.store.state_key(marked.product): state_fields(marked, remark, seq, now)}
+        for marked, _, seq, remark, priced in pending:
+            state = state_fields(marked, remark, seq, now, priced)
+            changes = {self.store.state_key(marked.product): state}
             await self.store.apply(marked.product, changes, message_id=event.event_id)
         self.runtime.processed(self.fills, now)
 

@@ -231,11 +231,14 @@ def nav_updated(marked: Marked, event: FillsEvent, seq: int, ts_init_ns: int) ->
 
 
 def state_fields(
-    marked: Marked, event: FillsEvent, seq: int, written_ns: int
+    marked: Marked, event: FillsEvent, seq: int, written_ns: int, priced_ns: int
 ) -> dict[str, str | int | Decimal]:
-    """The `nav:{product}` hash after this update. `written_ns` (wall clock) tells the
-    order gateway how fresh the NAV is; `reasons` (the last leverage change's codes) is
-    only written when this event changed the product's target."""
+    """The `nav:{product}` hash after this update. `priced_ns` (wall clock: when the
+    price the NAV is marked at entered the system, the tick's `ts_init_ns`) tells the
+    order gateway how fresh the NAV is; an order's re-mark keeps it, so orders cannot
+    keep an old price tradable, nor can a backlog of old ticks marked late. `written_ns`
+    is when the hash was written. `reasons` (the last leverage change's codes) is only
+    written when this event changed the product's target."""
     reasons = dict(event.reasons)
     extra: dict[str, str | int | Decimal] = (
         {"reasons": reasons[marked.product]} if marked.product in reasons else {}
@@ -243,6 +246,7 @@ def state_fields(
     return {
         **extra,
         "written_ns": written_ns,
+        "priced_ns": priced_ns,
         "equity": marked.equity,
         "units": marked.units,
         "nav": marked.nav,

@@ -966,6 +966,10 @@ async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
     await env.set_nav(PRODUCT, NAV)
     opened = await env.open("before-stale")
     await env.set_nav(PRODUCT, NAV, age_s=60)
+    # Re-marked by an order just now (the NAV service keeps the price's time): still a
+    # 60 s old price.
+    nav_key = f"{env.ns}nav:{{{PRODUCT}}}"
+    await env.redis.hset(nav_key, "written_ns", time.time_ns())
     before = await env.state()
     assert not (await product_of(env, PRODUCT)).tradable  # as the orders below find it
     code, details = await _code(env.open("stale"))
@@ -994,6 +998,9 @@ async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
     assert (await env.open("stale-but-empty", "100", product="ETH-USDT:LONG")).nav == str(NAV)
     listed = await env.stub.ListProducts(gateway_pb2.ListProductsRequest(), metadata=ALICE)
     assert {p.product: p.tradable for p in listed.products}["ETH-USDT:SHORT"] is False
+    # A hash an older NAV service wrote has no price time: its write time stands in.
+    await env.redis.hdel(nav_key, "priced_ns")
+    assert (await env.open("older-hash")).nav == str(NAV)
 
 
 async def product_of(env: Env, product: str) -> gateway_pb2.Product:

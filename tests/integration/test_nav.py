@@ -85,6 +85,12 @@ def test_nav_service_marks_the_core_books_exactly(
     book.units = str(Decimal(book.units) * 2)
     book.cash = str(Decimal(book.cash) * 2)
     updates.append(late)
+    # an order on a product no tick marked yet, with a hedge on: it cannot be valued
+    # without a price, so nothing is published or written for it until a tick marks it
+    unpriced = hedging_pb2.HedgeUpdate(event_id="ETH-USDT:order:unpriced")
+    unpriced.products.add(product="ETH-USDT:LONG", units="10", cash="-1000", qty="1")
+    unpriced.products[0].target_leverage = "2"
+    updates.append(unpriced)
 
     with Pipeline.start([NAV], bootstrap=kafka_bootstrap, redis_url=redis_url) as pipeline:
         topic = pipeline.topic(HEDGE_FILLS.name)
@@ -96,7 +102,8 @@ def test_nav_service_marks_the_core_books_exactly(
         try:
             producer.send(topic, key=SYMBOL, value=b"\x08garbage")
             for update in updates:
-                producer.send(topic, key=SYMBOL, value=update)
+                symbol = update.products[0].product.partition(":")[0]
+                producer.send(topic, key=symbol, value=update)
             producer.flush()
         finally:
             producer.close()
@@ -116,12 +123,18 @@ def test_nav_service_marks_the_core_books_exactly(
         assert last.regime  # the slice ends in a regime, so an order that drops it shows
         [remarked] = [u for u in got if u.event_id == f"{book.product}:{late.event_id}"]
         assert (common_pb2.Regime.Name(remarked.regime), remarked.seq) == (last.regime, n)
+        # The last tick's price entered the system at its ts_init_ns; an order's re-mark
+        # after it is as fresh as that price, not as the re-mark.
+        [*_, last_tick] = [u.market.tick for u in updates if u.market.HasField("tick")]
         for product in PRODUCTS:
             state = redis_client.hgetall(f"{pipeline.namespace}nav:{{{product}}}")
             marked = remarked.nav if product == book.product else last.navs[product]
             assert Decimal(state["nav"]) == Decimal(marked)
             assert int(state["seq"]) == n
             assert state["regime"] == last.regime
+            assert int(state["priced_ns"]) == last_tick.ts_init_ns < int(state["written_ns"])
+        assert not redis_client.exists(f"{pipeline.namespace}nav:{{ETH-USDT:LONG}}")
+        assert not [u for u in got if u.product == "ETH-USDT:LONG"]
 
         dlq = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
         try:
