@@ -7,7 +7,7 @@
   keys and products), an int ns timestamp > 0, and
   `Decimal` numbers (a float is refused: it is not an exact price);
 - numbers: price (and mark, when present) finite and > 0; a funding rate finite with
-  |rate| < 1 (the same bound as the CSV loader);
+  |rate| <= MAX_FUNDING_RATE (the same bound as the CSV loader);
 - time moves forward per symbol: the order key `(ts_ns, rank)` must be strictly above the
   last accepted one, where funding ranks before a tick of the same instant (as in
   `shared.backtest.market_events`). So a tick at an equal or earlier ts is refused, and
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from shared.codec import wire_problem
-from shared.core.market import FundingRate, Tick, symbol_problem
+from shared.core.market import MAX_FUNDING_RATE, FundingRate, Tick, symbol_problem
 
 FUNDING_RANK = 0  # a funding settles on the position held up to its instant: first
 TICK_RANK = 1
@@ -130,8 +130,10 @@ def check(event: object) -> Rejected | None:
         return Rejected(Reason.SCHEMA, f"ts_ns must be an int in (0, 2^63), got {ts_ns!r}")
     if isinstance(event, FundingRate):
         bad = _number(event.rate, "rate")
-        if bad is None and abs(event.rate) >= 1:
-            bad = Rejected(Reason.OUT_OF_BOUNDS, f"|rate| must be < 1, got {event.rate}")
+        if bad is None and abs(event.rate) > MAX_FUNDING_RATE:
+            bad = Rejected(
+                Reason.OUT_OF_BOUNDS, f"|rate| must be <= {MAX_FUNDING_RATE}, got {event.rate}"
+            )
         return bad
     bad = _positive(event.price, "price")
     if bad is None and event.mark_price is not None:

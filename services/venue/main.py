@@ -190,7 +190,7 @@ class VenueServicer(venue_pb2_grpc.VenueServicer):
             symbol = self._symbol(request.symbol)
             settlement_id = _id(request.settlement_id, "settlement_id")
             rate = _decimal(request.rate, "rate")
-            if abs(rate) >= 1:  # ingestion's bound too: a rate of 100% a period is no rate
+            if abs(rate) >= 1:  # a rate of 100% a period is no rate (ingestion admits 5%)
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"rate: |{rate}| must be < 1")
             mark = _decimal(request.mark_price, "mark_price", positive=True)
 

@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from shared.codec import wire_problem
-from shared.core.market import NS_PER_HOUR, NS_PER_SECOND, Bar, FundingRate
+from shared.core.market import MAX_FUNDING_RATE, NS_PER_HOUR, NS_PER_SECOND, Bar, FundingRate
 
 BAR_COLUMNS = ("timestamp", "open", "high", "low", "close", "volume")
 FUNDING_COLUMNS = ("timestamp", "funding_rate")
@@ -288,8 +288,8 @@ def load_funding(
     start_ns: int | None = None,
     end_ns: int | None = None,
 ) -> tuple[list[FundingRate], LoadReport]:
-    """Validated funding settlements: any sign, but |rate| < 1 (a rate of 100% per 8h or
-    more is a broken file, not a market), timestamps strictly increasing."""
+    """Validated funding settlements: any sign, but |rate| <= MAX_FUNDING_RATE (above it
+    is a broken file, not a market), timestamps strictly increasing."""
     rows = _Rows(path, FUNDING_COLUMNS)
     order = _Order(rows)
     rates: list[FundingRate] = []
@@ -299,8 +299,10 @@ def load_funding(
         ts = rows.timestamp(ts_text)
         order.check(ts)
         rate = rows.number("funding_rate", rate_text)
-        if abs(rate) >= 1:
-            raise rows.error(f"funding_rate {rate} is out of bounds (|rate| must be < 1)")
+        if abs(rate) > MAX_FUNDING_RATE:
+            raise rows.error(
+                f"funding_rate {rate} is out of bounds (|rate| must be <= {MAX_FUNDING_RATE})"
+            )
         if not _in_window(ts, start_ns, end_ns):
             outside += 1
             continue

@@ -15,7 +15,7 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.core.events import LeverageTargetChanged, Reason
-from shared.core.market import NS_PER_DAY, Side
+from shared.core.market import MAX_FUNDING_RATE, NS_PER_DAY, Side
 from shared.core.regime import Regime, RegimeState
 
 
@@ -73,6 +73,11 @@ class LeverageConfig(BaseModel):
             )
         if self.leverage_ceiling <= self.l_max:
             raise ValueError("leverage_ceiling must be above l_max, or every tick would trigger")
+        if self.leverage_ceiling * float(MAX_FUNDING_RATE) >= 1:
+            raise ValueError(
+                f"leverage_ceiling {self.leverage_ceiling:g} x the largest funding rate "
+                f"{MAX_FUNDING_RATE} must be < 1, or one settlement could take NAV to zero"
+            )
         if self.vol_scale_min > self.vol_scale_max:
             raise ValueError("vol_scale_min > vol_scale_max")
         for name in ("l_min", "l_max"):  # targets round to 0.05x: a bound between steps

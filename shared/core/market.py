@@ -53,6 +53,13 @@ class Bar(NamedTuple):
     volume: Decimal
 
 
+# The largest funding rate a settlement may carry, either sign. A product pays leverage
+# x rate of its equity to one settlement, so the strategy keeps leverage_ceiling x this
+# below 1 (LeverageConfig): funding alone cannot take a NAV to zero. 13 times the largest
+# BTC or ETH settlement of 2019-2023 (0.375%); a rate above it is a broken feed or file.
+MAX_FUNDING_RATE = Decimal("0.05")
+
+
 class FundingRate(NamedTuple):
     """The rate settled at `ts_ns` (fraction per 8h); positive: longs pay shorts."""
 

@@ -20,7 +20,7 @@ from services.ingestion.validation import (
     admit,
     order_key,
 )
-from shared.core.market import FundingRate, Tick
+from shared.core.market import MAX_FUNDING_RATE, FundingRate, Tick
 
 EXAMPLES = int(os.environ.get("SMARTLEV_PROPERTY_EXAMPLES", "200"))
 POLICY = Policy()
@@ -68,6 +68,9 @@ def test_first_tick_gets_seq_1_and_becomes_the_state() -> None:
         (Tick("BTC{USDT}", T0, Decimal(1)), Reason.SCHEMA),  # a Redis hash tag inside
         (Tick("BTC-USDT|signal", T0, Decimal(1)), Reason.SCHEMA),  # a regime table key
         (FundingRate("BTC-USDT", T0, Decimal(1)), Reason.OUT_OF_BOUNDS),
+        # a settlement one step past the bound: no product may pay it (MAX_FUNDING_RATE)
+        (FundingRate("BTC-USDT", T0, Decimal("0.050001")), Reason.OUT_OF_BOUNDS),
+        (FundingRate("BTC-USDT", T0, Decimal("-0.050001")), Reason.OUT_OF_BOUNDS),
         (FundingRate("BTC-USDT", T0, Decimal("NaN")), Reason.NOT_FINITE),
         ({"price": "1"}, Reason.SCHEMA),
     ],
@@ -132,7 +135,12 @@ def candidates(draw: st.DrawFn) -> list[object]:
         if draw(st.booleans()):
             out.append(tick(ts, draw(prices)))
         else:
-            rate = draw(st.decimals(min_value=Decimal("-2"), max_value=Decimal("2"), places=6))
+            rate = draw(
+                st.one_of(
+                    st.decimals(min_value=Decimal("-2"), max_value=Decimal("2"), places=6),
+                    st.sampled_from([MAX_FUNDING_RATE, -MAX_FUNDING_RATE]),  # the bound itself
+                )
+            )
             out.append(FundingRate("BTC-USDT", ts, rate))
     return out
 
@@ -148,6 +156,8 @@ def test_accepted_stream_is_strictly_ordered_with_seqs_1_to_n(events: list[objec
     for v in accepted:
         if isinstance(v.event, Tick):
             assert v.event.price.is_finite() and v.event.price > 0
+        else:
+            assert abs(v.event.rate) <= MAX_FUNDING_RATE
     assert state.seq == len(accepted)
     assert (state.last_key is None) == (not accepted)
 

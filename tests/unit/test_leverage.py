@@ -116,6 +116,16 @@ def test_config_accepts_l_max_times_emergency_move_just_below_one() -> None:
     assert config.l_max == 9.9
 
 
+@pytest.mark.parametrize("ceiling", [20.0, 25.0])
+def test_config_refuses_a_ceiling_one_funding_settlement_could_take_to_zero(
+    ceiling: float,
+) -> None:
+    # 20 x 0.05 = 1: a settlement at the largest rate admitted would take all the equity.
+    with pytest.raises(ValidationError, match="largest funding rate"):
+        LeverageConfig(l_max=5.0, leverage_ceiling=ceiling)
+    assert LeverageConfig(l_max=5.0, leverage_ceiling=19.9).leverage_ceiling == 19.9
+
+
 @pytest.mark.parametrize("ceiling", [5.0, 4.9, 2.0])
 def test_config_refuses_a_leverage_ceiling_at_or_below_l_max(ceiling: float) -> None:
     with pytest.raises(ValidationError, match="leverage_ceiling must be above l_max"):

@@ -243,7 +243,8 @@ def test_prices_are_exact_decimals(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("row", "fragments"),
     [
-        ("2020-01-01T08:00:00Z,1\n", ["funding_rate", "|rate| must be < 1"]),
+        ("2020-01-01T08:00:00Z,1\n", ["funding_rate", "|rate| must be <= 0.05"]),
+        ("2020-01-01T08:00:00Z,0.0500001\n", ["out of bounds"]),
         ("2020-01-01T08:00:00Z,-1.5\n", ["out of bounds"]),
         ("2020-01-01T08:00:00Z,inf\n", ["not finite"]),
         ("2020-01-01T00:00:00Z,0.0001\n", ["duplicate"]),
