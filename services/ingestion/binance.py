@@ -31,6 +31,10 @@ from typing import Any
 from shared.core.market import FundingRate, Tick
 
 NS_PER_MS = 1_000_000
+# How far ahead of this machine's clock a trade may be stamped: exchange and host clocks
+# drift apart by seconds at most. A trade stamped later is refused: published, it would
+# leave every real trade after it "not forward", refused, for good.
+MAX_AHEAD_NS = 60 * 1_000_000_000
 
 
 class FeedError(ValueError):
@@ -149,10 +153,16 @@ class BinanceFeed:
             return last + 1
         return ts_ns
 
-    def on_message(self, message: object) -> tuple[BinanceFeed, list[Tick | FundingRate]]:
+    def on_message(
+        self, message: object, received_ns: int
+    ) -> tuple[BinanceFeed, list[Tick | FundingRate]]:
+        """`received_ns`: this machine's clock when the payload came in."""
         observed = parse(message, self.symbol)
         out: list[Tick | FundingRate] = []
         if isinstance(observed, TradeObserved):
+            if observed.ts_ns > received_ns + MAX_AHEAD_NS:
+                ahead_s = (observed.ts_ns - received_ns) / 1e9
+                raise FeedError(f"trade time is {ahead_s:,.0f} s ahead of the clock")
             feed, funding = self._settle(observed.ts_ns)
             out.extend(funding)
             ts_ns = self._trade_time(observed.ts_ns)

@@ -161,7 +161,7 @@ def handle_live(
     """One exchange payload: publish what it implies (but what is at or before `after`,
     published by an attempt a failure cut short), or dead-letter it; commit."""
     try:
-        feed, events = feed.on_message(message)
+        feed, events = feed.on_message(message, time.time_ns())
     except FeedError as exc:
         raw = message if isinstance(message, bytes) else str(message).encode("utf-8")
         ingestor.dead_letter(feed.symbol, raw[:4096], Rejected(Reason.PARSE, str(exc)))

@@ -14,6 +14,7 @@ from decimal import Decimal
 import pytest
 
 from services.ingestion.binance import (
+    MAX_AHEAD_NS,
     BinanceFeed,
     FeedError,
     MarkObserved,
@@ -25,6 +26,7 @@ from services.ingestion.validation import EMPTY, Accepted, Policy, admit
 from shared.core.market import FundingRate, Tick
 
 MS = 1_000_000
+RECEIVED = 1717200005000 * MS  # this machine's clock: after every sample's times
 AGG_TRADE = """{"e":"aggTrade","E":1717200000123,"a":2155403291,"s":"BTCUSDT","p":"67512.30",
 "q":"0.015","f":5070362144,"l":5070362146,"T":1717200000120,"m":true}"""
 MARK_UPDATE = """{"e":"markPriceUpdate","E":1717199999000,"s":"BTCUSDT","p":"67508.61428571",
@@ -51,19 +53,19 @@ def test_mark_price_update() -> None:
 
 def test_fold_carries_the_mark_and_settles_funding_before_the_next_tick() -> None:
     feed = BinanceFeed("BTC-USDT")
-    feed, out = feed.on_message(MARK_UPDATE)
+    feed, out = feed.on_message(MARK_UPDATE, RECEIVED)
     assert out == []
     # The trade at T+120ms passed the settlement at T: funding first, then the tick.
-    feed, out = feed.on_message(AGG_TRADE)
+    feed, out = feed.on_message(AGG_TRADE, RECEIVED)
     mark = Decimal("67508.61428571")
     assert out == [
         FundingRate("BTC-USDT", 1717200000000 * MS, Decimal("0.00010000")),
         Tick("BTC-USDT", 1717200000120 * MS, Decimal("67512.30"), mark),
     ]
     # The next mark update announces the next T; nothing settles twice.
-    feed, out = feed.on_message(MARK_NEXT)
+    feed, out = feed.on_message(MARK_NEXT, RECEIVED)
     assert out == []
-    feed, out = feed.on_message(COMBINED)
+    feed, out = feed.on_message(COMBINED, RECEIVED)
     assert out == [Tick("BTC-USDT", 1717200002000 * MS, Decimal("67520.00"), Decimal("67515.1"))]
 
 
@@ -79,7 +81,7 @@ def test_trades_of_one_millisecond_all_pass_the_validator_in_order() -> None:
     feed = BinanceFeed("BTC-USDT")
     ticks = []
     for message in [*sweep, later]:
-        feed, out = feed.on_message(message)
+        feed, out = feed.on_message(message, RECEIVED)
         ticks.extend(out)
     t = 1717200000120 * MS
     assert [(tick.ts_ns, tick.price) for tick in ticks] == [
@@ -95,8 +97,8 @@ def test_trades_of_one_millisecond_all_pass_the_validator_in_order() -> None:
 
 
 def test_a_later_funding_time_settles_the_pending_one_without_a_trade() -> None:
-    feed, _ = BinanceFeed("BTC-USDT").on_message(MARK_UPDATE)
-    feed, out = feed.on_message(MARK_NEXT)
+    feed, _ = BinanceFeed("BTC-USDT").on_message(MARK_UPDATE, RECEIVED)
+    feed, out = feed.on_message(MARK_NEXT, RECEIVED)
     assert out == [FundingRate("BTC-USDT", 1717200000000 * MS, Decimal("0.00010000"))]
     assert feed.pending_at_ns == 1717228800000 * MS
     assert feed.pending_rate == Decimal("0.00007431")
@@ -129,11 +131,22 @@ def _with(payload: str, **changes: object) -> dict[str, object]:
 )
 def test_malformed_messages_raise_with_the_reason(message: object, reason: str) -> None:
     with pytest.raises(FeedError, match=reason):
-        BinanceFeed("BTC-USDT").on_message(message)
+        BinanceFeed("BTC-USDT").on_message(message, RECEIVED)
+
+
+def test_a_trade_stamped_past_the_clocks_drift_is_refused() -> None:
+    """Published, a trade from the future would leave every real one after it refused as
+    not moving forward, for good."""
+    stamped = 1717200000120 * MS
+    feed = BinanceFeed("BTC-USDT")
+    with pytest.raises(FeedError, match="61 s ahead of the clock"):
+        feed.on_message(AGG_TRADE, stamped - MAX_AHEAD_NS - 1_000_000_000)
+    _, out = feed.on_message(AGG_TRADE, stamped - MAX_AHEAD_NS)  # at the drift allowed
+    assert [e.ts_ns for e in out] == [stamped]
 
 
 def test_zero_and_negative_prices_parse_and_are_left_to_the_validator() -> None:
-    _, out = BinanceFeed("BTC-USDT").on_message(_with(AGG_TRADE, p="0"))
+    _, out = BinanceFeed("BTC-USDT").on_message(_with(AGG_TRADE, p="0"), RECEIVED)
     assert out == [Tick("BTC-USDT", 1717200000120 * MS, Decimal("0"), None)]
 
 
