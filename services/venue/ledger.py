@@ -3,8 +3,10 @@
 Every mutating call runs under its symbol's lock: look the id up; if it was applied,
 answer its recorded reply; otherwise apply the call to the in-memory account and write
 the account's new state together with the id and its reply in one atomic Redis step
-(`ApplyOnceStore`, keys `<ns>venue:{<symbol>}:account|applied|meta`). A failed write
-rolls the in-memory account back, so memory never runs ahead of Redis. The tag version
+(`ApplyOnceStore`, keys `<ns>venue:{<symbol>}:account|applied|meta`). A call that
+fails drops the in-memory account and the next call reads it from Redis, which holds
+the truth whether or not the write landed (a reply lost with its connection, or a
+caller gone past its deadline, leave that unknown). The tag version
 is checked on write: a second venue process writing the same account is refused
 (CONFLICT) instead of silently forking its state.
 """
@@ -39,6 +41,10 @@ class StateConflict(RuntimeError):
     """Another writer moved the account in Redis; the in-memory copy was reloaded."""
 
 
+class CorruptState(RuntimeError):
+    """The account stored in Redis cannot be read back: not the caller's fault."""
+
+
 @dataclass
 class _Account:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -70,8 +76,11 @@ class VenueLedger:
             spec = self.config.instrument(symbol)
             if fields:
                 snapshot: dict[str, object] = dict(fields)
-                snapshot["liquidations"] = int(fields["liquidations"])
-                account.venue = PerpVenue.restore(spec, self.config.venue, snapshot)
+                try:
+                    snapshot["liquidations"] = int(fields["liquidations"])
+                    account.venue = PerpVenue.restore(spec, self.config.venue, snapshot)
+                except (KeyError, ValueError, ArithmeticError) as exc:
+                    raise CorruptState(f"{symbol}: stored account unreadable: {exc!r}") from exc
             else:
                 account.venue = PerpVenue(spec, self.config.venue)
             account.version = version
@@ -100,7 +109,6 @@ class VenueLedger:
             recorded = await self._recorded(symbol, call_id, print_, reply_type)
             if recorded is not None:
                 return recorded, True
-            before = venue.snapshot()
             try:
                 reply = mutate(venue)
                 record = json.dumps(
@@ -114,7 +122,7 @@ class VenueLedger:
                     expected_version=account.version,
                 )
             except BaseException:
-                account.venue = PerpVenue.restore(venue.spec, venue.config, before)
+                account.venue = None  # read again from Redis: written or not
                 raise
             if result.status is ApplyStatus.APPLIED:
                 account.version = result.version

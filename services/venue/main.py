@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from smartlev.v1 import venue_pb2, venue_pb2_grpc
 
 from services.venue.config import VenueSettings
-from services.venue.ledger import IdReused, StateConflict, VenueLedger
+from services.venue.ledger import CorruptState, IdReused, StateConflict, VenueLedger
 from shared.adapters.redis_wire import RedisWire
 from shared.adapters.venue_client import (
     LIQUIDITY_FROM_WIRE,
@@ -101,11 +101,15 @@ class VenueServicer(venue_pb2_grpc.VenueServicer):
         except IdReused as exc:
             REQUESTS.labels(rpc, "FAILED_PRECONDITION").inc()
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except (EncodeError, MoneyError, ArithmeticError) as exc:  # the account rolled back
+        except (EncodeError, MoneyError, ArithmeticError) as exc:  # nothing was written
             REQUESTS.labels(rpc, "INVALID_ARGUMENT").inc()
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"the call's figures are out of range: {exc}"
             )
+        except CorruptState as exc:
+            REQUESTS.labels(rpc, "INTERNAL").inc()
+            log.error("venue_state_corrupt", rpc=rpc, error=str(exc))
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except (StateConflict, RedisError, OSError) as exc:
             REQUESTS.labels(rpc, "UNAVAILABLE").inc()
             log.error("venue_unavailable", rpc=rpc, error=f"{type(exc).__name__}: {exc}")

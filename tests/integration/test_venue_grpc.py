@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Any
 from uuid import uuid4
 
 import grpc
@@ -14,6 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from smartlev.v1 import venue_pb2, venue_pb2_grpc
 
 from services.venue.config import VenueSettings
@@ -138,6 +140,46 @@ async def test_repeated_id_returns_original_and_changes_nothing(env: tuple[Redis
         assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
         assert await account(venue.stub) == after_first
         assert fill_from_wire(first.fill).qty == Decimal("2.5")
+
+
+async def test_a_write_whose_reply_was_lost_is_read_back_from_redis(
+    env: tuple[Redis, str],
+) -> None:
+    """The write landed and its reply did not: the venue answers UNAVAILABLE, then shows
+    what Redis holds (it showed the account from before), and the retry is answered
+    from the record, once."""
+    redis, namespace = env
+    async with Venue(redis, namespace) as venue:
+        store = venue.server.ledger.store
+        write = store.apply
+
+        async def reply_lost(*args: Any, **kwargs: Any) -> Any:
+            await write(*args, **kwargs)
+            raise RedisConnectionError("connection lost before the reply")
+
+        transfer = venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="t1", amount="1000")
+        store.apply = reply_lost  # type: ignore[method-assign]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await venue.stub.Transfer(transfer)
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+        store.apply = write  # type: ignore[method-assign]
+        assert Decimal((await account(venue.stub)).wallet) == 1000
+        await venue.stub.Transfer(transfer)
+        assert Decimal((await account(venue.stub)).wallet) == 1000
+
+
+async def test_an_unreadable_stored_account_is_an_internal_error(env: tuple[Redis, str]) -> None:
+    redis, namespace = env
+    async with Venue(redis, namespace) as venue:
+        transfer = venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="t1", amount="1000")
+        await venue.stub.Transfer(transfer)
+        store = venue.server.ledger.store
+        await redis.hset(store.state_key(SYMBOL, "account"), "wallet", "not a number")
+    async with Venue(redis, namespace) as venue:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await account(venue.stub)
+        assert err.value.code() is grpc.StatusCode.INTERNAL
+        assert "stored account unreadable" in (err.value.details() or "")
 
 
 async def test_restart_continues_with_the_same_state(env: tuple[Redis, str]) -> None:
