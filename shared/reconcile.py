@@ -394,16 +394,30 @@ def unique_orders(
     return orders, rows
 
 
+# How hedging records an order its books refused (dead-lettered) among its applied ids,
+# before the reason: so a redelivery is skipped, and this check names it.
+REFUSED_MARKER = "refused: "
+
+
 def check_orders(
     symbol: str,
     orders: Mapping[str, orders_pb2.OrderEvent],
-    applied_ids: Iterable[str],
+    applied_ids: Mapping[str, str],
     applied_updates: Mapping[str, int],
 ) -> list[Row]:
-    """Each order applied once: in hedging's applied ids and with one HedgeUpdate."""
+    """Each order applied once: in hedging's applied ids (id -> its record) and with one
+    HedgeUpdate; an order hedging refused is named with the reason (the gateway settled
+    it, the books did not: a difference to mend by hand)."""
     applied = set(applied_ids)
     rows = []
+    settled = []
     for order_id in orders:
+        record = applied_ids.get(order_id, "")
+        if record.startswith(REFUSED_MARKER):
+            reason = record.removeprefix(REFUSED_MARKER)
+            rows.append(Row("orders.refused", order_id, "applied", f"refused: {reason}"))
+            continue
+        settled.append(order_id)
         if order_id not in applied:
             rows.append(Row("orders.applied", order_id, "applied", "not in hedging's ids"))
         if applied_updates.get(order_id, 0) != 1:
@@ -412,8 +426,8 @@ def check_orders(
         Row("orders.applied", order_id, "on orders.events", "unknown order applied")
         for order_id in sorted(applied - set(orders))
     ]
-    once = sum(1 for o in orders if o in applied and applied_updates.get(o, 0) == 1)
-    rows.append(Row("orders.applied_once", symbol, len(orders), once))
+    once = sum(1 for o in settled if o in applied and applied_updates.get(o, 0) == 1)
+    rows.append(Row("orders.applied_once", symbol, len(settled), once))
     return rows
 
 
@@ -502,7 +516,7 @@ class SymbolState:
     mirror: dict[str, object]
     positions: dict[str, str]
     account: dict[str, str]
-    applied: set[str]
+    applied: dict[str, str]  # hedging's applied order ids -> their records (none: not read)
     navs: dict[str, dict[str, str]]
     gateway: GatewayState | None
     versions: tuple[int, int]  # hedging's and the venue's tag versions
@@ -517,7 +531,8 @@ async def load_symbol(
 ) -> SymbolState:
     """Read one symbol's state; retried until hedging's and the venue's versions stood
     still across the read, so both sides are each as of one commit. NAV and gateway
-    state only for `products` (none: the books alone, cheap enough for a timer)."""
+    state, and hedging's applied order ids (one per order ever), only for `products`
+    (none: the books alone, cheap enough for a timer)."""
     hedge = ApplyOnceStore(redis, namespace=f"{namespace}hedge")
     venue = ApplyOnceStore(redis, namespace=f"{namespace}venue")
     nav = ApplyOnceStore(redis, namespace=f"{namespace}nav")
@@ -526,7 +541,9 @@ async def load_symbol(
         state, _ = await hedge.read(symbol, "state")
         positions, _ = await hedge.read(symbol, "positions")
         account, _ = await venue.read(symbol, "account")
-        applied = {_text(k) for k in await redis.hkeys(key(f"{namespace}hedge", symbol, "applied"))}
+        applied_key = key(f"{namespace}hedge", symbol, "applied")
+        records = await redis.hgetall(applied_key) if products else {}
+        applied = {_text(k): _text(v) for k, v in records.items()}
         after = (await hedge.version(symbol), await venue.version(symbol))
         if before == after:
             break

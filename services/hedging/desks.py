@@ -27,6 +27,7 @@ from shared.adapters.venue_client import RemoteVenue
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine
 from shared.core.products import smart_engine
+from shared.reconcile import REFUSED_MARKER
 from shared.redis_store import ApplyOnceStore, ApplyStatus, field_to_wire
 
 SEQ_SOURCE = "seq"
@@ -122,10 +123,33 @@ class Desks:
         return await self._write_inflight(desk, inflight.fields(), inflight)
 
     async def abandon(self, symbol: str) -> None:
-        """Clear the symbol's Inflight: an order the books refused (dead-lettered)."""
+        """Clear the symbol's Inflight: an order the books refused again when re-run
+        (its record, redelivered, is refused and dead-lettered)."""
         desk = await self.current(symbol)
         if desk.inflight is not None:
             await self._write_inflight(desk, _CLEARED, None)
+
+    async def refuse(self, symbol: str, order_id: str, payload: bytes, reason: str) -> None:
+        """An order the books refused (dead-lettered) is recorded as applied, so a
+        redelivery is skipped, not settled against books that later orders moved; its
+        Inflight is cleared in the same write (another event's is left alone). A writer
+        that moved the desk meanwhile owns it: it decides the redelivery itself."""
+        desk = await self.current(symbol)
+        mine = desk.inflight == Inflight(ORDER, (payload,))
+        changes = {self.store.state_key(symbol, INFLIGHT): _CLEARED} if mine else {}
+        result = await self.store.apply(
+            symbol,
+            changes,
+            message_id=order_id,
+            expected_version=desk.version,
+            marker=REFUSED_MARKER + reason,
+        )
+        if result.status is ApplyStatus.APPLIED:
+            desk.version = result.version
+            if mine:
+                desk.inflight = None
+        elif result.status is not ApplyStatus.DUPLICATE:
+            self.drop(symbol)
 
     async def _write_inflight(
         self, desk: Desk, fields: dict[str, str | int], inflight: Inflight | None

@@ -153,8 +153,10 @@ class Hedger:
             return True
 
         async def refuse(reason: str) -> None:
-            await self.desks.abandon(step.symbol)  # its Inflight: the books refused it
+            # The dead letter first: a crash before the refusal is recorded refuses the
+            # redelivery again (a second letter), never leaves the order without one.
             await self.runtime.reject(inp, record, reason)
+            await self.desks.refuse(step.symbol, step.order_id, record.value, reason)
             log.error("order_refused", order=step.order_id, product=step.product, reason=reason)
 
         await self._guarded(step.symbol, attempt, refuse)

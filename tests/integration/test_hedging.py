@@ -26,8 +26,15 @@ import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from kafka import KafkaConsumer, KafkaProducer
-from smartlev.v1 import hedging_pb2, leverage_pb2, orders_pb2, venue_pb2, venue_pb2_grpc
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from smartlev.v1 import (
+    hedging_pb2,
+    leverage_pb2,
+    market_pb2,
+    orders_pb2,
+    venue_pb2,
+    venue_pb2_grpc,
+)
 
 from services.hedging.desks import ORDER, Desks, Inflight
 from services.hedging.main import Hedger
@@ -352,3 +359,50 @@ def test_an_order_cut_short_by_a_crash_runs_before_the_next_market_event(
     rest = stack.fills(len(data.targets) - k - 1)
     assert len(rest) == len(data.targets) - k - 1
     assert list(rest[-1].products) == data.expected  # every field, every digit
+
+
+def dead_letters(bootstrap: str, topic: str) -> list[market_pb2.DeadLetter]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        partition = TopicPartition(topic, 0)
+        consumer.assign([partition])
+        consumer.seek_to_beginning(partition)
+        records = [r for rs in consumer.poll(timeout_ms=3000).values() for r in rs]
+        return [codec.decode(market_pb2.DeadLetter, r.value) for r in records]
+    finally:
+        consumer.close()
+
+
+def test_a_refused_order_stays_refused_when_it_comes_again(
+    stack: Stack, kafka_bootstrap: str
+) -> None:
+    """A close of more units than the product has is dead-lettered, and recorded: its
+    redelivery after a deposit made those units (a crash before the offset commit) is
+    skipped, not settled against books it never met in its place."""
+    ns, product = stack.namespace, f"{SYMBOL}:LONG"
+    close = orders_pb2.OrderEvent(
+        closed=orders_pb2.PositionClosed(
+            event_id="too-many", position_id="p", user_id="u", product=product, units="5",
+            ts_event_ns=START, ts_init_ns=START,
+        )
+    )  # fmt: skip
+    deposit = orders_pb2.OrderEvent(
+        opened=orders_pb2.PositionOpened(
+            event_id="later", position_id="q", user_id="u", product=product,
+            ts_event_ns=START, ts_init_ns=START, amount="10000",
+        )
+    )  # fmt: skip
+    stack.send(f"{ns}orders.events", [close, deposit])
+    [opened] = stack.fills(1)
+    assert opened.event_id == f"{SYMBOL}:order:later"
+    [letter] = dead_letters(kafka_bootstrap, f"{ns}orders.events.dlq")
+    assert "cannot redeem 5 of 0 units" in letter.reason
+
+    stack.send(f"{ns}orders.events", [close])  # redelivered: within the units now
+    skipped = ('outcome="skipped"', 'topic="orders.events"')
+    deadline = time.monotonic() + 15
+    while stack.metric("smartlev_stream_messages_total", *skipped) < 1:
+        assert time.monotonic() < deadline, "the redelivered refusal was not skipped"
+        time.sleep(0.2)
+    assert stack.fills(1, timeout_s=1.0) == []
+    assert len(dead_letters(kafka_bootstrap, f"{ns}orders.events.dlq")) == 1

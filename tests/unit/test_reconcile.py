@@ -20,6 +20,7 @@ from shared.core.market import NS_PER_DAY, NS_PER_HOUR, FundingRate, Tick
 from shared.core.products import smart_engine
 from shared.core.venue import PerpVenue
 from shared.reconcile import (
+    REFUSED_MARKER,
     GatewayState,
     Report,
     Row,
@@ -54,7 +55,7 @@ class History:
             mirror=venue.snapshot(),
             positions={b.product: str(b.qty) for b in books} | {"venue": str(venue.position)},
             account=account,
-            applied={order_id(o) for o in self.orders},
+            applied={order_id(o): "1" for o in self.orders},
             navs=self.navs,
             gateway=None,
             versions=(1, 1),
@@ -215,6 +216,21 @@ def test_an_order_hedging_never_applied_is_named() -> None:
     report = reconcile_symbol(CONFIG, h.state(), h.updates, [*h.orders, lost])
     found = {(r.check, r.subject) for r in report.differences}
     assert {("orders.applied", "o9"), ("orders.updates", "o9")} <= found
+
+
+def test_an_order_hedging_refused_is_named_with_its_reason() -> None:
+    h = history()
+    refused = orders_pb2.OrderEvent(
+        closed=orders_pb2.PositionClosed(event_id="o9", product=LONG, units="1000000")
+    )
+    reason = "BTC-USDT:LONG: cannot redeem 1000000 of 7 units"
+    state = h.state()
+    applied = {**state.applied, "o9": REFUSED_MARKER + reason}
+    orders = [*h.orders, refused]
+    report = reconcile_symbol(CONFIG, replace(state, applied=applied), h.updates, orders)
+    assert [(r.check, r.subject, r.actual) for r in report.differences] == [
+        ("orders.refused", "o9", f"refused: {reason}")
+    ]
 
 
 def test_a_stale_nav_is_named() -> None:
