@@ -30,7 +30,7 @@ step is a single command or script, so both give the same replies.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -122,9 +122,12 @@ return {1, version}
 """
 
 
-# KEYS[1] a state hash, KEYS[2] its tag's meta hash: the fields and the version, together.
+# KEYS[1..n-1] state hashes, KEYS[n] their tag's meta hash (version, offsets): all of
+# them as of one moment.
 _READ_LUA = """
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGET', KEYS[2], 'version')}
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('HGETALL', KEYS[i]) end
+return out
 """
 
 
@@ -163,18 +166,23 @@ class ApplyOnceStore:
 
     async def read(self, tag: str, *parts: str) -> tuple[dict[str, str], int]:
         """(fields of one state hash, tag version) read together (one script)."""
-        flat, raw_version = await self._read(
-            keys=[self.state_key(tag, *parts), self._meta_keys(tag)[1]], args=[]
-        )
-        fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return fields, int(raw_version) if raw_version is not None else 0
+        [fields], meta = await self.read_together(tag, [parts])
+        return fields, int(meta.get("version") or 0)
+
+    async def read_together(
+        self, tag: str, states: Sequence[Sequence[str]]
+    ) -> tuple[list[dict[str, str]], dict[str, str]]:
+        """The state hashes named by `states` (each its key's parts) and the tag's meta
+        hash (`version`, `offset:<source>`), all as of one moment (one script)."""
+        keys = [self.state_key(tag, *parts) for parts in states] + [self._meta_keys(tag)[1]]
+        *fields, meta = [
+            {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+            for flat in await self._read(keys=keys, args=[])
+        ]
+        return fields, meta
 
     async def was_applied(self, tag: str, message_id: str) -> bool:
         return bool(await self._call("HEXISTS", self._meta_keys(tag)[0], message_id))
-
-    async def last_offset(self, tag: str, source: str) -> int | None:
-        raw = await self._call("HGET", self._meta_keys(tag)[1], f"offset:{source}")
-        return int(raw) if raw is not None else None
 
     async def apply(
         self,

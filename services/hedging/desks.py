@@ -107,26 +107,32 @@ class Desks:
             timeout_s=self.venue_timeout_s,
         )
         engine = smart_engine(symbol, self.config, venue=venue)
-        fields, version = await self.store.read(symbol, "state")
+        # One moment's state, offset and Inflight: read apart, another instance's commit
+        # in between paired an Inflight with the state from before it.
+        (fields, inflight), meta = await self.store.read_together(symbol, [["state"], [INFLIGHT]])
         if fields:
             engine.restore_state(json.loads(fields["engine"]))
             venue.restore(json.loads(fields["venue"]))
         else:
             await asyncio.to_thread(venue.sync)
-        last_seq = await self.store.last_offset(symbol, SEQ_SOURCE)
-        inflight, _ = await self.store.read(symbol, INFLIGHT)
+        offset = meta.get(f"offset:{SEQ_SOURCE}")
+        last_seq = int(offset) if offset is not None else None
+        version = int(meta.get("version") or 0)
         return Desk(symbol, engine, venue, last_seq, version, Inflight.from_fields(inflight))
 
     async def begin(self, desk: Desk, inflight: Inflight) -> bool:
-        """Record the input about to move the venue, before it does; False if another
-        writer moved the desk (dropped: it reloads)."""
+        """Record the input about to move the venue, before it does, also when re-running
+        the one a crash cut short (the write is the fence: a process another took the
+        symbol from meanwhile stops here instead of trading); False if another writer
+        moved the desk (dropped: it reloads)."""
         return await self._write_inflight(desk, inflight.fields(), inflight)
 
-    async def abandon(self, symbol: str) -> None:
-        """Clear the symbol's Inflight: an order the books refused again when re-run
-        (its record, redelivered, is refused and dead-lettered)."""
+    async def abandon(self, symbol: str, inflight: Inflight) -> None:
+        """Clear `inflight`, an order the books refused again when re-run (its record,
+        redelivered, is refused and dead-lettered); an Inflight another writer began
+        since is left alone."""
         desk = await self.current(symbol)
-        if desk.inflight is not None:
+        if desk.inflight == inflight:
             await self._write_inflight(desk, _CLEARED, None)
 
     async def refuse(self, symbol: str, order_id: str, payload: bytes, reason: str) -> None:

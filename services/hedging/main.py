@@ -184,15 +184,16 @@ class Hedger:
                 done = await self._run_order(desk, order, payload)
             except MoneyError:  # refused, as its record will be when it comes again
                 self.desks.drop(symbol)
-                await self.desks.abandon(symbol)
+                await self.desks.abandon(symbol, inflight)
                 return None
         return desk if done else None
 
     async def _run_market(self, desk: Desk, steps: list[MarketStep]) -> bool:
-        if desk.inflight is None:
-            payloads = tuple(step.message.SerializeToString() for step in steps)
-            if not await self.desks.begin(desk, Inflight(MARKET, payloads)):
-                return False
+        inflight = desk.inflight or Inflight(
+            MARKET, tuple(step.message.SerializeToString() for step in steps)
+        )
+        if not await self.desks.begin(desk, inflight):
+            return False
         updates = await asyncio.to_thread(lambda: [self._market_work(desk, s) for s in steps])
         await self.runtime.send_many([(self.out, desk.symbol, u) for u in updates])
         if not await self.desks.commit(desk, seq=steps[-1].seq):
@@ -201,7 +202,7 @@ class Hedger:
         return True
 
     async def _run_order(self, desk: Desk, step: OrderStep, payload: bytes) -> bool:
-        if desk.inflight is None and not await self.desks.begin(desk, Inflight(ORDER, (payload,))):
+        if not await self.desks.begin(desk, desk.inflight or Inflight(ORDER, (payload,))):
             return False
         update = await asyncio.to_thread(self._order_work, desk, step)
         await self.runtime.send(self.out, step.symbol, update)

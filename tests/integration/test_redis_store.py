@@ -80,7 +80,8 @@ async def test_kafka_offsets_apply_only_forward(store: ApplyOnceStore, tag: str)
     fields, version = await store.read(tag, "state")
     assert fields == {"n": "5", "m": "4"}
     assert version == 3
-    assert await store.last_offset(tag, src) == 11
+    _, meta = await store.read_together(tag, [])
+    assert meta == {"version": "3", f"offset:{src}": "11", "offset:orders.events/2": "0"}
 
 
 async def test_several_hashes_change_together(store: ApplyOnceStore, tag: str) -> None:
@@ -165,8 +166,10 @@ async def test_stale_expected_version_is_a_conflict(store: ApplyOnceStore, tag: 
 async def test_absent_state_reads_empty_at_version_zero(store: ApplyOnceStore, tag: str) -> None:
     assert await store.read(tag, "state") == ({}, 0)
     assert await store.version(tag) == 0
-    assert await store.last_offset(tag, "seq") is None
+    assert await store.read_together(tag, [["state"], ["other"]]) == ([{}, {}], {})
     assert (await store.apply(tag, {store.state_key(tag, "state"): {"x": "ü"}}, source="seq",
                               offset=3)).version == 1  # fmt: skip
     assert await store.read(tag, "state") == ({"x": "ü"}, 1)
-    assert await store.version(tag) == 1 and await store.last_offset(tag, "seq") == 3
+    assert await store.version(tag) == 1
+    both = await store.read_together(tag, [["other"], ["state"]])
+    assert both == ([{}, {"x": "ü"}], {"version": "1", "offset:seq": "3"})
