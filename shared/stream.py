@@ -53,6 +53,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -82,7 +83,14 @@ from shared.codec import (
     funding_from_proto,
     tick_from_proto,
 )
-from shared.core.market import FundingRate, Tick, symbol_problem
+from shared.core.market import (
+    MAX_FUNDING_RATE,
+    MAX_SEQ,
+    FundingRate,
+    Tick,
+    market_figure_problem,
+    symbol_problem,
+)
 from shared.eager import Finished, run_until_suspended
 from shared.health import HealthRegistry, HealthServer, kafka_check, redis_check, stalled_check
 from shared.heap import freeze_heap
@@ -186,7 +194,9 @@ class MarketInput(NamedTuple):
 
 
 def parse_market(message: market_pb2.MarketEvent) -> MarketInput:
-    """Validate a MarketEvent every stage can act on; ValueError says why not."""
+    """Validate a MarketEvent every stage can act on (ingestion's own rules, again for
+    any other producer); ValueError says why not."""
+    figures: dict[str, Decimal | None]
     if message.HasField("tick"):
         wire: market_pb2.Tick | market_pb2.FundingRateObserved = message.tick
         tick = tick_from_proto(message.tick)
@@ -195,16 +205,24 @@ def parse_market(message: market_pb2.MarketEvent) -> MarketInput:
         if tick.mark_price is not None and tick.mark_price <= 0:
             raise ValueError(f"mark_price must be positive, got {tick.mark_price}")
         value: Tick | FundingRate = tick
+        figures = {"price": tick.price, "mark_price": tick.mark_price}
     elif message.HasField("funding"):
         wire = message.funding
         value = funding_from_proto(message.funding)
+        if abs(value.rate) > MAX_FUNDING_RATE:
+            raise ValueError(f"|rate| must be <= {MAX_FUNDING_RATE}, got {value.rate}")
+        figures = {"rate": value.rate}
     else:
         raise ValueError("no event set in MarketEvent")
+    for name, figure in figures.items():
+        problem = None if figure is None else market_figure_problem(figure, name)
+        if problem is not None:
+            raise ValueError(problem)
     bad_symbol = symbol_problem(wire.symbol)
     if bad_symbol is not None:
         raise ValueError(bad_symbol)
-    if wire.seq <= 0:
-        raise ValueError("seq is missing (must be >= 1)")
+    if not 0 < wire.seq <= MAX_SEQ:
+        raise ValueError(f"seq must be in [1, 2^53), got {wire.seq}")
     return MarketInput(message, wire.symbol, wire.seq, wire.ts_init_ns, value)
 
 

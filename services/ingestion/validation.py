@@ -31,7 +31,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from shared.codec import wire_problem
-from shared.core.market import MAX_FUNDING_RATE, FundingRate, Tick, symbol_problem
+from shared.core.market import (
+    MAX_FUNDING_RATE,
+    FundingRate,
+    Tick,
+    market_figure_problem,
+    symbol_problem,
+)
 
 FUNDING_RANK = 0  # a funding settles on the position held up to its instant: first
 TICK_RANK = 1
@@ -107,7 +113,7 @@ def _number(value: object, name: str) -> Rejected | None:
         return Rejected(Reason.SCHEMA, f"{name} must be a Decimal, got {type(value).__name__}")
     if not value.is_finite():
         return Rejected(Reason.NOT_FINITE, f"{name} is {value}")
-    beyond = wire_problem(value, name)  # it would stop the feed at the publish, every time
+    beyond = wire_problem(value, name) or market_figure_problem(value, name)
     return None if beyond is None else Rejected(Reason.OUT_OF_BOUNDS, beyond)
 
 

@@ -60,6 +60,24 @@ class Bar(NamedTuple):
 MAX_FUNDING_RATE = Decimal("0.05")
 
 
+# Decimal places a market figure (price, mark, funding rate) may be written with,
+# trailing zeros included: exchanges quote 8 at most. The books multiply prices into
+# cash, and a price of 38 places or more made cash no wire could carry, found only once
+# the venue had traded (the symbol then halted for good).
+MAX_MARKET_DECIMALS = 12
+# Seqs and offsets are compared in Redis's Lua, whose numbers are doubles: above 2^53
+# two seqs can compare equal.
+MAX_SEQ = 2**53 - 1
+
+
+def market_figure_problem(value: Decimal, name: str) -> str | None:
+    """Why `value` cannot be a market figure of the books (MAX_MARKET_DECIMALS), or None."""
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -MAX_MARKET_DECIMALS:
+        return f"{name} has {-exponent} decimal places, more than {MAX_MARKET_DECIMALS}"
+    return None
+
+
 class FundingRate(NamedTuple):
     """The rate settled at `ts_ns` (fraction per 8h); positive: longs pay shorts."""
 

@@ -136,7 +136,7 @@ def eth_decision() -> LeverageTargetChanged:
     [
         (leverage_pb2.TargetsUpdate(), "no market event"),
         (tick_update(Decimal(0), []), "price must be positive"),
-        (tick_update(Decimal(1), [], seq=0), "seq is missing"),
+        (tick_update(Decimal(1), [], seq=0), r"seq must be in \[1, 2\^53\)"),
         (tick_update(Decimal(1), [long_decision(Decimal(6))]), r"is 6, outside \[1.0, 5.0\]"),
         (tick_update(Decimal(1), [long_decision(Decimal(-3))]), "outside"),
         (tick_update(Decimal(1), [long_decision(side=Side.SHORT)]), "is on the SHORT side"),

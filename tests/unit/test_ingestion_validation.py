@@ -68,6 +68,10 @@ def test_first_tick_gets_seq_1_and_becomes_the_state() -> None:
         (Tick("BTC{USDT}", T0, Decimal(1)), Reason.SCHEMA),  # a Redis hash tag inside
         (Tick("BTC-USDT|signal", T0, Decimal(1)), Reason.SCHEMA),  # a regime table key
         (FundingRate("BTC-USDT", T0, Decimal(1)), Reason.OUT_OF_BOUNDS),
+        # more than 12 decimal places, trailing zeros too: cash no wire could carry
+        (tick(price=Decimal("50100." + "0" * 13)), Reason.OUT_OF_BOUNDS),
+        (tick(mark=Decimal("1.0000000000001")), Reason.OUT_OF_BOUNDS),
+        (FundingRate("BTC-USDT", T0, Decimal("0.0000000000001")), Reason.OUT_OF_BOUNDS),
         # a settlement one step past the bound: no product may pay it (MAX_FUNDING_RATE)
         (FundingRate("BTC-USDT", T0, Decimal("0.050001")), Reason.OUT_OF_BOUNDS),
         (FundingRate("BTC-USDT", T0, Decimal("-0.050001")), Reason.OUT_OF_BOUNDS),

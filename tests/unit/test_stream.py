@@ -102,7 +102,21 @@ def test_decode_input_returns_the_value_or_the_reason() -> None:
     assert "is not a plain decimal" in str(decide_bytes(codec.encode(tick_event(price="1e5"))))
     assert "price must be positive" in str(decide_bytes(codec.encode(tick_event(price="0"))))
     assert "mark_price must be positive" in str(decide_bytes(codec.encode(tick_event(mark="-1"))))
-    assert "seq is missing" in str(decide_bytes(codec.encode(tick_event(seq=0))))
+    assert "seq must be in [1, 2^53)" in str(decide_bytes(codec.encode(tick_event(seq=0))))
+    # Lua compares seqs as doubles: 2^53 and 2^53 + 1 would be one seq
+    assert isinstance(decide_bytes(codec.encode(tick_event(seq=2**53 - 1))), MarketInput)
+    assert "seq must be in [1, 2^53)" in str(decide_bytes(codec.encode(tick_event(seq=2**53))))
+    # A figure of more than 12 places (trailing zeros too) made cash no wire carries.
+    twelve, thirteen = "50100.123456789012", "50100." + "0" * 13
+    at_most = tick_event(price=twelve, mark=twelve)
+    assert isinstance(decide_bytes(codec.encode(at_most)), MarketInput)
+    for tick in (tick_event(price=thirteen), tick_event(mark=thirteen)):
+        assert "has 13 decimal places, more than 12" in str(decide_bytes(codec.encode(tick)))
+    assert "rate has 13 decimal places" in str(
+        decide_bytes(codec.encode(funding_event(rate="0.0001000000000")))
+    )
+    assert isinstance(decide_bytes(codec.encode(funding_event(rate="-0.05"))), MarketInput)
+    assert "|rate| must be <= 0.05" in str(decide_bytes(codec.encode(funding_event(rate="0.051"))))
     for symbol in ("", "BTC{X}", "BTC-USDT|signal", "BTC:LONG", "BTC USDT", "X" * 41):
         bad = tick_event()
         bad.tick.symbol = symbol  # each would break a Redis hash tag, a key or a product id
