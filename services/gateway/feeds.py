@@ -14,6 +14,9 @@ there), not from this process's own settles. Each subscriber has a bounded queue
 subscriber too slow to keep up loses its oldest updates (a stream wants the latest
 value, not a backlog), never blocks the others, and is told (`lost`): a position stream
 then reads its positions afresh, so a dropped order event cannot leave one stale.
+A failed fetch is retried; if the fetch loop ends anyway (a bug), every open stream ends
+UNAVAILABLE (its client reconnects), new ones are refused and /healthz says so, instead
+of streams waiting forever on a feed that stopped.
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ SUBSCRIBERS = Gauge(
     ["stream"],
 )
 FOLLOW_TIMEOUT_S = 5.0  # a stream that cannot reach Kafka to start is UNAVAILABLE after this
+FETCH_RETRY_S = 1.0  # a failed fetch is tried again after this
 
 
 class FeedUnavailable(Exception):
-    """Kafka did not answer when a stream needed it."""
+    """Kafka did not answer when a stream needed it, or the feed stopped."""
 
 
 @dataclass(eq=False)
@@ -78,6 +82,7 @@ class StreamFeed:
         self._streams = dict.fromkeys(self.partitions, 0)  # open streams following each topic
         self._switch = asyncio.Lock()  # one topic starts being followed at a time
         self._task: asyncio.Task[None] | None = None
+        self.stopped: FeedUnavailable | None = None  # why the fetch loop ended
 
     async def start(self) -> None:
         """Connect, every partition paused until a stream wants its topic. A missing topic
@@ -96,12 +101,23 @@ class StreamFeed:
         self.consumer.assign(every)
         self.consumer.pause(*every)
         self._task = asyncio.create_task(self._run())
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        self.stopped = FeedUnavailable(f"stream feed stopped: {task.exception()!r}")
+        log.error("stream_feed_stopped", error=str(self.stopped))
+        for subscriber in list(self.subscribers):
+            subscriber.offer(self.stopped)
+
+    def health(self) -> bool | str:
+        return True if self.stopped is None else str(self.stopped)
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task])  # the error it ended on, if any, was logged
         await self.consumer.stop()
 
     @contextlib.asynccontextmanager
@@ -114,6 +130,8 @@ class StreamFeed:
         (each stream waits at most FOLLOW_TIMEOUT_S); counts, seeks, pauses and resumes
         change under it, and a subscription whose view of the idle topics moved while it
         read them looks again."""
+        if self.stopped is not None:
+            raise self.stopped
         subscriber = Subscriber(products, user, asyncio.Queue(self.queue_size))
         topics = [self.nav_topic] if user is None else [self.nav_topic, self.orders_topic]
         while True:
@@ -129,6 +147,8 @@ class StreamFeed:
                 for topic in topics:
                     self._streams[topic] += 1
                 self.subscribers.add(subscriber)
+                if self.stopped is not None:  # it stopped while this one subscribed
+                    subscriber.offer(self.stopped)
                 break
         open_streams = SUBSCRIBERS.labels("nav" if user is None else "positions")
         open_streams.inc()
@@ -169,7 +189,12 @@ class StreamFeed:
 
     async def _run(self) -> None:
         while True:
-            fetched = await self.consumer.getmany(timeout_ms=1000)
+            try:
+                fetched = await self.consumer.getmany(timeout_ms=1000)
+            except KafkaError as exc:
+                log.warning("stream_feed_fetch_failed", error=repr(exc))
+                await asyncio.sleep(FETCH_RETRY_S)
+                continue
             for records in fetched.values():
                 for record in records:
                     self._dispatch(record.topic, record.offset, record.value)

@@ -662,6 +662,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 _requests("StreamNav", "ok").inc()
                 while True:
                     update = await subscriber.queue.get()
+                    if isinstance(update, FeedUnavailable):
+                        raise update
                     assert isinstance(update, nav_pb2.NavUpdated)
                     yield update
         except FeedUnavailable as exc:
@@ -693,6 +695,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             yield shown  # the snapshot
         while True:
             item = await subscriber.queue.get()
+            if isinstance(item, FeedUnavailable):
+                raise item
             if subscriber.lost:  # updates were dropped for a slow reader
                 subscriber.lost = False
                 async for shown in self._read_afresh(user, request.include_closed, held, navs):
@@ -813,6 +817,7 @@ class GatewayServer:
         self._checks = HealthRegistry()
         self._checks.register("redis", redis_check(redis))
         self._checks.register("kafka", kafka_check(settings.kafka_bootstrap))
+        self._checks.register("stream_feed", self.feed.health)
 
     async def start(self) -> int:
         """Serve; returns the bound gRPC port."""

@@ -1153,6 +1153,27 @@ async def test_a_position_stream_skips_updates_it_could_not_show(env: Env) -> No
     positions.cancel()
 
 
+async def test_streams_end_unavailable_when_the_feed_stops(env: Env) -> None:
+    """A fetch loop that ends (a bug in it) ends every open stream UNAVAILABLE, refuses
+    new ones and fails /healthz's stream_feed check, instead of leaving streams waiting
+    forever on a feed that stopped while the gateway says it serves."""
+    feed = env.server.feed
+    assert feed.health() is True
+    stream = env.stub.StreamNav(gateway_pb2.StreamNavRequest(products=[PRODUCT]), metadata=ALICE)
+    await asyncio.sleep(0.5)  # subscribed
+
+    def bug(topic: str, offset: int, value: bytes) -> None:
+        raise RuntimeError("a bug in the feed")
+
+    feed._dispatch = bug  # type: ignore[method-assign]
+    code, details = await _code(read_while_publishing(env, stream, [(PRODUCT, "130.5")]))
+    assert code is grpc.StatusCode.UNAVAILABLE and "a bug in the feed" in details
+    assert "stream feed stopped" in str(feed.health())
+    late = env.stub.StreamNav(gateway_pb2.StreamNavRequest(), metadata=ALICE)
+    code, details = await _code(late.read())
+    assert code is grpc.StatusCode.UNAVAILABLE and "stream feed stopped" in details
+
+
 def paused_topics(env: Env) -> set[str]:
     """The topics whose partitions the gateway's stream feed does not fetch."""
     return {partition.topic for partition in env.server.feed.consumer.paused()}
