@@ -35,7 +35,7 @@ from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
+from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
 from services.gateway.auth import KeyRing, bearer_key, load_keys_file
 from services.gateway.config import GatewaySettings
@@ -151,6 +151,12 @@ def _wire_texts(**figures: Decimal) -> dict[str, str]:
     """Exact decimals as the wire carries them: plain notation ("0.00000000", not "0E-8",
     which every reader's decimal_from_wire refuses)."""
     return {name: decimal_to_wire(value, name=name) for name, value in figures.items()}
+
+
+def _known_regime(name: str) -> str:
+    """A stored regime name, or REGIME_UNSPECIFIED for one this build does not know (a
+    hash another build's NAV service wrote): the reply cannot carry it."""
+    return name if name in common_pb2.Regime.DESCRIPTOR.values_by_name else "REGIME_UNSPECIFIED"
 
 
 def _decimal(fields: dict[str, str], name: str) -> Decimal | None:
@@ -388,7 +394,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             equity=nav.get("equity", "0"),
             target_leverage=nav.get("target", ""),
             actual_leverage=nav.get("leverage", ""),
-            regime=nav.get("regime", "REGIME_UNSPECIFIED"),
+            regime=_known_regime(nav.get("regime", "")),
             ts_event_ns=int(nav.get("ts", "0")),
             reasons=[r for r in nav.get("reasons", "").split(",") if r],
             price=nav.get("price", ""),
@@ -652,8 +658,10 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[nav_pb2.NavUpdated]:
         await self._caller(request, context)
         for name in request.products:
-            if name not in self.products:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown product {name[:80]!r}")
+            try:
+                self._product(name)
+            except Rejected as exc:
+                await context.abort(exc.code, str(exc))
         if self.feed is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "stream feed not running")
         assert self.feed is not None

@@ -108,6 +108,9 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
     reasons = tuple((t.product, ",".join(t.reasons)) for t in update.targets)
     if not books:
         raise ValueError("HedgeUpdate carries no product books")
+    named = [b.product for b in books]
+    if len(set(named)) != len(named):  # marked twice under one event id: Redis kept one
+        raise ValueError(f"a product's books come more than once: {sorted(named)}")
     common_pb2.Regime.Name(update.regime)  # ValueError on an unknown regime
     which = update.market.WhichOneof("event")
     symbol = books[0].product.split(":")[0]

@@ -1003,6 +1003,32 @@ async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
     assert (await env.open("older-hash")).nav == str(NAV)
 
 
+async def test_a_regime_this_build_does_not_know_reads_as_unspecified(env: Env) -> None:
+    """A NAV hash another build's NAV service wrote, in a regime this build lacks: the
+    product still reads (GetProduct and ListProducts failed UNKNOWN on it)."""
+    await env.set_nav(PRODUCT, NAV)
+    await env.redis.hset(f"{env.ns}nav:{{{PRODUCT}}}", "regime", "REGIME_FROM_THE_FUTURE")
+    assert (await product_of(env, PRODUCT)).regime == common_pb2.REGIME_UNSPECIFIED
+    listed = await env.stub.ListProducts(gateway_pb2.ListProductsRequest(), metadata=ALICE)
+    [mine] = [p for p in listed.products if p.product == PRODUCT]
+    assert (mine.regime, mine.nav) == (common_pb2.REGIME_UNSPECIFIED, str(NAV))
+
+
+@pytest.mark.parametrize(
+    ("products", "code", "detail"),
+    [
+        ([""], grpc.StatusCode.INVALID_ARGUMENT, "product is required"),
+        ([PRODUCT, "DOGE-USDT:LONG"], grpc.StatusCode.NOT_FOUND, "unknown product"),
+    ],
+)
+async def test_a_nav_stream_of_a_bad_product_is_refused_as_orders_are(
+    env: Env, products: list[str], code: grpc.StatusCode, detail: str
+) -> None:
+    stream = env.stub.StreamNav(gateway_pb2.StreamNavRequest(products=products), metadata=ALICE)
+    got, details = await _code(stream.read())
+    assert got is code and detail in details
+
+
 async def product_of(env: Env, product: str) -> gateway_pb2.Product:
     reply: gateway_pb2.Product = await env.stub.GetProduct(
         gateway_pb2.GetProductRequest(product=product), metadata=ALICE

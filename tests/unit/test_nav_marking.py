@@ -73,6 +73,11 @@ def a_product_of_three_parts(update: hedging_pb2.HedgeUpdate) -> None:
     update.products[0].product = "BTC-USDT:LONG:X"
 
 
+def a_product_twice(update: hedging_pb2.HedgeUpdate) -> None:
+    """Marked twice under one event id: Redis kept the first, nav.latest the last."""
+    update.products.add().CopyFrom(update.products[0])
+
+
 def test_a_valid_update_parses_with_every_book() -> None:
     event = parse_update(tick_update(7))
     assert (event.kind, event.symbol, event.seq, event.price) == (
@@ -95,6 +100,7 @@ def test_a_valid_update_parses_with_every_book() -> None:
         (a_brace_in_the_symbol, r"product 'A\{B:LONG': symbol 'A\{B' must be 1-40 characters"),
         (an_order_of_two_symbols, r"books of \['ETH-USDT:SHORT'\] on a 'BTC-USDT' order"),
         (a_product_of_three_parts, "is not <symbol>:LONG or <symbol>:SHORT"),
+        (a_product_twice, "a product's books come more than once"),
     ],
 )
 def test_an_update_that_cannot_be_marked_exactly_is_refused(
