@@ -16,7 +16,8 @@ accepted):
 Funding: Binance settles, at time `T`, the rate it last published for `T`. So once the
 feed passes `T` (a trade at or after it, or a mark update announcing a later `T`), a
 `FundingRate` at `T` with the last rate seen for it is emitted, before any tick at or
-after `T` (the backtester's order: funding first on an equal instant).
+after `T` (the backtester's order: funding first on an equal instant). The fold's state
+(`fields`) is kept in Redis by the live loop, so a restart across `T` still settles it.
 Prices are decimal strings on the wire and stay exact; a JSON number is refused.
 """
 
@@ -137,6 +138,32 @@ class BinanceFeed:
     pending_rate: Decimal | None = None
     pending_at_ns: int | None = None
     last_trade_ns: int | None = None  # the time given to the last trade's tick
+
+    def fields(self) -> dict[str, str]:
+        """The fold's state as stored (what is not known is left out)."""
+        values = {
+            "mark": self.mark,
+            "pending_rate": self.pending_rate,
+            "pending_at_ns": self.pending_at_ns,
+            "last_trade_ns": self.last_trade_ns,
+        }
+        return {name: str(value) for name, value in values.items() if value is not None}
+
+    @classmethod
+    def from_fields(cls, symbol: str, fields: Mapping[str, str]) -> BinanceFeed:
+        def number(name: str) -> int | None:
+            return int(fields[name]) if name in fields else None
+
+        def decimal(name: str) -> Decimal | None:
+            return Decimal(fields[name]) if name in fields else None
+
+        return cls(
+            symbol,
+            mark=decimal("mark"),
+            pending_rate=decimal("pending_rate"),
+            pending_at_ns=number("pending_at_ns"),
+            last_trade_ns=number("last_trade_ns"),
+        )
 
     def _settle(self, now_ns: int) -> tuple[BinanceFeed, list[FundingRate]]:
         if self.pending_at_ns is None or self.pending_rate is None or now_ns < self.pending_at_ns:

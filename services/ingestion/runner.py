@@ -159,17 +159,20 @@ def handle_live(
     ingestor: Ingestor, feed: BinanceFeed, message: object, after: OrderKey | None = None
 ) -> BinanceFeed:
     """One exchange payload: publish what it implies (but what is at or before `after`,
-    published by an attempt a failure cut short), or dead-letter it; commit."""
+    published by an attempt a failure cut short), or dead-letter it; commit, then keep
+    the feed's state if it moved."""
     try:
-        feed, events = feed.on_message(message, time.time_ns())
+        moved, events = feed.on_message(message, time.time_ns())
     except FeedError as exc:
         raw = message if isinstance(message, bytes) else str(message).encode("utf-8")
         ingestor.dead_letter(feed.symbol, raw[:4096], Rejected(Reason.PARSE, str(exc)))
-        events = []
+        moved, events = feed, []
     for event in Resume(events, after):
         ingestor.submit(event)
     ingestor.commit()
-    return feed
+    if moved != feed:
+        ingestor.store.save_feed_fields(feed.symbol, moved.fields())
+    return moved
 
 
 async def run_live(
@@ -184,13 +187,17 @@ async def run_live(
     message in hand again, skipping what the cut-short attempt had published. One of the
     exchange's stream: that stream is over, so the next attempt connects afresh (else
     the loop would end as if the feed had, and report healthy while publishing nothing).
-    Returns when a stream ends."""
-    feed = BinanceFeed(symbol)
+    Returns when a stream ends. The feed goes on from its stored state (a funding
+    announced before a restart is settled after it)."""
+    feed: BinanceFeed | None = None
     messages: AsyncIterator[object] | None = None
     in_hand: object | None = None
     while True:
         try:
             ingestor = await asyncio.to_thread(build)
+            if feed is None:
+                stored = await asyncio.to_thread(ingestor.store.feed_fields, symbol)
+                feed = BinanceFeed.from_fields(symbol, stored)
             if in_hand is not None:
                 last = (await asyncio.to_thread(ingestor.state, symbol)).last_key
                 feed = await asyncio.to_thread(handle_live, ingestor, feed, in_hand, last)

@@ -49,6 +49,11 @@ def state_key(namespace: str, symbol: str) -> str:
     return key(f"{namespace}ingest", symbol)
 
 
+def feed_key(namespace: str, symbol: str) -> str:
+    """The live feed's own state (the last mark, the funding awaiting settlement)."""
+    return key(f"{namespace}ingest", symbol, "feed")
+
+
 def _state_from_hash(fields: dict[str, str]) -> SymbolState:
     if not fields.get("seq"):
         return EMPTY
@@ -83,6 +88,20 @@ class SeqStore:
             return stored
         self.record(symbol, stored.seq, found)
         return found
+
+    def feed_fields(self, symbol: str) -> dict[str, str]:
+        raw = self.client.hgetall(feed_key(self.namespace, symbol))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def save_feed_fields(self, symbol: str, fields: dict[str, str]) -> None:
+        """Replace the live feed's state (after what it implied was published: a crash
+        before this write settles a funding again, which time order then refuses)."""
+        name = feed_key(self.namespace, symbol)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(name)
+            if fields:
+                pipe.hset(name, items=[part for pair in fields.items() for part in pair])
+            pipe.execute()
 
     def record(self, symbol: str, expected_seq: int, state: SymbolState) -> None:
         """Move the stored state from `expected_seq` to `state` atomically."""

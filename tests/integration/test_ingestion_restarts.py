@@ -208,3 +208,50 @@ async def test_the_live_feed_survives_a_dropped_stream_and_a_redis_restart_each_
     ticks = [e.tick for e in events]
     assert [t.seq for t in ticks] == list(range(1, len(trades) + 1)), "a seq lost or reused"
     assert [t.price for t in ticks] == [trade["p"] for trade in trades]  # each once, in order
+
+
+async def test_a_funding_announced_before_a_restart_is_settled_after_it(
+    kafka_bootstrap: str, redis_url: str
+) -> None:
+    """Killed half a second before a settlement and back after it, the live feed still
+    settles it: the rate it announced is kept in Redis with the feed's mark (the first
+    mark update after the restart announces the next settlement, and the one missed was
+    lost for good)."""
+    namespace = new_namespace()
+    settings = IngestionSettings(
+        namespace=namespace,
+        kafka={"bootstrap": kafka_bootstrap},
+        redis={"url": redis_url},
+        source="live",
+    )
+    at_ms = 1_620_806_400_000  # 2021-05-12 08:00 UTC, a settlement
+    before = [
+        {"e": "aggTrade", "s": "BTCUSDT", "p": "56000.5", "q": "0.1", "T": at_ms - 5000},
+        {"e": "markPriceUpdate", "E": at_ms - 500, "s": "BTCUSDT", "p": "56010.25",
+         "r": "0.00031000", "T": at_ms},
+    ]  # fmt: skip
+    after = [{"e": "aggTrade", "s": "BTCUSDT", "p": "55990.0", "q": "0.2", "T": at_ms + 2500}]
+
+    async def failed(exc: Exception) -> None:
+        raise exc
+
+    for messages in (before, after):  # two processes: the second starts from Redis
+
+        async def exchange(messages: list[dict[str, object]] = messages) -> AsyncIterator[object]:
+            for message in messages:
+                yield json.dumps(message)
+
+        attempts = Attempts(
+            settings, lambda: build_ingestor(settings, IngestionMetrics(CollectorRegistry())),
+            lambda _: None,
+        )  # fmt: skip
+        try:
+            await asyncio.wait_for(run_live(attempts.build, "BTC-USDT", exchange, failed), 30)
+        finally:
+            await asyncio.to_thread(attempts.close)
+    topic = MARKET_TICKS.in_namespace(namespace).name
+    events = read_topic(kafka_bootstrap, topic, market_pb2.MarketEvent)
+    assert [e.WhichOneof("event") for e in events] == ["tick", "funding", "tick"]
+    funding = events[1].funding
+    assert (funding.ts_event_ns, funding.rate, funding.seq) == (at_ms * 10**6, "0.00031000", 2)
+    assert events[2].tick.mark_price == "56010.25"  # the mark, kept across the restart too
