@@ -140,29 +140,24 @@ class BinanceFeed:
     last_trade_ns: int | None = None  # the time given to the last trade's tick
 
     def fields(self) -> dict[str, str]:
-        """The fold's state as stored (what is not known is left out)."""
+        """The fold's state worth keeping across a restart (what is not known is left
+        out): the mark and the funding awaiting settlement, which change on mark updates
+        only (once a second), not on every trade."""
         values = {
             "mark": self.mark,
             "pending_rate": self.pending_rate,
             "pending_at_ns": self.pending_at_ns,
-            "last_trade_ns": self.last_trade_ns,
         }
         return {name: str(value) for name, value in values.items() if value is not None}
 
     @classmethod
     def from_fields(cls, symbol: str, fields: Mapping[str, str]) -> BinanceFeed:
-        def number(name: str) -> int | None:
-            return int(fields[name]) if name in fields else None
-
-        def decimal(name: str) -> Decimal | None:
-            return Decimal(fields[name]) if name in fields else None
-
+        at = fields.get("pending_at_ns")
         return cls(
             symbol,
-            mark=decimal("mark"),
-            pending_rate=decimal("pending_rate"),
-            pending_at_ns=number("pending_at_ns"),
-            last_trade_ns=number("last_trade_ns"),
+            mark=Decimal(fields["mark"]) if "mark" in fields else None,
+            pending_rate=Decimal(fields["pending_rate"]) if "pending_rate" in fields else None,
+            pending_at_ns=int(at) if at is not None else None,
         )
 
     def _settle(self, now_ns: int) -> tuple[BinanceFeed, list[FundingRate]]:

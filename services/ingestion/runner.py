@@ -170,8 +170,9 @@ def handle_live(
     for event in Resume(events, after):
         ingestor.submit(event)
     ingestor.commit()
-    if moved != feed:
-        ingestor.store.save_feed_fields(feed.symbol, moved.fields())
+    kept = moved.fields()
+    if kept != feed.fields():
+        ingestor.store.save_feed_fields(feed.symbol, kept)
     return moved
 
 
