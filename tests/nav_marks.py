@@ -55,7 +55,7 @@ def nav_hash(
         reasons=((product, reasons),) if reasons else (),
     )
     priced_ns = time.time_ns() - int(age_s * 1e9)
-    fields = state_fields(marked, event, seq, priced_ns, priced_ns)
+    fields = state_fields(marked, event, seq, priced_ns)
     return key(f"{namespace}nav", product), {
         name: field_to_wire(value, name) for name, value in fields.items()
     }

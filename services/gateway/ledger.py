@@ -54,9 +54,8 @@ from shared.redis_store import ApplyStatus, key
 OUTBOX = "outbox"
 LEDGER = "ledger"
 # What an order reads of its product's NAV hash (the NAV service's `nav:{product}`): the
-# NAV, whether units are out, and how fresh its price is (`Gateway._tradable_nav`; the
-# write time of a hash an older NAV service wrote, with no price time).
-NAV_QUOTED = ("nav", "units", "priced_ns", "written_ns")
+# NAV, whether units are out, and how fresh its price is (`Gateway._tradable_nav`).
+NAV_QUOTED = ("nav", "units", "written_ns")
 KEYS_CACHED = 4096
 
 # KEYS: applied, meta, position, ledger, outbox, outbox index. ARGV: record id, record,

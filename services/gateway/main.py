@@ -269,9 +269,14 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         value = Decimal(nav["nav"])
         if ledger_units == 0 and Decimal(nav.get("units", "0")) == 0:
             return value  # no units anywhere: the NAV cannot move, however old the mark
-        priced = int(nav.get("priced_ns") or nav.get("written_ns") or "0")
+        priced = int(nav.get("written_ns") or "0")  # when its price came in (nav/marking.py)
+        if not priced:
+            _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{product}: no price has marked its NAV yet; try again when prices flow",
+            )
         age_s = (time.time_ns() - priced) / 1e9
-        if not priced or age_s > self.settings.max_nav_age_s:
+        if age_s > self.settings.max_nav_age_s:
             _fail(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{product}: the last NAV is stale ({age_s:.0f}s old, max "

@@ -82,7 +82,7 @@ class NavService:
             for marked, message in updates:
                 outgoing += [(t, marked.product, message) for t in (self.updates, self.latest)]
                 writes.setdefault(marked.product, {}).update(
-                    state_fields(marked, event, event.seq, now, event.ts_init_ns or now)
+                    state_fields(marked, event, event.seq, event.ts_init_ns or now)
                 )
                 last_seq[marked.product], last_nav[marked.product] = event.seq, marked.nav
             applied.append(event)
@@ -106,7 +106,9 @@ class NavService:
         """Re-mark the products an order changed, at the last price, in the last regime
         and as fresh as that price (an order's update carries none of them; books that
         cannot be marked there dead-letter the order's update, before anything is
-        sent). A hash an older build wrote has no price time: its write time stands in."""
+        sent). A product with a hedge and no price is not re-marked (the next tick
+        marks it); one without is (its NAV does not depend on the price), as old as no
+        price: 0, which the gateway holds stale while units are out."""
         current = await asyncio.gather(*(self.store.read(b.product) for b in event.books))
         now = time.time_ns()
         pending: list[tuple[Marked, nav_pb2.NavUpdated, int, FillsEvent, int]] = []
@@ -117,15 +119,17 @@ class NavService:
                 if Decimal(fields.get("units", "0")) != book.units and not (
                     await self.store.was_applied(book.product, event.event_id)
                 ):
-                    if "price" not in fields and book.qty != 0:
+                    price = Decimal(fields.get("price") or "0")
+                    if price <= 0 and book.qty != 0:
                         # No tick marked the product yet (or its mark was lost): a hedge
                         # cannot be valued without a price; the next tick marks it.
                         log.warning("remark_without_price", product=book.product)
                         continue
-                    price = Decimal(fields.get("price", "0"))  # 0 values no hedge
                     remark = in_last_regime(event, fields)
                     marked, message = marked_update(book, price, last_nav, remark, last_seq, now)
-                    priced = int(fields.get("priced_ns") or fields.get("written_ns") or now)
+                    # as fresh as its price: none yet, or a hash an older build wrote
+                    # before session 18, whose write time stood in for it
+                    priced = int(fields.get("written_ns") or 0)
                     pending.append((marked, message, last_seq, remark, priced))
         except Unmarkable as exc:
             await self.runtime.reject(self.fills, record, str(exc))
@@ -139,7 +143,7 @@ class NavService:
                 ]
             )
         for marked, _, seq, remark, priced in pending:
-            state = state_fields(marked, remark, seq, now, priced)
+            state = state_fields(marked, remark, seq, priced)
             changes = {self.store.state_key(marked.product): state}
             await self.store.apply(marked.product, changes, message_id=event.event_id)
         self.runtime.processed(self.fills, now)

@@ -234,13 +234,14 @@ def nav_updated(marked: Marked, event: FillsEvent, seq: int, ts_init_ns: int) ->
 
 
 def state_fields(
-    marked: Marked, event: FillsEvent, seq: int, written_ns: int, priced_ns: int
+    marked: Marked, event: FillsEvent, seq: int, priced_ns: int
 ) -> dict[str, str | int | Decimal]:
-    """The `nav:{product}` hash after this update. `priced_ns` (wall clock: when the
-    price the NAV is marked at entered the system, the tick's `ts_init_ns`) tells the
-    order gateway how fresh the NAV is; an order's re-mark keeps it, so orders cannot
-    keep an old price tradable, nor can a backlog of old ticks marked late. `written_ns`
-    is when the hash was written. `reasons` (the last leverage change's codes) is only
+    """The `nav:{product}` hash after this update. Its `written_ns` (the field's name
+    from before session 18, so that every gateway build reads it) is `priced_ns`: the
+    wall-clock time the price the NAV is marked at entered the system (the tick's
+    `ts_init_ns`), which tells the order gateway how fresh the NAV is. An order's
+    re-mark keeps it, so orders cannot keep an old price tradable, nor can a backlog
+    of old ticks marked late. `reasons` (the last leverage change's codes) is only
     written when this event changed the product's target."""
     reasons = dict(event.reasons)
     extra: dict[str, str | int | Decimal] = (
@@ -248,8 +249,7 @@ def state_fields(
     )
     return {
         **extra,
-        "written_ns": written_ns,
-        "priced_ns": priced_ns,
+        "written_ns": priced_ns,
         "equity": marked.equity,
         "units": marked.units,
         "nav": marked.nav,

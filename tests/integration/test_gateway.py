@@ -966,10 +966,6 @@ async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
     await env.set_nav(PRODUCT, NAV)
     opened = await env.open("before-stale")
     await env.set_nav(PRODUCT, NAV, age_s=60)
-    # Re-marked by an order just now (the NAV service keeps the price's time): still a
-    # 60 s old price.
-    nav_key = f"{env.ns}nav:{{{PRODUCT}}}"
-    await env.redis.hset(nav_key, "written_ns", time.time_ns())
     before = await env.state()
     assert not (await product_of(env, PRODUCT)).tradable  # as the orders below find it
     code, details = await _code(env.open("stale"))
@@ -998,9 +994,11 @@ async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
     assert (await env.open("stale-but-empty", "100", product="ETH-USDT:LONG")).nav == str(NAV)
     listed = await env.stub.ListProducts(gateway_pb2.ListProductsRequest(), metadata=ALICE)
     assert {p.product: p.tradable for p in listed.products}["ETH-USDT:SHORT"] is False
-    # A hash an older NAV service wrote has no price time: its write time stands in.
-    await env.redis.hdel(nav_key, "priced_ns")
-    assert (await env.open("older-hash")).nav == str(NAV)
+    # Units out, and a NAV only orders marked (cash, no price yet): not tradable either.
+    await env.set_nav("ETH-USDT:LONG", NAV)
+    await env.redis.hset(f"{env.ns}nav:{{ETH-USDT:LONG}}", mapping={"written_ns": 0, "price": 0})
+    code, details = await _code(env.open("unpriced", "100", product="ETH-USDT:LONG"))
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and "no price has marked" in details
 
 
 async def test_a_regime_this_build_does_not_know_reads_as_unspecified(env: Env) -> None:

@@ -85,12 +85,14 @@ def test_nav_service_marks_the_core_books_exactly(
     book.units = str(Decimal(book.units) * 2)
     book.cash = str(Decimal(book.cash) * 2)
     updates.append(late)
-    # an order on a product no tick marked yet, with a hedge on: it cannot be valued
-    # without a price, so nothing is published or written for it until a tick marks it
-    unpriced = hedging_pb2.HedgeUpdate(event_id="ETH-USDT:order:unpriced")
-    unpriced.products.add(product="ETH-USDT:LONG", units="10", cash="-1000", qty="1")
-    unpriced.products[0].target_leverage = "2"
-    updates.append(unpriced)
+    # orders on a product no tick marked yet: cash alone is worth the same at any price,
+    # so the first is marked (price 0, as old as no price); a hedge cannot be valued
+    # without one, so the second is not, until a tick marks it
+    for name, units, cash, qty in (("cash", "10", "1000", "0"), ("hedged", "20", "-1000", "1")):
+        unpriced = hedging_pb2.HedgeUpdate(event_id=f"ETH-USDT:order:{name}")
+        unpriced.products.add(product="ETH-USDT:LONG", units=units, cash=cash, qty=qty)
+        unpriced.products[0].target_leverage = "2"
+        updates.append(unpriced)
 
     with Pipeline.start([NAV], bootstrap=kafka_bootstrap, redis_url=redis_url) as pipeline:
         topic = pipeline.topic(HEDGE_FILLS.name)
@@ -108,7 +110,7 @@ def test_nav_service_marks_the_core_books_exactly(
         finally:
             producer.close()
 
-        got = collect(pipeline, lambda u: len(u) >= 2 * n + 3, timeout_s=60, settle_s=1.0)
+        got = collect(pipeline, lambda u: len(u) >= 2 * n + 4, timeout_s=60, settle_s=1.0)
 
         orders = [u for u in got if u.event_id.startswith(f"{u.product}:deposit:")]
         # one partition per product: their order on the topic is not defined
@@ -116,7 +118,7 @@ def test_nav_service_marks_the_core_books_exactly(
             (p, Decimal(100), CAPITAL - CAPITAL * config.accounting.open_fee) for p in PRODUCTS
         )
         compared = compare_navs(reference, got)
-        assert len(got) == 2 * n + 3
+        assert len(got) == 2 * n + 4
         print(f"compared {n} ticks, {sum(compared.values())} NAV updates: equal to the unit")
 
         last = reference.ticks[-1]
@@ -132,9 +134,12 @@ def test_nav_service_marks_the_core_books_exactly(
             assert Decimal(state["nav"]) == Decimal(marked)
             assert int(state["seq"]) == n
             assert state["regime"] == last.regime
-            assert int(state["priced_ns"]) == last_tick.ts_init_ns < int(state["written_ns"])
-        assert not redis_client.exists(f"{pipeline.namespace}nav:{{ETH-USDT:LONG}}")
-        assert not [u for u in got if u.product == "ETH-USDT:LONG"]
+            assert int(state["written_ns"]) == last_tick.ts_init_ns
+        [cash_only] = [u for u in got if u.product == "ETH-USDT:LONG"]
+        assert cash_only.event_id == "ETH-USDT:LONG:ETH-USDT:order:cash"
+        assert Decimal(cash_only.nav) == 100  # 1000 of cash for 10 units
+        state = redis_client.hgetall(f"{pipeline.namespace}nav:{{ETH-USDT:LONG}}")
+        assert (state["units"], state["price"], state["written_ns"]) == ("10", "0", "0")
 
         dlq = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
         try:

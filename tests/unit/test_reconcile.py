@@ -81,7 +81,7 @@ def nav_fields(navs: dict[str, dict[str, str]], update: hedging_pb2.HedgeUpdate)
             marked = mark(book, Decimal(last.get("price", "0")), Decimal(100))
         else:
             continue
-        fields = state_fields(marked, event, seq, 0, 0)
+        fields = state_fields(marked, event, seq, 0)
         navs[book.product] = {k: str(v) for k, v in fields.items()}
 
 
