@@ -14,15 +14,17 @@ there), not from this process's own settles. Each subscriber has a bounded queue
 subscriber too slow to keep up loses its oldest updates (a stream wants the latest
 value, not a backlog), never blocks the others, and is told (`lost`): a position stream
 then reads its positions afresh, so a dropped order event cannot leave one stale.
-A failed fetch is retried; if the fetch loop ends anyway (a bug), every open stream ends
-UNAVAILABLE (its client reconnects), new ones are refused and /healthz says so, instead
-of streams waiting forever on a feed that stopped.
+A failed fetch is retried for up to FETCH_GIVE_UP_S; past that, or if the fetch loop
+ends otherwise (a bug), every open stream ends UNAVAILABLE (its client reconnects), new
+ones are refused and /healthz says so (a restart is the cure), instead of streams
+waiting forever on a feed that stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -45,6 +47,7 @@ SUBSCRIBERS = Gauge(
 )
 FOLLOW_TIMEOUT_S = 5.0  # a stream that cannot reach Kafka to start is UNAVAILABLE after this
 FETCH_RETRY_S = 1.0  # a failed fetch is tried again after this
+FETCH_GIVE_UP_S = 30.0  # fetches failing for this long stop the feed
 
 
 class FeedUnavailable(Exception):
@@ -67,8 +70,16 @@ class Subscriber:
 
 
 class StreamFeed:
-    def __init__(self, bootstrap: str, navs: TopicSpec, orders: TopicSpec, queue_size: int) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        navs: TopicSpec,
+        orders: TopicSpec,
+        queue_size: int,
+        give_up_s: float = FETCH_GIVE_UP_S,
+    ) -> None:
         self.bootstrap = bootstrap
+        self.give_up_s = give_up_s
         self.nav_topic, self.orders_topic = navs.name, orders.name
         self.queue_size = queue_size
         self.consumer = AIOKafkaConsumer(
@@ -188,13 +199,19 @@ class StreamFeed:
                 subscriber.offer(event)
 
     async def _run(self) -> None:
+        failing_since: float | None = None
         while True:
             try:
                 fetched = await self.consumer.getmany(timeout_ms=1000)
             except KafkaError as exc:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since >= self.give_up_s:
+                    raise
                 log.warning("stream_feed_fetch_failed", error=repr(exc))
                 await asyncio.sleep(FETCH_RETRY_S)
                 continue
+            failing_since = None
             for records in fetched.values():
                 for record in records:
                     self._dispatch(record.topic, record.offset, record.value)

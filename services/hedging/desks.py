@@ -9,7 +9,8 @@ Redis (all keys under the symbol's hash tag, so one atomic step on Redis Cluster
 - `<ns>hedge:{<symbol>}:inflight`: the input an event began on (`Inflight`), until its
   commit clears it;
 - `<ns>hedge:{<symbol>}:meta`: `offset:seq` = the last market seq applied, and the
-  version; `...:applied`: the order event ids applied.
+  version; `...:applied`: the order event ids applied, and those the books refused
+  (`refused: <reason>`: dead-lettered, so a redelivery is skipped too).
 A commit writes all of it in one `ApplyOnceStore.apply`, after the output was acked.
 """
 

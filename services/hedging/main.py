@@ -18,7 +18,8 @@ Failures:
   instance waits; the offset is never committed, so nothing is skipped: the input waits
   for a fix and a restart) and /healthz turns unhealthy.
 - an order the books refuse (redeeming more units than the product has) goes to the
-  `.dlq` with the reason.
+  `.dlq` with the reason, then is recorded as refused, so a redelivery (after orders
+  that would now let it through) is skipped.
 """
 
 from __future__ import annotations

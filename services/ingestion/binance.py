@@ -196,8 +196,11 @@ class BinanceFeed:
             announced is not None
             and self.pending_at_ns is not None
             and announced > self.pending_at_ns
+            # a later T: the old one settled, if its time has come (else the exchange
+            # moved its schedule, and a funding stamped ahead would freeze the feed)
+            and self.pending_at_ns <= received_ns + MAX_AHEAD_NS
         ):
-            feed, funding = self._settle(self.pending_at_ns)  # a later T: the old one settled
+            feed, funding = self._settle(self.pending_at_ns)
             out.extend(funding)
         feed = replace(
             feed,

@@ -2,7 +2,7 @@
 
 Redis hash `<namespace>ingest:{<symbol>}` (the symbol is the cluster hash tag) holds the
 last published `seq`, the order key of the last accepted event and the last tick price and
-mark.
+mark; `...:feed` the live feed's own state (its last mark, the funding awaiting settlement).
 The service records it only after the broker acknowledged every event up to that seq
 (output before state), with one Lua script that checks the seq it read is still there
 and moves it forward (allocation and the last tick change together, or not at all; a

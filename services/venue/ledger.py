@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TypeVar
 
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from shared.adapters.redis_wire import RedisWire
 from shared.codec import encode
@@ -139,11 +139,15 @@ class VenueLedger:
         raw = await self.redis.call("HGET", applied_key, call_id)
         if raw is None:
             return None
-        record = json.loads(raw)
-        if record["request"] != print_:
-            raise IdReused(f"id {call_id!r} was already used for a different {record['method']}")
-        reply = reply_type()
-        reply.ParseFromString(base64.b64decode(record["reply"]))
+        try:
+            record = json.loads(raw)
+            request, method, stored = record["request"], record["method"], record["reply"]
+            reply = reply_type()
+            reply.ParseFromString(base64.b64decode(stored))
+        except (ValueError, KeyError, TypeError, DecodeError) as exc:
+            raise CorruptState(f"{symbol}: record of {call_id!r} unreadable: {exc!r}") from exc
+        if request != print_:
+            raise IdReused(f"id {call_id!r} was already used for a different {method}")
         return reply
 
 

@@ -20,7 +20,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from shared.codec import wire_problem
-from shared.core.market import MAX_FUNDING_RATE, NS_PER_HOUR, NS_PER_SECOND, Bar, FundingRate
+from shared.core.market import (
+    MAX_FUNDING_RATE,
+    NS_PER_HOUR,
+    NS_PER_SECOND,
+    Bar,
+    FundingRate,
+    market_figure_problem,
+)
 
 BAR_COLUMNS = ("timestamp", "open", "high", "low", "close", "volume")
 FUNDING_COLUMNS = ("timestamp", "funding_rate")
@@ -170,14 +177,17 @@ class _Rows:
             raise self.error(f"timestamp: {exc}") from None
 
     def number(self, column: str, text: str) -> Decimal:
-        """An exact, finite decimal parsed from the file's own text (never via float)."""
+        """An exact, finite decimal parsed from the file's own text (never via float), of
+        at most MAX_MARKET_DECIMALS places, as a replay through ingestion admits it (so
+        the backtester and the pipeline see the same ticks)."""
         try:
             value = Decimal(text)
         except (InvalidOperation, ValueError):
             raise self.error(f"{column}: {text!r} is not a number") from None
         if not value.is_finite():
             raise self.error(f"{column}: {text!r} is not finite")
-        beyond = wire_problem(value, column)  # the core cannot compute with it either
+        # the core cannot compute with it either
+        beyond = wire_problem(value, column) or market_figure_problem(value, column)
         if beyond is not None:
             raise self.error(beyond)
         return value

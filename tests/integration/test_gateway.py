@@ -17,6 +17,7 @@ from uuid import uuid4
 import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import TopicAuthorizationFailedError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -1196,6 +1197,23 @@ async def test_streams_end_unavailable_when_the_feed_stops(env: Env) -> None:
     late = env.stub.StreamNav(gateway_pb2.StreamNavRequest(), metadata=ALICE)
     code, details = await _code(late.read())
     assert code is grpc.StatusCode.UNAVAILABLE and "stream feed stopped" in details
+
+
+async def test_streams_end_unavailable_when_fetches_keep_failing(env: Env) -> None:
+    """A fetch error is retried; one that lasts (an authorization revoked) stops the
+    feed, ending its streams UNAVAILABLE, instead of retrying behind a green check."""
+    feed = env.server.feed
+    feed.give_up_s = 0.5
+    stream = env.stub.StreamNav(gateway_pb2.StreamNavRequest(products=[PRODUCT]), metadata=ALICE)
+    await asyncio.sleep(0.5)  # subscribed
+
+    async def refused(*args: object, **kwargs: object) -> object:
+        raise TopicAuthorizationFailedError("not allowed to read")
+
+    feed.consumer.getmany = refused  # type: ignore[method-assign]
+    code, details = await _code(asyncio.wait_for(stream.read(), 10))
+    assert code is grpc.StatusCode.UNAVAILABLE and "TopicAuthorizationFailedError" in details
+    assert "stream feed stopped" in str(feed.health())
 
 
 def paused_topics(env: Env) -> set[str]:

@@ -174,6 +174,11 @@ async def test_an_unreadable_stored_account_is_an_internal_error(env: tuple[Redi
         transfer = venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="t1", amount="1000")
         await venue.stub.Transfer(transfer)
         store = venue.server.ledger.store
+        await redis.hset(store.state_key(SYMBOL, "applied"), "t1", "not json")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await venue.stub.Transfer(transfer)  # its record, read back
+        assert err.value.code() is grpc.StatusCode.INTERNAL
+        assert "record of 't1' unreadable" in (err.value.details() or "")
         await redis.hset(store.state_key(SYMBOL, "account"), "wallet", "not a number")
     async with Venue(redis, namespace) as venue:
         with pytest.raises(grpc.aio.AioRpcError) as err:

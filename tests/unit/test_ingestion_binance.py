@@ -104,6 +104,20 @@ def test_a_later_funding_time_settles_the_pending_one_without_a_trade() -> None:
     assert feed.pending_rate == Decimal("0.00007431")
 
 
+def test_a_moved_schedule_drops_a_funding_whose_time_has_not_come() -> None:
+    """Announced for 00:00, moved to 08:00 at 23:00 the day before: nothing settled at
+    00:00. Published, that funding would be stamped an hour ahead of every trade until
+    then, and each of them refused as not moving forward."""
+    feed, _ = BinanceFeed("BTC-USDT").on_message(MARK_UPDATE, RECEIVED)
+    an_hour_before = 1717200000000 * MS - 3600 * 10**9
+    moved, out = feed.on_message(MARK_NEXT, an_hour_before)
+    assert out == []
+    assert (moved.pending_at_ns, moved.pending_rate) == (1717228800000 * MS, Decimal("0.00007431"))
+    # at the drift allowed past it, it had settled
+    _, out = feed.on_message(MARK_NEXT, 1717200000000 * MS - MAX_AHEAD_NS)
+    assert [f.ts_ns for f in out if isinstance(f, FundingRate)] == [1717200000000 * MS]
+
+
 def _with(payload: str, **changes: object) -> dict[str, object]:
     data = json.loads(payload)
     data.update(changes)

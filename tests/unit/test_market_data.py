@@ -235,9 +235,12 @@ def test_gap_counting(tmp_path: Path) -> None:
 
 
 def test_prices_are_exact_decimals(tmp_path: Path) -> None:
-    body = HEADER + "2020-01-01T00:00:00Z,0.1,0.30000000000000001,0.1,0.2,1e-3\n"
+    # 20 significant digits, 12 places (the most a market figure may have): a float
+    # keeps 17 of them
+    body = HEADER + "2020-01-01T00:00:00Z,0.1,12345678.123456789012,0.1,0.2,1e-3\n"
     (bar,), _ = load_bars(write(tmp_path, body), "X")
-    assert bar.high == Decimal("0.30000000000000001") and bar.volume == Decimal("0.001")
+    assert bar.high == Decimal("12345678.123456789012") != Decimal(float(bar.high))
+    assert bar.volume == Decimal("0.001")
 
 
 @pytest.mark.parametrize(
@@ -245,6 +248,7 @@ def test_prices_are_exact_decimals(tmp_path: Path) -> None:
     [
         ("2020-01-01T08:00:00Z,1\n", ["funding_rate", "|rate| must be <= 0.05"]),
         ("2020-01-01T08:00:00Z,0.0500001\n", ["out of bounds"]),
+        ("2020-01-01T08:00:00Z,0.0001000000000\n", ["13 decimal places, more than 12"]),
         ("2020-01-01T08:00:00Z,-1.5\n", ["out of bounds"]),
         ("2020-01-01T08:00:00Z,inf\n", ["not finite"]),
         ("2020-01-01T00:00:00Z,0.0001\n", ["duplicate"]),
