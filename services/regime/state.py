@@ -11,7 +11,10 @@ partition (`rows`):
   full snapshot it continues.
 
 `restore` rebuilds exactly the state after the last event whose rows are both in.
-The live pipeline stays in memory between events (see services/regime/main.py).
+Rows written under another configuration (a default changed in a release) cannot go on
+under this one: the symbol's signals start afresh from the next event, warming up again,
+logged, instead of stopping the stage at every restart. The live pipeline stays in
+memory between events (see services/regime/main.py).
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ from typing import Any
 
 from smartlev.v1 import market_pb2
 
-from shared.core.bars import BarBuilder
 from shared.core.config import StrategyConfig
-from shared.core.engine import SignalPipeline
+from shared.core.engine import SignalPipeline, restore_bars
+from shared.core.features import ConfigChanged
 from shared.core.market import Tick
 from shared.core.regime import Regime
+from shared.logging import get_logger
 from shared.stream import MarketInput
 from shared.wire import regime_detected
+
+log = get_logger("regime", "state")
 
 Row = dict[str, Any]
 
@@ -42,6 +48,7 @@ class SymbolSignals:
     last_seq: int | None = None
     signal_seq: int | None = None  # seq of the last full snapshot written
     regime: Regime = Regime.RANGE  # regime on the last closed bar
+    reset: bool = False  # started afresh: the next write replaces the stored snapshot
 
     def step(self, market: MarketInput, ts_init_ns: int) -> tuple[market_pb2.RegimeUpdate, bool]:
         """Apply one event: the RegimeUpdate to publish, and whether a bar closed.
@@ -66,7 +73,8 @@ class SymbolSignals:
         `last_seq` are acked; `bar_closed`: a bar closed since the last write, so the
         full snapshot goes first (taken now, at `last_seq`)."""
         rows = []
-        if bar_closed:
+        if bar_closed or self.reset:
+            self.reset = False
             self.signal_seq = self.last_seq
             rows.append((signal_key(symbol), self.signal_row()))
         rows.append((symbol, self.tick_row()))
@@ -86,7 +94,20 @@ class SymbolSignals:
 def restore(
     symbol: str, config: StrategyConfig, tick_row: Row | None, signal_row: Row | None
 ) -> SymbolSignals:
-    """The state the rows describe; no rows: a fresh pipeline."""
+    """The state the rows describe; no rows: a fresh pipeline; rows of another
+    configuration: a fresh pipeline that goes on after their last seq."""
+    try:
+        return _restore(symbol, config, tick_row, signal_row)
+    except ConfigChanged as exc:
+        seqs = [int(row["seq"]) for row in (tick_row, signal_row) if row is not None]
+        log.warning("signals_reset", symbol=symbol, reason=str(exc), after_seq=max(seqs))
+        pipeline = SignalPipeline(symbol, config.features, config.regime)
+        return SymbolSignals(pipeline, max(seqs), reset=True)
+
+
+def _restore(
+    symbol: str, config: StrategyConfig, tick_row: Row | None, signal_row: Row | None
+) -> SymbolSignals:
     features, regime = config.features, config.regime
     if signal_row is None:
         pipeline = SignalPipeline(symbol, features, regime)
@@ -105,6 +126,6 @@ def restore(
             f"{symbol}: tick row continues snapshot {tick_row['signal_seq']}, "
             f"table has {signals.signal_seq}"
         )
-    pipeline.bars = BarBuilder.restore(tick_row["bars"])
+    pipeline.bars = restore_bars(features, tick_row["bars"])
     signals.last_seq = int(tick_row["seq"])
     return signals

@@ -17,10 +17,10 @@ from decimal import Decimal
 from shared.core.accounting import AccountingConfig, Books, ProductBook
 from shared.core.bars import BarBuilder
 from shared.core.events import FundMove, LeverageTargetChanged, into_product
-from shared.core.features import FeatureConfig, FeatureTracker
+from shared.core.features import ConfigChanged, FeatureConfig, FeatureTracker
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted
 from shared.core.leverage import Controller, model_leverage
-from shared.core.market import NS_PER_DAY, FundingRate, Side, Tick
+from shared.core.market import NS_PER_DAY, NS_PER_SECOND, FundingRate, Side, Tick
 from shared.core.money import ZERO, to_step
 from shared.core.regime import RegimeClassifier, RegimeConfig, RegimeState
 from shared.core.venue import InstrumentSpec, Venue
@@ -57,10 +57,19 @@ class SignalPipeline:
         cls, symbol: str, features: FeatureConfig, regime: RegimeConfig, snapshot: dict[str, object]
     ) -> SignalPipeline:
         pipeline = cls(symbol, features, regime)
-        pipeline.bars = BarBuilder.restore(_dict(snapshot["bars"]))
+        pipeline.bars = restore_bars(features, _dict(snapshot["bars"]))
         pipeline.features = FeatureTracker.restore(features, _dict(snapshot["features"]))
         pipeline.classifier = RegimeClassifier.restore(regime, _dict(snapshot["classifier"]))
         return pipeline
+
+
+def restore_bars(features: FeatureConfig, snapshot: dict[str, object]) -> BarBuilder:
+    """A bar builder from its snapshot; ConfigChanged if its bars are of another length
+    (a snapshot keeps its own interval)."""
+    bars = BarBuilder.restore(snapshot)
+    if bars.interval_ns != features.bar_seconds * NS_PER_SECOND:
+        raise ConfigChanged(f"snapshot bars of {bars.interval_ns} ns, not {features.bar_seconds} s")
+    return bars
 
 
 def _dict(value: object) -> dict[str, object]:

@@ -336,8 +336,15 @@ class SmartLeverageController:
     def restore(
         cls, product: str, side: Side, config: LeverageConfig, snapshot: dict[str, object]
     ) -> SmartLeverageController:
+        """The controller as `snapshot` left it; a target outside this configuration's
+        [l_min, l_max] (a release that moved them) is brought inside: the books refuse
+        any other, and with it every market event that carries it. The rules, anchored
+        where the position was built, then rebalance it there."""
         controller = cls(product, side, config)
-        controller._set_target(Decimal(str(snapshot["target"])))
+        target = Decimal(str(snapshot["target"]))
+        if not config.l_min <= float(target) <= config.l_max:
+            target = to_target(min(max(float(target), config.l_min), config.l_max))
+        controller._set_target(target)
         controller._regime = str(snapshot["regime"])
         ref_price, ref_leverage = snapshot["ref_price"], snapshot["ref_leverage"]
         if ref_price is not None:

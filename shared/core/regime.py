@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.core.features import Features
+from shared.core.features import ConfigChanged, Features
 
 SNAPSHOT_VERSION = 1
 
@@ -200,7 +200,7 @@ class RegimeClassifier:
         if state.get("version") != SNAPSHOT_VERSION:
             raise ValueError(f"snapshot version {state.get('version')!r} is not supported")
         if state.get("config") != config.model_dump(mode="json"):
-            raise ValueError("snapshot was taken with a different RegimeConfig")
+            raise ConfigChanged("snapshot was taken with a different RegimeConfig")
         classifier = cls(config)
         classifier._regime = Regime(state["regime"])
         since = state["since_ts_ns"]

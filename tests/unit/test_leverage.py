@@ -116,6 +116,24 @@ def test_config_accepts_l_max_times_emergency_move_just_below_one() -> None:
     assert config.l_max == 9.9
 
 
+@pytest.mark.parametrize(("l_min", "l_max", "expected"), [(1.0, 2.0, "2.00"), (3.5, 4.0, "3.50")])
+def test_a_target_outside_a_new_configurations_bounds_is_brought_inside(
+    l_min: float, l_max: float, expected: str
+) -> None:
+    """A release that moves l_min or l_max restores a controller stored at 3x: its target
+    comes inside the new bounds (hedging refuses any other, and with it every market
+    event of the symbol), and its rules, anchored where the position stands, rebalance."""
+    stored = rebalanced(Side.LONG, 3.0).snapshot()
+    config = rules(l_min=l_min, l_max=l_max, warmup_leverage=l_min)
+    c = SmartLeverageController.restore(LONG, Side.LONG, config, stored)
+    assert c.target == Decimal(expected)
+    event = tick(c, 80.0)  # 20% down: the adverse move, anchored at the stored rebalance
+    assert event is not None and event.rebalance
+    assert config.l_min <= event.target <= config.l_max
+    unmoved = SmartLeverageController.restore(LONG, Side.LONG, DEFAULT, stored)
+    assert unmoved.snapshot() == stored  # within the bounds: as stored
+
+
 @pytest.mark.parametrize("ceiling", [20.0, 25.0])
 def test_config_refuses_a_ceiling_one_funding_settlement_could_take_to_zero(
     ceiling: float,

@@ -161,3 +161,41 @@ def test_the_per_tick_row_stays_small_while_the_snapshot_grows() -> None:
     assert len(PRICES) >= 300
     assert row_late <= row_early + 64  # a few digits more, no history
     assert row_early * 5 < snapshot_early
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"features": {"vol_halflife_bars": 6.0}},  # another threshold
+        {"features": {"trend_horizons": (3, 6, 24)}},  # windows of another length
+        {"regime": {"min_dwell_bars": 3}},
+        {"features": {"bar_seconds": 1800}},  # bars of another length
+    ],
+)
+def test_rows_of_another_configuration_start_the_signals_afresh(changed: dict[str, Any]) -> None:
+    """A release that changes a default restores rows written under the old one: the
+    signals start afresh after their last seq (they stopped the stage at every restart:
+    ValueError, or bars kept silently at the old length), and the next write replaces
+    the old snapshot, so the restart after it goes on from there."""
+    old = fast_config()
+    parts = {name: getattr(old, name).model_copy(update=f) for name, f in changed.items()}
+    new = old.model_copy(update=parts)
+    inputs = market_inputs(PRICES)
+    signals = SymbolSignals(SignalPipeline(SYMBOL, old.features, old.regime))
+    table: dict[str, Any] = {}
+    for market in inputs[:100]:
+        _, closed = signals.step(market, 0)
+        table.update(json.loads(json.dumps(signals.rows(SYMBOL, closed))))
+    assert table[signal_key(SYMBOL)]["seq"] < 100  # the snapshot is from an earlier bar
+    snapshot = table[signal_key(SYMBOL)]["pipeline"]
+    with pytest.raises(ValueError):  # the old rows cannot go on under the new config
+        SignalPipeline.restore(SYMBOL, new.features, new.regime, snapshot)
+    resumed = restore(SYMBOL, new, table[SYMBOL], table[signal_key(SYMBOL)])
+    assert (resumed.last_seq, resumed.pipeline.bars.snapshot()["last_ts_ns"]) == (100, None)
+    reference = SymbolSignals(SignalPipeline(SYMBOL, new.features, new.regime), 100)
+    for market in inputs[100:110]:
+        assert resumed.step(market, 0) == reference.step(market, 0)
+    table.update(json.loads(json.dumps(resumed.rows(SYMBOL, False))))
+    assert table[signal_key(SYMBOL)]["seq"] == 110  # the old snapshot replaced
+    again = restore(SYMBOL, new, table[SYMBOL], table[signal_key(SYMBOL)])
+    assert again.tick_row() == resumed.tick_row() and not again.reset
