@@ -20,12 +20,6 @@ _KAFKA_DOWN = (
 )
 
 
-class StateMoved(RuntimeError):
-    """Another writer moved the state a step was computed from (an instance the consumer
-    group took the partition from, still finishing its batch): the step is re-run from a
-    fresh read, which skips what the other applied."""
-
-
 def is_transient(exc: BaseException) -> bool:
     """True for an error a retry after a pause can cure (Redis's BusyLoadingError, raised
     while it reloads after a restart, is a ConnectionError)."""
@@ -33,6 +27,4 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, aiokafka_errors.KafkaError | kafka_errors.KafkaError):
         return bool(exc.retriable)
-    return isinstance(
-        exc, OSError | TimeoutError | RedisConnectionError | RedisTimeoutError | StateMoved
-    )
+    return isinstance(exc, OSError | TimeoutError | RedisConnectionError | RedisTimeoutError)

@@ -31,10 +31,9 @@ from shared.adapters.redis_wire import RedisWire
 from shared.consumer_stage import ConsumerRuntime, Records
 from shared.core.accounting import AccountingConfig
 from shared.logging import get_logger
-from shared.redis_store import ApplyOnceStore, ApplyStatus
+from shared.redis_store import ApplyOnceStore
 from shared.stream import Outgoing, Record
 from shared.topics import HEDGE_FILLS, NAV_LATEST, NAV_UPDATES
-from shared.transient import StateMoved
 
 log = get_logger("nav")
 MARKET_SOURCE = "market"  # ApplyOnceStore source whose "offset" is the market seq
@@ -109,13 +108,12 @@ class NavService:
         cannot be marked there dead-letter the order's update, before anything is
         sent). A product with a hedge and no price is not re-marked (the next tick
         marks it); one without is (its NAV does not depend on the price), as old as no
-        price: 0, which the gateway holds stale while units are out. Each write is of
-        the version read: one a tick marked meanwhile (another instance) re-runs."""
+        price: 0, which the gateway holds stale while units are out."""
         current = await asyncio.gather(*(self.store.read(b.product) for b in event.books))
         now = time.time_ns()
-        pending: list[tuple[Marked, nav_pb2.NavUpdated, int, FillsEvent, int, int]] = []
+        pending: list[tuple[Marked, nav_pb2.NavUpdated, int, FillsEvent, int]] = []
         try:
-            for book, (fields, version) in zip(event.books, current, strict=True):
+            for book, (fields, _) in zip(event.books, current, strict=True):
                 last_seq = int(fields.get("seq", "0"))
                 last_nav = Decimal(fields.get("nav", str(self.initial_nav)))
                 if Decimal(fields.get("units", "0")) != book.units and not (
@@ -132,7 +130,7 @@ class NavService:
                     # as fresh as its price: none yet, or a hash an older build wrote
                     # before session 18, whose write time stood in for it
                     priced = int(fields.get("written_ns") or 0)
-                    pending.append((marked, message, last_seq, remark, priced, version))
+                    pending.append((marked, message, last_seq, remark, priced))
         except Unmarkable as exc:
             await self.runtime.reject(self.fills, record, str(exc))
             return
@@ -144,14 +142,10 @@ class NavService:
                     for t in (self.updates, self.latest)
                 ]
             )
-        for marked, _, seq, remark, priced, version in pending:
+        for marked, _, seq, remark, priced in pending:
             state = state_fields(marked, remark, seq, priced)
             changes = {self.store.state_key(marked.product): state}
-            written = await self.store.apply(
-                marked.product, changes, message_id=event.event_id, expected_version=version
-            )
-            if written.status is ApplyStatus.CONFLICT:  # re-run: re-read, skip if applied
-                raise StateMoved(f"{marked.product} moved under the re-mark of {event.event_id}")
+            await self.store.apply(marked.product, changes, message_id=event.event_id)
         self.runtime.processed(self.fills, now)
 
 
