@@ -11,9 +11,10 @@ partition (`rows`):
   full snapshot it continues.
 
 `restore` rebuilds exactly the state after the last event whose rows are both in.
-Rows written under another configuration (a default changed in a release) cannot go on
-under this one: the symbol's signals start afresh from the next event, warming up again,
-logged, instead of stopping the stage at every restart. The live pipeline stays in
+Rows written under another configuration or snapshot format (a release that changed
+them) cannot go on under this one: the symbol's signals start afresh from the next
+event, warming up again, logged, instead of stopping the stage at every restart
+(corrupt rows still stop it). The live pipeline stays in
 memory between events (see services/regime/main.py).
 """
 
@@ -26,7 +27,7 @@ from smartlev.v1 import market_pb2
 
 from shared.core.config import StrategyConfig
 from shared.core.engine import SignalPipeline, restore_bars
-from shared.core.features import ConfigChanged
+from shared.core.features import SnapshotIncompatible
 from shared.core.market import Tick
 from shared.core.regime import Regime
 from shared.logging import get_logger
@@ -98,7 +99,7 @@ def restore(
     configuration: a fresh pipeline that goes on after their last seq."""
     try:
         return _restore(symbol, config, tick_row, signal_row)
-    except ConfigChanged as exc:
+    except SnapshotIncompatible as exc:
         seqs = [int(row["seq"]) for row in (tick_row, signal_row) if row is not None]
         log.warning("signals_reset", symbol=symbol, reason=str(exc), after_seq=max(seqs))
         pipeline = SignalPipeline(symbol, config.features, config.regime)
@@ -117,15 +118,22 @@ def _restore(
         pipeline = SignalPipeline.restore(symbol, features, regime, snapshot)
         seq = int(signal_row["seq"])
         signals = SymbolSignals(pipeline, seq, seq, Regime(snapshot["classifier"]["regime"]))
-    if tick_row is None or (signals.last_seq is not None and tick_row["seq"] < signals.last_seq):
-        # No tick row yet, or the process stopped between the two writes of a bar close:
-        # the full snapshot is the newer state.
+    if tick_row is None or (
+        signals.last_seq is not None
+        and (
+            tick_row["seq"] < signals.last_seq
+            or (tick_row["seq"] == signals.last_seq and tick_row["signal_seq"] != seq)
+        )
+    ):
+        # No tick row yet, or the process stopped between the two writes of a bar close
+        # (or of the first write after a reset, at the seq the old rows stopped at): the
+        # full snapshot, written first, is the newer state.
         return signals
     if tick_row["signal_seq"] != signals.signal_seq:
         raise ValueError(
             f"{symbol}: tick row continues snapshot {tick_row['signal_seq']}, "
             f"table has {signals.signal_seq}"
         )
-    pipeline.bars = restore_bars(features, tick_row["bars"])
+    pipeline.bars = restore_bars(features, tick_row["bars"], corrupt=signal_row is not None)
     signals.last_seq = int(tick_row["seq"])
     return signals

@@ -17,7 +17,7 @@ from decimal import Decimal
 from shared.core.accounting import AccountingConfig, Books, ProductBook
 from shared.core.bars import BarBuilder
 from shared.core.events import FundMove, LeverageTargetChanged, into_product
-from shared.core.features import ConfigChanged, FeatureConfig, FeatureTracker
+from shared.core.features import FeatureConfig, FeatureTracker, SnapshotIncompatible
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted
 from shared.core.leverage import Controller, model_leverage
 from shared.core.market import NS_PER_DAY, NS_PER_SECOND, FundingRate, Side, Tick
@@ -57,18 +57,24 @@ class SignalPipeline:
         cls, symbol: str, features: FeatureConfig, regime: RegimeConfig, snapshot: dict[str, object]
     ) -> SignalPipeline:
         pipeline = cls(symbol, features, regime)
-        pipeline.bars = restore_bars(features, _dict(snapshot["bars"]))
+        # SnapshotIncompatible if the configuration moved (the features keep theirs) ...
         pipeline.features = FeatureTracker.restore(features, _dict(snapshot["features"]))
         pipeline.classifier = RegimeClassifier.restore(regime, _dict(snapshot["classifier"]))
+        # ... so bars of another length under the same one are corruption
+        pipeline.bars = restore_bars(features, _dict(snapshot["bars"]), corrupt=True)
         return pipeline
 
 
-def restore_bars(features: FeatureConfig, snapshot: dict[str, object]) -> BarBuilder:
-    """A bar builder from its snapshot; ConfigChanged if its bars are of another length
-    (a snapshot keeps its own interval)."""
+def restore_bars(
+    features: FeatureConfig, snapshot: dict[str, object], *, corrupt: bool
+) -> BarBuilder:
+    """A bar builder from its snapshot (which keeps its own interval); bars of another
+    length are SnapshotIncompatible, or a plain ValueError when the caller knows the
+    configuration did not move (`corrupt`)."""
     bars = BarBuilder.restore(snapshot)
     if bars.interval_ns != features.bar_seconds * NS_PER_SECOND:
-        raise ConfigChanged(f"snapshot bars of {bars.interval_ns} ns, not {features.bar_seconds} s")
+        error = ValueError if corrupt else SnapshotIncompatible
+        raise error(f"snapshot bars of {bars.interval_ns} ns, not {features.bar_seconds} s")
     return bars
 
 

@@ -31,9 +31,11 @@ RETURN_QUANTUM = 1e-12
 _RETURNS_PER_QUANTUM = 1e12
 
 
-class ConfigChanged(ValueError):
-    """A snapshot taken under another configuration: its state cannot continue under
-    this one (windows of other lengths, other thresholds)."""
+class SnapshotIncompatible(ValueError):
+    """A snapshot of another configuration (windows of other lengths, other thresholds,
+    bars of another length) or format version: its state cannot continue here. Not
+    corruption: a snapshot that fits neither its own configuration nor its format is a
+    plain ValueError."""
 
 
 class FeatureConfig(BaseModel):
@@ -283,12 +285,13 @@ class FeatureTracker:
         """Rebuild a tracker that continues exactly where `snapshot` was taken."""
         state: dict[str, Any] = dict(snapshot)
         if state.get("version") != SNAPSHOT_VERSION:
-            raise ValueError(f"snapshot version {state.get('version')!r} is not supported")
+            version = state.get("version")
+            raise SnapshotIncompatible(f"snapshot version {version!r} is not supported")
         if state.get("config") != config.model_dump(mode="json"):
-            raise ConfigChanged("snapshot was taken with a different FeatureConfig")
+            raise SnapshotIncompatible("snapshot was taken with a different FeatureConfig")
         tracker = cls(config)
         if len(state["log_ring"]) != tracker._ring_size:
-            raise ConfigChanged("snapshot: ring size does not fit the config")
+            raise ValueError("snapshot: ring size does not fit the config")
         tracker._bars_seen = int(state["bars_seen"])
         last_ts = state["last_ts_ns"]
         tracker._last_ts_ns = None if last_ts is None else int(last_ts)
@@ -303,7 +306,7 @@ class FeatureTracker:
             ("trough_closes", "trough_indices"),
         ):
             if not len(state[closes_key]) == len(state[indices_key]) <= config.drawdown_window:
-                raise ConfigChanged(f"snapshot: {closes_key} does not fit the config")
+                raise ValueError(f"snapshot: {closes_key} does not fit the config")
         tracker._peak_closes.extend(float(v) for v in state["peak_closes"])
         tracker._peak_indices.extend(int(v) for v in state["peak_indices"])
         tracker._trough_closes.extend(float(v) for v in state["trough_closes"])

@@ -131,6 +131,7 @@ class SmartLeverageController:
 
     __slots__ = (
         "_adverse",
+        "_bounds_moved",
         "_is_long",
         "_regime",
         "_target_f",
@@ -155,6 +156,8 @@ class SmartLeverageController:
         self._regime = str(Regime.RANGE)
         self._is_long = side is Side.LONG
         self._trigger = self._adverse = -math.inf if self._is_long else math.inf
+        # (reason, stored target): restored outside the bounds, brought inside them
+        self._bounds_moved: tuple[str, Decimal] | None = None
 
     @property
     def target(self) -> Decimal:
@@ -261,6 +264,11 @@ class SmartLeverageController:
             return self._decide(
                 ts_ns, price, risk_price, self.target_value, True, False, [Reason.FIRST_PRICE]
             )
+        if self._bounds_moved is not None:  # the books still hold the stored target
+            (reason, stored), self._bounds_moved = self._bounds_moved, None
+            target = self.target_value
+            self._set_target(stored)  # the decision's previous target
+            return self._decide(ts_ns, price, risk_price, target, True, False, [reason])
         if self._is_long:
             if risk_price > self._trigger:
                 return None
@@ -337,13 +345,15 @@ class SmartLeverageController:
         cls, product: str, side: Side, config: LeverageConfig, snapshot: dict[str, object]
     ) -> SmartLeverageController:
         """The controller as `snapshot` left it; a target outside this configuration's
-        [l_min, l_max] (a release that moved them) is brought inside: the books refuse
-        any other, and with it every market event that carries it. The rules, anchored
-        where the position was built, then rebalance it there."""
+        [l_min, l_max] (a release that moved them) is brought inside, and the next tick
+        rebalances to it (CLAMPED_MAX or CLAMPED_MIN): hedging refuses any target outside
+        them, and with it every market event that carries one."""
         controller = cls(product, side, config)
         target = Decimal(str(snapshot["target"]))
         if not config.l_min <= float(target) <= config.l_max:
-            target = to_target(min(max(float(target), config.l_min), config.l_max))
+            above = float(target) > config.l_max
+            controller._bounds_moved = (Reason.CLAMPED_MAX if above else Reason.CLAMPED_MIN, target)
+            target = to_target(config.l_max if above else config.l_min)
         controller._set_target(target)
         controller._regime = str(snapshot["regime"])
         ref_price, ref_leverage = snapshot["ref_price"], snapshot["ref_leverage"]

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.core.features import ConfigChanged, Features
+from shared.core.features import Features, SnapshotIncompatible
 
 SNAPSHOT_VERSION = 1
 
@@ -198,9 +198,10 @@ class RegimeClassifier:
         """Rebuild a classifier that continues exactly where `snapshot` was taken."""
         state: dict[str, Any] = dict(snapshot)
         if state.get("version") != SNAPSHOT_VERSION:
-            raise ValueError(f"snapshot version {state.get('version')!r} is not supported")
+            version = state.get("version")
+            raise SnapshotIncompatible(f"snapshot version {version!r} is not supported")
         if state.get("config") != config.model_dump(mode="json"):
-            raise ConfigChanged("snapshot was taken with a different RegimeConfig")
+            raise SnapshotIncompatible("snapshot was taken with a different RegimeConfig")
         classifier = cls(config)
         classifier._regime = Regime(state["regime"])
         since = state["since_ts_ns"]

@@ -122,13 +122,18 @@ def test_a_target_outside_a_new_configurations_bounds_is_brought_inside(
 ) -> None:
     """A release that moves l_min or l_max restores a controller stored at 3x: its target
     comes inside the new bounds (hedging refuses any other, and with it every market
-    event of the symbol), and its rules, anchored where the position stands, rebalance."""
+    event of the symbol), and the next tick, however quiet, rebalances the books there."""
     stored = rebalanced(Side.LONG, 3.0).snapshot()
     config = rules(l_min=l_min, l_max=l_max, warmup_leverage=l_min)
     c = SmartLeverageController.restore(LONG, Side.LONG, config, stored)
     assert c.target == Decimal(expected)
-    event = tick(c, 80.0)  # 20% down: the adverse move, anchored at the stored rebalance
-    assert event is not None and event.rebalance
+    event = tick(c, 100.0)  # the price it was built at: nothing else would move
+    assert event is not None and event.rebalance and not event.emergency
+    assert (event.previous_target, event.target) == (Decimal("3.00"), Decimal(expected))
+    assert event.reasons == (Reason.CLAMPED_MAX if l_max < 3 else Reason.CLAMPED_MIN,)
+    assert tick(c, 100.0) is None  # once
+    event = tick(c, 80.0)  # 20% down: the adverse move, anchored at that rebalance
+    assert event is not None and event.emergency
     assert config.l_min <= event.target <= config.l_max
     unmoved = SmartLeverageController.restore(LONG, Side.LONG, DEFAULT, stored)
     assert unmoved.snapshot() == stored  # within the bounds: as stored

@@ -15,7 +15,7 @@ from smartlev.v1 import market_pb2
 from services.regime.state import SymbolSignals, restore, signal_key
 from shared import codec
 from shared.core.engine import SignalPipeline
-from shared.core.features import Features
+from shared.core.features import Features, SnapshotIncompatible
 from shared.core.market import NS_PER_HOUR, FundingRate, Tick
 from shared.core.regime import Regime, RegimeState
 from shared.stream import MarketInput
@@ -187,7 +187,8 @@ def test_rows_of_another_configuration_start_the_signals_afresh(changed: dict[st
         _, closed = signals.step(market, 0)
         table.update(json.loads(json.dumps(signals.rows(SYMBOL, closed))))
     assert table[signal_key(SYMBOL)]["seq"] < 100  # the snapshot is from an earlier bar
-    snapshot = table[signal_key(SYMBOL)]["pipeline"]
+    old_signal_row = table[signal_key(SYMBOL)]
+    snapshot = old_signal_row["pipeline"]
     with pytest.raises(ValueError):  # the old rows cannot go on under the new config
         SignalPipeline.restore(SYMBOL, new.features, new.regime, snapshot)
     resumed = restore(SYMBOL, new, table[SYMBOL], table[signal_key(SYMBOL)])
@@ -195,7 +196,41 @@ def test_rows_of_another_configuration_start_the_signals_afresh(changed: dict[st
     reference = SymbolSignals(SignalPipeline(SYMBOL, new.features, new.regime), 100)
     for market in inputs[100:110]:
         assert resumed.step(market, 0) == reference.step(market, 0)
+    old_tick_row = table[SYMBOL]
     table.update(json.loads(json.dumps(resumed.rows(SYMBOL, False))))
     assert table[signal_key(SYMBOL)]["seq"] == 110  # the old snapshot replaced
     again = restore(SYMBOL, new, table[SYMBOL], table[signal_key(SYMBOL)])
     assert again.tick_row() == resumed.tick_row() and not again.reset
+    # Stopped between the two writes of the first batch after a reset, all of it
+    # redeliveries (the fresh snapshot at the old rows' last seq, the old tick row left)
+    reset = restore(SYMBOL, new, old_tick_row, old_signal_row)
+    [(_, first_write), _] = reset.rows(SYMBOL, False)
+    fresh_start = restore(SYMBOL, new, old_tick_row, json.loads(json.dumps(first_write)))
+    assert (fresh_start.last_seq, fresh_start.reset) == (100, False)
+
+
+def test_corrupt_rows_still_stop_the_stage_and_another_format_resets() -> None:
+    """Rows that fit neither their own configuration nor their format are corruption: a
+    plain ValueError (the stage stops on it), not a reset that would hide it; a snapshot
+    of another format version (a release) starts afresh like another configuration."""
+    config = fast_config()
+    signals = SymbolSignals(SignalPipeline(SYMBOL, config.features, config.regime))
+    table: dict[str, Any] = {}
+    for market in market_inputs(PRICES[:60]):
+        _, closed = signals.step(market, 0)
+        table.update(json.loads(json.dumps(signals.rows(SYMBOL, closed))))
+    tick_row, signal_row = table[SYMBOL], table[signal_key(SYMBOL)]
+    short_ring = json.loads(json.dumps(signal_row))
+    short_ring["pipeline"]["features"]["log_ring"].pop()
+    with pytest.raises(ValueError, match="ring size") as caught:
+        restore(SYMBOL, config, tick_row, short_ring)
+    assert not isinstance(caught.value, SnapshotIncompatible)
+    other_bars = json.loads(json.dumps(tick_row))
+    other_bars["bars"]["interval_ns"] //= 2
+    with pytest.raises(ValueError, match="snapshot bars of") as caught:
+        restore(SYMBOL, config, other_bars, signal_row)
+    assert not isinstance(caught.value, SnapshotIncompatible)
+    newer_format = json.loads(json.dumps(signal_row))
+    newer_format["pipeline"]["classifier"]["version"] = 99
+    reset = restore(SYMBOL, config, tick_row, newer_format)
+    assert reset.reset and reset.last_seq == tick_row["seq"]
