@@ -341,8 +341,7 @@ class Replay:
 
     def _mark(self, update: hedging_pb2.HedgeUpdate, which: str | None, seq: int) -> None:
         """The NAV service's rule: a tick marks every product at its price; an order
-        re-marks, at the last mark, the products whose units it changed, but not one
-        holding a hedge that no tick priced yet; funding none."""
+        re-marks, at the last mark, the products whose units it changed; funding none."""
         if which == "funding":
             return
         for state in update.products:
@@ -354,8 +353,7 @@ class Replay:
                 self.marks[state.product] = Mark(seq, self.price, book)
             elif last is None or last.book.units != book.units:
                 seq_, price = (0, ZERO) if last is None else (last.seq, last.price)
-                if price > 0 or not book.qty:
-                    self.marks[state.product] = Mark(seq_, price, book)
+                self.marks[state.product] = Mark(seq_, price, book)
 
     def totals(self, snapshot: Books, venue: PerpVenue) -> list[Row]:
         """The replay's end against hedging's snapshot and the venue account."""
