@@ -118,11 +118,12 @@ def _restore(
         pipeline = SignalPipeline.restore(symbol, features, regime, snapshot)
         seq = int(signal_row["seq"])
         signals = SymbolSignals(pipeline, seq, seq, Regime(snapshot["classifier"]["regime"]))
+    last = signals.last_seq
     if tick_row is None or (
-        signals.last_seq is not None
+        last is not None
         and (
-            tick_row["seq"] < signals.last_seq
-            or (tick_row["seq"] == signals.last_seq and tick_row["signal_seq"] != seq)
+            tick_row["seq"] < last
+            or (tick_row["seq"] == last and tick_row["signal_seq"] != signals.signal_seq)
         )
     ):
         # No tick row yet, or the process stopped between the two writes of a bar close
