@@ -272,6 +272,8 @@ def gateway(server: str, api_key: str | None) -> Iterator[Gateway]:
     """A channel to the gateway; any gRPC error ends the command with one line, exit 1."""
     if not api_key:
         raise fail("no API key: pass --api-key or set SMARTLEV_API_KEY", 2)
+    if not (api_key.isascii() and api_key.isprintable()):  # gRPC metadata cannot carry it
+        raise fail("the API key must be printable ASCII", 2)
     channel = grpc.insecure_channel(server)
     try:
         yield Gateway(

@@ -83,6 +83,10 @@ def decimal_to_wire(value: Decimal | int, *, name: str = "value") -> str:
     # format(dec, "f"), which always is; up to 40 characters are always in range.
     text = str(dec)
     if "E" in text:
+        exponent = dec.as_tuple().exponent
+        if (dec and dec.adjusted() >= 40) or (isinstance(exponent, int) and exponent < -40):
+            # refused before format() writes out every digit (1E+99999999999: MemoryError)
+            raise EncodeError(f"{name}: {value!r} is outside the wire range (40.40 digits)")
         text = format(dec, "f")
     if len(text) > 40 and not _WIRE_DECIMAL.fullmatch(text):
         raise EncodeError(f"{name}: {value!r} is outside the wire range (40.40 digits)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from decimal import Decimal
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from shared.settings import Seconds, SecondsOrZero, ServiceSettings, service_config
 
@@ -27,7 +27,9 @@ class GatewaySettings(ServiceSettings):
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=0, le=65535)  # 0: any free port (tests)
     metrics_port: int = Field(default=9107, ge=0, le=65535)
-    api_keys_file: Path | None = DEFAULT_KEYS_FILE  # None: env keys only
+    # The committed dev users' file is the default only while no keys are configured:
+    # keys in the environment replace it (name a file too to keep both; "": none).
+    api_keys_file: Path | None = DEFAULT_KEYS_FILE
     api_keys: dict[str, str] = Field(default_factory=dict)  # user -> sha256(key) hex
     # Order limits (USDT amounts, inclusive) and precision.
     min_order: Decimal = Field(default=Decimal("10"), gt=0)
@@ -50,6 +52,20 @@ class GatewaySettings(ServiceSettings):
     health_interval_s: Seconds = 1.0
     grace_s: SecondsOrZero = 5.0  # in-flight calls finish on SIGTERM
     stream_queue: int = Field(default=256, ge=1)  # updates buffered per stream subscriber
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _no_file(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dev_keys_only_by_default(cls, data: object) -> object:
+        """Keys set in the environment replace the dev users (whose keys are public: in
+        the README) unless a keys file is named as well."""
+        if isinstance(data, dict) and data.get("api_keys") and "api_keys_file" not in data:
+            return {**data, "api_keys_file": None}
+        return data
 
     @model_validator(mode="after")
     def _transport_takes_what_the_gateway_checks(self) -> GatewaySettings:

@@ -236,6 +236,14 @@ def test_missing_key_is_a_usage_error(cli: CliRunner, monkeypatch: pytest.Monkey
     assert "no API key: pass --api-key or set SMARTLEV_API_KEY" in error_line(result.stderr)
 
 
+@pytest.mark.parametrize("key", ["é-key", "key\twith-tab"])
+def test_a_key_metadata_cannot_carry_is_a_usage_error(cli: CliRunner, key: str) -> None:
+    """gRPC refused it as INTERNAL "Invalid metadata", its core's log on stderr."""
+    result = cli.invoke(app, ["products", "--api-key", key])
+    assert result.exit_code == 2
+    assert error_line(result.stderr) == "error: the API key must be printable ASCII"
+
+
 def test_unreachable_gateway_names_the_address(cli: CliRunner) -> None:
     result = cli.invoke(app, ["products", "--server", "127.0.0.1:1"])
     assert result.exit_code == 1

@@ -278,6 +278,17 @@ def test_decimal_to_wire_takes_exactly_the_wire_range(value: Decimal) -> None:
             codec.decimal_to_wire(value)
 
 
+@pytest.mark.parametrize(
+    "value", ["1E+99999999999", "-1E+999999999999999999", "1E-999999999999", "0E-999999999999"]
+)
+def test_a_huge_exponent_is_refused_before_its_digits_are_written(value: str) -> None:
+    """format() would write out every digit first: a gigabyte, or MemoryError (a CSV cell
+    of 1E+999999999999999999 ended a backtest with a traceback)."""
+    with pytest.raises(codec.EncodeError, match="outside the wire range"):
+        codec.decimal_to_wire(Decimal(value))
+    assert codec.decimal_to_wire(Decimal("0E+999999999999")) == "0"
+
+
 # --------------------------------------------------------------------------- core <-> wire
 
 

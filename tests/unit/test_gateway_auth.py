@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from services.gateway.auth import KeyConfigError, KeyRing, bearer_key, hash_key, load_keys_file
-from services.gateway.config import DEFAULT_KEYS_FILE
+from services.gateway.config import DEFAULT_KEYS_FILE, GatewaySettings
+from services.gateway.main import key_ring
 
 
 def test_the_committed_dev_keys_map_to_their_users() -> None:
@@ -17,6 +19,25 @@ def test_the_committed_dev_keys_map_to_their_users() -> None:
     assert ring.user_for("dev-alice-key ") is None
     assert ring.user_for("") is None
     assert "dev-alice-key" not in DEFAULT_KEYS_FILE.read_text().split("key_sha256")[1]
+
+
+def test_keys_set_in_the_environment_replace_the_public_dev_users(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dev users' keys are in the README: configuring real users must not leave them
+    working (they did, added to the file). Naming a file keeps both; "" names none."""
+    carol = json.dumps({"carol": hash_key("carol-key")})
+
+    def users(**env: str) -> list[str | None]:
+        for name, value in env.items():
+            monkeypatch.setenv(f"SMARTLEV_GATEWAY_{name}", value)
+        ring = key_ring(GatewaySettings())
+        return [ring.user_for(k) for k in ("dev-alice-key", "carol-key")]
+
+    assert users() == ["alice", None]  # nothing configured: the dev users
+    assert users(API_KEYS=carol) == [None, "carol"]
+    assert users(API_KEYS_FILE=str(DEFAULT_KEYS_FILE)) == ["alice", "carol"]
+    assert users(API_KEYS_FILE="") == [None, "carol"]
 
 
 def test_env_keys_add_to_and_override_the_file() -> None:

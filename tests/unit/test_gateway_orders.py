@@ -71,6 +71,11 @@ def test_amounts_within_limits_parse_exactly() -> None:
     assert order_amount("10", LIMITS) == Decimal("10")
     assert order_amount("1000000", LIMITS) == Decimal("1000000")
     assert order_amount("12.345678900", LIMITS) == Decimal("12.3456789")  # trailing zeros
+    # written as given up to the product's precision, past it as that precision (30
+    # places went into the position, the ledger, orders.events and hedging's books)
+    assert str(order_amount("12.50", LIMITS)) == "12.50"
+    assert str(order_amount("10." + "0" * 30, LIMITS)) == "10.00000000"
+    assert str(close_units("0.05" + "0" * 28, False, LIMITS)) == "0.05000000"
 
 
 def test_close_units_need_exactly_one_of_units_or_all() -> None:
