@@ -80,9 +80,9 @@ def decimal_arg(text: str, name: str, decimals: int) -> Decimal:
     value = Decimal(text)
     if value <= 0:
         raise invalid(f"{name}: must be > 0, got {text}")
-    places = len(text.partition(".")[2])
-    if places > decimals:
-        if len(text.partition(".")[2].rstrip("0")) > decimals:
+    fraction = text.partition(".")[2]
+    if len(fraction) > decimals:
+        if len(fraction.rstrip("0")) > decimals:
             raise invalid(f"{name}: {text} has more than {decimals} decimal places")
         # trailing zeros past them: the same number, written as the product's precision
         # (carried as given, 30 places went into the position, the ledger and the books)
