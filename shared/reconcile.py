@@ -413,9 +413,8 @@ def check_orders(
     settled = []
     for order_id in orders:
         record = applied_ids.get(order_id, "")
-        if record.startswith(REFUSED_MARKER):
-            reason = record.removeprefix(REFUSED_MARKER)
-            rows.append(Row("orders.refused", order_id, "applied", f"refused: {reason}"))
+        if record.startswith(REFUSED_MARKER):  # "refused: <reason>"
+            rows.append(Row("orders.refused", order_id, "applied", record))
             continue
         settled.append(order_id)
         if order_id not in applied:

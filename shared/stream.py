@@ -84,10 +84,10 @@ from shared.codec import (
     tick_from_proto,
 )
 from shared.core.market import (
-    MAX_FUNDING_RATE,
     MAX_SEQ,
     FundingRate,
     Tick,
+    funding_rate_problem,
     market_figure_problem,
     symbol_problem,
 )
@@ -209,8 +209,9 @@ def parse_market(message: market_pb2.MarketEvent) -> MarketInput:
     elif message.HasField("funding"):
         wire = message.funding
         value = funding_from_proto(message.funding)
-        if abs(value.rate) > MAX_FUNDING_RATE:
-            raise ValueError(f"|rate| must be <= {MAX_FUNDING_RATE}, got {value.rate}")
+        beyond = funding_rate_problem(value.rate)
+        if beyond is not None:
+            raise ValueError(beyond)
         figures = {"rate": value.rate}
     else:
         raise ValueError("no event set in MarketEvent")

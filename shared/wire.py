@@ -21,6 +21,11 @@ def regime_to_wire(regime: Regime | str) -> common_pb2.Regime:
     return common_pb2.Regime.Value(str(regime))
 
 
+def known_regime_name(name: str) -> bool:
+    """Whether this build's Regime enum has `name` (a hash another build wrote may not)."""
+    return name in common_pb2.Regime.DESCRIPTOR.values_by_name
+
+
 def regime_from_wire(value: int) -> Regime:
     """ValueError for REGIME_UNSPECIFIED or an unknown number (-> DLQ)."""
     if value == common_pb2.REGIME_UNSPECIFIED:

@@ -35,7 +35,7 @@ from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
+from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
 from services.gateway.auth import KeyRing, bearer_key, load_keys_file
 from services.gateway.config import GatewaySettings
@@ -73,6 +73,7 @@ from shared.logging import get_logger
 from shared.redis_store import ApplyStatus
 from shared.serving import Rejected, grpc_server, listen, run
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
+from shared.wire import known_regime_name
 
 SERVICE_NAME = "smartlev.v1.Gateway"
 OWNERS_CACHED = 100_000  # (user, position id) -> product entries kept in memory
@@ -156,7 +157,7 @@ def _wire_texts(**figures: Decimal) -> dict[str, str]:
 def _known_regime(name: str) -> str:
     """A stored regime name, or REGIME_UNSPECIFIED for one this build does not know (a
     hash another build's NAV service wrote): the reply cannot carry it."""
-    return name if name in common_pb2.Regime.DESCRIPTOR.values_by_name else "REGIME_UNSPECIFIED"
+    return name if known_regime_name(name) else "REGIME_UNSPECIFIED"
 
 
 def _decimal(fields: dict[str, str], name: str) -> Decimal | None:

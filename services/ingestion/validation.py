@@ -32,9 +32,9 @@ from decimal import Decimal
 
 from shared.codec import wire_problem
 from shared.core.market import (
-    MAX_FUNDING_RATE,
     FundingRate,
     Tick,
+    funding_rate_problem,
     market_figure_problem,
     symbol_problem,
 )
@@ -136,10 +136,8 @@ def check(event: object) -> Rejected | None:
         return Rejected(Reason.SCHEMA, f"ts_ns must be an int in (0, 2^63), got {ts_ns!r}")
     if isinstance(event, FundingRate):
         bad = _number(event.rate, "rate")
-        if bad is None and abs(event.rate) > MAX_FUNDING_RATE:
-            bad = Rejected(
-                Reason.OUT_OF_BOUNDS, f"|rate| must be <= {MAX_FUNDING_RATE}, got {event.rate}"
-            )
+        if bad is None and (beyond := funding_rate_problem(event.rate)) is not None:
+            bad = Rejected(Reason.OUT_OF_BOUNDS, beyond)
         return bad
     bad = _positive(event.price, "price")
     if bad is None and event.mark_price is not None:

@@ -23,6 +23,7 @@ from shared.codec import (
 )
 from shared.core.accounting import ProductBook
 from shared.core.market import Side, symbol_problem
+from shared.wire import known_regime_name
 
 Kind = Literal["tick", "funding", "order"]
 # Leverage is a ratio of exact decimals with 60 significant digits; 1e-8 is plenty for a
@@ -163,7 +164,7 @@ def in_last_regime(order: FillsEvent, fields: dict[str, str]) -> FillsEvent:
     A regime name this build does not know (a hash another build wrote) is left out: an
     error here would stop the stage on the same record at every restart."""
     last = fields.get("regime")
-    if order.regime or not last or last not in common_pb2.Regime.DESCRIPTOR.values_by_name:
+    if order.regime or not last or not known_regime_name(last):
         return order
     return replace(order, regime=common_pb2.Regime.Value(last))
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from shared.codec import wire_problem
 from shared.core.market import (
-    MAX_FUNDING_RATE,
     NS_PER_HOUR,
     NS_PER_SECOND,
     Bar,
     FundingRate,
+    funding_rate_problem,
     market_figure_problem,
 )
 
@@ -309,10 +309,9 @@ def load_funding(
         ts = rows.timestamp(ts_text)
         order.check(ts)
         rate = rows.number("funding_rate", rate_text)
-        if abs(rate) > MAX_FUNDING_RATE:
-            raise rows.error(
-                f"funding_rate {rate} is out of bounds (|rate| must be <= {MAX_FUNDING_RATE})"
-            )
+        beyond = funding_rate_problem(rate, "funding_rate")
+        if beyond is not None:
+            raise rows.error(beyond)
         if not _in_window(ts, start_ns, end_ns):
             outside += 1
             continue

@@ -70,6 +70,13 @@ MAX_MARKET_DECIMALS = 12
 MAX_SEQ = 2**53 - 1
 
 
+def funding_rate_problem(rate: Decimal, name: str = "rate") -> str | None:
+    """Why `rate` cannot be a settlement's funding rate (MAX_FUNDING_RATE), or None."""
+    if abs(rate) > MAX_FUNDING_RATE:
+        return f"{name} {rate} is out of bounds (|rate| must be <= {MAX_FUNDING_RATE})"
+    return None
+
+
 def market_figure_problem(value: Decimal, name: str) -> str | None:
     """Why `value` cannot be a market figure of the books (MAX_MARKET_DECIMALS), or None."""
     exponent = value.as_tuple().exponent
