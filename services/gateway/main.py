@@ -536,7 +536,14 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 if position.units <= 0:
                     _fail(grpc.StatusCode.FAILED_PRECONDITION, f"position {pid} is closed")
                 nav = self._tradable_nav(product, nav_fields, snap)
-                return quote_close(position, units, nav, self.accounting.close_fee, time.time_ns())
+                return quote_close(
+                    position,
+                    units,
+                    nav,
+                    self.accounting.close_fee,
+                    time.time_ns(),
+                    min_order=self.limits.min_order,
+                )
 
             def render(closed: Closed, snap: Snapshot) -> Step:
                 nav, now = closed.nav, closed.ts_ns

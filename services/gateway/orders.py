@@ -291,9 +291,18 @@ def quote_open(
 
 
 def quote_close(
-    position: PositionState, units: Decimal | None, nav: Decimal, fee_rate: Decimal, ts_ns: int
+    position: PositionState,
+    units: Decimal | None,
+    nav: Decimal,
+    fee_rate: Decimal,
+    ts_ns: int,
+    *,
+    min_order: Decimal,
 ) -> Closed:
-    """Redeem `units` (None: all) of an open position at `nav`."""
+    """Redeem `units` (None: all) of an open position at `nav`. Closing part of it takes
+    at least `min_order`'s worth (as opening does), so a position cannot be sold off in
+    closes that pay nothing; closing all of it is always allowed, whatever it is worth
+    (so no position is ever left too small to close)."""
     if position.units <= 0:
         raise Rejected(
             grpc.StatusCode.FAILED_PRECONDITION, f"position {position.position_id} is closed"
@@ -308,8 +317,14 @@ def quote_close(
         gross, fee = redeem_terms(redeemed, nav, fee_rate)
     except MoneyError as exc:
         raise invalid(f"units: {exc}") from None
-    payout = gross - fee
     left = position.units - redeemed
+    if left and gross < min_order:
+        raise Rejected(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"units: {redeemed} are worth {gross} USDT at NAV {nav}, below the minimum order "
+            f"of {min_order}; close more of the position, or all of it",
+        )
+    payout = gross - fee
     cost = (
         position.cost
         if left == 0

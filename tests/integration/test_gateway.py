@@ -275,27 +275,31 @@ POSITION_DECIMALS = (
 
 
 async def test_a_dust_close_pays_nothing_in_plain_decimals_that_hedging_takes(env: Env) -> None:
-    """1e-8 units at a NAV under 1 gross less than a minor unit: gross, fee and payout
-    are zero, written "0.00000000" like every decimal the gateway sends, never "0E-8"
-    (hedging's parser dead-letters that, and its books would miss the units)."""
+    """The last 1e-8 units of a position at a NAV under 1 gross less than a minor unit:
+    gross, fee and payout are zero, written "0.00000000" like every decimal the gateway
+    sends, never "0E-8" (hedging's parser dead-letters that, and its books would miss the
+    units). Closing all of a position is allowed at any worth, so such dust closes."""
     nav = Decimal("0.5")
     await env.set_nav(PRODUCT, nav)
     opened = await env.open("dust-open")
+    most = await env.stub.ClosePosition(
+        gateway_pb2.ClosePositionRequest(
+            client_order_id="most-close",
+            position_id=opened.position_id,
+            units=str(Decimal(opened.units) - Decimal("0.00000001")),
+        ),
+        metadata=ALICE,
+    )
     dust = await env.stub.ClosePosition(
         gateway_pb2.ClosePositionRequest(
-            client_order_id="dust-close", position_id=opened.position_id, units="0.00000001"
+            client_order_id="dust-close", position_id=opened.position_id, all=True
         ),
         metadata=ALICE,
     )
-    rest = await env.stub.ClosePosition(
-        gateway_pb2.ClosePositionRequest(
-            client_order_id="rest-close", position_id=opened.position_id, all=True
-        ),
-        metadata=ALICE,
-    )
+    assert (most.position.units, dust.units) == ("0.00000001",) * 2
     assert (dust.gross, dust.fee, dust.payout) == ("0.00000000",) * 3
-    assert (rest.position.units, rest.position.cost) == ("0.00000000",) * 2
-    for reply in (opened, dust, rest):
+    assert (dust.position.units, dust.position.cost) == ("0.00000000",) * 2
+    for reply in (opened, most, dust):
         for name in (
             "units",
             "nav",
@@ -307,8 +311,8 @@ async def test_a_dust_close_pays_nothing_in_plain_decimals_that_hedging_takes(en
             decimal_from_wire(getattr(reply.position, name), name=f"position.{name}")
     products = products_by_symbol(StrategyConfig())
     steps = [order_step(e, products) for e in await env.events(3)]
-    assert [s.payout for s in steps] == [None, Decimal(0), Decimal(rest.payout)]
-    assert steps[1].units == Decimal("0.00000001")
+    assert [s.payout for s in steps] == [None, Decimal(most.payout), Decimal(0)]
+    assert steps[2].units == Decimal("0.00000001")
 
 
 async def test_listing_open_positions_skips_those_found_closed_before(env: Env) -> None:
@@ -933,6 +937,14 @@ async def test_closes_that_cannot_be_done_change_nothing(env: Env) -> None:
             False,
             grpc.StatusCode.FAILED_PRECONDITION,
             "the position holds",
+        ),
+        (
+            "c1-dust",
+            opened.position_id,
+            "0.08",  # 9.87654312 USDT at NAV 123.45678901
+            False,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "below the minimum order of 10; close more of the position, or all of it",
         ),
         ("c2", "not-an-id", "1", False, grpc.StatusCode.INVALID_ARGUMENT, "position_id"),
         ("c3", "f" * 32, "1", False, grpc.StatusCode.NOT_FOUND, "not found"),

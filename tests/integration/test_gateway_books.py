@@ -1,7 +1,8 @@
 """The gateway's books under any sequence of orders: a property test over a real channel.
 
 Hypothesis picks an amount, the NAVs the product shows over time and a sequence of
-partial closes (then, or not, a close of all); a gateway subprocess (as deployed) settles
+partial closes (then, or not, a close of all; a part worth less than the minimum order is
+refused and changes nothing); a gateway subprocess (as deployed) settles
 them against the real Redis, the NAV service stood in for by writing its hash. After
 every sequence, to the minor unit:
 
@@ -27,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from smartlev.v1 import gateway_pb2, gateway_pb2_grpc
 
+from services.gateway.config import GatewaySettings
 from shared.codec import decimal_from_wire
 from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.config import StrategyConfig
@@ -41,6 +43,7 @@ ALICE = (("authorization", "Bearer dev-alice-key"),)
 FEES = StrategyConfig().accounting
 UNIT = Decimal("0.00000001")
 LEDGER = ("units", "deposits", "payouts", "fees")
+MIN_ORDER = GatewaySettings().min_order
 
 AMOUNTS = st.integers(1_000, 1_000_000).map(lambda cents: Decimal(cents) / 100)
 NAVS = st.integers(50 * 10**8, 200 * 10**8).map(lambda n: Decimal(n) * UNIT)
@@ -114,9 +117,16 @@ def test_any_order_sequence_keeps_the_books_exact(
         if wanted == 0:
             continue
         desk.show_nav(nav)
-        reply = desk.close(opened.position_id, wanted)
         redeemed = held if wanted is None else wanted
         gross, fee = redeem_terms(redeemed, nav, FEES.close_fee)
+        if redeemed < held and gross < MIN_ORDER:  # part of a position: the minimum order
+            ledger = desk.ledger()
+            with pytest.raises(grpc.RpcError) as refused:
+                desk.close(opened.position_id, wanted)
+            assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert desk.ledger() == ledger
+            continue
+        reply = desk.close(opened.position_id, wanted)
         assert (
             decimal_from_wire(reply.units),
             decimal_from_wire(reply.gross),

@@ -13,7 +13,9 @@ from smartlev.v1 import orders_pb2
 
 from services.gateway.config import GatewaySettings
 from services.gateway.orders import (
+    Closed,
     Limits,
+    PositionState,
     Rejected,
     canonical,
     client_order_id,
@@ -36,6 +38,12 @@ LIMITS = Limits(
     min_order=Decimal("10"), max_order=Decimal("1000000"), amount_decimals=8, units_decimals=8
 )
 FEE = Decimal("0.001")
+MIN = LIMITS.min_order
+
+
+def close(position: PositionState, units: Decimal | None, nav: Decimal, ts_ns: int) -> Closed:
+    """`quote_close` at FEE under LIMITS' minimum."""
+    return quote_close(position, units, nav, FEE, ts_ns, min_order=MIN)
 
 
 def _rejected(call: object, *args: object) -> Rejected:
@@ -119,13 +127,17 @@ def test_quotes_are_the_core_formulas_and_costs_add_up(
     part = (units * share / 100).quantize(Decimal("0.00000001"))
     if part <= 0:
         return
-    first = quote_close(opened.position, part, nav, FEE, 2)
     gross, close_fee = redeem_terms(part, nav, FEE)
+    if part < units and gross < MIN:
+        error = _rejected(close, opened.position, part, nav, 2)
+        assert error.code is grpc.StatusCode.FAILED_PRECONDITION and "minimum" in str(error)
+        return
+    first = close(opened.position, part, nav, 2)
     assert (first.gross, first.fee, first.payout) == (gross, close_fee, gross - close_fee)
     if first.position.units == 0:
         assert first.position.cost == 0 and first.position.ts_closed_ns == 2
         return
-    rest = quote_close(first.position, None, nav, FEE, 3)
+    rest = close(first.position, None, nav, 3)
     assert rest.position.units == 0 and rest.position.cost == 0
     assert first.realized_pnl + rest.realized_pnl == first.payout + rest.payout - amount
 
@@ -140,13 +152,37 @@ def test_closing_more_than_held_or_a_closed_position_fails_the_precondition() ->
         fee_rate=FEE,
         ts_ns=1,
     )
-    error = _rejected(
-        quote_close, opened.position, opened.units + Decimal("1e-8"), Decimal(10), FEE, 2
-    )
+    error = _rejected(close, opened.position, opened.units + Decimal("1e-8"), Decimal(10), 2)
     assert error.code is grpc.StatusCode.FAILED_PRECONDITION and "holds" in str(error)
-    closed = quote_close(opened.position, None, Decimal(10), FEE, 2).position
-    error = _rejected(quote_close, closed, None, Decimal(10), FEE, 3)
+    closed = close(opened.position, None, Decimal(10), 2).position
+    error = _rejected(close, closed, None, Decimal(10), 3)
     assert error.code is grpc.StatusCode.FAILED_PRECONDITION and "closed" in str(error)
+
+
+def test_part_of_a_position_closes_for_the_minimum_order_all_of_it_for_anything() -> None:
+    """Closes that pay nothing cannot sell a position off piecemeal; the remainder of a
+    position worth less than the minimum still closes (all of it, or all its units)."""
+    opened = quote_open(
+        pid="p" * 32,
+        user="u",
+        product="X:LONG",
+        amount=Decimal(100),
+        nav=Decimal(10),
+        fee_rate=FEE,
+        ts_ns=1,
+    )
+    error = _rejected(close, opened.position, Decimal("0.99999999"), Decimal(10), 2)
+    assert error.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert "worth 9.99999990 USDT at NAV 10, below the minimum order of 10" in str(error)
+    assert close(opened.position, Decimal(1), Decimal(10), 2).gross == MIN  # inclusive
+    # a NAV fallen to 1e-4: the whole position is worth 0.000999 USDT, and still closes
+    fallen = Decimal("0.0001")
+    assert _rejected(close, opened.position, Decimal(1), fallen, 2).code is (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    for units in (None, opened.units):
+        closed = close(opened.position, units, fallen, 2)
+        assert closed.position.units == 0 and closed.gross < MIN
 
 
 def test_hedging_settles_an_order_exactly_as_the_gateway_quoted_it() -> None:
@@ -178,7 +214,7 @@ def test_hedging_settles_an_order_exactly_as_the_gateway_quoted_it() -> None:
     step = order_step(event, products)
     assert step.amount is not None
     engine.deposit(step.product, step.amount, 1, step.nav, quoted_units=step.units)
-    closed = quote_close(opened.position, None, nav, config.accounting.close_fee, 2)
+    closed = quote_close(opened.position, None, nav, config.accounting.close_fee, 2, min_order=MIN)
     close = orders_pb2.OrderEvent(
         closed=orders_pb2.PositionClosed(
             event_id="b" * 32,
