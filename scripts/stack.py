@@ -378,12 +378,28 @@ def rel(path: Path) -> str:
         return str(path)
 
 
+TAIL_BYTES = 64 * 1024  # what `tail` reads of a log: its end, however long the log
+LOG_KEPT_BYTES = 64 * 1024 * 1024  # a longer log is moved to <name>.log.1 at a launch
+
+
 def tail(path: Path, lines: int = 20) -> str:
+    """The log's last `lines` lines, read from its end (a broker's log can be gigabytes)."""
     try:
-        text = path.read_text(errors="replace").splitlines()
+        with path.open("rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            log.seek(max(size - TAIL_BYTES, 0))
+            text = log.read().decode(errors="replace").splitlines()
     except OSError:
         return "(no log)"
     return "\n".join("    " + line for line in text[-lines:])
+
+
+def rotate(log: Path) -> None:
+    """Keep one launch's log and the one before it when it grew past LOG_KEPT_BYTES (a
+    component appends at every launch; the broker ran for days and wrote gigabytes)."""
+    with contextlib.suppress(FileNotFoundError):
+        if log.stat().st_size > LOG_KEPT_BYTES:
+            log.replace(log.with_name(log.name + ".1"))
 
 
 # --------------------------------------------------------------------------- components
@@ -668,6 +684,7 @@ class Stack:
             check_port_free(port, comp.name)
         comp.prepare()
         log = self.log_file(comp.name)
+        rotate(log)
         env = {**comp.env, **os.environ} if comp.env else dict(os.environ)
         with log.open("a") as out:
             out.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} stack.sh starts {comp.name}\n")
@@ -995,10 +1012,29 @@ def ensure_apt_packages() -> None:
                 f"apt-get; see {log}). Install it: sudo apt-get install redis-server"
             )
         _stop_distro_redis(log)
-    if not shutil.which("kcat"):
+    require_redis_7()
+    no_kcat = run / "kcat.unavailable"  # tried once: not again at every `up` and restart
+    if not shutil.which("kcat") and not no_kcat.exists():
         say("installing kcat (apt-get; first run only)")
         if not _apt_install(["kcat"], log) or not shutil.which("kcat"):
+            no_kcat.write_text("apt-get could not install kcat; delete this file to try again\n")
             warn(f"could not install kcat (optional; see {log}); continuing without it")
+
+
+def require_redis_7() -> None:
+    """redis.conf and the compose file's redis:7 need Redis 7 (Debian 12's); an older
+    redis-server (Ubuntu 22.04's 6.0) refuses redis.conf with a "Bad directive"."""
+    found = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    version = found.partition(" v=")[2].split(" ")[0]
+    major = version.split(".")[0]
+    if not major.isdigit() or int(major) < 7:
+        raise StackError(
+            f"redis-server {version or found.strip() or '(no version)'} found "
+            f"({shutil.which('redis-server')}); the stack needs Redis 7 or newer "
+            "(Debian 12: apt-get install redis-server)"
+        )
 
 
 def ensure_java_and_maven() -> None:

@@ -15,6 +15,11 @@ if [ $# -eq 0 ]; then
   sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
+if [ ! -x .venv/bin/python ] && [ "$1" = down ]; then
+  # stopping needs only the standard library: `make clean` on a fresh clone, twice, or
+  # with the venv gone under a running stack
+  exec python3 scripts/stack.py down
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "stack.sh: error: no .venv yet; run \`make setup\` (or bash scripts/setup_venv.sh) first" >&2
   exit 1

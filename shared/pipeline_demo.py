@@ -28,7 +28,16 @@ from smartlev.v1 import common_pb2, nav_pb2
 from shared.adapters.market_data import parse_time
 from shared.chart import nav_chart
 from shared.core.products import SIDES, product_id
-from shared.pipeline_runner import STAGES, Pipeline, PipelineError, new_namespace, replay_args
+from shared.pipeline_runner import (
+    DEMO_RUNS,
+    STAGES,
+    Pipeline,
+    PipelineError,
+    interrupt_on_hangup,
+    new_namespace,
+    remove_leftover_namespaces,
+    replay_args,
+)
 from shared.settings import ServiceSettings
 
 console = Console()
@@ -92,6 +101,8 @@ def table(series: Series, products: list[str], elapsed_s: float) -> Table:
 def run(args: argparse.Namespace) -> int:
     products = [product_id(args.symbol, side) for side in SIDES]
     settings = ServiceSettings()
+    # the previous demo's namespace, kept until now to be looked at
+    remove_leftover_namespaces(settings.kafka_bootstrap, settings.redis_url, leftovers=DEMO_RUNS)
     console.print(f"[bold]==> starting the services[/] (namespace {args.namespace})")
     started = time.monotonic()
     with Pipeline.start(
@@ -180,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.start_ns < end_ns:
         parser.error(f"--start {args.start} is not before --end {args.end}")
     args.namespace = args.namespace or new_namespace("demo")
+    interrupt_on_hangup()
     try:
         return run(args)
     except PipelineError as exc:

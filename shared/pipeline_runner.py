@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 import redis
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
@@ -53,6 +54,7 @@ from shared.topics import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_LOGS = ROOT / ".run" / "pipelines"  # a directory of service logs per namespace
 RUNS = ROOT / ".run" / "runs"  # one file per process using the stack (mark_stack_user)
 _PORT_REF = re.compile(r"\{port:([a-z0-9_.]+)\}")
 PYTHON = sys.executable
@@ -139,10 +141,25 @@ def new_namespace(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}."
 
 
-# Namespaces that test, bench and chaos runs create (`new_namespace` and the tests' own):
-# t<8 hex>. and bench<8 hex>.; and the pipeline benchmark's raw chain topics, which a
-# killed benchmark leaves behind.
-LEFTOVER = re.compile(r"^(t|bench)[0-9a-f]{8}\.|^bench\.chain\.[0-9a-f]{10}$")
+class Leftovers(NamedTuple):
+    """The namespaces a kind of run leaves behind: the names of their topics and of their
+    faust data and log directories match `names`; their Redis keys match `keys`."""
+
+    names: re.Pattern[str]
+    keys: tuple[str, ...]
+
+
+# Test, bench and chaos runs (`new_namespace` and the tests' own): t<8 hex>. and
+# bench<8 hex>.; and the pipeline benchmark's raw chain topics, which a killed benchmark
+# leaves behind. A run keeps its namespace for whoever reads a failure; the next run
+# removes it.
+TEST_RUNS = Leftovers(
+    re.compile(r"^(t|bench)[0-9a-f]{8}\.|^bench\.chain\.[0-9a-f]{10}$"),
+    ("t????????.*", "bench????????.*"),
+)
+# `make demo`'s pipeline (demo<8 hex>.): kept to be looked at (README, "Inspecting the
+# topics") until the next demo starts.
+DEMO_RUNS = Leftovers(re.compile(r"^demo[0-9a-f]{8}\."), ("demo????????.*",))
 
 
 def chain_topic() -> str:
@@ -191,12 +208,29 @@ def process_start_time(pid: int) -> str | None:
     return stat.rpartition(")")[2].split()[19]
 
 
-def remove_leftover_namespaces(bootstrap: str, redis_url: str, runs: Path = RUNS) -> None:
-    """Delete the topics and Redis keys earlier test and bench runs left behind (a run
-    keeps its namespace so whoever reads a failure can look at it). Thousands of
-    leftover partitions made a broker restart outlast its 60 s start timeout, and every
-    request the broker serves costs more with them. Skipped while another run uses the
-    stack: its namespaces look the same."""
+def interrupt_on_hangup() -> None:
+    """Make SIGTERM and SIGHUP (a closed terminal) end this process as Ctrl-C does, so
+    the `with Pipeline` blocks stop their services: those run in sessions of their own,
+    which no signal to this process's group reaches, and Python's default for either
+    signal skips every `finally`. A second signal waits for that cleanup."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        for hangup in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(hangup, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+
+
+def remove_leftover_namespaces(
+    bootstrap: str, redis_url: str, runs: Path = RUNS, leftovers: Leftovers = TEST_RUNS
+) -> None:
+    """Delete the topics, Redis keys, faust data and service logs earlier runs of a kind
+    left behind. Thousands of leftover partitions made a broker restart outlast its 60 s
+    start timeout, and every request the broker serves costs more with them; the logs of
+    a day of test runs took a gigabyte. Skipped while another run uses the stack: its
+    namespaces look the same."""
     mark_stack_user(runs)  # first: two runs starting at once then both keep theirs
     others = other_stack_users(runs)
     if others:
@@ -205,15 +239,16 @@ def remove_leftover_namespaces(bootstrap: str, redis_url: str, runs: Path = RUNS
         return
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="cleanup")
     try:
-        old = sorted(t for t in admin.list_topics() if LEFTOVER.match(t))
+        old = sorted(t for t in admin.list_topics() if leftovers.names.match(t))
         for start in range(0, len(old), 200):
             admin.delete_topics(old[start : start + 200], timeout_ms=120_000)
     finally:
         admin.close()
-    remove_leftover_data(ROOT / FAUST_DATA)
+    remove_leftover_data(ROOT / FAUST_DATA, leftovers)
+    remove_leftover_data(PIPELINE_LOGS, leftovers)
     client = redis.Redis.from_url(redis_url)
     try:
-        for pattern in ("t????????.*", "bench????????.*"):
+        for pattern in leftovers.keys:
             batch = [k for k in client.scan_iter(match=pattern, count=1000)]
             for start in range(0, len(batch), 1000):
                 client.delete(*batch[start : start + 1000])
@@ -221,10 +256,14 @@ def remove_leftover_namespaces(bootstrap: str, redis_url: str, runs: Path = RUNS
         client.close()
 
 
-def remove_leftover_data(directory: Path) -> None:
-    """The faust stages' local data directories of those runs (one per app and run)."""
+def remove_leftover_data(directory: Path, leftovers: Leftovers = TEST_RUNS) -> None:
+    """The directories of those runs: the faust stages' local data (one per app and run,
+    named `<namespace><app>`) or the services' logs (one per run, `<namespace>` without
+    its dot)."""
     for path in directory.glob("*"):
-        if path.is_dir() and LEFTOVER.match(path.name):
+        if path.is_dir() and (
+            leftovers.names.match(path.name) or leftovers.names.match(f"{path.name}.")
+        ):
             shutil.rmtree(path)
 
 
@@ -278,7 +317,7 @@ class Pipeline:
         """Create the namespace's topics, then start `services` in order, each healthy."""
         mark_stack_user()
         namespace = namespace or new_namespace()
-        log_dir = log_dir or ROOT / ".run" / "pipelines" / namespace.rstrip(".")
+        log_dir = log_dir or PIPELINE_LOGS / namespace.rstrip(".")
         log_dir.mkdir(parents=True, exist_ok=True)
         pipeline = cls(namespace, log_dir, bootstrap, redis_url, env or {})
         ensure_topics(bootstrap, [s.in_namespace(namespace) for s in ALL_TOPICS], verbose=False)

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import pytest
 import redis
 
-from shared.pipeline_runner import remove_leftover_namespaces
+from shared.pipeline_runner import interrupt_on_hangup, remove_leftover_namespaces
 
 KAFKA_BOOTSTRAP = os.environ.get("SMARTLEV_TEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 REDIS_URL = os.environ.get("SMARTLEV_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -79,6 +79,13 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
         pytest.fail(f"Redis at {redis_url} does not answer PING: {exc}; run `make up`")
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_pipelines_on_hangup() -> None:
+    """A test run ended by SIGTERM or SIGHUP still stops the services its pipelines
+    started (they run in sessions of their own, and would run on)."""
+    interrupt_on_hangup()
 
 
 @pytest.fixture(scope="session", autouse=True)

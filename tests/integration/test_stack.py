@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+import tracemalloc
 import uuid
 from pathlib import Path
 
@@ -274,6 +275,34 @@ def test_an_unhealthy_service_is_reported_with_its_failing_checks() -> None:
 def test_unknown_command_and_no_args_fail() -> None:
     assert stack_sh("frobnicate").returncode != 0
     assert stack_sh().returncode != 0
+
+
+def test_a_log_is_tailed_from_its_end_and_moved_aside_once_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker's log reached 1.6 GB in a day of test runs: a failure message's tail
+    read all of it (6 s, 3.5 GB of memory), and every launch appended to it."""
+    log = tmp_path / "kafka.log"
+    log.write_text("".join(f"line {n}\n" for n in range(2_000_000)))  # ~16 MB
+    tracemalloc.start()
+    try:
+        last = stack_mod.tail(log, 2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert last == "    line 1999998\n    line 1999999"
+    assert peak < 1_000_000
+    assert stack_mod.tail(tmp_path / "none.log") == "(no log)"
+
+    monkeypatch.setattr(stack_mod, "LOG_KEPT_BYTES", log.stat().st_size)
+    stack_mod.rotate(log)  # not past the limit: kept where it is
+    assert log.exists() and not (tmp_path / "kafka.log.1").exists()
+    with log.open("a") as more:
+        more.write("one more\n")
+    stack_mod.rotate(log)
+    assert not log.exists()
+    assert stack_mod.tail(tmp_path / "kafka.log.1", 1) == "    one more"
+    stack_mod.rotate(tmp_path / "none.log")  # no log yet: nothing to do
 
 
 # --------------------------------------------------------------------------- Python services

@@ -14,7 +14,8 @@ import pytest
 
 from shared import pipeline_runner
 from shared.pipeline_runner import (
-    LEFTOVER,
+    DEMO_RUNS,
+    TEST_RUNS,
     chain_topic,
     mark_stack_user,
     new_namespace,
@@ -25,11 +26,20 @@ from shared.pipeline_runner import (
 )
 from shared.topics import MARKET_TICKS
 
+LEFTOVER = TEST_RUNS.names
+
 
 def test_the_topics_of_test_and_bench_runs_are_leftovers() -> None:
     assert LEFTOVER.match(f"{new_namespace()}{MARKET_TICKS.name}")
     assert LEFTOVER.match(f"{new_namespace('bench')}{MARKET_TICKS.name}")
     assert LEFTOVER.match(chain_topic())  # a killed pipeline benchmark's raw chain
+
+
+def test_a_demos_topics_are_left_to_the_next_demo() -> None:
+    demo = f"{new_namespace('demo')}{MARKET_TICKS.name}"
+    assert DEMO_RUNS.names.match(demo) and not LEFTOVER.match(demo)
+    for topic in (f"{new_namespace()}{MARKET_TICKS.name}", MARKET_TICKS.name, "demox.nav"):
+        assert not DEMO_RUNS.names.match(topic), topic
 
 
 def test_the_stacks_own_and_demo_topics_are_not_leftovers() -> None:
@@ -50,6 +60,18 @@ def test_only_the_data_of_test_and_bench_namespaces_is_removed(tmp_path: Path) -
     (tmp_path / "t0123abcd.note").write_text("a file, not a data directory")
     remove_leftover_data(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "t0123abcd.note"])
+
+
+def test_the_log_directories_of_a_kinds_runs_are_removed(tmp_path: Path) -> None:
+    """`.run/pipelines/<namespace without its dot>`: a day of test runs took 1.1 GB."""
+    names = ["t0123abcd", "bench89abcdef", "demo0123abcd", "tnothex1", "notes"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "gateway.log").write_text("...")
+    remove_leftover_data(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo0123abcd", "notes", "tnothex1"]
+    remove_leftover_data(tmp_path, DEMO_RUNS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "tnothex1"]
 
 
 @pytest.fixture
