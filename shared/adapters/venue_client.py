@@ -213,6 +213,12 @@ class RemoteVenue:
     def at_risk(self, mark_f: float) -> bool:
         return self._mirror.at_risk(mark_f)
 
+    def quote(
+        self, qty: Decimal, reference: Decimal, liquidity: Liquidity = Liquidity.TAKER
+    ) -> tuple[Decimal, Decimal]:
+        """The venue service fills by the same rules and configuration as the mirror."""
+        return self._mirror.quote(qty, reference, liquidity)
+
     def transfer(self, amount: Decimal) -> None:
         request = venue_pb2.TransferRequest(
             symbol=self.spec.symbol,

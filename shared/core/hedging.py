@@ -48,6 +48,17 @@ def plan_slices(net: Decimal, price: Decimal, lot: Decimal, max_notional: Decima
     return [sign * (base + (1 if i < extra else 0)) * lot for i in range(count)]
 
 
+def netted_cost(venue: Venue, net: Decimal, reference: Decimal, config: HedgingConfig) -> Decimal:
+    """The fees and slippage `execute_netted` would pay for a net trade of `net` (whole
+    lots) now, slice by slice."""
+    cost = ZERO
+    for qty in plan_slices(net, reference, venue.spec.lot_step, config.max_slice_notional):
+        if qty:
+            price, fee = venue.quote(qty, reference, config.liquidity)
+            cost += qty * (price - reference) + fee
+    return cost
+
+
 def execute_netted(
     venue: Venue,
     ts_ns: int,

@@ -91,6 +91,10 @@ class Venue(Protocol):
         self, ts_ns: int, qty: Decimal, reference: Decimal, liquidity: Liquidity = ...
     ) -> OrderFilled: ...
 
+    def quote(
+        self, qty: Decimal, reference: Decimal, liquidity: Liquidity = ...
+    ) -> tuple[Decimal, Decimal]: ...
+
     def settle_funding(self, rate: Decimal, mark: Decimal) -> Decimal: ...
 
     def pnl(self, mark: Decimal) -> Decimal: ...
@@ -154,6 +158,14 @@ class PerpVenue:
             )
         return price_against(raw, self.spec.price_tick, buying)
 
+    def quote(
+        self, qty: Decimal, reference: Decimal, liquidity: Liquidity = Liquidity.TAKER
+    ) -> tuple[Decimal, Decimal]:
+        """The fill price and fee `execute` would give an order of `qty` now."""
+        price = self.fill_price(qty, reference, liquidity)
+        rate = self.config.taker_fee if liquidity is Liquidity.TAKER else self.config.maker_fee
+        return price, abs(qty) * price * rate
+
     def execute(
         self, ts_ns: int, qty: Decimal, reference: Decimal, liquidity: Liquidity = Liquidity.TAKER
     ) -> OrderFilled:
@@ -161,9 +173,7 @@ class PerpVenue:
             raise MoneyError("order quantity is zero")
         if qty % self.spec.lot_step != 0:
             raise MoneyError(f"quantity {qty} is not a multiple of lot {self.spec.lot_step}")
-        price = self.fill_price(qty, reference, liquidity)
-        rate = self.config.taker_fee if liquidity is Liquidity.TAKER else self.config.maker_fee
-        fee = abs(qty) * price * rate
+        price, fee = self.quote(qty, reference, liquidity)
         self.wallet -= qty * price + fee
         self.position += qty
         self.fees_paid += fee
