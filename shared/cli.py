@@ -310,7 +310,13 @@ def _leverage(text: str) -> str:
 
 
 def _regime(value: int) -> str:
-    return common_pb2.Regime.Name(value) if value else "-"
+    """A regime this build does not know (a newer server's) shows as its number."""
+    if not value:
+        return "-"
+    try:
+        return common_pb2.Regime.Name(value)
+    except ValueError:
+        return f"#{value}"
 
 
 def _pnl(text: str) -> str:

@@ -44,6 +44,10 @@ M = TypeVar("M", bound=Message)
 # Plain decimal notation only: optional minus, digits, optional fraction. No exponent,
 # no sign "+", no whitespace, no NaN/Infinity. Bounded so a hostile payload cannot ask
 # for a 10^9-digit number.
+# The gateway's order and position ids (services/gateway/orders.order_id): 32 lowercase
+# hex digits. Orders on orders.events with other ids come from elsewhere (a pipeline's
+# seed deposits), and no gateway position answers for them.
+POSITION_ID = re.compile(r"[0-9a-f]{32}")
 _WIRE_DECIMAL = re.compile(r"-?[0-9]{1,40}(\.[0-9]{1,40})?")
 _MAX_WIRE_LEN = 82
 

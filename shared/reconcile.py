@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import json
 import sys
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -44,6 +47,7 @@ from redis.exceptions import RedisError
 from smartlev.v1 import hedging_pb2, orders_pb2
 
 from shared import codec
+from shared.codec import POSITION_ID
 from shared.core.accounting import Books, BooksOutOfBalance, ProductBook
 from shared.core.config import StrategyConfig
 from shared.core.events import HedgeAllocation, HedgeExecuted
@@ -437,6 +441,12 @@ class GatewayState:
     positions: Sequence[Mapping[str, str]]
     ledger: Mapping[str, str]
     pending: int  # orders in its outbox, not yet on orders.events
+    stuck: int = 0  # of those, settled more than OUTBOX_STUCK_S ago
+
+
+# An order settles with its outbox entry and the relay publishes it within ~50 ms, or
+# within seconds of Kafka coming back: one pending for longer is not on its way.
+OUTBOX_STUCK_S = 30
 
 
 def check_gateway(
@@ -446,13 +456,22 @@ def check_gateway(
     books: Books,
     order_units: Mapping[str, Decimal],
 ) -> list[Row]:
-    """Positions against their orders; products' units against the positions."""
-    moved: defaultdict[str, Decimal] = defaultdict(Decimal)
-    for event in orders.values():
-        order = codec.order_of(event)
-        sign = 1 if isinstance(order, orders_pb2.PositionOpened) else -1
-        moved[order.position_id] += sign * Decimal(order.units or "0")
+    """Positions against their orders (and every gateway order against a position);
+    products' units against the positions."""
     rows = []
+    if gateway.stuck:  # positions and units are not compared while orders are pending
+        subject = f"{symbol} outbox, settled over {OUTBOX_STUCK_S} s ago"
+        rows.append(Row("gateway.outbox", subject, 0, gateway.stuck))
+    moved: defaultdict[str, Decimal] = defaultdict(Decimal)
+    for order_id, event in orders.items():
+        order = codec.order_of(event)
+        try:
+            units = codec.decimal_from_wire(order.units or "0", name="units")
+        except codec.DecodeError as exc:  # hedging dead-letters it too: it moved nothing
+            rows.append(Row("orders.figures", order_id, "plain decimals", exc.reason))
+            continue
+        sign = 1 if isinstance(order, orders_pb2.PositionOpened) else -1
+        moved[order.position_id] += sign * units
     held: defaultdict[str, Decimal] = defaultdict(Decimal)
     ids = set()
     for position in gateway.positions:
@@ -461,17 +480,25 @@ def check_gateway(
         held[position["product"]] += units
         if gateway.pending == 0:
             rows.append(Row("gateway.position", pid, moved.get(pid, ZERO), units))
+    # a gateway order on the topic whose position the gateway no longer has (Redis lost
+    # the settle's writes, position and ledger entry together): the other checks match
+    rows += [
+        Row("gateway.position", pid, moved[pid], "no position")
+        for pid in sorted(moved)
+        if pid not in ids and POSITION_ID.fullmatch(pid)
+    ]
     for product, book in books.products.items():
         units = held.get(product, ZERO)
         ledger = gateway.ledger.get(f"{product}:units")
         rows.append(Row("gateway.ledger", product, units, _dec(ledger) if ledger else ZERO))
         if gateway.pending == 0:
-            outside = sum(
+            outside = sum(  # orders from elsewhere (a pipeline's seed deposits)
                 (
                     order_units.get(o, ZERO)
                     for o, e in orders.items()
                     if (order := codec.order_of(e)).product == product
                     and order.position_id not in ids
+                    and not POSITION_ID.fullmatch(order.position_id)
                 ),
                 ZERO,
             )
@@ -568,13 +595,27 @@ async def load_gateway(redis: Redis, namespace: str, symbol: str) -> GatewayStat
     pattern = gw.state_key(symbol, "pos") + ":*"
     position_keys = [k async for k in redis.scan_iter(match=pattern, count=500)]
     ledger, _ = await gw.read(symbol, "ledger")
-    pending = await redis.hlen(gw.state_key(symbol, "outbox"))
+    outbox = await redis.hvals(gw.state_key(symbol, "outbox"))
     if not position_keys and not ledger:
         return None
     positions = [
         {_text(k): _text(v) for k, v in (await redis.hgetall(k)).items()} for k in position_keys
     ]
-    return GatewayState(positions, ledger, int(pending))
+    return GatewayState(positions, ledger, len(outbox), stuck_orders(outbox, time.time_ns()))
+
+
+def stuck_orders(outbox: Iterable[str | bytes], now_ns: int) -> int:
+    """The outbox's entries (base64 OrderEvents) settled over OUTBOX_STUCK_S before
+    `now_ns`; one that does not decode counts (the relay cannot publish it either)."""
+    stuck = 0
+    for entry in outbox:
+        try:
+            event = codec.decode(orders_pb2.OrderEvent, base64.b64decode(entry, validate=True))
+            settled_ns = codec.order_of(event).ts_init_ns
+        except (codec.DecodeError, binascii.Error):
+            settled_ns = 0
+        stuck += now_ns - settled_ns > OUTBOX_STUCK_S * 1_000_000_000
+    return stuck
 
 
 def _text(value: str | bytes) -> str:
@@ -648,15 +689,20 @@ def reconcile_symbol(
         f"venue position {venue.position}, wallet {venue.wallet}, last price {price}"
     )
     report.rows += check_orders(symbol, orders, state.applied, replay.applied)
-    if state.gateway is None:
+    gateway = state.gateway
+    if gateway is None and any(
+        POSITION_ID.fullmatch(codec.order_of(e).position_id) for e in orders.values()
+    ):
+        gateway = GatewayState((), {}, 0)  # gone, though the gateway's orders are not
+    if gateway is None:
         report.notes.append(f"{symbol}: no order-gateway state; user positions not checked")
     else:
-        if state.gateway.pending:
+        if gateway.pending:
             report.notes.append(
-                f"{symbol}: {state.gateway.pending} order(s) in the gateway's outbox, not "
+                f"{symbol}: {gateway.pending} order(s) in the gateway's outbox, not "
                 "yet published: positions and units against the books not compared"
             )
-        report.rows += check_gateway(symbol, state.gateway, orders, books, replay.order_units)
+        report.rows += check_gateway(symbol, gateway, orders, books, replay.order_units)
     for product in books.products:
         report.rows += check_nav(product, replay.marks.get(product), state.navs.get(product, {}))
     return report

@@ -33,8 +33,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client import Gauge
 from smartlev.v1 import nav_pb2, orders_pb2
 
-from services.gateway.orders import POSITION_ID
-from shared.codec import DecodeError, decimal_from_wire, decode, order_of
+from shared.codec import POSITION_ID, DecodeError, decimal_from_wire, decode, order_of
 from shared.logging import get_logger
 from shared.topics import TopicSpec
 

@@ -129,10 +129,19 @@ return {fields, events, pending}
 """
 )
 
-# KEYS: the outbox index, the outbox. ARGV: the fields Kafka acked.
+# KEYS: the outbox index, the outbox. ARGV: field, event, field, event, ... as published
+# and acked by Kafka. Each goes only if it still holds that event: after Redis lost its
+# last writes a new settle may have reused the field for an event not yet published.
 _OUTBOX_ACKED_LUA = """
-redis.call('HDEL', KEYS[2], unpack(ARGV))
-return redis.call('ZREM', KEYS[1], unpack(ARGV))
+local removed = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    removed = removed + 1
+  end
+end
+return removed
 """
 
 # KEYS: the user's orders, positions and position ids. ARGV: client_order_id, claim,
@@ -409,10 +418,13 @@ class Ledger:
         fields, events, pending = await self._outbox_window(keys=keys, args=[window])
         return [(f, unb64(e)) for f, e in zip(fields, events, strict=True)], pending
 
-    async def acked(self, symbol: str, fields: list[str]) -> None:
-        if fields:
+    async def acked(self, symbol: str, entries: list[tuple[str, bytes]]) -> None:
+        """Delete the (field, event) entries Kafka acked, each if it still holds that
+        event."""
+        if entries:
             keys = [self.outbox_index_key(symbol), self.outbox_key(symbol)]
-            await self._outbox_acked(keys=keys, args=fields)
+            args = [text for field, event in entries for text in (field, b64(event))]
+            await self._outbox_acked(keys=keys, args=args)
 
 
 def ledger_fields(product: str, fields: Mapping[str, str], **deltas: Decimal) -> dict[str, str]:

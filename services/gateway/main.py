@@ -368,7 +368,13 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 assert settled.snapshot is not None
                 snap = self._latest[order.product] = settled.snapshot
                 quoted = quote(view.nav, snap)
-        raise RuntimeError(f"{order.product}: the ledger kept changing under the order")
+        # other instances settling the product faster than this one can re-quote: the
+        # client retries (the same client order id; nothing was settled)
+        _fail(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{order.product}: busy, the product's ledger kept changing under the order; "
+            "retry with the same client_order_id",
+        )
 
     def _remember(self, user: str, pid: str, product: str) -> None:
         """Cache an index entry (they never change once written), bounded."""

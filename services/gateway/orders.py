@@ -22,13 +22,12 @@ from typing import NamedTuple
 import grpc
 from smartlev.v1 import gateway_pb2
 
-from shared.codec import decimal_to_wire
+from shared.codec import POSITION_ID, decimal_to_wire
 from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.money import USDT_QUANTUM, ZERO, MoneyError, usdt_down
 from shared.serving import Rejected
 
 CLIENT_ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-POSITION_ID = re.compile(r"[0-9a-f]{32}")
 # Plain decimal text only: no sign, exponent, NaN, infinity or whitespace; bounded length.
 PLAIN_DECIMAL = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")
 

@@ -66,24 +66,24 @@ class OutboxRelay:
         self._dirty.add(symbol)
         self._wake.set()
 
-    async def publish(self, symbol: str) -> list[str]:
+    async def publish(self, symbol: str) -> list[tuple[str, bytes]]:
         """Send the symbol's oldest pending events (up to `window`) and wait for every
-        ack; returns their fields (not yet deleted: `flush` does both)."""
+        ack; returns them, (field, event) (not yet deleted: `flush` does both)."""
         entries, pending = await self.ledger.outbox(symbol, self.window)
         PENDING.labels(symbol).set(pending)
         key = symbol.encode()
         await self.sender.send_all((self.topic, key, payload) for _, payload in entries)
         PUBLISHED.labels(symbol).inc(len(entries))
-        return [field for field, _ in entries]
+        return entries
 
     async def flush(self, symbol: str) -> int:
         """Publish and delete the symbol's pending events, a window at a time."""
         total = 0
         while True:
-            fields = await self.publish(symbol)
-            await self.ledger.acked(symbol, fields)
-            total += len(fields)
-            if len(fields) < self.window:
+            entries = await self.publish(symbol)
+            await self.ledger.acked(symbol, entries)
+            total += len(entries)
+            if len(entries) < self.window:
                 PENDING.labels(symbol).set(0)
                 return total
 

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
+from typing import Any
 from uuid import uuid4
 
 import grpc
@@ -28,8 +29,9 @@ from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2, orde
 
 from services.gateway.config import GatewaySettings
 from services.gateway.feeds import Subscriber
-from services.gateway.ledger import Snapshot
+from services.gateway.ledger import Settled, Snapshot
 from services.gateway.main import GatewayServer
+from services.gateway.orders import order_id
 from services.gateway.relay import OutboxRelay
 from services.hedging.messages import order_step, products_by_symbol
 from shared.adapters.kafka_admin import ensure_topics
@@ -741,6 +743,27 @@ async def test_outbox_republishes_after_a_crash_between_ack_and_delete(quiet_env
     assert await env.server.relay.flush("BTC-USDT") == 0
 
 
+async def test_an_ack_deletes_only_the_event_it_was_for(quiet_env: Env) -> None:
+    """Redis can lose its last writes (AOF fsyncs once a second): a settle the relay had
+    read and published is gone, and the next settle takes its version, the outbox field
+    the relay is about to delete. Deleted by field alone, that order never went out."""
+    env = quiet_env
+    await env.set_nav(PRODUCT, NAV)
+    await env.open("published", "100")
+    relay, outbox = env.server.relay, env.server.ledger.outbox_key("BTC-USDT")
+    [(field, event)] = await relay.publish("BTC-USDT")  # acked by Kafka, not yet deleted
+    later = await env.open("reused", "100")
+    [newer] = [f for f in await env.redis.hkeys(outbox) if f != field]
+    await env.redis.hset(outbox, field, await env.redis.hget(outbox, newer))  # Redis lost
+    await env.redis.hdel(outbox, newer)  # the first settle; the second took its version
+    await env.redis.zrem(env.server.ledger.outbox_index_key("BTC-USDT"), newer)
+    await env.server.ledger.acked("BTC-USDT", [(field, event)])
+    assert await env.redis.hkeys(outbox) == [field]  # not the event it was for: kept
+    assert await relay.flush("BTC-USDT") == 1
+    events = await env.events(2)
+    assert [e.opened.event_id for e in events][-1] == later.order_id
+
+
 def window_relay(env: Env, window: int) -> OutboxRelay:
     """A relay of `env`'s outbox that reads `window` entries at a time (not running)."""
     server = env.server
@@ -765,7 +788,7 @@ async def test_a_backlog_goes_out_a_window_at_a_time_oldest_first(quiet_env: Env
     assert len(settled) == 25
     relay = window_relay(env, window=10)
     first = await relay.publish("BTC-USDT")  # published, not yet deleted
-    assert first == sorted(settled)[:10]
+    assert [field for field, _ in first] == sorted(settled)[:10]
     await ledger.acked("BTC-USDT", first)
     assert await relay.flush("BTC-USDT") == 15
     events = await env.events(25)
@@ -973,6 +996,38 @@ async def test_closes_that_cannot_be_done_change_nothing(env: Env) -> None:
         got, details = await _code(env.stub.ClosePosition(request, metadata=ALICE))
         assert (got, says in details) == (code, True), (client_id, details)
     assert await env.state() == before
+
+
+async def test_an_order_the_ledger_keeps_moving_under_is_unavailable_to_retry(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other instances settling the product faster than this one re-quotes: after 50
+    tries the order ended UNKNOWN (a RuntimeError), which says nothing to retry on."""
+    await env.set_nav(PRODUCT, NAV)
+    ledger = env.server.ledger
+    books = await env.redis.hgetall(ledger.ledger_key("BTC-USDT"))
+    settle = ledger.settle
+
+    async def someone_else_first(
+        symbol: str, product: str, snapshot: Snapshot, **step: Any
+    ) -> Settled:
+        await env.redis.hincrby(ledger.meta_key(symbol), f"rev:{product}", 1)
+        settled = await settle(symbol, product, snapshot, **step)
+        assert settled.status is ApplyStatus.CONFLICT  # refused: the product moved
+        return settled
+
+    monkeypatch.setattr(ledger, "settle", someone_else_first)
+    got, details = await _code(env.open("contended"))
+    assert (got, "retry with the same client_order_id" in details) == (
+        grpc.StatusCode.UNAVAILABLE,
+        True,
+    )
+    position = ledger.position_key("BTC-USDT", order_id("alice", "contended"))
+    assert not await env.redis.exists(position)  # nothing settled ...
+    assert await env.redis.hgetall(ledger.ledger_key("BTC-USDT")) == books
+    monkeypatch.setattr(ledger, "settle", settle)
+    retried = await env.open("contended")  # ... and the retry settles
+    assert retried.position.open and retried.position_id == order_id("alice", "contended")
 
 
 async def test_no_fresh_nav_means_no_trading(env: Env) -> None:

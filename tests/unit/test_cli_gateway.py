@@ -210,6 +210,19 @@ def test_products_table_shows_nav_leverage_regime_and_reasons(cli: CliRunner) ->
         assert text in result.stdout
 
 
+def test_a_regime_this_build_does_not_know_shows_as_its_number(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server newer than the CLI may publish one: the table ended in a traceback."""
+    newer = gateway_pb2.Product()
+    newer.CopyFrom(PRODUCTS[0])
+    newer.regime = 99  # type: ignore[assignment]
+    monkeypatch.setattr(sys.modules[__name__], "PRODUCTS", [newer, *PRODUCTS[1:]])
+    result = cli.invoke(app, ["products"])
+    assert result.exit_code == 0, result.output
+    assert "#99" in result.stdout and "BTC-USDT:LONG" in result.stdout
+
+
 def test_one_product_in_full(cli: CliRunner) -> None:
     result = cli.invoke(app, ["products", "BTC-USDT:LONG"])
     assert result.exit_code == 0, result.output

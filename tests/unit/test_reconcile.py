@@ -4,6 +4,7 @@ then one figure is spoiled at a time and the check must name it."""
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -20,6 +21,7 @@ from shared.core.market import NS_PER_DAY, NS_PER_HOUR, FundingRate, Tick
 from shared.core.products import smart_engine
 from shared.core.venue import PerpVenue
 from shared.reconcile import (
+    OUTBOX_STUCK_S,
     REFUSED_MARKER,
     GatewayState,
     Report,
@@ -27,6 +29,7 @@ from shared.reconcile import (
     SymbolState,
     reconcile_symbol,
     render,
+    stuck_orders,
 )
 
 SYMBOL = "BTC-USDT"
@@ -85,7 +88,8 @@ def nav_fields(navs: dict[str, dict[str, str]], update: hedging_pb2.HedgeUpdate)
         navs[book.product] = {k: str(v) for k, v in fields.items()}
 
 
-def history(positions: bool = False) -> History:
+def history(positions: bool = False, first: str = "o1", second: str = "o2") -> History:
+    """`first` and `second`: the two opens' ids (the gateway's are 32 hex digits)."""
     engine = smart_engine(SYMBOL, CONFIG)
     updates: list[hedging_pb2.HedgeUpdate] = []
     orders: list[orders_pb2.OrderEvent] = []
@@ -122,8 +126,8 @@ def history(positions: bool = False) -> History:
         )
 
     tick(T0, "40000", bar_closed=True)
-    order(opened("o1", LONG, "1000000"))
-    order(opened("o2", SHORT, "500000"))
+    order(opened(first, LONG, "1000000"))
+    order(opened(second, SHORT, "500000"))
     tick(T0 + NS_PER_HOUR, "41000.5")
     nonlocal_seq = seq + 1
     funding = FundingRate(SYMBOL, T0 + 8 * NS_PER_HOUR, Decimal("0.0001"))
@@ -134,7 +138,7 @@ def history(positions: bool = False) -> History:
     tick(T0 + NS_PER_DAY, "39000", bar_closed=True)  # the day's management fee
     units = engine.books.products[LONG].units / 4
     closed = orders_pb2.PositionClosed(
-        event_id="c1", position_id="o1", product=LONG, units=str(units), ts_event_ns=T0
+        event_id="c1", position_id=first, product=LONG, units=str(units), ts_event_ns=T0
     )
     order(orders_pb2.OrderEvent(closed=closed))
     tick(T0 + NS_PER_DAY + NS_PER_HOUR, "39500")
@@ -269,6 +273,80 @@ def test_gateway_positions_against_orders_and_books() -> None:
     report = reconcile_symbol(CONFIG, h.state(gateway=short), h.updates, orders)
     found = {r.check for r in report.differences}
     assert {"gateway.position", "gateway.units", "gateway.ledger"} <= found
+
+
+def test_a_gateway_position_lost_with_its_ledger_entry_is_a_difference() -> None:
+    """Redis can lose a settle's last writes (AOF fsyncs once a second) after the relay
+    published its order: the position and its ledger entry go together, so units and
+    ledger still matched, and the order counted as one from elsewhere (as a pipeline's
+    seed deposit does). An order with a gateway id and no position is now a difference,
+    also when the gateway's state is gone entirely."""
+    long_id, short_id = "1" * 32, "2" * 32
+    h = history(first=long_id, second=short_id)
+    held = {p.product: Decimal(p.units) for p in h.updates[-1].products}
+    orders = []
+    for event in h.orders:  # the units each open bought, as the gateway quotes them
+        copy = orders_pb2.OrderEvent()
+        copy.CopyFrom(event)
+        if copy.WhichOneof("event") == "opened":
+            product = copy.opened.product
+            copy.opened.units = str(
+                held[product] + (Decimal(h.orders[2].closed.units) if product == LONG else 0)
+            )
+        orders.append(copy)
+    positions = [
+        {"position_id": pid, "product": product, "units": str(held[product])}
+        for pid, product in ((long_id, LONG), (short_id, SHORT))
+    ]
+    full = GatewayState(positions, {f"{p}:units": str(held[p]) for p in (LONG, SHORT)}, 0)
+    assert reconcile_symbol(CONFIG, h.state(gateway=full), h.updates, orders).balanced
+
+    lost = GatewayState(positions[1:], {f"{SHORT}:units": str(held[SHORT])}, 0)
+    report = reconcile_symbol(CONFIG, h.state(gateway=lost), h.updates, orders)
+    assert [(r.check, r.subject, r.actual) for r in report.differences] == [
+        ("gateway.position", long_id, "no position"),
+        ("gateway.units", f"{SYMBOL} {LONG}", 0),  # the books hold units nobody does
+    ]
+    report = reconcile_symbol(CONFIG, h.state(gateway=None), h.updates, orders)
+    missing = {r.subject for r in report.differences if r.actual == "no position"}
+    assert missing == {long_id, short_id} and not report.balanced
+
+
+def test_an_order_with_figures_that_do_not_parse_is_a_row_not_a_crash() -> None:
+    """Hedging dead-letters such an order; reconcile ended in a traceback (exit 1, the
+    code for "books differ")."""
+    h = history()
+    bad = orders_pb2.OrderEvent(
+        closed=orders_pb2.PositionClosed(
+            event_id="c9", position_id="o1", product=LONG, units="ten", ts_event_ns=T0
+        )
+    )
+    gateway = GatewayState([], {}, 0)
+    report = reconcile_symbol(CONFIG, h.state(gateway=gateway), h.updates, [*h.orders, bad])
+    assert ("orders.figures", "c9") in {(r.check, r.subject) for r in report.differences}
+
+
+def test_an_outbox_that_does_not_drain_is_a_difference() -> None:
+    """While orders wait in the gateway's outbox, positions and units are not compared
+    (a note says so): a relay that could never publish again (a revoked ACL) left users
+    holding units the books never issued, and reconcile said "books balance"."""
+    now = T0 + NS_PER_DAY
+
+    def entry(settled_ns: int) -> str:
+        opened = orders_pb2.PositionOpened(event_id="e", ts_init_ns=settled_ns)
+        return base64.b64encode(codec.encode(orders_pb2.OrderEvent(opened=opened))).decode()
+
+    limit = OUTBOX_STUCK_S * 1_000_000_000
+    outbox = [entry(now - limit + 1), entry(now - limit - 1), "not base64!"]
+    assert stuck_orders(outbox, now) == 2  # what the relay cannot publish either counts
+    h = history()
+    report = reconcile_symbol(CONFIG, h.state(gateway=GatewayState([], {}, 1)), h.updates, h.orders)
+    assert report.balanced and any("outbox" in note for note in report.notes)  # in flight
+    stuck = GatewayState([], {}, 3, stuck=2)
+    report = reconcile_symbol(CONFIG, h.state(gateway=stuck), h.updates, h.orders)
+    assert [(r.check, r.expected, r.actual) for r in report.differences] == [
+        ("gateway.outbox", 0, 2)
+    ]
 
 
 @pytest.mark.parametrize("field", ["fees_paid", "funding_paid", "transfers_in"])
