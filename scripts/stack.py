@@ -425,6 +425,7 @@ class Component:
 class Stack:
     def __init__(self, root: Path = ROOT, config: Path = CONFIG, run_dir: Path | None = None):
         self.root = root
+        self.config_path = config
         self.cfg = load_config(config)
         self.run = run_dir or root / ".run"
         k, r = self.cfg.raw.get("kafka", {}), self.cfg.raw.get("redis", {})
@@ -777,6 +778,7 @@ class Stack:
         services = self.services()
         if not services:
             say(f"no Python services declared yet ({CONFIG.relative_to(ROOT)})")
+        self.stop_stale(services)
         launched += [c.name for c in services if self.launch(c) is not None]
         for comp in services:
             self.wait_healthy(comp, quiet=comp.name not in launched)
@@ -786,6 +788,26 @@ class Stack:
             f"kafka {HOST}:{self.kafka_port}, redis {HOST}:{self.redis_port}"
             + "".join(f", {c.name}" for c in services)
         )
+
+    def stop_stale(self, services: list[Component]) -> None:
+        """Stop the services started before their code last changed (a `git pull`, an
+        edit, a new venv or generated code), so `up` starts them on the code as it is:
+        left running, the gateway served the old code, and a supervisor restart of one
+        service put new code beside old peers."""
+        changed = self.code_changed_at()
+        for comp in services:
+            pid_file = self.pid_file(comp)
+            if self.running_pid(comp) is not None and pid_file.stat().st_mtime < changed:
+                say(f"{comp.name}: its code changed since it started; restarting it")
+                self.stop(comp, quiet=True)
+
+    def code_changed_at(self) -> float:
+        """When the services' code last changed: their sources, the venv and generated
+        code (their stamps), and the stack's declarations of them."""
+        paths = [p for d in ("services", "shared") for p in (self.root / d).rglob("*.py")]
+        paths += [self.root / ".venv" / ".installed", self.root / "gen" / ".generated"]
+        paths.append(self.config_path)
+        return max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
 
     def run_init(self, to_console: bool = False) -> None:
         """The init steps; output to .run/init-<name>.log (or the console, e.g. in Docker)."""

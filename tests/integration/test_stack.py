@@ -351,6 +351,30 @@ def test_declared_service_starts_is_healthy_and_stops(tmp_path: Path) -> None:
     assert next(r for r in stack.ps() if r[0] == "websvc") == ("websvc", "-", str(port), "stopped")
 
 
+def test_a_service_older_than_its_code_is_stopped_for_up_to_start_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a `git pull` (or an edit, a new venv) `up` said "already running" and the
+    old code served on; a supervisor restart of one service then put new code beside
+    old peers."""
+    port = free_port()
+    stack = stack_with_service(tmp_path, port)
+    svc = next(s for s in stack.services() if s.name == "websvc")
+    stack.run.mkdir(parents=True)
+    pid = stack.launch(svc)
+    try:
+        stack.wait_healthy(svc)
+        assert stack.code_changed_at() < (stack.run / "websvc.pid").stat().st_mtime
+        stack.stop_stale([svc])  # the code is as it was: left alone
+        assert stack.running_pid(svc) == pid
+        os.utime(stack.config_path)  # its declaration changed since it started
+        stack.stop_stale([svc])
+        assert not stack_mod.pid_alive(pid) and stack.running_pid(svc) is None
+        assert "websvc: its code changed since it started" in capsys.readouterr().out
+    finally:
+        stack.stop(svc, quiet=True)
+
+
 def test_service_whose_port_is_taken_fails_fast(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
