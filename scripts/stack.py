@@ -197,6 +197,20 @@ def _proc_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
+def started_at(pid: int) -> float | None:
+    """When a process started (seconds since the epoch), or None if there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (FileNotFoundError, ProcessLookupError, StopIteration):
+        return None
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+
+
 def pid_alive(pid: int) -> bool:
     state = _proc_state(pid)
     return state is not None and state not in ("Z", "X")  # a zombie has already exited
@@ -796,8 +810,9 @@ class Stack:
         service put new code beside old peers."""
         changed = self.code_changed_at()
         for comp in services:
-            pid_file = self.pid_file(comp)
-            if self.running_pid(comp) is not None and pid_file.stat().st_mtime < changed:
+            pid = self.running_pid(comp)
+            began = None if pid is None else started_at(pid)
+            if began is not None and began < changed:
                 say(f"{comp.name}: its code changed since it started; restarting it")
                 self.stop(comp, quiet=True)
 

@@ -216,7 +216,8 @@ def interrupt_on_hangup() -> None:
 
     def interrupt(signum: int, _frame: object) -> None:
         for hangup in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(hangup, signal.SIG_IGN)
+            # a handler, not SIG_IGN: a process started meanwhile would inherit that
+            signal.signal(hangup, lambda *_: None)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     for signum in (signal.SIGTERM, signal.SIGHUP):

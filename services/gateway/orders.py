@@ -299,9 +299,10 @@ def quote_close(
     min_order: Decimal,
 ) -> Closed:
     """Redeem `units` (None: all) of an open position at `nav`. Closing part of it takes
-    at least `min_order`'s worth (as opening does), so a position cannot be sold off in
-    closes that pay nothing; closing all of it is always allowed, whatever it is worth
-    (so no position is ever left too small to close)."""
+    at least `min_order`'s worth (as opening does) and leaves at least as much, so a
+    position is neither sold off in closes that pay nothing nor left as dust that costs
+    more to hedge than it is worth; closing all of it is always allowed, whatever it is
+    worth (a position whose NAV fell is never stranded)."""
     if position.units <= 0:
         raise Rejected(
             grpc.StatusCode.FAILED_PRECONDITION, f"position {position.position_id} is closed"
@@ -322,6 +323,12 @@ def quote_close(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"units: {redeemed} are worth {gross} USDT at NAV {nav}, below the minimum order "
             f"of {min_order}; close more of the position, or all of it",
+        )
+    if left and (kept := usdt_down(left * nav)) < min_order:
+        raise Rejected(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"units: closing {redeemed} leaves {left} worth {kept} USDT at NAV {nav}, below "
+            f"the minimum order of {min_order}; close all of it, or less",
         )
     payout = gross - fee
     cost = (

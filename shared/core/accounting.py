@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,7 +26,16 @@ from shared.core.events import (
     UnheldEquityTaken,
 )
 from shared.core.market import NS_PER_YEAR, Side
-from shared.core.money import ZERO, MoneyError, allocate, nav_of, units_down, usdt_down
+from shared.core.money import (
+    NAV_QUANTUM,
+    USDT_QUANTUM,
+    ZERO,
+    MoneyError,
+    allocate,
+    nav_of,
+    units_down,
+    usdt_down,
+)
 from shared.core.venue import Venue
 
 
@@ -337,12 +346,14 @@ class Books:
         """An order changed the product's units: its floor (what insurance guarantees the
         holders) moves with them."""
         book = self.products[product]
-        book.equity_floor = usdt_down(book.equity_floor * ratio)
+        if book.equity_floor:
+            book.equity_floor = _insured(book, usdt_down(book.equity_floor * ratio))
 
     def mark_rebalanced(self, product: str, price: Decimal, floor_fraction: Decimal) -> None:
         """Set the equity the insurance fund guarantees until the next rebalance."""
         book = self.products[product]
-        book.equity_floor = usdt_down(book.equity(price) * floor_fraction)
+        floor = usdt_down(book.equity(price) * floor_fraction)
+        book.equity_floor = _insured(book, floor) if floor_fraction else floor
 
     def check_balanced(self, venue: Venue, price: Decimal) -> None:
         """DESIGN section 5, exactly: raise if any side differs by even one minor unit."""
@@ -380,3 +391,12 @@ class Books:
         for name in ("deposits", "payouts", "platform_fees", "insurance_fund"):
             setattr(books, name, Decimal(str(snapshot[name])))
         return books
+
+
+def _insured(book: ProductBook, floor: Decimal) -> Decimal:
+    """An insured product's floor, at least a NAV of one quantum for its units. Rounded
+    down to 0 (1e-8 units left of a product at NAV 100 floored at 1%), the fund restored
+    nothing, the NAV stood at 0 for good, and every open and close of the product was
+    refused: the dust could not be closed, nor anyone deposit again."""
+    least = (book.units * NAV_QUANTUM).quantize(USDT_QUANTUM, rounding=ROUND_CEILING)
+    return max(floor, least) if book.units else floor

@@ -294,42 +294,56 @@ class Engine:
                 ratio = book.units / units_before if units_before else ZERO
                 kept = ZERO
                 if book.qty and equity_before > 0 and units_before and not supported:
-                    kept = self._scaled(product, equity_before)
+                    self.books.scale_floor(product, ratio)
+                    # its own leverage, on the equity the trade leaves
+                    kept = self._sized(product, book.qty / equity_before)
+                else:  # a new holder's units carry no floor before the rebuild sets one
+                    self.books.scale_floor(product, min(ratio, ONE))
                 if kept:  # moved with its equity
                     if kept != book.qty:
                         self._execute(ts_ns, [PositionChange(product, kept - book.qty)], events)
-                    self.books.scale_floor(product, ratio)
-                    self._cover_gaps([product], ts_ns, events)
-                else:  # none, or none left (the close took all its equity): built anew,
-                    # as an emergency is: the fund restores the floor of the holders who
-                    # stay before the trade (it is sized on that equity) and after it
-                    # (what the trade cost a position too large for what is left), then
-                    # the floor is set anew
-                    self.books.scale_floor(product, min(ratio, ONE))
-                    self._rebalance(ts_ns, [(product, True)], events, self.modelled(product))
+                    if self._cover_gaps([product], ts_ns, events):  # rescued, as by a gap:
+                        self.books.mark_rebalanced(product, self.price, self.floors[product])
+                else:  # none, or none left (the close took all its equity): built anew
+                    self._rebuild(product, ts_ns, events)
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)
         return events
 
-    def _scaled(self, product: str, equity_before: Decimal) -> Decimal:
-        """The position times the product's equity after / before the order, that equity
-        net of the trade's own fees and slippage: they are the product's (DESIGN section
-        1), and when a large holder leaves they are large against the equity that stays
-        (99% of a 5x product's units closed: 3,163 USDT against 10,000; sized before
-        them, leverage went 5.0 -> 7.3, above the ceiling and unseen by the rules, which
-        model it from the price). Zero when nothing is left to hold."""
+    def _sized(self, product: str, per_equity: Decimal) -> Decimal:
+        """`per_equity` (contracts per USDT) times the product's equity as the trade to
+        that size leaves it: net of the trade's own fees and slippage, which are the
+        product's (DESIGN section 1), and never below its floor, which the fund restores
+        after the trade. Sized before those costs, a large holder's exit left the holders
+        who stay far above their leverage, unseen by the rules, which model it from the
+        price (99% of a 5x product's units closed: 3,163 USDT of cost against 10,000,
+        7.3x; 99.9%: 497x). Zero when nothing is left to hold."""
         book = self.books.products[product]
         equity = book.equity(self.price)
         wanted = ZERO
         for _ in range(2):  # then on the equity the first size's trade would leave
-            ratio = equity / equity_before
-            if ratio <= 0:
+            held = max(equity, book.equity_floor)
+            if held <= 0:
                 return ZERO
-            wanted = to_step(book.qty * ratio, self.spec.lot_step)
-            if wanted != book.qty:
-                cost = netted_cost(self.venue, wanted - book.qty, self.price, self.hedging)
-                equity = book.equity(self.price) - cost
+            wanted = to_step(per_equity * held, self.spec.lot_step)
+            if wanted == book.qty:
+                break
+            cost = netted_cost(self.venue, wanted - book.qty, self.price, self.hedging)
+            equity = book.equity(self.price) - cost
         return wanted
+
+    def _rebuild(self, product: str, ts_ns: int, events: list[object]) -> None:
+        """The product built anew at the leverage its controller models, as an emergency
+        is: the fund restores the floor of the holders who stay before the trade and
+        after it (what the trade cost a position too large for what is left), then the
+        floor is set anew from the equity it holds."""
+        book = self.books.products[product]
+        self._cover_gaps([product], ts_ns, events)
+        wanted = self._sized(product, book.side * self.modelled(product) / self.price)
+        if wanted != book.qty:
+            self._execute(ts_ns, [PositionChange(product, wanted - book.qty)], events)
+        self._cover_gaps([product], ts_ns, events)
+        self.books.mark_rebalanced(product, self.price, self.floors[product])
 
     def _execute(self, ts_ns: int, changes: list[PositionChange], events: list[object]) -> None:
         """One netted order at the venue for `changes`, allocated to the products' books."""

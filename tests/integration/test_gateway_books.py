@@ -1,8 +1,8 @@
 """The gateway's books under any sequence of orders: a property test over a real channel.
 
 Hypothesis picks an amount, the NAVs the product shows over time and a sequence of
-partial closes (then, or not, a close of all; a part worth less than the minimum order is
-refused and changes nothing); a gateway subprocess (as deployed) settles
+partial closes (then, or not, a close of all; a part worth less than the minimum order,
+or leaving less, is refused and changes nothing); a gateway subprocess (as deployed) settles
 them against the real Redis, the NAV service stood in for by writing its hash. After
 every sequence, to the minor unit:
 
@@ -32,6 +32,7 @@ from services.gateway.config import GatewaySettings
 from shared.codec import decimal_from_wire
 from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.config import StrategyConfig
+from shared.core.money import usdt_down
 from shared.pipeline_runner import GATEWAY, Pipeline
 from tests.integration.pipeline import require_services
 from tests.nav_marks import nav_hash
@@ -119,7 +120,9 @@ def test_any_order_sequence_keeps_the_books_exact(
         desk.show_nav(nav)
         redeemed = held if wanted is None else wanted
         gross, fee = redeem_terms(redeemed, nav, FEES.close_fee)
-        if redeemed < held and gross < MIN_ORDER:  # part of a position: the minimum order
+        left = held - redeemed
+        if left and (gross < MIN_ORDER or usdt_down(left * nav) < MIN_ORDER):
+            # part of a position: worth the minimum order, and leaving as much
             ledger = desk.ledger()
             with pytest.raises(grpc.RpcError) as refused:
                 desk.close(opened.position_id, wanted)

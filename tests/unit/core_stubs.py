@@ -8,6 +8,7 @@ from shared.core.accounting import AccountingConfig
 from shared.core.config import StrategyConfig
 from shared.core.engine import SignalPipeline, Strategy
 from shared.core.features import FeatureConfig, Features
+from shared.core.leverage import LeverageConfig
 from shared.core.market import NS_PER_HOUR, Side, Tick
 from shared.core.products import fixed_strategy, smart_strategy
 from shared.core.regime import Regime, RegimeConfig, RegimeState
@@ -48,6 +49,25 @@ def fast_config() -> StrategyConfig:
             vol_halflife_bars=4.0, trend_horizons=(3, 6, 12), drawdown_window=24
         ),
         regime=RegimeConfig(min_dwell_bars=2),
+    )
+
+
+def levered_config() -> StrategyConfig:
+    """`fast_config` whose targets reach the top of the range on random paths (at the
+    defaults, their volatility keeps every target at 1x): built at 5x, up to 5x in a
+    trend, 3x in a range, volatility scaling neutral up to 2,000% a year."""
+    return fast_config().model_copy(
+        update={
+            "leverage": LeverageConfig(
+                warmup_leverage=5.0,
+                base_trend_aligned=5.0,
+                base_range=3.0,
+                base_high_vol=2.0,
+                base_trend_against=2.0,
+                sigma_reference=20.0,
+                max_raise_per_bar=1.0,
+            )
+        }
     )
 
 

@@ -40,6 +40,7 @@ from tests.unit.core_stubs import (
     T0,
     fast_config,
     frictionless_strategy,
+    levered_config,
     smart_run,
     tick,
 )
@@ -173,7 +174,7 @@ PROPERTY = settings(
 @PROPERTY
 @given(adversarial_paths)
 def test_nav_stays_positive_and_targets_in_bounds_on_adversarial_paths(moves: list[float]) -> None:
-    config = fast_config()
+    config = levered_config()
     navs, engine, events = drive(config, prices_from(moves))
     for long_nav, short_nav in navs:
         assert long_nav > 0 and short_nav > 0
@@ -201,7 +202,7 @@ trend_then_shocks = st.lists(
 def test_venue_account_never_liquidated_when_steps_stay_below_the_bound(
     moves: list[float], products: tuple[str, ...]
 ) -> None:
-    _, engine, _ = drive(fast_config(), prices_from(moves), products=products)
+    _, engine, _ = drive(levered_config(), prices_from(moves), products=products)
     assert engine.venue.liquidations == 0
 
 
@@ -209,8 +210,8 @@ def test_venue_account_never_liquidated_when_steps_stay_below_the_bound(
 @given(adversarial_paths)
 def test_same_input_same_output_bit_for_bit(moves: list[float]) -> None:
     prices = prices_from(moves)
-    first = drive(fast_config(), prices)
-    second = drive(fast_config(), prices)
+    first = drive(levered_config(), prices)
+    second = drive(levered_config(), prices)
     assert first[0] == second[0]
     assert first[2] == second[2]
     assert first[1].snapshot() == second[1].snapshot()
@@ -224,8 +225,8 @@ def test_snapshot_and_restore_mid_run_gives_the_identical_result(
 ) -> None:
     prices = prices_from(moves)
     cut = 1 + int(where * (len(prices) - 1))
-    uninterrupted = drive(fast_config(), prices)
-    resumed = drive(fast_config(), prices, snapshot_at=cut)
+    uninterrupted = drive(levered_config(), prices)
+    resumed = drive(levered_config(), prices, snapshot_at=cut)
     assert resumed[0] == uninterrupted[0]
     assert resumed[1].snapshot() == uninterrupted[1].snapshot()
     assert venue_state(resumed[1]) == venue_state(uninterrupted[1])
@@ -248,7 +249,8 @@ def test_long_and_short_requests_are_netted_into_one_venue_order() -> None:
 
 
 def test_emergency_deleverage_fires_on_the_tick_that_crosses_the_trigger() -> None:
-    config = fast_config()
+    # built at 3x: at 1x the cut to the floor of the range trades nothing
+    config = fast_config().model_copy(update={"leverage": LeverageConfig(warmup_leverage=3.0)})
     signals, strategy = smart_run(config)
     engine = strategy.engine
     start = tick(T0, 10_000)
@@ -457,6 +459,51 @@ def test_a_large_holder_leaving_keeps_the_leverage_of_the_holders_who_stay(
     assert abs(long.leverage(engine.price) - before) <= lot_leverage
 
 
+@pytest.mark.parametrize("leverage", [1.0, 3.0, 5.0])
+@pytest.mark.parametrize("closed", ["0.998", "0.999", "0.9995"])
+def test_a_near_total_exit_leaves_those_who_stay_at_most_at_their_target(
+    leverage: float, closed: str
+) -> None:
+    """When unwinding costs more than the equity left, the fund restores the floor of
+    those who stay; their new position was sized on the equity before the trade, and
+    stood at 100-500x their target (a 1% move then liquidated the account). It is sized
+    on what the trade leaves, the floor at least."""
+    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=leverage))
+    strategy = smart_strategy("BTC-USDT", config)
+    engine = strategy.engine
+    for side in ("LONG", "SHORT"):
+        book = engine.books.products[f"{SYMBOL}:{side}"]
+        engine.deposit(book.product, CAPITAL, 0)
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
+    for side in ("LONG", "SHORT"):
+        book = engine.books.products[f"{SYMBOL}:{side}"]
+        before = max(book.leverage(engine.price), Decimal(str(leverage)))
+        engine.redeem(book.product, book.units * Decimal(closed), 2)
+        assert book.units and engine.nav(book.product) > 0
+        # (within the cost of the second sizing's own difference: a few parts in 1,000)
+        assert book.leverage(engine.price) <= before * Decimal("1.005"), (side, book.qty)
+    for n, price in enumerate((29700, 30300, 29400), start=3):
+        strategy.on_tick(Tick(SYMBOL, n, Decimal(price)), None)
+        assert engine.venue.liquidations == 0
+
+
+def test_the_last_dust_of_a_position_keeps_a_nav_to_close_it_at() -> None:
+    """All but 1e-8 units closed: the floor scaled to them rounded to 0 USDT, the fund
+    restored nothing, and the product stood at NAV 0 for good: its dust could not be
+    closed, nor anyone open a position in it again. An insured floor is now at least a
+    NAV of one quantum for the units left."""
+    strategy = smart_strategy("BTC-USDT", StrategyConfig())
+    engine = strategy.engine
+    short = engine.books.products[f"{SYMBOL}:SHORT"]
+    engine.deposit(short.product, Decimal(100), 0)
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
+    engine.redeem(short.product, short.units - Decimal("1e-8"), 2)
+    assert short.units == Decimal("1e-8") and engine.nav(short.product) > 0
+    engine.deposit(short.product, Decimal(1000), 3)  # the product takes deposits again
+    engine.redeem(short.product, Decimal("1e-8"), 4)  # and the dust closes
+    engine.books.check_balanced(engine.venue, engine.price)
+
+
 def test_a_stale_close_while_an_advance_holds_the_product_up_leaves_a_floor_above_zero() -> None:
     """At a last-trade wick the product is held up by an advance; a close quoted before
     the wick paid out more than the product held, and the product was built anew on
@@ -504,7 +551,7 @@ order_steps = st.lists(
         st.tuples(st.just("tick"), st.floats(-0.06, 0.06)),
         st.tuples(st.just("wick"), st.floats(0.5, 0.99)),  # a last trade the mark ignores
         st.tuples(st.just("deposit"), st.integers(10, 2_000_000), st.booleans()),
-        st.tuples(st.just("redeem"), st.integers(1, 100), st.booleans()),
+        st.tuples(st.just("redeem"), st.integers(1, 1000), st.booleans()),  # per mille
     ),
     min_size=1,
     max_size=25,
@@ -522,9 +569,9 @@ def test_orders_at_fresh_or_stale_quotes_keep_every_nav_above_zero(
     is hedged in one trade, and the books balance (the engine checks after every call).
     Also across last-trade wicks the mark ignores (the product then held up by an
     insurance advance)."""
-    strategy = smart_strategy(
-        "BTC-USDT", StrategyConfig(leverage=LeverageConfig(warmup_leverage=leverage))
-    )
+    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=leverage))
+    strategy = smart_strategy("BTC-USDT", config)
+    ceiling = Decimal(str(config.leverage.leverage_ceiling))
     engine = strategy.engine
     books = [engine.books.products[p] for p in (f"{SYMBOL}:LONG", f"{SYMBOL}:SHORT")]
     for book in books:
@@ -550,7 +597,7 @@ def test_orders_at_fresh_or_stale_quotes_keep_every_nav_above_zero(
         if kind == "deposit":
             events = engine.deposit(book.product, Decimal(size), ts, nav)
         else:
-            units = (book.units * size / 100).quantize(Decimal("1e-8"), "ROUND_DOWN")
+            units = (book.units * size / 1000).quantize(Decimal("1e-8"), "ROUND_DOWN")
             if not units:
                 continue
             events = engine.redeem(book.product, units, ts, nav)
@@ -560,6 +607,8 @@ def test_orders_at_fresh_or_stale_quotes_keep_every_nav_above_zero(
         if book.units and not book.qty:  # too small for a lot, or left unhedged
             exposure = engine.modelled(book.product) * book.equity(engine.price) / engine.price
             assert abs(exposure) < engine.spec.lot_step, (book.product, exposure)
+        if book.qty and engine.price == engine.mark:  # sized net of the order's own costs
+            assert book.leverage(engine.price) <= ceiling, (book.product, engine.price)
 
 
 def test_the_last_holder_leaving_at_a_stale_quote_leaves_no_position_and_no_equity() -> None:

@@ -32,6 +32,7 @@ from services.gateway.orders import (
 from services.hedging.messages import order_step, products_by_symbol
 from shared.core.accounting import QuoteMismatch, issue_terms, redeem_terms
 from shared.core.config import StrategyConfig
+from shared.core.money import usdt_down
 from shared.core.products import smart_engine
 
 LIMITS = Limits(
@@ -128,7 +129,8 @@ def test_quotes_are_the_core_formulas_and_costs_add_up(
     if part <= 0:
         return
     gross, close_fee = redeem_terms(part, nav, FEE)
-    if part < units and gross < MIN:
+    left = units - part
+    if left and (gross < MIN or usdt_down(left * nav) < MIN):  # part worth, or leaves, less
         error = _rejected(close, opened.position, part, nav, 2)
         assert error.code is grpc.StatusCode.FAILED_PRECONDITION and "minimum" in str(error)
         return
@@ -160,7 +162,7 @@ def test_closing_more_than_held_or_a_closed_position_fails_the_precondition() ->
 
 
 def test_part_of_a_position_closes_for_the_minimum_order_all_of_it_for_anything() -> None:
-    """Closes that pay nothing cannot sell a position off piecemeal; the remainder of a
+    """Closes that pay nothing cannot sell a position off piecemeal, nor leave dust; a
     position worth less than the minimum still closes (all of it, or all its units)."""
     opened = quote_open(
         pid="p" * 32,
@@ -175,6 +177,11 @@ def test_part_of_a_position_closes_for_the_minimum_order_all_of_it_for_anything(
     assert error.code is grpc.StatusCode.FAILED_PRECONDITION
     assert "worth 9.99999990 USDT at NAV 10, below the minimum order of 10" in str(error)
     assert close(opened.position, Decimal(1), Decimal(10), 2).gross == MIN  # inclusive
+    # nor may it leave less: dust costs more to hedge than it is worth
+    most = opened.units - Decimal("0.99999999")
+    error = _rejected(close, opened.position, most, Decimal(10), 2)
+    assert "leaves 0.99999999 worth 9.99999990 USDT at NAV 10" in str(error)
+    assert close(opened.position, opened.units - 1, Decimal(10), 2).position.units == 1
     # a NAV fallen to 1e-4: the whole position is worth 0.000999 USDT, and still closes
     fallen = Decimal("0.0001")
     assert _rejected(close, opened.position, Decimal(1), fallen, 2).code is (

@@ -15,7 +15,7 @@ from faust.types import TP
 from intervaltree import IntervalTree
 from smartlev.v1 import market_pb2
 
-from shared import codec
+from shared import codec, stream
 from shared.core.market import FundingRate, Tick
 from shared.settings import ServiceSettings
 from shared.stream import (
@@ -394,19 +394,22 @@ async def test_a_delivery_that_waits_for_room_is_delivered_once_there_is_room() 
     assert (await race).results == ["delivered"]
 
 
-async def test_while_the_flow_is_suspended_delivery_takes_fausts_own_race() -> None:
+async def test_while_the_flow_is_suspended_delivery_takes_fausts_own_race(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """No eager step then: the delivery runs as a task against the set suspension, as in
     faust (the fast path must not change what a rebalance sees)."""
     consumer = _consumer()
     consumer.suspend_flow.set()
-    started: list[bool] = []
+    eager: list[object] = []
+    monkeypatch.setattr(stream, "run_until_suspended", lambda coro: eager.append(coro))
 
     async def deliver() -> None:
-        started.append(True)
         await asyncio.Event().wait()
 
     result = await consumer.wait_first(deliver(), consumer.suspend_flow.wait())
     assert result.results == [True] and not result.stopped
+    assert eager == []  # faust's race alone, never the eager step
 
 
 def test_a_faust_app_reads_its_changelogs_only_while_it_recovers_them() -> None:
