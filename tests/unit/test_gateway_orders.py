@@ -15,6 +15,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.orders import (
     Closed,
     Limits,
+    Opened,
     PositionState,
     Rejected,
     canonical,
@@ -144,8 +145,9 @@ def test_quotes_are_the_core_formulas_and_costs_add_up(
     assert first.realized_pnl + rest.realized_pnl == first.payout + rest.payout - amount
 
 
-def test_closing_more_than_held_or_a_closed_position_fails_the_precondition() -> None:
-    opened = quote_open(
+def hundred_at_ten() -> Opened:
+    """100 USDT of X:LONG opened at NAV 10."""
+    return quote_open(
         pid="p" * 32,
         user="u",
         product="X:LONG",
@@ -154,6 +156,10 @@ def test_closing_more_than_held_or_a_closed_position_fails_the_precondition() ->
         fee_rate=FEE,
         ts_ns=1,
     )
+
+
+def test_closing_more_than_held_or_a_closed_position_fails_the_precondition() -> None:
+    opened = hundred_at_ten()
     error = _rejected(close, opened.position, opened.units + Decimal("1e-8"), Decimal(10), 2)
     assert error.code is grpc.StatusCode.FAILED_PRECONDITION and "holds" in str(error)
     closed = close(opened.position, None, Decimal(10), 2).position
@@ -164,15 +170,7 @@ def test_closing_more_than_held_or_a_closed_position_fails_the_precondition() ->
 def test_part_of_a_position_closes_for_the_minimum_order_all_of_it_for_anything() -> None:
     """Closes that pay nothing cannot sell a position off piecemeal, nor leave dust; a
     position worth less than the minimum still closes (all of it, or all its units)."""
-    opened = quote_open(
-        pid="p" * 32,
-        user="u",
-        product="X:LONG",
-        amount=Decimal(100),
-        nav=Decimal(10),
-        fee_rate=FEE,
-        ts_ns=1,
-    )
+    opened = hundred_at_ten()
     error = _rejected(close, opened.position, Decimal("0.99999999"), Decimal(10), 2)
     assert error.code is grpc.StatusCode.FAILED_PRECONDITION
     assert "worth 9.99999990 USDT at NAV 10, below the minimum order of 10" in str(error)
