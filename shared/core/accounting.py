@@ -349,6 +349,13 @@ class Books:
         if book.equity_floor:
             book.equity_floor = _insured(book, usdt_down(book.equity_floor * ratio))
 
+    def insure_deposit(self, product: str, net: Decimal, floor_fraction: Decimal) -> None:
+        """A deposit's money is insured at the share a rebalance gives (not by its units:
+        bought at a quote below the floor per unit, they were insured at more than they
+        paid, and the fund paid the depositor the difference)."""
+        book = self.products[product]
+        book.equity_floor = _insured(book, book.equity_floor + usdt_down(net * floor_fraction))
+
     def mark_rebalanced(self, product: str, price: Decimal, floor_fraction: Decimal) -> None:
         """Set the equity the insurance fund guarantees until the next rebalance."""
         book = self.products[product]

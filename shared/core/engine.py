@@ -220,10 +220,15 @@ class Engine:
         if self.mark == 0 or not any(b.qty for b in self.books.products.values()):
             return []
         amount = self.venue.settle_funding(funding.rate, self.mark) if self.venue.position else ZERO
-        event = self.books.funding(self.spec.symbol, funding.ts_ns, funding.rate, self.mark, amount)
+        events: list[object] = [
+            self.books.funding(self.spec.symbol, funding.ts_ns, funding.rate, self.mark, amount)
+        ]
+        for product in self._insured:  # a product an advance holds on its floor pays too
+            advanced = self.books.advance_floor(product, self.price, funding.ts_ns)
+            self._with_fund(advanced, events)
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)
-        return [event]
+        return events
 
     def deposit(
         self,
@@ -290,20 +295,22 @@ class Engine:
                     self._execute(ts_ns, [PositionChange(product, -book.qty)], events)
                 self._with_fund(self.books.square_empty(product, self.price, ts_ns), events)
             else:
-                # the floor moves with the units (none before: nobody held one)
-                ratio = book.units / units_before if units_before else ZERO
+                if not units_before:  # nobody held a floor; the rebuild sets one
+                    self.books.scale_floor(product, ZERO)
+                elif book.units < units_before:  # the floor of those who stay
+                    self.books.scale_floor(product, book.units / units_before)
+                else:  # new money, insured as a rebalance insures it
+                    added = book.equity(self.price) - equity_before
+                    self.books.insure_deposit(product, added, self.floors[product])
                 kept = ZERO
                 if book.qty and equity_before > 0 and units_before and not supported:
-                    self.books.scale_floor(product, ratio)
                     # its own leverage, on the equity the trade leaves
                     kept = self._sized(product, book.qty / equity_before)
-                else:  # a new holder's units carry no floor before the rebuild sets one
-                    self.books.scale_floor(product, min(ratio, ONE))
                 if kept:  # moved with its equity
                     if kept != book.qty:
                         self._execute(ts_ns, [PositionChange(product, kept - book.qty)], events)
-                    if self._cover_gaps([product], ts_ns, events):  # rescued, as by a gap:
-                        self.books.mark_rebalanced(product, self.price, self.floors[product])
+                    if self._cover_gaps([product], ts_ns, events):  # rescued, as by a gap
+                        self._floor_anew(product, ts_ns, events)
                 else:  # none, or none left (the close took all its equity): built anew
                     self._rebuild(product, ts_ns, events)
         if self.check_books:
@@ -317,19 +324,38 @@ class Engine:
         after the trade. Sized before those costs, a large holder's exit left the holders
         who stay far above their leverage, unseen by the rules, which model it from the
         price (99% of a 5x product's units closed: 3,163 USDT of cost against 10,000,
-        7.3x; 99.9%: 497x). Zero when nothing is left to hold."""
-        book = self.books.products[product]
-        equity = book.equity(self.price)
-        wanted = ZERO
-        for _ in range(2):  # then on the equity the first size's trade would leave
-            held = max(equity, book.equity_floor)
+        7.3x; 99.9%: 497x). At a last trade the mark ignores (the fill's price), also
+        within that leverage at the mark: a 5x short built at a print 20% under the mark
+        was insolvent at it, and the next tick liquidated the account. Zero when nothing
+        is left to hold."""
+        book, price, lot = self.books.products[product], self.price, self.spec.lot_step
+        leverage = abs(per_equity) * price
+
+        def affordable(qty: Decimal) -> Decimal:
+            """The size the equity a trade to `qty` leaves can hold (zero: none)."""
+            cost = netted_cost(self.venue, qty - book.qty, price, self.hedging) if qty else ZERO
+            held = max(book.equity(price) - cost, book.equity_floor)
             if held <= 0:
                 return ZERO
-            wanted = to_step(per_equity * held, self.spec.lot_step)
-            if wanted == book.qty:
-                break
-            cost = netted_cost(self.venue, wanted - book.qty, self.price, self.hedging)
-            equity = book.equity(self.price) - cost
+            wanted = to_step(per_equity * held, lot)
+            # at the mark: equity held + q (mark - price) must hold |q| mark at `leverage`
+            against = self.mark - price if wanted > 0 else price - self.mark
+            if against < 0 and wanted:
+                cap = leverage * held / (self.mark - leverage * against)
+                wanted = min(abs(wanted), to_step(cap, lot)) * (1 if wanted > 0 else -1)
+            return wanted
+
+        wanted = affordable(book.qty)
+        wanted = affordable(wanted) if wanted != book.qty else wanted
+        # a larger trade costs more (an exit unwinds more as less is kept): step down
+        # to the largest size the equity it leaves still holds, by halving
+        if abs(affordable(wanted)) < abs(wanted):
+            low, high = ZERO, abs(wanted) / lot
+            while high - low > 1:
+                middle = ((low + high) / 2).to_integral_value()
+                size = middle * lot * (1 if wanted > 0 else -1)
+                low, high = (middle, high) if abs(affordable(size)) >= abs(size) else (low, middle)
+            wanted = low * lot * (1 if wanted > 0 else -1)
         return wanted
 
     def _rebuild(self, product: str, ts_ns: int, events: list[object]) -> None:
@@ -343,7 +369,14 @@ class Engine:
         if wanted != book.qty:
             self._execute(ts_ns, [PositionChange(product, wanted - book.qty)], events)
         self._cover_gaps([product], ts_ns, events)
+        self._floor_anew(product, ts_ns, events)
+
+    def _floor_anew(self, product: str, ts_ns: int, events: list[object]) -> None:
+        """The floor set from the equity the product holds after an order rescued or
+        rebuilt it; covered once more if that is below one NAV quantum per unit (the
+        floor's least), or the NAV stood at 0 until the next tick."""
         self.books.mark_rebalanced(product, self.price, self.floors[product])
+        self._cover_gaps([product], ts_ns, events)
 
     def _execute(self, ts_ns: int, changes: list[PositionChange], events: list[object]) -> None:
         """One netted order at the venue for `changes`, allocated to the products' books."""

@@ -21,6 +21,7 @@ from shared.core.events import (
     InsuranceClaimPaid,
     InsuranceRepaid,
     LeverageTargetChanged,
+    ProductUnitsIssued,
     UnheldEquityTaken,
 )
 from shared.core.leverage import (
@@ -41,11 +42,19 @@ from tests.unit.core_stubs import (
     fast_config,
     frictionless_strategy,
     levered_config,
+    regime_state,
     smart_run,
     tick,
 )
 
 CAPITAL = Decimal(1_000_000)
+
+
+def built_at(leverage: float) -> StrategyConfig:
+    """The default strategy, its products built at `leverage`."""
+    return StrategyConfig(leverage=LeverageConfig(warmup_leverage=leverage))
+
+
 TICK_NS = NS_PER_HOUR // 4
 
 
@@ -314,7 +323,7 @@ def test_an_order_keeps_the_products_leverage_so_the_emergency_rule_still_holds(
     behind its controller's back: the controller measures leverage from its last
     rebalance, and its emergency trigger with it. Re-levered, the way back down took the
     product past 60x and its NAV below zero before any emergency fired."""
-    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
+    config = built_at(5.0)
     strategy = smart_strategy("BTC-USDT", config)
     engine = strategy.engine
     for product in (f"{SYMBOL}:LONG", f"{SYMBOL}:SHORT"):
@@ -356,7 +365,7 @@ def test_a_deposit_into_an_empty_product_stands_where_its_controller_models_it(
     built there, not at 5x: its emergency rules, anchored at the first mark, then watch
     the position it holds. Built at 5x, the way back took it past 60x before the rules,
     reading 5.5x, fired. The mark sits 2% off the trade price, which the model reads."""
-    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
+    config = built_at(5.0)
     strategy = smart_strategy("BTC-USDT", config)
     product = f"{SYMBOL}:{side.name}"
     ts = 0
@@ -379,8 +388,10 @@ def test_a_deposit_into_an_empty_product_stands_where_its_controller_models_it(
     assert book.qty == 0
     restored.deposit(product, Decimal(1_000_000), ts)
     modelled = model_leverage(side, 5.0, first_mark, last_mark)
-    # (the hedge's own fee and slippage come out of the equity it sized on: ~0.2%)
-    assert abs(float(book.leverage(Decimal(away[-1]))) / modelled - 1) < 0.01
+    # at the last trade, or at the mark where that is the worse (a short's mark above
+    # it), never above (the hedge's own fee and slippage come out of what it sized on)
+    at = [float(book.leverage(Decimal(p))) / modelled for p in (away[-1], last_mark)]
+    assert max(at) < 1.001 and min(abs(a - 1) for a in at) < 0.01, at
     for price in back:
         tick(price)
         assert restored.nav(product) > 0
@@ -390,7 +401,7 @@ def test_a_deposit_into_an_empty_product_stands_where_its_controller_models_it(
 def test_a_rebalance_without_an_anchor_voids_the_last_one() -> None:
     """A decision from a leverage service without anchors (an older one in a rolling
     deploy) leaves no stale anchor behind: the product is built at its target."""
-    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
+    config = built_at(5.0)
     strategy = smart_strategy("BTC-USDT", config)
     engine = strategy.engine
     product = f"{SYMBOL}:LONG"
@@ -409,7 +420,7 @@ def quoted_5x_long(
 ) -> tuple[StrategyConfig, Engine, ProductBook, Decimal]:
     """A 5x long built at 30,000, its NAV quoted there, then the price moved: what a
     gateway's quote may be settled against."""
-    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
+    config = built_at(5.0)
     strategy = smart_strategy("BTC-USDT", config)
     engine = strategy.engine
     long = engine.books.products[f"{SYMBOL}:LONG"]
@@ -442,7 +453,7 @@ def test_a_large_holder_leaving_keeps_the_leverage_of_the_holders_who_stay(
     sized before them, 99% of a 5x product's units closed left it at 7.3x (above the
     ceiling; the rules, modelling leverage from the price, saw nothing) and a 1x at
     1.06x. One trade, sized on the equity net of its own cost."""
-    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=leverage))
+    config = built_at(leverage)
     strategy = smart_strategy("BTC-USDT", config)
     engine = strategy.engine
     long = engine.books.products[f"{SYMBOL}:LONG"]
@@ -468,7 +479,7 @@ def test_a_near_total_exit_leaves_those_who_stay_at_most_at_their_target(
     those who stay; their new position was sized on the equity before the trade, and
     stood at 100-500x their target (a 1% move then liquidated the account). It is sized
     on what the trade leaves, the floor at least."""
-    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=leverage))
+    config = built_at(leverage)
     strategy = smart_strategy("BTC-USDT", config)
     engine = strategy.engine
     for side in ("LONG", "SHORT"):
@@ -485,6 +496,81 @@ def test_a_near_total_exit_leaves_those_who_stay_at_most_at_their_target(
     for n, price in enumerate((29700, 30300, 29400), start=3):
         strategy.on_tick(Tick(SYMBOL, n, Decimal(price)), None)
         assert engine.venue.liquidations == 0
+
+
+def test_a_deposit_at_a_quote_below_the_floor_per_unit_costs_the_fund_nothing() -> None:
+    """The floor grew with the units: a deposit bought at a quote below the floor per
+    unit was insured at more than it paid, and the fund paid the depositor 36,069 USDT.
+    New money is insured at the share a rebalance gives it."""
+    strategy = smart_strategy("BTC-USDT", built_at(5.0))
+    engine, sec = strategy.engine, 1_000_000_000
+    short = engine.books.products[f"{SYMBOL}:SHORT"]
+    big = engine.deposit(short.product, Decimal(500_000), 0)[0]
+    assert isinstance(big, ProductUnitsIssued)
+    strategy.on_tick(Tick(SYMBOL, 1 * sec, Decimal(30000)), None)
+    engine.deposit(short.product, Decimal(20), 2 * sec)
+    strategy.on_tick(Tick(SYMBOL, 3 * sec, Decimal(28500)), None)
+    quoted = engine.nav(short.product)
+    strategy.on_tick(Tick(SYMBOL, 60 * sec, Decimal(28300)), None)
+    engine.redeem(short.product, big.units, 61 * sec, quoted)  # at the older quote
+    strategy.on_tick(Tick(SYMBOL, 62 * sec, Decimal(28300)), regime_state(warm=False))
+    assert short.equity_floor / short.units > quoted  # the floor per unit, above the quote
+    fund = engine.books.insurance_fund
+    events = engine.deposit(short.product, Decimal(10_000), 63 * sec, quoted)
+    assert not [e for e in events if isinstance(e, InsuranceClaimPaid)]
+    assert engine.books.insurance_fund >= fund  # (its share of the open fee, if any)
+
+
+def test_funding_paid_while_an_advance_holds_a_product_up_keeps_its_nav_above_zero() -> None:
+    """At a print the mark ignores an advance holds the product on its floor; funding
+    settled then took it below (NAV -0.50 until the next tick). The fund advances it."""
+    strategy = smart_strategy("BTC-USDT", built_at(5.0))
+    engine = strategy.engine
+    long = engine.books.products[f"{SYMBOL}:LONG"]
+    engine.deposit(long.product, Decimal(10_000), 0)
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
+    strategy.on_tick(Tick(SYMBOL, 2, Decimal(20000), Decimal(30000)), None)
+    assert long.insurance_owed > 0
+    events = engine.on_funding(FundingRate(SYMBOL, 3, Decimal("0.003")))
+    assert any(isinstance(e, InsuranceAdvanced) for e in events)
+    assert engine.nav(long.product) > 0 and long.equity(engine.price) >= long.equity_floor
+
+
+@pytest.mark.parametrize(("side", "print_at"), [(Side.SHORT, 24000), (Side.LONG, 36000)])
+def test_a_position_built_at_a_print_the_mark_ignores_is_solvent_at_the_mark(
+    side: Side, print_at: int
+) -> None:
+    """Sized and filled at the print alone, a 5x short built at a print 20% under the
+    mark had negative equity at it, and the next tick liquidated the account."""
+    strategy = smart_strategy("BTC-USDT", built_at(5.0))
+    engine = strategy.engine
+    book = engine.books.products[f"{SYMBOL}:{side.name}"]
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
+    strategy.on_tick(Tick(SYMBOL, 2, Decimal(print_at), Decimal(30000)), None)
+    engine.deposit(book.product, Decimal(10_000), 3)
+    assert book.qty and book.leverage(Decimal(30000)) <= Decimal("5.001")  # at the mark
+    assert book.leverage(Decimal(print_at)) <= Decimal("5.001")
+    strategy.on_tick(Tick(SYMBOL, 4, Decimal(30000)), None)
+    assert engine.venue.liquidations == 0 and engine.nav(book.product) > 0
+
+
+def test_a_trade_that_costs_more_as_it_grows_is_sized_to_what_it_leaves() -> None:
+    """An exit unwinds more as less is kept, and costs more: sized on the equity the
+    first size's trade left, a stale close of all of a large holder's units left the
+    product at 716x (a coin at 10 USDT, its tick 0.1, 1% of slippage a trade)."""
+    config = built_at(5.0)
+    strategy = smart_strategy("BTC-USDT", config)
+    engine = strategy.engine
+    long = engine.books.products[f"{SYMBOL}:LONG"]
+    whale = engine.deposit(long.product, CAPITAL, 0)[0]
+    assert isinstance(whale, ProductUnitsIssued)
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(10)), None)
+    engine.deposit(long.product, Decimal(1665), 2)
+    before = long.leverage(engine.price)
+    quoted = engine.nav(long.product)
+    strategy.on_tick(Tick(SYMBOL, 3, Decimal("10.1")), None)
+    engine.redeem(long.product, whale.units, 4, quoted)
+    assert long.qty and long.leverage(engine.price) <= before * Decimal("1.01")
 
 
 def test_the_last_dust_of_a_position_keeps_a_nav_to_close_it_at() -> None:
@@ -569,7 +655,7 @@ def test_orders_at_fresh_or_stale_quotes_keep_every_nav_above_zero(
     is hedged in one trade, and the books balance (the engine checks after every call).
     Also across last-trade wicks the mark ignores (the product then held up by an
     insurance advance)."""
-    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=leverage))
+    config = built_at(leverage)
     strategy = smart_strategy("BTC-USDT", config)
     ceiling = Decimal(str(config.leverage.leverage_ceiling))
     engine = strategy.engine
@@ -643,7 +729,7 @@ def test_a_wick_the_mark_ignores_is_floored_by_an_advance_the_recovery_repays(
     the floor's, above zero. The price comes back: the advance is repaid first, also
     when the mark then fires an emergency on that tick (120), and the product, the fund
     and the venue end as if the print had never been."""
-    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=3.0))
+    config = built_at(3.0)
     runs = []
     for wick in (True, False):
         strategy = smart_strategy("BTC-USDT", config)
@@ -712,7 +798,7 @@ def test_an_order_while_an_advance_is_owed_makes_it_a_claim_and_goes_to_target(
     ~1000x: an order scaled the position by it (a deposit doubled the short), and what
     was owed moved onto the holders left. The advance becomes a claim and the product
     goes to target."""
-    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=3.0))
+    config = built_at(3.0)
     strategy = smart_strategy("BTC-USDT", config)
     engine = strategy.engine
     short = engine.books.products[f"{SYMBOL}:SHORT"]
