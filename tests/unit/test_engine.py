@@ -573,6 +573,20 @@ def test_a_trade_that_costs_more_as_it_grows_is_sized_to_what_it_leaves() -> Non
     assert long.qty and long.leverage(engine.price) <= before * Decimal("1.01")
 
 
+def test_a_floor_set_at_its_least_above_the_equity_is_covered_at_once() -> None:
+    """An empty product whose last NAV was one quantum takes a deposit at it: the floor,
+    at its least (one NAV quantum per unit), stood above the equity the hedge left, and
+    the NAV read 0 until the next tick."""
+    strategy = smart_strategy("BTC-USDT", built_at(3.0))
+    engine = strategy.engine
+    short = engine.books.products[f"{SYMBOL}:SHORT"]
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
+    short.last_nav = Decimal("1E-8")
+    engine.deposit(short.product, Decimal(10_000), 2, engine.nav(short.product))
+    assert short.equity(engine.price) >= short.equity_floor > 0
+    assert engine.nav(short.product) > 0
+
+
 def test_the_last_dust_of_a_position_keeps_a_nav_to_close_it_at() -> None:
     """All but 1e-8 units closed: the floor scaled to them rounded to 0 USDT, the fund
     restored nothing, and the product stood at NAV 0 for good: its dust could not be
