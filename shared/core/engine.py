@@ -21,7 +21,7 @@ from shared.core.features import FeatureConfig, FeatureTracker, SnapshotIncompat
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted, netted_cost
 from shared.core.leverage import Controller, model_leverage
 from shared.core.market import NS_PER_DAY, NS_PER_SECOND, FundingRate, Side, Tick
-from shared.core.money import ONE, ZERO, to_step
+from shared.core.money import ZERO, to_step
 from shared.core.regime import RegimeClassifier, RegimeConfig, RegimeState
 from shared.core.venue import InstrumentSpec, Venue
 
