@@ -198,7 +198,8 @@ def _proc_state(pid: int) -> str | None:
 
 
 def started_at(pid: int) -> float | None:
-    """When a process started (seconds since the epoch), or None if there is none."""
+    """When a process started (seconds since the epoch), or None if there is none; to the
+    kernel's clock tick, rounded up, so a process is never taken for older than it is."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         boot = next(
@@ -208,7 +209,7 @@ def started_at(pid: int) -> float | None:
         )
     except (FileNotFoundError, ProcessLookupError, StopIteration):
         return None
-    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+    return boot + (int(fields[19]) + 1) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
 
 
 def pid_alive(pid: int) -> bool:
