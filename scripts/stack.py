@@ -198,18 +198,16 @@ def _proc_state(pid: int) -> str | None:
 
 
 def started_at(pid: int) -> float | None:
-    """When a process started (seconds since the epoch), or None if there is none; to the
-    kernel's clock tick, rounded up, so a process is never taken for older than it is."""
+    """When a process started (seconds since the epoch), or None if there is none: now
+    less its age by the kernel's clock (/proc/stat's boot time is whole seconds), two
+    ticks late at most, so a process is never taken for older than it is."""
+    hz = os.sysconf("SC_CLK_TCK")
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-    except (FileNotFoundError, ProcessLookupError, StopIteration):
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (FileNotFoundError, ProcessLookupError):
         return None
-    return boot + (int(fields[19]) + 1) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+    return time.time() - (uptime - ticks / hz) + 2 / hz  # field 22: starttime
 
 
 def pid_alive(pid: int) -> bool:
