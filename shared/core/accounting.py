@@ -354,7 +354,8 @@ class Books:
         bought at a quote below the floor per unit, they were insured at more than they
         paid, and the fund paid the depositor the difference)."""
         book = self.products[product]
-        book.equity_floor = _insured(book, book.equity_floor + usdt_down(net * floor_fraction))
+        if floor_fraction:  # (a benchmark is not insured)
+            book.equity_floor = _insured(book, book.equity_floor + usdt_down(net * floor_fraction))
 
     def mark_rebalanced(self, product: str, price: Decimal, floor_fraction: Decimal) -> None:
         """Set the equity the insurance fund guarantees until the next rebalance."""

@@ -304,8 +304,13 @@ class Engine:
                     self.books.insure_deposit(product, added, self.floors[product])
                 kept = ZERO
                 if book.qty and equity_before > 0 and units_before and not supported:
-                    # its own leverage, on the equity the trade leaves
-                    kept = self._sized(product, book.qty / equity_before)
+                    # its own leverage, on the equity the trade leaves, and at the mark
+                    # the one it had there (the mark lags the last trade by seconds: capped
+                    # at the last trade's, every order trimmed the position again)
+                    per_equity = book.qty / equity_before
+                    held_at_mark = 1 + per_equity * (self.mark - self.price)
+                    at_mark = abs(per_equity) * self.mark / held_at_mark
+                    kept = self._sized(product, per_equity, at_mark)
                 if kept:  # moved with its equity
                     if kept != book.qty:
                         self._execute(ts_ns, [PositionChange(product, kept - book.qty)], events)
@@ -317,19 +322,17 @@ class Engine:
             self.books.check_balanced(self.venue, self.price)
         return events
 
-    def _sized(self, product: str, per_equity: Decimal) -> Decimal:
+    def _sized(self, product: str, per_equity: Decimal, at_mark: Decimal) -> Decimal:
         """`per_equity` (contracts per USDT) times the product's equity as the trade to
         that size leaves it: net of the trade's own fees and slippage, which are the
         product's (DESIGN section 1), and never below its floor, which the fund restores
         after the trade. Sized before those costs, a large holder's exit left the holders
         who stay far above their leverage, unseen by the rules, which model it from the
         price (99% of a 5x product's units closed: 3,163 USDT of cost against 10,000,
-        7.3x; 99.9%: 497x). At a last trade the mark ignores (the fill's price), also
-        within that leverage at the mark: a 5x short built at a print 20% under the mark
-        was insolvent at it, and the next tick liquidated the account. Zero when nothing
-        is left to hold."""
+        7.3x; 99.9%: 497x). Where the mark is the worse price, also within `at_mark` at
+        the mark: a 5x short built at a print 20% under the mark was insolvent at it, and
+        the next tick liquidated the account. Zero when nothing is left to hold."""
         book, price, lot = self.books.products[product], self.price, self.spec.lot_step
-        leverage = abs(per_equity) * price
 
         def affordable(qty: Decimal) -> Decimal:
             """The size the equity a trade to `qty` leaves can hold (zero: none)."""
@@ -338,10 +341,10 @@ class Engine:
             if held <= 0:
                 return ZERO
             wanted = to_step(per_equity * held, lot)
-            # at the mark: equity held + q (mark - price) must hold |q| mark at `leverage`
+            # at the mark: equity held + q (mark - price) must hold |q| mark at `at_mark`
             against = self.mark - price if wanted > 0 else price - self.mark
             if against < 0 and wanted:
-                cap = leverage * held / (self.mark - leverage * against)
+                cap = at_mark * held / (self.mark - at_mark * against)
                 wanted = min(abs(wanted), to_step(cap, lot)) * (1 if wanted > 0 else -1)
             return wanted
 
@@ -365,7 +368,8 @@ class Engine:
         floor is set anew from the equity it holds."""
         book = self.books.products[product]
         self._cover_gaps([product], ts_ns, events)
-        wanted = self._sized(product, book.side * self.modelled(product) / self.price)
+        modelled = self.modelled(product)
+        wanted = self._sized(product, book.side * modelled / self.price, modelled)
         if wanted != book.qty:
             self._execute(ts_ns, [PositionChange(product, wanted - book.qty)], events)
         self._cover_gaps([product], ts_ns, events)
@@ -439,7 +443,8 @@ class Engine:
         for product, _ in requests:
             self.books.forgive_advance(product)
             self.books.mark_rebalanced(product, price, self.floors[product])
-        return moved
+        # a floor set at its least (a NAV of one quantum per unit) may stand above equity
+        return self._cover_gaps([product for product, _ in requests], ts_ns, events) or moved
 
     def _cover_gaps(self, products: list[str], ts_ns: int, events: list[object]) -> bool:
         paid = False
