@@ -308,8 +308,12 @@ class Engine:
                     # the one it had there (the mark lags the last trade by seconds: capped
                     # at the last trade's, every order trimmed the position again)
                     per_equity = book.qty / equity_before
-                    held_at_mark = 1 + per_equity * (self.mark - self.price)
-                    at_mark = abs(per_equity) * self.mark / held_at_mark
+                    held_at_mark = 1 + per_equity * (self.mark - self.price)  # equity ratio
+                    # (none at the mark, its other product holding the account up: the
+                    # leverage at the last trade)
+                    at_mark = abs(per_equity) * (
+                        self.mark / held_at_mark if held_at_mark > 0 else self.price
+                    )
                     kept = self._sized(product, per_equity, at_mark)
                 if kept:  # moved with its equity
                     if kept != book.qty:

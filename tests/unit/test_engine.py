@@ -741,6 +741,7 @@ def test_orders_at_fresh_or_stale_quotes_keep_every_nav_above_zero(
         assert sum(isinstance(e, HedgeExecuted) for e in events) <= 1
         for b in books:
             assert b.units == 0 or engine.nav(b.product) > 0, (b.product, engine.nav(b.product))
+            assert b.qty * b.side >= 0, (b.product, b.qty)  # never the other side's position
         if engine.price != engine.mark:  # at a print: sized within the mark's leverage too
             continue
         if book.units and not book.qty:  # too small for a lot, or left unhedged
