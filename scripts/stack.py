@@ -188,26 +188,33 @@ def load_config(path: Path = CONFIG) -> StackConfig:
 # --------------------------------------------------------------------------- processes, ports
 
 
-def _proc_state(pid: int) -> str | None:
-    """The one-letter state of a process, or None if there is no such process."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the command name (from field 3, the state), or
+    None if there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return stat.rsplit(")", 1)[1].split()[0]
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state of a process, or None if there is no such process."""
+    fields = _proc_stat(pid)
+    return None if fields is None else fields[0]
 
 
 def started_at(pid: int) -> float | None:
     """When a process started (seconds since the epoch), or None if there is none: now
     less its age by the kernel's clock (/proc/stat's boot time is whole seconds), two
     ticks late at most, so a process is never taken for older than it is."""
-    hz = os.sysconf("SC_CLK_TCK")
-    try:
-        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (FileNotFoundError, ProcessLookupError):
+    fields = _proc_stat(pid)
+    if fields is None:
         return None
-    return time.time() - (uptime - ticks / hz) + 2 / hz  # field 22: starttime
+    hz = os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[19])  # field 22: starttime
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - (uptime - ticks / hz) + 2 / hz
 
 
 def pid_alive(pid: int) -> bool:

@@ -51,6 +51,7 @@ from shared.codec import POSITION_ID
 from shared.core.accounting import Books, BooksOutOfBalance, ProductBook
 from shared.core.config import StrategyConfig
 from shared.core.events import HedgeAllocation, HedgeExecuted
+from shared.core.market import NS_PER_SECOND
 from shared.core.money import ZERO, MoneyError, usdt_down
 from shared.core.products import smart_product_specs
 from shared.core.venue import PerpVenue
@@ -614,7 +615,7 @@ def stuck_orders(outbox: Iterable[str | bytes], now_ns: int) -> int:
             settled_ns = codec.order_of(event).ts_init_ns
         except (codec.DecodeError, binascii.Error):
             settled_ns = 0
-        stuck += now_ns - settled_ns > OUTBOX_STUCK_S * 1_000_000_000
+        stuck += now_ns - settled_ns > OUTBOX_STUCK_S * NS_PER_SECOND
     return stuck
 
 

@@ -379,12 +379,12 @@ class Engine:
         self._cover_gaps([product], ts_ns, events)
         self._floor_anew(product, ts_ns, events)
 
-    def _floor_anew(self, product: str, ts_ns: int, events: list[object]) -> None:
-        """The floor set from the equity the product holds after an order rescued or
-        rebuilt it; covered once more if that is below one NAV quantum per unit (the
-        floor's least), or the NAV stood at 0 until the next tick."""
+    def _floor_anew(self, product: str, ts_ns: int, events: list[object]) -> bool:
+        """The floor set from the equity the product holds after a rebalance, or an order
+        that rescued or rebuilt it; covered if that is below one NAV quantum per unit (the
+        floor's least), or the NAV stood at 0 until the next tick. True if the fund paid."""
         self.books.mark_rebalanced(product, self.price, self.floors[product])
-        self._cover_gaps([product], ts_ns, events)
+        return self._cover_gaps([product], ts_ns, events)
 
     def _execute(self, ts_ns: int, changes: list[PositionChange], events: list[object]) -> None:
         """One netted order at the venue for `changes`, allocated to the products' books."""
@@ -446,9 +446,8 @@ class Engine:
             self._cover_gaps(emergencies, ts_ns, events)
         for product, _ in requests:
             self.books.forgive_advance(product)
-            self.books.mark_rebalanced(product, price, self.floors[product])
-        # a floor set at its least (a NAV of one quantum per unit) may stand above equity
-        return self._cover_gaps([product for product, _ in requests], ts_ns, events) or moved
+            moved |= self._floor_anew(product, ts_ns, events)
+        return moved
 
     def _cover_gaps(self, products: list[str], ts_ns: int, events: list[object]) -> bool:
         paid = False
