@@ -40,7 +40,8 @@ from shared.pipeline_runner import (
 )
 from shared.settings import ServiceSettings
 
-console = Console()
+# the table stays whole when piped (rich takes 80 columns off a terminal)
+console = Console(width=max(Console().width, 110))
 CAPITAL = Decimal(1_000_000)
 
 
@@ -146,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
                         )
         finally:
             reader.close()
+            if not console.is_terminal:
+                console.line()  # Live leaves its last frame unterminated off a terminal
         elapsed = time.monotonic() - replay_started
     args.out.mkdir(parents=True, exist_ok=True)
     chart = args.out / "pipeline.png"

@@ -3,9 +3,14 @@ started five, then failed with a traceback, and read an offset its replay did no
 
 from __future__ import annotations
 
+import csv
+from datetime import datetime
+
 import pytest
+from smartlev.v1 import common_pb2, nav_pb2
 
 from shared import pipeline_demo
+from shared.adapters.tick_replay import data_dir
 
 
 @pytest.mark.parametrize(
@@ -37,3 +42,32 @@ def test_a_start_with_an_offset_is_the_instant_it_names(monkeypatch: pytest.Monk
     monkeypatch.setattr(pipeline_demo, "run", lambda args: seen.append(args.start_ns) or 0)
     assert pipeline_demo.main(["--start", "2021-05-12T10:00:00+02:00"]) == 0
     assert seen == [(1_620_777_600 + 8 * 3600) * 10**9]
+
+
+def test_the_progress_table_stays_whole_off_a_terminal() -> None:
+    """Piped (`make demo | tee`, CI logs), rich gave the table 80 columns and cut every
+    cell to an ellipsis: "BTC-USDT:LO…", "35,03…"."""
+    with (data_dir() / "BTCUSDT_perp_1h_2019_2023.csv").open() as rows:
+        widest = max((row for row in csv.DictReader(rows)), key=lambda row: float(row["close"]))
+    products = ["BTC-USDT:LONG", "BTC-USDT:SHORT"]
+    series = pipeline_demo.Series()
+    for seq, product in enumerate(products, 1):
+        update = nav_pb2.NavUpdated(
+            event_id=f"{product}:{seq}",
+            product=product,
+            ts_event_ns=int(datetime.fromisoformat(widest["timestamp"]).timestamp()) * 10**9,
+            nav="12345.67890123",
+            target_leverage="4.95",
+            actual_leverage="4.87",
+            regime=common_pb2.TREND_DOWN,
+            price=widest["close"],
+            seq=37_805,
+        )
+        series.add(update, products)
+    console = pipeline_demo.console
+    assert not console.is_terminal
+    with console.capture() as captured:
+        console.print(pipeline_demo.table(series, products, 11.0))
+    shown = captured.get()
+    assert "…" not in shown
+    assert all(product in shown for product in products)
