@@ -65,6 +65,7 @@ class NavService:
         outgoing: list[Outgoing] = []
         writes: dict[str, dict[str, str | int | Decimal]] = {}
         applied: list[FillsEvent] = []
+        skipped = 0  # ticks every product of which had been marked (redeliveries)
         for event, record in run:
             if event.kind != "tick":
                 applied.append(event)  # funding moves the books; the next tick marks them
@@ -78,6 +79,9 @@ class NavService:
                 ]
             except Unmarkable as exc:
                 await self.runtime.reject(self.fills, record, str(exc))
+                continue
+            if not updates:
+                skipped += 1
                 continue
             for marked, message in updates:
                 outgoing += [(t, marked.product, message) for t in (self.updates, self.latest)]
@@ -101,6 +105,8 @@ class NavService:
             )
         for event in applied:
             self.runtime.processed(self.fills, event.ts_init_ns or now)
+        for _ in range(skipped):
+            self.runtime.skipped(self.fills)
 
     async def handle_order(self, event: FillsEvent, record: Record) -> None:
         """Re-mark the products an order changed, at the last price, in the last regime
@@ -108,29 +114,36 @@ class NavService:
         cannot be marked there dead-letter the order's update, before anything is
         sent). A product with a hedge and no price is not re-marked (the next tick
         marks it); one without is (its NAV does not depend on the price), as old as no
-        price: 0, which the gateway holds stale while units are out."""
+        price: 0, which the gateway holds stale while units are out. The order is
+        recorded on every product of its update, re-marked or not: read again after a
+        later order moved a product it passed over, it would mark that product back
+        with its own, older books."""
         current = await asyncio.gather(*(self.store.read(b.product) for b in event.books))
         now = time.time_ns()
         pending: list[tuple[Marked, nav_pb2.NavUpdated, int, FillsEvent, int]] = []
+        passed: list[str] = []  # products the order leaves as marked
         try:
             for book, (fields, _) in zip(event.books, current, strict=True):
+                if await self.store.was_applied(book.product, event.event_id):
+                    continue
                 last_seq = int(fields.get("seq", "0"))
                 last_nav = Decimal(fields.get("nav", str(self.initial_nav)))
-                if Decimal(fields.get("units", "0")) != book.units and not (
-                    await self.store.was_applied(book.product, event.event_id)
-                ):
-                    price = Decimal(fields.get("price") or "0")
-                    if price <= 0 and book.qty != 0:
-                        # No tick marked the product yet (or its mark was lost): a hedge
-                        # cannot be valued without a price; the next tick marks it.
-                        log.warning("remark_without_price", product=book.product)
-                        continue
-                    remark = in_last_regime(event, fields)
-                    marked, message = marked_update(book, price, last_nav, remark, last_seq, now)
-                    # as fresh as its price: none yet, or a hash an older build wrote
-                    # before session 18, whose write time stood in for it
-                    priced = int(fields.get("written_ns") or 0)
-                    pending.append((marked, message, last_seq, remark, priced))
+                if Decimal(fields.get("units", "0")) == book.units:
+                    passed.append(book.product)
+                    continue
+                price = Decimal(fields.get("price") or "0")
+                if price <= 0 and book.qty != 0:
+                    # No tick marked the product yet (or its mark was lost): a hedge
+                    # cannot be valued without a price; the next tick marks it.
+                    log.warning("remark_without_price", product=book.product)
+                    passed.append(book.product)
+                    continue
+                remark = in_last_regime(event, fields)
+                marked, message = marked_update(book, price, last_nav, remark, last_seq, now)
+                # as fresh as its price: none yet, or a hash an older build wrote
+                # before session 18, whose write time stood in for it
+                priced = int(fields.get("written_ns") or 0)
+                pending.append((marked, message, last_seq, remark, priced))
         except Unmarkable as exc:
             await self.runtime.reject(self.fills, record, str(exc))
             return
@@ -146,7 +159,12 @@ class NavService:
             state = state_fields(marked, remark, seq, priced)
             changes = {self.store.state_key(marked.product): state}
             await self.store.apply(marked.product, changes, message_id=event.event_id)
-        self.runtime.processed(self.fills, now)
+        for product in passed:
+            await self.store.apply(product, {}, message_id=event.event_id)
+        if pending or passed:
+            self.runtime.processed(self.fills, now)
+        else:
+            self.runtime.skipped(self.fills)  # a redelivery: every product had it
 
 
 def build(settings: NavSettings) -> ConsumerRuntime:

@@ -22,7 +22,7 @@ from shared.codec import (
     optional_decimal_from_wire,
 )
 from shared.core.accounting import ProductBook
-from shared.core.market import Side, symbol_problem
+from shared.core.market import MAX_SEQ, Side, market_figure_problem, symbol_problem
 from shared.wire import known_regime_name
 
 Kind = Literal["tick", "funding", "order"]
@@ -119,6 +119,8 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
         market = getattr(update.market, which)
         if market.seq <= 0:
             raise ValueError(f"{which} seq is missing (must be >= 1)")
+        if market.seq > MAX_SEQ:  # Redis's Lua compares seqs as doubles: not past 2^53
+            raise ValueError(f"{which} seq must be below 2^53, got {market.seq}")
         symbol = market.symbol
     strangers = [b.product for b in books if b.product.split(":")[0] != symbol]
     if strangers:  # marked at another symbol's price, then skipped as redeliveries
@@ -128,6 +130,9 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
         price = decimal_from_wire(tick.price, name="tick.price")
         if price <= 0:
             raise ValueError(f"tick price must be > 0, got {price}")
+        too_fine = market_figure_problem(price, "tick.price")
+        if too_fine is not None:
+            raise ValueError(too_fine)
         return FillsEvent(
             "tick",
             update.event_id,

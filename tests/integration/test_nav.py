@@ -6,6 +6,7 @@ Redis holds the last mark with its seq."""
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 
 import pytest
@@ -37,6 +38,7 @@ WINDOW = Slice("2021-05-12", "2021-05-14")
 # Within the wire's 40.40 digits, beyond what a NAV can be: the product's worth at any
 # real price has more than 40 integer digits.
 ABSURD_QTY = "9" * 39
+SKIPPED = r'smartlev_stream_messages_total\{[^}]*outcome="skipped"[^}]*\} (\S+)'
 
 
 def unmarkable(
@@ -155,3 +157,54 @@ def test_nav_service_marks_the_core_books_exactly(
         assert [u.products[0].qty for u in poisoned] == [ABSURD_QTY, ABSURD_QTY]
         assert [u.market.tick.seq for u in poisoned] == [8, 0]
         assert all("cannot be marked" in d.reason for d in letters[1:]), letters
+
+
+def _order(
+    name: str, after: hedging_pb2.HedgeUpdate, product: str, factor: str
+) -> hedging_pb2.HedgeUpdate:
+    """An order's HedgeUpdate: the books of `after` with `product`'s units and cash
+    scaled by `factor` (a deposit or a close; the other product as it was)."""
+    update = hedging_pb2.HedgeUpdate(event_id=f"{SYMBOL}:order:{name}")
+    update.products.extend(after.products)
+    for book in update.products:
+        if book.product == product:
+            book.units = str(Decimal(book.units) * Decimal(factor))
+            book.cash = str(Decimal(book.cash) * Decimal(factor))
+    return update
+
+
+def test_an_orders_update_read_again_marks_nothing_back(
+    kafka_bootstrap: str, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """An order's update carries every product of the symbol; NAV re-marks those whose
+    units it changed. Read again (NAV restarted before its commit, or a fenced hedging
+    instance sending it late) after a later order moved a product it had passed over,
+    it marked that product back with its own, older books: the hash and nav.latest
+    held units and equity that no longer were, until the next tick."""
+    reference = backtest_reference(WINDOW, StrategyConfig())
+    tick = tick_update(reference.ticks[0], 1)
+    long, short = PRODUCTS
+    early = _order("early", tick, long, "0.5")  # before any price: hedged, not re-marked
+    first = _order("first", tick, long, "2")
+    second = _order("second", first, short, "2")
+    with Pipeline.start([NAV], bootstrap=kafka_bootstrap, redis_url=redis_url) as pipeline:
+        producer = make_producer(
+            kafka_bootstrap, client_id="test-nav", value_serializer=codec.encode
+        )
+        try:
+            for update in (early, tick, first, second, first, early):
+                producer.send(pipeline.topic(HEDGE_FILLS.name), key=SYMBOL, value=update)
+            producer.flush()
+        finally:
+            producer.close()
+        got = collect(pipeline, lambda u: len(u) >= 4, timeout_s=60, settle_s=2.0)
+        assert sorted(u.event_id for u in got) == sorted(
+            [f"{long}:1", f"{short}:1", f"{long}:{first.event_id}", f"{short}:{second.event_id}"]
+        )
+        for product in PRODUCTS:
+            [book] = [b for b in second.products if b.product == product]
+            state = redis_client.hgetall(f"{pipeline.namespace}nav:{{{product}}}")
+            assert (Decimal(state["units"]), int(state["seq"])) == (Decimal(book.units), 1)
+        counted = pipeline.metrics(NAV.name)
+        skipped = re.search(SKIPPED, counted)
+        assert skipped is not None and float(skipped.group(1)) == 2  # the two read again

@@ -57,6 +57,16 @@ def a_zero_price(update: hedging_pb2.HedgeUpdate) -> None:
     update.market.tick.price = "0"
 
 
+def a_seq_past_2_53(update: hedging_pb2.HedgeUpdate) -> None:
+    """Redis's Lua compares seqs as doubles: 2^53 + 1 and + 2 were one seq, and every
+    tick after the first was published, then not written (DUPLICATE)."""
+    update.market.tick.seq = 2**53 + 1
+
+
+def a_price_finer_than_the_books(update: hedging_pb2.HedgeUpdate) -> None:
+    update.market.tick.price = "43210.5000000000001"
+
+
 def a_brace_in_the_symbol(update: hedging_pb2.HedgeUpdate) -> None:
     """A hash tag Redis keys cannot carry (it stopped the stage at its first read)."""
     update.market.tick.symbol = "A{B"
@@ -97,6 +107,8 @@ def test_a_valid_update_parses_with_every_book() -> None:
         (no_books, "carries no product books"),
         (no_seq, "tick seq is missing"),
         (a_zero_price, "tick price must be > 0"),
+        (a_seq_past_2_53, "tick seq must be below 2\\^53, got 9007199254740993"),
+        (a_price_finer_than_the_books, "tick.price has 13 decimal places, more than 12"),
         (a_brace_in_the_symbol, r"product 'A\{B:LONG': symbol 'A\{B' must be 1-40 characters"),
         (an_order_of_two_symbols, r"books of \['ETH-USDT:SHORT'\] on a 'BTC-USDT' order"),
         (a_product_of_three_parts, "is not <symbol>:LONG or <symbol>:SHORT"),
