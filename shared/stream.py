@@ -224,6 +224,8 @@ def parse_market(message: market_pb2.MarketEvent) -> MarketInput:
         raise ValueError(bad_symbol)
     if not 0 < wire.seq <= MAX_SEQ:
         raise ValueError(f"seq must be in [1, 2^53), got {wire.seq}")
+    if wire.ts_event_ns <= 0:  # regime opened a bar in 1970 with it
+        raise ValueError(f"ts_event_ns must be > 0, got {wire.ts_event_ns}")
     return MarketInput(message, wire.symbol, wire.seq, wire.ts_init_ns, value)
 
 

@@ -106,6 +106,11 @@ def test_decode_input_returns_the_value_or_the_reason() -> None:
     # Lua compares seqs as doubles: 2^53 and 2^53 + 1 would be one seq
     assert isinstance(decide_bytes(codec.encode(tick_event(seq=2**53 - 1))), MarketInput)
     assert "seq must be in [1, 2^53)" in str(decide_bytes(codec.encode(tick_event(seq=2**53))))
+    # ingestion refuses them too: one opened a bar in 1970 the next real tick closed
+    for ts in (0, -3_600_000_000_000):
+        for event in (tick_event(), funding_event()):
+            getattr(event, event.WhichOneof("event")).ts_event_ns = ts
+            assert decide_bytes(codec.encode(event)) == f"ts_event_ns must be > 0, got {ts}"
     # A figure of more than 12 places (trailing zeros too) made cash no wire carries.
     twelve, thirteen = "50100.123456789012", "50100." + "0" * 13
     at_most = tick_event(price=twelve, mark=twelve)
