@@ -290,7 +290,13 @@ async def _serve_source(
     failure: list[str] = []
     retrying: list[str | None] = [None]  # why the source waits to retry, if it does
     current: list[Ingestor] = []  # the ingestor of the running attempt
-    events = [] if settings.source == "live" else events_to_publish(settings)
+    events: list[MarketValue] = []
+    if settings.source != "live":
+        try:
+            events = events_to_publish(settings)
+        except DataError as exc:  # a window the files do not cover, a broken file
+            failure.append(f"{type(exc).__name__}: {exc}")
+            log.error("source_failed", source=settings.source, error=str(exc))
     stale_limit = settings.stale_after_s
     if events and settings.speed_factor is not None:
         # a paced replay waits up to its longest gap / speed between events, not late
@@ -316,6 +322,9 @@ async def _serve_source(
         return f"stale: no event for {age:.1f}s (max {stale_limit:.0f}s)"
 
     health.register("feed", feed_check)
+    if failure:  # up, unhealthy, saying why (a restart would fail the same way)
+        await stop.wait()
+        return 1
     halt = threading.Event()
     work: asyncio.Future[Any]
     if settings.source == "live":

@@ -230,8 +230,11 @@ def load_bars(
     start_ns: int | None = None,
     end_ns: int | None = None,
     interval_ns: int = NS_PER_HOUR,
+    required: bool = True,
 ) -> tuple[list[Bar], LoadReport]:
     """Validated OHLCV bars of one file, in time order, with the report of what was skipped.
+    None is an error (DataError), but for a file that is not `required` (marks) when the
+    window left its rows out: a window before a file begins is then simply without it.
 
     Every row is checked, including skipped ones: prices > 0, volume >= 0,
     low <= min(open, close), high >= max(open, close), and each timestamp a whole number
@@ -286,7 +289,7 @@ def load_bars(
                 missing += skipped
         bars.append(Bar(symbol, ts, o, h, low, c, v))
     report = LoadReport(rows.name, read, len(bars), placeholders, outside, gaps, missing)
-    if not bars:
+    if not bars and (required or not outside):
         raise DataError(f"{rows.name}: no bars left ({report.summary()})")
     return bars, report
 
@@ -299,7 +302,9 @@ def load_funding(
     end_ns: int | None = None,
 ) -> tuple[list[FundingRate], LoadReport]:
     """Validated funding settlements: any sign, but |rate| <= MAX_FUNDING_RATE (above it
-    is a broken file, not a market), timestamps strictly increasing."""
+    is a broken file, not a market), timestamps strictly increasing. A window with no
+    settlement (eight hours or less between them) has none; a file with none is an
+    error."""
     rows = _Rows(path, FUNDING_COLUMNS)
     order = _Order(rows)
     rates: list[FundingRate] = []
@@ -317,7 +322,7 @@ def load_funding(
             continue
         rates.append(FundingRate(symbol, ts, rate))
     report = LoadReport(rows.name, read, len(rates), 0, outside, 0, 0)
-    if not rates:
+    if not rates and not outside:
         raise DataError(f"{rows.name}: no funding rates left ({report.summary()})")
     return rates, report
 
@@ -325,6 +330,7 @@ def load_funding(
 def load_marks(
     path: Path, *, start_ns: int | None = None, end_ns: int | None = None
 ) -> dict[int, Decimal]:
-    """Mark-price file -> {bar open ts_ns: mark close}, validated as hourly bars."""
-    bars, _ = load_bars(path, "mark", start_ns=start_ns, end_ns=end_ns)
+    """Mark-price file -> {bar open ts_ns: mark close}, validated as hourly bars (none
+    in a window the file does not reach: its ticks go without a mark)."""
+    bars, _ = load_bars(path, "mark", start_ns=start_ns, end_ns=end_ns, required=False)
     return {bar.open_ts_ns: bar.close for bar in bars}

@@ -29,6 +29,7 @@ from shared.adapters.tick_replay import data_dir, make_producer
 from shared.backtest import market_events
 from shared.core.bars import ticks_from_bars
 from shared.core.market import NS_PER_HOUR, FundingRate, Tick
+from shared.pipeline_runner import free_port, health_problem
 from shared.topics import MARKET_TICKS, partition_for
 
 pytestmark = pytest.mark.integration
@@ -260,3 +261,41 @@ def test_a_lost_redis_record_is_recovered_from_the_topic_without_reusing_seqs(
     ]
     assert seqs == list(range(1, 31))
     assert redis_client.hget(key, "seq") == "30"
+
+
+def test_a_window_the_files_do_not_cover_leaves_serve_up_and_saying_why(
+    kafka_bootstrap: str, redis_url: str
+) -> None:
+    """`serve` loaded its window outside any handler: a DataError was a traceback and a
+    crash loop under the supervisor. It now stays up, unhealthy, saying why."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "SMARTLEV_INGESTION_NAMESPACE": f"t{uuid.uuid4().hex[:8]}.",
+        "SMARTLEV_INGESTION_KAFKA__BOOTSTRAP": kafka_bootstrap,
+        "SMARTLEV_INGESTION_REDIS__URL": redis_url,
+        "SMARTLEV_INGESTION_METRICS_PORT": str(port),
+        "SMARTLEV_INGESTION_SOURCE": "replay",
+        "SMARTLEV_INGESTION_START": "2030-01-01",
+        "SMARTLEV_INGESTION_END": "2030-01-02",
+    }
+    service = subprocess.Popen(
+        [sys.executable, "-m", "services.ingestion", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        said = health_problem(port)
+        while (said is None or "source failed" not in said) and time.monotonic() < deadline:
+            assert service.poll() is None, service.communicate()[1]
+            time.sleep(0.2)
+            said = health_problem(port)
+        assert said is not None and "no bars left" in said, said
+        assert service.poll() is None  # up, not exited
+    finally:
+        service.terminate()
+        _, errors = service.communicate(timeout=30)
+    assert "Traceback" not in errors

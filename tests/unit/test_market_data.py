@@ -121,6 +121,11 @@ def test_funding_loads_within_bounds() -> None:
     cut = rates[len(rates) // 2].ts_ns
     later, windowed = load_funding(BTC_FUNDING, "BTC-USDT", start_ns=cut)
     assert later[0].ts_ns == cut and windowed.rows_outside_window == len(rows) // 2
+    # a window between two settlements has none (a replay of it was refused)
+    between, _ = load_funding(
+        BTC_FUNDING, "BTC-USDT", start_ns=cut + 1, end_ns=cut + 7 * NS_PER_HOUR
+    )
+    assert between == []
 
 
 @needs_data
@@ -129,6 +134,11 @@ def test_marks_map_bar_open_to_mark_close() -> None:
     start = ns(rows[100]["timestamp"])
     marks = load_marks(BTC_MARK, start_ns=start, end_ns=start + 3 * NS_PER_HOUR)
     assert marks == {ns(r["timestamp"]): Decimal(r["close"]) for r in rows[100:103]}
+    # the mark file begins months after the perp file: a window before it has no marks
+    # (its ticks go without one; a replay of it was refused)
+    first = ns(rows[0]["timestamp"])
+    assert load_marks(BTC_MARK, start_ns=first - 24 * NS_PER_HOUR, end_ns=first) == {}
+    assert load_bars(BTC_PERP, "BTC-USDT", start_ns=first - 24 * NS_PER_HOUR, end_ns=first)[0]
 
 
 # --- timestamps -----------------------------------------------------------------------
@@ -203,6 +213,10 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
         load_bars(write(tmp_path, ""), "X")
     with pytest.raises(DataError, match="no bars left"):
         load_bars(write(tmp_path, HEADER, "header_only.csv"), "X")
+    with pytest.raises(DataError, match="no bars left"):  # no window left it out
+        load_marks(write(tmp_path, HEADER, "marks_header_only.csv"))
+    with pytest.raises(DataError, match="no funding rates left"):
+        load_funding(write(tmp_path, "timestamp,funding_rate\n", "funding.csv"), "X")
     missing = tmp_path / "nope.csv"
     with pytest.raises(DataError, match=f"{missing}: file not found"):
         load_bars(missing, "X")
