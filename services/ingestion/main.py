@@ -22,6 +22,7 @@ import functools
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -41,10 +42,11 @@ from services.ingestion.runner import (
     longest_gap_s,
     run_finite,
     run_live,
+    run_summary,
 )
 from services.ingestion.store import SeqStore, topic_recovery
 from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, synthetic_stream
-from services.ingestion.validation import MarketValue, Policy
+from services.ingestion.validation import MarketValue, Policy, Verdict
 from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.market_data import DataError, parse_time
 from shared.adapters.tick_replay import backtest_stream
@@ -182,6 +184,8 @@ def run_with_retries(
     starts over exactly as a restarted process would: state loaded from Redis and the
     topic's tail, events already published skipped (`Attempts`)."""
     attempts = Attempts(settings, build, on_retry)
+    verdicts: dict[int, Verdict] = {}  # every attempt's, by event: the run's summary
+    began = time.perf_counter()
     try:
         while True:
             try:
@@ -193,8 +197,10 @@ def run_with_retries(
                     batch_size=settings.batch_size,
                     stop=stop,
                     progress=progress,
+                    verdicts=verdicts,
                 )
-                return dataclasses.replace(summary, retries=attempts.retries)
+                last = dataclasses.replace(summary, retries=attempts.retries)
+                return run_summary(verdicts, last, time.perf_counter() - began)
             except Exception as exc:  # `failed` raises what is not transient
                 pause = attempts.failed(exc)
             if stop.wait(pause):

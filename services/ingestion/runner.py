@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from services.ingestion.binance import BinanceFeed, FeedError, ccxt_symbol
 from services.ingestion.publisher import Ingestor
 from services.ingestion.validation import (
+    Accepted,
     MarketValue,
     OrderKey,
     Reason,
     Rejected,
+    Verdict,
     check,
     order_key,
 )
@@ -87,7 +89,10 @@ def wait_before(due_s: float, elapsed_s: float) -> float:
 
 class Resume:
     """Drop the leading events at or before `after` (what an earlier run published), so
-    a restarted replay continues where it stopped instead of dead-lettering its past."""
+    a restarted replay continues where it stopped instead of dead-lettering its past.
+    An invalid event (no order key) among them belongs to that past if a valid one at or
+    before `after` follows it; one before the first new event goes out again (its dead
+    letter at least once), as the earlier run may have stopped before it."""
 
     def __init__(self, events: Iterable[MarketValue], after: OrderKey | None) -> None:
         self.events = events
@@ -95,14 +100,27 @@ class Resume:
         self.skipped = 0
 
     def __iter__(self) -> Iterator[MarketValue]:
-        resuming = self.after is not None
-        for event in self.events:
-            after = self.after if resuming and check(event) is None else None
-            if after is not None and order_key(event) <= after:
-                self.skipped += 1
+        after = self.after
+        if after is None:
+            yield from self.events
+            return
+        undecided: list[MarketValue] = []  # invalid events since the last skipped one
+        events = iter(self.events)
+        for event in events:
+            if check(event) is not None:
+                undecided.append(event)
                 continue
-            resuming = False
+            if order_key(event) <= after:
+                self.skipped += 1 + len(undecided)
+                undecided.clear()
+                continue
+            yield from undecided
             yield event
+            break
+        else:
+            yield from undecided
+            return
+        yield from events
 
 
 def run_finite(
@@ -115,8 +133,10 @@ def run_finite(
     stop: threading.Event | None = None,
     progress: Callable[[int], None] | None = None,
     commit_interval_s: float = 0.1,
+    verdicts: dict[int, Verdict] | None = None,
 ) -> Summary:
-    """Publish a finite stream for `symbol`, resuming after what is already published."""
+    """Publish a finite stream for `symbol`, resuming after what is already published.
+    `verdicts`: each submitted event's, by its index in `events` (`run_summary`)."""
     stop = stop or threading.Event()
     began = time.perf_counter()
     source = Resume(events, ingestor.state(symbol).last_key)
@@ -136,7 +156,9 @@ def run_finite(
                 break
         if stop.is_set():
             break
-        ingestor.submit(event)
+        verdict = ingestor.submit(event)
+        if verdicts is not None:
+            verdicts[source.skipped + count - 1] = verdict
         since_commit += 1
         if since_commit >= batch_size:
             ingestor.commit()
@@ -153,6 +175,18 @@ def run_finite(
         source.skipped,
         time.perf_counter() - began,
     )
+
+
+def run_summary(verdicts: dict[int, Verdict], last: Summary, seconds: float) -> Summary:
+    """A finite run's summary over all its attempts, from each event's last verdict:
+    `last` (the attempt that finished) counted only its own events, and took those an
+    earlier attempt of the run published for "already published". The run began at the
+    first event it submitted; whatever came before was there before it."""
+    accepted = [v for v in verdicts.values() if isinstance(v, Accepted)]
+    rejected = len(verdicts) - len(accepted)
+    flagged = sum((v.jump is not None) + (v.mark_jump is not None) for v in accepted)
+    before = min(verdicts, default=last.skipped)
+    return Summary(len(accepted), rejected, rejected, flagged, before, seconds, last.retries)
 
 
 def handle_live(

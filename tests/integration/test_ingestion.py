@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from services.ingestion.main import build_ingestor
 from services.ingestion.publisher import IngestionMetrics, Ingestor
 from services.ingestion.runner import run_finite
 from services.ingestion.store import SeqConflict, state_key
-from services.ingestion.validation import SymbolState
+from services.ingestion.validation import Accepted, Policy, SymbolState, admit
 from shared import codec
 from shared.adapters.market_data import load_bars, load_funding, load_marks
 from shared.adapters.tick_replay import data_dir, make_producer
@@ -299,3 +300,51 @@ def test_a_window_the_files_do_not_cover_leaves_serve_up_and_saying_why(
         service.terminate()
         _, errors = service.communicate(timeout=30)
     assert "Traceback" not in errors
+
+
+@pytest.mark.parametrize("failing", ["midway", "last"])
+def test_a_runs_summary_counts_what_its_failed_attempts_did(
+    settings: IngestionSettings, failing: str
+) -> None:
+    """After a broker or Redis failure the run starts over from what is on the topic,
+    and its summary was the last attempt's alone: what the failed attempt published
+    showed as "already published", its refusals and flags were gone, and a failure at
+    the last record printed "nothing new" for a run that published everything. (It also
+    found the resume ending at an invalid event of the published prefix.)"""
+    from services.ingestion.main import run_with_retries
+
+    # flags: moves of over 1% in an hour (real ones), so the failed attempt has some
+    replay = replay_settings(settings).model_copy(
+        update={"batch_size": 32, "max_jump": Decimal("0.01")}
+    )
+    events = backtester_stream()
+    bad = Tick(SYMBOL, events[40].ts_ns, Decimal(0))  # refused: a price must be > 0
+    events = [*events[:41], bad, *events[41:]]
+    state, flagged = SymbolState(), 0  # what validation alone makes of the stream
+    for event in events:
+        state, verdict = admit(state, event, Policy(max_jump=replay.max_jump))
+        if isinstance(verdict, Accepted):
+            flagged += (verdict.jump is not None) + (verdict.mark_jump is not None)
+    assert flagged > 0
+    fail_at = 2 if failing == "midway" else len(events) // 32 + 1  # which Redis record
+    records = 0
+
+    def build() -> tuple[Ingestor, object, redis.Redis]:
+        parts = ingestor(replay)
+        record = parts[0].store.record
+
+        def failing_once(*args: object) -> None:
+            nonlocal records
+            records += 1
+            if records == fail_at:  # after the broker acked the batch
+                raise redis.exceptions.ConnectionError("injected: Redis lost")
+            record(*args)  # type: ignore[arg-type]
+
+        parts[0].store.record = failing_once  # type: ignore[method-assign]
+        return parts
+
+    summary = run_with_retries(replay, build, events, stop=threading.Event())
+    assert records > fail_at and summary.retries == 1
+    counted = (summary.published, summary.rejected, summary.dead_lettered, summary.skipped)
+    assert counted == (len(events) - 1, 1, 1, 0)
+    assert summary.flagged == flagged

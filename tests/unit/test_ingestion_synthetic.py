@@ -144,3 +144,16 @@ def test_resume_drops_only_the_already_published_prefix() -> None:
     resume = Resume(ticks, order_key(ticks[1]))
     assert [t.ts_ns for t in resume] == [3, 1, 4]  # the later out-of-order one is kept
     assert resume.skipped == 2
+
+
+def test_resume_keeps_an_invalid_event_only_if_it_may_be_new() -> None:
+    """An invalid event in the published prefix ended the resume: every published event
+    after it was submitted again and dead-lettered (NOT_FORWARD), 22 in a real replay."""
+    ticks = [Tick("X-Y", ts, Decimal(p)) for ts, p in ((1, 1), (2, 0), (3, 1), (4, 0), (5, 1))]
+    resume = Resume(ticks, order_key(ticks[2]))
+    assert [(t.ts_ns, t.price) for t in resume] == [(4, 0), (5, 1)]  # the second may be new
+    assert resume.skipped == 3
+    at_the_end = Resume(ticks[:4], order_key(ticks[2]))
+    assert [t.ts_ns for t in at_the_end] == [4]
+    everything = Resume(ticks, order_key(ticks[4]))
+    assert (list(everything), everything.skipped) == ([], 5)
