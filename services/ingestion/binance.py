@@ -36,6 +36,11 @@ NS_PER_MS = 1_000_000
 # drift apart by seconds at most. A trade stamped later is refused: published, it would
 # leave every real trade after it "not forward", refused, for good.
 MAX_AHEAD_NS = 60 * 1_000_000_000
+# How old the last mark may be for a trade to carry it: Binance sends one every second
+# (or three). An older one (the feed restarted after an outage, or the mark stream alone
+# stalled) is left off: the risk rules then judge the trade's own price, by design,
+# instead of a mark from before the outage.
+MARK_MAX_AGE_NS = 10 * 1_000_000_000
 
 
 class FeedError(ValueError):
@@ -135,6 +140,7 @@ class BinanceFeed:
 
     symbol: str
     mark: Decimal | None = None
+    mark_ns: int | None = None  # the exchange's time of the mark
     pending_rate: Decimal | None = None
     pending_at_ns: int | None = None
     last_trade_ns: int | None = None  # the time given to the last trade's tick
@@ -145,6 +151,7 @@ class BinanceFeed:
         only (once a second), not on every trade."""
         values = {
             "mark": self.mark,
+            "mark_ns": self.mark_ns,
             "pending_rate": self.pending_rate,
             "pending_at_ns": self.pending_at_ns,
         }
@@ -152,10 +159,11 @@ class BinanceFeed:
 
     @classmethod
     def from_fields(cls, symbol: str, fields: Mapping[str, str]) -> BinanceFeed:
-        at = fields.get("pending_at_ns")
+        at, marked = fields.get("pending_at_ns"), fields.get("mark_ns")
         return cls(
             symbol,
             mark=Decimal(fields["mark"]) if "mark" in fields else None,
+            mark_ns=int(marked) if marked is not None else None,  # none: an older build's
             pending_rate=Decimal(fields["pending_rate"]) if "pending_rate" in fields else None,
             pending_at_ns=int(at) if at is not None else None,
         )
@@ -188,7 +196,9 @@ class BinanceFeed:
             feed, funding = self._settle(observed.ts_ns)
             out.extend(funding)
             ts_ns = self._trade_time(observed.ts_ns)
-            out.append(Tick(self.symbol, ts_ns, observed.price, feed.mark))
+            marked = feed.mark_ns
+            fresh = marked is not None and observed.ts_ns - marked <= MARK_MAX_AGE_NS
+            out.append(Tick(self.symbol, ts_ns, observed.price, feed.mark if fresh else None))
             return replace(feed, last_trade_ns=ts_ns), out
         feed = self
         announced = observed.next_funding_ns
@@ -205,6 +215,7 @@ class BinanceFeed:
         feed = replace(
             feed,
             mark=observed.mark,
+            mark_ns=observed.ts_ns,
             pending_rate=(
                 observed.funding_rate if observed.funding_rate is not None else feed.pending_rate
             ),

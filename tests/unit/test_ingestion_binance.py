@@ -14,6 +14,7 @@ from decimal import Decimal
 import pytest
 
 from services.ingestion.binance import (
+    MARK_MAX_AGE_NS,
     MAX_AHEAD_NS,
     BinanceFeed,
     FeedError,
@@ -168,3 +169,21 @@ def test_ccxt_symbol() -> None:
     assert ccxt_symbol("BTC-USDT") == "BTC/USDT:USDT"
     with pytest.raises(ValueError):
         ccxt_symbol("BTCUSDT")
+
+
+def test_a_mark_from_before_an_outage_is_left_off_the_trades_after_it() -> None:
+    """The fold's mark is kept across a restart; after an outage of hours the first
+    trades carried the mark from before it, and the risk rules judged them by it."""
+    marked, _ = BinanceFeed("BTC-USDT").on_message(MARK_UPDATE, RECEIVED)
+    restarted = BinanceFeed.from_fields("BTC-USDT", marked.fields())
+    assert restarted == marked
+    hours_later = {**json.loads(AGG_TRADE), "T": 1717200000120 + 2 * 3600 * 1000}
+    _, out = restarted.on_message(hours_later, RECEIVED + 2 * 3600 * 10**9)
+    [tick] = [e for e in out if isinstance(e, Tick)]
+    assert tick.mark_price is None
+    # within MARK_MAX_AGE_NS it goes with the trade; a kept mark of unknown age does not
+    edge = {**json.loads(AGG_TRADE), "T": 1717199999000 + MARK_MAX_AGE_NS // MS}
+    assert restarted.on_message(edge, RECEIVED)[1][-1].mark_price == marked.mark
+    older_build = {k: v for k, v in marked.fields().items() if k != "mark_ns"}
+    unknown = BinanceFeed.from_fields("BTC-USDT", older_build)
+    assert unknown.on_message(AGG_TRADE, RECEIVED)[1][-1].mark_price is None
