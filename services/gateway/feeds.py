@@ -13,7 +13,10 @@ position stream learns of changes from `orders.events` (every instance's relay p
 there), not from this process's own settles. Each subscriber has a bounded queue; a
 subscriber too slow to keep up loses its oldest updates (a stream wants the latest
 value, not a backlog), never blocks the others, and is told (`lost`): a position stream
-then reads its positions afresh, so a dropped order event cannot leave one stale.
+then reads its positions afresh, so a dropped order event cannot leave one stale. A NAV
+update put into a full queue takes the place of its product's oldest queued one
+(`Updates`); only when none is queued does the oldest item go, so a burst of a few
+products' updates leaves each product's latest in the queue.
 A failed fetch is retried for up to FETCH_GIVE_UP_S; past that, or if the fetch loop
 ends otherwise (a bug), every open stream ends UNAVAILABLE (its client reconnects), new
 ones are refused and /healthz says so (a restart is the cure), instead of streams
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -53,18 +57,39 @@ class FeedUnavailable(Exception):
     """Kafka did not answer when a stream needed it, or the feed stopped."""
 
 
+class Updates(asyncio.Queue[object]):
+    """A subscriber's queue, bounded. A NAV update put into a full one takes the place
+    of the oldest queued one of its product: the stream wants each product's latest,
+    and a burst (a fetch of hundreds, a catch-up after an outage) no longer drops a
+    product's last update because others came after it."""
+
+    def _init(self, maxsize: int) -> None:
+        self._queue: deque[object] = deque()  # asyncio.Queue's own name: qsize() reads it
+
+    def supersede(self, update: nav_pb2.NavUpdated) -> bool:
+        """Drop the oldest queued NAV update of `update`'s product, if one is queued."""
+        for queued in self._queue:
+            if isinstance(queued, nav_pb2.NavUpdated) and queued.product == update.product:
+                self._queue.remove(queued)
+                return True
+        return False
+
+
 @dataclass(eq=False)
 class Subscriber:
     products: frozenset[str] | None  # NAV updates of these products (None: every product)
     user: str | None = None  # order events of this user's positions (None: none)
-    queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    queue: Updates = field(default_factory=Updates)
     lost: bool = False  # an update was dropped: the stream reads its state afresh
 
     def offer(self, item: object) -> None:
-        """Enqueue without blocking; a full queue drops its oldest item (and says so)."""
+        """Enqueue without blocking. A full queue makes room with the NAV update the new
+        one supersedes, else by dropping its oldest item (and says so)."""
         if self.queue.full():
-            self.queue.get_nowait()
-            self.lost = True
+            superseded = isinstance(item, nav_pb2.NavUpdated) and self.queue.supersede(item)
+            if not superseded:
+                self.queue.get_nowait()
+                self.lost = True
         self.queue.put_nowait(item)
 
 
@@ -142,7 +167,7 @@ class StreamFeed:
         read them looks again."""
         if self.stopped is not None:
             raise self.stopped
-        subscriber = Subscriber(products, user, asyncio.Queue(self.queue_size))
+        subscriber = Subscriber(products, user, Updates(self.queue_size))
         topics = [self.nav_topic] if user is None else [self.nav_topic, self.orders_topic]
         while True:
             idle = self._idle(topics)

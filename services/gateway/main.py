@@ -737,6 +737,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 ):
                     continue  # opened and closed before the snapshot (a late or repeated event)
                 held[changed.position_id] = changed
+                if changed.product not in navs:  # a product the stream had not valued yet
+                    navs.update(await self._navs({changed.product}))
                 yield changed.to_proto(navs.get(changed.product))
             elif isinstance(item, nav_pb2.NavUpdated):
                 navs[item.product] = Decimal(item.nav)

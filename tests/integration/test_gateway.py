@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
 from services.gateway.config import GatewaySettings
-from services.gateway.feeds import Subscriber
+from services.gateway.feeds import Subscriber, Updates
 from services.gateway.ledger import Settled, Snapshot
 from services.gateway.main import GatewayServer
 from services.gateway.orders import order_id
@@ -490,15 +490,36 @@ async def test_a_position_stream_shows_one_opened_and_closed_after_it_began(
     stream.cancel()
 
 
+async def test_a_position_opened_after_the_stream_began_comes_valued(quiet_env: Env) -> None:
+    """The stream knew the NAVs of the products in its snapshot only: a position opened
+    in another product came with no NAV, value or PnL, until that product's next NAV
+    update (never, in a quiet market), while GetPosition showed it valued."""
+    env = quiet_env
+    await env.set_nav(PRODUCT, NAV)
+    before = open_streams("positions")
+    stream = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
+    await until_streams("positions", before + 1)
+    opened = await env.open("valued-at-once")
+    assert await env.server.relay.sweep() == 1
+    shown = await asyncio.wait_for(stream.read(), 10)
+    got = await env.stub.GetPosition(
+        gateway_pb2.GetPositionRequest(position_id=opened.position_id), metadata=ALICE
+    )
+    assert (shown.position_id, shown.nav, shown.value) == (opened.position_id, str(NAV), got.value)
+    assert shown.value and shown.unrealized_pnl == got.unrealized_pnl
+    stream.cancel()
+
+
 async def test_a_slow_position_stream_that_lost_an_order_reads_its_positions_afresh(
     env: Env,
 ) -> None:
     """A slow reader's full queue drops its oldest update, which may be an order event:
     the stream must not go on showing that position as it was. Here the close's event
-    is pushed out by two NAV updates; the next item reads the positions again."""
+    is pushed out by NAV updates of two products; the next item reads the positions
+    again."""
     await env.set_nav(PRODUCT, NAV)
     opened = await env.open("slow")
-    subscriber = Subscriber(None, "alice", asyncio.Queue(2))
+    subscriber = Subscriber(None, "alice", Updates(2))
     request = gateway_pb2.StreamPositionsRequest()
     updates = env.server.gateway._position_updates("alice", request, subscriber)
     assert (await anext(updates)).position_id == opened.position_id  # the snapshot
@@ -510,8 +531,8 @@ async def test_a_slow_position_stream_that_lost_an_order_reads_its_positions_afr
     )
     [_, close_event] = await env.events(2)
     subscriber.offer(close_event)
-    for nav in ("124", "125"):  # the queue holds two: the close event is dropped
-        subscriber.offer(nav_pb2.NavUpdated(event_id=nav, product=PRODUCT, nav=nav))
+    for product in (PRODUCT, "ETH-USDT:LONG"):  # the queue holds two: the close goes
+        subscriber.offer(nav_pb2.NavUpdated(event_id=product, product=product, nav="124"))
     assert subscriber.lost
     shown = await asyncio.wait_for(anext(updates), 5)
     assert (shown.position_id, shown.open, shown.units) == (
