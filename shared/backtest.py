@@ -192,7 +192,8 @@ def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
                 "smart": item.smart,
                 "side": item.side.name,
                 "final_nav": decimal_to_wire(item.navs[-1] if item.navs else result.initial_nav),
-                "cagr": ((final / start) ** (1 / years) - 1) if years > 0 and final > 0 else -1.0,
+                "total_return": final / start - 1,
+                "cagr": _cagr(final / start, years),
                 "max_drawdown": _max_drawdown(navs),
                 "sharpe": _sharpe(navs, bars_per_year),
                 "min_nav": decimal_to_wire(min(item.navs) if item.navs else result.initial_nav),
@@ -209,6 +210,14 @@ def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
                 "insurance_paid": decimal_to_wire(item.insurance_paid),
             }
     return out
+
+
+def _cagr(growth: float, years: float) -> float | None:
+    """The yearly rate of `growth` over `years`; None under a year (two days up 11%
+    annualised to 41,020,095,670%: the figure says nothing then, the total return does)."""
+    if years < 1:
+        return None
+    return growth ** (1 / years) - 1 if growth > 0 else -1.0
 
 
 def _max_drawdown(navs: Sequence[float]) -> float:

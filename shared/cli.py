@@ -179,8 +179,8 @@ def backtest(
         {p: result.series[p].targets for p in smart},
         highlight=smart,
     )
-    # The table needs ~130 columns; a log or pipe gets them rather than cut product names.
-    Console(width=max(console.width, 132)).print(summary_table(figures))
+    # The table needs ~145 columns; a log or pipe gets them rather than cut product names.
+    Console(width=max(console.width, 150)).print(summary_table(figures))
     console.print(
         f"{result.ticks:,} ticks, {len(result.times):,} bars, "
         f"{result.funding_events:,} funding settlements in {elapsed:.1f} s; "
@@ -193,6 +193,7 @@ def summary_table(figures: dict[str, dict[str, object]]) -> Table:
     for column in (
         "product",
         "final NAV",
+        "return",
         "CAGR",
         "max DD",
         "Sharpe",
@@ -209,7 +210,8 @@ def summary_table(figures: dict[str, dict[str, object]]) -> Table:
         table.add_row(
             f"[bold]{product}[/bold]" if row["smart"] else product,
             f"{Decimal(str(row['final_nav'])):.2f}",
-            f"{row['cagr']:.1%}",
+            f"{row['total_return']:.1%}",
+            "-" if row["cagr"] is None else f"{row['cagr']:.1%}",
             f"{row['max_drawdown']:.1%}",
             f"{row['sharpe']:.2f}",
             f"{Decimal(str(row['min_nav'])):.4f}",
@@ -274,6 +276,8 @@ def gateway(server: str, api_key: str | None) -> Iterator[Gateway]:
         raise fail("no API key: pass --api-key or set SMARTLEV_API_KEY", 2)
     if not (api_key.isascii() and api_key.isprintable()):  # gRPC metadata cannot carry it
         raise fail("the API key must be printable ASCII", 2)
+    if not server.strip():  # gRPC's resolver printed its internals and a stack trace
+        raise fail(f"--server must be host:port (e.g. {DEFAULT_GATEWAY}), got {server!r}", 2)
     channel = grpc.insecure_channel(server)
     try:
         yield Gateway(

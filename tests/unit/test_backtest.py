@@ -18,7 +18,7 @@ from shared.cli import app, summary_table
 from shared.codec import decimal_from_wire
 from shared.core.config import StrategyConfig
 from shared.core.engine import Strategy
-from shared.core.market import Tick
+from shared.core.market import NS_PER_YEAR, Tick
 from shared.core.venue import PerpVenue
 
 DATA = data_dir()
@@ -53,6 +53,11 @@ def test_smart_products_survive_2019_2023_where_fixed_3x_is_wiped_out(
 
         Console(width=150).print(summary_table(figures))
     start = result.initial_nav
+    years = (result.times[-1] - result.times[0]) / NS_PER_YEAR
+    for product, row in figures.items():
+        growth = float(result.series[product].navs[-1] / start)
+        assert row["total_return"] == pytest.approx(growth - 1)
+        assert row["cagr"] == pytest.approx(growth ** (1 / years) - 1 if growth else -1.0)
     for side in ("LONG", "SHORT"):
         assert min(result.series[f"{symbol}:{side}"].navs) > 0
         assert lowest[f"{symbol}:{side}"] > 0, f"{side}: NAV {lowest[f'{symbol}:{side}']}"
@@ -137,6 +142,8 @@ def test_nav_csv_and_metrics_write_exact_plain_decimals_even_for_a_wiped_out_pro
                 decimal_from_wire(cell, name=name)  # plain notation, else DecodeError
     wiped = write_metrics(result, tmp_path / "metrics.json")["BTC-USDT:LONG:3X-FIXED"]
     assert (wiped["final_nav"], wiped["min_nav"]) == ("0.00000000",) * 2
+    # 19 days: no CAGR (annualised, two days up 11% read 41,020,095,670%), the return
+    assert (wiped["total_return"], wiped["cagr"]) == (-1.0, None)
     for name, value in json.loads((tmp_path / "metrics.json").read_text())["products"][
         "BTC-USDT:LONG:3X-FIXED"
     ].items():

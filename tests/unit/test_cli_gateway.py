@@ -257,6 +257,16 @@ def test_a_key_metadata_cannot_carry_is_a_usage_error(cli: CliRunner, key: str) 
     assert error_line(result.stderr) == "error: the API key must be printable ASCII"
 
 
+@pytest.mark.parametrize("server", ["", " "])
+def test_an_empty_server_is_a_usage_error(cli: CliRunner, server: str) -> None:
+    """gRPC's resolver printed its internal log lines and a stack trace, exit 1."""
+    result = cli.invoke(app, ["products", "--server", server])
+    assert result.exit_code == 2
+    assert error_line(result.stderr) == (
+        f"error: --server must be host:port (e.g. 127.0.0.1:50051), got {server!r}"
+    )
+
+
 def test_unreachable_gateway_names_the_address(cli: CliRunner) -> None:
     result = cli.invoke(app, ["products", "--server", "127.0.0.1:1"])
     assert result.exit_code == 1
