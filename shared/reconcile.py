@@ -402,6 +402,8 @@ def unique_orders(
 # How hedging records an order its books refused (dead-lettered) among its applied ids,
 # before the reason: so a redelivery is skipped, and this check names it.
 REFUSED_MARKER = "refused: "
+# hedging's state hash of the event it began and has not committed (services/hedging/desks.py)
+INFLIGHT = "inflight"
 
 
 def check_orders(
@@ -547,6 +549,9 @@ class SymbolState:
     navs: dict[str, dict[str, str]]
     gateway: GatewayState | None
     versions: tuple[int, int]  # hedging's and the venue's tag versions
+    # hedging had begun an event it had not committed (its Inflight): the venue may have
+    # moved for it already, so the books may differ from the venue for now
+    in_progress: bool = False
 
 
 class StateMissing(LookupError):
@@ -567,6 +572,7 @@ async def load_symbol(
         before = (await hedge.version(symbol), await venue.version(symbol))
         state, _ = await hedge.read(symbol, "state")
         positions, _ = await hedge.read(symbol, "positions")
+        inflight, _ = await hedge.read(symbol, INFLIGHT)
         account, _ = await venue.read(symbol, "account")
         applied_key = key(f"{namespace}hedge", symbol, "applied")
         records = await redis.hgetall(applied_key) if products else {}
@@ -588,6 +594,7 @@ async def load_symbol(
         navs,
         gateway,
         after,
+        in_progress=bool(inflight.get("kind")),
     )
 
 
@@ -752,6 +759,11 @@ async def reconcile(
         part = reconcile_symbol(config, state, updates, orders)
         report.rows += bad_fills + bad_orders + part.rows
         report.notes += part.notes
+        if state.in_progress:
+            report.notes.append(
+                f"{symbol}: hedging was in the middle of an event (its Inflight): the "
+                "venue may be ahead of the books until it commits; run again"
+            )
     if not report.rows:
         raise StateMissing(f"no hedging state under namespace {namespace!r}")
     return report
@@ -770,6 +782,9 @@ DIFFERENCE = Gauge(
     "Largest absolute difference (USDT or contracts) the last books check found",
     ["symbol"],
 )
+
+
+BOOKS_CHECK_FAILED = "books.check"  # a symbol whose books could not be checked
 
 
 class BooksMonitor:
@@ -797,10 +812,17 @@ class BooksMonitor:
         self.pause_s = pause_s
 
     async def check(self) -> dict[str, list[Row]]:
-        """Run once; returns the confirmed differences per symbol checked."""
+        """Run once; returns the confirmed differences per symbol checked. A symbol whose
+        state cannot be read or restored reads unbalanced, with a `books.check` row
+        saying why; the symbols after it are checked all the same."""
         found = {}
         for symbol in self.symbols:
-            bad = await self._held_differences(symbol)
+            try:
+                bad = await self._held_differences(symbol)
+            except Exception as exc:  # whatever it is, this symbol's books are unknown
+                BALANCED.labels(symbol).set(0)
+                found[symbol] = [Row(BOOKS_CHECK_FAILED, symbol, "a state to check", repr(exc))]
+                continue
             if bad is None:
                 continue
             amounts = [abs(d) for r in bad if (d := r.difference) is not None]
@@ -810,9 +832,11 @@ class BooksMonitor:
         return found
 
     async def _held_differences(self, symbol: str) -> list[Row] | None:
-        """The differences every read shows ([] once one balances); None: no state."""
+        """The differences every read shows ([] once one balances); None: no state, or
+        hedging mid-event in every read (no verdict this time)."""
         versions = None
         bad: list[Row] = []
+        settled = False
         for read in range(self.reads):
             if read:
                 await asyncio.sleep(self.pause_s)
@@ -822,10 +846,15 @@ class BooksMonitor:
                 return None
             books, price, venue, mirror = restore(self.config, state)
             bad = [r for r in check_books(symbol, books, venue, price, mirror) if not r.ok]
-            if not bad or state.versions == versions:
+            if not bad:
                 return bad
-            versions = state.versions
-        return bad
+            if state.in_progress:  # the venue may be ahead of the books for now
+                versions = None
+                continue
+            if state.versions == versions:
+                return bad
+            versions, settled = state.versions, True
+        return bad if settled else None
 
 
 # --------------------------------------------------------------------------- CLI

@@ -28,11 +28,10 @@ from shared.adapters.venue_client import RemoteVenue
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine
 from shared.core.products import smart_engine
-from shared.reconcile import REFUSED_MARKER
+from shared.reconcile import INFLIGHT, REFUSED_MARKER
 from shared.redis_store import ApplyOnceStore, ApplyStatus, field_to_wire
 
 SEQ_SOURCE = "seq"
-INFLIGHT = "inflight"
 MARKET, ORDER = "market", "order"
 _CLEARED: dict[str, str | int] = {"kind": "", "payloads": "[]"}
 

@@ -7,12 +7,10 @@ a slow or failing check cannot hold up an event.
 
 from __future__ import annotations
 
-from redis.exceptions import RedisError
-
 from shared.consumer_stage import ConsumerRuntime
 from shared.core.config import StrategyConfig
 from shared.logging import get_logger
-from shared.reconcile import BooksMonitor
+from shared.reconcile import BOOKS_CHECK_FAILED, BooksMonitor
 from shared.settings import ServiceSettings
 
 log = get_logger("hedging", "reconcile")
@@ -28,13 +26,12 @@ def install_reconcile_loop(
     monitor = BooksMonitor(runtime.redis, config, settings.namespace, list(config.instruments))
 
     async def reconcile_books() -> None:
-        try:
-            found = await monitor.check()
-        except (RedisError, OSError) as exc:
-            log.warning("reconcile_unavailable", error=repr(exc))
-            return
+        found = await monitor.check()
         for symbol, rows in found.items():
             for row in rows:
+                if row.check == BOOKS_CHECK_FAILED:  # Redis down, a state it cannot read
+                    log.warning("reconcile_unavailable", symbol=symbol, error=str(row.actual))
+                    continue
                 log.error(
                     "books_out_of_balance",
                     symbol=symbol,
