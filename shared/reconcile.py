@@ -774,7 +774,8 @@ async def reconcile(
 
 BALANCED = Gauge(
     "smartlev_books_balanced",
-    "1 when the symbol's books balance against the venue account (DESIGN section 5), else 0",
+    "1 when the symbol's books balance against the venue account (DESIGN section 5), else "
+    "0, as of the last check that could read them (smartlev_books_check_failed)",
     ["symbol"],
 )
 DIFFERENCE = Gauge(
@@ -784,7 +785,14 @@ DIFFERENCE = Gauge(
 )
 
 
-BOOKS_CHECK_FAILED = "books.check"  # a symbol whose books could not be checked
+CHECK_FAILED = Gauge(
+    "smartlev_books_check_failed",
+    "1 when the last books check of the symbol could not read or restore its state "
+    "(smartlev_books_balanced then keeps the last verdict), else 0",
+    ["symbol"],
+)
+BOOKS_CHECK_FAILED = "books.check"  # the row of a symbol whose books could not be checked
+STUCK_S = 10.0  # an event in progress this long, nothing moving, is not in progress
 
 
 class BooksMonitor:
@@ -792,7 +800,10 @@ class BooksMonitor:
     hedging's commit of one event the two legitimately differ for a moment, so a
     difference counts only when it holds: in two reads at the same state versions, or in
     every one of `reads` reads `pause_s` apart while hedging commits on (a live pipeline
-    moves the versions between any two reads; one read that balances clears it)."""
+    moves the versions between any two reads; one read that balances clears it). A read
+    taken mid-event (hedging's Inflight set: the venue may be ahead of the books, while
+    Kafka acks the event's output) is no evidence, unless that same state stood still
+    for `stuck_s` (an event that never commits), which later rounds see."""
 
     def __init__(
         self,
@@ -803,6 +814,7 @@ class BooksMonitor:
         *,
         reads: int = 5,
         pause_s: float = 0.1,
+        stuck_s: float = STUCK_S,
     ) -> None:
         self.redis = redis
         self.config = config
@@ -810,19 +822,24 @@ class BooksMonitor:
         self.symbols = list(symbols)
         self.reads = reads
         self.pause_s = pause_s
+        self.stuck_s = stuck_s
+        # per symbol: the versions of a mid-event read with a difference, first seen when
+        self._mid_event: dict[str, tuple[tuple[int, int], float]] = {}
 
     async def check(self) -> dict[str, list[Row]]:
         """Run once; returns the confirmed differences per symbol checked. A symbol whose
-        state cannot be read or restored reads unbalanced, with a `books.check` row
-        saying why; the symbols after it are checked all the same."""
+        state cannot be read or restored gets a `books.check` row saying why and
+        `smartlev_books_check_failed` 1 (its verdict stays as it was); the symbols after
+        it are checked all the same."""
         found = {}
         for symbol in self.symbols:
             try:
                 bad = await self._held_differences(symbol)
             except Exception as exc:  # whatever it is, this symbol's books are unknown
-                BALANCED.labels(symbol).set(0)
+                CHECK_FAILED.labels(symbol).set(1)
                 found[symbol] = [Row(BOOKS_CHECK_FAILED, symbol, "a state to check", repr(exc))]
                 continue
+            CHECK_FAILED.labels(symbol).set(0)
             if bad is None:
                 continue
             amounts = [abs(d) for r in bad if (d := r.difference) is not None]
@@ -832,11 +849,10 @@ class BooksMonitor:
         return found
 
     async def _held_differences(self, symbol: str) -> list[Row] | None:
-        """The differences every read shows ([] once one balances); None: no state, or
-        hedging mid-event in every read (no verdict this time)."""
+        """The differences the reads that count show ([] once one balances); None: no
+        state, or no read that counts (hedging mid-event in every one)."""
         versions = None
-        bad: list[Row] = []
-        settled = False
+        evidence: list[Row] | None = None
         for read in range(self.reads):
             if read:
                 await asyncio.sleep(self.pause_s)
@@ -847,14 +863,23 @@ class BooksMonitor:
             books, price, venue, mirror = restore(self.config, state)
             bad = [r for r in check_books(symbol, books, venue, price, mirror) if not r.ok]
             if not bad:
+                self._mid_event.pop(symbol, None)
                 return bad
-            if state.in_progress:  # the venue may be ahead of the books for now
-                versions = None
-                continue
+            if state.in_progress and not self._stuck(symbol, state.versions):
+                continue  # the venue may be ahead of the books for now
             if state.versions == versions:
                 return bad
-            versions, settled = state.versions, True
-        return bad if settled else None
+            versions, evidence = state.versions, bad
+        return evidence
+
+    def _stuck(self, symbol: str, versions: tuple[int, int]) -> bool:
+        """Whether the event in progress at `versions` has stood still for `stuck_s`."""
+        seen = self._mid_event.get(symbol)
+        now = time.monotonic()
+        if seen is None or seen[0] != versions:
+            self._mid_event[symbol] = (versions, now)
+            return False
+        return now - seen[1] >= self.stuck_s
 
 
 # --------------------------------------------------------------------------- CLI

@@ -100,24 +100,17 @@ def test_reconcile_a_real_pipeline_then_a_tampered_minor_unit(
 
     # Hedging mid-event (its Inflight written, the venue moved, the commit waiting on
     # Kafka's ack): both versions stand still, and the difference was "confirmed". No
-    # verdict now, the gauge as it was; once the commit clears the Inflight, one.
-    inflight = f"{namespace}hedge:{{BTC-USDT}}:inflight"
-    redis_client.hset(inflight, mapping={"kind": "order", "payloads": "[]"})
-    BALANCED.labels("BTC-USDT").set(1)
-    found, gauges = asyncio.run(_monitor(namespace, redis_url, ["BTC-USDT"]))
-    assert "BTC-USDT" not in found and gauges["BTC-USDT"] == 1
-    redis_client.hset(inflight, mapping={"kind": "", "payloads": "[]"})
-    found, gauges = asyncio.run(_monitor(namespace, redis_url, ["BTC-USDT"]))
-    assert {row.check for row in found["BTC-USDT"]} == {"books.cash", "books.identity"}
-    assert gauges["BTC-USDT"] == 0
+    # verdict now, the gauge as it was; once the commit clears the Inflight, one; and one
+    # for an event that stands still past `stuck_s` (it never commits).
+    verdicts = asyncio.run(_mid_event(namespace, redis_url))
+    assert verdicts == [(None, 1.0), (None, 1.0), ("differs", 0.0), ("differs", 0.0)]
 
-    # A symbol whose state cannot be restored stopped the check there: its gauge and
-    # every later symbol's kept their last value. It now reads unbalanced, saying why.
+    # A symbol whose state cannot be restored stopped the check there: the symbols after
+    # it went unchecked, and nothing said so. It now says why, the others are checked.
     redis_client.hset(f"{namespace}hedge:{{ETH-USDT}}:state", "engine", "{not json")
-    BALANCED.labels("ETH-USDT").set(1)
-    found, gauges = asyncio.run(_monitor(namespace, redis_url, ["ETH-USDT", "BTC-USDT"]))
+    found, failed_gauges = asyncio.run(_monitor(namespace, redis_url, ["ETH-USDT", "BTC-USDT"]))
     [failed] = found["ETH-USDT"]
-    assert (failed.check, gauges["ETH-USDT"]) == (BOOKS_CHECK_FAILED, 0)
+    assert (failed.check, failed_gauges) == (BOOKS_CHECK_FAILED, {"ETH-USDT": 1, "BTC-USDT": 0})
     assert "JSONDecodeError" in str(failed.actual)
     assert {row.check for row in found["BTC-USDT"]} == {"books.cash", "books.identity"}
 
@@ -125,7 +118,7 @@ def test_reconcile_a_real_pipeline_then_a_tampered_minor_unit(
 async def _monitor(
     namespace: str, redis_url: str, symbols: list[str]
 ) -> tuple[dict, dict[str, float | None]]:
-    """BooksMonitor.check once; and the smartlev_books_balanced gauge it leaves."""
+    """BooksMonitor.check once; and the smartlev_books_check_failed gauges it leaves."""
     client = Redis.from_url(redis_url, decode_responses=True)
     try:
         monitor = BooksMonitor(client, StrategyConfig(), namespace, symbols, pause_s=0.05)
@@ -133,7 +126,38 @@ async def _monitor(
     finally:
         await client.aclose()
     gauge = REGISTRY.get_sample_value
-    return found, {s: gauge("smartlev_books_balanced", {"symbol": s}) for s in symbols}
+    return found, {s: gauge("smartlev_books_check_failed", {"symbol": s}) for s in symbols}
+
+
+async def _mid_event(namespace: str, redis_url: str) -> list[tuple[str | None, float | None]]:
+    """One monitor's verdict on the (tampered) BTC books and the balanced gauge after each
+    check: mid-event, mid-event again before `stuck_s`, the same event stood still past
+    it, and after the commit cleared the Inflight."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    inflight = f"{namespace}hedge:{{BTC-USDT}}:inflight"
+    monitor = BooksMonitor(
+        client, StrategyConfig(), namespace, ["BTC-USDT"], pause_s=0.05, stuck_s=1.0
+    )
+    verdicts: list[tuple[str | None, float | None]] = []
+
+    async def check() -> None:
+        found = await monitor.check()
+        gauge = REGISTRY.get_sample_value("smartlev_books_balanced", {"symbol": "BTC-USDT"})
+        verdicts.append(("differs" if found.get("BTC-USDT") else None, gauge))
+
+    try:
+        await client.hset(inflight, mapping={"kind": "order", "payloads": "[]"})
+        BALANCED.labels("BTC-USDT").set(1)
+        await check()
+        await check()
+        await asyncio.sleep(1.0)
+        await check()
+        BALANCED.labels("BTC-USDT").set(1)
+        await client.hset(inflight, mapping={"kind": "", "payloads": "[]"})
+        await check()
+    finally:
+        await client.aclose()
+    return verdicts
 
 
 async def _monitor_while_committing(namespace: str, redis_url: str) -> tuple[dict, float]:
