@@ -193,7 +193,7 @@ def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
                 "side": item.side.name,
                 "final_nav": decimal_to_wire(item.navs[-1] if item.navs else result.initial_nav),
                 "total_return": final / start - 1,
-                "cagr": _cagr(final / start, years),
+                "cagr": _cagr(final / start, years, len(result.times)),
                 "max_drawdown": _max_drawdown(navs),
                 "sharpe": _sharpe(navs, bars_per_year),
                 "min_nav": decimal_to_wire(min(item.navs) if item.navs else result.initial_nav),
@@ -212,10 +212,11 @@ def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
     return out
 
 
-def _cagr(growth: float, years: float) -> float | None:
-    """The yearly rate of `growth` over `years`; None under a year (two days up 11%
-    annualised to 41,020,095,670%: the figure says nothing then, the total return does)."""
-    if years < 1:
+def _cagr(growth: float, years: float, bars: int) -> float | None:
+    """The yearly rate of `growth` over `years` (first bar to last); None for a window
+    under a year, its last bar counted (two days up 11% annualised to 41,020,095,670%:
+    the figure says nothing then, the total return does)."""
+    if bars < 2 or years * bars / (bars - 1) < 1:
         return None
     return growth ** (1 / years) - 1 if growth > 0 else -1.0
 

@@ -151,6 +151,22 @@ def test_nav_csv_and_metrics_write_exact_plain_decimals_even_for_a_wiped_out_pro
             decimal_from_wire(value, name=name)
 
 
+@needs_data
+def test_a_calendar_years_backtest_has_a_cagr() -> None:
+    """The span runs from the first bar to the last one's open: 2021's 8,760 bars
+    measured 0.99989 years, and the year had no CAGR."""
+    window = {
+        "start_ns": parse_timestamp("2021-01-01T00:00:00Z"),
+        "end_ns": parse_timestamp("2022-01-01T00:00:00Z"),
+    }
+    bars, _ = load_bars(DATA / "BTCUSDT_perp_1h_2019_2023.csv", "BTC-USDT", **window)
+    year = metrics(run_backtest("BTC-USDT", bars, [], StrategyConfig()))
+    short = metrics(run_backtest("BTC-USDT", bars[:-1], [], StrategyConfig()))
+    assert len(bars) == 8760
+    assert all(row["cagr"] is not None for row in year.values())
+    assert all(row["cagr"] is None for row in short.values())  # an hour short of a year
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
