@@ -40,8 +40,9 @@ from shared.pipeline_runner import (
 )
 from shared.settings import ServiceSettings
 
-# the table stays whole when piped (rich takes 80 columns off a terminal)
-console = Console(width=max(Console().width, 110))
+console = Console()
+if not console.is_terminal:  # piped, rich takes 80 columns: the table gets its 110
+    console = Console(width=max(console.width, 110))
 CAPITAL = Decimal(1_000_000)
 
 

@@ -233,8 +233,10 @@ def load_bars(
     required: bool = True,
 ) -> tuple[list[Bar], LoadReport]:
     """Validated OHLCV bars of one file, in time order, with the report of what was skipped.
-    None is an error (DataError), but for a file that is not `required` (marks) when the
-    window left its rows out: a window before a file begins is then simply without it.
+    None is an error (DataError), but for a file that is not `required` (marks) whose
+    rows go on after the window: a window before the file begins (or in a hole of it) is
+    then simply without it. A file that ends before the window is still an error (a
+    truncated download would run a year without marks, saying nothing).
 
     Every row is checked, including skipped ones: prices > 0, volume >= 0,
     low <= min(open, close), high >= max(open, close), and each timestamp a whole number
@@ -247,7 +249,7 @@ def load_bars(
     rows = _Rows(path, BAR_COLUMNS)
     order = _Order(rows)
     bars: list[Bar] = []
-    read = placeholders = outside = gaps = missing = 0
+    read = placeholders = outside = gaps = missing = later = 0
     leading = True
     for ts_text, o_text, h_text, l_text, c_text, v_text in rows:
         read += 1
@@ -281,6 +283,7 @@ def load_bars(
             leading = False
         if not _in_window(ts, start_ns, end_ns):
             outside += 1
+            later += end_ns is not None and ts >= end_ns
             continue
         if bars:
             skipped = (ts - bars[-1].open_ts_ns) // interval_ns - 1
@@ -289,7 +292,7 @@ def load_bars(
                 missing += skipped
         bars.append(Bar(symbol, ts, o, h, low, c, v))
     report = LoadReport(rows.name, read, len(bars), placeholders, outside, gaps, missing)
-    if not bars and (required or not outside):
+    if not bars and (required or not later):
         raise DataError(f"{rows.name}: no bars left ({report.summary()})")
     return bars, report
 
@@ -303,12 +306,12 @@ def load_funding(
 ) -> tuple[list[FundingRate], LoadReport]:
     """Validated funding settlements: any sign, but |rate| <= MAX_FUNDING_RATE (above it
     is a broken file, not a market), timestamps strictly increasing. A window with no
-    settlement (eight hours or less between them) has none; a file with none is an
-    error."""
+    settlement has none when the file goes on after it (eight hours or less between two
+    settlements, or before the file begins); one the file ends before is an error."""
     rows = _Rows(path, FUNDING_COLUMNS)
     order = _Order(rows)
     rates: list[FundingRate] = []
-    read = outside = 0
+    read = outside = later = 0
     for ts_text, rate_text in rows:
         read += 1
         ts = rows.timestamp(ts_text)
@@ -319,10 +322,11 @@ def load_funding(
             raise rows.error(beyond)
         if not _in_window(ts, start_ns, end_ns):
             outside += 1
+            later += end_ns is not None and ts >= end_ns
             continue
         rates.append(FundingRate(symbol, ts, rate))
     report = LoadReport(rows.name, read, len(rates), 0, outside, 0, 0)
-    if not rates and not outside:
+    if not rates and not later:
         raise DataError(f"{rows.name}: no funding rates left ({report.summary()})")
     return rates, report
 

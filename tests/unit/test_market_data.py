@@ -141,6 +141,21 @@ def test_marks_map_bar_open_to_mark_close() -> None:
     assert load_bars(BTC_PERP, "BTC-USDT", start_ns=first - 24 * NS_PER_HOUR, end_ns=first)[0]
 
 
+@needs_data
+def test_a_window_after_a_file_ends_is_an_error_not_an_empty_file(tmp_path: Path) -> None:
+    """A truncated download ran a year's replay without funding or marks, saying
+    nothing: only a window the file goes on after may leave all its rows out."""
+    for source, name in ((BTC_MARK, "marks.csv"), (BTC_FUNDING, "funding.csv")):
+        with source.open() as whole:
+            head = "".join(itertools.islice(whole, 400))  # the header and 399 rows
+        (tmp_path / name).write_text(head)
+    year = {"start_ns": ns("2022-01-01T00:00:00Z"), "end_ns": ns("2023-01-01T00:00:00Z")}
+    with pytest.raises(DataError, match="no bars left"):
+        load_marks(tmp_path / "marks.csv", **year)
+    with pytest.raises(DataError, match="no funding rates left"):
+        load_funding(tmp_path / "funding.csv", "BTC-USDT", **year)
+
+
 # --- timestamps -----------------------------------------------------------------------
 
 
