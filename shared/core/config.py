@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.core.accounting import AccountingConfig
 from shared.core.features import FeatureConfig
@@ -38,6 +38,23 @@ class StrategyConfig(BaseModel):
     hedging: HedgingConfig = HedgingConfig()
     accounting: AccountingConfig = AccountingConfig()
     instruments: dict[str, InstrumentConfig] = Field(default_factory=lambda: DEFAULT_INSTRUMENTS)
+
+    @model_validator(mode="after")
+    def _never_liquidated(self) -> StrategyConfig:
+        """DESIGN section 5: the venue account is never liquidated under the configured
+        margin rules. It liquidates at leverage 1 / maintenance_margin; the ceiling
+        rebalances at `leverage_ceiling`, and a gap between two ticks can carry leverage
+        past it, so liquidation must lie at least twice the ceiling away (a 9% gap from
+        5.5x doubles it). A margin of 0.25 with the default 5.5x ceiling liquidated the
+        account on the first tick."""
+        ceiling, margin = self.leverage.leverage_ceiling, float(self.venue.maintenance_margin)
+        if 2 * ceiling * margin >= 1:
+            raise ValueError(
+                f"venue.maintenance_margin {margin:g} liquidates at {1 / margin:g}x: it must "
+                f"be at least twice leverage.leverage_ceiling {ceiling:g}x, or a gap past "
+                "the ceiling liquidates the account"
+            )
+        return self
 
     def instrument(self, symbol: str) -> InstrumentSpec:
         try:

@@ -41,7 +41,7 @@ class SnapshotIncompatible(ValueError):
 class FeatureConfig(BaseModel):
     """How features are measured; defaults suit hourly bars of a crypto perpetual."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     bar_seconds: int = Field(
         3600, gt=0, description="Bar length; annualises vol (crypto trades 365 days a year)."
@@ -49,6 +49,7 @@ class FeatureConfig(BaseModel):
     vol_halflife_bars: float = Field(
         24.0,
         gt=0,
+        le=1_000_000,  # past ~1e16 the decay is exactly 1.0 and the EWMA divides 0 by 0
         description="EWMA half-life of squared log returns: one day reacts to a crash "
         "within hours but does not jump on a single bar.",
     )

@@ -22,7 +22,7 @@ from shared.core.regime import Regime, RegimeState
 class LeverageConfig(BaseModel):
     """Leverage policy; defaults are explained in the README (chosen on 2019-2023 data)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     l_min: float = Field(1.0, gt=0, description="Lowest target leverage.")
     l_max: float = Field(5.0, gt=0, description="Highest target leverage.")
@@ -80,10 +80,23 @@ class LeverageConfig(BaseModel):
             )
         if self.vol_scale_min > self.vol_scale_max:
             raise ValueError("vol_scale_min > vol_scale_max")
-        for name in ("l_min", "l_max"):  # targets round to 0.05x: a bound between steps
-            value = getattr(self, name)  # would round out of [l_min, l_max]
+        # Targets round to 0.05x: a bound between steps would round out of [l_min,
+        # l_max], and a speed between them would round past its limit (0.03 moved 0.05 a
+        # bar) or to no move at all (below 0.025, the target froze).
+        for name in ("l_min", "l_max", "max_raise_per_bar", "max_cut_per_bar"):
+            value = getattr(self, name)
             if round(value * 20) != value * 20:
                 raise ValueError(f"{name} {value} must be a multiple of 0.05 (the target step)")
+        if self.rebalance_band >= 1:  # 4.5 kept a 5x book through a cut to 1x
+            raise ValueError(
+                f"rebalance_band {self.rebalance_band:g} must be < 1 (a share of the "
+                "target), or the books never follow the target across its range"
+            )
+        if self.target_deadband >= self.l_max - self.l_min and self.l_max > self.l_min:
+            raise ValueError(
+                f"target_deadband {self.target_deadband:g} must be < l_max - l_min, or the "
+                "target never moves from one bound toward the other"
+            )
         return self
 
 
@@ -296,6 +309,8 @@ class SmartLeverageController:
         reasons: list[str],
     ) -> LeverageTargetChanged:
         previous = self.target_value
+        if rebalance and self._bounds_moved is not None:  # the books held the stored target
+            previous, self._bounds_moved = self._bounds_moved[1], None
         self._set_target(target)
         if rebalance:
             self._rebalanced_at(risk_price, float(target))
@@ -345,21 +360,26 @@ class SmartLeverageController:
         cls, product: str, side: Side, config: LeverageConfig, snapshot: dict[str, object]
     ) -> SmartLeverageController:
         """The controller as `snapshot` left it; a target outside this configuration's
-        [l_min, l_max] (a release that moved them) is brought inside, and the next tick
-        rebalances to it (CLAMPED_MAX or CLAMPED_MIN): hedging refuses any target outside
-        them, and with it every market event that carries one."""
+        [l_min, l_max] (a release that moved them) is brought inside them (hedging refuses
+        any target outside them, and with it every market event that carries one). Books
+        last rebalanced outside them are rebalanced at the next tick (CLAMPED_MAX or
+        CLAMPED_MIN), or by the bar's decision if one comes first. That is read from the
+        leverage of the last rebalance, which a snapshot keeps until the next: a marker
+        kept in memory alone was lost with the first snapshot written before the tick."""
         controller = cls(product, side, config)
         target = Decimal(str(snapshot["target"]))
         if not config.l_min <= float(target) <= config.l_max:
-            above = float(target) > config.l_max
-            controller._bounds_moved = (Reason.CLAMPED_MAX if above else Reason.CLAMPED_MIN, target)
-            target = to_target(config.l_max if above else config.l_min)
+            target = to_target(config.l_max if float(target) > config.l_max else config.l_min)
         controller._set_target(target)
         controller._regime = str(snapshot["regime"])
         ref_price, ref_leverage = snapshot["ref_price"], snapshot["ref_leverage"]
         if ref_price is not None:
             assert isinstance(ref_price, float) and isinstance(ref_leverage, float)
             controller._rebalanced_at(ref_price, ref_leverage)
+            if not config.l_min <= ref_leverage <= config.l_max:
+                above = ref_leverage > config.l_max
+                reason = Reason.CLAMPED_MAX if above else Reason.CLAMPED_MIN
+                controller._bounds_moved = (reason, to_target(ref_leverage))
         return controller
 
 

@@ -44,7 +44,7 @@ class Regime(StrEnum):
 class RegimeConfig(BaseModel):
     """Thresholds of the regime classifier; enter > exit gives hysteresis."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     high_vol_enter: float = Field(
         1.2,

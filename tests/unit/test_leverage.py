@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from shared.core.config import StrategyConfig
 from shared.core.events import LeverageTargetChanged, Reason
 from shared.core.leverage import (
     FixedLeverageController,
@@ -114,6 +115,66 @@ def test_config_refuses_l_max_times_emergency_move_of_one_or_more(
 def test_config_accepts_l_max_times_emergency_move_just_below_one() -> None:
     config = LeverageConfig(l_max=9.9, emergency_move=0.1, leverage_ceiling=10.0)  # 0.99 < 1
     assert config.l_max == 9.9
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        # a speed between target steps rounded past its limit (0.03 moved 0.05 a bar) or
+        # to no move at all (0.02: the target froze)
+        ({"max_raise_per_bar": 0.03}, "max_raise_per_bar 0.03 must be a multiple of 0.05"),
+        ({"max_cut_per_bar": 0.02}, "max_cut_per_bar 0.02 must be a multiple of 0.05"),
+        # a band of 4.5 kept a 5x book through a cut to 1x; a deadband of the whole range
+        # never let the target rise again after an emergency cut
+        ({"rebalance_band": 4.5}, "rebalance_band 4.5 must be < 1"),
+        ({"target_deadband": 4.0}, "target_deadband 4 must be < l_max - l_min"),
+        # accepted, they crashed the first warm bar (NaN to an integer, 0 / 0)
+        ({"base_range": math.nan}, "finite number"),
+        ({"base_trend_aligned": math.inf}, "finite number"),
+        ({"warmup_leverage": math.nan}, "finite number"),
+    ],
+)
+def test_config_refuses_values_that_break_the_policy(
+    overrides: dict[str, float], says: str
+) -> None:
+    with pytest.raises(ValidationError, match=says):
+        rules(**overrides)
+
+
+def test_config_refuses_a_margin_that_liquidates_near_the_ceiling_and_infinite_features() -> None:
+    """DESIGN section 5: the venue account is never liquidated. A maintenance margin of
+    0.25 (liquidation at 4x) with the 5.5x ceiling liquidated the account on the first
+    tick of January 2020; a half-life past ~1e16 bars divided 0 by 0 on the second bar."""
+    with pytest.raises(ValidationError, match=r"must be at least twice leverage\.leverage_ceiling"):
+        StrategyConfig.model_validate({"venue": {"maintenance_margin": "0.25"}})
+    assert StrategyConfig.model_validate({"venue": {"maintenance_margin": "0.09"}})  # 11.1x
+    for halflife in (math.inf, 1e17):
+        with pytest.raises(ValidationError, match="vol_halflife_bars"):
+            StrategyConfig.model_validate({"features": {"vol_halflife_bars": halflife}})
+
+
+def test_books_left_outside_new_bounds_are_rebalanced_once_whatever_comes_first() -> None:
+    """The pending rebalance lived in memory only: the leverage service writes a snapshot
+    after every batch, and one written before the next tick (a batch of a funding event,
+    or a quiet bar) lost it, and the books stayed at the old leverage for good. Or the
+    bar's own rebalance came first, named the wrong previous target, and the tick
+    rebalanced again."""
+    stored = rebalanced(Side.LONG, 5.0).snapshot()
+    lower = rules(l_max=4.5, warmup_leverage=1.0)
+    restored = SmartLeverageController.restore(LONG, Side.LONG, lower, stored)
+    again = SmartLeverageController.restore(LONG, Side.LONG, lower, restored.snapshot())
+    event = tick(again, 100.0)  # the snapshot kept it: the books are still at 5x
+    assert event is not None and event.rebalance
+    assert (event.previous_target, event.target, event.reasons) == (
+        Decimal("5.00"),
+        Decimal("4.50"),
+        (Reason.CLAMPED_MAX,),
+    )
+    assert tick(again, 100.0) is None  # once
+    first = SmartLeverageController.restore(LONG, Side.LONG, lower, stored)
+    cut = bar(first, 100.0, regime_state(Regime.RANGE, sigma=1.2))  # the bar rebalances
+    assert cut is not None and cut.rebalance and cut.previous_target == Decimal("5.00")
+    assert tick(first, 100.0) is None  # not a second time
 
 
 @pytest.mark.parametrize(("l_min", "l_max", "expected"), [(1.0, 2.0, "2.00"), (3.5, 4.0, "3.50")])
@@ -792,7 +853,7 @@ configs = st.sampled_from(
             l_min=0.5,
             l_max=3.0,
             warmup_leverage=0.5,
-            max_raise_per_bar=0.12,
+            max_raise_per_bar=0.15,
             max_cut_per_bar=0.35,
             target_deadband=0.0,
             rebalance_band=0.05,
