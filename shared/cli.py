@@ -43,6 +43,7 @@ from shared.adapters.market_data import (
 )
 from shared.backtest import run_backtest, write_metrics, write_nav_csv
 from shared.chart import nav_chart
+from shared.core.accounting import MAX_DEPOSIT
 from shared.core.config import StrategyConfig
 
 app = typer.Typer(
@@ -55,7 +56,7 @@ errors = Console(stderr=True)
 # A product of a billion already trades in ~500 slices a rebalance (the venue's impact
 # model slices orders, shared/core/hedging.py): past it, runs take hours and then memory.
 # Below a dollar, fees and lots round a product's first units away.
-MIN_CAPITAL, MAX_CAPITAL = Decimal(1), Decimal(1_000_000_000)
+MIN_CAPITAL, MAX_CAPITAL = Decimal(1), MAX_DEPOSIT  # a product's one deposit
 
 
 @app.callback()

@@ -89,6 +89,7 @@ from shared.core.market import (
     Tick,
     funding_rate_problem,
     market_figure_problem,
+    market_price_problem,
     symbol_problem,
 )
 from shared.eager import Finished, run_until_suspended
@@ -215,8 +216,9 @@ def parse_market(message: market_pb2.MarketEvent) -> MarketInput:
         figures = {"rate": value.rate}
     else:
         raise ValueError("no event set in MarketEvent")
+    check = market_figure_problem if message.HasField("funding") else market_price_problem
     for name, figure in figures.items():
-        problem = None if figure is None else market_figure_problem(figure, name)
+        problem = None if figure is None else check(figure, name)
         if problem is not None:
             raise ValueError(problem)
     bad_symbol = symbol_problem(wire.symbol)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from shared.core.accounting import MAX_DEPOSIT
 from shared.settings import Seconds, SecondsOrZero, ServiceSettings, service_config
 
 DEFAULT_KEYS_FILE = Path(__file__).with_name("api_keys.toml")
@@ -33,7 +34,7 @@ class GatewaySettings(ServiceSettings):
     api_keys: dict[str, str] = Field(default_factory=dict)  # user -> sha256(key) hex
     # Order limits (USDT amounts, inclusive) and precision.
     min_order: Decimal = Field(default=Decimal("10"), gt=0)
-    max_order: Decimal = Field(default=Decimal("1000000"), gt=0)
+    max_order: Decimal = Field(default=Decimal("1000000"), gt=0, le=MAX_DEPOSIT)  # hedging's
     amount_decimals: int = Field(default=8, ge=0, le=8)
     units_decimals: int = Field(default=8, ge=0, le=8)
     # A request larger than this is INVALID_ARGUMENT, saying its size; the transport takes

@@ -21,6 +21,7 @@ from shared.codec import (
     decimal_to_wire,
     optional_decimal_from_wire,
 )
+from shared.core.accounting import MAX_DEPOSIT
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine
 from shared.core.events import (
@@ -138,8 +139,8 @@ def order_step(message: orders_pb2.OrderEvent, products: Mapping[str, str]) -> O
         order = message.opened
         amount = decimal_from_wire(order.amount, name="amount")
         units = optional_decimal_from_wire(order.units, name="units")
-        if amount <= 0:
-            raise ValueError(f"amount: must be > 0, got {amount}")
+        if not 0 < amount <= MAX_DEPOSIT:
+            raise ValueError(f"amount: must be > 0 and at most {MAX_DEPOSIT:,}, got {amount}")
     else:  # the codec already refused an empty oneof
         order = message.closed
         amount, units = None, decimal_from_wire(message.closed.units, name="units")

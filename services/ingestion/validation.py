@@ -36,6 +36,7 @@ from shared.core.market import (
     Tick,
     funding_rate_problem,
     market_figure_problem,
+    market_price_problem,
     symbol_problem,
 )
 
@@ -118,9 +119,13 @@ def _number(value: object, name: str) -> Rejected | None:
 
 
 def _positive(value: object, name: str) -> Rejected | None:
+    """A price: a number > 0, at most MAX_MARKET_PRICE."""
     bad = _number(value, name)
-    if bad is None and isinstance(value, Decimal) and value <= 0:
-        bad = Rejected(Reason.NOT_POSITIVE, f"{name} must be > 0, got {value}")
+    if bad is None and isinstance(value, Decimal):
+        if value <= 0:
+            bad = Rejected(Reason.NOT_POSITIVE, f"{name} must be > 0, got {value}")
+        elif (beyond := market_price_problem(value, name)) is not None:
+            bad = Rejected(Reason.OUT_OF_BOUNDS, beyond)
     return bad
 
 

@@ -22,7 +22,7 @@ from shared.codec import (
     optional_decimal_from_wire,
 )
 from shared.core.accounting import ProductBook
-from shared.core.market import MAX_SEQ, Side, market_figure_problem, symbol_problem
+from shared.core.market import MAX_SEQ, Side, market_price_problem, symbol_problem
 from shared.wire import known_regime_name
 
 Kind = Literal["tick", "funding", "order"]
@@ -99,8 +99,18 @@ def _book(state: hedging_pb2.ProductBookState) -> BookState:
         cash=decimal_from_wire(state.cash, name=f"{name}.cash"),
         qty=decimal_from_wire(state.qty, name=f"{name}.qty"),
         target=decimal_from_wire(state.target_leverage, name=f"{name}.target_leverage"),
-        last_nav=optional_decimal_from_wire(state.last_nav, name=f"{name}.last_nav"),
+        last_nav=_positive_or_none(
+            optional_decimal_from_wire(state.last_nav, name=f"{name}.last_nav"),
+            f"{name}.last_nav",
+        ),
     )
+
+
+def _positive_or_none(value: Decimal | None, name: str) -> Decimal | None:
+    """An empty product's NAV is its last one: published as it is, it must be > 0."""
+    if value is not None and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
 
 
 def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
@@ -130,9 +140,9 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
         price = decimal_from_wire(tick.price, name="tick.price")
         if price <= 0:
             raise ValueError(f"tick price must be > 0, got {price}")
-        too_fine = market_figure_problem(price, "tick.price")
-        if too_fine is not None:
-            raise ValueError(too_fine)
+        beyond = market_price_problem(price, "tick.price")
+        if beyond is not None:
+            raise ValueError(beyond)
         return FillsEvent(
             "tick",
             update.event_id,

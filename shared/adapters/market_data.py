@@ -27,6 +27,7 @@ from shared.core.market import (
     FundingRate,
     funding_rate_problem,
     market_figure_problem,
+    market_price_problem,
 )
 
 BAR_COLUMNS = ("timestamp", "open", "high", "low", "close", "volume")
@@ -269,6 +270,9 @@ def load_bars(
         for column, price in (("open", o), ("high", h), ("low", low), ("close", c)):
             if price <= 0:
                 raise rows.error(f"{column} price must be > 0, got {price}")
+            beyond = market_price_problem(price, column)
+            if beyond is not None:
+                raise rows.error(beyond)
         if v < 0:
             raise rows.error(f"volume must be >= 0, got {v}")
         if h < max(o, c) or low > min(o, c):

@@ -38,6 +38,11 @@ from shared.core.money import (
 )
 from shared.core.venue import Venue
 
+# The largest deposit one order may make (USDT): hedging builds its position in slices
+# of at most `max_slice_notional`, and 1e30 asked for ~1e24 of them (the symbol halted
+# on a MemoryError, and again after every restart). The gateway's max_order stays below.
+MAX_DEPOSIT = Decimal(10**9)
+
 
 class AccountingConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -77,6 +77,19 @@ def funding_rate_problem(rate: Decimal, name: str = "rate") -> str | None:
     return None
 
 
+# The highest price a market event may carry: no asset trades near it, and the books'
+# figures of a position at a price beyond it could pass the wire's 40 integer digits
+# (a tick at 5e37 traded, then its update could not be written: the symbol halted).
+MAX_MARKET_PRICE = Decimal(10**12)
+
+
+def market_price_problem(value: Decimal, name: str) -> str | None:
+    """Why `value` cannot be a price of a market event (MAX_MARKET_PRICE), or None."""
+    if value > MAX_MARKET_PRICE:
+        return f"{name} {value} is above the highest price taken ({MAX_MARKET_PRICE:,})"
+    return market_figure_problem(value, name)
+
+
 def market_figure_problem(value: Decimal, name: str) -> str | None:
     """Why `value` cannot be a market figure of the books (MAX_MARKET_DECIMALS), or None."""
     exponent = value.as_tuple().exponent

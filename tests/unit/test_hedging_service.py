@@ -217,6 +217,20 @@ def test_orders_to_core_are_exact(amount: Decimal) -> None:
             ),
             "unknown product",
         ),
+        (  # ~1e24 slices of 2M: a MemoryError halted the symbol, after every restart too
+            orders_pb2.OrderEvent(
+                opened=orders_pb2.PositionOpened(event_id="x", product=LONG, amount="1" + "0" * 30)
+            ),
+            "at most 1,000,000,000",
+        ),
+        (
+            orders_pb2.OrderEvent(
+                opened=orders_pb2.PositionOpened(
+                    event_id="x", product=LONG, amount="1000000000.00000001"
+                )
+            ),
+            "at most 1,000,000,000",
+        ),
     ],
 )
 def test_bad_orders_are_refused(order: orders_pb2.OrderEvent, reason: str) -> None:

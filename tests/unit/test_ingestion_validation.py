@@ -62,6 +62,9 @@ def test_first_tick_gets_seq_1_and_becomes_the_state() -> None:
         (tick(price=Decimal("1E+41")), Reason.OUT_OF_BOUNDS),  # past the wire's 40.40
         (tick(price=Decimal("0." + "1" * 41)), Reason.OUT_OF_BOUNDS),
         (tick(mark=Decimal("1E+41")), Reason.OUT_OF_BOUNDS),
+        # within the wire, past any price: a tick at 5e37 traded, then halted hedging
+        (tick(price=Decimal("5" + "0" * 37)), Reason.OUT_OF_BOUNDS),
+        (tick(mark=Decimal("1000000000000.5")), Reason.OUT_OF_BOUNDS),
         (FundingRate("BTC-USDT", T0, Decimal("1E-41")), Reason.OUT_OF_BOUNDS),
         (Tick("BTC-USDT", 1.5e18, Decimal(1)), Reason.SCHEMA),  # type: ignore[arg-type]
         (Tick("", T0, Decimal(1)), Reason.SCHEMA),

@@ -186,6 +186,11 @@ GOOD = "2020-01-01T00:00:00Z,100,110,90,105,1\n"
         (HEADER + GOOD + "2020-01-01T01:00:00Z,abc,110,90,105,1\n", 3, ["open", "'abc'"]),
         (HEADER + GOOD + "2020-01-01T01:00:00Z,100,NaN,90,105,1\n", 3, ["high", "not finite"]),
         (HEADER + GOOD + "2020-01-01T01:00:00Z,100,110,-90,105,1\n", 3, ["low", "> 0"]),
+        (  # a price no asset trades near: the books' figures would pass the wire's digits
+            HEADER + GOOD + "2020-01-01T01:00:00Z,100,5e37,90,105,1\n",
+            3,
+            ["high", "above the highest price taken (1,000,000,000,000)"],
+        ),
         (HEADER + GOOD + "2020-01-01T01:00:00Z,100,110,90,105,-1\n", 3, ["volume", ">= 0"]),
         (HEADER + GOOD + "2020-01-01T01:00:00Z,100,104,90,105,1\n", 3, ["inconsistent"]),
         (HEADER + GOOD + "2020-01-01T01:00:00Z,100,110,101,105,1\n", 3, ["inconsistent"]),

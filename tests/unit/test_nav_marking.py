@@ -67,6 +67,16 @@ def a_price_finer_than_the_books(update: hedging_pb2.HedgeUpdate) -> None:
     update.market.tick.price = "43210.5000000000001"
 
 
+def a_price_past_the_highest(update: hedging_pb2.HedgeUpdate) -> None:
+    update.market.tick.price = "5" + "0" * 37
+
+
+def an_empty_products_nav_of_zero(update: hedging_pb2.HedgeUpdate) -> None:
+    """Published as it is (its NAV with no units), and the gateway sold at it."""
+    update.products[0].units = "0"
+    update.products[0].last_nav = "-5"
+
+
 def a_brace_in_the_symbol(update: hedging_pb2.HedgeUpdate) -> None:
     """A hash tag Redis keys cannot carry (it stopped the stage at its first read)."""
     update.market.tick.symbol = "A{B"
@@ -109,6 +119,8 @@ def test_a_valid_update_parses_with_every_book() -> None:
         (a_zero_price, "tick price must be > 0"),
         (a_seq_past_2_53, "tick seq must be below 2\\^53, got 9007199254740993"),
         (a_price_finer_than_the_books, "tick.price has 13 decimal places, more than 12"),
+        (a_price_past_the_highest, "tick.price 5000+ is above the highest price taken"),
+        (an_empty_products_nav_of_zero, "BTC-USDT:LONG.last_nav must be > 0, got -5"),
         (a_brace_in_the_symbol, r"product 'A\{B:LONG': symbol 'A\{B' must be 1-40 characters"),
         (an_order_of_two_symbols, r"books of \['ETH-USDT:SHORT'\] on a 'BTC-USDT' order"),
         (a_product_of_three_parts, "is not <symbol>:LONG or <symbol>:SHORT"),

@@ -20,6 +20,16 @@ def test_a_duration_is_a_finite_number_of_seconds_up_to_a_day(
         VenueSettings()
 
 
+def test_the_gateways_largest_order_is_one_hedging_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above hedging's largest deposit (MAX_DEPOSIT), an order the gateway credited would
+    be refused by the books."""
+    monkeypatch.setenv("SMARTLEV_GATEWAY_MAX_ORDER", "1000000001")
+    with pytest.raises(ValidationError, match="max_order"):
+        GatewaySettings()
+    monkeypatch.setenv("SMARTLEV_GATEWAY_MAX_ORDER", "1000000000")
+    assert GatewaySettings().max_order == 10**9
+
+
 def test_a_grace_period_may_be_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SMARTLEV_GATEWAY_GRACE_S", "0")
     monkeypatch.setenv("SMARTLEV_GATEWAY_HEALTH_INTERVAL_S", "2.5")

@@ -101,6 +101,10 @@ def test_decode_input_returns_the_value_or_the_reason() -> None:
     assert decide_bytes(None) == "payload is null (tombstone)"
     assert "is not a plain decimal" in str(decide_bytes(codec.encode(tick_event(price="1e5"))))
     assert "price must be positive" in str(decide_bytes(codec.encode(tick_event(price="0"))))
+    # a tick at 5e37 traded, then its update could not be written (the symbol halted)
+    for huge in (tick_event(price="5" + "0" * 37), tick_event(mark="1000000000000.1")):
+        assert "above the highest price taken" in str(decide_bytes(codec.encode(huge)))
+    assert isinstance(decide_bytes(codec.encode(tick_event(price="1000000000000"))), MarketInput)
     assert "mark_price must be positive" in str(decide_bytes(codec.encode(tick_event(mark="-1"))))
     assert "seq must be in [1, 2^53)" in str(decide_bytes(codec.encode(tick_event(seq=0))))
     # Lua compares seqs as doubles: 2^53 and 2^53 + 1 would be one seq
