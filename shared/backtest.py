@@ -58,6 +58,7 @@ class BacktestResult:
     strategies: list[Strategy]
     ticks: int
     funding_events: int
+    covered_ns: int = 0  # the bars' time, first open to last close (the window measured)
 
 
 def market_events(
@@ -114,8 +115,9 @@ def run_backtest(
     ticks = ticks_from_bars(bars, interval, marks, mode="close" if tick_mode == "close" else "ohlc")
     signals = SignalPipeline(symbol, config.features, config.regime)
     strategies, series = build_strategies(symbol, config, benchmarks)
+    covered = bars[-1].open_ts_ns + interval - bars[0].open_ts_ns
     result = BacktestResult(
-        symbol, config.accounting.initial_nav, [], [], [], series, strategies, 0, 0
+        symbol, config.accounting.initial_nav, [], [], [], series, strategies, 0, 0, covered
     )
     for strategy in strategies:  # seed capital; the first tick builds the positions
         for controller in strategy.controllers:
@@ -193,7 +195,7 @@ def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
                 "side": item.side.name,
                 "final_nav": decimal_to_wire(item.navs[-1] if item.navs else result.initial_nav),
                 "total_return": final / start - 1,
-                "cagr": _cagr(final / start, years, len(result.times)),
+                "cagr": _cagr(final / start, years, result.covered_ns),
                 "max_drawdown": _max_drawdown(navs),
                 "sharpe": _sharpe(navs, bars_per_year),
                 "min_nav": decimal_to_wire(min(item.navs) if item.navs else result.initial_nav),
@@ -212,11 +214,11 @@ def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
     return out
 
 
-def _cagr(growth: float, years: float, bars: int) -> float | None:
-    """The yearly rate of `growth` over `years` (first bar to last); None for a window
-    under a year, its last bar counted (two days up 11% annualised to 41,020,095,670%:
-    the figure says nothing then, the total return does)."""
-    if bars < 2 or years * bars / (bars - 1) < 1:
+def _cagr(growth: float, years: float, covered_ns: int) -> float | None:
+    """The yearly rate of `growth` over `years` (the recorded rows' span); None when the
+    bars cover under a year (two days up 11% annualised to 41,020,095,670%: the figure
+    says nothing then, the total return does)."""
+    if covered_ns < NS_PER_YEAR or years <= 0:
         return None
     return growth ** (1 / years) - 1 if growth > 0 else -1.0
 

@@ -216,9 +216,13 @@ def parse_market(message: market_pb2.MarketEvent) -> MarketInput:
         figures = {"rate": value.rate}
     else:
         raise ValueError("no event set in MarketEvent")
-    check = market_figure_problem if message.HasField("funding") else market_price_problem
+    prices = message.HasField("tick")
     for name, figure in figures.items():
-        problem = None if figure is None else check(figure, name)
+        if figure is None:
+            continue
+        problem = market_figure_problem(figure, name) or (
+            market_price_problem(figure, name) if prices else None
+        )
         if problem is not None:
             raise ValueError(problem)
     bad_symbol = symbol_problem(wire.symbol)

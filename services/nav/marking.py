@@ -22,7 +22,13 @@ from shared.codec import (
     optional_decimal_from_wire,
 )
 from shared.core.accounting import ProductBook
-from shared.core.market import MAX_SEQ, Side, market_price_problem, symbol_problem
+from shared.core.market import (
+    MAX_SEQ,
+    Side,
+    market_figure_problem,
+    market_price_problem,
+    symbol_problem,
+)
 from shared.wire import known_regime_name
 
 Kind = Literal["tick", "funding", "order"]
@@ -140,7 +146,9 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
         price = decimal_from_wire(tick.price, name="tick.price")
         if price <= 0:
             raise ValueError(f"tick price must be > 0, got {price}")
-        beyond = market_price_problem(price, "tick.price")
+        beyond = market_figure_problem(price, "tick.price") or market_price_problem(
+            price, "tick.price"
+        )
         if beyond is not None:
             raise ValueError(beyond)
         return FillsEvent(

@@ -301,6 +301,9 @@ def load_bars(
     return bars, report
 
 
+FUNDING_INTERVAL_NS = 8 * 3600 * 10**9  # the files' settlements: every eight hours
+
+
 def load_funding(
     path: Path,
     symbol: str,
@@ -311,11 +314,13 @@ def load_funding(
     """Validated funding settlements: any sign, but |rate| <= MAX_FUNDING_RATE (above it
     is a broken file, not a market), timestamps strictly increasing. A window with no
     settlement has none when the file goes on after it (eight hours or less between two
-    settlements, or before the file begins); one the file ends before is an error."""
+    settlements, or before the file begins) or when none is due in it (it ends within
+    eight hours of the file's last); one a file that stops short of it is an error."""
     rows = _Rows(path, FUNDING_COLUMNS)
     order = _Order(rows)
     rates: list[FundingRate] = []
     read = outside = later = 0
+    last_before: int | None = None  # the last settlement before the window
     for ts_text, rate_text in rows:
         read += 1
         ts = rows.timestamp(ts_text)
@@ -327,10 +332,18 @@ def load_funding(
         if not _in_window(ts, start_ns, end_ns):
             outside += 1
             later += end_ns is not None and ts >= end_ns
+            if start_ns is not None and ts < start_ns:
+                last_before = ts
             continue
         rates.append(FundingRate(symbol, ts, rate))
     report = LoadReport(rows.name, read, len(rates), 0, outside, 0, 0)
-    if not rates and not later:
+    # none due: the window ends before the settlement after the last one the file has
+    none_due = (
+        end_ns is not None
+        and last_before is not None
+        and end_ns <= last_before + FUNDING_INTERVAL_NS
+    )
+    if not rates and not later and not none_due:
         raise DataError(f"{rows.name}: no funding rates left ({report.summary()})")
     return rates, report
 

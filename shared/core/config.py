@@ -48,7 +48,7 @@ class StrategyConfig(BaseModel):
         5.5x doubles it). A margin of 0.25 with the default 5.5x ceiling liquidated the
         account on the first tick."""
         ceiling, margin = self.leverage.leverage_ceiling, float(self.venue.maintenance_margin)
-        if 2 * ceiling * margin >= 1:
+        if 2 * ceiling * margin > 1:
             raise ValueError(
                 f"venue.maintenance_margin {margin:g} liquidates at {1 / margin:g}x: it must "
                 f"be at least twice leverage.leverage_ceiling {ceiling:g}x, or a gap past "

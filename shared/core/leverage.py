@@ -84,8 +84,8 @@ class LeverageConfig(BaseModel):
         # l_max], and a speed between them would round past its limit (0.03 moved 0.05 a
         # bar) or to no move at all (below 0.025, the target froze).
         for name in ("l_min", "l_max", "max_raise_per_bar", "max_cut_per_bar"):
-            value = getattr(self, name)
-            if round(value * 20) != value * 20:
+            value = getattr(self, name)  # 0.6 * 3 is 1.7999999999999998: not 1.80
+            if value != round(value * 20) / 20:
                 raise ValueError(f"{name} {value} must be a multiple of 0.05 (the target step)")
         if self.rebalance_band >= 1:  # 4.5 kept a 5x book through a cut to 1x
             raise ValueError(
@@ -169,8 +169,10 @@ class SmartLeverageController:
         self._regime = str(Regime.RANGE)
         self._is_long = side is Side.LONG
         self._trigger = self._adverse = -math.inf if self._is_long else math.inf
-        # (reason, stored target): restored outside the bounds, brought inside them
-        self._bounds_moved: tuple[str, Decimal] | None = None
+        # restored with the last rebalance outside the bounds (a release moved them): +1
+        # above l_max, -1 below l_min, and the snapshot's target; the next tick checks
+        # that the books are still outside them
+        self._bounds_moved: tuple[int, Decimal] | None = None
 
     @property
     def target(self) -> Decimal:
@@ -277,11 +279,11 @@ class SmartLeverageController:
             return self._decide(
                 ts_ns, price, risk_price, self.target_value, True, False, [Reason.FIRST_PRICE]
             )
-        if self._bounds_moved is not None:  # the books still hold the stored target
-            (reason, stored), self._bounds_moved = self._bounds_moved, None
-            target = self.target_value
-            self._set_target(stored)  # the decision's previous target
-            return self._decide(ts_ns, price, risk_price, target, True, False, [reason])
+        if self._bounds_moved is not None and self._outside_bounds(risk_price):
+            # the books sit outside new bounds (restore): rebalanced into them once
+            reason = Reason.CLAMPED_MAX if self._bounds_moved[0] > 0 else Reason.CLAMPED_MIN
+            return self._decide(ts_ns, price, risk_price, self.target_value, True, False, [reason])
+        self._bounds_moved = None
         if self._is_long:
             if risk_price > self._trigger:
                 return None
@@ -309,7 +311,9 @@ class SmartLeverageController:
         reasons: list[str],
     ) -> LeverageTargetChanged:
         previous = self.target_value
-        if rebalance and self._bounds_moved is not None:  # the books held the stored target
+        if rebalance and self._bounds_moved is not None:
+            # whatever rebalances brings the books inside the bounds; the target published
+            # before them is the snapshot's, not the one restore brought inside them
             previous, self._bounds_moved = self._bounds_moved[1], None
         self._set_target(target)
         if rebalance:
@@ -362,12 +366,13 @@ class SmartLeverageController:
         """The controller as `snapshot` left it; a target outside this configuration's
         [l_min, l_max] (a release that moved them) is brought inside them (hedging refuses
         any target outside them, and with it every market event that carries one). Books
-        last rebalanced outside them are rebalanced at the next tick (CLAMPED_MAX or
-        CLAMPED_MIN), or by the bar's decision if one comes first. That is read from the
-        leverage of the last rebalance, which a snapshot keeps until the next: a marker
-        kept in memory alone was lost with the first snapshot written before the tick."""
+        last rebalanced outside them and still outside them at the next tick are
+        rebalanced then (CLAMPED_MAX or CLAMPED_MIN), unless a bar's decision rebalanced
+        them first. That is read from the leverage of the last rebalance, which a
+        snapshot keeps until the next: a marker kept in memory alone was lost with the
+        first snapshot written before the tick."""
         controller = cls(product, side, config)
-        target = Decimal(str(snapshot["target"]))
+        target = stored = Decimal(str(snapshot["target"]))
         if not config.l_min <= float(target) <= config.l_max:
             target = to_target(config.l_max if float(target) > config.l_max else config.l_min)
         controller._set_target(target)
@@ -377,10 +382,15 @@ class SmartLeverageController:
             assert isinstance(ref_price, float) and isinstance(ref_leverage, float)
             controller._rebalanced_at(ref_price, ref_leverage)
             if not config.l_min <= ref_leverage <= config.l_max:
-                above = ref_leverage > config.l_max
-                reason = Reason.CLAMPED_MAX if above else Reason.CLAMPED_MIN
-                controller._bounds_moved = (reason, to_target(ref_leverage))
+                controller._bounds_moved = (1 if ref_leverage > config.l_max else -1, stored)
         return controller
+
+    def _outside_bounds(self, risk_price: float) -> bool:
+        """Whether the books, last rebalanced outside the bounds, are still outside them
+        at `risk_price` (the price may have carried them back in since)."""
+        assert self.ref_price is not None
+        actual = model_leverage(self.side, self.ref_leverage, self.ref_price, risk_price)
+        return not self.config.l_min <= actual <= self.config.l_max
 
 
 class FixedLeverageController:

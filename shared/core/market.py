@@ -84,10 +84,11 @@ MAX_MARKET_PRICE = Decimal(10**12)
 
 
 def market_price_problem(value: Decimal, name: str) -> str | None:
-    """Why `value` cannot be a price of a market event (MAX_MARKET_PRICE), or None."""
+    """Why `value` cannot be a price of a market event (MAX_MARKET_PRICE), or None; its
+    places are `market_figure_problem`'s."""
     if value > MAX_MARKET_PRICE:
         return f"{name} {value} is above the highest price taken ({MAX_MARKET_PRICE:,})"
-    return market_figure_problem(value, name)
+    return None
 
 
 def market_figure_problem(value: Decimal, name: str) -> str | None:

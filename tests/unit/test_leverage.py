@@ -124,6 +124,8 @@ def test_config_accepts_l_max_times_emergency_move_just_below_one() -> None:
         # to no move at all (0.02: the target froze)
         ({"max_raise_per_bar": 0.03}, "max_raise_per_bar 0.03 must be a multiple of 0.05"),
         ({"max_cut_per_bar": 0.02}, "max_cut_per_bar 0.02 must be a multiple of 0.05"),
+        # a float a program wrote: targets rounded to 1.80, above it
+        ({"l_max": 0.6 * 3}, "l_max 1.7999999999999998 must be a multiple of 0.05"),
         # a band of 4.5 kept a 5x book through a cut to 1x; a deadband of the whole range
         # never let the target rise again after an emergency cut
         ({"rebalance_band": 4.5}, "rebalance_band 4.5 must be < 1"),
@@ -166,7 +168,7 @@ def test_books_left_outside_new_bounds_are_rebalanced_once_whatever_comes_first(
     event = tick(again, 100.0)  # the snapshot kept it: the books are still at 5x
     assert event is not None and event.rebalance
     assert (event.previous_target, event.target, event.reasons) == (
-        Decimal("5.00"),
+        Decimal("4.50"),  # the target the snapshot held
         Decimal("4.50"),
         (Reason.CLAMPED_MAX,),
     )
@@ -175,6 +177,16 @@ def test_books_left_outside_new_bounds_are_rebalanced_once_whatever_comes_first(
     cut = bar(first, 100.0, regime_state(Regime.RANGE, sigma=1.2))  # the bar rebalances
     assert cut is not None and cut.rebalance and cut.previous_target == Decimal("5.00")
     assert tick(first, 100.0) is None  # not a second time
+    # Rebalanced at 3x, carried to 2.38x by a 15% rise, the target since cut to 2.25
+    # inside the band: with l_max lowered to 2.5 the books are already inside the bounds
+    drifted = {"v": 1, "target": "2.25", "ref_price": 100.0, "ref_leverage": 3.0}
+    drifted["regime"] = "RANGE"
+    lowered = rules(l_max=2.5, warmup_leverage=1.0)
+    inside = SmartLeverageController.restore(LONG, Side.LONG, lowered, drifted)
+    assert tick(inside, 115.0) is None  # nothing owed there
+    outside = SmartLeverageController.restore(LONG, Side.LONG, lowered, drifted)
+    owed = tick(outside, 100.0)  # at 3x still
+    assert owed is not None and owed.rebalance and owed.reasons == (Reason.CLAMPED_MAX,)
 
 
 @pytest.mark.parametrize(("l_min", "l_max", "expected"), [(1.0, 2.0, "2.00"), (3.5, 4.0, "3.50")])

@@ -154,6 +154,11 @@ def test_a_window_after_a_file_ends_is_an_error_not_an_empty_file(tmp_path: Path
         load_marks(tmp_path / "marks.csv", **year)
     with pytest.raises(DataError, match="no funding rates left"):
         load_funding(tmp_path / "funding.csv", "BTC-USDT", **year)
+    # the real file ends at 2023-12-31 16:00: none is due before 2024-01-01 00:00
+    tail = {"start_ns": ns("2023-12-31T17:00:00Z"), "end_ns": ns("2024-01-01T00:00:00Z")}
+    assert load_funding(BTC_FUNDING, "BTC-USDT", **tail)[0] == []
+    with pytest.raises(DataError, match="no funding rates left"):  # one was due at 00:00
+        load_funding(BTC_FUNDING, "BTC-USDT", start_ns=tail["start_ns"], end_ns=tail["end_ns"] + 1)
 
 
 # --- timestamps -----------------------------------------------------------------------

@@ -74,7 +74,7 @@ def a_price_past_the_highest(update: hedging_pb2.HedgeUpdate) -> None:
 def an_empty_products_nav_of_zero(update: hedging_pb2.HedgeUpdate) -> None:
     """Published as it is (its NAV with no units), and the gateway sold at it."""
     update.products[0].units = "0"
-    update.products[0].last_nav = "-5"
+    update.products[0].last_nav = "0"
 
 
 def a_brace_in_the_symbol(update: hedging_pb2.HedgeUpdate) -> None:
@@ -120,7 +120,7 @@ def test_a_valid_update_parses_with_every_book() -> None:
         (a_seq_past_2_53, "tick seq must be below 2\\^53, got 9007199254740993"),
         (a_price_finer_than_the_books, "tick.price has 13 decimal places, more than 12"),
         (a_price_past_the_highest, "tick.price 5000+ is above the highest price taken"),
-        (an_empty_products_nav_of_zero, "BTC-USDT:LONG.last_nav must be > 0, got -5"),
+        (an_empty_products_nav_of_zero, "BTC-USDT:LONG.last_nav must be > 0, got 0"),
         (a_brace_in_the_symbol, r"product 'A\{B:LONG': symbol 'A\{B' must be 1-40 characters"),
         (an_order_of_two_symbols, r"books of \['ETH-USDT:SHORT'\] on a 'BTC-USDT' order"),
         (a_product_of_three_parts, "is not <symbol>:LONG or <symbol>:SHORT"),
