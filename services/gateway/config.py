@@ -53,6 +53,11 @@ class GatewaySettings(ServiceSettings):
     health_interval_s: Seconds = 1.0
     grace_s: SecondsOrZero = 5.0  # in-flight calls finish on SIGTERM
     stream_queue: int = Field(default=256, ge=1)  # updates buffered per stream subscriber
+    # A connection quiet this long is pinged; a peer that does not answer within
+    # keepalive_timeout_s is dropped, and its streams end: a client that vanished without
+    # closing TCP (a dropped network, a frozen host) held its streams for TCP's two hours.
+    keepalive_s: Seconds = 60.0
+    keepalive_timeout_s: Seconds = 20.0
 
     @field_validator("api_keys_file", mode="before")
     @classmethod

@@ -837,6 +837,11 @@ class GatewayServer:
         options = [
             ("grpc.max_receive_message_length", settings.transport_max_bytes),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", int(settings.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+            # the core times a ping out on its own (60 s by default), not at the above
+            ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+            ("grpc.http2.max_pings_without_data", 0),  # a quiet stream is pinged on
         ]
         self.server = grpc_server(options)
         self.port = 0

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1304,6 +1307,42 @@ async def until_streams(kind: str, count: float) -> None:
     async with asyncio.timeout(10):  # a stream (un)subscribes a moment after its call
         while open_streams(kind) != count:
             await asyncio.sleep(0.02)
+
+
+FROZEN_CLIENT = """
+import sys, grpc
+from smartlev.v1 import gateway_pb2, gateway_pb2_grpc
+stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(sys.argv[1]))
+key = (("authorization", "Bearer dev-alice-key"),)
+for _ in stub.StreamNav(gateway_pb2.StreamNavRequest(), metadata=key):
+    pass
+"""
+
+
+async def test_a_stream_whose_client_froze_ends(env: Env, redis_url: str) -> None:
+    """A client gone without closing TCP (a dropped network, a frozen host: here a
+    stopped process) held its stream, its queue and its subscription until TCP gave up,
+    two hours on. The gateway pings a quiet connection and drops a peer that does not
+    answer."""
+    settings = _settings(env.ns, redis_url, env.bootstrap).model_copy(
+        update={"keepalive_s": 1.0, "keepalive_timeout_s": 1.0}
+    )
+    server = GatewayServer(settings, env.redis)
+    await server.start()
+    before = open_streams("nav")
+    client = subprocess.Popen(
+        [sys.executable, "-c", FROZEN_CLIENT, f"127.0.0.1:{server.port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await until_streams("nav", before + 1)
+        client.send_signal(signal.SIGSTOP)  # its TCP stays open; it answers nothing
+        await until_streams("nav", before)  # within keepalive + timeout (+ slack)
+    finally:
+        client.kill()
+        client.wait()
+        await server.stop()
 
 
 async def test_the_feed_fetches_only_the_topics_that_open_streams_follow(env: Env) -> None:
