@@ -158,6 +158,12 @@ def decode_input(
         return str(exc) or type(exc).__name__
 
 
+# What a dead letter carries of its input, well inside the broker's 1 MiB per message.
+LETTER_PAYLOAD_BYTES = 512 * 1024
+LETTER_KEY_BYTES = 1024
+LETTER_REASON_CHARS = 2000
+
+
 def dead_letter(
     *,
     topic: str,
@@ -169,16 +175,26 @@ def dead_letter(
     service: str,
     ts_ns: int,
 ) -> market_pb2.DeadLetter:
-    """The DLQ record of a rejected input; its id names where the input was."""
+    """The DLQ record of a rejected input; its id names where the input was. A payload
+    over LETTER_PAYLOAD_BYTES is cut to it, and the reason says so: an input near the
+    broker's message limit made a letter over it, the broker refused the letter, and the
+    stage died on that input at every restart. The whole input stays where the id says."""
     raw_key = key.encode("utf-8") if isinstance(key, str) else key or b""
+    payload = payload or b""
+    if len(payload) > LETTER_PAYLOAD_BYTES:
+        reason = (
+            f"{reason[:LETTER_REASON_CHARS]} (payload cut to its first "
+            f"{LETTER_PAYLOAD_BYTES:,} of {len(payload):,} bytes)"
+        )
+        payload = payload[:LETTER_PAYLOAD_BYTES]
     return market_pb2.DeadLetter(
         event_id=f"{topic}/{partition}/{offset}",
         topic=topic,
         partition=partition,
         offset=offset,
-        key=raw_key,
-        payload=payload or b"",
-        reason=reason,
+        key=raw_key[:LETTER_KEY_BYTES],
+        payload=payload,
+        reason=reason[: LETTER_REASON_CHARS + 100],
         ts_ns=ts_ns,
         service=service,
     )

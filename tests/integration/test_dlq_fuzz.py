@@ -15,13 +15,14 @@ keyed by bytes that are not UTF-8.
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 import pytest
 from smartlev.v1 import market_pb2
 
 from shared import codec
-from shared.pipeline_runner import STAGES, Pipeline
+from shared.pipeline_runner import REGIME, STAGES, Pipeline
 from shared.topics import LEVERAGE_TARGETS, MARKET_REGIMES, MARKET_TICKS
 from tests.chaos.faults import (
     CONSUMED,
@@ -137,3 +138,27 @@ def test_ingestion_recovery_skips_an_invalid_tick(kafka_bootstrap: str, redis_ur
         range(1, 4 * len(bars) + len(funding) + 1)
     )
     assert sum(1 for e in published if e.HasField("tick")) == 4 * len(bars)
+
+
+def test_an_input_near_the_brokers_size_limit_is_dead_lettered_cut(
+    kafka_bootstrap: str, redis_url: str
+) -> None:
+    """Its letter (the payload, plus where it was and why) passed the broker's 1 MiB per
+    message: the broker refused it, and the stage died on that input at every restart.
+    The letter now carries the payload's first 512 KiB, and says so."""
+    require_services([REGIME])
+    with Pipeline.start([REGIME], bootstrap=kafka_bootstrap, redis_url=redis_url) as pipeline:
+        topic = pipeline.topic(MARKET_TICKS.name)
+        huge = b"\xff" * 1_048_400  # as large as the broker takes
+        [(partition, offset)] = publish_raw(kafka_bootstrap, topic, [huge])
+        deadline = time.monotonic() + 30
+        letters = []
+        while not letters and time.monotonic() < deadline:
+            pipeline.check_alive()
+            time.sleep(0.5)
+            letters = dead_letters(kafka_bootstrap, pipeline.namespace)[MARKET_TICKS.name]
+        [letter] = letters
+        assert (letter.partition, letter.offset) == (partition, offset)
+        assert letter.payload == huge[: 512 * 1024]
+        assert "payload cut to its first 524,288 of 1,048,400 bytes" in letter.reason
+        pipeline.check_alive()

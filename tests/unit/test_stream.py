@@ -20,6 +20,7 @@ from shared.core.market import FundingRate, Tick
 from shared.settings import ServiceSettings
 from shared.stream import (
     _GATHERING,
+    LETTER_PAYLOAD_BYTES,
     MarketInput,
     OffsetGaps,
     RecoveryWatch,
@@ -132,6 +133,22 @@ def test_decode_input_returns_the_value_or_the_reason() -> None:
         assert decide_bytes(codec.encode(bad)) == (
             f"symbol {symbol!r} must be 1-40 characters of A-Z a-z 0-9 . _ -"
         )
+
+
+def test_a_dead_letter_carries_at_most_half_a_mebibyte_of_its_input() -> None:
+    big = bytes(range(256)) * 4096  # 1 MiB
+    letter = dead_letter(
+        topic="t", partition=0, offset=9, key="k" * 5000, payload=big, reason="r" * 9000,
+        service="s", ts_ns=1,
+    )  # fmt: skip
+    assert letter.payload == big[:LETTER_PAYLOAD_BYTES] and len(letter.key) == 1024
+    assert letter.reason.endswith(f"(payload cut to its first 524,288 of {len(big):,} bytes)")
+    assert letter.ByteSize() < 600_000  # inside the broker's 1 MiB, whatever the input
+    small = dead_letter(
+        topic="t", partition=0, offset=9, key=None, payload=b"x", reason="why", service="s",
+        ts_ns=1,
+    )  # fmt: skip
+    assert (small.payload, small.reason) == (b"x", "why")
 
 
 def test_dead_letter_names_where_the_input_was() -> None:
