@@ -119,6 +119,13 @@ def _positive_or_none(value: Decimal | None, name: str) -> Decimal | None:
     return value
 
 
+def _without_regime(update: hedging_pb2.HedgeUpdate) -> hedging_pb2.HedgeUpdate:
+    known = hedging_pb2.HedgeUpdate()
+    known.CopyFrom(update)
+    known.regime = common_pb2.REGIME_UNSPECIFIED
+    return known
+
+
 def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
     """Validate a HedgeUpdate (ValueError -> dead letter): books must parse exactly."""
     books = tuple(_book(p) for p in update.products)
@@ -128,7 +135,11 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
     named = [b.product for b in books]
     if len(set(named)) != len(named):  # marked twice under one event id: Redis kept one
         raise ValueError(f"a product's books come more than once: {sorted(named)}")
-    common_pb2.Regime.Name(update.regime)  # ValueError on an unknown regime
+    if update.regime not in common_pb2.Regime.values():
+        # a regime a newer build added (a rolling deploy: regime and leverage ahead, NAV
+        # behind): the books are marked all the same, the regime shown as unspecified,
+        # as the gateway shows it; dead-lettered, every tick left the NAV frozen
+        update = _without_regime(update)
     which = update.market.WhichOneof("event")
     symbol = books[0].product.split(":")[0]
     if which is not None:

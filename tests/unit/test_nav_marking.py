@@ -98,6 +98,16 @@ def a_product_twice(update: hedging_pb2.HedgeUpdate) -> None:
     update.products.add().CopyFrom(update.products[0])
 
 
+def test_a_regime_this_build_does_not_know_is_marked_as_unspecified() -> None:
+    """A rolling deploy puts a newer regime stage ahead of NAV: its new regime number,
+    carried through hedging, dead-lettered every tick update, and the NAV froze."""
+    update = tick_update(7)
+    update.regime = 99
+    event = parse_update(update)
+    assert (event.kind, event.seq, event.regime) == ("tick", 7, common_pb2.REGIME_UNSPECIFIED)
+    assert [b.product for b in event.books] == [f"{SYMBOL}:LONG", f"{SYMBOL}:SHORT"]
+
+
 def test_a_valid_update_parses_with_every_book() -> None:
     event = parse_update(tick_update(7))
     assert (event.kind, event.symbol, event.seq, event.price) == (
