@@ -469,6 +469,14 @@ async def test_a_position_stream_skips_late_events_of_positions_closed_before_it
     stream.cancel()
 
 
+async def alices_position_stream(env: Env) -> Any:
+    """Alice's StreamPositions call, once the gateway has subscribed it."""
+    before = open_streams("positions")
+    stream = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
+    await until_streams("positions", before + 1)
+    return stream
+
+
 async def test_a_position_stream_shows_one_opened_and_closed_after_it_began(
     quiet_env: Env,
 ) -> None:
@@ -477,9 +485,7 @@ async def test_a_position_stream_shows_one_opened_and_closed_after_it_began(
     same, as an order on the caller's positions since the stream began."""
     env = quiet_env
     await env.set_nav(PRODUCT, NAV)
-    before = open_streams("positions")
-    stream = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
-    await until_streams("positions", before + 1)
+    stream = await alices_position_stream(env)
     quick = await env.open("quick")
     await env.stub.ClosePosition(
         gateway_pb2.ClosePositionRequest(
@@ -499,9 +505,7 @@ async def test_a_position_opened_after_the_stream_began_comes_valued(quiet_env: 
     update (never, in a quiet market), while GetPosition showed it valued."""
     env = quiet_env
     await env.set_nav(PRODUCT, NAV)
-    before = open_streams("positions")
-    stream = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
-    await until_streams("positions", before + 1)
+    stream = await alices_position_stream(env)
     opened = await env.open("valued-at-once")
     assert await env.server.relay.sweep() == 1
     shown = await asyncio.wait_for(stream.read(), 10)
