@@ -195,7 +195,7 @@ def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
                 "side": item.side.name,
                 "final_nav": decimal_to_wire(item.navs[-1] if item.navs else result.initial_nav),
                 "total_return": final / start - 1,
-                "cagr": _cagr(final / start, years, result.covered_ns),
+                "cagr": _cagr(final / start, result.covered_ns / NS_PER_YEAR),
                 "max_drawdown": _max_drawdown(navs),
                 "sharpe": _sharpe(navs, bars_per_year),
                 "min_nav": decimal_to_wire(min(item.navs) if item.navs else result.initial_nav),
@@ -214,11 +214,11 @@ def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
     return out
 
 
-def _cagr(growth: float, years: float, covered_ns: int) -> float | None:
-    """The yearly rate of `growth` over `years` (the recorded rows' span); None when the
-    bars cover under a year (two days up 11% annualised to 41,020,095,670%: the figure
-    says nothing then, the total return does)."""
-    if covered_ns < NS_PER_YEAR or years <= 0:
+def _cagr(growth: float, years: float) -> float | None:
+    """The yearly rate of `growth` over the `years` the bars cover (first open to last
+    close, where the NAVs run from and to); None under a year (two days up 11%
+    annualised to 41,020,095,670%: the figure says nothing then, the total return does)."""
+    if years < 1:
         return None
     return growth ** (1 / years) - 1 if growth > 0 else -1.0
 

@@ -615,7 +615,8 @@ class StageRuntime:
             service=self.service,
             ts_ns=time.time_ns(),
         )
-        await self.send(inp.dlq, record_key(record), letter)
+        # the letter's Kafka key counts against the broker's limit too: cut like its field
+        await self.send(inp.dlq, record_key(record)[:LETTER_KEY_BYTES], letter)
         self._count(inp, "dead_lettered").inc()
         self.last_progress = time.monotonic()
         self.log.warning(
@@ -623,7 +624,7 @@ class StageRuntime:
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
-            reason=reason,
+            reason=letter.reason,
         )
 
     async def send(self, topic: str, key: str, value: Message) -> None:

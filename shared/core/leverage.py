@@ -279,17 +279,14 @@ class SmartLeverageController:
             return self._decide(
                 ts_ns, price, risk_price, self.target_value, True, False, [Reason.FIRST_PRICE]
             )
+        if risk_price <= self._trigger if self._is_long else risk_price >= self._trigger:
+            return self._emergency(ts_ns, price, risk_price)  # first, new bounds or not
         if self._bounds_moved is not None and self._outside_bounds(risk_price):
             # the books sit outside new bounds (restore): rebalanced into them once
             reason = Reason.CLAMPED_MAX if self._bounds_moved[0] > 0 else Reason.CLAMPED_MIN
             return self._decide(ts_ns, price, risk_price, self.target_value, True, False, [reason])
         self._bounds_moved = None
-        if self._is_long:
-            if risk_price > self._trigger:
-                return None
-        elif risk_price < self._trigger:
-            return None
-        return self._emergency(ts_ns, price, risk_price)
+        return None
 
     def _emergency(self, ts_ns: int, price: Decimal, risk_price: float) -> LeverageTargetChanged:
         cfg = self.config
@@ -351,9 +348,12 @@ class SmartLeverageController:
             self._trigger = min(adverse, at_ceiling)
 
     def snapshot(self) -> dict[str, object]:
+        # while a rebalance into new bounds is owed, the target last published (restore
+        # brings it inside them again), so the owed decision names it whenever it comes
+        owed = self._bounds_moved
         return {
             "v": 1,
-            "target": str(self.target_value),
+            "target": str(self.target_value if owed is None else owed[1]),
             "ref_price": self.ref_price,
             "ref_leverage": self.ref_leverage,
             "regime": self._regime,

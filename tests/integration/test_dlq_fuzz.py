@@ -151,14 +151,20 @@ def test_an_input_near_the_brokers_size_limit_is_dead_lettered_cut(
         topic = pipeline.topic(MARKET_TICKS.name)
         huge = b"\xff" * 1_048_400  # as large as the broker takes
         [(partition, offset)] = publish_raw(kafka_bootstrap, topic, [huge])
+        # a key of 300,000 bytes that are not UTF-8: escaped, the letter's Kafka key was
+        # 1.2 MB, and the stage died on it as well
+        long_key = b"\xff" * 300_000
+        [keyed] = publish_raw(kafka_bootstrap, topic, [b"\xff" * 700_000], key=long_key)
         deadline = time.monotonic() + 30
-        letters = []
-        while not letters and time.monotonic() < deadline:
+        letters: list = []
+        while len(letters) < 2 and time.monotonic() < deadline:
             pipeline.check_alive()
             time.sleep(0.5)
             letters = dead_letters(kafka_bootstrap, pipeline.namespace)[MARKET_TICKS.name]
-        [letter] = letters
-        assert (letter.partition, letter.offset) == (partition, offset)
+        by_place = {(letter.partition, letter.offset): letter for letter in letters}
+        assert set(by_place) == {(partition, offset), keyed}
+        letter = by_place[partition, offset]
         assert letter.payload == huge[: 512 * 1024]
         assert "payload cut to its first 524,288 of 1,048,400 bytes" in letter.reason
+        assert by_place[keyed].key == long_key[:1024]
         pipeline.check_alive()

@@ -168,7 +168,7 @@ def test_books_left_outside_new_bounds_are_rebalanced_once_whatever_comes_first(
     event = tick(again, 100.0)  # the snapshot kept it: the books are still at 5x
     assert event is not None and event.rebalance
     assert (event.previous_target, event.target, event.reasons) == (
-        Decimal("4.50"),  # the target the snapshot held
+        Decimal("5.00"),  # the target last published, a snapshot in between or not
         Decimal("4.50"),
         (Reason.CLAMPED_MAX,),
     )
@@ -187,6 +187,12 @@ def test_books_left_outside_new_bounds_are_rebalanced_once_whatever_comes_first(
     outside = SmartLeverageController.restore(LONG, Side.LONG, lowered, drifted)
     owed = tick(outside, 100.0)  # at 3x still
     assert owed is not None and owed.rebalance and owed.reasons == (Reason.CLAMPED_MAX,)
+    # an emergency on that first tick comes first: the clamp would have left 4.5x books
+    # facing an 11% fall at 4.5x, where books at 4.5x get the adverse-move cut
+    falling = SmartLeverageController.restore(LONG, Side.LONG, lower, stored)
+    cut = tick(falling, 89.0)
+    assert cut is not None and cut.emergency and cut.reasons == (Reason.EMERGENCY_ADVERSE_MOVE,)
+    assert tick(falling, 89.0) is None  # and no clamp after it
 
 
 @pytest.mark.parametrize(("l_min", "l_max", "expected"), [(1.0, 2.0, "2.00"), (3.5, 4.0, "3.50")])
