@@ -281,11 +281,15 @@ class SmartLeverageController:
             )
         if risk_price <= self._trigger if self._is_long else risk_price >= self._trigger:
             return self._emergency(ts_ns, price, risk_price)  # first, new bounds or not
-        if self._bounds_moved is not None and self._outside_bounds(risk_price):
-            # the books sit outside new bounds (restore): rebalanced into them once
-            reason = Reason.CLAMPED_MAX if self._bounds_moved[0] > 0 else Reason.CLAMPED_MIN
-            return self._decide(ts_ns, price, risk_price, self.target_value, True, False, [reason])
-        self._bounds_moved = None
+        if self._bounds_moved is not None:
+            if self._outside_bounds(risk_price):
+                # the books sit outside new bounds (restore): rebalanced into them once
+                up = self._bounds_moved[0] > 0
+                reason = Reason.CLAMPED_MAX if up else Reason.CLAMPED_MIN
+                return self._decide(
+                    ts_ns, price, risk_price, self.target_value, True, False, [reason]
+                )
+            self._bounds_moved = None  # a move carried them back inside: nothing owed
         return None
 
     def _emergency(self, ts_ns: int, price: Decimal, risk_price: float) -> LeverageTargetChanged:
