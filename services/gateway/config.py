@@ -56,8 +56,8 @@ class GatewaySettings(ServiceSettings):
     # A connection quiet this long is pinged; a peer that does not answer within
     # keepalive_timeout_s is dropped, and its streams end: a client that vanished without
     # closing TCP (a dropped network, a frozen host) held its streams for TCP's two hours.
-    keepalive_s: Seconds = 60.0
-    keepalive_timeout_s: Seconds = 20.0
+    keepalive_s: float = Field(default=60.0, ge=1, le=86_400, allow_inf_nan=False)  # whole ms
+    keepalive_timeout_s: float = Field(default=20.0, ge=1, le=86_400, allow_inf_nan=False)
 
     @field_validator("api_keys_file", mode="before")
     @classmethod

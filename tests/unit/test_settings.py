@@ -30,6 +30,16 @@ def test_the_gateways_largest_order_is_one_hedging_takes(monkeypatch: pytest.Mon
     assert GatewaySettings().max_order == 10**9
 
 
+@pytest.mark.parametrize("name", ["KEEPALIVE_S", "KEEPALIVE_TIMEOUT_S"])
+def test_keepalive_times_are_whole_seconds_or_more(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a millisecond they became 0 ms for gRPC."""
+    monkeypatch.setenv(f"SMARTLEV_GATEWAY_{name}", "0.0004")
+    with pytest.raises(ValidationError, match=name.lower()):
+        GatewaySettings()
+
+
 def test_a_grace_period_may_be_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SMARTLEV_GATEWAY_GRACE_S", "0")
     monkeypatch.setenv("SMARTLEV_GATEWAY_HEALTH_INTERVAL_S", "2.5")
