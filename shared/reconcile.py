@@ -570,9 +570,9 @@ async def load_symbol(
     nav = ApplyOnceStore(redis, namespace=f"{namespace}nav")
     for _ in range(20):
         before = (await hedge.version(symbol), await venue.version(symbol))
-        state, _ = await hedge.read(symbol, "state")
-        positions, _ = await hedge.read(symbol, "positions")
-        inflight, _ = await hedge.read(symbol, INFLIGHT)
+        (state, positions, inflight), _ = await hedge.read_together(
+            symbol, [["state"], ["positions"], [INFLIGHT]]
+        )
         account, _ = await venue.read(symbol, "account")
         applied_key = key(f"{namespace}hedge", symbol, "applied")
         records = await redis.hgetall(applied_key) if products else {}

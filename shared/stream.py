@@ -180,12 +180,9 @@ def dead_letter(
     broker's message limit made a letter over it, the broker refused the letter, and the
     stage died on that input at every restart. The whole input stays where the id says."""
     raw_key = key.encode("utf-8") if isinstance(key, str) else key or b""
-    payload = payload or b""
+    payload, reason = payload or b"", reason[:LETTER_REASON_CHARS]
     if len(payload) > LETTER_PAYLOAD_BYTES:
-        reason = (
-            f"{reason[:LETTER_REASON_CHARS]} (payload cut to its first "
-            f"{LETTER_PAYLOAD_BYTES:,} of {len(payload):,} bytes)"
-        )
+        reason += f" (payload cut to its first {LETTER_PAYLOAD_BYTES:,} of {len(payload):,} bytes)"
         payload = payload[:LETTER_PAYLOAD_BYTES]
     return market_pb2.DeadLetter(
         event_id=f"{topic}/{partition}/{offset}",
@@ -194,7 +191,7 @@ def dead_letter(
         offset=offset,
         key=raw_key[:LETTER_KEY_BYTES],
         payload=payload,
-        reason=reason[: LETTER_REASON_CHARS + 100],
+        reason=reason,
         ts_ns=ts_ns,
         service=service,
     )

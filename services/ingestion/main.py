@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import signal
 import sys
@@ -199,8 +198,8 @@ def run_with_retries(
                     progress=progress,
                     verdicts=verdicts,
                 )
-                last = dataclasses.replace(summary, retries=attempts.retries)
-                return run_summary(verdicts, last, time.perf_counter() - began)
+                seconds = time.perf_counter() - began
+                return run_summary(verdicts, summary.skipped, attempts.retries, seconds)
             except Exception as exc:  # `failed` raises what is not transient
                 pause = attempts.failed(exc)
             if stop.wait(pause):

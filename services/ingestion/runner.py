@@ -177,16 +177,18 @@ def run_finite(
     )
 
 
-def run_summary(verdicts: dict[int, Verdict], last: Summary, seconds: float) -> Summary:
-    """A finite run's summary over all its attempts, from each event's last verdict:
-    `last` (the attempt that finished) counted only its own events, and took those an
-    earlier attempt of the run published for "already published". The run began at the
-    first event it submitted; whatever came before was there before it."""
+def run_summary(
+    verdicts: dict[int, Verdict], skipped: int, retries: int, seconds: float
+) -> Summary:
+    """A finite run's summary over all its attempts, from each event's last verdict (the
+    attempt that finished counted only its own events, and took those an earlier attempt
+    published for "already published"). The run began at the first event it submitted;
+    whatever came before was there before it (`skipped`, if it submitted none)."""
     accepted = [v for v in verdicts.values() if isinstance(v, Accepted)]
     rejected = len(verdicts) - len(accepted)
     flagged = sum((v.jump is not None) + (v.mark_jump is not None) for v in accepted)
-    before = min(verdicts, default=last.skipped)
-    return Summary(len(accepted), rejected, rejected, flagged, before, seconds, last.retries)
+    before = min(verdicts, default=skipped)
+    return Summary(len(accepted), rejected, rejected, flagged, before, seconds, retries)
 
 
 def handle_live(

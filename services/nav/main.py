@@ -119,12 +119,15 @@ class NavService:
         later order moved a product it passed over, it would mark that product back
         with its own, older books."""
         current = await asyncio.gather(*(self.store.read(b.product) for b in event.books))
+        applied = await asyncio.gather(
+            *(self.store.was_applied(b.product, event.event_id) for b in event.books)
+        )
         now = time.time_ns()
         pending: list[tuple[Marked, nav_pb2.NavUpdated, int, FillsEvent, int]] = []
         passed: list[str] = []  # products the order leaves as marked
         try:
-            for book, (fields, _) in zip(event.books, current, strict=True):
-                if await self.store.was_applied(book.product, event.event_id):
+            for book, (fields, _), seen in zip(event.books, current, applied, strict=True):
+                if seen:
                     continue
                 last_seq = int(fields.get("seq", "0"))
                 last_nav = Decimal(fields.get("nav", str(self.initial_nav)))
