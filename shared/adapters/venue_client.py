@@ -24,6 +24,7 @@ from smartlev.v1 import venue_pb2, venue_pb2_grpc
 
 from shared.codec import decimal_from_wire, decimal_to_wire
 from shared.core.events import AccountLiquidated, OrderFilled
+from shared.core.money import ZERO
 from shared.core.venue import InstrumentSpec, Liquidity, PerpVenue, VenueConfig
 
 LIQUIDITY_TO_WIRE = {
@@ -58,6 +59,7 @@ _ACCOUNT_DECIMALS = (
     "funding_paid",
     "insurance_fund",
 )
+_WALK_DECIMALS = ("walk_bought", "walk_sold")
 
 
 # --------------------------------------------------------------------------- conversions
@@ -67,7 +69,11 @@ def account_to_wire(venue: PerpVenue) -> venue_pb2.VenueAccount:
     return venue_pb2.VenueAccount(
         symbol=venue.spec.symbol,
         liquidations=venue.liquidations,
-        **{name: decimal_to_wire(getattr(venue, name), name=name) for name in _ACCOUNT_DECIMALS},
+        walk_ts_ns=venue.walk_ts,
+        **{
+            name: decimal_to_wire(getattr(venue, name), name=name)
+            for name in (*_ACCOUNT_DECIMALS, *_WALK_DECIMALS)
+        },
     )
 
 
@@ -81,6 +87,10 @@ def account_from_wire(
         name: decimal_from_wire(getattr(message, name), name=name) for name in _ACCOUNT_DECIMALS
     }
     snapshot["liquidations"] = int(message.liquidations)
+    # a venue from before the walk sends none: 0 and ""
+    snapshot["walk_ts"] = message.walk_ts_ns
+    for name in _WALK_DECIMALS:
+        snapshot[name] = decimal_from_wire(getattr(message, name) or "0", name=name)
     return PerpVenue.restore(spec, config, snapshot)
 
 
@@ -214,10 +224,17 @@ class RemoteVenue:
         return self._mirror.at_risk(mark_f)
 
     def quote(
-        self, qty: Decimal, reference: Decimal, liquidity: Liquidity = Liquidity.TAKER
+        self,
+        qty: Decimal,
+        reference: Decimal,
+        liquidity: Liquidity = Liquidity.TAKER,
+        taken: Decimal = ZERO,
     ) -> tuple[Decimal, Decimal]:
         """The venue service fills by the same rules and configuration as the mirror."""
-        return self._mirror.quote(qty, reference, liquidity)
+        return self._mirror.quote(qty, reference, liquidity, taken)
+
+    def walked(self, ts_ns: int, buying: bool) -> Decimal:
+        return self._mirror.walked(ts_ns, buying)
 
     def transfer(self, amount: Decimal) -> None:
         request = venue_pb2.TransferRequest(

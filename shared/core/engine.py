@@ -314,7 +314,7 @@ class Engine:
                     at_mark = abs(per_equity) * (
                         self.mark / held_at_mark if held_at_mark > 0 else self.price
                     )
-                    kept = self._sized(product, per_equity, at_mark)
+                    kept = self._sized(product, ts_ns, per_equity, at_mark)
                 if kept:  # moved with its equity
                     if kept != book.qty:
                         self._execute(ts_ns, [PositionChange(product, kept - book.qty)], events)
@@ -326,7 +326,7 @@ class Engine:
             self.books.check_balanced(self.venue, self.price)
         return events
 
-    def _sized(self, product: str, per_equity: Decimal, at_mark: Decimal) -> Decimal:
+    def _sized(self, product: str, ts_ns: int, per_equity: Decimal, at_mark: Decimal) -> Decimal:
         """`per_equity` (contracts per USDT) times the product's equity as the trade to
         that size leaves it: net of the trade's own fees and slippage, which are the
         product's (DESIGN section 1), and never below its floor, which the fund restores
@@ -340,7 +340,9 @@ class Engine:
 
         def affordable(qty: Decimal) -> Decimal:
             """The size the equity a trade to `qty` leaves can hold (zero: none)."""
-            cost = netted_cost(self.venue, qty - book.qty, price, self.hedging) if qty else ZERO
+            cost = (
+                netted_cost(self.venue, ts_ns, qty - book.qty, price, self.hedging) if qty else ZERO
+            )
             held = max(book.equity(price) - cost, book.equity_floor)
             if held <= 0:
                 return ZERO
@@ -373,7 +375,7 @@ class Engine:
         book = self.books.products[product]
         self._cover_gaps([product], ts_ns, events)
         modelled = self.modelled(product)
-        wanted = self._sized(product, book.side * modelled / self.price, modelled)
+        wanted = self._sized(product, ts_ns, book.side * modelled / self.price, modelled)
         if wanted != book.qty:
             self._execute(ts_ns, [PositionChange(product, wanted - book.qty)], events)
         self._cover_gaps([product], ts_ns, events)

@@ -48,14 +48,18 @@ def plan_slices(net: Decimal, price: Decimal, lot: Decimal, max_notional: Decima
     return [sign * (base + (1 if i < extra else 0)) * lot for i in range(count)]
 
 
-def netted_cost(venue: Venue, net: Decimal, reference: Decimal, config: HedgingConfig) -> Decimal:
+def netted_cost(
+    venue: Venue, ts_ns: int, net: Decimal, reference: Decimal, config: HedgingConfig
+) -> Decimal:
     """The fees and slippage `execute_netted` would pay for a net trade of `net` (whole
-    lots) now, slice by slice."""
+    lots) at `ts_ns`, slice by slice, each walking the book on from the one before."""
     cost = ZERO
+    taken = venue.walked(ts_ns, net > 0)
     for qty in plan_slices(net, reference, venue.spec.lot_step, config.max_slice_notional):
         if qty:
-            price, fee = venue.quote(qty, reference, config.liquidity)
+            price, fee = venue.quote(qty, reference, config.liquidity, taken)
             cost += qty * (price - reference) + fee
+            taken += abs(qty) * reference
     return cost
 
 

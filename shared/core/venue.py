@@ -4,6 +4,11 @@ It keeps one cross-margin account per underlying: a wallet of USDT and a net pos
 Cash accounting (the wallet pays qty x price on every fill) makes the account's PnL
 exact: equity = wallet + position x mark. The live system swaps this for an exchange
 adapter behind the same gRPC API.
+
+A taker walks the book, and the book does not refill within an instant: the orders of
+one timestamp on one side pay together what one order of their summed notional would
+(square-root impact), each its own share of it. Sliced, a 60M trade had paid 14,863 USDT
+of impact in 31 slices against 68,884 as one order.
 """
 
 from __future__ import annotations
@@ -92,8 +97,10 @@ class Venue(Protocol):
     ) -> OrderFilled: ...
 
     def quote(
-        self, qty: Decimal, reference: Decimal, liquidity: Liquidity = ...
+        self, qty: Decimal, reference: Decimal, liquidity: Liquidity = ..., taken: Decimal = ...
     ) -> tuple[Decimal, Decimal]: ...
+
+    def walked(self, ts_ns: int, buying: bool) -> Decimal: ...
 
     def settle_funding(self, rate: Decimal, mark: Decimal) -> Decimal: ...
 
@@ -118,6 +125,9 @@ class PerpVenue:
         "position",
         "spec",
         "transfers_in",
+        "walk_bought",
+        "walk_sold",
+        "walk_ts",
         "wallet",
     )
 
@@ -131,6 +141,10 @@ class PerpVenue:
         self.funding_paid = ZERO
         self.insurance_fund = ZERO
         self.liquidations = 0
+        # the notional taker orders took from each side of the book at instant walk_ts
+        self.walk_ts = 0
+        self.walk_bought = ZERO
+        self.walk_sold = ZERO
         self._liq_long_below = -math.inf
         self._liq_short_above = math.inf
 
@@ -140,15 +154,30 @@ class PerpVenue:
         self.transfers_in += amount
         self._update_liquidation_price()
 
-    def fill_price(self, qty: Decimal, reference: Decimal, liquidity: Liquidity) -> Decimal:
-        """Taker: half spread plus square-root impact on the order's notional, against us."""
+    def walked(self, ts_ns: int, buying: bool) -> Decimal:
+        """The notional taker orders already took from the side a buy (or a sell) takes,
+        at the instant `ts_ns`: where the next order at that instant starts its walk."""
+        if ts_ns != self.walk_ts:
+            return ZERO
+        return self.walk_bought if buying else self.walk_sold
+
+    def fill_price(
+        self, qty: Decimal, reference: Decimal, liquidity: Liquidity, taken: Decimal = ZERO
+    ) -> Decimal:
+        """Taker: half spread plus square-root impact, against us. The impact is the
+        order's share of walking the book from `taken` (`walked`) to `taken` plus its
+        notional: impact_bps x (after^1.5 - taken^1.5) / (notional x depth^0.5), which is
+        impact_bps x sqrt(notional / depth) for an order that walks it first."""
         if liquidity is Liquidity.MAKER:
             return reference
         notional = abs(qty) * reference
-        cost_bps = (
-            self.config.half_spread_bps
-            + self.config.impact_bps * (notional / self.config.depth_notional).sqrt()
-        )
+        depth = self.config.depth_notional
+        if taken:
+            after = taken + notional
+            walk = (after * (after / depth).sqrt() - taken * (taken / depth).sqrt()) / notional
+        else:
+            walk = (notional / depth).sqrt()
+        cost_bps = self.config.half_spread_bps + self.config.impact_bps * walk
         buying = qty > 0
         shift = reference * cost_bps * BPS
         raw = reference + shift if buying else reference - shift
@@ -159,10 +188,15 @@ class PerpVenue:
         return price_against(raw, self.spec.price_tick, buying)
 
     def quote(
-        self, qty: Decimal, reference: Decimal, liquidity: Liquidity = Liquidity.TAKER
+        self,
+        qty: Decimal,
+        reference: Decimal,
+        liquidity: Liquidity = Liquidity.TAKER,
+        taken: Decimal = ZERO,
     ) -> tuple[Decimal, Decimal]:
-        """The fill price and fee `execute` would give an order of `qty` now."""
-        price = self.fill_price(qty, reference, liquidity)
+        """The fill price and fee `execute` would give an order of `qty` that walks the
+        book on from `taken` (`walked`)."""
+        price = self.fill_price(qty, reference, liquidity, taken)
         rate = self.config.taker_fee if liquidity is Liquidity.TAKER else self.config.maker_fee
         return price, abs(qty) * price * rate
 
@@ -173,10 +207,19 @@ class PerpVenue:
             raise MoneyError("order quantity is zero")
         if qty % self.spec.lot_step != 0:
             raise MoneyError(f"quantity {qty} is not a multiple of lot {self.spec.lot_step}")
-        price, fee = self.quote(qty, reference, liquidity)
+        buying = qty > 0
+        taken = self.walked(ts_ns, buying)
+        price, fee = self.quote(qty, reference, liquidity, taken)
         self.wallet -= qty * price + fee
         self.position += qty
         self.fees_paid += fee
+        if liquidity is Liquidity.TAKER:
+            if ts_ns != self.walk_ts:
+                self.walk_ts, self.walk_bought, self.walk_sold = ts_ns, ZERO, ZERO
+            if buying:
+                self.walk_bought = taken + qty * reference
+            else:
+                self.walk_sold = taken - qty * reference
         self._update_liquidation_price()
         return OrderFilled(self.spec.symbol, ts_ns, qty, price, fee, liquidity.value)
 
@@ -247,6 +290,9 @@ class PerpVenue:
             "funding_paid": str(self.funding_paid),
             "insurance_fund": str(self.insurance_fund),
             "liquidations": self.liquidations,
+            "walk_ts": self.walk_ts,
+            "walk_bought": str(self.walk_bought),
+            "walk_sold": str(self.walk_sold),
         }
 
     @classmethod
@@ -266,5 +312,9 @@ class PerpVenue:
         liquidations = snapshot["liquidations"]
         assert isinstance(liquidations, int)
         venue.liquidations = liquidations
+        # none in a snapshot from before the walk; a Redis hash's text, or a JSON int
+        venue.walk_ts = int(str(snapshot.get("walk_ts", 0)))
+        venue.walk_bought = Decimal(str(snapshot.get("walk_bought", "0")))
+        venue.walk_sold = Decimal(str(snapshot.get("walk_sold", "0")))
         venue._update_liquidation_price()
         return venue

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from shared.core.hedging import HedgingConfig, PositionChange, execute_netted, plan_slices
+from shared.core.hedging import (
+    HedgingConfig,
+    PositionChange,
+    execute_netted,
+    netted_cost,
+    plan_slices,
+)
 from shared.core.money import USDT_QUANTUM
 from shared.core.venue import Liquidity
 from tests.unit.stubs import BTC, LONG, SHORT, venue
@@ -214,3 +220,28 @@ def test_netting_identity_is_exact(
             assert abs(a.fee - share) < USDT_QUANTUM
     if net == 0:
         assert all(a.fee == 0 and a.slippage == 0 for a in allocs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(-200_000, 200_000).filter(bool).map(lambda n: n * LOT),
+    st.integers(-200_000, 200_000).map(lambda n: n * LOT),
+    st.integers(10**5, 10**7).map(lambda n: D(n).scaleb(-2)),
+    st.integers(10**5, 10**7).map(D),
+    st.booleans(),
+)
+def test_netted_cost_is_what_the_netted_order_pays(
+    net: Decimal, before: Decimal, reference: Decimal, max_slice: Decimal, same_instant: bool
+) -> None:
+    """Sizing prices a trade with `netted_cost` before making it: slice by slice, each
+    walking the book on from the one before, and from what an earlier order of the same
+    instant took (`same_instant`), it is exactly the fees and slippage the trade pays."""
+    v = venue(collateral="100000000")
+    if before:
+        v.execute(5, before, reference)
+    at = 5 if same_instant else 6
+    config = HedgingConfig(max_slice_notional=max_slice)
+    quoted = netted_cost(v, at, net, reference, config)
+    wallet = v.wallet
+    execute_netted(v, at, [PositionChange(LONG, net)], reference, config)
+    assert quoted == wallet - v.wallet - net * reference

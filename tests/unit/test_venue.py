@@ -337,3 +337,84 @@ def test_snapshot_restore_round_trip_through_json() -> None:
     # and it keeps working identically
     assert restored.execute(2, D("0.003"), D(50000)) == v.execute(2, D("0.003"), D(50000))
     assert restored.snapshot() == v.snapshot()
+
+
+# --- walking the book within an instant ---------------------------------------------------
+
+
+def _impact_paid(fills: list[tuple[Decimal, Decimal]], reference: Decimal) -> Decimal:
+    """What fills of (qty, price) paid beyond the reference price."""
+    return sum((qty * (price - reference) for qty, price in fills), D(0))
+
+
+@given(
+    st.integers(1, 200_000).map(lambda n: D(n).scaleb(-3)),  # 0.001 to 200 BTC a slice
+    st.integers(1, 40),
+    st.integers(10**5, 10**7).map(lambda n: D(n).scaleb(-2)),  # 1,000 to 100,000 USDT
+    st.booleans(),
+)
+@settings(deadline=None)
+def test_slices_of_one_instant_pay_what_one_order_of_their_sum_would(
+    slice_qty: Decimal, count: int, reference: Decimal, buying: bool
+) -> None:
+    """The book does not refill within an instant: sliced, an order pays the impact of
+    its whole size (to a tick per fill, each rounded against the trader); at instants of
+    their own the same slices pay less, as the book refills between them."""
+    qty = slice_qty if buying else -slice_qty
+    assume(slice_qty * count * reference < D(40) * venue_config().depth_notional)  # sells
+    sliced, apart, one = venue(), venue(), venue()
+    walked = [(qty, sliced.execute(7, qty, reference).price) for _ in range(count)]
+    alone = [(qty, apart.execute(7 + i, qty, reference).price) for i in range(count)]
+    whole = [(qty * count, one.execute(7, qty * count, reference).price)]
+    tick = sliced.spec.price_tick
+    rounding = tick * abs(qty) * count
+    assert abs(_impact_paid(walked, reference) - _impact_paid(whole, reference)) <= rounding
+    if count > 1:
+        assert _impact_paid(alone, reference) <= _impact_paid(walked, reference) + rounding
+    assert sliced.walked(7, buying) == abs(qty) * reference * count
+    assert sliced.walked(7, not buying) == 0
+    assert sliced.walked(8, buying) == 0
+
+
+def test_a_60m_trade_in_31_slices_pays_its_whole_impact() -> None:
+    # ~60M of BTC at 30,000 in 31 slices of ~1.94M (hedging's 2M at most). One order:
+    # 0.5 + 10 x sqrt(60M / 50M) = 11.45 bps, ~68,700 USDT; each slice priced alone paid
+    # 0.5 + 10 x sqrt(1.94M / 50M) = 2.47 bps, ~14,800 between them.
+    reference, size = D(30000), D("64.516")
+    sliced = venue()
+    fills = [(size, sliced.execute(1, size, reference).price) for _ in range(31)]
+    one = venue().execute(1, size * 31, reference)
+    paid = _impact_paid(fills, reference)
+    assert abs(paid - size * 31 * (one.price - reference)) <= D("0.1") * size * 31
+    assert 68_000 < paid < 69_500
+
+
+def test_the_other_side_and_maker_orders_do_not_walk() -> None:
+    reference = D(50000)
+    v, fresh = venue(), venue()
+    v.execute(3, D(100), reference)  # a buy walks the asks
+    assert v.execute(3, D(-5), reference).price == fresh.execute(3, D(-5), reference).price
+    v.execute(3, D(50), reference, Liquidity.MAKER)
+    assert v.walked(3, True) == 100 * reference  # a passive order takes no liquidity
+    # the next instant starts afresh
+    assert v.execute(4, D(5), reference).price == venue().execute(4, D(5), reference).price
+
+
+def test_quote_with_walked_is_what_execute_fills() -> None:
+    v = venue()
+    reference = D("43210.5")
+    v.execute(11, D(300), reference)
+    price, fee = v.quote(D(200), reference, Liquidity.TAKER, v.walked(11, True))
+    fill = v.execute(11, D(200), reference)
+    assert (fill.price, fill.fee) == (price, fee)
+    assert price > v.quote(D(200), reference)[0]  # more than on a fresh book
+
+
+def test_the_walk_survives_a_restore_and_an_old_snapshot_has_none() -> None:
+    spec, config = btc_spec(), venue_config()
+    v = PerpVenue(spec, config)
+    v.execute(5, D(250), D(50000))
+    restored = PerpVenue.restore(spec, config, json_round_trip(v.snapshot()))
+    assert restored.execute(5, D(250), D(50000)) == v.execute(5, D(250), D(50000))
+    old = {k: value for k, value in v.snapshot().items() if not k.startswith("walk")}
+    assert PerpVenue.restore(spec, config, old).walked(5, True) == 0

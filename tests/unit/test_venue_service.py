@@ -58,6 +58,19 @@ def test_the_account_hash_holds_plain_decimals_every_reader_takes(values: list[D
     assert fields["liquidations"] == 3
 
 
+def test_the_walk_crosses_the_wire_and_a_venue_without_it_sends_none() -> None:
+    venue = PerpVenue(SPEC, CONFIG.venue)
+    venue.execute(9, Decimal("12.5"), Decimal("40000"))
+    venue.execute(9, Decimal("-0.5"), Decimal("40000"))
+    back = account_from_wire(account_to_wire(venue), SPEC, CONFIG.venue)
+    assert back.snapshot() == venue.snapshot()
+    assert back.walked(9, True) == Decimal("500000") and back.walked(9, False) == 20000
+    older = account_to_wire(venue)
+    for name in ("walk_ts_ns", "walk_bought", "walk_sold"):
+        older.ClearField(name)
+    assert account_from_wire(older, SPEC, CONFIG.venue).walked(9, True) == 0
+
+
 def test_account_for_another_symbol_is_refused() -> None:
     wire = account_to_wire(PerpVenue(CONFIG.instrument("ETH-USDT"), CONFIG.venue))
     with pytest.raises(ValueError, match="expected 'BTC-USDT'"):
