@@ -58,5 +58,5 @@ bench: setup ## benchmarks with their baselines, printed as a table
 chaos: setup ## fault injection: bad input, gRPC fuzz, 20+ kill -9/restart cycles (CHAOS_SEED=N)
 	@bash scripts/chaos.sh
 
-clean: down
+clean: down ## stop the stack; delete .venv, gen, out and .run (Kafka and Redis data: every position)
 	rm -rf .venv gen .run out

@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -309,8 +311,9 @@ def check_port_free(port: int, component: str) -> None:
     holder = port_holder(port)
     if holder:
         raise StackError(
-            f"port {port} (needed by {component}) is in use by {holder}; stop it "
-            f"(if it is another checkout's stack: `bash scripts/stack.sh down` there) and re-run"
+            f"port {port} (needed by {component}) is in use by {holder}; stop it (if it is "
+            "another checkout's stack: `bash scripts/stack.sh down` there; Debian's own "
+            "redis-server service: `sudo systemctl disable --now redis-server`) and re-run"
         )
 
 
@@ -325,6 +328,17 @@ def redis_ping(port: int, host: str = HOST, timeout: float = 1.0) -> str | None:
     if reply.startswith(b"+PONG"):
         return None
     return f"PING answered {reply.decode(errors='replace').strip()!r}"  # e.g. -LOADING
+
+
+def redis_durable(port: int, host: str = HOST, timeout: float = 1.0) -> bool:
+    """Whether the Redis on `port` logs every write (appendonly yes), as ours does."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"CONFIG GET appendonly\r\n")
+            reply = sock.recv(256)
+    except OSError:
+        return False
+    return reply.startswith(b"*2\r\n") and reply.endswith(b"\r\nyes\r\n")
 
 
 def kafka_metadata(bootstrap: str, timeout_ms: int = 3000) -> str | None:
@@ -493,24 +507,32 @@ class Stack:
             prepare=self._prepare_kafka,
         )
 
+    def _our_redis(self, pid: int, data_dir: Path, config: Path) -> bool:
+        """Redis rewrites its process title ("redis-server 127.0.0.1:6379"), so ours is
+        known by name, working directory (the root while it reads redis.conf, then the data
+        dir it changes into) and, in its command line, our config (before the rewrite) or
+        our port (after): another redis-server started from the checkout is not ours."""
+        if pid_comm(pid) != "redis-server" or pid_cwd(pid) not in (data_dir, self.root):
+            return False
+        cmdline = " ".join(pid_cmdline(pid))
+        return str(config) in cmdline or re.search(rf":{self.redis_port}\b", cmdline) is not None
+
     def redis(self) -> Component:
         data_dir = (self.root / self.redis_conf["dir"]).resolve()
+        config = self.root / self.redis_cfg["config"]
         return Component(
             name="redis",
             ports=(self.redis_port,),
-            argv=lambda: [
-                shutil.which("redis-server") or "redis-server",
-                str(self.root / self.redis_cfg["config"]),
-            ],
+            argv=lambda: [shutil.which("redis-server") or "redis-server", str(config)],
             health=lambda: redis_ping(self.redis_port),
-            # redis rewrites its process title, so recognise it by name and working directory
-            # (the root while it reads redis.conf, then the data dir it changes into).
-            owns=lambda pid: (
-                pid_comm(pid) == "redis-server" and pid_cwd(pid) in (data_dir, self.root)
-            ),
+            owns=lambda pid: self._our_redis(pid, data_dir, config),
             start_timeout_s=float(self.redis_cfg.get("start_timeout_s", 15)),
             prepare=lambda: self._prepare_redis(data_dir),
-            external_ok=lambda: redis_ping(self.redis_port) is None,
+            # a Redis someone else runs is used only if it keeps positions across its
+            # restarts: Debian's own redis-server service (no AOF) is not
+            external_ok=lambda: (
+                redis_ping(self.redis_port) is None and redis_durable(self.redis_port)
+            ),
         )
 
     def service(self, spec: ServiceSpec) -> Component:
@@ -613,11 +635,18 @@ class Stack:
             )
 
     def fetch_kafka(self) -> None:
-        """Kafka broker jars from Maven Central into .cache/kafka/<version>/libs (once)."""
+        """Kafka broker jars from Maven Central into .cache/kafka/<version>/libs, once per
+        version of the pom (its hash is the stamp: a dependency bumped there, say for a CVE,
+        is fetched, not left at the jars of before). Checksums are strict: a corrupt
+        artifact in ~/.m2 fails the fetch instead of being trusted from then on."""
         stamp = self.kafka_libs.parent / ".complete"
-        if stamp.exists():
+        pom = self.root / self.kafka_cfg["pom"]
+        wanted = hashlib.sha256(pom.read_bytes()).hexdigest()
+        if stamp.exists() and stamp.read_text().strip() == wanted:
+            if not shutil.which("java"):  # jars from a cache, on a machine without Java
+                ensure_java_and_maven()
             return
-        say(f"fetching Kafka {self.kafka_version} jars from Maven Central (first run only)")
+        say(f"fetching Kafka {self.kafka_version} jars from Maven Central (once per pom version)")
         ensure_java_and_maven()
         tmp = self.kafka_libs.with_name("libs.partial")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -626,8 +655,9 @@ class Stack:
         cmd = [
             "mvn",
             "-B",
+            "-C",
             "-f",
-            str(self.root / self.kafka_cfg["pom"]),
+            str(pom),
             "dependency:copy-dependencies",
             "-DincludeScope=runtime",
             f"-DoutputDirectory={tmp}",
@@ -637,7 +667,7 @@ class Stack:
         if rc != 0 or not (tmp / f"kafka_2.13-{self.kafka_version}.jar").exists():
             raise StackError(f"fetching Kafka jars with Maven failed; see {log}:\n{tail(log)}")
         tmp.rename(self.kafka_libs)  # only a complete download is ever used
-        stamp.touch()
+        stamp.write_text(f"{wanted}\n")
 
     # ---- pid files
 
@@ -888,12 +918,19 @@ class Stack:
         return sorted(found)
 
     def start_supervisor(self) -> None:
-        """The supervisor (unless it runs): holds go, everything `up` started is watched."""
+        """The supervisor (unless it runs): holds go, everything `up` started is watched.
+        One started before this file or stack.toml last changed is replaced: it read both
+        once, and kept restarting services with the ports and checks of before."""
         for held in self.run.glob("*.held"):
             held.unlink()
         if running := self.supervisors():
-            say(f"supervisor already watching (pid {running[0]})")
-            return
+            changed = max(Path(__file__).stat().st_mtime, self.config_path.stat().st_mtime)
+            began = started_at(running[0])
+            if began is None or began >= changed:
+                say(f"supervisor already watching (pid {running[0]})")
+                return
+            say("the supervisor's stack.py or stack.toml changed since it started; replacing it")
+            self.stop_supervisor()
         log = self.log_file("supervisor")
         with log.open("a") as out:
             proc = subprocess.Popen(
@@ -1052,7 +1089,8 @@ def ensure_apt_packages() -> None:
         if not _apt_install(["redis-server"], log) or not shutil.which("redis-server"):
             raise StackError(
                 "redis-server is not installed and could not be installed (needs root and "
-                f"apt-get; see {log}). Install it: sudo apt-get install redis-server"
+                f"apt-get; see {log}). Install it, and stop the service Debian starts with it: "
+                "sudo apt-get install redis-server && sudo systemctl disable --now redis-server"
             )
         _stop_distro_redis(log)
     require_redis_7()
@@ -1125,6 +1163,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("restart-kafka")
     sub.add_parser("restart-redis")
     sub.add_parser("supervise", help="start again what exits (`up` starts it)")
+    check = sub.add_parser(
+        "check", help="one component's health check, once (exit 1 if unhealthy; Docker's too)"
+    )
+    check.add_argument("name")
     args = parser.parse_args(argv)
 
     try:
@@ -1151,6 +1193,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3])
         elif args.cmd == "init":
             stack.run_init(to_console=True)
+        elif args.cmd == "check":
+            reason = stack.by_name(args.name).health()
+            print(f"{args.name}: {reason or 'healthy'}")
+            return 0 if reason is None else 1
         elif args.cmd == "logs":
             names = args.names or [c.name for c in stack.all()]
             files = [str(stack.log_file(n)) for n in names if stack.log_file(n).exists()]

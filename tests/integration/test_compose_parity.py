@@ -212,6 +212,11 @@ def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[s
             )
 
     native_services = {s.name: s for s in native.cfg.services}
+    grpc_ports = {
+        s.name: s.health.port
+        for s in native.cfg.services
+        if s.health is not None and s.health.kind == "grpc"
+    }
     compose_services = {n: services[n] for n, r in roles.items() if r == "service"}
     for name in sorted(set(native_services) - set(compose_services)):
         diffs.append(f"service {name} is in scripts/stack.toml but not in docker-compose.yml")
@@ -237,6 +242,17 @@ def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[s
             diffs.append(f"service {name}: environment {have} != {want}")
         if svc.get("image") != "smartlev:dev" or svc.get("build") != ".":
             diffs.append(f"service {name}: not built from the one Dockerfile (smartlev:dev)")
+        # healthy as natively (`up` waits for each), and after what it calls is healthy
+        check = ["CMD", "python", "scripts/stack.py", "check", name]
+        if spec.health is not None and (svc.get("healthcheck") or {}).get("test") != check:
+            diffs.append(f"service {name}: healthcheck is not {check}")
+        depends = svc.get("depends_on") or {}
+        for other, grpc_port in grpc_ports.items():
+            called = any(
+                f"127.0.0.1:{grpc_port}" in v for v in native.cfg.env_for(name, spec.env).values()
+            )
+            if called and (depends.get(other) or {}).get("condition") != "service_healthy":
+                diffs.append(f"service {name} calls {other} but does not wait for it healthy")
     return diffs
 
 
@@ -294,6 +310,11 @@ def _set(name: str, key: str, value: Any) -> Callable[[dict[str, Any]], None]:
         (_set("redis", "ports", ["6379:6379"]), "redis published ports"),
         (_set("kafka", "restart", "no"), "kafka: restart 'no', not 'unless-stopped'"),
         (_env("init", "SMARTLEV_TOPICS_KAFKA__BOOTSTRAP", "127.0.0.1:9092"), "init environment"),
+        (_set("nav", "healthcheck", None), "service nav: healthcheck"),
+        (
+            lambda c: c["services"]["hedging"]["depends_on"].pop("venue"),
+            "service hedging calls venue but does not wait for it healthy",
+        ),
         (
             lambda c: c["services"].update(
                 extra={"image": "smartlev:dev", "labels": {"smartlev.role": "service"}}
@@ -335,6 +356,10 @@ def test_a_service_declared_on_one_side_only_is_caught(
     both["services"]["example"] = {
         **compose["x-python-service"],
         "command": ["python", "-m", "services.example"],
+        "healthcheck": {
+            **compose["x-service-health"],
+            "test": ["CMD", "python", "scripts/stack.py", "check", "example"],
+        },
         "ports": ["127.0.0.1:9199:9199"],
         "environment": {
             "SMARTLEV_EXAMPLE_KAFKA__BOOTSTRAP": "kafka:29092",

@@ -133,6 +133,53 @@ def test_redis_keeps_data_across_restart(native_stack: None, redis_url: str) -> 
         after.close()
 
 
+def test_another_redis_server_started_from_the_checkout_is_not_ours(native_stack: None) -> None:
+    """Ours is known by its config or port too: `make down` must not kill, and `make up`
+    must not adopt, a redis-server someone started by hand from the checkout."""
+    stack = stack_mod.Stack()
+    component = stack.redis()
+    other = subprocess.Popen(
+        ["redis-server", "--port", str(free_port()), "--save", "", "--appendonly", "no"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while " ".join(stack_mod.pid_cmdline(other.pid)).count(":") == 0:  # its title set
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert stack_mod.pid_cwd(other.pid) == ROOT  # what alone made it "ours" before
+        assert not component.owns(other.pid)
+        assert other.pid not in stack.strays(component)
+        assert component.owns(pid_of("redis"))
+    finally:
+        other.terminate()
+        other.wait(timeout=10)
+
+
+def test_a_redis_without_an_append_only_file_is_not_taken_for_an_external_one(
+    native_stack: None,
+) -> None:
+    """Debian's own redis-server service (started when the package is installed) runs
+    without AOF: reused, it would lose every position at its next restart."""
+    port = free_port()
+    other = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        cwd="/tmp",
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while stack_mod.redis_ping(port) is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not stack_mod.redis_durable(port)
+        assert stack_mod.redis_durable(6379)  # ours: appendonly yes
+    finally:
+        other.terminate()
+        other.wait(timeout=10)
+
+
 def test_native_redis_major_matches_compose_image(redis_client: redis.Redis) -> None:
     import yaml
 
@@ -184,6 +231,22 @@ def test_the_supervisor_starts_again_a_service_that_died(native_stack: None) -> 
     assert re.match(r"nav\s+\d+\s+9105\s+healthy$", row), row
     log = (ROOT / ".run" / "supervisor.log").read_text()
     assert "nav is not running" in log
+
+
+def test_up_replaces_a_supervisor_older_than_the_stack_runner(native_stack: None) -> None:
+    """A supervisor reads stack.py and stack.toml once: after either changed (a pull, an
+    edit of a port), `up` starts a new one instead of leaving the old one watching."""
+    before = pid_of("supervisor")
+    result = stack_sh("up")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert pid_of("supervisor") == before  # unchanged: kept
+    os.utime(ROOT / "scripts" / "stack.py")
+    result = stack_sh("up")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "replacing it" in result.stdout
+    after = pid_of("supervisor")
+    assert after != before and not stack_mod.pid_alive(before)
+    assert re.match(rf"supervisor\s+{after}\s+-\s+watching$", service_row("supervisor"))
 
 
 def test_stop_holds_a_service_down_until_it_is_restarted(native_stack: None) -> None:
