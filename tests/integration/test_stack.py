@@ -203,6 +203,23 @@ def test_up_again_is_a_noop(native_stack: None) -> None:
     assert {n: pid_of(n) for n in pids} == pids
 
 
+def test_check_runs_one_components_health_check(native_stack: None, tmp_path: Path) -> None:
+    """What compose's healthchecks run in each container: exit 0 only when healthy."""
+    for name in ("redis", "venue", "regime"):
+        result = stack_sh("check", name, timeout=60)
+        assert (result.returncode, result.stdout) == (0, f"{name}: healthy\n")
+    assert stack_sh("check", "nosuch").returncode == 1
+    config = tmp_path / "stack.toml"  # a service whose port nothing listens on
+    port = free_port()
+    config.write_text(
+        stack_mod.CONFIG.read_text()
+        + f'\n[[services]]\nname = "example"\nmodule = "services.example"\nports = [{port}]\n'
+        f'health = {{ kind = "http", port = {port}, path = "/healthz" }}\n'
+    )
+    reason = stack_mod.Stack(config=config).by_name("example").health()
+    assert reason is not None and "refused" in reason
+
+
 def test_ps_shows_component_pid_ports_state(native_stack: None) -> None:
     result = stack_sh("ps", timeout=60)
     assert result.returncode == 0, result.stderr
