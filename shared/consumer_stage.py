@@ -18,7 +18,9 @@ at most every `commit_interval_s` (the seq guard skips what a restart reads agai
 always before a partition is given up: a rebalance waits for the batch in hand
 (`_Rebalance`), commits, then lets the partitions go. A batch fetched before a rebalance
 keeps only the records of partitions still assigned; a partition that moved is read by
-its new owner from the last commit.
+its new owner from the last commit. A handler that leaves a record unapplied for good
+(hedging's halted symbol) `hold`s its partition there: the commits stop at that record,
+so a restart after the fix reads it again, while the handler goes on with the others.
 """
 
 from __future__ import annotations
@@ -76,12 +78,20 @@ class ConsumerRuntime(StageRuntime):
         self._timers: list[tuple[str, float, Callable[[], Awaitable[None]]]] = []
         self._handling = asyncio.Lock()  # held while a batch is handled and committed
         self._pending: dict[TopicPartition, int] = {}  # handled, not yet committed
+        self._holds: dict[TopicPartition, int] = {}  # the first offset left unapplied
         self._committed_at = time.monotonic()
         self._stopping = False
 
     def on_batch(self, inp: Input, handle: BatchHandler) -> None:
         """Hand `inp`'s records to `handle`, in offset order per partition."""
         self._handlers[inp.name] = handle
+
+    def hold(self, record: ConsumerRecord) -> None:
+        """`record` is left unapplied until a restart: no commit of its partition passes
+        it from now on (the records after it are skipped by their handler, or applied
+        and then skipped by the seq guard when read again)."""
+        tp = TopicPartition(record.topic, record.partition)
+        self._holds[tp] = min(self._holds.get(tp, record.offset), record.offset)
 
     def every(self, name: str, interval_s: float, job: Callable[[], Awaitable[None]]) -> None:
         """Run `job` every `interval_s` beside the consumer (its errors are its own)."""
@@ -190,7 +200,7 @@ class ConsumerRuntime(StageRuntime):
             for topic, records in by_topic.items():
                 await self.handle_batch(self._handlers[topic], records)
             for tp, records in kept.items():
-                self._pending[tp] = records[-1].offset + 1
+                self._pending[tp] = min(records[-1].offset + 1, self._holds.get(tp, 1 << 63))
             if time.monotonic() - self._committed_at >= self.commit_interval_s:
                 await self._commit(consumer)
 

@@ -14,9 +14,11 @@ Failures:
 - a transient failure (venue, Redis or Kafka unreachable) reloads the symbol's desk from
   Redis and retries the event until it goes through;
 - anything else, a `BooksOutOfBalance` first of all, is a bug: it is logged loudly, the
-  service stops on that event (one consumer reads both inputs, so every symbol of the
-  instance waits; the offset is never committed, so nothing is skipped: the input waits
-  for a fix and a restart) and /healthz turns unhealthy.
+  symbol halts on that event and /healthz turns unhealthy. Its later inputs are not
+  applied, and the commits of their partitions stop at the first of them
+  (`ConsumerRuntime.hold`): nothing is skipped, the symbol's input waits for a fix and a
+  restart, while the instance's other symbols go on (their records read again after the
+  restart are skipped by the seq guard).
 - an order the books refuse (redeeming more units than the product has) goes to the
   `.dlq` with the reason, then is recorded as refused, so a redelivery (after orders
   that would now let it through) is skipped.
@@ -77,6 +79,10 @@ def is_transient(exc: BaseException) -> bool:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         return code in _TRANSIENT_GRPC
     return shared_is_transient(exc)
+
+
+class SymbolHalted(Exception):
+    """The symbol stopped on a bug (`Hedger._halt`): its input is held, not applied."""
 
 
 @dataclass
@@ -260,7 +266,7 @@ class Hedger:
         what a refused order, a transient failure and a bug do."""
         while True:
             if symbol in self.runtime.halted:
-                await asyncio.Event().wait()  # stopped on a bug: never skip the event
+                raise SymbolHalted(symbol)  # stopped on a bug: the caller holds the input
             async with self._locks[symbol]:
                 try:
                     if await attempt():
@@ -311,19 +317,26 @@ def build(settings: HedgingSettings, config: StrategyConfig | None = None) -> He
     orders_in = runtime.input(ORDERS_EVENTS)
 
     async def handle_targets(batch: Records) -> None:
-        by_symbol: dict[str, list[MarketStep]] = defaultdict(list)
+        by_symbol: dict[str, list[tuple[Record, MarketStep]]] = defaultdict(list)
         for record in batch:
             step = await runtime.parse(targets_in, record, hedger.market_step)
             if step is not None:
-                by_symbol[step.symbol].append(step)
-        for steps in by_symbol.values():
-            await hedger.on_market(targets_in, steps)
+                by_symbol[step.symbol].append((record, step))
+        for pairs in by_symbol.values():
+            try:
+                await hedger.on_market(targets_in, [step for _, step in pairs])
+            except SymbolHalted:
+                for record, _ in pairs:
+                    runtime.hold(record)
 
     async def handle_orders(batch: Records) -> None:
         for record in batch:
             step = await runtime.parse(orders_in, record, hedger.order_step)
             if step is not None:
-                await hedger.on_order(orders_in, record, step)
+                try:
+                    await hedger.on_order(orders_in, record, step)
+                except SymbolHalted:
+                    runtime.hold(record)
 
     runtime.on_batch(targets_in, handle_targets)
     runtime.on_batch(orders_in, handle_orders)

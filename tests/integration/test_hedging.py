@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,10 +60,14 @@ ROOT = Path(__file__).resolve().parents[2]
 SYMBOL = "BTC-USDT"
 START = int(datetime(2021, 5, 12, tzinfo=UTC).timestamp()) * 1_000_000_000
 BARS = 75  # x 4 ticks (open, low/high, high/low, close)
-DEPOSITS = {
-    product_id(SYMBOL, side): Decimal(amount)
-    for side, amount in zip(SIDES, ("250000", "100000.5"), strict=True)
-}
+AMOUNTS = ("250000", "100000.5")  # deposited in the long and the short first
+
+
+def deposits(symbol: str) -> dict[str, Decimal]:
+    return {
+        product_id(symbol, side): Decimal(amount)
+        for side, amount in zip(SIDES, AMOUNTS, strict=True)
+    }
 
 
 @dataclass
@@ -73,15 +78,17 @@ class Input:
 
 
 def build_input(
-    config: StrategyConfig, late: tuple[int, orders_pb2.OrderEvent] | None = None
+    config: StrategyConfig,
+    late: tuple[int, orders_pb2.OrderEvent] | None = None,
+    symbol: str = SYMBOL,
 ) -> Input:
     """The messages, and the books the in-process strategy ends with on them; `late`:
     (k, an open) deposited after the first k market events."""
-    stem, root = file_stem(SYMBOL), data_dir()
+    stem, root = file_stem(symbol), data_dir()
     interval = config.features.bar_seconds * 1_000_000_000
     end = START + BARS * interval
-    bars, _ = load_bars(root / f"{stem}_perp_1h_2019_2023.csv", SYMBOL, start_ns=START, end_ns=end)
-    rates, _ = load_funding(root / f"{stem}_funding_8h_2019_2023.csv", SYMBOL)
+    bars, _ = load_bars(root / f"{stem}_perp_1h_2019_2023.csv", symbol, start_ns=START, end_ns=end)
+    rates, _ = load_funding(root / f"{stem}_funding_8h_2019_2023.csv", symbol)
     marks = load_marks(root / f"{stem}_mark_1h_2019_2023.csv", start_ns=START, end_ns=end)
     funding = [r for r in rates if START <= r.ts_ns < end]
     ticks = list(ticks_from_bars(bars, interval, marks))
@@ -98,12 +105,12 @@ def build_input(
                 amount=codec.decimal_to_wire(amount),
             )
         )
-        for i, (product, amount) in enumerate(DEPOSITS.items())
+        for i, (product, amount) in enumerate(deposits(symbol).items())
     ]
-    signals = SignalPipeline(SYMBOL, config.features, config.regime)
-    controllers = smart_controllers(SYMBOL, config)
-    reference = smart_strategy(SYMBOL, config)
-    for product, amount in DEPOSITS.items():
+    signals = SignalPipeline(symbol, config.features, config.regime)
+    controllers = smart_controllers(symbol, config)
+    reference = smart_strategy(symbol, config)
+    for product, amount in deposits(symbol).items():
         reference.engine.deposit(product, amount, START)
     targets = []
     for seq, event in enumerate(market_events(ticks, funding), start=1):
@@ -112,14 +119,14 @@ def build_input(
             reference.engine.deposit(opened.product, Decimal(opened.amount), opened.ts_event_ns)
         if isinstance(event, FundingRate):
             market = codec.market_event_from_funding(event, seq=seq, source="t", ts_init_ns=1)
-            targets.append(targets_update(market, SYMBOL, seq, False, "RANGE", [], 1))
+            targets.append(targets_update(market, symbol, seq, False, "RANGE", [], 1))
             reference.engine.on_funding(event)
             continue
         market = codec.market_event_from_tick(event, seq=seq, source="t", ts_init_ns=1)
         regime = signals.on_tick(event.ts_ns, event.price)
         decisions = decide(controllers, event.ts_ns, event.price, risk_price(event), regime)
         name = "RANGE" if regime is None else str(regime.regime)
-        targets.append(targets_update(market, SYMBOL, seq, regime is not None, name, decisions, 1))
+        targets.append(targets_update(market, symbol, seq, regime is not None, name, decisions, 1))
         reference.on_tick(event, regime)
     return Input(targets, orders, book_states(reference.engine))
 
@@ -177,9 +184,9 @@ class Stack:
                 out += [codec.decode(hedging_pb2.HedgeUpdate, r.value) for r in records]
         return out
 
-    def send(self, spec_name: str, messages: list[object]) -> None:
+    def send(self, spec_name: str, messages: list[object], key: str = SYMBOL) -> None:
         for message in messages:
-            self.producer.send(spec_name, key=SYMBOL, value=message)
+            self.producer.send(spec_name, key=key, value=message)
         self.producer.flush()
 
     def account(self) -> venue_pb2.VenueAccount:
@@ -406,3 +413,50 @@ def test_a_refused_order_stays_refused_when_it_comes_again(
         time.sleep(0.2)
     assert stack.fills(1, timeout_s=1.0) == []
     assert len(dead_letters(kafka_bootstrap, f"{ns}orders.events.dlq")) == 1
+
+
+def test_a_halted_symbol_holds_its_input_while_the_others_go_on(
+    stack: Stack, redis_url: str
+) -> None:
+    """A bug in one symbol's books (here its saved state made unreadable) halts that
+    symbol alone: the other symbol is hedged meanwhile, to the last digit, and /healthz
+    says which halted; the halted symbol's input is held (its partitions not committed
+    past it), so after the fix and a restart it is all applied, none of it lost."""
+    config, eth = StrategyConfig(), "ETH-USDT"
+    btc_in, eth_in = build_input(config), build_input(config, symbol=eth)
+    ns, k = stack.namespace, 20
+    stack.send(f"{ns}orders.events", list(btc_in.orders))
+    stack.send(f"{ns}leverage.targets", btc_in.targets[:k])
+    assert len(stack.fills(len(btc_in.orders) + k)) == len(btc_in.orders) + k
+    committed_through(redis_url, f"{ns}hedge:{{{SYMBOL}}}:meta", k)
+
+    stack.crash_hedging()
+    client = redis.Redis.from_url(redis_url)
+    state = f"{ns}hedge:{{{SYMBOL}}}:state"
+    saved = client.hget(state, "engine")
+    client.hset(state, "engine", "{")  # the bug: the symbol's books cannot be read
+    stack.start_hedging()
+    stack.send(f"{ns}leverage.targets", btc_in.targets[k:])
+    stack.send(f"{ns}orders.events", list(eth_in.orders), key=eth)
+    hedged = stack.fills(len(eth_in.orders))  # the deposits first, as the reference
+    stack.send(f"{ns}leverage.targets", eth_in.targets, key=eth)
+    hedged += stack.fills(len(eth_in.targets))
+    assert {u.event_id.split(":")[0] for u in hedged} == {eth}
+    assert len(hedged) == len(eth_in.orders) + len(eth_in.targets)
+    assert list(hedged[-1].products) == eth_in.expected
+    url = f"http://127.0.0.1:{stack.metrics}/healthz"
+    with pytest.raises(urllib.error.HTTPError) as unhealthy:
+        urllib.request.urlopen(url)
+    assert f"{SYMBOL} halted" in unhealthy.value.read().decode()
+    time.sleep(2.5)  # a commit or two of the partitions (every 1 s)
+
+    assert stack.hedging is not None
+    stop(stack.hedging)  # SIGTERM: the stop commits what was handled, up to the hold
+    client.hset(state, "engine", saved)  # the fix
+    client.close()
+    stack.start_hedging()
+    resumed = stack.fills(len(btc_in.targets) - k)
+    assert [u.event_id for u in resumed] == [
+        f"{SYMBOL}:{seq}" for seq in range(k + 1, len(btc_in.targets) + 1)
+    ]
+    assert list(resumed[-1].products) == btc_in.expected
