@@ -134,12 +134,11 @@ class Hedger:
             if desk is None:
                 return False
             fresh = fresh_steps(desk.last_seq, steps)
+            if fresh and not await self._run_market(desk, fresh):
+                return False
+            # counted once the step is done: not again on every retry of a conflict
             for _ in range(len(steps) - len(fresh)):
                 self.runtime.skipped(inp)
-            if not fresh:
-                return True
-            if not await self._run_market(desk, fresh):
-                return False
             for step in fresh:
                 self.runtime.processed(inp, step.ts_init_ns)
             return True

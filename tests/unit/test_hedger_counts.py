@@ -1,0 +1,71 @@
+"""Hedging's per-input counts: a step that had to be retried is counted once."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any, cast
+
+from smartlev.v1 import leverage_pb2
+
+from services.hedging.main import Hedger, HedgingRuntime
+from services.hedging.messages import MarketStep
+from shared.core.config import StrategyConfig
+from shared.core.market import Tick
+from shared.stream import Input
+
+SYMBOL = "BTC-USDT"
+
+
+class CountingRuntime:
+    """What the Hedger asks of its runtime, counting what it reports."""
+
+    def __init__(self) -> None:
+        self.halted: dict[str, str] = {}
+        self.counts = {"skipped": 0, "processed": 0}
+
+    def output(self, spec: object) -> object:
+        return spec
+
+    def skipped(self, inp: Input) -> None:
+        self.counts["skipped"] += 1
+
+    def processed(self, inp: Input, ts_init_ns: int) -> None:
+        self.counts["processed"] += 1
+
+
+class ConflictingDesks:
+    """A desk at seq 5; the first run of its step meets another writer (a conflict)."""
+
+    def __init__(self) -> None:
+        self.loads = 0
+
+    async def current(self, symbol: str) -> Any:
+        self.loads += 1
+        return SimpleNamespace(symbol=symbol, last_seq=5, inflight=None)
+
+    def drop(self, symbol: str) -> None:
+        pass
+
+
+def step(seq: int) -> MarketStep:
+    tick = Tick(SYMBOL, seq, Decimal(100 + seq))
+    return MarketStep(SYMBOL, seq, 1, tick, (), leverage_pb2.TargetsUpdate())
+
+
+def test_a_step_retried_after_a_conflict_counts_its_redeliveries_once() -> None:
+    runtime, desks = CountingRuntime(), ConflictingDesks()
+    hedger = Hedger(
+        cast(HedgingRuntime, runtime), cast(Any, desks), StrategyConfig(), backoff_s=0.0
+    )
+    runs: list[list[int]] = []
+
+    async def run_market(desk: Any, fresh: list[MarketStep]) -> bool:
+        runs.append([s.seq for s in fresh])
+        return len(runs) > 2  # two conflicts, then done
+
+    hedger._run_market = run_market  # type: ignore[method-assign]
+    asyncio.run(hedger.on_market(cast(Input, None), [step(s) for s in (4, 5, 6, 7)]))
+    assert runs == [[6, 7]] * 3 and desks.loads == 3
+    assert runtime.counts == {"skipped": 2, "processed": 2}  # 6 and 2 before the fix
