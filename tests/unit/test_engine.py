@@ -21,6 +21,7 @@ from shared.core.events import (
     InsuranceClaimPaid,
     InsuranceRepaid,
     LeverageTargetChanged,
+    ManagementFeeAccrued,
     ProductUnitsIssued,
     UnheldEquityTaken,
 )
@@ -31,7 +32,7 @@ from shared.core.leverage import (
     model_leverage,
 )
 from shared.core.market import NS_PER_DAY, NS_PER_HOUR, FundingRate, Side, Tick
-from shared.core.money import usdt_down
+from shared.core.money import nav_of, usdt_down
 from shared.core.products import fixed_strategy, smart_controllers, smart_engine, smart_strategy
 from shared.core.venue import PerpVenue
 from tests.unit.core_stubs import (
@@ -814,6 +815,44 @@ def test_a_wick_the_mark_ignores_is_floored_by_an_advance_the_recovery_repays(
     assert runs[0] == runs[1]
 
 
+def test_a_partial_recovery_from_a_wick_repays_only_what_the_equity_holds_above_its_floor() -> None:
+    """A 3x short built at 100 and held up at a print of 330 (mark 100): the next print,
+    200, recovers part of the way. Only the equity above the floor repays the advance;
+    repaid whole, the product was left far below zero (NAV about -200). What is still
+    owed is repaid as the price comes back to 100, and the fund ends where it began."""
+    strategy = smart_strategy("BTC-USDT", built_at(3.0))
+    engine = strategy.engine
+    short = engine.books.products[f"{SYMBOL}:SHORT"]
+    engine.deposit(short.product, CAPITAL, 0)
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(100), Decimal(100)), None)
+    fund, floor, equity = (
+        engine.books.insurance_fund,
+        short.equity_floor,
+        short.equity(Decimal(100)),
+    )
+    assert abs(short.leverage(Decimal(100)) - 3) < Decimal("0.05") and floor > 0
+    events = strategy.on_tick(Tick(SYMBOL, 2, Decimal(330), Decimal(100)), None)
+    [advanced] = [e for e in events if isinstance(e, InsuranceAdvanced)]
+    # at 330 it is worth equity + qty x 230 (about 1 - 3 x 2.3 = -5.9 times its equity)
+    assert advanced.equity_before == equity + short.qty * 230 < -5 * equity
+    assert advanced.amount == floor - advanced.equity_before
+    events = strategy.on_tick(Tick(SYMBOL, 3, Decimal(200), Decimal(100)), None)
+    [repaid] = [e for e in events if isinstance(e, InsuranceRepaid)]
+    # at 200 it holds the floor + |qty| x 130 (~3.9 x equity): it owes floor + ~5.9 x equity
+    assert repaid.equity_before == floor - short.qty * 130
+    assert repaid.amount == repaid.equity_before - floor < advanced.amount
+    assert short.insurance_owed == advanced.amount - repaid.amount > 0
+    assert short.equity(Decimal(200)) == floor
+    assert engine.nav(short.product) == nav_of(floor, short.units) > 0
+    engine.books.check_balanced(engine.venue, engine.price)
+    events = strategy.on_tick(Tick(SYMBOL, 4, Decimal(100), Decimal(100)), None)
+    [rest] = [e for e in events if isinstance(e, InsuranceRepaid)]
+    assert rest.amount == advanced.amount - repaid.amount and short.insurance_owed == 0
+    assert engine.books.insurance_fund == fund
+    assert short.equity(Decimal(100)) == equity
+    engine.books.check_balanced(engine.venue, engine.price)
+
+
 def test_a_snapshot_from_before_insurance_advances_restores_with_none_owed() -> None:
     book = smart_engine("BTC-USDT", StrategyConfig()).books.products[f"{SYMBOL}:LONG"]
     book.insurance_owed = Decimal("12.5")
@@ -866,4 +905,78 @@ def test_an_order_while_an_advance_is_owed_makes_it_a_claim_and_goes_to_target(
         engine.redeem(short.product, short.units / 2, 3)
     assert short.insurance_owed == 0
     assert short.leverage(Decimal(330)) <= Decimal(str(config.leverage.l_max))
+    engine.books.check_balanced(engine.venue, engine.price)
+
+
+# Steps of the mark (up to 3%), some of them carrying a last trade the mark ignores: a
+# print from 90% under it to 300% over it (a wick), which the books value at.
+wick_steps = st.lists(
+    st.tuples(st.floats(-0.03, 0.03), st.one_of(st.none(), st.floats(-0.9, 3.0))),
+    min_size=1,
+    max_size=40,
+)
+
+
+@PROPERTY
+@given(wick_steps)
+def test_nav_stays_positive_when_the_last_trade_wicks_away_from_the_mark(
+    steps: list[tuple[float, float | None]],
+) -> None:
+    """The rules watch the mark, so a print it ignores forces no sale, while the books
+    value every product at that print: at 330 against a mark of 100 a 3x short's NAV
+    was -590 unless the fund advanced it to its floor (`Books.advance_floor`). Both
+    sides, ticks whose last trade equals the mark and ticks whose does not, the NAV
+    shown is above zero after every one, and the books balance (checked on every call)."""
+    config = levered_config()
+    signals, strategy = smart_run(config)
+    engine = strategy.engine
+    for product in (LONG, SHORT):
+        engine.deposit(product, CAPITAL, T0)
+    mark = 30_000.0
+    for i, (move, wick) in enumerate([(0.0, None), *steps]):
+        mark = min(max(mark * (1 + move), 10.0), 1e7)
+        marked = Decimal(round(mark * 10)) / 10
+        trade = marked if wick is None else Decimal(round(mark * (1 + wick) * 10)) / 10
+        market = Tick(SYMBOL, T0 + i * TICK_NS, trade, marked)
+        strategy.on_tick(market, signals.on_tick(market.ts_ns, market.price))
+        for product in (LONG, SHORT):
+            assert engine.nav(product) > 0, (i, product, trade, marked, engine.nav(product))
+    engine.books.check_balanced(engine.venue, engine.price)
+
+
+def test_the_management_fee_is_charged_once_per_utc_day_for_the_time_since_the_last() -> None:
+    """Hourly bars from 18:00 on one UTC day to 23:00 two days later, each closing a bar:
+    the first starts the clock, and the fee is charged on the first bar of each new day
+    only, for the time since the last charge (6 hours, then 24), at the configured annual
+    rate on the equity at that bar: 2% a year on ~1,000,000 is ~13.70 for 6 hours and
+    ~54.79 for a day. Charged on every bar instead, it is 24 small charges a day, each
+    rounded down to the USDT quantum on its own."""
+    engine = smart_engine("BTC-USDT", StrategyConfig())
+    rate = engine.books.config.management_fee
+    assert T0 % NS_PER_DAY == 0 and rate > 0
+    start = T0 + 18 * NS_PER_HOUR
+    engine.on_tick(Tick(SYMBOL, start, Decimal(30000)), [], True)
+    for product in (LONG, SHORT):
+        engine.deposit(product, CAPITAL, start)
+    charged: list[ManagementFeeAccrued] = []
+    expected: list[ManagementFeeAccrued] = []
+    last_charge = start
+    for hour in range(19, 72):
+        ts, price = T0 + hour * NS_PER_HOUR, Decimal(30000 + 10 * hour)
+        if hour % 24 == 0:  # the first bar of a UTC day: the time since the last charge
+            fraction = rate * (ts - last_charge) / (365 * NS_PER_DAY)
+            for product in (LONG, SHORT):
+                equity = engine.books.products[product].equity(price)
+                expected.append(ManagementFeeAccrued(product, ts, usdt_down(equity * fraction)))
+            last_charge = ts
+        events = engine.on_tick(Tick(SYMBOL, ts, price), [], True)
+        charged.extend(e for e in events if isinstance(e, ManagementFeeAccrued))
+    assert [e.ts_ns for e in expected] == [T0 + d * NS_PER_DAY for d in (1, 1, 2, 2)]
+    assert charged == expected
+    for fee, hours in zip(charged, (6, 6, 24, 24), strict=True):  # on equity within 3% of
+        worked = CAPITAL * rate * hours / (365 * 24)  # the capital: 13.70, 54.79
+        assert abs(fee.amount / worked - 1) < Decimal("0.03"), (fee, worked)
+    for product in (LONG, SHORT):
+        book = engine.books.products[product]
+        assert book.management_fees == sum(e.amount for e in charged if e.product == product)
     engine.books.check_balanced(engine.venue, engine.price)

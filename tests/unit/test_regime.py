@@ -84,6 +84,17 @@ def test_a_trend_needs_every_horizon_to_agree() -> None:
     assert classifier.update(split).regime is Regime.RANGE
 
 
+def test_a_down_trend_needs_every_horizon_to_agree() -> None:
+    """The mirror: a score past -enter with one horizon still rising is no down-trend."""
+    classifier = RegimeClassifier(CONFIG)
+    for i in range(6):
+        classifier.update(features(i, 0.0))
+    split = Features(7 * NS_PER_HOUR, 100.0, 7, CALM, (0.5, 0.5), (-3.0, 0.1), -0.8, 0.0, 0.0, True)
+    assert classifier.update(split).regime is Regime.RANGE
+    agreed = split._replace(ts_ns=8 * NS_PER_HOUR, momentum_t=(-3.0, -0.1))
+    assert classifier.update(agreed).regime is Regime.TREND_DOWN  # once they all agree
+
+
 def test_high_vol_is_entered_at_once_and_left_only_below_exit_after_the_dwell() -> None:
     sigmas = [CALM] * 6 + [1.2] + [0.8] * 8 + [0.5] * 3 + [0.69]
     states = classify([0.0] * len(sigmas), sigmas)
@@ -91,6 +102,20 @@ def test_high_vol_is_entered_at_once_and_left_only_below_exit_after_the_dwell() 
     assert regimes[6] is Regime.HIGH_VOL and states[6].changed  # no dwell on entry
     assert regimes[7:15] == [Regime.HIGH_VOL] * 8  # 0.8 is above the exit
     assert regimes[15] is Regime.RANGE  # below exit and dwell served
+
+
+def test_high_vol_holds_through_the_dwell_even_when_sigma_falls_below_exit_at_once() -> None:
+    """Entered at bar 6 (sigma 1.2 > enter 1.0), HIGH_VOL is held `min_dwell_bars` (5)
+    bars, bars 6-10, though sigma is 0.5, below the exit 0.7, from bar 7 on; bar 11 is
+    the first with the dwell served, and it leaves there."""
+    dwell = CONFIG.min_dwell_bars
+    assert CALM < 0.5 < CONFIG.high_vol_exit < CONFIG.high_vol_enter < 1.2
+    sigmas = [CALM] * 6 + [1.2] + [0.5] * (dwell + 1)
+    states = classify([0.0] * len(sigmas), sigmas)
+    regimes = [s.regime for s in states]
+    assert regimes[:6] == [Regime.RANGE] * 6
+    assert regimes[6 : 6 + dwell] == [Regime.HIGH_VOL] * dwell
+    assert regimes[6 + dwell] is Regime.RANGE and states[6 + dwell].changed
 
 
 def test_high_vol_overrides_the_dwell_of_a_fresh_trend() -> None:

@@ -307,6 +307,39 @@ def test_at_risk_never_misses_a_liquidation(case: tuple[Decimal, Decimal, Decima
     assert (event is not None) == liquidates
 
 
+marks = st.integers(1, 10**9).map(lambda n: D(n).scaleb(-2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(lots, marks)
+def test_at_risk_holds_on_the_exact_liquidation_boundary(position: Decimal, mark: Decimal) -> None:
+    """Equity exactly at maintenance margin liquidates, and there the float estimate of
+    the liquidation price can round to either side of the mark: the 1% margin on it is
+    what keeps the pre-check from missing it. The wallet is the one that puts `mark` on
+    the boundary, w + q m = |q| m mmr: a long's -q m (1 - mmr), a short's |q| m (1 + mmr)
+    (lots of 1e-3, marks of 1e-2 and the rate's 1e-3: exact to the wallet's 1e-8)."""
+    mmr = venue_config().maintenance_margin
+    wallet = abs(position) * mark * mmr - position * mark  # w + q m = |q| m mmr
+    assume(wallet == wallet.quantize(D("1e-8")))  # a wallet the venue can hold, exactly
+    v = venue_with(wallet=wallet, position=position)
+    assert v.equity(mark) == v.maintenance_margin(mark)
+    assert v.at_risk(float(mark)), (wallet, position, mark)
+    assert v.check_liquidation(0, mark) is not None
+
+
+def test_at_risk_catches_a_boundary_the_float_estimate_puts_past_the_mark() -> None:
+    # 32.076 x 37450.3 x 0.995 = 1195249.5436860: at 37450.3 the equity, 1201255.8228 -
+    # 1195249.5436860 = 6006.279114, is exactly the margin (32.076 x 37450.3 x 0.005). In
+    # floats the liquidation price is 37450.299999999996, just under the mark: without
+    # the margin on it, the pre-check said "not at risk" and the liquidation was missed.
+    wallet, position, mark = D("-1195249.5436860"), D("32.076"), D("37450.3")
+    assert -float(wallet) / (float(position) * (1 - 0.005)) < float(mark)
+    v = venue_with(wallet=wallet, position=position)
+    assert v.equity(mark) == v.maintenance_margin(mark) == D("6006.279114")
+    assert v.at_risk(float(mark))
+    assert v.check_liquidation(0, mark) is not None
+
+
 def test_at_risk_thresholds_follow_fills() -> None:
     # built through fills/transfers, not restore: the threshold must track every change
     v = venue(collateral="5000")
