@@ -22,18 +22,27 @@ from shared.codec import decimal_to_wire
 from shared.core.bars import ticks_from_bars
 from shared.core.config import StrategyConfig
 from shared.core.engine import SignalPipeline, Strategy
-from shared.core.events import HedgeExecuted, InsuranceClaimPaid, LeverageTargetChanged
+from shared.core.events import (
+    AccountLiquidated,
+    HedgeExecuted,
+    InsuranceClaimPaid,
+    LeverageTargetChanged,
+)
 from shared.core.leverage import SmartLeverageController
 from shared.core.market import NS_PER_YEAR, Bar, FundingRate, Side, Tick
 from shared.core.money import ZERO
 from shared.core.products import SIDES, fixed_strategy, smart_strategy
 
 BENCHMARK_LEVERAGES = (Decimal(1), Decimal(2), Decimal(3))
+NO_REGIME = ""  # the starting row's: no bar has closed yet
+_ABOVE_ALL = Decimal("Infinity")
 
 
 @dataclass
 class ProductSeries:
-    """One product's path, sampled at every bar close, and its event counts."""
+    """One product's path, sampled where the capital goes in (before the first tick), at
+    every bar close and at the last tick; its extremes over every tick, since within an
+    hour the NAV goes lower than at either close; and its event counts."""
 
     product: str
     side: Side
@@ -41,10 +50,35 @@ class ProductSeries:
     navs: list[Decimal] = field(default_factory=list)
     targets: list[float] = field(default_factory=list)
     leverages: list[float] = field(default_factory=list)
+    lowest_nav: Decimal = _ABOVE_ALL
+    peak_nav: Decimal = -_ABOVE_ALL
+    lowest_since_peak: Decimal = _ABOVE_ALL
+    max_drawdown: float = 0.0
+    holds_position: bool = False  # after the last tick: what a liquidation would close
+    liquidations: int = 0  # venue liquidations of its account that closed its position
     rebalances: int = 0
     emergencies: int = 0
     insurance_claims: int = 0
     insurance_paid: Decimal = ZERO
+
+    def observe(self, nav: Decimal, holds_position: bool) -> None:
+        """One tick's NAV into the lowest and the deepest fall from a peak (above 100%
+        when the NAV went below zero). Every tick of every product comes here: the fall
+        is worked out only at a new low since the peak."""
+        if nav > self.peak_nav:
+            self.peak_nav = self.lowest_since_peak = nav
+            self.lowest_nav = min(self.lowest_nav, nav)  # (the first NAV)
+        elif nav < self.lowest_since_peak:
+            self.lowest_since_peak = nav
+            self.lowest_nav = min(self.lowest_nav, nav)
+            if self.peak_nav > 0:
+                self.max_drawdown = max(self.max_drawdown, 1.0 - float(nav / self.peak_nav))
+        self.holds_position = holds_position
+
+    def account_liquidated(self) -> None:
+        """Its account was liquidated: counted when that closed a position it held."""
+        if self.holds_position:
+            self.liquidations += 1
 
 
 @dataclass
@@ -56,9 +90,10 @@ class BacktestResult:
     regimes: list[str]
     series: dict[str, ProductSeries]
     strategies: list[Strategy]
-    ticks: int
-    funding_events: int
+    ticks: int = 0
+    funding_events: int = 0
     covered_ns: int = 0  # the bars' time, first open to last close (the window measured)
+    bars: int = 0
 
 
 def market_events(
@@ -107,8 +142,10 @@ def run_backtest(
 ) -> BacktestResult:
     """`on_tick(tick, regime or None, strategies)` runs after every tick is applied: a
     per-tick record (the pipeline parity test compares every tick's NAV, not only bar
-    closes). The report has a row per bar close and one for the last tick, where the
-    replay ends (a bar closes only on the next bar's first tick, which never comes)."""
+    closes). The report has a row where the capital goes in (at the first tick's time
+    and price, before it is applied), one per bar close and one for the last tick, where
+    the replay ends (a bar closes only on the next bar's first tick, which never comes).
+    Every tick also feeds each product's lowest NAV and deepest drawdown."""
     if not bars:
         raise ValueError("no bars to backtest")
     interval = config.features.bar_seconds * 1_000_000_000
@@ -117,25 +154,30 @@ def run_backtest(
     strategies, series = build_strategies(symbol, config, benchmarks)
     covered = bars[-1].open_ts_ns + interval - bars[0].open_ts_ns
     result = BacktestResult(
-        symbol, config.accounting.initial_nav, [], [], [], series, strategies, 0, 0, covered
-    )
+        symbol, config.accounting.initial_nav, [], [], [], series, strategies,
+        covered_ns=covered, bars=len(bars),
+    )  # fmt: skip
     for strategy in strategies:  # seed capital; the first tick builds the positions
         for controller in strategy.controllers:
             seed = strategy.engine.deposit(controller.product, capital, bars[0].open_ts_ns)
-            _count(series, seed)
-    last_tick: Tick | None = None
-    last_regime: str | None = None  # the regime as of the last bar close
-    recorded_last = False  # the last tick has its row
-    for event in market_events(ticks, funding):
+            _count(series, strategy, seed)
+    first = next(ticks)
+    _record(result, first, NO_REGIME)
+    _observe(result, first)
+    last_tick = first
+    last_regime = NO_REGIME  # the regime as of the last bar close
+    recorded_last = False  # the last tick has its row (after it was applied)
+    for event in market_events(itertools.chain([first], ticks), funding):
         if isinstance(event, FundingRate):
             result.funding_events += 1
             for strategy in strategies:
-                _count(series, strategy.engine.on_funding(event))
+                _count(series, strategy, strategy.engine.on_funding(event))
             continue
         result.ticks += 1
         regime = signals.on_tick(event.ts_ns, event.price)
         for strategy in strategies:
-            _count(series, strategy.on_tick(event, regime))
+            _count(series, strategy, strategy.on_tick(event, regime))
+        _observe(result, event)
         last_tick, recorded_last = event, regime is not None
         if regime is not None:
             last_regime = regime.regime.value
@@ -144,14 +186,14 @@ def run_backtest(
             on_tick(event, None if regime is None else regime.regime.value, strategies)
         if progress is not None and result.ticks % 4096 == 0:
             progress(result.ticks)
-    if last_tick is not None and last_regime is not None and not recorded_last:
+    if not recorded_last:
         _record(result, last_tick, last_regime)
     if progress is not None:
         progress(result.ticks)
     return result
 
 
-def _count(series: dict[str, ProductSeries], events: Iterable[object]) -> None:
+def _count(series: dict[str, ProductSeries], strategy: Strategy, events: Iterable[object]) -> None:
     for event in events:
         if isinstance(event, LeverageTargetChanged):
             if event.emergency:
@@ -163,6 +205,15 @@ def _count(series: dict[str, ProductSeries], events: Iterable[object]) -> None:
             item = series[event.product]
             item.insurance_claims += 1
             item.insurance_paid += event.amount
+        elif isinstance(event, AccountLiquidated):
+            for controller in strategy.controllers:
+                series[controller.product].account_liquidated()
+
+
+def _observe(result: BacktestResult, tick: Tick) -> None:
+    for strategy in result.strategies:
+        for product, book in strategy.engine.books.products.items():
+            result.series[product].observe(book.nav(tick.price), bool(book.qty))
 
 
 def _record(result: BacktestResult, tick: Tick, regime: str) -> None:
@@ -179,31 +230,31 @@ def _record(result: BacktestResult, tick: Tick, regime: str) -> None:
 
 
 def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
-    """Per product: the figures a user compares products by."""
-    years = (result.times[-1] - result.times[0]) / NS_PER_YEAR if len(result.times) > 1 else 0.0
+    """Per product: the figures a user compares products by. The return and Sharpe run
+    over the rows (the starting one included); the lowest NAV and the drawdown over every
+    tick."""
+    years = (result.times[-1] - result.times[0]) / NS_PER_YEAR
     bars_per_year = (len(result.times) - 1) / years if years > 0 else 0.0
     out: dict[str, dict[str, object]] = {}
     for strategy in result.strategies:
         for controller in strategy.controllers:
             item = result.series[controller.product]
             book = strategy.engine.books.products[controller.product]
-            navs = [float(n) for n in item.navs]
             start = float(result.initial_nav)
-            final = navs[-1] if navs else start
+            final = float(item.navs[-1])
             out[item.product] = {
                 "smart": item.smart,
                 "side": item.side.name,
-                "final_nav": decimal_to_wire(item.navs[-1] if item.navs else result.initial_nav),
+                "final_nav": decimal_to_wire(item.navs[-1]),
                 "total_return": final / start - 1,
                 "cagr": _cagr(final / start, result.covered_ns / NS_PER_YEAR),
-                "max_drawdown": _max_drawdown(navs),
-                "sharpe": _sharpe(navs, bars_per_year),
-                "min_nav": decimal_to_wire(min(item.navs) if item.navs else result.initial_nav),
-                "avg_leverage": sum(item.leverages) / len(item.leverages)
-                if item.leverages
-                else 0.0,
+                "max_drawdown": item.max_drawdown,
+                "sharpe": sharpe_ratio([float(n) for n in item.navs], bars_per_year),
+                "min_nav": decimal_to_wire(item.lowest_nav),
+                "avg_leverage": sum(item.leverages) / len(item.leverages),
                 "rebalances": item.rebalances,
                 "emergency_deleverages": item.emergencies,
+                "venue_liquidations": item.liquidations,
                 "trading_fees_paid": decimal_to_wire(book.trading_fees),
                 "slippage_paid": decimal_to_wire(book.slippage),
                 "management_fees_paid": decimal_to_wire(book.management_fees),
@@ -223,17 +274,14 @@ def _cagr(growth: float, years: float) -> float | None:
     return growth ** (1 / years) - 1 if growth > 0 else -1.0
 
 
-def _max_drawdown(navs: Sequence[float]) -> float:
-    peak, worst = -math.inf, 0.0
-    for nav in navs:
-        peak = max(peak, nav)
-        if peak > 0:
-            worst = max(worst, 1.0 - nav / peak)
-    return worst
-
-
-def _sharpe(navs: Sequence[float], bars_per_year: float) -> float:
-    returns = [math.log(b / a) for a, b in itertools.pairwise(navs) if a > 0 and b > 0]
+def sharpe_ratio(navs: Sequence[float], bars_per_year: float) -> float:
+    """Annualised mean over standard deviation of the simple per-row returns. A step to
+    zero or below is a wipe-out: -100%, and the last return (the product is gone)."""
+    returns: list[float] = []
+    for before, after in itertools.pairwise(navs):
+        returns.append(max(after / before - 1, -1.0))
+        if after <= 0:
+            break
     if len(returns) < 2:
         return 0.0
     mean = sum(returns) / len(returns)
@@ -264,9 +312,9 @@ def write_metrics(result: BacktestResult, path: Path) -> dict[str, dict[str, obj
     figures = metrics(result)
     document = {
         "symbol": result.symbol,
-        "start": _iso(result.times[0]) if result.times else None,
-        "end": _iso(result.times[-1]) if result.times else None,
-        "bars": len(result.times),
+        "start": _iso(result.times[0]),
+        "end": _iso(result.times[-1]),
+        "bars": result.bars,
         "ticks": result.ticks,
         "funding_settlements": result.funding_events,
         "initial_nav": decimal_to_wire(result.initial_nav),

@@ -36,9 +36,11 @@ from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2
 
 from shared.adapters.market_data import (
     DataError,
+    LoadReport,
+    check_marks_match,
     load_bars,
     load_funding,
-    load_marks,
+    load_marks_reported,
     parse_time,
 )
 from shared.backtest import run_backtest, write_metrics, write_nav_csv
@@ -131,13 +133,17 @@ def backtest(
             if funding
             else ([], None)
         )
-        mark_prices = load_marks(marks, start_ns=start_ns, end_ns=end_ns) if marks else None
+        mark_prices: dict[int, Decimal] | None = None
+        marks_report: LoadReport | None = None
+        if marks:
+            mark_prices, marks_report = load_marks_reported(marks, start_ns=start_ns, end_ns=end_ns)
+            check_marks_match(bars, mark_prices, str(marks))
     except DataError as exc:
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    console.print(report.summary())
-    if funding_report is not None:
-        console.print(funding_report.summary())
+    for loaded in (report, funding_report, marks_report):
+        if loaded is not None:
+            console.print(loaded.summary())
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -180,16 +186,18 @@ def backtest(
         {p: result.series[p].targets for p in smart},
         highlight=smart,
     )
-    # The table needs ~145 columns; a log or pipe gets them rather than cut product names.
-    Console(width=max(console.width, 150)).print(summary_table(figures))
+    # The table needs ~175 columns; a log or pipe gets them rather than cut product names.
+    Console(width=max(console.width, 180)).print(summary_table(figures))
     console.print(
-        f"{result.ticks:,} ticks, {len(result.times):,} bars, "
+        f"{result.ticks:,} ticks, {result.bars:,} bars, "
         f"{result.funding_events:,} funding settlements in {elapsed:.1f} s; "
         f"wrote {out}/metrics.json, nav.csv, chart.png"
     )
 
 
 def summary_table(figures: dict[str, dict[str, object]]) -> Table:
+    """metrics.json's figures; "trade costs" are the trading fees and the slippage, the
+    management fee has its own column (often the larger cost)."""
     table = Table(title="products and benchmarks")
     for column in (
         "product",
@@ -202,12 +210,14 @@ def summary_table(figures: dict[str, dict[str, object]]) -> Table:
         "avg lev",
         "rebal",
         "emerg",
-        "fees",
+        "liquidations",
+        "trade costs",
+        "mgmt fees",
         "funding",
     ):
         table.add_column(column, justify="left" if column == "product" else "right")
     for product, row in figures.items():
-        fees = Decimal(str(row["trading_fees_paid"])) + Decimal(str(row["slippage_paid"]))
+        trade_costs = Decimal(str(row["trading_fees_paid"])) + Decimal(str(row["slippage_paid"]))
         table.add_row(
             f"[bold]{product}[/bold]" if row["smart"] else product,
             f"{Decimal(str(row['final_nav'])):.2f}",
@@ -219,7 +229,9 @@ def summary_table(figures: dict[str, dict[str, object]]) -> Table:
             f"{row['avg_leverage']:.2f}",
             str(row["rebalances"]),
             str(row["emergency_deleverages"]),
-            f"{fees:,.0f}",
+            str(row["venue_liquidations"]),
+            f"{trade_costs:,.0f}",
+            f"{Decimal(str(row['management_fees_paid'])):,.0f}",
             f"{Decimal(str(row['funding_paid'])):,.0f}",
         )
     return table

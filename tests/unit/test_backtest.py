@@ -15,7 +15,7 @@ from shared.adapters.market_data import load_bars, load_funding, load_marks, par
 from shared.adapters.tick_replay import data_dir
 from shared.backtest import metrics, run_backtest, write_metrics, write_nav_csv
 from shared.cli import app, summary_table
-from shared.codec import decimal_from_wire
+from shared.codec import decimal_from_wire, decimal_to_wire
 from shared.core.config import StrategyConfig
 from shared.core.engine import Strategy
 from shared.core.market import NS_PER_YEAR, Tick
@@ -42,22 +42,24 @@ def test_smart_products_survive_2019_2023_where_fixed_3x_is_wiped_out(
         """The NAV at every tick, not only at bar closes: the rules watch the mark, the
         books value at the last trade (ETH printed 323 on 2020-03-13 against a mark of
         96.6; the short's NAV was -177.87 on that tick, between two bar closes)."""
-        for product, book in strategies[0].engine.books.products.items():
-            nav = book.nav(tick.price)
-            lowest[product] = min(nav, lowest.get(product, nav))
+        for strategy in strategies:
+            for product, book in strategy.engine.books.products.items():
+                nav = book.nav(tick.price)
+                lowest[product] = min(nav, lowest.get(product, nav))
 
     result = run_backtest(symbol, bars, funding, StrategyConfig(), marks=marks, on_tick=every_tick)
     figures = metrics(result)
     with capsys.disabled():
         from rich.console import Console
 
-        Console(width=150).print(summary_table(figures))
+        Console(width=180).print(summary_table(figures))
     start = result.initial_nav
     years = result.covered_ns / NS_PER_YEAR  # the bars' time, first open to last close
     for product, row in figures.items():
         growth = float(result.series[product].navs[-1] / start)
         assert row["total_return"] == pytest.approx(growth - 1)
         assert row["cagr"] == pytest.approx(growth ** (1 / years) - 1 if growth else -1.0)
+        assert row["min_nav"] == decimal_to_wire(lowest[product])  # every tick's, not a close's
     for side in ("LONG", "SHORT"):
         assert min(result.series[f"{symbol}:{side}"].navs) > 0
         assert lowest[f"{symbol}:{side}"] > 0, f"{side}: NAV {lowest[f'{symbol}:{side}']}"
@@ -67,6 +69,12 @@ def test_smart_products_survive_2019_2023_where_fixed_3x_is_wiped_out(
         strategy.engine.books.check_balanced(strategy.engine.venue, strategy.engine.price)
     smart_venue = result.strategies[0].engine.venue
     assert isinstance(smart_venue, PerpVenue) and smart_venue.liquidations == 0
+    for strategy in result.strategies[1:]:  # a benchmark: one product, its own account
+        (benchmark,) = strategy.controllers
+        venue = strategy.engine.venue
+        assert isinstance(venue, PerpVenue)
+        assert figures[benchmark.product]["venue_liquidations"] == venue.liquidations
+    assert figures[f"{symbol}:LONG:3X-FIXED"]["venue_liquidations"] == 1
     assert result.funding_events > 4000
 
 
@@ -85,15 +93,18 @@ def test_cli_writes_metrics_nav_and_chart(tmp_path: Path) -> None:
     )  # fmt: skip
     assert outcome.exit_code == 0, outcome.output
     document = json.loads((out / "metrics.json").read_text())
-    assert document["bars"] == 31 * 24  # every bar: the last at the replay's last tick
+    assert document["bars"] == 31 * 24
+    assert document["start"] == "2021-05-01T00:00:00Z"  # where the capital goes in
     assert set(document["products"]) >= {
         "BTC-USDT:LONG",
         "BTC-USDT:SHORT",
         "BTC-USDT:LONG:3X-FIXED",
     }
     rows = (out / "nav.csv").read_text().splitlines()
-    assert len(rows) == document["bars"] + 1
+    # the header, the start, every bar close, the last at the replay's last tick
+    assert len(rows) == 1 + 1 + document["bars"]
     assert rows[0].startswith("timestamp,price,regime,BTC-USDT:LONG:target")
+    assert rows[1].startswith("2021-05-01T00:00:00Z,")
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -168,6 +179,43 @@ def test_a_calendar_years_backtest_has_a_cagr() -> None:
         for row in year.values():  # exactly a year: the CAGR is the total return
             assert row["cagr"] == pytest.approx(row["total_return"], rel=1e-12), mode
         assert all(row["cagr"] is None for row in short.values()), mode  # an hour short
+
+
+@needs_data
+def test_cli_reports_the_marks_it_loaded(tmp_path: Path) -> None:
+    outcome = runner.invoke(
+        app,
+        [
+            "backtest",
+            "--data", str(DATA / "BTCUSDT_perp_1h_2019_2023.csv"),
+            "--marks", str(DATA / "BTCUSDT_mark_1h_2019_2023.csv"),
+            "--start", "2021-05-01", "--end", "2021-05-03",
+            "--out", str(tmp_path / "out"),
+        ],
+    )  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    printed = " ".join(outcome.output.split())
+    assert "BTCUSDT_mark_1h_2019_2023.csv: read 35269 rows, kept 48;" in printed
+
+
+@needs_data
+def test_cli_refuses_marks_of_another_market_and_writes_nothing(tmp_path: Path) -> None:
+    """BTC bars with ETH marks ran, the 2x and 3x longs liquidated on the first tick."""
+    outcome = runner.invoke(
+        app,
+        [
+            "backtest",
+            "--data", str(DATA / "BTCUSDT_perp_1h_2019_2023.csv"),
+            "--marks", str(DATA / "ETHUSDT_mark_1h_2019_2023.csv"),
+            "--start", "2021-05-01", "--end", "2021-05-03",
+            "--out", str(tmp_path / "out"),
+        ],
+    )  # fmt: skip
+    assert outcome.exit_code == 2
+    printed = " ".join(outcome.output.split())
+    assert "ETHUSDT_mark_1h_2019_2023.csv: the marks are not this market's" in printed
+    assert "Traceback" not in outcome.output
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -18,18 +18,22 @@ import pytest
 from shared.adapters.market_data import (
     DataError,
     LoadReport,
+    check_marks_match,
     load_bars,
     load_funding,
     load_marks,
+    load_marks_reported,
     parse_timestamp,
 )
-from shared.core.market import NS_PER_HOUR
+from shared.core.market import NS_PER_HOUR, Bar
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 BTC_PERP = DATA / "BTCUSDT_perp_1h_2019_2023.csv"
 BTC_SPOT = DATA / "BTCUSDT_spot_1h_2019_2023.csv"
 BTC_MARK = DATA / "BTCUSDT_mark_1h_2019_2023.csv"
 BTC_FUNDING = DATA / "BTCUSDT_funding_8h_2019_2023.csv"
+ETH_PERP = DATA / "ETHUSDT_perp_1h_2019_2023.csv"
+ETH_MARK = DATA / "ETHUSDT_mark_1h_2019_2023.csv"
 
 needs_data = pytest.mark.skipif(
     not BTC_PERP.exists(), reason=f"real market data not found under {DATA}"
@@ -129,6 +133,38 @@ def test_funding_loads_within_bounds() -> None:
 
 
 @needs_data
+def test_funding_gaps_are_counted_not_filled(tmp_path: Path) -> None:
+    """Settlements every 8 h (data README: 00/08/16 UTC); a file with some missing was
+    reported "0 gap(s)". The real file has none; one with rows cut out has them."""
+    rows = raw_rows(BTC_FUNDING)
+    stamps = [ns(r["timestamp"]) for r in rows]
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert all(s == 8 * NS_PER_HOUR for s in steps)  # an independent reading: no gap
+    _, report = load_funding(BTC_FUNDING, "BTC-USDT")
+    assert (report.gaps, report.missing_bars) == (0, 0)
+    cut = [rows[i] for i in range(len(rows)) if i not in (10, 500, 501, 502)]
+    body = "timestamp,funding_rate\n" + "".join(
+        f"{r['timestamp']},{r['funding_rate']}\n" for r in cut
+    )
+    _, report = load_funding(write(tmp_path, body, "funding.csv"), "BTC-USDT")
+    assert (report.gaps, report.missing_bars) == (2, 4)
+    assert "2 gap(s) totalling 4 missing settlement(s)" in report.summary()
+
+
+def test_funding_gap_counting(tmp_path: Path) -> None:
+    """Gaps count between kept settlements only, as bars' do."""
+    hours = ("2020-01-01T00", "2020-01-01T16", "2020-01-02T00", "2020-01-03T00", "2020-01-03T08")
+    body = "timestamp,funding_rate\n" + "".join(f"{h}:00:00Z,0.0001\n" for h in hours)
+    path = write(tmp_path, body, "funding.csv")
+    rates, report = load_funding(path, "X")
+    assert len(rates) == 5
+    assert report == LoadReport(str(path), 5, 5, 0, 0, 2, 3, "settlement")
+    window = {"start_ns": ns("2020-01-01T08:00:00Z"), "end_ns": ns("2020-01-03T00:00:00Z")}
+    _, report = load_funding(path, "X", **window)
+    assert (report.rows_kept, report.gaps, report.missing_bars) == (2, 0, 0)
+
+
+@needs_data
 def test_marks_map_bar_open_to_mark_close() -> None:
     rows = raw_rows(BTC_MARK)
     start = ns(rows[100]["timestamp"])
@@ -159,6 +195,51 @@ def test_a_window_after_a_file_ends_is_an_error_not_an_empty_file(tmp_path: Path
     assert load_funding(BTC_FUNDING, "BTC-USDT", **tail)[0] == []
     with pytest.raises(DataError, match="no funding rates left"):  # one was due at 00:00
         load_funding(BTC_FUNDING, "BTC-USDT", start_ns=tail["start_ns"], end_ns=tail["end_ns"] + 1)
+
+
+@needs_data
+def test_marks_come_with_their_load_report() -> None:
+    rows = raw_rows(BTC_MARK)
+    start = ns(rows[100]["timestamp"])
+    marks, report = load_marks_reported(BTC_MARK, start_ns=start, end_ns=start + 3 * NS_PER_HOUR)
+    assert marks == load_marks(BTC_MARK, start_ns=start, end_ns=start + 3 * NS_PER_HOUR)
+    assert (report.rows_read, report.rows_kept) == (len(rows), 3)
+    assert report.rows_outside_window == len(rows) - 3
+    assert report.summary().startswith(f"{BTC_MARK}: read {len(rows)} rows, kept 3;")
+
+
+@needs_data
+def test_marks_of_another_market_are_refused() -> None:
+    """ETH marks with BTC bars were taken silently (the 2x and 3x longs liquidated on
+    the first tick). The same market's marks pass, either asset."""
+    for perp, mark in ((BTC_PERP, BTC_MARK), (ETH_PERP, ETH_MARK)):
+        check_marks_match(load_bars(perp, "X")[0], load_marks(mark), str(mark))
+    btc, _ = load_bars(BTC_PERP, "BTC-USDT")
+    with pytest.raises(DataError) as caught:
+        check_marks_match(btc, load_marks(ETH_MARK), str(ETH_MARK))
+    message = str(caught.value)
+    assert message.startswith(f"{ETH_MARK}: the marks are not this market's")
+    assert "a median 93.7% from the traded closes over 35269 hour(s)" in message
+
+
+@pytest.mark.parametrize(("mark", "refused"), [("104.9", False), ("95.1", False), ("105.1", True)])
+def test_marks_are_refused_past_a_median_five_percent_from_the_trades(
+    mark: str, refused: bool
+) -> None:
+    """The bound is the median's: one hour far off (a wick) does not refuse a file, and
+    an hour without a mark is not compared."""
+    price = Decimal(100)
+    bars = [
+        Bar("X", ns(f"2020-01-01T0{hour}:00:00Z"), price, price, price, price, Decimal(1))
+        for hour in range(4)
+    ]
+    marks = {bars[0].open_ts_ns: Decimal(200)} | {b.open_ts_ns: Decimal(mark) for b in bars[1:3]}
+    if refused:
+        with pytest.raises(DataError, match=r"a median 5\.1% from the traded closes over 3 hour"):
+            check_marks_match(bars, marks, "marks.csv")
+    else:
+        check_marks_match(bars, marks, "marks.csv")
+    check_marks_match(bars, {}, "marks.csv")  # no hour in common: nothing to compare
 
 
 # --- timestamps -----------------------------------------------------------------------
