@@ -21,7 +21,7 @@ from kafka import KafkaProducer
 from smartlev.v1 import market_pb2
 
 from shared import codec
-from shared.adapters.market_data import load_bars, load_funding, load_marks
+from shared.adapters.market_data import check_marks_match, load_bars, load_funding, load_marks
 from shared.backtest import market_events
 from shared.core.bars import ticks_from_bars
 from shared.core.market import NS_PER_HOUR, FundingRate, Tick
@@ -58,6 +58,8 @@ def backtest_stream(
     bars, _ = load_bars(data, symbol, start_ns=start_ns, end_ns=end_ns, interval_ns=interval_ns)
     rates = load_funding(funding, symbol, start_ns=start_ns, end_ns=end_ns)[0] if funding else []
     mark_prices = load_marks(marks, start_ns=start_ns, end_ns=end_ns) if marks else None
+    if marks and mark_prices is not None:
+        check_marks_match(bars, mark_prices, str(marks))  # as the backtest command does
     return market_events(ticks_from_bars(bars, interval_ns, mark_prices, mode=mode), rates)
 
 

@@ -25,6 +25,7 @@ from shared.adapters.market_data import (
     load_marks_reported,
     parse_timestamp,
 )
+from shared.adapters.tick_replay import backtest_stream
 from shared.core.market import NS_PER_HOUR, Bar
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -220,6 +221,14 @@ def test_marks_of_another_market_are_refused() -> None:
     message = str(caught.value)
     assert message.startswith(f"{ETH_MARK}: the marks are not this market's")
     assert "a median 93.7% from the traded closes over 35269 hour(s)" in message
+
+
+def test_a_replay_refuses_marks_of_another_market_as_the_backtest_does() -> None:
+    """`backtest_stream` (ingestion's replay) is the backtest's stream: the same refusal."""
+    window = {"start_ns": ns("2021-05-01T00:00:00Z"), "end_ns": ns("2021-05-03T00:00:00Z")}
+    assert next(iter(backtest_stream(BTC_PERP, "BTC-USDT", marks=BTC_MARK, **window)))
+    with pytest.raises(DataError, match="the marks are not this market's"):
+        backtest_stream(BTC_PERP, "BTC-USDT", marks=ETH_MARK, **window)
 
 
 @pytest.mark.parametrize(("mark", "refused"), [("104.9", False), ("95.1", False), ("105.1", True)])
