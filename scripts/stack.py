@@ -507,15 +507,21 @@ class Stack:
             prepare=self._prepare_kafka,
         )
 
+    def component_configs(self) -> tuple[Path, Path]:
+        return self.root / self.kafka_cfg["config"], self.root / self.redis_cfg["config"]
+
     def _our_redis(self, pid: int, data_dir: Path, config: Path) -> bool:
-        """Redis rewrites its process title ("redis-server 127.0.0.1:6379"), so ours is
-        known by name, working directory (the root while it reads redis.conf, then the data
-        dir it changes into) and, in its command line, our config (before the rewrite) or
-        our port (after): another redis-server started from the checkout is not ours."""
-        if pid_comm(pid) != "redis-server" or pid_cwd(pid) not in (data_dir, self.root):
+        """Redis rewrites its process title ("redis-server 127.0.0.1:6379") once it has
+        read its config, where `dir` moves it into the data dir. So ours is a redis-server
+        that still has our config in its command line, or sits in our data dir with our
+        port in its title: another one started from the checkout (on any port, ours
+        too) is not ours, and `up` does not adopt it unchecked nor `down` kill it."""
+        if pid_comm(pid) != "redis-server":
             return False
-        cmdline = " ".join(pid_cmdline(pid))
-        return str(config) in cmdline or re.search(rf":{self.redis_port}\b", cmdline) is not None
+        cmdline, cwd = " ".join(pid_cmdline(pid)), pid_cwd(pid)
+        if cwd == self.root:
+            return str(config) in cmdline
+        return cwd == data_dir and re.search(rf":{self.redis_port}\b", cmdline) is not None
 
     def redis(self) -> Component:
         data_dir = (self.root / self.redis_conf["dir"]).resolve()
@@ -919,12 +925,14 @@ class Stack:
 
     def start_supervisor(self) -> None:
         """The supervisor (unless it runs): holds go, everything `up` started is watched.
-        One started before this file or stack.toml last changed is replaced: it read both
-        once, and kept restarting services with the ports and checks of before."""
+        One started before this file, stack.toml or Kafka's and Redis's configs (their
+        ports, by which it knows them) last changed is replaced: it read them once, and
+        kept restarting components with the ports and checks of before."""
         for held in self.run.glob("*.held"):
             held.unlink()
         if running := self.supervisors():
-            changed = max(Path(__file__).stat().st_mtime, self.config_path.stat().st_mtime)
+            read = (Path(__file__), self.config_path, *self.component_configs())
+            changed = max(p.stat().st_mtime for p in read)
             began = started_at(running[0])
             if began is None or began >= changed:
                 say(f"supervisor already watching (pid {running[0]})")

@@ -258,6 +258,11 @@ class _Rebalance(ConsumerRebalanceListener):
         async with runtime._handling:
             if runtime.consumer is not None:
                 await runtime._commit(runtime.consumer)
+            # A hold is this assignment's: back here, the partition is read from what its
+            # owners committed meanwhile, and held again at what is left unapplied (kept,
+            # it pulled the group's commit back to where this instance had stopped).
+            for tp in revoked:
+                runtime._holds.pop(tp, None)
         runtime.log.info("partitions_revoked", partitions=sorted(str(tp) for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:

@@ -148,6 +148,8 @@ class VenueServicer(venue_pb2_grpc.VenueServicer):
             liquidity = LIQUIDITY_FROM_WIRE.get(request.liquidity)
             if liquidity is None:
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "liquidity: TAKER or MAKER")
+            if request.ts_event_ns <= 0:  # the instant its walk of the book belongs to
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "ts_event_ns: must be > 0")
 
             def fill(venue: PerpVenue) -> venue_pb2.SubmitOrderReply:
                 filled = venue.execute(request.ts_event_ns, qty, reference, liquidity)

@@ -222,6 +222,7 @@ async def test_restart_continues_with_the_same_state(env: tuple[Redis, str]) -> 
         (order("x1", "1", ""), "not a plain decimal"),
         (order("x1", "1" + "0" * 39, "100000"), "figures are out of range"),  # a fee of 40+ digits
         (order("x1", "-2000000000", "50000"), "would fill at -"),  # impact past the price
+        (order("x1", "1", ts=0), "ts_event_ns: must be > 0"),  # unset: all one instant
     ],
 )
 async def test_invalid_orders_change_nothing(
