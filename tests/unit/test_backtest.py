@@ -9,7 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from shared.adapters.market_data import load_bars, load_funding, load_marks, parse_timestamp
 from shared.adapters.tick_replay import data_dir
@@ -181,18 +181,23 @@ def test_a_calendar_years_backtest_has_a_cagr() -> None:
         assert all(row["cagr"] is None for row in short.values()), mode  # an hour short
 
 
-@needs_data
-def test_cli_reports_the_marks_it_loaded(tmp_path: Path) -> None:
-    outcome = runner.invoke(
+def backtest_btc_with_marks(marks: str, out: Path) -> Result:
+    """Two days of BTC bars, with the marks file `marks`."""
+    return runner.invoke(
         app,
         [
             "backtest",
             "--data", str(DATA / "BTCUSDT_perp_1h_2019_2023.csv"),
-            "--marks", str(DATA / "BTCUSDT_mark_1h_2019_2023.csv"),
+            "--marks", str(DATA / marks),
             "--start", "2021-05-01", "--end", "2021-05-03",
-            "--out", str(tmp_path / "out"),
+            "--out", str(out),
         ],
     )  # fmt: skip
+
+
+@needs_data
+def test_cli_reports_the_marks_it_loaded(tmp_path: Path) -> None:
+    outcome = backtest_btc_with_marks("BTCUSDT_mark_1h_2019_2023.csv", tmp_path / "out")
     assert outcome.exit_code == 0, outcome.output
     printed = " ".join(outcome.output.split())
     assert "BTCUSDT_mark_1h_2019_2023.csv: read 35269 rows, kept 48;" in printed
@@ -201,16 +206,7 @@ def test_cli_reports_the_marks_it_loaded(tmp_path: Path) -> None:
 @needs_data
 def test_cli_refuses_marks_of_another_market_and_writes_nothing(tmp_path: Path) -> None:
     """BTC bars with ETH marks ran, the 2x and 3x longs liquidated on the first tick."""
-    outcome = runner.invoke(
-        app,
-        [
-            "backtest",
-            "--data", str(DATA / "BTCUSDT_perp_1h_2019_2023.csv"),
-            "--marks", str(DATA / "ETHUSDT_mark_1h_2019_2023.csv"),
-            "--start", "2021-05-01", "--end", "2021-05-03",
-            "--out", str(tmp_path / "out"),
-        ],
-    )  # fmt: skip
+    outcome = backtest_btc_with_marks("ETHUSDT_mark_1h_2019_2023.csv", tmp_path / "out")
     assert outcome.exit_code == 2
     printed = " ".join(outcome.output.split())
     assert "ETHUSDT_mark_1h_2019_2023.csv: the marks are not this market's" in printed
