@@ -3,7 +3,7 @@
 
 Usage (normally through scripts/stack.sh / make):
     stack.py up | down | ps | logs [NAME...] [-n N] [--no-follow]
-    stack.py restart NAME | stop NAME | restart-kafka | restart-redis | init
+    stack.py restart NAME | stop NAME | restart-kafka | restart-redis | init | check NAME
 
 What runs is declared in scripts/stack.toml; Kafka's and Redis's settings are in
 scripts/kafka/server.properties and scripts/redis/redis.conf. Everything this script

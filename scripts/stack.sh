@@ -5,6 +5,7 @@
 #
 #   bash scripts/stack.sh up | down | ps | logs [NAME...] [-n N] [--no-follow]
 #   bash scripts/stack.sh restart NAME | stop NAME | restart-kafka | restart-redis | init
+#   bash scripts/stack.sh check NAME      (one component's health check; exit 1 if unhealthy)
 #
 # The work is done by scripts/stack.py (process management needs more than bash does well);
 # it runs on the project's venv because the Kafka health check uses kafka-python.

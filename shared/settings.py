@@ -1,6 +1,6 @@
 """Service settings from the environment (pydantic-settings).
 
-Convention: every service subclasses `ServiceSettings` in `services/<name>/settings.py`
+Convention: every service subclasses `ServiceSettings` in `services/<name>/config.py`
 with its own prefix `SMARTLEV_<NAME>_`, and the shared connection settings nest under
 `KAFKA__` / `REDIS__`:
 

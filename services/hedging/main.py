@@ -18,7 +18,7 @@ Failures:
   applied, and the commits of their partitions stop at the first of them
   (`ConsumerRuntime.hold`): nothing is skipped, the symbol's input waits for a fix and a
   restart, while the instance's other symbols go on (their records read again after the
-  restart are skipped by the seq guard).
+  restart are skipped by the seq guard, or for `orders.events` by the applied order ids).
 - an order the books refuse (redeeming more units than the product has) goes to the
   `.dlq` with the reason, then is recorded as refused, so a redelivery (after orders
   that would now let it through) is skipped.

@@ -189,7 +189,10 @@ class SmartLeverageController:
         if not regime.features.warm:
             return cfg.warmup_leverage
         _, base, scale = self._base_and_scale(regime)
-        value = base * scale
+        return self._bounded(base * scale)
+
+    def _bounded(self, value: float) -> float:
+        cfg = self.config
         if value < cfg.l_min:
             return cfg.l_min
         return cfg.l_max if value > cfg.l_max else value
@@ -220,11 +223,14 @@ class SmartLeverageController:
             return [Reason.WARMUP]
         reason, base, scale = self._base_and_scale(regime)
         reasons = [reason]
-        if scale < 0.99:
-            reasons.append(Reason.VOL_SCALED_DOWN)
-        elif scale > 1.01:
-            reasons.append(Reason.VOL_SCALED_UP)
         value = base * scale
+        # named only where the bounds leave the scaling an effect: a base at l_min (range,
+        # high vol, against the trend) scaled down is still l_min
+        scaled, unscaled = self._bounded(value), self._bounded(base)
+        if scaled < unscaled - 0.01:
+            reasons.append(Reason.VOL_SCALED_DOWN)
+        elif scaled > unscaled + 0.01:
+            reasons.append(Reason.VOL_SCALED_UP)
         if value <= cfg.l_min:  # held at a bound (or cut to it)
             reasons.append(Reason.CLAMPED_MIN)
         elif value >= cfg.l_max:
@@ -240,7 +246,11 @@ class SmartLeverageController:
         cfg = self.config
         desired = self.policy_target(regime)
         previous = self._target_f
-        if abs(desired - previous) <= cfg.target_deadband:
+        # The deadband keeps a target the policy moves little from, but not one above a
+        # policy at l_min (or below one at l_max): kept, a target of 1.25 stood for 69
+        # days of high volatility and trends against the product where the policy said 1x.
+        to_bound = (desired <= cfg.l_min < previous) or (desired >= cfg.l_max > previous)
+        if abs(desired - previous) <= cfg.target_deadband and not to_bound:
             desired = previous
             if self.ref_price is not None:
                 # Hot path: target kept, leverage still inside the band -> nothing to say.

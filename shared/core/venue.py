@@ -7,8 +7,9 @@ adapter behind the same gRPC API.
 
 A taker walks the book, and the book does not refill within an instant: the orders of
 one timestamp on one side pay together what one order of their summed notional would
-(square-root impact), each its own share of it. Sliced, a 60M trade had paid 14,863 USDT
-of impact in 31 slices against 68,884 as one order.
+(square-root impact), each its own share of it: ~60M of BTC at 30,000 in 31 slices pays
+~68,800 USDT of slippage (half spread and impact), as one order does, where each slice
+priced alone paid ~15,000 between them.
 """
 
 from __future__ import annotations

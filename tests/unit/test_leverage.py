@@ -624,6 +624,35 @@ def test_policy_move_past_the_deadband_but_inside_the_band_changes_target_only()
     assert event.reasons == (Reason.REGIME_RANGE, Reason.VOL_SCALED_UP)
 
 
+def test_the_deadband_does_not_hold_a_target_above_a_policy_at_l_min() -> None:
+    """A cut to l_min (high volatility, a trend against the product, a range) goes all
+    the way: with the dead-band alone, a target 0.05 above it (1.05 here; 1.25 with the
+    shipped 0.25) stood for weeks where the policy said 1x, and said CLAMPED_MIN."""
+    c = rebalanced(Side.SHORT, 1.05, base_range=1.0)
+    assert abs(c.config.l_min - 1.05) <= c.config.target_deadband
+    event = bar(c, 100.0, regime_state(Regime.HIGH_VOL, sigma=1.2))
+    assert event is not None and event.target == Decimal("1.00")  # inside the band: no trade
+    assert event.reasons == (Reason.REGIME_HIGH_VOL, Reason.CLAMPED_MIN)
+    assert bar(c, 100.0, regime_state(Regime.HIGH_VOL, sigma=1.2)) is None  # held there
+    # a policy near the target, off the bound, is still kept by the dead-band
+    c = rebalanced(Side.LONG, 1.5)
+    assert bar(c, 100.0, regime_state(Regime.RANGE, sigma=0.6 / 0.94)) is None
+
+
+def test_volatility_scaling_is_named_only_where_it_moved_the_policy() -> None:
+    """A base at l_min scaled down is still l_min: no VOL_SCALED_DOWN then."""
+    config = rules(base_range=1.0)
+    assert reasons(Side.LONG, regime_state(Regime.RANGE, sigma=1.2), config) == [
+        Reason.REGIME_RANGE,
+        Reason.CLAMPED_MIN,
+    ]
+    assert reasons(Side.LONG, regime_state(Regime.RANGE, sigma=1.2)) == [
+        Reason.REGIME_RANGE,  # 1.5 x 0.5 = 0.75: the scaling moved it (to the floor)
+        Reason.VOL_SCALED_DOWN,
+        Reason.CLAMPED_MIN,
+    ]
+
+
 # --- band ----------------------------------------------------------------------------------
 
 BAND = {"base_range": 2.0}  # RANGE at reference vol = 2.0 = the rebalanced target
