@@ -191,6 +191,18 @@ class SmartLeverageController:
         _, base, scale = self._base_and_scale(regime)
         return self._bounded(base * scale)
 
+    @staticmethod
+    def _steps(value: float) -> int:
+        """`value` on the target's 0.05 grid, in steps."""
+        return round(value * 20)
+
+    def _aligned(self, regime: RegimeState) -> bool:
+        """A trend in the product's direction: the one regime whose base rises above l_min."""
+        state = regime.regime
+        return state in (Regime.TREND_UP, Regime.TREND_DOWN) and (
+            (state is Regime.TREND_UP) is self._is_long
+        )
+
     def _bounded(self, value: float) -> float:
         cfg = self.config
         if value < cfg.l_min:
@@ -206,7 +218,7 @@ class SmartLeverageController:
             reason, base = Reason.REGIME_HIGH_VOL, cfg.base_high_vol
         elif state is Regime.RANGE:
             reason, base = Reason.REGIME_RANGE, cfg.base_range
-        elif (state is Regime.TREND_UP) is self._is_long:
+        elif self._aligned(regime):
             reason = Reason.REGIME_TREND_ALIGNED
             base = cfg.base_range + (cfg.base_trend_aligned - cfg.base_range) * regime.confidence
         else:
@@ -224,12 +236,12 @@ class SmartLeverageController:
         reason, base, scale = self._base_and_scale(regime)
         reasons = [reason]
         value = base * scale
-        # named only where the bounds leave the scaling an effect: a base at l_min (range,
-        # high vol, against the trend) scaled down is still l_min
-        scaled, unscaled = self._bounded(value), self._bounded(base)
-        if scaled < unscaled - 0.01:
+        # named only where the scaling moved the policy on the target's grid: a base at
+        # l_min (range, high vol, against the trend) scaled down is still l_min
+        scaled, unscaled = self._steps(self._bounded(value)), self._steps(self._bounded(base))
+        if scaled < unscaled:
             reasons.append(Reason.VOL_SCALED_DOWN)
-        elif scaled > unscaled + 0.01:
+        elif scaled > unscaled:
             reasons.append(Reason.VOL_SCALED_UP)
         if value <= cfg.l_min:  # held at a bound (or cut to it)
             reasons.append(Reason.CLAMPED_MIN)
@@ -246,11 +258,15 @@ class SmartLeverageController:
         cfg = self.config
         desired = self.policy_target(regime)
         previous = self._target_f
-        # The deadband keeps a target the policy moves little from, but not one above a
-        # policy at l_min (or below one at l_max): kept, a target of 1.25 stood for 69
-        # days of high volatility and trends against the product where the policy said 1x.
-        to_bound = (desired <= cfg.l_min < previous) or (desired >= cfg.l_max > previous)
-        if abs(desired - previous) <= cfg.target_deadband and not to_bound:
+        # The deadband keeps a target the policy moves little from, but not one above
+        # l_min when the market turns against the product (high volatility, a range, a
+        # trend against it) and the policy says l_min: kept, a target of 1.25 stood for
+        # 69 days of such markets. In a trend with it, the deadband damps the policy's
+        # swings with the trend's confidence as before (cut at once, they flipped 1x-1.25x).
+        if abs(desired - previous) <= cfg.target_deadband and not (
+            self._steps(desired) <= self._steps(cfg.l_min) < self._target_steps
+            and not self._aligned(regime)
+        ):
             desired = previous
             if self.ref_price is not None:
                 # Hot path: target kept, leverage still inside the band -> nothing to say.
@@ -262,7 +278,7 @@ class SmartLeverageController:
             desired, limited = previous + cfg.max_raise_per_bar, True
         elif desired < previous - cfg.max_cut_per_bar:
             desired, limited = previous - cfg.max_cut_per_bar, True
-        steps = round(min(max(desired, cfg.l_min), cfg.l_max) * 20)
+        steps = self._steps(min(max(desired, cfg.l_min), cfg.l_max))
         target_f = steps / 20
         if self.ref_price is None:
             rebalance = True

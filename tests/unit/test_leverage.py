@@ -637,14 +637,33 @@ def test_the_deadband_does_not_hold_a_target_above_a_policy_at_l_min() -> None:
     # a policy near the target, off the bound, is still kept by the dead-band
     c = rebalanced(Side.LONG, 1.5)
     assert bar(c, 100.0, regime_state(Regime.RANGE, sigma=0.6 / 0.94)) is None
+    # on the target's grid: a range base of 1.02 is l_min there (1.00), and cut to
+    c = rebalanced(Side.LONG, 1.05, base_range=1.02)
+    event = bar(c, 100.0, regime_state(Regime.RANGE))
+    assert event is not None and event.target == Decimal("1.00")
+
+
+def test_in_a_trend_with_the_product_the_dead_band_still_damps_a_policy_at_l_min() -> None:
+    """The trend's confidence moves the policy between l_min and above it bar by bar
+    (the regime's hysteresis keeps the trend); cut at once there, the target flipped
+    between 1x and 1.25x (a rebalance each way), so the dead-band keeps it."""
+    c = rebalanced(Side.LONG, 1.05, base_range=1.0)
+    assert c.policy_target(regime_state(Regime.TREND_UP, confidence=0.0)) == c.config.l_min
+    assert bar(c, 100.0, regime_state(Regime.TREND_UP, confidence=0.0)) is None
+    assert c.target == Decimal("1.05")
 
 
 def test_volatility_scaling_is_named_only_where_it_moved_the_policy() -> None:
-    """A base at l_min scaled down is still l_min: no VOL_SCALED_DOWN then."""
+    """A base at l_min scaled down is still l_min: no VOL_SCALED_DOWN then; nor where
+    the scaling does not move the policy on the target's 0.05 grid."""
     config = rules(base_range=1.0)
     assert reasons(Side.LONG, regime_state(Regime.RANGE, sigma=1.2), config) == [
         Reason.REGIME_RANGE,
         Reason.CLAMPED_MIN,
+    ]
+    config = rules(base_range=1.06)  # x 0.6/0.62 = 1.0258: 1.05 on the grid either way
+    assert reasons(Side.LONG, regime_state(Regime.RANGE, sigma=0.62), config) == [
+        Reason.REGIME_RANGE
     ]
     assert reasons(Side.LONG, regime_state(Regime.RANGE, sigma=1.2)) == [
         Reason.REGIME_RANGE,  # 1.5 x 0.5 = 0.75: the scaling moved it (to the floor)
