@@ -317,12 +317,17 @@ def check_port_free(port: int, component: str) -> None:
         )
 
 
+def _redis_reply(port: int, command: bytes, host: str, timeout: float, size: int) -> bytes:
+    """Redis's reply to one inline `command` (OSError if there is no Redis to ask)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(command + b"\r\n")
+        return sock.recv(size)
+
+
 def redis_ping(port: int, host: str = HOST, timeout: float = 1.0) -> str | None:
     """None if Redis answers PING with PONG, else why not."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            reply = sock.recv(128)
+        reply = _redis_reply(port, b"PING", host, timeout, 128)
     except OSError as exc:
         return f"no connection ({exc.strerror or exc})"
     if reply.startswith(b"+PONG"):
@@ -333,9 +338,7 @@ def redis_ping(port: int, host: str = HOST, timeout: float = 1.0) -> str | None:
 def redis_durable(port: int, host: str = HOST, timeout: float = 1.0) -> bool:
     """Whether the Redis on `port` logs every write (appendonly yes), as ours does."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"CONFIG GET appendonly\r\n")
-            reply = sock.recv(256)
+        reply = _redis_reply(port, b"CONFIG GET appendonly", host, timeout, 256)
     except OSError:
         return False
     return reply.startswith(b"*2\r\n") and reply.endswith(b"\r\nyes\r\n")
@@ -464,8 +467,10 @@ class Stack:
         self.run = run_dir or root / ".run"
         k, r = self.cfg.raw.get("kafka", {}), self.cfg.raw.get("redis", {})
         self.kafka_cfg, self.redis_cfg = k, r
-        self.kafka_props = read_properties(root / k["config"])
-        self.redis_conf = read_redis_conf(root / r["config"])
+        # Kafka's and Redis's own config files (their ports: how the stack knows them)
+        self.kafka_config, self.redis_config = root / k["config"], root / r["config"]
+        self.kafka_props = read_properties(self.kafka_config)
+        self.redis_conf = read_redis_conf(self.redis_config)
         self.kafka_port = listener_port(self.kafka_props["advertised.listeners"].split(",")[0])
         self.controller_port = next(
             listener_port(u)
@@ -481,7 +486,7 @@ class Stack:
     # ---- component definitions
 
     def kafka(self) -> Component:
-        config = self.root / self.kafka_cfg["config"]
+        config = self.kafka_config
         return Component(
             name="kafka",
             ports=(self.kafka_port, self.controller_port),
@@ -507,9 +512,6 @@ class Stack:
             prepare=self._prepare_kafka,
         )
 
-    def component_configs(self) -> tuple[Path, Path]:
-        return self.root / self.kafka_cfg["config"], self.root / self.redis_cfg["config"]
-
     def _our_redis(self, pid: int, data_dir: Path, config: Path) -> bool:
         """Redis rewrites its process title ("redis-server 127.0.0.1:6379") once it has
         read its config, where `dir` moves it into the data dir. So ours is a redis-server
@@ -525,7 +527,7 @@ class Stack:
 
     def redis(self) -> Component:
         data_dir = (self.root / self.redis_conf["dir"]).resolve()
-        config = self.root / self.redis_cfg["config"]
+        config = self.redis_config
         return Component(
             name="redis",
             ports=(self.redis_port,),
@@ -631,7 +633,7 @@ class Stack:
             "-t",
             cluster_id,
             "-c",
-            str(self.root / self.kafka_cfg["config"]),
+            str(self.kafka_config),
         ]
         with log.open("w") as out:
             rc = subprocess.call(cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT)
@@ -931,13 +933,16 @@ class Stack:
         for held in self.run.glob("*.held"):
             held.unlink()
         if running := self.supervisors():
-            read = (Path(__file__), self.config_path, *self.component_configs())
+            read = (Path(__file__), self.config_path, self.kafka_config, self.redis_config)
             changed = max(p.stat().st_mtime for p in read)
             began = started_at(running[0])
             if began is None or began >= changed:
                 say(f"supervisor already watching (pid {running[0]})")
                 return
-            say("the supervisor's stack.py or stack.toml changed since it started; replacing it")
+            say(
+                "stack.py, stack.toml, or Kafka's or Redis's config changed since the "
+                "supervisor started; replacing it"
+            )
             self.stop_supervisor()
         log = self.log_file("supervisor")
         with log.open("a") as out:
