@@ -181,7 +181,7 @@ class SmartLeverageController:
     def _set_target(self, target: Decimal) -> None:
         self.target_value = target
         self._target_f = float(target)
-        self._target_steps = round(self._target_f * 20)
+        self._target_steps = self._steps(self._target_f)
 
     def policy_target(self, regime: RegimeState) -> float:
         """The unsmoothed target for this regime and volatility (hot path: no reasons)."""
@@ -264,7 +264,8 @@ class SmartLeverageController:
         # 69 days of such markets. In a trend with it, the deadband damps the policy's
         # swings with the trend's confidence as before (cut at once, they flipped 1x-1.25x).
         if abs(desired - previous) <= cfg.target_deadband and not (
-            self._steps(desired) <= self._steps(cfg.l_min) < self._target_steps
+            previous > cfg.l_min  # both on the grid; false on most bars: the hot path's
+            and self._steps(desired) <= self._steps(cfg.l_min)
             and not self._aligned(regime)
         ):
             desired = previous
