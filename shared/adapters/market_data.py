@@ -292,10 +292,8 @@ def load_bars(
             later += end_ns is not None and ts >= end_ns
             continue
         if bars:
-            skipped = (ts - bars[-1].open_ts_ns) // interval_ns - 1
-            if skipped:
-                gaps += 1
-                missing += skipped
+            skipped = _missing(bars[-1].open_ts_ns, ts, interval_ns)
+            gaps, missing = gaps + (skipped > 0), missing + skipped
         bars.append(Bar(symbol, ts, o, h, low, c, v))
     report = LoadReport(rows.name, read, len(bars), placeholders, outside, gaps, missing)
     if not bars and (required or not later):
@@ -304,6 +302,11 @@ def load_bars(
 
 
 FUNDING_INTERVAL_NS = 8 * 3600 * 10**9  # the files' settlements: every eight hours
+
+
+def _missing(previous_ns: int, ts_ns: int, interval_ns: int) -> int:
+    """Whole intervals missing between two kept rows (0: none)."""
+    return max((ts_ns - previous_ns) // interval_ns - 1, 0)
 
 
 def load_funding(
@@ -340,10 +343,8 @@ def load_funding(
                 last_before = ts
             continue
         if rates:
-            skipped = (ts - rates[-1].ts_ns) // FUNDING_INTERVAL_NS - 1
-            if skipped > 0:
-                gaps += 1
-                missing += skipped
+            skipped = _missing(rates[-1].ts_ns, ts, FUNDING_INTERVAL_NS)
+            gaps, missing = gaps + (skipped > 0), missing + skipped
         rates.append(FundingRate(symbol, ts, rate))
     report = LoadReport(rows.name, read, len(rates), 0, outside, gaps, missing, "settlement")
     # none due: the window ends before the settlement after the last one the file has

@@ -57,8 +57,9 @@ def backtest_stream(
     replaying this stream and the backtester see the same ticks in the same order."""
     bars, _ = load_bars(data, symbol, start_ns=start_ns, end_ns=end_ns, interval_ns=interval_ns)
     rates = load_funding(funding, symbol, start_ns=start_ns, end_ns=end_ns)[0] if funding else []
-    mark_prices = load_marks(marks, start_ns=start_ns, end_ns=end_ns) if marks else None
-    if marks and mark_prices is not None:
+    mark_prices = None
+    if marks:
+        mark_prices = load_marks(marks, start_ns=start_ns, end_ns=end_ns)
         check_marks_match(bars, mark_prices, str(marks))  # as the backtest command does
     return market_events(ticks_from_bars(bars, interval_ns, mark_prices, mode=mode), rates)
 
