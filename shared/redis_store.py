@@ -18,6 +18,11 @@ more hashes under one tag) AND records the message that caused it, in one Lua sc
   is above the last one applied from that source partition -> otherwise `DUPLICATE`.
   Bounded state, the natural choice for a consumer.
 
+Ids are kept forever unless the store is given `ids_kept`: then the script also orders
+them by version (`<ns>:{tag}:applied:order`) and forgets the oldest past that many, so a
+caller that only ever repeats its latest calls (the venue's) holds bounded state. Ids
+recorded before they were ordered count as the oldest.
+
 Read-modify-write is safe with `expected_version`: every tag has a version counter; the
 script refuses (`CONFLICT`) if it moved since the read, and the caller re-reads and
 retries. Values are strings on the wire; Decimals are written exactly (plain notation).
@@ -86,12 +91,16 @@ class ApplyResult:
         return self.status is ApplyStatus.APPLIED
 
 
-# KEYS[1] applied-ids hash, KEYS[2] meta hash (version, offsets), KEYS[3..] state hashes.
+# KEYS[1] applied-ids hash, KEYS[2] meta hash (version, offsets), then, when ids are kept
+# (ARGV[6] > 0), KEYS[3] the ids' order (a sorted set by version); then the state hashes.
 # ARGV[1] mode "id"|"offset", ARGV[2] id or source, ARGV[3] offset, ARGV[4] expected
-# version ("" = don't check), ARGV[5] marker value stored with an id;
-# then per state key: n, then n field/value pairs.
+# version ("" = don't check), ARGV[5] marker value stored with an id, ARGV[6] ids kept
+# (0 = all); then per state key: n, then n field/value pairs. At most 1,000 ids go per
+# call, and ids from before the order are ordered 500 at a time (`unpack` stays within
+# Lua's stack; a backlog drains over the next calls).
 _APPLY_LUA = """
 local mode = ARGV[1]
+local kept = tonumber(ARGV[6])
 local version = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
 if mode == 'id' then
   if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return {0, version} end
@@ -100,8 +109,8 @@ else
   if last and tonumber(last) >= tonumber(ARGV[3]) then return {0, version} end
 end
 if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= version then return {-1, version} end
-local i = 6
-for k = 3, #KEYS do
+local i = 7
+for k = kept > 0 and 4 or 3, #KEYS do
   local n = tonumber(ARGV[i])
   i = i + 1
   if n > 0 then
@@ -115,6 +124,26 @@ version = version + 1
 redis.call('HSET', KEYS[2], 'version', version)
 if mode == 'id' then
   redis.call('HSET', KEYS[1], ARGV[2], ARGV[5] ~= '' and ARGV[5] or version)
+  if kept > 0 then
+    local held = redis.call('HLEN', KEYS[1])
+    if redis.call('ZCARD', KEYS[3]) + 1 < held then
+      local ids = redis.call('HKEYS', KEYS[1])
+      for first = 1, #ids, 500 do
+        local scored = {}
+        for j = first, math.min(first + 499, #ids) do
+          scored[#scored + 1] = 0
+          scored[#scored + 1] = ids[j]
+        end
+        redis.call('ZADD', KEYS[3], 'NX', unpack(scored))
+      end
+    end
+    redis.call('ZADD', KEYS[3], version, ARGV[2])
+    if held > kept then
+      local old = redis.call('ZRANGE', KEYS[3], 0, math.min(held - kept, 1000) - 1)
+      redis.call('HDEL', KEYS[1], unpack(old))
+      redis.call('ZREM', KEYS[3], unpack(old))
+    end
+  end
 else
   redis.call('HSET', KEYS[2], 'offset:' .. ARGV[2], ARGV[3])
 end
@@ -143,8 +172,13 @@ def field_to_wire(value: FieldValue, field: str) -> str:
 class ApplyOnceStore:
     """Apply-once writes for one key namespace; every call works under one hash tag."""
 
-    def __init__(self, client: Redis | RedisWire, namespace: str = "pos") -> None:
+    def __init__(
+        self, client: Redis | RedisWire, namespace: str = "pos", ids_kept: int = 0
+    ) -> None:
+        if ids_kept < 0:
+            raise ValueError(f"ids_kept must be >= 0 (0: keep every id), not {ids_kept}")
         self.namespace = namespace
+        self.ids_kept = ids_kept
         if isinstance(client, RedisWire):
             self._call: Callable[..., Awaitable[Any]] = client.call
             make_script: Callable[[str], Any] = client.script
@@ -208,12 +242,15 @@ class ApplyOnceStore:
             raise ValueError("message_id must be non-empty")
         applied_key, meta_key = self._meta_keys(tag)
         keys = [applied_key, meta_key]
+        if self.ids_kept:
+            keys.append(f"{applied_key}:order")
         args: list[str | int] = [
             "id" if message_id is not None else "offset",
             message_id if message_id is not None else str(source),
             offset if offset is not None else 0,
             "" if expected_version is None else expected_version,
             marker,
+            self.ids_kept,
         ]
         for state_key, fields in changes.items():
             if hash_tag(state_key) != tag:

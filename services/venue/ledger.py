@@ -3,7 +3,8 @@
 Every mutating call runs under its symbol's lock: look the id up; if it was applied,
 answer its recorded reply; otherwise apply the call to the in-memory account and write
 the account's new state together with the id and its reply in one atomic Redis step
-(`ApplyOnceStore`, keys `<ns>venue:{<symbol>}:account|applied|meta`). A call that
+(`ApplyOnceStore`, keys `<ns>venue:{<symbol>}:account|applied|meta`; the newest
+`ids_kept` call ids are remembered, `applied:order` orders them). A call that
 fails drops the in-memory account and the next call reads it from Redis, which holds
 the truth whether or not the write landed (a reply lost with its connection, or a
 caller gone past its deadline, leave that unknown). The tag version
@@ -60,10 +61,12 @@ def fingerprint(method: str, request: Message) -> str:
 class VenueLedger:
     """All accounts of the venue; see the module doc."""
 
-    def __init__(self, redis: RedisWire, config: StrategyConfig, namespace: str = "") -> None:
+    def __init__(
+        self, redis: RedisWire, config: StrategyConfig, namespace: str = "", ids_kept: int = 0
+    ) -> None:
         self.config = config
         self.redis = redis
-        self.store = ApplyOnceStore(redis, namespace=f"{namespace}venue")
+        self.store = ApplyOnceStore(redis, namespace=f"{namespace}venue", ids_kept=ids_kept)
         self._accounts: dict[str, _Account] = {}
 
     def _slot(self, symbol: str) -> _Account:

@@ -279,7 +279,9 @@ class VenueServer:
         # Calls go over a multiplexed connection (redis_wire: ~8x less CPU per command
         # than redis-py); `redis` serves the health checks.
         self.wire = RedisWire.from_url(settings.redis_url)
-        self.ledger = VenueLedger(self.wire, config or StrategyConfig(), settings.namespace)
+        self.ledger = VenueLedger(
+            self.wire, config or StrategyConfig(), settings.namespace, settings.applied_ids_kept
+        )
         self.server = grpc_server()
         self.port = 0
         self._health: GrpcHealth | None = None

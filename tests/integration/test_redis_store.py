@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from shared.adapters.redis_wire import RedisWire
@@ -171,3 +173,91 @@ async def test_absent_state_reads_empty_at_version_zero(store: ApplyOnceStore, t
     assert await store.version(tag) == 1
     both = await store.read_together(tag, [["other"], ["state"]])
     assert both == ([{}, {"x": "ü"}], {"version": "1", "offset:seq": "3"})
+
+
+async def _drop(client: Redis, tag: str) -> None:
+    if keys := [k async for k in client.scan_iter(match=f"pos:{{{tag}}}:*")]:
+        await client.delete(*keys)
+
+
+async def _ids(client: Redis, store: ApplyOnceStore, tag: str) -> tuple[set[str], list[str]]:
+    """The ids the store remembers, and their order (oldest first)."""
+    applied = store.state_key(tag, "applied")
+    held = {k.decode() for k in await client.hkeys(applied)}
+    return held, [m.decode() for m in await client.zrange(f"{applied}:order", 0, -1)]
+
+
+async def test_kept_ids_forget_the_oldest_and_still_refuse_recent_repeats(
+    client: Redis, connect: Callable[[], Client], tag: str
+) -> None:
+    used = connect()
+    store, state = ApplyOnceStore(used, ids_kept=3), f"pos:{{{tag}}}:state"
+    try:
+        for n in range(6):
+            assert (await store.apply(tag, {state: {"n": n}}, message_id=f"e{n}")).applied
+            held, order = await _ids(client, store, tag)
+            assert order == [f"e{i}" for i in range(max(0, n - 2), n + 1)]
+            assert held == set(order)
+        for recent in ("e3", "e4", "e5"):
+            repeat = await store.apply(tag, {state: {"n": -1}}, message_id=recent)
+            assert repeat.status is ApplyStatus.DUPLICATE
+        assert (await store.read(tag, "state"))[0] == {"n": "5"}
+        # past the bound an id is forgotten: a repeat of it applies again (the bound
+        # is for callers that only ever repeat their latest calls)
+        assert (await store.apply(tag, {state: {"n": 0}}, message_id="e0")).applied
+        assert (await _ids(client, store, tag))[1] == ["e4", "e5", "e0"]
+    finally:
+        await used.aclose()
+        await _drop(client, tag)
+
+
+async def test_ids_recorded_before_they_were_ordered_go_first(
+    client: Redis, connect: Callable[[], Client], tag: str
+) -> None:
+    used = connect()
+    state = f"pos:{{{tag}}}:state"
+    try:
+        keep_all = ApplyOnceStore(used)  # as the venue recorded ids before this bound
+        for n in range(5):
+            await keep_all.apply(tag, {state: {"n": n}}, message_id=f"old{n}")
+        bounded = ApplyOnceStore(used, ids_kept=2)
+        assert (await bounded.apply(tag, {state: {"n": 9}}, message_id="new")).applied
+        held, order = await _ids(client, bounded, tag)
+        assert len(held) == 2 and "new" in held and held == set(order) and order[-1] == "new"
+        assert (await bounded.apply(tag, {}, message_id="new")).status is ApplyStatus.DUPLICATE
+    finally:
+        await used.aclose()
+        await _drop(client, tag)
+
+
+def test_a_negative_bound_is_refused() -> None:
+    with pytest.raises(ValueError, match="ids_kept must be >= 0"):
+        ApplyOnceStore(RedisWire.from_url("redis://127.0.0.1:1"), ids_kept=-1)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(kept=st.integers(1, 4), ids=st.lists(st.sampled_from("abcdef"), max_size=30))
+def test_kept_ids_match_a_model_of_the_newest(redis_url: str, kept: int, ids: list[str]) -> None:
+    """Whatever the ids and their repeats: an id among the newest `kept` applied is a
+    duplicate, any other applies, and the store remembers exactly the newest `kept`."""
+    tag = f"TEST-{uuid.uuid4().hex[:10]}:LONG"
+
+    async def run() -> None:
+        client, wire = Redis.from_url(redis_url), RedisWire.from_url(redis_url)
+        store, remembered = ApplyOnceStore(wire, ids_kept=kept), list[str]()
+        try:
+            for message_id in ids:
+                result = await store.apply(tag, {}, message_id=message_id)
+                assert result.applied is (message_id not in remembered)
+                if result.applied:
+                    remembered = [*remembered, message_id][-kept:]
+                held, order = await _ids(client, store, tag)
+                assert order == remembered and held == set(remembered)
+        finally:
+            await wire.aclose()
+            await _drop(client, tag)
+            await client.aclose()
+
+    asyncio.run(run())

@@ -34,10 +34,15 @@ CONFIG = StrategyConfig()
 class Venue:
     """An in-process venue server on a free port with its own Redis namespace."""
 
-    def __init__(self, redis: Redis, namespace: str) -> None:
+    def __init__(self, redis: Redis, namespace: str, ids_kept: int = 100_000) -> None:
         self.redis = redis
         self.settings = VenueSettings(
-            namespace=namespace, grpc_port=0, metrics_port=0, health_interval_s=0.1, grace_s=0
+            namespace=namespace,
+            grpc_port=0,
+            metrics_port=0,
+            health_interval_s=0.1,
+            grace_s=0,
+            applied_ids_kept=ids_kept,
         )
         self.server = VenueServer(self.settings, redis)
 
@@ -140,6 +145,22 @@ async def test_repeated_id_returns_original_and_changes_nothing(env: tuple[Redis
         assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
         assert await account(venue.stub) == after_first
         assert fill_from_wire(first.fill).qty == Decimal("2.5")
+
+
+async def test_the_venue_remembers_its_newest_call_ids_only(env: tuple[Redis, str]) -> None:
+    """Its records of applied calls are bounded (`applied_ids_kept`); the newest still
+    answer a repeat with the original reply and change nothing."""
+    redis, namespace = env
+    async with Venue(redis, namespace, ids_kept=3) as venue:
+        await venue.stub.Transfer(
+            venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="t1", amount="1000000")
+        )
+        fills = [await venue.stub.SubmitOrder(order(f"o{n}", "0.1")) for n in range(5)]
+        applied = f"{namespace}venue:{{{SYMBOL}}}:applied"
+        assert set(await redis.hkeys(applied)) == {"o2", "o3", "o4"}
+        before = await account(venue.stub)
+        assert await venue.stub.SubmitOrder(order("o3", "0.1")) == fills[3]
+        assert await account(venue.stub) == before
 
 
 async def test_a_write_whose_reply_was_lost_is_read_back_from_redis(
