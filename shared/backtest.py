@@ -171,7 +171,7 @@ def run_backtest(
         if isinstance(event, FundingRate):
             result.funding_events += 1
             for strategy in strategies:
-                _count(series, strategy, strategy.engine.on_funding(event))
+                _count(series, strategy, strategy.on_funding(event))
             continue
         result.ticks += 1
         regime = signals.on_tick(event.ts_ns, event.price)

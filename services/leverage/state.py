@@ -1,7 +1,8 @@
 """A symbol's leverage controllers: one RegimeUpdate in, one TargetsUpdate out.
 
 Kept in Redis as one hash `<ns>lev:{<symbol>}:controllers` (fields `seq`, `regime`,
-`controllers` = JSON of every controller's snapshot), written by one atomic script
+`mark` = the last tick's risk price, `controllers` = JSON of every controller's
+snapshot), written by one atomic script
 that also refuses a seq not above the stored one (shared/redis_store.ApplyOnceStore).
 """
 
@@ -15,7 +16,7 @@ from typing import NamedTuple
 from smartlev.v1 import leverage_pb2, market_pb2
 
 from shared.core.config import StrategyConfig
-from shared.core.engine import decide, risk_price
+from shared.core.engine import decide, funding_paid, risk_price
 from shared.core.leverage import SmartLeverageController
 from shared.core.market import Tick
 from shared.core.products import smart_controllers
@@ -73,15 +74,19 @@ class SymbolControllers:
     controllers: list[SmartLeverageController]
     last_seq: int | None = None
     regime: str = str(Regime.RANGE)  # the symbol's current regime (last closed bar)
+    mark: float = 0.0  # the last tick's risk price: what hedging's books charge funding at
 
     def step(self, update: RegimeInput, ts_init_ns: int) -> leverage_pb2.TargetsUpdate:
-        """`decide` on a tick (the policy on a closed bar, else the emergency rules);
-        a funding event passes with no decisions."""
+        """`decide` on a tick (the policy on a closed bar, else the emergency rules); a
+        funding event is modelled by every controller (`funding_paid`), no decisions."""
         market, regime = update
         tick = market.value
         decisions = []
         if isinstance(tick, Tick):
-            decisions = decide(self.controllers, tick.ts_ns, tick.price, risk_price(tick), regime)
+            self.mark = risk_price(tick)
+            decisions = decide(self.controllers, tick.ts_ns, tick.price, self.mark, regime)
+        else:
+            funding_paid(self.controllers, tick, self.mark)
         if regime is not None:
             self.regime = str(regime.regime)
         self.last_seq = market.seq
@@ -100,6 +105,7 @@ class SymbolControllers:
         return {
             "seq": self.last_seq or 0,
             "regime": self.regime,
+            "mark": repr(self.mark),
             "controllers": json.dumps(snapshots, separators=(",", ":")),
         }
 
@@ -114,4 +120,6 @@ def restore(symbol: str, config: StrategyConfig, fields: dict[str, str]) -> Symb
         SmartLeverageController.restore(c.product, c.side, config.leverage, snapshots[c.product])
         for c in controllers
     ]
-    return SymbolControllers(restored, int(fields["seq"]), fields["regime"])
+    # no mark in a state from before funding was modelled: the next tick brings one
+    mark = float(fields.get("mark", "0"))
+    return SymbolControllers(restored, int(fields["seq"]), fields["regime"], mark)

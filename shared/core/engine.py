@@ -19,7 +19,7 @@ from shared.core.bars import BarBuilder
 from shared.core.events import FundMove, LeverageTargetChanged, into_product
 from shared.core.features import FeatureConfig, FeatureTracker, SnapshotIncompatible
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted, netted_cost
-from shared.core.leverage import Controller, model_leverage
+from shared.core.leverage import Controller, funding_drawn, model_leverage
 from shared.core.market import NS_PER_DAY, NS_PER_SECOND, FundingRate, Side, Tick
 from shared.core.money import ZERO, to_step
 from shared.core.regime import RegimeClassifier, RegimeConfig, RegimeState
@@ -83,9 +83,9 @@ def _dict(value: object) -> dict[str, object]:
     return value
 
 
-def _anchor_entry(value: object) -> tuple[float, float]:
-    assert isinstance(value, list) and len(value) == 2
-    return float(value[0]), float(value[1])
+def _anchor_entry(value: object) -> tuple[float, float, float]:
+    assert isinstance(value, list) and len(value) in (2, 3)  # 2: from before funding's
+    return float(value[0]), float(value[1]), float(value[2]) if len(value) == 3 else 0.0
 
 
 def decide(
@@ -99,6 +99,14 @@ def decide(
     if regime is None:
         return [d for c in controllers if (d := c.on_tick(ts_ns, price, risk_price)) is not None]
     return [d for c in controllers if (d := c.on_bar(ts_ns, price, risk_price, regime)) is not None]
+
+
+def funding_paid(controllers: Sequence[Controller], funding: FundingRate, mark: float) -> None:
+    """Each controller models the settlement at the last mark, as the books charge it
+    (`Engine.on_funding`): the next tick's rules see the leverage it moved."""
+    rate = float(funding.rate)
+    for controller in controllers:
+        controller.on_funding(rate, mark)
 
 
 def risk_price(tick: Tick) -> float:
@@ -150,8 +158,9 @@ class Engine:
             accounting, [ProductBook(p.product, self.spec.symbol, p.side) for p in products]
         )
         self.targets = {p.product: p.initial_target for p in products}
-        # product -> (leverage, risk price) of its controller's last rebalance (`modelled`)
-        self.anchors: dict[str, tuple[float, float]] = {}
+        # product -> (leverage, risk price) of its controller's last rebalance, and the
+        # funding its model drew since (`modelled`)
+        self.anchors: dict[str, tuple[float, float, float]] = {}
         self.floors = {p.product: p.gap_floor for p in products}
         self._insured = [p.product for p in products if p.gap_floor > 0]
         self.check_books = check_books
@@ -216,8 +225,16 @@ class Engine:
 
     def on_funding(self, funding: FundingRate) -> list[object]:
         """Every product pays or receives its own position's funding. Netted to zero at
-        the venue, the long still pays the short (their amounts sum to the venue's 0)."""
-        if self.mark == 0 or not any(b.qty for b in self.books.products.values()):
+        the venue, the long still pays the short (their amounts sum to the venue's 0).
+        Each anchor's model draws it too, as its controller's does (`funding_paid`)."""
+        if self.mark == 0:
+            return []
+        mark, rate = float(self.mark), float(funding.rate)
+        for product, (leverage, price, drawn) in self.anchors.items():
+            side = self.books.products[product].side
+            drawn += funding_drawn(side, leverage, price, mark, rate)
+            self.anchors[product] = (leverage, price, drawn)
+        if not any(b.qty for b in self.books.products.values()):
             return []
         amount = self.venue.settle_funding(funding.rate, self.mark) if self.venue.position else ZERO
         events: list[object] = [
@@ -398,7 +415,7 @@ class Engine:
         if decision.anchor is None:  # a fixed benchmark, or a decision from before anchors
             self.anchors.pop(decision.product, None)
         else:
-            self.anchors[decision.product] = (float(decision.target), decision.anchor)
+            self.anchors[decision.product] = (float(decision.target), decision.anchor, 0.0)
 
     def modelled(self, product: str) -> Decimal:
         """The leverage a product with no position is built at: the one its controller
@@ -414,7 +431,7 @@ class Engine:
         if anchor is None:
             return target
         side = self.books.products[product].side
-        leverage = model_leverage(side, anchor[0], anchor[1], float(self.mark))
+        leverage = model_leverage(side, anchor[0], anchor[1], float(self.mark), anchor[2])
         return min(Decimal(repr(leverage)), target) if 0 < leverage < math.inf else target
 
     def _rebalance(
@@ -507,3 +524,7 @@ class Strategy:
     def on_tick(self, tick: Tick, regime: RegimeState | None) -> list[object]:
         decisions = decide(self.controllers, tick.ts_ns, tick.price, risk_price(tick), regime)
         return self.engine.on_tick(tick, decisions, regime is not None)
+
+    def on_funding(self, funding: FundingRate) -> list[object]:
+        funding_paid(self.controllers, funding, float(self.engine.mark))
+        return self.engine.on_funding(funding)

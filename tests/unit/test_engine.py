@@ -31,7 +31,7 @@ from shared.core.leverage import (
     SmartLeverageController,
     model_leverage,
 )
-from shared.core.market import NS_PER_DAY, NS_PER_HOUR, FundingRate, Side, Tick
+from shared.core.market import MAX_FUNDING_RATE, NS_PER_DAY, NS_PER_HOUR, FundingRate, Side, Tick
 from shared.core.money import nav_of, usdt_down
 from shared.core.products import fixed_strategy, smart_controllers, smart_engine, smart_strategy
 from shared.core.venue import PerpVenue
@@ -380,7 +380,7 @@ def test_a_deposit_into_an_empty_product_stands_where_its_controller_models_it(
     for price in away:
         tick(price)
     first_mark, last_mark = away[0] * 1.02, away[-1] * 1.02
-    assert strategy.engine.anchors[product] == (5.0, first_mark)
+    assert strategy.engine.anchors[product] == (5.0, first_mark, 0.0)
     # what hedging restores after a restart carries the anchors: deposit through it
     restored = smart_engine("BTC-USDT", config)
     restored.restore_state(json.loads(json.dumps(strategy.engine.snapshot())))
@@ -980,3 +980,36 @@ def test_the_management_fee_is_charged_once_per_utc_day_for_the_time_since_the_l
         book = engine.books.products[product]
         assert book.management_fees == sum(e.amount for e in charged if e.product == product)
     engine.books.check_balanced(engine.venue, engine.price)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    built=st.sampled_from([1.0, 2.0, 3.0, 5.0]),
+    rates=st.lists(
+        st.decimals(-MAX_FUNDING_RATE, MAX_FUNDING_RATE, places=5), min_size=1, max_size=12
+    ),
+    ticks_between=st.integers(1, 3),
+)
+def test_funding_never_carries_the_books_past_the_ceiling(
+    built: float, rates: list[Decimal], ticks_between: int
+) -> None:
+    """At a flat price funding alone moves a product's leverage (its position stays):
+    whatever the settlements (up to the largest rate the feed admits), the rules see it
+    and every tick leaves both products within the ceiling; the engine's anchors model
+    it as the controllers do (a deposit into an empty product is built on them)."""
+    config = built_at(built)
+    strategy = smart_strategy(SYMBOL, config)
+    for controller in strategy.controllers:
+        strategy.engine.deposit(controller.product, Decimal(1_000_000), 0)
+    price, ts = Decimal(30000), 0
+    ceiling = Decimal(repr(config.leverage.leverage_ceiling))
+    for rate in rates:
+        for _ in range(ticks_between):
+            ts += NS_PER_HOUR
+            strategy.on_tick(Tick(SYMBOL, ts, price), None)
+            for book in strategy.engine.books.products.values():
+                assert book.leverage(price) <= ceiling, (book.product, rate)
+        strategy.on_funding(FundingRate(SYMBOL, ts, rate))
+        for controller in strategy.controllers:
+            drawn = controller.snapshot()["drawn"]
+            assert strategy.engine.anchors[controller.product][2] == drawn

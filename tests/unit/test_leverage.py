@@ -25,6 +25,7 @@ from shared.core.leverage import (
     FixedLeverageController,
     LeverageConfig,
     SmartLeverageController,
+    funding_drawn,
     model_leverage,
     to_target,
 )
@@ -1087,4 +1088,63 @@ def test_a_scale_up_the_bound_takes_back_is_not_reported(regime: Regime) -> None
     assert Reason.VOL_SCALED_UP not in reasons(Side.LONG, state, config)
     assert policy(Side.LONG, state, config) == (
         config.base_trend_aligned if regime is Regime.TREND_UP else config.base_range
+    )
+
+
+# --- funding moves the modelled leverage ----------------------------------------------------
+
+
+def test_model_leverage_counts_what_funding_drew() -> None:
+    # a 5x long that paid 10% of its equity at a flat price holds 5 / 0.9 of it
+    assert model_leverage(Side.LONG, 5.0, 100.0, 100.0, 0.1) == pytest.approx(5 / 0.9)
+    assert model_leverage(Side.SHORT, 3.0, 100.0, 110.0, -0.2) == pytest.approx(3.3 / 0.9)
+    assert model_leverage(Side.LONG, 2.0, 100.0, 100.0, 1.0) == math.inf
+    assert funding_drawn(Side.LONG, 5.0, 100.0, 110.0, 0.01) == pytest.approx(0.055)
+    assert funding_drawn(Side.SHORT, 5.0, 100.0, 110.0, 0.01) == pytest.approx(-0.055)
+
+
+@pytest.mark.parametrize("side", [Side.LONG, Side.SHORT])
+def test_funding_paid_at_a_flat_price_fires_the_ceiling_on_the_next_tick(side: Side) -> None:
+    """At the largest rate real BTC paid (0.375% per 8h) a 5x product pays ~1.9% of its
+    equity a settlement, its position unchanged: the ceiling (5.5x) is passed at a flat
+    price after five. The rule fires on the tick after that one, not before."""
+    c = rebalanced(side, 5.0)
+    rate = 0.00375 * side  # the product pays
+    for paid in range(1, 6):
+        c.on_funding(rate, 100.0)
+        passed = model_leverage(side, 5.0, 100.0, 100.0, 5 * rate * side * paid) > 5.5
+        event = tick(c, 100.0)
+        assert (event is not None) is passed, paid
+    assert event is not None and event.reasons == (Reason.EMERGENCY_LEVERAGE_CEILING,)
+    assert event.rebalance and event.target == Decimal("5.00")
+    # rebalanced: what was drawn is in the books, the model starts again from there
+    assert tick(c, 100.0) is None
+    assert c.snapshot()["drawn"] == 0.0
+
+
+def test_funding_received_lowers_the_model_and_a_bar_rebalances_back_up() -> None:
+    c = rebalanced(Side.LONG, 3.0)
+    for _ in range(12):  # shorts paying a 3x long 1% per settlement: ~34% of its equity
+        c.on_funding(-0.01, 100.0)
+    assert model_leverage(Side.LONG, 3.0, 100.0, 100.0, c.snapshot()["drawn"]) < 2.3
+    event = bar(c, 100.0, NOT_WARM)
+    assert event is not None and event.rebalance and Reason.OUTSIDE_BAND in event.reasons
+
+
+def test_what_funding_drew_survives_a_restart() -> None:
+    c = rebalanced(Side.SHORT, 5.0)
+    for _ in range(4):  # a 5x short paid 7.5% of its equity: 5.41x, under the ceiling
+        c.on_funding(-0.00375, 100.0)
+    restored = SmartLeverageController.restore(
+        SHORT, Side.SHORT, c.config, json.loads(json.dumps(c.snapshot()))
+    )
+    assert restored.snapshot() == c.snapshot()
+    assert (tick(restored, 100.0) is None) and (tick(c, 100.0) is None)
+    for controller in (restored, c):  # the fifth: 5.52x
+        controller.on_funding(-0.00375, 100.0)
+    assert tick(restored, 100.0) == tick(c, 100.0) is not None
+    older = {k: v for k, v in c.snapshot().items() if k != "drawn"}  # from before funding
+    assert (
+        SmartLeverageController.restore(SHORT, Side.SHORT, c.config, older).snapshot()["drawn"]
+        == 0.0
     )

@@ -15,7 +15,7 @@ from smartlev.v1 import leverage_pb2, market_pb2
 from services.leverage.state import SymbolControllers, parse_regime_update, restore
 from services.regime.state import SymbolSignals
 from shared import codec
-from shared.core.engine import SignalPipeline, decide, risk_price
+from shared.core.engine import SignalPipeline, decide, funding_paid, risk_price
 from shared.core.events import LeverageTargetChanged, Reason
 from shared.core.market import NS_PER_HOUR, FundingRate, Side, Tick
 from shared.core.products import smart_controllers
@@ -24,14 +24,16 @@ from shared.wire import decision, target_changed
 from tests.unit.core_stubs import SYMBOL, T0, fast_config
 
 
-def market_inputs(moves: list[int], funding_every: int = 9) -> list[MarketInput]:
+def market_inputs(
+    moves: list[int], funding_every: int = 9, rate: str = "0.0001"
+) -> list[MarketInput]:
     """A random walk in basis points, ticks every 20 minutes, with funding now and then."""
     out = []
     price = Decimal(20000)
     for seq, move in enumerate(moves, start=1):
         ts = T0 + seq * NS_PER_HOUR // 3
         if seq % funding_every == 0:
-            funding = FundingRate(SYMBOL, ts, Decimal("0.0001"))
+            funding = FundingRate(SYMBOL, ts, Decimal(rate))
             message = codec.market_event_from_funding(funding, seq=seq, source="t", ts_init_ns=0)
             out.append(MarketInput(message, SYMBOL, seq, 0, funding))
             continue
@@ -44,16 +46,20 @@ def market_inputs(moves: list[int], funding_every: int = 9) -> list[MarketInput]
 
 
 @settings(max_examples=25, deadline=None)
-@given(moves=st.lists(st.integers(-900, 900), min_size=30, max_size=250))
-def test_decisions_through_the_wire_equal_in_process_decide(moves: list[int]) -> None:
+@given(
+    moves=st.lists(st.integers(-900, 900), min_size=30, max_size=250),
+    rate=st.sampled_from(["0.0001", "-0.02", "0.03"]),
+)
+def test_decisions_through_the_wire_equal_in_process_decide(moves: list[int], rate: str) -> None:
     """regime stage -> bytes -> leverage stage (restored from its stored JSON before every
-    event) == SignalPipeline + decide in one process."""
+    event) == SignalPipeline + decide (and funding_paid at the last mark) in one process."""
     config = fast_config()
     signals = SymbolSignals(SignalPipeline(SYMBOL, config.features, config.regime))
     pipeline = SignalPipeline(SYMBOL, config.features, config.regime)
     controllers = smart_controllers(SYMBOL, config)
     fields: dict[str, str] = {}
-    for market in market_inputs(moves):
+    mark = 0.0
+    for market in market_inputs(moves, funding_every=4, rate=rate):
         regime_update, _ = signals.step(market, 0)
         wire = codec.decode(market_pb2.RegimeUpdate, codec.encode(regime_update))
         stage = restore(SYMBOL, config, fields)
@@ -65,7 +71,10 @@ def test_decisions_through_the_wire_equal_in_process_decide(moves: list[int]) ->
         regime = None
         if isinstance(tick, Tick):
             regime = pipeline.on_tick(tick.ts_ns, tick.price)
-            expected = decide(controllers, tick.ts_ns, tick.price, risk_price(tick), regime)
+            mark = risk_price(tick)
+            expected = decide(controllers, tick.ts_ns, tick.price, mark, regime)
+        else:
+            funding_paid(controllers, tick, mark)
         out = codec.decode(leverage_pb2.TargetsUpdate, codec.encode(out))
         assert out.market == market.message
         assert out.bar_closed == (regime is not None)
