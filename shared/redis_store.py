@@ -19,9 +19,11 @@ more hashes under one tag) AND records the message that caused it, in one Lua sc
   Bounded state, the natural choice for a consumer.
 
 Ids are kept forever unless the store is given `ids_kept`: then the script also orders
-them by version (`<ns>:{tag}:applied:order`) and forgets the oldest past that many, so a
-caller that only ever repeats its latest calls (the venue's) holds bounded state. Ids
-recorded before they were ordered count as the oldest.
+them by the tag's version (`<ns>:{tag}:applied:order`) and forgets an id once `ids_kept`
+more calls applied after it, so a caller that only ever repeats its latest calls (the
+venue's) holds bounded state. Ids it finds unordered (recorded before the bound, or by a
+writer without it) are ordered as of the call that finds them, 500 a call (HSCAN), so
+they too stay for `ids_kept` more calls.
 
 Read-modify-write is safe with `expected_version`: every tag has a version counter; the
 script refuses (`CONFLICT`) if it moved since the read, and the caller re-reads and
@@ -91,13 +93,13 @@ class ApplyResult:
         return self.status is ApplyStatus.APPLIED
 
 
-# KEYS[1] applied-ids hash, KEYS[2] meta hash (version, offsets), then, when ids are kept
-# (ARGV[6] > 0), KEYS[3] the ids' order (a sorted set by version); then the state hashes.
-# ARGV[1] mode "id"|"offset", ARGV[2] id or source, ARGV[3] offset, ARGV[4] expected
-# version ("" = don't check), ARGV[5] marker value stored with an id, ARGV[6] ids kept
-# (0 = all); then per state key: n, then n field/value pairs. At most 1,000 ids go per
-# call, and ids from before the order are ordered 500 at a time (`unpack` stays within
-# Lua's stack; a backlog drains over the next calls).
+# KEYS[1] applied-ids hash, KEYS[2] meta hash (version, offsets, `order:cursor`), then,
+# when ids are kept (ARGV[6] > 0), KEYS[3] the ids' order (a sorted set by version); then
+# the state hashes. ARGV[1] mode "id"|"offset", ARGV[2] id or source, ARGV[3] offset,
+# ARGV[4] expected version ("" = don't check), ARGV[5] marker value stored with an id,
+# ARGV[6] ids kept (0 = all); then per state key: n, then n field/value pairs. A call
+# orders at most one HSCAN page of unordered ids and forgets at most 1,000 (bounded work
+# per call, `unpack` within Lua's stack; a backlog drains over the next calls).
 _APPLY_LUA = """
 local mode = ARGV[1]
 local kept = tonumber(ARGV[6])
@@ -125,21 +127,20 @@ redis.call('HSET', KEYS[2], 'version', version)
 if mode == 'id' then
   redis.call('HSET', KEYS[1], ARGV[2], ARGV[5] ~= '' and ARGV[5] or version)
   if kept > 0 then
-    local held = redis.call('HLEN', KEYS[1])
-    if redis.call('ZCARD', KEYS[3]) + 1 < held then
-      local ids = redis.call('HKEYS', KEYS[1])
-      for first = 1, #ids, 500 do
-        local scored = {}
-        for j = first, math.min(first + 499, #ids) do
-          scored[#scored + 1] = 0
-          scored[#scored + 1] = ids[j]
-        end
-        redis.call('ZADD', KEYS[3], 'NX', unpack(scored))
-      end
-    end
     redis.call('ZADD', KEYS[3], version, ARGV[2])
-    if held > kept then
-      local old = redis.call('ZRANGE', KEYS[3], 0, math.min(held - kept, 1000) - 1)
+    if redis.call('ZCARD', KEYS[3]) < redis.call('HLEN', KEYS[1]) then
+      local cursor = redis.call('HGET', KEYS[2], 'order:cursor') or '0'
+      local page = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', 500)
+      local scored = {}
+      for j = 1, #page[2], 2 do
+        scored[#scored + 1] = version
+        scored[#scored + 1] = page[2][j]
+      end
+      if #scored > 0 then redis.call('ZADD', KEYS[3], 'NX', unpack(scored)) end
+      redis.call('HSET', KEYS[2], 'order:cursor', page[1])
+    end
+    local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', version - kept, 'LIMIT', 0, 1000)
+    if #old > 0 then
       redis.call('HDEL', KEYS[1], unpack(old))
       redis.call('ZREM', KEYS[3], unpack(old))
     end

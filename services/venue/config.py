@@ -16,7 +16,8 @@ class VenueSettings(ServiceSettings):
     metrics_port: int = Field(default=9106, ge=0, le=65535)
     health_interval_s: Seconds = 1.0  # how often Redis is probed
     grace_s: SecondsOrZero = 5.0  # in-flight calls finish on SIGTERM
-    # Call ids remembered per symbol, the newest (0: all, forever; ~530 bytes each). A
+    # Call ids remembered per symbol, the newest (0: all, forever; a record ~450 bytes,
+    # ~530 with its place in the order). A
     # caller repeats only the calls of the step it was in (hedging: the market batch or
     # order it had begun: a rebalance is one call per 2M of notional), so this must
     # exceed the calls of the largest such step, or a repeat past it applies again.

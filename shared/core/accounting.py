@@ -252,7 +252,10 @@ class Books:
         for book in self.products.values():
             if book.units == 0:
                 continue
-            fee = usdt_down(book.equity(price) * fraction)
+            equity = book.equity(price)
+            # never below the insured floor: a product held on its least floor (one NAV
+            # quantum a unit) showed NAV 0 after the day's fee
+            fee = usdt_down(min(equity * fraction, equity - book.equity_floor))
             if fee > 0:
                 book.cash -= fee
                 book.management_fees += fee

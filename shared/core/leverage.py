@@ -123,8 +123,8 @@ def funding_drawn(
     """What a funding settlement at `mark` takes from that position, as a share of its
     equity at `ref_price` (negative: paid to it): its size x mark x rate, as the books
     charge it. The position stays as it was, so its leverage moves though the price may
-    not have: at the largest rate real BTC paid (0.375% per 8h), a 5x long flat for
-    five days passed a 5.5x ceiling no rule saw."""
+    not have: at the largest rate real BTC paid (0.375% per 8h), a 5x long at a flat
+    price passed a 5.5x ceiling no rule saw after five settlements (~40 hours)."""
     return side * ref_leverage * (mark / ref_price) * rate
 
 

@@ -211,20 +211,49 @@ async def test_kept_ids_forget_the_oldest_and_still_refuse_recent_repeats(
         await _drop(client, tag)
 
 
-async def test_ids_recorded_before_they_were_ordered_go_first(
+async def test_ids_found_unordered_stay_for_the_bound_from_then(
     client: Redis, connect: Callable[[], Client], tag: str
 ) -> None:
+    """Ids recorded before the bound, or by a writer without it meanwhile (an older
+    venue in a rolling upgrade), are ordered as of the call that finds them: a repeat of
+    one within the bound's calls after that is still a duplicate."""
     used = connect()
     state = f"pos:{{{tag}}}:state"
     try:
-        keep_all = ApplyOnceStore(used)  # as the venue recorded ids before this bound
+        keep_all = ApplyOnceStore(used)
         for n in range(5):
             await keep_all.apply(tag, {state: {"n": n}}, message_id=f"old{n}")
         bounded = ApplyOnceStore(used, ids_kept=2)
         assert (await bounded.apply(tag, {state: {"n": 9}}, message_id="new")).applied
         held, order = await _ids(client, bounded, tag)
-        assert len(held) == 2 and "new" in held and held == set(order) and order[-1] == "new"
-        assert (await bounded.apply(tag, {}, message_id="new")).status is ApplyStatus.DUPLICATE
+        assert held == set(order) == {"new", *(f"old{n}" for n in range(5))}
+        await keep_all.apply(tag, {}, message_id="step:0")  # the other writer, meanwhile
+        assert (await bounded.apply(tag, {}, message_id="step:1")).applied
+        assert (await bounded.apply(tag, {}, message_id="step:0")).status is ApplyStatus.DUPLICATE
+        assert (await bounded.apply(tag, {}, message_id="step:2")).applied
+        assert (await _ids(client, bounded, tag))[0] == {"step:0", "step:1", "step:2"}
+        assert (await bounded.apply(tag, {}, message_id="step:3")).applied
+        assert (await _ids(client, bounded, tag))[0] == {"step:2", "step:3"}
+    finally:
+        await used.aclose()
+        await _drop(client, tag)
+
+
+async def test_a_large_unordered_backlog_is_ordered_a_page_a_call(
+    client: Redis, connect: Callable[[], Client], tag: str
+) -> None:
+    used = connect()
+    try:
+        applied = f"pos:{{{tag}}}:applied"
+        await client.hset(applied, mapping={f"legacy-{n:05d}": "1" for n in range(3000)})
+        bounded = ApplyOnceStore(used, ids_kept=100_000)
+        await bounded.apply(tag, {}, message_id="first")
+        ordered = await client.zcard(f"{applied}:order")
+        assert 1 < ordered < 1500  # one HSCAN page, not the whole hash in one script
+        for n in range(40):
+            await bounded.apply(tag, {}, message_id=f"next{n}")
+        held, order = await _ids(client, bounded, tag)
+        assert held == set(order) and len(held) == 3041
     finally:
         await used.aclose()
         await _drop(client, tag)

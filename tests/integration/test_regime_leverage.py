@@ -8,6 +8,7 @@ in-process on the same events, one output per event, in order.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,8 +28,9 @@ from shared import codec
 from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.tick_replay import ReplaySource, make_producer, publish
 from shared.core.config import StrategyConfig
-from shared.core.engine import SignalPipeline, decide, risk_price
+from shared.core.engine import SignalPipeline, decide, funding_paid, risk_price
 from shared.core.events import LeverageTargetChanged
+from shared.core.leverage import SmartLeverageController
 from shared.core.market import Tick
 from shared.core.products import smart_controllers
 from shared.core.regime import RegimeState
@@ -52,23 +54,26 @@ class Expected:
 
     regimes: list[RegimeState | None] = field(default_factory=list)
     decisions: list[list[LeverageTargetChanged]] = field(default_factory=list)
+    controllers: list[SmartLeverageController] = field(default_factory=list)
 
 
 def expected(events: list[market_pb2.MarketEvent]) -> Expected:
     config = StrategyConfig()
     symbol = _symbol(events[0])
     pipeline = SignalPipeline(symbol, config.features, config.regime)
-    controllers = smart_controllers(symbol, config)
-    out = Expected()
+    out = Expected(controllers=smart_controllers(symbol, config))
+    mark = 0.0
     for event in events:
         if not event.HasField("tick"):
+            funding_paid(out.controllers, codec.funding_from_proto(event.funding), mark)
             out.regimes.append(None)
             out.decisions.append([])
             continue
         tick: Tick = codec.tick_from_proto(event.tick)
         regime = pipeline.on_tick(tick.ts_ns, tick.price)
         out.regimes.append(regime)
-        out.decisions.append(decide(controllers, tick.ts_ns, tick.price, risk_price(tick), regime))
+        mark = risk_price(tick)
+        out.decisions.append(decide(out.controllers, tick.ts_ns, tick.price, mark, regime))
     return out
 
 
@@ -76,6 +81,7 @@ def expected(events: list[market_pb2.MarketEvent]) -> Expected:
 class Stack:
     bootstrap: str
     namespace: str
+    redis_url: str
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def spec(self, spec: TopicSpec) -> TopicSpec:
@@ -88,6 +94,7 @@ class Stack:
             "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}",
             prefix + "NAMESPACE": self.namespace,
             prefix + "KAFKA__BOOTSTRAP": self.bootstrap,
+            prefix + "REDIS__URL": self.redis_url,
             prefix + "METRICS_PORT": "0",
             prefix + "LOG_LEVEL": "WARNING",
         }
@@ -140,7 +147,7 @@ def stack(kafka_bootstrap: str, redis_url: str) -> Iterator[Stack]:
     namespace = f"t{uuid.uuid4().hex[:8]}."
     specs = [s.in_namespace(namespace) for spec in TOPICS for s in (spec, spec.dlq())]
     ensure_topics(kafka_bootstrap, specs, verbose=False)
-    stack = Stack(kafka_bootstrap, namespace)
+    stack = Stack(kafka_bootstrap, namespace, redis_url)
     yield stack
     for proc in stack.procs:
         if proc.poll() is None:
@@ -162,7 +169,7 @@ def targets(values: list[bytes]) -> list[leverage_pb2.TargetsUpdate]:
 
 
 def test_regime_and_leverage_equal_in_process_decide(stack: Stack) -> None:
-    events = replay("BTC-USDT", 200)
+    events = replay("BTC-USDT", 230)  # ends with funding drawn since a rebalance
     want = expected(events)
     assert sum(len(d) for d in want.decisions) >= 3  # the data exercises the policy
     for service in ("regime", "leverage"):
@@ -207,6 +214,15 @@ def test_regime_and_leverage_equal_in_process_decide(stack: Stack) -> None:
 
     for proc in stack.procs:
         assert stack.stop(proc) == 0
+    # what it stored (on a clean stop, the last batch's write done) is the reference's
+    # models, what funding drew since their last rebalance included
+    models = {c.product: c.snapshot() for c in want.controllers}
+    assert any(model["drawn"] for model in models.values())
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    stored = client.hgetall(f"{stack.namespace}lev:{{BTC-USDT}}:controllers")
+    client.close()
+    assert int(stored["seq"]) == _seq(events[-1])
+    assert json.loads(stored["controllers"]) == json.loads(json.dumps(models))
 
 
 def test_two_regime_instances_share_the_group_and_agree(stack: Stack) -> None:

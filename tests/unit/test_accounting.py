@@ -157,6 +157,22 @@ def test_management_fee_accrues_pro_rata_to_time() -> None:
     assert (b.insurance_fund, b.platform_fees) == (D("0.0109589"), D("0.04383562"))
 
 
+@pytest.mark.parametrize(
+    ("floor", "fee"), [("1000", None), ("999.99", "0.01"), ("900", "0.05479452")]
+)
+def test_management_fee_never_takes_equity_below_the_insured_floor(
+    floor: str, fee: str | None
+) -> None:
+    """A product held on its least floor (one NAV quantum a unit) showed NAV 0 after the
+    day's fee (found by a fuzz of near-total exits): the fee stops at the floor."""
+    b = books(product(LONG, Side.LONG, units="10", cash="1000"))
+    book = b.products[LONG]
+    book.equity_floor = D(floor)
+    events = b.accrue_management_fee(9, D(50000), NS_PER_DAY)
+    assert events == ([] if fee is None else [ManagementFeeAccrued(LONG, 9, D(fee))])
+    assert book.equity(D(50000)) >= book.equity_floor and book.nav(D(50000)) > 0
+
+
 def test_management_fee_nothing_for_no_time_or_zero_rate() -> None:
     b = books(product(LONG, Side.LONG, units="10", cash="1000"))
     assert b.accrue_management_fee(0, D(50000), 0) == []

@@ -75,6 +75,9 @@ def test_decisions_through_the_wire_equal_in_process_decide(moves: list[int], ra
             expected = decide(controllers, tick.ts_ns, tick.price, mark, regime)
         else:
             funding_paid(controllers, tick, mark)
+        # the models too, not only what they decided (a mark other than the books' for
+        # funding decides alike for a while)
+        assert [c.snapshot() for c in stage.controllers] == [c.snapshot() for c in controllers]
         out = codec.decode(leverage_pb2.TargetsUpdate, codec.encode(out))
         assert out.market == market.message
         assert out.bar_closed == (regime is not None)
