@@ -131,12 +131,15 @@ if mode == 'id' then
     if redis.call('ZCARD', KEYS[3]) < redis.call('HLEN', KEYS[1]) then
       local cursor = redis.call('HGET', KEYS[2], 'order:cursor') or '0'
       local page = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', 500)
-      local scored = {}
-      for j = 1, #page[2], 2 do
-        scored[#scored + 1] = version
-        scored[#scored + 1] = page[2][j]
+      local found = page[2]  -- id, record, ...: all of a compact hash, whatever COUNT
+      for first = 1, #found, 1000 do
+        local scored = {}
+        for j = first, math.min(first + 998, #found), 2 do
+          scored[#scored + 1] = version
+          scored[#scored + 1] = found[j]
+        end
+        redis.call('ZADD', KEYS[3], 'NX', unpack(scored))
       end
-      if #scored > 0 then redis.call('ZADD', KEYS[3], 'NX', unpack(scored)) end
       redis.call('HSET', KEYS[2], 'order:cursor', page[1])
     end
     local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', version - kept, 'LIMIT', 0, 1000)

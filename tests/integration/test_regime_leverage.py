@@ -55,6 +55,7 @@ class Expected:
     regimes: list[RegimeState | None] = field(default_factory=list)
     decisions: list[list[LeverageTargetChanged]] = field(default_factory=list)
     controllers: list[SmartLeverageController] = field(default_factory=list)
+    mark: float = 0.0  # the last tick's, which funding is drawn at
 
 
 def expected(events: list[market_pb2.MarketEvent]) -> Expected:
@@ -62,18 +63,17 @@ def expected(events: list[market_pb2.MarketEvent]) -> Expected:
     symbol = _symbol(events[0])
     pipeline = SignalPipeline(symbol, config.features, config.regime)
     out = Expected(controllers=smart_controllers(symbol, config))
-    mark = 0.0
     for event in events:
         if not event.HasField("tick"):
-            funding_paid(out.controllers, codec.funding_from_proto(event.funding), mark)
+            funding_paid(out.controllers, codec.funding_from_proto(event.funding), out.mark)
             out.regimes.append(None)
             out.decisions.append([])
             continue
         tick: Tick = codec.tick_from_proto(event.tick)
         regime = pipeline.on_tick(tick.ts_ns, tick.price)
         out.regimes.append(regime)
-        mark = risk_price(tick)
-        out.decisions.append(decide(out.controllers, tick.ts_ns, tick.price, mark, regime))
+        out.mark = risk_price(tick)
+        out.decisions.append(decide(out.controllers, tick.ts_ns, tick.price, out.mark, regime))
     return out
 
 
@@ -221,7 +221,7 @@ def test_regime_and_leverage_equal_in_process_decide(stack: Stack) -> None:
     client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
     stored = client.hgetall(f"{stack.namespace}lev:{{BTC-USDT}}:controllers")
     client.close()
-    assert int(stored["seq"]) == _seq(events[-1])
+    assert int(stored["seq"]) == _seq(events[-1]) and float(stored["mark"]) == want.mark
     assert json.loads(stored["controllers"]) == json.loads(json.dumps(models))
 
 
