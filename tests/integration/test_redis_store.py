@@ -45,15 +45,17 @@ def tag() -> str:
 
 
 @pytest.fixture
-async def store(
-    client: Redis, connect: Callable[[], Client], tag: str
-) -> AsyncIterator[ApplyOnceStore]:
-    used = connect()
-    yield ApplyOnceStore(used)
-    await used.aclose()
-    keys = [k async for k in client.scan_iter(match=f"pos:{{{tag}}}:*")]
-    if keys:
-        await client.delete(*keys)
+async def used(client: Redis, connect: Callable[[], Client], tag: str) -> AsyncIterator[Client]:
+    """A fresh connection of either kind; the test's keys go afterwards."""
+    connection = connect()
+    yield connection
+    await connection.aclose()
+    await _drop(client, tag)
+
+
+@pytest.fixture
+def store(used: Client) -> ApplyOnceStore:
+    return ApplyOnceStore(used)
 
 
 async def test_same_message_id_applies_once(store: ApplyOnceStore, tag: str) -> None:
@@ -188,75 +190,60 @@ async def _ids(client: Redis, store: ApplyOnceStore, tag: str) -> tuple[set[str]
 
 
 async def test_kept_ids_forget_the_oldest_and_still_refuse_recent_repeats(
-    client: Redis, connect: Callable[[], Client], tag: str
+    client: Redis, used: Client, tag: str
 ) -> None:
-    used = connect()
     store, state = ApplyOnceStore(used, ids_kept=3), f"pos:{{{tag}}}:state"
-    try:
-        for n in range(6):
-            assert (await store.apply(tag, {state: {"n": n}}, message_id=f"e{n}")).applied
-            held, order = await _ids(client, store, tag)
-            assert order == [f"e{i}" for i in range(max(0, n - 2), n + 1)]
-            assert held == set(order)
-        for recent in ("e3", "e4", "e5"):
-            repeat = await store.apply(tag, {state: {"n": -1}}, message_id=recent)
-            assert repeat.status is ApplyStatus.DUPLICATE
-        assert (await store.read(tag, "state"))[0] == {"n": "5"}
-        # past the bound an id is forgotten: a repeat of it applies again (the bound
-        # is for callers that only ever repeat their latest calls)
-        assert (await store.apply(tag, {state: {"n": 0}}, message_id="e0")).applied
-        assert (await _ids(client, store, tag))[1] == ["e4", "e5", "e0"]
-    finally:
-        await used.aclose()
-        await _drop(client, tag)
+    for n in range(6):
+        assert (await store.apply(tag, {state: {"n": n}}, message_id=f"e{n}")).applied
+        held, order = await _ids(client, store, tag)
+        assert order == [f"e{i}" for i in range(max(0, n - 2), n + 1)]
+        assert held == set(order)
+    for recent in ("e3", "e4", "e5"):
+        repeat = await store.apply(tag, {state: {"n": -1}}, message_id=recent)
+        assert repeat.status is ApplyStatus.DUPLICATE
+    assert (await store.read(tag, "state"))[0] == {"n": "5"}
+    # past the bound an id is forgotten: a repeat of it applies again (the bound
+    # is for callers that only ever repeat their latest calls)
+    assert (await store.apply(tag, {state: {"n": 0}}, message_id="e0")).applied
+    assert (await _ids(client, store, tag))[1] == ["e4", "e5", "e0"]
 
 
 async def test_ids_found_unordered_stay_for_the_bound_from_then(
-    client: Redis, connect: Callable[[], Client], tag: str
+    client: Redis, used: Client, tag: str
 ) -> None:
     """Ids recorded before the bound, or by a writer without it meanwhile (an older
     venue in a rolling upgrade), are ordered as of the call that finds them: a repeat of
     one within the bound's calls after that is still a duplicate."""
-    used = connect()
     state = f"pos:{{{tag}}}:state"
-    try:
-        keep_all = ApplyOnceStore(used)
-        for n in range(5):
-            await keep_all.apply(tag, {state: {"n": n}}, message_id=f"old{n}")
-        bounded = ApplyOnceStore(used, ids_kept=2)
-        assert (await bounded.apply(tag, {state: {"n": 9}}, message_id="new")).applied
-        held, order = await _ids(client, bounded, tag)
-        assert held == set(order) == {"new", *(f"old{n}" for n in range(5))}
-        await keep_all.apply(tag, {}, message_id="step:0")  # the other writer, meanwhile
-        assert (await bounded.apply(tag, {}, message_id="step:1")).applied
-        assert (await bounded.apply(tag, {}, message_id="step:0")).status is ApplyStatus.DUPLICATE
-        assert (await bounded.apply(tag, {}, message_id="step:2")).applied
-        assert (await _ids(client, bounded, tag))[0] == {"step:0", "step:1", "step:2"}
-        assert (await bounded.apply(tag, {}, message_id="step:3")).applied
-        assert (await _ids(client, bounded, tag))[0] == {"step:2", "step:3"}
-    finally:
-        await used.aclose()
-        await _drop(client, tag)
+    keep_all = ApplyOnceStore(used)
+    for n in range(5):
+        await keep_all.apply(tag, {state: {"n": n}}, message_id=f"old{n}")
+    bounded = ApplyOnceStore(used, ids_kept=2)
+    assert (await bounded.apply(tag, {state: {"n": 9}}, message_id="new")).applied
+    held, order = await _ids(client, bounded, tag)
+    assert held == set(order) == {"new", *(f"old{n}" for n in range(5))}
+    await keep_all.apply(tag, {}, message_id="step:0")  # the other writer, meanwhile
+    assert (await bounded.apply(tag, {}, message_id="step:1")).applied
+    assert (await bounded.apply(tag, {}, message_id="step:0")).status is ApplyStatus.DUPLICATE
+    assert (await bounded.apply(tag, {}, message_id="step:2")).applied
+    assert (await _ids(client, bounded, tag))[0] == {"step:0", "step:1", "step:2"}
+    assert (await bounded.apply(tag, {}, message_id="step:3")).applied
+    assert (await _ids(client, bounded, tag))[0] == {"step:2", "step:3"}
 
 
 async def test_a_large_unordered_backlog_is_ordered_a_page_a_call(
-    client: Redis, connect: Callable[[], Client], tag: str
+    client: Redis, used: Client, tag: str
 ) -> None:
-    used = connect()
-    try:
-        applied = f"pos:{{{tag}}}:applied"
-        await client.hset(applied, mapping={f"legacy-{n:05d}": "1" for n in range(3000)})
-        bounded = ApplyOnceStore(used, ids_kept=100_000)
-        await bounded.apply(tag, {}, message_id="first")
-        ordered = await client.zcard(f"{applied}:order")
-        assert 1 < ordered < 1500  # one HSCAN page, not the whole hash in one script
-        for n in range(40):
-            await bounded.apply(tag, {}, message_id=f"next{n}")
-        held, order = await _ids(client, bounded, tag)
-        assert held == set(order) and len(held) == 3041
-    finally:
-        await used.aclose()
-        await _drop(client, tag)
+    applied = f"pos:{{{tag}}}:applied"
+    await client.hset(applied, mapping={f"legacy-{n:05d}": "1" for n in range(3000)})
+    bounded = ApplyOnceStore(used, ids_kept=100_000)
+    await bounded.apply(tag, {}, message_id="first")
+    ordered = await client.zcard(f"{applied}:order")
+    assert 1 < ordered < 1500  # one HSCAN page, not the whole hash in one script
+    for n in range(40):
+        await bounded.apply(tag, {}, message_id=f"next{n}")
+    held, order = await _ids(client, bounded, tag)
+    assert held == set(order) and len(held) == 3041
 
 
 def test_a_negative_bound_is_refused() -> None:
