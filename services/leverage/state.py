@@ -1,8 +1,8 @@
 """A symbol's leverage controllers: one RegimeUpdate in, one TargetsUpdate out.
 
 Kept in Redis as one hash `<ns>lev:{<symbol>}:controllers` (fields `seq`, `regime`,
-`mark` = the last tick's risk price, `controllers` = JSON of every controller's
-snapshot), written by one atomic script
+`mark` = the last tick's risk price and `mark_seq` = the seq it was written at,
+`controllers` = JSON of every controller's snapshot), written by one atomic script
 that also refuses a seq not above the stored one (shared/redis_store.ApplyOnceStore).
 """
 
@@ -106,6 +106,7 @@ class SymbolControllers:
             "seq": self.last_seq or 0,
             "regime": self.regime,
             "mark": repr(self.mark),
+            "mark_seq": self.last_seq or 0,
             "controllers": json.dumps(snapshots, separators=(",", ":")),
         }
 
@@ -120,6 +121,9 @@ def restore(symbol: str, config: StrategyConfig, fields: dict[str, str]) -> Symb
         SmartLeverageController.restore(c.product, c.side, config.leverage, snapshots[c.product])
         for c in controllers
     ]
-    # no mark in a state from before funding was modelled: the next tick brings one
-    mark = float(fields.get("mark", "0"))
+    # No mark in a state from before funding was modelled, and a stale one in a state a
+    # rolled-back release wrote over (it kept the field, not its seq): the next tick
+    # brings one.
+    current = fields.get("mark_seq") == fields["seq"]
+    mark = float(fields["mark"]) if current else 0.0
     return SymbolControllers(restored, int(fields["seq"]), fields["regime"], mark)

@@ -83,8 +83,13 @@ def _dict(value: object) -> dict[str, object]:
     return value
 
 
+ENGINE_SNAPSHOT_VERSION = 2  # 2: anchors carry what funding drew (reliability 154)
+
+
 def _anchor_entry(value: object) -> tuple[float, float, float]:
-    assert isinstance(value, list) and len(value) in (2, 3)  # 2: from before funding's
+    """(leverage, price, drawn); a version 1 snapshot's anchors have no drawn (0)."""
+    if not isinstance(value, list) or len(value) not in (2, 3):
+        raise ValueError(f"an anchor is [leverage, price, drawn], not {value!r}")
     return float(value[0]), float(value[1]), float(value[2]) if len(value) == 3 else 0.0
 
 
@@ -490,7 +495,7 @@ class Engine:
     def snapshot(self) -> dict[str, object]:
         """The books and this engine's marks; the venue keeps its own state."""
         return {
-            "v": 1,
+            "v": ENGINE_SNAPSHOT_VERSION,
             "price": str(self.price),
             "mark": str(self.mark),
             "fee_ts": self._fee_ts,
@@ -500,6 +505,14 @@ class Engine:
         }
 
     def restore_state(self, snapshot: dict[str, object]) -> None:
+        """A snapshot of this version or an older one; a newer one (written by a later
+        release: a rollback) is SnapshotIncompatible, not read as far as it goes."""
+        version = snapshot.get("v")
+        if not isinstance(version, int) or not 1 <= version <= ENGINE_SNAPSHOT_VERSION:
+            raise SnapshotIncompatible(
+                f"engine snapshot version {version!r}: this release reads 1 to "
+                f"{ENGINE_SNAPSHOT_VERSION}; run the release that wrote it"
+            )
         self.price = Decimal(str(snapshot["price"]))
         self.mark = Decimal(str(snapshot["mark"]))
         fee_ts = snapshot["fee_ts"]

@@ -25,6 +25,7 @@ from shared.core.events import (
     ProductUnitsIssued,
     UnheldEquityTaken,
 )
+from shared.core.features import SnapshotIncompatible
 from shared.core.leverage import (
     Controller,
     LeverageConfig,
@@ -1013,3 +1014,25 @@ def test_funding_never_carries_the_books_past_the_ceiling(
         for controller in strategy.controllers:
             drawn = controller.snapshot()["drawn"]
             assert strategy.engine.anchors[controller.product][2] == drawn
+
+
+def test_a_snapshot_of_a_later_release_is_refused_and_an_older_one_read() -> None:
+    """Hedging restores its engine from Redis on every batch: a rollback must not read a
+    later release's snapshot as far as it goes (the release before this one dropped what
+    funding drew from each anchor, silently under `python -O`)."""
+    strategy = smart_strategy(SYMBOL, built_at(3.0))
+    for controller in strategy.controllers:
+        strategy.engine.deposit(controller.product, Decimal(1_000_000), 0)
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(30000)), None)
+    strategy.on_funding(FundingRate(SYMBOL, 2, Decimal("0.001")))
+    snapshot = json.loads(json.dumps(strategy.engine.snapshot()))
+    fresh = smart_engine(SYMBOL, built_at(3.0))
+    fresh.restore_state(snapshot)
+    assert fresh.anchors == strategy.engine.anchors and all(a[2] for a in fresh.anchors.values())
+    with pytest.raises(SnapshotIncompatible, match="engine snapshot version 3"):
+        fresh.restore_state({**snapshot, "v": 3})
+    older = {**snapshot, "v": 1, "anchors": {p: a[:2] for p, a in snapshot["anchors"].items()}}
+    fresh.restore_state(older)
+    assert all(a[2] == 0.0 for a in fresh.anchors.values())
+    with pytest.raises(ValueError, match="an anchor is"):
+        fresh.restore_state({**snapshot, "anchors": {"BTC-USDT:LONG": [1.0]}})

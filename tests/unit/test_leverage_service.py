@@ -191,3 +191,17 @@ def test_stored_fields_are_json_and_restore() -> None:
     again = restore(SYMBOL, config, fields)
     assert again.fields() == stage.fields()
     assert again.last_seq == stage.last_seq == 20
+
+
+def test_a_mark_written_at_another_seq_is_not_trusted() -> None:
+    """A rolled-back release keeps the hash's `mark` but moves its `seq`: rolled forward
+    again, a funding event before the next tick must not be drawn at that stale mark."""
+    config = fast_config()
+    stage = SymbolControllers(smart_controllers(SYMBOL, config))
+    for market in market_inputs([50, -700, 20, -800, 30] * 4):
+        stage.step(parse_regime_update(market_pb2.RegimeUpdate(market=market.message)), 0)
+    fields = {k: str(v) for k, v in stage.fields().items()}
+    assert restore(SYMBOL, config, fields).mark == stage.mark > 0
+    assert restore(SYMBOL, config, {**fields, "seq": "99"}).mark == 0.0
+    older = {k: v for k, v in fields.items() if k not in ("mark", "mark_seq")}
+    assert restore(SYMBOL, config, older).mark == 0.0
