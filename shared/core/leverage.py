@@ -274,6 +274,9 @@ class SmartLeverageController:
         if risk_price <= self._trigger if self._is_long else risk_price >= self._trigger:
             return self._emergency(ts_ns, price, risk_price)
         cfg = self.config
+        # books a release's new bounds left outside them are rebalanced here too: with
+        # one tick a bar ("close" mode) no other tick would (`on_tick`)
+        owed = self._bounds_moved is not None and self._owed(risk_price)
         desired = self.policy_target(regime)
         previous = self._target_f
         # The deadband keeps a target the policy moves little from, but not one above
@@ -287,7 +290,7 @@ class SmartLeverageController:
             and not self._aligned(regime)
         ):
             desired = previous
-            if self.ref_price is not None:
+            if self.ref_price is not None and not owed:
                 # Hot path: target kept, leverage still inside the band -> nothing to say.
                 actual = model_leverage(
                     self.side, self.ref_leverage, self.ref_price, risk_price, self._drawn
@@ -307,10 +310,12 @@ class SmartLeverageController:
             actual = model_leverage(
                 self.side, self.ref_leverage, self.ref_price, risk_price, self._drawn
             )
-            rebalance = abs(actual - target_f) > cfg.rebalance_band * target_f
+            rebalance = owed or abs(actual - target_f) > cfg.rebalance_band * target_f
         if not rebalance and steps == self._target_steps:
             return None
         reasons = self.policy_reasons(regime)
+        if owed and self._clamp_reason() not in reasons:
+            reasons.append(self._clamp_reason())
         if limited:
             reasons.append(Reason.RATE_LIMITED)
         if rebalance:
@@ -330,16 +335,24 @@ class SmartLeverageController:
             )
         if risk_price <= self._trigger if self._is_long else risk_price >= self._trigger:
             return self._emergency(ts_ns, price, risk_price)  # first, new bounds or not
-        if self._bounds_moved is not None:
-            if self._outside_bounds(risk_price):
-                # the books sit outside new bounds (restore): rebalanced into them once
-                up = self._bounds_moved[0] > 0
-                reason = Reason.CLAMPED_MAX if up else Reason.CLAMPED_MIN
-                return self._decide(
-                    ts_ns, price, risk_price, self.target_value, True, False, [reason]
-                )
-            self._bounds_moved = None  # a move carried them back inside: nothing owed
+        if self._bounds_moved is not None and self._owed(risk_price):
+            # the books sit outside new bounds (restore): rebalanced into them once
+            return self._decide(
+                ts_ns, price, risk_price, self.target_value, True, False, [self._clamp_reason()]
+            )
         return None
+
+    def _owed(self, risk_price: float) -> bool:
+        """Whether the books a release's new bounds left outside them still are (a move
+        may have carried them back inside: then nothing is owed any more)."""
+        if self._outside_bounds(risk_price):
+            return True
+        self._bounds_moved = None
+        return False
+
+    def _clamp_reason(self) -> str:
+        assert self._bounds_moved is not None
+        return Reason.CLAMPED_MAX if self._bounds_moved[0] > 0 else Reason.CLAMPED_MIN
 
     def _emergency(self, ts_ns: int, price: Decimal, risk_price: float) -> LeverageTargetChanged:
         cfg = self.config

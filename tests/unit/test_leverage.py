@@ -196,6 +196,24 @@ def test_books_left_outside_new_bounds_are_rebalanced_once_whatever_comes_first(
     assert tick(falling, 89.0) is None  # and no clamp after it
 
 
+def test_books_left_outside_new_bounds_are_rebalanced_by_a_bar_too() -> None:
+    """With one tick a bar (a bar-close replay) only `on_bar` runs: a policy at the new
+    l_max (4.75), within the band of books still at 5x, left them there for good."""
+    stored = rebalanced(Side.LONG, 5.0).snapshot()
+    lower = rules(l_max=4.75, warmup_leverage=1.0)
+    trend = regime_state(Regime.TREND_UP, sigma=0.5)  # the policy: 4.0 x 1.2, at l_max
+    restored = SmartLeverageController.restore(LONG, Side.LONG, lower, stored)
+    event = bar(restored, 100.0, trend)
+    assert event is not None and event.rebalance and Reason.CLAMPED_MAX in event.reasons
+    assert (event.previous_target, event.target) == (Decimal("5.00"), Decimal("4.75"))
+    assert bar(restored, 100.0, trend) is None  # once
+    # carried back inside the bounds by a move (4.6x at 102.2): nothing owed any more,
+    # as on a tick; the band decides from there
+    back = SmartLeverageController.restore(LONG, Side.LONG, lower, stored)
+    assert bar(back, 102.2, trend) is None
+    assert bar(back, 100.0, trend) is None
+
+
 @pytest.mark.parametrize(("l_min", "l_max", "expected"), [(1.0, 2.0, "2.00"), (3.5, 4.0, "3.50")])
 def test_a_target_outside_a_new_configurations_bounds_is_brought_inside(
     l_min: float, l_max: float, expected: str
