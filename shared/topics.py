@@ -30,6 +30,7 @@ KeyKind = Literal["symbol", "product"]
 DAY_MS = 24 * 3600 * 1000
 FOREVER = -1  # retention.ms = -1: keep everything (history that rebuilds state)
 DEFAULT_PARTITIONS = 3
+COMPACTED_SEGMENT_MS = 3600 * 1000
 DLQ_SUFFIX = ".dlq"
 
 
@@ -72,11 +73,12 @@ class TopicSpec:
         return self.name + DLQ_SUFFIX
 
     def configs(self) -> dict[str, str]:
-        """Topic-level Kafka configs for CreateTopics."""
-        out = {"cleanup.policy": "compact" if self.compacted else "delete"}
-        if not self.compacted:
-            out["retention.ms"] = str(self.retention_ms)
-        return out
+        """Topic-level Kafka configs for CreateTopics. A compacted topic rolls a segment
+        an hour (COMPACTED_SEGMENT_MS): Kafka compacts closed segments only, and by default
+        rolls one a week, so a reader of current state replayed a week of every update."""
+        if self.compacted:
+            return {"cleanup.policy": "compact", "segment.ms": str(COMPACTED_SEGMENT_MS)}
+        return {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
 
     def in_namespace(self, namespace: str) -> TopicSpec:
         """The same topic under a name prefix: a test or a second demo runs a whole

@@ -21,7 +21,7 @@ from services.regime.config import RegimeSettings
 from services.regime.state import SymbolSignals, restore, signal_key
 from shared.core.config import StrategyConfig
 from shared.stream import Outgoing, StreamRuntime, acting_on, is_new, parse_market
-from shared.topics import MARKET_REGIMES, MARKET_TICKS
+from shared.topics import COMPACTED_SEGMENT_MS, MARKET_REGIMES, MARKET_TICKS
 
 TABLE = "regime-state"
 
@@ -32,7 +32,13 @@ def build(settings: RegimeSettings, config: StrategyConfig | None = None) -> Str
     runtime = StreamRuntime(settings)
     ticks = runtime.input(MARKET_TICKS)
     regimes = runtime.output(MARKET_REGIMES)
-    table = runtime.app.Table(TABLE, default=None, partitions=MARKET_TICKS.partitions)
+    table = runtime.app.Table(
+        TABLE,
+        default=None,
+        partitions=MARKET_TICKS.partitions,
+        # its changelog is compacted: a restart replays an hour's rows, not a week's
+        extra_topic_configs={"segment.ms": str(COMPACTED_SEGMENT_MS)},
+    )
     live: dict[str, SymbolSignals] = {}
 
     def load(symbol: str) -> SymbolSignals:

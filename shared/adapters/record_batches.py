@@ -40,6 +40,9 @@ def idempotent_producer(bootstrap: str, client_id: str) -> AIOKafkaProducer:
     )
 
 
+PARTITIONS_CACHED = 4096  # (topic, key) pairs: symbols and products, a dead letter's keys
+
+
 class BatchSender:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self.producer = producer
@@ -53,6 +56,9 @@ class BatchSender:
         if found is None:
             partitions = sorted(await self.producer.partitions_for(topic))
             found = partitions[partition_for(key, len(partitions))]
+            if len(self._partitions) >= PARTITIONS_CACHED:
+                # bounded: dead letters carry whatever key bad input had, one each
+                del self._partitions[next(iter(self._partitions))]
             self._partitions[(topic, key)] = found
         return found
 

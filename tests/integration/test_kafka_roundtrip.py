@@ -10,6 +10,7 @@ import csv
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -22,7 +23,8 @@ from smartlev.v1 import market_pb2
 from shared import codec
 from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.tick_replay import data_dir, make_producer, publish
-from shared.topics import TopicSpec
+from shared.topics import COMPACTED_SEGMENT_MS, NAV_LATEST, TopicSpec
+from tests.integration.kafka_configs import topic_configs
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +83,21 @@ def test_ensure_topics_is_idempotent(kafka_bootstrap: str, topic: TopicSpec) -> 
     again = ensure_topics(kafka_bootstrap, [topic], verbose=False)
     assert again.created == [] and again.existing == [topic.name]
     assert again.mismatched == []
+
+
+def test_a_compacted_topic_rolls_a_segment_an_hour(kafka_bootstrap: str) -> None:
+    """Kafka compacts closed segments only and rolls one a week by default: a reader of
+    current state (`nav.latest`) replayed a week of every product's every update."""
+    spec = replace(NAV_LATEST.in_namespace(f"t{uuid.uuid4().hex[:8]}."))
+    assert ensure_topics(kafka_bootstrap, [spec], verbose=False).created == [spec.name]
+    try:
+        configs = topic_configs(kafka_bootstrap, spec.name)
+        assert configs["cleanup.policy"] == "compact"
+        assert configs["segment.ms"] == str(COMPACTED_SEGMENT_MS)
+    finally:
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        admin.delete_topics([spec.name])
+        admin.close()
 
 
 def test_kafka_python_round_trip_is_exact(kafka_bootstrap: str, topic: TopicSpec) -> None:

@@ -34,8 +34,15 @@ from shared.core.leverage import SmartLeverageController
 from shared.core.market import Tick
 from shared.core.products import smart_controllers
 from shared.core.regime import RegimeState
-from shared.topics import LEVERAGE_TARGETS, MARKET_REGIMES, MARKET_TICKS, TopicSpec
+from shared.topics import (
+    COMPACTED_SEGMENT_MS,
+    LEVERAGE_TARGETS,
+    MARKET_REGIMES,
+    MARKET_TICKS,
+    TopicSpec,
+)
 from shared.wire import decision, regime_state
+from tests.integration.kafka_configs import topic_configs
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +93,14 @@ class Stack:
 
     def spec(self, spec: TopicSpec) -> TopicSpec:
         return spec.in_namespace(self.namespace)
+
+    def topics(self) -> list[str]:
+        """Every topic of the namespace, the ones faust created included."""
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap)
+        try:
+            return [t for t in admin.list_topics() if t.startswith(self.namespace)]
+        finally:
+            admin.close()
 
     def start(self, service: str) -> subprocess.Popen[bytes]:
         prefix = f"SMARTLEV_{service.upper()}_"
@@ -222,6 +237,9 @@ def test_regime_and_leverage_equal_in_process_decide(stack: Stack) -> None:
     stored = client.hgetall(f"{stack.namespace}lev:{{BTC-USDT}}:controllers")
     client.close()
     assert int(stored["seq"]) == _seq(events[-1]) and float(stored["mark"]) == want.mark
+    # the regime table's changelog is compacted an hour at a time (a restart replays that)
+    [changelog] = [n for n in stack.topics() if n.endswith("regime-state-changelog")]
+    assert topic_configs(stack.bootstrap, changelog)["segment.ms"] == str(COMPACTED_SEGMENT_MS)
     assert json.loads(stored["controllers"]) == json.loads(json.dumps(models))
 
 

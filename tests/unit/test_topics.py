@@ -58,7 +58,7 @@ def test_source_topics_are_co_partitioned() -> None:
 
 def test_configs() -> None:
     assert topics.MARKET_TICKS.configs() == {"cleanup.policy": "delete", "retention.ms": "-1"}
-    assert topics.NAV_LATEST.configs() == {"cleanup.policy": "compact"}
+    assert topics.NAV_LATEST.configs() == {"cleanup.policy": "compact", "segment.ms": "3600000"}
     assert topics.get("market.ticks.dlq").configs()["retention.ms"] == str(30 * topics.DAY_MS)
 
 
