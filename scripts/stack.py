@@ -828,6 +828,7 @@ class Stack:
         self.run.mkdir(parents=True, exist_ok=True)
         ensure_apt_packages()
         redis, kafka = self.redis(), self.kafka()
+        self.stop_reconfigured([(kafka, self.kafka_config), (redis, self.redis_config)])
         # Kafka first (its first run fetches jars), then Redis, so both start side by side.
         launched = [c.name for c in (kafka, redis) if self.launch(c) is not None]
         for comp in (redis, kafka):
@@ -854,11 +855,21 @@ class Stack:
         service put new code beside old peers."""
         changed = self.code_changed_at()
         for comp in services:
-            pid = self.running_pid(comp)
-            began = None if pid is None else started_at(pid)
-            if began is not None and began < changed:
-                say(f"{comp.name}: its code changed since it started; restarting it")
-                self.stop(comp, quiet=True)
+            self._stop_if_older(comp, changed, "its code")
+
+    def stop_reconfigured(self, configured: list[tuple[Component, Path]]) -> None:
+        """Stop Kafka or Redis (ours only) if its config file changed since it started,
+        so `up` starts it on the config as it is: each reads it once, and a changed
+        setting (a retention, an fsync policy) waited for a restart nothing gave it."""
+        for comp, config in configured:
+            self._stop_if_older(comp, config.stat().st_mtime, "its config")
+
+    def _stop_if_older(self, comp: Component, changed: float, what: str) -> None:
+        pid = self.running_pid(comp)
+        began = None if pid is None else started_at(pid)
+        if began is not None and began < changed:
+            say(f"{comp.name}: {what} changed since it started; restarting it")
+            self.stop(comp, quiet=True)
 
     def code_changed_at(self) -> float:
         """When the services' code last changed: their sources, the venv and generated

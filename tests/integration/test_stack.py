@@ -455,6 +455,31 @@ def test_a_service_older_than_its_code_is_stopped_for_up_to_start_again(
         stack.stop(svc, quiet=True)
 
 
+def test_a_component_older_than_its_config_file_is_stopped_for_up_to_start_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Kafka and Redis read their config once: a changed setting (session 22 moved
+    offsets.retention.minutes) waited for a restart `up` never gave. Shown on a declared
+    service with a file of its own, not on the stack's broker."""
+    port = free_port()
+    stack = stack_with_service(tmp_path, port)
+    svc = next(s for s in stack.services() if s.name == "websvc")
+    config = tmp_path / "websvc.properties"
+    config.write_text("setting=1\n")
+    stack.run.mkdir(parents=True)
+    pid = stack.launch(svc)
+    try:
+        stack.wait_healthy(svc)
+        stack.stop_reconfigured([(svc, config)])  # written before it started: left alone
+        assert stack.running_pid(svc) == pid
+        config.write_text("setting=2\n")
+        stack.stop_reconfigured([(svc, config)])
+        assert not stack_mod.pid_alive(pid) and stack.running_pid(svc) is None
+        assert "websvc: its config changed since it started" in capsys.readouterr().out
+    finally:
+        stack.stop(svc, quiet=True)
+
+
 def test_service_whose_port_is_taken_fails_fast(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
