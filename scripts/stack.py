@@ -860,9 +860,21 @@ class Stack:
     def stop_reconfigured(self, configured: list[tuple[Component, Path]]) -> None:
         """Stop Kafka or Redis (ours only) if its config file changed since it started,
         so `up` starts it on the config as it is: each reads it once, and a changed
-        setting (a retention, an fsync policy) waited for a restart nothing gave it."""
+        setting (a retention, an fsync policy) waited for a restart nothing gave it.
+        Changed means other content than `up` last started or found it on (recorded in
+        `.run/<name>.config.sha256`), not a newer mtime: a file stamped in the future
+        restarted the broker on every `up`. With no record (a component started before
+        records were kept), a config newer than the process counts as changed, once."""
         for comp, config in configured:
-            self._stop_if_older(comp, config.stat().st_mtime, "its config")
+            digest = hashlib.sha256(config.read_bytes()).hexdigest()
+            record = self.run / f"{comp.name}.config.sha256"
+            recorded = record.read_text().strip() if record.exists() else None
+            if recorded is None:
+                self._stop_if_older(comp, config.stat().st_mtime, "its config")
+            elif recorded != digest and self.running_pid(comp) is not None:
+                say(f"{comp.name}: its config changed since it started; restarting it")
+                self.stop(comp, quiet=True)
+            record.write_text(f"{digest}\n")  # what it runs on once `up` starts it
 
     def _stop_if_older(self, comp: Component, changed: float, what: str) -> None:
         pid = self.running_pid(comp)

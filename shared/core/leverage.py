@@ -305,12 +305,13 @@ class SmartLeverageController:
         steps = self._steps(min(max(desired, cfg.l_min), cfg.l_max))
         target_f = steps / 20
         if self.ref_price is None:
-            rebalance = True
+            outside_band = True
         else:
             actual = model_leverage(
                 self.side, self.ref_leverage, self.ref_price, risk_price, self._drawn
             )
-            rebalance = owed or abs(actual - target_f) > cfg.rebalance_band * target_f
+            outside_band = abs(actual - target_f) > cfg.rebalance_band * target_f
+        rebalance = outside_band or owed
         if not rebalance and steps == self._target_steps:
             return None
         reasons = self.policy_reasons(regime)
@@ -318,7 +319,7 @@ class SmartLeverageController:
             reasons.append(self._clamp_reason())
         if limited:
             reasons.append(Reason.RATE_LIMITED)
-        if rebalance:
+        if outside_band:
             reasons.append(Reason.OUTSIDE_BAND)
         return self._decide(
             ts_ns, price, risk_price, to_target(target_f), rebalance, False, reasons

@@ -471,11 +471,17 @@ def test_a_component_older_than_its_config_file_is_stopped_for_up_to_start_again
     try:
         stack.wait_healthy(svc)
         stack.stop_reconfigured([(svc, config)])  # written before it started: left alone
+        os.utime(config, (time.time() + 3600,) * 2)  # same content, a future mtime
+        stack.stop_reconfigured([(svc, config)])
         assert stack.running_pid(svc) == pid
         config.write_text("setting=2\n")
         stack.stop_reconfigured([(svc, config)])
         assert not stack_mod.pid_alive(pid) and stack.running_pid(svc) is None
         assert "websvc: its config changed since it started" in capsys.readouterr().out
+        pid = stack.launch(svc)  # what `up` does next: on the config as it is now
+        stack.wait_healthy(svc)
+        stack.stop_reconfigured([(svc, config)])
+        assert stack.running_pid(svc) == pid  # once
     finally:
         stack.stop(svc, quiet=True)
 

@@ -204,7 +204,12 @@ def test_books_left_outside_new_bounds_are_rebalanced_by_a_bar_too() -> None:
     trend = regime_state(Regime.TREND_UP, sigma=0.5)  # the policy: 4.0 x 1.2, at l_max
     restored = SmartLeverageController.restore(LONG, Side.LONG, lower, stored)
     event = bar(restored, 100.0, trend)
-    assert event is not None and event.rebalance and Reason.CLAMPED_MAX in event.reasons
+    assert event is not None and event.rebalance
+    assert event.reasons == (  # inside the band (5x of 4.75 +-0.475): not OUTSIDE_BAND
+        Reason.REGIME_TREND_ALIGNED,
+        Reason.VOL_SCALED_UP,
+        Reason.CLAMPED_MAX,
+    )
     assert (event.previous_target, event.target) == (Decimal("5.00"), Decimal("4.75"))
     assert bar(restored, 100.0, trend) is None  # once
     # carried back inside the bounds by a move (4.6x at 102.2): nothing owed any more,
