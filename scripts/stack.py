@@ -968,6 +968,7 @@ class Stack:
             )
             self.stop_supervisor()
         log = self.log_file("supervisor")
+        rotate(log)  # it appends at every start, as a component does
         with log.open("a") as out:
             proc = subprocess.Popen(
                 [sys.executable, str(Path(__file__).resolve()), "supervise"],

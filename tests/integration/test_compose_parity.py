@@ -379,3 +379,13 @@ def test_env_names_map_to_kafka_properties() -> None:
     assert env_to_property("KAFKA_LOG_DIRS") == "log.dirs"
     assert env_to_property("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR") == "transaction.state.log.min.isr"
     assert env_to_property("KAFKA_SOME__UNDER___DASH") == "some_under-dash"
+
+
+def test_every_container_keeps_a_bounded_log(compose: dict[str, Any]) -> None:
+    """Docker's json-file driver keeps a container's whole log unless told otherwise;
+    the native stack keeps a launch's log and the one before it."""
+    for name, service in compose["services"].items():
+        logging = service.get("logging") or {}
+        options = logging.get("options") or {}
+        assert logging.get("driver") == "json-file" and options.get("max-size"), name
+        assert int(options.get("max-file", "1")) >= 1, name
