@@ -872,16 +872,18 @@ class Stack:
             if recorded is None:
                 self._stop_if_older(comp, config.stat().st_mtime, "its config")
             elif recorded != digest and self.running_pid(comp) is not None:
-                say(f"{comp.name}: its config changed since it started; restarting it")
-                self.stop(comp, quiet=True)
+                self._stop_changed(comp, "its config")
             record.write_text(f"{digest}\n")  # what it runs on once `up` starts it
 
     def _stop_if_older(self, comp: Component, changed: float, what: str) -> None:
         pid = self.running_pid(comp)
         began = None if pid is None else started_at(pid)
         if began is not None and began < changed:
-            say(f"{comp.name}: {what} changed since it started; restarting it")
-            self.stop(comp, quiet=True)
+            self._stop_changed(comp, what)
+
+    def _stop_changed(self, comp: Component, what: str) -> None:
+        say(f"{comp.name}: {what} changed since it started; restarting it")
+        self.stop(comp, quiet=True)
 
     def code_changed_at(self) -> float:
         """When the services' code last changed: their sources, the venv and generated
