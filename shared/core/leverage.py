@@ -292,9 +292,7 @@ class SmartLeverageController:
             desired = previous
             if self.ref_price is not None and not owed:
                 # Hot path: target kept, leverage still inside the band -> nothing to say.
-                actual = model_leverage(
-                    self.side, self.ref_leverage, self.ref_price, risk_price, self._drawn
-                )
+                actual = self._modelled(risk_price)
                 if abs(actual - previous) <= cfg.rebalance_band * previous:
                     return None
         limited = False
@@ -307,9 +305,7 @@ class SmartLeverageController:
         if self.ref_price is None:
             outside_band = True
         else:
-            actual = model_leverage(
-                self.side, self.ref_leverage, self.ref_price, risk_price, self._drawn
-            )
+            actual = self._modelled(risk_price)
             outside_band = abs(actual - target_f) > cfg.rebalance_band * target_f
         rebalance = outside_band or owed
         if not rebalance and steps == self._target_steps:
@@ -474,11 +470,15 @@ class SmartLeverageController:
     def _outside_bounds(self, risk_price: float) -> bool:
         """Whether the books, last rebalanced outside the bounds, are still outside them
         at `risk_price` (the price may have carried them back in since)."""
+        return not self.config.l_min <= self._modelled(risk_price) <= self.config.l_max
+
+    def _modelled(self, risk_price: float) -> float:
+        """The books' leverage at `risk_price` as modelled since the last rebalance: the
+        price's move and what funding drew."""
         assert self.ref_price is not None
-        actual = model_leverage(
+        return model_leverage(
             self.side, self.ref_leverage, self.ref_price, risk_price, self._drawn
         )
-        return not self.config.l_min <= actual <= self.config.l_max
 
 
 class FixedLeverageController:
