@@ -476,9 +476,7 @@ class SmartLeverageController:
         """The books' leverage at `risk_price` as modelled since the last rebalance: the
         price's move and what funding drew."""
         assert self.ref_price is not None
-        return model_leverage(
-            self.side, self.ref_leverage, self.ref_price, risk_price, self._drawn
-        )
+        return model_leverage(self.side, self.ref_leverage, self.ref_price, risk_price, self._drawn)
 
 
 class FixedLeverageController:
