@@ -481,7 +481,8 @@ class Stack:
         self.kafka_version = kafka_version(root / k["pom"])
         self.kafka_libs = root / ".cache" / "kafka" / self.kafka_version / "libs"
         self.external: set[str] = set()  # components served by a process we did not start
-        self.launched_at: dict[str, float] = {}  # monotonic start time of what we launched
+        # what this run launched: the process and its monotonic start time
+        self.launched: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
 
     # ---- component definitions
 
@@ -513,17 +514,19 @@ class Stack:
         )
 
     def _our_redis(self, pid: int, data_dir: Path, config: Path) -> bool:
-        """Redis rewrites its process title ("redis-server 127.0.0.1:6379") once it has
-        read its config, where `dir` moves it into the data dir. So ours is a redis-server
-        that still has our config in its command line, or sits in our data dir with our
-        port in its title: another one started from the checkout (on any port, ours
-        too) is not ours, and `up` does not adopt it unchecked nor `down` kill it."""
+        """Redis moves into its data dir while it reads its config (`dir`), and rewrites
+        its process title ("redis-server 127.0.0.1:6379") only once it has set itself up,
+        milliseconds later. So ours is a redis-server that still has our config in its
+        command line (wherever it stands: in that window it is in the data dir with its
+        first title), or sits in our data dir with our port in its title: another one started
+        from the checkout (on any port, ours too) is not ours, and `up` does not adopt it
+        unchecked nor `down` kill it."""
         if pid_comm(pid) != "redis-server":
             return False
-        cmdline, cwd = " ".join(pid_cmdline(pid)), pid_cwd(pid)
-        if cwd == self.root:
-            return str(config) in cmdline
-        return cwd == data_dir and re.search(rf":{self.redis_port}\b", cmdline) is not None
+        cmdline = " ".join(pid_cmdline(pid))
+        if str(config) in cmdline:
+            return True
+        return pid_cwd(pid) == data_dir and re.search(rf":{self.redis_port}\b", cmdline) is not None
 
     def redis(self) -> Component:
         data_dir = (self.root / self.redis_conf["dir"]).resolve()
@@ -758,7 +761,7 @@ class Stack:
                 start_new_session=True,  # own process group: `down` signals the whole group
             )
         self.pid_file(comp).write_text(f"{proc.pid}\n")
-        self.launched_at[comp.name] = time.monotonic()
+        self.launched[comp.name] = (proc, time.monotonic())
         say(f"started {comp.name} (pid {proc.pid}, log {rel(log)})")
         return proc.pid
 
@@ -766,12 +769,15 @@ class Stack:
         if comp.name in self.external:
             return
         log = self.log_file(comp.name)
-        started = self.launched_at.get(comp.name, time.monotonic())
+        child, started = self.launched.get(comp.name, (None, time.monotonic()))
         deadline = started + comp.start_timeout_s
         reason: str | None = "not checked yet"
         while True:
-            pid = self.running_pid(comp)
-            if pid is None:
+            # One we launched is watched as our child: until its exec and its own start-up
+            # are done, its name and command line are not yet what `owns` knows it by (on a
+            # fresh clone, the first check found Redis still named "python").
+            gone = child.poll() is not None if child else self.running_pid(comp) is None
+            if gone:
                 raise StackError(f"{comp.name} exited during start-up; see {log}:\n{tail(log)}")
             if all(port_open(p) for p in comp.ports):
                 reason = comp.health()

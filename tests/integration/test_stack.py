@@ -157,6 +157,34 @@ def test_another_redis_server_started_from_the_checkout_is_not_ours(native_stack
         other.wait(timeout=10)
 
 
+def test_our_redis_is_ours_while_it_starts_in_its_data_dir(
+    native_stack: None, tmp_path: Path
+) -> None:
+    """Between reading `dir` (it is then in the data dir) and rewriting its title, our
+    Redis has its data dir as cwd and our config, not our port, in its command line, and
+    was not recognized as ours (a fresh clone's CI stopped at "redis exited during
+    start-up"). A process named redis-server in that state stands in for it."""
+    stack = stack_mod.Stack()
+    component = stack.redis()
+    fake = tmp_path / "redis-server"
+    fake.symlink_to("/bin/sh")  # the kernel names a process after the file it executes
+    data_dir = (ROOT / stack.redis_conf["dir"]).resolve()
+    starting = subprocess.Popen(
+        [str(fake), "-c", "sleep 30; exit", str(stack.redis_config)],  # "; exit": sh stays sh
+        cwd=data_dir,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while stack_mod.pid_comm(starting.pid) != "redis-server":  # Popen returns before
+            assert time.monotonic() < deadline  # the kernel renames the child at exec
+            time.sleep(0.01)
+        assert stack_mod.pid_cwd(starting.pid) == data_dir
+        assert component.owns(starting.pid)
+    finally:
+        starting.kill()
+        starting.wait(timeout=10)
+
+
 def test_a_redis_without_an_append_only_file_is_not_taken_for_an_external_one(
     native_stack: None,
 ) -> None:
@@ -429,6 +457,28 @@ def test_declared_service_starts_is_healthy_and_stops(tmp_path: Path) -> None:
     assert not stack_mod.pid_alive(pid)
     assert not (stack.run / "websvc.pid").exists()
     assert next(r for r in stack.ps() if r[0] == "websvc") == ("websvc", "-", str(port), "stopped")
+
+
+def test_a_launched_process_is_waited_for_before_it_looks_like_ours(tmp_path: Path) -> None:
+    """Right after its launch a component's process may not be recognizable yet (Popen
+    returns before the kernel renames the child at exec; Redis rewrites its title only
+    once set up): `up` watches what it launched by the process itself, so a start-up in
+    that window is not taken for an exit. Here `owns` never recognizes it."""
+    port = free_port()
+    stack = stack_with_service(tmp_path, port)
+    svc = next(s for s in stack.services() if s.name == "websvc")
+    unrecognized = stack_mod.Component(**{**vars(svc), "owns": lambda pid: False})
+    stack.run.mkdir(parents=True)
+    pid = stack.launch(unrecognized)
+    try:
+        assert pid is not None
+        stack.wait_healthy(unrecognized)
+        assert stack_mod.http_health(port, "/") is None
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    stack.launched[svc.name][0].wait(timeout=10)
+    with pytest.raises(stack_mod.StackError, match="exited during start-up"):
+        stack.wait_healthy(unrecognized)
 
 
 def test_a_service_older_than_its_code_is_stopped_for_up_to_start_again(
