@@ -29,11 +29,12 @@ import argparse
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import TypeVar
@@ -212,6 +213,8 @@ class Replay:
         self.order_units: dict[str, Decimal] = {}  # order id -> signed units it moved
         self.marks: dict[str, Mark] = {}
         self.liquidated = False
+        # event id -> digest of the update sent under it (not the update: this map is
+        # what a replay keeps per update of the whole history)
         self._seen: dict[str, bytes] = {}
         self._reported: set[tuple[str, str]] = set()
 
@@ -221,15 +224,15 @@ class Replay:
         return self
 
     def apply(self, update: hedging_pb2.HedgeUpdate) -> None:
-        payload = codec.encode(update)
+        digest = hashlib.blake2b(codec.encode(update), digest_size=16).digest()
         seen = self._seen.get(update.event_id)
-        if seen == payload:
+        if seen == digest:
             return  # re-sent after a crash (output before state): the same output again
         if seen is not None:
             self.rows.append(
                 Row("fills.repeat", update.event_id, "one content", "sent twice, different")
             )
-        self._seen[update.event_id] = payload
+        self._seen[update.event_id] = digest
         self.updates += 1
         which = update.market.WhichOneof("event") if update.HasField("market") else None
         seq = 0
@@ -648,8 +651,9 @@ def restore(
     return books, Decimal(str(engine["price"])), venue, mirror
 
 
-def read_topic(bootstrap: str, topic: str) -> list[tuple[str | None, bytes]]:
-    """Every message of a topic, each partition in order, without a consumer group."""
+def topic_messages(bootstrap: str, topic: str) -> Iterator[tuple[str | None, bytes]]:
+    """Every message of a topic as it is read (each partition in order; a poll's worth
+    held at a time, never the history), without a consumer group."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap.split(","),
         enable_auto_commit=False,
@@ -664,11 +668,10 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[str | None, bytes]]:
         consumer.assign(assigned)
         consumer.seek_to_beginning(*assigned)
         ends = consumer.end_offsets(assigned)
-        by_partition: dict[int, list[tuple[str | None, bytes]]] = defaultdict(list)
         while any(consumer.position(tp) < ends[tp] for tp in assigned):
-            for tp, records in consumer.poll(timeout_ms=500).items():
-                by_partition[tp.partition] += [(r.key, r.value) for r in records]
-        return [m for p in sorted(by_partition) for m in by_partition[p]]
+            for records in consumer.poll(timeout_ms=500).values():
+                for record in records:
+                    yield record.key, record.value
     finally:
         consumer.close()
 
@@ -679,17 +682,28 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[str | None, bytes]]:
 def reconcile_symbol(
     config: StrategyConfig,
     state: SymbolState,
-    updates: Sequence[hedging_pb2.HedgeUpdate],
-    order_events: Sequence[orders_pb2.OrderEvent],
+    updates: Iterable[hedging_pb2.HedgeUpdate],
+    order_events: Iterable[orders_pb2.OrderEvent],
 ) -> Report:
     """All four checks of one symbol, from values already read."""
+    orders, repeats = unique_orders(order_events)
+    replay = Replay(state.symbol, config, orders).apply_all(updates)
+    return symbol_report(config, state, orders, repeats, replay)
+
+
+def symbol_report(
+    config: StrategyConfig,
+    state: SymbolState,
+    orders: Mapping[str, orders_pb2.OrderEvent],
+    repeats: list[Row],
+    replay: Replay,
+) -> Report:
+    """The four checks of one symbol, once its orders and hedge.fills were replayed."""
     symbol = state.symbol
     report = Report()
     books, price, venue, mirror = restore(config, state)
     report.rows += check_books(symbol, books, venue, price, mirror, state.positions)
-    orders, repeats = unique_orders(order_events)
     report.rows += repeats
-    replay = Replay(symbol, config, orders).apply_all(updates)
     report.rows += replay.rows
     report.rows += replay.totals(books, venue)
     report.notes.append(
@@ -716,20 +730,13 @@ def reconcile_symbol(
     return report
 
 
-def decode_all(
-    messages: Iterable[tuple[str | None, bytes]], symbol: str, value_type: type[M]
-) -> tuple[list[M], list[Row]]:
-    """The messages keyed by `symbol`, decoded; one that does not decode is listed."""
-    out: list[M] = []
-    rows = []
-    for message_key, payload in messages:
-        if message_key != symbol:
-            continue
-        try:
-            out.append(codec.decode(value_type, payload))
-        except codec.DecodeError as exc:
-            rows.append(Row("kafka.decode", symbol, "a valid message", exc.reason))
-    return out, rows
+def decoded(payload: bytes, symbol: str, value_type: type[M], rows: list[Row]) -> M | None:
+    """A message of `symbol`'s, decoded; one that does not decode is listed in `rows`."""
+    try:
+        return codec.decode(value_type, payload)
+    except codec.DecodeError as exc:
+        rows.append(Row("kafka.decode", symbol, "a valid message", exc.reason))
+        return None
 
 
 async def reconcile(
@@ -739,11 +746,31 @@ async def reconcile(
     namespace: str = "",
     symbols: Sequence[str] = (),
 ) -> Report:
-    """Read and check every symbol (all configured symbols with hedging state by default)."""
+    """Read and check every symbol (all configured symbols with hedging state by default).
+
+    Kafka first, then Redis, as before streaming: hedging publishes an update before it
+    commits the state it leads to. hedge.fills is replayed as it is read, so what a run
+    holds is each replay's books and one digest per update, not the topic's history;
+    orders.events is held (one entry per order: the replay looks orders up)."""
     explicit = bool(symbols)
     wanted = list(symbols) or list(config.instruments)
-    fills = read_topic(bootstrap, HEDGE_FILLS.in_namespace(namespace).name)
-    order_messages = read_topic(bootstrap, ORDERS_EVENTS.in_namespace(namespace).name)
+    bad: dict[str, list[Row]] = {symbol: [] for symbol in wanted}
+    events: dict[str, list[orders_pb2.OrderEvent]] = {symbol: [] for symbol in wanted}
+    for message_key, payload in topic_messages(
+        bootstrap, ORDERS_EVENTS.in_namespace(namespace).name
+    ):
+        if message_key in events:
+            event = decoded(payload, message_key, orders_pb2.OrderEvent, bad[message_key])
+            if event is not None:
+                events[message_key].append(event)
+    orders = {symbol: unique_orders(events.pop(symbol)) for symbol in wanted}
+    replays = {symbol: Replay(symbol, config, orders[symbol][0]) for symbol in wanted}
+    for message_key, payload in topic_messages(bootstrap, HEDGE_FILLS.in_namespace(namespace).name):
+        replay = replays.get(message_key) if message_key is not None else None
+        if replay is not None:
+            update = decoded(payload, replay.symbol, hedging_pb2.HedgeUpdate, bad[replay.symbol])
+            if update is not None:
+                replay.apply(update)
     report = Report()
     for symbol in wanted:
         products = [s.product for s in smart_product_specs(symbol, config)]
@@ -754,10 +781,9 @@ async def reconcile(
                 raise
             report.notes.append(f"{symbol}: {exc}; skipped")
             continue
-        updates, bad_fills = decode_all(fills, symbol, hedging_pb2.HedgeUpdate)
-        orders, bad_orders = decode_all(order_messages, symbol, orders_pb2.OrderEvent)
-        part = reconcile_symbol(config, state, updates, orders)
-        report.rows += bad_fills + bad_orders + part.rows
+        by_id, repeats = orders[symbol]
+        part = symbol_report(config, state, by_id, repeats, replays[symbol])
+        report.rows += bad[symbol] + part.rows
         report.notes += part.notes
         if state.in_progress:
             report.notes.append(

@@ -8,13 +8,17 @@ import asyncio
 import json
 import subprocess
 import time
+import tracemalloc
+import uuid
 from decimal import Decimal
 
 import pytest
 import redis
+from kafka import KafkaAdminClient, KafkaProducer
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
+from shared.adapters.kafka_admin import ensure_topics
 from shared.core.config import StrategyConfig
 from shared.pipeline_runner import PYTHON, ROOT, STAGES, Pipeline
 from shared.reconcile import (
@@ -24,7 +28,9 @@ from shared.reconcile import (
     Report,
     reconcile,
     render,
+    topic_messages,
 )
+from shared.topics import HEDGE_FILLS
 from tests.integration.pipeline import CAPITAL, PRODUCTS, Slice, collect, ns, require_services
 
 pytestmark = pytest.mark.integration
@@ -181,3 +187,33 @@ async def _monitor_while_committing(namespace: str, redis_url: str) -> tuple[dic
         await client.aclose()
     gauge = REGISTRY.get_sample_value("smartlev_books_balanced", {"symbol": "BTC-USDT"})
     return found, gauge if gauge is not None else -1.0
+
+
+def test_a_topic_is_read_as_a_stream_not_held(kafka_bootstrap: str) -> None:
+    """reconcile replays hedge.fills as it reads it: the history on the topic (24 MB
+    here) is never all in memory at once, and each key's messages come in order."""
+    topic = HEDGE_FILLS.in_namespace(f"t{uuid.uuid4().hex[:8]}.")
+    ensure_topics(kafka_bootstrap, [topic], verbose=False)
+    keys, count, size = ("BTC-USDT", "ETH-USDT"), 24_000, 1_000
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=20)
+    for i in range(count):
+        producer.send(topic.name, f"{i:08d}".encode() + bytes(size), key=keys[i % 2].encode())
+    producer.flush()
+    producer.close()
+    try:
+        seen: dict[str | None, list[int]] = {}
+        tracemalloc.start()
+        try:
+            for message_key, payload in topic_messages(kafka_bootstrap, topic.name):
+                seen.setdefault(message_key, []).append(int(payload[:8]))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert {k: len(v) for k, v in seen.items()} == {k: count // 2 for k in keys}
+        for at, key in enumerate(keys):
+            assert seen[key] == list(range(at, count, 2))
+        assert peak < count * size / 4, f"peak {peak:,} bytes for a {count * size:,}-byte topic"
+    finally:
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        admin.delete_topics([topic.name])
+        admin.close()
