@@ -12,11 +12,12 @@ Decimals are written as strings (exact), bytes as hex prefixes, anything else vi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import sys
 import time
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TextIO
 
@@ -39,6 +40,26 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
+
+
+# One encoder for every line: json.dumps with options builds a new one per call.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+@functools.lru_cache(maxsize=4)
+def _second_text(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+def utc_stamp(created: float) -> str:
+    """`created` (epoch seconds) as ISO 8601 UTC to the microsecond, "...T00:00:00.123456Z"
+    (rounded as datetime.fromtimestamp does): the second's text is made once, not per line
+    (the gateway writes a line per order)."""
+    fraction, second = math.modf(created)
+    micros = round(fraction * 1e6)
+    if micros == 1_000_000:
+        second, micros = second + 1, 0
+    return f"{_second_text(int(second))}.{micros:06d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,9 +89,7 @@ class JsonFormatter(logging.Formatter):
     ) -> str:
         """The JSON line of these; `fields` named like a standard key are left out."""
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(created, tz=UTC)
-            .isoformat(timespec="microseconds")
-            .replace("+00:00", "Z"),
+            "ts": utc_stamp(created),
             "level": level_name.lower(),
             "service": self.service or _service_name,
             "event": event,
@@ -79,7 +98,7 @@ class JsonFormatter(logging.Formatter):
         out.update({k: _jsonable(v) for k, v in fields.items() if k not in out})
         if exc_info and exc_info[0]:
             out["exc"] = self.formatException(exc_info)
-        return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+        return _encode(out)
 
 
 class JsonLines(logging.StreamHandler[TextIO]):

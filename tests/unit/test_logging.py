@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC, datetime
 from decimal import Decimal
 from io import StringIO
 from typing import Any
 
-from shared.logging import configure_logging, get_logger
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from shared.logging import configure_logging, get_logger, utc_stamp
 
 
 def test_logs_are_one_json_object_per_line() -> None:
@@ -95,3 +99,17 @@ def test_project_lines_skip_stdlib_records_and_read_the_same() -> None:
         "raw": "02",
     }
     assert direct[1]["level"] == "error" and "KeyError: 'gone'" in direct[1]["exc"]
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))  # 1970..2100
+@example(1_700_000_000.9999996)  # rounds up into the next second
+def test_timestamps_read_as_datetime_writes_them(created: float) -> None:
+    """The line's ts is made from a text kept per second: the same text, rounding and
+    carry into the next second included, as datetime's ISO form of the timestamp."""
+    expected = (
+        datetime.fromtimestamp(created, tz=UTC)
+        .isoformat(timespec="microseconds")
+        .replace("+00:00", "Z")
+    )
+    assert utc_stamp(created) == expected
+    assert utc_stamp(created + 1e-7) >= utc_stamp(created)  # never backwards
