@@ -439,6 +439,23 @@ def rotate(log: Path) -> None:
             log.replace(log.with_name(log.name + ".1"))
 
 
+def rotate_running(log: Path, limit: int = LOG_KEPT_BYTES) -> bool:
+    """Copy a running component's log to <name>.log.1 and empty it once it grew past
+    `limit` (the supervisor's round): a component up for months no longer writes one
+    growing file. The process keeps its descriptor, opened for appending, so it writes
+    on from the start of the emptied file; what it writes between the copy and the
+    emptying (a few milliseconds) is lost, as with logrotate's copytruncate."""
+    try:
+        if log.stat().st_size <= limit:
+            return False
+        with log.open("rb") as source, log.with_name(log.name + ".1").open("wb") as copy:
+            shutil.copyfileobj(source, copy)
+        os.truncate(log, 0)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- components
 
 
@@ -1033,6 +1050,10 @@ class Stack:
                 while os.waitpid(-1, os.WNOHANG)[0]:
                     pass
             with locked(self.run):
+                logs = [self.log_file(c.name) for c in self.all()]
+                for log in [*logs, self.log_file("supervisor")]:
+                    if rotate_running(log):
+                        note(f"{rel(log)} passed {LOG_KEPT_BYTES:,} bytes: copied to .1, emptied")
                 for comp in self.all():
                     name = comp.name
                     if self.held_file(name).exists() or time.monotonic() < not_before.get(name, 0):

@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -411,6 +412,35 @@ def test_a_log_is_tailed_from_its_end_and_moved_aside_once_long(
     assert not log.exists()
     assert stack_mod.tail(tmp_path / "kafka.log.1", 1) == "    one more"
     stack_mod.rotate(tmp_path / "none.log")  # no log yet: nothing to do
+
+
+def test_a_running_components_log_is_copied_aside_and_emptied_once_long(tmp_path: Path) -> None:
+    """The supervisor's round rotates the log of a component that runs for months: the
+    component writes on into the emptied file (it appends, as `launch` opens it)."""
+    log = tmp_path / "venue.log"
+    assert not stack_mod.rotate_running(log, limit=1000)  # no log yet
+    writer = (
+        "import itertools, time\n"
+        "for i in itertools.count(): print(f'line {i}', flush=True); time.sleep(0.0005)"
+    )
+    with log.open("a") as out:
+        proc = subprocess.Popen([sys.executable, "-c", writer], stdout=out)
+    try:
+        assert not stack_mod.rotate_running(log, limit=10**9)  # short: left alone
+        deadline = time.monotonic() + 10
+        while log.stat().st_size <= 20_000:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert stack_mod.rotate_running(log, limit=20_000)
+        time.sleep(0.3)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    aside = (tmp_path / "venue.log.1").read_text().splitlines()
+    after = log.read_text().splitlines()
+    assert aside[0] == "line 0" and len(aside) > 2_000
+    assert 0 < len(after) < len(aside) and after[0].startswith("line ")  # no gap of NULs
+    assert int(after[0].split()[1]) > int(aside[-1].split()[1])
 
 
 # --------------------------------------------------------------------------- Python services
