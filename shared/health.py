@@ -144,23 +144,42 @@ def kafka_check(bootstrap: str, timeout_s: float = 1.5) -> Check:
     return check
 
 
+# Redis refuses writes at its maxmemory (noeviction, scripts/redis/redis.conf): health
+# says so from this share of it on, while there is still room to act.
+REDIS_MEMORY_WARN = 0.9
+
+
 def redis_check(client: Any) -> Check:
-    """Redis answers PING (`client` is a redis.asyncio.Redis or a sync redis.Redis). A
-    pooled connection the server closed (a Redis restart, CLIENT KILL) fails its first
+    """Redis answers PING and has room: its memory is under REDIS_MEMORY_WARN of its
+    `maxmemory`, if it has one (`client` is a redis.asyncio.Redis or a sync redis.Redis).
+    A pooled connection the server closed (a Redis restart, CLIENT KILL) fails its first
     command only: PING is tried once more, on a fresh connection, before Redis is called
     down (every service read unhealthy for a probe after each Redis restart)."""
 
+    async def call(method: Callable[[], Any]) -> Any:
+        result = method()
+        return await result if inspect.isawaitable(result) else result
+
     async def ping() -> CheckResult:
-        result = client.ping()
-        if inspect.isawaitable(result):
-            result = await result
-        return True if result else "redis PING returned false"
+        return True if await call(client.ping) else "redis PING returned false"
+
+    async def room() -> CheckResult:
+        memory = await call(lambda: client.info("memory"))
+        used, limit = int(memory["used_memory"]), int(memory["maxmemory"])
+        if limit and used >= REDIS_MEMORY_WARN * limit:
+            return (
+                f"redis memory {used / 2**20:,.0f} MiB is {used / limit:.0%} of its maxmemory "
+                f"{limit / 2**20:,.0f} MiB: at 100% it refuses every write (services wait); "
+                "raise maxmemory or free memory"
+            )
+        return True
 
     async def check() -> CheckResult:
         try:
-            return await ping()
+            answered = await ping()
         except RedisConnectionError:
-            return await ping()
+            answered = await ping()
+        return await room() if answered is True else answered
 
     return check
 

@@ -1,8 +1,10 @@
 """Which failures go away by themselves: the one rule every service retries by.
 
 A broker, Redis or network blip (a restart, a dropped connection, Redis still loading
-its append-only file) is worth waiting out and retrying; anything else is a bug and
-must stop the work where it is, so nothing is skipped over.
+its append-only file) is worth waiting out and retrying, and so is a Redis at its
+`maxmemory` (it refuses a write whole until an operator gives it room: stopping would
+only restart into the same refusal); anything else is a bug and must stop the work
+where it is, so nothing is skipped over.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import aiokafka.errors as aiokafka_errors
 import kafka.errors as kafka_errors
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _KAFKA_DOWN = (
@@ -27,4 +30,7 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, aiokafka_errors.KafkaError | kafka_errors.KafkaError):
         return bool(exc.retriable)
-    return isinstance(exc, OSError | TimeoutError | RedisConnectionError | RedisTimeoutError)
+    return isinstance(
+        exc,
+        OSError | TimeoutError | RedisConnectionError | RedisTimeoutError | RedisOutOfMemoryError,
+    )

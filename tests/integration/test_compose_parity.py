@@ -34,7 +34,7 @@ KAFKA_ADDRESS_PROPS = {
     "listener.security.protocol.map",
     "log.dirs",
 }
-REDIS_PERSISTENCE = ("appendonly", "appendfsync", "save")
+REDIS_SETTINGS = ("appendonly", "appendfsync", "save", "maxmemory", "maxmemory-policy")
 
 runner = load_stack_runner()
 
@@ -155,7 +155,7 @@ def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[s
     if str(redis.get("image", "")).split(":")[0] != "redis":
         diffs.append(f"redis image {redis.get('image')!r} is not the official redis image")
     args = redis_args([str(a) for a in redis.get("command", [])])
-    for key in sorted(set(REDIS_PERSISTENCE) | set(args)):
+    for key in sorted(set(REDIS_SETTINGS) | set(args)):
         if native.redis_conf.get(key) != args.get(key):
             diffs.append(
                 f"redis {key}: native {native.redis_conf.get(key)!r}, compose {args.get(key)!r}"

@@ -18,11 +18,13 @@ import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from redis.exceptions import BusyLoadingError, ResponseError
+from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.adapters.redis_wire import RedisWire
+from shared.health import REDIS_MEMORY_WARN, redis_check
 from shared.pipeline_runner import free_port
 from shared.transient import is_transient
 
@@ -283,3 +285,46 @@ async def test_a_redis_still_loading_its_data_raises_a_transient_error(tmp_path)
         await wire.aclose()
         second.terminate()
         second.wait(10)
+
+
+async def test_a_full_redis_refuses_a_step_whole_and_says_so_before(tmp_path):
+    """At its maxmemory Redis (noeviction, as configured) refuses a write: a script with
+    several writes is refused before its first, the error is the OutOfMemoryError every
+    stage waits out (stopping would restart into the same refusal), and the health check
+    reports the memory from 90% of maxmemory on, while writes still go through."""
+    argv, port = redis_argv(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    server, admin = started(argv, port)
+    wire = RedisWire.from_url(f"redis://127.0.0.1:{port}/0", retries=0)
+    step = wire.script("redis.call('SET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[2], ARGV[1])")
+    client = AsyncRedis(port=port)
+    health = redis_check(client)
+    try:
+        assert await health() is True
+        limit = int(admin.info("memory")["maxmemory"])
+        filler, warned = 0, None
+        while True:
+            try:
+                await wire.call("SET", f"filler:{filler}", "x" * 20_000)
+            except OutOfMemoryError as exc:
+                refused = exc
+                break
+            filler += 1
+            used = int(admin.info("memory")["used_memory"])
+            if used >= REDIS_MEMORY_WARN * limit and warned is None:
+                warned = await health()
+        assert isinstance(warned, str) and "of its maxmemory" in warned
+        assert is_transient(refused)
+        with pytest.raises(OutOfMemoryError):
+            await step(keys=["a", "b"], args=["v"])
+        assert admin.exists("a", "b") == 0  # nothing of the step
+        assert "of its maxmemory" in str(await health())
+        admin.delete(*(f"filler:{i}" for i in range(filler)))
+        assert await health() is True
+        await step(keys=["a", "b"], args=["v"])
+        assert admin.mget("a", "b") == [b"v", b"v"]
+    finally:
+        await wire.aclose()
+        await client.aclose()
+        server.terminate()
+        server.wait(10)
+        admin.close()

@@ -109,6 +109,9 @@ def test_redis_runs_with_aof_only(redis_client: redis.Redis) -> None:
     assert redis_client.config_get("appendonly") == {"appendonly": "yes"}
     assert redis_client.config_get("appendfsync") == {"appendfsync": "everysec"}
     assert redis_client.config_get("save") == {"save": ""}  # no RDB: AOF is the one path
+    # bounded, and full means writes refused, never positions evicted
+    assert int(redis_client.config_get("maxmemory")["maxmemory"]) == 4 * 2**30
+    assert redis_client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
 
 
 def test_redis_keeps_data_across_restart(native_stack: None, redis_url: str) -> None:
