@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import sys
@@ -41,7 +42,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 from prometheus_client import Gauge
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -651,9 +652,17 @@ def restore(
     return books, Decimal(str(engine["price"])), venue, mirror
 
 
-def topic_messages(bootstrap: str, topic: str) -> Iterator[tuple[str | None, bytes]]:
-    """Every message of a topic as it is read (each partition in order; a poll's worth
-    held at a time, never the history), without a consumer group."""
+# A read that moves no partition forward for this long is stuck (a topic whose leader
+# is gone, say): an error, not a wait without end.
+READ_STALL_S = 60.0
+
+
+@contextlib.contextmanager
+def topic_snapshot(bootstrap: str, topic: str) -> Iterator[Iterator[tuple[str | None, bytes]]]:
+    """The messages of a topic up to its end offsets as of entering (taken then, so the
+    order of two snapshots is the order of the two moments), each partition in order,
+    read as they are iterated: a poll's worth held at a time, never the history. No
+    consumer group; the consumer is closed on leaving."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap.split(","),
         enable_auto_commit=False,
@@ -667,13 +676,29 @@ def topic_messages(bootstrap: str, topic: str) -> Iterator[tuple[str | None, byt
         assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(assigned)
         consumer.seek_to_beginning(*assigned)
-        ends = consumer.end_offsets(assigned)
-        while any(consumer.position(tp) < ends[tp] for tp in assigned):
-            for records in consumer.poll(timeout_ms=500).values():
-                for record in records:
-                    yield record.key, record.value
+        ends: dict[TopicPartition, int] = consumer.end_offsets(assigned)
+        yield _read_to(consumer, topic, ends)
     finally:
         consumer.close()
+
+
+def _read_to(
+    consumer: KafkaConsumer, topic: str, ends: Mapping[TopicPartition, int]
+) -> Iterator[tuple[str | None, bytes]]:
+    moved_at = time.monotonic()
+    while left := [tp for tp, end in ends.items() if consumer.position(tp) < end]:
+        polled = consumer.poll(timeout_ms=500)
+        for tp, records in polled.items():
+            for record in records:
+                if record.offset < ends[tp]:  # past it: written after the snapshot
+                    yield record.key, record.value
+        if polled:
+            moved_at = time.monotonic()
+        elif time.monotonic() - moved_at > READ_STALL_S:
+            raise KafkaTimeoutError(
+                f"reading {topic}: no message for {READ_STALL_S:.0f} s with "
+                f"{len(left)} partition(s) short of their end offsets"
+            )
 
 
 # --------------------------------------------------------------------------- the run
@@ -730,6 +755,18 @@ def symbol_report(
     return report
 
 
+def replay_one(replay: Replay, update: hedging_pb2.HedgeUpdate, rows: list[Row]) -> bool:
+    """Apply `update`; one whose figures the core refuses (a price that is not a number,
+    say: decoding checks the message's shape, not its decimals) is a row saying so, not
+    the end of the whole run (the symbol may not even be reported, its state missing)."""
+    try:
+        replay.apply(update)
+    except (ArithmeticError, ValueError, KeyError, BooksOutOfBalance) as exc:
+        rows.append(Row("fills.replay", update.event_id, "an update the core applies", repr(exc)))
+        return False
+    return True
+
+
 def decoded(payload: bytes, symbol: str, value_type: type[M], rows: list[Row]) -> M | None:
     """A message of `symbol`'s, decoded; one that does not decode is listed in `rows`."""
     try:
@@ -748,29 +785,38 @@ async def reconcile(
 ) -> Report:
     """Read and check every symbol (all configured symbols with hedging state by default).
 
-    Kafka first, then Redis, as before streaming: hedging publishes an update before it
-    commits the state it leads to. hedge.fills is replayed as it is read, so what a run
-    holds is each replay's books and one digest per update, not the topic's history;
-    orders.events is held (one entry per order: the replay looks orders up)."""
+    Kafka first, then Redis: hedging publishes an update before it commits the state it
+    leads to. hedge.fills is replayed as it is read (orders.events, read before it, is
+    held: one entry per order, which the replay looks up), so what a run holds is each
+    replay's books and one digest per update, not the topic's history."""
     explicit = bool(symbols)
-    wanted = list(symbols) or list(config.instruments)
-    bad: dict[str, list[Row]] = {symbol: [] for symbol in wanted}
+    wanted = list(dict.fromkeys(symbols or config.instruments))
+    bad_fills: dict[str, list[Row]] = {symbol: [] for symbol in wanted}
+    bad_orders: dict[str, list[Row]] = {symbol: [] for symbol in wanted}
     events: dict[str, list[orders_pb2.OrderEvent]] = {symbol: [] for symbol in wanted}
-    for message_key, payload in topic_messages(
-        bootstrap, ORDERS_EVENTS.in_namespace(namespace).name
+    # hedge.fills' snapshot first: hedging applies an order it read from orders.events,
+    # so every order an update read names is in the later snapshot of orders.events.
+    with (
+        topic_snapshot(bootstrap, HEDGE_FILLS.in_namespace(namespace).name) as fills,
+        topic_snapshot(bootstrap, ORDERS_EVENTS.in_namespace(namespace).name) as order_log,
     ):
-        if message_key in events:
-            event = decoded(payload, message_key, orders_pb2.OrderEvent, bad[message_key])
-            if event is not None:
-                events[message_key].append(event)
-    orders = {symbol: unique_orders(events.pop(symbol)) for symbol in wanted}
-    replays = {symbol: Replay(symbol, config, orders[symbol][0]) for symbol in wanted}
-    for message_key, payload in topic_messages(bootstrap, HEDGE_FILLS.in_namespace(namespace).name):
-        replay = replays.get(message_key) if message_key is not None else None
-        if replay is not None:
-            update = decoded(payload, replay.symbol, hedging_pb2.HedgeUpdate, bad[replay.symbol])
-            if update is not None:
-                replay.apply(update)
+        for message_key, payload in order_log:
+            if message_key in events:
+                rows = bad_orders[message_key]
+                event = decoded(payload, message_key, orders_pb2.OrderEvent, rows)
+                if event is not None:
+                    events[message_key].append(event)
+        orders = {symbol: unique_orders(events.pop(symbol)) for symbol in wanted}
+        replays = {symbol: Replay(symbol, config, orders[symbol][0]) for symbol in wanted}
+        replaying = set(wanted)  # a symbol leaves at an update its replay cannot apply
+        for message_key, payload in fills:
+            if message_key not in replaying:
+                continue
+            assert message_key is not None
+            rows = bad_fills[message_key]
+            update = decoded(payload, message_key, hedging_pb2.HedgeUpdate, rows)
+            if update is not None and not replay_one(replays[message_key], update, rows):
+                replaying.discard(message_key)  # what follows builds on what it could not
     report = Report()
     for symbol in wanted:
         products = [s.product for s in smart_product_specs(symbol, config)]
@@ -783,7 +829,7 @@ async def reconcile(
             continue
         by_id, repeats = orders[symbol]
         part = symbol_report(config, state, by_id, repeats, replays[symbol])
-        report.rows += bad[symbol] + part.rows
+        report.rows += bad_fills[symbol] + bad_orders[symbol] + part.rows
         report.notes += part.notes
         if state.in_progress:
             report.notes.append(

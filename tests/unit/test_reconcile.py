@@ -24,11 +24,13 @@ from shared.reconcile import (
     OUTBOX_STUCK_S,
     REFUSED_MARKER,
     GatewayState,
+    Replay,
     Report,
     Row,
     SymbolState,
     reconcile_symbol,
     render,
+    replay_one,
     stuck_orders,
 )
 
@@ -356,3 +358,21 @@ def test_venue_sums_against_the_topic(field: str) -> None:
     state.account[field] = str(Decimal(state.account[field]) + 1)
     report = reconcile_symbol(CONFIG, state, h.updates, h.orders)
     assert ("venue." + field, Decimal(1)) in {(r.check, r.difference) for r in report.differences}
+
+
+def test_an_update_whose_figures_the_core_refuses_is_a_row_not_a_crash() -> None:
+    """Decoding checks a message's shape, not its decimals: an update with a price that
+    is not a number stopped the whole run with a traceback (for a symbol whose state was
+    missing too, which is not even reported). It is a row, and that symbol's replay
+    stops there (what follows builds on it)."""
+    h = history()
+    spoiled = hedging_pb2.HedgeUpdate()
+    spoiled.CopyFrom(next(u for u in h.updates if u.market.WhichOneof("event") == "tick"))
+    spoiled.market.tick.price = "not-a-number"
+    replay = Replay(SYMBOL, CONFIG, {})
+    rows: list[Row] = []
+    assert not replay_one(replay, spoiled, rows)
+    [row] = rows
+    assert (row.check, row.subject) == ("fills.replay", spoiled.event_id) and not row.ok
+    assert "InvalidOperation" in str(row.actual)
+    assert replay_one(Replay(SYMBOL, CONFIG, {}), h.updates[0], rows) and len(rows) == 1
