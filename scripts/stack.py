@@ -37,7 +37,7 @@ import tomllib
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -456,6 +456,18 @@ def rotate_running(log: Path, limit: int = LOG_KEPT_BYTES) -> bool:
     return True
 
 
+def content_digest(paths: Iterable[Path], root: Path) -> str:
+    """sha256 of the files' paths (relative to `root`) and contents; a missing file counts
+    as missing. What changed is content, not a modification time: a file stamped in the
+    future, or new code with an old one (rsync -t, an unpacked archive), is seen as it is."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(os.path.relpath(path, root).encode() + b"\0")
+        digest.update(path.read_bytes() if path.is_file() else b"(missing)")
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- components
 
 
@@ -474,6 +486,9 @@ class Component:
     prepare: Callable[[], None] = lambda: None  # before start: install, fetch, format...
     # Something not started by us already serves the port and is usable as is (Redis only).
     external_ok: Callable[[], bool] | None = None
+    # The content of the code it runs (services): recorded at each launch, so `up` knows
+    # whether what runs is what is on disk.
+    code: Callable[[], str] | None = None
 
 
 class Stack:
@@ -540,9 +555,10 @@ class Stack:
         unchecked nor `down` kill it."""
         if pid_comm(pid) != "redis-server":
             return False
-        cmdline = " ".join(pid_cmdline(pid))
-        if str(config) in cmdline:
+        argv = pid_cmdline(pid)
+        if str(config) in argv:
             return True
+        cmdline = " ".join(argv)
         return pid_cwd(pid) == data_dir and re.search(rf":{self.redis_port}\b", cmdline) is not None
 
     def redis(self) -> Component:
@@ -603,6 +619,7 @@ class Stack:
                 **self.cfg.env_for(spec.name, spec.env),
             },
             prepare=prepare,
+            code=self.code_digest,
         )
 
     def infra(self) -> list[Component]:
@@ -739,6 +756,7 @@ class Stack:
 
     def launch(self, comp: Component) -> int | None:
         """Start `comp` unless it already runs; returns the new pid, or None if it ran."""
+        self.launched.pop(comp.name, None)  # a process of an earlier launch is not this one
         pid = self.running_pid(comp)
         if pid is not None:
             say(f"{comp.name} already running (pid {pid})")
@@ -762,6 +780,8 @@ class Stack:
         for port in comp.ports:
             check_port_free(port, comp.name)
         comp.prepare()
+        if comp.code is not None:
+            self.code_record(comp).write_text(f"{comp.code()}\n")
         log = self.log_file(comp.name)
         rotate(log)
         env = {**comp.env, **os.environ} if comp.env else dict(os.environ)
@@ -814,6 +834,9 @@ class Stack:
 
     def stop(self, comp: Component, quiet: bool = False) -> None:
         pids = ([p] if (p := self.running_pid(comp)) else []) + self.strays(comp)
+        child, _ = self.launched.get(comp.name, (None, 0.0))
+        if child is not None and child.poll() is None:  # launched, maybe not recognized yet
+            pids.append(child.pid)
         pids = sorted(set(pids))
         if not pids:
             if not quiet:
@@ -872,13 +895,24 @@ class Stack:
         )
 
     def stop_stale(self, services: list[Component]) -> None:
-        """Stop the services started before their code last changed (a `git pull`, an
-        edit, a new venv or generated code), so `up` starts them on the code as it is:
-        left running, the gateway served the old code, and a supervisor restart of one
-        service put new code beside old peers."""
-        changed = self.code_changed_at()
+        """Stop the services whose code changed since they started (a `git pull`, an
+        edit, new pinned packages or generated code), so `up` starts them on the code as
+        it is: left running, the gateway served the old code, and a supervisor restart of
+        one service put new code beside old peers. Changed means other content than
+        their launch recorded (`.run/<name>.code.sha256`, `code_digest`), not a newer
+        mtime: new code with old mtimes went unseen, and a file stamped in the future
+        restarted them on every `up`. With no record (started before records were
+        kept), code newer than the process counts as changed, once."""
+        current = self.code_digest()
         for comp in services:
-            self._stop_if_older(comp, changed, "its code")
+            record = self.code_record(comp)
+            recorded = record.read_text().strip() if record.exists() else None
+            if recorded is None:
+                self._stop_if_older(comp, self.code_changed_at(), "its code")
+            elif recorded != current:
+                self._stop_if_running(comp, "its code")
+            if self.running_pid(comp) is not None:
+                record.write_text(f"{current}\n")  # what it runs on, as of now
 
     def stop_reconfigured(self, configured: list[tuple[Component, Path]]) -> None:
         """Stop Kafka or Redis (ours only) if its config file changed since it started,
@@ -894,8 +928,8 @@ class Stack:
             recorded = record.read_text().strip() if record.exists() else None
             if recorded is None:
                 self._stop_if_older(comp, config.stat().st_mtime, "its config")
-            elif recorded != digest and self.running_pid(comp) is not None:
-                self._stop_changed(comp, "its config")
+            elif recorded != digest:
+                self._stop_if_running(comp, "its config")
             record.write_text(f"{digest}\n")  # what it runs on once `up` starts it
 
     def _stop_if_older(self, comp: Component, changed: float, what: str) -> None:
@@ -904,16 +938,39 @@ class Stack:
         if began is not None and began < changed:
             self._stop_changed(comp, what)
 
+    def _stop_if_running(self, comp: Component, what: str) -> None:
+        if self.running_pid(comp) is not None:
+            self._stop_changed(comp, what)
+
     def _stop_changed(self, comp: Component, what: str) -> None:
         say(f"{comp.name}: {what} changed since it started; restarting it")
         self.stop(comp, quiet=True)
 
+    def code_record(self, comp: Component) -> Path:
+        return self.run / f"{comp.name}.code.sha256"
+
+    def code_paths(self) -> list[Path]:
+        """What the services run: their sources and the generated code, the pinned
+        packages the venv is built from, and the stack's declarations of them."""
+        paths = [p for d in ("services", "shared", "gen") for p in (self.root / d).rglob("*.py")]
+        return [
+            *paths,
+            self.root / "requirements.lock",
+            self.root / "pyproject.toml",
+            self.config_path,
+        ]
+
+    def code_digest(self) -> str:
+        return content_digest(self.code_paths(), self.root)
+
     def code_changed_at(self) -> float:
-        """When the services' code last changed: their sources, the venv and generated
-        code (their stamps), and the stack's declarations of them."""
-        paths = [p for d in ("services", "shared") for p in (self.root / d).rglob("*.py")]
-        paths += [self.root / ".venv" / ".installed", self.root / "gen" / ".generated"]
-        paths.append(self.config_path)
+        """When the services' code last changed (for a service started before `up`
+        recorded digests): `code_paths` and the venv's and generated code's stamps."""
+        paths = [
+            *self.code_paths(),
+            self.root / ".venv" / ".installed",
+            self.root / "gen" / ".generated",
+        ]
         return max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
 
     def run_init(self, to_console: bool = False) -> None:
@@ -980,11 +1037,18 @@ class Stack:
         kept restarting components with the ports and checks of before."""
         for held in self.run.glob("*.held"):
             held.unlink()
+        read = (Path(__file__), self.config_path, self.kafka_config, self.redis_config)
+        digest = content_digest(read, self.root)
+        record = self.run / "supervisor.sha256"
         if running := self.supervisors():
-            read = (Path(__file__), self.config_path, self.kafka_config, self.redis_config)
-            changed = max(p.stat().st_mtime for p in read)
-            began = started_at(running[0])
-            if began is None or began >= changed:
+            recorded = record.read_text().strip() if record.exists() else None
+            if recorded is None:  # started before records were kept: by mtime, once
+                began = started_at(running[0])
+                current = began is not None and began >= max(p.stat().st_mtime for p in read)
+            else:
+                current = recorded == digest
+            if current:
+                record.write_text(f"{digest}\n")
                 say(f"supervisor already watching (pid {running[0]})")
                 return
             say(
@@ -1004,6 +1068,7 @@ class Stack:
                 start_new_session=True,
             )
         (self.run / "supervisor.pid").write_text(f"{proc.pid}\n")
+        record.write_text(f"{digest}\n")  # what it read (computed before it started)
         say(f"supervisor watching (pid {proc.pid}, log {rel(log)})")
 
     def stop_supervisor(self) -> None:

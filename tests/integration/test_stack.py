@@ -289,7 +289,12 @@ def test_up_replaces_a_supervisor_older_than_the_stack_runner(native_stack: None
     result = stack_sh("up")
     assert result.returncode == 0, result.stdout + result.stderr
     assert pid_of("supervisor") == before  # unchanged: kept
-    os.utime(ROOT / "scripts" / "stack.py")
+    os.utime(ROOT / "scripts" / "stack.py")  # a newer mtime is not a change
+    result = stack_sh("up")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert pid_of("supervisor") == before
+    record = RUN / "supervisor.sha256"
+    record.write_text("0" * 64 + "\n")  # it read other content than the files hold now
     result = stack_sh("up")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "replacing it" in result.stdout
@@ -512,14 +517,25 @@ def test_a_launched_process_is_waited_for_before_it_looks_like_ours(tmp_path: Pa
     stack.launched[svc.name][0].wait(timeout=10)
     with pytest.raises(stack_mod.StackError, match="exited during start-up"):
         stack.wait_healthy(unrecognized)
+    # and one that never turns healthy is stopped at its timeout, recognized or not
+    never = stack_mod.Component(
+        **{**vars(unrecognized), "health": lambda: "never", "start_timeout_s": 0.5}
+    )
+    pid = stack.launch(never)
+    assert pid is not None
+    with pytest.raises(stack_mod.StackError, match="did not come up"):
+        stack.wait_healthy(never)
+    assert not stack_mod.pid_alive(pid)
 
 
-def test_a_service_older_than_its_code_is_stopped_for_up_to_start_again(
+def test_a_service_whose_code_changed_is_stopped_for_up_to_start_again(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """After a `git pull` (or an edit, a new venv) `up` said "already running" and the
-    old code served on; a supervisor restart of one service then put new code beside
-    old peers."""
+    """After a `git pull` (or an edit, new pinned packages) `up` said "already running"
+    and the old code served on; a supervisor restart of one service then put new code
+    beside old peers. Changed means other content than the launch recorded: a file
+    stamped in the future restarted services on every `up`, and new code with old
+    mtimes (rsync -t, an unpacked archive) went unseen."""
     port = free_port()
     stack = stack_with_service(tmp_path, port)
     svc = next(s for s in stack.services() if s.name == "websvc")
@@ -527,13 +543,28 @@ def test_a_service_older_than_its_code_is_stopped_for_up_to_start_again(
     pid = stack.launch(svc)
     try:
         stack.wait_healthy(svc)
-        assert stack.code_changed_at() < stack_mod.started_at(pid) <= time.time() + 0.02
+        assert stack.code_record(svc).read_text().strip() == stack.code_digest()
         stack.stop_stale([svc])  # the code is as it was: left alone
+        future = time.time() + 3600
+        os.utime(stack.config_path, (future, future))  # same content, a future mtime
+        stack.stop_stale([svc])
         assert stack.running_pid(svc) == pid
-        os.utime(stack.config_path)  # its declaration changed since it started
+        with stack.config_path.open("a") as declarations:  # its declaration changed...
+            declarations.write("# changed\n")
+        os.utime(stack.config_path, (0, 0))  # ...with an old mtime
         stack.stop_stale([svc])
         assert not stack_mod.pid_alive(pid) and stack.running_pid(svc) is None
         assert "websvc: its code changed since it started" in capsys.readouterr().out
+        pid = stack.launch(svc)  # what `up` does next
+        stack.wait_healthy(svc)
+        stack.code_record(svc).unlink()  # started before records were kept:
+        os.utime(stack.config_path, (future, future))  # by mtime, once
+        stack.stop_stale([svc])
+        assert not stack_mod.pid_alive(pid)
+        pid = stack.launch(svc)
+        stack.wait_healthy(svc)
+        stack.stop_stale([svc])
+        assert stack.running_pid(svc) == pid
     finally:
         stack.stop(svc, quiet=True)
 
