@@ -439,32 +439,34 @@ def rotate(log: Path) -> None:
             log.replace(log.with_name(log.name + ".1"))
 
 
-def rotate_running(log: Path, limit: int = LOG_KEPT_BYTES) -> bool:
+def rotate_running(log: Path, limit: int | None = None) -> bool:
     """Copy a running component's log to <name>.log.1 and empty it once it grew past
     `limit` (the supervisor's round): a component up for months no longer writes one
     growing file. The process keeps its descriptor, opened for appending, so it writes
     on from the start of the emptied file; what it writes between the copy and the
     emptying (a few milliseconds) is lost, as with logrotate's copytruncate."""
     try:
-        if log.stat().st_size <= limit:
+        if log.stat().st_size <= (LOG_KEPT_BYTES if limit is None else limit):
             return False
-        with log.open("rb") as source, log.with_name(log.name + ".1").open("wb") as copy:
-            shutil.copyfileobj(source, copy)
-        os.truncate(log, 0)
     except FileNotFoundError:
         return False
+    with log.open("rb") as source, log.with_name(log.name + ".1").open("wb") as copy:
+        shutil.copyfileobj(source, copy)
+    os.truncate(log, 0)
     return True
 
 
-def content_digest(paths: Iterable[Path], root: Path) -> str:
-    """sha256 of the files' paths (relative to `root`) and contents; a missing file counts
-    as missing. What changed is content, not a modification time: a file stamped in the
-    future, or new code with an old one (rsync -t, an unpacked archive), is seen as it is."""
+def content_digest(paths: Iterable[Path], root: Path, also: bytes = b"") -> str:
+    """sha256 of the files' paths (relative to `root`) and contents, then `also`; a
+    missing file counts as missing. What changed is content, not a modification time: a
+    file stamped in the future, or new code with an old one (rsync -t, an unpacked
+    archive), is seen as it is."""
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(os.path.relpath(path, root).encode() + b"\0")
         digest.update(path.read_bytes() if path.is_file() else b"(missing)")
         digest.update(b"\0")
+    digest.update(also)
     return digest.hexdigest()
 
 
@@ -496,6 +498,9 @@ class Stack:
         self.root = root
         self.config_path = config
         self.cfg = load_config(config)
+        # the declarations as loaded: what this runner launches with, however the file
+        # changes while it runs (a supervisor runs for days)
+        self.declared = config.read_bytes()
         self.run = run_dir or root / ".run"
         k, r = self.cfg.raw.get("kafka", {}), self.cfg.raw.get("redis", {})
         self.kafka_cfg, self.redis_cfg = k, r
@@ -950,24 +955,31 @@ class Stack:
         return self.run / f"{comp.name}.code.sha256"
 
     def code_paths(self) -> list[Path]:
-        """What the services run: their sources and the generated code, the pinned
-        packages the venv is built from, and the stack's declarations of them."""
-        paths = [p for d in ("services", "shared", "gen") for p in (self.root / d).rglob("*.py")]
-        return [
-            *paths,
-            self.root / "requirements.lock",
-            self.root / "pyproject.toml",
-            self.config_path,
+        """What the services run besides their declarations: their sources and the files
+        beside them (the gateway's API keys), the generated code, and the pinned packages
+        the venv is built from."""
+        paths = [
+            p
+            for d in ("services", "shared")
+            for p in (self.root / d).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
         ]
+        paths += (self.root / "gen").rglob("*.py")
+        return [*paths, self.root / "requirements.lock", self.root / "pyproject.toml"]
 
     def code_digest(self) -> str:
-        return content_digest(self.code_paths(), self.root)
+        """`code_paths` as they are and the declarations as this runner loaded them: a
+        supervisor started on older declarations relaunches a service on those, and its
+        record must say so."""
+        return content_digest(self.code_paths(), self.root, also=self.declared)
 
     def code_changed_at(self) -> float:
         """When the services' code last changed (for a service started before `up`
-        recorded digests): `code_paths` and the venv's and generated code's stamps."""
+        recorded digests): `code_paths`, the declarations, and the venv's and generated
+        code's stamps."""
         paths = [
             *self.code_paths(),
+            self.config_path,
             self.root / ".venv" / ".installed",
             self.root / "gen" / ".generated",
         ]
@@ -1115,10 +1127,6 @@ class Stack:
                 while os.waitpid(-1, os.WNOHANG)[0]:
                     pass
             with locked(self.run):
-                logs = [self.log_file(c.name) for c in self.all()]
-                for log in [*logs, self.log_file("supervisor")]:
-                    if rotate_running(log):
-                        note(f"{rel(log)} passed {LOG_KEPT_BYTES:,} bytes: copied to .1, emptied")
                 for comp in self.all():
                     name = comp.name
                     if self.held_file(name).exists() or time.monotonic() < not_before.get(name, 0):
@@ -1141,6 +1149,19 @@ class Stack:
                         came_back[name] = time.monotonic()
                     except Exception as exc:  # logged; the other components are still watched
                         back_off(name, f"did not come back: {exc}")
+                # after the checks: a dead component's log keeps its last line to name
+                self.rotate_logs(note)
+
+    def rotate_logs(self, note: Callable[[str], None]) -> None:
+        """`rotate_running` for every component's log and the supervisor's; one it cannot
+        copy (a full disk) is noted and left as it is, the others still rotated."""
+        logs = [self.log_file(c.name) for c in self.all()]
+        for log in [*logs, self.log_file("supervisor")]:
+            try:
+                if rotate_running(log):
+                    note(f"{rel(log)} passed {LOG_KEPT_BYTES:,} bytes: copied to .1, emptied")
+            except OSError as exc:
+                note(f"{rel(log)} not rotated: {exc}")
 
     def ps(self) -> list[tuple[str, str, str, str]]:
         rows = []

@@ -35,8 +35,15 @@ from aiohttp import web
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Gauge,
+    generate_latest,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from shared.logging import get_logger
 
@@ -144,17 +151,25 @@ def kafka_check(bootstrap: str, timeout_s: float = 1.5) -> Check:
     return check
 
 
-# Redis refuses writes at its maxmemory (noeviction, scripts/redis/redis.conf): health
-# says so from this share of it on, while there is still room to act.
+# Redis refuses writes at its maxmemory (noeviction, scripts/redis/redis.conf). From this
+# share of it on, each service logs a warning (once per crossing) while there is room to
+# act; the check fails only once Redis is full: failing earlier turned services unhealthy
+# (the gateway NOT_SERVING, `up` refusing to start them) while writes still went through.
 REDIS_MEMORY_WARN = 0.9
+REDIS_MEMORY = Gauge(
+    "smartlev_redis_memory_ratio",
+    "Redis's used_memory over its maxmemory at the last health check (0: no maxmemory)",
+)
 
 
 def redis_check(client: Any) -> Check:
-    """Redis answers PING and has room: its memory is under REDIS_MEMORY_WARN of its
-    `maxmemory`, if it has one (`client` is a redis.asyncio.Redis or a sync redis.Redis).
-    A pooled connection the server closed (a Redis restart, CLIENT KILL) fails its first
-    command only: PING is tried once more, on a fresh connection, before Redis is called
-    down (every service read unhealthy for a probe after each Redis restart)."""
+    """Redis answers PING and is not full (its memory under its `maxmemory`, if it has
+    one; `client` is a redis.asyncio.Redis or a sync redis.Redis). A pooled connection
+    the server closed (a Redis restart, CLIENT KILL) fails its first command only: PING
+    is tried once more, on a fresh connection, before Redis is called down (every service
+    read unhealthy for a probe after each Redis restart). A user not allowed INFO (an ACL
+    without @dangerous) is checked by PING alone."""
+    near_full = False
 
     async def call(method: Callable[[], Any]) -> Any:
         result = method()
@@ -164,14 +179,23 @@ def redis_check(client: Any) -> Check:
         return True if await call(client.ping) else "redis PING returned false"
 
     async def room() -> CheckResult:
-        memory = await call(lambda: client.info("memory"))
+        nonlocal near_full
+        try:
+            memory = await call(lambda: client.info("memory"))
+        except ResponseError:  # NoPermissionError: room unknown to this user
+            return True
         used, limit = int(memory["used_memory"]), int(memory["maxmemory"])
-        if limit and used >= REDIS_MEMORY_WARN * limit:
-            return (
-                f"redis memory {used / 2**20:,.0f} MiB is {used / limit:.0%} of its maxmemory "
-                f"{limit / 2**20:,.0f} MiB: at 100% it refuses every write (services wait); "
-                "raise maxmemory or free memory"
-            )
+        ratio = used / limit if limit else 0.0
+        REDIS_MEMORY.set(ratio)
+        what = f"redis memory {used / 2**20:,.1f} MiB is {ratio:.0%} of its maxmemory"
+        if (ratio >= REDIS_MEMORY_WARN) != near_full:
+            near_full = not near_full
+            if near_full:
+                log.warning("redis_memory_high", detail=f"{what}: raise it or free memory")
+            else:
+                log.info("redis_memory_ok", detail=what)
+        if limit and used >= limit:
+            return f"{what}: it refuses every write (services wait); raise it or free memory"
         return True
 
     async def check() -> CheckResult:

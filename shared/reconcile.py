@@ -34,10 +34,12 @@ import hashlib
 import json
 import sys
 import time
+import traceback
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from pathlib import Path
 from typing import TypeVar
 
 from google.protobuf.message import Message
@@ -685,19 +687,25 @@ def topic_snapshot(bootstrap: str, topic: str) -> Iterator[Iterator[tuple[str | 
 def _read_to(
     consumer: KafkaConsumer, topic: str, ends: Mapping[TopicPartition, int]
 ) -> Iterator[tuple[str | None, bytes]]:
+    """A partition is paused once at its end (nothing after the snapshot is fetched, and
+    live traffic there does not count as progress of a partition still short of it)."""
     moved_at = time.monotonic()
-    while left := [tp for tp, end in ends.items() if consumer.position(tp) < end]:
-        polled = consumer.poll(timeout_ms=500)
-        for tp, records in polled.items():
+    while True:
+        at = {tp: consumer.position(tp) for tp in ends}
+        done = [tp for tp, end in ends.items() if at[tp] >= end]
+        consumer.pause(*done)
+        if len(done) == len(ends):
+            return
+        for tp, records in consumer.poll(timeout_ms=500).items():
             for record in records:
                 if record.offset < ends[tp]:  # past it: written after the snapshot
                     yield record.key, record.value
-        if polled:
+        if any(consumer.position(tp) > at[tp] for tp in ends if tp not in done):
             moved_at = time.monotonic()
         elif time.monotonic() - moved_at > READ_STALL_S:
             raise KafkaTimeoutError(
-                f"reading {topic}: no message for {READ_STALL_S:.0f} s with "
-                f"{len(left)} partition(s) short of their end offsets"
+                f"reading {topic}: no partition moved for {READ_STALL_S:.0f} s with "
+                f"{len(ends) - len(done)} of them short of their end offsets"
             )
 
 
@@ -762,7 +770,9 @@ def replay_one(replay: Replay, update: hedging_pb2.HedgeUpdate, rows: list[Row])
     try:
         replay.apply(update)
     except (ArithmeticError, ValueError, KeyError, BooksOutOfBalance) as exc:
-        rows.append(Row("fills.replay", update.event_id, "an update the core applies", repr(exc)))
+        where = traceback.extract_tb(exc.__traceback__)[-1]  # a bug shows where it is
+        raised = f"{exc!r} at {Path(where.filename).name}:{where.lineno}"
+        rows.append(Row("fills.replay", update.event_id, "an update the core applies", raised))
         return False
     return True
 

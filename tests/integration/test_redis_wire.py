@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import BusyLoadingError, OutOfMemoryError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -287,44 +290,56 @@ async def test_a_redis_still_loading_its_data_raises_a_transient_error(tmp_path)
         second.wait(10)
 
 
-async def test_a_full_redis_refuses_a_step_whole_and_says_so_before(tmp_path):
+async def test_a_full_redis_refuses_a_step_whole_and_says_so_before(tmp_path, caplog):
     """At its maxmemory Redis (noeviction, as configured) refuses a write: a script with
     several writes is refused before its first, the error is the OutOfMemoryError every
-    stage waits out (stopping would restart into the same refusal), and the health check
-    reports the memory from 90% of maxmemory on, while writes still go through."""
+    stage waits out (stopping would restart into the same refusal). Health warns from
+    90% of maxmemory on (a log line, the gauge) and stays healthy while writes still go
+    through; once Redis refuses them it is unhealthy, and healthy again once freed. A
+    user not allowed INFO is checked by PING alone."""
     argv, port = redis_argv(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
     server, admin = started(argv, port)
     wire = RedisWire.from_url(f"redis://127.0.0.1:{port}/0", retries=0)
     step = wire.script("redis.call('SET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[2], ARGV[1])")
     client = AsyncRedis(port=port)
     health = redis_check(client)
+    admin.acl_setuser(
+        "limited", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-@dangerous"]
+    )
+    limited = AsyncRedis(port=port, username="limited", password="pw")
+    ratio = partial(REGISTRY.get_sample_value, "smartlev_redis_memory_ratio")
     try:
-        assert await health() is True
+        assert await health() is True and ratio() < REDIS_MEMORY_WARN
         limit = int(admin.info("memory")["maxmemory"])
-        filler, warned = 0, None
-        while True:
+        near_full = None
+        for filler in range(10_000):  # ~200 fill 4 MB
             try:
                 await wire.call("SET", f"filler:{filler}", "x" * 20_000)
             except OutOfMemoryError as exc:
                 refused = exc
                 break
-            filler += 1
             used = int(admin.info("memory")["used_memory"])
-            if used >= REDIS_MEMORY_WARN * limit and warned is None:
-                warned = await health()
-        assert isinstance(warned, str) and "of its maxmemory" in warned
+            if REDIS_MEMORY_WARN * limit <= used < limit and near_full is None:
+                with caplog.at_level(logging.WARNING):
+                    near_full = (await health(), ratio())
+        else:
+            pytest.fail("Redis never refused a write")
+        assert near_full is not None and near_full[0] is True and near_full[1] >= REDIS_MEMORY_WARN
+        assert [r.getMessage() for r in caplog.records].count("redis_memory_high") == 1
         assert is_transient(refused)
         with pytest.raises(OutOfMemoryError):
             await step(keys=["a", "b"], args=["v"])
         assert admin.exists("a", "b") == 0  # nothing of the step
-        assert "of its maxmemory" in str(await health())
+        assert "refuses every write" in str(await health())
+        assert await redis_check(limited)() is True  # INFO not allowed: PING alone
         admin.delete(*(f"filler:{i}" for i in range(filler)))
-        assert await health() is True
+        assert await health() is True and ratio() < REDIS_MEMORY_WARN
         await step(keys=["a", "b"], args=["v"])
         assert admin.mget("a", "b") == [b"v", b"v"]
     finally:
         await wire.aclose()
         await client.aclose()
+        await limited.aclose()
         server.terminate()
         server.wait(10)
         admin.close()

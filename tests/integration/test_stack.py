@@ -20,6 +20,7 @@ import time
 import tracemalloc
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -440,7 +441,10 @@ def test_a_running_components_log_is_copied_aside_and_emptied_once_long(tmp_path
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert stack_mod.rotate_running(log, limit=20_000)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while log.stat().st_size < 1_000:  # it writes on into the emptied file
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     finally:
         proc.kill()
         proc.wait(timeout=10)
@@ -449,6 +453,26 @@ def test_a_running_components_log_is_copied_aside_and_emptied_once_long(tmp_path
     assert aside[0] == "line 0" and len(aside) > 2_000
     assert 0 < len(after) < len(aside) and after[0].startswith("line ")  # no gap of NULs
     assert int(after[0].split()[1]) > int(aside[-1].split()[1])
+
+
+def test_the_supervisors_round_rotates_every_log_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log it cannot copy aside (a full disk, here a directory in the way) is noted
+    and left whole, and the others are still rotated: the error ended the supervisor."""
+    stack = stack_with_service(tmp_path, free_port())
+    stack.run.mkdir(parents=True)
+    monkeypatch.setattr(stack_mod, "LOG_KEPT_BYTES", 1000)
+    kafka, websvc = stack.log_file("kafka"), stack.log_file("websvc")
+    for log in (kafka, websvc):
+        log.write_text("x" * 2000 + "\n")
+    (stack.run / "kafka.log.1").mkdir()
+    notes: list[str] = []
+    stack.rotate_logs(notes.append)
+    assert websvc.stat().st_size == 0 and (stack.run / "websvc.log.1").stat().st_size == 2001
+    assert kafka.stat().st_size == 2001
+    [refused] = [n for n in notes if "not rotated" in n]
+    assert "kafka.log not rotated" in refused
 
 
 # --------------------------------------------------------------------------- Python services
@@ -535,38 +559,53 @@ def test_a_service_whose_code_changed_is_stopped_for_up_to_start_again(
     and the old code served on; a supervisor restart of one service then put new code
     beside old peers. Changed means other content than the launch recorded: a file
     stamped in the future restarted services on every `up`, and new code with old
-    mtimes (rsync -t, an unpacked archive) went unseen."""
-    port = free_port()
-    stack = stack_with_service(tmp_path, port)
-    svc = next(s for s in stack.services() if s.name == "websvc")
-    stack.run.mkdir(parents=True)
-    pid = stack.launch(svc)
+    mtimes (rsync -t, an unpacked archive) went unseen. Each `up` is a fresh runner."""
+    supervisor = stack_with_service(tmp_path, free_port())  # loads the declarations once
+
+    def up_again() -> Any:  # what a later `make up` is: a runner on the files as they are
+        return stack_mod.Stack(root=ROOT, config=supervisor.config_path, run_dir=supervisor.run)
+
+    def websvc(runner: Any) -> Any:
+        return next(s for s in runner.services() if s.name == "websvc")
+
+    def stale_stopped() -> bool:
+        runner = up_again()
+        runner.stop_stale([websvc(runner)])
+        return runner.running_pid(websvc(runner)) is None
+
+    svc = websvc(supervisor)
+    supervisor.run.mkdir(parents=True)
+    pid = supervisor.launch(svc)
     try:
-        stack.wait_healthy(svc)
-        assert stack.code_record(svc).read_text().strip() == stack.code_digest()
-        stack.stop_stale([svc])  # the code is as it was: left alone
+        supervisor.wait_healthy(svc)
+        assert supervisor.code_record(svc).read_text().strip() == supervisor.code_digest()
+        assert not stale_stopped()  # the code is as it was: left alone
         future = time.time() + 3600
-        os.utime(stack.config_path, (future, future))  # same content, a future mtime
-        stack.stop_stale([svc])
-        assert stack.running_pid(svc) == pid
-        with stack.config_path.open("a") as declarations:  # its declaration changed...
+        os.utime(supervisor.config_path, (future, future))  # same content, a future mtime
+        assert not stale_stopped()
+        # The declarations change (with an old mtime) while it runs; it dies and the
+        # supervisor, which loaded them before, starts it again on those: still stale.
+        with supervisor.config_path.open("a") as declarations:
             declarations.write("# changed\n")
-        os.utime(stack.config_path, (0, 0))  # ...with an old mtime
-        stack.stop_stale([svc])
-        assert not stack_mod.pid_alive(pid) and stack.running_pid(svc) is None
+        os.utime(supervisor.config_path, (0, 0))
+        os.kill(pid, signal.SIGKILL)
+        supervisor.launched[svc.name][0].wait(timeout=10)
+        pid = supervisor.launch(svc)
+        supervisor.wait_healthy(svc)
+        assert stale_stopped() and not stack_mod.pid_alive(pid)
         assert "websvc: its code changed since it started" in capsys.readouterr().out
-        pid = stack.launch(svc)  # what `up` does next
-        stack.wait_healthy(svc)
-        stack.code_record(svc).unlink()  # started before records were kept:
-        os.utime(stack.config_path, (future, future))  # by mtime, once
-        stack.stop_stale([svc])
-        assert not stack_mod.pid_alive(pid)
-        pid = stack.launch(svc)
-        stack.wait_healthy(svc)
-        stack.stop_stale([svc])
-        assert stack.running_pid(svc) == pid
+        fresh = up_again()  # what `up` does next: starts it on the files as they are
+        pid = fresh.launch(websvc(fresh))
+        fresh.wait_healthy(websvc(fresh))
+        assert not stale_stopped()
+        fresh.code_record(svc).unlink()  # started before records were kept:
+        os.utime(supervisor.config_path, (future, future))  # by mtime, once
+        assert stale_stopped() and not stack_mod.pid_alive(pid)
+        pid = fresh.launch(websvc(fresh))
+        fresh.wait_healthy(websvc(fresh))
+        assert not stale_stopped()
     finally:
-        stack.stop(svc, quiet=True)
+        up_again().stop(svc, quiet=True)
 
 
 def test_a_component_older_than_its_config_file_is_stopped_for_up_to_start_again(

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from dataclasses import dataclass, replace
 from decimal import Decimal
+from typing import NamedTuple
 
 import pytest
+from kafka import TopicPartition
+from kafka.errors import KafkaTimeoutError
 from smartlev.v1 import hedging_pb2, orders_pb2
 
 from services.hedging.messages import hedge_update
 from services.nav.marking import mark, parse_update, state_fields
 from shared import codec
+from shared import reconcile as reconcile_module
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine
 from shared.core.market import NS_PER_DAY, NS_PER_HOUR, FundingRate, Tick
@@ -376,3 +381,38 @@ def test_an_update_whose_figures_the_core_refuses_is_a_row_not_a_crash() -> None
     assert (row.check, row.subject) == ("fills.replay", spoiled.event_id) and not row.ok
     assert "InvalidOperation" in str(row.actual)
     assert replay_one(Replay(SYMBOL, CONFIG, {}), h.updates[0], rows) and len(rows) == 1
+
+
+def test_a_stuck_partition_is_an_error_though_others_see_traffic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A partition that never reaches its end offset ends the read with an error, even
+    while records keep coming on another partition already at its end (live traffic
+    after the snapshot reset the stall clock: the read never ended)."""
+
+    class Record(NamedTuple):
+        offset: int
+        key: str
+        value: bytes
+
+    class Consumer:  # partition 0 stuck at 3 of 10; partition 1 at its end, still written
+        def __init__(self) -> None:
+            self.at = {stuck: 3, live: 5}
+
+        def position(self, tp: TopicPartition) -> int:
+            return self.at[tp]
+
+        def pause(self, *partitions: TopicPartition) -> None:
+            pass
+
+        def poll(self, timeout_ms: int) -> dict[TopicPartition, list[Record]]:
+            time.sleep(0.001)
+            assert self.at[live] < 5_000, "the read never ended"
+            self.at[live] += 1
+            return {live: [Record(self.at[live] - 1, SYMBOL, b"after the snapshot")]}
+
+    stuck, live = TopicPartition("t", 0), TopicPartition("t", 1)
+    monkeypatch.setattr(reconcile_module, "READ_STALL_S", 0.2)
+    read = reconcile_module._read_to(Consumer(), "t", {stuck: 10, live: 5})
+    with pytest.raises(KafkaTimeoutError, match="1 of them short"):
+        assert list(read) == []
