@@ -456,6 +456,11 @@ def rotate_running(log: Path, limit: int | None = None) -> bool:
     return True
 
 
+def read_record(record: Path) -> str | None:
+    """A digest `up` recorded (`.run/*.sha256`), or None if none was."""
+    return record.read_text().strip() if record.exists() else None
+
+
 def content_digest(paths: Iterable[Path], root: Path, also: bytes = b"") -> str:
     """sha256 of the files' paths (relative to `root`) and contents, then `also`; a
     missing file counts as missing. What changed is content, not a modification time: a
@@ -911,7 +916,7 @@ class Stack:
         current = self.code_digest()
         for comp in services:
             record = self.code_record(comp)
-            recorded = record.read_text().strip() if record.exists() else None
+            recorded = read_record(record)
             if recorded is None:
                 self._stop_if_older(comp, self.code_changed_at(), "its code")
             elif recorded != current:
@@ -930,7 +935,7 @@ class Stack:
         for comp, config in configured:
             digest = hashlib.sha256(config.read_bytes()).hexdigest()
             record = self.run / f"{comp.name}.config.sha256"
-            recorded = record.read_text().strip() if record.exists() else None
+            recorded = read_record(record)
             if recorded is None:
                 self._stop_if_older(comp, config.stat().st_mtime, "its config")
             elif recorded != digest:
@@ -1053,7 +1058,7 @@ class Stack:
         digest = content_digest(read, self.root)
         record = self.run / "supervisor.sha256"
         if running := self.supervisors():
-            recorded = record.read_text().strip() if record.exists() else None
+            recorded = read_record(record)
             if recorded is None:  # started before records were kept: by mtime, once
                 began = started_at(running[0])
                 current = began is not None and began >= max(p.stat().st_mtime for p in read)

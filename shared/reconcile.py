@@ -786,26 +786,28 @@ def decoded(payload: bytes, symbol: str, value_type: type[M], rows: list[Row]) -
         return None
 
 
-async def reconcile(
-    redis: Redis,
-    bootstrap: str,
-    config: StrategyConfig,
-    namespace: str = "",
-    symbols: Sequence[str] = (),
-) -> Report:
-    """Read and check every symbol (all configured symbols with hedging state by default).
+@dataclass
+class Replayed:
+    """What Kafka says of the wanted symbols: their orders (by id, and the rows of an
+    order published twice differently), hedge.fills replayed, and the messages that
+    did not decode or apply."""
 
-    Kafka first, then Redis: hedging publishes an update before it commits the state it
-    leads to. hedge.fills is replayed as it is read (orders.events, read before it, is
-    held: one entry per order, which the replay looks up), so what a run holds is each
-    replay's books and one digest per update, not the topic's history."""
-    explicit = bool(symbols)
-    wanted = list(dict.fromkeys(symbols or config.instruments))
+    orders: dict[str, tuple[dict[str, orders_pb2.OrderEvent], list[Row]]]
+    replays: dict[str, Replay]
+    bad_fills: dict[str, list[Row]]
+    bad_orders: dict[str, list[Row]]
+
+
+def replay_topics(
+    bootstrap: str, config: StrategyConfig, namespace: str, wanted: Sequence[str]
+) -> Replayed:
+    """hedge.fills' snapshot first: hedging applies an order it read from orders.events,
+    so every order an update read names is in the later snapshot of orders.events.
+    orders.events is held (one entry per order, which the replay looks up); hedge.fills
+    is replayed as it is read."""
     bad_fills: dict[str, list[Row]] = {symbol: [] for symbol in wanted}
     bad_orders: dict[str, list[Row]] = {symbol: [] for symbol in wanted}
     events: dict[str, list[orders_pb2.OrderEvent]] = {symbol: [] for symbol in wanted}
-    # hedge.fills' snapshot first: hedging applies an order it read from orders.events,
-    # so every order an update read names is in the later snapshot of orders.events.
     with (
         topic_snapshot(bootstrap, HEDGE_FILLS.in_namespace(namespace).name) as fills,
         topic_snapshot(bootstrap, ORDERS_EVENTS.in_namespace(namespace).name) as order_log,
@@ -827,6 +829,24 @@ async def reconcile(
             update = decoded(payload, message_key, hedging_pb2.HedgeUpdate, rows)
             if update is not None and not replay_one(replays[message_key], update, rows):
                 replaying.discard(message_key)  # what follows builds on what it could not
+    return Replayed(orders, replays, bad_fills, bad_orders)
+
+
+async def reconcile(
+    redis: Redis,
+    bootstrap: str,
+    config: StrategyConfig,
+    namespace: str = "",
+    symbols: Sequence[str] = (),
+) -> Report:
+    """Read and check every symbol (all configured symbols with hedging state by default).
+
+    Kafka first, then Redis: hedging publishes an update before it commits the state it
+    leads to. What a run holds is each replay's books, one digest per update and the
+    orders, not hedge.fills' history (`replay_topics`)."""
+    explicit = bool(symbols)
+    wanted = list(dict.fromkeys(symbols or config.instruments))
+    kafka = replay_topics(bootstrap, config, namespace, wanted)
     report = Report()
     for symbol in wanted:
         products = [s.product for s in smart_product_specs(symbol, config)]
@@ -837,9 +857,9 @@ async def reconcile(
                 raise
             report.notes.append(f"{symbol}: {exc}; skipped")
             continue
-        by_id, repeats = orders[symbol]
-        part = symbol_report(config, state, by_id, repeats, replays[symbol])
-        report.rows += bad_fills[symbol] + bad_orders[symbol] + part.rows
+        by_id, repeats = kafka.orders[symbol]
+        part = symbol_report(config, state, by_id, repeats, kafka.replays[symbol])
+        report.rows += kafka.bad_fills[symbol] + kafka.bad_orders[symbol] + part.rows
         report.notes += part.notes
         if state.in_progress:
             report.notes.append(
