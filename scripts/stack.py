@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -916,11 +917,7 @@ class Stack:
         current = self.code_digest()
         for comp in services:
             record = self.code_record(comp)
-            recorded = read_record(record)
-            if recorded is None:
-                self._stop_if_older(comp, self.code_changed_at(), "its code")
-            elif recorded != current:
-                self._stop_if_running(comp, "its code")
+            self._stop_if_changed(comp, record, current, self.code_changed_at, "its code")
             if self.running_pid(comp) is not None:
                 record.write_text(f"{current}\n")  # what it runs on, as of now
 
@@ -935,12 +932,25 @@ class Stack:
         for comp, config in configured:
             digest = hashlib.sha256(config.read_bytes()).hexdigest()
             record = self.run / f"{comp.name}.config.sha256"
-            recorded = read_record(record)
-            if recorded is None:
-                self._stop_if_older(comp, config.stat().st_mtime, "its config")
-            elif recorded != digest:
-                self._stop_if_running(comp, "its config")
+            mtime = functools.partial(os.path.getmtime, config)
+            self._stop_if_changed(comp, record, digest, mtime, "its config")
             record.write_text(f"{digest}\n")  # what it runs on once `up` starts it
+
+    def _stop_if_changed(
+        self,
+        comp: Component,
+        record: Path,
+        digest: str,
+        changed_at: Callable[[], float],
+        what: str,
+    ) -> None:
+        """Stop `comp` if it runs on other content than `digest` (its `record`); with no
+        record (started before records were kept), if it started before `changed_at()`."""
+        recorded = read_record(record)
+        if recorded is None:
+            self._stop_if_older(comp, changed_at(), what)
+        elif recorded != digest:
+            self._stop_if_running(comp, what)
 
     def _stop_if_older(self, comp: Component, changed: float, what: str) -> None:
         pid = self.running_pid(comp)
