@@ -10,12 +10,17 @@ under `<namespace>gw`:
                         pending ones a window at a time (a long Kafka outage leaves a
                         backlog no single read should return), in the order settled;
 - `applied`             `<user>:<client_order_id>` -> request hash + the reply (base64);
-- `meta`                `version` (steps settled on the symbol) and `rev:<product>`
-                        (steps settled on the product), ApplyOnceStore's layout.
+- `meta`                `version` (steps settled on the symbol), `rev:<product>`
+                        (steps settled on the product), ApplyOnceStore's layout, and
+                        `step:<product>`, a random token of the product's last step: a
+                        revision number comes back after Redis lost its last writes
+                        (appendfsync everysec), then standing for other entries; a token
+                        does not, so a snapshot cached from before the loss is refused.
 An order's position, ledger entries, outbox entry and record are written by ONE script
 (`_SETTLE_LUA`) that answers with the recorded reply if the order was settled before,
 and refuses if the product's revision or the position's units moved since the read
-(answering with the fresh state, so the retry needs no extra read). An order reads and
+(answering with the fresh state, so the retry needs no extra read): the product's
+revision and step token, and the position's units. An order reads and
 writes only its product's ledger entries and one position, so orders of different
 products never conflict. A position's units only ever fall, so equal units mean an
 unchanged position.
@@ -41,6 +46,7 @@ in different slots, so no single script can do both.
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -60,17 +66,19 @@ KEYS_CACHED = 4096
 
 # KEYS: applied, meta, position, ledger, outbox, outbox index. ARGV: record id, record,
 # revision field, expected revision, event (base64), the position's units as read ("" =
-# no position), then n + n position field/value pairs, then n + n ledger field/value
-# pairs.
+# no position), step token field, expected step token ("" = none yet), this step's
+# token, then n + n position field/value pairs, then n + n ledger field/value pairs.
 _SETTLE_LUA = """
 local record = redis.call('HGET', KEYS[1], ARGV[1])
 if record then return {0, record} end
-local rev = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0')
+local meta = redis.call('HMGET', KEYS[2], ARGV[3], ARGV[7])
+local rev = tonumber(meta[1] or '0')
+local step = meta[2] or ''
 local units = redis.call('HGET', KEYS[3], 'units') or ''
-if rev ~= tonumber(ARGV[4]) or units ~= ARGV[6] then
-  return {-1, rev, redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[3])}
+if rev ~= tonumber(ARGV[4]) or step ~= ARGV[8] or units ~= ARGV[6] then
+  return {-1, rev, step, redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[3])}
 end
-local i = 7
+local i = 10
 for k = 3, 4 do
   local n = tonumber(ARGV[i])
   local args = {}
@@ -79,7 +87,7 @@ for k = 3, 4 do
   i = i + 2 * n + 1
 end
 local version = redis.call('HINCRBY', KEYS[2], 'version', 1)
-redis.call('HSET', KEYS[2], ARGV[3], rev + 1)
+redis.call('HSET', KEYS[2], ARGV[3], rev + 1, ARGV[7], ARGV[9])
 local field = string.format('%020d', version)
 redis.call('HSET', KEYS[5], field, ARGV[5])
 redis.call('ZADD', KEYS[6], version, field)
@@ -209,11 +217,13 @@ def unb64(text: str) -> bytes:
 
 class Snapshot(NamedTuple):
     """What a step is computed from: the symbol's ledger as of the product's revision
-    `rev` and the position; the step must still find both as they were. (The order
-    path's records are NamedTuples: a frozen dataclass's __init__ sets each field through
-    object.__setattr__, several times slower, on every order.)"""
+    `rev` (its last step's token `step`, "" before the first) and the position; the step
+    must still find all as they were. (The order path's records are NamedTuples: a frozen
+    dataclass's __init__ sets each field through object.__setattr__, several times
+    slower, on every order.)"""
 
     rev: int
+    step: str
     ledger: dict[str, str]
     position: dict[str, str]
 
@@ -231,14 +241,12 @@ class OrderView(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Settled:
-    """APPLIED; DUPLICATE with the recorded reply; CONFLICT with the fresh snapshot."""
+    """APPLIED with the product's snapshot the step left (its position unknown);
+    DUPLICATE with the recorded reply; CONFLICT with the fresh snapshot."""
 
     status: ApplyStatus
     record: str | None = None
     snapshot: Snapshot | None = None
-
-
-APPLIED = Settled(ApplyStatus.APPLIED)
 
 
 class Ledger:
@@ -325,20 +333,27 @@ class Ledger:
     async def order_view(
         self, user: str, client_id: str, symbol: str, product: str, pid: str | None
     ) -> OrderView:
-        """Everything an order reads, in one pipelined round trip. The revision is read
-        before the ledger and the position: whatever is settled between the reads moves
-        it, so a step computed from newer state than `rev` is refused, never applied."""
+        """Everything an order reads, in one pipelined round trip (whose commands other
+        clients' may come between). The revision is read before the ledger and the
+        position: whatever is settled between the reads moves it, so a step computed from
+        newer state than `rev` is refused, never applied. The claim and the record are
+        read last: an order's twin settled after them settled after every other read too
+        (the step's own check then finds its record), and one settled before them is
+        found by them, so a retry is answered with the original reply, never with
+        what the twin's step left (a close-all's twin leaves the position closed)."""
         commands: list[tuple[str, ...]] = [
-            ("HGET", self._user_key(user, "orders"), client_id),
-            ("HGET", self.applied_key(symbol), f"{user}:{client_id}"),
             ("HMGET", self._nav_key(product), *NAV_QUOTED),
-            ("HGET", self.meta_key(symbol), f"rev:{product}"),
+            ("HMGET", self.meta_key(symbol), f"rev:{product}", f"step:{product}"),
             ("HGETALL", self.ledger_key(symbol)),
         ]
         if pid is not None:
             commands.append(("HGETALL", self.position_key(symbol, pid)))
-        claim, record, nav, rev, ledger, *position = await self.redis.pipeline(commands)
-        snapshot = Snapshot(int(rev or 0), _pairs(ledger), _pairs(position[0]) if position else {})
+        commands.append(("HGET", self._user_key(user, "orders"), client_id))
+        commands.append(("HGET", self.applied_key(symbol), f"{user}:{client_id}"))
+        nav, (rev, step), ledger, *position, claim, record = await self.redis.pipeline(commands)
+        snapshot = Snapshot(
+            int(rev or 0), step or "", _pairs(ledger), _pairs(position[0]) if position else {}
+        )
         quoted = {name: value for name, value in zip(NAV_QUOTED, nav, strict=True) if value}
         return OrderView(claim, record, quoted, snapshot)
 
@@ -380,7 +395,8 @@ class Ledger:
     ) -> Settled:
         """Write position + ledger entries + outbox entry + record at once, if
         `record_id` is not recorded yet and the product and the position are still as in
-        `snapshot`."""
+        `snapshot`; the step gets a token of its own (random: no other step, before or
+        after a loss of writes, has it)."""
         keys = [
             self.applied_key(symbol),
             self.meta_key(symbol),
@@ -389,6 +405,7 @@ class Ledger:
             self.outbox_key(symbol),
             self.outbox_index_key(symbol),
         ]
+        token = os.urandom(8).hex()
         args: list[str | int] = [
             record_id,
             record,
@@ -396,6 +413,9 @@ class Ledger:
             snapshot.rev,
             b64(event),
             snapshot.position.get("units", ""),
+            f"step:{product}",
+            snapshot.step,
+            token,
         ]
         for fields in (position, ledger):
             args.append(len(fields))
@@ -403,11 +423,12 @@ class Ledger:
                 args.extend(name_value)
         raw = await self._settle(keys=keys, args=args)
         if raw[0] == ApplyStatus.APPLIED.value:
-            return APPLIED
+            left = Snapshot(snapshot.rev + 1, token, {**snapshot.ledger, **ledger}, {})
+            return Settled(ApplyStatus.APPLIED, snapshot=left)
         if raw[0] == ApplyStatus.DUPLICATE.value:
             return Settled(ApplyStatus.DUPLICATE, record=raw[1])
-        snapshot = Snapshot(int(raw[1]), _pairs(raw[2]), _pairs(raw[3]))
-        return Settled(ApplyStatus.CONFLICT, snapshot=snapshot)
+        fresh = Snapshot(int(raw[1]), raw[2], _pairs(raw[3]), _pairs(raw[4]))
+        return Settled(ApplyStatus.CONFLICT, snapshot=fresh)
 
     # ------------------------------------------------------------------ outbox
 
@@ -434,11 +455,6 @@ def ledger_fields(product: str, fields: Mapping[str, str], **deltas: Decimal) ->
         f"{product}:{name}": decimal_to_wire(Decimal(fields.get(f"{product}:{name}", "0")) + delta)
         for name, delta in deltas.items()
     }
-
-
-def after(snapshot: Snapshot, ledger: Mapping[str, str]) -> Snapshot:
-    """The product's snapshot once a step wrote `ledger` on it (its position unknown)."""
-    return Snapshot(snapshot.rev + 1, {**snapshot.ledger, **ledger}, {})
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:

@@ -40,7 +40,7 @@ from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 from services.gateway.auth import KeyRing, bearer_key, load_keys_file
 from services.gateway.config import GatewaySettings
 from services.gateway.feeds import FeedUnavailable, StreamFeed, Subscriber
-from services.gateway.ledger import Ledger, Snapshot, after, b64, ledger_fields, unb64
+from services.gateway.ledger import Ledger, Snapshot, b64, ledger_fields, unb64
 from services.gateway.orders import (
     MAX_PAGE_SIZE,
     Closed,
@@ -344,7 +344,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 if latest is not None and latest.rev > snap.rev:
                     # The same position on a newer ledger: a quote reads the ledger only
                     # for its NAV (`_tradable_nav`), so an unchanged NAV keeps the quote.
-                    snap = Snapshot(latest.rev, latest.ledger, snap.position)
+                    snap = Snapshot(latest.rev, latest.step, latest.ledger, snap.position)
                     if self._tradable_nav(order.product, view.nav, snap) != quoted.nav:
                         quoted = quote(view.nav, snap)
                 step = render(quoted, snap)
@@ -359,14 +359,14 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                     ledger=step.ledger,
                     event=step.event.SerializeToString(deterministic=True),
                 )
-                if settled.status is ApplyStatus.APPLIED:
-                    self._latest[order.product] = after(snap, step.ledger)
-                    self.wake_relay(order.symbol)
-                    return step
                 if settled.record is not None:
                     raise Replayed(self._recorded(settled.record, claim, client_id, reply_type))
                 assert settled.snapshot is not None
-                snap = self._latest[order.product] = settled.snapshot
+                self._latest[order.product] = settled.snapshot
+                if settled.status is ApplyStatus.APPLIED:
+                    self.wake_relay(order.symbol)
+                    return step
+                snap = settled.snapshot
                 quoted = quote(view.nav, snap)
         # other instances settling the product faster than this one can re-quote: the
         # client retries (the same client order id; nothing was settled)
@@ -388,7 +388,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         """Whether an order would find a NAV to settle at now: `_tradable_nav`'s own rule
         on the same state (the NAV hash and the product's ledger entries)."""
         try:
-            self._tradable_nav(product, nav, Snapshot(0, ledger, {}))
+            self._tradable_nav(product, nav, Snapshot(0, "", ledger, {}))
         except Rejected:
             return False
         return True

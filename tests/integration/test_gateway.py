@@ -639,7 +639,7 @@ async def test_concurrent_orders_of_one_product_all_settle_exactly(quiet_env: En
     assert Decimal(ledger[f"{PRODUCT}:deposits"]) == 30 * Decimal("100")
     assert len(await env.redis.hgetall(env.server.ledger.outbox_key("BTC-USDT"))) == 40
     # A step computed before those orders (revision 0) is refused, with the state now.
-    stale = Snapshot(0, {}, {})
+    stale = Snapshot(0, "", {}, {})
     settled = await env.server.ledger.settle(
         "BTC-USDT",
         PRODUCT,
@@ -652,7 +652,8 @@ async def test_concurrent_orders_of_one_product_all_settle_exactly(quiet_env: En
         event=b"",
     )
     assert settled.status is ApplyStatus.CONFLICT and settled.snapshot is not None
-    assert (settled.snapshot.rev, settled.snapshot.ledger) == (40, ledger)
+    meta = await env.redis.hgetall(env.server.ledger.meta_key("BTC-USDT"))
+    assert settled.snapshot[:3] == (40, meta[f"step:{PRODUCT}"], ledger)
     assert await env.redis.hgetall(ledger_key) == ledger
 
 
@@ -719,6 +720,112 @@ async def test_racing_closes_of_a_position_from_two_gateways_settle_once(
     assert await env.server.relay.flush("BTC-USDT") == 2 * len(opened)  # opens, one close each
     events = await env.events(2 * len(opened))
     assert Counter(e.WhichOneof("event") for e in events) == {"opened": 6, "closed": 6}
+
+
+async def close_again_with_twin_between_reads(
+    env: Env, other: gateway_pb2_grpc.GatewayStub, split: int, same_request: bool
+) -> int:
+    """Open a position, then send a close-all of it to `env`'s gateway while the same close
+    settles on `other` right after the first `split` of the order's reads; `same_request`
+    False sends another request (explicit units) under that id. Returns how many reads
+    the order makes."""
+    wire = env.server.wire
+    read = wire.pipeline
+    opened = await env.open(f"split-{split}")
+    cid, pid = f"close-{split}", opened.position_id
+    first = gateway_pb2.ClosePositionRequest(client_order_id=cid, position_id=pid, all=True)
+    again = first if same_request else gateway_pb2.ClosePositionRequest(
+        client_order_id=cid, position_id=pid, units=opened.units
+    )  # fmt: skip
+    twins: list[gateway_pb2.ClosePositionReply] = []
+    reads: list[int] = []
+
+    async def twin_between(commands: list[tuple[str, ...]]) -> list[Any]:
+        wire.pipeline = read  # type: ignore[method-assign]
+        reads.append(len(commands))
+        head = await read(commands[:split])
+        twins.append(await other.ClosePosition(first, metadata=ALICE))
+        return head + await read(commands[split:])
+
+    wire.pipeline = twin_between  # type: ignore[method-assign]
+    try:
+        if same_request:
+            answer = await env.stub.ClosePosition(again, metadata=ALICE)
+            assert answer == twins[0], f"the twin settled after read {split}"
+        else:
+            code, details = await _code(env.stub.ClosePosition(again, metadata=ALICE))
+            assert code is grpc.StatusCode.ALREADY_EXISTS, (split, details)
+    finally:
+        wire.pipeline = read  # type: ignore[method-assign]
+    return reads[0]
+
+
+@pytest.mark.parametrize("same_request", [True, False], ids=["retry", "other-request"])
+async def test_a_close_whose_twin_settles_between_its_reads_gets_the_twins_answer(
+    quiet_env: Env, redis_url: str, same_request: bool
+) -> None:
+    """A close-all sent again reaches this gateway while the first copy settles on another
+    one, between any two of the copy's reads (a pipeline's commands are not one atomic
+    step): the copy gets the first one's reply, and another request under the same id
+    ALREADY_EXISTS, wherever between the reads the twin landed; never "is closed"."""
+    env = quiet_env
+    await env.set_nav(PRODUCT, NAV)
+    async with another_gateway(env, redis_url) as other:
+        reads = await close_again_with_twin_between_reads(env, other, 1, same_request)
+        for split in range(2, reads):
+            await close_again_with_twin_between_reads(env, other, split, same_request)
+    assert reads == 6  # NAV, revision, ledger, position, claim, record: every gap tried
+    ledger = await env.redis.hgetall(env.server.ledger.ledger_key("BTC-USDT"))
+    assert Decimal(ledger[f"{PRODUCT}:units"]) == 0  # each position closed, once
+
+
+async def test_a_snapshot_cached_from_before_redis_lost_writes_is_not_settled_on(
+    quiet_env: Env, redis_url: str
+) -> None:
+    """Redis comes back without its last writes (appendfsync everysec) while this gateway
+    still holds the snapshot its last step left; another gateway's steps bring the
+    product's revision back to the same number with other entries. This gateway's next
+    order is recomputed from those, not settled on the lost ledger: the books stay the
+    sum of the positions that exist."""
+    env = quiet_env
+    await env.set_nav(PRODUCT, NAV)
+    raw = Redis.from_url(redis_url)  # bytes: DUMP and RESTORE
+    try:
+        await env.open("kept", "1000")
+        saved = {k: await raw.dump(k) async for k in raw.scan_iter(match=f"{env.ns}*")}
+        await env.open("lost-1", "5000")
+        await env.open("lost-2", "7000")
+        await raw.delete(*[k async for k in raw.scan_iter(match=f"{env.ns}*")])
+        for name, dumped in saved.items():
+            await raw.restore(name, 0, dumped)
+        async with another_gateway(env, redis_url) as other:
+
+            async def open_there(client_id: str) -> None:
+                request = gateway_pb2.OpenPositionRequest(
+                    client_order_id=client_id, product=PRODUCT, amount_usdt="300"
+                )
+                await other.OpenPosition(request, metadata=BOB)
+
+            await open_there("theirs-1")
+            settle = env.server.ledger.settle
+
+            async def theirs_first(*args: Any, **kwargs: Any) -> Settled:
+                env.server.ledger.settle = settle  # type: ignore[method-assign]
+                await open_there("theirs-2")  # between this order's read and its step
+                return await settle(*args, **kwargs)
+
+            env.server.ledger.settle = theirs_first  # type: ignore[method-assign]
+            await env.open("ours", "100")
+    finally:
+        await raw.aclose()
+    positions = [
+        await env.redis.hgetall(k)
+        async for k in env.redis.scan_iter(match=f"{env.ns}gw:{{BTC-USDT}}:pos:*")
+    ]
+    assert len(positions) == 4  # kept, theirs-1, theirs-2, ours
+    ledger = await env.redis.hgetall(env.server.ledger.ledger_key("BTC-USDT"))
+    assert Decimal(ledger[f"{PRODUCT}:units"]) == sum(Decimal(p["units"]) for p in positions)
+    assert Decimal(ledger[f"{PRODUCT}:deposits"]) == sum(Decimal(p["amount"]) for p in positions)
 
 
 async def test_opens_from_two_gateways_at_once_all_count_in_the_ledger(
