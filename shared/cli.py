@@ -278,7 +278,14 @@ def rpc_error_line(exc: grpc.RpcError, server: str) -> str:
     details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
     name = code.name if code is not None else "UNKNOWN"
     if code is grpc.StatusCode.UNAVAILABLE:
-        details = f"cannot reach the gateway at {server} ({details})"
+        # The transport's (gRPC core's wording) or the gateway's own (its Redis or Kafka
+        # is down, a product is busy): only the first means the address is wrong or down.
+        unreached = details.startswith(("failed to connect", "DNS resolution failed"))
+        details = (
+            f"cannot reach the gateway at {server} ({details})"
+            if unreached
+            else f"{details} (the gateway at {server} answered)"
+        )
     return f"{name}: {details}"
 
 

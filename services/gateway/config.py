@@ -40,7 +40,7 @@ class GatewaySettings(ServiceSettings):
     # A request larger than this is INVALID_ARGUMENT, saying its size; the transport takes
     # up to transport_max_bytes (beyond: RESOURCE_EXHAUSTED before any handler runs).
     max_message_bytes: int = Field(default=64 * 1024, ge=1024)
-    transport_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+    transport_max_bytes: int = Field(default=1024 * 1024, ge=1024, le=2**31 - 1)  # gRPC: int32
     # A NAV older than this (wall clock since the NAV service wrote it) is not traded on.
     max_nav_age_s: Seconds = 120.0
     outbox_poll_s: Seconds = 0.5  # relay sweep when nothing signals it
@@ -53,6 +53,10 @@ class GatewaySettings(ServiceSettings):
     health_interval_s: Seconds = 1.0
     grace_s: SecondsOrZero = 5.0  # in-flight calls finish on SIGTERM
     stream_queue: int = Field(default=256, ge=1)  # updates buffered per stream subscriber
+    # Open streams (StreamNav and StreamPositions together) a user may hold on this
+    # gateway; past it RESOURCE_EXHAUSTED. Every NAV update is offered to every stream:
+    # one key's thousands of idle streams would make each update cost everyone.
+    max_streams_per_user: int = Field(default=32, ge=1)
     # A connection quiet this long is pinged; a peer that does not answer within
     # keepalive_timeout_s is dropped, and its streams end: a client that vanished without
     # closing TCP (a dropped network, a frozen host) held its streams for TCP's two hours.

@@ -77,6 +77,7 @@ from shared.wire import known_regime_name
 
 SERVICE_NAME = "smartlev.v1.Gateway"
 OWNERS_CACHED = 100_000  # (user, position id) -> product entries kept in memory
+CLOSED_REMEMBERED = 4096  # per stream of open positions: ids it showed closed
 T = TypeVar("T")
 R = TypeVar("R", bound=Message)
 Q = TypeVar("Q", bound="Quote")
@@ -164,6 +165,34 @@ def _decimal(fields: dict[str, str], name: str) -> Decimal | None:
     return Decimal(fields[name]) if fields.get(name) else None
 
 
+class ShownPositions:
+    """What a position stream has shown: the positions it holds (to show again as a NAV
+    or an order moves them) and, on a stream of open positions, the ids of those it showed
+    closed. It forgets those (units only fall: a closed position never changes again)
+    but their ids, bounded, so a late copy of their event is not shown again: a stream
+    open for days holds the positions open, not every one it saw close."""
+
+    def __init__(self, include_closed: bool) -> None:
+        self.include_closed = include_closed
+        self.held: dict[str, PositionState] = {}
+        self._closed: dict[str, None] = {}
+
+    def changed(self, position: PositionState) -> bool:
+        """Whether the stream has not shown `position` as it is."""
+        pid = position.position_id
+        return self.held.get(pid) != position and pid not in self._closed
+
+    def show(self, position: PositionState) -> None:
+        pid = position.position_id
+        if position.units > 0 or self.include_closed:
+            self.held[pid] = position
+            return
+        self.held.pop(pid, None)
+        if len(self._closed) >= CLOSED_REMEMBERED:
+            del self._closed[next(iter(self._closed))]
+        self._closed[pid] = None
+
+
 class Gateway(gateway_pb2_grpc.GatewayServicer):
     def __init__(
         self,
@@ -195,6 +224,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         self._owners: dict[tuple[str, str], str] = {}
         self._queues: dict[str, asyncio.Lock] = {}
         self._latest: dict[str, Snapshot] = {}  # per product: as the last settle left it
+        self._streams: dict[str, int] = {}  # per user: open streams
 
     # ------------------------------------------------------------------ plumbing
 
@@ -672,10 +702,33 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 
     # ------------------------------------------------------------------ streams
 
+    @contextlib.asynccontextmanager
+    async def _stream_slot(
+        self, rpc: str, user: str, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """One of the user's `max_streams_per_user` open streams, else RESOURCE_EXHAUSTED."""
+        open_now = self._streams.get(user, 0)
+        if open_now >= self.settings.max_streams_per_user:
+            _requests(rpc, "RESOURCE_EXHAUSTED").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this user has {open_now} streams open on this gateway, the most it takes "
+                "(SMARTLEV_GATEWAY_MAX_STREAMS_PER_USER); end one first",
+            )
+        self._streams[user] = open_now + 1
+        try:
+            yield
+        finally:
+            left = self._streams[user] - 1
+            if left:
+                self._streams[user] = left
+            else:
+                del self._streams[user]
+
     async def StreamNav(
         self, request: gateway_pb2.StreamNavRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[nav_pb2.NavUpdated]:
-        await self._caller(request, context)
+        user = await self._caller(request, context)
         for name in request.products:
             try:
                 self._product(name)
@@ -685,7 +738,10 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "stream feed not running")
         assert self.feed is not None
         try:
-            async with self.feed.subscribe(frozenset(request.products) or None) as subscriber:
+            async with (
+                self._stream_slot("StreamNav", user, context),
+                self.feed.subscribe(frozenset(request.products) or None) as subscriber,
+            ):
                 _requests("StreamNav", "ok").inc()
                 while True:
                     update = await subscriber.queue.get()
@@ -704,7 +760,10 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "stream feed not running")
         assert self.feed is not None
         try:
-            async with self.feed.subscribe(None, user) as subscriber:
+            async with (
+                self._stream_slot("StreamPositions", user, context),
+                self.feed.subscribe(None, user) as subscriber,
+            ):
                 _requests("StreamPositions", "ok").inc()
                 async for position in self._position_updates(user, request, subscriber):
                     yield position
@@ -716,56 +775,52 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.Position]:
         """The user's positions now, then each one again as an order or a NAV moves it."""
         started = time.time_ns()
-        held: dict[str, PositionState] = {}
+        shown = ShownPositions(request.include_closed)
         navs: dict[str, Decimal | None] = {}
-        async for shown in self._read_afresh(user, request.include_closed, held, navs):
-            yield shown  # the snapshot
+        async for proto in self._read_afresh(user, shown, navs):
+            yield proto  # the snapshot
         while True:
             item = await subscriber.queue.get()
             if isinstance(item, FeedUnavailable):
                 raise item
             if subscriber.lost:  # updates were dropped for a slow reader
                 subscriber.lost = False
-                async for shown in self._read_afresh(user, request.include_closed, held, navs):
-                    yield shown
+                async for proto in self._read_afresh(user, shown, navs):
+                    yield proto
             if isinstance(item, orders_pb2.OrderEvent):
                 changed = await self._changed_position(user, item)
-                if changed is None or held.get(changed.position_id) == changed:
+                if changed is None or not shown.changed(changed):
                     continue  # the snapshot above, or an earlier event, had it
-                if changed.position_id not in held and not (
+                if changed.position_id not in shown.held and not (
                     request.include_closed or changed.units > 0 or changed.ts_opened_ns >= started
                 ):
                     continue  # opened and closed before the snapshot (a late or repeated event)
-                held[changed.position_id] = changed
+                shown.show(changed)
                 if changed.product not in navs:  # a product the stream had not valued yet
                     navs.update(await self._navs({changed.product}))
                 yield changed.to_proto(navs.get(changed.product))
             elif isinstance(item, nav_pb2.NavUpdated):
                 navs[item.product] = Decimal(item.nav)
-                for position in held.values():
+                for position in shown.held.values():
                     if position.product == item.product and position.units > 0:
                         yield position.to_proto(navs[item.product])
 
     async def _read_afresh(
-        self,
-        user: str,
-        include_closed: bool,
-        held: dict[str, PositionState],
-        navs: dict[str, Decimal | None],
+        self, user: str, shown: ShownPositions, navs: dict[str, Decimal | None]
     ) -> AsyncIterator[gateway_pb2.Position]:
         """Every position the stream shows or should show, read again (with the NAVs);
-        those it does not hold as they are now are shown (all of them, for the first
-        snapshot). `held` and `navs` are updated in place."""
-        current = {p.position_id: p for p in await self._positions(user, include_closed)}
-        for pid, position in held.items():
+        those it has not shown as they are now are shown (all of them, for the first
+        snapshot). `shown` and `navs` are updated in place."""
+        current = {p.position_id: p for p in await self._positions(user, shown.include_closed)}
+        for pid, position in shown.held.items():
             if pid not in current:  # closed since: a listing of open ones leaves it out
                 again = await self._position(user, self.products[position.product][0], pid)
                 if again is not None:
                     current[pid] = again
         navs.update(await self._navs({p.product for p in current.values()}))
-        for pid, position in current.items():
-            if held.get(pid) != position:
-                held[pid] = position
+        for position in current.values():
+            if shown.changed(position):
+                shown.show(position)
                 yield position.to_proto(navs.get(position.product))
 
     async def _changed_position(

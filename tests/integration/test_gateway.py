@@ -550,6 +550,83 @@ async def test_a_slow_position_stream_that_lost_an_order_reads_its_positions_afr
     await updates.aclose()
 
 
+async def test_a_stream_of_open_positions_forgets_those_it_showed_closed(env: Env) -> None:
+    """Shown closed once, a position leaves a stream of open positions: a late copy of its
+    event shows nothing, and a re-read after a loss does not read it again (a stream open
+    for days held, and re-read one by one, every position it had seen close)."""
+    await env.set_nav(PRODUCT, NAV)
+    gone = [await env.open(f"gone-{i}") for i in range(3)]
+    subscriber = Subscriber(None, "alice", Updates(16))
+    request = gateway_pb2.StreamPositionsRequest()
+    updates = env.server.gateway._position_updates("alice", request, subscriber)
+    snapshot = [(await anext(updates)).position_id for _ in gone]
+    assert sorted(snapshot) == sorted(o.position_id for o in gone)
+    for i, opened in enumerate(gone):
+        await env.stub.ClosePosition(
+            gateway_pb2.ClosePositionRequest(
+                client_order_id=f"gone-close-{i}", position_id=opened.position_id, all=True
+            ),
+            metadata=ALICE,
+        )
+    kept = await env.open("kept")
+    events = await env.events(7)
+    closes = [e for e in events if e.WhichOneof("event") == "closed"]
+    for event in closes:
+        subscriber.offer(event)
+        shown = await asyncio.wait_for(anext(updates), 5)
+        assert (shown.position_id, shown.open) == (event.closed.position_id, False)
+    subscriber.offer(closes[0])  # a late copy: nothing to show
+    subscriber.offer(events[-1])  # kept's open
+    assert (await asyncio.wait_for(anext(updates), 5)).position_id == kept.position_id
+    gateway = env.server.gateway
+    read_one = gateway._position
+    reads: list[tuple[Any, ...]] = []
+
+    async def counted(*args: Any) -> Any:
+        reads.append(args)
+        return await read_one(*args)
+
+    gateway._position = counted  # type: ignore[method-assign]
+    subscriber.lost = True  # the next item reads the positions afresh first
+    subscriber.offer(nav_pb2.NavUpdated(event_id="n", product=PRODUCT, nav="130"))
+    shown = await asyncio.wait_for(anext(updates), 5)
+    assert (shown.position_id, shown.nav) == (kept.position_id, "130")
+    assert reads == []  # the open listing had kept; the closed ones were not looked up
+    await updates.aclose()
+
+
+async def test_a_user_holds_at_most_max_streams_per_user_streams(env: Env) -> None:
+    """Every NAV update is offered to every stream: one key's thousands of idle streams
+    made each update cost everyone. Past the limit a user's stream is RESOURCE_EXHAUSTED;
+    other users' are not, and ending one frees its place."""
+    gateway = env.server.gateway
+    gateway.settings = gateway.settings.model_copy(update={"max_streams_per_user": 2})
+    navs, positions = open_streams("nav"), open_streams("positions")
+    first = env.stub.StreamNav(gateway_pb2.StreamNavRequest(), metadata=ALICE)
+    second = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
+    await until_streams("nav", navs + 1)
+    await until_streams("positions", positions + 1)
+    for call in (
+        env.stub.StreamNav(gateway_pb2.StreamNavRequest(), metadata=ALICE),
+        env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE),
+    ):
+        async with asyncio.timeout(10):
+            code, details = await _code(call.read())
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 streams open" in details and "MAX_STREAMS_PER_USER" in details
+    bobs = env.stub.StreamNav(gateway_pb2.StreamNavRequest(), metadata=BOB)
+    await until_streams("nav", navs + 2)
+    first.cancel()
+    await until_streams("nav", navs + 1)
+    again = env.stub.StreamNav(gateway_pb2.StreamNavRequest(), metadata=ALICE)
+    await until_streams("nav", navs + 2)
+    for call in (second, bobs, again):
+        call.cancel()
+    await until_streams("nav", navs)
+    await until_streams("positions", positions)
+    assert gateway._streams == {}
+
+
 async def test_another_users_position_is_not_found(env: Env) -> None:
     await env.set_nav(PRODUCT, NAV)
     opened = await env.open("mine")

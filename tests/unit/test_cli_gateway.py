@@ -95,6 +95,8 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "amount_usdt: 5 is below the minimum order of 10",
             )
+        if request.amount_usdt == "7":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "state store unavailable: Redis is down")
         return gateway_pb2.OpenPositionReply(
             order_id=POSITION,
             position_id=POSITION,
@@ -272,6 +274,19 @@ def test_unreachable_gateway_names_the_address(cli: CliRunner) -> None:
     assert result.exit_code == 1
     line = error_line(result.stderr)
     assert line.startswith("error: UNAVAILABLE: cannot reach the gateway at 127.0.0.1:1")
+
+
+def test_a_gateway_that_answers_unavailable_is_not_called_unreachable(
+    cli: CliRunner, fake: tuple[FakeGateway, str]
+) -> None:
+    """The gateway's own UNAVAILABLE (its Redis or Kafka down, a busy product) was worded
+    "cannot reach the gateway at ...": the user checked an address that was fine."""
+    result = cli.invoke(app, ["open", "BTC-USDT:LONG", "7"])
+    assert result.exit_code == 1
+    assert error_line(result.stderr) == (
+        "error: UNAVAILABLE: state store unavailable: Redis is down "
+        f"(the gateway at {fake[1]} answered)"
+    )
 
 
 def test_open_sends_the_order_and_prints_the_receipt(

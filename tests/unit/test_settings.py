@@ -40,6 +40,16 @@ def test_keepalive_times_are_whole_seconds_or_more(
         GatewaySettings()
 
 
+def test_the_transport_limit_is_one_grpc_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC takes a 32-bit message size: a larger one passed the settings, then stopped
+    the gateway with a traceback (OverflowError) as its server was built."""
+    monkeypatch.setenv("SMARTLEV_GATEWAY_TRANSPORT_MAX_BYTES", str(2**31))
+    with pytest.raises(ValidationError, match="transport_max_bytes"):
+        GatewaySettings()
+    monkeypatch.setenv("SMARTLEV_GATEWAY_TRANSPORT_MAX_BYTES", str(2**31 - 1))
+    assert GatewaySettings().transport_max_bytes == 2**31 - 1
+
+
 def test_a_grace_period_may_be_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SMARTLEV_GATEWAY_GRACE_S", "0")
     monkeypatch.setenv("SMARTLEV_GATEWAY_HEALTH_INTERVAL_S", "2.5")
