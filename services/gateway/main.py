@@ -166,11 +166,11 @@ def _decimal(fields: dict[str, str], name: str) -> Decimal | None:
 
 
 class ShownPositions:
-    """What a position stream has shown: the positions it holds (to show again as a NAV
-    or an order moves them) and, on a stream of open positions, the ids of those it showed
-    closed. It forgets those (units only fall: a closed position never changes again)
-    but their ids, bounded, so a late copy of their event is not shown again: a stream
-    open for days holds the positions open, not every one it saw close."""
+    """What a position stream has shown: the open positions it holds (to show again as a
+    NAV or an order moves them) and the ids of those it showed closed. It forgets a
+    position once shown closed (units only fall: it never changes again) but its id,
+    bounded, so a late copy of its event is not shown again: a stream open for days
+    holds the positions open, not every one it saw close or (`include_closed`) listed."""
 
     def __init__(self, include_closed: bool) -> None:
         self.include_closed = include_closed
@@ -184,7 +184,7 @@ class ShownPositions:
 
     def show(self, position: PositionState) -> None:
         pid = position.position_id
-        if position.units > 0 or self.include_closed:
+        if position.units > 0:
             self.held[pid] = position
             return
         self.held.pop(pid, None)
