@@ -35,7 +35,7 @@ from shared.core.events import (
 )
 from shared.core.leverage import LeverageConfig
 from shared.core.market import FundingRate, Tick
-from shared.core.money import USDT_QUANTUM, ZERO
+from shared.core.money import NAV_QUANTUM, USDT_QUANTUM, ZERO
 from shared.core.products import SIDES, product_id
 from shared.stream import is_new, parse_market
 from shared.wire import decision
@@ -148,11 +148,15 @@ def order_step(message: orders_pb2.OrderEvent, products: Mapping[str, str]) -> O
         if units <= 0:
             raise ValueError(f"units: must be > 0, got {units}")
     nav = optional_decimal_from_wire(order.nav, name="nav")
-    if nav is not None and nav <= 0:
-        raise ValueError(f"nav: must be > 0, got {nav}")
+    if nav is not None and not (nav >= NAV_QUANTUM and nav % NAV_QUANTUM == 0):
+        # The books issue and redeem at it: a NAV finer than the books keep it issued
+        # ~1e40 units for 10 USDT (an insured floor the fund paid, then a symbol halted)
+        raise ValueError(f"nav: must be a positive multiple of {NAV_QUANTUM}, got {nav}")
     symbol = products.get(order.product)
     if symbol is None:
         raise ValueError(f"unknown product {order.product!r}")
+    if order.ts_event_ns <= 0:  # the venue refuses it: past the transfer, the symbol halted
+        raise ValueError(f"ts_event_ns: must be > 0, got {order.ts_event_ns}")
     return OrderStep(
         symbol,
         order.product,

@@ -213,6 +213,7 @@ def test_hedging_settles_an_order_exactly_as_the_gateway_quoted_it() -> None:
             amount="1234.56789",
             units=str(opened.units),
             nav=str(nav),
+            ts_event_ns=1,
         )
     )
     engine = smart_engine("BTC-USDT", config)
@@ -227,6 +228,7 @@ def test_hedging_settles_an_order_exactly_as_the_gateway_quoted_it() -> None:
             units=str(closed.units),
             nav=str(nav),
             payout=str(closed.payout),
+            ts_event_ns=2,
         )
     )
     step = order_step(close, products)

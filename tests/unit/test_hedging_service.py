@@ -187,7 +187,9 @@ def test_orders_to_core_are_exact(amount: Decimal) -> None:
     )
     assert step.event_id == "BTC-USDT:order:o1"
     closed = orders_pb2.OrderEvent(
-        closed=orders_pb2.PositionClosed(event_id="c1", product=LONG, units=str(amount))
+        closed=orders_pb2.PositionClosed(
+            event_id="c1", product=LONG, units=str(amount), ts_event_ns=5
+        )
     )
     assert order_step(closed, PRODUCTS).units == amount
 
@@ -232,6 +234,32 @@ def test_orders_to_core_are_exact(amount: Decimal) -> None:
                 )
             ),
             "at most 1,000,000,000",
+        ),
+        (  # the venue refuses it: past the transfer, the symbol halted (after restarts too)
+            orders_pb2.OrderEvent(
+                opened=orders_pb2.PositionOpened(event_id="x", product=LONG, amount="10")
+            ),
+            "ts_event_ns: must be > 0",
+        ),
+        (  # finer than the books keep a NAV: ~1e40 units for 10 USDT, the fund paying
+            orders_pb2.OrderEvent(
+                opened=orders_pb2.PositionOpened(
+                    event_id="x",
+                    product=LONG,
+                    amount="10",
+                    nav="0." + "0" * 39 + "1",
+                    ts_event_ns=1,
+                )
+            ),
+            "nav: must be a positive multiple of",
+        ),
+        (
+            orders_pb2.OrderEvent(
+                closed=orders_pb2.PositionClosed(
+                    event_id="x", product=LONG, units="1", nav="100.000000001", ts_event_ns=1
+                )
+            ),
+            "nav: must be a positive multiple of",
         ),
     ],
 )
