@@ -368,13 +368,7 @@ class Engine:
             held = max(book.equity(price) - cost, book.equity_floor)
             if held <= 0:
                 return ZERO
-            wanted = to_step(per_equity * held, lot)
-            # at the mark: equity held + q (mark - price) must hold |q| mark at `at_mark`
-            against = self.mark - price if wanted > 0 else price - self.mark
-            if against < 0 and wanted:
-                cap = at_mark * held / (self.mark - at_mark * against)
-                wanted = min(abs(wanted), to_step(cap, lot)) * (1 if wanted > 0 else -1)
-            return wanted
+            return self._held_at_mark(to_step(per_equity * held, lot), held, at_mark)
 
         wanted = affordable(book.qty)
         wanted = affordable(wanted) if wanted != book.qty else wanted
@@ -388,6 +382,17 @@ class Engine:
                 low, high = (middle, high) if abs(affordable(size)) >= abs(size) else (low, middle)
             wanted = low * lot * (1 if wanted > 0 else -1)
         return wanted
+
+    def _held_at_mark(self, qty: Decimal, equity: Decimal, leverage: Decimal) -> Decimal:
+        """`qty`, cut where the mark is the worse price to what `equity` holds at
+        `leverage` at the mark too: `equity + qty (mark - price)` must hold `|qty| mark`.
+        Sized at the last trade alone, a 5x long rebuilt at a print twice the mark was
+        insolvent at the mark, and the next tick liquidated the account."""
+        against = self.mark - self.price if qty > 0 else self.price - self.mark
+        if against >= 0 or not qty:
+            return qty
+        cap = to_step(leverage * equity / (self.mark - leverage * against), self.spec.lot_step)
+        return min(abs(qty), cap) * (1 if qty > 0 else -1)
 
     def _rebuild(self, product: str, ts_ns: int, events: list[object]) -> None:
         """The product built anew at the leverage its controller models, as an emergency
@@ -461,6 +466,7 @@ class Engine:
             if equity > 0:
                 at = self.targets[product] if leverage is None else leverage
                 wanted = to_step(book.side * at * equity / price, self.spec.lot_step)
+                wanted = self._held_at_mark(wanted, equity, at)
             if wanted != book.qty:
                 changes.append(PositionChange(product, wanted - book.qty))
         if changes:

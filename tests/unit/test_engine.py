@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from shared.core.accounting import BooksOutOfBalance, ProductBook, redeem_terms
@@ -920,6 +920,7 @@ wick_steps = st.lists(
 
 @PROPERTY
 @given(wick_steps)
+@example([(-0.015625, None), (-0.015625, 1.0), (0.0, None)])  # liquidated, sized at the print
 def test_nav_stays_positive_when_the_last_trade_wicks_away_from_the_mark(
     steps: list[tuple[float, float | None]],
 ) -> None:
@@ -927,7 +928,9 @@ def test_nav_stays_positive_when_the_last_trade_wicks_away_from_the_mark(
     value every product at that print: at 330 against a mark of 100 a 3x short's NAV
     was -590 unless the fund advanced it to its floor (`Books.advance_floor`). Both
     sides, ticks whose last trade equals the mark and ticks whose does not, the NAV
-    shown is above zero after every one, and the books balance (checked on every call)."""
+    shown is above zero after every one, the venue never liquidates the account (a
+    rebalance sized at a print twice the mark was insolvent at the mark), and the books
+    balance (checked on every call)."""
     config = levered_config()
     signals, strategy = smart_run(config)
     engine = strategy.engine
@@ -942,6 +945,7 @@ def test_nav_stays_positive_when_the_last_trade_wicks_away_from_the_mark(
         strategy.on_tick(market, signals.on_tick(market.ts_ns, market.price))
         for product in (LONG, SHORT):
             assert engine.nav(product) > 0, (i, product, trade, marked, engine.nav(product))
+        assert engine.venue.liquidations == 0, (i, trade, marked)
     engine.books.check_balanced(engine.venue, engine.price)
 
 
