@@ -182,11 +182,13 @@ class PerpVenue:
         buying = qty > 0
         shift = reference * cost_bps * BPS
         raw = reference + shift if buying else reference - shift
-        if raw <= 0:  # a sell so large its impact passes the price: no such fill
+        price = price_against(raw, self.spec.price_tick, buying)
+        if price <= 0:  # a sell so large its impact passes the price, or under one tick
             raise MoneyError(
-                f"selling {-qty} at {reference} would fill at {raw:.2f}: the order is too large"
+                f"selling {-qty} at {reference} would fill at {price} (tick "
+                f"{self.spec.price_tick}): no such fill"
             )
-        return price_against(raw, self.spec.price_tick, buying)
+        return price
 
     def quote(
         self,

@@ -47,6 +47,16 @@ def test_taker_price_rounds_to_tick_against_the_trader() -> None:
     assert v.fill_price(D(-10), D(50000), Liquidity.TAKER) == D(49992)
 
 
+@pytest.mark.parametrize("reference", ["0.05", "0.1"])
+def test_a_sell_that_would_fill_under_one_tick_is_refused(reference: str) -> None:
+    """Rounded down to the tick against the seller, a sell at 0.05 (tick 0.1) filled at 0:
+    the position given away. At one tick its spread and impact take it under too."""
+    v = venue()
+    with pytest.raises(MoneyError, match="no such fill"):
+        v.fill_price(D(-1), D(reference), Liquidity.TAKER)
+    assert v.fill_price(D(-1), D("0.2"), Liquidity.TAKER) == D("0.1")
+
+
 def test_taker_price_irrational_impact() -> None:
     # 2 BTC at 60000: notional 120000; /50e6 = 0.0024; sqrt = 0.048989794855..;
     # impact 0.48989794855.. bps; total 0.98989794855.. bps;
