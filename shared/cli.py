@@ -47,6 +47,7 @@ from shared.backtest import run_backtest, write_metrics, write_nav_csv
 from shared.chart import nav_chart
 from shared.core.accounting import MAX_DEPOSIT
 from shared.core.config import StrategyConfig
+from shared.serving import SERVER_ANSWERED
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -278,13 +279,15 @@ def rpc_error_line(exc: grpc.RpcError, server: str) -> str:
     details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
     name = code.name if code is not None else "UNKNOWN"
     if code is grpc.StatusCode.UNAVAILABLE:
-        # The transport's (gRPC core's wording) or the gateway's own (its Redis or Kafka
-        # is down, a product is busy): only the first means the address is wrong or down.
-        unreached = details.startswith(("failed to connect", "DNS resolution failed"))
+        # The gateway's own (its Redis or Kafka down, a product busy: it marks what it
+        # sends) or the transport's (no connection, or one lost mid-call: an order's
+        # outcome then unknown, a retry with the same client order id settles it)
+        trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+        answered = any(tuple(item) in SERVER_ANSWERED for item in trailing or ())
         details = (
-            f"cannot reach the gateway at {server} ({details})"
-            if unreached
-            else f"{details} (the gateway at {server} answered)"
+            f"{details} (the gateway at {server} answered)"
+            if answered
+            else f"cannot reach the gateway at {server}, or lost the connection ({details})"
         )
     return f"{name}: {details}"
 

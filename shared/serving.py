@@ -16,6 +16,10 @@ from shared.heap import freeze_heap
 from shared.logging import configure_logging, get_logger
 from shared.settings import ServiceSettings
 
+# Trailing metadata on every status a service sends itself: a client tells the server's
+# own UNAVAILABLE (its store down, busy) from the transport's (no connection, one lost).
+SERVER_ANSWERED = (("smartlev-answered", "1"),)
+
 
 class Rejected(Exception):
     """A request refused before anything changed: the status code and what is wrong."""

@@ -71,13 +71,16 @@ from shared.core.products import SIDES, product_id
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.logging import get_logger
 from shared.redis_store import ApplyStatus
-from shared.serving import Rejected, grpc_server, listen, run
+from shared.serving import SERVER_ANSWERED, Rejected, grpc_server, listen, run
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
 from shared.wire import known_regime_name
 
 SERVICE_NAME = "smartlev.v1.Gateway"
 OWNERS_CACHED = 100_000  # (user, position id) -> product entries kept in memory
-CLOSED_REMEMBERED = 4096  # per stream of open positions: ids it showed closed
+CLOSED_REMEMBERED = 4096  # per position stream: ids it showed closed
+# A position another gateway closed is stamped by that gateway's clock: a re-read shows
+# again what closed this long before the previous listing (a clock ahead of ours).
+CLOCKS_APART_NS = 60 * 10**9
 T = TypeVar("T")
 R = TypeVar("R", bound=Message)
 Q = TypeVar("Q", bound="Quote")
@@ -149,6 +152,14 @@ def _fail(code: grpc.StatusCode, message: str) -> NoReturn:
     raise Rejected(code, message)
 
 
+async def _abort(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
+) -> NoReturn:
+    """End the call with `code`, marked as the gateway's own answer (SERVER_ANSWERED)."""
+    await context.abort(code, message, trailing_metadata=SERVER_ANSWERED)
+    raise AssertionError("context.abort() raises")  # its stub does not say NoReturn
+
+
 def _wire_texts(**figures: Decimal) -> dict[str, str]:
     """Exact decimals as the wire carries them: plain notation ("0.00000000", not "0E-8",
     which every reader's decimal_from_wire refuses)."""
@@ -176,11 +187,23 @@ class ShownPositions:
         self.include_closed = include_closed
         self.held: dict[str, PositionState] = {}
         self._closed: dict[str, None] = {}
+        self.listed_ns = 0  # when the last listing began (0: none yet)
 
     def changed(self, position: PositionState) -> bool:
         """Whether the stream has not shown `position` as it is."""
         pid = position.position_id
         return self.held.get(pid) != position and pid not in self._closed
+
+    def listed_before(self, position: PositionState) -> bool:
+        """Whether a listing before showed `position` closed (or, of open positions, left
+        it out as closed): it closed before that listing began, and the stream did not
+        hold it open since. A re-read of a user's whole history (`include_closed`) shows
+        those again otherwise, once their ids fell out of the remembered ones."""
+        return (
+            position.units == 0
+            and position.position_id not in self.held
+            and 0 < position.ts_closed_ns < self.listed_ns - CLOCKS_APART_NS
+        )
 
     def show(self, position: PositionState) -> None:
         pid = position.position_id
@@ -235,14 +258,16 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         user = None if key is None else self.keys.user_for(key)
         if user is None:
             why = "missing" if key is None else "unknown"
-            await context.abort(
+            await _abort(
+                context,
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"{why} API key: send metadata 'authorization: Bearer <api key>'",
             )
         assert user is not None
         size, limit = request.ByteSize(), self.settings.max_message_bytes
         if size > limit:
-            await context.abort(
+            await _abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"request is {size:,} bytes, over the gateway's limit of {limit:,}",
             )
@@ -265,7 +290,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             result = replay.reply
         except Rejected as exc:
             _requests(rpc, exc.code.name).inc()
-            await context.abort(exc.code, str(exc))
+            await _abort(context, exc.code, str(exc))
         except (RedisError, OSError) as exc:
             await self._unavailable(rpc, context, exc)
         _requests(rpc, outcome).inc()
@@ -278,8 +303,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         _requests(rpc, "UNAVAILABLE").inc()
         log.error("gateway_unavailable", rpc=rpc, error=f"{type(exc).__name__}: {exc}")
         what = "stream feed" if isinstance(exc, FeedUnavailable) else "state store"
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{what} unavailable: {exc}")
-        raise AssertionError("context.abort() raises")  # its stub does not say NoReturn
+        await _abort(context, grpc.StatusCode.UNAVAILABLE, f"{what} unavailable: {exc}")
 
     def _product(self, name: str) -> tuple[str, Side]:
         if not name:
@@ -710,7 +734,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         open_now = self._streams.get(user, 0)
         if open_now >= self.settings.max_streams_per_user:
             _requests(rpc, "RESOURCE_EXHAUSTED").inc()
-            await context.abort(
+            await _abort(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this user has {open_now} streams open on this gateway, the most it takes "
                 "(SMARTLEV_GATEWAY_MAX_STREAMS_PER_USER); end one first",
@@ -733,9 +758,9 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             try:
                 self._product(name)
             except Rejected as exc:
-                await context.abort(exc.code, str(exc))
+                await _abort(context, exc.code, str(exc))
         if self.feed is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "stream feed not running")
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "stream feed not running")
         assert self.feed is not None
         try:
             async with (
@@ -757,7 +782,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.Position]:
         user = await self._caller(request, context)
         if self.feed is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "stream feed not running")
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "stream feed not running")
         assert self.feed is not None
         try:
             async with (
@@ -811,6 +836,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         """Every position the stream shows or should show, read again (with the NAVs);
         those it has not shown as they are now are shown (all of them, for the first
         snapshot). `shown` and `navs` are updated in place."""
+        began = time.time_ns()
         current = {p.position_id: p for p in await self._positions(user, shown.include_closed)}
         for pid, position in shown.held.items():
             if pid not in current:  # closed since: a listing of open ones leaves it out
@@ -818,10 +844,11 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 if again is not None:
                     current[pid] = again
         navs.update(await self._navs({p.product for p in current.values()}))
-        for position in current.values():
-            if shown.changed(position):
-                shown.show(position)
-                yield position.to_proto(navs.get(position.product))
+        fresh = [p for p in current.values() if shown.changed(p) and not shown.listed_before(p)]
+        shown.listed_ns = began
+        for position in fresh:
+            shown.show(position)
+            yield position.to_proto(navs.get(position.product))
 
     async def _changed_position(
         self, user: str, event: orders_pb2.OrderEvent

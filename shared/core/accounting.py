@@ -47,7 +47,11 @@ MAX_DEPOSIT = Decimal(10**9)
 class AccountingConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    initial_nav: Decimal = Field(Decimal("100"), gt=0, description="NAV of a product's first unit.")
+    # A whole number of NAV quanta: the gateway settles the first orders at it, and the
+    # books refuse a quoted NAV finer than they keep one (services/hedging/messages.py).
+    initial_nav: Decimal = Field(
+        Decimal("100"), gt=0, decimal_places=8, description="NAV of a product's first unit."
+    )
     open_fee: Decimal = Field(Decimal("0.001"), ge=0, lt=1, description="Fee rate on deposits.")
     close_fee: Decimal = Field(Decimal("0.001"), ge=0, lt=1, description="Fee rate on payouts.")
     management_fee: Decimal = Field(

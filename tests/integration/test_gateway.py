@@ -30,6 +30,7 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
+import services.gateway.main as gateway_main
 from services.gateway.config import GatewaySettings
 from services.gateway.feeds import Subscriber, Updates
 from services.gateway.ledger import Settled, Snapshot
@@ -43,6 +44,7 @@ from shared.codec import decimal_from_wire, decode
 from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.config import StrategyConfig
 from shared.redis_store import ApplyStatus
+from shared.serving import SERVER_ANSWERED
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
 from tests.integration.serving import refused_start
 from tests.nav_marks import nav_hash
@@ -592,6 +594,39 @@ async def test_a_stream_of_open_positions_forgets_those_it_showed_closed(env: En
     shown = await asyncio.wait_for(anext(updates), 5)
     assert (shown.position_id, shown.nav) == (kept.position_id, "130")
     assert reads == []  # the open listing had kept; the closed ones were not looked up
+    await updates.aclose()
+
+
+async def test_a_stream_of_all_positions_shows_its_history_once_across_losses(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream of all positions lists the user's history at its start and at each re-read
+    after a loss. Once more closed positions had been shown than their remembered ids,
+    every re-read showed the whole history again (and a reader that slow lost updates
+    again). History is shown once; what the listing brings after is new."""
+    monkeypatch.setattr(gateway_main, "CLOSED_REMEMBERED", 2)  # fewer than the history
+    monkeypatch.setattr(gateway_main, "CLOCKS_APART_NS", 0)  # one gateway: one clock
+    await env.set_nav(PRODUCT, NAV)
+    history = []
+    for i in range(4):
+        opened = await env.open(f"old-{i}")
+        await env.stub.ClosePosition(
+            gateway_pb2.ClosePositionRequest(
+                client_order_id=f"old-close-{i}", position_id=opened.position_id, all=True
+            ),
+            metadata=ALICE,
+        )
+        history.append(opened.position_id)
+    subscriber = Subscriber(None, "alice", Updates(16))
+    request = gateway_pb2.StreamPositionsRequest(include_closed=True)
+    updates = env.server.gateway._position_updates("alice", request, subscriber)
+    assert sorted([(await anext(updates)).position_id for _ in history]) == sorted(history)
+    for _ in range(2):  # two re-reads after losses
+        subscriber.lost = True
+        subscriber.offer(nav_pb2.NavUpdated(event_id="n", product=PRODUCT, nav="130"))
+    fresh = await env.open("fresh")
+    subscriber.offer((await env.events(9))[-1])  # its open
+    assert (await asyncio.wait_for(anext(updates), 5)).position_id == fresh.position_id
     await updates.aclose()
 
 
@@ -1220,11 +1255,15 @@ async def test_an_order_the_ledger_keeps_moving_under_is_unavailable_to_retry(
         return settled
 
     monkeypatch.setattr(ledger, "settle", someone_else_first)
-    got, details = await _code(env.open("contended"))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await env.open("contended")
+    got, details = refused.value.code(), refused.value.details() or ""
     assert (got, "retry with the same client_order_id" in details) == (
         grpc.StatusCode.UNAVAILABLE,
         True,
     )
+    # marked as the gateway's own (a client tells it from a lost connection: shared/cli.py)
+    assert set(SERVER_ANSWERED) <= set(refused.value.trailing_metadata() or ())
     position = ledger.position_key("BTC-USDT", order_id("alice", "contended"))
     assert not await env.redis.exists(position)  # nothing settled ...
     assert await env.redis.hgetall(ledger.ledger_key("BTC-USDT")) == books

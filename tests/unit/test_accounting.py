@@ -13,6 +13,7 @@ import pytest
 from hypothesis import event as note
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from shared.core.accounting import AccountingConfig, Books, BooksOutOfBalance
 from shared.core.events import (
@@ -442,3 +443,13 @@ def test_books_snapshot_round_trip() -> None:
     assert restored.snapshot() == snapshot
     assert restored.products == b.products
     assert restored.products[SHORT].side is Side.SHORT
+
+
+def test_the_first_nav_is_a_whole_number_of_nav_quanta() -> None:
+    """The gateway settles a product's first orders at `initial_nav`, and hedging refuses a
+    quoted NAV finer than 1e-8: a finer one configured had every first order refused."""
+    assert AccountingConfig(initial_nav=Decimal("100.00000001")).initial_nav == Decimal(
+        "100.00000001"
+    )
+    with pytest.raises(ValidationError, match="initial_nav"):
+        AccountingConfig(initial_nav=Decimal("100.000000001"))

@@ -23,6 +23,7 @@ from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2
 from typer.testing import CliRunner
 
 from shared.cli import app
+from shared.serving import SERVER_ANSWERED
 
 KEY = "test-key"
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,8 +96,11 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "amount_usdt: 5 is below the minimum order of 10",
             )
-        if request.amount_usdt == "7":
+        if request.amount_usdt == "7":  # as the gateway sends its own: marked
+            context.set_trailing_metadata(SERVER_ANSWERED)
             context.abort(grpc.StatusCode.UNAVAILABLE, "state store unavailable: Redis is down")
+        if request.amount_usdt == "8":  # a proxy's or a dying server's: not marked
+            context.abort(grpc.StatusCode.UNAVAILABLE, "Stream removed")
         return gateway_pb2.OpenPositionReply(
             order_id=POSITION,
             position_id=POSITION,
@@ -280,12 +284,19 @@ def test_a_gateway_that_answers_unavailable_is_not_called_unreachable(
     cli: CliRunner, fake: tuple[FakeGateway, str]
 ) -> None:
     """The gateway's own UNAVAILABLE (its Redis or Kafka down, a busy product) was worded
-    "cannot reach the gateway at ...": the user checked an address that was fine."""
+    "cannot reach the gateway at ...": the user checked an address that was fine. One
+    the gateway did not mark (a connection lost mid-call) must not read as its answer:
+    an order's outcome is then unknown."""
     result = cli.invoke(app, ["open", "BTC-USDT:LONG", "7"])
     assert result.exit_code == 1
     assert error_line(result.stderr) == (
         "error: UNAVAILABLE: state store unavailable: Redis is down "
         f"(the gateway at {fake[1]} answered)"
+    )
+    result = cli.invoke(app, ["open", "BTC-USDT:LONG", "8"])
+    assert error_line(result.stderr) == (
+        f"error: UNAVAILABLE: cannot reach the gateway at {fake[1]}, or lost the "
+        "connection (Stream removed)"
     )
 
 
