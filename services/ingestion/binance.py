@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from services.ingestion.validation import refuse_price
 from shared.core.market import FundingRate, Tick
 
 NS_PER_MS = 1_000_000
@@ -127,8 +128,9 @@ def parse(message: object, symbol: str) -> TradeObserved | MarkObserved:
         rate = _decimal(data, "r") if data.get("r") not in (None, "") else None
         next_ns = _ms(data, "T") if data.get("T") not in (None, 0) else None
         mark = _decimal(data, "p")
-        if mark <= 0:  # kept, it would refuse every trade after it (not_positive mark)
-            raise FeedError(f"field 'p' (mark price) must be > 0, got {mark}")
+        refused = refuse_price(mark, "field 'p' (mark price)")
+        if refused is not None:  # kept, it would have every trade after it refused
+            raise FeedError(refused.detail)
         return MarkObserved(_ms(data, "E"), mark, rate, next_ns)
     return TradeObserved(_ms(data, "T"), _decimal(data, "p"))
 
@@ -199,7 +201,11 @@ class BinanceFeed:
             marked = feed.mark_ns
             fresh = marked is not None and observed.ts_ns - marked <= MARK_MAX_AGE_NS
             out.append(Tick(self.symbol, ts_ns, observed.price, feed.mark if fresh else None))
-            return replace(feed, last_trade_ns=ts_ns), out
+            # a late trade (the validator refuses it) must not take the time back
+            return replace(feed, last_trade_ns=max(ts_ns, self.last_trade_ns or ts_ns)), out
+        if observed.ts_ns > received_ns + MAX_AHEAD_NS:  # never stale: carried for good
+            ahead_s = (observed.ts_ns - received_ns) / 1e9
+            raise FeedError(f"mark time is {ahead_s:,.0f} s ahead of the clock")
         feed = self
         announced = observed.next_funding_ns
         if (

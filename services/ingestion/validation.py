@@ -118,8 +118,8 @@ def _number(value: object, name: str) -> Rejected | None:
     return None if beyond is None else Rejected(Reason.OUT_OF_BOUNDS, beyond)
 
 
-def _positive(value: object, name: str) -> Rejected | None:
-    """A price: a number > 0, at most MAX_MARKET_PRICE."""
+def refuse_price(value: object, name: str) -> Rejected | None:
+    """A price: a number > 0, at most MAX_MARKET_PRICE, that the wire carries."""
     bad = _number(value, name)
     if bad is None and isinstance(value, Decimal):
         if value <= 0:
@@ -144,9 +144,9 @@ def check(event: object) -> Rejected | None:
         if bad is None and (beyond := funding_rate_problem(event.rate)) is not None:
             bad = Rejected(Reason.OUT_OF_BOUNDS, beyond)
         return bad
-    bad = _positive(event.price, "price")
+    bad = refuse_price(event.price, "price")
     if bad is None and event.mark_price is not None:
-        bad = _positive(event.mark_price, "mark_price")
+        bad = refuse_price(event.mark_price, "mark_price")
     return bad
 
 

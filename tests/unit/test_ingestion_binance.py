@@ -111,11 +111,12 @@ def test_a_moved_schedule_drops_a_funding_whose_time_has_not_come() -> None:
     then, and each of them refused as not moving forward."""
     feed, _ = BinanceFeed("BTC-USDT").on_message(MARK_UPDATE, RECEIVED)
     an_hour_before = 1717200000000 * MS - 3600 * 10**9
-    moved, out = feed.on_message(MARK_NEXT, an_hour_before)
+    moved, out = feed.on_message(_with(MARK_NEXT, E=an_hour_before // MS), an_hour_before)
     assert out == []
     assert (moved.pending_at_ns, moved.pending_rate) == (1717228800000 * MS, Decimal("0.00007431"))
     # at the drift allowed past it, it had settled
-    _, out = feed.on_message(MARK_NEXT, 1717200000000 * MS - MAX_AHEAD_NS)
+    drift_before = 1717200000000 * MS - MAX_AHEAD_NS
+    _, out = feed.on_message(_with(MARK_NEXT, E=drift_before // MS), drift_before)
     assert [f.ts_ns for f in out if isinstance(f, FundingRate)] == [1717200000000 * MS]
 
 
@@ -142,6 +143,10 @@ def _with(payload: str, **changes: object) -> dict[str, object]:
         (_with(MARK_UPDATE, E="1717199999000"), "positive integer of ms"),
         (_with(MARK_UPDATE, p="0"), r"mark price\) must be > 0, got 0"),
         (_with(MARK_UPDATE, p="-1.5"), r"mark price\) must be > 0, got -1.5"),
+        # kept, each would have every trade after it refused (the mark goes with them)
+        (_with(MARK_UPDATE, p="42000.1000000000001"), "decimal places"),
+        (_with(MARK_UPDATE, p="1" + "0" * 15), r"mark price\)"),
+        (_with(MARK_UPDATE, E=1717200005000 + 120_000), "mark time is 120 s ahead"),
     ],
 )
 def test_malformed_messages_raise_with_the_reason(message: object, reason: str) -> None:
@@ -158,6 +163,21 @@ def test_a_trade_stamped_past_the_clocks_drift_is_refused() -> None:
         feed.on_message(AGG_TRADE, stamped - MAX_AHEAD_NS - 1_000_000_000)
     _, out = feed.on_message(AGG_TRADE, stamped - MAX_AHEAD_NS)  # at the drift allowed
     assert [e.ts_ns for e in out] == [stamped]
+
+
+def test_a_late_trade_does_not_take_the_feeds_time_back() -> None:
+    """A trade a millisecond late (the validator refuses it) set the feed's last trade
+    time back: the next trades of the millisecond before were stamped again as the ones
+    already published, and refused as not moving forward."""
+    feed = BinanceFeed("BTC-USDT")
+    stamped: list[int] = []
+    for ms in (120, 120, 119, 120, 120, 121):
+        trade = _with(AGG_TRADE, T=1717200000000 + ms)
+        feed, out = feed.on_message(trade, RECEIVED)
+        stamped += [e.ts_ns for e in out if isinstance(e, Tick)]
+    first = 1717200000120 * MS
+    # the late one keeps its own stamp (the validator refuses it); the others go forward
+    assert stamped == [first, first + 1, first - MS, first + 2, first + 3, first + MS]
 
 
 def test_zero_and_negative_prices_parse_and_are_left_to_the_validator() -> None:
