@@ -37,6 +37,7 @@ from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2
 from shared.adapters.market_data import (
     DataError,
     LoadReport,
+    check_covered,
     check_marks_match,
     load_bars,
     load_funding,
@@ -139,6 +140,7 @@ def backtest(
         if marks:
             mark_prices, marks_report = load_marks_reported(marks, start_ns=start_ns, end_ns=end_ns)
             check_marks_match(bars, mark_prices, str(marks))
+        check_covered(bars, interval, mark_prices, str(marks), rates, str(funding))
     except DataError as exc:
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

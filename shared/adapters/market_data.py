@@ -382,6 +382,34 @@ def load_marks_reported(
 MAX_MEDIAN_MARK_DEVIATION = Decimal("0.05")
 
 
+def check_covered(
+    bars: Sequence[Bar],
+    interval_ns: int,
+    marks: Mapping[int, Decimal] | None,
+    marks_name: str,
+    rates: Sequence[FundingRate] | None,
+    funding_name: str,
+) -> None:
+    """DataError if the marks or the funding stop short of the bars: a file cut off inside
+    the window (a download that stopped) left every tick after its end with the last
+    mark, frozen for months (the risk rules and the venue's liquidation read it), or no
+    funding paid, with nothing said. The last mark must be of the last bar or the one
+    before; the settlement due after the last one must fall after the last bar closes."""
+    if not bars:
+        return
+    last_ns = bars[-1].open_ts_ns
+    if marks and max(marks) < last_ns - interval_ns:
+        raise DataError(
+            f"{marks_name}: the marks end at {_format_ns(max(marks))}, before the bars do "
+            f"({_format_ns(last_ns)}): the file stops short of the window"
+        )
+    if rates and rates[-1].ts_ns + FUNDING_INTERVAL_NS < last_ns + interval_ns:
+        raise DataError(
+            f"{funding_name}: the funding ends at {_format_ns(rates[-1].ts_ns)}, more than "
+            f"eight hours before the bars do ({_format_ns(last_ns)}): the file stops short"
+        )
+
+
 def check_marks_match(bars: Sequence[Bar], marks: Mapping[int, Decimal], marks_name: str) -> None:
     """DataError if the marks cannot be the traded market's: the median distance from
     the bars' closes over the hours both have is above MAX_MEDIAN_MARK_DEVIATION (ETH

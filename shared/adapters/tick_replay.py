@@ -9,7 +9,6 @@ Each event gets the per-symbol `seq` (1, 2, ...) and a deterministic `event_id`.
 
 from __future__ import annotations
 
-import heapq
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +20,13 @@ from kafka import KafkaProducer
 from smartlev.v1 import market_pb2
 
 from shared import codec
-from shared.adapters.market_data import check_marks_match, load_bars, load_funding, load_marks
+from shared.adapters.market_data import (
+    check_covered,
+    check_marks_match,
+    load_bars,
+    load_funding,
+    load_marks,
+)
 from shared.backtest import market_events
 from shared.core.bars import ticks_from_bars
 from shared.core.market import NS_PER_HOUR, FundingRate, Tick
@@ -61,6 +66,7 @@ def backtest_stream(
     if marks:
         mark_prices = load_marks(marks, start_ns=start_ns, end_ns=end_ns)
         check_marks_match(bars, mark_prices, str(marks))  # as the backtest command does
+    check_covered(bars, interval_ns, mark_prices, str(marks), rates, str(funding))
     return market_events(ticks_from_bars(bars, interval_ns, mark_prices, mode=mode), rates)
 
 
@@ -83,33 +89,18 @@ class ReplaySource:
         return f"replay:{file_stem(self.symbol)}_perp_1h"
 
     def market_values(self) -> Iterator[Tick | FundingRate]:
-        """Core ticks (and funding) in time order."""
+        """Core ticks (and funding) in time order: the backtester's stream of the files
+        (`backtest_stream`; its own merge let funding run on past `end_ns` to 2023)."""
         stem = file_stem(self.symbol)
-        start, end = self.start_ns, self.end_ns
-        bars, _ = load_bars(
-            self.root / f"{stem}_perp_1h_2019_2023.csv", self.symbol, start_ns=start, end_ns=end
+        return backtest_stream(
+            self.root / f"{stem}_perp_1h_2019_2023.csv",
+            self.symbol,
+            funding=self.root / f"{stem}_funding_8h_2019_2023.csv" if self.with_funding else None,
+            marks=self.root / f"{stem}_mark_1h_2019_2023.csv" if self.with_marks else None,
+            start_ns=self.start_ns,
+            end_ns=self.end_ns,
+            mode=self.mode,
         )
-        marks = None
-        if self.with_marks:
-            marks = load_marks(
-                self.root / f"{stem}_mark_1h_2019_2023.csv", start_ns=start, end_ns=end
-            )
-        ticks = ticks_from_bars(bars, NS_PER_HOUR, marks, mode=self.mode)
-        if not self.with_funding:
-            yield from ticks
-            return
-        rates, _ = load_funding(self.root / f"{stem}_funding_8h_2019_2023.csv", self.symbol)
-        first_ts = bars[0].open_ts_ns
-        funding = (r for r in rates if r.ts_ns >= first_ts)
-        # (ts, 0=funding first on ties, 1=tick)
-        keyed_f: Iterator[tuple[int, int, int, Tick | FundingRate]] = (
-            (r.ts_ns, 0, i, r) for i, r in enumerate(funding)
-        )
-        keyed_t: Iterator[tuple[int, int, int, Tick | FundingRate]] = (
-            (t.ts_ns, 1, i, t) for i, t in enumerate(ticks)
-        )
-        for entry in heapq.merge(keyed_f, keyed_t, key=lambda e: e[:3]):
-            yield entry[3]
 
     def events(
         self, limit: int | None = None, clock_ns: Callable[[], int] = time.time_ns

@@ -25,7 +25,7 @@ from shared.adapters.market_data import (
     load_marks_reported,
     parse_timestamp,
 )
-from shared.adapters.tick_replay import backtest_stream
+from shared.adapters.tick_replay import ReplaySource, backtest_stream
 from shared.core.market import NS_PER_HOUR, Bar
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -196,6 +196,40 @@ def test_a_window_after_a_file_ends_is_an_error_not_an_empty_file(tmp_path: Path
     assert load_funding(BTC_FUNDING, "BTC-USDT", **tail)[0] == []
     with pytest.raises(DataError, match="no funding rates left"):  # one was due at 00:00
         load_funding(BTC_FUNDING, "BTC-USDT", start_ns=tail["start_ns"], end_ns=tail["end_ns"] + 1)
+
+
+def test_marks_or_funding_that_stop_inside_the_window_are_an_error(tmp_path: Path) -> None:
+    """A file cut off inside the window (a download that stopped at 2021-01-01) left the
+    last mark on 14,496 ticks while the price ran from 29k to 64k and back, or paid
+    642 settlements of 1,737, saying nothing. The whole files cover the window."""
+    for source, name in ((BTC_MARK, "marks.csv"), (BTC_FUNDING, "funding.csv")):
+        with source.open() as whole:
+            rows = [line for line in whole if line[:4] < "2021" or line.startswith("timestamp")]
+        (tmp_path / name).write_text("".join(rows))
+    window = {"start_ns": ns("2020-12-30T00:00:00Z"), "end_ns": ns("2021-06-01T00:00:00Z")}
+    whole = {"marks": BTC_MARK, "funding": BTC_FUNDING}
+    assert next(iter(backtest_stream(BTC_PERP, "BTC-USDT", **whole, **window)))
+    cut = {**whole, "marks": tmp_path / "marks.csv"}
+    with pytest.raises(DataError, match=r"the marks end at 2020-12-31T23:00:00Z, before"):
+        backtest_stream(BTC_PERP, "BTC-USDT", **cut, **window)
+    cut = {**whole, "funding": tmp_path / "funding.csv"}
+    with pytest.raises(DataError, match=r"the funding ends at 2020-12-31T16:00:00Z, more"):
+        backtest_stream(BTC_PERP, "BTC-USDT", **cut, **window)
+    # a window the cut files still cover is theirs alone
+    early = {"start_ns": ns("2020-12-01T00:00:00Z"), "end_ns": ns("2021-01-01T00:00:00Z")}
+    files = {"marks": tmp_path / "marks.csv", "funding": tmp_path / "funding.csv"}
+    assert next(iter(backtest_stream(BTC_PERP, "BTC-USDT", **files, **early)))
+
+
+def test_a_replay_source_is_the_backtest_stream_of_its_window() -> None:
+    """Its own merge let funding run on past the window's end (2,919 settlements to the
+    end of 2023 after two days of ticks)."""
+    start, end = ns("2021-05-01T00:00:00Z"), ns("2021-05-03T00:00:00Z")
+    source = ReplaySource(symbol="BTC-USDT", directory=DATA, start_ns=start, end_ns=end)
+    events = list(source.market_values())
+    assert events and all(start <= e.ts_ns < end for e in events)
+    files = {"marks": BTC_MARK, "funding": BTC_FUNDING, "start_ns": start, "end_ns": end}
+    assert events == list(backtest_stream(BTC_PERP, "BTC-USDT", **files))
 
 
 @needs_data
