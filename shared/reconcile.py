@@ -855,7 +855,13 @@ async def reconcile(
         except StateMissing as exc:
             if explicit:
                 raise
-            report.notes.append(f"{symbol}: {exc}; skipped")
+            history = kafka.replays[symbol].updates + len(kafka.orders[symbol][0])
+            if history:  # it traded: its state is lost, not yet to come
+                report.rows.append(
+                    Row("books.state", symbol, f"hedging's state of {history:,} events", str(exc))
+                )
+            else:
+                report.notes.append(f"{symbol}: {exc}; skipped")
             continue
         by_id, repeats = kafka.orders[symbol]
         part = symbol_report(config, state, by_id, repeats, kafka.replays[symbol])
@@ -927,6 +933,7 @@ class BooksMonitor:
         self.stuck_s = stuck_s
         # per symbol: the versions of a mid-event read with a difference, first seen when
         self._mid_event: dict[str, tuple[tuple[int, int], float]] = {}
+        self._had_state: set[str] = set()  # symbols whose state a read found
 
     async def check(self) -> dict[str, list[Row]]:
         """Run once; returns the confirmed differences per symbol checked. A symbol whose
@@ -952,7 +959,9 @@ class BooksMonitor:
 
     async def _held_differences(self, symbol: str) -> list[Row] | None:
         """The differences the reads that count show ([] once one balances); None: no
-        state, or no read that counts (hedging mid-event in every one)."""
+        state yet, or no read that counts (hedging mid-event in every one). A state gone
+        after a read found it raises StateMissing: lost, the books are unknown (the
+        verdict of the last read stood, "balanced", until hedging's next commit)."""
         versions = None
         evidence: list[Row] | None = None
         for read in range(self.reads):
@@ -961,7 +970,10 @@ class BooksMonitor:
             try:
                 state = await load_symbol(self.redis, self.namespace, symbol, ())
             except StateMissing:
+                if symbol in self._had_state:
+                    raise
                 return None
+            self._had_state.add(symbol)
             books, price, venue, mirror = restore(self.config, state)
             bad = [r for r in check_books(symbol, books, venue, price, mirror) if not r.ok]
             if not bad:

@@ -115,6 +115,21 @@ def test_reconcile_a_real_pipeline_then_a_tampered_minor_unit(
     verdicts = asyncio.run(_mid_event(namespace, redis_url))
     assert verdicts == [(None, 1.0), (None, 1.0), ("differs", 0.0), ("differs", 0.0)]
 
+    # Hedging's state of a symbol that traded, gone: a run over every symbol noted it as
+    # "skipped" and said the books balance (exit 0), and a monitor that had read it kept
+    # its last verdict, "balanced". Both now name it.
+    kept = f"{namespace}hedge:{{BTC-USDT}}:kept"
+    found_after_loss = asyncio.run(_monitor_losing(namespace, redis_url, state_key, kept))
+    [lost] = found_after_loss["BTC-USDT"]
+    assert lost.check == BOOKS_CHECK_FAILED and "StateMissing" in str(lost.actual)
+    redis_client.rename(state_key, kept)
+    try:
+        everything = _reconcile(namespace, kafka_bootstrap, redis_url, ())
+    finally:
+        redis_client.rename(kept, state_key)
+    assert not everything.balanced
+    assert [r.check for r in everything.differences if r.subject == "BTC-USDT"] == ["books.state"]
+
     # A symbol whose state cannot be restored stopped the check there: the symbols after
     # it went unchecked, and nothing said so. It now says why, the others are checked.
     redis_client.hset(f"{namespace}hedge:{{ETH-USDT}}:state", "engine", "{not json")
@@ -137,6 +152,22 @@ async def _monitor(
         await client.aclose()
     gauge = REGISTRY.get_sample_value
     return found, {s: gauge("smartlev_books_check_failed", {"symbol": s}) for s in symbols}
+
+
+async def _monitor_losing(namespace: str, redis_url: str, state_key: str, kept: str) -> dict:
+    """A monitor's check of BTC, then its check once hedging's state is gone (renamed to
+    `kept`, then back)."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    monitor = BooksMonitor(client, StrategyConfig(), namespace, ["BTC-USDT"], pause_s=0.05)
+    try:
+        await monitor.check()
+        await client.rename(state_key, kept)
+        try:
+            return await monitor.check()
+        finally:
+            await client.rename(kept, state_key)
+    finally:
+        await client.aclose()
 
 
 async def _mid_event(namespace: str, redis_url: str) -> list[tuple[str | None, float | None]]:
