@@ -325,24 +325,32 @@ def _redis_reply(port: int, command: bytes, host: str, timeout: float, size: int
         return sock.recv(size)
 
 
+LOADING = "loading its data"  # redis_ping's reason while a started Redis reads its files
+
+
 def redis_ping(port: int, host: str = HOST, timeout: float = 1.0) -> str | None:
-    """None if Redis answers PING with PONG, else why not."""
+    """None if Redis answers PING with PONG, else why not (LOADING first while it reads
+    its data back: it is coming up, however long that takes)."""
     try:
         reply = _redis_reply(port, b"PING", host, timeout, 128)
     except OSError as exc:
         return f"no connection ({exc.strerror or exc})"
     if reply.startswith(b"+PONG"):
         return None
-    return f"PING answered {reply.decode(errors='replace').strip()!r}"  # e.g. -LOADING
+    answered = reply.decode(errors="replace").strip()
+    return f"{LOADING} ({answered!r})" if reply.startswith(b"-LOADING") else f"PING: {answered!r}"
 
 
 def redis_durable(port: int, host: str = HOST, timeout: float = 1.0) -> bool:
-    """Whether the Redis on `port` logs every write (appendonly yes), as ours does."""
+    """Whether the Redis on `port` keeps every write as ours does: logs it (appendonly
+    yes) and never evicts a key to make room (maxmemory-policy noeviction: one that
+    evicts drops positions and idempotency records when full)."""
     try:
-        reply = _redis_reply(port, b"CONFIG GET appendonly", host, timeout, 256)
+        logged = _redis_reply(port, b"CONFIG GET appendonly", host, timeout, 256)
+        policy = _redis_reply(port, b"CONFIG GET maxmemory-policy", host, timeout, 256)
     except OSError:
         return False
-    return reply.startswith(b"*2\r\n") and reply.endswith(b"\r\nyes\r\n")
+    return logged.endswith(b"\r\nyes\r\n") and policy.endswith(b"\r\nnoeviction\r\n")
 
 
 def kafka_metadata(bootstrap: str, timeout_ms: int = 3000) -> str | None:
@@ -835,6 +843,12 @@ class Stack:
                     return
             else:
                 reason = "ports " + ",".join(map(str, comp.ports)) + " not all open yet"
+            if reason is not None and reason.startswith(LOADING):
+                # alive and reading its data back (a large AOF takes longer than any fixed
+                # limit; stopped at one, it never came back: the supervisor retried alike)
+                if deadline < time.monotonic() + 1 and not quiet:
+                    say(f"{comp.name} is {LOADING}; waiting for it")
+                deadline = max(deadline, time.monotonic() + 5)
             if time.monotonic() > deadline:
                 self.stop(comp, quiet=True)
                 raise StackError(

@@ -190,15 +190,22 @@ def test_our_redis_is_ours_while_it_starts_in_its_data_dir(
         starting.wait(timeout=10)
 
 
-def test_a_redis_without_an_append_only_file_is_not_taken_for_an_external_one(
-    native_stack: None,
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["--appendonly", "no"],  # Debian's own service: positions lost at its next restart
+        ["--appendonly", "yes", "--maxmemory-policy", "allkeys-lru"],  # evicts them when full
+    ],
+    ids=["no-aof", "evicting"],
+)
+def test_a_redis_that_may_lose_keys_is_not_taken_for_an_external_one(
+    native_stack: None, tmp_path: Path, settings: list[str]
 ) -> None:
-    """Debian's own redis-server service (started when the package is installed) runs
-    without AOF: reused, it would lose every position at its next restart."""
+    """A Redis someone else runs is reused only if it keeps every write: logged (AOF) and
+    never evicted to make room."""
     port = free_port()
     other = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-        cwd="/tmp",
+        ["redis-server", "--port", str(port), "--save", "", "--dir", str(tmp_path), *settings],
         stdout=subprocess.DEVNULL,
     )
     try:
@@ -207,10 +214,45 @@ def test_a_redis_without_an_append_only_file_is_not_taken_for_an_external_one(
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert not stack_mod.redis_durable(port)
-        assert stack_mod.redis_durable(6379)  # ours: appendonly yes
+        assert stack_mod.redis_durable(6379)  # ours: appendonly yes, noeviction
     finally:
         other.terminate()
         other.wait(timeout=10)
+
+
+def test_a_component_loading_its_data_is_waited_for_past_its_start_timeout(
+    native_stack: None,
+) -> None:
+    """A Redis reading back a large AOF answers LOADING for longer than its start timeout
+    (a 4 GB dataset takes ~18 s, the timeout is 15): it was stopped mid-load, and the
+    supervisor, relaunching it on the same timeout, never got it back. A live process
+    that says it is loading is waited for; one that only fails its check is not."""
+    stack = stack_mod.Stack()
+    loading_until = time.monotonic() + 1.5
+    sleeper = subprocess.Popen(["sleep", "30"])
+
+    def health() -> str | None:
+        return f"{stack_mod.LOADING} (stand-in)" if time.monotonic() < loading_until else None
+
+    component = stack_mod.Component(
+        name="loading-stand-in",
+        ports=(),
+        argv=lambda: ["sleep", "30"],
+        health=health,
+        owns=lambda pid: pid == sleeper.pid,
+        start_timeout_s=0.3,
+    )
+    try:
+        stack.launched[component.name] = (sleeper, time.monotonic())
+        stack.wait_healthy(component, quiet=True)  # returned: healthy, not stopped
+        assert time.monotonic() >= loading_until and sleeper.poll() is None
+        failing = stack_mod.Component(**{**vars(component), "health": lambda: "PING: '-ERR'"})
+        stack.launched[component.name] = (sleeper, time.monotonic())
+        with pytest.raises(stack_mod.StackError, match="did not come up within"):
+            stack.wait_healthy(failing, quiet=True)
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=10)
 
 
 def test_native_redis_major_matches_compose_image(redis_client: redis.Redis) -> None:
