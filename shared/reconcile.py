@@ -46,6 +46,7 @@ from google.protobuf.message import Message
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError, KafkaTimeoutError
 from prometheus_client import Gauge
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from smartlev.v1 import hedging_pb2, orders_pb2
@@ -60,6 +61,7 @@ from shared.core.money import ZERO, MoneyError, usdt_down
 from shared.core.products import smart_product_specs
 from shared.core.venue import PerpVenue
 from shared.redis_store import ApplyOnceStore, key
+from shared.settings import KafkaSettings
 from shared.topics import HEDGE_FILLS, ORDERS_EVENTS
 
 Value = Decimal | int | str
@@ -1041,6 +1043,11 @@ def run(namespace: str, symbols: Sequence[str], bootstrap: str, redis_url: str) 
         Redis.from_url(redis_url)  # a URL it cannot read: a usage error, not an imbalance
     except ValueError as exc:
         print(f"error: --redis-url {redis_url!r}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        bootstrap = KafkaSettings(bootstrap=bootstrap).bootstrap  # the services' own rule
+    except ValidationError as exc:
+        print(f"error: --bootstrap: {exc.errors()[0]['msg']}", file=sys.stderr)
         return 2
 
     async def go() -> Report:
