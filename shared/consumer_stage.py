@@ -100,11 +100,11 @@ class ConsumerRuntime(StageRuntime):
     def assignment(self) -> set[TopicPartition]:
         return set(self.consumer.assignment()) if self.consumer is not None else set()
 
-    async def _input_mark(self) -> int:
-        assigned = self.assignment()
+    async def _input_mark(self) -> tuple[object, int]:
+        assigned = frozenset(self.assignment())
         if not assigned or self.consumer is None:
-            return 0
-        return sum((await self.consumer.end_offsets(list(assigned))).values())
+            return assigned, 0
+        return assigned, sum((await self.consumer.end_offsets(list(assigned))).values())
 
     async def fail(self, exc: BaseException) -> NoReturn:
         self.log.error("stage_failed", error=repr(exc), exc_info=exc)

@@ -225,23 +225,27 @@ def freshness_check(
 
 def stalled_check(
     last_progress: Callable[[], float | None],
-    backlog_mark: Callable[[], Awaitable[int]],
+    backlog_mark: Callable[[], Awaitable[tuple[object, int]]],
     max_age_s: float,
 ) -> Check:
     """Fails only when input is waiting and nothing was handled for max_age_s.
 
     An idle stage is healthy however long the market is quiet; a stuck one is not.
-    `backlog_mark()` is a number that grows with new input (e.g. the sum of the input
-    partitions' high-water marks): when it moved since the last progress and the last
-    progress is older than max_age_s, the stage is stuck.
+    `backlog_mark()` is what input the stage has (its assigned partitions) and a number
+    that grows with new input to them (e.g. their high-water marks summed): when it
+    moved since the last progress and the last progress is older than max_age_s, the
+    stage is stuck. A new assignment starts a new baseline: one taken before the
+    partitions were assigned (0) read their whole history as input waiting, and a
+    caught-up stage idle for max_age_s as stuck.
     """
-    seen: dict[str, float | int | None] = {"progress": None, "mark": None}
+    seen: dict[str, object] = {"progress": None, "mark": None, "input": None}
 
     async def check() -> CheckResult:
         progress = last_progress()
-        mark = await backlog_mark()
-        if seen["progress"] != progress or seen["mark"] is None:
-            seen["progress"], seen["mark"] = progress, mark  # the backlog as of this progress
+        inputs, mark = await backlog_mark()
+        if seen["progress"] != progress or seen["mark"] is None or seen["input"] != inputs:
+            # the backlog as of this progress, of this input
+            seen["progress"], seen["mark"], seen["input"] = progress, mark, inputs
             return True
         baseline = seen["mark"]
         assert isinstance(baseline, int)

@@ -681,9 +681,9 @@ class StageRuntime:
         stage must not go on to later events on top of state that was not written)."""
         raise NotImplementedError
 
-    async def _input_mark(self) -> int:
-        """A number that grows with new input: the sum of the assigned partitions'
-        high-water marks (`stalled_check`)."""
+    async def _input_mark(self) -> tuple[object, int]:
+        """The assigned partitions, and a number that grows with new input to them: their
+        high-water marks summed (`stalled_check`)."""
         raise NotImplementedError
 
     def processed(self, inp: Input, ts_init_ns: int) -> None:
@@ -894,11 +894,11 @@ class StreamRuntime(StageRuntime):
         async for batch in self.batches(stream, max_batch):
             await self.handle_batch(handle, batch)
 
-    async def _input_mark(self) -> int:
-        assigned = self.assignment()
+    async def _input_mark(self) -> tuple[object, int]:
+        assigned = frozenset(self.assignment())
         if not assigned:
-            return 0
-        return sum((await self.app.consumer.highwaters(*assigned)).values())
+            return assigned, 0
+        return assigned, sum((await self.app.consumer.highwaters(*assigned)).values())
 
     async def fail(self, exc: BaseException) -> None:
         self.log.error("stage_failed", error=repr(exc), exc_info=exc)
