@@ -32,6 +32,7 @@ from decimal import Decimal
 
 from shared.codec import wire_problem
 from shared.core.market import (
+    MAX_TS_NS,
     FundingRate,
     Tick,
     funding_rate_problem,
@@ -45,9 +46,6 @@ TICK_RANK = 1
 
 MarketValue = Tick | FundingRate
 OrderKey = tuple[int, int]
-
-
-MAX_TS_NS = 2**63  # the wire's int64 nanoseconds
 
 
 class Reason(enum.StrEnum):

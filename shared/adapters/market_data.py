@@ -22,6 +22,7 @@ from pathlib import Path
 
 from shared.codec import wire_problem
 from shared.core.market import (
+    MAX_TS_NS,
     NS_PER_HOUR,
     NS_PER_SECOND,
     Bar,
@@ -90,7 +91,7 @@ def parse_timestamp(text: str) -> int:
     dates and hours cover thousands of rows).
     """
     try:
-        if len(text) == 20 and text[10] == "T" and text[19] == "Z":
+        if len(text) == 20 and text[10] == "T" and text[13] == text[16] == ":" and text[19] == "Z":
             return _day_ns(text[:10]) + _time_of_day_ns(text[11:19])
         parsed = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -174,10 +175,15 @@ class _Rows:
             raise DataError(f"{self.name}: cannot read: {exc.strerror or exc}") from None
 
     def timestamp(self, text: str) -> int:
+        """An instant ingestion takes (after 1970, before 2262): one it refuses made the
+        backtester and the pipeline's replay of the same file differ."""
         try:
-            return parse_timestamp(text)
+            ts = parse_timestamp(text)
         except DataError as exc:
             raise self.error(f"timestamp: {exc}") from None
+        if not 0 < ts < MAX_TS_NS:
+            raise self.error(f"timestamp: {text!r} is not after 1970 and before 2262")
+        return ts
 
     def number(self, column: str, text: str) -> Decimal:
         """An exact, finite decimal parsed from the file's own text (never via float), of

@@ -14,6 +14,7 @@ from typing import NamedTuple
 NS_PER_SECOND = 1_000_000_000
 NS_PER_HOUR = 3600 * NS_PER_SECOND
 NS_PER_DAY = 24 * NS_PER_HOUR
+MAX_TS_NS = 2**63  # the wire's int64 nanoseconds: an instant is in (0, MAX_TS_NS)
 NS_PER_YEAR = 365 * NS_PER_DAY
 # A symbol names Redis hash tags, table keys (`<symbol>|signal`) and product ids
 # (`<symbol>:LONG`): letters, digits, '.', '_' and '-' only, so it can break none of them.

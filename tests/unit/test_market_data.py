@@ -294,10 +294,20 @@ def test_parse_timestamp_forms() -> None:
     assert parse_timestamp("2019-09-08T17:00:00+00:00") == z
     assert parse_timestamp("2019-09-08T19:00:00+02:00") == z
     assert parse_timestamp("2019-09-08T17:00:00.5Z") == z + 500_000_000
+    assert parse_timestamp("2019-09-08T18+01:00") == z  # hours and an offset
 
 
 @pytest.mark.parametrize(
-    "text", ["", "junk", "2019-13-01T00:00:00Z", "2019-09-08T25:00:00Z", "2019-09-08T17:00:00"]
+    "text",
+    [
+        "",
+        "junk",
+        "2019-13-01T00:00:00Z",
+        "2019-09-08T25:00:00Z",
+        "2019-09-08T17:00:00",
+        "2019-09-08T17+01:00Z",  # both an offset and Z: read as 17:00 UTC before
+        "2019-09-08T17:00-12Z",
+    ],
 )
 def test_parse_timestamp_rejects_junk_and_naive(text: str) -> None:
     with pytest.raises(DataError):
@@ -332,6 +342,11 @@ GOOD = "2020-01-01T00:00:00Z,100,110,90,105,1\n"
         ),
         (HEADER + GOOD + "2020-01-01T01:30:00Z,100,110,90,105,1\n", 3, ["whole number"]),
         (HEADER + GOOD + "yesterday,100,110,90,105,1\n", 3, ["timestamp", "'yesterday'"]),
+        (  # ingestion refuses it: the backtester and the pipeline's replay differed
+            HEADER + "1969-12-31T23:00:00Z,100,110,90,105,1\n" + GOOD,
+            2,
+            ["timestamp", "not after 1970"],
+        ),
         (HEADER + GOOD + "2020-01-01T01:00:00Z,100,110,90\n", 3, ["expected 6 fields"]),
         (HEADER + GOOD + "\n", 3, ["blank line"]),
     ],
