@@ -714,7 +714,6 @@ class Stack:
         ensure_java_and_maven()
         tmp = self.kafka_libs.with_name("libs.partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(self.kafka_libs, ignore_errors=True)
         log = self.run / "maven.log"
         cmd = [
             "mvn",
@@ -730,7 +729,10 @@ class Stack:
         rc = run_logged(cmd, log, "Maven", cwd=self.root)
         if rc != 0 or not (tmp / f"kafka_2.13-{self.kafka_version}.jar").exists():
             raise StackError(f"fetching Kafka jars with Maven failed; see {log}:\n{tail(log)}")
-        tmp.rename(self.kafka_libs)  # only a complete download is ever used
+        # only a complete download is ever used, and the jars of before stay until then
+        # (deleted first, a fetch Maven Central failed left Kafka no jars to start on)
+        shutil.rmtree(self.kafka_libs, ignore_errors=True)
+        tmp.rename(self.kafka_libs)
         stamp.write_text(f"{wanted}\n")
 
     # ---- pid files

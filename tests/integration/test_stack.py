@@ -255,6 +255,26 @@ def test_a_component_loading_its_data_is_waited_for_past_its_start_timeout(
         sleeper.wait(timeout=10)
 
 
+def test_a_failed_fetch_of_new_kafka_jars_leaves_the_working_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pom changed (a dependency bumped) and Maven Central cannot be reached: the
+    jars Kafka runs on were deleted before the download, which then failed, so Kafka
+    could not start again until the network came back."""
+    stack = stack_mod.Stack()
+    stack.run = tmp_path
+    stack.kafka_libs = tmp_path / "kafka" / "libs"
+    stack.kafka_libs.mkdir(parents=True)
+    working = stack.kafka_libs / f"kafka_2.13-{stack.kafka_version}.jar"
+    working.write_bytes(b"the jar Kafka runs on")
+    (stack.kafka_libs.parent / ".complete").write_text("the hash of the pom before\n")
+    monkeypatch.setattr(stack_mod, "ensure_java_and_maven", lambda: None)
+    monkeypatch.setattr(stack_mod, "run_logged", lambda *args, **kwargs: 1)  # unreachable
+    with pytest.raises(stack_mod.StackError, match="fetching Kafka jars with Maven failed"):
+        stack.fetch_kafka()
+    assert working.read_bytes() == b"the jar Kafka runs on"
+
+
 def test_native_redis_major_matches_compose_image(redis_client: redis.Redis) -> None:
     import yaml
 
