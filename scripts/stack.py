@@ -326,6 +326,7 @@ def _redis_reply(port: int, command: bytes, host: str, timeout: float, size: int
 
 
 LOADING = "loading its data"  # redis_ping's reason while a started Redis reads its files
+LOADING_TIMES = 20  # a loading Redis is waited for up to this many start timeouts
 
 
 def redis_ping(port: int, host: str = HOST, timeout: float = 1.0) -> str | None:
@@ -728,6 +729,10 @@ class Stack:
         log.write_text("")
         rc = run_logged(cmd, log, "Maven", cwd=self.root)
         if rc != 0 or not (tmp / f"kafka_2.13-{self.kafka_version}.jar").exists():
+            if (self.kafka_libs / f"kafka_2.13-{self.kafka_version}.jar").exists():
+                # Kafka starts on the jars of before; the next `up` fetches again (no stamp)
+                say(f"fetching new Kafka jars failed (see {log}); starting on the ones before")
+                return
             raise StackError(f"fetching Kafka jars with Maven failed; see {log}:\n{tail(log)}")
         # only a complete download is ever used, and the jars of before stay until then
         # (deleted first, a fetch Maven Central failed left Kafka no jars to start on)
@@ -846,11 +851,13 @@ class Stack:
             else:
                 reason = "ports " + ",".join(map(str, comp.ports)) + " not all open yet"
             if reason is not None and reason.startswith(LOADING):
-                # alive and reading its data back (a large AOF takes longer than any fixed
-                # limit; stopped at one, it never came back: the supervisor retried alike)
+                # alive and reading its data back: a large AOF takes longer than the start
+                # timeout (stopped at it, it never came back: the supervisor retried alike),
+                # so up to LOADING_TIMES of it, saying so
                 if deadline < time.monotonic() + 1 and not quiet:
                     say(f"{comp.name} is {LOADING}; waiting for it")
-                deadline = max(deadline, time.monotonic() + 5)
+                longest = started + LOADING_TIMES * comp.start_timeout_s
+                deadline = min(max(deadline, time.monotonic() + 5), longest)
             if time.monotonic() > deadline:
                 self.stop(comp, quiet=True)
                 raise StackError(

@@ -238,19 +238,20 @@ def stalled_check(
     partitions were assigned (0) read their whole history as input waiting, and a
     caught-up stage idle for max_age_s as stuck.
     """
-    seen: dict[str, object] = {"progress": None, "mark": None, "input": None}
+    seen: dict[str, object] = {"progress": None, "mark": None, "input": None, "at": 0.0}
 
     async def check() -> CheckResult:
         progress = last_progress()
         inputs, mark = await backlog_mark()
         if seen["progress"] != progress or seen["mark"] is None or seen["input"] != inputs:
-            # the backlog as of this progress, of this input
+            # the backlog as of this progress, of this input, and since when
             seen["progress"], seen["mark"], seen["input"] = progress, mark, inputs
+            seen["at"] = time.monotonic()
             return True
-        baseline = seen["mark"]
-        assert isinstance(baseline, int)
-        since = time.monotonic() - (progress if progress is not None else 0.0)
-        if mark > baseline and (progress is None or since > max_age_s):
+        baseline, at = seen["mark"], seen["at"]
+        assert isinstance(baseline, int) and isinstance(at, float)
+        since = time.monotonic() - (progress if progress is not None else at)
+        if mark > baseline and since > max_age_s:
             return f"{mark - baseline} new input message(s) waiting, none handled for {since:.0f}s"
         return True
 

@@ -857,10 +857,11 @@ async def reconcile(
         except StateMissing as exc:
             if explicit:
                 raise
-            history = kafka.replays[symbol].updates + len(kafka.orders[symbol][0])
-            if history:  # it traded: its state is lost, not yet to come
+            history = kafka.replays[symbol].updates
+            if history:  # hedging published updates: its state is lost, not yet to come
+                # (orders alone may wait for a hedging that has not started)
                 report.rows.append(
-                    Row("books.state", symbol, f"hedging's state of {history:,} events", str(exc))
+                    Row("books.state", symbol, f"hedging's state of {history:,} updates", str(exc))
                 )
             else:
                 report.notes.append(f"{symbol}: {exc}; skipped")

@@ -79,7 +79,7 @@ SERVICE_NAME = "smartlev.v1.Gateway"
 OWNERS_CACHED = 100_000  # (user, position id) -> product entries kept in memory
 CLOSED_REMEMBERED = 4096  # per position stream: ids it showed closed
 # A position another gateway closed is stamped by that gateway's clock: a re-read shows
-# again what closed this long before the previous listing (a clock ahead of ours).
+# again what closed up to this long before the previous listing (a clock behind ours).
 CLOCKS_APART_NS = 60 * 10**9
 T = TypeVar("T")
 R = TypeVar("R", bound=Message)

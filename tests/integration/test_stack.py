@@ -246,6 +246,15 @@ def test_a_component_loading_its_data_is_waited_for_past_its_start_timeout(
         stack.launched[component.name] = (sleeper, time.monotonic())
         stack.wait_healthy(component, quiet=True)  # returned: healthy, not stopped
         assert time.monotonic() >= loading_until and sleeper.poll() is None
+        # loading for ever: waited for LOADING_TIMES start timeouts, no longer
+        endless = stack_mod.Component(
+            **{**vars(component), "health": lambda: f"{stack_mod.LOADING} (stand-in)"}
+        )
+        stack.launched[component.name] = (sleeper, began := time.monotonic())
+        with pytest.raises(stack_mod.StackError, match="did not come up within"):
+            stack.wait_healthy(endless, quiet=True)
+        assert time.monotonic() - began >= stack_mod.LOADING_TIMES * 0.3
+        sleeper = subprocess.Popen(["sleep", "30"])  # stopped with it: a fresh one
         failing = stack_mod.Component(**{**vars(component), "health": lambda: "PING: '-ERR'"})
         stack.launched[component.name] = (sleeper, time.monotonic())
         with pytest.raises(stack_mod.StackError, match="did not come up within"):
@@ -260,7 +269,8 @@ def test_a_failed_fetch_of_new_kafka_jars_leaves_the_working_ones(
 ) -> None:
     """The pom changed (a dependency bumped) and Maven Central cannot be reached: the
     jars Kafka runs on were deleted before the download, which then failed, so Kafka
-    could not start again until the network came back."""
+    could not start again until the network came back. It starts on them now, and the
+    next fetch tries again; with no jars at all the fetch's failure stops the start."""
     stack = stack_mod.Stack()
     stack.run = tmp_path
     stack.kafka_libs = tmp_path / "kafka" / "libs"
@@ -270,9 +280,13 @@ def test_a_failed_fetch_of_new_kafka_jars_leaves_the_working_ones(
     (stack.kafka_libs.parent / ".complete").write_text("the hash of the pom before\n")
     monkeypatch.setattr(stack_mod, "ensure_java_and_maven", lambda: None)
     monkeypatch.setattr(stack_mod, "run_logged", lambda *args, **kwargs: 1)  # unreachable
+    stack.fetch_kafka()  # no error: Kafka starts on the jars of before
+    assert working.read_bytes() == b"the jar Kafka runs on"
+    stamp = (stack.kafka_libs.parent / ".complete").read_text()
+    assert stamp == "the hash of the pom before\n"  # not marked fetched: tried again
+    working.unlink()
     with pytest.raises(stack_mod.StackError, match="fetching Kafka jars with Maven failed"):
         stack.fetch_kafka()
-    assert working.read_bytes() == b"the jar Kafka runs on"
 
 
 def test_native_redis_major_matches_compose_image(redis_client: redis.Redis) -> None:

@@ -58,3 +58,9 @@ async def test_input_assigned_after_the_first_look_is_not_taken_for_waiting_inpu
     assigned[0] = (frozenset({("market.ticks", 0)}), 120_002)  # two arrive, none handled
     result = await check()
     assert isinstance(result, str) and "2 new input message(s) waiting" in result
+    # with nothing handled yet, the time is counted from the baseline (the machine's
+    # uptime before: a caught-up stage read as stuck at its first new message)
+    patient = stalled_check(lambda: None, backlog, max_age_s=60)
+    assert await patient() is True
+    assigned[0] = (frozenset({("market.ticks", 0)}), 120_005)
+    assert await patient() is True

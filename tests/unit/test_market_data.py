@@ -198,6 +198,7 @@ def test_a_window_after_a_file_ends_is_an_error_not_an_empty_file(tmp_path: Path
         load_funding(BTC_FUNDING, "BTC-USDT", start_ns=tail["start_ns"], end_ns=tail["end_ns"] + 1)
 
 
+@needs_data
 def test_marks_or_funding_that_stop_inside_the_window_are_an_error(tmp_path: Path) -> None:
     """A file cut off inside the window (a download that stopped at 2021-01-01) left the
     last mark on 14,496 ticks while the price ran from 29k to 64k and back, or paid
@@ -221,6 +222,7 @@ def test_marks_or_funding_that_stop_inside_the_window_are_an_error(tmp_path: Pat
     assert next(iter(backtest_stream(BTC_PERP, "BTC-USDT", **files, **early)))
 
 
+@needs_data
 def test_a_replay_source_is_the_backtest_stream_of_its_window() -> None:
     """Its own merge let funding run on past the window's end (2,919 settlements to the
     end of 2023 after two days of ticks)."""
