@@ -107,6 +107,9 @@ class Row:
 class Report:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # per check, the comparisons that agreed and were counted, not kept (one per fill:
+    # a history's worth of rows held only for the summary's counts)
+    agreed: Counter[str] = field(default_factory=Counter)
 
     @property
     def differences(self) -> list[Row]:
@@ -211,7 +214,8 @@ class Replay:
         )
         self.venue = VenueFlows()
         self.price = ZERO
-        self.rows: list[Row] = []
+        self.rows: list[Row] = []  # differences, and what the rows of a report keep
+        self.agreed: Counter[str] = Counter()  # per check, the comparisons that agreed
         self.updates = 0
         self.matched = 0  # updates whose every book equalled the replay's
         self.applied: Counter[str] = Counter()  # order id -> distinct HedgeUpdates
@@ -296,12 +300,19 @@ class Replay:
         )
         net, fee = Decimal(filled.net_qty), Decimal(filled.venue_fee)
         subject = filled.event_id
-        self.rows.append(Row("fills.qty", subject, net, sum((a.qty for a in allocations), ZERO)))
-        self.rows.append(Row("fills.fee", subject, fee, sum((a.fee for a in allocations), ZERO)))
+        self._tally(Row("fills.qty", subject, net, sum((a.qty for a in allocations), ZERO)))
+        self._tally(Row("fills.fee", subject, fee, sum((a.fee for a in allocations), ZERO)))
         self.books.apply_hedge(HedgeExecuted(self.symbol, 0, self.price, net, (), allocations))
         self.venue.position += net
         self.venue.fees_paid += fee
         self.venue.cost += sum((a.notional + a.slippage for a in allocations), ZERO)
+
+    def _tally(self, row: Row) -> None:
+        """Keep a difference; count a comparison that agreed."""
+        if row.ok:
+            self.agreed[row.check] += 1
+        else:
+            self.rows.append(row)
 
     def _funding(self, event_id: str, funding: hedging_pb2.FundingSettled) -> None:
         sent = {a.product: Decimal(a.amount) for a in funding.allocations}
@@ -310,7 +321,7 @@ class Replay:
             self.symbol, 0, Decimal(funding.rate), Decimal(funding.mark_price), total
         )
         for product, amount in derived.allocations:
-            self.rows.append(
+            self._tally(
                 Row("fills.funding", f"{product} @ {event_id}", amount, sent.get(product, ZERO))
             )
         self.venue.funding_paid += total
@@ -740,6 +751,7 @@ def symbol_report(
     report.rows += check_books(symbol, books, venue, price, mirror, state.positions)
     report.rows += repeats
     report.rows += replay.rows
+    report.agreed += replay.agreed
     report.rows += replay.totals(books, venue)
     report.notes.append(
         f"{symbol}: {replay.updates} HedgeUpdates replayed, {len(orders)} orders, "
@@ -869,6 +881,7 @@ async def reconcile(
         by_id, repeats = kafka.orders[symbol]
         part = symbol_report(config, state, by_id, repeats, kafka.replays[symbol])
         report.rows += kafka.bad_fills[symbol] + kafka.bad_orders[symbol] + part.rows
+        report.agreed += part.agreed
         report.notes += part.notes
         if state.in_progress:
             report.notes.append(
@@ -1014,7 +1027,7 @@ def render(report: Report) -> str:
             f"DIFF  {row.check:<24} {row.subject:<44} expected {row.expected}  actual "
             f"{row.actual}" + ("" if diff is None else f"  difference {diff:f}")
         )
-    by_check: Counter[str] = Counter(r.check for r in report.rows)
+    by_check: Counter[str] = Counter(r.check for r in report.rows) + report.agreed
     failed: Counter[str] = Counter(r.check for r in report.differences)
     for check in sorted(by_check):
         status = "ok" if not failed[check] else f"{failed[check]} DIFFERENT"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -173,6 +174,27 @@ def test_a_consistent_history_balances() -> None:
     } <= checks
     assert any("no order-gateway state" in n for n in report.notes)
     assert render(report).endswith("every figure agrees to the minor unit")
+
+
+def test_fills_that_agree_are_counted_not_kept() -> None:
+    """Two rows a fill were held for the summary's counts alone (768 B an update of an
+    order-heavy history); the counts stay, the rows go, and a fill that differs is
+    still kept and named."""
+    h = history()
+    report = reconcile_symbol(CONFIG, h.state(), h.updates, h.orders)
+    fills = report.agreed["fills.qty"]
+    assert fills > 0 and report.agreed["fills.fee"] == fills
+    assert not [r for r in report.rows if r.check.startswith("fills.")]
+    assert re.search(rf"fills\.qty\s+{fills}\s+compared\s+ok", render(report))
+    updates = list(h.updates)
+    index = next(i for i, u in enumerate(updates) if u.HasField("filled"))
+    tampered = hedging_pb2.HedgeUpdate()
+    tampered.CopyFrom(updates[index])
+    tampered.filled.venue_fee = str(Decimal(tampered.filled.venue_fee) + Decimal("0.00000001"))
+    updates[index] = tampered
+    report = reconcile_symbol(CONFIG, h.state(), updates, h.orders)
+    assert [r.check for r in report.differences if r.check.startswith("fills.")] == ["fills.fee"]
+    assert report.agreed["fills.fee"] == fills - 1
 
 
 def test_a_minor_unit_of_cash_is_named() -> None:
