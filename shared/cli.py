@@ -34,16 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2
 
-from shared.adapters.market_data import (
-    DataError,
-    LoadReport,
-    check_covered,
-    check_marks_match,
-    load_bars,
-    load_funding,
-    load_marks_reported,
-    parse_time,
-)
+from shared.adapters.market_data import DataError, load_market, parse_time
 from shared.backtest import run_backtest, write_metrics, write_nav_csv
 from shared.chart import nav_chart
 from shared.core.accounting import MAX_DEPOSIT
@@ -127,26 +118,21 @@ def backtest(
     start_ns, end_ns = _parse_time(start, "--start"), _parse_time(end, "--end")
     interval = settings.features.bar_seconds * 1_000_000_000
     try:
-        bars, report = load_bars(
-            data, symbol, start_ns=start_ns, end_ns=end_ns, interval_ns=interval
+        loaded = load_market(
+            data,
+            symbol,
+            funding=funding,
+            marks=marks,
+            start_ns=start_ns,
+            end_ns=end_ns,
+            interval_ns=interval,
         )
-        rates, funding_report = (
-            load_funding(funding, symbol, start_ns=start_ns, end_ns=end_ns)
-            if funding
-            else ([], None)
-        )
-        mark_prices: dict[int, Decimal] | None = None
-        marks_report: LoadReport | None = None
-        if marks:
-            mark_prices, marks_report = load_marks_reported(marks, start_ns=start_ns, end_ns=end_ns)
-            check_marks_match(bars, mark_prices, str(marks))
-        check_covered(bars, interval, mark_prices, str(marks), rates, str(funding))
     except DataError as exc:
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    for loaded in (report, funding_report, marks_report):
-        if loaded is not None:
-            console.print(loaded.summary())
+    for report in loaded.reports:
+        console.print(report.summary())
+    bars, rates, mark_prices = loaded.bars, loaded.rates, loaded.marks
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

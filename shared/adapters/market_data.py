@@ -416,6 +416,46 @@ def check_covered(
         )
 
 
+@dataclass(frozen=True, slots=True)
+class MarketFiles:
+    """A symbol's bars in a window, with the funding settled and the marks over it."""
+
+    bars: list[Bar]
+    rates: list[FundingRate]
+    marks: dict[int, Decimal] | None
+    reports: list[LoadReport]  # the bars', then the funding's and the marks' if given
+
+
+def load_market(
+    data: Path,
+    symbol: str,
+    *,
+    funding: Path | None = None,
+    marks: Path | None = None,
+    start_ns: int | None = None,
+    end_ns: int | None = None,
+    interval_ns: int = NS_PER_HOUR,
+) -> MarketFiles:
+    """What the backtest command and the replay stream both run on: the files loaded and
+    checked against each other (DataError if the marks are another market's, or the
+    marks or the funding stop short of the bars)."""
+    bars, report = load_bars(
+        data, symbol, start_ns=start_ns, end_ns=end_ns, interval_ns=interval_ns
+    )
+    reports = [report]
+    rates: list[FundingRate] = []
+    if funding:
+        rates, report = load_funding(funding, symbol, start_ns=start_ns, end_ns=end_ns)
+        reports.append(report)
+    mark_prices = None
+    if marks:
+        mark_prices, report = load_marks_reported(marks, start_ns=start_ns, end_ns=end_ns)
+        reports.append(report)
+        check_marks_match(bars, mark_prices, str(marks))
+    check_covered(bars, interval_ns, mark_prices, str(marks), rates, str(funding))
+    return MarketFiles(bars, rates, mark_prices, reports)
+
+
 def check_marks_match(bars: Sequence[Bar], marks: Mapping[int, Decimal], marks_name: str) -> None:
     """DataError if the marks cannot be the traded market's: the median distance from
     the bars' closes over the hours both have is above MAX_MEDIAN_MARK_DEVIATION (ETH

@@ -20,13 +20,7 @@ from kafka import KafkaProducer
 from smartlev.v1 import market_pb2
 
 from shared import codec
-from shared.adapters.market_data import (
-    check_covered,
-    check_marks_match,
-    load_bars,
-    load_funding,
-    load_marks,
-)
+from shared.adapters.market_data import load_market
 from shared.backtest import market_events
 from shared.core.bars import ticks_from_bars
 from shared.core.market import NS_PER_HOUR, FundingRate, Tick
@@ -60,14 +54,17 @@ def backtest_stream(
     """Exactly the market events `smartlev backtest` feeds `run_backtest` for the same
     files and window (same loaders, `ticks_from_bars`, `market_events`), so a service
     replaying this stream and the backtester see the same ticks in the same order."""
-    bars, _ = load_bars(data, symbol, start_ns=start_ns, end_ns=end_ns, interval_ns=interval_ns)
-    rates = load_funding(funding, symbol, start_ns=start_ns, end_ns=end_ns)[0] if funding else []
-    mark_prices = None
-    if marks:
-        mark_prices = load_marks(marks, start_ns=start_ns, end_ns=end_ns)
-        check_marks_match(bars, mark_prices, str(marks))  # as the backtest command does
-    check_covered(bars, interval_ns, mark_prices, str(marks), rates, str(funding))
-    return market_events(ticks_from_bars(bars, interval_ns, mark_prices, mode=mode), rates)
+    loaded = load_market(
+        data,
+        symbol,
+        funding=funding,
+        marks=marks,
+        start_ns=start_ns,
+        end_ns=end_ns,
+        interval_ns=interval_ns,
+    )
+    ticks = ticks_from_bars(loaded.bars, interval_ns, loaded.marks, mode=mode)
+    return market_events(ticks, loaded.rates)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
