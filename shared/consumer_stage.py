@@ -100,11 +100,9 @@ class ConsumerRuntime(StageRuntime):
     def assignment(self) -> set[TopicPartition]:
         return set(self.consumer.assignment()) if self.consumer is not None else set()
 
-    async def _input_mark(self) -> tuple[object, int]:
-        assigned = frozenset(self.assignment())
-        if not assigned or self.consumer is None:
-            return assigned, 0
-        return assigned, sum((await self.consumer.end_offsets(list(assigned))).values())
+    async def _high_waters(self, partitions: frozenset[TopicPartition]) -> int:
+        assert self.consumer is not None  # partitions are assigned to a consumer
+        return sum((await self.consumer.end_offsets(list(partitions))).values())
 
     async def fail(self, exc: BaseException) -> NoReturn:
         self.log.error("stage_failed", error=repr(exc), exc_info=exc)

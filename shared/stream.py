@@ -684,6 +684,11 @@ class StageRuntime:
     async def _input_mark(self) -> tuple[object, int]:
         """The assigned partitions, and a number that grows with new input to them: their
         high-water marks summed (`stalled_check`)."""
+        assigned = frozenset(self.assignment())
+        return assigned, (await self._high_waters(assigned) if assigned else 0)
+
+    async def _high_waters(self, partitions: frozenset[TopicPartition]) -> int:
+        """The partitions' high-water marks, summed."""
         raise NotImplementedError
 
     def processed(self, inp: Input, ts_init_ns: int) -> None:
@@ -894,11 +899,8 @@ class StreamRuntime(StageRuntime):
         async for batch in self.batches(stream, max_batch):
             await self.handle_batch(handle, batch)
 
-    async def _input_mark(self) -> tuple[object, int]:
-        assigned = frozenset(self.assignment())
-        if not assigned:
-            return assigned, 0
-        return assigned, sum((await self.app.consumer.highwaters(*assigned)).values())
+    async def _high_waters(self, partitions: frozenset[TopicPartition]) -> int:
+        return sum((await self.app.consumer.highwaters(*partitions)).values())
 
     async def fail(self, exc: BaseException) -> None:
         self.log.error("stage_failed", error=repr(exc), exc_info=exc)
