@@ -50,7 +50,7 @@ from services.hedging.reconcile_loop import install_reconcile_loop
 from shared import codec
 from shared.adapters.venue_client import venue_channel
 from shared.consumer_stage import ConsumerRuntime, Records
-from shared.core.accounting import QuoteMismatch
+from shared.core.accounting import QuoteMismatch, QuoteOutOfBand
 from shared.core.config import StrategyConfig
 from shared.core.market import FundingRate
 from shared.core.money import MoneyError
@@ -249,8 +249,8 @@ class Hedger:
                 events = engine.redeem(
                     step.product, step.units, step.ts_ns, step.nav, quoted_payout=step.payout
                 )
-        except QuoteMismatch as exc:  # a bug in the gateway or the books: loud
-            log.error("quote_mismatch", order=step.order_id, product=step.product, error=str(exc))
+        except (QuoteMismatch, QuoteOutOfBand) as exc:  # a bug, or a bad NAV: loud
+            log.error("quote_refused", order=step.order_id, product=step.product, error=str(exc))
             raise
         return hedge_update(engine, step.event_id, events, ts_init_ns=step.ts_init_ns)
 

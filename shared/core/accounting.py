@@ -60,6 +60,16 @@ class AccountingConfig(BaseModel):
     insurance_share: Decimal = Field(
         Decimal("0.2"), ge=0, le=1, description="Share of every platform fee paid into insurance."
     )
+    # A circuit breaker, not a fairness tolerance: a quote is up to the gateway's
+    # max_nav_age_s old and hedging may lag the market, so honest quotes drift from the
+    # books' NAV by what the underlying moved meanwhile times the leverage (a halving
+    # needs ~25-33% against a 3x product); a corrupted or foreign NAV (1e30) does not.
+    quote_band: Decimal = Field(
+        Decimal("2"),
+        gt=1,
+        le=1000,
+        description="A quoted NAV above books' NAV x band, or below it / band, is refused.",
+    )
 
 
 def issue_terms(
@@ -92,6 +102,12 @@ def redeem_terms(units: Decimal, nav: Decimal, fee_rate: Decimal) -> tuple[Decim
 class QuoteMismatch(MoneyError):
     """The books would settle an order otherwise than the gateway quoted it: a bug in one
     of them, so the order is refused whole (a dead letter), never half applied."""
+
+
+class QuoteOutOfBand(MoneyError):
+    """The gateway quoted a NAV the books' own rules out (outside `quote_band` of it):
+    settled, it would hand the product's holders' or the insurance fund's money to one
+    order. Refused whole (a dead letter, an operator's case)."""
 
 
 class BooksOutOfBalance(AssertionError):
@@ -224,6 +240,35 @@ class Books:
         self.payouts += gross - fee
         self._collect_fee(fee)
         return ProductUnitsRedeemed(product, ts_ns, units, nav, gross, fee, gross - fee)
+
+    def check_quote(self, product: str, quoted: Decimal, *prices: Decimal) -> None:
+        """QuoteOutOfBand unless `quoted` lies within `quote_band` of the product's NAV at
+        one of `prices` (the last trade, and the mark: at a print the mark ignores, the
+        books' NAV there is held up by the fund, and a quote from before it is honest),
+        as shown or without the fund's advance (`advance_floor`: repaid if the print
+        reverts). A product without units (the order's are all there are: any NAV is
+        fair) or without a price yet is not checked."""
+        book = self.products[product]
+        if not book.units:
+            return
+        navs = {
+            (price, nav)
+            for price in prices
+            if price
+            for nav in (
+                book.nav(price),
+                nav_of(book.equity(price) - book.insurance_owed, book.units),
+            )
+        }
+        if not navs:
+            return
+        band = self.config.quote_band
+        if not any(0 < nav / band <= quoted <= nav * band for _, nav in navs):
+            shown = ", ".join(f"{nav} at {price}" for price, nav in sorted(navs))
+            raise QuoteOutOfBand(
+                f"{product}: the gateway quoted NAV {quoted}, the books' is {shown}; a quote "
+                f"must lie within a factor of {band} of it"
+            )
 
     def apply_hedge(self, hedge: HedgeExecuted) -> None:
         for allocation in hedge.allocations:

@@ -263,7 +263,10 @@ class Engine:
         """A user's money buys units at the current NAV (a product with no position has
         the same NAV at any price), or at the `nav` the gateway quoted, and is hedged at
         once (`_after_order`). An order the books would settle otherwise than `quoted_units`
-        raises QuoteMismatch before the venue hears of it."""
+        raises QuoteMismatch, one quoted outside the books' band QuoteOutOfBand, before
+        the venue hears of it."""
+        if nav is not None:
+            self.books.check_quote(product, nav, self.price, self.mark)
         before = self._size(product)
         issued = self.books.issue(product, amount, self.price, ts_ns, nav, quoted_units)
         self.venue.transfer(amount - issued.fee)
@@ -277,6 +280,8 @@ class Engine:
         nav: Decimal | None = None,
         quoted_payout: Decimal | None = None,
     ) -> list[object]:
+        if nav is not None:
+            self.books.check_quote(product, nav, self.price, self.mark)
         before = self._size(product)
         redeemed = self.books.redeem(product, units, self.price, ts_ns, nav, quoted_payout)
         self.venue.transfer(-redeemed.gross)

@@ -415,6 +415,39 @@ def test_a_refused_order_stays_refused_when_it_comes_again(
     assert len(dead_letters(kafka_bootstrap, f"{ns}orders.events.dlq")) == 1
 
 
+def test_an_order_quoted_far_from_the_books_is_dead_lettered(
+    stack: Stack, kafka_bootstrap: str
+) -> None:
+    """A close quoted at a NAV the books' own rules out (1e30: a corrupted NAV hash) is
+    refused to the dead-letter topic, saying why, and moves nothing: the market events
+    after it are hedged to the in-process strategy's books, to the last digit, as if it
+    never came."""
+    config = StrategyConfig()
+    data = build_input(config)
+    ns, k = stack.namespace, 10
+    stack.send(f"{ns}orders.events", list(data.orders))
+    assert len(stack.fills(len(data.orders))) == len(data.orders)  # deposits first
+    stack.send(f"{ns}leverage.targets", data.targets[:k])
+    assert len(stack.fills(k)) == k
+    absurd = orders_pb2.OrderEvent(
+        closed=orders_pb2.PositionClosed(
+            event_id="absurd", position_id="p0", user_id="u", product=f"{SYMBOL}:LONG",
+            units="1", nav="1" + "0" * 30, ts_event_ns=START, ts_init_ns=START,
+        )
+    )  # fmt: skip
+    stack.send(f"{ns}orders.events", [absurd])
+    deadline = time.monotonic() + 15
+    while not (letters := dead_letters(kafka_bootstrap, f"{ns}orders.events.dlq")):
+        assert time.monotonic() < deadline, "the absurd quote was not dead-lettered"
+    [letter] = letters
+    assert "QuoteOutOfBand" in letter.reason or "within a factor of 2" in letter.reason
+    assert f"quoted NAV {absurd.closed.nav}" in letter.reason
+    stack.send(f"{ns}leverage.targets", data.targets[k:])
+    rest = stack.fills(len(data.targets) - k)
+    assert rest[0].event_id == f"{SYMBOL}:{k + 1}"  # no fill for the close
+    assert list(rest[-1].products) == data.expected  # every field, every digit
+
+
 def test_a_halted_symbol_holds_its_input_while_the_others_go_on(
     stack: Stack, redis_url: str
 ) -> None:

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from shared.core.accounting import AccountingConfig, Books, BooksOutOfBalance
+from shared.core.accounting import AccountingConfig, Books, BooksOutOfBalance, QuoteOutOfBand
 from shared.core.events import (
     AccountLiquidated,
     InsuranceClaimPaid,
@@ -123,6 +123,58 @@ def test_redeem_invalid_units_is_refused_and_changes_nothing(units: str) -> None
     with pytest.raises(MoneyError, match=r"cannot redeem|must be > 0"):
         b.redeem(LONG, D(units), D(50000), 0)
     assert b.snapshot() == before
+
+
+# A product holding 3 units, 150 cash and 0.01 BTC: equity at 50,000 is 650, NAV 216.66...
+BAND_PRICE = D(50000)
+
+
+def banded_books() -> Books:
+    return books(product(LONG, Side.LONG, units="3", cash="150", qty="0.01"))
+
+
+@settings(max_examples=300)
+@given(ratio=st.decimals(D("0.01"), D(100), places=4))
+def test_a_quote_is_taken_within_the_band_of_the_books_nav_only(ratio: Decimal) -> None:
+    """A quoted NAV within a factor of `quote_band` (2) of the books' own at the price
+    passes; one outside it (a corrupted or foreign NAV: 1e30 paid the holders' money out
+    before) is QuoteOutOfBand."""
+    b = banded_books()
+    fair = b.products[LONG].nav(BAND_PRICE)
+    quoted = (fair * ratio).quantize(E8)
+    if fair / 2 <= quoted <= fair * 2:
+        note("inside")
+        b.check_quote(LONG, quoted, BAND_PRICE)
+        return
+    note("outside")
+    with pytest.raises(QuoteOutOfBand, match="within a factor of 2"):
+        b.check_quote(LONG, quoted, BAND_PRICE)
+
+
+def test_the_band_is_the_books_nav_at_a_price_not_the_last_one() -> None:
+    """The books' NAV moves with the price (`last_nav` is only the last order's): a quote
+    twice the last NAV is the fair one after the price doubled a 1x long's equity. Any
+    of the prices given will do (the last trade, or the mark when a print strays)."""
+    b = books(product(LONG, Side.LONG, units="1", cash="0", qty="0.002", last_nav="100"))
+    b.check_quote(LONG, D(200), D(100000))
+    with pytest.raises(QuoteOutOfBand, match=r"the books' is 50\.00000000 at 25000"):
+        b.check_quote(LONG, D(200), D(25000))
+    b.check_quote(LONG, D(200), D(25000), D(100000))
+    b.check_quote(LONG, D(200), D(0), D(100000))  # no price yet: the other one decides
+
+
+def test_a_product_without_units_or_price_takes_any_quote() -> None:
+    """Nobody holds units (the order's are all there are, at any NAV) or the books have no
+    price yet: there is nothing to check a quote against."""
+    books(product(LONG, Side.LONG, last_nav="100")).check_quote(LONG, D(10**6), D(50000))
+    banded_books().check_quote(LONG, D(10**6), D(0), D(0))
+
+
+def test_the_quote_band_must_be_above_one() -> None:
+    assert AccountingConfig(quote_band=D("1.5")).quote_band == D("1.5")
+    for band in ("1", "0.5", "1001"):
+        with pytest.raises(ValidationError, match="quote_band"):
+            AccountingConfig(quote_band=D(band))
 
 
 def test_redeeming_all_units_never_pays_more_than_the_equity() -> None:

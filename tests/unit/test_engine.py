@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from shared.core.accounting import BooksOutOfBalance, ProductBook, redeem_terms
+from shared.core.accounting import BooksOutOfBalance, ProductBook, QuoteOutOfBand, redeem_terms
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine, SignalPipeline, Strategy
 from shared.core.events import (
@@ -433,6 +433,28 @@ def quoted_5x_long(
     return config, engine, long, quoted
 
 
+@pytest.mark.parametrize("quoted", ["1000000000000000000000000000000", "0.00000001", "210"])
+def test_an_order_at_a_quote_far_from_the_books_is_refused_and_moves_nothing(
+    quoted: str,
+) -> None:
+    """A NAV no honest quote could be (1e30: it paid the holders' money and the fund's to
+    one close; or a NAV of 1e-8: a deposit bought the product for nothing), and one just
+    over twice the books' (~104.8 after a 1% rise), moves neither the books nor the
+    venue; a quote that old and honest (the NAV at 30,000) still settles."""
+    _, engine, long, fair = quoted_5x_long(Decimal(100_000), Decimal(30300))
+    before = (engine.snapshot(), engine.venue.snapshot())
+    for order in (
+        lambda: engine.deposit(long.product, Decimal(1000), 3, Decimal(quoted)),
+        lambda: engine.redeem(long.product, long.units / 2, 3, Decimal(quoted)),
+    ):
+        with pytest.raises(QuoteOutOfBand, match="within a factor of 2"):
+            order()
+        assert (engine.snapshot(), engine.venue.snapshot()) == before
+    units = long.units
+    engine.deposit(long.product, Decimal(1000), 3, fair)
+    assert long.units > units
+
+
 def test_a_close_at_a_quote_the_market_left_behind_never_takes_nav_below_zero() -> None:
     """The gateway settles at the NAV it quoted, which may be older than the last move: a
     5x long quoted at ~99.68 before a 2% drop, 99% of its units closed at the quote, pays
@@ -503,8 +525,14 @@ def test_a_near_total_exit_leaves_those_who_stay_at_most_at_their_target(
 def test_a_deposit_at_a_quote_below_the_floor_per_unit_costs_the_fund_nothing() -> None:
     """The floor grew with the units: a deposit bought at a quote below the floor per
     unit was insured at more than it paid, and the fund paid the depositor 36,069 USDT.
-    New money is insured at the share a rebalance gives it."""
-    strategy = smart_strategy("BTC-USDT", built_at(5.0))
+    New money is insured at the share a rebalance gives it. (The quote is 1/600 of the
+    books' NAV after the whale's exit at it, which `quote_band` refuses by default: the
+    insurance rule must hold whatever band is configured.)"""
+    config = built_at(5.0)
+    config = config.model_copy(
+        update={"accounting": config.accounting.model_copy(update={"quote_band": Decimal(1000)})}
+    )
+    strategy = smart_strategy("BTC-USDT", config)
     engine, sec = strategy.engine, 1_000_000_000
     short = engine.books.products[f"{SYMBOL}:SHORT"]
     big = engine.deposit(short.product, Decimal(500_000), 0)[0]
@@ -707,7 +735,8 @@ def test_orders_at_fresh_or_stale_quotes_keep_every_nav_above_zero(
     units keeps a NAV above zero and a position (unless too small for a lot), each order
     is hedged in one trade, and the books balance (the engine checks after every call).
     Also across last-trade wicks the mark ignores (the product then held up by an
-    insurance advance)."""
+    insurance advance). A stale quote the books have since moved more than `quote_band`
+    away from is refused, and moves nothing."""
     config = built_at(leverage)
     strategy = smart_strategy("BTC-USDT", config)
     ceiling = Decimal(str(config.leverage.leverage_ceiling))
@@ -733,13 +762,18 @@ def test_orders_at_fresh_or_stale_quotes_keep_every_nav_above_zero(
         nav = quoted[book.product] if stale[0] else None
         if nav is not None and nav <= 0:
             continue  # a gateway refuses to quote at such a NAV
-        if kind == "deposit":
-            events = engine.deposit(book.product, Decimal(size), ts, nav)
-        else:
-            units = (book.units * size / 1000).quantize(Decimal("1e-8"), "ROUND_DOWN")
-            if not units:
-                continue
-            events = engine.redeem(book.product, units, ts, nav)
+        units = (book.units * size / 1000).quantize(Decimal("1e-8"), "ROUND_DOWN")
+        if kind == "redeem" and not units:
+            continue
+        before = (engine.snapshot(), engine.venue.snapshot())
+        try:
+            if kind == "deposit":
+                events = engine.deposit(book.product, Decimal(size), ts, nav)
+            else:
+                events = engine.redeem(book.product, units, ts, nav)
+        except QuoteOutOfBand:  # a stale quote the books moved 2x away from: nothing moves
+            assert nav is not None and (engine.snapshot(), engine.venue.snapshot()) == before
+            continue
         assert sum(isinstance(e, HedgeExecuted) for e in events) <= 1
         for b in books:
             assert b.units == 0 or engine.nav(b.product) > 0, (b.product, engine.nav(b.product))
