@@ -40,6 +40,7 @@ from shared.chart import nav_chart
 from shared.core.accounting import MAX_DEPOSIT
 from shared.core.config import StrategyConfig
 from shared.serving import SERVER_ANSWERED
+from shared.settings import is_host_port
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -287,8 +288,13 @@ def gateway(server: str, api_key: str | None) -> Iterator[Gateway]:
         raise fail("no API key: pass --api-key or set SMARTLEV_API_KEY", 2)
     if not (api_key.isascii() and api_key.isprintable()):  # gRPC metadata cannot carry it
         raise fail("the API key must be printable ASCII", 2)
-    if not server.strip():  # gRPC's resolver printed its internals and a stack trace
-        raise fail(f"--server must be host:port (e.g. {DEFAULT_GATEWAY}), got {server!r}", 2)
+    if not is_host_port(server):  # gRPC's resolver printed its internals, or took the
+        # port modulo 65536 (another server), or none (443)
+        raise fail(
+            f"--server must be host:port, the port 1-65535 (e.g. {DEFAULT_GATEWAY}), "
+            f"got {server!r}",
+            2,
+        )
     channel = grpc.insecure_channel(server)
     try:
         yield Gateway(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -32,9 +32,20 @@ Seconds = Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)]
 SecondsOrZero = Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]
 
 
-def _host_port(text: str) -> bool:
+def is_host_port(text: str) -> bool:
+    """`host:port`, the port 1-65535 (gRPC takes a larger one modulo 65536: 116527 is
+    50991, another server)."""
     host, _, port = text.rpartition(":")
-    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
+    return bool(host.strip()) and port.isdigit() and 1 <= int(port) <= 65535
+
+
+def _host_port(value: str) -> str:
+    if not is_host_port(value):
+        raise ValueError(f"expected host:port (port 1-65535), got {value!r}")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_host_port)]
 
 
 class KafkaSettings(BaseModel):
@@ -48,7 +59,7 @@ class KafkaSettings(BaseModel):
     @classmethod
     def _hosts(cls, value: str) -> str:
         hosts = [h.strip() for h in value.split(",") if h.strip()]
-        if not hosts or not all(_host_port(h) for h in hosts):
+        if not hosts or not all(is_host_port(h) for h in hosts):
             raise ValueError(f"expected host:port[,host:port...] (port 1-65535), got {value!r}")
         return ",".join(hosts)
 

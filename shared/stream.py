@@ -50,7 +50,7 @@ import asyncio
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -207,9 +207,13 @@ class MarketInput(NamedTuple):
     value: Tick | FundingRate
 
 
-def parse_market(message: market_pb2.MarketEvent) -> MarketInput:
+def parse_market(
+    message: market_pb2.MarketEvent, instruments: Collection[str] | None = None
+) -> MarketInput:
     """Validate a MarketEvent every stage can act on (ingestion's own rules, again for
-    any other producer); ValueError says why not."""
+    any other producer); ValueError says why not. `instruments`: the symbols the stage
+    trades; another one is refused where it enters, not carried as state (a table row,
+    a Redis hash, a rebalance) to hedging's refusal."""
     figures: dict[str, Decimal | None]
     if message.HasField("tick"):
         wire: market_pb2.Tick | market_pb2.FundingRateObserved = message.tick
@@ -241,6 +245,9 @@ def parse_market(message: market_pb2.MarketEvent) -> MarketInput:
     bad_symbol = symbol_problem(wire.symbol)
     if bad_symbol is not None:
         raise ValueError(bad_symbol)
+    if instruments is not None and wire.symbol not in instruments:
+        known = ", ".join(sorted(instruments))
+        raise ValueError(f"unknown symbol {wire.symbol!r}; configured: {known}")
     if not 0 < wire.seq <= MAX_SEQ:
         raise ValueError(f"seq must be in [1, 2^53), got {wire.seq}")
     if wire.ts_event_ns <= 0:  # regime opened a bar in 1970 with it
@@ -900,7 +907,11 @@ class StreamRuntime(StageRuntime):
             await self.handle_batch(handle, batch)
 
     async def _high_waters(self, partitions: frozenset[TopicPartition]) -> int:
-        return sum((await self.app.consumer.highwaters(*partitions)).values())
+        """Of the partitions the app reads now: its tables' changelogs stay assigned, and
+        its own writes to them (after an event was handled) are not input waiting."""
+        reads = faust_reads(self.app.tables)
+        read = [tp for tp in partitions if reads(tp)]
+        return sum((await self.app.consumer.highwaters(*read)).values()) if read else 0
 
     async def fail(self, exc: BaseException) -> None:
         self.log.error("stage_failed", error=repr(exc), exc_info=exc)

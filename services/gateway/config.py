@@ -41,8 +41,9 @@ class GatewaySettings(ServiceSettings):
     # up to transport_max_bytes (beyond: RESOURCE_EXHAUSTED before any handler runs).
     max_message_bytes: int = Field(default=64 * 1024, ge=1024)
     transport_max_bytes: int = Field(default=1024 * 1024, ge=1024, le=2**31 - 1)  # gRPC: int32
-    # A NAV older than this (wall clock since the NAV service wrote it) is not traded on.
-    max_nav_age_s: Seconds = 120.0
+    # A NAV older than this (wall clock since the NAV service wrote it) is not traded on;
+    # at least a second (a NAV is written after its price came through four services).
+    max_nav_age_s: float = Field(default=120.0, ge=1, le=86_400, allow_inf_nan=False)
     outbox_poll_s: Seconds = 0.5  # relay sweep when nothing signals it
     # The relay's sweeps begin at most this often, so under load the orders settled
     # meanwhile share one (one Redis read, one produce request, one delete): hedging then
@@ -78,10 +79,17 @@ class GatewaySettings(ServiceSettings):
         return data
 
     @model_validator(mode="after")
-    def _transport_takes_what_the_gateway_checks(self) -> GatewaySettings:
+    def _consistent(self) -> GatewaySettings:
+        """Limits that leave something to do: a transport that takes what the gateway
+        checks, and an order size both limits allow (min_order above max_order refused
+        every open, each amount below one or above the other)."""
         if self.transport_max_bytes < self.max_message_bytes:
             raise ValueError(
                 f"transport_max_bytes ({self.transport_max_bytes}) must be at least "
                 f"max_message_bytes ({self.max_message_bytes})"
+            )
+        if self.min_order > self.max_order:
+            raise ValueError(
+                f"min_order ({self.min_order}) must be at most max_order ({self.max_order})"
             )
         return self

@@ -10,7 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from services.ingestion.synthetic import Scenario
 from shared.adapters.market_data import parse_time
@@ -48,6 +48,15 @@ class IngestionSettings(ServiceSettings):
     # broker or Redis down: rebuild and resume after a pause doubling up to the max
     retry_backoff_s: Seconds = 0.5
     retry_backoff_max_s: Seconds = 10.0
+
+    @model_validator(mode="after")
+    def _backoff_within_its_max(self) -> IngestionSettings:
+        if self.retry_backoff_s > self.retry_backoff_max_s:
+            raise ValueError(
+                f"retry_backoff_s ({self.retry_backoff_s}) must be at most "
+                f"retry_backoff_max_s ({self.retry_backoff_max_s})"
+            )
+        return self
 
     @field_validator("start", "end")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 
 import faust
 from faust.types import EventT
@@ -32,6 +33,7 @@ def build(settings: LeverageSettings, config: StrategyConfig | None = None) -> S
     regimes = runtime.input(MARKET_REGIMES)
     targets = runtime.output(LEVERAGE_TARGETS)
     store = ApplyOnceStore(runtime.connect_redis(), namespace=f"{settings.namespace}lev")
+    parse_known = partial(parse_regime_update, instruments=config.instruments)
 
     async def load(symbol: str) -> SymbolControllers:
         fields, _ = await store.read(symbol, STATE)
@@ -45,7 +47,7 @@ def build(settings: LeverageSettings, config: StrategyConfig | None = None) -> S
         outputs: list[Outgoing] = []
         done: list[int] = []
         for event in batch:
-            update = await runtime.parse(regimes, event.message, parse_regime_update)
+            update = await runtime.parse(regimes, event.message, parse_known)
             if update is None:
                 continue
             market = update.market

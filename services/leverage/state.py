@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,11 +37,14 @@ class RegimeInput(NamedTuple):
         return self.market.symbol
 
 
-def parse_regime_update(message: market_pb2.RegimeUpdate) -> RegimeInput:
-    """ValueError when the update cannot be acted on (-> DLQ)."""
+def parse_regime_update(
+    message: market_pb2.RegimeUpdate, instruments: Collection[str] | None = None
+) -> RegimeInput:
+    """ValueError when the update cannot be acted on (-> DLQ); `instruments` as in
+    `parse_market`."""
     if not message.HasField("market"):
         raise ValueError("no market event in RegimeUpdate")
-    market = parse_market(message.market)
+    market = parse_market(message.market, instruments)
     if not message.HasField("regime"):
         return RegimeInput(market, None)
     if not isinstance(market.value, Tick):

@@ -13,6 +13,7 @@ rows of each symbol once).
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import faust
 from faust.types import EventT
@@ -40,6 +41,7 @@ def build(settings: RegimeSettings, config: StrategyConfig | None = None) -> Str
         extra_topic_configs={"segment.ms": str(COMPACTED_SEGMENT_MS)},
     )
     live: dict[str, SymbolSignals] = {}
+    parse_known = partial(parse_market, instruments=config.instruments)
 
     def load(symbol: str) -> SymbolSignals:
         row = table.get(symbol)
@@ -55,7 +57,7 @@ def build(settings: RegimeSettings, config: StrategyConfig | None = None) -> Str
         outputs: list[Outgoing] = []
         done: list[int] = []
         for event in batch:
-            market = await runtime.parse(ticks, event.message, parse_market)
+            market = await runtime.parse(ticks, event.message, parse_known)
             if market is None:
                 continue
             symbol = market.symbol

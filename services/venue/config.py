@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from shared.settings import Seconds, SecondsOrZero, ServiceSettings, service_config
+
+# The calls of one order's step at most: its transfer and a slice per 2M of notional
+# (1e9, MAX_DEPOSIT, is 500 slices), with room.
+MIN_IDS_KEPT = 1_000
 
 
 class VenueSettings(ServiceSettings):
@@ -22,3 +26,13 @@ class VenueSettings(ServiceSettings):
     # order it had begun: a rebalance is one call per 2M of notional), so this must
     # exceed the calls of the largest such step, or a repeat past it applies again.
     applied_ids_kept: int = Field(default=100_000, ge=0)
+
+    @field_validator("applied_ids_kept")
+    @classmethod
+    def _more_than_a_step(cls, value: int) -> int:
+        if 0 < value < MIN_IDS_KEPT:
+            raise ValueError(
+                f"must be 0 (all) or at least {MIN_IDS_KEPT:,}: a repeated step of more "
+                "calls than are remembered applies its first ones again"
+            )
+        return value

@@ -9,8 +9,9 @@ hedge.fills; then the deposits and a real day of BTC go through. The good flow m
 untouched: its NAV series equals the backtester's to the unit (a bad message that was
 applied, or a consumer that stopped, breaks that), and each bad message is on its .dlq
 exactly once, dead-lettered by its consumer, with a reason. So is a valid market event
-keyed by another symbol than its own (it sits in that symbol's partition), and anything
-keyed by bytes that are not UTF-8.
+keyed by another symbol than its own (it sits in that symbol's partition), one of a
+symbol no instrument has (refused by the first stage it reaches, not carried on as
+state), and anything keyed by bytes that are not UTF-8.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ pytestmark = pytest.mark.integration
 
 WINDOW = Slice("2021-05-12", "2021-05-13")
 CARRY_A_MARKET_EVENT = {MARKET_TICKS.name, MARKET_REGIMES.name, LEVERAGE_TARGETS.name}
+UNKNOWN_SYMBOL = "DOGE-USDT"  # well formed, not an instrument of StrategyConfig
 
 
 def test_fault_payloads_really_fail_to_decode() -> None:
@@ -74,11 +76,16 @@ def test_bad_input_on_every_topic_is_dead_lettered_and_the_flow_goes_on(
             )
             sent[consumed.topic.name] = dict(zip(where, kinds, strict=True))
             valid = codec.encode(consumed.wrap(market()))
-            for kind, key in (("mis_keyed", "ETH-USDT"), ("key_not_utf8", b"\xff\xfe")):
-                if kind == "mis_keyed" and consumed.topic.name not in CARRY_A_MARKET_EVENT:
+            stranger = codec.encode(consumed.wrap(market(symbol=UNKNOWN_SYMBOL)))
+            for kind, key, value in (
+                ("mis_keyed", "ETH-USDT", valid),
+                ("key_not_utf8", b"\xff\xfe", valid),
+                ("unknown_symbol", UNKNOWN_SYMBOL, stranger),
+            ):
+                if kind != "key_not_utf8" and consumed.topic.name not in CARRY_A_MARKET_EVENT:
                     continue  # (the others' `valid` is refused for its content)
                 where = publish_raw(
-                    kafka_bootstrap, pipeline.topic(consumed.topic.name), [valid], key
+                    kafka_bootstrap, pipeline.topic(consumed.topic.name), [value], key
                 )
                 sent[consumed.topic.name][where[0]] = kind
         for product in PRODUCTS:
@@ -111,6 +118,8 @@ def test_bad_input_on_every_topic_is_dead_lettered_and_the_flow_goes_on(
             kind = sent[name][(letter.partition, letter.offset)]
             if kind == "mis_keyed":
                 assert letter.reason == "record key 'ETH-USDT' is not its symbol 'BTC-USDT'"
+            if kind == "unknown_symbol":  # refused where it enters, kept as no state
+                assert letter.reason.startswith(f"unknown symbol {UNKNOWN_SYMBOL!r}"), letter
             if kind == "key_not_utf8":
                 assert letter.key == b"\xff\xfe", letter
                 if name in CARRY_A_MARKET_EVENT:

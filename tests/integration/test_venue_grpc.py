@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from smartlev.v1 import venue_pb2, venue_pb2_grpc
 
-from services.venue.config import VenueSettings
+from services.venue.config import MIN_IDS_KEPT, VenueSettings
 from services.venue.main import VenueServer
 from shared.adapters.venue_client import RemoteVenue, fill_from_wire, venue_channel
 from shared.core.config import StrategyConfig
@@ -151,15 +151,16 @@ async def test_the_venue_remembers_its_newest_call_ids_only(env: tuple[Redis, st
     """Its records of applied calls are bounded (`applied_ids_kept`); the newest still
     answer a repeat with the original reply and change nothing."""
     redis, namespace = env
-    async with Venue(redis, namespace, ids_kept=3) as venue:
+    async with Venue(redis, namespace, ids_kept=MIN_IDS_KEPT) as venue:
         await venue.stub.Transfer(
             venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="t1", amount="1000000")
         )
-        fills = [await venue.stub.SubmitOrder(order(f"o{n}", "0.1")) for n in range(5)]
+        n = MIN_IDS_KEPT + 2
+        fills = [await venue.stub.SubmitOrder(order(f"o{i}", "0.001")) for i in range(n)]
         applied = f"{namespace}venue:{{{SYMBOL}}}:applied"
-        assert set(await redis.hkeys(applied)) == {"o2", "o3", "o4"}
+        assert set(await redis.hkeys(applied)) == {f"o{i}" for i in range(2, n)}  # t1, o0, o1 out
         before = await account(venue.stub)
-        assert await venue.stub.SubmitOrder(order("o3", "0.1")) == fills[3]
+        assert await venue.stub.SubmitOrder(order("o3", "0.001")) == fills[3]
         assert await account(venue.stub) == before
 
 

@@ -263,13 +263,18 @@ def test_a_key_metadata_cannot_carry_is_a_usage_error(cli: CliRunner, key: str) 
     assert error_line(result.stderr) == "error: the API key must be printable ASCII"
 
 
-@pytest.mark.parametrize("server", ["", " "])
-def test_an_empty_server_is_a_usage_error(cli: CliRunner, server: str) -> None:
-    """gRPC's resolver printed its internal log lines and a stack trace, exit 1."""
-    result = cli.invoke(app, ["products", "--server", server])
+@pytest.mark.parametrize(
+    "server", ["", " ", "127.0.0.1:116527", "127.0.0.1:0", "127.0.0.1", "ipv4:1.2.3", ":50051"]
+)
+def test_a_server_that_is_not_host_port_is_a_usage_error(cli: CliRunner, server: str) -> None:
+    """gRPC's resolver printed its internal log lines and a stack trace, exit 1 (blank,
+    or no port number); took port 116527 as 50991 (116527 - 65536: another server); and
+    went to 443 with no port at all."""
+    result = cli.invoke(app, ["products", "--server", server, "--api-key", "k"])
     assert result.exit_code == 2
     assert error_line(result.stderr) == (
-        f"error: --server must be host:port (e.g. 127.0.0.1:50051), got {server!r}"
+        "error: --server must be host:port, the port 1-65535 (e.g. 127.0.0.1:50051), "
+        f"got {server!r}"
     )
 
 

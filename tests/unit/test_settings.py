@@ -7,7 +7,16 @@ import pytest
 from pydantic import ValidationError
 
 from services.gateway.config import GatewaySettings
+from services.hedging.config import HedgingSettings
+from services.ingestion.config import IngestionSettings
 from services.venue.config import VenueSettings
+
+SETTINGS = {
+    "GATEWAY": GatewaySettings,
+    "HEDGING": HedgingSettings,
+    "VENUE": VenueSettings,
+    "INGESTION": IngestionSettings,
+}
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "1e9"])
@@ -67,3 +76,52 @@ def test_a_kafka_address_is_host_and_port(bootstrap: str, monkeypatch: pytest.Mo
 def test_kafka_addresses_are_kept_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SMARTLEV_VENUE_KAFKA__BOOTSTRAP", " a:9092, b.example:19092 ,[::1]:9093")
     assert VenueSettings().kafka.bootstrap == "a:9092,b.example:19092,[::1]:9093"
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "refused"),
+    [
+        ("SMARTLEV_GATEWAY_MIN_ORDER", "1000000.01", "min_order .* must be at most max_order"),
+        ("SMARTLEV_GATEWAY_MAX_NAV_AGE_S", "0.5", "max_nav_age_s"),
+        ("SMARTLEV_HEDGING_VENUE_ADDRESS", "127.0.0.1:116527", r"host:port \(port 1-65535\)"),
+        ("SMARTLEV_HEDGING_VENUE_ADDRESS", "127.0.0.1", r"host:port \(port 1-65535\)"),
+        ("SMARTLEV_VENUE_APPLIED_IDS_KEPT", "999", "0 \\(all\\) or at least 1,000"),
+        (
+            "SMARTLEV_INGESTION_RETRY_BACKOFF_S",
+            "11",
+            "retry_backoff_s .* at most retry_backoff_max",
+        ),
+    ],
+)
+def test_settings_that_leave_nothing_to_do_or_break_a_rule_are_refused(
+    env: str, value: str, refused: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each was taken: a minimum order above the maximum refused every open; a NAV age
+    under a second left nothing tradable; a venue address past port 65535 reached
+    another port (gRPC takes it modulo 65536), none went to 443; remembering fewer
+    venue call ids than a step makes applied a repeated step's first calls again; a
+    backoff above its own maximum."""
+    settings = SETTINGS[env.split("_")[1]]
+    settings()  # the defaults are fine
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValidationError, match=refused):
+        settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("SMARTLEV_GATEWAY_MIN_ORDER", "1000000"),
+        ("SMARTLEV_GATEWAY_MAX_NAV_AGE_S", "1"),
+        ("SMARTLEV_HEDGING_VENUE_ADDRESS", "[::1]:50052"),
+        ("SMARTLEV_VENUE_APPLIED_IDS_KEPT", "0"),
+        ("SMARTLEV_VENUE_APPLIED_IDS_KEPT", "1000"),
+        ("SMARTLEV_INGESTION_RETRY_BACKOFF_S", "10"),
+    ],
+)
+def test_the_edges_of_those_rules_are_taken(
+    env: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = SETTINGS[env.split("_")[1]]
+    monkeypatch.setenv(env, value)
+    assert str(getattr(settings(), env.split("_", 2)[2].lower())) in {value, f"{value}.0"}

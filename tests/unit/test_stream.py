@@ -525,3 +525,32 @@ async def test_events_dropped_at_a_gap_are_read_again_never_acked() -> None:
     assert set(consumer._unacked_messages) == set()  # forgotten: no rebalance waits
     assert [offset for batch in handed for offset in batch] == [500, 501, 502, 503]
     assert stream.acked == [500, 501, 502, 503]  # only what was handed out and handled
+
+
+async def test_the_stalled_checks_input_leaves_out_the_changelogs_the_app_writes() -> None:
+    """regime's table changelog stays assigned to its consumer, and every batch writes to
+    it after the events were handled: counted, a probe between the two saw input that
+    nobody would handle, and an idle stage read as stuck 15 minutes later. What counts
+    is what the app reads: its input topics, and the changelogs only while it recovers."""
+    runtime = StreamRuntime(ServiceSettings(service="regime", namespace="t7."))
+    table = runtime.app.Table("regime-state", default=None, partitions=1)
+    ticks = TP(f"t7.{MARKET_TICKS.name}", 0)
+    changelog = TP(table.changelog_topic.get_topic_name(), 0)
+    marks = {ticks: 40, changelog: 7}
+
+    class Consumer:
+        def assignment(self) -> set[TP]:
+            return {ticks, changelog}
+
+        async def highwaters(self, *partitions: TP) -> dict[TP, int]:
+            return {tp: marks[tp] for tp in partitions}
+
+    runtime.app.consumer = Consumer()  # type: ignore[assignment]
+    assigned, mark = await runtime._input_mark()
+    assert assigned == {ticks, changelog} and mark == 40
+    marks[changelog] = 9  # the app's own rows, after the batch
+    assert (await runtime._input_mark())[1] == 40
+    marks[ticks] = 41
+    assert (await runtime._input_mark())[1] == 41
+    runtime.app.tables.recovery.in_recovery = True  # recovering: reading the changelog
+    assert (await runtime._input_mark())[1] == 50
