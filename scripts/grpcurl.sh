@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # grpcurl, installed on first use into .cache/bin with the machine's Go (module proxy).
 # Usage: bash scripts/grpcurl.sh [grpcurl flags...], e.g.
-#   bash scripts/grpcurl.sh -plaintext -H 'authorization: Bearer dev-key' 127.0.0.1:50051 list
+#   bash scripts/grpcurl.sh -plaintext -H 'authorization: Bearer dev-alice-key' 127.0.0.1:50051 list
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VERSION="${GRPCURL_VERSION:-v1.9.1}"

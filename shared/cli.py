@@ -108,14 +108,16 @@ def backtest(
     """Run the smart long and short products beside fixed-leverage benchmarks."""
     settings = load_config(config)
     try:
-        seed = Decimal(capital)
         settings.instrument(symbol)
-    except (ArithmeticError, ValueError) as exc:
+    except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    wanted = f"--capital must be {MIN_CAPITAL:,} to {MAX_CAPITAL:,} USDT, got {capital!r}"
+    try:
+        seed = Decimal(capital)
+    except ArithmeticError:  # its own text is decimal's internals ([<class ...>])
+        raise typer.BadParameter(wanted) from None
     if not seed.is_finite() or not MIN_CAPITAL <= seed <= MAX_CAPITAL:
-        raise typer.BadParameter(
-            f"--capital must be {MIN_CAPITAL:,} to {MAX_CAPITAL:,} USDT, got {capital}"
-        )
+        raise typer.BadParameter(wanted)
     start_ns, end_ns = _parse_time(start, "--start"), _parse_time(end, "--end")
     interval = settings.features.bar_seconds * 1_000_000_000
     try:

@@ -52,6 +52,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -536,6 +537,11 @@ class FaustInput(Input):
     topic: TopicT
 
 
+# The positions (topic, partition, offset) a batch being handled has dead-lettered, so a
+# re-run after a transient error does not send them again (`StageRuntime.handle_batch`).
+_LETTERED: ContextVar[set[tuple[str, int, int]] | None] = ContextVar("lettered", default=None)
+
+
 @dataclass
 class StageRuntime:
     """What every stage runtime shares, however it reads its input (see the module doc):
@@ -608,7 +614,12 @@ class StageRuntime:
 
     async def reject(self, inp: Input, record: Record, reason: str) -> None:
         """Send the record to the input's DLQ with `reason` (waits for the ack). Also for
-        input that decodes but the stage's state refuses (e.g. a tick back in time)."""
+        input that decodes but the stage's state refuses (e.g. a tick back in time).
+        Once per batch however often a transient error re-runs it (`handle_batch`)."""
+        where = (record.topic, record.partition, record.offset)
+        lettered = _LETTERED.get()
+        if lettered is not None and where in lettered:
+            return
         letter = dead_letter(
             topic=record.topic,
             partition=record.partition,
@@ -621,6 +632,8 @@ class StageRuntime:
         )
         # the letter's Kafka key counts against the broker's limit too: cut like its field
         await self.send(inp.dlq, record_key(record)[:LETTER_KEY_BYTES], letter)
+        if lettered is not None:
+            lettered.add(where)
         self._count(inp, "dead_lettered").inc()
         self.last_progress = time.monotonic()
         self.log.warning(
@@ -666,22 +679,27 @@ class StageRuntime:
         (same outputs again, seq-guarded state); any other error stops the stage with
         the batch unacknowledged (`fail`), so it is redelivered on restart, never
         skipped. So `handle` must take its state from the store, not from what a failed
-        run left in memory."""
+        run left in memory. Its dead letters go out once, in the first run that reaches
+        them (each run refuses the same records)."""
         pause = self.retry_backoff_s
         if self.freeze_heap_at_first_batch:  # up and reading: its heap is built
             self.freeze_heap_at_first_batch = False
             self.log.info("heap_frozen", objects=freeze_heap())
         self._batch_events.observe(len(batch))
-        while True:
-            try:
-                await handle(batch)
-                return
-            except Exception as exc:
-                if not is_transient(exc):
-                    await self.fail(exc)
-                self.log.warning("batch_retry", events=len(batch), error=repr(exc))
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 5.0)
+        lettered = _LETTERED.set(set())  # this task's batch's: see `reject`
+        try:
+            while True:
+                try:
+                    await handle(batch)
+                    return
+                except Exception as exc:
+                    if not is_transient(exc):
+                        await self.fail(exc)
+                    self.log.warning("batch_retry", events=len(batch), error=repr(exc))
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+        finally:
+            _LETTERED.reset(lettered)
 
     async def fail(self, exc: BaseException) -> None:
         """Stop the stage without acknowledging the input in hand; never returns (the

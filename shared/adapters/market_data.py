@@ -437,8 +437,11 @@ def load_market(
     interval_ns: int = NS_PER_HOUR,
 ) -> MarketFiles:
     """What the backtest command and the replay stream both run on: the files loaded and
-    checked against each other (DataError if the marks are another market's, or the
-    marks or the funding stop short of the bars)."""
+    checked against each other (DataError if a file is named for another market, the
+    marks are another market's, or the marks or the funding stop short of the bars)."""
+    for path in (data, funding, marks):
+        if path is not None:
+            check_named_for(path, symbol)
     bars, report = load_bars(
         data, symbol, start_ns=start_ns, end_ns=end_ns, interval_ns=interval_ns
     )
@@ -454,6 +457,20 @@ def load_market(
         check_marks_match(bars, mark_prices, str(marks))
     check_covered(bars, interval_ns, mark_prices, str(marks), rates, str(funding))
     return MarketFiles(bars, rates, mark_prices, reports)
+
+
+def check_named_for(path: Path, symbol: str) -> None:
+    """DataError if the file's name starts with another market's symbol in the data
+    files' naming (`BTCUSDT_perp_1h...` given for ETH-USDT: its prices traded as the
+    other market's, silently, unless marks were given to cross-check). A name that
+    names no market this way (`prices.csv`) is not judged."""
+    base, _, quote = symbol.partition("-")
+    named = path.stem.split("_", 1)[0]
+    if named.isupper() and named.isalnum() and named.endswith(quote) and named != base + quote:
+        raise DataError(
+            f"{path}: the file is named for {named}, not {symbol} ({base + quote}_...); "
+            "pass the files of the market traded"
+        )
 
 
 def check_marks_match(bars: Sequence[Bar], marks: Mapping[int, Decimal], marks_name: str) -> None:

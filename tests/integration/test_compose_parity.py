@@ -13,6 +13,7 @@ reach Kafka/Redis by container name instead of 127.0.0.1.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,21 @@ KAFKA_ADDRESS_PROPS = {
     "log.dirs",
 }
 REDIS_SETTINGS = ("appendonly", "appendfsync", "save", "maxmemory", "maxmemory-policy")
+# kafka-run-class.sh's own when the image's environment sets none.
+KAFKA_IMAGE_PERFORMANCE_OPTS = (
+    "-server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 "
+    "-XX:+ExplicitGCInvokesConcurrent -XX:MaxInlineLevel=15 -Djava.awt.headless=true"
+)
+DOCKER_STOP_GRACE = "10s"  # Compose's default stop_grace_period
+
+
+def seconds(duration: str | int) -> float:
+    """A Compose duration ("30s", "1m30s", "500ms") in seconds."""
+    text, total = str(duration), 0.0
+    for amount, unit in re.findall(r"([0-9.]+)(ms|h|m|s|us)", text):
+        total += float(amount) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}[unit]
+    return total
+
 
 runner = load_stack_runner()
 
@@ -111,6 +127,11 @@ def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[s
     heap = f"-Xmx{native.kafka_cfg.get('heap', '512m')}"
     if heap not in env.get("KAFKA_HEAP_OPTS", "").split():
         diffs.append(f"kafka KAFKA_HEAP_OPTS {env.get('KAFKA_HEAP_OPTS')!r} lacks {heap}")
+    jvm = set(env.get("KAFKA_JVM_PERFORMANCE_OPTS", KAFKA_IMAGE_PERFORMANCE_OPTS).split())
+    jvm |= set(env.get("KAFKA_OPTS", "").split())
+    for flag in sorted(a for a in native.kafka().argv() if a.startswith("-XX:")):
+        if flag not in jvm:  # -XX:+ExitOnOutOfMemoryError: else a broken broker runs on
+            diffs.append(f"kafka JVM flag {flag} is native only")
     props = {env_to_property(k): v for k, v in env.items() if k not in KAFKA_IMAGE_ENV}
     nprops = native.kafka_props
     for key in sorted((set(nprops) | set(props)) - KAFKA_ADDRESS_PROPS):
@@ -203,6 +224,7 @@ def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[s
     elif inits:
         diffs.append(f"compose has init services {inits}; native has no init steps")
 
+    components = {c.name: c for c in native.all()}
     for name, role in sorted(roles.items()):
         restart = services[name].get("restart")
         if role in ("infra", "service") and restart != "unless-stopped":
@@ -210,6 +232,13 @@ def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[s
                 f"{name}: restart {restart!r}, not 'unless-stopped' (the native stack's "
                 "supervisor starts again whatever exits)"
             )
+        if name in components:  # the time a SIGTERM has before the kill
+            grace = seconds(services[name].get("stop_grace_period", DOCKER_STOP_GRACE))
+            if grace != components[name].stop_timeout_s:
+                diffs.append(
+                    f"{name}: stop_grace_period {grace:g}s, native "
+                    f"{components[name].stop_timeout_s:g}s"
+                )
 
     native_services = {s.name: s for s in native.cfg.services}
     grpc_ports = {
@@ -309,6 +338,16 @@ def _set(name: str, key: str, value: Any) -> Callable[[dict[str, Any]], None]:
         ),
         (_set("redis", "ports", ["6379:6379"]), "redis published ports"),
         (_set("kafka", "restart", "no"), "kafka: restart 'no', not 'unless-stopped'"),
+        (_env("kafka", "KAFKA_OPTS", None), "kafka JVM flag -XX:+ExitOnOutOfMemoryError"),
+        (  # the image's defaults are replaced, G1 with them
+            _env("kafka", "KAFKA_JVM_PERFORMANCE_OPTS", "-server"),
+            "kafka JVM flag -XX:+UseG1GC",
+        ),
+        (  # Docker's default: killed 10 s after the SIGTERM
+            lambda c: c["services"]["kafka"].pop("stop_grace_period"),
+            "kafka: stop_grace_period 10s, native 30s",
+        ),
+        (_set("gateway", "stop_grace_period", "1m"), "gateway: stop_grace_period 60s, native 20s"),
         (_env("init", "SMARTLEV_TOPICS_KAFKA__BOOTSTRAP", "127.0.0.1:9092"), "init environment"),
         (_set("nav", "healthcheck", None), "service nav: healthcheck"),
         (

@@ -205,11 +205,12 @@ def test_cli_reports_the_marks_it_loaded(tmp_path: Path) -> None:
 
 @needs_data
 def test_cli_refuses_marks_of_another_market_and_writes_nothing(tmp_path: Path) -> None:
-    """BTC bars with ETH marks ran, the 2x and 3x longs liquidated on the first tick."""
+    """BTC bars with ETH marks ran, the 2x and 3x longs liquidated on the first tick (the
+    file's name says whose they are; the content check is test_market_data's)."""
     outcome = backtest_btc_with_marks("ETHUSDT_mark_1h_2019_2023.csv", tmp_path / "out")
     assert outcome.exit_code == 2
     printed = " ".join(outcome.output.split())
-    assert "ETHUSDT_mark_1h_2019_2023.csv: the marks are not this market's" in printed
+    assert "ETHUSDT_mark_1h_2019_2023.csv: the file is named for ETHUSDT, not BTC-USDT" in printed
     assert "Traceback" not in outcome.output
     assert not (tmp_path / "out").exists()
 
@@ -253,6 +254,9 @@ def test_cli_refuses_bad_data_with_a_clear_error(
         (["--capital", "-5"], "--capital must be 1 to 1,000,000,000 USDT"),
         (["--capital", "1e-7"], "--capital must be 1 to 1,000,000,000 USDT"),  # buys no units
         (["--capital", "1e15"], "--capital must be 1 to 1,000,000,000 USDT"),  # ran out of memory
+        # decimal's own text: "Invalid value: [<class 'decimal.ConversionSyntax'>]"
+        (["--capital", "abc"], "--capital must be 1 to 1,000,000,000 USDT, got 'abc'"),
+        (["--capital", "0x10"], "--capital must be 1 to 1,000,000,000 USDT, got '0x10'"),
         (["--out", "{file}/o"], "cannot create"),
     ],
 )

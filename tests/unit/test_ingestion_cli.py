@@ -30,6 +30,7 @@ def test_times_are_iso_8601_in_utc_unless_they_say_otherwise() -> None:
         ("end", "2021-13-01", "'2021-13-01' is not an ISO-8601 time"),
         ("data", "/nonexistent/perp.csv", "no such file: /nonexistent/perp.csv"),
         ("funding", "/nonexistent/funding.csv", "no such file"),
+        ("symbol", "DOGE-USDT", "unknown symbol 'DOGE-USDT'; configured: BTC-USDT, ETH-USDT"),
     ],
 )
 def test_bad_settings_say_what_is_wrong(field: str, value: str, message: str) -> None:
@@ -43,6 +44,10 @@ def test_bad_settings_say_what_is_wrong(field: str, value: str, message: str) ->
         (["replay", "--data", "/nonexistent/perp.csv"], "no such file"),
         (["replay", "--data", str(PERP), "--start", "yesterday"], "is not an ISO-8601 time"),
         (["replay", "--data", str(data_dir() / "README.md")], "missing required column"),
+        (  # BTC's prices published as ETH's, which the gateway then trades at
+            ["replay", "--symbol", "ETH-USDT", "--data", str(PERP)],
+            "the file is named for BTCUSDT, not ETH-USDT (ETHUSDT_...)",
+        ),
     ],
 )
 def test_a_replay_of_something_that_is_not_the_data_stops_in_one_line(

@@ -19,6 +19,7 @@ from shared.adapters.market_data import (
     DataError,
     LoadReport,
     check_marks_match,
+    check_named_for,
     load_bars,
     load_funding,
     load_marks,
@@ -259,12 +260,44 @@ def test_marks_of_another_market_are_refused() -> None:
     assert "a median 93.7% from the traded closes over 35269 hour(s)" in message
 
 
-def test_a_replay_refuses_marks_of_another_market_as_the_backtest_does() -> None:
-    """`backtest_stream` (ingestion's replay) is the backtest's stream: the same refusal."""
+def test_a_replay_refuses_marks_of_another_market_as_the_backtest_does(tmp_path: Path) -> None:
+    """`backtest_stream` (ingestion's replay) is the backtest's stream: the same refusal,
+    also of marks whose file name does not say whose they are."""
     window = {"start_ns": ns("2021-05-01T00:00:00Z"), "end_ns": ns("2021-05-03T00:00:00Z")}
     assert next(iter(backtest_stream(BTC_PERP, "BTC-USDT", marks=BTC_MARK, **window)))
+    unnamed = tmp_path / "marks.csv"
+    unnamed.write_bytes(ETH_MARK.read_bytes())
     with pytest.raises(DataError, match="the marks are not this market's"):
-        backtest_stream(BTC_PERP, "BTC-USDT", marks=ETH_MARK, **window)
+        backtest_stream(BTC_PERP, "BTC-USDT", marks=unnamed, **window)
+
+
+@pytest.mark.parametrize(
+    ("name", "symbol", "refused"),
+    [
+        ("BTCUSDT_perp_1h_2019_2023.csv", "ETH-USDT", True),
+        ("ETHUSDT_funding_8h_2019_2023.csv", "BTC-USDT", True),
+        ("BTCUSDT_perp_1h_2019_2023.csv", "BTC-USDT", False),
+        ("ETHUSDT.csv", "BTC-USDT", True),
+        ("prices_1h.csv", "ETH-USDT", False),  # names no market: not judged
+        ("BTC_1h.csv", "ETH-USDT", False),  # not the data files' naming
+        ("ETHBTC_perp.csv", "ETH-USDT", False),  # another quote: not this naming either
+    ],
+)
+def test_a_file_named_for_another_market_is_refused(name: str, symbol: str, refused: bool) -> None:
+    """BTC's hours replayed as ETH-USDT (a mistyped --symbol, or file) were taken: ETH's
+    products marked at BTC's prices, unless marks were given to cross-check."""
+    if not refused:
+        check_named_for(Path(name), symbol)
+        return
+    with pytest.raises(DataError, match=f"the file is named for .*, not {symbol}"):
+        check_named_for(Path(name), symbol)
+
+
+def test_the_backtest_and_the_replay_refuse_another_markets_files() -> None:
+    window = {"start_ns": ns("2021-05-01T00:00:00Z"), "end_ns": ns("2021-05-03T00:00:00Z")}
+    for files in ({"data": BTC_PERP}, {"data": ETH_PERP, "marks": BTC_MARK}):
+        with pytest.raises(DataError, match="is named for BTCUSDT, not ETH-USDT"):
+            backtest_stream(symbol="ETH-USDT", **files, **window)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("mark", "refused"), [("104.9", False), ("95.1", False), ("105.1", True)])

@@ -554,3 +554,43 @@ async def test_the_stalled_checks_input_leaves_out_the_changelogs_the_app_writes
     assert (await runtime._input_mark())[1] == 41
     runtime.app.tables.recovery.in_recovery = True  # recovering: reading the changelog
     assert (await runtime._input_mark())[1] == 50
+
+
+async def test_a_batch_re_run_after_a_transient_error_dead_letters_its_records_once() -> None:
+    """A transient error later in a batch (Redis down at leverage's state write, a broker
+    timeout) re-runs the whole batch, and every run sent its bad records' dead letters
+    again: six letters for one record over five retries. Once per batch now; a record
+    of the next batch at another position is dead-lettered as ever."""
+    runtime = StreamRuntime(ServiceSettings(service="regime", namespace="t8."))
+    runtime.retry_backoff_s = 0.001
+    ticks = runtime.input(MARKET_TICKS)
+    sent: list[Any] = []
+
+    async def send(topic: Any, key: str, value: Any) -> None:
+        sent.append(value)
+
+    runtime.send = send  # type: ignore[method-assign]
+
+    def bad(offset: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            topic="t8.market.ticks", partition=0, offset=offset, key=b"BTC-USDT", value=b"\xff"
+        )
+
+    runs = 0
+
+    async def handle(batch: list[SimpleNamespace]) -> None:
+        nonlocal runs
+        runs += 1
+        for record in batch:
+            await runtime.parse(ticks, record, parse_market)
+        if runs < 4:
+            raise ConnectionError("Redis went away")  # transient: the batch runs again
+
+    await runtime.handle_batch(handle, [bad(5), bad(6)])
+    assert runs == 4
+    assert [(letter.offset, letter.reason[:9]) for letter in sent] == [
+        (5, "malformed"),
+        (6, "malformed"),
+    ]
+    await runtime.handle_batch(handle, [bad(5), bad(7)])  # a redelivery, then a new one
+    assert [letter.offset for letter in sent] == [5, 6, 5, 7]
