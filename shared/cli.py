@@ -356,11 +356,16 @@ def _columns(table: Table, names: tuple[str, ...], left: tuple[str, ...]) -> Non
         table.add_column(name, justify="left" if name in left else "right", no_wrap=True)
 
 
+def fits(table: Table) -> bool:
+    """Whether the terminal is wide enough for every digit and id of `table`."""
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    return natural <= console.width
+
+
 def show(table: Table, records: Callable[[], list[Table]]) -> None:
     """The table if the terminal is wide enough for every digit and id, else one
     field/value record per row (a cut id or amount is worse than a longer listing)."""
-    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
-    if natural <= console.width:
+    if fits(table):
         console.print(table)
     else:
         for record in records():
@@ -602,25 +607,45 @@ class NavBoard:
         self.updates += 1
 
     def table(self) -> Table:
+        """As many columns as the terminal shows whole, the least wanted left out first
+        (a live board cannot fall back to records as `show` does; a cut NAV is worse
+        than a missing column); product, NAV and price always, wrapped if they must."""
+        shown = list(WATCH_COLUMNS)
+        for column in WATCH_DROPPED_FIRST:
+            table = self._table(shown)
+            if fits(table):
+                return table
+            shown.remove(column)
+        return self._table(shown, wrap=True)
+
+    def _table(self, shown: list[str], wrap: bool = False) -> Table:
         table = Table(title=f"NAV live ({self.updates} updates; Ctrl-C to stop)")
-        columns = ("product", "NAV", "change", "price", "target", "actual", "regime",
-                   "market time")  # fmt: skip
-        _columns(table, columns, left=("product",))
+        for name in shown:
+            table.add_column(
+                name,
+                justify="left" if name == "product" else "right",
+                no_wrap=not wrap,
+                overflow="fold",
+            )
         for product in sorted(self.rows):
             u = self.rows[product]
             start = self.first.get(product)
-            change = f"{Decimal(u.nav) / start - 1:+.2%}" if u.nav and start else "-"
-            table.add_row(
-                product,
-                _num(u.nav),
-                change,
-                _num(u.price) if u.price != "0" else "-",
-                _leverage(u.target_leverage),
-                _leverage(u.actual_leverage),
-                _regime(u.regime),
-                _when(u.ts_event_ns),
-            )
+            cells = {
+                "product": product,
+                "NAV": _num(u.nav),
+                "change": f"{Decimal(u.nav) / start - 1:+.2%}" if u.nav and start else "-",
+                "price": _num(u.price) if u.price != "0" else "-",
+                "target": _leverage(u.target_leverage),
+                "actual": _leverage(u.actual_leverage),
+                "regime": _regime(u.regime),
+                "market time": _when(u.ts_event_ns),
+            }
+            table.add_row(*(cells[name] for name in shown))
         return table
+
+
+WATCH_COLUMNS = ("product", "NAV", "change", "price", "target", "actual", "regime", "market time")
+WATCH_DROPPED_FIRST = ("market time", "target", "change", "actual", "regime")
 
 
 def _as_update(p: gateway_pb2.Product) -> nav_pb2.NavUpdated:

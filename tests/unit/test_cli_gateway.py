@@ -396,6 +396,30 @@ def test_watch_streams_until_count(cli: CliRunner, fake: tuple[FakeGateway, str]
     assert "BTC-USDT:SHORT" not in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("columns", "left_out"),
+    [(240, ()), (80, ("market time",)), (60, ("market time", "target", "change")), (30, ())],
+)
+def test_watch_leaves_columns_out_before_it_cuts_a_figure(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch, columns: int, left_out: tuple[str, ...]
+) -> None:
+    """At 80 columns the board cut every NAV to "10…" (its README table is 103 wide):
+    the least wanted columns go first; product, NAV and price stay, whole (wrapped in
+    a terminal too narrow even for them)."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    result = cli.invoke(app, ["watch", "--count", "3"])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    body = [line.split("│")[1:-1] for line in result.stdout.splitlines() if line[:1] == "│"]
+    products, navs = ("".join(cells[i].strip() for cells in body) for i in (0, 1))
+    assert "103.50000000" in navs and "97.10000000" in navs  # wrapped pieces joined again
+    assert "BTC-USDT:SHORT" in products
+    for column in left_out:
+        assert column not in result.stdout, column
+    if columns == 240:
+        assert "market time" in result.stdout and "target" in result.stdout
+
+
 def test_watch_unknown_product(cli: CliRunner) -> None:
     result = cli.invoke(app, ["watch", "NOPE:LONG"])
     assert result.exit_code == 1
