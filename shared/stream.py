@@ -924,6 +924,14 @@ class StreamRuntime(StageRuntime):
         async for batch in self.batches(stream, max_batch):
             await self.handle_batch(handle, batch)
 
+    async def _input_mark(self) -> tuple[object, int]:
+        """As every runtime's, the input taken anew when a recovery begins or ends: the
+        changelogs count only during one, and a baseline with them would hide the input
+        that came after it."""
+        assigned, mark = await super()._input_mark()
+        tables: Any = self.app.tables  # faust's TableManager (its type hides recovery)
+        return (assigned, bool(tables.recovery.in_recovery)), mark
+
     async def _high_waters(self, partitions: frozenset[TopicPartition]) -> int:
         """Of the partitions the app reads now: its tables' changelogs stay assigned, and
         its own writes to them (after an event was handled) are not input waiting."""

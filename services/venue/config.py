@@ -6,9 +6,10 @@ from pydantic import Field, field_validator
 
 from shared.settings import Seconds, SecondsOrZero, ServiceSettings, service_config
 
-# The calls of one order's step at most: its transfer and a slice per 2M of notional
-# (1e9, MAX_DEPOSIT, is 500 slices), with room.
-MIN_IDS_KEPT = 1_000
+# Well above the calls of one step: an order's is its transfer and a slice per 2M of
+# notional (1e9, MAX_DEPOSIT: 501 calls); a market step is one poll batch of hedging's
+# (the real BTC hours at 1e8 a product: ~1,200 calls over 3,000 events).
+MIN_IDS_KEPT = 10_000
 
 
 class VenueSettings(ServiceSettings):

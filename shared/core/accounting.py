@@ -60,12 +60,14 @@ class AccountingConfig(BaseModel):
     insurance_share: Decimal = Field(
         Decimal("0.2"), ge=0, le=1, description="Share of every platform fee paid into insurance."
     )
-    # A circuit breaker, not a fairness tolerance: a quote is up to the gateway's
-    # max_nav_age_s old and hedging may lag the market, so honest quotes drift from the
-    # books' NAV by what the underlying moved meanwhile times the leverage (a halving
-    # needs ~25-33% against a 3x product); a corrupted or foreign NAV (1e30) does not.
+    # A circuit breaker against NAVs no honest quote could be (a corrupted or foreign
+    # NAV hash: 1e30, 1e-8), not a fairness tolerance: a refused order was confirmed to
+    # its user already (a dead letter: an operator's case), so honest quotes must pass
+    # with room. They are up to the gateway's max_nav_age_s old and hedging may lag the
+    # market: a 5x product's NAV halves in a 10% move, and a large close at a quote a
+    # little stale moves the NAV of the units left far more (`check_quote`).
     quote_band: Decimal = Field(
-        Decimal("2"),
+        Decimal("10"),
         gt=1,
         le=1000,
         description="A quoted NAV above books' NAV x band, or below it / band, is refused.",
@@ -242,32 +244,28 @@ class Books:
         return ProductUnitsRedeemed(product, ts_ns, units, nav, gross, fee, gross - fee)
 
     def check_quote(self, product: str, quoted: Decimal, *prices: Decimal) -> None:
-        """QuoteOutOfBand unless `quoted` lies within `quote_band` of the product's NAV at
-        one of `prices` (the last trade, and the mark: at a print the mark ignores, the
-        books' NAV there is held up by the fund, and a quote from before it is honest),
-        as shown or without the fund's advance (`advance_floor`: repaid if the print
-        reverts). A product without units (the order's are all there are: any NAV is
-        fair) or without a price yet is not checked."""
+        """QuoteOutOfBand unless `quoted` lies within `quote_band` of one of the product's
+        NAVs: at one of `prices` (the last trade, and the mark: at a print the mark
+        ignores, the books' NAV there is held up by the fund, and a quote from before it
+        is honest), as shown or without the fund's advance (`advance_floor`: repaid if
+        the print reverts); or the NAV its last order settled at (orders in flight at one
+        published NAV: a large close at it, a little stale, moved the NAV of the units
+        left 7x in a review's case). A product without units (the order's are all there
+        are: any NAV is fair) or without a price yet is not checked."""
         book = self.products[product]
-        if not book.units:
+        priced = [price for price in prices if price]
+        if not book.units or not priced:
             return
-        navs = {
-            (price, nav)
-            for price in prices
-            if price
-            for nav in (
-                book.nav(price),
-                nav_of(book.equity(price) - book.insurance_owed, book.units),
-            )
-        }
-        if not navs:
-            return
+        navs = {("last settled", book.last_nav)}
+        for price in priced:
+            navs.add((f"at {price}", book.nav(price)))
+            navs.add((f"at {price}", nav_of(book.equity(price) - book.insurance_owed, book.units)))
         band = self.config.quote_band
         if not any(0 < nav / band <= quoted <= nav * band for _, nav in navs):
-            shown = ", ".join(f"{nav} at {price}" for price, nav in sorted(navs))
+            shown = ", ".join(f"{nav} {where}" for where, nav in sorted(navs))
             raise QuoteOutOfBand(
                 f"{product}: the gateway quoted NAV {quoted}, the books' is {shown}; a quote "
-                f"must lie within a factor of {band} of it"
+                f"must lie within a factor of {band} of one of them"
             )
 
     def apply_hedge(self, hedge: HedgeExecuted) -> None:

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from smartlev.v1 import venue_pb2, venue_pb2_grpc
 
-from services.venue.config import MIN_IDS_KEPT, VenueSettings
+from services.venue.config import VenueSettings
 from services.venue.main import VenueServer
 from shared.adapters.venue_client import RemoteVenue, fill_from_wire, venue_channel
 from shared.core.config import StrategyConfig
@@ -36,14 +36,11 @@ class Venue:
 
     def __init__(self, redis: Redis, namespace: str, ids_kept: int = 100_000) -> None:
         self.redis = redis
-        self.settings = VenueSettings(
-            namespace=namespace,
-            grpc_port=0,
-            metrics_port=0,
-            health_interval_s=0.1,
-            grace_s=0,
-            applied_ids_kept=ids_kept,
+        settings = VenueSettings(
+            namespace=namespace, grpc_port=0, metrics_port=0, health_interval_s=0.1, grace_s=0
         )
+        # below what the setting takes (MIN_IDS_KEPT), to see the bound work in a few calls
+        self.settings = settings.model_copy(update={"applied_ids_kept": ids_kept})
         self.server = VenueServer(self.settings, redis)
 
     async def __aenter__(self) -> Venue:
@@ -151,16 +148,15 @@ async def test_the_venue_remembers_its_newest_call_ids_only(env: tuple[Redis, st
     """Its records of applied calls are bounded (`applied_ids_kept`); the newest still
     answer a repeat with the original reply and change nothing."""
     redis, namespace = env
-    async with Venue(redis, namespace, ids_kept=MIN_IDS_KEPT) as venue:
+    async with Venue(redis, namespace, ids_kept=3) as venue:
         await venue.stub.Transfer(
             venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="t1", amount="1000000")
         )
-        n = MIN_IDS_KEPT + 2
-        fills = [await venue.stub.SubmitOrder(order(f"o{i}", "0.001")) for i in range(n)]
+        fills = [await venue.stub.SubmitOrder(order(f"o{n}", "0.1")) for n in range(5)]
         applied = f"{namespace}venue:{{{SYMBOL}}}:applied"
-        assert set(await redis.hkeys(applied)) == {f"o{i}" for i in range(2, n)}  # t1, o0, o1 out
+        assert set(await redis.hkeys(applied)) == {"o2", "o3", "o4"}
         before = await account(venue.stub)
-        assert await venue.stub.SubmitOrder(order("o3", "0.001")) == fills[3]
+        assert await venue.stub.SubmitOrder(order("o3", "0.1")) == fills[3]
         assert await account(venue.stub) == before
 
 

@@ -134,40 +134,48 @@ def banded_books() -> Books:
 
 
 @settings(max_examples=300)
-@given(ratio=st.decimals(D("0.01"), D(100), places=4))
-def test_a_quote_is_taken_within_the_band_of_the_books_nav_only(ratio: Decimal) -> None:
-    """A quoted NAV within a factor of `quote_band` (2) of the books' own at the price
-    passes; one outside it (a corrupted or foreign NAV: 1e30 paid the holders' money out
-    before) is QuoteOutOfBand."""
+@given(ratio=st.decimals(D("0.001"), D(1000), places=4))
+def test_a_quote_is_taken_within_the_band_of_a_books_nav_only(ratio: Decimal) -> None:
+    """A quoted NAV within a factor of `quote_band` (10) of the books' own at the price,
+    or of the NAV the last order settled at, passes; one outside both (a corrupted or
+    foreign NAV: 1e30 paid the holders' money out before) is QuoteOutOfBand."""
     b = banded_books()
-    fair = b.products[LONG].nav(BAND_PRICE)
+    book = b.products[LONG]
+    fair, last = book.nav(BAND_PRICE), book.last_nav
+    assert (fair, last) == (D("216.66666666"), D(100))
     quoted = (fair * ratio).quantize(E8)
-    if fair / 2 <= quoted <= fair * 2:
+    if any(nav / 10 <= quoted <= nav * 10 for nav in (fair, last)):
         note("inside")
         b.check_quote(LONG, quoted, BAND_PRICE)
         return
     note("outside")
-    with pytest.raises(QuoteOutOfBand, match="within a factor of 2"):
+    with pytest.raises(QuoteOutOfBand, match="within a factor of 10 of one of them"):
         b.check_quote(LONG, quoted, BAND_PRICE)
 
 
-def test_the_band_is_the_books_nav_at_a_price_not_the_last_one() -> None:
-    """The books' NAV moves with the price (`last_nav` is only the last order's): a quote
-    twice the last NAV is the fair one after the price doubled a 1x long's equity. Any
-    of the prices given will do (the last trade, or the mark when a print strays)."""
-    b = books(product(LONG, Side.LONG, units="1", cash="0", qty="0.002", last_nav="100"))
+def test_the_band_is_the_books_nav_at_a_price_not_only_the_last_one() -> None:
+    """The books' NAV moves with the price: a quote twice the last settled NAV is the
+    fair one after the price doubled a 1x long's equity. Any of the prices given will do
+    (the last trade, or the mark when a print strays). (Band 2 here.)"""
+    b = books(
+        product(LONG, Side.LONG, units="1", cash="0", qty="0.002", last_nav="10"),
+        config=AccountingConfig(quote_band=D(2)),
+    )
     b.check_quote(LONG, D(200), D(100000))
-    with pytest.raises(QuoteOutOfBand, match=r"the books' is 50\.00000000 at 25000"):
+    with pytest.raises(
+        QuoteOutOfBand, match=r"the books' is 50\.00000000 at 25000, 10 last settled"
+    ):
         b.check_quote(LONG, D(200), D(25000))
     b.check_quote(LONG, D(200), D(25000), D(100000))
     b.check_quote(LONG, D(200), D(0), D(100000))  # no price yet: the other one decides
+    b.check_quote(LONG, D(19), D(25000))  # within 2x of the NAV last settled at
 
 
 def test_a_product_without_units_or_price_takes_any_quote() -> None:
     """Nobody holds units (the order's are all there are, at any NAV) or the books have no
     price yet: there is nothing to check a quote against."""
-    books(product(LONG, Side.LONG, last_nav="100")).check_quote(LONG, D(10**6), D(50000))
-    banded_books().check_quote(LONG, D(10**6), D(0), D(0))
+    books(product(LONG, Side.LONG, last_nav="100")).check_quote(LONG, D(10**9), D(50000))
+    banded_books().check_quote(LONG, D(10**9), D(0), D(0))
 
 
 def test_the_quote_band_must_be_above_one() -> None:

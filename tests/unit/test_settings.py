@@ -85,7 +85,7 @@ def test_kafka_addresses_are_kept_in_order(monkeypatch: pytest.MonkeyPatch) -> N
         ("SMARTLEV_GATEWAY_MAX_NAV_AGE_S", "0.5", "max_nav_age_s"),
         ("SMARTLEV_HEDGING_VENUE_ADDRESS", "127.0.0.1:116527", r"host:port \(port 1-65535\)"),
         ("SMARTLEV_HEDGING_VENUE_ADDRESS", "127.0.0.1", r"host:port \(port 1-65535\)"),
-        ("SMARTLEV_VENUE_APPLIED_IDS_KEPT", "999", "0 \\(all\\) or at least 1,000"),
+        ("SMARTLEV_VENUE_APPLIED_IDS_KEPT", "9999", "0 \\(all\\) or at least 10,000"),
         (
             "SMARTLEV_INGESTION_RETRY_BACKOFF_S",
             "11",
@@ -115,7 +115,7 @@ def test_settings_that_leave_nothing_to_do_or_break_a_rule_are_refused(
         ("SMARTLEV_GATEWAY_MAX_NAV_AGE_S", "1"),
         ("SMARTLEV_HEDGING_VENUE_ADDRESS", "[::1]:50052"),
         ("SMARTLEV_VENUE_APPLIED_IDS_KEPT", "0"),
-        ("SMARTLEV_VENUE_APPLIED_IDS_KEPT", "1000"),
+        ("SMARTLEV_VENUE_APPLIED_IDS_KEPT", "10000"),
         ("SMARTLEV_INGESTION_RETRY_BACKOFF_S", "10"),
     ],
 )

@@ -4,6 +4,7 @@ and the faust app's settings (no broker)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from decimal import Decimal
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from smartlev.v1 import market_pb2
 
 from shared import codec, stream
 from shared.core.market import FundingRate, Tick
+from shared.health import stalled_check
 from shared.settings import ServiceSettings
 from shared.stream import (
     _GATHERING,
@@ -546,14 +548,26 @@ async def test_the_stalled_checks_input_leaves_out_the_changelogs_the_app_writes
             return {tp: marks[tp] for tp in partitions}
 
     runtime.app.consumer = Consumer()  # type: ignore[assignment]
-    assigned, mark = await runtime._input_mark()
-    assert assigned == {ticks, changelog} and mark == 40
+    identity, mark = await runtime._input_mark()
+    assert identity == ({ticks, changelog}, False) and mark == 40
     marks[changelog] = 9  # the app's own rows, after the batch
     assert (await runtime._input_mark())[1] == 40
     marks[ticks] = 41
     assert (await runtime._input_mark())[1] == 41
     runtime.app.tables.recovery.in_recovery = True  # recovering: reading the changelog
-    assert (await runtime._input_mark())[1] == 50
+    assert await runtime._input_mark() == (({ticks, changelog}, True), 50)
+
+    # A baseline taken in recovery (the changelog's 5,000 in it) hid the input after it:
+    # 1,000 ticks waiting for an hour read as healthy. The end of a recovery re-takes it.
+    marks[changelog] = 5000
+    an_hour_ago = time.monotonic() - 3600
+    check = stalled_check(lambda: an_hour_ago, runtime._input_mark, max_age_s=60)
+    assert await check() is True  # the baseline, in recovery
+    runtime.app.tables.recovery.in_recovery = False
+    assert await check() is True  # a new baseline: nothing new yet
+    marks[ticks] += 1000
+    result = await check()
+    assert isinstance(result, str) and "1000 new input message(s) waiting" in result
 
 
 async def test_a_batch_re_run_after_a_transient_error_dead_letters_its_records_once() -> None:
