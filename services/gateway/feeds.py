@@ -93,6 +93,31 @@ class Subscriber:
         self.queue.put_nowait(item)
 
 
+class NavSequence:
+    """Which NAV updates a stream has not been shown: NAV sends a batch's updates before
+    its state write, so a re-run (a transient error, a crash) sends them again, and a
+    stream showed the NAV going back (1, 2, 3, 1, 2, 3). Per product, the seq of the
+    last update passed on and the event ids passed at it (an order's re-mark repeats
+    its tick's seq; the newest RECENT_IDS of them are kept)."""
+
+    RECENT_IDS = 10_000
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, dict[str, None]]] = {}
+
+    def fresh(self, update: nav_pb2.NavUpdated) -> bool:
+        seq, ids = self._last.get(update.product, (-1, {}))
+        if update.seq < seq or (update.seq == seq and update.event_id in ids):
+            return False
+        if update.seq > seq:
+            ids = {}
+            self._last[update.product] = (update.seq, ids)
+        elif len(ids) >= self.RECENT_IDS:
+            del ids[next(iter(ids))]
+        ids[update.event_id] = None
+        return True
+
+
 class StreamFeed:
     def __init__(
         self,
@@ -118,6 +143,7 @@ class StreamFeed:
         self._switch = asyncio.Lock()  # one topic starts being followed at a time
         self._task: asyncio.Task[None] | None = None
         self.stopped: FeedUnavailable | None = None  # why the fetch loop ended
+        self.navs_shown = NavSequence()
 
     async def start(self) -> None:
         """Connect, every partition paused until a stream wants its topic. A missing topic
@@ -248,7 +274,8 @@ class StreamFeed:
             if topic == self.nav_topic:
                 update = decode(nav_pb2.NavUpdated, value)
                 decimal_from_wire(update.nav, name="nav")
-                self.publish(update)
+                if self.navs_shown.fresh(update):
+                    self.publish(update)
             else:
                 event = decode(orders_pb2.OrderEvent, value)
                 position_id = order_of(event).position_id

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import subprocess
 import sys
@@ -1416,9 +1417,11 @@ async def read_while_publishing(
     topic = NAV_UPDATES.in_namespace(env.ns).name
 
     async def publish() -> None:
-        while True:
+        for seq in itertools.count(1):  # each a new one: the feed does not show one again
             for product, nav in navs:
-                update = nav_pb2.NavUpdated(event_id=f"{product}:{nav}", product=product, nav=nav)
+                update = nav_pb2.NavUpdated(
+                    event_id=f"{product}:{nav}:{seq}", product=product, nav=nav, seq=seq
+                )
                 await producer.send_and_wait(
                     topic, update.SerializeToString(), key=product.encode()
                 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from smartlev.v1 import nav_pb2, orders_pb2
 
 from services.gateway.config import GatewaySettings
-from services.gateway.feeds import Subscriber, Updates
+from services.gateway.feeds import NavSequence, Subscriber, Updates
 
 SIZE = GatewaySettings().stream_queue
 
@@ -50,3 +50,40 @@ def test_a_full_queue_without_an_older_nav_of_the_product_drops_its_oldest_and_s
         ("BTC-USDT:LONG", 2),
         ("ETH-USDT:LONG", 1),
     ]
+
+
+def test_a_nav_run_sent_again_is_not_shown_again() -> None:
+    """NAV sends a batch's updates before its state write: a re-run (a dropped Redis
+    connection at the write, a crash) sends them again, and streams showed the NAV go
+    1, 2, 3, 1, 2, 3. An order's re-mark repeats its tick's seq, so it passes (once),
+    as does the first update of every product; an older seq never does."""
+    shown = NavSequence()
+    run = [nav("BTC-USDT:LONG", seq) for seq in (1, 2, 3)]
+    remark = nav_pb2.NavUpdated(event_id="order-7", product="BTC-USDT:LONG", seq=3)
+    other = nav("ETH-USDT:LONG", 1)
+    sent = [*run, remark, *run, remark, other, nav("BTC-USDT:LONG", 4), run[2]]
+    assert [(u.event_id, shown.fresh(u)) for u in sent] == [
+        ("BTC-USDT:LONG:1", True),
+        ("BTC-USDT:LONG:2", True),
+        ("BTC-USDT:LONG:3", True),
+        ("order-7", True),
+        ("BTC-USDT:LONG:1", False),
+        ("BTC-USDT:LONG:2", False),
+        ("BTC-USDT:LONG:3", False),
+        ("order-7", False),
+        ("ETH-USDT:LONG:1", True),
+        ("BTC-USDT:LONG:4", True),
+        ("BTC-USDT:LONG:3", False),
+    ]
+
+
+def test_the_ids_kept_at_one_seq_are_bounded() -> None:
+    """Orders re-mark at the last tick's seq for as long as no tick comes (a feed that
+    stopped): the ids passed at it are the newest RECENT_IDS, not every order's."""
+    shown = NavSequence()
+    for n in range(NavSequence.RECENT_IDS + 5):
+        assert shown.fresh(nav_pb2.NavUpdated(event_id=f"o{n}", product="P", seq=9))
+    assert not shown.fresh(
+        nav_pb2.NavUpdated(event_id=f"o{NavSequence.RECENT_IDS}", product="P", seq=9)
+    )
+    assert shown.fresh(nav_pb2.NavUpdated(event_id="o0", product="P", seq=9))  # forgotten
