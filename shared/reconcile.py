@@ -60,7 +60,7 @@ from shared.core.market import NS_PER_SECOND
 from shared.core.money import ZERO, MoneyError, usdt_down
 from shared.core.products import smart_product_specs
 from shared.core.venue import PerpVenue
-from shared.redis_store import ApplyOnceStore, key
+from shared.redis_store import ApplyOnceStore, Version, key
 from shared.settings import KafkaSettings
 from shared.topics import HEDGE_FILLS, ORDERS_EVENTS
 
@@ -567,7 +567,7 @@ class SymbolState:
     applied: dict[str, str]  # hedging's applied order ids -> their records (none: not read)
     navs: dict[str, dict[str, str]]
     gateway: GatewayState | None
-    versions: tuple[int, int]  # hedging's and the venue's tag versions
+    versions: tuple[Version, Version]  # hedging's and the venue's tag versions
     # hedging had begun an event it had not committed (its Inflight): the venue may have
     # moved for it already, so the books may differ from the venue for now
     in_progress: bool = False
@@ -948,7 +948,7 @@ class BooksMonitor:
         self.pause_s = pause_s
         self.stuck_s = stuck_s
         # per symbol: the versions of a mid-event read with a difference, first seen when
-        self._mid_event: dict[str, tuple[tuple[int, int], float]] = {}
+        self._mid_event: dict[str, tuple[tuple[Version, Version], float]] = {}
         self._had_state: set[str] = set()  # symbols whose state a read found
 
     async def check(self) -> dict[str, list[Row]]:
@@ -1002,7 +1002,7 @@ class BooksMonitor:
             versions, evidence = state.versions, bad
         return evidence
 
-    def _stuck(self, symbol: str, versions: tuple[int, int]) -> bool:
+    def _stuck(self, symbol: str, versions: tuple[Version, Version]) -> bool:
         """Whether the event in progress at `versions` has stood still for `stuck_s`."""
         seen = self._mid_event.get(symbol)
         now = time.monotonic()

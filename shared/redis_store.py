@@ -25,9 +25,13 @@ venue's) holds bounded state. Ids it finds unordered (recorded before the bound,
 writer without it) are ordered as of the call that finds them, 500 a call (HSCAN), so
 they too stay for `ids_kept` more calls.
 
-Read-modify-write is safe with `expected_version`: every tag has a version counter; the
-script refuses (`CONFLICT`) if it moved since the read, and the caller re-reads and
-retries. Values are strings on the wire; Decimals are written exactly (plain notation).
+Read-modify-write is safe with `expected_version`: every tag has a `Version`, a counter
+and a random token every write replaces; the script refuses (`CONFLICT`) if it moved
+since the read, and the caller re-reads and retries. The counter alone comes back: Redis
+that lost its last second of writes (appendfsync everysec) is at V-k, another writer's k
+writes take it to V again, and a copy cached at V (from the lost history) passed the
+check and wrote its stale state over theirs; the token does not come back. Values are
+strings on the wire; Decimals are written exactly (plain notation).
 
 Clients. Either redis-py's asyncio client or `RedisWire` (one multiplexed hiredis
 connection, ~15 us of CPU a command instead of ~120 us: the stages' hot path). Every
@@ -37,10 +41,11 @@ step is a single command or script, so both give the same replies.
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 
@@ -83,35 +88,53 @@ class ApplyStatus(enum.Enum):
     CONFLICT = -1
 
 
+class Version(NamedTuple):
+    """A tag's state as of one write: how many writes (ordering), and that write's random
+    token (identity: see the module doc). ("" for a tag written before tokens were.)"""
+
+    number: int
+    token: str = ""
+
+    @classmethod
+    def of(cls, meta: Mapping[str, str]) -> Version:
+        """From a meta hash as `read_together` returns it."""
+        return cls(int(meta.get("version") or 0), meta.get("token", ""))
+
+
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
     status: ApplyStatus
-    version: int  # the tag's version after the call
+    version: Version  # the tag's version after the call
 
     @property
     def applied(self) -> bool:
         return self.status is ApplyStatus.APPLIED
 
 
-# KEYS[1] applied-ids hash, KEYS[2] meta hash (version, offsets, `order:cursor`), then,
-# when ids are kept (ARGV[6] > 0), KEYS[3] the ids' order (a sorted set by version); then
-# the state hashes. ARGV[1] mode "id"|"offset", ARGV[2] id or source, ARGV[3] offset,
-# ARGV[4] expected version ("" = don't check), ARGV[5] marker value stored with an id,
-# ARGV[6] ids kept (0 = all); then per state key: n, then n field/value pairs. A call
+# KEYS[1] applied-ids hash, KEYS[2] meta hash (version, token, offsets, `order:cursor`),
+# then, when ids are kept (ARGV[6] > 0), KEYS[3] the ids' order (a sorted set by
+# version); then the state hashes. ARGV[1] mode "id"|"offset", ARGV[2] id or source,
+# ARGV[3] offset, ARGV[4] expected version ("" = don't check), ARGV[5] marker value
+# stored with an id, ARGV[6] ids kept (0 = all), ARGV[7] the expected version's token,
+# ARGV[8] this write's token; then per state key: n, then n field/value pairs. A call
 # orders at most one HSCAN page of unordered ids and forgets at most 1,000 (bounded work
 # per call, `unpack` within Lua's stack; a backlog drains over the next calls).
 _APPLY_LUA = """
 local mode = ARGV[1]
 local kept = tonumber(ARGV[6])
-local version = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+local meta = redis.call('HMGET', KEYS[2], 'version', 'token')
+local version = tonumber(meta[1] or '0')
+local token = meta[2] or ''
 if mode == 'id' then
-  if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return {0, version} end
+  if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return {0, version, token} end
 else
   local last = redis.call('HGET', KEYS[2], 'offset:' .. ARGV[2])
-  if last and tonumber(last) >= tonumber(ARGV[3]) then return {0, version} end
+  if last and tonumber(last) >= tonumber(ARGV[3]) then return {0, version, token} end
 end
-if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= version then return {-1, version} end
-local i = 7
+if ARGV[4] ~= '' and (tonumber(ARGV[4]) ~= version or ARGV[7] ~= token) then
+  return {-1, version, token}
+end
+local i = 9
 for k = kept > 0 and 4 or 3, #KEYS do
   local n = tonumber(ARGV[i])
   i = i + 1
@@ -123,7 +146,7 @@ for k = kept > 0 and 4 or 3, #KEYS do
   i = i + 2 * n
 end
 version = version + 1
-redis.call('HSET', KEYS[2], 'version', version)
+redis.call('HSET', KEYS[2], 'version', version, 'token', ARGV[8])
 if mode == 'id' then
   redis.call('HSET', KEYS[1], ARGV[2], ARGV[5] ~= '' and ARGV[5] or version)
   if kept > 0 then
@@ -151,7 +174,7 @@ if mode == 'id' then
 else
   redis.call('HSET', KEYS[2], 'offset:' .. ARGV[2], ARGV[3])
 end
-return {1, version}
+return {1, version, ARGV[8]}
 """
 
 
@@ -198,20 +221,21 @@ class ApplyOnceStore:
     def _meta_keys(self, tag: str) -> tuple[str, str]:
         return key(self.namespace, tag, "applied"), key(self.namespace, tag, "meta")
 
-    async def version(self, tag: str) -> int:
-        raw = await self._call("HGET", self._meta_keys(tag)[1], "version")
-        return int(raw) if raw is not None else 0
+    async def version(self, tag: str) -> Version:
+        number, token = await self._call("HMGET", self._meta_keys(tag)[1], "version", "token")
+        return Version(int(number or 0), _text(token) if token is not None else "")
 
-    async def read(self, tag: str, *parts: str) -> tuple[dict[str, str], int]:
+    async def read(self, tag: str, *parts: str) -> tuple[dict[str, str], Version]:
         """(fields of one state hash, tag version) read together (one script)."""
         [fields], meta = await self.read_together(tag, [parts])
-        return fields, int(meta.get("version") or 0)
+        return fields, Version.of(meta)
 
     async def read_together(
         self, tag: str, states: Sequence[Sequence[str]]
     ) -> tuple[list[dict[str, str]], dict[str, str]]:
         """The state hashes named by `states` (each its key's parts) and the tag's meta
-        hash (`version`, `offset:<source>`), all as of one moment (one script)."""
+        hash (`version`, `token`: `Version.of`; `offset:<source>`), all as of one moment
+        (one script)."""
         keys = [self.state_key(tag, *parts) for parts in states] + [self._meta_keys(tag)[1]]
         *fields, meta = [
             {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
@@ -230,7 +254,7 @@ class ApplyOnceStore:
         message_id: str | None = None,
         source: str | None = None,
         offset: int | None = None,
-        expected_version: int | None = None,
+        expected_version: Version | None = None,
         marker: str = "",
     ) -> ApplyResult:
         """Write `changes` ({state key: {field: value}}) once for this message.
@@ -252,9 +276,11 @@ class ApplyOnceStore:
             "id" if message_id is not None else "offset",
             message_id if message_id is not None else str(source),
             offset if offset is not None else 0,
-            "" if expected_version is None else expected_version,
+            "" if expected_version is None else expected_version.number,
             marker,
             self.ids_kept,
+            "" if expected_version is None else expected_version.token,
+            os.urandom(8).hex(),
         ]
         for state_key, fields in changes.items():
             if hash_tag(state_key) != tag:
@@ -264,8 +290,7 @@ class ApplyOnceStore:
             for field, value in fields.items():
                 args.extend((field, field_to_wire(value, field)))
         raw = await self._script(keys=keys, args=args)
-        status, version = int(raw[0]), int(raw[1])
-        return ApplyResult(ApplyStatus(status), version)
+        return ApplyResult(ApplyStatus(int(raw[0])), Version(int(raw[1]), _text(raw[2])))
 
 
 def _text(value: Any) -> str:

@@ -29,7 +29,7 @@ from shared.core.config import StrategyConfig
 from shared.core.engine import Engine
 from shared.core.products import smart_engine
 from shared.reconcile import INFLIGHT, REFUSED_MARKER
-from shared.redis_store import ApplyOnceStore, ApplyStatus, field_to_wire
+from shared.redis_store import ApplyOnceStore, ApplyStatus, Version, field_to_wire
 
 SEQ_SOURCE = "seq"
 MARKET, ORDER = "market", "order"
@@ -66,7 +66,7 @@ class Desk:
     engine: Engine
     venue: RemoteVenue
     last_seq: int | None
-    version: int
+    version: Version
     inflight: Inflight | None = None
 
 
@@ -117,7 +117,7 @@ class Desks:
             await asyncio.to_thread(venue.sync)
         offset = meta.get(f"offset:{SEQ_SOURCE}")
         last_seq = int(offset) if offset is not None else None
-        version = int(meta.get("version") or 0)
+        version = Version.of(meta)
         return Desk(symbol, engine, venue, last_seq, version, Inflight.from_fields(inflight))
 
     async def begin(self, desk: Desk, inflight: Inflight) -> bool:
@@ -164,7 +164,7 @@ class Desks:
             desk.symbol,
             {self.store.state_key(desk.symbol, INFLIGHT): fields},
             source=INFLIGHT,
-            offset=desk.version + 1,  # versions only rise: a fresh offset every time
+            offset=desk.version.number + 1,  # versions only rise: a fresh offset every time
             expected_version=desk.version,
         )
         if result.status is not ApplyStatus.APPLIED:

@@ -29,7 +29,7 @@ from shared.adapters.redis_wire import RedisWire
 from shared.codec import encode
 from shared.core.config import StrategyConfig
 from shared.core.venue import PerpVenue
-from shared.redis_store import ApplyOnceStore, ApplyStatus, field_to_wire
+from shared.redis_store import ApplyOnceStore, ApplyStatus, Version, field_to_wire
 
 R = TypeVar("R", bound=Message)
 
@@ -50,7 +50,7 @@ class CorruptState(RuntimeError):
 class _Account:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     venue: PerpVenue | None = None
-    version: int = 0
+    version: Version = field(default_factory=lambda: Version(0))
 
 
 def fingerprint(method: str, request: Message) -> str:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from shared.adapters.redis_wire import RedisWire
-from shared.redis_store import ApplyOnceStore, ApplyStatus, FieldValue
+from shared.redis_store import ApplyOnceStore, ApplyStatus, FieldValue, Version
 
 pytestmark = pytest.mark.integration
 
@@ -62,12 +62,12 @@ async def test_same_message_id_applies_once(store: ApplyOnceStore, tag: str) -> 
     state = store.state_key(tag, "state")
     first = await store.apply(tag, {state: {"equity": Decimal("100.5"), "units": 100}},
                               message_id="evt-1")  # fmt: skip
-    assert first.status is ApplyStatus.APPLIED and first.version == 1
+    assert first.status is ApplyStatus.APPLIED and first.version.number == 1
     again = await store.apply(tag, {state: {"equity": Decimal("999")}}, message_id="evt-1")
-    assert again.status is ApplyStatus.DUPLICATE and again.version == 1
+    assert again.status is ApplyStatus.DUPLICATE and again.version == first.version
     fields, version = await store.read(tag, "state")
     assert fields == {"equity": "100.5", "units": "100"}
-    assert version == 1
+    assert version == first.version
     assert await store.was_applied(tag, "evt-1")
     assert not await store.was_applied(tag, "evt-2")
 
@@ -83,9 +83,14 @@ async def test_kafka_offsets_apply_only_forward(store: ApplyOnceStore, tag: str)
     assert (await store.apply(tag, {state: {"n": 5}}, source=src, offset=11)).applied
     fields, version = await store.read(tag, "state")
     assert fields == {"n": "5", "m": "4"}
-    assert version == 3
+    assert version.number == 3
     _, meta = await store.read_together(tag, [])
-    assert meta == {"version": "3", f"offset:{src}": "11", "offset:orders.events/2": "0"}
+    assert meta == {
+        "version": "3",
+        "token": version.token,
+        f"offset:{src}": "11",
+        "offset:orders.events/2": "0",
+    }
 
 
 async def test_several_hashes_change_together(store: ApplyOnceStore, tag: str) -> None:
@@ -153,28 +158,55 @@ async def test_concurrent_read_modify_write_loses_no_update(
         await asyncio.gather(*(c.aclose() for c in clients))
     fields, version = await store.read(tag, "state")
     assert fields == {"balance": "2.0"}
-    assert version == 20
+    assert version.number == 20
 
 
 async def test_stale_expected_version_is_a_conflict(store: ApplyOnceStore, tag: str) -> None:
     state = store.state_key(tag, "state")
-    assert (await store.apply(tag, {state: {"a": 1}}, message_id="a", expected_version=0)).applied
-    stale = await store.apply(tag, {state: {"a": 2}}, message_id="b", expected_version=0)
+    empty = Version(0)
+    first = await store.apply(tag, {state: {"a": 1}}, message_id="a", expected_version=empty)
+    assert first.applied
+    stale = await store.apply(tag, {state: {"a": 2}}, message_id="b", expected_version=empty)
     assert stale.status is ApplyStatus.CONFLICT
     assert not await store.was_applied(tag, "b")
     assert (await store.read(tag, "state"))[0] == {"a": "1"}
 
 
 async def test_absent_state_reads_empty_at_version_zero(store: ApplyOnceStore, tag: str) -> None:
-    assert await store.read(tag, "state") == ({}, 0)
-    assert await store.version(tag) == 0
+    assert await store.read(tag, "state") == ({}, Version(0, ""))
+    assert await store.version(tag) == Version(0, "")
     assert await store.read_together(tag, [["state"], ["other"]]) == ([{}, {}], {})
-    assert (await store.apply(tag, {store.state_key(tag, "state"): {"x": "ü"}}, source="seq",
-                              offset=3)).version == 1  # fmt: skip
-    assert await store.read(tag, "state") == ({"x": "ü"}, 1)
-    assert await store.version(tag) == 1
+    written = (await store.apply(tag, {store.state_key(tag, "state"): {"x": "ü"}}, source="seq",
+                                 offset=3)).version  # fmt: skip
+    assert written.number == 1 and len(written.token) == 16
+    assert await store.read(tag, "state") == ({"x": "ü"}, written)
+    assert await store.version(tag) == written
     both = await store.read_together(tag, [["other"], ["state"]])
-    assert both == ([{}, {"x": "ü"}], {"version": "1", "offset:seq": "3"})
+    assert both == ([{}, {"x": "ü"}], {"version": "1", "token": written.token, "offset:seq": "3"})
+
+
+async def test_a_version_that_came_back_after_lost_writes_is_a_conflict(
+    store: ApplyOnceStore, client: Redis, tag: str
+) -> None:
+    """Redis lost its last write (appendfsync everysec: here the keys restored as they
+    were before it), and another writer's write took the counter back to the number a
+    cached copy holds: the copy's write passed the check and put its stale state over
+    the other's (hedging's desks, the venue's accounts). The token did not come back."""
+    state = store.state_key(tag, "state")
+    base = (await store.apply(tag, {state: {"deposits": 1000}}, message_id="t0")).version
+    keys = [state, *store._meta_keys(tag)]
+    saved = {k: await client.dump(k) for k in keys}
+    mine = (await store.apply(tag, {state: {"deposits": 1500}}, message_id="t1",
+                              expected_version=base)).version  # fmt: skip
+    for k, dumped in saved.items():  # the loss: t1's write is gone
+        await client.restore(k, 0, dumped, replace=True)
+    theirs = await store.apply(tag, {state: {"deposits": 1200}}, message_id="t2",
+                               expected_version=base)  # fmt: skip
+    assert theirs.applied and theirs.version.number == mine.number  # the number is back
+    stale = await store.apply(tag, {state: {"deposits": 1501}}, message_id="t3",
+                              expected_version=mine)  # fmt: skip
+    assert stale.status is ApplyStatus.CONFLICT and stale.version == theirs.version
+    assert (await store.read(tag, "state"))[0] == {"deposits": "1200"}
 
 
 async def _drop(client: Redis, tag: str) -> None:

@@ -39,6 +39,7 @@ from shared.reconcile import (
     replay_one,
     stuck_orders,
 )
+from shared.redis_store import Version
 
 SYMBOL = "BTC-USDT"
 LONG, SHORT = f"{SYMBOL}:LONG", f"{SYMBOL}:SHORT"
@@ -69,7 +70,7 @@ class History:
             applied={order_id(o): "1" for o in self.orders},
             navs=self.navs,
             gateway=None,
-            versions=(1, 1),
+            versions=(Version(1), Version(1)),
         )
         return replace(state, **changes)  # type: ignore[arg-type]
 
