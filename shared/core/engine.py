@@ -457,7 +457,9 @@ class Engine:
         leverage: Decimal | None = None,
     ) -> bool:
         """Bring (product, emergency) requests to target (or to `leverage`) in one netted
-        order; True if money moved."""
+        order, each sized on the equity its trade leaves (`_sized`: the rules model a
+        rebalance as reaching its target, and sized before its costs one left the books
+        above it, where funding took them past the ceiling unseen); True if money moved."""
         if not requests:
             return False
         price = self.price
@@ -470,8 +472,7 @@ class Engine:
             wanted = ZERO
             if equity > 0:
                 at = self.targets[product] if leverage is None else leverage
-                wanted = to_step(book.side * at * equity / price, self.spec.lot_step)
-                wanted = self._held_at_mark(wanted, equity, at)
+                wanted = self._sized(product, ts_ns, book.side * at / price, at)
             if wanted != book.qty:
                 changes.append(PositionChange(product, wanted - book.qty))
         if changes:

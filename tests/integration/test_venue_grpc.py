@@ -23,6 +23,7 @@ from services.venue.main import VenueServer
 from shared.adapters.venue_client import RemoteVenue, fill_from_wire, venue_channel
 from shared.core.config import StrategyConfig
 from shared.core.venue import Liquidity, PerpVenue
+from shared.settings import RedisSettings
 from tests.integration.serving import refused_start
 
 pytestmark = pytest.mark.integration
@@ -36,8 +37,14 @@ class Venue:
 
     def __init__(self, redis: Redis, namespace: str, ids_kept: int = 100_000) -> None:
         self.redis = redis
+        at = redis.connection_pool.connection_kwargs  # the test's Redis, not the default
         settings = VenueSettings(
-            namespace=namespace, grpc_port=0, metrics_port=0, health_interval_s=0.1, grace_s=0
+            namespace=namespace,
+            grpc_port=0,
+            metrics_port=0,
+            health_interval_s=0.1,
+            grace_s=0,
+            redis=RedisSettings(url=f"redis://{at['host']}:{at['port']}/{at.get('db', 0)}"),
         )
         # below what the setting takes (MIN_IDS_KEPT), to see the bound work in a few calls
         self.settings = settings.model_copy(update={"applied_ids_kept": ids_kept})

@@ -513,3 +513,55 @@ def test_the_first_nav_is_a_whole_number_of_nav_quanta() -> None:
     )
     with pytest.raises(ValidationError, match="initial_nav"):
         AccountingConfig(initial_nav=Decimal("100.000000001"))
+
+
+# --- floors and the NAV an order leaves -------------------------------------------------
+
+
+def test_a_floor_moves_with_the_units_and_a_deposit_adds_its_insured_share() -> None:
+    """Units redeemed take their share of the floor with them (the holders who stay keep
+    theirs, not the leavers'); a deposit adds its own money's insured share to it, never
+    replaces it."""
+    b = books(product(LONG, Side.LONG, units="10", cash="1000", equity_floor="400"))
+    b.scale_floor(LONG, D("0.25"))  # three quarters of the units left
+    assert b.products[LONG].equity_floor == D(100)
+    b.insure_deposit(LONG, D("999"), D("0.4"))
+    assert b.products[LONG].equity_floor == D(100) + D("399.6")
+    b.insure_deposit(LONG, D("999"), D(0))  # a benchmark: not insured
+    assert b.products[LONG].equity_floor == D("499.6")
+
+
+def test_a_redeem_leaves_the_nav_it_settled_at_as_the_products_last() -> None:
+    """`last_nav` is what an empty product shows, and a reference of the quote band: the
+    NAV the last order settled at, a close's as an open's."""
+    b = books(product(LONG, Side.LONG, units="3", cash="400"))
+    event = b.redeem(LONG, D(3), D(50000), 4, D("130.5"))
+    assert b.products[LONG].last_nav == event.nav == D("130.5")
+    assert b.products[LONG].nav(D(1)) == D("130.5")  # no units: the last NAV, at any price
+
+
+def test_a_liquidation_restores_an_empty_product_to_zero_not_to_its_old_floor() -> None:
+    """An emptied product keeps the floor its last holders had; the fund covers its
+    deficit (to zero) but pays nothing towards that floor (equity no unit owns)."""
+    b = books(
+        product(LONG, Side.LONG, units="0", cash="-50", equity_floor="300"),
+        product(SHORT, Side.SHORT, units="1", cash="100", qty="-0.001", equity_floor="10"),
+    )
+    [claim] = b.apply_liquidation(_liquidation(penalty="0", deficit="0"))
+    assert (claim.product, claim.amount) == (LONG, D(50))
+    assert b.products[LONG].cash == 0
+
+
+def test_a_quote_from_before_a_print_passes_on_the_nav_without_the_funds_advance() -> None:
+    """At a print the mark ignores, the fund holds the product on its floor: its NAV
+    includes the advance (repaid if the print reverts). A quote from before the print may
+    be within the band only of the NAV without it (band 2 here)."""
+    b = books(
+        product(LONG, Side.LONG, units="1", cash="150", qty="0.002", last_nav="1000"),
+        config=AccountingConfig(quote_band=D(2)),
+    )
+    b.products[LONG].insurance_owed = D(100)  # advanced at the print
+    # at 50,000: shown 250 (125..500), without the advance 150 (75..300), last 1000
+    b.check_quote(LONG, D(100), D(50000))
+    with pytest.raises(QuoteOutOfBand, match=r"150\.00000000 at 50000"):
+        b.check_quote(LONG, D(70), D(50000))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 
 import grpc
 import pytest
@@ -140,9 +140,31 @@ def test_quotes_are_the_core_formulas_and_costs_add_up(
     if first.position.units == 0:
         assert first.position.cost == 0 and first.position.ts_closed_ns == 2
         return
+    # the cost basis taken pro rata (to 1e-8, half-even), the running totals kept, and a
+    # position with units left not stamped closed
+    taken = (amount * part / units).quantize(Decimal("0.00000001"), ROUND_HALF_EVEN)
+    after = first.position
+    assert (after.units, after.cost) == (units - part, amount - taken)
+    assert first.realized_pnl == first.payout - taken
+    assert (after.realized_pnl, after.payout, after.fees) == (
+        first.realized_pnl,
+        first.payout,
+        fee + close_fee,
+    )
+    assert after.ts_closed_ns == 0
     rest = close(first.position, None, nav, 3)
     assert rest.position.units == 0 and rest.position.cost == 0
+    assert rest.position.ts_closed_ns == 3
     assert first.realized_pnl + rest.realized_pnl == first.payout + rest.payout - amount
+    assert (rest.position.realized_pnl, rest.position.payout, rest.position.fees) == (
+        first.realized_pnl + rest.realized_pnl,
+        first.payout + rest.payout,
+        fee + close_fee + rest.fee,
+    )
+    # what a position shows at a NAV: its value, and the PnL on the cost basis it keeps
+    shown = after.to_proto(nav)
+    value = usdt_down(after.units * nav)
+    assert (Decimal(shown.value), Decimal(shown.unrealized_pnl)) == (value, value - after.cost)
 
 
 def hundred_at_ten() -> Opened:

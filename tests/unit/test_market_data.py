@@ -26,10 +26,10 @@ from shared.adapters.market_data import (
     load_marks_reported,
     parse_timestamp,
 )
-from shared.adapters.tick_replay import ReplaySource, backtest_stream
+from shared.adapters.tick_replay import ReplaySource, backtest_stream, data_dir
 from shared.core.market import NS_PER_HOUR, Bar
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = data_dir()  # $SMARTLEV_DATA_DIR, else ../shared/data
 BTC_PERP = DATA / "BTCUSDT_perp_1h_2019_2023.csv"
 BTC_SPOT = DATA / "BTCUSDT_spot_1h_2019_2023.csv"
 BTC_MARK = DATA / "BTCUSDT_mark_1h_2019_2023.csv"

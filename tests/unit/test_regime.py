@@ -7,12 +7,12 @@ import json
 import math
 from datetime import datetime
 from itertools import pairwise
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.adapters.tick_replay import data_dir
 from shared.core.features import FeatureConfig, Features, FeatureTracker
 from shared.core.market import NS_PER_HOUR, NS_PER_SECOND
 from shared.core.regime import Regime, RegimeClassifier, RegimeConfig, RegimeState
@@ -198,14 +198,8 @@ def test_restore_refuses_a_snapshot_of_another_config() -> None:
         RegimeClassifier.restore(RegimeConfig(), RegimeClassifier(CONFIG).snapshot())
 
 
-def shared_data_dir() -> Path:
-    """The project's real market data: ../shared/data next to the repository root."""
-    repo_root = Path(__file__).resolve().parents[2]
-    return repo_root.parent / "shared" / "data"
-
-
 def btc_closes() -> list[tuple[int, float]]:
-    path = shared_data_dir() / "BTCUSDT_perp_1h_2019_2023.csv"
+    path = data_dir() / "BTCUSDT_perp_1h_2019_2023.csv"  # $SMARTLEV_DATA_DIR or ../shared/data
     if not path.exists():
         pytest.skip(f"real market data not found at {path}")
     first_real_bar = datetime.fromisoformat("2019-09-08T19:00:00+00:00")  # before: placeholder
