@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 from smartlev.v1 import nav_pb2, orders_pb2
 
 from shared.codec import POSITION_ID, DecodeError, decimal_from_wire, decode, order_of
+from shared.core.market import MAX_SEQ
 from shared.logging import get_logger
 from shared.topics import TopicSpec
 
@@ -47,6 +48,10 @@ SUBSCRIBERS = Gauge(
     "smartlev_gateway_stream_subscribers",
     "Open streams of this gateway: nav (StreamNav) and positions (StreamPositions).",
     ["stream"],
+)
+NAV_REPEATS = Counter(
+    "smartlev_gateway_nav_repeats_total",
+    "NAV updates streams were not shown: copies a NAV re-run sent again, or older seqs.",
 )
 FOLLOW_TIMEOUT_S = 5.0  # a stream that cannot reach Kafka to start is UNAVAILABLE after this
 FETCH_RETRY_S = 1.0  # a failed fetch is tried again after this
@@ -274,8 +279,12 @@ class StreamFeed:
             if topic == self.nav_topic:
                 update = decode(nav_pb2.NavUpdated, value)
                 decimal_from_wire(update.nav, name="nav")
+                if update.seq > MAX_SEQ:  # as NAV refuses: one would hide the product for good
+                    raise DecodeError("NavUpdated", f"seq {update.seq} is past 2^53 - 1")
                 if self.navs_shown.fresh(update):
                     self.publish(update)
+                else:
+                    NAV_REPEATS.inc()
             else:
                 event = decode(orders_pb2.OrderEvent, value)
                 position_id = order_of(event).position_id

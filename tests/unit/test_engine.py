@@ -1046,6 +1046,33 @@ def test_the_management_fee_is_charged_once_per_utc_day_for_the_time_since_the_l
     engine.books.check_balanced(engine.venue, engine.price)
 
 
+@pytest.mark.parametrize(
+    ("long_to", "short_to"), [("1", "5"), ("5", "1"), ("1", "1"), ("5", "5"), ("2.5", "4")]
+)
+def test_a_netted_rebalance_leaves_both_products_at_or_just_under_target(
+    long_to: str, short_to: str
+) -> None:
+    """A rebalance of both products in one order shares the whole order's costs by size
+    (`execute_netted`); each sized before them, or on its own trade's costs alone (the
+    impact of the larger net order is larger), ended above target: 5.0328x and 1.0016x
+    for 5x and 1x, 100M USDT each. The books end at or under target, within 0.1%."""
+    strategy = smart_strategy(SYMBOL, built_at(3.0))
+    engine = strategy.engine
+    books = [engine.books.products[f"{SYMBOL}:{side}"] for side in ("LONG", "SHORT")]
+    for book in books:
+        engine.deposit(book.product, Decimal(100_000_000), 0)
+    strategy.on_tick(Tick(SYMBOL, 1, Decimal(50000)), None)
+    targets = {books[0].product: Decimal(long_to), books[1].product: Decimal(short_to)}
+    engine.targets.update(targets)
+    events: list[object] = []
+    engine._rebalance(2, [(b.product, False) for b in books], events)
+    [hedge] = [e for e in events if isinstance(e, HedgeExecuted)]
+    assert len(hedge.allocations) == 2  # one order for both
+    for book in books:
+        held = book.leverage(engine.price)
+        assert targets[book.product] * Decimal("0.999") <= held <= targets[book.product]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     built=st.sampled_from([1.0, 2.0, 3.0, 5.0]),

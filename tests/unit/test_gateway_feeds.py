@@ -6,7 +6,8 @@ from __future__ import annotations
 from smartlev.v1 import nav_pb2, orders_pb2
 
 from services.gateway.config import GatewaySettings
-from services.gateway.feeds import NavSequence, Subscriber, Updates
+from services.gateway.feeds import NavSequence, StreamFeed, Subscriber, Updates
+from shared.topics import NAV_UPDATES, ORDERS_EVENTS
 
 SIZE = GatewaySettings().stream_queue
 
@@ -87,3 +88,18 @@ def test_the_ids_kept_at_one_seq_are_bounded() -> None:
         nav_pb2.NavUpdated(event_id=f"o{NavSequence.RECENT_IDS}", product="P", seq=9)
     )
     assert shown.fresh(nav_pb2.NavUpdated(event_id="o0", product="P", seq=9))  # forgotten
+
+
+async def test_a_nav_update_past_the_largest_seq_is_skipped_not_kept_as_the_last() -> None:
+    """NAV refuses seqs from 2^53 on; one on nav.updates (another producer's) became
+    the product's last seq in the feed, and every real update after it was hidden from
+    every stream until the gateway restarted. It is skipped as undecodable now."""
+    feed = StreamFeed("127.0.0.1:9", NAV_UPDATES, ORDERS_EVENTS, queue_size=SIZE)
+    subscriber = Subscriber(None, None, Updates(SIZE))
+    feed.subscribers.add(subscriber)
+    product = "BTC-USDT:LONG"
+    for seq in (1, 2**64 - 1, 2, 2**53 - 1):
+        update = nav_pb2.NavUpdated(event_id=f"{product}:{seq}", product=product, seq=seq)
+        update.nav = "100"
+        feed._dispatch(NAV_UPDATES.name, seq, update.SerializeToString())
+    assert [u.seq for u in drained(subscriber)] == [1, 2, 2**53 - 1]  # type: ignore[attr-defined]
