@@ -102,4 +102,5 @@ async def test_a_nav_update_past_the_largest_seq_is_skipped_not_kept_as_the_last
         update = nav_pb2.NavUpdated(event_id=f"{product}:{seq}", product=product, seq=seq)
         update.nav = "100"
         feed._dispatch(NAV_UPDATES.name, seq, update.SerializeToString())
+    await feed.consumer.stop()  # never started: nothing to close but the object
     assert [u.seq for u in drained(subscriber)] == [1, 2, 2**53 - 1]  # type: ignore[attr-defined]
