@@ -70,7 +70,7 @@ class AccountingConfig(BaseModel):
         Decimal("10"),
         gt=1,
         le=1000,
-        description="A quoted NAV above books' NAV x band, or below it / band, is refused.",
+        description="A quoted NAV more than this factor from every NAV the books allow is refused.",
     )
 
 
