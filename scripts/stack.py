@@ -1150,7 +1150,10 @@ class Stack:
         came_back: dict[str, float] = {}
 
         def note(msg: str) -> None:
-            say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}")
+            """Into the supervisor's log, if it can be written: on a full disk the print
+            raised, and the supervisor died with it, so nothing that died later came back."""
+            with contextlib.suppress(OSError):
+                say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}")
 
         def back_off(name: str, why: str) -> None:
             failures[name] = failures.get(name, 0) + 1

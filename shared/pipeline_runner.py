@@ -153,13 +153,16 @@ class Leftovers(NamedTuple):
 # bench<8 hex>.; and the pipeline benchmark's raw chain topics, which a killed benchmark
 # leaves behind. A run keeps its namespace for whoever reads a failure; the next run
 # removes it.
+# Redis globs of the same names: `?` would take any character, and a namespace of the
+# services' own (`trading01.`) lost its books to the next test run.
+HEX8_GLOB = "[0-9a-f]" * 8
 TEST_RUNS = Leftovers(
     re.compile(r"^(t|bench)[0-9a-f]{8}\.|^bench\.chain\.[0-9a-f]{10}$"),
-    ("t????????.*", "bench????????.*"),
+    (f"t{HEX8_GLOB}.*", f"bench{HEX8_GLOB}.*"),
 )
 # `make demo`'s pipeline (demo<8 hex>.): kept to be looked at (README, "Inspecting the
 # topics") until the next demo starts.
-DEMO_RUNS = Leftovers(re.compile(r"^demo[0-9a-f]{8}\."), ("demo????????.*",))
+DEMO_RUNS = Leftovers(re.compile(r"^demo[0-9a-f]{8}\."), (f"demo{HEX8_GLOB}.*",))
 
 
 def chain_topic() -> str:

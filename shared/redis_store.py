@@ -124,6 +124,7 @@ local mode = ARGV[1]
 local kept = tonumber(ARGV[6])
 local meta = redis.call('HMGET', KEYS[2], 'version', 'token')
 local version = tonumber(meta[1] or '0')
+if version == nil then return redis.error_reply('meta version is not a number') end
 local token = meta[2] or ''
 if mode == 'id' then
   if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return {0, version, token} end

@@ -53,6 +53,8 @@ from decimal import Decimal
 from functools import lru_cache, partial
 from typing import NamedTuple
 
+from redis.exceptions import DataError
+
 from shared.adapters.redis_wire import RedisWire
 from shared.codec import decimal_to_wire
 from shared.redis_store import ApplyStatus, key
@@ -73,11 +75,15 @@ local record = redis.call('HGET', KEYS[1], ARGV[1])
 if record then return {0, record} end
 local meta = redis.call('HMGET', KEYS[2], ARGV[3], ARGV[7])
 local rev = tonumber(meta[1] or '0')
+if rev == nil then return redis.error_reply('meta ' .. ARGV[3] .. ' is not a number') end
 local step = meta[2] or ''
 local units = redis.call('HGET', KEYS[3], 'units') or ''
 if rev ~= tonumber(ARGV[4]) or step ~= ARGV[8] or units ~= ARGV[6] then
   return {-1, rev, step, redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[3])}
 end
+-- the first write, and the one that can fail (a version that is not a number): a
+-- script's writes before an error stay, and a retry would add the order again
+local version = redis.call('HINCRBY', KEYS[2], 'version', 1)
 local i = 10
 for k = 3, 4 do
   local n = tonumber(ARGV[i])
@@ -86,7 +92,6 @@ for k = 3, 4 do
   if n > 0 then redis.call('HSET', KEYS[k], unpack(args)) end
   i = i + 2 * n + 1
 end
-local version = redis.call('HINCRBY', KEYS[2], 'version', 1)
 redis.call('HSET', KEYS[2], ARGV[3], rev + 1, ARGV[7], ARGV[9])
 local field = string.format('%020d', version)
 redis.call('HSET', KEYS[5], field, ARGV[5])
@@ -351,6 +356,8 @@ class Ledger:
         commands.append(("HGET", self._user_key(user, "orders"), client_id))
         commands.append(("HGET", self.applied_key(symbol), f"{user}:{client_id}"))
         nav, (rev, step), ledger, *position, claim, record = await self.redis.pipeline(commands)
+        if not (rev or "0").isdigit():  # as the settle script refuses it (UNAVAILABLE)
+            raise DataError(f"meta rev:{product} is not a number: {rev!r}")
         snapshot = Snapshot(
             int(rev or 0), step or "", _pairs(ledger), _pairs(position[0]) if position else {}
         )

@@ -770,6 +770,35 @@ async def test_concurrent_orders_of_one_product_all_settle_exactly(quiet_env: En
     assert await env.redis.hgetall(ledger_key) == ledger
 
 
+@pytest.mark.parametrize("field", ["version", f"rev:{PRODUCT}"])
+async def test_a_settle_on_a_corrupted_meta_writes_nothing_however_often_retried(
+    quiet_env: Env, field: str
+) -> None:
+    """The settle script wrote the position and the ledger before the step that failed
+    on a version that is not a number, and Redis keeps a script's writes before an error:
+    each retry added the deposit again (3,000 booked for three tries of 1,000 that never
+    settled). A revision that is not a number cut the conflict reply short (IndexError,
+    gRPC UNKNOWN). Both are UNAVAILABLE now, before any write."""
+    env = quiet_env
+    await env.set_nav(PRODUCT, NAV)
+    await env.open("good", "1000")
+    meta_key = env.server.ledger.meta_key("BTC-USDT")
+    ledger_key = env.server.ledger.ledger_key("BTC-USDT")
+    await env.redis.hset(meta_key, field, "x")
+
+    async def symbols_state() -> dict[str, object]:  # (a validated order keeps its claim)
+        return {k: v for k, v in (await env.state()).items() if "{BTC-USDT}" in k}
+
+    before = await symbols_state()
+    assert before[ledger_key]
+    for _ in range(3):
+        code, details = await _code(env.open("bad", "1000"))
+        assert code is grpc.StatusCode.UNAVAILABLE, details
+        assert "not a number" in details or "not an integer" in details, details
+    assert await symbols_state() == before
+    assert len(await env.redis.hgetall(env.server.ledger.outbox_key("BTC-USDT"))) == 1
+
+
 @contextlib.asynccontextmanager
 async def another_gateway(
     env: Env, redis_url: str, *, relay: bool = False

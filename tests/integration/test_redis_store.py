@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from shared.adapters.redis_wire import RedisWire
 from shared.redis_store import ApplyOnceStore, ApplyStatus, FieldValue, Version
@@ -309,3 +310,19 @@ def test_kept_ids_match_a_model_of_the_newest(redis_url: str, kept: int, ids: li
             await client.aclose()
 
     asyncio.run(run())
+
+
+async def test_a_write_on_a_version_that_is_not_a_number_writes_nothing(
+    store: ApplyOnceStore, client: Redis, tag: str
+) -> None:
+    """The script wrote the state, then failed adding one to the version: Redis keeps a
+    script's writes before an error, so the state moved with no id recorded, and a retry
+    moved it again. It refuses before any write now."""
+    state = store.state_key(tag, "state")
+    assert (await store.apply(tag, {state: {"n": 1}}, message_id="a")).applied
+    await client.hset(store._meta_keys(tag)[1], "version", "x")
+    for _ in range(2):
+        with pytest.raises(ResponseError, match="meta version is not a number"):
+            await store.apply(tag, {state: {"n": 2}}, message_id="b")
+    assert (await store.read_together(tag, [["state"]]))[0] == [{"n": "1"}]
+    assert not await store.was_applied(tag, "b")

@@ -551,6 +551,35 @@ def test_the_supervisors_round_rotates_every_log_it_can(
     assert "kafka.log not rotated" in refused
 
 
+def test_the_supervisor_lives_on_when_its_log_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full disk the supervisor's own notes raised (ENOSPC) outside any `try`, and it
+    died: nothing that died afterwards came back, even once space was freed. Its notes
+    are dropped then, and its rounds go on trying (each try here fails, and is tried
+    again; the fifth ends the test's supervisor)."""
+    stack = stack_with_service(tmp_path, free_port())
+    stack.run.mkdir(parents=True)
+    tries: list[str] = []
+
+    def full_disk(msg: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    def launch(comp: Any) -> None:
+        tries.append(comp.name)
+        if len(tries) >= 5:
+            raise SystemExit  # not an Exception: ends the round's loop, and the test's run
+        raise RuntimeError("cannot start")
+
+    monkeypatch.setattr(stack_mod, "say", full_disk)
+    monkeypatch.setattr(stack, "supervisors", list)  # (the running stack's is not this one)
+    monkeypatch.setattr(stack, "launch", launch)
+    monkeypatch.setattr(stack, "all", lambda: [c for c in stack.services() if c.name == "websvc"])
+    with pytest.raises(SystemExit):
+        stack.supervise(interval_s=0.01, max_backoff_s=0.02)
+    assert tries == ["websvc"] * 5
+
+
 # --------------------------------------------------------------------------- Python services
 
 

@@ -4,6 +4,7 @@ the stack."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from shared import pipeline_runner
 from shared.pipeline_runner import (
     DEMO_RUNS,
     TEST_RUNS,
+    Leftovers,
     chain_topic,
     mark_stack_user,
     new_namespace,
@@ -139,3 +141,15 @@ def test_leftovers_are_kept_while_another_run_uses_the_stack(
     other.wait()
     with pytest.raises(Reached):
         remove_leftover_namespaces(*stack, runs=tmp_path)
+
+
+@pytest.mark.parametrize("leftovers", [TEST_RUNS, DEMO_RUNS])
+def test_the_redis_keys_removed_are_those_of_the_namespaces_removed(leftovers: Leftovers) -> None:
+    """The key globs took `?` for a hex digit: `trading01.`, a namespace the services
+    take, lost its books, positions and idempotency records to the next test run while
+    its topics were kept. A key goes exactly when its namespace's topics do."""
+    for namespace in ("t1234abcd.", "bench0123abcd.", "demo89abcdef.", "trading01.",
+                      "testnet01.", "tabcdefgh.", "demo-staging.", "t1234abcd5.", ""):  # fmt: skip
+        key = f"{namespace}hedge:{{BTC-USDT}}:state"
+        removed = any(fnmatch.fnmatchcase(key, glob) for glob in leftovers.keys)
+        assert removed == bool(leftovers.names.match(f"{namespace}hedge.fills")), namespace
