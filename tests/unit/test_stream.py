@@ -201,6 +201,7 @@ def test_app_settings() -> None:
     assert conf.consumer_auto_offset_reset == "earliest"
     assert conf.topic_replication_factor == 1
     assert conf.topic_allow_declare is True
+    assert conf.consumer_metadata_max_age_ms == 10_000  # a topic missing at the start
     ticks = runtime.input(MARKET_TICKS)
     assert ticks.topic.get_topic_name() == ticks.name == "t1.market.ticks"
     assert ticks.dlq == "t1.market.ticks.dlq"
