@@ -574,7 +574,27 @@ class SymbolState:
 
 
 class StateMissing(LookupError):
-    """No hedging state for a symbol under the namespace: nothing to reconcile."""
+    """No hedging state for a symbol under the namespace: nothing to reconcile, unless
+    money moved without it (`moved`: what did, "" when nothing did)."""
+
+    def __init__(self, message: str, moved: str = "") -> None:
+        super().__init__(message)
+        self.moved = moved
+
+
+def _moved(account: Mapping[str, str], inflight: Mapping[str, str]) -> str:
+    """What moved for a symbol with no hedging state: its venue account (a figure not
+    zero), or hedging's Inflight (an event begun: its first deposit reached the venue,
+    and hedging died before it committed)."""
+    figures = {
+        name: value
+        for name, value in account.items()
+        if value.lstrip("-").replace(".", "", 1).isdigit() and Decimal(value) != 0
+    }
+    parts = [f"venue account {figures}"] if figures else []
+    if inflight.get("kind"):
+        parts.append(f"hedging's Inflight ({inflight['kind']})")
+    return "; ".join(parts)
 
 
 async def load_symbol(
@@ -600,7 +620,10 @@ async def load_symbol(
         if before == after:
             break
     if not state:
-        raise StateMissing(f"no hedging state for {symbol} under namespace {namespace!r}")
+        raise StateMissing(
+            f"no hedging state for {symbol} under namespace {namespace!r}",
+            _moved(account, inflight),
+        )
     navs = {p: (await nav.read(p))[0] for p in products}
     gateway = await load_gateway(redis, namespace, symbol) if products else None
     return SymbolState(
@@ -867,14 +890,17 @@ async def reconcile(
         try:
             state = await load_symbol(redis, namespace, symbol, products)
         except StateMissing as exc:
-            if explicit:
-                raise
+            report.rows += kafka.bad_fills[symbol] + kafka.bad_orders[symbol]
             history = kafka.replays[symbol].updates
             if history:  # hedging published updates: its state is lost, not yet to come
                 # (orders alone may wait for a hedging that has not started)
                 report.rows.append(
                     Row("books.state", symbol, f"hedging's state of {history:,} updates", str(exc))
                 )
+            elif exc.moved:  # money at the venue that no books account for
+                report.rows.append(Row("books.state", symbol, "nothing moved", exc.moved))
+            elif explicit:
+                raise
             else:
                 report.notes.append(f"{symbol}: {exc}; skipped")
             continue

@@ -125,10 +125,26 @@ def test_reconcile_a_real_pipeline_then_a_tampered_minor_unit(
     redis_client.rename(state_key, kept)
     try:
         everything = _reconcile(namespace, kafka_bootstrap, redis_url, ())
+        named = _reconcile(namespace, kafka_bootstrap, redis_url, ("BTC-USDT",))
     finally:
         redis_client.rename(kept, state_key)
     assert not everything.balanced
     assert [r.check for r in everything.differences if r.subject == "BTC-USDT"] == ["books.state"]
+    # named, the same verdict (it ended "cannot check", exit 2, where all gave 1)
+    assert [r.check for r in named.differences] == ["books.state"]
+
+    # A symbol hedging never committed, whose venue account moved (its first deposit
+    # reached the venue, and hedging died before it committed or published): "books
+    # balance", exit 0, with 999,000 USDT at the venue that no books account for.
+    account = f"{namespace}venue:{{ETH-USDT}}:account"
+    redis_client.hset(account, mapping={"wallet": "999000.00000000", "position": "0"})
+    try:
+        moved = _reconcile(namespace, kafka_bootstrap, redis_url, ())
+    finally:
+        redis_client.delete(account)
+    [eth] = [r for r in moved.differences if r.subject == "ETH-USDT"]
+    assert eth.check == "books.state" and "venue account" in str(eth.actual)
+    assert "999000" in str(eth.actual)
 
     # A symbol whose state cannot be restored stopped the check there: the symbols after
     # it went unchecked, and nothing said so. It now says why, the others are checked.
