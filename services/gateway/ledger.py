@@ -356,10 +356,14 @@ class Ledger:
         commands.append(("HGET", self._user_key(user, "orders"), client_id))
         commands.append(("HGET", self.applied_key(symbol), f"{user}:{client_id}"))
         nav, (rev, step), ledger, *position, claim, record = await self.redis.pipeline(commands)
-        if not (rev or "0").isdigit():  # as the settle script refuses it (UNAVAILABLE)
+        if record is None and rev is not None and not rev.isdigit():
+            # as the settle script refuses it (UNAVAILABLE), after its own record check
             raise DataError(f"meta rev:{product} is not a number: {rev!r}")
         snapshot = Snapshot(
-            int(rev or 0), step or "", _pairs(ledger), _pairs(position[0]) if position else {}
+            int(rev) if rev and rev.isdigit() else 0,  # (a record found: not used)
+            step or "",
+            _pairs(ledger),
+            _pairs(position[0]) if position else {},
         )
         quoted = {name: value for name, value in zip(NAV_QUOTED, nav, strict=True) if value}
         return OrderView(claim, record, quoted, snapshot)

@@ -770,21 +770,24 @@ async def test_concurrent_orders_of_one_product_all_settle_exactly(quiet_env: En
     assert await env.redis.hgetall(ledger_key) == ledger
 
 
-@pytest.mark.parametrize("field", ["version", f"rev:{PRODUCT}"])
+@pytest.mark.parametrize(("field", "value"), [("version", "x"), (f"rev:{PRODUCT}", "x"),
+                                             (f"rev:{PRODUCT}", "")])  # fmt: skip
 async def test_a_settle_on_a_corrupted_meta_writes_nothing_however_often_retried(
-    quiet_env: Env, field: str
+    quiet_env: Env, field: str, value: str
 ) -> None:
     """The settle script wrote the position and the ledger before the step that failed
     on a version that is not a number, and Redis keeps a script's writes before an error:
     each retry added the deposit again (3,000 booked for three tries of 1,000 that never
     settled). A revision that is not a number cut the conflict reply short (IndexError,
-    gRPC UNKNOWN). Both are UNAVAILABLE now, before any write."""
+    gRPC UNKNOWN). Both are UNAVAILABLE now, before any write; an order settled before
+    is still answered with its recorded reply."""
     env = quiet_env
     await env.set_nav(PRODUCT, NAV)
-    await env.open("good", "1000")
+    good = await env.open("good", "1000")
     meta_key = env.server.ledger.meta_key("BTC-USDT")
     ledger_key = env.server.ledger.ledger_key("BTC-USDT")
-    await env.redis.hset(meta_key, field, "x")
+    await env.redis.hset(meta_key, field, value)
+    assert await env.open("good", "1000") == good
 
     async def symbols_state() -> dict[str, object]:  # (a validated order keeps its claim)
         return {k: v for k, v in (await env.state()).items() if "{BTC-USDT}" in k}

@@ -19,6 +19,7 @@ from smartlev.v1 import hedging_pb2, orders_pb2
 
 from services.hedging.messages import hedge_update
 from services.nav.marking import mark, parse_update, state_fields
+from services.venue.ledger import account_fields
 from shared import codec
 from shared import reconcile as reconcile_module
 from shared.core.config import StrategyConfig
@@ -439,3 +440,23 @@ def test_a_stuck_partition_is_an_error_though_others_see_traffic(
     read = reconcile_module._read_to(Consumer(), "t", {stuck: 10, live: 5})
     with pytest.raises(KafkaTimeoutError, match="1 of them short"):
         assert list(read) == []
+
+
+def test_what_moved_at_the_venue_is_its_money_read_as_numbers() -> None:
+    """A symbol without hedging state: an account with money at the venue is a
+    difference; a stored account's schema field, counters and zeros are not; an amount
+    in exponent notation counts; one that is not a number is said, not raised."""
+    venue = PerpVenue(CONFIG.instrument("BTC-USDT"), CONFIG.venue)
+
+    def stored() -> dict[str, str]:  # as Redis gives it back
+        return {name: str(value) for name, value in account_fields(venue).items()}
+
+    assert reconcile_module._moved(stored()) == ""
+    venue.transfer(Decimal(1000))
+    assert reconcile_module._moved(stored()) == (
+        "venue account {'wallet': '1000', 'transfers_in': '1000'}"
+    )
+    venue.transfer(Decimal(-1000))
+    assert reconcile_module._moved(stored()) == ""
+    assert "'wallet': '1E+3'" in reconcile_module._moved({"v": "1", "wallet": "1E+3"})
+    assert "'--5', not a number" in reconcile_module._moved({"wallet": "--5"})
