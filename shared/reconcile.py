@@ -375,7 +375,8 @@ class Replay:
             last = self.marks.get(state.product)
             if which == "tick":
                 self.marks[state.product] = Mark(seq, self.price, book)
-            elif last is None or last.book.units != book.units:
+            elif (ZERO if last is None else last.book.units) != book.units:
+                # (a product never marked has no NAV hash, as if marked with no units)
                 seq_, price = (0, ZERO) if last is None else (last.seq, last.price)
                 self.marks[state.product] = Mark(seq_, price, book)
 
@@ -534,7 +535,7 @@ def check_gateway(
 def check_nav(product: str, mark: Mark | None, nav: Mapping[str, str]) -> list[Row]:
     """`nav:{product}` against the core's marking of the books NAV last marked."""
     if mark is None:
-        return [Row("nav.marked", product, "no mark yet", "written" if nav else "none")]
+        return [Row("nav.marked", product, "none", "written" if nav else "none")]
     book, price = mark.book, mark.price
     expected: dict[str, Value] = {
         "nav": book.nav(price),

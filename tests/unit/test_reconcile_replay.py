@@ -21,7 +21,7 @@ from shared.core.events import (
 from shared.core.leverage import LeverageConfig
 from shared.core.market import Side, Tick
 from shared.core.products import smart_strategy
-from shared.reconcile import Replay
+from shared.reconcile import Replay, check_nav
 
 SYMBOL = "BTC-USDT"
 
@@ -79,3 +79,22 @@ def test_the_wire_replays_the_funds_moves_exactly(case: str) -> None:
     replay = Replay(SYMBOL, config, orders).apply_all(updates)
     wrong = [r for r in replay.rows + replay.totals(engine.books, engine.venue) if not r.ok]
     assert not wrong, wrong
+
+
+def test_an_order_before_any_tick_marks_only_the_products_whose_units_moved() -> None:
+    """NAV writes no hash for a product an order left without units, and reconcile
+    expected one (six false rows for the other product of a symbol until its first
+    tick, "books DO NOT balance", exit 1); a product without a mark expects none."""
+    config = StrategyConfig()
+    engine = smart_strategy(SYMBOL, config).engine
+    long, short = f"{SYMBOL}:LONG", f"{SYMBOL}:SHORT"
+    opened = orders_pb2.PositionOpened(event_id="o1", product=long, amount="1000", ts_event_ns=1)
+    events = engine.deposit(long, Decimal(1000), 1)
+    update = hedge_update(engine, f"{SYMBOL}:order:o1", events, ts_init_ns=1)  # type: ignore[arg-type]
+    replay = Replay(SYMBOL, config, {"o1": orders_pb2.OrderEvent(opened=opened)})
+    replay.apply_all([update])
+    assert set(replay.marks) == {long}
+    [unmarked] = check_nav(short, None, {})
+    assert unmarked.ok
+    [stray] = check_nav(short, None, {"nav": "100"})
+    assert not stray.ok
