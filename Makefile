@@ -11,13 +11,29 @@ PROTOS := $(shell find proto -name '*.proto' 2>/dev/null)
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-$(STAMP_VENV): requirements.lock pyproject.toml
+# Each stamp holds a digest of what it was made from, and is made again when that
+# differs: file times alone missed a lock file or a .proto delivered with an older time
+# (rsync -a, tar), and a deleted .proto (its names are in the digest too).
+VENV_INPUTS := requirements.lock pyproject.toml scripts/setup_venv.sh
+PROTO_INPUTS := $(sort $(PROTOS)) scripts/gen_proto.sh
+VENV_DIGEST := $(shell cat $(VENV_INPUTS) 2>/dev/null | sha256sum | cut -c1-32)
+PROTO_DIGEST := $(shell (echo $(PROTO_INPUTS); cat $(PROTO_INPUTS)) 2>/dev/null | sha256sum | cut -c1-32)
+ifneq ($(VENV_DIGEST),$(shell cat $(STAMP_VENV) 2>/dev/null))
+$(STAMP_VENV): FORCE
+endif
+ifneq ($(PROTO_DIGEST),$(shell cat $(STAMP_PROTO) 2>/dev/null))
+$(STAMP_PROTO): FORCE
+endif
+.PHONY: FORCE
+FORCE:
+
+$(STAMP_VENV): requirements.lock pyproject.toml scripts/setup_venv.sh
 	@bash scripts/setup_venv.sh
-	@touch $@
+	@echo $(VENV_DIGEST) > $@
 
 $(STAMP_PROTO): $(STAMP_VENV) $(PROTOS) scripts/gen_proto.sh
 	@bash scripts/gen_proto.sh
-	@touch $@
+	@echo $(PROTO_DIGEST) > $@
 
 setup: $(STAMP_VENV) $(STAMP_PROTO) ## venv with pinned packages and generated protobuf code
 
