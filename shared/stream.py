@@ -84,6 +84,7 @@ from shared.codec import (
     funding_from_proto,
     tick_from_proto,
 )
+from shared.core.config import unknown_symbol_problem
 from shared.core.market import (
     MAX_SEQ,
     FundingRate,
@@ -246,9 +247,8 @@ def parse_market(
     bad_symbol = symbol_problem(wire.symbol)
     if bad_symbol is not None:
         raise ValueError(bad_symbol)
-    if instruments is not None and wire.symbol not in instruments:
-        known = ", ".join(sorted(instruments))
-        raise ValueError(f"unknown symbol {wire.symbol!r}; configured: {known}")
+    if instruments is not None and (unknown := unknown_symbol_problem(wire.symbol, instruments)):
+        raise ValueError(unknown)
     if not 0 < wire.seq <= MAX_SEQ:
         raise ValueError(f"seq must be in [1, 2^53), got {wire.seq}")
     if wire.ts_event_ns <= 0:  # regime opened a bar in 1970 with it

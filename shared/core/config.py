@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -57,9 +58,15 @@ class StrategyConfig(BaseModel):
         return self
 
     def instrument(self, symbol: str) -> InstrumentSpec:
-        try:
-            spec = self.instruments[symbol]
-        except KeyError:
-            known = ", ".join(sorted(self.instruments))
-            raise ValueError(f"unknown symbol {symbol!r}; configured: {known}") from None
+        problem = unknown_symbol_problem(symbol, self.instruments)
+        if problem is not None:
+            raise ValueError(problem)
+        spec = self.instruments[symbol]
         return InstrumentSpec(symbol, spec.price_tick, spec.lot_step)
+
+
+def unknown_symbol_problem(symbol: str, instruments: Collection[str]) -> str | None:
+    """Why `symbol` is none of `instruments` (the configured ones), or None."""
+    if symbol in instruments:
+        return None
+    return f"unknown symbol {symbol!r}; configured: {', '.join(sorted(instruments))}"
