@@ -15,7 +15,7 @@ import threading
 import time
 import tomllib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -351,9 +351,15 @@ def _pnl(text: str) -> str:
     return f"[{colour}]{shown}[/{colour}]" if colour else shown
 
 
-def _columns(table: Table, names: tuple[str, ...], left: tuple[str, ...]) -> None:
+def _columns(table: Table, names: Iterable[str], left: tuple[str, ...], wrap: bool = False) -> None:
+    """Right-aligned but `left`; whole on one line, or (`wrap`) folded, never cut."""
     for name in names:
-        table.add_column(name, justify="left" if name in left else "right", no_wrap=True)
+        table.add_column(
+            name,
+            justify="left" if name in left else "right",
+            no_wrap=not wrap,
+            overflow="fold" if wrap else "ellipsis",
+        )
 
 
 def fits(table: Table) -> bool:
@@ -610,36 +616,33 @@ class NavBoard:
         """As many columns as the terminal shows whole, the least wanted left out first
         (a live board cannot fall back to records as `show` does; a cut NAV is worse
         than a missing column); product, NAV and price always, wrapped if they must."""
+        rows = [self._cells(product) for product in sorted(self.rows)]
         shown = list(WATCH_COLUMNS)
         for column in WATCH_DROPPED_FIRST:
-            table = self._table(shown)
+            table = self._table(shown, rows)
             if fits(table):
                 return table
             shown.remove(column)
-        return self._table(shown, wrap=True)
+        return self._table(shown, rows, wrap=True)
 
-    def _table(self, shown: list[str], wrap: bool = False) -> Table:
+    def _cells(self, product: str) -> dict[str, str]:
+        u = self.rows[product]
+        start = self.first.get(product)
+        return {
+            "product": product,
+            "NAV": _num(u.nav),
+            "change": f"{Decimal(u.nav) / start - 1:+.2%}" if u.nav and start else "-",
+            "price": _num(u.price) if u.price != "0" else "-",
+            "target": _leverage(u.target_leverage),
+            "actual": _leverage(u.actual_leverage),
+            "regime": _regime(u.regime),
+            "market time": _when(u.ts_event_ns),
+        }
+
+    def _table(self, shown: list[str], rows: list[dict[str, str]], wrap: bool = False) -> Table:
         table = Table(title=f"NAV live ({self.updates} updates; Ctrl-C to stop)")
-        for name in shown:
-            table.add_column(
-                name,
-                justify="left" if name == "product" else "right",
-                no_wrap=not wrap,
-                overflow="fold",
-            )
-        for product in sorted(self.rows):
-            u = self.rows[product]
-            start = self.first.get(product)
-            cells = {
-                "product": product,
-                "NAV": _num(u.nav),
-                "change": f"{Decimal(u.nav) / start - 1:+.2%}" if u.nav and start else "-",
-                "price": _num(u.price) if u.price != "0" else "-",
-                "target": _leverage(u.target_leverage),
-                "actual": _leverage(u.actual_leverage),
-                "regime": _regime(u.regime),
-                "market time": _when(u.ts_event_ns),
-            }
+        _columns(table, shown, left=("product",), wrap=wrap)
+        for cells in rows:
             table.add_row(*(cells[name] for name in shown))
         return table
 
