@@ -893,11 +893,11 @@ async def reconcile(
     report = Report()
     for symbol in wanted:
         products = [s.product for s in smart_product_specs(symbol, config)]
+        bad = kafka.bad_fills[symbol] + kafka.bad_orders[symbol]  # records it cannot read
+        report.rows += bad
         try:
             state = await load_symbol(redis, namespace, symbol, products)
         except StateMissing as exc:
-            bad = kafka.bad_fills[symbol] + kafka.bad_orders[symbol]
-            report.rows += bad
             history = kafka.replays[symbol].updates
             if history:  # hedging published updates: its state is lost, not yet to come
                 # (orders alone may wait for a hedging that has not started)
@@ -913,7 +913,7 @@ async def reconcile(
             continue
         by_id, repeats = kafka.orders[symbol]
         part = symbol_report(config, state, by_id, repeats, kafka.replays[symbol])
-        report.rows += kafka.bad_fills[symbol] + kafka.bad_orders[symbol] + part.rows
+        report.rows += part.rows
         report.agreed += part.agreed
         report.notes += part.notes
         if state.in_progress:
