@@ -180,11 +180,14 @@ def test_our_redis_is_ours_while_it_starts_in_its_data_dir(
     )
     try:
         deadline = time.monotonic() + 10
-        while stack_mod.pid_comm(starting.pid) != "redis-server":  # Popen returns before
-            assert time.monotonic() < deadline  # the kernel renames the child at exec
+        # Popen returns before the child's exec is done, and the kernel renames the process
+        # before it lays out the new command line (read in between, it is empty: CI failed so)
+        pid, argv0 = starting.pid, [str(fake)]
+        while stack_mod.pid_comm(pid) != "redis-server" or stack_mod.pid_cmdline(pid)[:1] != argv0:
+            assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert stack_mod.pid_cwd(starting.pid) == data_dir
-        assert component.owns(starting.pid)
+        assert stack_mod.pid_cwd(pid) == data_dir
+        assert component.owns(pid)
     finally:
         starting.kill()
         starting.wait(timeout=10)
