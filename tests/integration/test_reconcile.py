@@ -5,6 +5,7 @@ is found and named (exit 1)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import subprocess
 import time
@@ -220,24 +221,36 @@ async def _mid_event(namespace: str, redis_url: str) -> list[tuple[str | None, f
 async def _monitor_while_committing(namespace: str, redis_url: str) -> tuple[dict, float]:
     """BooksMonitor.check while hedging's state version moves every 20 ms, as it does
     under live traffic; and the smartlev_books_balanced gauge it leaves."""
-    client = Redis.from_url(redis_url, decode_responses=True)
+    client, writer = (Redis.from_url(redis_url, decode_responses=True) for _ in range(2))
     meta = f"{namespace}hedge:{{BTC-USDT}}:meta"
 
     async def commits() -> None:
         while True:
-            await client.hincrby(meta, "version", 1)
+            await writer.hincrby(meta, "version", 1)
             await asyncio.sleep(0.02)
 
     committing = asyncio.create_task(commits())
     try:
         monitor = BooksMonitor(client, StrategyConfig(), namespace, ["BTC-USDT"], pause_s=0.05)
-        found = await monitor.check()
+        # a check is at most 100 reads; once (in one CI run of many) this hung until
+        # pytest's 10 minutes: bounded, a hang fails here, saying where each task stood
+        checking = asyncio.ensure_future(monitor.check())
+        await asyncio.wait([checking], timeout=120)
+        assert checking.done(), "the check hung:\n" + _task_stacks()
+        found = checking.result()
     finally:
         committing.cancel()
-        await asyncio.gather(committing, return_exceptions=True)
-        await client.aclose()
+        await asyncio.wait([committing], timeout=30)
+        await asyncio.wait_for(asyncio.gather(client.aclose(), writer.aclose()), 30)
     gauge = REGISTRY.get_sample_value("smartlev_books_balanced", {"symbol": "BTC-USDT"})
     return found, gauge if gauge is not None else -1.0
+
+
+def _task_stacks() -> str:
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(file=out)
+    return out.getvalue()
 
 
 def test_a_topic_is_read_as_a_stream_not_held(kafka_bootstrap: str) -> None:
