@@ -37,6 +37,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 from smartlev.v1 import nav_pb2, orders_pb2
 
+from services.gateway.bounded import put_bounded
 from shared.codec import POSITION_ID, DecodeError, decimal_from_wire, decode, order_of
 from shared.core.market import MAX_SEQ
 from shared.logging import get_logger
@@ -117,9 +118,7 @@ class NavSequence:
         if update.seq > seq:
             ids = {}
             self._last[update.product] = (update.seq, ids)
-        elif len(ids) >= self.RECENT_IDS:
-            del ids[next(iter(ids))]
-        ids[update.event_id] = None
+        put_bounded(ids, update.event_id, None, self.RECENT_IDS)
         return True
 
 

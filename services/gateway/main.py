@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
 from services.gateway.auth import KeyRing, bearer_key, load_keys_file
+from services.gateway.bounded import put_bounded
 from services.gateway.config import GatewaySettings
 from services.gateway.feeds import FeedUnavailable, StreamFeed, Subscriber
 from services.gateway.ledger import Ledger, Snapshot, b64, ledger_fields, unb64
@@ -211,9 +212,7 @@ class ShownPositions:
             self.held[pid] = position
             return
         self.held.pop(pid, None)
-        if len(self._closed) >= CLOSED_REMEMBERED:
-            del self._closed[next(iter(self._closed))]
-        self._closed[pid] = None
+        put_bounded(self._closed, pid, None, CLOSED_REMEMBERED)
 
 
 class Gateway(gateway_pb2_grpc.GatewayServicer):
@@ -432,9 +431,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 
     def _remember(self, user: str, pid: str, product: str) -> None:
         """Cache an index entry (they never change once written), bounded."""
-        if len(self._owners) >= OWNERS_CACHED:
-            del self._owners[next(iter(self._owners))]
-        self._owners[(user, pid)] = product
+        put_bounded(self._owners, (user, pid), product, OWNERS_CACHED)
 
     # ------------------------------------------------------------------ products
 
