@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sys
 import threading
 import time
 import tomllib
@@ -283,9 +284,24 @@ def rpc_error_line(exc: grpc.RpcError, server: str) -> str:
     return f"{name}: {details}"
 
 
+# How an order's call can end without saying whether it settled: the id it was sent
+# with is then what settles it once, on a retry.
+OUTCOME_UNKNOWN = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
 @contextlib.contextmanager
-def gateway(server: str, api_key: str | None) -> Iterator[Gateway]:
-    """A channel to the gateway; any gRPC error ends the command with one line, exit 1."""
+def gateway(server: str, api_key: str | None, order_id: str | None = None) -> Iterator[Gateway]:
+    """A channel to the gateway; any gRPC error ends the command with one line, exit 1.
+    An order's (`order_id`) whose outcome is unknown names the id to retry it with: a
+    retry with a new one (the default) would settle the order a second time."""
     if not api_key:
         raise fail("no API key: pass --api-key or set SMARTLEV_API_KEY", 2)
     if not (api_key.isascii() and api_key.isprintable()):  # gRPC metadata cannot carry it
@@ -303,7 +319,11 @@ def gateway(server: str, api_key: str | None) -> Iterator[Gateway]:
             gateway_pb2_grpc.GatewayStub(channel), (("authorization", f"Bearer {api_key}"),)
         )
     except grpc.RpcError as exc:
-        raise fail(rpc_error_line(exc, server)) from None
+        line = rpc_error_line(exc, server)
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        if order_id is not None and (code is None or code in OUTCOME_UNKNOWN):
+            line += f"; the order may have settled: retry with --client-order-id {order_id}"
+        raise fail(line) from None
     finally:
         channel.close()
 
@@ -508,7 +528,7 @@ def open_position(
     request = gateway_pb2.OpenPositionRequest(
         client_order_id=order_id, product=product, amount_usdt=amount
     )
-    with gateway(server, api_key) as gw:
+    with gateway(server, api_key, order_id) as gw:
         reply: gateway_pb2.OpenPositionReply = gw.call(gw.stub.OpenPosition, request)
     console.print(
         receipt(
@@ -544,7 +564,7 @@ def close_position(
     request = gateway_pb2.ClosePositionRequest(
         client_order_id=order_id, position_id=position_id, units=units or "", all=all_units
     )
-    with gateway(server, api_key) as gw:
+    with gateway(server, api_key, order_id) as gw:
         reply: gateway_pb2.ClosePositionReply = gw.call(gw.stub.ClosePosition, request)
     console.print(
         receipt(
@@ -739,4 +759,12 @@ def reconcile(
 
 
 def main() -> None:
+    # Bytes that are not UTF-8 reach Python as lone surrogates, which protobuf refuses
+    # with a traceback: one line instead, naming the argument
+    for i, arg in enumerate(sys.argv[1:], 1):
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            fail(f"argument {i} is not UTF-8 text: {arg!r}", 2)
+            raise SystemExit(2) from None
     app()

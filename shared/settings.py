@@ -36,7 +36,8 @@ def is_host_port(text: str) -> bool:
     """`host:port`, the port 1-65535 (gRPC takes a larger one modulo 65536: 116527 is
     50991, another server)."""
     host, _, port = text.rpartition(":")
-    return bool(host.strip()) and port.isdigit() and 1 <= int(port) <= 65535
+    # ASCII digits only: str.isdigit also takes "²" (then int() raises) and "５"
+    return bool(host.strip()) and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
 
 
 def _host_port(value: str) -> str:

@@ -215,6 +215,31 @@ class ShownPositions:
         put_bounded(self._closed, pid, None, CLOSED_REMEMBERED)
 
 
+class StreamNavs:
+    """The NAV a position stream values each product at, and the seq it was marked at.
+    The NAV service sends a batch's updates before it stores them, so a stream that read
+    the store can be past updates still in its queue: those are skipped (they showed
+    NAVs going back), and a stored NAV older than one shown is not taken."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, Decimal | None] = {}
+        self._seqs: dict[str, int] = {}
+
+    def stored(self, product: str, fields: dict[str, str]) -> None:
+        seq = int(fields.get("seq") or 0)
+        if seq >= self._seqs.get(product, 0):
+            self.current[product], self._seqs[product] = _decimal(fields, "nav"), seq
+
+    def updated(self, update: nav_pb2.NavUpdated) -> bool:
+        """Take `update` unless it is older than the NAV shown; whether it was taken (an
+        order's re-mark repeats its tick's seq: an equal seq is taken)."""
+        if update.seq < self._seqs.get(update.product, 0):
+            return False
+        self.current[update.product] = Decimal(update.nav)
+        self._seqs[update.product] = update.seq
+        return True
+
+
 class Gateway(gateway_pb2_grpc.GatewayServicer):
     def __init__(
         self,
@@ -691,6 +716,11 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         navs = await self.ledger.navs(names)
         return {name: _decimal(nav, "nav") for name, nav in zip(names, navs, strict=True)}
 
+    async def _read_navs(self, products: set[str], navs: StreamNavs) -> None:
+        names = sorted(products)
+        for name, fields in zip(names, await self.ledger.navs(names), strict=True):
+            navs.stored(name, fields)
+
     async def GetPosition(
         self, request: gateway_pb2.GetPositionRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.Position:
@@ -798,7 +828,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         """The user's positions now, then each one again as an order or a NAV moves it."""
         started = time.time_ns()
         shown = ShownPositions(request.include_closed)
-        navs: dict[str, Decimal | None] = {}
+        navs = StreamNavs()
         async for proto in self._read_afresh(user, shown, navs):
             yield proto  # the snapshot
         while True:
@@ -818,17 +848,16 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 ):
                     continue  # opened and closed before the snapshot (a late or repeated event)
                 shown.show(changed)
-                if changed.product not in navs:  # a product the stream had not valued yet
-                    navs.update(await self._navs({changed.product}))
-                yield changed.to_proto(navs.get(changed.product))
-            elif isinstance(item, nav_pb2.NavUpdated):
-                navs[item.product] = Decimal(item.nav)
+                if changed.product not in navs.current:  # a product not valued yet
+                    await self._read_navs({changed.product}, navs)
+                yield changed.to_proto(navs.current.get(changed.product))
+            elif isinstance(item, nav_pb2.NavUpdated) and navs.updated(item):
                 for position in shown.held.values():
                     if position.product == item.product and position.units > 0:
-                        yield position.to_proto(navs[item.product])
+                        yield position.to_proto(navs.current[item.product])
 
     async def _read_afresh(
-        self, user: str, shown: ShownPositions, navs: dict[str, Decimal | None]
+        self, user: str, shown: ShownPositions, navs: StreamNavs
     ) -> AsyncIterator[gateway_pb2.Position]:
         """Every position the stream shows or should show, read again (with the NAVs);
         those it has not shown as they are now are shown (all of them, for the first
@@ -840,12 +869,12 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 again = await self._position(user, self.products[position.product][0], pid)
                 if again is not None:
                     current[pid] = again
-        navs.update(await self._navs({p.product for p in current.values()}))
+        await self._read_navs({p.product for p in current.values()}, navs)
         fresh = [p for p in current.values() if shown.changed(p) and not shown.listed_before(p)]
         shown.listed_ns = began
         for position in fresh:
             shown.show(position)
-            yield position.to_proto(navs.get(position.product))
+            yield position.to_proto(navs.current.get(position.product))
 
     async def _changed_position(
         self, user: str, event: orders_pb2.OrderEvent

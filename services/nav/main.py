@@ -22,7 +22,7 @@ from services.nav.marking import (
     FillsEvent,
     Marked,
     Unmarkable,
-    in_last_regime,
+    as_last_marked,
     marked_update,
     parse_update,
     state_fields,
@@ -141,7 +141,7 @@ class NavService:
                     log.warning("remark_without_price", product=book.product)
                     passed.append(book.product)
                     continue
-                remark = in_last_regime(event, fields)
+                remark = as_last_marked(event, fields)
                 marked, message = marked_update(book, price, last_nav, remark, last_seq, now)
                 # as fresh as its price: none yet, or a hash an older build wrote
                 # before session 18, whose write time stood in for it

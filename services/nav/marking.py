@@ -192,12 +192,16 @@ def parse_update(update: hedging_pb2.HedgeUpdate) -> FillsEvent:
     return FillsEvent("order", update.event_id, symbol, 0, ts, 0, None, update.regime, books)
 
 
-def in_last_regime(order: FillsEvent, fields: dict[str, str]) -> FillsEvent:
+def as_last_marked(order: FillsEvent, fields: dict[str, str]) -> FillsEvent:
     """An order's event as its re-mark publishes it: in the regime the product was last
-    marked in (`fields`: its `nav:{product}` hash), since an order's update carries none.
-    A regime name this build does not know (a hash another build wrote) is left out: an
-    error here would stop the stage on the same record at every restart."""
-    last = fields.get("regime")
+    marked in (`fields`: its `nav:{product}` hash), since an order's update carries none,
+    and, if it traded nothing (no fill, no time), at the market time of that mark: time
+    0 dated the NAV 1970, a step back in its series. A regime name this build does not
+    know (a hash another build wrote) is left out: an error here would stop the stage
+    on the same record at every restart."""
+    last, ts = fields.get("regime"), fields.get("ts", "")
+    if not order.ts_event_ns and ts.isdigit():
+        order = replace(order, ts_event_ns=int(ts))
     if order.regime or not last or not known_regime_name(last):
         return order
     return replace(order, regime=common_pb2.Regime.Value(last))

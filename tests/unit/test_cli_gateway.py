@@ -22,7 +22,7 @@ import pytest
 from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2
 from typer.testing import CliRunner
 
-from shared.cli import app
+from shared.cli import app, main
 from shared.serving import SERVER_ANSWERED
 
 KEY = "test-key"
@@ -101,6 +101,8 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "state store unavailable: Redis is down")
         if request.amount_usdt == "8":  # a proxy's or a dying server's: not marked
             context.abort(grpc.StatusCode.UNAVAILABLE, "Stream removed")
+        if request.amount_usdt == "9":  # settled, but the answer comes too late
+            time.sleep(1)
         return gateway_pb2.OpenPositionReply(
             order_id=POSITION,
             position_id=POSITION,
@@ -264,7 +266,18 @@ def test_a_key_metadata_cannot_carry_is_a_usage_error(cli: CliRunner, key: str) 
 
 
 @pytest.mark.parametrize(
-    "server", ["", " ", "127.0.0.1:116527", "127.0.0.1:0", "127.0.0.1", "ipv4:1.2.3", ":50051"]
+    "server",
+    [
+        "",
+        " ",
+        "127.0.0.1:116527",
+        "127.0.0.1:0",
+        "127.0.0.1",
+        "ipv4:1.2.3",
+        ":50051",
+        "localhost:²",  # str.isdigit took it, int() then raised: a traceback
+        "localhost:５００５１",
+    ],
 )
 def test_a_server_that_is_not_host_port_is_a_usage_error(cli: CliRunner, server: str) -> None:
     """gRPC's resolver printed its internal log lines and a stack trace, exit 1 (blank,
@@ -292,17 +305,37 @@ def test_a_gateway_that_answers_unavailable_is_not_called_unreachable(
     "cannot reach the gateway at ...": the user checked an address that was fine. One
     the gateway did not mark (a connection lost mid-call) must not read as its answer:
     an order's outcome is then unknown."""
-    result = cli.invoke(app, ["open", "BTC-USDT:LONG", "7"])
+    retry = "; the order may have settled: retry with --client-order-id o-1"
+    result = cli.invoke(app, ["open", "BTC-USDT:LONG", "7", "--client-order-id", "o-1"])
     assert result.exit_code == 1
     assert error_line(result.stderr) == (
         "error: UNAVAILABLE: state store unavailable: Redis is down "
-        f"(the gateway at {fake[1]} answered)"
+        f"(the gateway at {fake[1]} answered){retry}"
     )
-    result = cli.invoke(app, ["open", "BTC-USDT:LONG", "8"])
+    result = cli.invoke(app, ["open", "BTC-USDT:LONG", "8", "--client-order-id", "o-1"])
     assert error_line(result.stderr) == (
         f"error: UNAVAILABLE: cannot reach the gateway at {fake[1]}, or lost the "
-        "connection (Stream removed)"
+        f"connection (Stream removed){retry}"
     )
+
+
+def test_an_order_whose_outcome_is_unknown_names_the_id_that_retries_it(
+    cli: CliRunner, fake: tuple[FakeGateway, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The id a command made up was shown only on success: after a timeout the user
+    could not tell whether the order settled, and running the command again made a new
+    id, a second position if the first had settled. A refusal changed nothing: no id."""
+    monkeypatch.setattr("shared.cli.CALL_TIMEOUT_S", 0.2)
+    result = cli.invoke(app, ["open", "BTC-USDT:LONG", "9"])
+    assert result.exit_code == 1
+    sent = fake[0].requests["open"]
+    assert isinstance(sent, gateway_pb2.OpenPositionRequest)
+    assert error_line(result.stderr) == (
+        "error: DEADLINE_EXCEEDED: Deadline Exceeded; the order may have settled: retry "
+        f"with --client-order-id {sent.client_order_id}"
+    )
+    refused = cli.invoke(app, ["open", "BTC-USDT:LONG", "5"])
+    assert "client-order-id" not in refused.stderr
 
 
 def test_open_sends_the_order_and_prints_the_receipt(
@@ -452,3 +485,16 @@ def test_watch_stops_cleanly_on_ctrl_c(fake: tuple[FakeGateway, str]) -> None:
     assert process.returncode == 0, err.decode()
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
     assert b"103.50000000" in out
+
+
+def test_an_argument_that_is_not_utf8_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its bytes reach Python as lone surrogates, which protobuf refused with a traceback."""
+    monkeypatch.setattr(sys, "argv", ["smartlev", "open", "BTC-USDT:LONG", "10\udcff"])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 2
+    assert error_line(capsys.readouterr().err) == (
+        "error: argument 3 is not UTF-8 text: '10\\udcff'"
+    )

@@ -9,10 +9,17 @@ from decimal import Decimal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from smartlev.v1 import nav_pb2
 
 import services.gateway.main as gateway_main
-from services.gateway.main import ShownPositions
+from services.gateway.main import ShownPositions, StreamNavs
 from services.gateway.orders import PositionState
+
+LONG = "BTC-USDT:LONG"
+
+
+def nav_update(seq: int, nav: str) -> nav_pb2.NavUpdated:
+    return nav_pb2.NavUpdated(event_id=f"{LONG}:{seq}", product=LONG, nav=nav, seq=seq)
 
 
 def state(pid: str, units: int) -> PositionState:
@@ -68,3 +75,35 @@ def test_a_stream_remembers_only_the_latest_closed_ids(monkeypatch: pytest.Monke
         shown.show(state(pid, 0))
     assert [shown.changed(state(pid, 0)) for pid in ("a", "b", "c")] == [True, False, False]
     assert shown.held == {}
+
+
+def test_a_position_stream_does_not_take_back_a_nav_it_read_newer() -> None:
+    """The NAV service sends a batch's updates (seq 2, 3, 4) before it stores them: a
+    stream that read the store at seq 4 then showed NAV 102, 103, 104 from its queue."""
+    navs = StreamNavs()
+    navs.stored(LONG, {"nav": "104", "seq": "4"})
+    taken = [navs.updated(nav_update(seq, f"10{seq}")) for seq in (2, 3, 4, 5)]
+    assert taken == [False, False, True, True] and navs.current[LONG] == Decimal("105")
+    navs.stored(LONG, {"nav": "104", "seq": "4"})  # a re-read of an older store
+    assert navs.current[LONG] == Decimal("105")
+    navs.stored("BTC-USDT:SHORT", {})  # no NAV stored yet
+    assert navs.current["BTC-USDT:SHORT"] is None
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 6), st.integers(1, 999)), max_size=40))
+def test_the_nav_a_stream_shows_follows_the_latest_seq_it_saw(
+    steps: list[tuple[bool, int, int]],
+) -> None:
+    """Whatever order store reads and updates come in, the stream takes a NAV marked at
+    a seq no older than the one it shows (an equal seq, an order's re-mark, is taken),
+    and keeps the one it shows otherwise."""
+    navs = StreamNavs()
+    shown_seq, shown_nav = 0, None
+    for from_store, seq, nav in steps:
+        if from_store:
+            navs.stored(LONG, {"nav": str(nav), "seq": str(seq)})
+        else:
+            assert navs.updated(nav_update(seq, str(nav))) == (seq >= shown_seq)
+        if seq >= shown_seq:
+            shown_seq, shown_nav = seq, Decimal(nav)
+        assert navs.current.get(LONG) == shown_nav

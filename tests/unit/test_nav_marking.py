@@ -13,7 +13,7 @@ from smartlev.v1 import common_pb2, hedging_pb2
 from services.hedging.messages import hedge_update
 from services.nav.marking import (
     Unmarkable,
-    in_last_regime,
+    as_last_marked,
     mark,
     marked_update,
     nav_updated,
@@ -186,7 +186,21 @@ def test_an_orders_re_mark_is_in_the_products_last_regime(
     update.event_id = "BTC-USDT:order:o1"
     order = parse_update(update)
     assert order.regime == common_pb2.REGIME_UNSPECIFIED  # an order's update carries none
-    assert in_last_regime(order, stored).regime == expected
+    assert as_last_marked(order, stored).regime == expected
     # one that carries a regime keeps it
     carrying = replace(order, regime=common_pb2.RANGE)
-    assert in_last_regime(carrying, {"regime": "TREND_DOWN"}).regime == common_pb2.RANGE
+    assert as_last_marked(carrying, {"regime": "TREND_DOWN"}).regime == common_pb2.RANGE
+
+
+def test_an_order_that_traded_nothing_is_re_marked_at_the_products_last_market_time() -> None:
+    """A deposit too small for one lot has no fill, so no time: its re-mark dated the
+    product's NAV 1970 (`ts_event_ns` 0 in the update and the hash)."""
+    update = tick_update()
+    update.ClearField("market")
+    update.event_id = "BTC-USDT:order:o1"
+    order = parse_update(update)
+    assert order.ts_event_ns == 0
+    assert as_last_marked(order, {"ts": "1620777600000000000"}).ts_event_ns == 1620777600000000000
+    assert as_last_marked(order, {}).ts_event_ns == 0  # nothing marked yet
+    filled = replace(order, ts_event_ns=7)  # one that traded keeps its fill's time
+    assert as_last_marked(filled, {"ts": "1620777600000000000"}).ts_event_ns == 7
