@@ -291,8 +291,7 @@ class Engine:
             self.books.check_quote(product, nav, self.price, self.mark)
         before = self._size(product)
         redeemed = self.books.redeem(product, units, self.price, ts_ns, nav, quoted_payout)
-        self.venue.transfer(-redeemed.gross)
-        return self._after_order(product, ts_ns, redeemed, before)
+        return self._after_order(product, ts_ns, redeemed, before, withdraw=redeemed.gross)
 
     def _size(self, product: str) -> tuple[Decimal, Decimal]:
         """(equity, units) of the product before an order."""
@@ -300,7 +299,12 @@ class Engine:
         return (book.equity(self.price) if self.price else ZERO), book.units
 
     def _after_order(
-        self, product: str, ts_ns: int, event: object, before: tuple[Decimal, Decimal]
+        self,
+        product: str,
+        ts_ns: int,
+        event: object,
+        before: tuple[Decimal, Decimal],
+        withdraw: Decimal = ZERO,
     ) -> list[object]:
         """Hedge the order at once, at the product's own leverage: its position moves with
         its equity, its insurance floor with its units. Re-levering it to target instead
@@ -314,7 +318,10 @@ class Engine:
         their units), as after a gap, and a position that left unwound is built again.
         One that left no units unwinds the whole position, and the fund squares what
         equity is left (kept, it was an unowned position and the next depositor's gain
-        or loss)."""
+        or loss). A close's payout (`withdraw`) leaves the account once the position is
+        cut to what stays: taken first, it left the account under its maintenance margin
+        through the whole unwind (a 99.9% close of a 5x product: ~5,000x, equity below
+        zero between slices), a withdrawal a real exchange refuses."""
         events: list[object] = [event]
         if self.price:
             equity_before, units_before = before
@@ -356,6 +363,8 @@ class Engine:
                         self._floor_anew(product, ts_ns, events)
                 else:  # none, or none left (the close took all its equity): built anew
                     self._rebuild(product, ts_ns, events)
+        if withdraw:
+            self.venue.transfer(-withdraw)
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)
         return events

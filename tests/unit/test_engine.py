@@ -1134,3 +1134,46 @@ def test_a_snapshot_of_a_later_release_is_refused_and_an_older_one_read() -> Non
     assert all(a[2] == 0.0 for a in fresh.anchors.values())
     with pytest.raises(ValueError, match="an anchor is"):
         fresh.restore_state({**snapshot, "anchors": {"BTC-USDT:LONG": [1.0]}})
+
+
+class WatchedVenue(PerpVenue):
+    """A venue that records, after each call while the mark is known, its equity over
+    its maintenance margin (below 1: a real exchange would liquidate, or refuse)."""
+
+    __slots__ = ("engine", "margins")
+
+    def transfer(self, amount: Decimal) -> None:
+        super().transfer(amount)
+        self._watch()
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        filled = super().execute(*args, **kwargs)
+        self._watch()
+        return filled
+
+    def _watch(self) -> None:
+        mark = self.engine.mark
+        if mark and self.position:
+            self.margins.append(self.equity(mark) / self.maintenance_margin(mark))
+
+
+@pytest.mark.parametrize("closed", ["0.5", "0.99", "0.999"])
+def test_a_large_close_keeps_the_account_above_maintenance_while_it_unwinds(closed: str) -> None:
+    """The payout left the account before the position was cut to what stays: through
+    a 99.9% close of a 5x product the account stood at ~5,000x, its equity below zero
+    between slices, a withdrawal a real exchange refuses. It leaves once the position is
+    cut now."""
+    config = built_at(5.0)
+    strategy = smart_strategy("BTC-USDT", config)
+    engine = strategy.engine
+    venue = WatchedVenue(config.instrument("BTC-USDT"), config.venue)
+    venue.engine, venue.margins = engine, []
+    engine.venue = venue
+    long = "BTC-USDT:LONG"
+    engine.deposit(long, Decimal(1_000_000), T0)
+    strategy.on_tick(Tick("BTC-USDT", T0, Decimal(30_000)), None)
+    assert engine.books.products[long].leverage(engine.price) > 4
+    venue.margins.clear()
+    units = engine.books.products[long].units
+    engine.redeem(long, usdt_down(units * Decimal(closed)), T0 + NS_PER_HOUR)
+    assert venue.margins and min(venue.margins) > 1
