@@ -284,6 +284,18 @@ def rpc_error_line(exc: grpc.RpcError, server: str) -> str:
     return f"{name}: {details}"
 
 
+GATEWAY_COMMANDS = frozenset({"products", "open", "close", "positions", "watch"})
+
+
+def is_text(value: str) -> bool:
+    """Whether `value` is UTF-8 text (not bytes Python carried as lone surrogates)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # How an order's call can end without saying whether it settled: the id it was sent
 # with is then what settles it once, on a retry.
 OUTCOME_UNKNOWN = frozenset(
@@ -297,6 +309,10 @@ OUTCOME_UNKNOWN = frozenset(
 )
 
 
+def _retry_with(order_id: str) -> str:
+    return f"the order may have settled: retry with --client-order-id {order_id}"
+
+
 @contextlib.contextmanager
 def gateway(server: str, api_key: str | None, order_id: str | None = None) -> Iterator[Gateway]:
     """A channel to the gateway; any gRPC error ends the command with one line, exit 1.
@@ -306,7 +322,8 @@ def gateway(server: str, api_key: str | None, order_id: str | None = None) -> It
         raise fail("no API key: pass --api-key or set SMARTLEV_API_KEY", 2)
     if not (api_key.isascii() and api_key.isprintable()):  # gRPC metadata cannot carry it
         raise fail("the API key must be printable ASCII", 2)
-    if not is_host_port(server):  # gRPC's resolver printed its internals, or took the
+    if not (is_text(server) and is_host_port(server)):  # gRPC's resolver printed its
+        # internals (or raised, on bytes that are not UTF-8 in SMARTLEV_GATEWAY), or took the
         # port modulo 65536 (another server), or none (443)
         raise fail(
             f"--server must be host:port, the port 1-65535 (e.g. {DEFAULT_GATEWAY}), "
@@ -322,8 +339,12 @@ def gateway(server: str, api_key: str | None, order_id: str | None = None) -> It
         line = rpc_error_line(exc, server)
         code = exc.code() if isinstance(exc, grpc.Call) else None
         if order_id is not None and (code is None or code in OUTCOME_UNKNOWN):
-            line += f"; the order may have settled: retry with --client-order-id {order_id}"
+            line += f"; {_retry_with(order_id)}"
         raise fail(line) from None
+    except KeyboardInterrupt:  # Ctrl-C while an order was on its way: sent, or not
+        if order_id is None:
+            raise
+        raise fail(f"interrupted; {_retry_with(order_id)}", 130) from None
     finally:
         channel.close()
 
@@ -759,12 +780,12 @@ def reconcile(
 
 
 def main() -> None:
-    # Bytes that are not UTF-8 reach Python as lone surrogates, which protobuf refuses
-    # with a traceback: one line instead, naming the argument
-    for i, arg in enumerate(sys.argv[1:], 1):
-        try:
-            arg.encode()
-        except UnicodeEncodeError:
-            fail(f"argument {i} is not UTF-8 text: {arg!r}", 2)
-            raise SystemExit(2) from None
+    # A gateway command's arguments go out as protobuf strings, which must be UTF-8:
+    # bytes that are not reach Python as lone surrogates, which protobuf refused with a
+    # traceback (the backtest's file names may be any bytes the file system takes)
+    if sys.argv[1:2] and sys.argv[1] in GATEWAY_COMMANDS:
+        for i, arg in enumerate(sys.argv[1:], 1):
+            if not is_text(arg):
+                fail(f"argument {i} is not UTF-8 text: {arg!r}", 2)
+                raise SystemExit(2)
     app()

@@ -56,7 +56,10 @@ def ticks_from_bars(
 ) -> Iterator[Tick]:
     """Replay bars as a tick stream; `marks` maps bar open ts_ns -> the bar's closing
     mark price, which a tick carries only once it is known (at the bar's close; before
-    it, the last one known: a bar without a mark keeps the previous one).
+    it, the previous bar's). A bar without a mark, or the one after a gap in the bars,
+    carries none where it has none (the engine then reads the price, as live, where a
+    mark over 10 s old is dropped): carried on, one mark stood for days through a hole
+    in the file, and the risk rules, which read the mark, missed a crash.
 
     mode "ohlc": four ticks per bar (see `bar_to_ticks`); mode "close": one tick per bar
     at its last ns, at the close. Bars must not overlap (ValueError), so ticks never go
@@ -70,8 +73,10 @@ def ticks_from_bars(
             raise ValueError(
                 f"bar at {bar.open_ts_ns} overlaps the previous bar (ends at {next_open})"
             )
+        if bar.open_ts_ns != next_open:
+            known = None  # the mark before a gap is no mark of this bar's time
         next_open = bar.open_ts_ns + interval_ns
-        closing = marks.get(bar.open_ts_ns, known) if marks is not None else None
+        closing = marks.get(bar.open_ts_ns) if marks is not None else None
         if mode == "ohlc":
             yield from bar_to_ticks(bar, interval_ns, closing, known)
         else:

@@ -57,6 +57,10 @@ ALICE = (("authorization", "Bearer dev-alice-key"),)
 BOB = (("authorization", "Bearer dev-bob-key"),)
 ACCOUNTING = StrategyConfig().accounting
 NAV = Decimal("123.45678901")
+# The seq of the tick `Env.set_nav` stands the NAV in for, and of the NAV service's next
+# update: a position stream skips updates older than the NAV it read.
+STORED_SEQ = 7
+NEXT_SEQ = STORED_SEQ + 1
 
 
 class Env:
@@ -82,7 +86,7 @@ class Env:
             leverage=Decimal("1.9"),
             regime=common_pb2.TREND_UP,
             reasons="REGIME_TREND_ALIGNED,RATE_LIMITED",
-            seq=7,
+            seq=STORED_SEQ,
         )
         await self.redis.hset(name, mapping=fields)
 
@@ -542,7 +546,9 @@ async def test_a_slow_position_stream_that_lost_an_order_reads_its_positions_afr
     [_, close_event] = await env.events(2)
     subscriber.offer(close_event)
     for product in (PRODUCT, "ETH-USDT:LONG"):  # the queue holds two: the close goes
-        subscriber.offer(nav_pb2.NavUpdated(event_id=product, product=product, nav="124"))
+        subscriber.offer(
+            nav_pb2.NavUpdated(event_id=product, product=product, nav="124", seq=NEXT_SEQ)
+        )
     assert subscriber.lost
     shown = await asyncio.wait_for(anext(updates), 5)
     assert (shown.position_id, shown.open, shown.units) == (
@@ -591,7 +597,7 @@ async def test_a_stream_of_open_positions_forgets_those_it_showed_closed(env: En
 
     gateway._position = counted  # type: ignore[method-assign]
     subscriber.lost = True  # the next item reads the positions afresh first
-    subscriber.offer(nav_pb2.NavUpdated(event_id="n", product=PRODUCT, nav="130"))
+    subscriber.offer(nav_pb2.NavUpdated(event_id="n", product=PRODUCT, nav="130", seq=NEXT_SEQ))
     shown = await asyncio.wait_for(anext(updates), 5)
     assert (shown.position_id, shown.nav) == (kept.position_id, "130")
     assert reads == []  # the open listing had kept; the closed ones were not looked up
@@ -624,7 +630,7 @@ async def test_a_stream_of_all_positions_shows_its_history_once_across_losses(
     assert sorted([(await anext(updates)).position_id for _ in history]) == sorted(history)
     for _ in range(2):  # two re-reads after losses
         subscriber.lost = True
-        subscriber.offer(nav_pb2.NavUpdated(event_id="n", product=PRODUCT, nav="130"))
+        subscriber.offer(nav_pb2.NavUpdated(event_id="n", product=PRODUCT, nav="130", seq=NEXT_SEQ))
     fresh = await env.open("fresh")
     subscriber.offer((await env.events(9))[-1])  # its open
     assert (await asyncio.wait_for(anext(updates), 5)).position_id == fresh.position_id
@@ -1449,7 +1455,7 @@ async def read_while_publishing(
     topic = NAV_UPDATES.in_namespace(env.ns).name
 
     async def publish() -> None:
-        for seq in itertools.count(1):  # each a new one: the feed does not show one again
+        for seq in itertools.count(NEXT_SEQ):  # each a new one: the feed shows none again
             for product, nav in navs:
                 update = nav_pb2.NavUpdated(
                     event_id=f"{product}:{nav}:{seq}", product=product, nav=nav, seq=seq

@@ -123,10 +123,10 @@ def differences(step: Step, output: str) -> list[str]:
     expected = step.expected
     if expected.startswith("{"):
         return _json_shape(json.loads(expected), json.loads(output))
-    first = expected.split("\n", 1)[0]
-    if first.lower().startswith("error:") or not re.search(r"\d", expected):
-        return [] if output == expected else [f"output:\n{output}"]
-    return [] if _table(output) == _table(expected) else [f"output:\n{output}"]
+    if re.search(r"[│┃┌┏]", expected):  # a table or a receipt: numbers move
+        return [] if _table(output) == _table(expected) else [f"output:\n{output}"]
+    # refusals, exit codes (`echo $?`), listings: to the letter
+    return [] if output == expected else [f"output:\n{output}"]
 
 
 def run_session(steps: list[Step], env: dict[str, str], port: int) -> list[tuple[str, int]]:
@@ -227,6 +227,7 @@ def test_the_shape_comparison_sees_a_changed_field_column_or_message() -> None:
         "json": next(s for s in steps if s.expected.startswith('{\n  "order_id"')),
         "table": next(s for s in steps if "positions" in s.command and "│" in s.expected),
         "error": next(s for s in steps if s.expected.startswith("error:")),
+        "status": next(s for s in steps if s.command == "echo $?"),
     }
     for step in by_kind.values():
         assert differences(step, step.expected) == []
@@ -244,3 +245,4 @@ def test_the_shape_comparison_sees_a_changed_field_column_or_message() -> None:
     assert differences(by_kind["table"], table.replace("status", "state"))
     assert differences(by_kind["table"], table.replace("BTC-USDT:SHORT", "BTC-USDT:LONG "))
     assert differences(by_kind["error"], by_kind["error"].expected.replace("10", "11"))
+    assert differences(by_kind["status"], "0") and differences(by_kind["status"], "2")

@@ -91,15 +91,19 @@ def test_ticks_from_bars_modes_and_marks(case: tuple[int, list[Bar]], data: st.D
     assert [(t.ts_ns, t.price) for t in closes] == [
         (b.open_ts_ns + interval_ns - 1, b.close) for b in bars
     ]
-    known: list[Decimal | None] = []  # each bar's closing mark, else the last one before
-    for b in bars:
-        known.append(marks.get(b.open_ts_ns, known[-1] if known else None))
+    known = [marks.get(b.open_ts_ns) for b in bars]  # each bar's closing mark, or none
     assert [t.mark_price for t in closes] == known
     full = list(ticks_from_bars(bars, interval_ns, marks))
     assert len(full) == 4 * len(bars)
     assert all(a.ts_ns < b.ts_ns for a, b in itertools.pairwise(full))
     assert [t.mark_price for t in full[3::4]] == known
-    assert [t.mark_price for t in full[0::4]] == [None, *known[:-1]]  # nothing from ahead
+    # before its close, a bar's ticks carry the bar before's mark, if that bar is just
+    # before it (nothing from ahead, nothing older than a bar)
+    before = [None] + [
+        mark if b.open_ts_ns == a.open_ts_ns + interval_ns else None
+        for a, b, mark in zip(bars, bars[1:], known, strict=False)
+    ]
+    assert [t.mark_price for t in full[0::4]] == before
 
 
 def test_ticks_from_bars_rejects_overlapping_bars() -> None:
@@ -179,7 +183,8 @@ def test_restore_refuses_malformed_snapshots(broken: dict[str, object]) -> None:
 
 def test_ticks_carry_a_mark_only_once_it_is_known() -> None:
     """A bar's closing mark is known at its close: its earlier ticks carry the one before
-    (none at first); a bar without a mark keeps the last one."""
+    (none at first); a bar without a mark carries none at its close, nor the next bar
+    before its own (a hole in the marks froze the last one for days: risk rules blind)."""
     hour = 3_600_000_000_000
     bars = [Bar("X", i * hour, Decimal(10), Decimal(12), Decimal(9), Decimal(11), Decimal(0))
             for i in range(3)]  # fmt: skip
@@ -187,9 +192,13 @@ def test_ticks_carry_a_mark_only_once_it_is_known() -> None:
     ticks = list(ticks_from_bars(bars, hour, marks))
     assert [t.mark_price for t in ticks] == [
         None, None, None, Decimal("10.5"),
-        Decimal("10.5"), Decimal("10.5"), Decimal("10.5"), Decimal("10.5"),
-        Decimal("10.5"), Decimal("10.5"), Decimal("10.5"), Decimal("11.5"),
+        Decimal("10.5"), Decimal("10.5"), Decimal("10.5"), None,
+        None, None, None, Decimal("11.5"),
     ]  # fmt: skip
     closes = list(ticks_from_bars(bars, hour, marks, mode="close"))
-    assert [t.mark_price for t in closes] == [Decimal("10.5"), Decimal("10.5"), Decimal("11.5")]
+    assert [t.mark_price for t in closes] == [Decimal("10.5"), None, Decimal("11.5")]
+    # a gap in the bars: the mark from before it is not carried past it
+    after_gap = [bars[0], bars[2]._replace(open_ts_ns=5 * hour)]
+    ticks = list(ticks_from_bars(after_gap, hour, {0: Decimal("10.5")}))
+    assert [t.mark_price for t in ticks[4:]] == [None] * 4
     assert all(t.mark_price is None for t in ticks_from_bars(bars, hour))

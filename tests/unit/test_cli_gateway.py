@@ -498,3 +498,54 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
     assert error_line(capsys.readouterr().err) == (
         "error: argument 3 is not UTF-8 text: '10\\udcff'"
     )
+
+
+def test_only_a_gateway_commands_arguments_must_be_utf8(
+    cli: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """The backtest's file names may be any bytes the file system takes (refused as not
+    UTF-8, a file it could open was not read); a server from SMARTLEV_GATEWAY that is
+    not UTF-8 is a bad server, as one given with --server (it raised in gRPC)."""
+    name = tmp_path / "perp\udce9.csv"
+    monkeypatch.setattr(sys, "argv", ["smartlev", "backtest", "--data", str(name)])
+    with pytest.raises(SystemExit):
+        main()
+    assert "UTF-8" not in capsys.readouterr().err
+    monkeypatch.setenv("SMARTLEV_GATEWAY", "h\udce9:50051")
+    result = cli.invoke(app, ["products"])
+    assert result.exit_code == 2
+    assert error_line(result.stderr).startswith("error: --server must be host:port")
+
+
+def test_ctrl_c_during_an_order_names_the_id_that_retries_it(
+    fake: tuple[FakeGateway, str],
+) -> None:
+    """Sent, the order may settle whatever the CLI does next: Ctrl-C ended the command
+    without the id, the commonest way for an outcome to be unknown."""
+    env = {
+        **os.environ,
+        "SMARTLEV_GATEWAY": fake[1],
+        "SMARTLEV_API_KEY": KEY,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
+    }
+    fake[0].requests.pop("open", None)
+    order = ["open", "BTC-USDT:LONG", "9", "--client-order-id", "o-2"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from shared.cli import main; main()", *order],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "open" not in fake[0].requests:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)  # the fake answers a second after it came
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert error_line(err.decode()) == (
+        "error: interrupted; the order may have settled: retry with --client-order-id o-2"
+    )
