@@ -12,6 +12,13 @@ Scenarios:
   away, so some reopenings exceed the 30% jump flag;
 - `mixed`: segments of trend up, trend down, chop, crash and gaps, chosen by the seed.
 
+A move of `bps` basis points multiplies the price by (1 + bps/10,000) up and divides it by
+(1 + |bps|/10,000) down, rounded to the nearest tick, so two-sided noise does not drift;
+a move that would take the price under 1% of the start goes up instead, and the mark is
+the price within 5 bps. (Moves floored to the tick, down legs cut by their percentage and
+a floor of one tick took every `gaps` and `crash` path to 0.1 for half its length, its
+mark up to 6x the price.)
+
 Funding settles every 8 hours (00/08/16 UTC) with a small random rate; a settlement comes
 before a tick at the same instant, as in the backtester's stream.
 """
@@ -73,9 +80,24 @@ def _move_bps(regime: str, rng: random.Random, price: int, anchor: int) -> int:
     return noise  # gaps: the gap itself is drawn by the caller
 
 
+def _rounded(numerator: int, denominator: int) -> int:
+    """numerator / denominator to the nearest integer (halves up), for positive values."""
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def move_price(price: int, bps: int, floor: int) -> int:
+    """`price` moved by `bps`, symmetric in log terms, reflected off `floor`."""
+    if bps < 0 and _rounded(price * _BPS, _BPS - bps) < floor:
+        bps = -bps
+    if bps >= 0:
+        return _rounded(price * (_BPS + bps), _BPS)
+    return _rounded(price * _BPS, _BPS - bps)
+
+
 def synthetic_stream(spec: SyntheticSpec) -> Iterator[Tick | FundingRate]:
     rng = random.Random(spec.seed)
     anchor = price = int(spec.start_price / spec.tick_size)
+    floor = max(1, price // 100)
     ts = spec.start_ns
     next_funding = -(-spec.start_ns // _FUNDING_EVERY_NS) * _FUNDING_EVERY_NS
     regime = spec.scenario if spec.scenario != "mixed" else rng.choice(_REGIMES)
@@ -88,11 +110,11 @@ def synthetic_stream(spec: SyntheticSpec) -> Iterator[Tick | FundingRate]:
         if regime == "gaps" and rng.randint(1, 100) <= 3:
             ts += rng.randint(1, 48) * NS_PER_HOUR
             bps = rng.choice((-1, 1)) * rng.randint(1000, 4000)
-        price = max(1, price + price * bps // _BPS)
+        price = move_price(price, bps, floor)
         while next_funding <= ts:
             rate = Decimal(rng.randint(-300, 600)) * _RATE_UNIT
             yield FundingRate(spec.symbol, next_funding, rate)
             next_funding += _FUNDING_EVERY_NS
-        mark = max(1, price + rng.randint(-5, 5))
+        mark = max(1, move_price(price, rng.randint(-5, 5), 1))
         yield Tick(spec.symbol, ts, price * spec.tick_size, mark * spec.tick_size)
         ts += spec.step_ns

@@ -19,7 +19,7 @@ from services.ingestion.runner import (
     paced,
     wait_before,
 )
-from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, synthetic_stream
+from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, move_price, synthetic_stream
 from services.ingestion.validation import EMPTY, Accepted, Policy, admit, order_key
 from shared.core.market import FundingRate, Tick
 
@@ -157,3 +157,31 @@ def test_resume_keeps_an_invalid_event_only_if_it_may_be_new() -> None:
     assert [t.ts_ns for t in at_the_end] == [4]
     everything = Resume(ticks, order_key(ticks[4]))
     assert (list(everything), everything.skipped) == ([], 5)
+
+
+@pytest.mark.parametrize("scenario", ["gaps", "crash"])
+def test_stress_paths_keep_moving_above_a_floor_with_a_mark_beside_the_price(
+    scenario: str,
+) -> None:
+    """Moves floored to the tick, down legs cut by their percentage and a floor of one
+    tick took every gaps and crash path to 0.1 for half of its 10,000 ticks, where no
+    move could lift it, with marks up to 6x the price."""
+    for seed in range(5):
+        spec = SyntheticSpec(seed=seed, scenario=scenario)  # type: ignore[arg-type]
+        ticks = [e for e in synthetic_stream(spec) if isinstance(e, Tick)]
+        floor = spec.start_price / 100
+        assert min(t.price for t in ticks) >= floor
+        near_floor = sum(1 for t in ticks if t.price < floor * Decimal("1.01"))
+        assert near_floor < len(ticks) // 20
+        assert all(t.mark_price is not None for t in ticks)
+        assert max(abs(t.mark_price / t.price - 1) for t in ticks if t.mark_price) < Decimal(
+            "0.001"
+        )
+
+
+@given(st.integers(3_000, 10**9), st.integers(1, 5_000))
+def test_a_move_and_its_opposite_come_back_within_a_tick(price: int, bps: int) -> None:
+    """Two-sided noise does not drift: up by `bps` then down by `bps` (and the other way
+    round) lands within one tick of where it began."""
+    assert abs(move_price(move_price(price, bps, 1), -bps, 1) - price) <= 1
+    assert abs(move_price(move_price(price, -bps, 1), bps, 1) - price) <= 1
