@@ -459,7 +459,11 @@ def test_watch_unknown_product(cli: CliRunner) -> None:
     assert error_line(result.stderr) == "error: NOT_FOUND: unknown product NOPE:LONG"
 
 
-def test_watch_stops_cleanly_on_ctrl_c(fake: tuple[FakeGateway, str]) -> None:
+def ctrl_c(
+    fake: tuple[FakeGateway, str], args: list[str], request: str, after_s: float
+) -> tuple[int, bytes, bytes]:
+    """Run the CLI with `args`, press Ctrl-C `after_s` after the fake got its `request`:
+    (exit status, stdout, stderr)."""
     env = {
         **os.environ,
         "SMARTLEV_GATEWAY": fake[1],
@@ -467,22 +471,28 @@ def test_watch_stops_cleanly_on_ctrl_c(fake: tuple[FakeGateway, str]) -> None:
         "COLUMNS": "240",
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
     }
-    fake[0].requests.pop("stream", None)
+    fake[0].requests.pop(request, None)
     process = subprocess.Popen(
-        [sys.executable, "-c", "from shared.cli import main; main()", "watch"],
+        [sys.executable, "-c", "from shared.cli import main; main()", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and "stream" not in fake[0].requests:
-        time.sleep(0.05)
-    time.sleep(0.3)  # the stream's updates are drawn; now it waits on a quiet market
+    while time.monotonic() < deadline and request not in fake[0].requests:
+        time.sleep(0.02)
+    time.sleep(after_s)
     process.send_signal(signal.SIGINT)
     # Generous: under a loaded CI machine a CLI once needed more than 10 s to exit here.
     out, err = process.communicate(timeout=30)
-    assert process.returncode == 0, err.decode()
+    return process.returncode, out, err
+
+
+def test_watch_stops_cleanly_on_ctrl_c(fake: tuple[FakeGateway, str]) -> None:
+    # after 0.3 s the stream's updates are drawn; it waits on a quiet market
+    status, out, err = ctrl_c(fake, ["watch"], "stream", 0.3)
+    assert status == 0, err.decode()
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
     assert b"103.50000000" in out
 
@@ -525,27 +535,9 @@ def test_ctrl_c_during_an_order_names_the_id_that_retries_it(
 ) -> None:
     """Sent, the order may settle whatever the CLI does next: Ctrl-C ended the command
     without the id, the commonest way for an outcome to be unknown."""
-    env = {
-        **os.environ,
-        "SMARTLEV_GATEWAY": fake[1],
-        "SMARTLEV_API_KEY": KEY,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
-    }
-    fake[0].requests.pop("open", None)
     order = ["open", "BTC-USDT:LONG", "9", "--client-order-id", "o-2"]
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from shared.cli import main; main()", *order],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and "open" not in fake[0].requests:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGINT)  # the fake answers a second after it came
-    _, err = process.communicate(timeout=30)
-    assert process.returncode == 130
+    status, _, err = ctrl_c(fake, order, "open", 0)  # the fake answers a second later
+    assert status == 130
     assert error_line(err.decode()) == (
         "error: interrupted; the order may have settled: retry with --client-order-id o-2"
     )
