@@ -168,9 +168,10 @@ class PerpVenue:
         """Taker: half spread plus square-root impact, against us. The impact is the
         order's share of walking the book from `taken` (`walked`) to `taken` plus its
         notional: impact_bps x (after^1.5 - taken^1.5) / (notional x depth^0.5), which is
-        impact_bps x sqrt(notional / depth) for an order that walks it first."""
+        impact_bps x sqrt(notional / depth) for an order that walks it first. Maker: the
+        reference, on the tick grid, against us (a reference between ticks filled there)."""
         if liquidity is Liquidity.MAKER:
-            return reference
+            return price_against(reference, self.spec.price_tick, qty > 0)
         notional = abs(qty) * reference
         depth = self.config.depth_notional
         if taken:

@@ -245,7 +245,8 @@ async def test_restart_continues_with_the_same_state(env: tuple[Redis, str]) -> 
         (order("", "1"), "client_order_id is required"),
         (order("x1", "1", "-5"), "must be > 0"),
         (order("x1", "1", ""), "not a plain decimal"),
-        (order("x1", "1" + "0" * 39, "100000"), "figures are out of range"),  # a fee of 40+ digits
+        (order("x1", "1" + "0" * 39, "100000"), "more than 30 significant digits"),
+        (order("x1", "1" + "0" * 29, "1" + "0" * 29), "figures are out of range"),  # a 58-digit fee
         (order("x1", "-2000000000", "50000"), "would fill at -"),  # impact past the price
         (order("x1", "1", ts=0), "ts_event_ns: must be > 0"),  # unset: all one instant
     ],
@@ -293,6 +294,14 @@ async def test_invalid_transfer_funding_and_check_change_nothing(env: tuple[Redi
         (
             "CheckLiquidation",
             venue_pb2.CheckLiquidationRequest(symbol=SYMBOL, check_id="b", mark_price="x"),
+        ),
+        (  # a liquidation it found was stamped 0 (ts_event_ns left out) or below
+            "CheckLiquidation",
+            venue_pb2.CheckLiquidationRequest(symbol=SYMBOL, check_id="b", mark_price="1"),
+        ),
+        (  # 50 significant digits: applied and recorded rounded to 60 in sums before
+            "Transfer",
+            venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="b", amount="1" * 30 + ".5"),
         ),
         ("GetAccount", venue_pb2.GetAccountRequest(symbol="")),
     ]

@@ -85,11 +85,16 @@ def test_taker_sell_wallet_and_equity() -> None:
 
 
 def test_maker_fill_at_reference_with_maker_fee() -> None:
+    """At the reference, on the tick grid (0.1) against the trader: a reference between
+    ticks filled there, off the grid every other fill keeps to."""
     v = venue()
     fill = v.execute(3, D(1), D("50000.05"), Liquidity.MAKER)
-    # price = reference; fee 1 x 50000.05 x 0.0002 = 10.00001
-    assert (fill.price, fill.fee, fill.liquidity) == (D("50000.05"), D("10.00001"), "MAKER")
-    assert v.wallet == D("-50010.05001")
+    # a buy: up to 50000.1; fee 1 x 50000.1 x 0.0002 = 10.00002
+    assert (fill.price, fill.fee, fill.liquidity) == (D("50000.1"), D("10.00002"), "MAKER")
+    assert v.wallet == D("-50010.10002")
+    sold = v.execute(4, D(-1), D("50000.05"), Liquidity.MAKER)
+    assert sold.price == D("50000.0")  # a sell: down
+    assert v.execute(5, D(1), D("50000.2"), Liquidity.MAKER).price == D("50000.2")  # on it
 
 
 def test_fills_accumulate_position_and_fees() -> None:

@@ -98,6 +98,14 @@ def test_non_plain_decimals_are_invalid_argument(text: str) -> None:
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_amounts_keep_at_most_30_significant_digits() -> None:
+    """The account's sums keep 60: an amount of 80 (the wire's 40.40) was applied and
+    recorded as another, rounded one."""
+    assert _decimal("1" * 22 + "." + "1" * 8, "amount") == Decimal("1" * 22 + "." + "1" * 8)
+    with pytest.raises(Rejected, match="more than 30 significant digits"):
+        _decimal("1" * 22 + "." + "1" * 9, "amount")
+
+
 def test_positive_and_id_checks() -> None:
     assert _decimal("0.5", "mark", positive=True) == Decimal("0.5")
     with pytest.raises(Rejected, match="must be > 0"):
