@@ -339,3 +339,26 @@ async def test_a_second_venue_on_a_taken_port_stops_saying_so(env: tuple[Redis, 
         port = first.server.port
         second = VenueServer(first.settings.model_copy(update={"grpc_port": port}), redis)
         assert f"venue: cannot listen on 127.0.0.1:{port}" in await refused_start(second)
+
+
+async def test_a_withdrawal_past_what_an_account_holds_is_refused(env: tuple[Redis, str]) -> None:
+    """An account with no position that put in 100 took out 1,000,000, and the next
+    liquidation check had the insurance fund pay the 999,900 it owed."""
+    redis, namespace = env
+    async with Venue(redis, namespace) as venue:
+        await venue.stub.Transfer(
+            venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="in", amount="100")
+        )
+        before = await account(venue.stub)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await venue.stub.Transfer(
+                venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="out", amount="-1000000")
+            )
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "from an account holding 100" in (err.value.details() or "")
+        assert await account(venue.stub) == before
+        assert not await redis.hexists(f"{namespace}venue:{{{SYMBOL}}}:applied", "out")
+        reply = await venue.stub.Transfer(  # all it holds: taken
+            venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="all", amount="-100")
+        )
+        assert Decimal(reply.account.wallet) == 0
