@@ -22,7 +22,7 @@ import pytest
 from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2
 from typer.testing import CliRunner
 
-from shared.cli import app, main
+from shared.cli import GATEWAY_COMMANDS, app, main
 from shared.serving import SERVER_ANSWERED
 
 KEY = "test-key"
@@ -519,6 +519,8 @@ def test_only_a_gateway_commands_arguments_must_be_utf8(
     """The backtest's file names may be any bytes the file system takes (refused as not
     UTF-8, a file it could open was not read); a server from SMARTLEV_GATEWAY that is
     not UTF-8 is a bad server, as one given with --server (it raised in gRPC)."""
+    commands = {c.name or getattr(c.callback, "__name__", "") for c in app.registered_commands}
+    assert commands - {"backtest", "reconcile"} == GATEWAY_COMMANDS  # every one checked
     name = tmp_path / "perp\udce9.csv"
     monkeypatch.setattr(sys, "argv", ["smartlev", "backtest", "--data", str(name)])
     with pytest.raises(SystemExit):
