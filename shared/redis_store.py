@@ -247,6 +247,11 @@ class ApplyOnceStore:
     async def was_applied(self, tag: str, message_id: str) -> bool:
         return bool(await self._call("HEXISTS", self._meta_keys(tag)[0], message_id))
 
+    async def marker(self, tag: str, message_id: str) -> str | None:
+        """The marker a message was applied with ("" if none); None: not applied."""
+        found = await self._call("HGET", self._meta_keys(tag)[0], message_id)
+        return None if found is None else _text(found)
+
     async def apply(
         self,
         tag: str,

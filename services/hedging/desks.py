@@ -176,6 +176,10 @@ class Desks:
     async def was_applied(self, desk: Desk, order_id: str) -> bool:
         return await self.store.was_applied(desk.symbol, order_id)
 
+    async def was_refused(self, symbol: str, order_id: str) -> bool:
+        marker = await self.store.marker(symbol, order_id)
+        return marker is not None and marker.startswith(REFUSED_MARKER)
+
     async def commit(
         self, desk: Desk, *, seq: int | None = None, order_id: str | None = None
     ) -> bool:

@@ -153,6 +153,16 @@ class Hedger:
             if await self.desks.was_applied(desk, step.order_id):
                 self.runtime.skipped(inp)
                 return True
+            if step.amount is None and await self.desks.was_refused(
+                step.symbol, step.position_id
+            ):
+                # The gateway settled the open (an open's id is its position's) that the
+                # books refused: its units are not in the product, and taken from it
+                # they would be the other holders', whose own closes then fail.
+                raise MoneyError(
+                    f"position {step.position_id}: its open was refused (dead-lettered), "
+                    "so its units are not in the product's books; this close is refused too"
+                )
             if not await self._run_order(desk, step, record.value):
                 return False
             self.runtime.processed(inp, step.ts_init_ns)

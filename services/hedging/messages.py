@@ -80,6 +80,7 @@ class OrderStep:
     units: Decimal | None
     nav: Decimal | None = None
     payout: Decimal | None = None
+    position_id: str = ""
 
     @property
     def event_id(self) -> str:
@@ -167,6 +168,7 @@ def order_step(message: orders_pb2.OrderEvent, products: Mapping[str, str]) -> O
         units,
         nav,
         payout,
+        order.position_id,
     )
 
 

@@ -415,6 +415,40 @@ def test_a_refused_order_stays_refused_when_it_comes_again(
     assert len(dead_letters(kafka_bootstrap, f"{ns}orders.events.dlq")) == 1
 
 
+def test_the_close_of_a_position_whose_open_was_refused_is_refused_too(
+    stack: Stack, kafka_bootstrap: str
+) -> None:
+    """The gateway settled (and answered) an open the books refused: its units are not
+    in the product. Its close was redeemed from the product all the same, out of the
+    other holders' units, whose own closes then failed ("cannot redeem")."""
+    ns, product = stack.namespace, f"{SYMBOL}:LONG"
+
+    def opened(pid: str, units: str = "") -> orders_pb2.OrderEvent:
+        return orders_pb2.OrderEvent(
+            opened=orders_pb2.PositionOpened(
+                event_id=pid, position_id=pid, user_id=pid, product=product, amount="10000",
+                nav="100" if units else "", units=units, ts_event_ns=START, ts_init_ns=START,
+            )
+        )  # fmt: skip
+
+    bad = opened("bad", units="1")  # the books issue 99.9 units for it: QuoteMismatch
+    close = orders_pb2.OrderEvent(
+        closed=orders_pb2.PositionClosed(
+            event_id="bad-close", position_id="bad", user_id="bad", product=product,
+            units="5", ts_event_ns=START, ts_init_ns=START,
+        )
+    )  # fmt: skip
+    stack.send(f"{ns}orders.events", [bad, opened("good"), close])
+    [fill] = stack.fills(1)
+    assert fill.event_id == f"{SYMBOL}:order:good"
+    deadline = time.monotonic() + 15
+    while len(letters := dead_letters(kafka_bootstrap, f"{ns}orders.events.dlq")) < 2:
+        assert time.monotonic() < deadline, f"{len(letters)} dead letters, not 2"
+        time.sleep(0.2)
+    assert "its open was refused" in letters[1].reason
+    assert stack.fills(1, timeout_s=1.0) == []  # the other holder's units untouched
+
+
 def test_an_order_quoted_far_from_the_books_is_dead_lettered(
     stack: Stack, kafka_bootstrap: str
 ) -> None:
