@@ -349,8 +349,14 @@ class Books:
             return InsuranceRepaid(product, ts_ns, amount, equity)
         return None
 
+    def scale_advance(self, product: str, ratio: Decimal) -> None:
+        """A close while an advance is owed: the closer was paid its share of the money
+        advanced, which becomes a claim (as in `forgive_advance`); those left owe the rest."""
+        book = self.products[product]
+        book.insurance_owed = usdt_down(book.insurance_owed * ratio)
+
     def forgive_advance(self, product: str) -> None:
-        """The product was sized (a rebalance) or its holders changed (an order) on its
+        """The product was sized (a rebalance) or emptied (its last holder left) on its
         equity as it is, advance included: what the fund advanced is now paid, as a claim
         is (`insurance_received` counted it when it was advanced)."""
         self.products[product].insurance_owed = ZERO

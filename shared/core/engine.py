@@ -326,12 +326,10 @@ class Engine:
         if self.price:
             equity_before, units_before = before
             book = self.books.products[product]
-            # Held up by an advance (a wick): its leverage at this price means nothing
-            # to scale by, and what it owes is not the new holders' (nor only the ones
-            # left): the advance becomes a claim and the product is built afresh.
-            supported = bool(book.insurance_owed)
-            self.books.forgive_advance(product)
-            if not book.units:
+            if book.units and units_before and book.insurance_owed:
+                self._while_advanced(product, ts_ns, book.units / units_before, before, events)
+            elif not book.units:
+                self.books.forgive_advance(product)
                 if book.qty:
                     self._execute(ts_ns, [PositionChange(product, -book.qty)], events)
                 self._with_fund(self.books.square_empty(product, self.price, ts_ns), events)
@@ -344,7 +342,7 @@ class Engine:
                     added = book.equity(self.price) - equity_before
                     self.books.insure_deposit(product, added, self.floors[product])
                 kept = ZERO
-                if book.qty and equity_before > 0 and units_before and not supported:
+                if book.qty and equity_before > 0 and units_before:
                     # its own leverage, on the equity the trade leaves, and at the mark
                     # the one it had there (the mark lags the last trade by seconds: capped
                     # at the last trade's, every order trimmed the position again)
@@ -368,6 +366,35 @@ class Engine:
         if self.check_books:
             self.books.check_balanced(self.venue, self.price)
         return events
+
+    def _while_advanced(
+        self,
+        product: str,
+        ts_ns: int,
+        ratio: Decimal,
+        before: tuple[Decimal, Decimal],
+        events: list[object],
+    ) -> None:
+        """An order while the product is held up by an advance, at a print the mark
+        ignores: sized at that print, it was rebuilt there, making the print's loss real,
+        and the whole advance a claim (a 1e-8-unit close of a 3x short at a print 3.3x
+        its mark cost the holders 97% and the fund 5.9M once the print reverted). The
+        position moves with the units instead: a close sells its share, and only its
+        share of the advance, paid out to it, becomes a claim; a deposit's money waits
+        unhedged (lower leverage) for the rules, which watch the mark."""
+        book = self.books.products[product]
+        if ratio < 1:
+            self.books.scale_advance(product, ratio)
+            self.books.scale_floor(product, ratio)
+            kept = to_step(book.qty * ratio, self.spec.lot_step)
+            if kept != book.qty:
+                self._execute(ts_ns, [PositionChange(product, kept - book.qty)], events)
+            # a close quoted before the print paid out more than the product holds at it:
+            # the fund restores the floor of those who stay
+            self._cover_gaps([product], ts_ns, events)
+        else:
+            added = book.equity(self.price) - before[0]
+            self.books.insure_deposit(product, added, self.floors[product])
 
     def _sized(self, product: str, ts_ns: int, per_equity: Decimal, at_mark: Decimal) -> Decimal:
         """`per_equity` (contracts per USDT) times the product's equity as the trade to

@@ -33,7 +33,7 @@ from shared.core.leverage import (
     model_leverage,
 )
 from shared.core.market import MAX_FUNDING_RATE, NS_PER_DAY, NS_PER_HOUR, FundingRate, Side, Tick
-from shared.core.money import nav_of, usdt_down
+from shared.core.money import ZERO, nav_of, to_step, usdt_down
 from shared.core.products import fixed_strategy, smart_controllers, smart_engine, smart_strategy
 from shared.core.venue import PerpVenue
 from tests.unit.core_stubs import (
@@ -943,16 +943,11 @@ def test_funding_is_paid_between_products_whose_positions_net_to_zero() -> None:
     engine.books.check_balanced(engine.venue, engine.price)
 
 
-@pytest.mark.parametrize("order", ["deposit", "redeem"])
-def test_an_order_while_an_advance_is_owed_makes_it_a_claim_and_goes_to_target(
-    order: str,
-) -> None:
-    """At a wick the product is held up by an advance and its leverage at that price is
-    ~1000x: an order scaled the position by it (a deposit doubled the short), and what
-    was owed moved onto the holders left. The advance becomes a claim and the product
-    goes to target."""
-    config = built_at(3.0)
-    strategy = smart_strategy("BTC-USDT", config)
+def _order_at_a_print(order: str, size: Decimal) -> tuple[Strategy, ProductBook]:
+    """A 3x short held up by an advance at a print of 330 against a mark of 100, then
+    `order` ("deposit" of `size` USDT, "redeem" of `size` of its units, or "none"), the
+    books checked after it."""
+    strategy = smart_strategy("BTC-USDT", built_at(3.0))
     engine = strategy.engine
     short = engine.books.products[f"{SYMBOL}:SHORT"]
     engine.deposit(short.product, CAPITAL, 0)
@@ -960,12 +955,46 @@ def test_an_order_while_an_advance_is_owed_makes_it_a_claim_and_goes_to_target(
     strategy.on_tick(Tick(SYMBOL, 2, Decimal(330), Decimal(100)), None)
     assert short.insurance_owed > 0 and short.leverage(Decimal(330)) > 100
     if order == "deposit":
-        engine.deposit(short.product, Decimal(10_000), 3)
-    else:
-        engine.redeem(short.product, short.units / 2, 3)
-    assert short.insurance_owed == 0
-    assert short.leverage(Decimal(330)) <= Decimal(str(config.leverage.l_max))
+        engine.deposit(short.product, size, 3)
+    elif order == "redeem":
+        engine.redeem(short.product, usdt_down(short.units * size), 3)
     engine.books.check_balanced(engine.venue, engine.price)
+    return strategy, short
+
+
+@pytest.mark.parametrize("order", ["deposit", "redeem"])
+def test_an_order_while_an_advance_is_owed_moves_the_position_with_the_units(
+    order: str,
+) -> None:
+    """At the print the product's leverage is ~1000x. An order scaled the position by
+    it (a deposit doubled the short), then the product was rebuilt at the print, which
+    made the print's loss real and the whole advance a claim. The position moves with
+    the units now: a deposit trades nothing, a close sells its share, and the advance
+    stays owed but for the closer's share."""
+    _, before = _order_at_a_print("none", ZERO)
+    _, short = _order_at_a_print(order, Decimal(10_000) if order == "deposit" else Decimal("0.5"))
+    ratio = short.units / before.units
+    if order == "deposit":
+        assert (short.qty, short.insurance_owed) == (before.qty, before.insurance_owed)
+    else:
+        assert short.qty == to_step(before.qty * ratio, Decimal("0.001"))
+        assert short.insurance_owed == usdt_down(before.insurance_owed * ratio)
+
+
+@pytest.mark.parametrize(("order", "size"), [("deposit", "1"), ("redeem", "0.00000001")])
+def test_a_small_order_at_a_print_costs_nobody_once_it_reverts(order: str, size: str) -> None:
+    """Rebuilt at the print, a dust close or a 1 USDT deposit cost the holders 97%
+    of their NAV and the fund 5.9M once the print reverted. Now, within 0.1% and 1 USDT
+    of where they would be without it."""
+    results = []
+    for which in ("none", order):
+        strategy, short = _order_at_a_print(which, Decimal(size))
+        strategy.on_tick(Tick(SYMBOL, 4, Decimal(100), Decimal(100)), None)  # it reverts
+        engine = strategy.engine
+        engine.books.check_balanced(engine.venue, engine.price)
+        results.append((engine.nav(short.product), engine.books.insurance_fund))
+    (nav, fund), (nav_after, fund_after) = results
+    assert abs(nav_after / nav - 1) < Decimal("0.001") and abs(fund_after - fund) < 1
 
 
 # Steps of the mark (up to 3%), some of them carrying a last trade the mark ignores: a
