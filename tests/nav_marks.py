@@ -28,6 +28,7 @@ def nav_hash(
     regime: common_pb2.Regime.ValueType = common_pb2.RANGE,
     reasons: str = "",
     seq: int = 1,
+    advanced: Decimal = Decimal(0),
 ) -> tuple[str, dict[str, str]]:
     """The key and fields of `product`'s mark at `nav`, priced and written `age_s` ago: the
     gateway trades on a mark younger than its max_nav_age_s, or on any mark while no
@@ -41,6 +42,7 @@ def nav_hash(
         leverage=leverage,
         target=target,
         qty=Decimal(0),
+        advanced=advanced,
     )
     event = FillsEvent(
         kind="tick",

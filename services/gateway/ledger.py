@@ -62,8 +62,9 @@ from shared.redis_store import ApplyStatus, key
 OUTBOX = "outbox"
 LEDGER = "ledger"
 # What an order reads of its product's NAV hash (the NAV service's `nav:{product}`): the
-# NAV, whether units are out, and how fresh its price is (`Gateway._tradable_nav`).
-NAV_QUOTED = ("nav", "units", "written_ns")
+# NAV, whether units are out, how fresh its price is and whether the insurance fund
+# holds it up at a print (`Gateway._tradable_nav`).
+NAV_QUOTED = ("nav", "units", "written_ns", "advanced")
 KEYS_CACHED = 4096
 
 # KEYS: applied, meta, position, ledger, outbox, outbox index. ARGV: record id, record,

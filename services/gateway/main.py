@@ -363,6 +363,15 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             )
         if value <= 0:
             _fail(grpc.StatusCode.FAILED_PRECONDITION, f"{product}: NAV is {value}")
+        if Decimal(nav.get("advanced") or "0") > 0:
+            # The NAV of the books at a last trade the mark ignores, held up by the fund:
+            # 1% of the mark's value for a 3x short at a print 3.3x the mark. A deposit
+            # at it bought 100x the units its money is worth, a close got 1%.
+            _fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{product}: the last trade is a print the mark ignores, and the NAV at it "
+                "is held up by the insurance fund; try again when the next price comes",
+            )
         return value
 
     def _refuse_reuse(self, client_id: str) -> NoReturn:

@@ -153,9 +153,7 @@ class Hedger:
             if await self.desks.was_applied(desk, step.order_id):
                 self.runtime.skipped(inp)
                 return True
-            if step.amount is None and await self.desks.was_refused(
-                step.symbol, step.position_id
-            ):
+            if step.amount is None and await self.desks.was_refused(step.symbol, step.position_id):
                 # The gateway settled the open (an open's id is its position's) that the
                 # books refused: its units are not in the product, and taken from it
                 # they would be the other holders', whose own closes then fail.

@@ -191,6 +191,7 @@ def book_states(engine: Engine) -> list[hedging_pb2.ProductBookState]:
             "management_fees": book.management_fees,
             "insurance_received": book.insurance_received,
             "last_nav": book.last_nav,
+            "insurance_owed": book.insurance_owed,
         }
         out.append(
             hedging_pb2.ProductBookState(

@@ -29,6 +29,7 @@ from shared.core.market import (
     market_price_problem,
     symbol_problem,
 )
+from shared.core.money import ZERO
 from shared.wire import known_regime_name
 
 Kind = Literal["tick", "funding", "order"]
@@ -48,6 +49,7 @@ class BookState:
     qty: Decimal
     target: Decimal
     last_nav: Decimal | None  # a product with no units is worth this (None: not sent)
+    advanced: Decimal = ZERO  # the insurance fund's advance at a print, not yet repaid
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,7 @@ class Marked:
     leverage: Decimal
     target: Decimal
     qty: Decimal
+    advanced: Decimal  # held up by the insurance fund at a print the mark ignores
 
 
 def side_of(product: str) -> Side:
@@ -109,6 +112,8 @@ def _book(state: hedging_pb2.ProductBookState) -> BookState:
             optional_decimal_from_wire(state.last_nav, name=f"{name}.last_nav"),
             f"{name}.last_nav",
         ),
+        advanced=optional_decimal_from_wire(state.insurance_owed, name=f"{name}.insurance_owed")
+        or ZERO,
     )
 
 
@@ -228,6 +233,7 @@ def mark(book: BookState, price: Decimal, last_nav: Decimal) -> Marked:
         leverage=core.leverage(price).quantize(LEVERAGE_QUANTUM),
         target=book.target,
         qty=book.qty,
+        advanced=book.advanced,
     )
 
 
@@ -299,4 +305,5 @@ def state_fields(
         "qty": marked.qty,
         "ts": event.ts_event_ns,
         "seq": seq,
+        "advanced": marked.advanced,
     }

@@ -73,7 +73,13 @@ class Env:
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     async def set_nav(
-        self, product: str, nav: Decimal, *, age_s: float = 0.0, units: Decimal = Decimal(1000)
+        self,
+        product: str,
+        nav: Decimal,
+        *,
+        age_s: float = 0.0,
+        units: Decimal = Decimal(1000),
+        advanced: Decimal = Decimal(0),
     ) -> None:
         name, fields = nav_hash(
             self.ns,
@@ -87,6 +93,7 @@ class Env:
             regime=common_pb2.TREND_UP,
             reasons="REGIME_TREND_ALIGNED,RATE_LIMITED",
             seq=STORED_SEQ,
+            advanced=advanced,
         )
         await self.redis.hset(name, mapping=fields)
 
@@ -1348,6 +1355,31 @@ async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
     await env.redis.hset(f"{env.ns}nav:{{ETH-USDT:LONG}}", mapping={"written_ns": 0, "price": 0})
     code, details = await _code(env.open("unpriced", "100", product="ETH-USDT:LONG"))
     assert code is grpc.StatusCode.FAILED_PRECONDITION and "no price has marked" in details
+
+
+async def test_no_orders_at_a_nav_the_insurance_fund_holds_up_at_a_print(env: Env) -> None:
+    """At a last trade the mark ignores, the books' NAV is held up by the fund's advance:
+    1% of the mark's value for a 3x short at a print 3.3x the mark. A deposit at it
+    bought 100x the units its money is worth, a close got 1% of it."""
+    await env.set_nav(PRODUCT, NAV)
+    opened = await env.open("before-print")
+    await env.set_nav(PRODUCT, NAV / 100, advanced=Decimal("5876386.42"))
+    before = await env.state()
+    assert not (await product_of(env, PRODUCT)).tradable  # as the orders below find it
+    code, details = await _code(env.open("at-print"))
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and "print the mark ignores" in details
+    code, _ = await _code(
+        env.stub.ClosePosition(
+            gateway_pb2.ClosePositionRequest(
+                client_order_id="at-print-close", position_id=opened.position_id, all=True
+            ),
+            metadata=ALICE,
+        )
+    )
+    assert code is grpc.StatusCode.FAILED_PRECONDITION
+    assert await env.state() == before
+    await env.set_nav(PRODUCT, NAV)  # the next price: repaid, nothing advanced
+    assert (await env.open("after-print")).nav == str(NAV)
 
 
 async def test_a_regime_this_build_does_not_know_reads_as_unspecified(env: Env) -> None:

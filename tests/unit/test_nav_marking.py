@@ -18,6 +18,7 @@ from services.nav.marking import (
     marked_update,
     nav_updated,
     parse_update,
+    state_fields,
 )
 from shared import codec
 from shared.core.config import StrategyConfig
@@ -204,3 +205,18 @@ def test_an_order_that_traded_nothing_is_re_marked_at_the_products_last_market_t
     assert as_last_marked(order, {}).ts_event_ns == 0  # nothing marked yet
     filled = replace(order, ts_event_ns=7)  # one that traded keeps its fill's time
     assert as_last_marked(filled, {"ts": "1620777600000000000"}).ts_event_ns == 7
+
+
+def test_the_nav_hash_says_when_the_insurance_fund_holds_the_nav_up() -> None:
+    """The gateway takes no order at a NAV the fund holds up at a print the mark ignores
+    (1% of the mark's value for a 3x short at a print 3.3x the mark): it reads that in
+    the hash, from the advance hedging's books carry."""
+    update = tick_update()
+    update.products[0].insurance_owed = "5876386.42"
+    event = parse_update(update)
+    held, free = event.books
+    assert (held.advanced, free.advanced) == (Decimal("5876386.42"), 0)
+    marked, _ = marked_update(held, Decimal("43210.5"), Decimal(100), event, 1, 1)
+    assert state_fields(marked, event, 1, 1)["advanced"] == Decimal("5876386.42")
+    update.products[0].insurance_owed = ""  # from a build before it: none
+    assert parse_update(update).books[0].advanced == 0
