@@ -1318,24 +1318,30 @@ async def test_an_order_the_ledger_keeps_moving_under_is_unavailable_to_retry(
     assert retried.position.open and retried.position_id == order_id("alice", "contended")
 
 
-async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
-    await env.set_nav(PRODUCT, NAV)
-    opened = await env.open("before-stale")
-    await env.set_nav(PRODUCT, NAV, age_s=60)
+async def refused_both_ways(env: Env, position_id: str, tag: str, why: str) -> None:
+    """PRODUCT is not tradable, and an open of it and a close of `position_id` are
+    FAILED_PRECONDITION (the open saying `why`), changing nothing."""
     before = await env.state()
     assert not (await product_of(env, PRODUCT)).tradable  # as the orders below find it
-    code, details = await _code(env.open("stale"))
-    assert code is grpc.StatusCode.FAILED_PRECONDITION and "stale" in details
+    code, details = await _code(env.open(tag))
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and why in details
     code, _ = await _code(
         env.stub.ClosePosition(
             gateway_pb2.ClosePositionRequest(
-                client_order_id="stale-close", position_id=opened.position_id, all=True
+                client_order_id=f"{tag}-close", position_id=position_id, all=True
             ),
             metadata=ALICE,
         )
     )
     assert code is grpc.StatusCode.FAILED_PRECONDITION
     assert await env.state() == before
+
+
+async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
+    await env.set_nav(PRODUCT, NAV)
+    opened = await env.open("before-stale")
+    await env.set_nav(PRODUCT, NAV, age_s=60)
+    await refused_both_ways(env, opened.position_id, "stale", "stale")
     # A product nobody holds and the NAV service never marked opens at the initial NAV.
     assert (await product_of(env, "ETH-USDT:SHORT")).tradable
     first = await env.open("first-eth", "100", product="ETH-USDT:SHORT")
@@ -1364,20 +1370,7 @@ async def test_no_orders_at_a_nav_the_insurance_fund_holds_up_at_a_print(env: En
     await env.set_nav(PRODUCT, NAV)
     opened = await env.open("before-print")
     await env.set_nav(PRODUCT, NAV / 100, advanced=Decimal("5876386.42"))
-    before = await env.state()
-    assert not (await product_of(env, PRODUCT)).tradable  # as the orders below find it
-    code, details = await _code(env.open("at-print"))
-    assert code is grpc.StatusCode.FAILED_PRECONDITION and "print the mark ignores" in details
-    code, _ = await _code(
-        env.stub.ClosePosition(
-            gateway_pb2.ClosePositionRequest(
-                client_order_id="at-print-close", position_id=opened.position_id, all=True
-            ),
-            metadata=ALICE,
-        )
-    )
-    assert code is grpc.StatusCode.FAILED_PRECONDITION
-    assert await env.state() == before
+    await refused_both_ways(env, opened.position_id, "at-print", "print the mark ignores")
     await env.set_nav(PRODUCT, NAV)  # the next price: repaid, nothing advanced
     assert (await env.open("after-print")).nav == str(NAV)
 

@@ -90,6 +90,12 @@ async def account(stub: venue_pb2_grpc.VenueStub) -> venue_pb2.VenueAccount:
     return await stub.GetAccount(venue_pb2.GetAccountRequest(symbol=SYMBOL))
 
 
+async def funded(stub: venue_pb2_grpc.VenueStub, amount: str) -> venue_pb2.VenueAccount:
+    """The account once `amount` is paid in: what a refused call must leave it at."""
+    await stub.Transfer(venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="t1", amount=amount))
+    return await account(stub)
+
+
 async def test_remote_venue_equals_perp_venue(env: tuple[Redis, str]) -> None:
     """The same calls through RemoteVenue (sync client, in a thread) and a local PerpVenue
     give the same fills, funding, liquidation check and account, exactly."""
@@ -256,10 +262,7 @@ async def test_invalid_orders_change_nothing(
 ) -> None:
     redis, namespace = env
     async with Venue(redis, namespace) as venue:
-        await venue.stub.Transfer(
-            venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="t1", amount="1000")
-        )
-        before = await account(venue.stub)
+        before = await funded(venue.stub, "1000")
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await venue.stub.SubmitOrder(request_)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -346,10 +349,7 @@ async def test_a_withdrawal_past_what_an_account_holds_is_refused(env: tuple[Red
     liquidation check had the insurance fund pay the 999,900 it owed."""
     redis, namespace = env
     async with Venue(redis, namespace) as venue:
-        await venue.stub.Transfer(
-            venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="in", amount="100")
-        )
-        before = await account(venue.stub)
+        before = await funded(venue.stub, "100")
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await venue.stub.Transfer(
                 venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="out", amount="-1000000")
