@@ -721,9 +721,9 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         return PositionState.from_fields(fields) if fields.get("user") == user else None
 
     async def _navs(self, products: set[str]) -> dict[str, Decimal | None]:
-        names = sorted(products)
-        navs = await self.ledger.navs(names)
-        return {name: _decimal(nav, "nav") for name, nav in zip(names, navs, strict=True)}
+        navs = StreamNavs()
+        await self._read_navs(products, navs)
+        return navs.current
 
     async def _read_navs(self, products: set[str], navs: StreamNavs) -> None:
         names = sorted(products)

@@ -327,7 +327,8 @@ class Engine:
             equity_before, units_before = before
             book = self.books.products[product]
             if book.units and units_before and book.insurance_owed:
-                self._while_advanced(product, ts_ns, book.units / units_before, before, events)
+                ratio = book.units / units_before
+                self._while_advanced(product, ts_ns, ratio, equity_before, events)
             elif not book.units:
                 self.books.forgive_advance(product)
                 if book.qty:
@@ -372,7 +373,7 @@ class Engine:
         product: str,
         ts_ns: int,
         ratio: Decimal,
-        before: tuple[Decimal, Decimal],
+        equity_before: Decimal,
         events: list[object],
     ) -> None:
         """An order while the product is held up by an advance, at a print the mark
@@ -393,7 +394,7 @@ class Engine:
             # the fund restores the floor of those who stay
             self._cover_gaps([product], ts_ns, events)
         else:
-            added = book.equity(self.price) - before[0]
+            added = book.equity(self.price) - equity_before
             self.books.insure_deposit(product, added, self.floors[product])
 
     def _sized(self, product: str, ts_ns: int, per_equity: Decimal, at_mark: Decimal) -> Decimal:
