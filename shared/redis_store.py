@@ -247,10 +247,11 @@ class ApplyOnceStore:
     async def was_applied(self, tag: str, message_id: str) -> bool:
         return bool(await self._call("HEXISTS", self._meta_keys(tag)[0], message_id))
 
-    async def marker(self, tag: str, message_id: str) -> str | None:
-        """The marker a message was applied with ("" if none); None: not applied."""
-        found = await self._call("HGET", self._meta_keys(tag)[0], message_id)
-        return None if found is None else _text(found)
+    async def markers(self, tag: str, *message_ids: str) -> list[str | None]:
+        """The marker each message was applied with ("" if none; None: not applied), in
+        one read."""
+        found = await self._call("HMGET", self._meta_keys(tag)[0], *message_ids)
+        return [None if marker is None else _text(marker) for marker in found]
 
     async def apply(
         self,

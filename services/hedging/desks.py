@@ -173,12 +173,11 @@ class Desks:
         desk.version, desk.inflight = result.version, inflight
         return True
 
-    async def was_applied(self, desk: Desk, order_id: str) -> bool:
-        return await self.store.was_applied(desk.symbol, order_id)
-
-    async def was_refused(self, symbol: str, order_id: str) -> bool:
-        marker = await self.store.marker(symbol, order_id)
-        return marker is not None and marker.startswith(REFUSED_MARKER)
+    async def order_record(self, desk: Desk, order_id: str, opened_by: str) -> tuple[bool, bool]:
+        """(whether the order was applied, whether the order `opened_by` that opened its
+        position was refused), in one read."""
+        applied, opening = await self.store.markers(desk.symbol, order_id, opened_by)
+        return applied is not None, opening is not None and opening.startswith(REFUSED_MARKER)
 
     async def commit(
         self, desk: Desk, *, seq: int | None = None, order_id: str | None = None

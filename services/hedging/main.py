@@ -150,10 +150,13 @@ class Hedger:
             desk = await self._ready(step.symbol)
             if desk is None:
                 return False
-            if await self.desks.was_applied(desk, step.order_id):
+            applied, open_refused = await self.desks.order_record(
+                desk, step.order_id, step.position_id
+            )
+            if applied:
                 self.runtime.skipped(inp)
                 return True
-            if step.amount is None and await self.desks.was_refused(step.symbol, step.position_id):
+            if step.amount is None and open_refused:
                 # The gateway settled the open (an open's id is its position's) that the
                 # books refused: its units are not in the product, and taken from it
                 # they would be the other holders', whose own closes then fail.
