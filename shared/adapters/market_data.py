@@ -438,7 +438,8 @@ def load_market(
 ) -> MarketFiles:
     """What the backtest command and the replay stream both run on: the files loaded and
     checked against each other (DataError if a file is named for another market, the
-    marks are another market's, or the marks or the funding stop short of the bars)."""
+    marks are another market's, or the marks or the funding stop short of the bars); the
+    settlements are those within the bars' span."""
     for path in (data, funding, marks):
         if path is not None:
             check_named_for(path, symbol)
@@ -448,7 +449,13 @@ def load_market(
     reports = [report]
     rates: list[FundingRate] = []
     if funding:
-        rates, report = load_funding(funding, symbol, start_ns=start_ns, end_ns=end_ns)
+        # The bars' span, not only the window: a settlement after the last bar closes is
+        # paid at its last price with no tick after it (a bars file that stops short
+        # paid four years of funding at one frozen price), one before the first bar
+        # pays nothing, and neither is a settlement of the run.
+        first, end = bars[0].open_ts_ns, bars[-1].open_ts_ns + interval_ns
+        span = {"start_ns": max(first, start_ns or first), "end_ns": min(end, end_ns or end)}
+        rates, report = load_funding(funding, symbol, **span)
         reports.append(report)
     mark_prices = None
     if marks:

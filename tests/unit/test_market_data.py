@@ -22,12 +22,13 @@ from shared.adapters.market_data import (
     check_named_for,
     load_bars,
     load_funding,
+    load_market,
     load_marks,
     load_marks_reported,
     parse_timestamp,
 )
 from shared.adapters.tick_replay import ReplaySource, backtest_stream, data_dir
-from shared.core.market import NS_PER_HOUR, Bar
+from shared.core.market import NS_PER_HOUR, Bar, Tick
 
 DATA = data_dir()  # $SMARTLEV_DATA_DIR, else ../shared/data
 BTC_PERP = DATA / "BTCUSDT_perp_1h_2019_2023.csv"
@@ -221,6 +222,27 @@ def test_marks_or_funding_that_stop_inside_the_window_are_an_error(tmp_path: Pat
     early = {"start_ns": ns("2020-12-01T00:00:00Z"), "end_ns": ns("2021-01-01T00:00:00Z")}
     files = {"marks": tmp_path / "marks.csv", "funding": tmp_path / "funding.csv"}
     assert next(iter(backtest_stream(BTC_PERP, "BTC-USDT", **files, **early)))
+
+
+@needs_data
+def test_the_settlements_run_are_those_within_the_bars(tmp_path: Path) -> None:
+    """A bars file that stops short (cut at 2019-10-20) with the whole funding file paid
+    its 4,600 later settlements at the last price, frozen, with no tick between them
+    (smart long NAV 28.37 against 73.76); bars that start late counted every settlement
+    before them. The funding is the bars' span, however wide the window."""
+    all_rates = load_funding(BTC_FUNDING, "BTC-USDT")[0]
+    with BTC_PERP.open() as whole:
+        lines = whole.readlines()
+    cuts = {"head.csv": lines[:1001], "tail.csv": [lines[0], *lines[-288:]]}
+    for name, rows in cuts.items():
+        (tmp_path / name).write_text("".join(rows))
+        loaded = load_market(tmp_path / name, "BTC-USDT", funding=BTC_FUNDING, marks=BTC_MARK)
+        first, close = loaded.bars[0].open_ts_ns, loaded.bars[-1].open_ts_ns + NS_PER_HOUR
+        inside = [rate for rate in all_rates if first <= rate.ts_ns < close]
+        assert len(inside) < len(all_rates) / 10 and loaded.rates == inside, name
+        assert loaded.reports[1].rows_kept == len(inside), name
+        events = list(backtest_stream(tmp_path / name, "BTC-USDT", funding=BTC_FUNDING))
+        assert isinstance(events[-1], Tick), name
 
 
 @needs_data
