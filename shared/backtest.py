@@ -29,7 +29,7 @@ from shared.core.events import (
     LeverageTargetChanged,
 )
 from shared.core.leverage import SmartLeverageController
-from shared.core.market import NS_PER_YEAR, Bar, FundingRate, Side, Tick
+from shared.core.market import NS_PER_YEAR, Bar, FundingRate, Side, Tick, order_key
 from shared.core.money import ZERO
 from shared.core.products import SIDES, fixed_strategy, smart_strategy
 
@@ -101,12 +101,8 @@ def market_events(
 ) -> Iterator[Tick | FundingRate]:
     """Ticks and funding in time order; a funding at the same instant as a tick comes
     first, since it settles on the position held up to that instant."""
-    keyed_funding: Iterator[tuple[int, int, Tick | FundingRate]] = (
-        (f.ts_ns, 0, f) for f in funding
-    )
-    keyed_ticks: Iterator[tuple[int, int, Tick | FundingRate]] = ((t.ts_ns, 1, t) for t in ticks)
-    for _, _, event in heapq.merge(keyed_funding, keyed_ticks, key=lambda e: (e[0], e[1])):
-        yield event
+    events: tuple[Iterable[Tick | FundingRate], ...] = (funding, ticks)
+    yield from heapq.merge(*events, key=order_key)
 
 
 def build_strategies(

@@ -19,13 +19,12 @@ from services.ingestion.publisher import Ingestor
 from services.ingestion.validation import (
     Accepted,
     MarketValue,
-    OrderKey,
     Reason,
     Rejected,
     Verdict,
     check,
-    order_key,
 )
+from shared.core.market import OrderKey, order_key
 
 # A paced replay sends the events due within this long together, as a live feed's
 # updates come in bursts (many exchange streams push every 100 ms): every stage then

@@ -23,8 +23,9 @@ import redis
 from kafka import KafkaConsumer, TopicPartition
 from smartlev.v1 import market_pb2
 
-from services.ingestion.validation import EMPTY, FUNDING_RANK, TICK_RANK, SymbolState
+from services.ingestion.validation import EMPTY, SymbolState
 from shared import codec
+from shared.core.market import FUNDING_RANK, TICK_RANK
 from shared.redis_store import key
 from shared.topics import partition_for
 

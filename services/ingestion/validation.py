@@ -32,20 +32,19 @@ from decimal import Decimal
 
 from shared.codec import wire_problem
 from shared.core.market import (
+    FUNDING_RANK,
     MAX_TS_NS,
     FundingRate,
+    OrderKey,
     Tick,
     funding_rate_problem,
     market_figure_problem,
     market_price_problem,
+    order_key,
     symbol_problem,
 )
 
-FUNDING_RANK = 0  # a funding settles on the position held up to its instant: first
-TICK_RANK = 1
-
 MarketValue = Tick | FundingRate
-OrderKey = tuple[int, int]
 
 
 class Reason(enum.StrEnum):
@@ -101,10 +100,6 @@ class Rejected:
 
 
 Verdict = Accepted | Rejected
-
-
-def order_key(event: MarketValue) -> OrderKey:
-    return (event.ts_ns, FUNDING_RANK if isinstance(event, FundingRate) else TICK_RANK)
 
 
 def _number(value: object, name: str) -> Rejected | None:

@@ -28,7 +28,7 @@ from smartlev.v1 import market_pb2
 from shared.core.config import StrategyConfig
 from shared.core.engine import SignalPipeline, restore_bars
 from shared.core.features import SnapshotIncompatible
-from shared.core.market import Tick
+from shared.core.market import FUNDING_RANK, OrderKey, Tick, order_key
 from shared.core.regime import Regime
 from shared.logging import get_logger
 from shared.stream import MarketInput
@@ -50,10 +50,19 @@ class SymbolSignals:
     signal_seq: int | None = None  # seq of the last full snapshot written
     regime: Regime = Regime.RANGE  # regime on the last closed bar
     reset: bool = False  # started afresh: the next write replaces the stored snapshot
+    last_key: OrderKey | None = None  # where the last event stood (`order_key`)
 
     def step(self, market: MarketInput, ts_init_ns: int) -> tuple[market_pb2.RegimeUpdate, bool]:
         """Apply one event: the RegimeUpdate to publish, and whether a bar closed.
-        ValueError (tick back in time) leaves the state unchanged."""
+        ValueError (an event that does not move past the last one, as ingestion refuses
+        it: a tick back in time, a funding settled again or late, which every stage
+        after this one would pay again) leaves the state unchanged."""
+        key = order_key(market.value)
+        if self.last_key is not None and key <= self.last_key:
+            raise ValueError(
+                f"{_kind(key)} at ts {key[0]} does not move past the last "
+                f"{_kind(self.last_key)} at {self.last_key[0]}"
+            )
         update = market_pb2.RegimeUpdate(market=market.message)
         closed = False
         tick = market.value
@@ -66,7 +75,7 @@ class SymbolSignals:
                 update.regime.CopyFrom(detected)
                 self.regime = state.regime
                 closed = True
-        self.last_seq = market.seq
+        self.last_seq, self.last_key = market.seq, key
         return update, closed
 
     def rows(self, symbol: str, bar_closed: bool) -> list[tuple[str, Row]]:
@@ -86,10 +95,21 @@ class SymbolSignals:
             "seq": self.last_seq,
             "signal_seq": self.signal_seq,
             "bars": self.pipeline.bars.snapshot(),
+            "key": self.last_key,
         }
 
     def signal_row(self) -> Row:
-        return {"seq": self.signal_seq, "pipeline": self.pipeline.snapshot()}
+        return {"seq": self.signal_seq, "pipeline": self.pipeline.snapshot(), "key": self.last_key}
+
+
+def _kind(key: OrderKey) -> str:
+    return "funding" if key[1] == FUNDING_RANK else "tick"
+
+
+def _key(row: Row) -> OrderKey | None:
+    """A row's last event key (None: a row from before rows kept it)."""
+    found = row.get("key")
+    return None if found is None else (int(found[0]), int(found[1]))
 
 
 def restore(
@@ -100,10 +120,12 @@ def restore(
     try:
         return _restore(symbol, config, tick_row, signal_row)
     except SnapshotIncompatible as exc:
-        seqs = [int(row["seq"]) for row in (tick_row, signal_row) if row is not None]
+        rows = [row for row in (tick_row, signal_row) if row is not None]
+        seqs = [int(row["seq"]) for row in rows]
+        keys = [key for key in map(_key, rows) if key is not None]
         log.warning("signals_reset", symbol=symbol, reason=str(exc), after_seq=max(seqs))
         pipeline = SignalPipeline(symbol, config.features, config.regime)
-        return SymbolSignals(pipeline, max(seqs), reset=True)
+        return SymbolSignals(pipeline, max(seqs), reset=True, last_key=max(keys, default=None))
 
 
 def _restore(
@@ -117,7 +139,8 @@ def _restore(
         snapshot = signal_row["pipeline"]
         pipeline = SignalPipeline.restore(symbol, features, regime, snapshot)
         seq = int(signal_row["seq"])
-        signals = SymbolSignals(pipeline, seq, seq, Regime(snapshot["classifier"]["regime"]))
+        regime_then = Regime(snapshot["classifier"]["regime"])
+        signals = SymbolSignals(pipeline, seq, seq, regime_then, last_key=_key(signal_row))
     last = signals.last_seq
     if tick_row is None or (
         last is not None
@@ -136,5 +159,5 @@ def _restore(
             f"table has {signals.signal_seq}"
         )
     pipeline.bars = restore_bars(features, tick_row["bars"], corrupt=signal_row is not None)
-    signals.last_seq = int(tick_row["seq"])
+    signals.last_seq, signals.last_key = int(tick_row["seq"]), _key(tick_row)
     return signals

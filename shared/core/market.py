@@ -106,3 +106,14 @@ class FundingRate(NamedTuple):
     symbol: str
     ts_ns: int
     rate: Decimal
+
+
+FUNDING_RANK = 0  # a funding settles on the position held up to its instant: first
+TICK_RANK = 1
+OrderKey = tuple[int, int]
+
+
+def order_key(event: Tick | FundingRate) -> OrderKey:
+    """Where an event stands in a symbol's market stream: by time, a funding before a
+    tick of the same instant. Each accepted event moves it forward."""
+    return (event.ts_ns, FUNDING_RANK if isinstance(event, FundingRate) else TICK_RANK)

@@ -106,6 +106,40 @@ def test_step_forwards_every_event_and_equals_the_pipeline() -> None:
     assert closed_bars > 50
 
 
+def test_an_event_that_does_not_move_past_the_last_is_refused_across_restarts() -> None:
+    """Ingestion refuses them; another producer's reached every stage after this one: a
+    funding settled again (under a new seq), late or back in time was paid each time
+    by hedging's books (long equity 999,000 -> 989,010 -> 979,020 -> 969,030)."""
+    config = fast_config()
+    signals = SymbolSignals(SignalPipeline(SYMBOL, config.features, config.regime))
+    inputs = market_inputs(PRICES[:16])  # a funding at seq 8 and 16, ticks between
+    for market in inputs:
+        signals.step(market, 0)
+    funding, tick = inputs[15], inputs[14]
+    assert isinstance(funding.value, FundingRate) and isinstance(tick.value, Tick)
+
+    def again(market: MarketInput, seq: int, ts_ns: int) -> MarketInput:
+        value = market.value._replace(ts_ns=ts_ns)
+        return MarketInput(market.message, SYMBOL, seq, 0, value)
+
+    last_hour = funding.value.ts_ns
+    refused = {
+        "the same settlement again": again(funding, 17, last_hour),
+        "a settlement back in time": again(funding, 17, last_hour - NS_PER_HOUR),
+        "a tick back in time": again(tick, 17, last_hour - 1),
+    }
+    table = dict(json.loads(json.dumps(signals.rows(SYMBOL, True))))
+    for state in (signals, restore(SYMBOL, config, table[SYMBOL], table[signal_key(SYMBOL)])):
+        before = state.tick_row(), state.signal_row()
+        for what, market in refused.items():
+            with pytest.raises(ValueError, match="does not move past the last funding"):
+                state.step(market, 0)
+            assert (state.tick_row(), state.signal_row()) == before, what
+        # a tick at the settlement's instant comes after it: taken
+        state.step(again(tick, 17, last_hour), 0)
+        assert state.last_seq == 17
+
+
 @pytest.mark.parametrize("batch", [1, 2, 7, 50])
 def test_rows_restore_the_uninterrupted_state_after_every_batch(batch: int) -> None:
     """Rows written once per batch (the service's way) restore, before every batch, the
@@ -120,6 +154,7 @@ def test_rows_restore_the_uninterrupted_state_after_every_batch(batch: int) -> N
         # A restart before every batch, from the rows as the table holds them (JSON).
         restored = restore(SYMBOL, config, table.get(SYMBOL), table.get(signal_key(SYMBOL)))
         assert restored.last_seq == live.last_seq and restored.regime == live.regime
+        assert restored.last_key == live.last_key
         closed_any = False
         for market in inputs[start : start + batch]:
             out, closed = restored.step(market, 0)
