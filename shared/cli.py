@@ -451,7 +451,7 @@ def product_detail(p: gateway_pb2.Product) -> Table:
         ("regime", _regime(p.regime)),
         ("last leverage change", ", ".join(p.reasons) or "-"),
         ("marked at (market time)", _when(p.ts_event_ns)),
-        ("tradable", "yes" if p.tradable else "[red]no: no fresh NAV[/red]"),
+        ("tradable", "yes" if p.tradable else f"[red]no: {escape(p.not_tradable_reason)}[/red]"),
         ("order size (USDT)", f"{p.min_order} .. {p.max_order}"),
         ("open / close fee", f"{p.open_fee_rate} / {p.close_fee_rate}"),
     )
@@ -533,6 +533,13 @@ def products(
             console.print(product_detail(one))
 
 
+def _order_id(client_order_id: str | None) -> str:
+    """The id an order goes with: a new one only when none was given (an empty one is
+    the gateway's to refuse, or a script's retry with an unset variable made a new
+    order every time)."""
+    return f"cli-{uuid.uuid4().hex[:20]}" if client_order_id is None else client_order_id
+
+
 @app.command("open")
 def open_position(
     product: Annotated[str, typer.Argument(help="Product, e.g. BTC-USDT:LONG.")],
@@ -545,7 +552,7 @@ def open_position(
     server: Server = DEFAULT_GATEWAY,
 ) -> None:
     """Open a position: pay AMOUNT USDT into PRODUCT at the current NAV."""
-    order_id = client_order_id or f"cli-{uuid.uuid4().hex[:20]}"
+    order_id = _order_id(client_order_id)
     request = gateway_pb2.OpenPositionRequest(
         client_order_id=order_id, product=product, amount_usdt=amount
     )
@@ -581,7 +588,7 @@ def close_position(
     """Close a position, or part of it, at the current NAV."""
     if (units is None) == (not all_units):
         raise fail("give either --units N or --all", 2)
-    order_id = client_order_id or f"cli-{uuid.uuid4().hex[:20]}"
+    order_id = _order_id(client_order_id)
     request = gateway_pb2.ClosePositionRequest(
         client_order_id=order_id, position_id=position_id, units=units or "", all=all_units
     )

@@ -469,19 +469,20 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 
     # ------------------------------------------------------------------ products
 
-    def _tradable(self, product: str, nav: dict[str, str], ledger: dict[str, str]) -> bool:
-        """Whether an order would find a NAV to settle at now: `_tradable_nav`'s own rule
-        on the same state (the NAV hash and the product's ledger entries)."""
+    def _not_tradable(self, product: str, nav: dict[str, str], ledger: dict[str, str]) -> str:
+        """Why an order would find no NAV to settle at now ("": it would): `_tradable_nav`'s
+        own rule and refusal on the same state (the NAV hash and the product's ledger)."""
         try:
             self._tradable_nav(product, nav, Snapshot(0, "", ledger, {}))
-        except Rejected:
-            return False
-        return True
+        except Rejected as refusal:
+            return str(refusal)
+        return ""
 
     def _product_reply(
         self, product: str, nav: dict[str, str], ledger: dict[str, str]
     ) -> gateway_pb2.Product:
         symbol, side = self.products[product]
+        not_tradable = self._not_tradable(product, nav, ledger)
         reply = gateway_pb2.Product(
             product=product,
             symbol=symbol,
@@ -496,7 +497,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             reasons=[r for r in nav.get("reasons", "").split(",") if r],
             price=nav.get("price", ""),
             seq=int(nav.get("seq", "0")),
-            tradable=self._tradable(product, nav, ledger),
+            tradable=not not_tradable,
+            not_tradable_reason=not_tradable,
             min_order=decimal_to_wire(self.limits.min_order),
             max_order=decimal_to_wire(self.limits.max_order),
             amount_decimals=self.limits.amount_decimals,

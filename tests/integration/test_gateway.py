@@ -1322,7 +1322,8 @@ async def refused_both_ways(env: Env, position_id: str, tag: str, why: str) -> N
     """PRODUCT is not tradable, and an open of it and a close of `position_id` are
     FAILED_PRECONDITION (the open saying `why`), changing nothing."""
     before = await env.state()
-    assert not (await product_of(env, PRODUCT)).tradable  # as the orders below find it
+    product = await product_of(env, PRODUCT)  # as the orders below find it, saying why
+    assert not product.tradable and why in product.not_tradable_reason
     code, details = await _code(env.open(tag))
     assert code is grpc.StatusCode.FAILED_PRECONDITION and why in details
     code, _ = await _code(
@@ -1343,7 +1344,8 @@ async def test_no_fresh_nav_means_no_trading(env: Env) -> None:
     await env.set_nav(PRODUCT, NAV, age_s=60)
     await refused_both_ways(env, opened.position_id, "stale", "stale")
     # A product nobody holds and the NAV service never marked opens at the initial NAV.
-    assert (await product_of(env, "ETH-USDT:SHORT")).tradable
+    untouched = await product_of(env, "ETH-USDT:SHORT")
+    assert untouched.tradable and untouched.not_tradable_reason == ""
     first = await env.open("first-eth", "100", product="ETH-USDT:SHORT")
     assert first.nav == str(ACCOUNTING.initial_nav)
     # Held now, and still no NAV from the NAV service: not tradable, as an order finds it.

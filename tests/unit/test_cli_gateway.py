@@ -56,6 +56,7 @@ PRODUCTS = [
         actual_leverage="1.0",
         regime=common_pb2.TREND_UP,
         tradable=False,
+        not_tradable_reason="BTC-USDT:SHORT: the last trade is a print the mark ignores",
     ),
 ]
 
@@ -238,6 +239,15 @@ def test_one_product_in_full(cli: CliRunner) -> None:
     assert "10 .. 1000000" in result.stdout
 
 
+def test_a_product_not_tradable_says_why_as_the_gateway_does(cli: CliRunner) -> None:
+    """It said "no fresh NAV" whatever the gateway's reason (a NAV held up at a print
+    was fresh)."""
+    result = cli.invoke(app, ["products", "BTC-USDT:SHORT"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert f"no: {PRODUCTS[1].not_tradable_reason}" in result.stdout
+    assert "fresh" not in result.stdout
+
+
 def test_unknown_product_is_one_error_line_and_exit_1(cli: CliRunner) -> None:
     result = cli.invoke(app, ["products", "DOGE-USDT:LONG"])
     assert result.exit_code == 1
@@ -361,6 +371,24 @@ def test_open_without_an_id_gets_a_fresh_one_each_time(
         assert isinstance(sent, gateway_pb2.OpenPositionRequest)
         ids.add(sent.client_order_id)
     assert len(ids) == 2
+
+
+@pytest.mark.parametrize(
+    ("order", "kind"),
+    [
+        (["open", "BTC-USDT:LONG", "1000"], "open"),
+        (["close", POSITION, "--all"], "close"),
+    ],
+)
+def test_an_empty_client_order_id_is_sent_as_given(
+    cli: CliRunner, fake: tuple[FakeGateway, str], order: list[str], kind: str
+) -> None:
+    """A new id stood in for it: a script retrying with an unset variable made a new
+    order every time. The gateway refuses it (INVALID_ARGUMENT)."""
+    assert cli.invoke(app, [*order, "--client-order-id", ""]).exit_code == 0
+    sent = fake[0].requests[kind]
+    assert isinstance(sent, gateway_pb2.OpenPositionRequest | gateway_pb2.ClosePositionRequest)
+    assert sent.client_order_id == ""
 
 
 def test_refused_open_is_invalid_argument(cli: CliRunner) -> None:
