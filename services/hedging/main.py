@@ -54,6 +54,7 @@ from shared.core.accounting import QuoteMismatch, QuoteOutOfBand
 from shared.core.config import StrategyConfig
 from shared.core.market import FundingRate
 from shared.core.money import MoneyError
+from shared.core.venue import MIN_CALL_IDS_KEPT
 from shared.health import HealthRegistry
 from shared.logging import get_logger
 from shared.stream import Input, Record
@@ -107,10 +108,16 @@ class Hedger:
     """The two inputs' handlers; per symbol one event at a time (both inputs share it)."""
 
     def __init__(
-        self, runtime: HedgingRuntime, desks: Desks, config: StrategyConfig, backoff_s: float
+        self,
+        runtime: HedgingRuntime,
+        desks: Desks,
+        config: StrategyConfig,
+        backoff_s: float,
+        calls_per_inflight: int = MIN_CALL_IDS_KEPT // 4,
     ) -> None:
         self.runtime = runtime
         self.desks = desks
+        self.calls_per_inflight = calls_per_inflight
         self.products = products_by_symbol(config)
         self.leverage = config.leverage
         self.backoff_s = backoff_s
@@ -126,7 +133,8 @@ class Hedger:
     async def on_market(self, inp: Input, steps: list[MarketStep]) -> None:
         """One symbol's market events, in order, as one step: the new ones (above the
         desk's last seq) run through the engine, their HedgeUpdates go out together,
-        then the desk is committed once at the last seq (output before state)."""
+        then the desk is committed once at the last seq (output before state; a batch
+        of many venue calls in parts, `_run_market`)."""
         symbol = steps[0].symbol
 
         async def attempt() -> bool:
@@ -206,17 +214,36 @@ class Hedger:
         return desk if done else None
 
     async def _run_market(self, desk: Desk, steps: list[MarketStep]) -> bool:
-        inflight = desk.inflight or Inflight(
-            MARKET, tuple(step.message.SerializeToString() for step in steps)
-        )
-        if not await self.desks.begin(desk, inflight):
-            return False
-        updates = await asyncio.to_thread(lambda: [self._market_work(desk, s) for s in steps])
-        await self.runtime.send_many([(self.out, desk.symbol, u) for u in updates])
-        if not await self.desks.commit(desk, seq=steps[-1].seq):
-            log.warning("state_conflict", symbol=desk.symbol, seq=steps[-1].seq)
-            return False
+        """The steps as one Inflight, cut where its venue calls reach
+        `calls_per_inflight`: those run are committed and the rest are an Inflight of
+        their own. A re-run repeats its Inflight's calls, which the venue answers from
+        its records only while it still has them (the newest MIN_CALL_IDS_KEPT at
+        least): a batch of 20,450 calls re-run after a crash traded its first ones
+        again."""
+        while steps:
+            inflight = desk.inflight or Inflight(
+                MARKET, tuple(step.message.SerializeToString() for step in steps)
+            )
+            if not await self.desks.begin(desk, inflight):
+                return False
+            updates = await asyncio.to_thread(self._market_run, desk, steps)
+            await self.runtime.send_many([(self.out, desk.symbol, u) for u in updates])
+            last = steps[len(updates) - 1].seq
+            if not await self.desks.commit(desk, seq=last):
+                log.warning("state_conflict", symbol=desk.symbol, seq=last)
+                return False
+            steps = steps[len(updates) :]
         return True
+
+    def _market_run(self, desk: Desk, steps: list[MarketStep]) -> list[hedging_pb2.HedgeUpdate]:
+        """The steps' updates, up to the one whose venue calls reach the budget: the same
+        cut on a re-run from the same state, which makes the same calls."""
+        start, updates = desk.venue.calls_made, []
+        for step in steps:
+            updates.append(self._market_work(desk, step))
+            if desk.venue.calls_made - start >= self.calls_per_inflight:
+                break
+        return updates
 
     async def _run_order(self, desk: Desk, step: OrderStep, payload: bytes) -> bool:
         if not await self.desks.begin(desk, desk.inflight or Inflight(ORDER, (payload,))):

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
+from shared.core.venue import MIN_CALL_IDS_KEPT
 from shared.settings import Seconds, SecondsOrZero, ServiceSettings, service_config
-
-# Well above the calls of one step: an order's is its transfer and a slice per 2M of
-# notional (1e9, MAX_DEPOSIT: 501 calls); a market step is one poll batch of hedging's
-# (the real BTC hours at 1e8 a product: ~1,200 calls over 3,000 events).
-MIN_IDS_KEPT = 10_000
 
 
 class VenueSettings(ServiceSettings):
@@ -31,9 +27,9 @@ class VenueSettings(ServiceSettings):
     @field_validator("applied_ids_kept")
     @classmethod
     def _more_than_a_step(cls, value: int) -> int:
-        if 0 < value < MIN_IDS_KEPT:
+        if 0 < value < MIN_CALL_IDS_KEPT:
             raise ValueError(
-                f"must be 0 (all) or at least {MIN_IDS_KEPT:,}: a repeated step of more "
+                f"must be 0 (all) or at least {MIN_CALL_IDS_KEPT:,}: a repeated step of more "
                 "calls than are remembered applies its first ones again"
             )
         return value

@@ -170,6 +170,7 @@ class RemoteVenue:
         self._mirror = PerpVenue(spec, config)
         self._event: str | None = None
         self._calls = 0
+        self.calls_made = 0  # by this client, over all events
 
     # ---- call naming
 
@@ -185,6 +186,7 @@ class RemoteVenue:
             raise RuntimeError("RemoteVenue: call begin(event_key) before changing the account")
         call_id = f"{self._event}:{self._calls}"
         self._calls += 1
+        self.calls_made += 1
         return call_id
 
     # ---- mirror

@@ -26,6 +26,13 @@ from shared.core.events import AccountLiquidated, OrderFilled
 from shared.core.money import ZERO, MoneyError, price_against
 
 BPS = Decimal("0.0001")
+# The fewest call ids the venue service remembers per symbol (its `applied_ids_kept`,
+# when not 0: all). A caller re-running a step a crash cut short repeats its calls with
+# the same ids, and the venue answers them from its records only if it still has them,
+# so a step makes fewer calls than this (hedging's market batches are cut at a quarter
+# of it; an order's step, a transfer and a slice per 2M of notional, is at most 2,751
+# calls: MAX_DEPOSIT at the default 5.5x ceiling; 2,354 measured at 5x).
+MIN_CALL_IDS_KEPT = 10_000
 
 
 class Liquidity(StrEnum):

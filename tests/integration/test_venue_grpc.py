@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from decimal import Decimal
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 from uuid import uuid4
 
 import grpc
@@ -16,19 +18,30 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from smartlev.v1 import venue_pb2, venue_pb2_grpc
+from smartlev.v1 import orders_pb2, venue_pb2, venue_pb2_grpc
+from smartlev.v1.hedging_pb2 import HedgeUpdate
 
+from services.hedging.desks import Desks
+from services.hedging.main import Hedger, HedgingRuntime, SymbolHalted
+from services.hedging.messages import MarketStep
 from services.venue.config import VenueSettings
 from services.venue.main import VenueServer
+from shared import codec
+from shared.adapters.redis_wire import RedisWire
 from shared.adapters.venue_client import RemoteVenue, fill_from_wire, venue_channel
 from shared.core.config import StrategyConfig
+from shared.core.events import LeverageTargetChanged
+from shared.core.market import Side, Tick
 from shared.core.venue import Liquidity, PerpVenue
 from shared.settings import RedisSettings
+from shared.stream import Input, Record
+from shared.wire import targets_update
 from tests.integration.serving import refused_start
 
 pytestmark = pytest.mark.integration
 
 SYMBOL = "BTC-USDT"
+LONG = "BTC-USDT:LONG"
 CONFIG = StrategyConfig()
 
 
@@ -46,7 +59,7 @@ class Venue:
             grace_s=0,
             redis=RedisSettings(url=f"redis://{at['host']}:{at['port']}/{at.get('db', 0)}"),
         )
-        # below what the setting takes (MIN_IDS_KEPT), to see the bound work in a few calls
+        # below what the setting takes (MIN_CALL_IDS_KEPT), to see the bound work in a few calls
         self.settings = settings.model_copy(update={"applied_ids_kept": ids_kept})
         self.server = VenueServer(self.settings, redis)
 
@@ -362,3 +375,119 @@ async def test_a_withdrawal_past_what_an_account_holds_is_refused(env: tuple[Red
             venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="all", amount="-100")
         )
         assert Decimal(reply.account.wallet) == 0
+
+
+class Crash(BaseException):
+    """The hedging process killed (not an Exception: nothing in it handles this)."""
+
+
+class HedgingRun:
+    """Hedging's Hedger and Desks in this process, on the venue at `target`; `crash_at`:
+    the event whose HedgeUpdate is never sent (the process dies first)."""
+
+    def __init__(self, redis_url: str, target: str, namespace: str, budget: int) -> None:
+        self.halted: dict[str, str] = {}
+        self.crash_at: str | None = None
+        self.wire = RedisWire.from_url(redis_url)
+        self.channel = venue_channel(target)
+        desks = Desks(self.wire, CONFIG, self.channel, namespace=namespace)
+        runtime = cast(HedgingRuntime, self)
+        self.hedger = Hedger(runtime, desks, CONFIG, backoff_s=0.01, calls_per_inflight=budget)
+
+    def output(self, spec: object) -> object:
+        return spec
+
+    async def send_many(self, messages: list[tuple[object, str, HedgeUpdate]]) -> None:
+        if any(update.event_id == self.crash_at for _, _, update in messages):
+            raise Crash
+
+    async def send(self, out: object, key: str, update: HedgeUpdate) -> None:
+        await self.send_many([(out, key, update)])
+
+    def processed(self, inp: object, ts_init_ns: int) -> None:
+        pass
+
+    def skipped(self, inp: object) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.channel.close()
+        await self.wire.aclose()
+
+
+def price_step(hedger: Hedger, seq: int, decisions: list[LeverageTargetChanged]) -> MarketStep:
+    tick = Tick(SYMBOL, seq * 1000, Decimal(30000))
+    market = codec.market_event_from_tick(tick, seq=seq, source="t", ts_init_ns=1)
+    return hedger.market_step(targets_update(market, SYMBOL, seq, False, "RANGE", decisions, 1))
+
+
+def rebalances(hedger: Hedger, targets: list[str]) -> list[MarketStep]:
+    """A tick at 30,000 for each target, the long product rebalanced to it."""
+    steps, previous = [], "1"
+    for seq, target in enumerate(targets, start=2):
+        decision = LeverageTargetChanged(
+            LONG, Side.LONG, seq * 1000, Decimal(30000), Decimal(target), Decimal(previous),
+            True, False, (), "RANGE",
+        )  # fmt: skip
+        steps.append(price_step(hedger, seq, [decision]))
+        previous = target
+    return steps
+
+
+async def hedged_long(hedging: HedgingRun) -> None:
+    """A first price, then 10M paid into the long (hedged at 1x)."""
+    hedger = hedging.hedger
+    await hedger.on_market(cast(Input, None), [price_step(hedger, 1, [])])
+    opened = orders_pb2.OrderEvent(
+        opened=orders_pb2.PositionOpened(
+            event_id="open-1", position_id="p1", user_id="u", product=LONG,
+            ts_event_ns=1500, ts_init_ns=1, amount="10000000",
+        )
+    )  # fmt: skip
+    record = cast(Record, SimpleNamespace(value=opened.SerializeToString()))
+    await hedger.on_order(cast(Input, None), record, hedger.order_step(opened))
+
+
+@pytest.mark.parametrize("budget", [10, 10**9])
+async def test_a_market_batch_a_crash_cut_short_repeats_only_calls_the_venue_remembers(
+    env: tuple[Redis, str], redis_url: str, budget: int
+) -> None:
+    """The venue remembers the newest call ids only, and hedging re-runs the Inflight a
+    crash cut short: a batch of more calls than are remembered (20,450 against 10,000)
+    traded its first ones again (a venue position of 295,550 BTC against 49,503) and
+    halted the symbol. Batches are cut at hedging's budget of calls, so a re-run repeats
+    only what the venue still has. Here: 40 ids kept, ~10 calls a rebalance, 6 of them;
+    the crash comes before the last one's commit. Without the cut (`budget` 10**9) the
+    re-run trades its first calls again, and the venue and the books differ."""
+    redis, namespace = env
+    outcomes = []
+    for run in ("crash", "reference"):
+        ns = f"{namespace}{run}."
+        async with Venue(redis, ns, ids_kept=40) as venue:
+            hedging = HedgingRun(redis_url, venue.target, ns, budget if run == "crash" else 10)
+            await hedged_long(hedging)
+            batch = rebalances(hedging.hedger, ["3", "1", "3", "1", "3", "1"])
+            if run == "crash":
+                hedging.crash_at = batch[-1].event_id
+                with pytest.raises(Crash):
+                    await hedging.hedger.on_market(cast(Input, None), batch)
+                await hedging.close()
+                hedging = HedgingRun(redis_url, venue.target, ns, budget)  # the restart
+            with contextlib.suppress(SymbolHalted):  # (un-cut: its books and venue differ)
+                await hedging.hedger.on_market(cast(Input, None), batch)
+            desk = await hedging.hedger.desks.current(SYMBOL)
+            request = venue_pb2.GetAccountRequest(symbol=SYMBOL)
+            account = await venue.stub.GetAccount(request)
+            books = desk.engine.books.products[LONG].qty
+            outcomes.append((hedging.halted, desk.last_seq, books, account.position,
+                             account.wallet, account.fees_paid))  # fmt: skip
+            await hedging.close()
+        keys = [k async for k in redis.scan_iter(match=f"{ns}*")]
+        if keys:
+            await redis.delete(*keys)
+    crash, reference = outcomes
+    assert reference[:2] == ({}, 7) and Decimal(reference[3]) == reference[2] > 0
+    if budget == 10:
+        assert crash == reference
+    else:
+        assert "BooksOutOfBalance" in crash[0][SYMBOL] and crash[3] != reference[3]
