@@ -491,3 +491,44 @@ async def test_a_market_batch_a_crash_cut_short_repeats_only_calls_the_venue_rem
         assert crash == reference
     else:
         assert "BooksOutOfBalance" in crash[0][SYMBOL] and crash[3] != reference[3]
+
+
+async def test_a_refusal_another_writer_raced_is_recorded_all_the_same(
+    env: tuple[Redis, str], redis_url: str
+) -> None:
+    """Its dead letter went out, and a write of another instance between the refusal's
+    read and its write dropped the record: the close of a position that order opened
+    would then have gone through (reliability 197)."""
+    redis, namespace = env
+    async with Venue(redis, namespace) as venue:
+        hedging = HedgingRun(redis_url, venue.target, namespace, 2500)
+        await hedged_long(hedging)
+        desks = hedging.hedger.desks
+        refused = []
+
+        async def reject(inp: object, record: object, reason: str) -> None:
+            refused.append(reason)
+
+        hedging.reject = reject  # type: ignore[attr-defined]
+        store_apply = desks.store.apply
+        raced = []
+
+        async def apply(tag: str, changes: Any, **kwargs: Any) -> Any:
+            if kwargs.get("marker") and not raced:  # another writer, just before
+                raced.append(await store_apply(tag, {}, source="other", offset=1))
+            return await store_apply(tag, changes, **kwargs)
+
+        desks.store.apply = apply  # type: ignore[method-assign]
+        too_many = orders_pb2.OrderEvent(
+            closed=orders_pb2.PositionClosed(
+                event_id="too-many", position_id="p1", user_id="u", product=LONG,
+                units="10000000", ts_event_ns=2500, ts_init_ns=1,
+            )
+        )  # fmt: skip
+        record = cast(Record, SimpleNamespace(value=too_many.SerializeToString()))
+        step = hedging.hedger.order_step(too_many)
+        await hedging.hedger.on_order(cast(Input, None), record, step)
+        desk = await desks.current(SYMBOL)
+        assert raced and len(refused) == 1 and "cannot redeem" in refused[0]
+        assert await desks.order_record(desk, step.order_id, "p1") == (True, False)
+        await hedging.close()
