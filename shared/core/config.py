@@ -29,6 +29,13 @@ DEFAULT_INSTRUMENTS = {
 }
 
 
+# The step of the mark between two ticks the margin check allows for at the leverage
+# ceiling. The real hours' largest are 17.2% up (BTC) and 21.2% down (ETH), both in
+# March 2020, when the regime rules held the products near 1x; at the ceiling such a
+# step takes a product to its floor whatever the margin (the insurance fund pays).
+MARK_STEP = 0.15
+
+
 class StrategyConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -44,16 +51,27 @@ class StrategyConfig(BaseModel):
     def _never_liquidated(self) -> StrategyConfig:
         """DESIGN section 5: the venue account is never liquidated under the configured
         margin rules. It liquidates at leverage 1 / maintenance_margin; the ceiling
-        rebalances at `leverage_ceiling`, and a gap between two ticks can carry leverage
-        past it, so liquidation must lie at least twice the ceiling away (a 9% gap from
-        5.5x doubles it). A margin of 0.25 with the default 5.5x ceiling liquidated the
-        account on the first tick."""
+        rebalances at `leverage_ceiling`, and a step of the mark between two ticks
+        carries leverage past it: a short at leverage C that the mark moves up by g is
+        at C (1 + g) / (1 - C g). The margin must hold that at a step of MARK_STEP (a
+        short is the side a step moves furthest). "Twice the ceiling", the rule before,
+        took margins to 0.09 at 5.5x, and accepted policies got the account liquidated
+        on the real hours of March 2020 (BTC's mark +13.7% in an hour at 5x: 18x)."""
         ceiling, margin = self.leverage.leverage_ceiling, float(self.venue.maintenance_margin)
-        if 2 * ceiling * margin > 1:
+        left = 1 - ceiling * MARK_STEP  # of a short's equity, after the step
+        if left <= 0:
             raise ValueError(
-                f"venue.maintenance_margin {margin:g} liquidates at {1 / margin:g}x: it must "
-                f"be at least twice leverage.leverage_ceiling {ceiling:g}x, or a gap past "
-                "the ceiling liquidates the account"
+                f"leverage.leverage_ceiling {ceiling:g}x: a {MARK_STEP:.0%} step of the "
+                f"mark takes a short's whole equity at it; it must be below "
+                f"{1 / MARK_STEP:.3g}x"
+            )
+        most = left / (ceiling * (1 + MARK_STEP))
+        if margin >= most:
+            raise ValueError(
+                f"venue.maintenance_margin {margin:g} liquidates at {1 / margin:g}x: a "
+                f"{MARK_STEP:.0%} step of the mark takes a short at the "
+                f"{ceiling:g}x leverage_ceiling to {1 / most:.3g}x, so it must be below "
+                f"{most:.4g}"
             )
         return self
 

@@ -9,21 +9,69 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner, Result
 
-from shared.adapters.market_data import load_bars, load_funding, load_marks, parse_timestamp
+from shared.adapters.market_data import (
+    load_bars,
+    load_funding,
+    load_market,
+    load_marks,
+    parse_timestamp,
+)
 from shared.adapters.tick_replay import data_dir
 from shared.backtest import metrics, run_backtest, write_metrics, write_nav_csv
 from shared.cli import app, summary_table
 from shared.codec import decimal_from_wire, decimal_to_wire
-from shared.core.config import StrategyConfig
+from shared.core.config import MARK_STEP, StrategyConfig
 from shared.core.engine import Strategy
+from shared.core.leverage import LeverageConfig
 from shared.core.market import NS_PER_YEAR, Tick
-from shared.core.venue import PerpVenue
+from shared.core.venue import PerpVenue, VenueConfig
 
 DATA = data_dir()
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
 runner = CliRunner()
+
+
+ALL_IN_AT_5X = LeverageConfig(
+    warmup_leverage=5.0, base_trend_aligned=5.0, base_range=5.0, base_high_vol=5.0,
+    base_trend_against=5.0, sigma_reference=20.0, max_raise_per_bar=1.0,
+)  # fmt: skip
+
+
+@needs_data
+@pytest.mark.parametrize("symbol", ["BTC-USDT", "ETH-USDT"])
+def test_the_margins_a_config_takes_are_not_liquidated_in_march_2020(symbol: str) -> None:
+    """DESIGN section 5 at the config's edge: a policy at 5x whatever the regime, through
+    the real hours of the March 2020 crash (a mark step of 13.7-21% in an hour). At the
+    largest margin the check takes the account is never liquidated; at 0.09, which the
+    check took before (twice the ceiling), it was."""
+    asset = symbol.removesuffix("-USDT")
+    loaded = load_market(
+        DATA / f"{asset}USDT_perp_1h_2019_2023.csv", symbol,
+        funding=DATA / f"{asset}USDT_funding_8h_2019_2023.csv",
+        marks=DATA / f"{asset}USDT_mark_1h_2019_2023.csv",
+        start_ns=parse_timestamp("2020-03-01T00:00:00Z"),
+        end_ns=parse_timestamp("2020-04-01T00:00:00Z"),
+    )  # fmt: skip
+    step, ceiling = MARK_STEP, ALL_IN_AT_5X.leverage_ceiling
+    edge = Decimal((1 - ceiling * step) / (ceiling * (1 + step))).quantize(Decimal("0.0001"))
+    liquidations = []
+    for margin in (edge - Decimal("0.0001"), Decimal("0.09")):
+        venue = {"maintenance_margin": margin}
+        if margin > edge:
+            with pytest.raises(ValidationError, match="maintenance_margin"):
+                StrategyConfig.model_validate({"leverage": ALL_IN_AT_5X, "venue": venue})
+        config = StrategyConfig.model_construct(
+            leverage=ALL_IN_AT_5X, venue=VenueConfig(maintenance_margin=margin)
+        )
+        result = run_backtest(
+            symbol, loaded.bars, loaded.rates, config, marks=loaded.marks, benchmarks=False
+        )
+        liquidations.append(sum(m["venue_liquidations"] for m in metrics(result).values()))
+    taken, refused = liquidations
+    assert taken == 0 < refused, liquidations
 
 
 @needs_data

@@ -148,9 +148,12 @@ def test_config_refuses_a_margin_that_liquidates_near_the_ceiling_and_infinite_f
     """DESIGN section 5: the venue account is never liquidated. A maintenance margin of
     0.25 (liquidation at 4x) with the 5.5x ceiling liquidated the account on the first
     tick of January 2020; a half-life past ~1e16 bars divided 0 by 0 on the second bar."""
-    with pytest.raises(ValidationError, match=r"must be at least twice leverage\.leverage_ceiling"):
-        StrategyConfig.model_validate({"venue": {"maintenance_margin": "0.25"}})
-    assert StrategyConfig.model_validate({"venue": {"maintenance_margin": "0.09"}})  # 11.1x
+    for margin in ("0.25", "0.09", "0.0278"):  # 0.09: twice the ceiling, taken before
+        with pytest.raises(ValidationError, match=r"to 36\.1x, so it must be below 0\.02767"):
+            StrategyConfig.model_validate({"venue": {"maintenance_margin": margin}})
+    assert StrategyConfig.model_validate({"venue": {"maintenance_margin": "0.0276"}})
+    with pytest.raises(ValidationError, match=r"whole equity at it; it must be below 6\.67x"):
+        StrategyConfig.model_validate({"leverage": {"l_max": 6.0, "leverage_ceiling": 6.7}})
     for halflife in (math.inf, 1e17):
         with pytest.raises(ValidationError, match="vol_halflife_bars"):
             StrategyConfig.model_validate({"features": {"vol_halflife_bars": halflife}})
