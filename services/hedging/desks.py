@@ -139,27 +139,22 @@ class Desks:
         """An order the books refused (dead-lettered) is recorded as applied, so a
         redelivery is skipped, not settled against books that later orders moved; its
         Inflight is cleared in the same write (another event's is left alone). A writer
-        that moved the desk meanwhile is written over again, from its state: the letter
-        is out, and an order without its record (a crash is the only other way) let the
-        close of a position it opened through (reliability 197)."""
-        while True:
-            desk = await self.current(symbol)
-            mine = desk.inflight == Inflight(ORDER, (payload,))
-            changes = {self.store.state_key(symbol, INFLIGHT): _CLEARED} if mine else {}
-            result = await self.store.apply(
-                symbol,
-                changes,
-                message_id=order_id,
-                expected_version=desk.version,
-                marker=REFUSED_MARKER + reason,
-            )
-            if result.status is ApplyStatus.DUPLICATE:
-                return
-            if result.status is ApplyStatus.APPLIED:
-                desk.version = result.version
-                if mine:
-                    desk.inflight = None
-                return
+        that moved the desk meanwhile owns it: it decides the redelivery itself."""
+        desk = await self.current(symbol)
+        mine = desk.inflight == Inflight(ORDER, (payload,))
+        changes = {self.store.state_key(symbol, INFLIGHT): _CLEARED} if mine else {}
+        result = await self.store.apply(
+            symbol,
+            changes,
+            message_id=order_id,
+            expected_version=desk.version,
+            marker=REFUSED_MARKER + reason,
+        )
+        if result.status is ApplyStatus.APPLIED:
+            desk.version = result.version
+            if mine:
+                desk.inflight = None
+        elif result.status is not ApplyStatus.DUPLICATE:
             self.drop(symbol)
 
     async def _write_inflight(
