@@ -136,18 +136,20 @@ class Hedger:
         then the desk is committed once at the last seq (output before state; a batch
         of many venue calls in parts, `_run_market`)."""
         symbol = steps[0].symbol
+        committed: list[MarketStep] = []  # by this call, over its attempts
 
         async def attempt() -> bool:
             desk = await self._ready(symbol)
             if desk is None:
                 return False
             fresh = fresh_steps(desk.last_seq, steps)
-            if fresh and not await self._run_market(desk, fresh):
+            if fresh and not await self._run_market(desk, fresh, committed):
                 return False
-            # counted once the step is done: not again on every retry of a conflict
-            for _ in range(len(steps) - len(fresh)):
+            # counted once the step is done: not again on every retry of a conflict, and
+            # a part committed before one met a conflict is this call's, not a redelivery
+            for _ in range(len(steps) - len(committed)):
                 self.runtime.skipped(inp)
-            for step in fresh:
+            for step in committed:
                 self.runtime.processed(inp, step.ts_init_ns)
             return True
 
@@ -213,13 +215,15 @@ class Hedger:
                 return None
         return desk if done else None
 
-    async def _run_market(self, desk: Desk, steps: list[MarketStep]) -> bool:
+    async def _run_market(
+        self, desk: Desk, steps: list[MarketStep], committed: list[MarketStep] | None = None
+    ) -> bool:
         """The steps as one Inflight, cut where its venue calls reach
         `calls_per_inflight`: those run are committed and the rest are an Inflight of
         their own. A re-run repeats its Inflight's calls, which the venue answers from
         its records only while it still has them (the newest MIN_CALL_IDS_KEPT at
         least): a batch of 20,450 calls re-run after a crash traded its first ones
-        again."""
+        again. `committed`: where the steps committed go."""
         while steps:
             inflight = desk.inflight or Inflight(
                 MARKET, tuple(step.message.SerializeToString() for step in steps)
@@ -232,6 +236,8 @@ class Hedger:
             if not await self.desks.commit(desk, seq=last):
                 log.warning("state_conflict", symbol=desk.symbol, seq=last)
                 return False
+            if committed is not None:
+                committed.extend(steps[: len(updates)])
             steps = steps[len(updates) :]
         return True
 

@@ -7,7 +7,7 @@ from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any, cast
 
-from smartlev.v1 import leverage_pb2
+from smartlev.v1 import hedging_pb2, leverage_pb2
 
 from services.hedging.main import Hedger, HedgingRuntime
 from services.hedging.messages import MarketStep
@@ -61,11 +61,65 @@ def test_a_step_retried_after_a_conflict_counts_its_redeliveries_once() -> None:
     )
     runs: list[list[int]] = []
 
-    async def run_market(desk: Any, fresh: list[MarketStep]) -> bool:
+    async def run_market(desk: Any, fresh: list[MarketStep], committed: list[MarketStep]) -> bool:
         runs.append([s.seq for s in fresh])
-        return len(runs) > 2  # two conflicts, then done
+        if len(runs) > 2:  # two conflicts, then done
+            committed.extend(fresh)
+            return True
+        return False
 
     hedger._run_market = run_market  # type: ignore[method-assign]
     asyncio.run(hedger.on_market(cast(Input, None), [step(s) for s in (4, 5, 6, 7)]))
     assert runs == [[6, 7]] * 3 and desks.loads == 3
     assert runtime.counts == {"skipped": 2, "processed": 2}  # 6 and 2 before the fix
+
+
+class CuttingDesks:
+    """A desk at seq 0 whose venue counts calls; the second commit meets a conflict."""
+
+    def __init__(self) -> None:
+        self.last_seq = 0
+        self.commits = 0
+        self.venue = SimpleNamespace(calls_made=0)
+
+    async def current(self, symbol: str) -> Any:
+        return SimpleNamespace(
+            symbol=symbol, last_seq=self.last_seq, inflight=None, venue=self.venue
+        )
+
+    def drop(self, symbol: str) -> None:
+        pass
+
+    async def begin(self, desk: Any, inflight: object) -> bool:
+        return True
+
+    async def commit(self, desk: Any, *, seq: int) -> bool:
+        self.commits += 1
+        if self.commits == 2:
+            return False  # another writer's write
+        self.last_seq = desk.last_seq = seq
+        return True
+
+
+def test_a_batch_cut_in_parts_counts_its_committed_parts_as_processed() -> None:
+    """Six steps of a call each, cut every two; the second part's commit meets a
+    conflict. The first part, committed by this call, was counted as redelivered
+    (skipped 2, processed 4)."""
+    runtime, desks = CountingRuntime(), CuttingDesks()
+    hedger = Hedger(
+        cast(HedgingRuntime, runtime), cast(Any, desks), StrategyConfig(), backoff_s=0.0,
+        calls_per_inflight=2,
+    )  # fmt: skip
+
+    def work(desk: Any, market: MarketStep) -> hedging_pb2.HedgeUpdate:
+        desk.venue.calls_made += 1
+        return hedging_pb2.HedgeUpdate(event_id=market.event_id)
+
+    async def send_many(messages: object) -> None:
+        pass
+
+    hedger._market_work = work  # type: ignore[method-assign, assignment]
+    runtime.send_many = send_many  # type: ignore[attr-defined]
+    asyncio.run(hedger.on_market(cast(Input, None), [step(s) for s in range(1, 7)]))
+    assert desks.last_seq == 6 and desks.commits == 4
+    assert runtime.counts == {"skipped": 0, "processed": 6}
