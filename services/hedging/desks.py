@@ -33,7 +33,7 @@ from shared.redis_store import ApplyOnceStore, ApplyStatus, Version, field_to_wi
 
 SEQ_SOURCE = "seq"
 MARKET, ORDER = "market", "order"
-_CLEARED: dict[str, str | int] = {"kind": "", "payloads": "[]"}
+_CLEARED: dict[str, str | int] = {"kind": "", "payloads": "[]", "source": ""}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,17 +47,27 @@ class Inflight:
 
     kind: str  # MARKET: TargetsUpdates, in order; ORDER: one OrderEvent
     payloads: tuple[bytes, ...]
+    # An order's record, where it was read (topic, partition, offset, key): the instance
+    # that resumes an order the books refuse dead-letters it from there (None: an
+    # Inflight from before it was kept, or a market one).
+    source: tuple[str, int, int, str] | None = None
 
     def fields(self) -> dict[str, str | int]:
         encoded = [base64.b64encode(p).decode("ascii") for p in self.payloads]
-        return {"kind": self.kind, "payloads": json.dumps(encoded)}
+        fields: dict[str, str | int] = {"kind": self.kind, "payloads": json.dumps(encoded)}
+        fields["source"] = "" if self.source is None else json.dumps(self.source)
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Inflight | None:
         if not fields.get("kind"):
             return None
         payloads = tuple(base64.b64decode(p) for p in json.loads(fields["payloads"]))
-        return cls(fields["kind"], payloads)
+        source = fields.get("source")
+        if not source:
+            return cls(fields["kind"], payloads)
+        topic, partition, offset, key = json.loads(source)
+        return cls(fields["kind"], payloads, (str(topic), int(partition), int(offset), str(key)))
 
 
 @dataclass
@@ -141,7 +151,8 @@ class Desks:
         Inflight is cleared in the same write (another event's is left alone). A writer
         that moved the desk meanwhile owns it: it decides the redelivery itself."""
         desk = await self.current(symbol)
-        mine = desk.inflight == Inflight(ORDER, (payload,))
+        held = desk.inflight
+        mine = held is not None and (held.kind, held.payloads) == (ORDER, (payload,))
         changes = {self.store.state_key(symbol, INFLIGHT): _CLEARED} if mine else {}
         result = await self.store.apply(
             symbol,

@@ -57,7 +57,7 @@ from shared.core.money import MoneyError
 from shared.core.venue import MIN_CALL_IDS_KEPT
 from shared.health import HealthRegistry
 from shared.logging import get_logger
-from shared.stream import Input, Record
+from shared.stream import Input, Record, record_key
 from shared.topics import HEDGE_FILLS, LEVERAGE_TARGETS, ORDERS_EVENTS
 from shared.transient import is_transient as shared_is_transient
 
@@ -80,6 +80,17 @@ def is_transient(exc: BaseException) -> bool:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         return code in _TRANSIENT_GRPC
     return shared_is_transient(exc)
+
+
+@dataclass(slots=True)
+class ResumedRecord:
+    """An order's record as its Inflight kept it (a `Record` for its dead letter)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
 
 
 class SymbolHalted(Exception):
@@ -114,9 +125,12 @@ class Hedger:
         config: StrategyConfig,
         backoff_s: float,
         calls_per_inflight: int = MIN_CALL_IDS_KEPT // 4,
+        orders: Input | None = None,
     ) -> None:
+        """`orders`: the input whose dead letters an order refused when resumed goes to."""
         self.runtime = runtime
         self.desks = desks
+        self.orders = orders
         self.calls_per_inflight = calls_per_inflight
         self.products = products_by_symbol(config)
         self.leverage = config.leverage
@@ -174,19 +188,23 @@ class Hedger:
                     f"position {step.position_id}: its open was refused (dead-lettered), "
                     "so its units are not in the product's books; this close is refused too"
                 )
-            if not await self._run_order(desk, step, record.value):
+            source = (record.topic, record.partition, record.offset, record_key(record))
+            if not await self._run_order(desk, step, record.value, source):
                 return False
             self.runtime.processed(inp, step.ts_init_ns)
             return True
 
         async def refuse(reason: str) -> None:
-            # The dead letter first: a crash before the refusal is recorded refuses the
-            # redelivery again (a second letter), never leaves the order without one.
-            await self.runtime.reject(inp, record, reason)
-            await self.desks.refuse(step.symbol, step.order_id, record.value, reason)
-            log.error("order_refused", order=step.order_id, product=step.product, reason=reason)
+            await self._refuse(inp, record, step, reason)
 
         await self._guarded(step.symbol, attempt, refuse)
+
+    async def _refuse(self, inp: Input, record: Record, step: OrderStep, reason: str) -> None:
+        # The dead letter first: a crash before the refusal is recorded refuses the
+        # redelivery again (a second letter), never leaves the order without one.
+        await self.runtime.reject(inp, record, reason)
+        await self.desks.refuse(step.symbol, step.order_id, record.value, reason)
+        log.error("order_refused", order=step.order_id, product=step.product, reason=reason)
 
     async def _ready(self, symbol: str) -> Desk | None:
         """The symbol's desk, once the input a crash cut short (Inflight) ran first;
@@ -209,11 +227,24 @@ class Hedger:
             order = self.order_step(codec.decode(orders_pb2.OrderEvent, payload))
             try:
                 done = await self._run_order(desk, order, payload)
-            except MoneyError:  # refused, as its record will be when it comes again
+            except MoneyError as exc:
                 self.desks.drop(symbol)
-                await self.desks.abandon(symbol, inflight)
+                await self._refuse_resumed(inflight, order, str(exc))
                 return None
         return desk if done else None
+
+    async def _refuse_resumed(self, inflight: Inflight, order: OrderStep, reason: str) -> None:
+        """An order the books refuse again when resumed: refused in full here, its letter
+        from where its record was read and its record, since that record may not come
+        again (the instance that began it, refusing it as a rebalance handed the symbol
+        over, found its own record's write refused and committed past it). An Inflight
+        from before it kept its source is cleared; its record's redelivery refuses it."""
+        if inflight.source is None or self.orders is None:
+            await self.desks.abandon(order.symbol, inflight)
+            return
+        topic, partition, offset, key = inflight.source
+        record = ResumedRecord(topic, partition, offset, key.encode(), inflight.payloads[0])
+        await self._refuse(self.orders, record, order, reason)
 
     async def _run_market(
         self, desk: Desk, steps: list[MarketStep], committed: list[MarketStep] | None = None
@@ -251,8 +282,14 @@ class Hedger:
                 break
         return updates
 
-    async def _run_order(self, desk: Desk, step: OrderStep, payload: bytes) -> bool:
-        if not await self.desks.begin(desk, desk.inflight or Inflight(ORDER, (payload,))):
+    async def _run_order(
+        self,
+        desk: Desk,
+        step: OrderStep,
+        payload: bytes,
+        source: tuple[str, int, int, str] | None = None,
+    ) -> bool:
+        if not await self.desks.begin(desk, desk.inflight or Inflight(ORDER, (payload,), source)):
             return False
         update = await asyncio.to_thread(self._order_work, desk, step)
         await self.runtime.send(self.out, step.symbol, update)
@@ -354,10 +391,10 @@ def build(settings: HedgingSettings, config: StrategyConfig | None = None) -> He
         namespace=settings.namespace,
         venue_timeout_s=settings.venue_timeout_s,
     )
-    hedger = Hedger(runtime, desks, config, settings.retry_backoff_s)
     install_reconcile_loop(runtime, settings, config)
     targets_in = runtime.input(LEVERAGE_TARGETS)
     orders_in = runtime.input(ORDERS_EVENTS)
+    hedger = Hedger(runtime, desks, config, settings.retry_backoff_s, orders=orders_in)
 
     async def handle_targets(batch: Records) -> None:
         by_symbol: dict[str, list[tuple[Record, MarketStep]]] = defaultdict(list)

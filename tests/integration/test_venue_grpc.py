@@ -43,6 +43,7 @@ pytestmark = pytest.mark.integration
 SYMBOL = "BTC-USDT"
 LONG = "BTC-USDT:LONG"
 CONFIG = StrategyConfig()
+ORDERS = "the orders input"
 
 
 class Venue:
@@ -80,7 +81,7 @@ async def env(redis_url: str) -> AsyncIterator[tuple[Redis, str]]:
     namespace = f"t{uuid4().hex[:8]}."
     redis = Redis.from_url(redis_url, decode_responses=True)
     yield redis, namespace
-    keys = [k async for k in redis.scan_iter(match=f"{namespace}venue:*")]
+    keys = [k async for k in redis.scan_iter(match=f"{namespace}*")]  # venue, hedging
     if keys:
         await redis.delete(*keys)
     await redis.aclose()
@@ -385,14 +386,19 @@ class HedgingRun:
     """Hedging's Hedger and Desks in this process, on the venue at `target`; `crash_at`:
     the event whose HedgeUpdate is never sent (the process dies first)."""
 
-    def __init__(self, redis_url: str, target: str, namespace: str, budget: int) -> None:
+    def __init__(self, redis_url: str, target: str, namespace: str, budget: int = 2500) -> None:
         self.halted: dict[str, str] = {}
         self.crash_at: str | None = None
+        self.crash_at_letter = False
+        self.letters: list[tuple[object, str, int, int, bytes, str]] = []
         self.wire = RedisWire.from_url(redis_url)
         self.channel = venue_channel(target)
         desks = Desks(self.wire, CONFIG, self.channel, namespace=namespace)
         runtime = cast(HedgingRuntime, self)
-        self.hedger = Hedger(runtime, desks, CONFIG, backoff_s=0.01, calls_per_inflight=budget)
+        self.hedger = Hedger(
+            runtime, desks, CONFIG, backoff_s=0.01, calls_per_inflight=budget,
+            orders=cast(Input, ORDERS),
+        )  # fmt: skip
 
     def output(self, spec: object) -> object:
         return spec
@@ -403,6 +409,12 @@ class HedgingRun:
 
     async def send(self, out: object, key: str, update: HedgeUpdate) -> None:
         await self.send_many([(out, key, update)])
+
+    async def reject(self, inp: object, record: Record, reason: str) -> None:
+        if self.crash_at_letter:
+            raise Crash
+        where = (record.topic, record.partition, record.offset, record.key)
+        self.letters.append((inp, *where, reason))
 
     def processed(self, inp: object, ts_init_ns: int) -> None:
         pass
@@ -444,8 +456,16 @@ async def hedged_long(hedging: HedgingRun) -> None:
             ts_event_ns=1500, ts_init_ns=1, amount="10000000",
         )
     )  # fmt: skip
-    record = cast(Record, SimpleNamespace(value=opened.SerializeToString()))
-    await hedger.on_order(cast(Input, None), record, hedger.order_step(opened))
+    await hedger.on_order(cast(Input, None), order_record(opened, 40), hedger.order_step(opened))
+
+
+def order_record(event: orders_pb2.OrderEvent, offset: int) -> Record:
+    """`event` as read from orders.events (partition 3) at `offset`."""
+    record = SimpleNamespace(
+        topic="orders.events", partition=3, offset=offset, key=SYMBOL.encode(),
+        value=event.SerializeToString(),
+    )  # fmt: skip
+    return cast(Record, record)
 
 
 @pytest.mark.parametrize("budget", [10, 10**9])
@@ -482,12 +502,50 @@ async def test_a_market_batch_a_crash_cut_short_repeats_only_calls_the_venue_rem
             outcomes.append((hedging.halted, desk.last_seq, books, account.position,
                              account.wallet, account.fees_paid))  # fmt: skip
             await hedging.close()
-        keys = [k async for k in redis.scan_iter(match=f"{ns}*")]
-        if keys:
-            await redis.delete(*keys)
     crash, reference = outcomes
     assert reference[:2] == ({}, 7) and Decimal(reference[3]) == reference[2] > 0
     if budget == 10:
         assert crash == reference
     else:
         assert "BooksOutOfBalance" in crash[0][SYMBOL] and crash[3] != reference[3]
+
+
+@pytest.mark.parametrize("kept_source", [True, False])
+async def test_an_order_refused_when_resumed_is_refused_in_full_there(
+    env: tuple[Redis, str], redis_url: str, kept_source: bool
+) -> None:
+    """An order the books refuse, cut short before its refusal was written: the instance
+    that resumes it (after a crash, or a rebalance that handed it the symbol) only
+    cleared it, counting on its record coming again, which it does not once the first
+    instance committed past it: a close of a position that order opened would then go
+    through (reliability 197). It now letters the order from where its record was read
+    and records it refused; an Inflight from an older build, without that, is cleared."""
+    redis, namespace = env
+    async with Venue(redis, namespace) as venue:
+        first = HedgingRun(redis_url, venue.target, namespace)
+        await hedged_long(first)
+        too_many = orders_pb2.OrderEvent(
+            closed=orders_pb2.PositionClosed(
+                event_id="too-many", position_id="p1", user_id="u", product=LONG,
+                units="10000000", ts_event_ns=2500, ts_init_ns=1,
+            )
+        )  # fmt: skip
+        step = first.hedger.order_step(too_many)
+        first.crash_at_letter = True  # dies refusing it: its Inflight stays
+        with pytest.raises(Crash):
+            await first.hedger.on_order(cast(Input, None), order_record(too_many, 41), step)
+        await first.close()
+        if not kept_source:  # as an older build wrote it
+            await redis.hset(f"{namespace}hedge:{{{SYMBOL}}}:inflight", "source", "")
+        resumed = HedgingRun(redis_url, venue.target, namespace)
+        await resumed.hedger.on_market(cast(Input, None), [price_step(resumed.hedger, 2, [])])
+        desk = await resumed.hedger.desks.current(SYMBOL)
+        assert desk.inflight is None and desk.last_seq == 2
+        refused = await resumed.hedger.desks.order_record(desk, step.order_id, "p1")
+        if kept_source:
+            [(inp, *where, reason)] = resumed.letters
+            assert inp == ORDERS and where == ["orders.events", 3, 41, SYMBOL.encode()]
+            assert "cannot redeem" in reason and refused == (True, False)
+        else:
+            assert resumed.letters == [] and refused == (False, False)
+        await resumed.close()
