@@ -14,9 +14,10 @@ there), not from this process's own settles. Each subscriber has a bounded queue
 subscriber too slow to keep up loses its oldest updates (a stream wants the latest
 value, not a backlog), never blocks the others, and is told (`lost`): a position stream
 then reads its positions afresh, so a dropped order event cannot leave one stale. A NAV
-update put into a full queue takes the place of its product's oldest queued one
-(`Updates`); only when none is queued does the oldest item go, so a burst of a few
-products' updates leaves each product's latest in the queue.
+update put into a full queue takes the place of its product's oldest queued one, else
+of another product's that a later one supersedes (`Updates`); only when every queued
+NAV update is its product's latest does the oldest item go, so a burst leaves each
+product's latest in the queue.
 A failed fetch is retried for up to FETCH_GIVE_UP_S; past that, or if the fetch loop
 ends otherwise (a bug), every open stream ends UNAVAILABLE (its client reconnects), new
 ones are refused and /healthz says so (a restart is the cure), instead of streams
@@ -73,12 +74,21 @@ class Updates(asyncio.Queue[object]):
         self._queue: deque[object] = deque()  # asyncio.Queue's own name: qsize() reads it
 
     def supersede(self, update: nav_pb2.NavUpdated) -> bool:
-        """Drop the oldest queued NAV update of `update`'s product, if one is queued."""
-        for queued in self._queue:
-            if isinstance(queued, nav_pb2.NavUpdated) and queued.product == update.product:
-                self._queue.remove(queued)
-                return True
-        return False
+        """Make room for `update` with a NAV update a later one supersedes: the oldest
+        queued of its own product, else the oldest of a product queued twice or more (a
+        burst of one product's updates took another's only one: three products were
+        enough). False: every queued NAV update is its product's latest."""
+        navs = [q for q in self._queue if isinstance(q, nav_pb2.NavUpdated)]
+        queued: dict[str, int] = {}
+        for nav in navs:
+            queued[nav.product] = queued.get(nav.product, 0) + 1
+        own = next((nav for nav in navs if nav.product == update.product), None)
+        twice = next((nav for nav in navs if queued[nav.product] > 1), None)
+        superseded = own if own is not None else twice
+        if superseded is None:
+            return False
+        self._queue.remove(superseded)
+        return True
 
 
 @dataclass(eq=False)

@@ -871,8 +871,9 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         self, user: str, shown: ShownPositions, navs: StreamNavs
     ) -> AsyncIterator[gateway_pb2.Position]:
         """Every position the stream shows or should show, read again (with the NAVs);
-        those it has not shown as they are now are shown (all of them, for the first
-        snapshot). `shown` and `navs` are updated in place."""
+        those it has not shown as they are now, or at the NAV they are valued at now, are
+        shown (all of them, for the first snapshot). `shown` and `navs` are updated in
+        place."""
         began = time.time_ns()
         current = {p.position_id: p for p in await self._positions(user, shown.include_closed)}
         for pid, position in shown.held.items():
@@ -880,8 +881,16 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 again = await self._position(user, self.products[position.product][0], pid)
                 if again is not None:
                     current[pid] = again
+        valued = dict(navs.current)
         await self._read_navs({p.product for p in current.values()}, navs)
-        fresh = [p for p in current.values() if shown.changed(p) and not shown.listed_before(p)]
+        fresh = [
+            p
+            for p in current.values()
+            if (shown.changed(p) and not shown.listed_before(p))
+            or (
+                p.position_id in shown.held and valued.get(p.product) != navs.current.get(p.product)
+            )
+        ]  # as it is now, or valued at a NAV an update the stream lost moved
         shown.listed_ns = began
         for position in fresh:
             shown.show(position)

@@ -566,6 +566,25 @@ async def test_a_slow_position_stream_that_lost_an_order_reads_its_positions_afr
     await updates.aclose()
 
 
+async def test_a_position_stream_that_lost_a_nav_update_shows_the_nav_it_reads(
+    env: Env,
+) -> None:
+    """The re-read after a loss showed only the positions whose state had changed: one
+    whose product's NAV moved in the update the stream lost went on at the old value."""
+    await env.set_nav(PRODUCT, NAV)
+    opened = await env.open("valued")
+    subscriber = Subscriber(None, "alice", Updates(16))
+    request = gateway_pb2.StreamPositionsRequest()
+    updates = env.server.gateway._position_updates("alice", request, subscriber)
+    assert Decimal((await anext(updates)).nav) == NAV  # the snapshot
+    await env.set_nav(PRODUCT, Decimal(150))  # stored; its update is the one lost
+    subscriber.lost = True
+    subscriber.offer(nav_pb2.NavUpdated(event_id="e", product="ETH-USDT:LONG", nav="9", seq=9))
+    shown = await asyncio.wait_for(anext(updates), 5)
+    assert (shown.position_id, Decimal(shown.nav)) == (opened.position_id, Decimal(150))
+    await updates.aclose()
+
+
 async def test_a_stream_of_open_positions_forgets_those_it_showed_closed(env: Env) -> None:
     """Shown closed once, a position leaves a stream of open positions: a late copy of its
     event shows nothing, and a re-read after a loss does not read it again (a stream open

@@ -38,6 +38,26 @@ def test_a_burst_keeps_every_products_latest_nav() -> None:
     assert not subscriber.lost  # nothing the stream wanted was dropped
 
 
+def test_a_burst_of_one_product_leaves_the_others_only_updates() -> None:
+    """Three products were enough to lose one for good: a full queue took the first
+    product's only update to make room for the third's, though the second had hundreds
+    queued (a NAV stream ignores `lost`: that NAV was never shown)."""
+    subscriber = Subscriber(None, None, Updates(SIZE))
+    subscriber.offer(nav("ETH-USDT:LONG", 1))
+    for seq in range(1, SIZE):
+        subscriber.offer(nav("BTC-USDT:LONG", seq))
+    subscriber.offer(nav("BTC-USDT:SHORT", 1))
+    got = [(u.product, u.seq) for u in drained(subscriber) if isinstance(u, nav_pb2.NavUpdated)]
+    assert got[0] == ("ETH-USDT:LONG", 1) and got[-1] == ("BTC-USDT:SHORT", 1)
+    assert [seq for product, seq in got if product == "BTC-USDT:LONG"] == list(range(2, SIZE))
+    assert not subscriber.lost
+    # every queued update its product's latest: only then the oldest goes, and it says so
+    full = Subscriber(None, None, Updates(2))
+    for product in ("BTC-USDT:LONG", "ETH-USDT:LONG", "ETH-USDT:SHORT"):
+        full.offer(nav(product, 1))
+    assert full.lost and [u.product for u in drained(full)] == ["ETH-USDT:LONG", "ETH-USDT:SHORT"]  # type: ignore[attr-defined]
+
+
 def test_a_full_queue_without_an_older_nav_of_the_product_drops_its_oldest_and_says_so() -> None:
     subscriber = Subscriber(None, "alice", Updates(2))
     order = orders_pb2.OrderEvent()
