@@ -11,7 +11,8 @@ order goes out at once, and under load a sweep carries every order settled since
 last (one Redis read, one produce request, one delete for all of them) instead of one or
 two. A sweep takes the oldest `window` entries at a time, publishes and deletes
 them, then the next: a backlog a long Kafka outage left is never one Redis reply (and
-never one stall of the event loop every order waits behind).
+never one stall of the event loop every order waits behind). Symbols flush on their
+own, one flush of a symbol at a time (`run`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class OutboxRelay:
         self.window = window
         self._wake = asyncio.Event()
         self._dirty: set[str] = set()
+        self._flushing: dict[str, asyncio.Task[None]] = {}
 
     def wake(self, symbol: str) -> None:
         """`symbol` has a new entry: sweep it soon (entries settled meanwhile go with it)."""
@@ -88,34 +90,61 @@ class OutboxRelay:
                 return total
 
     async def sweep(self, symbols: Iterable[str] | None = None) -> int:
-        """Flush `symbols` (None: all of them)."""
+        """Flush `symbols` (None: all of them), each to its end: a failure raises (the
+        first) once every other flush is done, none left running behind it."""
         chosen = self.symbols if symbols is None else tuple(symbols)
-        counts = await asyncio.gather(*(self.flush(s) for s in chosen))
-        return sum(counts)
+        counts = await asyncio.gather(*(self.flush(s) for s in chosen), return_exceptions=True)
+        for count in counts:
+            if isinstance(count, BaseException):
+                raise count
+        return sum(c for c in counts if isinstance(c, int))
 
     async def run(self) -> None:
         """Until cancelled: every symbol first (what a previous run left goes out first)
         and again at least every `poll_s`, however often settles wake it (entries a
         failed sweep, a crash or another instance left would otherwise wait for a quiet
         moment); the woken symbols in between, no sooner than `interval_s` after the
-        previous sweep began. A failed sweep is logged."""
+        previous sweep began. Each symbol flushes on its own, one flush at a time: one
+        whose send hangs (a partition without a leader) holds up no other symbol, and a
+        sweep does not start a second flush of it (they published its events twice);
+        one woken meanwhile goes again when its flush ends. A failed flush is logged."""
         full_at = -math.inf
-        while True:
-            began = time.monotonic()
-            full = began - full_at >= self.poll_s
-            if full:
-                full_at = began
-            dirty, self._dirty = self._dirty, set()
-            try:
-                await self.sweep(None if full else dirty)
-            except (KafkaError, RedisError, OSError) as exc:
-                log.warning("outbox_sweep_failed", error=f"{type(exc).__name__}: {exc}")
-            except Exception:  # a bug: logged, and the other symbols still go out
-                log.exception("outbox_sweep_crashed")
-            until_full = self.poll_s - (time.monotonic() - full_at)
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(until_full, 0))
-                await asyncio.sleep(max(began + self.interval_s - time.monotonic(), 0))
-            except TimeoutError:
-                pass
-            self._wake.clear()
+        try:
+            while True:
+                began = time.monotonic()
+                full = began - full_at >= self.poll_s
+                if full:
+                    full_at = began
+                dirty, self._dirty = self._dirty, set()
+                for symbol in self.symbols if full else dirty:
+                    self._start(symbol)
+                until_full = self.poll_s - (time.monotonic() - full_at)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(until_full, 0))
+                    await asyncio.sleep(max(began + self.interval_s - time.monotonic(), 0))
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+        finally:
+            flushing = list(self._flushing.values())
+            for task in flushing:
+                task.cancel()
+            await asyncio.gather(*flushing, return_exceptions=True)
+
+    def _start(self, symbol: str) -> None:
+        if symbol in self._flushing:
+            self._dirty.add(symbol)  # settled after its flush read the outbox: again
+        else:
+            self._flushing[symbol] = asyncio.create_task(self._flush_logged(symbol))
+
+    async def _flush_logged(self, symbol: str) -> None:
+        try:
+            await self.flush(symbol)
+        except (KafkaError, RedisError, OSError) as exc:
+            log.warning("outbox_flush_failed", symbol=symbol, error=f"{type(exc).__name__}: {exc}")
+        except Exception:  # a bug: logged, and the other symbols still go out
+            log.exception("outbox_flush_crashed", symbol=symbol)
+        finally:
+            del self._flushing[symbol]
+            if symbol in self._dirty:
+                self._wake.set()

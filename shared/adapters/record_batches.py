@@ -7,10 +7,14 @@ partition of a (topic, key) is computed once, with the same formula (so a key la
 where `send` and kafka-python would put it, and co-partitioned topics stay aligned),
 and the messages go into `BatchBuilder`s: ~1 us a message in batches of hundreds.
 
-Order: the messages of a partition keep the order given (one builder at a time per
-partition; aiokafka queues a partition's batches in order, the idempotent producer
-keeps them so across retries). Partition counts are fixed once a topic exists here
-(kafka_admin creates them), so the cached mapping stays right.
+Order: the messages of a partition keep the order given: one builder at a time per
+partition, and a partition's next batch goes only once the broker acked the one before
+(aiokafka hands a partition's next batch over as soon as the one before left its queue,
+also when that one then fails, a partition without a leader past the request timeout:
+the next was written, and the caller's retry of both put it first). The idempotent
+producer keeps a batch's retries in order. Batches hold up to BATCH_BYTES, so most
+calls send one per partition and wait on nothing. Partition counts are fixed once a
+topic exists here (kafka_admin creates them), so the cached mapping stays right.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from shared.topics import partition_for
 Outbound = tuple[str, bytes | None, bytes]  # topic, key (None: keyless), value
 
 
+# A record batch's most bytes: half the broker's default message.max.bytes (1 MiB), so
+# a batch always fits; aiokafka's default, 16 KiB, cut a NAV service's poll into dozens.
+BATCH_BYTES = 512 * 1024
+
+
 def idempotent_producer(bootstrap: str, client_id: str) -> AIOKafkaProducer:
     """The producer every `BatchSender` of the project sends through (not started):
     acks from all in-sync replicas, idempotent (a retried batch is written once, a
@@ -37,6 +46,7 @@ def idempotent_producer(bootstrap: str, client_id: str) -> AIOKafkaProducer:
         acks="all",
         enable_idempotence=True,
         linger_ms=0,
+        max_batch_size=BATCH_BYTES,
     )
 
 
@@ -63,21 +73,34 @@ class BatchSender:
         return found
 
     async def send_all(self, messages: Iterable[Outbound]) -> None:
-        """Queue every message, then wait until the broker acked them all."""
+        """Queue every message, then wait until the broker acked them all; a failed batch
+        raises before any later batch of its partition is sent."""
         building: dict[tuple[str, int], BatchBuilder] = {}
-        acks: list[asyncio.Future[object]] = []
+        sent: dict[tuple[str, int], asyncio.Future[object]] = {}  # each partition's last
         for topic, key, value in messages:
             where = (topic, await self.partition(topic, key))
             batch = building.get(where)
             if batch is None:
                 batch = building[where] = self.producer.create_batch()
             if batch.append(key=key, value=value, timestamp=None) is None:  # full
-                acks.append(await self.producer.send_batch(batch, topic, partition=where[1]))
+                await self._send(batch, where, sent)
                 batch = building[where] = self.producer.create_batch()
                 if batch.append(key=key, value=value, timestamp=None) is None:
                     raise MessageSizeTooLargeError(
                         f"{topic}: a {len(value)}-byte message does not fit in a batch"
                     )
-        for (topic, partition), batch in building.items():
-            acks.append(await self.producer.send_batch(batch, topic, partition=partition))
-        await asyncio.gather(*acks)
+        for where, batch in building.items():
+            await self._send(batch, where, sent)
+        await asyncio.gather(*sent.values())
+
+    async def _send(
+        self,
+        batch: BatchBuilder,
+        where: tuple[str, int],
+        sent: dict[tuple[str, int], asyncio.Future[object]],
+    ) -> None:
+        before = sent.get(where)
+        if before is not None:
+            await before  # acked, or it raises: the batches after it are not sent
+        topic, partition = where
+        sent[where] = await self.producer.send_batch(batch, topic, partition=partition)

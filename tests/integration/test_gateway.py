@@ -1185,11 +1185,11 @@ async def test_the_relay_sweeps_at_once_after_a_quiet_spell_and_at_most_every_in
     relay = env.server.relay
     relay.interval_s, relay.poll_s = 1.0, 60.0
     sweeps: list[tuple[float, int]] = []  # (when it began, events published) if any
-    sweep = relay.sweep
+    flush = relay.flush
 
-    async def timed(symbols: object = None) -> int:
+    async def timed(symbol: str) -> int:
         began = time.monotonic()
-        count = await sweep(symbols)  # type: ignore[arg-type]
+        count = await flush(symbol)
         if count:
             sweeps.append((began, count))
         return count
@@ -1199,7 +1199,7 @@ async def test_the_relay_sweeps_at_once_after_a_quiet_spell_and_at_most_every_in
             while sum(count for _, count in sweeps) < total:
                 await asyncio.sleep(0.01)
 
-    relay.sweep = timed  # type: ignore[method-assign]
+    relay.flush = timed  # type: ignore[method-assign]
     await env.set_nav(PRODUCT, NAV)
     task = asyncio.create_task(relay.run())
     try:
@@ -1216,6 +1216,43 @@ async def test_the_relay_sweeps_at_once_after_a_quiet_spell_and_at_most_every_in
         await asyncio.gather(task, return_exceptions=True)
     assert [count for _, count in sweeps] == [1, 3]
     assert sweeps[1][0] - first >= relay.interval_s - 1e-3  # an interval after the first
+
+
+async def test_a_symbol_whose_send_hangs_holds_up_no_other(quiet_env: Env) -> None:
+    """A sweep waited for every symbol's flush: a BTC send that hung (a partition
+    without a leader) held ETH's orders for as long, and a sweep that failed left its
+    other flushes running while the next one flushed the same symbols again (each ETH
+    event published three times in three seconds)."""
+    env = quiet_env
+    relay = env.server.relay
+    relay.interval_s, relay.poll_s = 0.02, 0.2
+    send_all = relay.sender.send_all
+    hung = asyncio.Event()
+    published: list[bytes] = []
+
+    async def send(messages: Any) -> None:
+        batch = list(messages)
+        if any(key == b"BTC-USDT" for _, key, _ in batch):
+            hung.set()
+            await asyncio.Event().wait()  # never acked
+        await send_all(batch)
+        published.extend(event for _, _, event in batch)
+
+    relay.sender.send_all = send  # type: ignore[method-assign]
+    await env.set_nav(PRODUCT, NAV)
+    await env.set_nav("ETH-USDT:LONG", NAV)
+    task = asyncio.create_task(relay.run())
+    try:
+        await env.open("stuck", "100")
+        await asyncio.wait_for(hung.wait(), 5)
+        eth = [await env.open(f"eth-{n}", "100", product="ETH-USDT:LONG") for n in range(2)]
+        await asyncio.sleep(1.0)  # five full sweeps
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    events = [orders_pb2.OrderEvent.FromString(e).opened.event_id for e in published]
+    assert events == [o.order_id for o in eth]  # each once, while BTC's send hangs
+    assert relay._flushing == {}  # the hung flush ended with the relay
 
 
 # --------------------------------------------------------------------------- validation
