@@ -39,7 +39,7 @@ class LeverageConfig(BaseModel):
     vol_scale_min: float = Field(0.3, gt=0, description="Lowest vol-scaling factor.")
     vol_scale_max: float = Field(1.0, gt=0, description="Highest vol-scaling factor.")
     target_deadband: float = Field(
-        0.25, ge=0, description="Keep the target while the policy moves less than this (x)."
+        0.25, ge=0, description="Keep the target while the policy moves this much or less (x)."
     )
     max_raise_per_bar: float = Field(0.25, gt=0, description="Fastest rise of the target per bar.")
     max_cut_per_bar: float = Field(1.0, gt=0, description="Fastest cut of the target per bar.")

@@ -1174,3 +1174,37 @@ def test_what_funding_drew_survives_a_restart() -> None:
         SmartLeverageController.restore(SHORT, Side.SHORT, c.config, older).snapshot()["drawn"]
         == 0.0
     )
+
+
+def test_the_rules_anchor_at_the_risk_price_a_rebalance_saw_not_the_trade() -> None:
+    """A rebalance at a print away from the mark anchored the emergency rules at the
+    print when told the mark (the published anchor said the mark): the 10% move then
+    counted from the print."""
+    controller = SmartLeverageController(LONG, Side.LONG, LeverageConfig())
+    first = controller.on_tick(T0, Decimal(100), 90.0)  # a print at 100, the mark at 90
+    assert first is not None and first.anchor == 90.0 == controller.ref_price
+    # 10% below the mark is 81: a mark of 89 is 11% below the print, no emergency
+    assert controller.on_tick(T0 + 1, Decimal(95), 89.0) is None
+
+
+def test_a_bars_owed_rebalance_to_new_bounds_names_the_clamp() -> None:
+    """Books at 5x restored under l_max 4.75, a trend whose policy (4.6) is inside the
+    band: the rebalance a bar owes them clamps, and says so."""
+    stored = rebalanced(Side.LONG, 5.0).snapshot()
+    lower = rules(l_max=4.75, warmup_leverage=1.0)
+    restored = SmartLeverageController.restore(LONG, Side.LONG, lower, stored)
+    event = bar(restored, 100.0, regime_state(Regime.TREND_UP, sigma=0.6 / 1.15))
+    assert event is not None and event.rebalance and Reason.OUTSIDE_BAND not in event.reasons
+    assert Reason.CLAMPED_MAX in event.reasons
+
+
+def test_the_deadband_keeps_a_target_the_policy_moved_exactly_that_far() -> None:
+    """The boundary, pinned (its description said "less than"): the defaults were
+    chosen with it, and moving at exactly the deadband took BTC long from 351.50 to
+    347.27 over 2019-2023."""
+    trend = regime_state(Regime.TREND_UP, sigma=0.6)  # a policy of 4.0
+    kept = rebalanced(Side.LONG, 3.75, target_deadband=0.25)
+    assert kept.policy_target(trend) == 4.0
+    assert bar(kept, 100.0, trend) is None
+    moved = bar(rebalanced(Side.LONG, 3.5, target_deadband=0.25), 100.0, trend)
+    assert moved is not None and moved.target == Decimal("3.75")

@@ -205,3 +205,16 @@ def test_a_mark_written_at_another_seq_is_not_trusted() -> None:
     assert restore(SYMBOL, config, {**fields, "seq": "99"}).mark == 0.0
     older = {k: v for k, v in fields.items() if k not in ("mark", "mark_seq")}
     assert restore(SYMBOL, config, older).mark == 0.0
+
+
+def test_a_restore_keeps_the_symbols_regime_and_every_digit_of_the_mark() -> None:
+    """Rows held only RANGE and marks on a 0.1 grid in every test: a restore that lost
+    the regime (every TargetsUpdate said RANGE until the next bar: an hour of the wrong
+    regime shown to users) or cut the mark (funding modelled at it) went unseen."""
+    config = fast_config()
+    stage = SymbolControllers(smart_controllers(SYMBOL, config), regime="TREND_UP")
+    [tick, *_] = market_inputs([0] * 3)
+    stage.step(parse_regime_update(market_pb2.RegimeUpdate(market=tick.message)), 0)
+    stage.mark = 1834.123456789
+    again = restore(SYMBOL, config, {k: str(v) for k, v in stage.fields().items()})
+    assert (again.regime, again.mark) == ("TREND_UP", 1834.123456789)

@@ -12,6 +12,8 @@ from smartlev.v1 import common_pb2, hedging_pb2
 
 from services.hedging.messages import hedge_update
 from services.nav.marking import (
+    BookState,
+    FillsEvent,
     Unmarkable,
     as_last_marked,
     mark,
@@ -22,8 +24,11 @@ from services.nav.marking import (
 )
 from shared import codec
 from shared.core.config import StrategyConfig
-from shared.core.market import Tick
+from shared.core.market import Side, Tick
+from shared.core.money import ZERO
 from shared.core.products import smart_engine
+
+LONG = "BTC-USDT:LONG"
 
 SYMBOL = "BTC-USDT"
 T0 = 1_600_000_000 * 1_000_000_000
@@ -220,3 +225,18 @@ def test_the_nav_hash_says_when_the_insurance_fund_holds_the_nav_up() -> None:
     assert state_fields(marked, event, 1, 1)["advanced"] == Decimal("5876386.42")
     update.products[0].insurance_owed = ""  # from a build before it: none
     assert parse_update(update).books[0].advanced == 0
+
+
+def test_an_empty_product_is_worth_the_nav_its_books_last_settled_at() -> None:
+    """Not the stored mark's: a product emptied at a settled NAV showed the mark before,
+    and reconcile's NAV check then differed."""
+    book = BookState(LONG, Side.LONG, ZERO, ZERO, ZERO, Decimal(1), last_nav=Decimal("130.5"))
+    assert mark(book, Decimal(40000), Decimal(100)).nav == Decimal("130.5")
+
+
+def test_a_tick_that_changed_no_target_keeps_the_last_reasons() -> None:
+    """DESIGN section 4: the reasons of the last leverage change stay shown; a tick that
+    changed nothing does not blank them."""
+    book = BookState(LONG, Side.LONG, Decimal(1), Decimal(100), ZERO, Decimal(1), None)
+    event = FillsEvent("tick", "e", "BTC-USDT", 2, 1, 1, Decimal(40000), 1, (book,), ())
+    assert "reasons" not in state_fields(mark(book, Decimal(40000), Decimal(100)), event, 2, 1)

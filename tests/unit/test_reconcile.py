@@ -4,6 +4,7 @@ then one figure is spoiled at a time and the check must name it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -460,3 +461,64 @@ def test_what_moved_at_the_venue_is_its_money_read_as_numbers() -> None:
     assert reconcile_module._moved(stored()) == ""
     assert "'wallet': '1E+3'" in reconcile_module._moved({"v": "1", "wallet": "1E+3"})
     assert "'--5', not a number" in reconcile_module._moved({"wallet": "--5"})
+
+
+def test_a_nav_hash_at_another_seq_is_named() -> None:
+    h = history()
+    navs = {p: dict(f) for p, f in h.navs.items()}
+    navs[LONG]["seq"] = str(int(navs[LONG]["seq"]) - 1)
+    report = reconcile_symbol(CONFIG, h.state(navs=navs), h.updates, h.orders)
+    assert [(r.check, r.subject) for r in report.differences] == [("nav.seq", LONG)]
+
+
+def test_hedgings_stored_venue_position_is_compared() -> None:
+    h = history()
+    positions = dict(h.state().positions, venue="0")
+    report = reconcile_symbol(CONFIG, h.state(positions=positions), h.updates, h.orders)
+    assert [r.check for r in report.differences] == ["hedging.positions"]
+
+
+def test_positions_are_not_compared_while_the_gateways_orders_are_pending() -> None:
+    """An order settled but not yet relayed: its position is ahead of the books for a
+    moment, no difference."""
+    h = history()
+    gateway = GatewayState([{"position_id": "o1", "product": LONG, "units": "1"}], {}, pending=1)
+    report = reconcile_symbol(CONFIG, h.state(gateway=gateway), h.updates, h.orders)
+    assert [r for r in report.differences if r.check == "gateway.position"] == []
+
+
+def test_an_event_begun_after_another_starts_the_stuck_clock_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new event mid-way at other versions is not the old one stuck: the books gauge
+    read 0 for a pipeline that was moving."""
+    monitor = reconcile_module.BooksMonitor(None, CONFIG, "", [SYMBOL], stuck_s=10.0)  # type: ignore[arg-type]
+    now = [100.0]
+    monkeypatch.setattr(reconcile_module.time, "monotonic", lambda: now[0])
+    assert not monitor._stuck(SYMBOL, (Version(1), Version(1)))
+    now[0] = 200.0
+    assert not monitor._stuck(SYMBOL, (Version(2), Version(2)))
+    now[0] = 211.0
+    assert monitor._stuck(SYMBOL, (Version(2), Version(2)))  # that one, stood still
+
+
+def test_money_at_the_venue_with_no_hedging_state_is_a_difference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only noted as skipped, a run over every symbol said the books balance while the
+    venue held money no books account for."""
+    symbols = list(CONFIG.instruments)
+    replayed = reconcile_module.Replayed(
+        {s: ({}, []) for s in symbols},
+        {s: Replay(s, CONFIG, {}) for s in symbols},
+        {s: [] for s in symbols},
+        {s: [] for s in symbols},
+    )
+    monkeypatch.setattr(reconcile_module, "replay_topics", lambda *args: replayed)
+
+    async def missing(*args: object) -> None:
+        raise reconcile_module.StateMissing("no hedging state", "venue account {'wallet': '9'}")
+
+    monkeypatch.setattr(reconcile_module, "load_symbol", missing)
+    report = asyncio.run(reconcile_module.reconcile(None, "x", CONFIG, "", ()))  # type: ignore[arg-type]
+    assert {r.check for r in report.differences} == {"books.state"}
