@@ -363,8 +363,13 @@ class Pipeline:
         return env
 
     def _port(self, key: str) -> int:
-        if key not in self.ports:
-            self.ports[key] = free_port()
+        """A port of this pipeline's own: the kernel hands a port it freed out again, and
+        two of a pipeline's (a service's metrics and the gateway's gRPC) once got the
+        same one, a health check then reaching the gRPC server (CI, session 27)."""
+        while key not in self.ports:
+            port = free_port()
+            if port not in self.ports.values():
+                self.ports[key] = port
         return self.ports[key]
 
     def _launch(self, spec: StageSpec, instance: str | None = None) -> None:
