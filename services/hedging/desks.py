@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -55,19 +56,26 @@ class Inflight:
     def fields(self) -> dict[str, str | int]:
         encoded = [base64.b64encode(p).decode("ascii") for p in self.payloads]
         fields: dict[str, str | int] = {"kind": self.kind, "payloads": json.dumps(encoded)}
-        fields["source"] = "" if self.source is None else json.dumps(self.source)
+        source = None if self.source is None else [*self.source, _digest(self.payloads)]
+        fields["source"] = "" if source is None else json.dumps(source)
         return fields
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Inflight | None:
+        """The Inflight the fields hold; a source written with other payloads is none
+        (an older build, which writes the payloads only, began another order over it)."""
         if not fields.get("kind"):
             return None
         payloads = tuple(base64.b64decode(p) for p in json.loads(fields["payloads"]))
-        source = fields.get("source")
-        if not source:
+        source = json.loads(fields.get("source") or "null")
+        if not source or source[-1] != _digest(payloads):
             return cls(fields["kind"], payloads)
-        topic, partition, offset, key = json.loads(source)
+        topic, partition, offset, key, _ = source
         return cls(fields["kind"], payloads, (str(topic), int(partition), int(offset), str(key)))
+
+
+def _digest(payloads: tuple[bytes, ...]) -> str:
+    return hashlib.sha256(b"".join(payloads)).hexdigest()[:16]
 
 
 @dataclass

@@ -153,18 +153,21 @@ class Hedger:
         committed: list[MarketStep] = []  # by this call, over its attempts
 
         async def attempt() -> bool:
-            desk = await self._ready(symbol)
+            desk = await self._ready(symbol, committed)
             if desk is None:
                 return False
             fresh = fresh_steps(desk.last_seq, steps)
             if fresh and not await self._run_market(desk, fresh, committed):
                 return False
             # counted once the step is done: not again on every retry of a conflict, and
-            # a part committed before one met a conflict is this call's, not a redelivery
-            for _ in range(len(steps) - len(committed)):
-                self.runtime.skipped(inp)
-            for step in committed:
-                self.runtime.processed(inp, step.ts_init_ns)
+            # a part committed before one met a conflict or an error (resumed on the
+            # retry) is this call's, not a redelivery
+            mine = {step.seq for step in committed}
+            for step in steps:
+                if step.seq in mine:
+                    self.runtime.processed(inp, step.ts_init_ns)
+                else:
+                    self.runtime.skipped(inp)
             return True
 
         await self._guarded(symbol, attempt)
@@ -206,9 +209,10 @@ class Hedger:
         await self.desks.refuse(step.symbol, step.order_id, record.value, reason)
         log.error("order_refused", order=step.order_id, product=step.product, reason=reason)
 
-    async def _ready(self, symbol: str) -> Desk | None:
+    async def _ready(self, symbol: str, resumed: list[MarketStep] | None = None) -> Desk | None:
         """The symbol's desk, once the input a crash cut short (Inflight) ran first;
-        None: another writer moved the desk (it reloads)."""
+        None: another writer moved the desk (it reloads). `resumed`: where the market
+        steps a resumed Inflight committed go."""
         desk = await self.desks.current(symbol)
         inflight = desk.inflight
         if inflight is None:
@@ -219,7 +223,8 @@ class Hedger:
         if inflight.kind == MARKET:
             messages = [codec.decode(leverage_pb2.TargetsUpdate, p) for p in inflight.payloads]
             try:
-                done = await self._run_market(desk, [self.market_step(m) for m in messages])
+                steps = [self.market_step(m) for m in messages]
+                done = await self._run_market(desk, steps, resumed)
             except MoneyError as exc:  # market input is never refused: a bug, halt
                 raise RuntimeError(f"in-flight market input failed again: {exc}") from exc
         else:

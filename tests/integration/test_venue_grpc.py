@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from types import SimpleNamespace
@@ -510,39 +512,51 @@ async def test_a_market_batch_a_crash_cut_short_repeats_only_calls_the_venue_rem
         assert "BooksOutOfBalance" in crash[0][SYMBOL] and crash[3] != reference[3]
 
 
-@pytest.mark.parametrize("kept_source", [True, False])
+@pytest.mark.parametrize("written_by", ["this build", "an older build", "an older build's next"])
 async def test_an_order_refused_when_resumed_is_refused_in_full_there(
-    env: tuple[Redis, str], redis_url: str, kept_source: bool
+    env: tuple[Redis, str], redis_url: str, written_by: str
 ) -> None:
     """An order the books refuse, cut short before its refusal was written: the instance
     that resumes it (after a crash, or a rebalance that handed it the symbol) only
     cleared it, counting on its record coming again, which it does not once the first
     instance committed past it: a close of a position that order opened would then go
     through (reliability 197). It now letters the order from where its record was read
-    and records it refused; an Inflight from an older build, without that, is cleared."""
+    and records it refused. An Inflight an older build wrote, which keeps no source, is
+    cleared; and one it began over this build's (its writes leave the source) does not
+    take that order's place for its own letter."""
     redis, namespace = env
     async with Venue(redis, namespace) as venue:
         first = HedgingRun(redis_url, venue.target, namespace)
         await hedged_long(first)
-        too_many = orders_pb2.OrderEvent(
-            closed=orders_pb2.PositionClosed(
-                event_id="too-many", position_id="p1", user_id="u", product=LONG,
-                units="10000000", ts_event_ns=2500, ts_init_ns=1,
-            )
-        )  # fmt: skip
-        step = first.hedger.order_step(too_many)
+
+        def too_many(event_id: str) -> orders_pb2.OrderEvent:
+            return orders_pb2.OrderEvent(
+                closed=orders_pb2.PositionClosed(
+                    event_id=event_id, position_id="p1", user_id="u", product=LONG,
+                    units="10000000", ts_event_ns=2500, ts_init_ns=1,
+                )
+            )  # fmt: skip
+
+        step = first.hedger.order_step(too_many("too-many"))
         first.crash_at_letter = True  # dies refusing it: its Inflight stays
         with pytest.raises(Crash):
-            await first.hedger.on_order(cast(Input, None), order_record(too_many, 41), step)
+            await first.hedger.on_order(
+                cast(Input, None), order_record(too_many("too-many"), 41), step
+            )
         await first.close()
-        if not kept_source:  # as an older build wrote it
-            await redis.hset(f"{namespace}hedge:{{{SYMBOL}}}:inflight", "source", "")
+        inflight = f"{namespace}hedge:{{{SYMBOL}}}:inflight"
+        if written_by == "an older build":  # no source
+            await redis.hset(inflight, "source", "")
+        elif written_by == "an older build's next":  # its payloads over this build's source
+            step = first.hedger.order_step(too_many("too-many-2"))
+            payload = base64.b64encode(too_many("too-many-2").SerializeToString()).decode()
+            await redis.hset(inflight, "payloads", json.dumps([payload]))
         resumed = HedgingRun(redis_url, venue.target, namespace)
         await resumed.hedger.on_market(cast(Input, None), [price_step(resumed.hedger, 2, [])])
         desk = await resumed.hedger.desks.current(SYMBOL)
         assert desk.inflight is None and desk.last_seq == 2
         refused = await resumed.hedger.desks.order_record(desk, step.order_id, "p1")
-        if kept_source:
+        if written_by == "this build":
             [(inp, *where, reason)] = resumed.letters
             assert inp == ORDERS and where == ["orders.events", 3, 41, SYMBOL.encode()]
             assert "cannot redeem" in reason and refused == (True, False)

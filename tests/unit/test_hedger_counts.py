@@ -123,3 +123,60 @@ def test_a_batch_cut_in_parts_counts_its_committed_parts_as_processed() -> None:
     asyncio.run(hedger.on_market(cast(Input, None), [step(s) for s in range(1, 7)]))
     assert desks.last_seq == 6 and desks.commits == 4
     assert runtime.counts == {"skipped": 0, "processed": 6}
+
+
+class ResumingDesks:
+    """A desk at seq 0 that keeps its Inflight until a commit, as Redis does."""
+
+    def __init__(self) -> None:
+        self.last_seq = 0
+        self.inflight: object = None
+        self.venue = SimpleNamespace(calls_made=0)
+
+    async def current(self, symbol: str) -> Any:
+        return SimpleNamespace(
+            symbol=symbol, last_seq=self.last_seq, inflight=self.inflight, venue=self.venue
+        )
+
+    def drop(self, symbol: str) -> None:
+        pass
+
+    async def begin(self, desk: Any, inflight: object) -> bool:
+        self.inflight = desk.inflight = inflight
+        return True
+
+    async def commit(self, desk: Any, *, seq: int) -> bool:
+        self.last_seq = desk.last_seq = seq
+        self.inflight = desk.inflight = None
+        return True
+
+
+def test_a_part_resumed_after_an_error_counts_as_processed() -> None:
+    """The second part's first call times out after its Inflight was written; the retry
+    resumes that Inflight, and its steps, this call's, counted as redelivered."""
+    runtime, desks = CountingRuntime(), ResumingDesks()
+    hedger = Hedger(
+        cast(HedgingRuntime, runtime), cast(Any, desks), StrategyConfig(), backoff_s=0.0,
+        calls_per_inflight=2,
+    )  # fmt: skip
+    steps = {s: step(s) for s in range(1, 7)}
+    for seq, market in steps.items():
+        market.message.market.tick.seq = seq
+    hedger.market_step = lambda message: steps[message.market.tick.seq]  # type: ignore[method-assign]
+    failed: list[int] = []
+
+    def work(desk: Any, market: MarketStep) -> hedging_pb2.HedgeUpdate:
+        if market.seq == 3 and not failed:
+            failed.append(3)
+            raise TimeoutError("venue call timed out")  # transient: the step is retried
+        desk.venue.calls_made += 1
+        return hedging_pb2.HedgeUpdate(event_id=market.event_id)
+
+    async def send_many(messages: object) -> None:
+        pass
+
+    hedger._market_work = work  # type: ignore[method-assign, assignment]
+    runtime.send_many = send_many  # type: ignore[attr-defined]
+    asyncio.run(hedger.on_market(cast(Input, None), list(steps.values())))
+    assert failed and desks.last_seq == 6
+    assert runtime.counts == {"skipped": 0, "processed": 6}
