@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any, cast
@@ -74,62 +75,14 @@ def test_a_step_retried_after_a_conflict_counts_its_redeliveries_once() -> None:
     assert runtime.counts == {"skipped": 2, "processed": 2}  # 6 and 2 before the fix
 
 
-class CuttingDesks:
-    """A desk at seq 0 whose venue counts calls; the second commit meets a conflict."""
+class PartsDesks:
+    """A desk at seq 0 whose venue counts calls and which keeps its Inflight until a
+    commit, as Redis does; the commit numbered `refused` meets another writer's write."""
 
-    def __init__(self) -> None:
+    def __init__(self, refused: int = 0) -> None:
         self.last_seq = 0
         self.commits = 0
-        self.venue = SimpleNamespace(calls_made=0)
-
-    async def current(self, symbol: str) -> Any:
-        return SimpleNamespace(
-            symbol=symbol, last_seq=self.last_seq, inflight=None, venue=self.venue
-        )
-
-    def drop(self, symbol: str) -> None:
-        pass
-
-    async def begin(self, desk: Any, inflight: object) -> bool:
-        return True
-
-    async def commit(self, desk: Any, *, seq: int) -> bool:
-        self.commits += 1
-        if self.commits == 2:
-            return False  # another writer's write
-        self.last_seq = desk.last_seq = seq
-        return True
-
-
-def test_a_batch_cut_in_parts_counts_its_committed_parts_as_processed() -> None:
-    """Six steps of a call each, cut every two; the second part's commit meets a
-    conflict. The first part, committed by this call, was counted as redelivered
-    (skipped 2, processed 4)."""
-    runtime, desks = CountingRuntime(), CuttingDesks()
-    hedger = Hedger(
-        cast(HedgingRuntime, runtime), cast(Any, desks), StrategyConfig(), backoff_s=0.0,
-        calls_per_inflight=2,
-    )  # fmt: skip
-
-    def work(desk: Any, market: MarketStep) -> hedging_pb2.HedgeUpdate:
-        desk.venue.calls_made += 1
-        return hedging_pb2.HedgeUpdate(event_id=market.event_id)
-
-    async def send_many(messages: object) -> None:
-        pass
-
-    hedger._market_work = work  # type: ignore[method-assign, assignment]
-    runtime.send_many = send_many  # type: ignore[attr-defined]
-    asyncio.run(hedger.on_market(cast(Input, None), [step(s) for s in range(1, 7)]))
-    assert desks.last_seq == 6 and desks.commits == 4
-    assert runtime.counts == {"skipped": 0, "processed": 6}
-
-
-class ResumingDesks:
-    """A desk at seq 0 that keeps its Inflight until a commit, as Redis does."""
-
-    def __init__(self) -> None:
-        self.last_seq = 0
+        self.refused = refused
         self.inflight: object = None
         self.venue = SimpleNamespace(calls_made=0)
 
@@ -146,31 +99,28 @@ class ResumingDesks:
         return True
 
     async def commit(self, desk: Any, *, seq: int) -> bool:
+        self.commits += 1
+        if self.commits == self.refused:
+            return False
         self.last_seq = desk.last_seq = seq
         self.inflight = desk.inflight = None
         return True
 
 
-def test_a_part_resumed_after_an_error_counts_as_processed() -> None:
-    """The second part's first call times out after its Inflight was written; the retry
-    resumes that Inflight, and its steps, this call's, counted as redelivered."""
-    runtime, desks = CountingRuntime(), ResumingDesks()
+def run_in_parts(
+    desks: PartsDesks, work: Callable[[Any, MarketStep], hedging_pb2.HedgeUpdate]
+) -> dict[str, int]:
+    """Six steps of one venue call each through a hedger that cuts every two calls;
+    the counts it reports."""
+    runtime = CountingRuntime()
     hedger = Hedger(
         cast(HedgingRuntime, runtime), cast(Any, desks), StrategyConfig(), backoff_s=0.0,
         calls_per_inflight=2,
     )  # fmt: skip
     steps = {s: step(s) for s in range(1, 7)}
     for seq, market in steps.items():
-        market.message.market.tick.seq = seq
+        market.message.market.tick.seq = seq  # what a resumed Inflight's payload names
     hedger.market_step = lambda message: steps[message.market.tick.seq]  # type: ignore[method-assign]
-    failed: list[int] = []
-
-    def work(desk: Any, market: MarketStep) -> hedging_pb2.HedgeUpdate:
-        if market.seq == 3 and not failed:
-            failed.append(3)
-            raise TimeoutError("venue call timed out")  # transient: the step is retried
-        desk.venue.calls_made += 1
-        return hedging_pb2.HedgeUpdate(event_id=market.event_id)
 
     async def send_many(messages: object) -> None:
         pass
@@ -178,5 +128,33 @@ def test_a_part_resumed_after_an_error_counts_as_processed() -> None:
     hedger._market_work = work  # type: ignore[method-assign, assignment]
     runtime.send_many = send_many  # type: ignore[attr-defined]
     asyncio.run(hedger.on_market(cast(Input, None), list(steps.values())))
-    assert failed and desks.last_seq == 6
-    assert runtime.counts == {"skipped": 0, "processed": 6}
+    assert desks.last_seq == 6
+    return runtime.counts
+
+
+def one_call(desk: Any, market: MarketStep) -> hedging_pb2.HedgeUpdate:
+    desk.venue.calls_made += 1
+    return hedging_pb2.HedgeUpdate(event_id=market.event_id)
+
+
+def test_a_batch_cut_in_parts_counts_its_committed_parts_as_processed() -> None:
+    """The second part's commit meets a conflict. The first part, committed by this
+    call, was counted as redelivered (skipped 2, processed 4)."""
+    desks = PartsDesks(refused=2)
+    assert run_in_parts(desks, one_call) == {"skipped": 0, "processed": 6}
+    assert desks.commits == 4
+
+
+def test_a_part_resumed_after_an_error_counts_as_processed() -> None:
+    """The second part's first call times out after its Inflight was written; the retry
+    resumes that Inflight, and its steps, this call's, counted as redelivered."""
+    failed: list[int] = []
+
+    def work(desk: Any, market: MarketStep) -> hedging_pb2.HedgeUpdate:
+        if market.seq == 3 and not failed:
+            failed.append(3)
+            raise TimeoutError("venue call timed out")  # transient: the step is retried
+        return one_call(desk, market)
+
+    assert run_in_parts(PartsDesks(), work) == {"skipped": 0, "processed": 6}
+    assert failed
