@@ -177,19 +177,20 @@ class PerpVenue:
         notional: impact_bps x (after^1.5 - taken^1.5) / (notional x depth^0.5), which is
         impact_bps x sqrt(notional / depth) for an order that walks it first. Maker: the
         reference, on the tick grid, against us (a reference between ticks filled there)."""
-        if liquidity is Liquidity.MAKER:
-            return price_against(reference, self.spec.price_tick, qty > 0)
-        notional = abs(qty) * reference
-        depth = self.config.depth_notional
-        if taken:
-            after = taken + notional
-            walk = (after * (after / depth).sqrt() - taken * (taken / depth).sqrt()) / notional
-        else:
-            walk = (notional / depth).sqrt()
-        cost_bps = self.config.half_spread_bps + self.config.impact_bps * walk
         buying = qty > 0
-        shift = reference * cost_bps * BPS
-        raw = reference + shift if buying else reference - shift
+        if liquidity is Liquidity.MAKER:
+            raw = reference
+        else:
+            notional = abs(qty) * reference
+            depth = self.config.depth_notional
+            if taken:
+                after = taken + notional
+                walk = (after * (after / depth).sqrt() - taken * (taken / depth).sqrt()) / notional
+            else:
+                walk = (notional / depth).sqrt()
+            cost_bps = self.config.half_spread_bps + self.config.impact_bps * walk
+            shift = reference * cost_bps * BPS
+            raw = reference + shift if buying else reference - shift
         price = price_against(raw, self.spec.price_tick, buying)
         if price <= 0:  # a sell so large its impact passes the price, or under one tick
             raise MoneyError(
@@ -319,13 +320,22 @@ class PerpVenue:
             "funding_paid",
             "insurance_fund",
         ):
-            setattr(venue, name, Decimal(str(snapshot[name])))
+            setattr(venue, name, _finite(snapshot[name], name))
         liquidations = snapshot["liquidations"]
         assert isinstance(liquidations, int)
         venue.liquidations = liquidations
         # none in a snapshot from before the walk; a Redis hash's text, or a JSON int
         venue.walk_ts = int(str(snapshot.get("walk_ts", 0)))
-        venue.walk_bought = Decimal(str(snapshot.get("walk_bought", "0")))
-        venue.walk_sold = Decimal(str(snapshot.get("walk_sold", "0")))
+        venue.walk_bought = _finite(snapshot.get("walk_bought", "0"), "walk_bought")
+        venue.walk_sold = _finite(snapshot.get("walk_sold", "0"), "walk_sold")
         venue._update_liquidation_price()
         return venue
+
+
+def _finite(value: object, name: str) -> Decimal:
+    """A stored figure, or ValueError: "NaN" and "Infinity" parse as Decimals, and an
+    account holding one failed only when a reply carried it, as the caller's error."""
+    figure = Decimal(str(value))
+    if not figure.is_finite():
+        raise ValueError(f"{name} is {value!r}, not a finite number")
+    return figure

@@ -226,12 +226,15 @@ async def test_an_unreadable_stored_account_is_an_internal_error(env: tuple[Redi
             await venue.stub.Transfer(transfer)  # its record, read back
         assert err.value.code() is grpc.StatusCode.INTERNAL
         assert "record of 't1' unreadable" in (err.value.details() or "")
-        await redis.hset(store.state_key(SYMBOL, "account"), "wallet", "not a number")
-    async with Venue(redis, namespace) as venue:
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await account(venue.stub)
-        assert err.value.code() is grpc.StatusCode.INTERNAL
-        assert "stored account unreadable" in (err.value.details() or "")
+    # "NaN" and "Infinity" parse as Decimals: a reply carrying one was INVALID_ARGUMENT,
+    # "the call's figures are out of range", blaming a GetAccount that sent none
+    for stored in ("not a number", "NaN", "-Infinity"):
+        await redis.hset(venue.server.ledger.store.state_key(SYMBOL, "account"), "wallet", stored)
+        async with Venue(redis, namespace) as venue:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await account(venue.stub)
+            assert err.value.code() is grpc.StatusCode.INTERNAL, stored
+            assert "stored account unreadable" in (err.value.details() or "")
 
 
 async def test_restart_continues_with_the_same_state(env: tuple[Redis, str]) -> None:

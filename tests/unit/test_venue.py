@@ -57,6 +57,14 @@ def test_a_sell_that_would_fill_under_one_tick_is_refused(reference: str) -> Non
     assert v.fill_price(D(-1), D("0.2"), Liquidity.TAKER) == D("0.1")
 
 
+def test_a_maker_sell_under_one_tick_is_refused_too() -> None:
+    """The taker's refusal only: a maker sell at 0.05 (tick 0.1) filled at 0, fee 0."""
+    v = venue()
+    with pytest.raises(MoneyError, match="no such fill"):
+        v.fill_price(D(-1), D("0.05"), Liquidity.MAKER)
+    assert v.fill_price(D(-1), D("0.15"), Liquidity.MAKER) == D("0.1")
+
+
 def test_taker_price_irrational_impact() -> None:
     # 2 BTC at 60000: notional 120000; /50e6 = 0.0024; sqrt = 0.048989794855..;
     # impact 0.48989794855.. bps; total 0.98989794855.. bps;
