@@ -708,7 +708,7 @@ class Stack:
         pom = self.root / self.kafka_cfg["pom"]
         wanted = hashlib.sha256(pom.read_bytes()).hexdigest()
         if stamp.exists() and stamp.read_text().strip() == wanted:
-            if not shutil.which("java"):  # jars from a cache, on a machine without Java
+            if not has_java():  # jars from a cache, on a machine without Java
                 ensure_java_and_maven()
             return
         say(f"fetching Kafka {self.kafka_version} jars from Maven Central (once per pom version)")
@@ -802,9 +802,11 @@ class Stack:
                 f"(Debian's: `service redis-server stop`) and run `make up` again."
             )
             self.external.add(comp.name)
+            self.external_file(comp.name).write_text(f"{holder}\n")
             return None
         for port in comp.ports:
             check_port_free(port, comp.name)
+        self.external_file(comp.name).unlink(missing_ok=True)
         comp.prepare()
         if comp.code is not None:
             self.code_record(comp).write_text(f"{comp.code()}\n")
@@ -1065,6 +1067,12 @@ class Stack:
     def held_file(self, name: str) -> Path:
         return self.run / f"{name}.held"
 
+    def external_file(self, name: str) -> Path:
+        """Marks a component `make up` found served by a process it did not start: the
+        supervisor leaves it alone while it is gone (a restart of it, a Redis in Docker)
+        rather than starting ours in its place, empty, on its port."""
+        return self.run / f"{name}.external"
+
     def supervisors(self) -> list[int]:
         """This checkout's supervisor processes, found by command line and directory (the
         pid file is for people); more than one only if one was started by hand."""
@@ -1139,7 +1147,8 @@ class Stack:
     def supervise(self, interval_s: float = 1.0, max_backoff_s: float = 60.0) -> None:
         """Until killed: every `interval_s`, under the stack's lock (so never in the middle
         of an `up`, `down`, `stop` or `restart`), start again each component that is not
-        running, is not held down and is not served by a process we did not start. A
+        running, is not held down and is not served by a process we did not start (nor
+        was when `make up` ran: `external_file`). A
         component that did not come back, or died within a minute of coming back, waits
         twice as long before the next try each time (2 s up to `max_backoff_s`)."""
         if running := self.supervisors():
@@ -1148,6 +1157,7 @@ class Stack:
         failures: dict[str, int] = {}  # consecutive tries that failed or died young
         not_before: dict[str, float] = {}
         came_back: dict[str, float] = {}
+        gone: set[str] = set()  # external components noted as gone
 
         def note(msg: str) -> None:
             """Into the supervisor's log, if it can be written: on a full disk the print
@@ -1171,6 +1181,16 @@ class Stack:
                 for comp in self.all():
                     name = comp.name
                     if self.held_file(name).exists() or time.monotonic() < not_before.get(name, 0):
+                        continue
+                    if self.external_file(name).exists():
+                        if comp.ports and port_holder(comp.ports[0]):
+                            gone.discard(name)
+                        elif name not in gone:
+                            gone.add(name)
+                            note(
+                                f"{name}: the external one is gone; not starting ours in its "
+                                "place (its data is not ours): start it again, or `make up`"
+                            )
                         continue
                     if self.running_pid(comp) is not None or (
                         comp.ports and port_holder(comp.ports[0])
@@ -1311,11 +1331,19 @@ def require_redis_7() -> None:
         )
 
 
+def has_java() -> bool:
+    """Whether the Java Kafka runs on (`java_bin`: $JAVA_HOME's first) is there."""
+    return shutil.which(java_bin()) is not None
+
+
 def ensure_java_and_maven() -> None:
     missing = [
-        p
-        for p, exe in (("openjdk-17-jre-headless", "java"), ("maven", "mvn"))
-        if not shutil.which(exe)
+        package
+        for package, present in (
+            ("openjdk-17-jre-headless", has_java()),
+            ("maven", shutil.which("mvn") is not None),
+        )
+        if not present
     ]
     if not missing:
         return

@@ -22,7 +22,7 @@ if [ ! -x .venv/bin/python ] && [ "$1" = down ]; then
   exec python3 scripts/stack.py down
 fi
 if [ ! -x .venv/bin/python ]; then
-  echo "stack.sh: error: no .venv yet; run \`make setup\` (or bash scripts/setup_venv.sh) first" >&2
+  echo "stack.sh: error: no .venv yet; run \`make setup\` first" >&2
   exit 1
 fi
 exec .venv/bin/python scripts/stack.py "$@"

@@ -583,6 +583,39 @@ def test_the_supervisor_lives_on_when_its_log_cannot_be_written(
     assert tries == ["websvc"] * 5
 
 
+def test_the_supervisor_leaves_a_component_make_up_found_external_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An external Redis `make up` reused, restarted, found ours started in its place on
+    its port (with none of its data: the positions gone) and could not bind again. The
+    supervisor now notes it gone, once, and starts nothing; without the mark it does."""
+    stack = stack_with_service(tmp_path, free_port())
+    stack.run.mkdir(parents=True)
+    stack.external_file("websvc").write_text("someone else's\n")
+    launched: list[str] = []
+    notes: list[str] = []
+    rounds: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        rounds.append(seconds)
+        if len(rounds) % 5 == 0:
+            raise SystemExit  # ends the test's supervisor
+
+    monkeypatch.setattr(stack_mod, "say", notes.append)
+    monkeypatch.setattr(stack, "supervisors", list)  # (the running stack's is not this one)
+    monkeypatch.setattr(stack, "launch", lambda comp: launched.append(comp.name))
+    monkeypatch.setattr(stack, "wait_healthy", lambda comp: None)
+    monkeypatch.setattr(stack, "all", lambda: [c for c in stack.services() if c.name == "websvc"])
+    monkeypatch.setattr(stack_mod.time, "sleep", sleep)
+    with pytest.raises(SystemExit):
+        stack.supervise(interval_s=0.01, max_backoff_s=0.02)
+    assert launched == [] and len([n for n in notes if "external one is gone" in n]) == 1
+    stack.external_file("websvc").unlink()  # ours: started again as before
+    with pytest.raises(SystemExit):
+        stack.supervise(interval_s=0.01, max_backoff_s=0.02)
+    assert launched == ["websvc"]
+
+
 # --------------------------------------------------------------------------- Python services
 
 
