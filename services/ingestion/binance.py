@@ -65,6 +65,7 @@ def ccxt_symbol(symbol: str) -> str:
 class TradeObserved:
     ts_ns: int
     price: Decimal
+    trade_id: int | None = None  # the exchange's id ("a" of aggTrade, "t" of trade)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,10 @@ def parse(message: object, symbol: str) -> TradeObserved | MarkObserved:
         if refused is not None:  # kept, it would have every trade after it refused
             raise FeedError(refused.detail)
         return MarkObserved(_ms(data, "E"), mark, rate, next_ns)
-    return TradeObserved(_ms(data, "T"), _decimal(data, "p"))
+    trade_id = data.get("a" if event == "aggTrade" else "t")
+    if trade_id is not None and (isinstance(trade_id, bool) or not isinstance(trade_id, int)):
+        raise FeedError(f"trade id must be an integer, got {trade_id!r}")
+    return TradeObserved(_ms(data, "T"), _decimal(data, "p"), trade_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +150,7 @@ class BinanceFeed:
     pending_rate: Decimal | None = None
     pending_at_ns: int | None = None
     last_trade_ns: int | None = None  # the time given to the last trade's tick
+    last_trade_id: int | None = None  # the exchange's id of the last trade taken
 
     def fields(self) -> dict[str, str]:
         """The fold's state worth keeping across a restart (what is not known is left
@@ -195,6 +200,11 @@ class BinanceFeed:
             if observed.ts_ns > received_ns + MAX_AHEAD_NS:
                 ahead_s = (observed.ts_ns - received_ns) / 1e9
                 raise FeedError(f"trade time is {ahead_s:,.0f} s ahead of the clock")
+            last_id, trade_id = self.last_trade_id, observed.trade_id
+            if trade_id is not None and last_id is not None and trade_id <= last_id:
+                # The latest trade again got the next nanosecond of its millisecond
+                # (`_trade_time`): published twice, two ticks.
+                raise FeedError(f"trade {trade_id} is not after the last one taken ({last_id})")
             feed, funding = self._settle(observed.ts_ns)
             out.extend(funding)
             ts_ns = self._trade_time(observed.ts_ns)
@@ -202,7 +212,9 @@ class BinanceFeed:
             fresh = marked is not None and observed.ts_ns - marked <= MARK_MAX_AGE_NS
             out.append(Tick(self.symbol, ts_ns, observed.price, feed.mark if fresh else None))
             # a late trade (the validator refuses it) must not take the time back
-            return replace(feed, last_trade_ns=max(ts_ns, self.last_trade_ns or ts_ns)), out
+            last_ns = max(ts_ns, self.last_trade_ns or ts_ns)
+            taken = trade_id if trade_id is not None else last_id
+            return replace(feed, last_trade_ns=last_ns, last_trade_id=taken), out
         if observed.ts_ns > received_ns + MAX_AHEAD_NS:  # never stale: carried for good
             ahead_s = (observed.ts_ns - received_ns) / 1e9
             raise FeedError(f"mark time is {ahead_s:,.0f} s ahead of the clock")

@@ -149,20 +149,25 @@ class Ingestor:
         message = self._message(verdict)
         future = self.producer.send(self.topic, key=symbol, value=message)
         self._pending.append((future, time.perf_counter(), verdict))
-        for of, move in (("price", verdict.jump), ("mark", verdict.mark_jump)):
+        return verdict
+
+    def _flag_jumps(self, published: Accepted) -> None:
+        """Count and log a published tick's jumps (once it is acked: an event sent again
+        after a failed batch counted its jump once per send)."""
+        event = published.event
+        for of, move in (("price", published.jump), ("mark", published.mark_jump)):
             if move is not None:
                 self.stats.flagged += 1
-                self.metrics.flagged.labels(symbol, of).inc()
+                self.metrics.flagged.labels(event.symbol, of).inc()
                 self.log.warning(
                     "jump_flagged",
-                    symbol=symbol,
+                    symbol=event.symbol,
                     of=of,
-                    seq=verdict.seq,
+                    seq=published.seq,
                     ts_ns=event.ts_ns,
                     move=f"{move:.4f}",
                     max_jump=self.policy.max_jump,
                 )
-        return verdict
 
     def _message(self, accepted: Accepted) -> market_pb2.MarketEvent:
         event = accepted.event
@@ -217,6 +222,7 @@ class Ingestor:
             kind = "tick" if isinstance(accepted.event, Tick) else "funding"
             self.metrics.published.labels(accepted.event.symbol, kind).inc()
             self.stats.published += 1
+            self._flag_jumps(accepted)
         self._pending.clear()
         for symbol, state in self._states.items():
             if state.seq != self._recorded[symbol]:

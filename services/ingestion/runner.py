@@ -76,6 +76,19 @@ def longest_gap_s(events: Iterable[MarketValue]) -> float:
     return max((b - a for a, b in itertools.pairwise(times)), default=0) / 1e9
 
 
+LONGEST_WAIT_S = 3600.0
+
+
+def _stopped_before(due_s: float, started: float, stop: threading.Event) -> bool:
+    """Wait until an event is due (`started`: the replay's monotonic start), an hour at
+    most at a time: a speed of 1e-8 made one wait of years, past what the platform's
+    clock takes (OverflowError); True if `stop` was set meanwhile."""
+    while (ahead_s := wait_before(due_s, time.monotonic() - started)) > 0:
+        if stop.wait(min(ahead_s, LONGEST_WAIT_S)):
+            return True
+    return False
+
+
 def wait_before(due_s: float, elapsed_s: float) -> float:
     """Seconds to wait before publishing an event due `due_s` into the replay, at
     `elapsed_s`: none if it is due within `PACE_GRANULARITY_S`. So events due close
@@ -150,8 +163,7 @@ def run_finite(
             if ahead_s >= commit_interval_s or time.monotonic() - committed_at >= commit_interval_s:
                 ingestor.commit()
                 since_commit, committed_at = 0, time.monotonic()
-                ahead_s = wait_before(due_s, time.monotonic() - started)
-            if ahead_s > 0 and stop.wait(ahead_s):
+            if _stopped_before(due_s, started, stop):
                 break
         if stop.is_set():
             break

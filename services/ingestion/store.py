@@ -6,7 +6,11 @@ mark; `...:feed` the live feed's own state (its last mark, the funding awaiting 
 The service records it only after the broker acknowledged every event up to that seq
 (output before state), with one Lua script that checks the seq it read is still there
 and moves it forward (allocation and the last tick change together, or not at all; a
-second writer for the same symbol gets `SeqConflict` and stops instead of forking seqs).
+second writer for the same symbol gets `SeqConflict` and stops instead of going on with
+seqs of its own). It stops at its first record, after that batch went out: two
+ingestions of one symbol at once publish one batch twice under the same seqs, and the
+stages take the first they read. Run one ingestion per symbol (fencing the second in
+the broker needs a transactional producer and read-committed consumers).
 
 A crash between the broker's ack and the record would leave Redis behind the topic. So
 `load()` also reads the tail of the symbol's partition of `market.ticks` and takes

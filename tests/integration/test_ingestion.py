@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -11,10 +12,12 @@ import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from itertools import islice
+from typing import Any
 
 import pytest
 import redis
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry
 from smartlev.v1 import market_pb2
 
@@ -215,6 +218,43 @@ def test_jumps_of_the_price_and_of_the_mark_are_published_and_counted_apart(
     for of in ("price", "mark"):
         labels = {"symbol": SYMBOL, "of": of}
         assert registry.get_sample_value("smartlev_ingestion_flagged_jumps_total", labels) == 1
+
+
+def test_a_jump_sent_again_after_the_broker_refused_it_is_counted_once(
+    settings: IngestionSettings,
+) -> None:
+    """The jump was counted when sent: the broker refused the batch from it on, the run
+    was tried again (one registry, as `serve` keeps), and the flagged-jumps metric said
+    2 for one jump published once."""
+    prices = ("100", "101", "160", "161")  # the third a jump
+    ticks = [Tick(SYMBOL, START + n, Decimal(p)) for n, p in enumerate(prices)]
+    registry = CollectorRegistry()
+    metrics = IngestionMetrics(registry)
+    first = build_ingestor(settings, metrics)
+    send, sent = first[0].producer.send, []
+
+    def refused_from_the_third(*args: Any, **kwargs: Any) -> Any:
+        sent.append(args)
+        if len(sent) < 3:
+            return send(*args, **kwargs)
+        failed: concurrent.futures.Future[object] = concurrent.futures.Future()
+        failed.set_exception(KafkaTimeoutError("not acked"))
+        return failed
+
+    first[0].producer.send = refused_from_the_third  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KafkaTimeoutError):
+            run_finite(first[0], SYMBOL, ticks, speed=None, batch_size=10)
+    finally:
+        close(first)
+    again = build_ingestor(settings, metrics)
+    try:
+        summary = run_finite(again[0], SYMBOL, ticks, speed=None, batch_size=10)
+    finally:
+        close(again)
+    assert summary.published == 2 and summary.flagged == 1  # the rest, the jump among them
+    labels = {"symbol": SYMBOL, "of": "price"}
+    assert registry.get_sample_value("smartlev_ingestion_flagged_jumps_total", labels) == 1
 
 
 def test_a_lost_redis_record_is_recovered_from_the_topic_without_reusing_seqs(

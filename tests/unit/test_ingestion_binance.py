@@ -40,10 +40,24 @@ COMBINED = """{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1717200002
 
 
 def test_agg_trade_is_an_exact_trade_at_trade_time() -> None:
-    assert parse(AGG_TRADE, "BTC-USDT") == TradeObserved(1717200000120 * MS, Decimal("67512.30"))
-    assert parse(COMBINED.encode(), "BTC-USDT") == TradeObserved(
-        1717200002000 * MS, Decimal("67520.00")
+    assert parse(AGG_TRADE, "BTC-USDT") == TradeObserved(
+        1717200000120 * MS, Decimal("67512.30"), 2155403291
     )
+    assert parse(COMBINED.encode(), "BTC-USDT") == TradeObserved(
+        1717200002000 * MS, Decimal("67520.00"), 2155403300
+    )
+
+
+def test_a_trade_delivered_again_is_refused_not_published_twice() -> None:
+    """The latest trade again, in its own millisecond, got the next nanosecond (as a
+    second trade of that millisecond would) and a seq of its own: two ticks of one
+    trade. Its id says it is the same one."""
+    feed, [tick] = BinanceFeed("BTC-USDT").on_message(AGG_TRADE, RECEIVED)
+    with pytest.raises(FeedError, match="trade 2155403291 is not after the last one taken"):
+        feed.on_message(AGG_TRADE, RECEIVED)
+    same_ms = json.loads(AGG_TRADE) | {"a": 2155403292, "p": "67512.40"}  # a real second one
+    feed, [second] = feed.on_message(same_ms, RECEIVED)
+    assert (second.ts_ns, second.price) == (tick.ts_ns + 1, Decimal("67512.40"))
 
 
 def test_mark_price_update() -> None:
@@ -171,8 +185,8 @@ def test_a_late_trade_does_not_take_the_feeds_time_back() -> None:
     already published, and refused as not moving forward."""
     feed = BinanceFeed("BTC-USDT")
     stamped: list[int] = []
-    for ms in (120, 120, 119, 120, 120, 121):
-        trade = _with(AGG_TRADE, T=1717200000000 + ms)
+    for n, ms in enumerate((120, 120, 119, 120, 120, 121)):
+        trade = _with(AGG_TRADE, T=1717200000000 + ms, a=2155403291 + n)
         feed, out = feed.on_message(trade, RECEIVED)
         stamped += [e.ts_ns for e in out if isinstance(e, Tick)]
     first = 1717200000120 * MS

@@ -6,12 +6,15 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
+import time
 from decimal import Decimal
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.ingestion import runner
 from services.ingestion.runner import (
     PACE_GRANULARITY_S,
     Resume,
@@ -185,3 +188,20 @@ def test_a_move_and_its_opposite_come_back_within_a_tick(price: int, bps: int) -
     round) lands within one tick of where it began."""
     assert abs(move_price(move_price(price, bps, 1), -bps, 1) - price) <= 1
     assert abs(move_price(move_price(price, -bps, 1), bps, 1) - price) <= 1
+
+
+def test_a_replay_slowed_past_any_clock_waits_an_hour_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At a speed of 1e-8 a 15-minute gap is a wait of 2,850 years: one `Event.wait` of
+    it raised OverflowError (timestamp out of range) out of the replay."""
+    waits: list[float] = []
+
+    class Stop(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(float(timeout or 0))
+            return len(waits) >= 3  # stopped on the third hour
+
+    monkeypatch.setattr(runner, "PACE_GRANULARITY_S", 0.0)
+    assert runner._stopped_before(9e10, time.monotonic(), Stop())
+    assert waits == [runner.LONGEST_WAIT_S] * 3
