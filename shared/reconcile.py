@@ -912,7 +912,12 @@ async def reconcile(
                 report.notes.append(f"{symbol}: {exc}; skipped")
             continue
         by_id, repeats = kafka.orders[symbol]
-        part = symbol_report(config, state, by_id, repeats, kafka.replays[symbol])
+        try:
+            part = symbol_report(config, state, by_id, repeats, kafka.replays[symbol])
+        except (ValueError, ArithmeticError, KeyError) as exc:  # a stored figure unreadable
+            # ("NaN" in the venue's wallet, a field missing): a difference, not a traceback
+            report.rows.append(Row("books.state", symbol, "a readable state", repr(exc)))
+            continue
         report.rows += part.rows
         report.agreed += part.agreed
         report.notes += part.notes

@@ -213,8 +213,15 @@ class Ingestor:
         if not self._pending:
             return
         self.producer.flush()
+        failed: Exception | None = None
         for future, sent_at, accepted in self._pending:
-            future.result(timeout=30)
+            # every ack looked at: one failure must not leave the acked events after it
+            # uncounted, their jumps unflagged for good (the retry skips what is out)
+            try:
+                future.result(timeout=30)
+            except Exception as exc:
+                failed = failed or exc
+                continue
             if accepted is None:
                 self.stats.dead_lettered += 1
                 continue
@@ -224,6 +231,8 @@ class Ingestor:
             self.stats.published += 1
             self._flag_jumps(accepted)
         self._pending.clear()
+        if failed is not None:
+            raise failed
         for symbol, state in self._states.items():
             if state.seq != self._recorded[symbol]:
                 self.store.record(symbol, self._recorded[symbol], state)

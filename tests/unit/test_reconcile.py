@@ -522,3 +522,34 @@ def test_money_at_the_venue_with_no_hedging_state_is_a_difference(
     monkeypatch.setattr(reconcile_module, "load_symbol", missing)
     report = asyncio.run(reconcile_module.reconcile(None, "x", CONFIG, "", ()))  # type: ignore[arg-type]
     assert {r.check for r in report.differences} == {"books.state"}
+
+
+@pytest.mark.parametrize("wallet", ["NaN", "abc"])
+def test_a_stored_figure_that_cannot_be_read_is_a_difference_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, wallet: str
+) -> None:
+    """A "NaN" in the venue's stored wallet (unreadable since reliability 210), or text
+    that is no number, ended `reconcile` in a traceback, exit 1, read as
+    "differences"; it is one, named."""
+    h = history()
+
+    def topics(*args: object) -> reconcile_module.Replayed:
+        wanted = list(CONFIG.instruments)
+        orders = {
+            s: reconcile_module.unique_orders(h.orders if s == SYMBOL else []) for s in wanted
+        }
+        replays = {s: Replay(s, CONFIG, orders[s][0]) for s in wanted}
+        replays[SYMBOL].apply_all(h.updates)
+        return reconcile_module.Replayed(
+            orders, replays, {s: [] for s in wanted}, {s: [] for s in wanted}
+        )
+
+    async def load(*args: object) -> SymbolState:
+        state = h.state()
+        state.account["wallet"] = wallet
+        return state
+
+    monkeypatch.setattr(reconcile_module, "replay_topics", topics)
+    monkeypatch.setattr(reconcile_module, "load_symbol", load)
+    report = asyncio.run(reconcile_module.reconcile(None, "x", CONFIG, "", [SYMBOL]))  # type: ignore[arg-type]
+    assert [(r.check, r.subject) for r in report.differences] == [("books.state", SYMBOL)]
