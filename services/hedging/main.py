@@ -137,6 +137,8 @@ class Hedger:
         self.backoff_s = backoff_s
         self.out = runtime.output(HEDGE_FILLS)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # per symbol: market steps a resumed Inflight committed, until counted
+        self._resumed: defaultdict[str, list[MarketStep]] = defaultdict(list)
 
     def market_step(self, message: Any) -> MarketStep:
         return market_step(message, self.products, self.leverage)
@@ -153,16 +155,16 @@ class Hedger:
         committed: list[MarketStep] = []  # by this call, over its attempts
 
         async def attempt() -> bool:
-            desk = await self._ready(symbol, committed)
+            desk = await self._ready(symbol)
             if desk is None:
                 return False
             fresh = fresh_steps(desk.last_seq, steps)
             if fresh and not await self._run_market(desk, fresh, committed):
                 return False
             # counted once the step is done: not again on every retry of a conflict, and
-            # a part committed before one met a conflict or an error (resumed on the
-            # retry) is this call's, not a redelivery
-            mine = {step.seq for step in committed}
+            # a part committed before one met a conflict, or resumed after an error (by
+            # either input, in the retry's back-off), is this instance's, not a redelivery
+            mine = {step.seq for step in committed + self._resumed.pop(symbol, [])}
             for step in steps:
                 if step.seq in mine:
                     self.runtime.processed(inp, step.ts_init_ns)
@@ -209,10 +211,10 @@ class Hedger:
         await self.desks.refuse(step.symbol, step.order_id, record.value, reason)
         log.error("order_refused", order=step.order_id, product=step.product, reason=reason)
 
-    async def _ready(self, symbol: str, resumed: list[MarketStep] | None = None) -> Desk | None:
+    async def _ready(self, symbol: str) -> Desk | None:
         """The symbol's desk, once the input a crash cut short (Inflight) ran first;
-        None: another writer moved the desk (it reloads). `resumed`: where the market
-        steps a resumed Inflight committed go."""
+        None: another writer moved the desk (it reloads). The market steps a resumed
+        Inflight commits are kept for the symbol's next market count (`_resumed`)."""
         desk = await self.desks.current(symbol)
         inflight = desk.inflight
         if inflight is None:
@@ -224,7 +226,7 @@ class Hedger:
             messages = [codec.decode(leverage_pb2.TargetsUpdate, p) for p in inflight.payloads]
             try:
                 steps = [self.market_step(m) for m in messages]
-                done = await self._run_market(desk, steps, resumed)
+                done = await self._run_market(desk, steps, self._resumed[symbol])
             except MoneyError as exc:  # market input is never refused: a bug, halt
                 raise RuntimeError(f"in-flight market input failed again: {exc}") from exc
         else:

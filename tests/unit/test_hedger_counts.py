@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any, cast
@@ -108,14 +108,17 @@ class PartsDesks:
 
 
 def run_in_parts(
-    desks: PartsDesks, work: Callable[[Any, MarketStep], hedging_pb2.HedgeUpdate]
+    desks: PartsDesks,
+    work: Callable[[Any, MarketStep], hedging_pb2.HedgeUpdate],
+    meanwhile: Callable[[Hedger], Awaitable[None]] | None = None,
 ) -> dict[str, int]:
     """Six steps of one venue call each through a hedger that cuts every two calls;
-    the counts it reports."""
+    the counts it reports. `meanwhile`: run once the batch is under way (in a retry's
+    back-off, when a step failed), as the symbol's other input would."""
     runtime = CountingRuntime()
     hedger = Hedger(
-        cast(HedgingRuntime, runtime), cast(Any, desks), StrategyConfig(), backoff_s=0.0,
-        calls_per_inflight=2,
+        cast(HedgingRuntime, runtime), cast(Any, desks), StrategyConfig(),
+        backoff_s=0.0 if meanwhile is None else 0.2, calls_per_inflight=2,
     )  # fmt: skip
     steps = {s: step(s) for s in range(1, 7)}
     for seq, market in steps.items():
@@ -127,7 +130,15 @@ def run_in_parts(
 
     hedger._market_work = work  # type: ignore[method-assign, assignment]
     runtime.send_many = send_many  # type: ignore[attr-defined]
-    asyncio.run(hedger.on_market(cast(Input, None), list(steps.values())))
+
+    async def run() -> None:
+        market = asyncio.create_task(hedger.on_market(cast(Input, None), list(steps.values())))
+        if meanwhile is not None:
+            await asyncio.sleep(0.1)
+            await meanwhile(hedger)
+        await market
+
+    asyncio.run(run())
     assert desks.last_seq == 6
     return runtime.counts
 
@@ -158,3 +169,24 @@ def test_a_part_resumed_after_an_error_counts_as_processed() -> None:
 
     assert run_in_parts(PartsDesks(), work) == {"skipped": 0, "processed": 6}
     assert failed
+
+
+def test_a_part_the_orders_input_resumed_in_the_back_off_counts_as_processed() -> None:
+    """The same, with an order for the symbol arriving in the market retry's back-off:
+    its handler resumes the Inflight first, and the market retry counted those steps,
+    this instance's, as redelivered."""
+    failed: list[int] = []
+
+    def work(desk: Any, market: MarketStep) -> hedging_pb2.HedgeUpdate:
+        if market.seq == 3 and not failed:
+            failed.append(3)
+            raise TimeoutError("venue call timed out")
+        return one_call(desk, market)
+
+    async def an_order_arrives(hedger: Hedger) -> None:
+        assert failed  # in the back-off, outside the symbol's lock
+        async with hedger._locks[SYMBOL]:
+            await hedger._ready(SYMBOL)  # what an order's handler does first
+
+    desks = PartsDesks()
+    assert run_in_parts(desks, work, an_order_arrives) == {"skipped": 0, "processed": 6}
