@@ -149,25 +149,20 @@ class Ingestor:
         message = self._message(verdict)
         future = self.producer.send(self.topic, key=symbol, value=message)
         self._pending.append((future, time.perf_counter(), verdict))
-        return verdict
-
-    def _flag_jumps(self, published: Accepted) -> None:
-        """Count and log a published tick's jumps (once it is acked: an event sent again
-        after a failed batch counted its jump once per send)."""
-        event = published.event
-        for of, move in (("price", published.jump), ("mark", published.mark_jump)):
+        for of, move in (("price", verdict.jump), ("mark", verdict.mark_jump)):
             if move is not None:
                 self.stats.flagged += 1
-                self.metrics.flagged.labels(event.symbol, of).inc()
+                self.metrics.flagged.labels(symbol, of).inc()
                 self.log.warning(
                     "jump_flagged",
-                    symbol=event.symbol,
+                    symbol=symbol,
                     of=of,
-                    seq=published.seq,
+                    seq=verdict.seq,
                     ts_ns=event.ts_ns,
                     move=f"{move:.4f}",
                     max_jump=self.policy.max_jump,
                 )
+        return verdict
 
     def _message(self, accepted: Accepted) -> market_pb2.MarketEvent:
         event = accepted.event
@@ -213,15 +208,8 @@ class Ingestor:
         if not self._pending:
             return
         self.producer.flush()
-        failed: Exception | None = None
         for future, sent_at, accepted in self._pending:
-            # every ack looked at: one failure must not leave the acked events after it
-            # uncounted, their jumps unflagged for good (the retry skips what is out)
-            try:
-                future.result(timeout=30)
-            except Exception as exc:
-                failed = failed or exc
-                continue
+            future.result(timeout=30)
             if accepted is None:
                 self.stats.dead_lettered += 1
                 continue
@@ -229,10 +217,7 @@ class Ingestor:
             kind = "tick" if isinstance(accepted.event, Tick) else "funding"
             self.metrics.published.labels(accepted.event.symbol, kind).inc()
             self.stats.published += 1
-            self._flag_jumps(accepted)
         self._pending.clear()
-        if failed is not None:
-            raise failed
         for symbol, state in self._states.items():
             if state.seq != self._recorded[symbol]:
                 self.store.record(symbol, self._recorded[symbol], state)

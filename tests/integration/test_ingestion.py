@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import subprocess
 import sys
@@ -12,12 +11,10 @@ import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from itertools import islice
-from typing import Any
 
 import pytest
 import redis
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry
 from smartlev.v1 import market_pb2
 
@@ -218,44 +215,6 @@ def test_jumps_of_the_price_and_of_the_mark_are_published_and_counted_apart(
     for of in ("price", "mark"):
         labels = {"symbol": SYMBOL, "of": of}
         assert registry.get_sample_value("smartlev_ingestion_flagged_jumps_total", labels) == 1
-
-
-@pytest.mark.parametrize("refused", ["from the jump on", "a dead letter before it"])
-def test_a_published_jump_is_counted_once_whatever_the_broker_refused(
-    settings: IngestionSettings, refused: str
-) -> None:
-    """Counted when sent, a jump the broker refused and the run sent again (one
-    registry, as `serve` keeps) said 2 for one jump published once; counted in an ack
-    loop that stopped at the first failure, a jump acked after a dead letter that was
-    refused was never counted (the retry skips what is out)."""
-    prices = ("100", "101", "160", "161") if refused == "from the jump on" else ("100", "-5", "160")
-    ticks = [Tick(SYMBOL, START + n, Decimal(p)) for n, p in enumerate(prices)]
-    registry = CollectorRegistry()
-    metrics = IngestionMetrics(registry)
-    first = build_ingestor(settings, metrics)
-    send, sent = first[0].producer.send, []
-
-    def refusing(topic: str, *args: Any, **kwargs: Any) -> Any:
-        sent.append(topic)
-        if (len(sent) < 3) if refused == "from the jump on" else not topic.endswith(".dlq"):
-            return send(topic, *args, **kwargs)
-        failed: concurrent.futures.Future[object] = concurrent.futures.Future()
-        failed.set_exception(KafkaTimeoutError("not acked"))
-        return failed
-
-    first[0].producer.send = refusing  # type: ignore[method-assign]
-    try:
-        with pytest.raises(KafkaTimeoutError):
-            run_finite(first[0], SYMBOL, ticks, speed=None, batch_size=10)
-    finally:
-        close(first)
-    again = build_ingestor(settings, metrics)
-    try:
-        run_finite(again[0], SYMBOL, ticks, speed=None, batch_size=10)
-    finally:
-        close(again)
-    labels = {"symbol": SYMBOL, "of": "price"}
-    assert registry.get_sample_value("smartlev_ingestion_flagged_jumps_total", labels) == 1
 
 
 def test_a_lost_redis_record_is_recovered_from_the_topic_without_reusing_seqs(
