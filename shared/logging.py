@@ -21,6 +21,8 @@ import time
 from decimal import Decimal
 from typing import Any, TextIO
 
+ExcInfo = bool | BaseException  # see `_error_info`
+
 _RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 _FIELDS_ATTR = "smartlev_fields"
 _service_name = "smartlev"
@@ -112,10 +114,10 @@ class JsonLines(logging.StreamHandler[TextIO]):
         self.setFormatter(self.json)
 
     def write(
-        self, level: int, logger: str, event: str, fields: dict[str, Any], exc_info: bool
+        self, level: int, logger: str, event: str, fields: dict[str, Any], exc_info: ExcInfo
     ) -> None:
         """The line `format` writes for a record of these."""
-        error = sys.exc_info() if exc_info else None
+        error = _error_info(exc_info)
         line = self.json.line(
             time.time(), logging.getLevelName(level), event, logger, fields, error
         )
@@ -127,6 +129,14 @@ class JsonLines(logging.StreamHandler[TextIO]):
 _direct: JsonLines | None = None  # set by configure_logging
 
 
+def _error_info(exc_info: ExcInfo) -> Any:
+    """The (type, value, traceback) a line carries: of `exc_info` if it is an exception,
+    of the one being handled if True, none if False."""
+    if isinstance(exc_info, BaseException):
+        return (type(exc_info), exc_info, exc_info.__traceback__)
+    return sys.exc_info() if exc_info else None
+
+
 class StructLogger:
     """A thin wrapper: `log.info("event_name", key=value, ...)`."""
 
@@ -135,7 +145,7 @@ class StructLogger:
     def __init__(self, logger: logging.Logger) -> None:
         self._logger = logger
 
-    def _log(self, level: int, event: str, exc_info: bool, fields: dict[str, Any]) -> None:
+    def _log(self, level: int, event: str, exc_info: ExcInfo, fields: dict[str, Any]) -> None:
         """Straight to the JSON handler while it is the only one listening (the
         services); through stdlib logging otherwise (e.g. pytest's caplog added one).
         Not through `Logger.log`: it walks the stack for a caller location the JSON
@@ -147,7 +157,7 @@ class StructLogger:
         if direct is not None and logging.root.handlers == [direct]:
             direct.write(level, logger.name, event, fields, exc_info)
             return
-        error = sys.exc_info() if exc_info else None
+        error = _error_info(exc_info)
         record = logger.makeRecord(
             logger.name, level, "", 0, event, (), error, extra={_FIELDS_ATTR: fields}
         )
@@ -162,8 +172,10 @@ class StructLogger:
     def warning(self, event: str, **fields: Any) -> None:
         self._log(logging.WARNING, event, False, fields)
 
-    def error(self, event: str, **fields: Any) -> None:
-        self._log(logging.ERROR, event, False, fields)
+    def error(self, event: str, exc_info: BaseException | None = None, **fields: Any) -> None:
+        """`exc_info`: an exception whose traceback the line carries (it was taken for a
+        field, and a stage that stopped on a bug logged no traceback anywhere)."""
+        self._log(logging.ERROR, event, exc_info or False, fields)
 
     def exception(self, event: str, **fields: Any) -> None:
         self._log(logging.ERROR, event, True, fields)

@@ -52,6 +52,7 @@ from redis.exceptions import RedisError
 from smartlev.v1 import hedging_pb2, orders_pb2
 
 from shared import codec
+from shared.adapters.redis_wire import redacted
 from shared.codec import POSITION_ID
 from shared.core.accounting import Books, BooksOutOfBalance, ProductBook
 from shared.core.config import StrategyConfig
@@ -1094,7 +1095,7 @@ def run(namespace: str, symbols: Sequence[str], bootstrap: str, redis_url: str) 
     try:
         Redis.from_url(redis_url)  # a URL it cannot read: a usage error, not an imbalance
     except ValueError as exc:
-        print(f"error: --redis-url {redis_url!r}: {exc}", file=sys.stderr)
+        print(f"error: --redis-url {redacted(redis_url)!r}: {exc}", file=sys.stderr)
         return 2
     try:
         bootstrap = KafkaSettings(bootstrap=bootstrap).bootstrap  # the services' own rule
@@ -1118,7 +1119,7 @@ def run(namespace: str, symbols: Sequence[str], bootstrap: str, redis_url: str) 
         print(f"error: cannot read Kafka at {bootstrap}: {exc!r}", file=sys.stderr)
         return 2
     except (RedisError, OSError) as exc:
-        print(f"error: cannot read Redis at {redis_url}: {exc}", file=sys.stderr)
+        print(f"error: cannot read Redis at {redacted(redis_url)}: {exc}", file=sys.stderr)
         return 2
     print(render(report))
     return 0 if report.balanced else 1

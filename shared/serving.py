@@ -12,6 +12,7 @@ import uvloop
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.adapters.redis_wire import redacted
 from shared.heap import freeze_heap
 from shared.logging import configure_logging, get_logger
 from shared.settings import ServiceSettings
@@ -74,7 +75,9 @@ async def serve_until_signalled(
     try:
         await redis.ping()
     except (RedisError, OSError) as exc:
-        raise SystemExit(f"{service}: Redis at {redis_url} is not reachable: {exc}") from exc
+        raise SystemExit(
+            f"{service}: Redis at {redacted(redis_url)} is not reachable: {exc}"
+        ) from exc
     server = make_server(redis)
     log = get_logger(service)
     stop = asyncio.Event()

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import hiredis
 from redis._parsers.base import BaseParser
@@ -38,6 +38,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = str | int | bytes
 Command = tuple[Arg, ...]
+
+
+def redacted(url: str) -> str:
+    """A Redis URL as an error message or a log line shows it: its password `***`
+    (the gateway and the venue printed it whole when Redis was not reachable)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 class _Batch:

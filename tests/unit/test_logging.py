@@ -113,3 +113,25 @@ def test_timestamps_read_as_datetime_writes_them(created: float) -> None:
     )
     assert utc_stamp(created) == expected
     assert utc_stamp(created + 1e-7) >= utc_stamp(created)  # never backwards
+
+
+def test_an_error_line_carries_the_traceback_of_the_exception_it_names() -> None:
+    """A stage that stopped on a bug logged `stage_failed` with `exc_info=exc`, taken
+    for a field (the exception's text): no traceback anywhere, the process then exiting
+    `from None`."""
+    stream = StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    configure_logging("hedging", "INFO", stream=stream)
+    try:
+        try:
+            {}["BTC-USDT:LONG"]
+        except KeyError as exc:
+            caught = exc
+        get_logger("hedging").error("stage_failed", error=repr(caught), exc_info=caught)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    [line] = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert "exc_info" not in line and "KeyError: 'BTC-USDT:LONG'" in line["exc"]
+    assert "Traceback" in line["exc"] and line["error"] == "KeyError('BTC-USDT:LONG')"

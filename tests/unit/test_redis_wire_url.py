@@ -3,9 +3,12 @@ for the ones it cannot use."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from shared.adapters.redis_wire import RedisWire
+from shared.adapters.redis_wire import RedisWire, redacted
+from shared.serving import serve_until_signalled
 
 
 def test_a_tcp_url_names_host_port_db_and_login() -> None:
@@ -41,3 +44,15 @@ def test_a_unix_url_names_the_socket_and_its_db() -> None:
 def test_an_unusable_url_is_refused_saying_why(url: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         RedisWire.from_url(url)
+
+
+def test_a_service_that_cannot_reach_redis_does_not_print_its_password() -> None:
+    """The gateway and the venue printed `redis://:<password>@host` whole, into their
+    logs, when Redis was not reachable at start."""
+    url = "redis://:hunter2-secret@127.0.0.1:1/0"
+    with pytest.raises(SystemExit) as stopped:
+        asyncio.run(serve_until_signalled("venue", url, lambda redis: None))  # type: ignore[arg-type, return-value]
+    said = str(stopped.value)
+    assert "hunter2" not in said and "redis://:***@127.0.0.1:1/0" in said
+    assert redacted("redis://alice:pw@h:6379/2") == "redis://alice:***@h:6379/2"
+    assert redacted("redis://h:6379/0") == "redis://h:6379/0"
