@@ -366,3 +366,17 @@ class GrpcHealth:
     async def shutdown(self) -> None:
         """Permanently NOT_SERVING (call before server.stop(grace))."""
         await self.servicer.enter_graceful_shutdown()
+
+    async def follow(self, checks: HealthRegistry, interval_s: float, service: str) -> None:
+        """Until cancelled: SERVING exactly while `checks` pass, as /healthz says (the
+        venue's gRPC health pinged Redis on its own: SERVING with Redis full and every
+        call refused, NOT_SERVING for an interval after one dropped connection)."""
+        serving: bool | None = None
+        while True:
+            ok, outcomes = await checks.run()
+            if ok != serving:
+                await self.set_serving(ok)
+                failed = {o.name: o.detail for o in outcomes if not o.ok}
+                log.info(f"{service}_health", serving=ok, failed=failed)
+                serving = ok
+            await asyncio.sleep(interval_s)

@@ -992,7 +992,8 @@ class GatewayServer:
         await self.server.start()
         if self.run_relay:
             self._tasks.append(asyncio.create_task(self.relay.run()))
-        self._tasks.append(asyncio.create_task(self._watch(self.health)))
+        watch = self.health.follow(self._checks, self.settings.health_interval_s, "gateway")
+        self._tasks.append(asyncio.create_task(watch))
         if self.settings.metrics_port:
             self._http = HealthServer(
                 self._checks,
@@ -1003,17 +1004,6 @@ class GatewayServer:
             await self._http.start()
         log.info("gateway_started", grpc=f"{self.settings.grpc_host}:{self.port}")
         return self.port
-
-    async def _watch(self, health: GrpcHealth) -> None:
-        serving: bool | None = None
-        while True:
-            ok, outcomes = await self._checks.run()
-            if ok != serving:
-                await health.set_serving(ok)
-                failed = {o.name: o.detail for o in outcomes if not o.ok}
-                log.info("gateway_health", serving=ok, failed=failed)
-                serving = ok
-            await asyncio.sleep(self.settings.health_interval_s)
 
     async def stop(self) -> None:
         if self.health is not None:

@@ -318,12 +318,13 @@ class VenueServer:
         host = self.settings.grpc_host
         self.port = listen(self.server, "venue", host, self.settings.grpc_port)
         await self.server.start()
-        self._watch = asyncio.create_task(self._watch_redis(self._health))
+        checks = HealthRegistry()
+        checks.register("redis", redis_check(self.redis))
+        interval_s = self.settings.health_interval_s
+        self._watch = asyncio.create_task(self._health.follow(checks, interval_s, "venue"))
         if self.settings.metrics_port:
-            registry = HealthRegistry()
-            registry.register("redis", redis_check(self.redis))
             self._http = HealthServer(
-                registry,
+                checks,
                 port=self.settings.metrics_port,
                 host=self.settings.metrics_host,
                 service=self.settings.service,
@@ -331,19 +332,6 @@ class VenueServer:
             await self._http.start()
         log.info("venue_started", grpc=f"{self.settings.grpc_host}:{self.port}")
         return self.port
-
-    async def _watch_redis(self, health: GrpcHealth) -> None:
-        serving: bool | None = None
-        while True:
-            try:
-                ok = bool(await asyncio.wait_for(self.redis.ping(), 2.0))
-            except (RedisError, OSError, TimeoutError):
-                ok = False
-            if ok != serving:
-                await health.set_serving(ok)
-                log.info("venue_health", serving=ok)
-                serving = ok
-            await asyncio.sleep(self.settings.health_interval_s)
 
     async def stop(self) -> None:
         if self._watch is not None:

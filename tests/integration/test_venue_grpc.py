@@ -355,6 +355,37 @@ async def test_health_serving_and_reflection(env: tuple[Redis, str]) -> None:
         assert "smartlev.v1.Venue" in await asyncio.to_thread(services)
 
 
+async def test_grpc_health_follows_the_checks_healthz_runs(
+    env: tuple[Redis, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC health pinged Redis on its own: SERVING with Redis full, every call refused
+    (the compose and stack health checks, and hedging, read the gRPC one)."""
+    redis, namespace = env
+
+    async def status(venue: Venue) -> int:
+        health = health_pb2_grpc.HealthStub(venue.channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="smartlev.v1.Venue"))
+        return int(reply.status)
+
+    async with Venue(redis, namespace) as venue:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        async with asyncio.timeout(5):
+            while await status(venue) != serving:
+                await asyncio.sleep(0.05)
+
+        async def full(section: str) -> dict[str, int]:
+            return {"used_memory": 2**30, "maxmemory": 2**30}
+
+        monkeypatch.setattr(redis, "info", full)
+        async with asyncio.timeout(5):
+            while await status(venue) == serving:
+                await asyncio.sleep(0.05)
+        monkeypatch.undo()
+        async with asyncio.timeout(5):
+            while await status(venue) != serving:
+                await asyncio.sleep(0.05)
+
+
 async def test_a_second_venue_on_a_taken_port_stops_saying_so(env: tuple[Redis, str]) -> None:
     redis, namespace = env
     async with Venue(redis, namespace) as first:
