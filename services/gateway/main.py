@@ -275,13 +275,16 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _caller(self, request: Message, context: grpc.aio.ServicerContext) -> str:
+    async def _caller(self, rpc: str, request: Message, context: grpc.aio.ServicerContext) -> str:
         """The authenticated user. A request over `max_message_bytes` is INVALID_ARGUMENT
-        saying so (the transport takes up to `transport_max_bytes`, so it reaches here)."""
+        saying so (the transport takes up to `transport_max_bytes`, so it reaches here).
+        Both refusals are counted under `rpc` (a client with a wrong key was invisible on
+        /metrics)."""
         key = bearer_key(context.invocation_metadata())
         user = None if key is None else self.keys.user_for(key)
         if user is None:
             why = "missing" if key is None else "unknown"
+            _requests(rpc, grpc.StatusCode.UNAUTHENTICATED.name).inc()
             await _abort(
                 context,
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -290,6 +293,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         assert user is not None
         size, limit = request.ByteSize(), self.settings.max_message_bytes
         if size > limit:
+            _requests(rpc, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
             await _abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -304,7 +308,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         context: grpc.aio.ServicerContext,
         work: Callable[[str], Awaitable[T]],
     ) -> T:
-        user = await self._caller(request, context)
+        user = await self._caller(rpc, request, context)
         start = time.perf_counter()
         outcome = "ok"
         try:
@@ -791,7 +795,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     async def StreamNav(
         self, request: gateway_pb2.StreamNavRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[nav_pb2.NavUpdated]:
-        user = await self._caller(request, context)
+        user = await self._caller("StreamNav", request, context)
         for name in request.products:
             try:
                 self._product(name)
@@ -818,7 +822,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     async def StreamPositions(
         self, request: gateway_pb2.StreamPositionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.Position]:
-        user = await self._caller(request, context)
+        user = await self._caller("StreamPositions", request, context)
         if self.feed is None:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "stream feed not running")
         assert self.feed is not None
@@ -908,7 +912,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     async def Ping(
         self, request: gateway_pb2.PingRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PingReply:
-        await self._caller(request, context)
+        await self._caller("Ping", request, context)
         return gateway_pb2.PingReply(ts_ns=time.time_ns())
 
 

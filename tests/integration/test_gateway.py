@@ -208,6 +208,9 @@ async def _code(call: object) -> tuple[grpc.StatusCode, str]:
 
 
 async def test_calls_without_a_valid_key_are_unauthenticated(env: Env) -> None:
+    """And counted: a client with a wrong key was invisible on /metrics."""
+    labels = {"rpc": "ListProducts", "outcome": "UNAUTHENTICATED"}
+    before = REGISTRY.get_sample_value("smartlev_gateway_requests_total", labels) or 0.0
     request = gateway_pb2.ListProductsRequest()
     for metadata in [
         (),
@@ -217,6 +220,7 @@ async def test_calls_without_a_valid_key_are_unauthenticated(env: Env) -> None:
         code, details = await _code(env.stub.ListProducts(request, metadata=metadata))
         assert code is grpc.StatusCode.UNAUTHENTICATED, details
         assert "API key" in details
+    assert REGISTRY.get_sample_value("smartlev_gateway_requests_total", labels) == before + 3
     code, _ = await _code(env.stub.Ping(gateway_pb2.PingRequest()))
     assert code is grpc.StatusCode.UNAUTHENTICATED
     assert (await env.stub.Ping(gateway_pb2.PingRequest(), metadata=ALICE)).ts_ns > 0
