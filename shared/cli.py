@@ -12,6 +12,7 @@ import contextlib
 import json
 import signal
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -40,6 +41,7 @@ from shared.backtest import run_backtest, write_metrics, write_nav_csv
 from shared.chart import nav_chart
 from shared.core.accounting import MAX_DEPOSIT
 from shared.core.config import StrategyConfig
+from shared.core.money import MoneyError
 from shared.serving import SERVER_ANSWERED
 from shared.settings import is_host_port
 
@@ -139,9 +141,13 @@ def backtest(
     bars, rates, mark_prices = loaded.bars, loaded.rates, loaded.marks
     try:
         out.mkdir(parents=True, exist_ok=True)
+        # writable, before the run (a run of minutes ended in a traceback, its results
+        # lost, on a directory it could create or find but not write)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".writable-"):
+            pass
     except OSError as exc:
         raise typer.BadParameter(
-            f"cannot create {out}: {exc.strerror}", param_hint="--out"
+            f"cannot write to {out}: {exc.strerror or exc}", param_hint="--out"
         ) from None
     total = len(bars) * (4 if ticks is TickMode.OHLC else 1)
     began = time.perf_counter()
@@ -154,31 +160,37 @@ def backtest(
         transient=True,
     ) as bar:
         task = bar.add_task(symbol, total=total)
-        result = run_backtest(
-            symbol,
-            bars,
-            rates,
-            settings,
-            capital=seed,
-            marks=mark_prices,
-            tick_mode=ticks.value,
-            progress=lambda done: bar.update(task, completed=done),
-        )
+        try:
+            result = run_backtest(
+                symbol,
+                bars,
+                rates,
+                settings,
+                capital=seed,
+                marks=mark_prices,
+                tick_mode=ticks.value,
+                progress=lambda done: bar.update(task, completed=done),
+            )
+        except MoneyError as exc:  # a policy the config takes that the books cannot run
+            raise fail(f"the policy cannot run on this data: {exc}", 2) from None
     elapsed = time.perf_counter() - began
-    figures = write_metrics(result, out / "metrics.json")
-    write_nav_csv(result, out / "nav.csv")
     smart = [p for p, s in result.series.items() if s.smart]
-    nav_chart(
-        out / "chart.png",
-        f"{symbol}: smart leverage vs fixed-leverage tokens",
-        result.times,
-        result.prices,
-        result.regimes,
-        {p: s.navs for p, s in result.series.items()},
-        {p: result.series[p].leverages for p in smart},
-        {p: result.series[p].targets for p in smart},
-        highlight=smart,
-    )
+    try:
+        figures = write_metrics(result, out / "metrics.json")
+        write_nav_csv(result, out / "nav.csv")
+        nav_chart(
+            out / "chart.png",
+            f"{symbol}: smart leverage vs fixed-leverage tokens",
+            result.times,
+            result.prices,
+            result.regimes,
+            {p: s.navs for p, s in result.series.items()},
+            {p: result.series[p].leverages for p in smart},
+            {p: result.series[p].targets for p in smart},
+            highlight=smart,
+        )
+    except OSError as exc:
+        raise fail(f"cannot write the results to {out}: {exc}", 1) from None
     # The table needs ~175 columns; a log or pipe gets them rather than cut product names.
     Console(width=max(console.width, 180)).print(summary_table(figures))
     console.print(

@@ -28,6 +28,7 @@ import urllib.request
 import uuid
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +40,7 @@ from smartlev.v1 import nav_pb2, orders_pb2
 
 from shared import codec
 from shared.adapters.kafka_admin import ensure_topics
+from shared.adapters.market_data import parse_time
 from shared.adapters.tick_replay import data_dir, file_stem, make_producer
 from shared.stream import FAUST_DATA
 from shared.topics import (
@@ -109,15 +111,23 @@ def missing_modules(specs: Sequence[StageSpec]) -> list[str]:
 
 def replay_args(symbol: str, start: str, end: str, speed: str = "max") -> list[str]:
     """`services.ingestion replay` flags for the real data set's files of `symbol`,
-    from `start` to `end` (dates, UTC, end exclusive)."""
+    from `start` to `end` (ISO-8601 dates or times, UTC unless they say, end
+    exclusive). A time used to get "T00:00:00Z" after it, which ingestion refused,
+    once the pipeline demo had started five services."""
     root, stem = data_dir(), file_stem(symbol)
     return [
         "--data", str(root / f"{stem}_perp_1h_2019_2023.csv"),
         "--funding", str(root / f"{stem}_funding_8h_2019_2023.csv"),
         "--marks", str(root / f"{stem}_mark_1h_2019_2023.csv"),
-        "--symbol", symbol, "--start", f"{start}T00:00:00Z", "--end", f"{end}T00:00:00Z",
-        "--speed", speed,
+        "--symbol", symbol, "--start", _utc(start), "--end", _utc(end), "--speed", speed,
     ]  # fmt: skip
+
+
+def _utc(text: str) -> str:
+    """An instant `parse_time` reads, as ISO-8601 UTC."""
+    ns = parse_time(text)
+    assert ns is not None
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat().replace("+00:00", "Z")
 
 
 def health_problem(port: int) -> str | None:

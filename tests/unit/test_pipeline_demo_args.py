@@ -9,8 +9,10 @@ from datetime import datetime
 import pytest
 from smartlev.v1 import common_pb2, nav_pb2
 
+from services.ingestion.config import IngestionSettings
 from shared import pipeline_demo
 from shared.adapters.tick_replay import data_dir
+from shared.pipeline_runner import replay_args
 
 
 @pytest.mark.parametrize(
@@ -71,3 +73,20 @@ def test_the_progress_table_stays_whole_off_a_terminal() -> None:
     shown = captured.get()
     assert "…" not in shown
     assert all(product in shown for product in products)
+
+
+@pytest.mark.parametrize(
+    ("given", "instant"),
+    [
+        ("2021-04-01", "2021-04-01T00:00:00Z"),
+        ("2021-04-01T12:00:00Z", "2021-04-01T12:00:00Z"),
+        ("2021-04-01T00:00+02:00", "2021-03-31T22:00:00Z"),
+    ],
+)
+def test_the_replay_is_given_the_instant_the_demo_took(given: str, instant: str) -> None:
+    """The demo takes a time, but its replay got "T00:00:00Z" put after it, which
+    ingestion refused once five services had started."""
+    args = replay_args("BTC-USDT", given, "2021-07-01")
+    flags = dict(zip(args[::2], args[1::2], strict=True))
+    settings = IngestionSettings(source="replay", start=flags["--start"], end=flags["--end"])
+    assert flags["--start"] == instant and settings.start == instant
