@@ -243,7 +243,9 @@ def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
                 "max_drawdown": item.max_drawdown,
                 "sharpe": sharpe_ratio([float(n) for n in item.navs], bars_per_year),
                 "min_nav": decimal_to_wire(item.lowest_nav),
-                "avg_leverage": sum(item.leverages) / len(item.leverages),
+                # over the rows after the capital went in: that row's 0x is the instant
+                # before the first tick builds the position (a one-bar 3x showed 1.50x)
+                "avg_leverage": _mean(item.leverages[1:] or item.leverages),
                 "rebalances": item.rebalances,
                 "emergency_deleverages": item.emergencies,
                 "venue_liquidations": item.liquidations,
@@ -260,6 +262,10 @@ def metrics(result: BacktestResult) -> dict[str, dict[str, object]]:
                 "insurance_advanced": decimal_to_wire(book.insurance_owed),
             }
     return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _cagr(growth: float, years: float) -> float | None:

@@ -261,3 +261,12 @@ def test_insurance_paid_counts_an_advance_the_product_rebalanced_on() -> None:
     figures = metrics(result)[short]
     assert Decimal(str(figures["insurance_paid"])) == paid_out
     assert figures["insurance_advanced"] == "0"
+
+
+def test_average_leverage_leaves_out_the_instant_before_the_capital_is_invested() -> None:
+    """The first row, where the capital goes in, is at 0x (the first tick builds the
+    position at that same instant): a one-bar 3x token showed 1.50x."""
+    result = run_backtest(SYMBOL, [flat(0, 100)], [], StrategyConfig())
+    item = result.series[LONG_3X]
+    assert item.leverages[0] == 0.0 and len(item.leverages) == 2
+    assert metrics(result)[LONG_3X]["avg_leverage"] == item.leverages[1] > 2.9

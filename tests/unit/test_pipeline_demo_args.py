@@ -46,6 +46,9 @@ def test_a_start_with_an_offset_is_the_instant_it_names(monkeypatch: pytest.Monk
     assert seen == [(1_620_777_600 + 8 * 3600) * 10**9]
 
 
+@pytest.mark.skipif(
+    not (data_dir() / "BTCUSDT_perp_1h_2019_2023.csv").exists(), reason="real data not found"
+)
 def test_the_progress_table_stays_whole_off_a_terminal() -> None:
     """Piped (`make demo | tee`, CI logs), rich gave the table 80 columns and cut every
     cell to an ellipsis: "BTC-USDT:LO…", "35,03…"."""
