@@ -32,7 +32,6 @@ from decimal import Decimal
 
 from shared.codec import wire_problem
 from shared.core.market import (
-    FUNDING_RANK,
     MAX_TS_NS,
     FundingRate,
     OrderKey,
@@ -41,6 +40,7 @@ from shared.core.market import (
     market_figure_problem,
     market_price_problem,
     order_key,
+    order_kind,
     symbol_problem,
 )
 
@@ -151,11 +151,10 @@ def admit(state: SymbolState, event: object, policy: Policy) -> tuple[SymbolStat
     assert isinstance(event, Tick | FundingRate)  # check() guarantees it
     key = order_key(event)
     if state.last_key is not None and key <= state.last_key:
-        kind = "funding" if key[1] == FUNDING_RANK else "tick"
         return state, Rejected(
             Reason.NOT_FORWARD,
-            f"{kind} at ts {event.ts_ns} does not move past the last accepted "
-            f"{'funding' if state.last_key[1] == FUNDING_RANK else 'tick'} at {state.last_key[0]}",
+            f"{order_kind(key)} at ts {event.ts_ns} does not move past the last accepted "
+            f"{order_kind(state.last_key)} at {state.last_key[0]}",
         )
     seq = state.seq + 1
     if isinstance(event, FundingRate):

@@ -28,7 +28,7 @@ from smartlev.v1 import market_pb2
 from shared.core.config import StrategyConfig
 from shared.core.engine import SignalPipeline, restore_bars
 from shared.core.features import SnapshotIncompatible
-from shared.core.market import FUNDING_RANK, OrderKey, Tick, order_key
+from shared.core.market import OrderKey, Tick, order_key, order_kind
 from shared.core.regime import Regime
 from shared.logging import get_logger
 from shared.stream import MarketInput
@@ -60,8 +60,8 @@ class SymbolSignals:
         key = order_key(market.value)
         if self.last_key is not None and key <= self.last_key:
             raise ValueError(
-                f"{_kind(key)} at ts {key[0]} does not move past the last "
-                f"{_kind(self.last_key)} at {self.last_key[0]}"
+                f"{order_kind(key)} at ts {key[0]} does not move past the last "
+                f"{order_kind(self.last_key)} at {self.last_key[0]}"
             )
         update = market_pb2.RegimeUpdate(market=market.message)
         closed = False
@@ -100,10 +100,6 @@ class SymbolSignals:
 
     def signal_row(self) -> Row:
         return {"seq": self.signal_seq, "pipeline": self.pipeline.snapshot(), "key": self.last_key}
-
-
-def _kind(key: OrderKey) -> str:
-    return "funding" if key[1] == FUNDING_RANK else "tick"
 
 
 def _key(row: Row) -> OrderKey | None:

@@ -117,3 +117,8 @@ def order_key(event: Tick | FundingRate) -> OrderKey:
     """Where an event stands in a symbol's market stream: by time, a funding before a
     tick of the same instant. Each accepted event moves it forward."""
     return (event.ts_ns, FUNDING_RANK if isinstance(event, FundingRate) else TICK_RANK)
+
+
+def order_kind(key: OrderKey) -> str:
+    """What stands at `key`: "funding" or "tick" (for messages)."""
+    return "funding" if key[1] == FUNDING_RANK else "tick"
