@@ -178,19 +178,8 @@ class PerpVenue:
         impact_bps x sqrt(notional / depth) for an order that walks it first. Maker: the
         reference, on the tick grid, against us (a reference between ticks filled there)."""
         buying = qty > 0
-        if liquidity is Liquidity.MAKER:
-            raw = reference
-        else:
-            notional = abs(qty) * reference
-            depth = self.config.depth_notional
-            if taken:
-                after = taken + notional
-                walk = (after * (after / depth).sqrt() - taken * (taken / depth).sqrt()) / notional
-            else:
-                walk = (notional / depth).sqrt()
-            cost_bps = self.config.half_spread_bps + self.config.impact_bps * walk
-            shift = reference * cost_bps * BPS
-            raw = reference + shift if buying else reference - shift
+        maker = liquidity is Liquidity.MAKER
+        raw = reference if maker else self._taker_price(qty, reference, taken)
         price = price_against(raw, self.spec.price_tick, buying)
         if price <= 0:  # a sell so large its impact passes the price, or under one tick
             raise MoneyError(
@@ -198,6 +187,19 @@ class PerpVenue:
                 f"{self.spec.price_tick}): no such fill"
             )
         return price
+
+    def _taker_price(self, qty: Decimal, reference: Decimal, taken: Decimal) -> Decimal:
+        """`reference` moved against the taker by the spread and its walk of the book,
+        before rounding to the tick (`fill_price`)."""
+        notional = abs(qty) * reference
+        depth = self.config.depth_notional
+        if taken:
+            after = taken + notional
+            walk = (after * (after / depth).sqrt() - taken * (taken / depth).sqrt()) / notional
+        else:
+            walk = (notional / depth).sqrt()
+        shift = reference * (self.config.half_spread_bps + self.config.impact_bps * walk) * BPS
+        return reference + shift if qty > 0 else reference - shift
 
     def quote(
         self,
