@@ -162,7 +162,12 @@ def check_books(
 
 
 def _dec(text: str | None) -> Value:
-    return "(missing)" if text is None else Decimal(text)
+    """A stored figure: not a number is a difference to show, not a Decimal to compare
+    (a signalling NaN raised on `==`, after the checks, as a traceback)."""
+    if text is None:
+        return "(missing)"
+    value = Decimal(text)
+    return f"{text!r}, not a number" if value.is_nan() else value
 
 
 # --------------------------------------------------------------------------- 2. replay
@@ -549,7 +554,7 @@ def check_nav(product: str, mark: Mark | None, nav: Mapping[str, str]) -> list[R
     rows = []
     for name, value in expected.items():
         raw = nav.get(name)
-        actual: Value = "(missing)" if raw is None else int(raw) if name == "seq" else Decimal(raw)
+        actual: Value = int(raw) if name == "seq" and raw is not None else _dec(raw)
         rows.append(Row(f"nav.{name}", product, value, actual))
     return rows
 

@@ -21,7 +21,7 @@ from shared.core.events import (
 from shared.core.leverage import LeverageConfig
 from shared.core.market import Side, Tick
 from shared.core.products import smart_strategy
-from shared.reconcile import Replay, check_nav
+from shared.reconcile import Replay, Report, check_books, check_nav, render
 
 SYMBOL = "BTC-USDT"
 
@@ -98,3 +98,31 @@ def test_an_order_before_any_tick_marks_only_the_products_whose_units_moved() ->
     assert unmarked.ok
     [stray] = check_nav(short, None, {"nav": "100"})
     assert not stray.ok
+
+
+@pytest.mark.parametrize("figure", ["sNaN", "NaN"])
+def test_a_stored_figure_that_is_not_a_number_is_a_difference_not_a_traceback(
+    figure: str,
+) -> None:
+    """A signalling NaN in the NAV hash or in hedging's positions hash was read as a
+    Decimal and raised on `==` while the report was rendered, after the checks had
+    caught what they catch (reliability 213): a traceback, exit 1. It is a row, named."""
+    config = StrategyConfig()
+    engine = smart_strategy(SYMBOL, config).engine
+    long = f"{SYMBOL}:LONG"
+    opened = orders_pb2.PositionOpened(event_id="o1", product=long, amount="1000", ts_event_ns=1)
+    events = engine.deposit(long, Decimal(1000), 1)
+    update = hedge_update(engine, f"{SYMBOL}:order:o1", events, ts_init_ns=1)  # type: ignore[arg-type]
+    replay = Replay(SYMBOL, config, {"o1": orders_pb2.OrderEvent(opened=opened)})
+    replay.apply_all([update])
+    mark = replay.marks[long]
+    stored = {"nav": figure, "equity": "1000", "units": "10", "qty": "0", "price": "1", "seq": "1"}
+    positions = {long: figure, f"{SYMBOL}:SHORT": "0", "venue": "0"}
+    rows = check_nav(long, mark, stored)
+    rows += check_books(SYMBOL, engine.books, engine.venue, Decimal(1), positions=positions)  # type: ignore[arg-type]
+    report = Report(rows=rows)
+    text = render(report)
+    wrong = {(r.check, r.subject) for r in report.rows if not r.ok}
+    assert ("nav.nav", long) in wrong
+    assert ("hedging.positions", f"{SYMBOL} {long}") in wrong
+    assert f"'{figure}', not a number" in text
