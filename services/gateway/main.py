@@ -601,17 +601,25 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 
         return await self._answer("OpenPosition", request, context, work)
 
-    async def _owned(self, user: str, pid: str) -> tuple[str, str]:
-        """(product, symbol) of the caller's position, else NOT_FOUND (also for another
-        user's position: its existence is not revealed)."""
+    async def _owned(self, user: str, pid: str, act: Callable[[str, str], Awaitable[T]]) -> T:
+        """`act(product, symbol)` on the caller's position, else NOT_FOUND (also for
+        another user's position: its existence is not revealed). An owner from the cache
+        that `act` finds no position under is read again: after Redis lost its last
+        writes, the client order id the position id comes from can settle again on
+        another product, and the cache named the lost one until a restart."""
         product = self._owners.get((user, pid))
-        if product is None:
-            product = await self.ledger.owner(user, pid)
-            if product is not None:
-                self._remember(user, pid, product)
+        if product is not None:
+            try:
+                return await act(product, self.products[product][0])
+            except Rejected as refusal:
+                if refusal.code is not grpc.StatusCode.NOT_FOUND:
+                    raise
+                del self._owners[user, pid]
+        product = await self.ledger.owner(user, pid)
         if product is None or product not in self.products:
             _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
-        return product, self.products[product][0]
+        self._remember(user, pid, product)
+        return await act(product, self.products[product][0])
 
     async def ClosePosition(
         self, request: gateway_pb2.ClosePositionRequest, context: grpc.aio.ServicerContext
@@ -620,72 +628,75 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             client_id = client_order_id(request.client_order_id)
             pid = position_id(request.position_id)
             units = close_units(request.units, request.all, self.limits)
-            product, symbol = await self._owned(user, pid)
-            wanted = "all" if units is None else canonical(units)
-            claim = f"{request_hash('close', pid, wanted)}|{symbol}"
-            oid = order_id(user, client_id)
-            order = Order(user, client_id, claim, symbol, product, oid, pid)
 
-            def quote(nav_fields: dict[str, str], snap: Snapshot) -> Closed:
-                if not snap.position or snap.position.get("user") != user:
-                    _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
-                position = PositionState.from_fields(snap.position)
-                if position.units <= 0:
-                    _fail(grpc.StatusCode.FAILED_PRECONDITION, f"position {pid} is closed")
-                nav = self._tradable_nav(product, nav_fields, snap)
-                return quote_close(
-                    position,
-                    units,
-                    nav,
-                    self.accounting.close_fee,
-                    time.time_ns(),
-                    min_order=self.limits.min_order,
-                )
+            async def close(product: str, symbol: str) -> gateway_pb2.ClosePositionReply:
+                wanted = "all" if units is None else canonical(units)
+                claim = f"{request_hash('close', pid, wanted)}|{symbol}"
+                oid = order_id(user, client_id)
+                order = Order(user, client_id, claim, symbol, product, oid, pid)
 
-            def render(closed: Closed, snap: Snapshot) -> Step:
-                nav, now = closed.nav, closed.ts_ns
-                position = closed.position.fields()
-                figures = _wire_texts(
-                    units=closed.units,
-                    nav=nav,
-                    gross=closed.gross,
-                    fee=closed.fee,
-                    payout=closed.payout,
-                    realized_pnl=closed.realized_pnl,
-                )
-                reply = gateway_pb2.ClosePositionReply(
-                    order_id=oid,
-                    position_id=pid,
-                    product=product,
-                    ts_event_ns=now,
-                    position=closed.position.to_proto(nav, position),
-                    **figures,
-                )
-                event = orders_pb2.OrderEvent(
-                    closed=orders_pb2.PositionClosed(
-                        event_id=oid,
+                def quote(nav_fields: dict[str, str], snap: Snapshot) -> Closed:
+                    if not snap.position or snap.position.get("user") != user:
+                        _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
+                    position = PositionState.from_fields(snap.position)
+                    if position.units <= 0:
+                        _fail(grpc.StatusCode.FAILED_PRECONDITION, f"position {pid} is closed")
+                    nav = self._tradable_nav(product, nav_fields, snap)
+                    return quote_close(
+                        position,
+                        units,
+                        nav,
+                        self.accounting.close_fee,
+                        time.time_ns(),
+                        min_order=self.limits.min_order,
+                    )
+
+                def render(closed: Closed, snap: Snapshot) -> Step:
+                    nav, now = closed.nav, closed.ts_ns
+                    position = closed.position.fields()
+                    figures = _wire_texts(
+                        units=closed.units,
+                        nav=nav,
+                        gross=closed.gross,
+                        fee=closed.fee,
+                        payout=closed.payout,
+                        realized_pnl=closed.realized_pnl,
+                    )
+                    reply = gateway_pb2.ClosePositionReply(
+                        order_id=oid,
                         position_id=pid,
-                        user_id=user,
                         product=product,
                         ts_event_ns=now,
-                        ts_init_ns=now,
-                        client_order_id=client_id,
+                        position=closed.position.to_proto(nav, position),
                         **figures,
                     )
-                )
-                ledger = ledger_fields(
-                    product,
-                    snap.ledger,
-                    units=-closed.units,
-                    payouts=closed.payout,
-                    fees=closed.fee,
-                )
-                return Step(reply, position, ledger, event)
+                    event = orders_pb2.OrderEvent(
+                        closed=orders_pb2.PositionClosed(
+                            event_id=oid,
+                            position_id=pid,
+                            user_id=user,
+                            product=product,
+                            ts_event_ns=now,
+                            ts_init_ns=now,
+                            client_order_id=client_id,
+                            **figures,
+                        )
+                    )
+                    ledger = ledger_fields(
+                        product,
+                        snap.ledger,
+                        units=-closed.units,
+                        payouts=closed.payout,
+                        fees=closed.fee,
+                    )
+                    return Step(reply, position, ledger, event)
 
-            step = await self._settle(order, gateway_pb2.ClosePositionReply, quote, render)
-            log.info("position_closed", user=user, position=pid, order=oid, product=product)
-            assert isinstance(step.reply, gateway_pb2.ClosePositionReply)
-            return step.reply
+                step = await self._settle(order, gateway_pb2.ClosePositionReply, quote, render)
+                log.info("position_closed", user=user, position=pid, order=oid, product=product)
+                assert isinstance(step.reply, gateway_pb2.ClosePositionReply)
+                return step.reply
+
+            return await self._owned(user, pid, close)
 
         return await self._answer("ClosePosition", request, context, work)
 
@@ -741,11 +752,14 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.Position:
         async def work(user: str) -> gateway_pb2.Position:
             pid = position_id(request.position_id)
-            product, symbol = await self._owned(user, pid)
-            position = await self._position(user, symbol, pid)
-            if position is None:
-                _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
-            return position.to_proto(_decimal(await self.ledger.nav(product), "nav"))
+
+            async def shown(product: str, symbol: str) -> gateway_pb2.Position:
+                position = await self._position(user, symbol, pid)
+                if position is None:
+                    _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
+                return position.to_proto(_decimal(await self.ledger.nav(product), "nav"))
+
+            return await self._owned(user, pid, shown)
 
         return await self._answer("GetPosition", request, context, work)
 
@@ -859,9 +873,14 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 if changed is None or not shown.changed(changed):
                     continue  # the snapshot above, or an earlier event, had it
                 if changed.position_id not in shown.held and not (
-                    request.include_closed or changed.units > 0 or changed.ts_opened_ns >= started
+                    request.include_closed
+                    or changed.units > 0
+                    or changed.ts_closed_ns >= started - CLOCKS_APART_NS
                 ):
-                    continue  # opened and closed before the snapshot (a late or repeated event)
+                    # closed before the snapshot (a late or repeated event); its time is
+                    # the settling gateway's clock, which may be behind ours: one opened
+                    # and closed just after the stream began read as before it
+                    continue
                 shown.show(changed)
                 if changed.product not in navs.current:  # a product not valued yet
                     await self._read_navs({changed.product}, navs)

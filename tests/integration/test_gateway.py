@@ -456,10 +456,12 @@ async def test_a_bad_page_request_is_refused_saying_why(
 
 
 async def test_a_position_stream_skips_late_events_of_positions_closed_before_it(
-    env: Env,
+    env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The relay may publish an order again (a crash between the ack and the delete): a
-    stream of open positions that began after the close does not show it."""
+    stream of open positions that began after the close does not show it. (Closed more
+    than the clocks may be apart before: here they are one clock, so no margin.)"""
+    monkeypatch.setattr(gateway_main, "CLOCKS_APART_NS", 0)
     await env.set_nav(PRODUCT, NAV)
     gone = await env.open("gone")
     await env.stub.ClosePosition(
@@ -515,6 +517,36 @@ async def test_a_position_stream_shows_one_opened_and_closed_after_it_began(
     shown = await asyncio.wait_for(stream.read(), 10)
     assert (shown.position_id, shown.open, shown.units) == (quick.position_id, False, "0.00000000")
     stream.cancel()
+
+
+async def test_a_position_stream_shows_one_settled_after_it_by_a_gateway_whose_clock_is_behind(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several gateways serve at once, each stamping the orders it settles with its own
+    clock. One 2 s behind opened and closed a position just after a stream began on
+    another: its times read as before the stream, which skipped both events as late
+    copies, and the stream never showed the position."""
+    await env.set_nav(PRODUCT, NAV)
+    subscriber = Subscriber(None, "alice", Updates(16))
+    request = gateway_pb2.StreamPositionsRequest()
+    updates = env.server.gateway._position_updates("alice", request, subscriber)
+    first = asyncio.ensure_future(anext(updates))  # the snapshot: nothing, so it waits
+    await asyncio.sleep(0.2)
+    now_ns = time.time_ns
+    with monkeypatch.context() as behind:  # the settling gateway's clock, 2 s behind
+        behind.setattr(gateway_main.time, "time_ns", lambda: now_ns() - 2 * 10**9)
+        quick = await env.open("behind")
+        await env.stub.ClosePosition(
+            gateway_pb2.ClosePositionRequest(
+                client_order_id="behind-close", position_id=quick.position_id, all=True
+            ),
+            metadata=ALICE,
+        )
+    for event in await env.events(2):
+        subscriber.offer(event)
+    shown = await asyncio.wait_for(first, 5)
+    assert (shown.position_id, shown.open, shown.units) == (quick.position_id, False, "0.00000000")
+    await updates.aclose()
 
 
 async def test_a_position_opened_after_the_stream_began_comes_valued(quiet_env: Env) -> None:
@@ -1007,6 +1039,51 @@ async def test_a_snapshot_cached_from_before_redis_lost_writes_is_not_settled_on
     ledger = await env.redis.hgetall(env.server.ledger.ledger_key("BTC-USDT"))
     assert Decimal(ledger[f"{PRODUCT}:units"]) == sum(Decimal(p["units"]) for p in positions)
     assert Decimal(ledger[f"{PRODUCT}:deposits"]) == sum(Decimal(p["amount"]) for p in positions)
+
+
+async def test_an_owner_cached_from_before_redis_lost_writes_is_read_again(
+    quiet_env: Env, redis_url: str
+) -> None:
+    """The position id comes from (user, client_order_id): after Redis lost the opens
+    that this gateway settled and cached the owners of, the client's ids settled again
+    on another gateway, for another product. This gateway's cache still named the lost
+    product, so GetPosition and ClosePosition answered NOT_FOUND for positions that
+    exist, until a restart."""
+    env = quiet_env
+    other_product = "ETH-USDT:LONG"
+    for product in (PRODUCT, other_product):
+        await env.set_nav(product, NAV)
+    raw = Redis.from_url(redis_url)  # bytes: DUMP and RESTORE
+    try:
+        saved = {k: await raw.dump(k) async for k in raw.scan_iter(match=f"{env.ns}*")}
+        lost = [await env.open(client_id, "1000") for client_id in ("shown", "closed")]
+        await raw.delete(*[k async for k in raw.scan_iter(match=f"{env.ns}*")])
+        for name, dumped in saved.items():
+            await raw.restore(name, 0, dumped)
+    finally:
+        await raw.aclose()
+    async with another_gateway(env, redis_url) as other:
+        there = [
+            await other.OpenPosition(
+                gateway_pb2.OpenPositionRequest(
+                    client_order_id=client_id, product=other_product, amount_usdt="2000"
+                ),
+                metadata=ALICE,
+            )
+            for client_id in ("shown", "closed")
+        ]
+    assert [p.position_id for p in there] == [p.position_id for p in lost]
+    got = await env.stub.GetPosition(
+        gateway_pb2.GetPositionRequest(position_id=there[0].position_id), metadata=ALICE
+    )
+    assert (got.product, got.units) == (other_product, there[0].units)
+    closed = await env.stub.ClosePosition(
+        gateway_pb2.ClosePositionRequest(
+            client_order_id="closed-close", position_id=there[1].position_id, all=True
+        ),
+        metadata=ALICE,
+    )
+    assert (closed.product, closed.units) == (other_product, there[1].units)
 
 
 async def test_opens_from_two_gateways_at_once_all_count_in_the_ledger(
