@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from decimal import Decimal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.core.accounting import AccountingConfig
 from shared.core.features import FeatureConfig
@@ -14,12 +14,25 @@ from shared.core.leverage import LeverageConfig
 from shared.core.regime import RegimeConfig
 from shared.core.venue import InstrumentSpec, VenueConfig
 
+# The finest price tick or lot step taken (real venues' finest are 1e-8): finer, a
+# quantity times a price had more digits than the wire carries (a traceback at 1e-40).
+MOST_INSTRUMENT_DECIMALS = 12
+
 
 class InstrumentConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     price_tick: Decimal = Field(gt=0, description="Smallest price increment.")
     lot_step: Decimal = Field(gt=0, description="Smallest quantity increment.")
+
+    @field_validator("price_tick", "lot_step")
+    @classmethod
+    def _at_most_the_wire_decimals(cls, step: Decimal) -> Decimal:
+        exponent = step.normalize().as_tuple().exponent
+        assert isinstance(exponent, int)  # finite: allow_inf_nan
+        if -exponent > MOST_INSTRUMENT_DECIMALS:
+            raise ValueError(f"{step} has more than {MOST_INSTRUMENT_DECIMALS} decimals")
+        return step
 
 
 DEFAULT_INSTRUMENTS = {
@@ -35,6 +48,11 @@ DEFAULT_INSTRUMENTS = {
 # step takes a product to its floor whatever the margin (the insurance fund pays).
 MARK_STEP = 0.15
 
+# The finest slicing a policy may run: a trade goes to the venue in notional / slice
+# orders, and 0.01 USDT asked a 1M backtest for 1e8 of them (it never ended). At this,
+# a 1M trade is 100 orders. (HedgingConfig itself takes any: its tests slice finely.)
+MIN_SLICE_NOTIONAL = Decimal(10_000)
+
 
 class StrategyConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -46,6 +64,16 @@ class StrategyConfig(BaseModel):
     hedging: HedgingConfig = HedgingConfig()
     accounting: AccountingConfig = AccountingConfig()
     instruments: dict[str, InstrumentConfig] = Field(default_factory=lambda: DEFAULT_INSTRUMENTS)
+
+    @model_validator(mode="after")
+    def _slices_bounded(self) -> StrategyConfig:
+        if self.hedging.max_slice_notional < MIN_SLICE_NOTIONAL:
+            raise ValueError(
+                f"hedging.max_slice_notional {self.hedging.max_slice_notional}: at least "
+                f"{MIN_SLICE_NOTIONAL:,} USDT a venue order (a trade is sent in "
+                "notional / slice orders)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _never_liquidated(self) -> StrategyConfig:

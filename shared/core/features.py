@@ -38,6 +38,11 @@ class SnapshotIncompatible(ValueError):
     plain ValueError."""
 
 
+# The longest trend window: each tracker keeps a ring of that many bars (11 years of
+# hours; 1e11 bars ran the backtest out of memory).
+MOST_HORIZON_BARS = 100_000
+
+
 class FeatureConfig(BaseModel):
     """How features are measured; defaults suit hourly bars of a crypto perpetual."""
 
@@ -75,6 +80,8 @@ class FeatureConfig(BaseModel):
             raise ValueError("trend_horizons: at least one horizon")
         if horizons[0] < 2 or any(b <= a for a, b in pairwise(horizons)):
             raise ValueError("trend_horizons: strictly increasing, each >= 2 bars")
+        if horizons[-1] > MOST_HORIZON_BARS:
+            raise ValueError(f"trend_horizons: each at most {MOST_HORIZON_BARS:,} bars")
         return horizons
 
 

@@ -346,6 +346,50 @@ def test_a_policy_the_config_takes_that_the_books_cannot_run_is_a_clear_error(
     assert isinstance(outcome.exception, SystemExit)
 
 
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        # 1e8 venue orders for a 1M trade: the backtest never ended
+        ('[hedging]\nmax_slice_notional = "0.01"\n', "max_slice_notional"),
+        # a ring of 1e11 bars per tracker: MemoryError, a traceback
+        ("[features]\ntrend_horizons = [24, 72, 100000000000]\n", "at most 100,000 bars"),
+        # a quantity times a price past the wire's 40 decimals: EncodeError, a traceback
+        ('[instruments.BTC-USDT]\nprice_tick = "0.1"\nlot_step = "1E-40"\n', "12 decimals"),
+        ('[instruments.BTC-USDT]\nprice_tick = "1E-13"\nlot_step = "0.001"\n', "12 decimals"),
+    ],
+)
+def test_a_config_that_hung_or_crashed_the_backtest_is_refused(
+    tmp_path: Path, setting: str, says: str
+) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(setting)
+    data = tmp_path / "unused.csv"
+    data.write_text("timestamp,open,high,low,close,volume\n")
+    outcome = runner.invoke(
+        app, ["backtest", "--data", str(data), "--out", str(tmp_path), "--config", str(config)]
+    )
+    assert outcome.exit_code == 2, outcome.output
+    assert says in " ".join(outcome.output.replace("│", " ").split()), outcome.output
+
+
+@needs_data
+def test_the_finest_instrument_steps_taken_run_at_the_largest_capital(tmp_path: Path) -> None:
+    """12 decimals of price and of quantity, at 1e9 USDT a product: every figure fits
+    the wire (at 40 decimals a product of them did not)."""
+    config = tmp_path / "policy.toml"
+    config.write_text('[instruments.BTC-USDT]\nprice_tick = "1E-12"\nlot_step = "1E-12"\n')
+    outcome = runner.invoke(
+        app,
+        [
+            "backtest", "--data", str(DATA / "BTCUSDT_perp_1h_2019_2023.csv"),
+            "--out", str(tmp_path / "o"), "--config", str(config), "--capital", "1000000000",
+            "--start", "2020-03-01", "--end", "2020-03-15",
+        ],
+    )  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    assert (tmp_path / "o" / "metrics.json").exists()
+
+
 def test_cli_refuses_a_config_with_unknown_or_unsafe_fields(tmp_path: Path) -> None:
     config = tmp_path / "policy.toml"
     config.write_text("[leverage]\nl_max = 8.0\nemergency_move = 0.2\n")
