@@ -614,7 +614,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             except Rejected as refusal:
                 if refusal.code is not grpc.StatusCode.NOT_FOUND:
                     raise
-                del self._owners[user, pid]
+                self._owners.pop((user, pid), None)  # a concurrent call may have already
         product = await self.ledger.owner(user, pid)
         if product is None or product not in self.products:
             _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")

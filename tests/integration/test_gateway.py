@@ -1073,10 +1073,11 @@ async def test_an_owner_cached_from_before_redis_lost_writes_is_read_again(
             for client_id in ("shown", "closed")
         ]
     assert [p.position_id for p in there] == [p.position_id for p in lost]
-    got = await env.stub.GetPosition(
-        gateway_pb2.GetPositionRequest(position_id=there[0].position_id), metadata=ALICE
+    shown = gateway_pb2.GetPositionRequest(position_id=there[0].position_id)
+    both = await asyncio.gather(  # at once: each finds the cached owner wrong
+        *(env.stub.GetPosition(shown, metadata=ALICE) for _ in range(2))
     )
-    assert (got.product, got.units) == (other_product, there[0].units)
+    assert [(got.product, got.units) for got in both] == [(other_product, there[0].units)] * 2
     closed = await env.stub.ClosePosition(
         gateway_pb2.ClosePositionRequest(
             client_order_id="closed-close", position_id=there[1].position_id, all=True
