@@ -246,6 +246,12 @@ def summary_table(figures: dict[str, dict[str, object]]) -> Table:
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 CALL_TIMEOUT_S = 10.0
+# A call in flight pings the gateway after this long without a frame, and gives the
+# connection up when a ping goes unanswered for KEEPALIVE_TIMEOUT_MS: `watch` on a
+# quiet market otherwise kept a frozen gateway's last NAVs on its board for good. (The
+# gateway takes pings this often: its `min_ping_interval_without_data_ms`.)
+KEEPALIVE_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
 
 ApiKey = Annotated[
     str | None,
@@ -342,7 +348,16 @@ def gateway(server: str, api_key: str | None, order_id: str | None = None) -> It
             f"got {server!r}",
             2,
         )
-    channel = grpc.insecure_channel(server)
+    channel = grpc.insecure_channel(
+        server,
+        options=[
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            # the core times a ping out on its own (60 s by default), not at the above
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.max_pings_without_data", 0),  # a quiet stream is pinged on
+        ],
+    )
     try:
         yield Gateway(
             gateway_pb2_grpc.GatewayStub(channel), (("authorization", f"Bearer {api_key}"),)

@@ -82,6 +82,7 @@ CLOSED_REMEMBERED = 4096  # per position stream: ids it showed closed
 # A position another gateway closed is stamped by that gateway's clock: a re-read shows
 # again what closed up to this long before the previous listing (a clock behind ours).
 CLOCKS_APART_NS = 60 * 10**9
+CLIENT_PINGS_MS = 10_000  # the least time between a client's keepalive pings
 T = TypeVar("T")
 R = TypeVar("R", bound=Message)
 Q = TypeVar("Q", bound="Quote")
@@ -993,6 +994,9 @@ class GatewayServer:
             # the core times a ping out on its own (60 s by default), not at the above
             ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
             ("grpc.http2.max_pings_without_data", 0),  # a quiet stream is pinged on
+            # clients may ping as often (`smartlev watch` every 20 s); gRPC's default, 5
+            # min, ends their connection after two pings on a quiet stream
+            ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PINGS_MS),
         ]
         self.server = grpc_server(options)
         self.port = 0

@@ -886,6 +886,41 @@ async def another_gateway(
         await server.stop()
 
 
+async def test_a_quiet_stream_whose_client_pings_it_is_kept(
+    quiet_env: Env, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`smartlev watch` pings the gateway (every 20 s) to notice one that stopped
+    answering; on a quiet market the gateway sends nothing, and gRPC's default took a
+    ping more often than every 5 minutes for abuse: two, and it dropped the connection.
+    Here at a tenth of a second both ways, the stream stays up."""
+    env = quiet_env
+    monkeypatch.setattr(gateway_main, "CLIENT_PINGS_MS", 100)
+    server = GatewayServer(_settings(env.ns, redis_url, env.bootstrap), env.redis)
+    await server.start()
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{server.port}",
+        options=[
+            ("grpc.keepalive_time_ms", 200),
+            ("grpc.keepalive_timeout_ms", 2000),
+            ("grpc.http2.ping_timeout_ms", 2000),
+            ("grpc.http2.max_pings_without_data", 0),
+        ],
+    )
+    try:
+        stream = gateway_pb2_grpc.GatewayStub(channel).StreamNav(
+            gateway_pb2.StreamNavRequest(products=[PRODUCT]), metadata=ALICE
+        )
+        read = asyncio.ensure_future(stream.read())
+        done, _ = await asyncio.wait({read}, timeout=5.0)  # pings, and no update
+        assert not done, read.exception() if read.done() else None
+        stream.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await read
+    finally:
+        await channel.close()
+        await server.stop()
+
+
 async def test_racing_closes_of_a_position_from_two_gateways_settle_once(
     quiet_env: Env, redis_url: str
 ) -> None:

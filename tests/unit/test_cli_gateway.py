@@ -8,10 +8,13 @@ gateway is exercised in tests/integration/test_gateway_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -22,6 +25,7 @@ import pytest
 from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2
 from typer.testing import CliRunner
 
+import shared.cli as cli_module
 from shared.cli import GATEWAY_COMMANDS, app, main
 from shared.serving import SERVER_ANSWERED
 
@@ -188,7 +192,13 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
 @pytest.fixture(scope="module")
 def fake() -> Iterator[tuple[FakeGateway, str]]:
     servicer = FakeGateway()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8),
+        options=[  # takes a client's pings however often (the gateway: every 10 s)
+            ("grpc.http2.min_ping_interval_without_data_ms", 0),
+            ("grpc.http2.max_ping_strikes", 0),
+        ],
+    )
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -479,6 +489,64 @@ def test_watch_leaves_columns_out_before_it_cuts_a_figure(
         assert column not in result.stdout, column
     if columns == 240:
         assert "market time" in result.stdout and "target" in result.stdout
+
+
+class Blackhole:
+    """A TCP relay to `upstream` that can stop passing bytes without closing anything:
+    a gateway host that froze, or a network that dropped silently (no FIN, no RST)."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.frozen = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+                self.sockets += [client, server]
+                for source, sink in ((client, server), (server, client)):
+                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not self.frozen.is_set():  # frozen: read, and never pass on
+                    sink.sendall(data)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a pump blocked in recv; close does not
+            sock.close()
+
+
+def test_watch_gives_up_a_gateway_that_stopped_answering(
+    cli: CliRunner, fake: tuple[FakeGateway, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a quiet market a frozen gateway (or a silently dropped network) sends nothing,
+    as a live one does: `watch` kept the last NAVs on its board for good. Its pings now
+    go unanswered, and it ends saying so."""
+    monkeypatch.setattr(cli_module, "KEEPALIVE_MS", 300)
+    monkeypatch.setattr(cli_module, "KEEPALIVE_TIMEOUT_MS", 500)
+    blackhole = Blackhole(fake[1])
+    monkeypatch.setenv("SMARTLEV_GATEWAY", blackhole.address)
+    threading.Timer(4.0, blackhole.frozen.set).start()  # the board drawn, then silence
+    backstop = threading.Timer(30.0, blackhole.close)  # ends a watch that never notices
+    backstop.start()
+    try:
+        result = cli.invoke(app, ["watch", "BTC-USDT:LONG"])
+    finally:
+        backstop.cancel()
+        blackhole.close()
+    assert result.exit_code == 1, result.output
+    line = error_line(result.stderr)
+    assert line.startswith("error: UNAVAILABLE") and "ping" in line.lower(), line
 
 
 def test_watch_unknown_product(cli: CliRunner) -> None:
