@@ -38,7 +38,6 @@ from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2
 
 from shared.adapters.market_data import DataError, load_market, parse_time
 from shared.backtest import run_backtest, write_metrics, write_nav_csv
-from shared.chart import nav_chart
 from shared.core.accounting import MAX_DEPOSIT
 from shared.core.config import StrategyConfig
 from shared.core.money import MoneyError
@@ -175,6 +174,9 @@ def backtest(
             raise fail(f"the policy cannot run on this data: {exc}", 2) from None
     elapsed = time.perf_counter() - began
     smart = [p for p, s in result.series.items() if s.smart]
+    # matplotlib is a third of the CLI's start: the gateway commands do without it
+    from shared.chart import nav_chart
+
     try:
         figures = write_metrics(result, out / "metrics.json")
         write_nav_csv(result, out / "nav.csv")
@@ -488,9 +490,12 @@ def product_detail(p: gateway_pb2.Product) -> Table:
 
 
 def _total_pnl(p: gateway_pb2.Position) -> str:
-    """Realized plus, while open, unrealized: what the position made so far."""
+    """Realized plus, while open, unrealized: what the position made so far ("-" for an
+    open one with no NAV to value it at: its realized part alone showed 0)."""
     realized = Decimal(p.realized_pnl or "0")
-    return _pnl(str(realized + Decimal(p.unrealized_pnl)) if p.unrealized_pnl else str(realized))
+    if not p.unrealized_pnl:
+        return "-" if p.open else _pnl(str(realized))
+    return _pnl(str(realized + Decimal(p.unrealized_pnl)))
 
 
 def positions_table(positions: list[gateway_pb2.Position]) -> Table:
@@ -531,9 +536,11 @@ def position_detail(p: gateway_pb2.Position) -> Table:
 
 
 def receipt(title: str, rows: list[tuple[str, str]]) -> Table:
+    """Field and value; a value too wide for the terminal folds, never cut: the ids on
+    it are what a close or a retry needs."""
     table = Table(title=title, show_header=False)
     table.add_column("field")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     for name, value in rows:
         table.add_row(name, value)
     return table

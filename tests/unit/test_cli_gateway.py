@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from rich.text import Text
 from smartlev.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, nav_pb2
 from typer.testing import CliRunner
 
@@ -450,6 +451,40 @@ def test_a_narrow_terminal_gets_records_not_cut_ids(
     assert result.exit_code == 0, result.output
     assert f"position {POSITION}" in result.stdout and "…" not in result.stdout
     assert "6.25665816" in result.stdout
+
+
+def test_a_receipt_folds_what_the_terminal_is_too_narrow_for(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 50 columns the open receipt cut the position id to "b09471f3e93e2d64119997764fb…",
+    and at 80 a 63-character client order id: the id a close needs, the one a retry
+    must reuse. They fold instead."""
+    monkeypatch.setenv("COLUMNS", "50")
+    client_id = "order-2024-05-12-rebalance-" + "x" * 36
+    result = cli.invoke(app, ["open", "BTC-USDT:LONG", "1000", "--client-order-id", client_id])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    cells = "".join(
+        line.split("│")[2].strip() for line in result.stdout.splitlines() if line.count("│") == 3
+    )
+    assert POSITION in cells and client_id in cells, result.stdout
+
+
+@pytest.mark.parametrize(
+    ("position", "shown"),
+    [
+        (gateway_pb2.Position(open=True, realized_pnl="0"), "-"),  # no NAV to value it at
+        (gateway_pb2.Position(open=True, realized_pnl="2", unrealized_pnl="-5"), "-3"),
+        (gateway_pb2.Position(open=False, realized_pnl="-1.5"), "-1.5"),
+        (gateway_pb2.Position(open=False, realized_pnl="0"), "0"),
+    ],
+)
+def test_the_positions_pnl_is_unknown_while_an_open_one_has_no_nav(
+    position: gateway_pb2.Position, shown: str
+) -> None:
+    """An open position with no NAV yet showed PnL 0 in the table (its open fee paid),
+    where its detail view said "-"."""
+    assert Text.from_markup(cli_module._total_pnl(position)).plain == shown
 
 
 def test_unknown_position(cli: CliRunner) -> None:
