@@ -86,6 +86,8 @@ def test_amounts_within_limits_parse_exactly() -> None:
     assert str(order_amount("12.50", LIMITS)) == "12.50"
     assert str(order_amount("10." + "0" * 30, LIMITS)) == "10.00000000"
     assert str(close_units("0.05" + "0" * 28, False, LIMITS)) == "0.05000000"
+    # eight places and a trailing zero: within the precision, not past it
+    assert order_amount("10.123456780", LIMITS) == Decimal("10.12345678")
 
 
 def test_close_units_need_exactly_one_of_units_or_all() -> None:
@@ -102,6 +104,9 @@ def test_ids() -> None:
     pid = order_id("alice", "o-1")
     assert position_id(pid) == pid and len(pid) == 32
     assert order_id("alice", "o-1") == pid != order_id("bob", "o-1")
+    # user ids take "-", "_" and "." as client ids do: without a separator between the
+    # two, users "ab" and "a" shared position ids, and one's open overwrote the other's
+    assert order_id("ab", "c") != order_id("a", "bc")
     for bad in ["", pid.upper(), pid[:-1], pid + "0"]:
         assert _rejected(position_id, bad).code is grpc.StatusCode.INVALID_ARGUMENT
     assert canonical(Decimal("100.00")) == canonical(Decimal("1E+2")) == "100"
@@ -178,6 +183,60 @@ def hundred_at_ten() -> Opened:
         fee_rate=FEE,
         ts_ns=1,
     )
+
+
+@given(
+    units=st.decimals(min_value="0", max_value="1000000", places=8),
+    opened=st.decimals(min_value="0.00000001", max_value="1000000", places=8),
+    figures=st.lists(
+        st.decimals(min_value="-1000000", max_value="1000000", places=8), min_size=6, max_size=6
+    ),
+    times=st.tuples(st.integers(1, 2**62), st.integers(0, 2**62)),
+)
+def test_a_position_reads_back_as_it_was_stored(
+    units: Decimal, opened: Decimal, figures: list[Decimal], times: tuple[int, int]
+) -> None:
+    """What the gateway writes to Redis and reads again, field for field: a field
+    written under another's name (the open time as the close time) or read from
+    another's (units_opened from units) showed users wrong figures and threw the
+    streams' closed-before checks off."""
+    entry_nav, amount, cost, realized, payout, fees = figures
+    position = PositionState(
+        "p" * 32, "u", "BTC-USDT:LONG", units, opened, entry_nav, amount, cost, realized,
+        payout, fees, *times,
+    )  # fmt: skip
+    assert PositionState.from_fields(position.fields()) == position
+
+
+def test_an_open_holds_all_the_units_it_bought_and_was_never_closed() -> None:
+    opened = quote_open(
+        pid="p" * 32,
+        user="u",
+        product="BTC-USDT:LONG",
+        amount=Decimal("1000"),
+        nav=Decimal("103.25"),
+        fee_rate=FEE,
+        ts_ns=7,
+    )
+    position = opened.position
+    assert position.units == position.units_opened == opened.units > 0
+    assert (position.ts_opened_ns, position.ts_closed_ns) == (7, 0)
+    assert position.fields()["ts_closed_ns"] == "0"
+
+
+def test_a_partial_close_takes_its_share_of_the_cost_rounded_half_to_even() -> None:
+    """100.00000001 of cost over 2 units, 1 closed: the share is 50.000000005, a tie at
+    the USDT quantum. Half to even takes 50.00000000 and leaves 50.00000001 with the
+    units kept (half up left 50.00000000, a quantum moved from the kept to the closed)."""
+    position = PositionState(
+        "p" * 32, "u", "BTC-USDT:LONG", Decimal(2), Decimal(2), Decimal(50),
+        Decimal("100.00000001"), Decimal("100.00000001"), Decimal(0), Decimal(0), Decimal(0),
+        1, 0,
+    )  # fmt: skip
+    closed = quote_close(
+        position, Decimal(1), Decimal(10), Decimal(0), 2, min_order=Decimal(1)
+    )
+    assert closed.position.cost == Decimal("50.00000001")
 
 
 def test_closing_more_than_held_or_a_closed_position_fails_the_precondition() -> None:

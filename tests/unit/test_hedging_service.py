@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from smartlev.v1 import leverage_pb2, orders_pb2
 
+from services.hedging.desks import MARKET, ORDER, Inflight
 from services.hedging.main import is_transient
 from services.hedging.messages import (
     book_states,
@@ -198,10 +199,12 @@ def test_orders_to_core_are_exact(amount: Decimal) -> None:
     ("order", "reason"),
     [
         (
-            orders_pb2.OrderEvent(
-                opened=orders_pb2.PositionOpened(event_id="x", product=LONG, amount="0")
+            orders_pb2.OrderEvent(  # (a time, so that its check is not what refuses it)
+                opened=orders_pb2.PositionOpened(
+                    event_id="x", product=LONG, amount="0", ts_event_ns=1
+                )
             ),
-            "must be > 0",
+            "amount: must be > 0",
         ),
         (
             orders_pb2.OrderEvent(
@@ -211,9 +214,19 @@ def test_orders_to_core_are_exact(amount: Decimal) -> None:
         ),
         (
             orders_pb2.OrderEvent(
-                closed=orders_pb2.PositionClosed(event_id="x", product=LONG, units="-1")
+                closed=orders_pb2.PositionClosed(
+                    event_id="x", product=LONG, units="-1", ts_event_ns=1
+                )
             ),
-            "must be > 0",
+            "units: must be > 0",
+        ),
+        (
+            orders_pb2.OrderEvent(
+                closed=orders_pb2.PositionClosed(
+                    event_id="x", product=LONG, units="0", ts_event_ns=1
+                )
+            ),
+            "units: must be > 0",
         ),
         (
             orders_pb2.OrderEvent(
@@ -370,3 +383,28 @@ def test_transient_failures_are_retried_bugs_are_not() -> None:
     # The shared rule: a script error or a refused command is a bug, not an outage.
     assert not is_transient(ResponseError("ERR user_script:3: attempt to compare nil"))
     assert is_transient(KafkaConnectionError())
+
+
+def _stored(inflight: Inflight) -> dict[str, str]:
+    """The Inflight's fields as Redis gives them back: text."""
+    return {name: str(value) for name, value in inflight.fields().items()}
+
+
+def test_an_inflight_reads_back_as_written() -> None:
+    """An order's Inflight keeps where its record was read, so that the instance that
+    resumes an order the books refuse dead-letters it from there (reliability 204): a
+    source lost on the way back left such an order neither dead-lettered nor marked
+    refused, and its close then went through."""
+    order = Inflight(ORDER, (b"an order event",), ("orders.events", 3, 41, "BTC-USDT"))
+    market = Inflight(MARKET, (b"targets 1", b"targets 2"))
+    for inflight in (order, market):
+        assert Inflight.from_fields(_stored(inflight)) == inflight
+    assert Inflight.from_fields({"kind": "", "payloads": "[]", "source": ""}) is None
+
+
+def test_a_source_written_with_other_payloads_is_none() -> None:
+    """An older build writes the payloads only: one that began another order over this
+    Inflight left its source standing, which names the other record."""
+    written = _stored(Inflight(ORDER, (b"this order",), ("orders.events", 0, 7, "BTC-USDT")))
+    written["payloads"] = _stored(Inflight(ORDER, (b"another order",)))["payloads"]
+    assert Inflight.from_fields(written) == Inflight(ORDER, (b"another order",))
