@@ -233,9 +233,7 @@ def test_a_partial_close_takes_its_share_of_the_cost_rounded_half_to_even() -> N
         Decimal("100.00000001"), Decimal("100.00000001"), Decimal(0), Decimal(0), Decimal(0),
         1, 0,
     )  # fmt: skip
-    closed = quote_close(
-        position, Decimal(1), Decimal(10), Decimal(0), 2, min_order=Decimal(1)
-    )
+    closed = quote_close(position, Decimal(1), Decimal(10), Decimal(0), 2, min_order=Decimal(1))
     assert closed.position.cost == Decimal("50.00000001")
 
 
