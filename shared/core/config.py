@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from decimal import Decimal
 
@@ -53,6 +54,13 @@ MARK_STEP = 0.15
 # a 1M trade is 100 orders. (HedgingConfig itself takes any: its tests slice finely.)
 MIN_SLICE_NOTIONAL = Decimal(10_000)
 
+# The most one instant's trades may sell (USDT): two products at the largest deposit at
+# the leverage ceiling is ~1.1e10. The book must fill it within MOST_PRICE_MOVE of the
+# price: past the price a fill is refused, and sizing a deposit's hedge (after its
+# units were issued and its money sent) met that refusal on a book 1M deep at 200 bps.
+LARGEST_INSTANT_NOTIONAL = 2 * 10**10
+MOST_PRICE_MOVE = 0.5
+
 
 class StrategyConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -72,6 +80,24 @@ class StrategyConfig(BaseModel):
                 f"hedging.max_slice_notional {self.hedging.max_slice_notional}: at least "
                 f"{MIN_SLICE_NOTIONAL:,} USDT a venue order (a trade is sent in "
                 "notional / slice orders)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fills_exist(self) -> StrategyConfig:
+        """The last lot of a sell of LARGEST_INSTANT_NOTIONAL at one instant moves the
+        price by the half spread and 1.5 x impact_bps x sqrt(sold / depth): the walk of
+        the book's marginal step (`PerpVenue._taker_price`)."""
+        venue = self.venue
+        bps = float(venue.half_spread_bps) + 1.5 * float(venue.impact_bps) * math.sqrt(
+            LARGEST_INSTANT_NOTIONAL / float(venue.depth_notional)
+        )
+        if bps / 10_000 > MOST_PRICE_MOVE:
+            raise ValueError(
+                f"venue: selling {LARGEST_INSTANT_NOTIONAL:.0e} USDT at once moves the price "
+                f"{bps / 100:,.0f}% at a half spread of {venue.half_spread_bps} bps, impact "
+                f"{venue.impact_bps} bps and depth_notional {venue.depth_notional}; at most "
+                f"{MOST_PRICE_MOVE:.0%} (a deeper book or less impact)"
             )
         return self
 

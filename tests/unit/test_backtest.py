@@ -27,6 +27,7 @@ from shared.core.config import MARK_STEP, StrategyConfig
 from shared.core.engine import Strategy
 from shared.core.leverage import LeverageConfig
 from shared.core.market import NS_PER_YEAR, Tick
+from shared.core.money import MoneyError
 from shared.core.venue import PerpVenue, VenueConfig
 
 DATA = data_dir()
@@ -326,19 +327,21 @@ def test_cli_refuses_bad_options_with_a_clear_error(
 
 
 @needs_data
-def test_a_policy_the_config_takes_that_the_books_cannot_run_is_a_clear_error(
-    tmp_path: Path,
+def test_a_policy_the_books_cannot_run_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A book 50 USDT deep, valid to the config's checks, sold 69 BTC at -486.7 a
-    rebalance later: a traceback out of the core."""
-    config = tmp_path / "policy.toml"
-    config.write_text('[venue]\ndepth_notional = "50"\n')
+    """A policy the books cannot run (here a venue that refuses every fill, past the
+    config's checks) ended in a traceback out of the core: it is one error line."""
+
+    def no_fill(*args: object, **kwargs: object) -> Decimal:
+        raise MoneyError("selling 69.000 at 29000 would fill at -486.7 (tick 0.1): no such fill")
+
+    monkeypatch.setattr(PerpVenue, "fill_price", no_fill)
     outcome = runner.invoke(
         app,
         [
             "backtest", "--data", str(DATA / "BTCUSDT_perp_1h_2019_2023.csv"),
-            "--out", str(tmp_path / "o"), "--config", str(config), "--capital", "100000000",
-            "--start", "2021-01-01", "--end", "2021-01-03",
+            "--out", str(tmp_path / "o"), "--start", "2021-01-01", "--end", "2021-01-03",
         ],
     )  # fmt: skip
     assert outcome.exit_code == 2, outcome.output
@@ -356,6 +359,10 @@ def test_a_policy_the_config_takes_that_the_books_cannot_run_is_a_clear_error(
         # a quantity times a price past the wire's 40 decimals: EncodeError, a traceback
         ('[instruments.BTC-USDT]\nprice_tick = "0.1"\nlot_step = "1E-40"\n', "12 decimals"),
         ('[instruments.BTC-USDT]\nprice_tick = "1E-13"\nlot_step = "0.001"\n', "12 decimals"),
+        # a book 50 USDT deep: a rebalance sold 69 BTC at -486.7; 1M at 200 bps: sizing a
+        # 1e9 deposit's hedge met "no such fill" after its units were issued
+        ('[venue]\ndepth_notional = "50"\n', "at most 50%"),
+        ('[venue]\nimpact_bps = "200"\ndepth_notional = "1000000"\n', "at most 50%"),
     ],
 )
 def test_a_config_that_hung_or_crashed_the_backtest_is_refused(
