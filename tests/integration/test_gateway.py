@@ -886,6 +886,20 @@ async def another_gateway(
         await server.stop()
 
 
+async def test_a_claim_lost_to_another_request_leaves_the_index_to_the_winner(
+    quiet_env: Env,
+) -> None:
+    """Two requests under one client order id, both read no claim: the second's claim
+    script must not index the position under its own product (owner() then sent the
+    winner's own lookups to the other symbol: NOT_FOUND on a position that exists)."""
+    ledger = quiet_env.server.ledger
+    pid = order_id("alice", "raced-claim")
+    won = await ledger.claim("alice", "raced-claim", "a" * 32 + "|BTC-USDT", pid, PRODUCT)
+    lost = await ledger.claim("alice", "raced-claim", "b" * 32 + "|ETH-USDT", pid, "ETH-USDT:LONG")
+    assert lost == won == "a" * 32 + "|BTC-USDT"
+    assert await ledger.owner("alice", pid) == PRODUCT
+
+
 async def test_a_quiet_stream_whose_client_pings_it_is_kept(
     quiet_env: Env, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,39 @@ def test_a_keys_file_without_hashes_is_refused(tmp_path: Path) -> None:
     path.write_text('[users.alice]\nkey = "plain"\n')
     with pytest.raises(KeyConfigError, match="key_sha256"):
         load_keys_file(path)
+
+
+def test_an_upper_case_digest_is_the_same_key() -> None:
+    """sha256 tools print either case (PowerShell's Get-FileHash: upper)."""
+    ring = KeyRing.build({"carol": hash_key("carol-key").upper()})
+    assert ring.user_for("carol-key") == "carol"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('[users.carol]\nkey_sha256 = "' + "a" * 65 + '"\n', "not a sha256 hex digest"),
+        ('[users.carol]\nkey_sha256 = "' + "a" * 63 + '"\n', "not a sha256 hex digest"),
+        ("[users.carol]\nkey_sha256 = 42\n", "needs key_sha256"),
+        ('users = "carol"\n', "must be a table"),
+        ('[users."ca{rol}"]\nkey_sha256 = "' + "a" * 64 + '"\n', "is not 1..64 of"),
+        ("[users\n", "keys.toml"),  # not TOML
+    ],
+)
+def test_a_keys_file_that_is_not_usable_is_refused_saying_why(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    """The gateway stops at start with one line, not a traceback, and not later: a user
+    id with braces passed the file and failed on every call, where it names a key."""
+    path = tmp_path / "keys.toml"
+    path.write_text(text)
+    with pytest.raises(KeyConfigError, match=re.escape(says)):
+        load_keys_file(path)
+
+
+def test_a_keys_file_that_is_not_there_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(KeyConfigError, match="No such file"):
+        load_keys_file(tmp_path / "missing.toml")
 
 
 def test_bearer_key_from_metadata() -> None:

@@ -3,8 +3,13 @@ leaves each product's latest in it."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+from aiokafka.errors import KafkaConnectionError
 from smartlev.v1 import nav_pb2, orders_pb2
 
+from services.gateway import feeds
 from services.gateway.config import GatewaySettings
 from services.gateway.feeds import NavSequence, StreamFeed, Subscriber, Updates
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
@@ -124,3 +129,32 @@ async def test_a_nav_update_past_the_largest_seq_is_skipped_not_kept_as_the_last
         feed._dispatch(NAV_UPDATES.name, seq, update.SerializeToString())
     await feed.consumer.stop()  # never started: nothing to close but the object
     assert [u.seq for u in drained(subscriber)] == [1, 2, 2**53 - 1]  # type: ignore[attr-defined]
+
+
+async def test_fetch_failures_apart_in_time_do_not_stop_the_feed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The feed gives up after fetches have failed for `give_up_s` in a row (every stream
+    then ends UNAVAILABLE, and /healthz turns red until a restart). Two failures an hour
+    apart, with good fetches between, are not that: the clock starts again at a good
+    fetch."""
+    feed = StreamFeed("127.0.0.1:9", NAV_UPDATES, ORDERS_EVENTS, queue_size=SIZE, give_up_s=60)
+    clock = [1000.0]
+    monkeypatch.setattr(feeds.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(feeds, "FETCH_RETRY_S", 0)
+    script = ["fail", "ok", "ok", "fail", "ok"]
+
+    async def getmany(timeout_ms: int) -> dict[object, list[object]]:
+        if not script:
+            raise asyncio.CancelledError  # the end of the script: the feed ran through
+        step = script.pop(0)
+        clock[0] += 1800.0  # half an hour between fetches
+        if step == "fail":
+            raise KafkaConnectionError()
+        return {}
+
+    monkeypatch.setattr(feed.consumer, "getmany", getmany)
+    with pytest.raises(asyncio.CancelledError):
+        await feed._run()
+    assert not script
+    await feed.consumer.stop()  # never started: nothing to close but the object
