@@ -101,7 +101,10 @@ class Row:
     def difference(self) -> Decimal | None:
         if isinstance(self.expected, str) or isinstance(self.actual, str):
             return None
-        return Decimal(self.actual) - Decimal(self.expected)
+        try:
+            return Decimal(self.actual) - Decimal(self.expected)
+        except ArithmeticError:  # a stored 1E+999999999: the row says it, unsubtracted
+            return None
 
 
 @dataclass

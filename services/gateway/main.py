@@ -607,7 +607,9 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         another user's position: its existence is not revealed). An owner from the cache
         that `act` finds no position under is read again: after Redis lost its last
         writes, the client order id the position id comes from can settle again on
-        another product, and the cache named the lost one until a restart."""
+        another product, and the cache named the lost one until a restart (`act` finds
+        none under a product that is not the position's: on the same symbol, the other
+        side's position was closed at this side's NAV)."""
         product = self._owners.get((user, pid))
         if product is not None:
             try:
@@ -637,7 +639,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                 order = Order(user, client_id, claim, symbol, product, oid, pid)
 
                 def quote(nav_fields: dict[str, str], snap: Snapshot) -> Closed:
-                    if not snap.position or snap.position.get("user") != user:
+                    stored = snap.position  # (another product's, from a stale owner: none)
+                    if stored.get("user") != user or stored.get("product") != product:
                         _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
                     position = PositionState.from_fields(snap.position)
                     if position.units <= 0:
@@ -756,7 +759,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 
             async def shown(product: str, symbol: str) -> gateway_pb2.Position:
                 position = await self._position(user, symbol, pid)
-                if position is None:
+                if position is None or position.product != product:
                     _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
                 return position.to_proto(_decimal(await self.ledger.nav(product), "nav"))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from decimal import Decimal
 
@@ -59,7 +58,7 @@ MIN_SLICE_NOTIONAL = Decimal(10_000)
 # price: past the price a fill is refused, and sizing a deposit's hedge (after its
 # units were issued and its money sent) met that refusal on a book 1M deep at 200 bps.
 LARGEST_INSTANT_NOTIONAL = 2 * 10**10
-MOST_PRICE_MOVE = 0.5
+MOST_PRICE_MOVE = Decimal("0.5")
 
 
 class StrategyConfig(BaseModel):
@@ -88,14 +87,13 @@ class StrategyConfig(BaseModel):
         """The last lot of a sell of LARGEST_INSTANT_NOTIONAL at one instant moves the
         price by the half spread and 1.5 x impact_bps x sqrt(sold / depth): the walk of
         the book's marginal step (`PerpVenue._taker_price`)."""
-        venue = self.venue
-        bps = float(venue.half_spread_bps) + 1.5 * float(venue.impact_bps) * math.sqrt(
-            LARGEST_INSTANT_NOTIONAL / float(venue.depth_notional)
-        )
+        venue = self.venue  # in Decimal: a depth of 1e-400 is 0.0 as a float
+        walk = (LARGEST_INSTANT_NOTIONAL / venue.depth_notional).sqrt()
+        bps = venue.half_spread_bps + Decimal("1.5") * venue.impact_bps * walk
         if bps / 10_000 > MOST_PRICE_MOVE:
             raise ValueError(
                 f"venue: selling {LARGEST_INSTANT_NOTIONAL:.0e} USDT at once moves the price "
-                f"{bps / 100:,.0f}% at a half spread of {venue.half_spread_bps} bps, impact "
+                f"{bps / 100:.3g}% at a half spread of {venue.half_spread_bps} bps, impact "
                 f"{venue.impact_bps} bps and depth_notional {venue.depth_notional}; at most "
                 f"{MOST_PRICE_MOVE:.0%} (a deeper book or less impact)"
             )

@@ -1099,13 +1099,14 @@ async def test_an_owner_cached_from_before_redis_lost_writes_is_read_again(
     product, so GetPosition and ClosePosition answered NOT_FOUND for positions that
     exist, until a restart."""
     env = quiet_env
-    other_product = "ETH-USDT:LONG"
-    for product in (PRODUCT, other_product):
-        await env.set_nav(product, NAV)
+    other_product, other_side = "ETH-USDT:LONG", "BTC-USDT:SHORT"
+    for product, nav in ((PRODUCT, NAV), (other_product, NAV), (other_side, NAV / 2)):
+        await env.set_nav(product, nav)
+    client_ids = ("shown", "closed", "other-side")
     raw = Redis.from_url(redis_url)  # bytes: DUMP and RESTORE
     try:
         saved = {k: await raw.dump(k) async for k in raw.scan_iter(match=f"{env.ns}*")}
-        lost = [await env.open(client_id, "1000") for client_id in ("shown", "closed")]
+        lost = [await env.open(client_id, "1000") for client_id in client_ids]
         await raw.delete(*[k async for k in raw.scan_iter(match=f"{env.ns}*")])
         for name, dumped in saved.items():
             await raw.restore(name, 0, dumped)
@@ -1115,11 +1116,13 @@ async def test_an_owner_cached_from_before_redis_lost_writes_is_read_again(
         there = [
             await other.OpenPosition(
                 gateway_pb2.OpenPositionRequest(
-                    client_order_id=client_id, product=other_product, amount_usdt="2000"
+                    client_order_id=client_id, product=product, amount_usdt="2000"
                 ),
                 metadata=ALICE,
             )
-            for client_id in ("shown", "closed")
+            for client_id, product in zip(
+                client_ids, (other_product, other_product, other_side), strict=True
+            )
         ]
     assert [p.position_id for p in there] == [p.position_id for p in lost]
     shown = gateway_pb2.GetPositionRequest(position_id=there[0].position_id)
@@ -1134,6 +1137,18 @@ async def test_an_owner_cached_from_before_redis_lost_writes_is_read_again(
         metadata=ALICE,
     )
     assert (closed.product, closed.units) == (other_product, there[1].units)
+    # the other side of the same symbol: the cached owner's key holds a position, the
+    # other side's, which was closed at this side's NAV into this side's ledger
+    closed = await env.stub.ClosePosition(
+        gateway_pb2.ClosePositionRequest(
+            client_order_id="other-side-close", position_id=there[2].position_id, all=True
+        ),
+        metadata=ALICE,
+    )
+    assert (closed.product, Decimal(closed.nav)) == (other_side, NAV / 2)
+    ledger = await env.redis.hgetall(env.server.ledger.ledger_key("BTC-USDT"))
+    assert Decimal(ledger[f"{other_side}:units"]) == 0
+    assert Decimal(ledger.get(f"{PRODUCT}:units", "0")) == 0
 
 
 async def test_opens_from_two_gateways_at_once_all_count_in_the_ledger(
