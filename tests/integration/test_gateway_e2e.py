@@ -165,11 +165,13 @@ class Desk:
 
 
 @pytest.fixture
-def desk(kafka_bootstrap: str, redis_client: redis.Redis) -> Iterator[Desk]:
+def desk(kafka_bootstrap: str, redis_url: str, redis_client: redis.Redis) -> Iterator[Desk]:
     missing = missing_modules([*STAGES, GATEWAY])
     if missing:
         pytest.fail(f"services missing from the tree: {', '.join(missing)}")
-    with Pipeline.start(services=(*STAGES, GATEWAY), bootstrap=kafka_bootstrap) as pipeline:
+    with Pipeline.start(
+        services=(*STAGES, GATEWAY), bootstrap=kafka_bootstrap, redis_url=redis_url
+    ) as pipeline:
         view = Desk(pipeline, redis_client)
         try:
             yield view

@@ -156,8 +156,10 @@ def run_session(steps: list[Step], env: dict[str, str], port: int) -> list[tuple
 
 
 @pytest.fixture
-def gateway_stack(kafka_bootstrap: str) -> Iterator[Pipeline]:
-    with Pipeline.start(services=(*STAGES, GATEWAY), bootstrap=kafka_bootstrap) as pipeline:
+def gateway_stack(kafka_bootstrap: str, redis_url: str) -> Iterator[Pipeline]:
+    with Pipeline.start(
+        services=(*STAGES, GATEWAY), bootstrap=kafka_bootstrap, redis_url=redis_url
+    ) as pipeline:
         yield pipeline
 
 
