@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -159,10 +159,12 @@ class StreamFeed:
         self.stopped: FeedUnavailable | None = None  # why the fetch loop ended
         self.navs_shown = NavSequence()
 
-    async def start(self) -> None:
+    async def start(self, partitions_of: Callable[[str], Awaitable[set[int]]]) -> None:
         """Connect, every partition paused until a stream wants its topic. A missing topic
         stops the gateway saying so (aiokafka would ask for its metadata in a
-        tight loop, ~200 requests/s, for as long as it is missing)."""
+        tight loop, ~200 requests/s, for as long as it is missing). `partitions_of` is
+        the broker's count (a producer's `partitions_for`: a consumer has no metadata
+        of a topic it was not assigned)."""
         await self.consumer.start()
         existing = await self.consumer.topics()
         for topic in (self.nav_topic, self.orders_topic):
@@ -172,6 +174,12 @@ class StreamFeed:
                     f"gateway: topic {topic} does not exist on Kafka at {self.bootstrap}; "
                     "create the topics first (`make up` does)"
                 )
+        # the topics' own partitions: producers write to every one the broker has, and a
+        # topic made with more than the registry's count kept the rest from every stream
+        self.partitions = {
+            topic: [TopicPartition(topic, p) for p in sorted(await partitions_of(topic))]
+            for topic in self.partitions
+        }
         every = [tp for partitions in self.partitions.values() for tp in partitions]
         self.consumer.assign(every)
         self.consumer.pause(*every)

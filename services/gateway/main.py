@@ -1018,7 +1018,7 @@ class GatewayServer:
         self.port = listen(self.server, "gateway", host, self.settings.grpc_port)
         self.health = await GrpcHealth.install(self.server, [SERVICE_NAME])
         await self.producer.start()
-        await self.feed.start()
+        await self.feed.start(self.producer.partitions_for)
         await self.server.start()
         if self.run_relay:
             self._tasks.append(asyncio.create_task(self.relay.run()))

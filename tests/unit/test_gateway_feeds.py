@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 from smartlev.v1 import nav_pb2, orders_pb2
 
@@ -158,3 +159,47 @@ async def test_fetch_failures_apart_in_time_do_not_stop_the_feed(
         await feed._run()
     assert not script
     await feed.consumer.stop()  # never started: nothing to close but the object
+
+
+class PartitionedConsumer:
+    """What `StreamFeed.start` asks of its consumer."""
+
+    def __init__(self) -> None:
+        self.assigned: list[TopicPartition] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def topics(self) -> set[str]:
+        return {NAV_UPDATES.name, ORDERS_EVENTS.name}
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned = partitions
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        pass
+
+
+async def test_the_feed_reads_every_partition_the_topics_have(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Producers write to the partitions the broker has (DESIGN: a stage scales by more
+    of them); the feed assigned the registry's three, and updates written to the others
+    never reached a stream: no error, no dead letter."""
+    feed = StreamFeed("127.0.0.1:9", NAV_UPDATES, ORDERS_EVENTS, queue_size=SIZE)
+    await feed.consumer.stop()  # never started: nothing to close but the object
+    consumer = PartitionedConsumer()
+    idle = asyncio.Event()
+    monkeypatch.setattr(feed, "consumer", consumer)
+    monkeypatch.setattr(feed, "_run", idle.wait)
+
+    async def six_partitions(topic: str) -> set[int]:  # as the gateway's producer says
+        return set(range(6))
+
+    await feed.start(six_partitions)
+    assert {(tp.topic, tp.partition) for tp in consumer.assigned} == {
+        (topic.name, p) for topic in (NAV_UPDATES, ORDERS_EVENTS) for p in range(6)
+    }
+    assert NAV_UPDATES.partitions < 6  # the registry's count, which the feed used
+    assert feed._task is not None
+    feed._task.cancel()
