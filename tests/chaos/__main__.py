@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         ("kill/restart cycles survived", len(survived)),
         ("NAV ticks compared (exact)", compared),
         ("NavUpdateds re-sent identically", chaos.duplicates),
-        ("orders accepted (reconcile: once each)", len(chaos.orders)),
+        ("orders (reconcile: once each)", len(chaos.orders)),
         ("dead letters (both runs)", sum(chaos.dead_letters.values())),
         ("reconcile", chaos.reconcile),
         *(
