@@ -88,12 +88,16 @@ class StrategyConfig(BaseModel):
         price by the half spread and 1.5 x impact_bps x sqrt(sold / depth): the walk of
         the book's marginal step (`PerpVenue._taker_price`)."""
         venue = self.venue  # in Decimal: a depth of 1e-400 is 0.0 as a float
-        walk = (LARGEST_INSTANT_NOTIONAL / venue.depth_notional).sqrt()
-        bps = venue.half_spread_bps + Decimal("1.5") * venue.impact_bps * walk
-        if bps / 10_000 > MOST_PRICE_MOVE:
+        try:
+            walk = (LARGEST_INSTANT_NOTIONAL / venue.depth_notional).sqrt()
+            bps = venue.half_spread_bps + Decimal("1.5") * venue.impact_bps * walk
+            move = f"{bps / 100:.3g}%" if bps / 10_000 > MOST_PRICE_MOVE else ""
+        except ArithmeticError:  # past Decimal's exponents: a depth of 1e-999990
+            move = "past every bound"
+        if move:
             raise ValueError(
                 f"venue: selling {LARGEST_INSTANT_NOTIONAL:.0e} USDT at once moves the price "
-                f"{bps / 100:.3g}% at a half spread of {venue.half_spread_bps} bps, impact "
+                f"{move} at a half spread of {venue.half_spread_bps} bps, impact "
                 f"{venue.impact_bps} bps and depth_notional {venue.depth_notional}; at most "
                 f"{MOST_PRICE_MOVE:.0%} (a deeper book or less impact)"
             )

@@ -364,6 +364,7 @@ def test_a_policy_the_books_cannot_run_is_a_clear_error(
         ('[venue]\ndepth_notional = "50"\n', "at most 50%"),
         ('[venue]\nimpact_bps = "200"\ndepth_notional = "1000000"\n', "at most 50%"),
         ('[venue]\ndepth_notional = "1e-400"\n', "at most 50%"),  # 0.0 as a float
+        ('[venue]\ndepth_notional = "1e-999990"\nimpact_bps = "0"\n', "at most 50%"),
     ],
 )
 def test_a_config_that_hung_or_crashed_the_backtest_is_refused(
