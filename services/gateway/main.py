@@ -168,6 +168,40 @@ def _wire_texts(**figures: Decimal) -> dict[str, str]:
     return {name: decimal_to_wire(value, name=name) for name, value in figures.items()}
 
 
+def _reply_and_event(
+    reply_type: type[R],
+    kind: str,
+    event_type: type[Message],
+    *,
+    order: Order,
+    pid: str,
+    now: int,
+    position: gateway_pb2.Position,
+    figures: dict[str, str],
+) -> tuple[R, orders_pb2.OrderEvent]:
+    """An order's reply and its event (`kind`: "opened" or "closed") for orders.events:
+    the same ids, time and figures, as the same text."""
+    reply = reply_type(
+        order_id=order.order_id,
+        position_id=pid,
+        product=order.product,
+        ts_event_ns=now,
+        position=position,
+        **figures,
+    )
+    happened = event_type(
+        event_id=order.order_id,
+        position_id=pid,
+        user_id=order.user,
+        product=order.product,
+        ts_event_ns=now,
+        ts_init_ns=now,
+        client_order_id=order.client_id,
+        **figures,
+    )
+    return reply, orders_pb2.OrderEvent(**{kind: happened})
+
+
 def _known_regime(name: str) -> str:
     """A stored regime name, or REGIME_UNSPECIFIED for one this build does not know (a
     hash another build's NAV service wrote): the reply cannot carry it."""
@@ -568,27 +602,15 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             def render(opened: Opened, snap: Snapshot) -> Step:
                 nav, now = opened.nav, opened.ts_ns
                 position = opened.position.fields()
-                # The reply and the event carry the same figures, as the same text.
-                figures = _wire_texts(amount=amount, fee=opened.fee, units=opened.units, nav=nav)
-                reply = gateway_pb2.OpenPositionReply(
-                    order_id=pid,
-                    position_id=pid,
-                    product=product,
-                    ts_event_ns=now,
+                reply, event = _reply_and_event(
+                    gateway_pb2.OpenPositionReply,
+                    "opened",
+                    orders_pb2.PositionOpened,
+                    order=order,
+                    pid=pid,
+                    now=now,
                     position=opened.position.to_proto(nav, position),
-                    **figures,
-                )
-                event = orders_pb2.OrderEvent(
-                    opened=orders_pb2.PositionOpened(
-                        event_id=pid,
-                        position_id=pid,
-                        user_id=user,
-                        product=product,
-                        ts_event_ns=now,
-                        ts_init_ns=now,
-                        client_order_id=client_id,
-                        **figures,
-                    )
+                    figures=_wire_texts(amount=amount, fee=opened.fee, units=opened.units, nav=nav),
                 )
                 ledger = ledger_fields(
                     product, snap.ledger, units=opened.units, deposits=amount, fees=opened.fee
@@ -666,25 +688,15 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                         payout=closed.payout,
                         realized_pnl=closed.realized_pnl,
                     )
-                    reply = gateway_pb2.ClosePositionReply(
-                        order_id=oid,
-                        position_id=pid,
-                        product=product,
-                        ts_event_ns=now,
+                    reply, event = _reply_and_event(
+                        gateway_pb2.ClosePositionReply,
+                        "closed",
+                        orders_pb2.PositionClosed,
+                        order=order,
+                        pid=pid,
+                        now=now,
                         position=closed.position.to_proto(nav, position),
-                        **figures,
-                    )
-                    event = orders_pb2.OrderEvent(
-                        closed=orders_pb2.PositionClosed(
-                            event_id=oid,
-                            position_id=pid,
-                            user_id=user,
-                            product=product,
-                            ts_event_ns=now,
-                            ts_init_ns=now,
-                            client_order_id=client_id,
-                            **figures,
-                        )
+                        figures=figures,
                     )
                     ledger = ledger_fields(
                         product,
