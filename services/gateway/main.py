@@ -664,7 +664,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                     stored = snap.position  # (another product's, from a stale owner: none)
                     if stored.get("user") != user or stored.get("product") != product:
                         _fail(grpc.StatusCode.NOT_FOUND, f"position {pid} not found")
-                    position = PositionState.from_fields(snap.position)
+                    position = PositionState.from_fields(stored)
                     if position.units <= 0:
                         _fail(grpc.StatusCode.FAILED_PRECONDITION, f"position {pid} is closed")
                     nav = self._tradable_nav(product, nav_fields, snap)
