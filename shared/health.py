@@ -333,12 +333,60 @@ class HealthServer:
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class HealthService(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1 (Check and Watch) whose watchers never hold up a status change.
+    The stock aio servicer writes each Watch update while holding the lock `set` needs:
+    a client that never reads (an HTTP/2 window of 0; no API key needed) held it for
+    good, so the service's health froze as it was and its shutdown hung on it."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, health_pb2.HealthCheckResponse.ServingStatus] = {}
+        self._changed = asyncio.Condition()
+        self._shutting_down = False
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Each status the service is in as it changes (a watcher that reads slowly sees
+        the latest, not every one); its writes wait for the client alone."""
+        shown = None
+        while True:
+            async with self._changed:  # held only to wait, never across a write
+                while (status := self._status.get(request.service, SERVICE_UNKNOWN)) == shown:
+                    await self._changed.wait()
+            shown = status
+            await context.write(health_pb2.HealthCheckResponse(status=shown))
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        if self._shutting_down:
+            return
+        async with self._changed:
+            self._status[service] = status
+            self._changed.notify_all()
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Every service NOT_SERVING, for good."""
+        async with self._changed:
+            self._shutting_down = True
+            self._status = dict.fromkeys(self._status, NOT_SERVING)
+            self._changed.notify_all()
 
 
 class GrpcHealth:
     """Standard grpc.health.v1 + reflection on a grpc.aio server, with a serving switch."""
 
-    def __init__(self, servicer: grpc_health.aio.HealthServicer, service_names: list[str]):
+    def __init__(self, servicer: HealthService, service_names: list[str]):
         self.servicer = servicer
         self.service_names = service_names
 
@@ -348,14 +396,13 @@ class GrpcHealth:
         "smartlev.v1.Gateway"). Every name, and the overall "" entry, starts NOT_SERVING
         until the service calls `set_serving(True)`."""
         names = list(service_names)
-        servicer = grpc_health.aio.HealthServicer()
+        servicer = HealthService()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         reflection.enable_server_reflection(
             [*names, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         health = cls(servicer, names)
-        # The aio servicer's constructor marks "" SERVING; a fresh server is not, yet.
-        await health.set_serving(False)
+        await health.set_serving(False)  # a fresh server is not, yet
         return health
 
     async def set_serving(self, serving: bool) -> None:

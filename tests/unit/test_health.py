@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -10,7 +11,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.health import GrpcHealth, HealthRegistry, HealthServer, freshness_check, kafka_check
+from shared.health import (
+    NOT_SERVING,
+    SERVING,
+    GrpcHealth,
+    HealthRegistry,
+    HealthServer,
+    HealthService,
+    freshness_check,
+    kafka_check,
+)
 
 
 async def _get(port: int, path: str) -> tuple[int, str]:
@@ -100,3 +110,44 @@ async def test_grpc_health_starts_not_serving_and_flips() -> None:
             assert await status("") == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await server.stop(None)
+
+
+class _StuckWrite:
+    """A Watch client that never reads: its first write never completes."""
+
+    async def write(self, message: object) -> None:
+        await asyncio.Event().wait()
+
+
+class _Reader:
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    async def write(self, message: health_pb2.HealthCheckResponse) -> None:
+        self.seen.append(message.status)
+
+
+async def test_a_watcher_that_never_reads_holds_up_no_status_change() -> None:
+    """The stock aio servicer wrote each Watch update holding the lock `set` needs: a
+    client advertising an HTTP/2 window of 0 (no API key needed) froze the service's
+    health as it was, and its shutdown waited on it for good."""
+    service = HealthService()
+    await service.set("", SERVING)
+    request = health_pb2.HealthCheckRequest(service="")
+    stuck = asyncio.create_task(service.Watch(request, _StuckWrite()))  # type: ignore[arg-type]
+    reader = _Reader()
+    watching = asyncio.create_task(service.Watch(request, reader))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)  # both wrote SERVING; the stuck one is in its write
+    await asyncio.wait_for(service.set("", NOT_SERVING), 1)
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(service.set("", SERVING), 1)
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(service.enter_graceful_shutdown(), 1)
+    await asyncio.sleep(0.05)
+    assert reader.seen == [SERVING, NOT_SERVING, SERVING, NOT_SERVING]
+    await service.set("", SERVING)  # shut down: for good
+    await asyncio.sleep(0.05)
+    assert reader.seen[-1] == NOT_SERVING
+    for task in (stuck, watching):
+        task.cancel()
+    await asyncio.gather(stuck, watching, return_exceptions=True)
