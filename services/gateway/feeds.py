@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -158,6 +161,7 @@ class StreamFeed:
         self._task: asyncio.Task[None] | None = None
         self.stopped: FeedUnavailable | None = None  # why the fetch loop ended
         self.navs_shown = NavSequence()
+        self._ids_key = os.urandom(32)  # this process's: see `shown_id`
 
     async def start(self, partitions_of: Callable[[str], Awaitable[set[int]]]) -> None:
         """Connect, every partition paused until a stream wants its topic. A missing topic
@@ -288,6 +292,17 @@ class StreamFeed:
                 for record in records:
                     self._dispatch(record.topic, record.offset, record.value)
 
+    def shown_id(self, update: nav_pb2.NavUpdated) -> str:
+        """The id streams show: `<product>:<seq>` for a tick's NAV; an order's re-mark
+        carries its order's id (an open's is its position id), which every user's
+        StreamNav showed, so it is shown as a keyed digest, one per order, that names
+        no one."""
+        plain = f"{update.product}:{update.seq}"
+        if update.event_id == plain:
+            return plain
+        digest = hmac.new(self._ids_key, update.event_id.encode(), hashlib.sha256)
+        return f"{plain}:{digest.hexdigest()[:16]}"
+
     def _dispatch(self, topic: str, offset: int, value: bytes) -> None:
         """Decode and check what streams read of an update (a NAV to value positions at,
         a position id to look up), so that a bad record is skipped here instead of
@@ -299,6 +314,7 @@ class StreamFeed:
                 if update.seq > MAX_SEQ:  # as NAV refuses: one would hide the product for good
                     raise DecodeError("NavUpdated", f"seq {update.seq} is past 2^53 - 1")
                 if self.navs_shown.fresh(update):
+                    update.event_id = self.shown_id(update)
                     self.publish(update)
                 else:
                     NAV_REPEATS.inc()

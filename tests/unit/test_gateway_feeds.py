@@ -203,3 +203,27 @@ async def test_the_feed_reads_every_partition_the_topics_have(
     assert NAV_UPDATES.partitions < 6  # the registry's count, which the feed used
     assert feed._task is not None
     feed._task.cancel()
+
+
+async def test_a_stream_shows_no_ones_order_in_a_navs_id() -> None:
+    """An order's re-mark is published under its order's id (an open's is the position
+    id): every user's StreamNav showed other users' position ids, and with a guessable
+    client order id, whose order it was. Streams show a digest that names no one, one
+    per order."""
+    feed = StreamFeed("127.0.0.1:9", NAV_UPDATES, ORDERS_EVENTS, queue_size=SIZE)
+    subscriber = Subscriber(None, "bob", Updates(SIZE))
+    feed.subscribers.add(subscriber)
+    product, pid = "BTC-USDT:LONG", "354da4e3effe4c12370e3633022c3bd2"
+    sent = [
+        (f"{product}:7", 7),  # a tick's NAV
+        (f"{product}:BTC-USDT:order:{pid}", 7),  # alice's open, re-marked at seq 7
+        (f"{product}:BTC-USDT:order:{'f' * 32}", 7),  # another order at the same seq
+    ]
+    for event_id, seq in sent:
+        update = nav_pb2.NavUpdated(event_id=event_id, product=product, seq=seq, nav="100")
+        feed._dispatch(NAV_UPDATES.name, seq, update.SerializeToString())
+    await feed.consumer.stop()  # never started: nothing to close but the object
+    shown = [u.event_id for u in drained(subscriber)]  # type: ignore[attr-defined]
+    assert shown[0] == f"{product}:7"
+    assert all(pid not in i and "order" not in i for i in shown)
+    assert len(set(shown)) == 3 and all(i.startswith(f"{product}:7") for i in shown)
