@@ -46,6 +46,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from shared.logging import get_logger
+from shared.serving import register
 
 log = get_logger("health")
 
@@ -397,7 +398,7 @@ class GrpcHealth:
         until the service calls `set_serving(True)`."""
         names = list(service_names)
         servicer = HealthService()
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        register(health_pb2_grpc.add_HealthServicer_to_server, servicer, server)
         reflection.enable_server_reflection(
             [*names, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
 import uvloop
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -28,6 +31,107 @@ class Rejected(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+UNDECODABLE = Counter(
+    "smartlev_grpc_undecodable_requests_total",
+    "Calls refused INVALID_ARGUMENT because their request was no valid message, by method.",
+    ["method"],
+)
+
+
+class _Undecodable:
+    """A request its method's message type could not parse, and why."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _Guarded:
+    """The server a generated `add_<Service>Servicer_to_server` is handed by `register`:
+    the method handlers it registers parse requests through `_guarded`. (A server
+    interceptor did the same at ~0.04 ms of the gateway's CPU on every call.)"""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """Left for `add_registered_method_handlers`, which gets the same handlers as a
+        dict, and registers them both ways, guarded."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        guarded = {name: _guarded(f"/{service}/{name}", h) for name, h in handlers.items()}
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, guarded),)
+        )
+        self._server.add_registered_method_handlers(service, guarded)
+
+
+def register(add: Callable[[Any, Any], None], servicer: object, server: grpc.aio.Server) -> None:
+    """`add(servicer, server)` (a generated add_<Service>Servicer_to_server), each method
+    refusing a request that is no valid message of its type with INVALID_ARGUMENT, saying
+    why: gRPC answered UNKNOWN with its exception's text ("Unexpected DecodeError"),
+    logged a traceback for each such call, anonymous ones too, and /metrics saw none."""
+    add(servicer, _Guarded(server))
+
+
+def _guarded(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    if handler.request_streaming:
+        return handler  # (none of ours takes a stream of requests)
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
+        UNDECODABLE.labels(method).inc()
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is no valid message for {method}: {request.reason}",
+            trailing_metadata=SERVER_ANSWERED,
+        )
+
+    if not handler.response_streaming:
+        answer = handler.unary_unary
+
+        async def unary(request: object, context: grpc.aio.ServicerContext) -> object:
+            if isinstance(request, _Undecodable):
+                await refuse(request, context)
+            return await answer(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=deserialize, response_serializer=handler.response_serializer
+        )
+    stream = handler.unary_stream
+    if inspect.isasyncgenfunction(stream):
+
+        async def items(
+            request: object, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[object]:
+            if isinstance(request, _Undecodable):
+                await refuse(request, context)
+            async for item in stream(request, context):
+                yield item
+
+        behaviour: Callable[..., Any] = items
+    else:  # writes with context.write (grpc.health.v1's Watch)
+
+        async def writes(request: object, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(request, _Undecodable):
+                await refuse(request, context)
+            await stream(request, context)
+
+        behaviour = writes
+    return grpc.unary_stream_rpc_method_handler(
+        behaviour, request_deserializer=deserialize, response_serializer=handler.response_serializer
+    )
 
 
 def grpc_server(options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Server:

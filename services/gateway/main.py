@@ -72,7 +72,7 @@ from shared.core.products import SIDES, product_id
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.logging import get_logger
 from shared.redis_store import ApplyStatus
-from shared.serving import SERVER_ANSWERED, Rejected, grpc_server, listen, run
+from shared.serving import SERVER_ANSWERED, Rejected, grpc_server, listen, register, run
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
 from shared.wire import known_regime_name
 
@@ -1025,7 +1025,7 @@ class GatewayServer:
 
     async def start(self) -> int:
         """Serve; returns the bound gRPC port."""
-        gateway_pb2_grpc.add_GatewayServicer_to_server(self.gateway, self.server)
+        register(gateway_pb2_grpc.add_GatewayServicer_to_server, self.gateway, self.server)
         host = self.settings.grpc_host
         self.port = listen(self.server, "gateway", host, self.settings.grpc_port)
         self.health = await GrpcHealth.install(self.server, [SERVICE_NAME])

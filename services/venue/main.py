@@ -37,7 +37,7 @@ from shared.core.money import MoneyError
 from shared.core.venue import PerpVenue
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, redis_check
 from shared.logging import get_logger
-from shared.serving import Rejected, grpc_server, listen, run
+from shared.serving import Rejected, grpc_server, listen, register, run
 
 SERVICE_NAME = "smartlev.v1.Venue"
 T = TypeVar("T")
@@ -313,7 +313,9 @@ class VenueServer:
 
     async def start(self) -> int:
         """Serve; returns the bound gRPC port."""
-        venue_pb2_grpc.add_VenueServicer_to_server(VenueServicer(self.ledger), self.server)
+        register(
+            venue_pb2_grpc.add_VenueServicer_to_server, VenueServicer(self.ledger), self.server
+        )
         self._health = await GrpcHealth.install(self.server, [SERVICE_NAME])
         host = self.settings.grpc_host
         self.port = listen(self.server, "venue", host, self.settings.grpc_port)

@@ -298,3 +298,50 @@ def test_fuzzed_calls_answer_a_proper_status_and_rejections_change_nothing(
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     counts = {k: v for k, v in FUZZED.items() if k.startswith(method.full_name)}
     print(f"\ngrpc fuzz {method.full_name}: {sum(counts.values())} calls {counts}")
+
+
+def _not_messages(method: MethodDescriptor) -> list[tuple[str, bytes]]:
+    """Bytes no message of the method's request type parses from: a truncated tag, a
+    field longer than what was sent, and (where field 1 is a string) bytes not UTF-8."""
+    bodies = [("bad-tag", b"\xff\xff\xff\xff"), ("truncated", b"\x0a\x7f")]
+    first = method.input_type.fields_by_number.get(1)
+    if first is not None and first.type == FieldDescriptor.TYPE_STRING:
+        bodies.append(("bad-utf8", b"\x0a\x02\xff\xfe"))
+    return bodies
+
+
+NOT_MESSAGES = [(n, m, body) for n, m in METHODS for _, body in _not_messages(m)]
+
+
+@pytest.mark.parametrize(
+    ("server_name", "method", "body"),
+    NOT_MESSAGES,
+    ids=[f"{m.full_name}-{why}" for _, m in METHODS for why, _ in _not_messages(m)],
+)
+def test_a_request_that_is_no_message_is_invalid_argument_and_changes_nothing(
+    stack: tuple[Pipeline, list[Server]],
+    redis_client: redis.Redis,
+    server_name: str,
+    method: MethodDescriptor,
+    body: bytes,
+) -> None:
+    """Bytes that parse as no message of the method's type: gRPC answered UNKNOWN
+    ("Unexpected DecodeError", its text) and logged a traceback for each, with or without
+    an API key, and /metrics saw none of them."""
+    pipeline, servers = stack
+    server = next(s for s in servers if s.name == server_name)
+    before = _redis_values(redis_client, pipeline.namespace)
+    path = f"/{server.service}/{method.name}"
+    raw = {"request_serializer": bytes, "response_deserializer": bytes}
+    with pytest.raises(grpc.RpcError) as refused:
+        if method.server_streaming:
+            for _ in server.channel.unary_stream(path, **raw)(
+                body, metadata=server.metadata, timeout=10
+            ):
+                pass
+        else:
+            server.channel.unary_unary(path, **raw)(body, metadata=server.metadata, timeout=10)
+    error: Any = refused.value
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "no valid message" in error.details()
+    assert _redis_values(redis_client, pipeline.namespace) == before
