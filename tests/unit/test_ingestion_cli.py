@@ -13,7 +13,8 @@ from services.ingestion.main import main
 from shared.adapters.market_data import parse_time
 from shared.adapters.tick_replay import data_dir
 
-PERP = next(Path(data_dir()).glob("BTCUSDT_perp_1h_*.csv"))
+PERP = next(Path(data_dir()).glob("BTCUSDT_perp_1h_*.csv"), None)  # None: not at hand
+needs_data = pytest.mark.skipif(PERP is None, reason=f"real data not found at {data_dir()}")
 
 
 def test_times_are_iso_8601_in_utc_unless_they_say_otherwise() -> None:
@@ -50,6 +51,7 @@ def test_bad_settings_say_what_is_wrong(field: str, value: str, message: str) ->
         ),
     ],
 )
+@needs_data
 def test_a_replay_of_something_that_is_not_the_data_stops_in_one_line(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -59,5 +61,6 @@ def test_a_replay_of_something_that_is_not_the_data_stops_in_one_line(
     assert "Traceback" not in err
 
 
+@needs_data
 def test_the_real_data_files_pass_the_file_check() -> None:
     assert IngestionSettings(data=PERP, start="2021-05-12").data == PERP
