@@ -34,7 +34,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -369,6 +369,18 @@ class HealthService(health_pb2_grpc.HealthServicer):
             shown = status
             await context.write(health_pb2.HealthCheckResponse(status=shown))
 
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        """Every service's status (the base class answered UNIMPLEMENTED, logging a
+        traceback for each call)."""
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._status.items()
+            }
+        )
+
     async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         if self._shutting_down:
             return
@@ -399,8 +411,11 @@ class GrpcHealth:
         names = list(service_names)
         servicer = HealthService()
         register(health_pb2_grpc.add_HealthServicer_to_server, servicer, server)
-        reflection.enable_server_reflection(
-            [*names, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        reflected = [*names, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME]
+        register(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection.aio.ReflectionServicer(reflected),
+            server,
         )
         health = cls(servicer, names)
         await health.set_serving(False)  # a fresh server is not, yet

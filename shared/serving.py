@@ -80,8 +80,6 @@ def register(add: Callable[[Any, Any], None], servicer: object, server: grpc.aio
 
 
 def _guarded(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    if handler.request_streaming:
-        return handler  # (none of ours takes a stream of requests)
     parse = handler.request_deserializer
 
     def deserialize(data: bytes) -> object:
@@ -98,6 +96,26 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandl
             trailing_metadata=SERVER_ANSWERED,
         )
 
+    if handler.request_streaming:  # (reflection's only: both ways, an async generator)
+        converse = handler.stream_stream
+
+        async def conversation(
+            requests: AsyncIterator[object], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[object]:
+            async def parsed() -> AsyncIterator[object]:
+                async for request in requests:
+                    if isinstance(request, _Undecodable):
+                        await refuse(request, context)
+                    yield request
+
+            async for item in converse(parsed(), context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(
+            conversation,
+            request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
     if not handler.response_streaming:
         answer = handler.unary_unary
 

@@ -345,3 +345,32 @@ def test_a_request_that_is_no_message_is_invalid_argument_and_changes_nothing(
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert "no valid message" in error.details()
     assert _redis_values(redis_client, pipeline.namespace) == before
+
+
+def test_health_and_reflection_answer_without_a_traceback(
+    stack: tuple[Pipeline, list[Server]],
+) -> None:
+    """Health and reflection are open to any caller on both services' ports: `List`
+    answered UNIMPLEMENTED and logged a traceback for each call, and reflection's
+    stream took bytes no message parses from as an UNKNOWN error, logged the same."""
+    _, servers = stack
+    bad = b"\x0a\x02\xff\xfe"  # field 1 (a string in both requests), not UTF-8
+    raw = {"request_serializer": bytes, "response_deserializer": bytes}
+    for server in servers:
+        listed = health_pb2_grpc.HealthStub(server.channel).List(
+            health_pb2.HealthListRequest(), timeout=10
+        )
+        assert listed.statuses[""].status == health_pb2.HealthCheckResponse.SERVING
+        reflect = server.channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", **raw
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            for _ in reflect(iter([bad]), timeout=10):
+                pass
+        error: Any = refused.value
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        check = server.channel.unary_unary("/grpc.health.v1.Health/Check", **raw)
+        with pytest.raises(grpc.RpcError) as refused:
+            check(bad, timeout=10)
+        error = refused.value
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
