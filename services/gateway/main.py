@@ -135,6 +135,11 @@ class Order(NamedTuple):
     order_id: str
     position: str | None
 
+    @property
+    def position_id(self) -> str:
+        """The position the order opens or closes: an open's is named for its order."""
+        return self.position or self.order_id
+
 
 class Quote(Protocol):
     """An order priced and validated (orders.Opened, orders.Closed)."""
@@ -174,13 +179,13 @@ def _reply_and_event(
     event_type: type[Message],
     *,
     order: Order,
-    pid: str,
     now: int,
     position: gateway_pb2.Position,
     figures: dict[str, str],
 ) -> tuple[R, orders_pb2.OrderEvent]:
     """An order's reply and its event (`kind`: "opened" or "closed") for orders.events:
     the same ids, time and figures, as the same text."""
+    pid = order.position_id
     reply = reply_type(
         order_id=order.order_id,
         position_id=pid,
@@ -456,7 +461,7 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
             raise Replayed(self._recorded(view.record, claim, client_id, reply_type))
         snap = view.snapshot
         quoted = quote(view.nav, snap)
-        index = order.position or order.order_id
+        index = order.position_id
         if view.claim is None:
             if await self.ledger.claim(user, client_id, claim, index, order.product) != claim:
                 self._refuse_reuse(client_id)
@@ -607,7 +612,6 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                     "opened",
                     orders_pb2.PositionOpened,
                     order=order,
-                    pid=pid,
                     now=now,
                     position=opened.position.to_proto(nav, position),
                     figures=_wire_texts(amount=amount, fee=opened.fee, units=opened.units, nav=nav),
@@ -693,7 +697,6 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
                         "closed",
                         orders_pb2.PositionClosed,
                         order=order,
-                        pid=pid,
                         now=now,
                         position=closed.position.to_proto(nav, position),
                         figures=figures,
