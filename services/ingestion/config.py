@@ -49,6 +49,8 @@ class IngestionSettings(ServiceSettings):
     # broker or Redis down: rebuild and resume after a pause doubling up to the max
     retry_backoff_s: Seconds = 0.5
     retry_backoff_max_s: Seconds = 10.0
+    # one ingestion per symbol: a crashed one's successor waits its lease out (store.py)
+    lease_ttl_s: float = Field(default=5.0, ge=0.5, le=300.0)
 
     @model_validator(mode="after")
     def _backoff_within_its_max(self) -> IngestionSettings:

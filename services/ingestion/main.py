@@ -43,7 +43,7 @@ from services.ingestion.runner import (
     run_live,
     run_summary,
 )
-from services.ingestion.store import SeqStore, topic_recovery
+from services.ingestion.store import SeqStore, Standby, topic_recovery
 from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, synthetic_stream
 from services.ingestion.validation import MarketValue, Policy, Verdict
 from shared.adapters.kafka_admin import ensure_topics
@@ -100,12 +100,15 @@ def events_to_publish(settings: IngestionSettings) -> list[MarketValue]:
 def build_ingestor(
     settings: IngestionSettings, metrics: IngestionMetrics
 ) -> tuple[Ingestor, Any, Any]:
-    """(ingestor, producer, redis client): topics ensured, nothing published yet."""
+    """(ingestor, producer, state store): topics ensured, nothing published yet."""
     topic = MARKET_TICKS.in_namespace(settings.namespace)
     ensure_topics(settings.kafka_bootstrap, [topic, topic.dlq()], verbose=False)
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     store = SeqStore(
-        client, settings.namespace, topic_recovery(settings.kafka_bootstrap, topic.name)
+        client,
+        settings.namespace,
+        topic_recovery(settings.kafka_bootstrap, topic.name),
+        lease_ttl_s=settings.lease_ttl_s,
     )
     producer = BatchProducer(settings.kafka_bootstrap, client_id="smartlev-ingestion")
     ingestor = Ingestor(
@@ -118,14 +121,15 @@ def build_ingestor(
         metrics=metrics,
         log=log,
     )
-    return ingestor, producer, client
+    return ingestor, producer, store
 
 
 class Attempts:
     """The attempts of one source: each gets a fresh ingestor (the previous one's producer
-    and Redis client closed); after a transient failure (`shared.transient`) it says why
-    (`on_retry`; None once running again) and sets the pause, doubling up to the max;
-    any other failure is raised."""
+    and state store closed); after a transient failure (`shared.transient`) it says why
+    (`on_retry`; None once running again) and sets the pause, doubling up to the max; on
+    standby (another ingestion holds the symbol) it waits for that one's lease to run
+    out; any other failure is raised."""
 
     def __init__(
         self,
@@ -142,14 +146,18 @@ class Attempts:
 
     def build(self) -> Ingestor:
         self.close()
-        ingestor, producer, client = self._build()
-        self._clients = (producer, client)
+        ingestor, producer, store = self._build()
+        self._clients = (producer, store)
         self.on_retry(None)
         return ingestor
 
     def failed(self, exc: Exception) -> float:
         """The pause before the next attempt (after closing this one's clients)."""
         self.close()
+        if isinstance(exc, Standby):
+            log.info("standby", reason=str(exc), pause_s=round(exc.retry_after_s, 3))
+            self.on_retry(f"standby: {exc}")
+            return exc.retry_after_s
         if not is_transient(exc):
             raise exc
         self.retries += 1
@@ -162,10 +170,10 @@ class Attempts:
     def close(self) -> None:
         if self._clients is None:
             return
-        (producer, client), self._clients = self._clients, None
+        (producer, store), self._clients = self._clients, None
         with contextlib.suppress(Exception):  # a broker that is down: drop it
             producer.close(timeout=5)
-        client.close()
+        store.close()
 
 
 def run_with_retries(

@@ -144,6 +144,7 @@ class Ingestor:
         if isinstance(verdict, Rejected):
             self.dead_letter(symbol, describe(event), verdict)
             return verdict
+        self.store.check_lease(symbol)  # before its seq goes out: a successor may use it
         self._states[symbol] = state
         self.last_accepted = time.monotonic()
         message = self._message(verdict)

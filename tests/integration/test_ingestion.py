@@ -22,7 +22,14 @@ from services.ingestion.config import IngestionSettings
 from services.ingestion.main import build_ingestor
 from services.ingestion.publisher import IngestionMetrics, Ingestor
 from services.ingestion.runner import run_finite
-from services.ingestion.store import SeqConflict, state_key
+from services.ingestion.store import (
+    LeaseLost,
+    SeqConflict,
+    SeqStore,
+    SymbolTaken,
+    lease_key,
+    state_key,
+)
 from services.ingestion.validation import Accepted, Policy, SymbolState, admit
 from shared import codec
 from shared.adapters.market_data import load_bars, load_funding, load_marks
@@ -30,8 +37,17 @@ from shared.adapters.tick_replay import data_dir, make_producer
 from shared.backtest import market_events
 from shared.core.bars import ticks_from_bars
 from shared.core.market import NS_PER_HOUR, FundingRate, Tick
-from shared.pipeline_runner import free_port, health_problem
+from shared.pipeline_runner import (
+    PYTHON,
+    ROOT,
+    free_port,
+    health_problem,
+    new_namespace,
+    replay_args,
+)
 from shared.topics import MARKET_TICKS, partition_for
+from tests.chaos.faults import read_topic
+from tests.integration.pipeline import Slice
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +73,7 @@ def settings(kafka_bootstrap: str, redis_url: str) -> Iterator[IngestionSettings
     finally:
         admin.close()
     client = redis.Redis.from_url(redis_url)
-    client.delete(state_key(namespace, SYMBOL))
+    client.delete(state_key(namespace, SYMBOL), lease_key(namespace, SYMBOL))
     client.close()
 
 
@@ -79,11 +95,11 @@ def replay_settings(settings: IngestionSettings) -> IngestionSettings:
     )
 
 
-def ingestor(settings: IngestionSettings) -> tuple[Ingestor, object, redis.Redis]:
+def ingestor(settings: IngestionSettings) -> tuple[Ingestor, object, SeqStore]:
     return build_ingestor(settings, IngestionMetrics(CollectorRegistry()))  # type: ignore[return-value]
 
 
-def close(parts: tuple[Ingestor, object, redis.Redis]) -> None:
+def close(parts: tuple[Ingestor, object, SeqStore]) -> None:
     parts[1].close()  # type: ignore[attr-defined]
     parts[2].close()
 
@@ -329,7 +345,7 @@ def test_a_runs_summary_counts_what_its_failed_attempts_did(
     fail_at = 2 if failing == "midway" else len(events) // 32 + 1  # which Redis record
     records = 0
 
-    def build() -> tuple[Ingestor, object, redis.Redis]:
+    def build() -> tuple[Ingestor, object, SeqStore]:
         parts = ingestor(replay)
         record = parts[0].store.record
 
@@ -348,3 +364,123 @@ def test_a_runs_summary_counts_what_its_failed_attempts_did(
     counted = (summary.published, summary.rejected, summary.dead_lettered, summary.skipped)
     assert counted == (len(events) - 1, 1, 1, 0)
     assert summary.flagged == flagged
+
+
+# ---------------------------------------------------------------- one ingestion per symbol
+
+LEASE_WINDOW = Slice("2021-05-12", "2021-05-14")  # 192 ticks + funding
+LEASE_SPEED = "30000"  # x real time: ~6 s of replay
+
+
+def seqs_on_the_topic(bootstrap: str, namespace: str) -> list[int]:
+    events = read_topic(
+        bootstrap, MARKET_TICKS.in_namespace(namespace).name, market_pb2.MarketEvent
+    )
+    return [getattr(e, e.WhichOneof("event")).seq for e in events]
+
+
+def test_a_second_ingestion_waits_for_the_first_and_goes_on_where_it_stopped(
+    settings: IngestionSettings, redis_client: redis.Redis
+) -> None:
+    replay = replay_settings(settings)
+    events = backtester_stream()
+    first = ingestor(replay)
+    try:
+        run_finite(first[0], SYMBOL, list(islice(events, 90)), speed=None, batch_size=32)
+        second = ingestor(replay)
+        try:
+            with pytest.raises(SymbolTaken) as taken:
+                second[0].state(SYMBOL)
+        except BaseException:
+            close(second)
+            raise
+        assert first[2].token in str(taken.value)  # names who holds the symbol
+        assert 0 < taken.value.retry_after_s <= replay.lease_ttl_s + 0.05
+    finally:
+        close(first)  # hands the lease back: the second need not wait it out
+    try:
+        rest = run_finite(second[0], SYMBOL, events, speed=None, batch_size=32)
+    finally:
+        close(second)
+    assert (rest.skipped, rest.published) == (90, len(events) - 90)
+    assert seqs_on_the_topic(settings.kafka_bootstrap, settings.namespace) == list(
+        range(1, len(events) + 1)
+    )
+    assert redis_client.exists(lease_key(settings.namespace, SYMBOL)) == 0
+
+
+def test_an_ingestion_that_lost_its_lease_sends_and_records_nothing_more(
+    settings: IngestionSettings, redis_client: redis.Redis
+) -> None:
+    replay = replay_settings(settings).model_copy(update={"lease_ttl_s": 0.6})
+    events = backtester_stream()
+    parts = ingestor(replay)
+    try:
+        run_finite(parts[0], SYMBOL, events[:10], speed=None, batch_size=32)
+        # It stalled past its lease, and a successor took the symbol over.
+        redis_client.set(lease_key(replay.namespace, SYMBOL), "successor", px=60_000)
+        with pytest.raises(LeaseLost, match="successor holds the lease"):
+            parts[2].record(SYMBOL, 10, SymbolState(11, (events[10].ts_ns, 1), Decimal(1)))
+        time.sleep(1.0)  # its heartbeat found the lease taken: it is no longer valid
+        with pytest.raises(LeaseLost, match="lease ran out"):
+            parts[0].submit(events[10])
+    finally:
+        close(parts)
+    assert redis_client.hget(state_key(replay.namespace, SYMBOL), "seq") == "10"
+    assert seqs_on_the_topic(settings.kafka_bootstrap, settings.namespace) == list(range(1, 11))
+    # Closing handed back no lease it did not hold.
+    assert redis_client.get(lease_key(replay.namespace, SYMBOL)) == "successor"
+
+
+@pytest.mark.parametrize("first_ends", ["finishing", "killed"])
+def test_two_replays_of_one_symbol_publish_each_event_once(
+    kafka_bootstrap: str, redis_url: str, redis_client: redis.Redis, first_ends: str
+) -> None:
+    """Two `replay` commands of one window at once: the second waits, then goes on after
+    the first's last event (nothing new once the first finished; the rest once the first
+    was killed -9 and its lease ran out)."""
+    namespace = new_namespace()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
+        "SMARTLEV_INGESTION_NAMESPACE": namespace,
+        "SMARTLEV_INGESTION_KAFKA__BOOTSTRAP": kafka_bootstrap,
+        "SMARTLEV_INGESTION_REDIS__URL": redis_url,
+        "SMARTLEV_INGESTION_LEASE_TTL_S": "1.5",
+    }
+    command = [
+        PYTHON, "-m", "services.ingestion", "replay",
+        *replay_args(LEASE_WINDOW.symbol, LEASE_WINDOW.start, LEASE_WINDOW.end, LEASE_SPEED),
+    ]  # fmt: skip
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+
+    first = start()
+    deadline = time.monotonic() + 60
+    while len(seqs_on_the_topic(kafka_bootstrap, namespace)) < 20:
+        assert first.poll() is None, first.communicate()[0]
+        assert time.monotonic() < deadline, "the first replay published nothing"
+        time.sleep(0.1)
+    second = start()
+    time.sleep(1.0)  # the second is up, and waits
+    if first_ends == "killed":
+        assert first.poll() is None, "the first replay ended before it could be killed"
+        first.kill()
+    first_output, _ = first.communicate(timeout=120)
+    second_output, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, second_output
+    if first_ends == "finishing":
+        assert first.returncode == 0, first_output
+        assert "published 0," in second_output  # all was the first's
+    else:
+        assert "published 0," not in second_output  # it took over the rest
+    seqs = seqs_on_the_topic(kafka_bootstrap, namespace)
+    assert seqs == list(range(1, len(seqs) + 1)), "a seq published twice or skipped"
+    ticks = [e for e in read_topic(kafka_bootstrap, MARKET_TICKS.in_namespace(namespace).name,
+                                   market_pb2.MarketEvent) if e.HasField("tick")]  # fmt: skip
+    assert len(ticks) == 4 * 24 * 2
+    assert redis_client.exists(lease_key(namespace, LEASE_WINDOW.symbol)) == 0
