@@ -33,6 +33,7 @@ from kafka.serializer import Deserializer, Serializer
 from smartlev.v1 import market_pb2, orders_pb2
 
 from shared.core.market import FundingRate, Tick
+from shared.core.text import clipped
 
 if TYPE_CHECKING:
     import faust
@@ -112,7 +113,7 @@ def decimal_from_wire(text: str, *, name: str = "value") -> Decimal:
     if not isinstance(text, str):
         raise DecodeError("decimal string", f"{name}: got {type(text).__name__}")
     if len(text) > _MAX_WIRE_LEN or not _WIRE_DECIMAL.fullmatch(text):
-        shown = text if len(text) <= 40 else text[:40] + "..."
+        shown = clipped(text, 40)
         raise DecodeError("decimal string", f"{name}: {shown!r} is not a plain decimal")
     try:
         return Decimal(text)

@@ -50,7 +50,6 @@ from services.gateway.orders import (
     PositionState,
     canonical,
     client_order_id,
-    clipped,
     close_units,
     order_amount,
     order_id,
@@ -69,6 +68,7 @@ from shared.codec import decimal_to_wire, order_of
 from shared.core.config import StrategyConfig
 from shared.core.market import Side
 from shared.core.products import SIDES, product_id
+from shared.core.text import clipped
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.logging import get_logger
 from shared.redis_store import ApplyStatus

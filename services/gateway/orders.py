@@ -25,6 +25,7 @@ from smartlev.v1 import gateway_pb2
 from shared.codec import POSITION_ID, decimal_to_wire
 from shared.core.accounting import issue_terms, redeem_terms
 from shared.core.money import USDT_QUANTUM, ZERO, MoneyError, usdt_down
+from shared.core.text import clipped
 from shared.serving import Rejected
 
 CLIENT_ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -34,11 +35,6 @@ PLAIN_DECIMAL = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")
 
 def invalid(message: str) -> Rejected:
     return Rejected(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def clipped(text: str, limit: int = 80) -> str:
-    """`text` as an error message quotes it: cut after `limit` characters."""
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError, Message
 from shared.adapters.redis_wire import RedisWire
 from shared.codec import encode
 from shared.core.config import StrategyConfig
+from shared.core.text import clipped
 from shared.core.venue import PerpVenue
 from shared.redis_store import ApplyOnceStore, ApplyStatus, Version, field_to_wire
 
@@ -145,12 +146,15 @@ class VenueLedger:
         try:
             record = json.loads(raw)
             request, method, stored = record["request"], record["method"], record["reply"]
-            reply = reply_type()
-            reply.ParseFromString(base64.b64decode(stored))
+            reused = request != print_
+            # parsed only for the same request: another method's reply is another type
+            reply = None if reused else reply_type.FromString(base64.b64decode(stored))
         except (ValueError, KeyError, TypeError, DecodeError) as exc:
-            raise CorruptState(f"{symbol}: record of {call_id!r} unreadable: {exc!r}") from exc
-        if request != print_:
-            raise IdReused(f"id {call_id!r} was already used for a different {method}")
+            raise CorruptState(
+                f"{symbol}: record of {clipped(call_id)!r} unreadable: {exc!r}"
+            ) from exc
+        if reply is None:
+            raise IdReused(f"id {clipped(call_id)!r} was already used for a different {method}")
         return reply
 
 

@@ -62,9 +62,19 @@ log = get_logger("venue")
 # --------------------------------------------------------------------------- validation
 
 
+# Hedging's call ids are `<symbol>:<seq>:<n>` and `<symbol>:order:<order id>:<n>`, under
+# 80 characters; the venue keeps up to `applied_ids_kept` of them per symbol.
+MAX_ID_CHARS = 200
+
+
 def _id(value: str, name: str) -> str:
     if not value.strip():
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is required")
+    if len(value) > MAX_ID_CHARS:
+        raise Rejected(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{name}: {len(value):,} characters, at most {MAX_ID_CHARS}",
+        )
     return value
 
 

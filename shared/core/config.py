@@ -12,6 +12,7 @@ from shared.core.features import FeatureConfig
 from shared.core.hedging import HedgingConfig
 from shared.core.leverage import LeverageConfig
 from shared.core.regime import RegimeConfig
+from shared.core.text import clipped
 from shared.core.venue import InstrumentSpec, VenueConfig
 
 # The finest price tick or lot step taken (real venues' finest are 1e-8): finer, a
@@ -143,4 +144,4 @@ def unknown_symbol_problem(symbol: str, instruments: Collection[str]) -> str | N
     """Why `symbol` is none of `instruments` (the configured ones), or None."""
     if symbol in instruments:
         return None
-    return f"unknown symbol {symbol!r}; configured: {', '.join(sorted(instruments))}"
+    return f"unknown symbol {clipped(symbol)!r}; configured: {', '.join(sorted(instruments))}"

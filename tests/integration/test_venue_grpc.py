@@ -173,6 +173,67 @@ async def test_repeated_id_returns_original_and_changes_nothing(env: tuple[Redis
         assert fill_from_wire(first.fill).qty == Decimal("2.5")
 
 
+async def test_an_id_reused_by_another_method_is_refused_as_reused(
+    env: tuple[Redis, str],
+) -> None:
+    """A funding's id reused by an order, a transfer or a check was INTERNAL "record
+    unreadable" (its reply parsed as the new call's type first), logged as corrupt state
+    with Redis intact; every other pair was FAILED_PRECONDITION."""
+    redis, namespace = env
+    reuse = [
+        ("SubmitOrder", order("f1", "0.1")),
+        ("Transfer", venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id="f1", amount="5")),
+        (
+            "CheckLiquidation",
+            venue_pb2.CheckLiquidationRequest(
+                symbol=SYMBOL, check_id="f1", mark_price="50000", ts_event_ns=1
+            ),
+        ),
+    ]
+    async with Venue(redis, namespace) as venue:
+        await funded(venue.stub, "100000")
+        await venue.stub.SubmitOrder(order("o1", "1"))
+        await venue.stub.SettleFunding(
+            venue_pb2.SettleFundingRequest(
+                symbol=SYMBOL, settlement_id="f1", rate="0.0001", mark_price="50000"
+            )
+        )
+        before = await account(venue.stub)
+        for rpc, request in reuse:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await getattr(venue.stub, rpc)(request)
+            assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION, rpc
+            assert "'f1' was already used for a different SettleFunding" in (
+                err.value.details() or ""
+            )
+        assert await account(venue.stub) == before
+
+
+async def test_oversized_ids_and_symbols_are_invalid_argument_quoted_short(
+    env: tuple[Redis, str],
+) -> None:
+    """A 20,000-character symbol was quoted whole in the refusal, past gRPC's 16 KiB of
+    metadata: the caller got RESOURCE_EXHAUSTED; a 200,000-character id was applied and
+    kept (up to `applied_ids_kept` of them)."""
+    redis, namespace = env
+    async with Venue(redis, namespace) as venue:
+        before = await funded(venue.stub, "1000")
+        huge = "X" * 20_000
+        calls = [
+            ("SubmitOrder", order("o1", "0.001", symbol=huge)),
+            ("SubmitOrder", order("o" * 201, "0.001")),
+            ("Transfer", venue_pb2.TransferRequest(symbol=SYMBOL, transfer_id=huge, amount="1")),
+        ]
+        for rpc, request in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await getattr(venue.stub, rpc)(request)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, rpc
+            assert len(err.value.details() or "") < 300
+        assert await account(venue.stub) == before
+        assert await redis.hlen(f"{namespace}venue:{{{SYMBOL}}}:applied") == 1  # t1
+        await venue.stub.SubmitOrder(order("o" * 200, "0.001"))  # at the bound: taken
+
+
 async def test_the_venue_remembers_its_newest_call_ids_only(env: tuple[Redis, str]) -> None:
     """Its records of applied calls are bounded (`applied_ids_kept`); the newest still
     answer a repeat with the original reply and change nothing."""
