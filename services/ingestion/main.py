@@ -47,7 +47,7 @@ from services.ingestion.store import SeqStore, Standby, topic_recovery
 from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, synthetic_stream
 from services.ingestion.validation import MarketValue, Policy, Verdict
 from shared.adapters.kafka_admin import ensure_topics
-from shared.adapters.market_data import DataError, parse_time
+from shared.adapters.market_data import DataError, LoadReport, parse_time
 from shared.adapters.tick_replay import backtest_stream
 from shared.health import CheckResult, HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.heap import freeze_heap
@@ -86,6 +86,21 @@ def finite_events(settings: IngestionSettings) -> Iterable[MarketValue]:
         start_ns=parse_time(settings.start),
         end_ns=parse_time(settings.end),
         mode=settings.ticks,
+        on_report=log_load_report,
+    )
+
+
+def log_load_report(report: LoadReport) -> None:
+    """What a replay's files held that it leaves out or cannot fill (the backtest prints
+    the same): a warning for gaps, which the replay publishes through (the listing's
+    placeholder rows the real files begin with are skipped as a matter of course)."""
+    (log.warning if report.gaps else log.info)(
+        "load_report",
+        path=report.path,
+        summary=report.summary(),
+        placeholders_skipped=report.placeholder_rows_skipped,
+        gaps=report.gaps,
+        missing=report.missing_bars,
     )
 
 

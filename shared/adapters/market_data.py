@@ -124,6 +124,13 @@ def _format_ns(ts_ns: int) -> str:
     return text if ns == 0 else f"{text} (+{ns} ns)"
 
 
+def _format_span(span_ns: int) -> str:
+    """A span as hours, minutes and seconds (to the ms): "4h34m56.000s"."""
+    hours, rest = divmod(span_ns, 3600 * NS_PER_SECOND)
+    minutes, rest = divmod(rest, 60 * NS_PER_SECOND)
+    return f"{hours}h{minutes:02d}m{rest / NS_PER_SECOND:06.3f}s"
+
+
 # --- rows -----------------------------------------------------------------------------
 
 
@@ -308,6 +315,9 @@ def load_bars(
 
 
 FUNDING_INTERVAL_NS = 8 * 3600 * 10**9  # the files' settlements: every eight hours
+# Closer than this, a settlement is not one of the schedule's (an exchange's own times
+# carry milliseconds of jitter, never hours).
+LEAST_FUNDING_APART_NS = FUNDING_INTERVAL_NS - 3600 * 10**9
 
 
 def _missing(previous_ns: int, ts_ns: int, interval_ns: int) -> int:
@@ -337,7 +347,16 @@ def load_funding(
     for ts_text, rate_text in rows:
         read += 1
         ts = rows.timestamp(ts_text)
+        prev, prev_line = order.prev_ts, order.prev_line
         order.check(ts)
+        if prev is not None and ts - prev < LEAST_FUNDING_APART_NS:
+            # charged again: a row repeated with a few ms of jitter, a merge of two
+            # downloads, a time between two settlements
+            raise rows.error(
+                f"settlement at {_format_ns(ts)} is only {_format_span(ts - prev)} after "
+                f"the one on line {prev_line}: the files settle every eight hours (a "
+                "repeated row, or one off the schedule)"
+            )
         rate = rows.number("funding_rate", rate_text)
         beyond = funding_rate_problem(rate, "funding_rate")
         if beyond is not None:

@@ -20,7 +20,7 @@ from kafka import KafkaProducer
 from smartlev.v1 import market_pb2
 
 from shared import codec
-from shared.adapters.market_data import load_market
+from shared.adapters.market_data import LoadReport, load_market
 from shared.backtest import market_events
 from shared.core.bars import ticks_from_bars
 from shared.core.market import NS_PER_HOUR, FundingRate, Tick
@@ -50,10 +50,12 @@ def backtest_stream(
     end_ns: int | None = None,
     mode: Literal["ohlc", "close"] = "ohlc",
     interval_ns: int = NS_PER_HOUR,
+    on_report: Callable[[LoadReport], None] | None = None,
 ) -> Iterator[Tick | FundingRate]:
     """Exactly the market events `smartlev backtest` feeds `run_backtest` for the same
     files and window (same loaders, `ticks_from_bars`, `market_events`), so a service
-    replaying this stream and the backtester see the same ticks in the same order."""
+    replaying this stream and the backtester see the same ticks in the same order.
+    `on_report` hears what each file's load tolerated (the backtest prints it)."""
     loaded = load_market(
         data,
         symbol,
@@ -63,6 +65,9 @@ def backtest_stream(
         end_ns=end_ns,
         interval_ns=interval_ns,
     )
+    if on_report is not None:
+        for report in loaded.reports:
+            on_report(report)
     ticks = ticks_from_bars(loaded.bars, interval_ns, loaded.marks, mode=mode)
     return market_events(ticks, loaded.rates)
 

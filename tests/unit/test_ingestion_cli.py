@@ -3,6 +3,8 @@ before it reaches for the broker: no traceback."""
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,35 @@ def test_a_replay_of_something_that_is_not_the_data_stops_in_one_line(
 @needs_data
 def test_the_real_data_files_pass_the_file_check() -> None:
     assert IngestionSettings(data=PERP, start="2021-05-12").data == PERP
+
+
+@needs_data
+def test_a_replay_says_what_its_files_left_out(tmp_path: Path) -> None:
+    """The backtest prints each file's load report; a replay published through gaps and
+    skipped rows without a word at any log level."""
+    from services.ingestion.main import finite_events
+    from shared.logging import configure_logging
+
+    def reports() -> list[dict[str, object]]:
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        out.seek(0)
+        out.truncate()
+        return [line for line in lines if line["event"] == "load_report"]
+
+    assert PERP is not None
+    lines = PERP.read_text().splitlines(keepends=True)
+    holed = tmp_path / "BTCUSDT_perp_1h_holed.csv"
+    holed.write_text("".join(lines[:101] + lines[104:201]))  # 3 hours cut out
+    out = io.StringIO()
+    configure_logging("ingestion", "INFO", stream=out)
+    try:
+        assert list(finite_events(IngestionSettings(source="replay", data=holed)))
+        (report,) = reports()
+        assert report["level"] == "warning"
+        assert (report["gaps"], report["missing"]) == (1, 3)
+        assert "1 gap(s) totalling 3 missing bar(s)" in str(report["summary"])
+        window = {"start": "2021-01-01", "end": "2021-01-03"}
+        assert list(finite_events(IngestionSettings(source="replay", data=PERP, **window)))
+        assert [r["level"] for r in reports()] == ["info"]
+    finally:
+        configure_logging("ingestion", "INFO")

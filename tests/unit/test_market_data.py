@@ -282,6 +282,7 @@ def test_marks_of_another_market_are_refused() -> None:
     assert "a median 93.7% from the traded closes over 35269 hour(s)" in message
 
 
+@needs_data
 def test_a_replay_refuses_marks_of_another_market_as_the_backtest_does(tmp_path: Path) -> None:
     """`backtest_stream` (ingestion's replay) is the backtest's stream: the same refusal,
     also of marks whose file name does not say whose they are."""
@@ -487,6 +488,10 @@ def test_prices_are_exact_decimals(tmp_path: Path) -> None:
         ("2020-01-01T08:00:00Z,-1.5\n", ["out of bounds"]),
         ("2020-01-01T08:00:00Z,inf\n", ["not finite"]),
         ("2020-01-01T00:00:00Z,0.0001\n", ["duplicate"]),
+        # charged twice: a repeat with an exchange's ms of jitter, one off the schedule
+        ("2020-01-01T00:00:00.004Z,0.0001\n", ["only 0h00m00.004s after the one on line 2"]),
+        ("2020-01-01T04:34:56Z,0.0001\n", ["only 4h34m56.000s after", "every eight hours"]),
+        ("2020-01-01T06:59:59Z,0.0001\n", ["only 6h59m59.000s after"]),
     ],
 )
 def test_bad_funding_rows(tmp_path: Path, row: str, fragments: list[str]) -> None:
