@@ -34,7 +34,7 @@ from shared.adapters.venue_client import (
 from shared.codec import DecodeError, EncodeError, decimal_from_wire, decimal_to_wire
 from shared.core.config import StrategyConfig
 from shared.core.money import MoneyError
-from shared.core.venue import PerpVenue
+from shared.core.venue import InsufficientMargin, PerpVenue
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, redis_check
 from shared.logging import get_logger
 from shared.serving import Rejected, grpc_server, listen, register, run
@@ -119,7 +119,7 @@ class VenueServicer(venue_pb2_grpc.VenueServicer):
         except Rejected as exc:
             REQUESTS.labels(rpc, exc.code.name).inc()
             await context.abort(exc.code, str(exc))
-        except IdReused as exc:
+        except (IdReused, InsufficientMargin) as exc:  # nothing was written
             REQUESTS.labels(rpc, "FAILED_PRECONDITION").inc()
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (EncodeError, MoneyError, ArithmeticError) as exc:  # nothing was written

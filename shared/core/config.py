@@ -132,6 +132,19 @@ class StrategyConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _orders_within_initial_margin(self) -> StrategyConfig:
+        """The venue refuses an order that adds to a position past 1 / initial_margin of
+        leverage; the engine's orders stay below `leverage_ceiling`, so the ceiling must
+        be below that, or a rebalance the policy asks for would be refused."""
+        ceiling, initial = self.leverage.leverage_ceiling, float(self.venue.initial_margin)
+        if ceiling * initial >= 1:
+            raise ValueError(
+                f"venue.initial_margin {initial:g} takes orders up to {1 / initial:.4g}x: "
+                f"the {ceiling:g}x leverage_ceiling must be below that"
+            )
+        return self
+
     def instrument(self, symbol: str) -> InstrumentSpec:
         problem = unknown_symbol_problem(symbol, self.instruments)
         if problem is not None:

@@ -20,7 +20,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.core.events import AccountLiquidated, OrderFilled
 from shared.core.money import ZERO, MoneyError, price_against
@@ -78,12 +78,35 @@ class VenueConfig(BaseModel):
     maintenance_margin: Decimal = Field(
         Decimal("0.005"), gt=0, lt=1, description="Maintenance margin rate of position notional."
     )
+    initial_margin: Decimal = Field(
+        Decimal("0.05"),
+        gt=0,
+        lt=1,
+        description="Initial margin rate: an order that adds to the position must leave the "
+        "account's equity at least this share of the position's notional (0.05: 20x).",
+    )
     liquidation_fee: Decimal = Field(
         Decimal("0.0125"),
         ge=0,
         lt=Decimal("0.1"),
         description="Share of notional taken into the insurance fund.",
     )
+
+    @model_validator(mode="after")
+    def _initial_above_maintenance(self) -> VenueConfig:
+        if self.initial_margin <= self.maintenance_margin:
+            raise ValueError(
+                f"initial_margin {self.initial_margin} must be above maintenance_margin "
+                f"{self.maintenance_margin}: an order the venue takes must not be one it "
+                "liquidates"
+            )
+        return self
+
+
+class InsufficientMargin(MoneyError):
+    """An order that adds to the position past what the account's equity margins: a
+    real exchange refuses it, and the engine never sends one (its leverage stays below
+    1 / initial_margin), so one is a bug upstream."""
 
 
 class Venue(Protocol):
@@ -224,8 +247,12 @@ class PerpVenue:
         buying = qty > 0
         taken = self.walked(ts_ns, buying)
         price, fee = self.quote(qty, reference, liquidity, taken)
-        self.wallet -= qty * price + fee
-        self.position += qty
+        position = self.position + qty
+        wallet = self.wallet - (qty * price + fee)
+        if abs(position) > abs(self.position) or position * self.position < 0:
+            self._margined(qty, price, reference, wallet + position * reference, position)
+        self.wallet = wallet
+        self.position = position
         self.fees_paid += fee
         if liquidity is Liquidity.TAKER:
             if ts_ns != self.walk_ts:
@@ -236,6 +263,21 @@ class PerpVenue:
                 self.walk_sold = taken - qty * reference
         self._update_liquidation_price()
         return OrderFilled(self.spec.symbol, ts_ns, qty, price, fee, liquidity.value)
+
+    def _margined(
+        self, qty: Decimal, price: Decimal, reference: Decimal, equity: Decimal, position: Decimal
+    ) -> None:
+        """`InsufficientMargin` unless the account's equity after an order that adds to
+        (or turns) its position is at least the initial margin of the position after it."""
+        required = abs(position) * reference * self.config.initial_margin
+        if equity >= required:
+            return
+        at = f"leverage {abs(position) * reference / equity:.4g}x" if equity > 0 else "none"
+        raise InsufficientMargin(
+            f"{self.spec.symbol}: an order of {qty} at {price} leaves equity {equity} "
+            f"against a position of {position} at {reference}, below its initial margin "
+            f"of {required} ({self.config.initial_margin}; {at})"
+        )
 
     def settle_funding(self, rate: Decimal, mark: Decimal) -> Decimal:
         """Pays position x mark x rate (longs pay when the rate is positive); returns it."""

@@ -332,7 +332,6 @@ async def test_restart_continues_with_the_same_state(env: tuple[Redis, str]) -> 
         (order("x1", "1", "-5"), "must be > 0"),
         (order("x1", "1", ""), "not a plain decimal"),
         (order("x1", "1" + "0" * 39, "100000"), "more than 30 significant digits"),
-        (order("x1", "1" + "0" * 29, "1" + "0" * 29), "figures are out of range"),  # a 58-digit fee
         (order("x1", "-2000000000", "50000"), "would fill at -"),  # impact past the price
         (order("x1", "1", ts=0), "ts_event_ns: must be > 0"),  # unset: all one instant
     ],
@@ -347,6 +346,27 @@ async def test_invalid_orders_change_nothing(
             await venue.stub.SubmitOrder(request_)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert message in (err.value.details() or "")
+        assert await account(venue.stub) == before
+        assert not await redis.hexists(f"{namespace}venue:{{{SYMBOL}}}:applied", "x1")
+
+
+@pytest.mark.parametrize(
+    ("qty", "price"),
+    [
+        ("60", "50000"),  # 3,000,000 USDT on 1,000: 3,000x, liquidated at the next check
+        ("1" + "0" * 29, "1" + "0" * 29),  # a 58-digit fee, out of the wire's range before
+    ],
+)
+async def test_an_order_the_account_cannot_margin_is_refused(
+    env: tuple[Redis, str], qty: str, price: str
+) -> None:
+    redis, namespace = env
+    async with Venue(redis, namespace) as venue:
+        before = await funded(venue.stub, "1000")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await venue.stub.SubmitOrder(order("x1", qty, price))
+        assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "below its initial margin" in (err.value.details() or "")
         assert await account(venue.stub) == before
         assert not await redis.hexists(f"{namespace}venue:{{{SYMBOL}}}:applied", "x1")
 

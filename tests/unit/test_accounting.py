@@ -32,7 +32,7 @@ from shared.core.events import (
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted
 from shared.core.market import NS_PER_DAY, NS_PER_HOUR, Side
 from shared.core.money import MoneyError, to_step, units_down
-from shared.core.venue import Liquidity, PerpVenue
+from shared.core.venue import InsufficientMargin, Liquidity, PerpVenue
 from tests.unit.stubs import BTC, LONG, SHORT, books, json_round_trip, product, venue
 
 D = Decimal
@@ -423,6 +423,12 @@ def _apply(w: World, step: tuple[object, ...]) -> None:
                 changes.append(PositionChange(name, wanted - book.qty))
         if changes:
             config = HedgingConfig(liquidity=liquidity, max_slice_notional=D(20000))
+            try:  # on a copy first: a slice refused would leave the ones before it filled
+                execute_netted(PerpVenue.restore(v.spec, v.config, v.snapshot()), w.ts,
+                               changes, price, config)  # fmt: skip
+            except InsufficientMargin:
+                note("hedge past the initial margin refused")  # the engine never asks
+                return
             hedge = execute_netted(v, w.ts, changes, price, config)
             b.apply_hedge(hedge)
             note(f"hedge with {len(hedge.fills)} fills" if hedge.fills else "hedge crossed")

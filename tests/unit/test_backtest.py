@@ -60,13 +60,11 @@ def test_the_margins_a_config_takes_are_not_liquidated_in_march_2020(symbol: str
     edge = Decimal((1 - ceiling * step) / (ceiling * (1 + step))).quantize(Decimal("0.0001"))
     liquidations = []
     for margin in (edge - Decimal("0.0001"), Decimal("0.09")):
-        venue = {"maintenance_margin": margin}
+        venue = {"maintenance_margin": margin, "initial_margin": Decimal("0.1")}
         if margin > edge:
             with pytest.raises(ValidationError, match="maintenance_margin"):
                 StrategyConfig.model_validate({"leverage": ALL_IN_AT_5X, "venue": venue})
-        config = StrategyConfig.model_construct(
-            leverage=ALL_IN_AT_5X, venue=VenueConfig(maintenance_margin=margin)
-        )
+        config = StrategyConfig.model_construct(leverage=ALL_IN_AT_5X, venue=VenueConfig(**venue))
         result = run_backtest(
             symbol, loaded.bars, loaded.rates, config, marks=loaded.marks, benchmarks=False
         )

@@ -92,7 +92,7 @@ def test_plan_slices_respects_max_notional_with_minimal_count(
 
 
 def test_cross_sends_one_net_order_and_allocates_costs_10_to_4() -> None:
-    v = venue()
+    v = venue(collateral="1000")
     changes = [PositionChange(LONG, D("0.010")), PositionChange(SHORT, D("-0.004"))]
     hedge = execute_netted(v, 9, changes, D(50000), HedgingConfig())
     # net +0.006 BTC, notional 300: one buy.
@@ -109,7 +109,7 @@ def test_cross_sends_one_net_order_and_allocates_costs_10_to_4() -> None:
         D("0.006"),
     )
     assert v.position == D("0.006")
-    assert v.wallet == D("-300.13620648")  # -(300.0162 + 0.12000648)
+    assert v.wallet == D("699.86379352")  # 1000 - (300.0162 + 0.12000648)
     # slippage total 300.0162 - 0.006 x 50000 = 0.0162, split 10:4 by largest remainder:
     # 0.01157142857.. -> 0.01157143 ; 0.00462857142.. -> 0.00462857
     # fees 0.12000648 split 10:4: 0.0857189142.. -> 0.08571891 ; 0.0342875657.. -> 0.03428757
@@ -137,7 +137,7 @@ def test_perfect_cross_trades_nothing_and_costs_nothing() -> None:
 
 
 def test_large_net_order_is_sliced() -> None:
-    v = venue()
+    v = venue(collateral="1000000")
     changes = [PositionChange(LONG, D(3))]
     hedge = execute_netted(v, 0, changes, D(50000), HedgingConfig(max_slice_notional=D(60000)))
     # 150000 / 60000 = 2.5 -> 3 slices of 1 BTC each
@@ -156,7 +156,7 @@ def test_non_lot_quantity_raises_value_error_and_sends_nothing(bad: str) -> None
 
 
 def test_maker_hedge_has_no_slippage() -> None:
-    v = venue()
+    v = venue(collateral="1000000")
     changes = [PositionChange(LONG, D("0.3")), PositionChange(SHORT, D("-0.1"))]
     hedge = execute_netted(v, 0, changes, D(50000), HedgingConfig(liquidity=Liquidity.MAKER))
     # one maker buy of 0.2 at 50000: fee 0.2 x 50000 x 0.0002 = 2, split 3:1 = 1.5 / 0.5
@@ -185,7 +185,7 @@ def test_netting_identity_is_exact(
     max_slice: Decimal,
     start_position: Decimal,
 ) -> None:
-    v = venue(collateral="1000000")
+    v = venue(collateral="1000000000000")  # margins 1,000 BTC at 100,000 and more
     if start_position:
         v.execute(0, start_position, reference)
     wallet, position, fees_paid = v.wallet, v.position, v.fees_paid

@@ -149,14 +149,23 @@ def test_config_refuses_a_margin_that_liquidates_near_the_ceiling_and_infinite_f
     0.25 (liquidation at 4x) with the 5.5x ceiling liquidated the account on the first
     tick of January 2020; a half-life past ~1e16 bars divided 0 by 0 on the second bar."""
     for margin in ("0.25", "0.09", "0.0278"):  # 0.09: twice the ceiling, taken before
+        venue = {"maintenance_margin": margin, "initial_margin": "0.3"}
         with pytest.raises(ValidationError, match=r"to 36\.1x, so it must be below 0\.02767"):
-            StrategyConfig.model_validate({"venue": {"maintenance_margin": margin}})
+            StrategyConfig.model_validate({"venue": venue})
     assert StrategyConfig.model_validate({"venue": {"maintenance_margin": "0.0276"}})
     with pytest.raises(ValidationError, match=r"whole equity at it; it must be below 6\.67x"):
         StrategyConfig.model_validate({"leverage": {"l_max": 6.0, "leverage_ceiling": 6.7}})
     for halflife in (math.inf, 1e17):
         with pytest.raises(ValidationError, match="vol_halflife_bars"):
             StrategyConfig.model_validate({"features": {"vol_halflife_bars": halflife}})
+
+
+def test_config_refuses_an_initial_margin_the_ceiling_would_pass() -> None:
+    """The venue refuses an order that adds to a position past 1 / initial_margin; a
+    ceiling at or past that would have rebalances the policy asks for refused."""
+    with pytest.raises(ValidationError, match=r"takes orders up to 5x: the 5\.5x"):
+        StrategyConfig.model_validate({"venue": {"initial_margin": "0.2"}})
+    assert StrategyConfig.model_validate({"venue": {"initial_margin": "0.18"}})
 
 
 def test_books_left_outside_new_bounds_are_rebalanced_once_whatever_comes_first() -> None:

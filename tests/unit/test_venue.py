@@ -16,10 +16,13 @@ from pydantic import ValidationError
 
 from shared.core.events import AccountLiquidated
 from shared.core.money import MoneyError
-from shared.core.venue import Liquidity, PerpVenue, VenueConfig
+from shared.core.venue import InsufficientMargin, Liquidity, PerpVenue, VenueConfig
 from tests.unit.stubs import BTC, btc_spec, json_round_trip, venue, venue_config, venue_with
 
 D = Decimal
+# Margins every order of these tests (1e10 USDT the most) at the venue's initial margin:
+# they are about prices and fees, and an account with nothing in it may not trade.
+COLLATERAL = D(10**12)
 
 
 # --- fill prices ------------------------------------------------------------------------
@@ -28,14 +31,14 @@ D = Decimal
 def test_taker_buy_exact_square_root_on_tick() -> None:
     # notional 10 x 50000 = 500000; /50e6 = 0.01; sqrt = 0.1; impact 10 x 0.1 = 1 bps;
     # + 0.5 half spread = 1.5 bps; shift = 50000 x 1.5e-4 = 7.5 -> 50007.5 (on the tick)
-    v = venue()
+    v = venue(collateral="1000000")
     fill = v.execute(1, D(10), D(50000))
     assert fill.price == D("50007.5")
     # fee 10 x 50007.5 x 0.0004 = 200.03
     assert fill.fee == D("200.03")
     assert (fill.qty, fill.liquidity, fill.symbol, fill.ts_ns) == (D(10), "TAKER", BTC, 1)
     # cash accounting: wallet -= 10 x 50007.5 + 200.03 = 500075 + 200.03
-    assert v.wallet == D("-500275.03")
+    assert v.wallet == D("1000000") - D("500275.03")
     assert v.position == D(10)
     assert v.fees_paid == D("200.03")
 
@@ -95,26 +98,26 @@ def test_taker_sell_wallet_and_equity() -> None:
 def test_maker_fill_at_reference_with_maker_fee() -> None:
     """At the reference, on the tick grid (0.1) against the trader: a reference between
     ticks filled there, off the grid every other fill keeps to."""
-    v = venue()
+    v = venue(collateral="1000000")
     fill = v.execute(3, D(1), D("50000.05"), Liquidity.MAKER)
     # a buy: up to 50000.1; fee 1 x 50000.1 x 0.0002 = 10.00002
     assert (fill.price, fill.fee, fill.liquidity) == (D("50000.1"), D("10.00002"), "MAKER")
-    assert v.wallet == D("-50010.10002")
+    assert v.wallet == D("1000000") - D("50010.10002")
     sold = v.execute(4, D(-1), D("50000.05"), Liquidity.MAKER)
     assert sold.price == D("50000.0")  # a sell: down
     assert v.execute(5, D(1), D("50000.2"), Liquidity.MAKER).price == D("50000.2")  # on it
 
 
 def test_fills_accumulate_position_and_fees() -> None:
-    v = venue(collateral="1000")
+    v = venue(collateral="10000")
     v.execute(1, D(2), D(50000), Liquidity.MAKER)  # -100000 - 20
     v.execute(2, D("-0.5"), D(51000), Liquidity.MAKER)  # +25500 - 5.1
     assert v.position == D("1.5")
     assert v.fees_paid == D("25.1")
-    assert v.wallet == D(1000) - D(100020) + D("25494.9")  # = -73525.1
-    assert v.wallet == D("-73525.1")
-    assert v.transfers_in == D(1000)
-    # equity at 52000: -73525.1 + 78000 = 4474.9; pnl 3474.9
+    assert v.wallet == D(10000) - D(100020) + D("25494.9")  # = -64525.1
+    assert v.wallet == D("-64525.1")
+    assert v.transfers_in == D(10000)
+    # equity at 52000: -64525.1 + 78000 = 13474.9; pnl 3474.9
     assert v.pnl(D(52000)) == D("3474.9")
 
 
@@ -124,7 +127,7 @@ def test_fills_accumulate_position_and_fees() -> None:
 )
 @settings(deadline=None)
 def test_taker_fill_price_formula(qty: Decimal, reference: Decimal) -> None:
-    v = venue()
+    v = venue(collateral=COLLATERAL)
     fill = v.execute(0, qty, reference)
     cfg = v.config
     bps = cfg.half_spread_bps + cfg.impact_bps * (abs(qty) * reference / cfg.depth_notional).sqrt()
@@ -134,7 +137,7 @@ def test_taker_fill_price_formula(qty: Decimal, reference: Decimal) -> None:
     assert fill.price == expected
     assert (fill.price >= reference) if qty > 0 else (fill.price <= reference)
     assert fill.fee == abs(qty) * fill.price * D("0.0004")
-    assert v.wallet == -(qty * fill.price + fill.fee)
+    assert v.wallet == COLLATERAL - (qty * fill.price + fill.fee)
 
 
 @pytest.mark.parametrize("qty", ["0.0015", "-0.0015", "0.0001", "1.0000001"])
@@ -157,7 +160,7 @@ def test_zero_quantity_is_refused(qty: str) -> None:
 def test_a_sell_whose_impact_passes_the_price_is_refused_and_changes_nothing() -> None:
     """Square-root impact has no cap: 2e9 BTC sold at 50,000 would fill at -20,713 (the
     venue paying the fee)."""
-    v = venue(collateral="100")
+    v = venue(collateral="10000")
     before = v.snapshot()
     with pytest.raises(MoneyError, match="would fill at -"):
         v.execute(0, D("-2000000000"), D(50000))
@@ -178,6 +181,60 @@ def test_a_sell_whose_impact_passes_the_price_is_refused_and_changes_nothing() -
 def test_venue_costs_past_any_real_venue_are_refused(field: dict[str, Decimal]) -> None:
     with pytest.raises(ValidationError):
         VenueConfig(**field)
+
+
+# --- initial margin ---------------------------------------------------------------------
+
+
+def test_an_account_with_nothing_in_it_may_not_open_a_position() -> None:
+    """Any order filled whatever the account held: an empty account bought 10 BTC, sold
+    them at a loss and sat flat at -100,262 USDT for good (a flat account is never
+    liquidated, so nothing wrote it back up)."""
+    v = venue()
+    for qty in (D(10), D("-0.001")):
+        with pytest.raises(InsufficientMargin, match="initial margin") as refused:
+            v.execute(1, qty, D(30000))
+        assert "none)" in str(refused.value)  # no equity: no leverage to name
+        assert v.snapshot() == venue().snapshot()
+
+
+@pytest.mark.parametrize("side", [1, -1])
+def test_an_order_past_the_initial_margin_is_refused_and_changes_nothing(side: int) -> None:
+    """1,000 USDT bought 3,000,000 of BTC (3,000x), liquidated at the next check at the
+    same price, the venue's fund paying the deficit. Up to 1 / initial_margin (20x, less
+    the order's costs) is taken; past it nothing changes."""
+    reference = D(50000)
+    v = venue(collateral="1000")
+    before = v.snapshot()
+    with pytest.raises(InsufficientMargin, match=r"leverage 20\.\d+x"):
+        v.execute(1, side * D("0.4"), reference)  # 20,000 USDT: 20x before its costs
+    assert v.snapshot() == before
+    fill = v.execute(1, side * D("0.39"), reference)  # 19.5x
+    equity = v.equity(reference)
+    assert equity >= D("0.39") * reference * v.config.initial_margin
+    assert fill.qty == side * D("0.39")
+    with pytest.raises(InsufficientMargin):  # adding to it: past 20x again
+        v.execute(2, side * D("0.01"), reference)
+
+
+def test_orders_that_reduce_a_position_are_taken_however_little_margins_it() -> None:
+    """Cutting a position is what an account past its margin needs: never refused, down
+    to a flat account, and a flip's new side is margined as an opening order."""
+    reference = D(50000)
+    v = venue_with(wallet="-49500", position="1")  # equity 500 at 50,000: 100x
+    v.execute(1, D("-0.5"), reference)
+    v.execute(2, D("-0.5"), reference)
+    assert v.position == 0
+    v = venue_with(wallet="-40000", position="1")  # equity 10,000: 5x
+    with pytest.raises(InsufficientMargin):  # to -5: 25x short
+        v.execute(3, D(-6), reference)
+    assert v.execute(3, D(-3), reference).qty == D(-3)  # to -2: 10x short
+
+
+def test_the_initial_margin_must_be_above_the_maintenance_margin() -> None:
+    with pytest.raises(ValidationError, match="must be above maintenance_margin"):
+        VenueConfig(initial_margin=D("0.005"))
+    assert VenueConfig(initial_margin=D("0.006")).initial_margin == D("0.006")
 
 
 # --- funding ----------------------------------------------------------------------------
@@ -418,7 +475,7 @@ def test_slices_of_one_instant_pay_what_one_order_of_their_sum_would(
     their own the same slices pay less, as the book refills between them."""
     qty = slice_qty if buying else -slice_qty
     assume(slice_qty * count * reference < D(40) * venue_config().depth_notional)  # sells
-    sliced, apart, one = venue(), venue(), venue()
+    sliced, apart, one = (venue(collateral=COLLATERAL) for _ in range(3))
     walked = [(qty, sliced.execute(7, qty, reference).price) for _ in range(count)]
     alone = [(qty, apart.execute(7 + i, qty, reference).price) for i in range(count)]
     whole = [(qty * count, one.execute(7, qty * count, reference).price)]
@@ -437,9 +494,9 @@ def test_a_60m_trade_in_31_slices_pays_its_whole_impact() -> None:
     # 0.5 + 10 x sqrt(60M / 50M) = 11.45 bps, ~68,700 USDT; each slice priced alone paid
     # 0.5 + 10 x sqrt(1.94M / 50M) = 2.47 bps, ~14,800 between them.
     reference, size = D(30000), D("64.516")
-    sliced = venue()
+    sliced = venue(collateral=COLLATERAL)
     fills = [(size, sliced.execute(1, size, reference).price) for _ in range(31)]
-    one = venue().execute(1, size * 31, reference)
+    one = venue(collateral=COLLATERAL).execute(1, size * 31, reference)
     paid = _impact_paid(fills, reference)
     assert abs(paid - size * 31 * (one.price - reference)) <= D("0.1") * size * 31
     assert 68_000 < paid < 69_500
@@ -447,17 +504,18 @@ def test_a_60m_trade_in_31_slices_pays_its_whole_impact() -> None:
 
 def test_the_other_side_and_maker_orders_do_not_walk() -> None:
     reference = D(50000)
-    v, fresh = venue(), venue()
+    v, fresh = venue(collateral=COLLATERAL), venue(collateral=COLLATERAL)
     v.execute(3, D(100), reference)  # a buy walks the asks
     assert v.execute(3, D(-5), reference).price == fresh.execute(3, D(-5), reference).price
     v.execute(3, D(50), reference, Liquidity.MAKER)
     assert v.walked(3, True) == 100 * reference  # a passive order takes no liquidity
     # the next instant starts afresh
-    assert v.execute(4, D(5), reference).price == venue().execute(4, D(5), reference).price
+    again = venue(collateral=COLLATERAL).execute(4, D(5), reference)
+    assert v.execute(4, D(5), reference).price == again.price
 
 
 def test_quote_with_walked_is_what_execute_fills() -> None:
-    v = venue()
+    v = venue(collateral=COLLATERAL)
     reference = D("43210.5")
     v.execute(11, D(300), reference)
     price, fee = v.quote(D(200), reference, Liquidity.TAKER, v.walked(11, True))
@@ -469,6 +527,7 @@ def test_quote_with_walked_is_what_execute_fills() -> None:
 def test_the_walk_survives_a_restore_and_an_old_snapshot_has_none() -> None:
     spec, config = btc_spec(), venue_config()
     v = PerpVenue(spec, config)
+    v.transfer(COLLATERAL)
     v.execute(5, D(250), D(50000))
     restored = PerpVenue.restore(spec, config, json_round_trip(v.snapshot()))
     assert restored.execute(5, D(250), D(50000)) == v.execute(5, D(250), D(50000))

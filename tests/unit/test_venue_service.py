@@ -60,6 +60,7 @@ def test_the_account_hash_holds_plain_decimals_every_reader_takes(values: list[D
 
 def test_the_walk_crosses_the_wire_and_a_venue_without_it_sends_none() -> None:
     venue = PerpVenue(SPEC, CONFIG.venue)
+    venue.transfer(Decimal("100000"))  # margins the 500,000 bought
     venue.execute(9, Decimal("12.5"), Decimal("40000"))
     venue.execute(9, Decimal("-0.5"), Decimal("40000"))
     back = account_from_wire(account_to_wire(venue), SPEC, CONFIG.venue)
