@@ -28,12 +28,12 @@ from smartlev.v1 import common_pb2, nav_pb2
 from shared.adapters.market_data import parse_time
 from shared.chart import nav_chart
 from shared.core.products import SIDES, product_id
+from shared.interrupts import interrupt_on_hangup
 from shared.pipeline_runner import (
     DEMO_RUNS,
     STAGES,
     Pipeline,
     PipelineError,
-    interrupt_on_hangup,
     new_namespace,
     remove_leftover_namespaces,
     replay_args,

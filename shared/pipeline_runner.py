@@ -221,22 +221,6 @@ def process_start_time(pid: int) -> str | None:
     return stat.rpartition(")")[2].split()[19]
 
 
-def interrupt_on_hangup() -> None:
-    """Make SIGTERM and SIGHUP (a closed terminal) end this process as Ctrl-C does, so
-    the `with Pipeline` blocks stop their services: those run in sessions of their own,
-    which no signal to this process's group reaches, and Python's default for either
-    signal skips every `finally`. A second signal waits for that cleanup."""
-
-    def interrupt(signum: int, _frame: object) -> None:
-        for hangup in (signal.SIGTERM, signal.SIGHUP):
-            # a handler, not SIG_IGN: a process started meanwhile would inherit that
-            signal.signal(hangup, lambda *_: None)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, interrupt)
-
-
 def remove_leftover_namespaces(
     bootstrap: str, redis_url: str, runs: Path = RUNS, leftovers: Leftovers = TEST_RUNS
 ) -> None:

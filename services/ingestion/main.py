@@ -43,7 +43,7 @@ from services.ingestion.runner import (
     run_live,
     run_summary,
 )
-from services.ingestion.store import SeqStore, Standby, topic_recovery
+from services.ingestion.store import SeqStore, Standby, holder_token, topic_recovery
 from services.ingestion.synthetic import SCENARIOS, SyntheticSpec, synthetic_stream
 from services.ingestion.validation import MarketValue, Policy, Verdict
 from shared.adapters.kafka_admin import ensure_topics
@@ -51,6 +51,7 @@ from shared.adapters.market_data import DataError, LoadReport, parse_time
 from shared.adapters.tick_replay import backtest_stream
 from shared.health import CheckResult, HealthRegistry, HealthServer, kafka_check, redis_check
 from shared.heap import freeze_heap
+from shared.interrupts import interrupt_on_hangup
 from shared.logging import configure_logging, get_logger
 from shared.topics import MARKET_TICKS
 from shared.transient import is_transient
@@ -113,9 +114,10 @@ def events_to_publish(settings: IngestionSettings) -> list[MarketValue]:
 
 
 def build_ingestor(
-    settings: IngestionSettings, metrics: IngestionMetrics
+    settings: IngestionSettings, metrics: IngestionMetrics, token: str | None = None
 ) -> tuple[Ingestor, Any, Any]:
-    """(ingestor, producer, state store): topics ensured, nothing published yet."""
+    """(ingestor, producer, state store): topics ensured, nothing published yet. `token`:
+    the run's lease holder (`holder_token()`), the same for each of its attempts."""
     topic = MARKET_TICKS.in_namespace(settings.namespace)
     ensure_topics(settings.kafka_bootstrap, [topic, topic.dlq()], verbose=False)
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
@@ -124,6 +126,7 @@ def build_ingestor(
         settings.namespace,
         topic_recovery(settings.kafka_bootstrap, topic.name),
         lease_ttl_s=settings.lease_ttl_s,
+        token=token,
     )
     producer = BatchProducer(settings.kafka_bootstrap, client_id="smartlev-ingestion")
     ingestor = Ingestor(
@@ -259,10 +262,10 @@ def run_once(settings: IngestionSettings) -> int:
         transient=True,
     ) as progress:
         task = progress.add_task("events", total=len(events), status="")
-        metrics = IngestionMetrics()
+        metrics, token = IngestionMetrics(), holder_token()
         summary = run_with_retries(
             settings,
-            lambda: build_ingestor(settings, metrics),
+            lambda: build_ingestor(settings, metrics, token),
             events,
             stop=threading.Event(),
             progress=lambda n: progress.update(task, completed=n),
@@ -330,8 +333,10 @@ async def _serve_source(
         # a paced replay waits up to its longest gap / speed between events, not late
         stale_limit += longest_gap_s(events) / settings.speed_factor
 
+    token = holder_token()
+
     def build() -> tuple[Ingestor, Any, Any]:
-        built = build_ingestor(settings, metrics)
+        built = build_ingestor(settings, metrics, token)
         current[:] = [built[0]]
         return built
 
@@ -435,5 +440,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingestion: bad settings:\n{exc}", file=sys.stderr)
         return 2
     if command in ("replay", "synthetic"):
-        return run_once(settings)
+        interrupt_on_hangup()  # SIGTERM too runs the cleanup: the lease is handed back
+        try:
+            return run_once(settings)
+        except KeyboardInterrupt as stop:
+            print(
+                f"ingestion: stopped ({stop or 'SIGINT'}); what was published stays on "
+                "market.ticks, and running it again goes on after it",
+                file=sys.stderr,
+            )
+            return 130
     return asyncio.run(serve(settings))

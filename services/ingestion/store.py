@@ -201,12 +201,16 @@ class SeqStore:
         namespace: str,
         recover: Recover | None = None,
         lease_ttl_s: float = LEASE_TTL_S,
+        token: str | None = None,
     ):
+        """`token`: the holder the leases are taken as; one run's attempts pass the same,
+        so an attempt rebuilt after a failure takes its predecessor's lease back at once
+        (one that could not hand it back, Redis down, left it in place)."""
         self.client = client
         self.namespace = namespace
         self.recover = recover
         self.lease_ttl_s = lease_ttl_s
-        self.token = holder_token()
+        self.token = token or holder_token()
         self._record = client.register_script(_RECORD_LUA)
         self._leases: dict[str, SymbolLease] = {}
         self._closed = threading.Event()

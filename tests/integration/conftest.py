@@ -19,7 +19,8 @@ from urllib.parse import urlparse
 import pytest
 import redis
 
-from shared.pipeline_runner import interrupt_on_hangup, remove_leftover_namespaces
+from shared.interrupts import interrupt_on_hangup
+from shared.pipeline_runner import remove_leftover_namespaces
 
 KAFKA_BOOTSTRAP = os.environ.get("SMARTLEV_TEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 REDIS_URL = os.environ.get("SMARTLEV_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -27,6 +27,7 @@ from services.ingestion.store import (
     SeqConflict,
     SeqStore,
     SymbolTaken,
+    holder_token,
     lease_key,
     state_key,
 )
@@ -95,8 +96,10 @@ def replay_settings(settings: IngestionSettings) -> IngestionSettings:
     )
 
 
-def ingestor(settings: IngestionSettings) -> tuple[Ingestor, object, SeqStore]:
-    return build_ingestor(settings, IngestionMetrics(CollectorRegistry()))  # type: ignore[return-value]
+def ingestor(
+    settings: IngestionSettings, token: str | None = None
+) -> tuple[Ingestor, object, SeqStore]:
+    return build_ingestor(settings, IngestionMetrics(CollectorRegistry()), token)  # type: ignore[return-value]
 
 
 def close(parts: tuple[Ingestor, object, SeqStore]) -> None:
@@ -430,6 +433,60 @@ def test_an_ingestion_that_lost_its_lease_sends_and_records_nothing_more(
     assert seqs_on_the_topic(settings.kafka_bootstrap, settings.namespace) == list(range(1, 11))
     # Closing handed back no lease it did not hold.
     assert redis_client.get(lease_key(replay.namespace, SYMBOL)) == "successor"
+
+
+def test_a_rebuilt_attempt_takes_its_own_runs_lease_back_at_once(
+    settings: IngestionSettings,
+) -> None:
+    """An attempt rebuilt after Redis went down could not hand its lease back, and each
+    attempt took the lease as a holder of its own: the run waited its own lease out
+    (5 s) after every Redis failure."""
+    replay = replay_settings(settings)
+    token = holder_token()
+    failed = ingestor(replay, token)
+    try:
+        failed[0].state(SYMBOL)
+        failed[2]._closed.set()  # stopped renewing; its lease stays, as if Redis was gone
+    finally:
+        failed[1].close()  # type: ignore[attr-defined]
+        failed[2].client.close()
+    rebuilt, other = ingestor(replay, token), ingestor(replay)
+    try:
+        assert rebuilt[0].state(SYMBOL) == SymbolState()  # its own run's: no wait
+        with pytest.raises(SymbolTaken):  # while another run waits for it
+            other[0].state(SYMBOL)
+    finally:
+        close(rebuilt)
+        close(other)
+
+
+def test_a_replay_stopped_by_sigterm_hands_its_lease_back(
+    kafka_bootstrap: str, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Python's default for SIGTERM skips every `finally`: a stopped replay left its
+    lease for the next one to wait out, and ended in no summary."""
+    namespace = new_namespace()
+    replay = subprocess.Popen(
+        [PYTHON, "-m", "services.ingestion", "replay",
+         *replay_args(LEASE_WINDOW.symbol, LEASE_WINDOW.start, LEASE_WINDOW.end, LEASE_SPEED)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
+             "SMARTLEV_INGESTION_NAMESPACE": namespace,
+             "SMARTLEV_INGESTION_KAFKA__BOOTSTRAP": kafka_bootstrap,
+             "SMARTLEV_INGESTION_REDIS__URL": redis_url},
+    )  # fmt: skip
+    lease = lease_key(namespace, LEASE_WINDOW.symbol)
+    deadline = time.monotonic() + 60
+    while len(seqs_on_the_topic(kafka_bootstrap, namespace)) < 20:
+        assert replay.poll() is None, replay.communicate()[0]
+        assert time.monotonic() < deadline, "the replay published nothing"
+        time.sleep(0.1)
+    assert redis_client.exists(lease)
+    replay.terminate()
+    output, _ = replay.communicate(timeout=60)
+    assert replay.returncode == 130, output
+    assert "stopped (SIGTERM)" in output and "Traceback" not in output
+    assert redis_client.exists(lease) == 0
 
 
 @pytest.mark.parametrize("first_ends", ["finishing", "killed"])

@@ -17,6 +17,7 @@ from shared.backtest import (
     NO_REGIME,
     BacktestResult,
     ProductSeries,
+    _count,
     metrics,
     run_backtest,
     sharpe_ratio,
@@ -26,8 +27,14 @@ from shared.backtest import (
 from shared.cli import summary_table
 from shared.core.config import LeverageConfig, StrategyConfig
 from shared.core.engine import Strategy
-from shared.core.events import InsuranceAdvanced
-from shared.core.market import NS_PER_HOUR, Bar, Side, Tick
+from shared.core.events import (
+    HedgeAllocation,
+    HedgeExecuted,
+    InsuranceAdvanced,
+    InsuranceClaimPaid,
+    LeverageTargetChanged,
+)
+from shared.core.market import NS_PER_HOUR, Bar, FundingRate, Side, Tick
 from shared.core.products import smart_strategy
 from shared.core.regime import Regime
 from shared.core.venue import PerpVenue
@@ -261,6 +268,50 @@ def test_insurance_paid_counts_an_advance_the_product_rebalanced_on() -> None:
     figures = metrics(result)[short]
     assert Decimal(str(figures["insurance_paid"])) == paid_out
     assert figures["insurance_advanced"] == "0"
+    # an advance still outstanding is not paid for good: it may yet be repaid
+    engine.books.products[short].insurance_owed += Decimal(7)
+    figures = metrics(result)[short]
+    assert Decimal(str(figures["insurance_paid"])) == paid_out - 7
+    assert figures["insurance_advanced"] == "7"
+
+
+def test_each_count_is_of_its_own_events() -> None:
+    """Emergencies, rebalances and claims per product, as the demo's table shows them:
+    a rebalance counted as an emergency, a hedge of both products counted for its first
+    only, or claims never counted, passed every test before."""
+    long, short = f"{SYMBOL}:LONG", f"{SYMBOL}:SHORT"
+    series = {p: ProductSeries(p, s, True) for p, s in ((long, Side.LONG), (short, Side.SHORT))}
+    one, zero = Decimal(1), Decimal(0)
+
+    def decided(product: str, *, emergency: bool) -> LeverageTargetChanged:
+        side = Side.LONG if product == long else Side.SHORT
+        return LeverageTargetChanged(
+            product, side, T0, one, one, one, rebalance=True, emergency=emergency,
+            reasons=(), regime="RANGE",
+        )  # fmt: skip
+
+    both = HedgeExecuted(
+        SYMBOL, T0, one, zero, (), tuple(HedgeAllocation(p, one, one, zero, zero) for p in series)
+    )
+    events = [
+        decided(long, emergency=False),
+        decided(short, emergency=True),
+        both,
+        HedgeExecuted(SYMBOL, T0, one, one, (), (HedgeAllocation(short, one, one, zero, zero),)),
+        InsuranceClaimPaid(short, T0, one, zero),
+    ]
+    _count(series, smart_strategy(SYMBOL, StrategyConfig()), events)
+    counted = {p: (s.emergencies, s.rebalances, s.insurance_claims) for p, s in series.items()}
+    assert counted == {long: (0, 1, 0), short: (1, 2, 1)}
+
+
+def test_funding_paid_is_what_a_product_paid_and_negative_what_it_received() -> None:
+    """A long pays a positive rate, the short receives it: the report's sign."""
+    bars = [flat(hour, 100) for hour in range(12)]
+    rates = [FundingRate(SYMBOL, T0 + 8 * NS_PER_HOUR, Decimal("0.001"))]
+    figures = metrics(run_backtest(SYMBOL, bars, rates, StrategyConfig(), benchmarks=False))
+    assert Decimal(str(figures[f"{SYMBOL}:LONG"]["funding_paid"])) > 0
+    assert Decimal(str(figures[f"{SYMBOL}:SHORT"]["funding_paid"])) < 0
 
 
 def test_average_leverage_leaves_out_the_instant_before_the_capital_is_invested() -> None:

@@ -14,7 +14,7 @@ from shared.pipeline_runner import ROOT
 
 SCRIPT = """
 import sys, time
-from shared.pipeline_runner import interrupt_on_hangup
+from shared.interrupts import interrupt_on_hangup
 interrupt_on_hangup()
 try:
     print("ready", flush=True)

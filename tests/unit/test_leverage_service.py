@@ -19,8 +19,9 @@ from shared.core.engine import SignalPipeline, decide, funding_paid, risk_price
 from shared.core.events import LeverageTargetChanged, Reason
 from shared.core.market import NS_PER_HOUR, FundingRate, Side, Tick
 from shared.core.products import smart_controllers
+from shared.core.regime import Regime
 from shared.stream import MarketInput
-from shared.wire import decision, target_changed
+from shared.wire import decision, regime_to_wire, target_changed
 from tests.unit.core_stubs import SYMBOL, T0, fast_config
 
 
@@ -58,7 +59,7 @@ def test_decisions_through_the_wire_equal_in_process_decide(moves: list[int], ra
     pipeline = SignalPipeline(SYMBOL, config.features, config.regime)
     controllers = smart_controllers(SYMBOL, config)
     fields: dict[str, str] = {}
-    mark = 0.0
+    mark, shown = 0.0, Regime.RANGE  # the regime users see: the last closed bar's
     for market in market_inputs(moves, funding_every=4, rate=rate):
         regime_update, _ = signals.step(market, 0)
         wire = codec.decode(market_pb2.RegimeUpdate, codec.encode(regime_update))
@@ -71,6 +72,7 @@ def test_decisions_through_the_wire_equal_in_process_decide(moves: list[int], ra
         regime = None
         if isinstance(tick, Tick):
             regime = pipeline.on_tick(tick.ts_ns, tick.price)
+            shown = shown if regime is None else regime.regime
             mark = risk_price(tick)
             expected = decide(controllers, tick.ts_ns, tick.price, mark, regime)
         else:
@@ -81,6 +83,7 @@ def test_decisions_through_the_wire_equal_in_process_decide(moves: list[int], ra
         out = codec.decode(leverage_pb2.TargetsUpdate, codec.encode(out))
         assert out.market == market.message
         assert out.bar_closed == (regime is not None)
+        assert out.regime == regime_to_wire(shown)  # what nav.updates and the CLI show
         assert [decision(t) for t in out.targets] == expected
         for target, want in zip(out.targets, expected, strict=True):
             assert target.event_id == f"{SYMBOL}:{market.seq}:{want.product}"

@@ -57,10 +57,15 @@ def test_starts_in_range_and_stays_there_with_zero_confidence_until_warm() -> No
     assert states[-1].since_ts_ns == NS_PER_HOUR
 
 
-def test_trend_enters_above_enter_and_holds_between_exit_and_enter() -> None:
-    hovering = [0.6] + [0.45, 0.25, 0.35, 0.21] * 10
+@pytest.mark.parametrize(("sign", "trend"), [(1, Regime.TREND_UP), (-1, Regime.TREND_DOWN)])
+def test_trend_enters_above_enter_and_holds_between_exit_and_enter(
+    sign: int, trend: Regime
+) -> None:
+    """Each side's band: a down-trend that ended at -0.55 instead of -0.15 left the short
+    at its range leverage on ~490 of BTC's 3,695 down-trend hours, and no test saw it."""
+    hovering = [sign * s for s in [0.6] + [0.45, 0.25, 0.35, 0.21] * 10]
     states = classify([0.0] * 6 + hovering)
-    assert [s.regime for s in states[6:]] == [Regime.TREND_UP] * len(hovering)
+    assert [s.regime for s in states[6:]] == [trend] * len(hovering)
     assert sum(s.changed for s in states) == 1
 
 
@@ -131,8 +136,12 @@ def test_flips_at_most_once_per_dwell_when_thresholds_are_crossed_every_bar() ->
     assert all(b - a >= CONFIG.min_dwell_bars for a, b in pairwise(change_bars))
 
 
-def test_confidence_is_one_half_on_the_entry_line_and_grows_beyond() -> None:
-    states = classify([0.0] * 6 + [0.5 + 1e-12, 0.65, 0.8, 0.95])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_confidence_is_one_half_on_the_entry_line_and_grows_beyond(sign: int) -> None:
+    """Both sides: a down-trend's confidence clamped to 0 kept the short near 1x through
+    every down-trend (the aligned base is 1 + 2 x confidence), and no test saw it."""
+    states = classify([0.0] * 6 + [sign * s for s in (0.5 + 1e-12, 0.65, 0.8, 0.95)])
+    assert states[7].regime is (Regime.TREND_UP if sign > 0 else Regime.TREND_DOWN)
     assert states[6].confidence == pytest.approx(0.5)
     assert states[7].confidence == pytest.approx(0.75)
     assert states[8].confidence == 1.0
