@@ -108,7 +108,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
         if request.amount_usdt == "8":  # a proxy's or a dying server's: not marked
             context.abort(grpc.StatusCode.UNAVAILABLE, "Stream removed")
         if request.amount_usdt == "9":  # settled, but the answer comes too late
-            time.sleep(1)
+            time.sleep(5)  # past any delay of the Ctrl-C on a loaded machine
         return gateway_pb2.OpenPositionReply(
             order_id=POSITION,
             position_id=POSITION,
@@ -669,7 +669,7 @@ def test_ctrl_c_during_an_order_names_the_id_that_retries_it(
     """Sent, the order may settle whatever the CLI does next: Ctrl-C ended the command
     without the id, the commonest way for an outcome to be unknown."""
     order = ["open", "BTC-USDT:LONG", "9", "--client-order-id", "o-2"]
-    status, _, err = ctrl_c(fake, order, "open", 0)  # the fake answers a second later
+    status, _, err = ctrl_c(fake, order, "open", 0)  # the fake answers 5 s later
     assert status == 130
     assert error_line(err.decode()) == (
         "error: interrupted; the order may have settled: retry with --client-order-id o-2"
