@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shared.codec import decimal_to_wire
 from shared.core.bars import ticks_from_bars
-from shared.core.config import StrategyConfig
+from shared.core.config import BENCHMARK_LEVERAGES, StrategyConfig
 from shared.core.engine import SignalPipeline, Strategy
 from shared.core.events import (
     AccountLiquidated,
@@ -32,7 +32,6 @@ from shared.core.leverage import SmartLeverageController
 from shared.core.market import NS_PER_YEAR, Bar, FundingRate, Side, Tick, order_key
 from shared.core.products import SIDES, fixed_strategy, smart_strategy
 
-BENCHMARK_LEVERAGES = (Decimal(1), Decimal(2), Decimal(3))
 NO_REGIME = ""  # the starting row's: no bar has closed yet
 _ABOVE_ALL = Decimal("Infinity")
 

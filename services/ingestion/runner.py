@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from services.ingestion.binance import BinanceFeed, FeedError, ccxt_symbol
 from services.ingestion.publisher import Ingestor
+from services.ingestion.store import Standby
 from services.ingestion.validation import (
     Accepted,
     MarketValue,
@@ -236,18 +237,21 @@ async def run_live(
     exchange's stream: that stream is over, so the next attempt connects afresh (else
     the loop would end as if the feed had, and report healthy while publishing nothing).
     Returns when a stream ends. The feed goes on from its stored state (a funding
-    announced before a restart is settled after it)."""
+    announced before a restart is settled after it). The symbol's lease is taken before
+    anything is read or connected: on standby (another ingestion holds the symbol) the
+    exchange's stream is dropped, and the feed and the message in hand are the holder's
+    to publish; the feed is read afresh once this one takes over."""
     feed: BinanceFeed | None = None
     messages: AsyncIterator[object] | None = None
     in_hand: object | None = None
     while True:
         try:
             ingestor = await asyncio.to_thread(build)
+            last = (await asyncio.to_thread(ingestor.state, symbol)).last_key  # the lease
             if feed is None:
                 stored = await asyncio.to_thread(ingestor.store.feed_fields, symbol)
                 feed = BinanceFeed.from_fields(symbol, stored)
             if in_hand is not None:
-                last = (await asyncio.to_thread(ingestor.state, symbol)).last_key
                 feed = await asyncio.to_thread(handle_live, ingestor, feed, in_hand, last)
                 in_hand = None
             while True:
@@ -262,6 +266,12 @@ async def run_live(
                     raise
                 feed = await asyncio.to_thread(handle_live, ingestor, feed, in_hand)
                 in_hand = None
+        except Standby as exc:
+            if messages is not None:  # a standby holds no stream: its queue only grows
+                with contextlib.suppress(Exception):
+                    await messages.aclose()  # type: ignore[attr-defined]
+            feed, messages, in_hand = None, None, None
+            await failed(exc)
         except Exception as exc:  # `failed` raises what is not transient
             await failed(exc)
 

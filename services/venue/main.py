@@ -160,6 +160,11 @@ class VenueServicer(venue_pb2_grpc.VenueServicer):
             order_id = _id(request.client_order_id, "client_order_id")
             qty = _decimal(request.qty, "qty")
             reference = _decimal(request.reference_price, "reference_price", positive=True)
+            mark = (
+                _decimal(request.mark_price, "mark_price", positive=True)
+                if request.mark_price
+                else None
+            )
             lot = self.ledger.config.instrument(symbol).lot_step
             if qty == 0 or qty % lot != 0:
                 raise Rejected(
@@ -173,7 +178,7 @@ class VenueServicer(venue_pb2_grpc.VenueServicer):
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "ts_event_ns: must be > 0")
 
             def fill(venue: PerpVenue) -> venue_pb2.SubmitOrderReply:
-                filled = venue.execute(request.ts_event_ns, qty, reference, liquidity)
+                filled = venue.execute(request.ts_event_ns, qty, reference, liquidity, mark)
                 return venue_pb2.SubmitOrderReply(
                     client_order_id=order_id,
                     fill=fill_to_wire(filled),

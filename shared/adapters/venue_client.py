@@ -253,7 +253,11 @@ class RemoteVenue:
         qty: Decimal,
         reference: Decimal,
         liquidity: Liquidity = Liquidity.TAKER,
+        mark: Decimal | None = None,
     ) -> OrderFilled:
+        # the mark only where it differs: the request (its fingerprint, for a re-run after
+        # a crash) stays the one an older build sent
+        judged = "" if mark is None or mark == reference else decimal_to_wire(mark, name="mark")
         request = venue_pb2.SubmitOrderRequest(
             symbol=self.spec.symbol,
             client_order_id=self._next_id(),
@@ -261,6 +265,7 @@ class RemoteVenue:
             reference_price=decimal_to_wire(reference, name="reference_price"),
             liquidity=LIQUIDITY_TO_WIRE[liquidity],
             ts_event_ns=ts_ns,
+            mark_price=judged,
         )
         reply = self._stub.SubmitOrder(request, timeout=self.timeout_s, wait_for_ready=True)
         self._mirror_reply(reply.account)

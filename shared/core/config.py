@@ -15,6 +15,12 @@ from shared.core.regime import RegimeConfig
 from shared.core.text import clipped
 from shared.core.venue import InstrumentSpec, VenueConfig
 
+# The fixed-leverage tokens the backtest compares the smart products with (daily
+# rebalanced, on the same venue rules), and what an order's costs add to the leverage it
+# leaves (fees and slippage: ~0.3% of the equity at 3x; 1% allowed).
+BENCHMARK_LEVERAGES = (Decimal(1), Decimal(2), Decimal(3))
+COSTS_HEADROOM = 1.01
+
 # The finest price tick or lot step taken (real venues' finest are 1e-8): finer, a
 # quantity times a price had more digits than the wire carries (a traceback at 1e-40).
 MOST_INSTRUMENT_DECIMALS = 12
@@ -135,13 +141,23 @@ class StrategyConfig(BaseModel):
     @model_validator(mode="after")
     def _orders_within_initial_margin(self) -> StrategyConfig:
         """The venue refuses an order that adds to a position past 1 / initial_margin of
-        leverage; the engine's orders stay below `leverage_ceiling`, so the ceiling must
-        be below that, or a rebalance the policy asks for would be refused."""
-        ceiling, initial = self.leverage.leverage_ceiling, float(self.venue.initial_margin)
-        if ceiling * initial >= 1:
+        leverage. The engine's orders stay below `leverage_ceiling`, and the backtest's
+        benchmark tokens rebalance up to their leverage (plus the order's costs): each
+        must be below it, or an order the policy (or a benchmark) asks for is refused."""
+        initial = float(self.venue.initial_margin)
+        most = 1 / initial
+        ceiling = self.leverage.leverage_ceiling
+        if ceiling >= most:
             raise ValueError(
-                f"venue.initial_margin {initial:g} takes orders up to {1 / initial:.4g}x: "
-                f"the {ceiling:g}x leverage_ceiling must be below that"
+                f"venue.initial_margin {initial:g} takes orders up to {most:.4g}x: the "
+                f"{ceiling:g}x leverage_ceiling must be below that"
+            )
+        benchmark = float(max(BENCHMARK_LEVERAGES))
+        if benchmark * COSTS_HEADROOM >= most:
+            raise ValueError(
+                f"venue.initial_margin {initial:g} takes orders up to {most:.4g}x: the "
+                f"backtest's {benchmark:g}x benchmark token rebalances up to it, and its "
+                "costs past it"
             )
         return self
 

@@ -466,7 +466,8 @@ class Engine:
 
     def _execute(self, ts_ns: int, changes: list[PositionChange], events: list[object]) -> None:
         """One netted order at the venue for `changes`, allocated to the products' books."""
-        hedge = execute_netted(self.venue, ts_ns, changes, self.price, self.hedging)
+        mark = self.mark or None  # none before the first tick: the venue judges at the price
+        hedge = execute_netted(self.venue, ts_ns, changes, self.price, self.hedging, mark)
         self.books.apply_hedge(hedge)
         events.append(hedge)
 

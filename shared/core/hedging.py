@@ -69,6 +69,7 @@ def execute_netted(
     changes: Sequence[PositionChange],
     reference: Decimal,
     config: HedgingConfig,
+    mark: Decimal | None = None,
 ) -> HedgeExecuted:
     lot = venue.spec.lot_step
     for change in changes:
@@ -76,7 +77,7 @@ def execute_netted(
             raise ValueError(f"{change.product}: {change.qty} is not a whole number of lots")
     net = sum((c.qty for c in changes), ZERO)
     fills = tuple(
-        venue.execute(ts_ns, qty, reference, config.liquidity)
+        venue.execute(ts_ns, qty, reference, config.liquidity, mark)
         for qty in (plan_slices(net, reference, lot, config.max_slice_notional) if net else ())
     )
     cost = sum((f.qty * f.price for f in fills), ZERO)

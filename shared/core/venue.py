@@ -124,7 +124,12 @@ class Venue(Protocol):
     def transfer(self, amount: Decimal) -> None: ...
 
     def execute(
-        self, ts_ns: int, qty: Decimal, reference: Decimal, liquidity: Liquidity = ...
+        self,
+        ts_ns: int,
+        qty: Decimal,
+        reference: Decimal,
+        liquidity: Liquidity = ...,
+        mark: Decimal | None = ...,
     ) -> OrderFilled: ...
 
     def quote(
@@ -238,8 +243,16 @@ class PerpVenue:
         return price, abs(qty) * price * rate
 
     def execute(
-        self, ts_ns: int, qty: Decimal, reference: Decimal, liquidity: Liquidity = Liquidity.TAKER
+        self,
+        ts_ns: int,
+        qty: Decimal,
+        reference: Decimal,
+        liquidity: Liquidity = Liquidity.TAKER,
+        mark: Decimal | None = None,
     ) -> OrderFilled:
+        """Fill `qty` against `reference`; the initial margin is judged at `mark` (the
+        reference if None), as an exchange judges it: at a last trade the mark ignores,
+        a 5x long read 27.7x and its deposits were refused."""
         if qty == 0:
             raise MoneyError("order quantity is zero")
         if qty % self.spec.lot_step != 0:
@@ -250,7 +263,8 @@ class PerpVenue:
         position = self.position + qty
         wallet = self.wallet - (qty * price + fee)
         if abs(position) > abs(self.position) or position * self.position < 0:
-            self._margined(qty, price, reference, wallet + position * reference, position)
+            at = reference if mark is None else mark
+            self._margined(qty, price, at, wallet + position * at, position)
         self.wallet = wallet
         self.position = position
         self.fees_paid += fee
@@ -265,18 +279,19 @@ class PerpVenue:
         return OrderFilled(self.spec.symbol, ts_ns, qty, price, fee, liquidity.value)
 
     def _margined(
-        self, qty: Decimal, price: Decimal, reference: Decimal, equity: Decimal, position: Decimal
+        self, qty: Decimal, price: Decimal, mark: Decimal, equity: Decimal, position: Decimal
     ) -> None:
         """`InsufficientMargin` unless the account's equity after an order that adds to
-        (or turns) its position is at least the initial margin of the position after it."""
-        required = abs(position) * reference * self.config.initial_margin
+        (or turns) its position, at `mark`, is at least the initial margin of the
+        position after it."""
+        required = abs(position) * mark * self.config.initial_margin
         if equity >= required:
             return
-        at = f"leverage {abs(position) * reference / equity:.4g}x" if equity > 0 else "none"
+        at = f"leverage {abs(position) * mark / equity:.4g}x" if equity > 0 else "none"
         raise InsufficientMargin(
             f"{self.spec.symbol}: an order of {qty} at {price} leaves equity {equity} "
-            f"against a position of {position} at {reference}, below its initial margin "
-            f"of {required} ({self.config.initial_margin}; {at})"
+            f"against a position of {position} at a mark of {mark}, below its initial "
+            f"margin of {required} ({self.config.initial_margin}; {at})"
         )
 
     def settle_funding(self, rate: Decimal, mark: Decimal) -> Decimal:

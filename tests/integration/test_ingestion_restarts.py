@@ -32,6 +32,7 @@ from services.ingestion.config import IngestionSettings
 from services.ingestion.main import Attempts, build_ingestor
 from services.ingestion.publisher import IngestionMetrics
 from services.ingestion.runner import run_live
+from services.ingestion.store import holder_token, lease_key
 from shared.adapters.market_data import load_bars
 from shared.adapters.tick_replay import data_dir
 from shared.core.market import NS_PER_HOUR
@@ -165,10 +166,12 @@ async def test_the_live_feed_survives_a_dropped_stream_and_a_redis_restart_each_
     )
     trades = trade_messages(200)
     said: list[str | None] = []
+    token = holder_token()  # one run's attempts: one lease holder, as `serve` builds them
     attempts = Attempts(
-        settings, lambda: build_ingestor(settings, IngestionMetrics(CollectorRegistry())),
+        settings,
+        lambda: build_ingestor(settings, IngestionMetrics(CollectorRegistry()), token),
         said.append,
-    )  # fmt: skip
+    )
     restarted: list[asyncio.Task[None]] = []
     connections: list[int] = []  # the first trade each connection sent
 
@@ -255,3 +258,50 @@ async def test_a_funding_announced_before_a_restart_is_settled_after_it(
     funding = events[1].funding
     assert (funding.ts_event_ns, funding.rate, funding.seq) == (at_ms * 10**6, "0.00031000", 2)
     assert events[2].tick.mark_price == "56010.25"  # the mark, kept across the restart too
+
+
+async def test_a_live_ingestion_on_standby_holds_no_stream_and_takes_over(
+    kafka_bootstrap: str, redis_url: str
+) -> None:
+    """A standby connected to the exchange and held the first message it got, and the
+    feed it had read, through the wait: at its takeover it published them after the
+    holder's, and its queue of up to 10,000 messages had filled meanwhile."""
+    namespace = new_namespace()
+    settings = IngestionSettings(
+        namespace=namespace,
+        kafka={"bootstrap": kafka_bootstrap},
+        redis={"url": redis_url},
+        source="live",
+        retry_backoff_s=0.1,
+    )
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    lease = lease_key(namespace, "BTC-USDT")
+    client.set(lease, "another ingestion", px=1500)  # holds the symbol for 1.5 s more
+    token = holder_token()
+    holders: list[str | None] = []  # who held the symbol at each connection
+    said: list[str | None] = []
+
+    async def exchange() -> AsyncIterator[object]:
+        holders.append(client.get(lease))
+        for trade in trade_messages(5):
+            yield json.dumps(trade)
+
+    attempts = Attempts(
+        settings,
+        lambda: build_ingestor(settings, IngestionMetrics(CollectorRegistry()), token),
+        said.append,
+    )
+
+    async def failed(exc: Exception) -> None:
+        await asyncio.sleep(await asyncio.to_thread(attempts.failed, exc))
+
+    try:
+        await asyncio.wait_for(run_live(attempts.build, "BTC-USDT", exchange, failed), 30)
+    finally:
+        await asyncio.to_thread(attempts.close)
+        client.close()
+    assert any(w and w.startswith("standby: BTC-USDT is being ingested by another") for w in said)
+    assert holders == [token]  # connected once, and only once the symbol was its own
+    events = read_topic(kafka_bootstrap, MARKET_TICKS.in_namespace(namespace).name,
+                        market_pb2.MarketEvent)  # fmt: skip
+    assert [e.tick.seq for e in events] == [1, 2, 3, 4, 5]

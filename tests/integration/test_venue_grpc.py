@@ -371,6 +371,33 @@ async def test_an_order_the_account_cannot_margin_is_refused(
         assert not await redis.hexists(f"{namespace}venue:{{{SYMBOL}}}:applied", "x1")
 
 
+async def test_the_initial_margin_is_judged_at_the_mark_an_order_carries(
+    env: tuple[Redis, str],
+) -> None:
+    """At a last trade 17% under the mark, a 5x long read 27.7x and its orders were
+    refused (hedging halted the symbol); an order now carries the engine's mark."""
+    redis, namespace = env
+    async with Venue(redis, namespace) as venue:
+        await funded(venue.stub, "10000")
+        await venue.stub.SubmitOrder(order("o1", "1", "50000"))  # ~5x at 50,000
+        at_print = order("o2", "0.1", "41500", ts=2)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await venue.stub.SubmitOrder(at_print)
+        assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        before = await account(venue.stub)
+        for bad in ("-1", "nan", "1e3"):
+            refused = venue_pb2.SubmitOrderRequest()
+            refused.CopyFrom(at_print)
+            refused.client_order_id, refused.mark_price = f"x{bad}", bad
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await venue.stub.SubmitOrder(refused)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert await account(venue.stub) == before
+        at_print.client_order_id, at_print.mark_price = "o3", "50000"
+        filled = await venue.stub.SubmitOrder(at_print)
+        assert fill_from_wire(filled.fill).qty == Decimal("0.1")
+
+
 async def test_invalid_transfer_funding_and_check_change_nothing(env: tuple[Redis, str]) -> None:
     redis, namespace = env
     bad = [

@@ -752,6 +752,14 @@ order_steps = st.lists(
 
 @PROPERTY
 @given(order_steps, st.sampled_from([1.0, 3.0, 5.0]))
+# found by a review: the venue judged its initial margin at a print the mark ignores
+# (21.7x there, ~3x at the mark) and refused the short's close
+@example(
+    [("tick", 0.0)] * 14
+    + [("wick", 0.5), ("tick", 0.0), ("deposit", 10, False), ("redeem", 390, True)]
+    + [("wick", 0.5), ("redeem", 1, False)],
+    3.0,
+)
 def test_orders_at_fresh_or_stale_quotes_keep_every_nav_above_zero(
     steps: list[tuple[Any, ...]], leverage: float
 ) -> None:
@@ -1206,3 +1214,21 @@ def test_a_large_close_keeps_the_account_above_maintenance_while_it_unwinds(clos
     units = engine.books.products[long].units
     engine.redeem(long, usdt_down(units * Decimal(closed)), T0 + NS_PER_HOUR)
     assert venue.margins and min(venue.margins) > 1
+
+
+def test_a_deposit_at_a_print_the_mark_ignores_is_hedged() -> None:
+    """The venue judged its initial margin at the last trade: a 5x long at a print 17%
+    under an unchanged mark read 27.7x, and a deposit's hedge was refused (hedging then
+    halts the symbol). At the mark, where the engine reads risk, it is 5x."""
+    config = StrategyConfig(leverage=LeverageConfig(warmup_leverage=5.0))
+    strategy = smart_strategy(SYMBOL, config)
+    engine = strategy.engine
+    strategy.on_tick(Tick(SYMBOL, T0, Decimal(10000), Decimal(10000)), None)
+    engine.deposit(LONG, Decimal(100000), T0 + 1)
+    strategy.on_tick(Tick(SYMBOL, T0 + 60 * 10**9, Decimal(10000), Decimal(10000)), None)
+    assert (
+        strategy.on_tick(Tick(SYMBOL, T0 + 120 * 10**9, Decimal(8300), Decimal(10000)), None) == []
+    )
+    before = engine.venue.position
+    engine.deposit(LONG, Decimal(1000), T0 + 121 * 10**9)
+    assert engine.venue.position > before

@@ -166,6 +166,12 @@ def test_config_refuses_an_initial_margin_the_ceiling_would_pass() -> None:
     with pytest.raises(ValidationError, match=r"takes orders up to 5x: the 5\.5x"):
         StrategyConfig.model_validate({"venue": {"initial_margin": "0.2"}})
     assert StrategyConfig.model_validate({"venue": {"initial_margin": "0.18"}})
+    # a policy under 2.857x passed, and every backtest failed at its 3x benchmark's first
+    # order, the message blaming the policy
+    low = {"l_max": 2.5, "leverage_ceiling": 2.8}
+    with pytest.raises(ValidationError, match=r"3x benchmark token rebalances up to it"):
+        StrategyConfig.model_validate({"venue": {"initial_margin": "0.35"}, "leverage": low})
+    assert StrategyConfig.model_validate({"venue": {"initial_margin": "0.33"}, "leverage": low})
 
 
 def test_books_left_outside_new_bounds_are_rebalanced_once_whatever_comes_first() -> None:

@@ -231,6 +231,19 @@ def test_orders_that_reduce_a_position_are_taken_however_little_margins_it() -> 
     assert v.execute(3, D(-3), reference).qty == D(-3)  # to -2: 10x short
 
 
+def test_the_initial_margin_is_judged_at_the_mark() -> None:
+    """As an exchange judges it: at a last trade 17% under an unchanged mark, a 5x long
+    read 27.7x, and the venue refused its deposits and the short's closes, halting
+    hedging (the engine's rules read risk at the mark, and fired nothing)."""
+    v = venue_with(wallet="-40000", position="1")  # equity 10,000 at a mark of 50,000: 5x
+    print_, mark = D(41500), D(50000)
+    with pytest.raises(InsufficientMargin, match="at a mark of 41500"):
+        v.execute(1, D("0.1"), print_)  # judged at the print: equity 1,500, 30x
+    assert v.execute(1, D("0.1"), print_, mark=mark).qty == D("0.1")
+    with pytest.raises(InsufficientMargin, match="at a mark of 50000"):  # ~24x there
+        v.execute(2, D(4), mark, mark=mark)
+
+
 def test_the_initial_margin_must_be_above_the_maintenance_margin() -> None:
     with pytest.raises(ValidationError, match="must be above maintenance_margin"):
         VenueConfig(initial_margin=D("0.005"))
