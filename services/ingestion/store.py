@@ -104,15 +104,16 @@ def lease_key(namespace: str, symbol: str) -> str:
 
 
 def holder_token() -> str:
-    """Names this process to whoever finds the lease taken (host, pid, a nonce: a pid
-    reused after a restart is another holder)."""
+    """A run's name as a lease holder, for whoever finds the lease taken (host, pid, a
+    nonce: a pid reused after a restart is another holder)."""
     return f"{socket.gethostname()}/pid {os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
 class SymbolLease:
     """The symbol's lease in Redis, as this process holds it. `valid` is judged on the
     local clock from when each take or renewal was sent, so it ends no later than the key
-    does in Redis."""
+    does in Redis (unless Redis loses the key: a crash losing its last second, a
+    failover; the README's "What it does not do")."""
 
     def __init__(
         self,
