@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from services.ingestion.binance import BinanceFeed, FeedError, ccxt_symbol
 from services.ingestion.publisher import Ingestor
-from services.ingestion.store import Standby
+from services.ingestion.store import LeaseLost, SymbolTaken
 from services.ingestion.validation import (
     Accepted,
     MarketValue,
@@ -240,7 +240,10 @@ async def run_live(
     announced before a restart is settled after it). The symbol's lease is taken before
     anything is read or connected: on standby (another ingestion holds the symbol) the
     exchange's stream is dropped, and the feed and the message in hand are the holder's
-    to publish; the feed is read afresh once this one takes over."""
+    to publish; the feed is read afresh once this one takes over. A lease of this one's
+    that lapsed (a stall, Redis out of reach) is taken back, and the message in hand goes
+    on past what was published, from the feed as stored (dropped, with the stream's
+    queue, it was lost: nobody else publishes them)."""
     feed: BinanceFeed | None = None
     messages: AsyncIterator[object] | None = None
     in_hand: object | None = None
@@ -266,11 +269,14 @@ async def run_live(
                     raise
                 feed = await asyncio.to_thread(handle_live, ingestor, feed, in_hand)
                 in_hand = None
-        except Standby as exc:
+        except SymbolTaken as exc:
             if messages is not None:  # a standby holds no stream: its queue only grows
                 with contextlib.suppress(Exception):
                     await messages.aclose()  # type: ignore[attr-defined]
             feed, messages, in_hand = None, None, None
+            await failed(exc)
+        except LeaseLost as exc:
+            feed = None  # as stored: what this one published of the message is skipped
             await failed(exc)
         except Exception as exc:  # `failed` raises what is not transient
             await failed(exc)

@@ -185,8 +185,14 @@ class VenueServicer(venue_pb2_grpc.VenueServicer):
                     account=account_to_wire(venue),
                 )
 
+            # The order as its record knows it: its mark decides only whether it is
+            # taken, so a re-run carrying another mark (or none: an older build's,
+            # across an upgrade) is the same order, answered from the record.
+            identity = venue_pb2.SubmitOrderRequest()
+            identity.CopyFrom(request)
+            identity.ClearField("mark_price")
             reply, replayed = await self._apply(
-                "SubmitOrder", symbol, order_id, request, venue_pb2.SubmitOrderReply, fill
+                "SubmitOrder", symbol, order_id, identity, venue_pb2.SubmitOrderReply, fill
             )
             if not replayed:
                 FILLS.labels(symbol).inc()

@@ -255,9 +255,7 @@ class RemoteVenue:
         liquidity: Liquidity = Liquidity.TAKER,
         mark: Decimal | None = None,
     ) -> OrderFilled:
-        # the mark only where it differs: the request (its fingerprint, for a re-run after
-        # a crash) stays the one an older build sent
-        judged = "" if mark is None or mark == reference else decimal_to_wire(mark, name="mark")
+        judged = "" if mark is None else decimal_to_wire(mark, name="mark")
         request = venue_pb2.SubmitOrderRequest(
             symbol=self.spec.symbol,
             client_order_id=self._next_id(),

@@ -11,6 +11,7 @@ from shared.core.accounting import AccountingConfig
 from shared.core.features import FeatureConfig
 from shared.core.hedging import HedgingConfig
 from shared.core.leverage import LeverageConfig
+from shared.core.market import MAX_FUNDING_RATE
 from shared.core.regime import RegimeConfig
 from shared.core.text import clipped
 from shared.core.venue import InstrumentSpec, VenueConfig
@@ -141,16 +142,21 @@ class StrategyConfig(BaseModel):
     @model_validator(mode="after")
     def _orders_within_initial_margin(self) -> StrategyConfig:
         """The venue refuses an order that adds to a position past 1 / initial_margin of
-        leverage. The engine's orders stay below `leverage_ceiling`, and the backtest's
-        benchmark tokens rebalance up to their leverage (plus the order's costs): each
-        must be below it, or an order the policy (or a benchmark) asks for is refused."""
+        leverage at the mark. A product is held under `leverage_ceiling` at every tick,
+        but a funding settlement between two ticks carries it past (an order hedged then
+        keeps the product's leverage), and the backtest's benchmark tokens rebalance up
+        to theirs (plus the order's costs): each must be below it, or an order the policy
+        (or a benchmark) asks for is refused, and hedging halts the symbol on it."""
         initial = float(self.venue.initial_margin)
         most = 1 / initial
         ceiling = self.leverage.leverage_ceiling
-        if ceiling >= most:
+        funded = ceiling / (1 - ceiling * float(MAX_FUNDING_RATE))  # validated < 1 there
+        if funded >= most:
             raise ValueError(
-                f"venue.initial_margin {initial:g} takes orders up to {most:.4g}x: the "
-                f"{ceiling:g}x leverage_ceiling must be below that"
+                f"venue.initial_margin {initial:g} takes orders up to {most:.4g}x: a "
+                f"product at the {ceiling:g}x leverage_ceiling is at {funded:.4g}x after a "
+                f"funding settlement at the largest rate taken ({MAX_FUNDING_RATE}), where "
+                "an order before the next tick is hedged"
             )
         benchmark = float(max(BENCHMARK_LEVERAGES))
         if benchmark * COSTS_HEADROOM >= most:

@@ -30,7 +30,7 @@ from smartlev.v1 import market_pb2
 
 from services.ingestion.config import IngestionSettings
 from services.ingestion.main import Attempts, build_ingestor
-from services.ingestion.publisher import IngestionMetrics
+from services.ingestion.publisher import IngestionMetrics, Ingestor
 from services.ingestion.runner import run_live
 from services.ingestion.store import holder_token, lease_key
 from shared.adapters.market_data import load_bars
@@ -305,3 +305,53 @@ async def test_a_live_ingestion_on_standby_holds_no_stream_and_takes_over(
     events = read_topic(kafka_bootstrap, MARKET_TICKS.in_namespace(namespace).name,
                         market_pb2.MarketEvent)  # fmt: skip
     assert [e.tick.seq for e in events] == [1, 2, 3, 4, 5]
+
+
+async def test_a_live_ingestion_whose_lease_lapsed_takes_it_back_and_loses_nothing(
+    kafka_bootstrap: str, redis_url: str
+) -> None:
+    """Its own lease lapsed (a stall, Redis out of reach) went the way of a standby's:
+    the stream closed, the trade in hand and the stream's queue dropped, and nobody else
+    publishes them. Now it takes the lease back and goes on from the trade in hand."""
+    namespace = new_namespace()
+    settings = IngestionSettings(
+        namespace=namespace,
+        kafka={"bootstrap": kafka_bootstrap},
+        redis={"url": redis_url},
+        source="live",
+        retry_backoff_s=0.1,
+    )
+    token = holder_token()
+    attempts = Attempts(
+        settings,
+        lambda: build_ingestor(settings, IngestionMetrics(CollectorRegistry()), token),
+        lambda _: None,
+    )
+    built: list[Ingestor] = []
+    connections: list[int] = []
+    trades = trade_messages(5)
+
+    def build() -> Ingestor:
+        built.append(attempts.build())
+        return built[-1]
+
+    async def exchange() -> AsyncIterator[object]:
+        connections.append(len(built))
+        for n, trade in enumerate(trades):
+            if n == 2:  # as a heartbeat that could not renew leaves it: lapsed here
+                built[-1].store._leases["BTC-USDT"]._until = 0.0
+            yield json.dumps(trade)
+
+    async def failed(exc: Exception) -> None:
+        await asyncio.sleep(await asyncio.to_thread(attempts.failed, exc))
+
+    try:
+        await asyncio.wait_for(run_live(build, "BTC-USDT", exchange, failed), 30)
+    finally:
+        await asyncio.to_thread(attempts.close)
+    assert len(built) == 2 and connections == [1]  # taken back, on the same stream
+    topic = MARKET_TICKS.in_namespace(namespace)
+    events = read_topic(kafka_bootstrap, topic.name, market_pb2.MarketEvent)
+    assert [e.tick.price for e in events] == [t["p"] for t in trades]
+    assert [e.tick.seq for e in events] == [1, 2, 3, 4, 5]
+    assert read_topic(kafka_bootstrap, topic.dlq_name, market_pb2.DeadLetter) == []

@@ -396,6 +396,14 @@ async def test_the_initial_margin_is_judged_at_the_mark_an_order_carries(
         at_print.client_order_id, at_print.mark_price = "o3", "50000"
         filled = await venue.stub.SubmitOrder(at_print)
         assert fill_from_wire(filled.fill).qty == Decimal("0.1")
+        # The record knows the order without its mark: a re-run after a crash that
+        # carries another mark, or none (an older build's, across an upgrade), is
+        # answered from it; it was FAILED_PRECONDITION "already used", halting hedging.
+        after = await account(venue.stub)
+        for mark in ("50010", ""):
+            at_print.mark_price = mark
+            assert await venue.stub.SubmitOrder(at_print) == filled
+        assert await account(venue.stub) == after
 
 
 async def test_invalid_transfer_funding_and_check_change_nothing(env: tuple[Redis, str]) -> None:

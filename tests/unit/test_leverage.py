@@ -163,12 +163,15 @@ def test_config_refuses_a_margin_that_liquidates_near_the_ceiling_and_infinite_f
 def test_config_refuses_an_initial_margin_the_ceiling_would_pass() -> None:
     """The venue refuses an order that adds to a position past 1 / initial_margin; a
     ceiling at or past that would have rebalances the policy asks for refused."""
-    with pytest.raises(ValidationError, match=r"takes orders up to 5x: the 5\.5x"):
-        StrategyConfig.model_validate({"venue": {"initial_margin": "0.2"}})
-    assert StrategyConfig.model_validate({"venue": {"initial_margin": "0.18"}})
+    # 0.18 passed a 5.5x ceiling: one settlement at 0.375% took a 5x product to 5.57x,
+    # and a deposit before the next tick was refused (hedging halts on it)
+    for refused in ("0.2", "0.18", "0.14"):
+        with pytest.raises(ValidationError, match=r"at the 5\.5x leverage_ceiling is at 7\.586x"):
+            StrategyConfig.model_validate({"venue": {"initial_margin": refused}})
+    assert StrategyConfig.model_validate({"venue": {"initial_margin": "0.13"}})
     # a policy under 2.857x passed, and every backtest failed at its 3x benchmark's first
     # order, the message blaming the policy
-    low = {"l_max": 2.5, "leverage_ceiling": 2.8}
+    low = {"l_max": 2.0, "leverage_ceiling": 2.2}
     with pytest.raises(ValidationError, match=r"3x benchmark token rebalances up to it"):
         StrategyConfig.model_validate({"venue": {"initial_margin": "0.35"}, "leverage": low})
     assert StrategyConfig.model_validate({"venue": {"initial_margin": "0.33"}, "leverage": low})

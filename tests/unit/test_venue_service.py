@@ -132,6 +132,7 @@ class FakeStub:
         self.venue = PerpVenue(SPEC, CONFIG.venue)
         self.replies: dict[str, Any] = {}
         self.ids: list[str] = []
+        self.marks: list[str] = []  # each order's mark_price as sent
 
     def _once(self, call_id: str, make: Any) -> Any:
         self.ids.append(call_id)
@@ -147,9 +148,15 @@ class FakeStub:
         return self._once(request.transfer_id, make)
 
     def SubmitOrder(self, request: Any, **_: Any) -> Any:
+        self.marks.append(request.mark_price)
+
         def make() -> Any:
+            mark = Decimal(request.mark_price) if request.mark_price else None
             fill = self.venue.execute(
-                request.ts_event_ns, Decimal(request.qty), Decimal(request.reference_price)
+                request.ts_event_ns,
+                Decimal(request.qty),
+                Decimal(request.reference_price),
+                mark=mark,
             )
             return venue_pb2.SubmitOrderReply(
                 fill=fill_to_wire(fill), account=account_to_wire(self.venue)
@@ -188,6 +195,19 @@ def test_a_rerun_from_saved_state_makes_the_same_calls_and_trades_once() -> None
     assert client.execute(1, Decimal("2"), Decimal(50000)) == first
     assert client.state() == after == stub.venue.snapshot()
     assert stub.venue.position == Decimal(2)
+
+
+def test_an_order_carries_the_mark_its_margin_is_judged_at() -> None:
+    """The engine's mark went nowhere past the client: the venue judged the margin at a
+    print the mark ignores, refusing what the engine sent at 5x (27.7x at the print)."""
+    client, stub = remote()
+    client.begin("BTC-USDT:1")
+    client.transfer(Decimal(10000))
+    client.execute(1, Decimal(1), Decimal(50000), mark=Decimal(50000))
+    client.begin("BTC-USDT:2")
+    client.execute(2, Decimal("0.1"), Decimal(41500), mark=Decimal("50000.0"))
+    client.execute(2, Decimal("-0.1"), Decimal(41500))  # none given: none sent
+    assert stub.marks == ["50000", "50000.0", ""]
 
 
 def test_changing_the_account_needs_an_event() -> None:
