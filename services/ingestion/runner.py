@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from services.ingestion.binance import BinanceFeed, FeedError, ccxt_symbol
 from services.ingestion.publisher import Ingestor
-from services.ingestion.store import LeaseLost, SymbolTaken
+from services.ingestion.store import SymbolTaken
 from services.ingestion.validation import (
     Accepted,
     MarketValue,
@@ -241,9 +241,10 @@ async def run_live(
     anything is read or connected: on standby (another ingestion holds the symbol) the
     exchange's stream is dropped, and the feed and the message in hand are the holder's
     to publish; the feed is read afresh once this one takes over. A lease of this one's
-    that lapsed (a stall, Redis out of reach) is taken back, and the message in hand goes
-    on past what was published, from the feed as stored (dropped, with the stream's
-    queue, it was lost: nobody else publishes them)."""
+    that lapsed (a stall, Redis out of reach) is a failure like the others: taken back,
+    the message in hand goes on past what was published (`after`), from the feed as it
+    was before it (the stored feed keeps no last trade: the same millisecond's next
+    trade took the stamp of the one published, and was skipped as published)."""
     feed: BinanceFeed | None = None
     messages: AsyncIterator[object] | None = None
     in_hand: object | None = None
@@ -274,9 +275,6 @@ async def run_live(
                 with contextlib.suppress(Exception):
                     await messages.aclose()  # type: ignore[attr-defined]
             feed, messages, in_hand = None, None, None
-            await failed(exc)
-        except LeaseLost as exc:
-            feed = None  # as stored: what this one published of the message is skipped
             await failed(exc)
         except Exception as exc:  # `failed` raises what is not transient
             await failed(exc)

@@ -330,6 +330,7 @@ async def test_a_live_ingestion_whose_lease_lapsed_takes_it_back_and_loses_nothi
     built: list[Ingestor] = []
     connections: list[int] = []
     trades = trade_messages(5)
+    trades[2]["T"] = trades[1]["T"]  # one order's sweep: two trades in one millisecond
 
     def build() -> Ingestor:
         built.append(attempts.build())
@@ -339,6 +340,7 @@ async def test_a_live_ingestion_whose_lease_lapsed_takes_it_back_and_loses_nothi
         connections.append(len(built))
         for n, trade in enumerate(trades):
             if n == 2:  # as a heartbeat that could not renew leaves it: lapsed here
+                built[-1].store._closed.set()  # (its heartbeat stopped, not to renew it)
                 built[-1].store._leases["BTC-USDT"]._until = 0.0
             yield json.dumps(trade)
 
@@ -354,4 +356,5 @@ async def test_a_live_ingestion_whose_lease_lapsed_takes_it_back_and_loses_nothi
     events = read_topic(kafka_bootstrap, topic.name, market_pb2.MarketEvent)
     assert [e.tick.price for e in events] == [t["p"] for t in trades]
     assert [e.tick.seq for e in events] == [1, 2, 3, 4, 5]
+    assert events[2].tick.ts_event_ns == events[1].tick.ts_event_ns + 1  # its own stamp
     assert read_topic(kafka_bootstrap, topic.dlq_name, market_pb2.DeadLetter) == []
