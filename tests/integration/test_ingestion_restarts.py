@@ -20,7 +20,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -260,49 +260,68 @@ async def test_a_funding_announced_before_a_restart_is_settled_after_it(
     assert events[2].tick.mark_price == "56010.25"  # the mark, kept across the restart too
 
 
+def live_run(
+    kafka_bootstrap: str, redis_url: str, on_retry: Callable[[str | None], None]
+) -> tuple[IngestionSettings, Attempts, str]:
+    """A live ingestion in a namespace of its own: its settings, its attempts as `serve`
+    builds them (one lease holder, the token returned) and quick retries."""
+    settings = IngestionSettings(
+        namespace=new_namespace(),
+        kafka={"bootstrap": kafka_bootstrap},
+        redis={"url": redis_url},
+        source="live",
+        retry_backoff_s=0.1,
+    )
+    token = holder_token()
+    attempts = Attempts(
+        settings,
+        lambda: build_ingestor(settings, IngestionMetrics(CollectorRegistry()), token),
+        on_retry,
+    )
+    return settings, attempts, token
+
+
+async def run_to_its_end(
+    attempts: Attempts,
+    exchange: Callable[[], AsyncIterator[object]],
+    build: Callable[[], Ingestor] | None = None,
+) -> None:
+    """`run_live` until the exchange's stream ends, each failure paused as `serve` does."""
+
+    async def failed(exc: Exception) -> None:
+        await asyncio.sleep(await asyncio.to_thread(attempts.failed, exc))
+
+    try:
+        await asyncio.wait_for(run_live(build or attempts.build, "BTC-USDT", exchange, failed), 30)
+    finally:
+        await asyncio.to_thread(attempts.close)
+
+
 async def test_a_live_ingestion_on_standby_holds_no_stream_and_takes_over(
     kafka_bootstrap: str, redis_url: str
 ) -> None:
     """A standby connected to the exchange and held the first message it got, and the
     feed it had read, through the wait: at its takeover it published them after the
     holder's, and its queue of up to 10,000 messages had filled meanwhile."""
-    namespace = new_namespace()
-    settings = IngestionSettings(
-        namespace=namespace,
-        kafka={"bootstrap": kafka_bootstrap},
-        redis={"url": redis_url},
-        source="live",
-        retry_backoff_s=0.1,
-    )
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    lease = lease_key(namespace, "BTC-USDT")
-    client.set(lease, "another ingestion", px=1500)  # holds the symbol for 1.5 s more
-    token = holder_token()
-    holders: list[str | None] = []  # who held the symbol at each connection
     said: list[str | None] = []
+    settings, attempts, token = live_run(kafka_bootstrap, redis_url, said.append)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    lease = lease_key(settings.namespace, "BTC-USDT")
+    client.set(lease, "another ingestion", px=1500)  # holds the symbol for 1.5 s more
+    holders: list[str | None] = []  # who held the symbol at each connection
 
     async def exchange() -> AsyncIterator[object]:
         holders.append(client.get(lease))
         for trade in trade_messages(5):
             yield json.dumps(trade)
 
-    attempts = Attempts(
-        settings,
-        lambda: build_ingestor(settings, IngestionMetrics(CollectorRegistry()), token),
-        said.append,
-    )
-
-    async def failed(exc: Exception) -> None:
-        await asyncio.sleep(await asyncio.to_thread(attempts.failed, exc))
-
     try:
-        await asyncio.wait_for(run_live(attempts.build, "BTC-USDT", exchange, failed), 30)
+        await run_to_its_end(attempts, exchange)
     finally:
-        await asyncio.to_thread(attempts.close)
         client.close()
     assert any(w and w.startswith("standby: BTC-USDT is being ingested by another") for w in said)
     assert holders == [token]  # connected once, and only once the symbol was its own
-    events = read_topic(kafka_bootstrap, MARKET_TICKS.in_namespace(namespace).name,
+    events = read_topic(kafka_bootstrap, MARKET_TICKS.in_namespace(settings.namespace).name,
                         market_pb2.MarketEvent)  # fmt: skip
     assert [e.tick.seq for e in events] == [1, 2, 3, 4, 5]
 
@@ -313,20 +332,7 @@ async def test_a_live_ingestion_whose_lease_lapsed_takes_it_back_and_loses_nothi
     """Its own lease lapsed (a stall, Redis out of reach) went the way of a standby's:
     the stream closed, the trade in hand and the stream's queue dropped, and nobody else
     publishes them. Now it takes the lease back and goes on from the trade in hand."""
-    namespace = new_namespace()
-    settings = IngestionSettings(
-        namespace=namespace,
-        kafka={"bootstrap": kafka_bootstrap},
-        redis={"url": redis_url},
-        source="live",
-        retry_backoff_s=0.1,
-    )
-    token = holder_token()
-    attempts = Attempts(
-        settings,
-        lambda: build_ingestor(settings, IngestionMetrics(CollectorRegistry()), token),
-        lambda _: None,
-    )
+    settings, attempts, _ = live_run(kafka_bootstrap, redis_url, lambda _: None)
     built: list[Ingestor] = []
     connections: list[int] = []
     trades = trade_messages(5)
@@ -344,15 +350,9 @@ async def test_a_live_ingestion_whose_lease_lapsed_takes_it_back_and_loses_nothi
                 built[-1].store._leases["BTC-USDT"]._until = 0.0
             yield json.dumps(trade)
 
-    async def failed(exc: Exception) -> None:
-        await asyncio.sleep(await asyncio.to_thread(attempts.failed, exc))
-
-    try:
-        await asyncio.wait_for(run_live(build, "BTC-USDT", exchange, failed), 30)
-    finally:
-        await asyncio.to_thread(attempts.close)
+    await run_to_its_end(attempts, exchange, build)
     assert len(built) == 2 and connections == [1]  # taken back, on the same stream
-    topic = MARKET_TICKS.in_namespace(namespace)
+    topic = MARKET_TICKS.in_namespace(settings.namespace)
     events = read_topic(kafka_bootstrap, topic.name, market_pb2.MarketEvent)
     assert [e.tick.price for e in events] == [t["p"] for t in trades]
     assert [e.tick.seq for e in events] == [1, 2, 3, 4, 5]
