@@ -88,13 +88,15 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandl
         except DecodeError as exc:
             return _Undecodable(str(exc))
 
-    async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
-        UNDECODABLE.labels(method).inc()
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"the request is no valid message for {method}: {request.reason}",
-            trailing_metadata=SERVER_ANSWERED,
-        )
+    async def refuse_undecodable(request: object, context: grpc.aio.ServicerContext) -> None:
+        """End the call INVALID_ARGUMENT if `request` did not parse (abort raises)."""
+        if isinstance(request, _Undecodable):
+            UNDECODABLE.labels(method).inc()
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is no valid message for {method}: {request.reason}",
+                trailing_metadata=SERVER_ANSWERED,
+            )
 
     if handler.request_streaming:  # (reflection's only: both ways, an async generator)
         converse = handler.stream_stream
@@ -104,8 +106,7 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandl
         ) -> AsyncIterator[object]:
             async def parsed() -> AsyncIterator[object]:
                 async for request in requests:
-                    if isinstance(request, _Undecodable):
-                        await refuse(request, context)
+                    await refuse_undecodable(request, context)
                     yield request
 
             async for item in converse(parsed(), context):
@@ -120,8 +121,7 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandl
         answer = handler.unary_unary
 
         async def unary(request: object, context: grpc.aio.ServicerContext) -> object:
-            if isinstance(request, _Undecodable):
-                await refuse(request, context)
+            await refuse_undecodable(request, context)
             return await answer(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -133,8 +133,7 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandl
         async def items(
             request: object, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[object]:
-            if isinstance(request, _Undecodable):
-                await refuse(request, context)
+            await refuse_undecodable(request, context)
             async for item in stream(request, context):
                 yield item
 
@@ -142,8 +141,7 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandl
     else:  # writes with context.write (grpc.health.v1's Watch)
 
         async def writes(request: object, context: grpc.aio.ServicerContext) -> None:
-            if isinstance(request, _Undecodable):
-                await refuse(request, context)
+            await refuse_undecodable(request, context)
             await stream(request, context)
 
         behaviour = writes
