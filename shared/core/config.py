@@ -151,20 +151,21 @@ class StrategyConfig(BaseModel):
         most = 1 / initial
         ceiling = self.leverage.leverage_ceiling
         funded = ceiling / (1 - ceiling * float(MAX_FUNDING_RATE))  # validated < 1 there
-        if funded * COSTS_HEADROOM >= most:
-            raise ValueError(
-                f"venue.initial_margin {initial:g} takes orders up to {most:.4g}x: a "
-                f"product at the {ceiling:g}x leverage_ceiling is at {funded:.4g}x after a "
-                f"funding settlement at the largest rate taken ({MAX_FUNDING_RATE}), where "
-                "an order before the next tick is hedged, and its costs past it"
-            )
         benchmark = float(max(BENCHMARK_LEVERAGES))
-        if benchmark * COSTS_HEADROOM >= most:
-            raise ValueError(
-                f"venue.initial_margin {initial:g} takes orders up to {most:.4g}x: the "
-                f"backtest's {benchmark:g}x benchmark token rebalances up to it, and its "
-                "costs past it"
-            )
+        for reached, where in (
+            (
+                funded,
+                f"a product at the {ceiling:g}x leverage_ceiling is at {funded:.4g}x after a "
+                f"funding settlement at the largest rate taken ({MAX_FUNDING_RATE}), where "
+                "an order before the next tick is hedged",
+            ),
+            (benchmark, f"the backtest's {benchmark:g}x benchmark token rebalances up to it"),
+        ):
+            if reached * COSTS_HEADROOM >= most:
+                raise ValueError(
+                    f"venue.initial_margin {initial:g} takes orders up to {most:.4g}x: "
+                    f"{where}, and its costs past it"
+                )
         return self
 
     def instrument(self, symbol: str) -> InstrumentSpec:
