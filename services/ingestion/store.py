@@ -255,10 +255,14 @@ class SeqStore:
 
     def check_lease(self, symbol: str) -> None:
         """`LeaseLost` unless this process still holds the symbol's lease."""
+        self._taken(symbol).check()
+
+    def _taken(self, symbol: str) -> SymbolLease:
+        """The symbol's lease as `load` took it, or `LeaseLost`."""
         lease = self._leases.get(symbol)
         if lease is None:
             raise LeaseLost(f"{symbol}: no lease taken", retry_after_s=0.0)
-        lease.check()
+        return lease
 
     def close(self) -> None:
         """Stop renewing, hand the leases back (a successor need not wait them out) and
@@ -294,9 +298,7 @@ class SeqStore:
             fields += ["price", codec.decimal_to_wire(state.last_price, name="price")]
         if state.last_mark is not None:
             fields += ["mark", codec.decimal_to_wire(state.last_mark, name="mark")]
-        lease = self._leases.get(symbol)
-        if lease is None:
-            raise LeaseLost(f"{symbol}: no lease taken", retry_after_s=0.0)
+        lease = self._taken(symbol)
         sent = time.monotonic()
         ok, current = self._record(
             keys=[state_key(self.namespace, symbol), lease.name],
