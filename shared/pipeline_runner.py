@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -57,7 +58,10 @@ from shared.topics import (
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LOGS = ROOT / ".run" / "pipelines"  # a directory of service logs per namespace
-RUNS = ROOT / ".run" / "runs"  # one file per process using the stack (mark_stack_user)
+# One file per process using the stack (mark_stack_user), for the whole machine: every
+# checkout of the project here shares the one loopback stack, and a run in a second
+# checkout removed this one's namespaces under it, mid-test.
+RUNS = Path(tempfile.gettempdir()) / "smartlev-stack-users"
 _PORT_REF = re.compile(r"\{port:([a-z0-9_.]+)\}")
 PYTHON = sys.executable
 
@@ -187,7 +191,10 @@ def mark_stack_user(runs: Path = RUNS) -> None:
     mark = runs / str(os.getpid())
     if mark.exists():
         return
-    runs.mkdir(parents=True, exist_ok=True)
+    if not runs.is_dir():
+        runs.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(PermissionError):  # another user made it first
+            runs.chmod(0o1777)  # as /tmp: anyone marks, only the owner unmarks
     mark.write_text(process_start_time(os.getpid()) or "")
     atexit.register(mark.unlink, missing_ok=True)
 
@@ -208,7 +215,8 @@ def other_stack_users(runs: Path = RUNS) -> list[int]:
         if started is not None and started == recorded:
             alive.append(int(mark.name))
         else:
-            mark.unlink(missing_ok=True)
+            with contextlib.suppress(PermissionError):  # another user's: theirs to clear
+                mark.unlink(missing_ok=True)
     return sorted(alive)
 
 

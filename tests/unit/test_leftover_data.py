@@ -8,6 +8,8 @@ import fnmatch
 import os
 import subprocess
 import sys
+import tempfile
+from shutil import copytree, ignore_patterns
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 from shared import pipeline_runner
 from shared.pipeline_runner import (
     DEMO_RUNS,
+    ROOT,
     TEST_RUNS,
     Leftovers,
     chain_topic,
@@ -153,3 +156,35 @@ def test_the_redis_keys_removed_are_those_of_the_namespaces_removed(leftovers: L
         key = f"{namespace}hedge:{{BTC-USDT}}:state"
         removed = any(fnmatch.fnmatchcase(key, glob) for glob in leftovers.keys)
         assert removed == bool(leftovers.names.match(f"{namespace}hedge.fills")), namespace
+
+
+def test_a_run_in_another_checkout_of_the_project_counts(tmp_path: Path) -> None:
+    """Every checkout on the machine shares the one loopback stack: a test run in a
+    second clone removed this one's namespaces mid-test while its marks sat in its own
+    checkout. The marks are the machine's (under the temporary directory), wherever the
+    code runs from."""
+    checkout = tmp_path / "other-checkout"
+    copytree(ROOT / "shared", checkout / "shared", ignore=ignore_patterns("__pycache__"))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    marks_then_waits = (
+        "import sys; from shared import pipeline_runner as p; "
+        "print(p.__file__, flush=True); p.mark_stack_user(); print('marked', flush=True); "
+        "sys.stdin.read()"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", marks_then_waits],
+        cwd=checkout,
+        env={**os.environ, "TMPDIR": str(temp)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as run:
+        assert run.stdin is not None and run.stdout is not None
+        assert run.stdout.readline().startswith(str(checkout))  # the other checkout's code
+        assert run.stdout.readline() == "marked\n"
+        assert other_stack_users(temp / pipeline_runner.RUNS.name) == [run.pid]
+        run.stdin.close()  # it exits, and takes its mark with it
+        assert run.wait(timeout=30) == 0
+    assert other_stack_users(temp / pipeline_runner.RUNS.name) == []
+    assert pipeline_runner.RUNS.parent == Path(tempfile.gettempdir())
