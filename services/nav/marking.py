@@ -239,7 +239,8 @@ def mark(book: BookState, price: Decimal, last_nav: Decimal) -> Marked:
 
 class Unmarkable(ValueError):
     """Books the core cannot mark at the price: figures past its 60 digits or the wire's
-    40.40 (only a broken producer sends them). Dead-lettered: retrying cannot help."""
+    40.40, or no NAV above 0 for units held (only a broken producer sends them: hedging's
+    insurance keeps a quantum a unit). Dead-lettered: retrying cannot help."""
 
 
 def marked_update(
@@ -248,10 +249,16 @@ def marked_update(
     """`mark` and its NavUpdated, or Unmarkable."""
     try:
         marked = mark(book, price, last_nav)
-        return marked, nav_updated(marked, event, seq, now)
+        message = nav_updated(marked, event, seq, now)
     except (ArithmeticError, EncodeError) as exc:
         why = f"{book.product}: its books cannot be marked at {price}: {exc!r}"
         raise Unmarkable(why) from None
+    if marked.units > 0 and marked.nav <= 0:
+        raise Unmarkable(
+            f"{book.product}: its books mark {marked.units} units at a NAV of {marked.nav} "
+            f"(equity {marked.equity}) at {price}: a NAV is > 0"
+        )
+    return marked, message
 
 
 def nav_event_id(product: str, event: FillsEvent) -> str:

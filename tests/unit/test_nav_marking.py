@@ -176,6 +176,24 @@ def test_books_past_what_a_nav_can_be_are_unmarkable(
     assert message == nav_updated(marked, event, 1, 1)
 
 
+@pytest.mark.parametrize("cash", ["-500", "0.000000001"])
+def test_units_held_at_no_nav_above_zero_are_unmarkable(cash: str) -> None:
+    """Equity below zero, or under a NAV quantum a unit, on a product that holds units
+    was published as a NAV of -50.05 or 0 (DESIGN: NAV > 0 on every path)."""
+    update = tick_update()
+    book = update.products[0]
+    book.units, book.cash, book.qty = "10", cash, "0"
+    event = parse_update(update)
+    assert event.price is not None
+    with pytest.raises(Unmarkable, match=r"BTC-USDT:LONG: its books mark 10 units at a NAV"):
+        marked_update(event.books[0], event.price, Decimal(100), event, 1, 1)
+    book.cash = "0.0000001"  # one quantum a unit: the least NAV there is
+    event = parse_update(update)
+    assert event.price is not None
+    marked, _ = marked_update(event.books[0], event.price, Decimal(100), event, 1, 1)
+    assert marked.nav == Decimal("0.00000001")
+
+
 @pytest.mark.parametrize(
     ("stored", "expected"),
     [
