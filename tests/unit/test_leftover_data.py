@@ -9,9 +9,9 @@ import os
 import subprocess
 import sys
 import tempfile
-from shutil import copytree, ignore_patterns
 from collections.abc import Iterator
 from pathlib import Path
+from shutil import copytree, ignore_patterns
 
 import pytest
 
