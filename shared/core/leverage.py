@@ -99,6 +99,12 @@ class LeverageConfig(BaseModel):
             )
         return self
 
+    @property
+    def warmup_target(self) -> Decimal:
+        """The warm-up leverage within [l_min, l_max], as every later target is: the
+        controllers' first target and the engine's, which size the first orders."""
+        return to_target(min(max(self.warmup_leverage, self.l_min), self.l_max))
+
 
 def to_target(value: float) -> Decimal:
     """Targets are exact decimals in steps of 0.05x: finer moves are noise, not news."""
@@ -179,8 +185,7 @@ class SmartLeverageController:
         self.product = product
         self.side = side
         self.config = config
-        # the warm-up leverage within [l_min, l_max], as every later target is
-        self._set_target(to_target(min(max(config.warmup_leverage, config.l_min), config.l_max)))
+        self._set_target(config.warmup_target)
         self.ref_price: float | None = None
         self.ref_leverage = 0.0
         self._drawn = 0.0  # funding paid since the last rebalance (`funding_drawn`)
@@ -205,7 +210,7 @@ class SmartLeverageController:
         """The unsmoothed target for this regime and volatility (hot path: no reasons)."""
         cfg = self.config
         if not regime.features.warm:
-            return cfg.warmup_leverage
+            return self._bounded(cfg.warmup_leverage)
         _, base, scale = self._base_and_scale(regime)
         return self._bounded(base * scale)
 

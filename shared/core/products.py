@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from shared.core.config import StrategyConfig
 from shared.core.engine import Engine, ProductSpec, Strategy
-from shared.core.leverage import FixedLeverageController, SmartLeverageController, to_target
+from shared.core.leverage import FixedLeverageController, SmartLeverageController
 from shared.core.market import Side
 from shared.core.money import ZERO
 from shared.core.venue import PerpVenue, Venue
@@ -29,7 +29,7 @@ def smart_controllers(symbol: str, config: StrategyConfig) -> list[SmartLeverage
 
 
 def smart_product_specs(symbol: str, config: StrategyConfig) -> list[ProductSpec]:
-    initial = to_target(config.leverage.warmup_leverage)
+    initial = config.leverage.warmup_target
     return [
         ProductSpec(product_id(symbol, s), s, initial, config.leverage.gap_floor) for s in SIDES
     ]

@@ -30,6 +30,7 @@ from shared.core.leverage import (
     to_target,
 )
 from shared.core.market import NS_PER_DAY, NS_PER_HOUR, Side
+from shared.core.products import smart_controllers, smart_engine
 from shared.core.regime import Regime, RegimeState
 from tests.unit.core_stubs import LONG, SHORT, T0, regime_state
 
@@ -584,6 +585,20 @@ def test_bounds_must_be_whole_target_steps_and_the_first_target_is_within_them()
     assert SmartLeverageController(LONG, Side.LONG, rules(l_min=1.5)).target == Decimal("1.50")
     high = rules(l_max=3.0, warmup_leverage=4.0, leverage_ceiling=3.5)
     assert SmartLeverageController(LONG, Side.LONG, high).target == Decimal("3.00")
+
+
+@pytest.mark.parametrize("warmup", [-3.0, 0.0, 40.0, 1.02])
+def test_the_engine_starts_at_the_controllers_first_target(warmup: float) -> None:
+    """The hedging engine took the warm-up leverage as it came (-3x, 40x) while the
+    controllers clamped it into [l_min, l_max]: an order hedged before the first
+    decision was sized at a target no rule allows."""
+    config = StrategyConfig(leverage=rules(warmup_leverage=warmup))
+    first = {c.product: c.target for c in smart_controllers("BTC-USDT", config)}
+    assert smart_engine("BTC-USDT", config).targets == first
+    for target in first.values():
+        assert config.leverage.l_min <= target <= config.leverage.l_max
+    controller = SmartLeverageController(LONG, Side.LONG, config.leverage)
+    assert config.leverage.l_min <= controller.policy_target(NOT_WARM) <= config.leverage.l_max
 
 
 def test_warmup_below_l_min_is_clamped_on_the_first_bar() -> None:
