@@ -689,6 +689,11 @@ class NavBoard:
     updates: int = 0
 
     def apply(self, update: nav_pb2.NavUpdated) -> None:
+        """Show `update` unless it is older than the row (the stream can start a fetch
+        behind the products read first); an equal seq, an order's re-mark, is shown."""
+        held = self.rows.get(update.product)
+        if held is not None and update.seq < held.seq:
+            return
         self.rows[update.product] = update
         if update.nav:
             self.first.setdefault(update.product, Decimal(update.nav))

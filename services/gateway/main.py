@@ -271,13 +271,15 @@ class StreamNavs:
             self.current[product], self._seqs[product] = _decimal(fields, "nav"), seq
 
     def updated(self, update: nav_pb2.NavUpdated) -> bool:
-        """Take `update` unless it is older than the NAV shown; whether it was taken (an
-        order's re-mark repeats its tick's seq: an equal seq is taken)."""
+        """Take `update` unless it is older than the NAV shown (an order's re-mark
+        repeats its tick's seq: an equal seq is taken); whether the NAV moved (a tick at
+        the same NAV, as an unhedged product's, changes no position's value)."""
         if update.seq < self._seqs.get(update.product, 0):
             return False
-        self.current[update.product] = Decimal(update.nav)
-        self._seqs[update.product] = update.seq
-        return True
+        nav = Decimal(update.nav)
+        moved = nav != self.current.get(update.product)
+        self.current[update.product], self._seqs[update.product] = nav, update.seq
+        return moved
 
 
 class Gateway(gateway_pb2_grpc.GatewayServicer):

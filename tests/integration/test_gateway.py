@@ -1723,6 +1723,25 @@ async def test_stream_nav_delivers_published_updates(env: Env) -> None:
     positions.cancel()
 
 
+async def test_a_position_stream_shows_a_nav_update_only_when_it_moves_the_nav(
+    env: Env,
+) -> None:
+    """An unhedged product's ticks keep its NAV: each one sent every position of the
+    product again, unchanged, to every holder's stream."""
+    positions = env.stub.StreamPositions(gateway_pb2.StreamPositionsRequest(), metadata=ALICE)
+    await env.set_nav(PRODUCT, NAV)
+    opened = await env.open("steady")
+    assert (await asyncio.wait_for(positions.read(), 5)).position_id == opened.position_id
+    moved = await read_while_publishing(env, positions, [(PRODUCT, "130.5")])
+    assert moved.nav == "130.5"
+    # the same NAV again (other event ids: the feed drops one it saw), then 131 at the
+    # same seq: only 131 is news
+    again = [(PRODUCT, "130.50"), (PRODUCT, "131")]
+    later = await read_while_publishing(env, positions, again)
+    assert (later.position_id, later.nav) == (opened.position_id, "131")
+    positions.cancel()
+
+
 async def test_a_position_stream_skips_updates_it_could_not_show(env: Env) -> None:
     """A NavUpdated whose NAV is no decimal and an order event of the caller whose
     position id is no id are skipped by the feed; the stream goes on (they ended it

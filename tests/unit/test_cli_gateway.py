@@ -502,6 +502,18 @@ def test_watch_streams_until_count(cli: CliRunner, fake: tuple[FakeGateway, str]
     assert "BTC-USDT:SHORT" not in result.stdout
 
 
+def test_the_watch_board_does_not_step_back_to_an_update_older_than_its_row() -> None:
+    """The stream can start a fetch behind the products `watch` read first: an update
+    older than the row took the NAV back. An equal seq (an order's re-mark) is news."""
+    board = cli_module.NavBoard({}, {})
+    board.rows["BTC-USDT:LONG"] = nav_pb2.NavUpdated(product="BTC-USDT:LONG", nav="100", seq=10)
+    for seq, nav in ((9, "99"), (10, "101"), (8, "98"), (11, "102")):
+        board.apply(nav_pb2.NavUpdated(product="BTC-USDT:LONG", nav=nav, seq=seq))
+        if seq == 10:
+            assert board.rows["BTC-USDT:LONG"].nav == "101"
+    assert (board.rows["BTC-USDT:LONG"].nav, board.updates) == ("102", 2)
+
+
 @pytest.mark.parametrize(
     ("columns", "left_out"),
     [(240, ()), (80, ("market time",)), (60, ("market time", "target", "change")), (30, ())],

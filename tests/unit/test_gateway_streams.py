@@ -82,8 +82,8 @@ def test_a_position_stream_does_not_take_back_a_nav_it_read_newer() -> None:
     stream that read the store at seq 4 then showed NAV 102, 103, 104 from its queue."""
     navs = StreamNavs()
     navs.stored(LONG, {"nav": "104", "seq": "4"})
-    taken = [navs.updated(nav_update(seq, f"10{seq}")) for seq in (2, 3, 4, 5)]
-    assert taken == [False, False, True, True] and navs.current[LONG] == Decimal("105")
+    moved = [navs.updated(nav_update(seq, f"10{seq}")) for seq in (2, 3, 4, 5)]
+    assert moved == [False, False, False, True] and navs.current[LONG] == Decimal("105")
     navs.stored(LONG, {"nav": "104", "seq": "4"})  # a re-read of an older store
     assert navs.current[LONG] == Decimal("105")
     navs.stored("BTC-USDT:SHORT", {})  # no NAV stored yet
@@ -96,14 +96,16 @@ def test_the_nav_a_stream_shows_follows_the_latest_seq_it_saw(
 ) -> None:
     """Whatever order store reads and updates come in, the stream takes a NAV marked at
     a seq no older than the one it shows (an equal seq, an order's re-mark, is taken),
-    and keeps the one it shows otherwise."""
+    and keeps the one it shows otherwise; an update says the positions move only when
+    it moved the NAV (a tick at the same NAV repeated every position of the product)."""
     navs = StreamNavs()
     shown_seq, shown_nav = 0, None
     for from_store, seq, nav in steps:
         if from_store:
             navs.stored(LONG, {"nav": str(nav), "seq": str(seq)})
         else:
-            assert navs.updated(nav_update(seq, str(nav))) == (seq >= shown_seq)
+            moved = seq >= shown_seq and Decimal(nav) != shown_nav
+            assert navs.updated(nav_update(seq, str(nav))) == moved
         if seq >= shown_seq:
             shown_seq, shown_nav = seq, Decimal(nav)
         assert navs.current.get(LONG) == shown_nav
