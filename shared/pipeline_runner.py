@@ -188,14 +188,16 @@ def mark_stack_user(runs: Path = RUNS) -> None:
     """Say, until this process exits, that it keeps namespaces on the stack (a file named
     by its pid, holding its start time), so another run's `remove_leftover_namespaces`
     leaves them alone."""
-    mark = runs / str(os.getpid())
-    if mark.exists():
-        return
+    mark, started = runs / str(os.getpid()), process_start_time(os.getpid()) or ""
+    with contextlib.suppress(OSError):
+        if mark.read_text() == started:
+            return  # this process's (a dead one's under the same pid is written over)
     if not runs.is_dir():
         runs.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(PermissionError):  # another user made it first
             runs.chmod(0o1777)  # as /tmp: anyone marks, only the owner unmarks
-    mark.write_text(process_start_time(os.getpid()) or "")
+    mark.write_text(started)
+    mark.chmod(0o644)  # whatever the umask: every user's cleanup reads it
     atexit.register(mark.unlink, missing_ok=True)
 
 

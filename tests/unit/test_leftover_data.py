@@ -158,6 +158,21 @@ def test_the_redis_keys_removed_are_those_of_the_namespaces_removed(leftovers: L
         assert removed == bool(leftovers.names.match(f"{namespace}hedge.fills")), namespace
 
 
+def test_the_mark_names_this_process_and_every_user_can_read_it(tmp_path: Path) -> None:
+    """A dead process's mark under this pid was taken for this one's (its start time
+    then named no live process: this run went unseen), and a umask of 077 made the mark
+    unreadable to another user's cleanup, which took the run for gone."""
+    stale = tmp_path / str(os.getpid())
+    stale.write_text("123")
+    umask = os.umask(0o077)
+    try:
+        mark_stack_user(tmp_path)
+    finally:
+        os.umask(umask)
+    assert stale.read_text() == process_start_time(os.getpid())
+    assert stale.stat().st_mode & 0o777 == 0o644
+
+
 def test_a_run_in_another_checkout_of_the_project_counts(tmp_path: Path) -> None:
     """Every checkout on the machine shares the one loopback stack: a test run in a
     second clone removed this one's namespaces mid-test while its marks sat in its own
