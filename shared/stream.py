@@ -545,6 +545,10 @@ class FaustInput(Input):
 # The positions (topic, partition, offset) a batch being handled has dead-lettered, so a
 # re-run after a transient error does not send them again (`StageRuntime.handle_batch`).
 _LETTERED: ContextVar[set[tuple[str, int, int]] | None] = ContextVar("lettered", default=None)
+# How many outcomes (processed, skipped) the batch's current run has counted, and the
+# most any of its runs reached: a re-run after a transient error counts only past that,
+# so each event is counted once, by the first run that reaches it (`handle_batch`).
+_REACHED: ContextVar[list[int] | None] = ContextVar("reached", default=None)
 
 
 @dataclass
@@ -692,8 +696,11 @@ class StageRuntime:
             self.log.info("heap_frozen", objects=freeze_heap())
         self._batch_events.observe(len(batch))
         lettered = _LETTERED.set(set())  # this task's batch's: see `reject`
+        reached = [0, 0]
+        counting = _REACHED.set(reached)  # see `_outcome`
         try:
             while True:
+                reached[0] = 0
                 try:
                     await handle(batch)
                     return
@@ -705,6 +712,7 @@ class StageRuntime:
                     pause = min(pause * 2, 5.0)
         finally:
             _LETTERED.reset(lettered)
+            _REACHED.reset(counting)
 
     async def fail(self, exc: BaseException) -> None:
         """Stop the stage without acknowledging the input in hand; never returns (the
@@ -722,13 +730,25 @@ class StageRuntime:
         raise NotImplementedError
 
     def processed(self, inp: Input, ts_init_ns: int) -> None:
-        self._count(inp, "processed").inc()
-        self._latency.observe(max(time.time_ns() - ts_init_ns, 0) / 1e9)
-        self.last_progress = time.monotonic()
+        self._outcome(inp, ts_init_ns)
 
     def skipped(self, inp: Input) -> None:
-        self._count(inp, "skipped").inc()
+        self._outcome(inp, None)
+
+    def _outcome(self, inp: Input, ts_init_ns: int | None) -> None:
+        """Counted, unless an earlier run of the batch counted this one (`_REACHED`)."""
         self.last_progress = time.monotonic()
+        reached = _REACHED.get()
+        if reached is not None:
+            reached[0] += 1
+            if reached[0] <= reached[1]:
+                return
+            reached[1] = reached[0]
+        if ts_init_ns is None:
+            self._count(inp, "skipped").inc()
+        else:
+            self._count(inp, "processed").inc()
+            self._latency.observe(max(time.time_ns() - ts_init_ns, 0) / 1e9)
 
     def _count(self, inp: Input, outcome: str) -> Any:
         child = self._counts.get((inp.spec.name, outcome))

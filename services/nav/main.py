@@ -65,10 +65,15 @@ class NavService:
         outgoing: list[Outgoing] = []
         writes: dict[str, dict[str, str | int | Decimal]] = {}
         applied: list[FillsEvent] = []
-        skipped = 0  # ticks every product of which had been marked (redeliveries)
+        skipped = 0  # events every product of which had been marked past (redeliveries)
         for event, record in run:
             if event.kind != "tick":
-                applied.append(event)  # funding moves the books; the next tick marks them
+                # funding moves the books; the next tick marks them (one read again after
+                # a later tick marked them all is a redelivery)
+                if all(event.seq <= last_seq[book.product] for book in event.books):
+                    skipped += 1
+                else:
+                    applied.append(event)
                 continue
             assert event.price is not None
             try:

@@ -69,12 +69,13 @@ def test_nav_service_marks_the_core_books_exactly(
         if seq == 10:  # funding moves the books; the next tick marks them
             funding = market_pb2.MarketEvent(
                 funding=market_pb2.FundingRateObserved(
-                    event_id="f", symbol=SYMBOL, ts_event_ns=1, ts_init_ns=1, rate="0.0001", seq=10
+                    event_id="f", symbol=SYMBOL, ts_event_ns=1, ts_init_ns=1, rate="0.0001", seq=11
                 )
             )
-            updates.append(
-                hedging_pb2.HedgeUpdate(event_id="f", market=funding, products=record.states)
-            )
+            settled = hedging_pb2.HedgeUpdate(event_id="f", market=funding, products=record.states)
+            updates.append(settled)
+        if seq == 12:  # the funding read again, after a later tick marked both products
+            updates.append(settled)
     # an order's books that cannot be marked at the last price (units changed: re-marked)
     updates.append(unmarkable(tick_update(reference.ticks[-1], n), units="1"))
     updates[-1].ClearField("market")
@@ -157,6 +158,8 @@ def test_nav_service_marks_the_core_books_exactly(
         assert [u.products[0].qty for u in poisoned] == [ABSURD_QTY, ABSURD_QTY]
         assert [u.market.tick.seq for u in poisoned] == [8, 0]
         assert all("cannot be marked" in d.reason for d in letters[1:]), letters
+        skipped = re.search(SKIPPED, pipeline.metrics(NAV.name))
+        assert skipped is not None and float(skipped.group(1)) == 2  # tick 5, the funding
 
 
 def _order(

@@ -609,3 +609,42 @@ async def test_a_batch_re_run_after_a_transient_error_dead_letters_its_records_o
     ]
     await runtime.handle_batch(handle, [bad(5), bad(7)])  # a redelivery, then a new one
     assert [letter.offset for letter in sent] == [5, 6, 5, 7]
+
+
+async def test_a_batch_re_run_after_a_transient_error_counts_its_events_once() -> None:
+    """Every run of a batch counted its events: a batch of three run three times read
+    9 on /metrics (and a latency sample each). Each is now counted by the first run
+    that reaches it, so also one a run handled before a later event failed (hedging's
+    own commits stay "processed" when the re-run finds them done)."""
+    runtime = StreamRuntime(ServiceSettings(service="leverage", namespace="t9."))
+    runtime.retry_backoff_s = 0.001
+    ticks = runtime.input(MARKET_TICKS)
+    runs = 0
+
+    async def handle(batch: list[int]) -> None:
+        nonlocal runs
+        runs += 1
+        for seq in batch:
+            if runs == 1 and seq == 2:
+                raise ConnectionError("a broker timeout")  # the first run stops early
+            if seq % 2:
+                runtime.processed(ticks, time.time_ns())
+            else:
+                runtime.skipped(ticks)
+        if runs < 3:
+            raise ConnectionError("Redis went away")
+
+    def counts() -> tuple[float, float]:
+        return tuple(  # type: ignore[return-value]
+            runtime._count(ticks, outcome)._value.get() for outcome in ("processed", "skipped")
+        )
+
+    def samples() -> float:
+        return sum(bucket.get() for bucket in runtime._latency._buckets)
+
+    before = samples()
+    await runtime.handle_batch(handle, [1, 2, 3])
+    assert runs == 3 and counts() == (2, 1)
+    assert samples() - before == 2
+    runtime.processed(ticks, time.time_ns())  # outside a batch: counted at once
+    assert counts() == (3, 1)
