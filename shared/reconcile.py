@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import binascii
 import contextlib
 import hashlib
 import json
@@ -40,7 +39,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from kafka import KafkaConsumer, TopicPartition
@@ -102,9 +101,10 @@ class Row:
         if isinstance(self.expected, str) or isinstance(self.actual, str):
             return None
         try:
-            return Decimal(self.actual) - Decimal(self.expected)
+            difference = Decimal(self.actual) - Decimal(self.expected)
         except ArithmeticError:  # a stored 1E+999999999: the row says it, unsubtracted
             return None
+        return None if difference.is_nan() else difference  # (a stored "NaN": no amount)
 
 
 @dataclass
@@ -583,6 +583,11 @@ class SymbolState:
     in_progress: bool = False
 
 
+class StateUnreadable(ValueError):
+    """Hedging's stored state for a symbol is not what it writes (not JSON, a field
+    missing, the wrong shape): a difference to name, not a traceback."""
+
+
 class StateMissing(LookupError):
     """No hedging state for a symbol under the namespace: nothing to reconcile, unless
     money moved without it (`moved`: what did, "" when nothing did)."""
@@ -639,12 +644,13 @@ async def load_symbol(
             f"no hedging state for {symbol} under namespace {namespace!r}{in_event}",
             _moved(account),
         )
+    engine, mirror = _snapshots(symbol, state)
     navs = {p: (await nav.read(p))[0] for p in products}
     gateway = await load_gateway(redis, namespace, symbol) if products else None
     return SymbolState(
         symbol,
-        json.loads(state["engine"]),
-        json.loads(state["venue"]),
+        engine,
+        mirror,
         positions,
         account,
         applied,
@@ -653,6 +659,20 @@ async def load_symbol(
         after,
         in_progress=bool(inflight.get("kind")),
     )
+
+
+def _snapshots(symbol: str, state: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The engine's and the venue mirror's snapshots in hedging's state, or
+    StateUnreadable."""
+    try:
+        snapshots = json.loads(state["engine"]), json.loads(state["venue"])
+    except (KeyError, ValueError) as exc:  # a field missing, or no JSON
+        raise StateUnreadable(f"hedging's state of {symbol} is unreadable: {exc!r}") from None
+    for name, snapshot in zip(("engine", "venue"), snapshots, strict=True):
+        if not isinstance(snapshot, dict):
+            kind = type(snapshot).__name__
+            raise StateUnreadable(f"hedging's state of {symbol}: {name} is a {kind}, not a map")
+    return snapshots
 
 
 async def load_gateway(redis: Redis, namespace: str, symbol: str) -> GatewayState | None:
@@ -677,7 +697,7 @@ def stuck_orders(outbox: Iterable[str | bytes], now_ns: int) -> int:
         try:
             event = codec.decode(orders_pb2.OrderEvent, base64.b64decode(entry, validate=True))
             settled_ns = codec.order_of(event).ts_init_ns
-        except (codec.DecodeError, binascii.Error):
+        except (codec.DecodeError, ValueError):  # (base64's binascii.Error; non-ASCII)
             settled_ns = 0
         stuck += now_ns - settled_ns > OUTBOX_STUCK_S * NS_PER_SECOND
     return stuck
@@ -693,7 +713,8 @@ def restore(
     """(books, last price, venue account, hedging's mirror) through the core's restore."""
     engine = state.engine
     books_snapshot = engine["books"]
-    assert isinstance(books_snapshot, dict)
+    if not isinstance(books_snapshot, dict):
+        raise ValueError(f"the engine's books are a {type(books_snapshot).__name__}, not a map")
     books = Books.restore(config.accounting, books_snapshot)
     spec = config.instrument(state.symbol)
     account: dict[str, object] = dict(state.account)
@@ -906,6 +927,9 @@ async def reconcile(
         report.rows += bad
         try:
             state = await load_symbol(redis, namespace, symbol, products)
+        except StateUnreadable as exc:
+            report.rows.append(Row("books.state", symbol, "a readable state", str(exc)))
+            continue
         except StateMissing as exc:
             history = kafka.replays[symbol].updates
             if history:  # hedging published updates: its state is lost, not yet to come
@@ -923,8 +947,9 @@ async def reconcile(
         by_id, repeats = kafka.orders[symbol]
         try:
             part = symbol_report(config, state, by_id, repeats, kafka.replays[symbol])
-        except (ValueError, ArithmeticError, KeyError) as exc:  # a stored figure unreadable
-            # ("NaN" in the venue's wallet, a field missing): a difference, not a traceback
+        except (ValueError, ArithmeticError, KeyError, TypeError) as exc:
+            # a stored figure unreadable ("NaN" in the venue's wallet, a field missing, a
+            # list for a map): a difference, not a traceback
             report.rows.append(Row("books.state", symbol, "a readable state", repr(exc)))
             continue
         report.rows += part.rows
@@ -1007,6 +1032,8 @@ class BooksMonitor:
         for symbol in self.symbols:
             try:
                 bad = await self._held_differences(symbol)
+                amounts = [abs(d) for r in bad or () if (d := r.difference) is not None]
+                biggest = float(max(amounts, default=ZERO))
             except Exception as exc:  # whatever it is, this symbol's books are unknown
                 CHECK_FAILED.labels(symbol).set(1)
                 found[symbol] = [Row(BOOKS_CHECK_FAILED, symbol, "a state to check", repr(exc))]
@@ -1014,9 +1041,8 @@ class BooksMonitor:
             CHECK_FAILED.labels(symbol).set(0)
             if bad is None:
                 continue
-            amounts = [abs(d) for r in bad if (d := r.difference) is not None]
             BALANCED.labels(symbol).set(0 if bad else 1)
-            DIFFERENCE.labels(symbol).set(float(max(amounts, default=ZERO)))
+            DIFFERENCE.labels(symbol).set(biggest)
             found[symbol] = bad
         return found
 

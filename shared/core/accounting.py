@@ -455,7 +455,8 @@ class Books:
     @classmethod
     def restore(cls, config: AccountingConfig, snapshot: dict[str, object]) -> Books:
         raw_products = snapshot["products"]
-        assert isinstance(raw_products, list)
+        if not isinstance(raw_products, list):
+            raise ValueError(f"the books' products are a {type(raw_products).__name__}, not a list")
         books = cls(config, [ProductBook.from_dict(p) for p in raw_products])
         for name in ("deposits", "payouts", "platform_fees", "insurance_fund"):
             setattr(books, name, Decimal(str(snapshot[name])))

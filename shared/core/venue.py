@@ -381,7 +381,8 @@ class PerpVenue:
         ):
             setattr(venue, name, _finite(snapshot[name], name))
         liquidations = snapshot["liquidations"]
-        assert isinstance(liquidations, int)
+        if not isinstance(liquidations, int):
+            raise ValueError(f"liquidations is {liquidations!r}, not a count")
         venue.liquidations = liquidations
         # none in a snapshot from before the walk; a Redis hash's text, or a JSON int
         venue.walk_ts = int(str(snapshot.get("walk_ts", 0)))

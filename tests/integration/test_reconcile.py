@@ -156,6 +156,21 @@ def test_reconcile_a_real_pipeline_then_a_tampered_minor_unit(
     assert "JSONDecodeError" in str(failed.actual)
     assert {row.check for row in found["BTC-USDT"]} == {"books.cash", "books.identity"}
 
+    # A "NaN" in one symbol's books made the check raise where it took the largest
+    # difference: the symbols after it went unchecked, every 30 s. Now named, and the
+    # next symbol is checked (ETH's state, still no JSON, is a failed check).
+    engine = redis_client.hget(state_key, "engine")
+    nan_books = json.loads(engine)
+    nan_books["books"]["products"][0]["cash"] = "NaN"
+    redis_client.hset(state_key, "engine", json.dumps(nan_books))
+    try:
+        found, failed_gauges = asyncio.run(_monitor(namespace, redis_url, ["BTC-USDT", "ETH-USDT"]))
+    finally:
+        redis_client.hset(state_key, "engine", engine)
+    assert failed_gauges == {"BTC-USDT": 0, "ETH-USDT": 1}
+    assert any("NaN" in str(row.actual) for row in found["BTC-USDT"]), found
+    assert [row.check for row in found["ETH-USDT"]] == [BOOKS_CHECK_FAILED]
+
 
 async def _monitor(
     namespace: str, redis_url: str, symbols: list[str]

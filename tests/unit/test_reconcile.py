@@ -9,6 +9,7 @@ import base64
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import NamedTuple
@@ -369,8 +370,8 @@ def test_an_outbox_that_does_not_drain_is_a_difference() -> None:
         return base64.b64encode(codec.encode(orders_pb2.OrderEvent(opened=opened))).decode()
 
     limit = OUTBOX_STUCK_S * 1_000_000_000
-    outbox = [entry(now - limit + 1), entry(now - limit - 1), "not base64!"]
-    assert stuck_orders(outbox, now) == 2  # what the relay cannot publish either counts
+    outbox = [entry(now - limit + 1), entry(now - limit - 1), "not base64!", "Zm9v€"]
+    assert stuck_orders(outbox, now) == 3  # what the relay cannot publish either counts
     h = history()
     report = reconcile_symbol(CONFIG, h.state(gateway=GatewayState([], {}, 1)), h.updates, h.orders)
     assert report.balanced and any("outbox" in note for note in report.notes)  # in flight
@@ -524,14 +525,9 @@ def test_money_at_the_venue_with_no_hedging_state_is_a_difference(
     assert {r.check for r in report.differences} == {"books.state"}
 
 
-@pytest.mark.parametrize("wallet", ["NaN", "abc"])
-def test_a_stored_figure_that_cannot_be_read_is_a_difference_not_a_traceback(
-    monkeypatch: pytest.MonkeyPatch, wallet: str
-) -> None:
-    """A "NaN" in the venue's stored wallet (unreadable since reliability 210), or text
-    that is no number, ended `reconcile` in a traceback, exit 1, read as
-    "differences"; it is one, named."""
-    h = history()
+def _replayed(h: History) -> Callable[..., reconcile_module.Replayed]:
+    """`replay_topics` as it reads `h`'s updates and orders (of SYMBOL; none of the
+    others)."""
 
     def topics(*args: object) -> reconcile_module.Replayed:
         wanted = list(CONFIG.instruments)
@@ -544,12 +540,98 @@ def test_a_stored_figure_that_cannot_be_read_is_a_difference_not_a_traceback(
             orders, replays, {s: [] for s in wanted}, {s: [] for s in wanted}
         )
 
+    return topics
+
+
+@pytest.mark.parametrize("wallet", ["NaN", "abc"])
+def test_a_stored_figure_that_cannot_be_read_is_a_difference_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, wallet: str
+) -> None:
+    """A "NaN" in the venue's stored wallet (unreadable since reliability 210), or text
+    that is no number, ended `reconcile` in a traceback, exit 1, read as
+    "differences"; it is one, named."""
+    h = history()
+
     async def load(*args: object) -> SymbolState:
         state = h.state()
         state.account["wallet"] = wallet
         return state
 
-    monkeypatch.setattr(reconcile_module, "replay_topics", topics)
+    monkeypatch.setattr(reconcile_module, "replay_topics", _replayed(h))
     monkeypatch.setattr(reconcile_module, "load_symbol", load)
     report = asyncio.run(reconcile_module.reconcile(None, "x", CONFIG, "", [SYMBOL]))  # type: ignore[arg-type]
     assert [(r.check, r.subject) for r in report.differences] == [("books.state", SYMBOL)]
+
+
+def _spoiled_books(state: SymbolState) -> None:
+    state.engine["books"] = []
+
+
+def _spoiled_products(state: SymbolState) -> None:
+    state.engine["books"]["products"] = {}
+
+
+def _spoiled_product(state: SymbolState) -> None:
+    state.engine["books"]["products"] = [1]
+
+
+def _spoiled_liquidations(state: SymbolState) -> None:
+    state.mirror["liquidations"] = "many"  # hedging's mirror of the venue account
+
+
+@pytest.mark.parametrize(
+    "spoil", [_spoiled_books, _spoiled_products, _spoiled_product, _spoiled_liquidations]
+)
+def test_a_stored_snapshot_of_the_wrong_shape_is_a_difference_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, spoil: Callable[[SymbolState], None]
+) -> None:
+    """Snapshots of the wrong shape ended `reconcile` in an AssertionError or TypeError
+    traceback (exit 1, the other symbols unreported); each is one named difference."""
+    h = history()
+
+    async def load(*args: object) -> SymbolState:
+        state = h.state()
+        spoil(state)
+        return state
+
+    monkeypatch.setattr(reconcile_module, "replay_topics", _replayed(h))
+    monkeypatch.setattr(reconcile_module, "load_symbol", load)
+    report = asyncio.run(reconcile_module.reconcile(None, "x", CONFIG, "", [SYMBOL]))  # type: ignore[arg-type]
+    assert [(r.check, r.subject) for r in report.differences] == [("books.state", SYMBOL)]
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"engine": '{"price": "1", ', "venue": "{}"}, "JSONDecodeError"),
+        ({"venue": "{}"}, "KeyError('engine')"),
+        ({"engine": "[]", "venue": "{}"}, "engine is a list, not a map"),
+        ({"engine": "{}", "venue": '"text"'}, "venue is a str, not a map"),
+    ],
+)
+def test_hedging_state_that_is_not_its_snapshots_is_a_difference_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, fields: dict[str, str], says: str
+) -> None:
+    """Hedging's state hash read as JSON unguarded: a field that is not JSON, or missing,
+    or JSON of another shape, ended `reconcile` in a traceback read as "differences",
+    and a run over every symbol left the others unreported."""
+    h = history()
+
+    async def load(redis: object, namespace: str, symbol: str, *args: object) -> SymbolState:
+        if symbol == SYMBOL:
+            reconcile_module._snapshots(symbol, fields)
+        return h.state()
+
+    monkeypatch.setattr(reconcile_module, "replay_topics", _replayed(h))
+    monkeypatch.setattr(reconcile_module, "load_symbol", load)
+    report = asyncio.run(reconcile_module.reconcile(None, "x", CONFIG, "", ()))  # type: ignore[arg-type]
+    [row] = [r for r in report.differences if r.subject == SYMBOL]
+    assert row.check == "books.state" and says in str(row.actual), row
+    assert {r.subject for r in report.rows} > {SYMBOL}  # the other symbol is reported
+
+
+def test_a_difference_of_a_stored_nan_has_no_amount() -> None:
+    """The books monitor takes the largest amount of a symbol's differences: a "NaN" in
+    the books made that raise, and the symbols after it went unchecked."""
+    assert Row("books.cash", SYMBOL, Decimal(1), Decimal("NaN")).difference is None
+    assert Row("books.cash", SYMBOL, Decimal(1), Decimal(3)).difference == 2
