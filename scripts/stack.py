@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -910,7 +909,7 @@ class Stack:
         self.run.mkdir(parents=True, exist_ok=True)
         ensure_apt_packages()
         redis, kafka = self.redis(), self.kafka()
-        self.stop_reconfigured([(kafka, self.kafka_config), (redis, self.redis_config)])
+        self.stop_reconfigured([(kafka, self.kafka_files()), (redis, [self.redis_config])])
         # Kafka first (its first run fetches jars), then Redis, so both start side by side.
         launched = [c.name for c in (kafka, redis) if self.launch(c) is not None]
         for comp in (redis, kafka):
@@ -946,19 +945,32 @@ class Stack:
             if self.running_pid(comp) is not None:
                 record.write_text(f"{current}\n")  # what it runs on, as of now
 
-    def stop_reconfigured(self, configured: list[tuple[Component, Path]]) -> None:
-        """Stop Kafka or Redis (ours only) if its config file changed since it started,
-        so `up` starts it on the config as it is: each reads it once, and a changed
-        setting (a retention, an fsync policy) waited for a restart nothing gave it.
+    def kafka_files(self) -> list[Path]:
+        """What the broker runs on besides its command line: its config, its logging
+        config and the pom that pins its jars (a version or a dependency bumped there)."""
+        return [
+            self.kafka_config,
+            self.root / self.kafka_cfg["log4j"],
+            self.root / self.kafka_cfg["pom"],
+        ]
+
+    def stop_reconfigured(self, configured: list[tuple[Component, list[Path]]]) -> None:
+        """Stop Kafka or Redis (ours only) if what it runs on changed since it started
+        (its files, and its command line: a heap, a jar version), so `up` starts it on
+        them as they are: each reads them once, and a changed setting (a retention, an
+        fsync policy) or a pom bumped for a CVE waited for a restart nothing gave it.
         Changed means other content than `up` last started or found it on (recorded in
         `.run/<name>.config.sha256`), not a newer mtime: a file stamped in the future
         restarted the broker on every `up`. With no record (a component started before
-        records were kept), a config newer than the process counts as changed, once."""
-        for comp, config in configured:
-            digest = hashlib.sha256(config.read_bytes()).hexdigest()
+        records were kept), a file newer than the process counts as changed, once."""
+        for comp, files in configured:
+            digest = content_digest(files, self.root, "\0".join(comp.argv()).encode())
             record = self.run / f"{comp.name}.config.sha256"
-            mtime = functools.partial(os.path.getmtime, config)
-            self._stop_if_changed(comp, record, digest, mtime, "its config")
+
+            def newest(files: list[Path] = files) -> float:
+                return max(os.path.getmtime(f) for f in files if f.exists())
+
+            self._stop_if_changed(comp, record, digest, newest, "its config")
             record.write_text(f"{digest}\n")  # what it runs on once `up` starts it
 
     def _stop_if_changed(
@@ -1090,12 +1102,13 @@ class Stack:
 
     def start_supervisor(self) -> None:
         """The supervisor (unless it runs): holds go, everything `up` started is watched.
-        One started before this file, stack.toml or Kafka's and Redis's configs (their
-        ports, by which it knows them) last changed is replaced: it read them once, and
-        kept restarting components with the ports and checks of before."""
+        One started before this file, stack.toml or Kafka's and Redis's files (their
+        ports, by which it knows them; Kafka's jar version) last changed is replaced: it
+        read them once, and kept restarting components with the ports, checks and jars
+        of before."""
         for held in self.run.glob("*.held"):
             held.unlink()
-        read = (Path(__file__), self.config_path, self.kafka_config, self.redis_config)
+        read = (Path(__file__), self.config_path, *self.kafka_files(), self.redis_config)
         digest = content_digest(read, self.root)
         record = self.run / "supervisor.sha256"
         if running := self.supervisors():

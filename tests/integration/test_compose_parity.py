@@ -86,6 +86,9 @@ def published(ports: list[str]) -> dict[int, tuple[str, int]]:
     return out
 
 
+REDIS_HEALTH = ["CMD", "redis-cli", "-e", "ping"]
+
+
 def redis_args(command: list[str]) -> dict[str, str]:
     """["redis-server", "--appendonly", "yes", ...] -> {"appendonly": "yes", ...}."""
     out: dict[str, str] = {}
@@ -187,6 +190,11 @@ def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[s
         diffs.append(f"redis published ports {redis.get('ports')} != {expected}")
     if not any(str(v).endswith(":/data") for v in redis.get("volumes", [])):
         diffs.append("redis has no volume on /data (its AOF would die with the container)")
+    # healthy as natively (stack.py's redis_ping wants +PONG): `redis-cli ping` exits 0 on
+    # an error answer too, so a Redis still loading its AOF (-LOADING) passed, and every
+    # service started on it
+    if (redis.get("healthcheck") or {}).get("test") != REDIS_HEALTH:
+        diffs.append(f"redis healthcheck is not {REDIS_HEALTH} (fails on an error answer)")
 
     # ---- init steps and Python services: same names, commands, ports, environment
     kafka_in_docker = "{}:{}".format(*c_adv.get(DOCKER_ONLY_LISTENER, ("kafka", 0)))
@@ -337,6 +345,7 @@ def _set(name: str, key: str, value: Any) -> Callable[[dict[str, Any]], None]:
             "redis appendonly",
         ),
         (_set("redis", "ports", ["6379:6379"]), "redis published ports"),
+        (_set("redis", "healthcheck", {"test": ["CMD", "redis-cli", "ping"]}), "redis healthcheck"),
         (_set("kafka", "restart", "no"), "kafka: restart 'no', not 'unless-stopped'"),
         (_env("kafka", "KAFKA_OPTS", None), "kafka JVM flag -XX:+ExitOnOutOfMemoryError"),
         (  # the image's defaults are replaced, G1 with them

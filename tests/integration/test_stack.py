@@ -758,24 +758,44 @@ def test_a_component_older_than_its_config_file_is_stopped_for_up_to_start_again
     port = free_port()
     stack = stack_with_service(tmp_path, port)
     svc = next(s for s in stack.services() if s.name == "websvc")
-    config = tmp_path / "websvc.properties"
+    config, pom = tmp_path / "websvc.properties", tmp_path / "pom.xml"
     config.write_text("setting=1\n")
+    pom.write_text("<version>3.9.1</version>\n")
+    files = [config, pom]
     stack.run.mkdir(parents=True)
     pid = stack.launch(svc)
     try:
         stack.wait_healthy(svc)
-        stack.stop_reconfigured([(svc, config)])  # written before it started: left alone
+        stack.stop_reconfigured([(svc, files)])  # written before it started: left alone
         os.utime(config, (time.time() + 3600,) * 2)  # same content, a future mtime
-        stack.stop_reconfigured([(svc, config)])
+        stack.stop_reconfigured([(svc, files)])
         assert stack.running_pid(svc) == pid
         config.write_text("setting=2\n")
-        stack.stop_reconfigured([(svc, config)])
+        stack.stop_reconfigured([(svc, files)])
         assert not stack_mod.pid_alive(pid) and stack.running_pid(svc) is None
         assert "websvc: its config changed since it started" in capsys.readouterr().out
         pid = stack.launch(svc)  # what `up` does next: on the config as it is now
         stack.wait_healthy(svc)
-        stack.stop_reconfigured([(svc, config)])
+        stack.stop_reconfigured([(svc, files)])
         assert stack.running_pid(svc) == pid  # once
+        # Kafka's other files (its pom: a version bumped, a jar for a CVE) count too:
+        # the broker ran on the old jars while compose moved to the new version
+        pom.write_text("<version>3.9.2</version>\n")
+        stack.stop_reconfigured([(svc, files)])
+        assert not stack_mod.pid_alive(pid) and stack.running_pid(svc) is None
+        pid = stack.launch(svc)
+        stack.wait_healthy(svc)
+        stack.stop_reconfigured([(svc, files)])
+        # and so does its command line (Kafka's heap; its jars' version, in its classpath)
+        declared = tmp_path / "stack.toml"
+        declared.write_text(
+            declared.read_text().replace('"--bind"', '"--protocol", "HTTP/1.1", "--bind"')
+        )
+        moved = stack_mod.Stack(root=ROOT, config=declared, run_dir=stack.run)
+        [moved_svc] = [s for s in moved.services() if s.name == "websvc"]
+        assert moved_svc.argv() != svc.argv()
+        moved.stop_reconfigured([(moved_svc, files)])
+        assert not stack_mod.pid_alive(pid) and stack.running_pid(svc) is None
     finally:
         stack.stop(svc, quiet=True)
 
