@@ -30,6 +30,7 @@ from decimal import Decimal
 from typing import NamedTuple, NoReturn, Protocol, TypeVar
 
 import grpc
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
@@ -996,7 +997,9 @@ class GatewayServer:
             settings.outbox_poll_s,
             settings.outbox_interval_s,
             settings.outbox_window,
+            renew=self._renewed_producer,
         )
+        self._retiring: set[asyncio.Task[None]] = set()  # producers replaced, stopping
         self.feed = StreamFeed(
             settings.kafka_bootstrap,
             NAV_UPDATES.in_namespace(settings.namespace),
@@ -1035,7 +1038,7 @@ class GatewayServer:
         self.port = listen(self.server, "gateway", host, self.settings.grpc_port)
         self.health = await GrpcHealth.install(self.server, [SERVICE_NAME])
         await self.producer.start()
-        await self.feed.start(self.producer.partitions_for)
+        await self.feed.start(lambda topic: self.producer.partitions_for(topic))
         await self.server.start()
         if self.run_relay:
             self._tasks.append(asyncio.create_task(self.relay.run()))
@@ -1065,9 +1068,27 @@ class GatewayServer:
                 await self.relay.sweep()  # what was settled during the grace period
         await self.feed.stop()
         await self.producer.stop()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.wire.aclose()
         if self._http is not None:
             await self._http.stop()
+
+    async def _renewed_producer(self) -> AIOKafkaProducer:
+        """A started producer for the relay in place of the one it failed on (`relay.py`);
+        the old one stops in the background (its batches still in flight end first)."""
+        fresh = idempotent_producer(
+            self.settings.kafka_bootstrap, f"{self.settings.namespace}gateway"
+        )
+        try:
+            await fresh.start()
+        except BaseException:
+            await fresh.stop()
+            raise
+        old, self.producer = self.producer, fresh
+        retiring = asyncio.create_task(old.stop())
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
+        return fresh
 
 
 def main() -> None:

@@ -12,7 +12,11 @@ last (one Redis read, one produce request, one delete for all of them) instead o
 two. A sweep takes the oldest `window` entries at a time, publishes and deletes
 them, then the next: a backlog a long Kafka outage left is never one Redis reply (and
 never one stall of the event loop every order waits behind). Symbols flush on their
-own, one flush of a symbol at a time (`run`).
+own, one flush of a symbol at a time (`run`). A flush that Kafka failed renews the
+producer (`renew`): a batch that expired unsent (a partition without a leader past the
+request timeout) took sequence numbers the broker never saw, and the idempotent producer
+then sent every later batch of that partition past the gap, refused for good
+(OutOfOrderSequenceNumber): orders settled and never published, until a restart.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -51,9 +55,12 @@ class OutboxRelay:
         poll_s: float,
         interval_s: float = 0.0,
         window: int = 1000,
+        renew: Callable[[], Awaitable[AIOKafkaProducer]] | None = None,
     ) -> None:
         self.ledger = ledger
         self.sender = BatchSender(producer)
+        self.renew = renew  # a started producer in place of a failed one (None: keep it)
+        self._renewing = asyncio.Lock()
         self.topic = topic
         self.symbols = tuple(symbols)
         self.poll_s = poll_s
@@ -138,9 +145,13 @@ class OutboxRelay:
             self._flushing[symbol] = asyncio.create_task(self._flush_logged(symbol))
 
     async def _flush_logged(self, symbol: str) -> None:
+        sender = self.sender
         try:
             await self.flush(symbol)
-        except (KafkaError, RedisError, OSError) as exc:
+        except KafkaError as exc:
+            log.warning("outbox_flush_failed", symbol=symbol, error=f"{type(exc).__name__}: {exc}")
+            await self._renewed(sender)
+        except (RedisError, OSError) as exc:
             log.warning("outbox_flush_failed", symbol=symbol, error=f"{type(exc).__name__}: {exc}")
         except Exception:  # a bug: logged, and the other symbols still go out
             log.exception("outbox_flush_crashed", symbol=symbol)
@@ -148,3 +159,17 @@ class OutboxRelay:
             del self._flushing[symbol]
             if symbol in self._dirty:
                 self._wake.set()
+
+    async def _renewed(self, failed: BatchSender) -> None:
+        """Send through a new producer from now on, unless another flush's failure of the
+        same one renewed it already; one that cannot start (the broker is down) leaves
+        the failed one in place, to be renewed after the next failure."""
+        async with self._renewing:
+            if self.renew is None or self.sender is not failed:
+                return
+            try:
+                self.sender = BatchSender(await self.renew())
+            except (KafkaError, OSError) as exc:
+                log.warning("outbox_producer_not_renewed", error=f"{type(exc).__name__}: {exc}")
+                return
+            log.info("outbox_producer_renewed")

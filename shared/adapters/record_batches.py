@@ -23,7 +23,6 @@ import asyncio
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from shared.topics import partition_for
@@ -85,10 +84,9 @@ class BatchSender:
             if batch.append(key=key, value=value, timestamp=None) is None:  # full
                 await self._send(batch, where, sent)
                 batch = building[where] = self.producer.create_batch()
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    raise MessageSizeTooLargeError(
-                        f"{topic}: a {len(value)}-byte message does not fit in a batch"
-                    )
+                # an empty batch takes any message (one past the broker's limit is
+                # refused by the broker: MessageSizeTooLargeError, not retriable)
+                batch.append(key=key, value=value, timestamp=None)
         for where, batch in building.items():
             await self._send(batch, where, sent)
         await asyncio.gather(*sent.values())

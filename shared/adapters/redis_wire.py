@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 import hiredis
 from redis._parsers.base import BaseParser
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = str | int | bytes
@@ -86,6 +86,11 @@ class _Protocol(asyncio.Protocol):
             except hiredis.ProtocolError as exc:
                 self.fail(RedisConnectionError(f"Redis protocol error: {exc}"))
                 return
+            except UnicodeDecodeError as exc:
+                # a stored value that is no UTF-8: hiredis has read the whole reply, so
+                # it is this command's error alone (it took the connection, and every
+                # caller on it, down with a "transient" ConnectionError, again and again)
+                reply = DataError(f"Redis replied with text that is not UTF-8: {exc}")
             if reply is False:
                 return
             batch = self.waiting[0]

@@ -22,7 +22,7 @@ from uuid import uuid4
 import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import TopicAuthorizationFailedError
+from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -1362,6 +1362,34 @@ async def test_the_relay_sweeps_at_once_after_a_quiet_spell_and_at_most_every_in
         await asyncio.gather(task, return_exceptions=True)
     assert [count for _, count in sweeps] == [1, 3]
     assert sweeps[1][0] - first >= relay.interval_s - 1e-3  # an interval after the first
+
+
+async def test_a_relay_whose_producer_lost_its_sequence_renews_it(quiet_env: Env) -> None:
+    """A batch that expired unsent (a partition without a leader past the request
+    timeout) takes sequence numbers the broker never sees: the idempotent producer then
+    sends every later batch of that partition past the gap, refused for good
+    (OutOfOrderSequenceNumber), and the orders stayed settled and unpublished until a
+    restart. A failed flush now renews the producer; the order goes out, once."""
+    env = quiet_env
+    relay, topic = env.server.relay, ORDERS_EVENTS.in_namespace(env.ns).name
+    relay.interval_s, relay.poll_s = 0.02, 0.2
+    await env.set_nav(PRODUCT, NAV)
+    first = await env.open("before-the-gap", "100")
+    assert await relay.flush("BTC-USDT") == 1
+    stale = env.server.producer
+    partition = await relay.sender.partition(topic, b"BTC-USDT")
+    stale._txn_manager.increment_sequence_number(TopicPartition(topic, partition), 50)
+    after = await env.open("after-the-gap", "100")
+    with pytest.raises(KafkaError):  # as it was: refused, and every retry the same
+        await relay.flush("BTC-USDT")
+    task = asyncio.create_task(relay.run())
+    try:
+        events = await env.events(2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [e.opened.event_id for e in events] == [first.order_id, after.order_id]
+    assert env.server.producer is not stale and relay.sender.producer is env.server.producer
 
 
 async def test_a_symbol_whose_send_hangs_holds_up_no_other(quiet_env: Env) -> None:

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis as AsyncRedis
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, ResponseError
+from redis.exceptions import BusyLoadingError, DataError, OutOfMemoryError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -77,6 +77,35 @@ async def test_an_error_reply_raises_for_its_command_only(redis_url: str, redis_
         assert await wire.call("GET", name) == "after"
     finally:
         redis_client.delete(name)
+        await wire.aclose()
+
+
+async def test_text_that_is_not_utf8_fails_its_command_only(redis_url: str, redis_client):
+    """A stored value that is no UTF-8 escaped the reply parser: the shared connection
+    went down with every command on it (a "transient" ConnectionError, so a stage
+    re-ran its batch for good, and unrelated orders failed UNAVAILABLE). Its command
+    alone fails, with an error no retry can cure; the others are answered."""
+    name, other = fresh_key(), fresh_key()
+    redis_client.set(name, b"\xc3(")
+    redis_client.hset(other, mapping={"a": "1", "b": b"\xff"})
+    wire = RedisWire.from_url(redis_url)
+    try:
+        await wire.call("SET", f"{other}:ok", "fine")
+        protocol = wire._protocol
+        bad, good, nested = await asyncio.gather(
+            wire.call("GET", name),
+            wire.call("GET", f"{other}:ok"),
+            wire.call("HGETALL", other),
+            return_exceptions=True,
+        )
+        assert isinstance(bad, DataError) and "not UTF-8" in str(bad)
+        assert not is_transient(bad)
+        assert good == "fine"
+        assert isinstance(nested, DataError)  # a whole reply, however deep the bytes
+        assert wire._protocol is protocol and protocol.lost is None  # the connection stays
+        assert await wire.call("GET", f"{other}:ok") == "fine"
+    finally:
+        redis_client.delete(name, other, f"{other}:ok")
         await wire.aclose()
 
 
