@@ -964,7 +964,9 @@ class Stack:
         restarted the broker on every `up`. With no record (a component started before
         records were kept), a file newer than the process counts as changed, once."""
         for comp, files in configured:
-            digest = content_digest(files, self.root, "\0".join(comp.argv()).encode())
+            # the command line after its program: where `java` is found moves when the
+            # first `up` installs it, or with JAVA_HOME, and restarted the broker for it
+            digest = content_digest(files, self.root, "\0".join(comp.argv()[1:]).encode())
             record = self.run / f"{comp.name}.config.sha256"
 
             def newest(files: list[Path] = files) -> float:

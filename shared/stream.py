@@ -545,9 +545,9 @@ class FaustInput(Input):
 # The positions (topic, partition, offset) a batch being handled has dead-lettered, so a
 # re-run after a transient error does not send them again (`StageRuntime.handle_batch`).
 _LETTERED: ContextVar[set[tuple[str, int, int]] | None] = ContextVar("lettered", default=None)
-# How many outcomes (processed, skipped) the batch's current run has counted, and the
-# most any of its runs reached: a re-run after a transient error counts only past that,
-# so each event is counted once, by the first run that reaches it (`handle_batch`).
+# How many outcomes (processed, skipped, dead-lettered) the batch's current run reached,
+# and the most any of its runs reached: a re-run after a transient error counts only past
+# that, so each event is counted once, by the first run that reaches it (`handle_batch`).
 _REACHED: ContextVar[list[int] | None] = ContextVar("reached", default=None)
 
 
@@ -624,7 +624,10 @@ class StageRuntime:
     async def reject(self, inp: Input, record: Record, reason: str) -> None:
         """Send the record to the input's DLQ with `reason` (waits for the ack). Also for
         input that decodes but the stage's state refuses (e.g. a tick back in time).
-        Once per batch however often a transient error re-runs it (`handle_batch`)."""
+        Once per batch however often a transient error re-runs it (`handle_batch`). It is
+        the event's outcome, as processed and skipped are (`_new_outcome`): a re-run that
+        skips the event (its seq passed meanwhile) does not count it again."""
+        self._new_outcome()
         where = (record.topic, record.partition, record.offset)
         lettered = _LETTERED.get()
         if lettered is not None and where in lettered:
@@ -736,19 +739,27 @@ class StageRuntime:
         self._outcome(inp, None)
 
     def _outcome(self, inp: Input, ts_init_ns: int | None) -> None:
-        """Counted, unless an earlier run of the batch counted this one (`_REACHED`)."""
         self.last_progress = time.monotonic()
-        reached = _REACHED.get()
-        if reached is not None:
-            reached[0] += 1
-            if reached[0] <= reached[1]:
-                return
-            reached[1] = reached[0]
+        if not self._new_outcome():
+            return
         if ts_init_ns is None:
             self._count(inp, "skipped").inc()
         else:
             self._count(inp, "processed").inc()
             self._latency.observe(max(time.time_ns() - ts_init_ns, 0) / 1e9)
+
+    @staticmethod
+    def _new_outcome() -> bool:
+        """Whether the batch's run is the first to reach its next outcome (processed,
+        skipped, dead-lettered; `_REACHED`): each event's counted once, by the first."""
+        reached = _REACHED.get()
+        if reached is None:  # outside a batch: always
+            return True
+        reached[0] += 1
+        if reached[0] <= reached[1]:
+            return False
+        reached[1] = reached[0]
+        return True
 
     def _count(self, inp: Input, outcome: str) -> Any:
         child = self._counts.get((inp.spec.name, outcome))

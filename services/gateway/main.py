@@ -35,7 +35,7 @@ from aiokafka.errors import KafkaError
 from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import DataError, RedisError
 from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
 from services.gateway.auth import KeyRing, bearer_key, load_keys_file
@@ -371,10 +371,15 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
     async def _unavailable(
         self, rpc: str, context: grpc.aio.ServicerContext, exc: Exception
     ) -> NoReturn:
-        _requests(rpc, "UNAVAILABLE").inc()
+        """UNAVAILABLE (retry later), but INTERNAL for stored text that is no UTF-8
+        (redis_wire's DataError): a retry reads the same bytes."""
+        unreadable = isinstance(exc, DataError)
+        code = grpc.StatusCode.INTERNAL if unreadable else grpc.StatusCode.UNAVAILABLE
+        _requests(rpc, code.name).inc()
         log.error("gateway_unavailable", rpc=rpc, error=f"{type(exc).__name__}: {exc}")
         what = "stream feed" if isinstance(exc, FeedUnavailable) else "state store"
-        await _abort(context, grpc.StatusCode.UNAVAILABLE, f"{what} unavailable: {exc}")
+        why = "holds data the gateway cannot read" if unreadable else "unavailable"
+        await _abort(context, code, f"{what} {why}: {exc}")
 
     def _product(self, name: str) -> tuple[str, Side]:
         if not name:

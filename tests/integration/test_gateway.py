@@ -870,6 +870,21 @@ async def test_a_settle_on_a_corrupted_meta_writes_nothing_however_often_retried
     assert len(await env.redis.hgetall(env.server.ledger.outbox_key("BTC-USDT"))) == 1
 
 
+async def test_stored_text_that_is_not_utf8_is_internal_not_unavailable(env: Env) -> None:
+    """A NAV hash field that is no UTF-8 failed the call UNAVAILABLE, which tells a
+    client to retry: every retry reads the same bytes. It is INTERNAL, saying why; the
+    connection the other calls share is not taken down with it."""
+    await env.set_nav(PRODUCT, NAV)
+    await env.set_nav("ETH-USDT:LONG", NAV)
+    name, _ = nav_hash(env.ns, PRODUCT, NAV)
+    await env.redis.hset(name, "regime", b"\xc3(")
+    request = gateway_pb2.GetProductRequest(product=PRODUCT)
+    code, details = await _code(env.stub.GetProduct(request, metadata=ALICE))
+    assert code is grpc.StatusCode.INTERNAL and "cannot read" in details, details
+    other = gateway_pb2.GetProductRequest(product="ETH-USDT:LONG")
+    assert (await env.stub.GetProduct(other, metadata=ALICE)).nav == str(NAV)
+
+
 @contextlib.asynccontextmanager
 async def another_gateway(
     env: Env, redis_url: str, *, relay: bool = False

@@ -7,6 +7,7 @@ These tests use the stack in this checkout (.run/); they never run `down`."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import json
 import os
@@ -778,6 +779,11 @@ def test_a_component_older_than_its_config_file_is_stopped_for_up_to_start_again
         stack.wait_healthy(svc)
         stack.stop_reconfigured([(svc, files)])
         assert stack.running_pid(svc) == pid  # once
+        # its program found elsewhere (`java` before and after the first `up` installs
+        # it, or through JAVA_HOME) is the same command line: no restart for it
+        elsewhere = dataclasses.replace(svc, argv=lambda: ["/elsewhere/bin/x", *svc.argv()[1:]])
+        stack.stop_reconfigured([(elsewhere, files)])
+        assert stack.running_pid(svc) == pid
         # Kafka's other files (its pom: a version bumped, a jar for a CVE) count too:
         # the broker ran on the old jars while compose moved to the new version
         pom.write_text("<version>3.9.2</version>\n")

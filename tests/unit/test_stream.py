@@ -648,3 +648,42 @@ async def test_a_batch_re_run_after_a_transient_error_counts_its_events_once() -
     assert samples() - before == 2
     runtime.processed(ticks, time.time_ns())  # outside a batch: counted at once
     assert counts() == (3, 1)
+
+
+async def test_an_event_dead_lettered_then_skipped_on_a_re_run_is_counted_once() -> None:
+    """Outcomes were matched run to run by count, and a dead letter was none: an event
+    refused in the first run and skipped in the re-run (its seq passed by the next
+    event: NAV's unmarkable tick, hedging's refused order) shifted every outcome after
+    it, and one counted already was counted again."""
+    runtime = StreamRuntime(ServiceSettings(service="nav", namespace="t10."))
+    runtime.retry_backoff_s = 0.001
+    ticks = runtime.input(MARKET_TICKS)
+
+    async def send(topic: Any, key: str, value: Any) -> None:
+        pass
+
+    runtime.send = send  # type: ignore[method-assign]
+    refused = SimpleNamespace(
+        topic="t10.market.ticks", partition=0, offset=5, key=b"BTC-USDT", value=b"\xff"
+    )
+    runs = 0
+
+    async def handle(batch: list[SimpleNamespace]) -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            await runtime.reject(ticks, refused, "unmarkable")
+            runtime.processed(ticks, time.time_ns())  # the next tick
+            raise ConnectionError("a broker timeout")  # before the batch's last event
+        runtime.skipped(ticks)  # refused, and passed since: a redelivery now
+        runtime.processed(ticks, time.time_ns())
+        runtime.processed(ticks, time.time_ns())  # the last event: new
+
+    def counts() -> tuple[float, ...]:
+        return tuple(
+            runtime._count(ticks, outcome)._value.get()
+            for outcome in ("processed", "skipped", "dead_lettered")
+        )
+
+    await runtime.handle_batch(handle, [refused])
+    assert runs == 2 and counts() == (2, 0, 1)
