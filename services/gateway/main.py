@@ -35,7 +35,7 @@ from aiokafka.errors import KafkaError
 from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
-from redis.exceptions import DataError, RedisError
+from redis.exceptions import RedisError
 from smartlev.v1 import gateway_pb2, gateway_pb2_grpc, nav_pb2, orders_pb2
 
 from services.gateway.auth import KeyRing, bearer_key, load_keys_file
@@ -64,7 +64,7 @@ from services.gateway.orders import (
 )
 from services.gateway.relay import OutboxRelay
 from shared.adapters.record_batches import idempotent_producer
-from shared.adapters.redis_wire import RedisWire
+from shared.adapters.redis_wire import RedisWire, UndecodableReply
 from shared.codec import decimal_to_wire, order_of
 from shared.core.config import StrategyConfig
 from shared.core.market import Side
@@ -372,8 +372,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
         self, rpc: str, context: grpc.aio.ServicerContext, exc: Exception
     ) -> NoReturn:
         """UNAVAILABLE (retry later), but INTERNAL for stored text that is no UTF-8
-        (redis_wire's DataError): a retry reads the same bytes."""
-        unreadable = isinstance(exc, DataError)
+        (`UndecodableReply`): a retry reads the same bytes."""
+        unreadable = isinstance(exc, UndecodableReply)
         code = grpc.StatusCode.INTERNAL if unreadable else grpc.StatusCode.UNAVAILABLE
         _requests(rpc, code.name).inc()
         log.error("gateway_unavailable", rpc=rpc, error=f"{type(exc).__name__}: {exc}")

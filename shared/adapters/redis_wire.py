@@ -62,6 +62,11 @@ class _Batch:
         self.sent_at = sent_at
 
 
+class UndecodableReply(DataError):
+    """A reply holding text that is not UTF-8 (a stored value no writer of ours made):
+    its command's error alone, and no retry reads other bytes."""
+
+
 class _Protocol(asyncio.Protocol):
     """Replies fill the oldest waiting batch; a batch whose caller was cancelled
     meanwhile still takes its replies, unseen."""
@@ -90,7 +95,7 @@ class _Protocol(asyncio.Protocol):
                 # a stored value that is no UTF-8: hiredis has read the whole reply, so
                 # it is this command's error alone (it took the connection, and every
                 # caller on it, down with a "transient" ConnectionError, again and again)
-                reply = DataError(f"Redis replied with text that is not UTF-8: {exc}")
+                reply = UndecodableReply(f"Redis replied with text that is not UTF-8: {exc}")
             if reply is False:
                 return
             batch = self.waiting[0]

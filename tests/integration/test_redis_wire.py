@@ -22,11 +22,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis as AsyncRedis
-from redis.exceptions import BusyLoadingError, DataError, OutOfMemoryError, ResponseError
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.adapters.redis_wire import RedisWire
+from shared.adapters.redis_wire import RedisWire, UndecodableReply
 from shared.health import REDIS_MEMORY_WARN, redis_check
 from shared.pipeline_runner import free_port
 from shared.transient import is_transient
@@ -98,10 +98,10 @@ async def test_text_that_is_not_utf8_fails_its_command_only(redis_url: str, redi
             wire.call("HGETALL", other),
             return_exceptions=True,
         )
-        assert isinstance(bad, DataError) and "not UTF-8" in str(bad)
+        assert isinstance(bad, UndecodableReply) and "not UTF-8" in str(bad)
         assert not is_transient(bad)
         assert good == "fine"
-        assert isinstance(nested, DataError)  # a whole reply, however deep the bytes
+        assert isinstance(nested, UndecodableReply)  # a whole reply, however deep the bytes
         assert wire._protocol is protocol and protocol.lost is None  # the connection stays
         assert await wire.call("GET", f"{other}:ok") == "fine"
     finally:
