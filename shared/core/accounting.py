@@ -361,6 +361,16 @@ class Books:
         is (`insurance_received` counted it when it was advanced)."""
         self.products[product].insurance_owed = ZERO
 
+    def cover_loss(self, product: str, price: Decimal, ts_ns: int) -> InsuranceClaimPaid | None:
+        """The last holder left and part of the position is unwound: the fund pays what
+        the product's equity at `price` fell below zero before the rest goes (which the
+        venue margins on the account), and `square_empty` settles the rest after it."""
+        book = self.products[product]
+        equity = book.equity(price)
+        if book.units or equity >= 0:
+            return None
+        return self._pay_claim(book, -equity, ts_ns, equity)
+
     def square_empty(
         self, product: str, price: Decimal, ts_ns: int
     ) -> InsuranceClaimPaid | UnheldEquityTaken | None:

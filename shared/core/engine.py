@@ -10,7 +10,7 @@ Three stages, each a service in production and one call each in the backtester:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -332,7 +332,15 @@ class Engine:
             elif not book.units:
                 self.books.forgive_advance(product)
                 if book.qty:
-                    self._execute(ts_ns, [PositionChange(product, -book.qty)], events)
+                    self._execute_covered(
+                        product,
+                        -book.qty,
+                        ts_ns,
+                        events,
+                        lambda: self._with_fund(
+                            self.books.cover_loss(product, self.price, ts_ns), events
+                        ),
+                    )
                 self._with_fund(self.books.square_empty(product, self.price, ts_ns), events)
             else:
                 if not units_before:  # nobody held a floor; the rebuild sets one
@@ -389,7 +397,13 @@ class Engine:
             self.books.scale_floor(product, ratio)
             kept = to_step(book.qty * ratio, self.spec.lot_step)
             if kept != book.qty:
-                self._execute(ts_ns, [PositionChange(product, kept - book.qty)], events)
+                self._execute_covered(
+                    product,
+                    kept - book.qty,
+                    ts_ns,
+                    events,
+                    lambda: self._cover_gaps([product], ts_ns, events),
+                )
             # a close quoted before the print paid out more than the product holds at it:
             # the fund restores the floor of those who stay
             self._cover_gaps([product], ts_ns, events)
@@ -463,6 +477,28 @@ class Engine:
         floor's least), or the NAV stood at 0 until the next tick. True if the fund paid."""
         self.books.mark_rebalanced(product, self.price, self.floors[product])
         return self._cover_gaps([product], ts_ns, events)
+
+    def _execute_covered(
+        self,
+        product: str,
+        change: Decimal,
+        ts_ns: int,
+        events: list[object],
+        cover: Callable[[], object],
+    ) -> None:
+        """A close's `change` to its product's position, as one order unless it turns the
+        account's net position (the other product's holds the other side): then the part
+        that takes the account to zero (reducing: taken whatever the margin), `cover`
+        (the fund makes the product whole at the price it traded at), and the rest, which
+        the venue margins at the mark. At a print the mark ignores, a large product's
+        buy-back there left the account's equity at the mark below zero until the fund's
+        claim after the trade: the venue refused the turning slice, and hedging halted."""
+        net = self.venue.position
+        if net and (net + change) * net < 0:
+            self._execute(ts_ns, [PositionChange(product, -net)], events)
+            cover()
+            change += net
+        self._execute(ts_ns, [PositionChange(product, change)], events)
 
     def _execute(self, ts_ns: int, changes: list[PositionChange], events: list[object]) -> None:
         """One netted order at the venue for `changes`, allocated to the products' books."""

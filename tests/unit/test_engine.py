@@ -696,6 +696,33 @@ def test_the_last_dust_of_a_position_keeps_a_nav_to_close_it_at() -> None:
     engine.books.check_balanced(engine.venue, engine.price)
 
 
+@pytest.mark.parametrize("share", [Decimal(1), Decimal("0.999999")])
+def test_a_large_close_at_a_print_the_mark_ignores_is_not_refused_for_margin(
+    share: Decimal,
+) -> None:
+    """A close of (nearly) all of a large short held up by the fund at a print 3.3x its
+    mark buys the position back there. That turned the account long (the long product
+    holds one), and the venue judged the turning slice on an account whose equity at
+    the mark was below zero until the fund's claim after the trade: InsufficientMargin,
+    and hedging halted the symbol (real ETH data, 2020-03-13, at the default config).
+    The turning part now goes once the fund has made the product whole."""
+    strategy = smart_strategy("ETH-USDT", StrategyConfig())
+    engine = strategy.engine
+    short, long = (engine.books.products[f"ETH-USDT:{side}"] for side in ("SHORT", "LONG"))
+    engine.deposit(short.product, Decimal(300_000_000), 1)
+    engine.deposit(long.product, Decimal(1_000), 1)
+    strategy.on_tick(Tick("ETH-USDT", T0, Decimal(100), Decimal(100)), None)
+    strategy.on_tick(Tick("ETH-USDT", T0 + 1, Decimal(330), Decimal(100)), None)
+    assert short.insurance_owed > 0 and engine.venue.position < 0  # held up at the print
+    fund = engine.books.insurance_fund
+    units = (short.units * share).quantize(Decimal("1e-8"))
+    events = engine.redeem(short.product, units, T0 + 2)
+    assert engine.venue.position == long.qty + short.qty > 0  # turned, as the books say
+    assert engine.books.insurance_fund < fund  # the fund paid the buy-back's loss
+    assert sum(isinstance(e, HedgeExecuted) for e in events) == 2  # to zero, then the rest
+    engine.books.check_balanced(engine.venue, engine.price)
+
+
 def test_a_stale_close_while_an_advance_holds_the_product_up_leaves_a_floor_above_zero() -> None:
     """At a last-trade wick the product is held up by an advance; a close quoted before
     the wick paid out more than the product held, and the product was built anew on
