@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from shared.core.accounting import AccountingConfig, Books, ProductBook
 from shared.core.bars import BarBuilder
-from shared.core.events import FundMove, LeverageTargetChanged, into_product
+from shared.core.events import (
+    FundMove,
+    HedgeAllocation,
+    HedgeExecuted,
+    LeverageTargetChanged,
+    into_product,
+)
 from shared.core.features import FeatureConfig, FeatureTracker, SnapshotIncompatible
 from shared.core.hedging import HedgingConfig, PositionChange, execute_netted, netted_cost
 from shared.core.leverage import Controller, funding_drawn, model_leverage
@@ -364,9 +370,14 @@ class Engine:
                     )
                     kept = self._sized(product, ts_ns, per_equity, at_mark)
                 if kept:  # moved with its equity
-                    if kept != book.qty:
-                        self._execute(ts_ns, [PositionChange(product, kept - book.qty)], events)
-                    if self._cover_gaps([product], ts_ns, events):  # rescued, as by a gap
+                    rescued = kept != book.qty and self._execute_covered(
+                        product,
+                        kept - book.qty,
+                        ts_ns,
+                        events,
+                        lambda: self._cover_gaps([product], ts_ns, events),
+                    )
+                    if self._cover_gaps([product], ts_ns, events) or rescued:  # as by a gap
                         self._floor_anew(product, ts_ns, events)
                 else:  # none, or none left (the close took all its equity): built anew
                     self._rebuild(product, ts_ns, events)
@@ -484,21 +495,29 @@ class Engine:
         change: Decimal,
         ts_ns: int,
         events: list[object],
-        cover: Callable[[], object],
-    ) -> None:
-        """A close's `change` to its product's position, as one order unless it turns the
-        account's net position (the other product's holds the other side): then the part
-        that takes the account to zero (reducing: taken whatever the margin), `cover`
-        (the fund makes the product whole at the price it traded at), and the rest, which
-        the venue margins at the mark. At a print the mark ignores, a large product's
-        buy-back there left the account's equity at the mark below zero until the fund's
-        claim after the trade: the venue refused the turning slice, and hedging halted."""
+        cover: Callable[[], bool],
+    ) -> bool:
+        """An order's `change` to its product's position, as one netted order unless it
+        turns the account's net position (the other product holds the other side): then
+        the part that takes the account to zero (reducing: taken whatever the margin),
+        `cover` (the fund makes the product whole at the price it traded at), and the
+        rest, which the venue margins at the mark, one HedgeExecuted for both (an event's
+        update carries one). At a print the mark ignores, a large product's buy-back
+        there left the account's equity at the mark below zero until the fund's claim
+        after the trade: the venue refused the turning slice, and hedging halted. True
+        if `cover` paid."""
         net = self.venue.position
-        if net and (net + change) * net < 0:
-            self._execute(ts_ns, [PositionChange(product, -net)], events)
-            cover()
-            change += net
-        self._execute(ts_ns, [PositionChange(product, change)], events)
+        if not net or (net + change) * net >= 0:
+            self._execute(ts_ns, [PositionChange(product, change)], events)
+            return False
+        self._execute(ts_ns, [PositionChange(product, -net)], events)
+        first = len(events) - 1
+        paid = cover()
+        self._execute(ts_ns, [PositionChange(product, change + net)], events)
+        second, earlier = events.pop(), events[first]
+        assert isinstance(earlier, HedgeExecuted) and isinstance(second, HedgeExecuted)
+        events[first] = _merged(earlier, second)
+        return paid
 
     def _execute(self, ts_ns: int, changes: list[PositionChange], events: list[object]) -> None:
         """One netted order at the venue for `changes`, allocated to the products' books."""
@@ -651,3 +670,28 @@ class Strategy:
     def on_funding(self, funding: FundingRate) -> list[object]:
         funding_paid(self.controllers, funding, float(self.engine.mark))
         return self.engine.on_funding(funding)
+
+
+def _merged(first: HedgeExecuted, second: HedgeExecuted) -> HedgeExecuted:
+    """Two netted orders of one event as one hedge: their fills, and each product's
+    share summed (the books took each part as it went)."""
+    shares: dict[str, HedgeAllocation] = {}
+    for a in first.allocations + second.allocations:
+        held = shares.get(a.product)
+        shares[a.product] = (
+            a
+            if held is None
+            else HedgeAllocation(
+                a.product,
+                held.qty + a.qty,
+                held.notional + a.notional,
+                held.slippage + a.slippage,
+                held.fee + a.fee,
+            )
+        )
+    return replace(
+        first,
+        net_qty=first.net_qty + second.net_qty,
+        fills=first.fills + second.fills,
+        allocations=tuple(shares.values()),
+    )

@@ -714,12 +714,35 @@ def test_a_large_close_at_a_print_the_mark_ignores_is_not_refused_for_margin(
     strategy.on_tick(Tick("ETH-USDT", T0, Decimal(100), Decimal(100)), None)
     strategy.on_tick(Tick("ETH-USDT", T0 + 1, Decimal(330), Decimal(100)), None)
     assert short.insurance_owed > 0 and engine.venue.position < 0  # held up at the print
-    fund = engine.books.insurance_fund
+    fund, before = engine.books.insurance_fund, engine.venue.position
     units = (short.units * share).quantize(Decimal("1e-8"))
     events = engine.redeem(short.product, units, T0 + 2)
     assert engine.venue.position == long.qty + short.qty > 0  # turned, as the books say
     assert engine.books.insurance_fund < fund  # the fund paid the buy-back's loss
-    assert sum(isinstance(e, HedgeExecuted) for e in events) == 2  # to zero, then the rest
+    # two orders (to zero, then the rest), one hedge: an event's update carries one
+    [hedge] = [e for e in events if isinstance(e, HedgeExecuted)]
+    assert hedge.net_qty == engine.venue.position - before == sum(f.qty for f in hedge.fills)
+    assert [a.product for a in hedge.allocations] == [short.product]
+    engine.books.check_balanced(engine.venue, engine.price)
+
+
+def test_a_large_close_that_costs_more_than_the_product_holds_is_not_refused() -> None:
+    """Not held up by the fund (a print above the mark, within the floor): 99.9999% of a
+    3e7 short at 5x unwound at a print 19.75% above the mark costs more than the
+    product's whole equity, and the turning slice was refused at the mark as well."""
+    strategy = smart_strategy("ETH-USDT", built_at(5.0))
+    engine = strategy.engine
+    short, long = (engine.books.products[f"ETH-USDT:{side}"] for side in ("SHORT", "LONG"))
+    engine.deposit(short.product, Decimal(30_000_000), 1)
+    engine.deposit(long.product, Decimal(1_000), 1)
+    strategy.on_tick(Tick("ETH-USDT", T0, Decimal(100), Decimal(100)), None)
+    strategy.on_tick(Tick("ETH-USDT", T0 + 1, Decimal("119.75"), Decimal(100)), None)
+    assert short.insurance_owed == 0
+    engine.redeem(
+        short.product, (short.units * Decimal("0.999999")).quantize(Decimal("1e-8")), T0 + 2
+    )
+    assert engine.venue.position == long.qty + short.qty > 0
+    assert short.equity(engine.price) >= short.equity_floor > 0  # those who stay: floored
     engine.books.check_balanced(engine.venue, engine.price)
 
 

@@ -81,6 +81,43 @@ def test_the_wire_replays_the_funds_moves_exactly(case: str) -> None:
     assert not wrong, wrong
 
 
+def test_a_close_that_turns_the_account_is_one_update_and_replays_exactly() -> None:
+    """A close that turns the account's net position goes to the venue as two orders
+    (to zero, then the rest, 251), and an update carries one fill: `hedge_update`
+    refused the event's two hedges after the venue had filled both, and hedging halted
+    the symbol on an ordinary close of the larger side. One hedge, replayed exactly."""
+    config = StrategyConfig()
+    strategy = smart_strategy(SYMBOL, config)
+    engine = strategy.engine
+    long, short = f"{SYMBOL}:LONG", f"{SYMBOL}:SHORT"
+    updates, orders = [], {}
+    for n, (product, amount) in enumerate(((long, 10_000), (short, 1_000)), start=1):
+        opened = orders_pb2.PositionOpened(
+            event_id=f"o{n}", product=product, amount=str(amount), ts_event_ns=0
+        )
+        orders[f"o{n}"] = orders_pb2.OrderEvent(opened=opened)
+        events = engine.deposit(product, Decimal(amount), 0)
+        updates.append(hedge_update(engine, f"{SYMBOL}:order:o{n}", events, ts_init_ns=1))  # type: ignore[arg-type]
+    events = strategy.on_tick(Tick(SYMBOL, 1, Decimal(100), Decimal(100)), None)
+    market = market_pb2.MarketEvent(
+        tick=market_pb2.Tick(symbol=SYMBOL, seq=1, price="100", mark_price="100", ts_event_ns=1)
+    )
+    updates.append(hedge_update(engine, f"{SYMBOL}:1", events, ts_init_ns=1, market=market))  # type: ignore[arg-type]
+    assert engine.venue.position > 0  # the long side is the larger
+    quoted, units = engine.nav(long), engine.books.products[long].units
+    closed = orders_pb2.PositionClosed(
+        event_id="o3", product=long, units=str(units), nav=str(quoted), ts_event_ns=2
+    )
+    orders["o3"] = orders_pb2.OrderEvent(closed=closed)
+    events = engine.redeem(long, units, 2, quoted)
+    update = hedge_update(engine, f"{SYMBOL}:order:o3", events, ts_init_ns=1)  # type: ignore[arg-type]
+    assert engine.venue.position < 0 and update.filled.slices >= 2  # turned: both parts
+    updates.append(update)
+    replay = Replay(SYMBOL, config, orders).apply_all(updates)
+    wrong = [r for r in replay.rows + replay.totals(engine.books, engine.venue) if not r.ok]
+    assert not wrong, wrong
+
+
 def test_an_order_before_any_tick_marks_only_the_products_whose_units_moved() -> None:
     """NAV writes no hash for a product an order left without units, and reconcile
     expected one (six false rows for the other product of a symbol until its first
