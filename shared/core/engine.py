@@ -24,7 +24,13 @@ from shared.core.events import (
     into_product,
 )
 from shared.core.features import FeatureConfig, FeatureTracker, SnapshotIncompatible
-from shared.core.hedging import HedgingConfig, PositionChange, execute_netted, netted_cost
+from shared.core.hedging import (
+    HedgingConfig,
+    PositionChange,
+    execute_netted,
+    netted_cost,
+    plan_slices,
+)
 from shared.core.leverage import Controller, funding_drawn, model_leverage
 from shared.core.market import NS_PER_DAY, NS_PER_SECOND, FundingRate, Side, Tick
 from shared.core.money import ZERO, allocate, to_step
@@ -510,19 +516,40 @@ class Engine:
         if not net or (net + change) * net >= 0:
             self._execute(ts_ns, [PositionChange(product, change)], events)
             return False
-        self._execute(ts_ns, [PositionChange(product, -net)], events)
+        # The slices one order of the whole change plans, the one that reaches zero cut
+        # there: those before it keep the venue call ids and requests an event begun by
+        # a build before 251 recorded, so a symbol that build halted finishes its event
+        # (sliced afresh, they differed from the first, refused as reused ids).
+        slices = plan_slices(
+            change, self.price, self.spec.lot_step, self.hedging.max_slice_notional
+        )
+        held, taken = net, 0
+        while (held + slices[taken]) * net > 0:
+            held += slices[taken]
+            taken += 1
+        before, after = [*slices[:taken], -held], [slices[taken] + held, *slices[taken + 1 :]]
+        self._execute(ts_ns, [PositionChange(product, -net)], events, [q for q in before if q])
         first = len(events) - 1
         paid = cover()
-        self._execute(ts_ns, [PositionChange(product, change + net)], events)
+        self._execute(
+            ts_ns, [PositionChange(product, change + net)], events, [q for q in after if q]
+        )
         second, earlier = events.pop(), events[first]
         assert isinstance(earlier, HedgeExecuted) and isinstance(second, HedgeExecuted)
         events[first] = _merged(earlier, second)
         return paid
 
-    def _execute(self, ts_ns: int, changes: list[PositionChange], events: list[object]) -> None:
-        """One netted order at the venue for `changes`, allocated to the products' books."""
+    def _execute(
+        self,
+        ts_ns: int,
+        changes: list[PositionChange],
+        events: list[object],
+        slices: list[Decimal] | None = None,
+    ) -> None:
+        """One netted order at the venue for `changes` (in `slices`, else as it plans
+        them), allocated to the products' books."""
         mark = self.mark or None  # none before the first tick: the venue judges at the price
-        hedge = execute_netted(self.venue, ts_ns, changes, self.price, self.hedging, mark)
+        hedge = execute_netted(self.venue, ts_ns, changes, self.price, self.hedging, mark, slices)
         self.books.apply_hedge(hedge)
         events.append(hedge)
 

@@ -70,16 +70,20 @@ def execute_netted(
     reference: Decimal,
     config: HedgingConfig,
     mark: Decimal | None = None,
+    slices: Sequence[Decimal] | None = None,
 ) -> HedgeExecuted:
+    """One netted order for `changes`, in `slices` (default: `plan_slices` of the net),
+    its fills' costs allocated to the products by size."""
     lot = venue.spec.lot_step
     for change in changes:
         if change.qty != to_step(change.qty, lot):
             raise ValueError(f"{change.product}: {change.qty} is not a whole number of lots")
     net = sum((c.qty for c in changes), ZERO)
-    fills = tuple(
-        venue.execute(ts_ns, qty, reference, config.liquidity, mark)
-        for qty in (plan_slices(net, reference, lot, config.max_slice_notional) if net else ())
-    )
+    if slices is None:
+        slices = plan_slices(net, reference, lot, config.max_slice_notional) if net else ()
+    elif sum(slices, ZERO) != net:
+        raise ValueError(f"slices {list(slices)} do not add up to the net change {net}")
+    fills = tuple(venue.execute(ts_ns, qty, reference, config.liquidity, mark) for qty in slices)
     cost = sum((f.qty * f.price for f in fills), ZERO)
     fees = sum((f.fee for f in fills), ZERO)
     weights = [abs(c.qty) for c in changes]

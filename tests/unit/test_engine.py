@@ -26,6 +26,7 @@ from shared.core.events import (
     UnheldEquityTaken,
 )
 from shared.core.features import SnapshotIncompatible
+from shared.core.hedging import plan_slices
 from shared.core.leverage import (
     Controller,
     LeverageConfig,
@@ -723,6 +724,14 @@ def test_a_large_close_at_a_print_the_mark_ignores_is_not_refused_for_margin(
     [hedge] = [e for e in events if isinstance(e, HedgeExecuted)]
     assert hedge.net_qty == engine.venue.position - before == sum(f.qty for f in hedge.fills)
     assert [a.product for a in hedge.allocations] == [short.product]
+    # the slices one order plans, the one reaching zero cut in two: an event a build
+    # before the split began (and halted on) finds its recorded venue calls unchanged
+    planned = plan_slices(
+        hedge.net_qty, engine.price, engine.spec.lot_step, engine.hedging.max_slice_notional
+    )
+    got = [f.qty for f in hedge.fills]
+    cut = next(i for i, (qty, plan) in enumerate(zip(got, planned, strict=False)) if qty != plan)
+    assert got[cut] + got[cut + 1] == planned[cut] and got[cut + 2 :] == planned[cut + 1 :]
     engine.books.check_balanced(engine.venue, engine.price)
 
 
