@@ -700,7 +700,7 @@ class StageRuntime:
         self._batch_events.observe(len(batch))
         lettered = _LETTERED.set(set())  # this task's batch's: see `reject`
         reached = [0, 0]
-        counting = _REACHED.set(reached)  # see `_outcome`
+        counting = _REACHED.set(reached)  # see `_new_outcome`
         try:
             while True:
                 reached[0] = 0
@@ -733,20 +733,15 @@ class StageRuntime:
         raise NotImplementedError
 
     def processed(self, inp: Input, ts_init_ns: int) -> None:
-        self._outcome(inp, ts_init_ns)
-
-    def skipped(self, inp: Input) -> None:
-        self._outcome(inp, None)
-
-    def _outcome(self, inp: Input, ts_init_ns: int | None) -> None:
         self.last_progress = time.monotonic()
-        if not self._new_outcome():
-            return
-        if ts_init_ns is None:
-            self._count(inp, "skipped").inc()
-        else:
+        if self._new_outcome():
             self._count(inp, "processed").inc()
             self._latency.observe(max(time.time_ns() - ts_init_ns, 0) / 1e9)
+
+    def skipped(self, inp: Input) -> None:
+        self.last_progress = time.monotonic()
+        if self._new_outcome():
+            self._count(inp, "skipped").inc()
 
     @staticmethod
     def _new_outcome() -> bool:

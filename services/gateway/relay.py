@@ -148,11 +148,10 @@ class OutboxRelay:
         sender = self.sender
         try:
             await self.flush(symbol)
-        except KafkaError as exc:
+        except (KafkaError, RedisError, OSError) as exc:
             log.warning("outbox_flush_failed", symbol=symbol, error=f"{type(exc).__name__}: {exc}")
-            await self._renewed(sender)
-        except (RedisError, OSError) as exc:
-            log.warning("outbox_flush_failed", symbol=symbol, error=f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, KafkaError):
+                await self._renewed(sender)
         except Exception:  # a bug: logged, and the other symbols still go out
             log.exception("outbox_flush_crashed", symbol=symbol)
         finally:
