@@ -49,8 +49,10 @@ class AccountingConfig(BaseModel):
 
     # A whole number of NAV quanta: the gateway settles the first orders at it, and the
     # books refuse a quoted NAV finer than they keep one (services/hedging/messages.py).
+    # At least 1: a NAV of a few quanta cannot move by less than a whole quantum's share
+    # of itself, and at one quantum a deposit's hedge was sized on the floor (251).
     initial_nav: Decimal = Field(
-        Decimal("100"), gt=0, decimal_places=8, description="NAV of a product's first unit."
+        Decimal("100"), ge=1, decimal_places=8, description="NAV of a product's first unit."
     )
     open_fee: Decimal = Field(Decimal("0.001"), ge=0, lt=1, description="Fee rate on deposits.")
     close_fee: Decimal = Field(Decimal("0.001"), ge=0, lt=1, description="Fee rate on payouts.")

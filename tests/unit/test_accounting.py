@@ -527,6 +527,15 @@ def test_the_first_nav_is_a_whole_number_of_nav_quanta() -> None:
         AccountingConfig(initial_nav=Decimal("100.000000001"))
 
 
+@pytest.mark.parametrize("nav", ["0.00000001", "0.99999999", "0", "-100"])
+def test_the_first_nav_is_at_least_one(nav: str) -> None:
+    """A product started at a NAV of one quantum sized a deposit's hedge on its floor,
+    leaving the hedge's own costs to the insurance fund (reliability 251)."""
+    assert AccountingConfig(initial_nav=Decimal(1)).initial_nav == 1
+    with pytest.raises(ValidationError, match="initial_nav"):
+        AccountingConfig(initial_nav=Decimal(nav))
+
+
 # --- floors and the NAV an order leaves -------------------------------------------------
 
 
