@@ -68,7 +68,7 @@ class FeatureConfig(BaseModel):
     )
     trend_t_scale: float = Field(
         2.0,
-        gt=0,
+        ge=0.001,  # below ~5.6e-309 its inverse is infinite, and a t of 0 scored NaN
         description="Momentum t-stat mapped through tanh(t / scale): a two-sigma move "
         "scores 0.76, noise (|t| ~ 1) about 0.46.",
     )

@@ -359,7 +359,13 @@ class SmartLeverageController:
     def _emergency(self, ts_ns: int, price: Decimal, risk_price: float) -> LeverageTargetChanged:
         cfg = self.config
         if risk_price <= self._adverse if self._is_long else risk_price >= self._adverse:
-            target = to_target(max(cfg.l_min, float(self.target_value) * cfg.emergency_cut))
+            cut = float(self.target_value) * cfg.emergency_cut
+            # a target a raise left above the books (inside the band) cut by a mild
+            # `emergency_cut` can still be above them: a deleverage never buys more
+            books = self._modelled(risk_price)
+            if books < cut:
+                cut = math.floor(books * 20) / 20
+            target = to_target(max(cfg.l_min, cut))
             reason = Reason.EMERGENCY_ADVERSE_MOVE
         else:
             target, reason = self.target_value, Reason.EMERGENCY_LEVERAGE_CEILING

@@ -925,6 +925,27 @@ def test_on_bar_fires_the_emergency_past_the_trigger(side: Side) -> None:
 
 
 @pytest.mark.parametrize(
+    ("side", "adverse", "books_at", "cut_to"),
+    [(Side.LONG, 89.0, 2.28, "2.25"), (Side.SHORT, 111.0, 2.85, "2.80")],  # 11% against
+)
+def test_an_emergency_cut_never_takes_the_books_above_where_they_are(
+    side: Side, adverse: float, books_at: float, cut_to: str
+) -> None:
+    """A raise inside a wide band moves the target and not the books; a mild cut of that
+    target was still above the books after the adverse move, and the 'deleverage'
+    bought more (from a review: cut 1.0, books at 2.28x taken to 3x)."""
+    c = rebalanced(side, 2.0, emergency_cut=1.0, rebalance_band=0.5, max_raise_per_bar=1.0)
+    aligned = regime_state(Regime.TREND_UP if side is Side.LONG else Regime.TREND_DOWN)
+    raised = bar(c, 100.0, aligned)
+    assert raised is not None and not raised.rebalance and raised.target == Decimal("3.00")
+    assert model_leverage(side, 2.0, 100.0, adverse) == pytest.approx(books_at, abs=0.005)
+    event = tick(c, adverse)
+    assert event is not None and event.emergency and event.rebalance
+    assert event.reasons == (Reason.EMERGENCY_ADVERSE_MOVE,)
+    assert event.target == Decimal(cut_to)  # the books, down onto the grid
+
+
+@pytest.mark.parametrize(
     ("side", "p0", "at"),
     [
         (Side.LONG, "3", "2.7"),  # fires, but as LEVERAGE_CEILING: no cut
@@ -987,6 +1008,9 @@ configs = st.sampled_from(
             emergency_cut=0.7,
             leverage_ceiling=3.2,
         ),
+        # A mild cut and a wide band: a raise inside the band leaves the target above
+        # the books, where an emergency's cut of it is still above them.
+        rules(emergency_cut=1.0, rebalance_band=0.5, max_raise_per_bar=1.0),
     ]
 )
 
@@ -1019,6 +1043,8 @@ def test_every_target_is_bounded_on_grid_explained_and_moves_at_bounded_speed(
     price = 100.0
     for i, (move, regime) in enumerate(path):
         before = c.target
+        if c.ref_price is not None:
+            books = c._modelled(round(price * move, 2))  # the books' leverage at the step
         events, price = run(c, [(move, regime)], price, i)
         event = events[0]
         if event is None:
@@ -1034,8 +1060,12 @@ def test_every_target_is_bounded_on_grid_explained_and_moves_at_bounded_speed(
             assert event.target <= before  # an emergency never raises leverage
             assert len(event.reasons) == 1
             if event.reasons[0] == Reason.EMERGENCY_ADVERSE_MOVE:
+                # cut, and never above the books (a deleverage never buys more)
                 cut_to = max(config.l_min, float(before) * config.emergency_cut)
-                assert event.target == to_target(cut_to)
+                assert event.target <= to_target(cut_to)
+                assert float(event.target) <= max(books, config.l_min) + 1e-9
+                if books >= float(before) * config.emergency_cut:
+                    assert event.target == to_target(cut_to)
             else:
                 assert event.reasons == (Reason.EMERGENCY_LEVERAGE_CEILING,)
                 assert event.target == before
