@@ -163,6 +163,21 @@ def test_config_rejects_unsorted_horizons_and_unknown_fields() -> None:
         FeatureConfig(vol_span=3)  # type: ignore[call-arg]
 
 
+@pytest.mark.parametrize("scale", [0.001, 2.0, 1e300])
+def test_every_trend_t_scale_accepted_scores_a_flat_window_zero(scale: float) -> None:
+    """A scale whose inverse overflowed scored a t of 0 as 0 x inf = NaN, and the leverage
+    stage dead-lettered the regime update with its tick (from a review)."""
+    config = FeatureConfig(trend_horizons=(4, 8), trend_t_scale=scale)
+    for f in run(config, [100.0] * 12):
+        assert f.trend_score == 0.0
+
+
+@pytest.mark.parametrize("scale", [0.0009, 1e-320, 0.0])
+def test_config_refuses_a_trend_t_scale_too_small_to_invert(scale: float) -> None:
+    with pytest.raises(ValueError, match="trend_t_scale"):
+        FeatureConfig(trend_t_scale=scale)
+
+
 def test_restore_refuses_a_snapshot_of_another_config() -> None:
     tracker = FeatureTracker(SMALL)
     tracker.update(NS_PER_HOUR, 1.0)
