@@ -101,19 +101,25 @@ def _book(state: hedging_pb2.ProductBookState) -> BookState:
     units = decimal_from_wire(state.units, name=f"{name}.units")
     if units < 0:  # a NAV of negative units would be published as it is
         raise ValueError(f"{name}.units must be >= 0, got {units}")
+    # published as they are (the target to users): a negative one is a broken producer's
+    target = decimal_from_wire(state.target_leverage, name=f"{name}.target_leverage")
+    if target < 0:
+        raise ValueError(f"{name}.target_leverage must be >= 0, got {target}")
+    advanced = optional_decimal_from_wire(state.insurance_owed, name=f"{name}.insurance_owed")
+    if advanced is not None and advanced < 0:
+        raise ValueError(f"{name}.insurance_owed must be >= 0, got {advanced}")
     return BookState(
         product=name,
         side=side_of(name),
         units=units,
         cash=decimal_from_wire(state.cash, name=f"{name}.cash"),
         qty=decimal_from_wire(state.qty, name=f"{name}.qty"),
-        target=decimal_from_wire(state.target_leverage, name=f"{name}.target_leverage"),
+        target=target,
         last_nav=_positive_or_none(
             optional_decimal_from_wire(state.last_nav, name=f"{name}.last_nav"),
             f"{name}.last_nav",
         ),
-        advanced=optional_decimal_from_wire(state.insurance_owed, name=f"{name}.insurance_owed")
-        or ZERO,
+        advanced=advanced or ZERO,
     )
 
 

@@ -47,6 +47,14 @@ def negative_units(update: hedging_pb2.HedgeUpdate) -> None:
     update.products[0].units = "-1.00000000"
 
 
+def a_negative_target(update: hedging_pb2.HedgeUpdate) -> None:
+    update.products[0].target_leverage = "-7"
+
+
+def a_negative_advance(update: hedging_pb2.HedgeUpdate) -> None:
+    update.products[1].insurance_owed = "-5"
+
+
 def a_stranger_book(update: hedging_pb2.HedgeUpdate) -> None:
     update.products[1].product = "ETH-USDT:SHORT"
 
@@ -129,6 +137,8 @@ def test_a_valid_update_parses_with_every_book() -> None:
     ("spoil", "reason"),
     [
         (negative_units, r"BTC-USDT:LONG.units must be >= 0, got -1"),
+        (a_negative_target, r"BTC-USDT:LONG.target_leverage must be >= 0, got -7"),
+        (a_negative_advance, r"BTC-USDT:SHORT.insurance_owed must be >= 0, got -5"),
         (a_stranger_book, r"books of \['ETH-USDT:SHORT'\] on a 'BTC-USDT' tick"),
         (no_books, "carries no product books"),
         (no_seq, "tick seq is missing"),
