@@ -35,7 +35,7 @@ from shared.core.events import (
 )
 from shared.core.leverage import LeverageConfig
 from shared.core.market import FundingRate, Tick
-from shared.core.money import NAV_QUANTUM, USDT_QUANTUM, ZERO
+from shared.core.money import NAV_QUANTUM, UNIT_QUANTUM, USDT_QUANTUM, ZERO
 from shared.core.products import SIDES, product_id
 from shared.stream import is_new, parse_market
 from shared.wire import decision
@@ -132,6 +132,13 @@ def market_step(
     return MarketStep(symbol, market.seq, market.ts_init_ns, market.value, decisions, message)
 
 
+def _whole_quanta(name: str, value: Decimal, quantum: Decimal) -> None:
+    """The books keep units and money in whole quanta: a finer close took a user's units
+    for a payout of 0, a finer deposit sent the venue a transfer it does not keep."""
+    if value % quantum:
+        raise ValueError(f"{name}: must be a multiple of {quantum}, got {value}")
+
+
 def order_step(message: orders_pb2.OrderEvent, products: Mapping[str, str]) -> OrderStep:
     which = message.WhichOneof("event")
     order: orders_pb2.PositionOpened | orders_pb2.PositionClosed
@@ -142,12 +149,16 @@ def order_step(message: orders_pb2.OrderEvent, products: Mapping[str, str]) -> O
         units = optional_decimal_from_wire(order.units, name="units")
         if not 0 < amount <= MAX_DEPOSIT:
             raise ValueError(f"amount: must be > 0 and at most {MAX_DEPOSIT:,}, got {amount}")
+        _whole_quanta("amount", amount, USDT_QUANTUM)
+        if units is not None:
+            _whole_quanta("units", units, UNIT_QUANTUM)
     else:  # the codec already refused an empty oneof
         order = message.closed
         amount, units = None, decimal_from_wire(message.closed.units, name="units")
         payout = optional_decimal_from_wire(message.closed.payout, name="payout")
         if units <= 0:
             raise ValueError(f"units: must be > 0, got {units}")
+        _whole_quanta("units", units, UNIT_QUANTUM)
     nav = optional_decimal_from_wire(order.nav, name="nav")
     if nav is not None and not (nav >= NAV_QUANTUM and nav % NAV_QUANTUM == 0):
         # The books issue and redeem at it: a NAV finer than the books keep it issued

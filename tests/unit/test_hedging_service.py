@@ -248,6 +248,30 @@ def test_orders_to_core_are_exact(amount: Decimal) -> None:
             ),
             "at most 1,000,000,000",
         ),
+        (  # finer than the books keep money: a transfer the venue does not keep
+            orders_pb2.OrderEvent(
+                opened=orders_pb2.PositionOpened(
+                    event_id="x", product=LONG, amount="1000.123456789", ts_event_ns=1
+                )
+            ),
+            "amount: must be a multiple of 1E-8",
+        ),
+        (
+            orders_pb2.OrderEvent(
+                opened=orders_pb2.PositionOpened(
+                    event_id="x", product=LONG, amount="10", units="0.1000000001", ts_event_ns=1
+                )
+            ),
+            "units: must be a multiple of 1E-8",
+        ),
+        (  # finer than the books keep units: the user's units taken for a payout of 0
+            orders_pb2.OrderEvent(
+                closed=orders_pb2.PositionClosed(
+                    event_id="x", product=LONG, units="0.000000000001", ts_event_ns=1
+                )
+            ),
+            "units: must be a multiple of 1E-8",
+        ),
         (  # the venue refuses it: past the transfer, the symbol halted (after restarts too)
             orders_pb2.OrderEvent(
                 opened=orders_pb2.PositionOpened(event_id="x", product=LONG, amount="10")
