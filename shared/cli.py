@@ -9,13 +9,11 @@ to the order gateway over gRPC (server from `--server` / `SMARTLEV_GATEWAY`, key
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import sys
 import tempfile
 import threading
 import time
-import tomllib
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,7 +25,6 @@ from typing import Annotated, Any
 
 import grpc
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
@@ -42,7 +39,7 @@ from shared.core.accounting import MAX_DEPOSIT
 from shared.core.config import StrategyConfig
 from shared.core.money import MoneyError
 from shared.serving import SERVER_ANSWERED
-from shared.settings import is_host_port
+from shared.settings import is_host_port, load_strategy
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -72,17 +69,9 @@ def load_config(path: Path | None) -> StrategyConfig:
     if path is None:
         return StrategyConfig()
     try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise typer.BadParameter(f"cannot read config {path}: {exc.strerror}") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text.decode())
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise typer.BadParameter(f"config {path} is not valid {path.suffix[1:]}: {exc}") from None
-    try:
-        return StrategyConfig.model_validate(data)
-    except ValidationError as exc:
-        raise typer.BadParameter(f"config {path}:\n{exc}") from None
+        return load_strategy(path)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _parse_time(text: str | None, name: str) -> int | None:
@@ -817,12 +806,20 @@ def reconcile(
     redis_url: Annotated[
         str, typer.Option(envvar="SMARTLEV_REDIS_URL")
     ] = "redis://127.0.0.1:6379/0",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="SMARTLEV_STRATEGY_CONFIG",
+            help="The policy file the pipeline runs with (TOML or JSON); default: defaults.",
+        ),
+    ] = None,
 ) -> None:
     """Check the books (DESIGN section 5) from Redis and Kafka: exit 0 balanced, 1 with
     each difference listed, 2 when it cannot check."""
     from shared.reconcile import run
 
-    raise typer.Exit(run(namespace, symbol or [], bootstrap, redis_url))
+    strategy = load_config(config if config and str(config) else None)
+    raise typer.Exit(run(namespace, symbol or [], bootstrap, redis_url, strategy))
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -61,7 +62,7 @@ from shared.core.money import ZERO, MoneyError, usdt_down
 from shared.core.products import smart_product_specs
 from shared.core.venue import PerpVenue
 from shared.redis_store import ApplyOnceStore, Version, key
-from shared.settings import KafkaSettings
+from shared.settings import KafkaSettings, load_strategy
 from shared.topics import HEDGE_FILLS, ORDERS_EVENTS
 
 Value = Decimal | int | str
@@ -1115,9 +1116,14 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
-def run(namespace: str, symbols: Sequence[str], bootstrap: str, redis_url: str) -> int:
+def run(
+    namespace: str,
+    symbols: Sequence[str],
+    bootstrap: str,
+    redis_url: str,
+    config: StrategyConfig,
+) -> int:
     """The command: print the report; 0 balanced, 1 differences, 2 cannot check."""
-    config = StrategyConfig()
     for symbol in symbols:
         if symbol not in config.instruments:
             print(
@@ -1167,8 +1173,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--symbol", action="append", default=[], help="repeatable; default all")
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("SMARTLEV_STRATEGY_CONFIG", ""),
+        help="the policy file the pipeline runs with (default: $SMARTLEV_STRATEGY_CONFIG)",
+    )
     args = parser.parse_args(argv)
-    return run(args.namespace, args.symbol, args.bootstrap, args.redis_url)
+    try:
+        config = load_strategy(Path(args.config)) if args.config else StrategyConfig()
+    except ValueError as exc:
+        print(f"error: --config: {exc}", file=sys.stderr)
+        return 2
+    return run(args.namespace, args.symbol, args.bootstrap, args.redis_url, config)
 
 
 if __name__ == "__main__":

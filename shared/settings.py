@@ -20,10 +20,23 @@ message naming the variable. Defaults point at the local stack (scripts/stack.sh
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.core.config import StrategyConfig
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 # Durations in seconds, finite and at most a day (an infinite health interval was taken:
@@ -83,6 +96,29 @@ class RedisSettings(BaseModel):
         return value
 
 
+def load_strategy(path: Path) -> StrategyConfig:
+    """Defaults, overridden by a TOML or JSON file; unknown keys are refused."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text.decode())
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"config {path} is not valid {path.suffix[1:]}: {exc}") from None
+    try:
+        return StrategyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"config {path}:\n{exc}") from None
+
+
+def _strategy_file(value: Any) -> Any:
+    """The environment names a file (empty: the defaults); code passes the config."""
+    if isinstance(value, str | Path):
+        return load_strategy(Path(value)) if str(value) else StrategyConfig()
+    return value
+
+
 def service_config(name: str) -> SettingsConfigDict:
     """The model_config for a service's settings: prefix SMARTLEV_<NAME>_, nested `__`."""
     return SettingsConfigDict(
@@ -90,6 +126,7 @@ def service_config(name: str) -> SettingsConfigDict:
         env_nested_delimiter="__",
         frozen=True,
         extra="ignore",
+        validate_by_name=True,  # `strategy=` in code, SMARTLEV_STRATEGY_CONFIG outside
     )
 
 
@@ -108,6 +145,12 @@ class ServiceSettings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     # Prefix of every topic name, Redis key and consumer group: isolates a pipeline (tests).
     namespace: str = Field(default="", pattern=r"^[a-z0-9_.-]*$")
+    # The policy, fees and venue model every stage applies: one TOML or JSON file for the
+    # whole pipeline (`SMARTLEV_STRATEGY_CONFIG`, no service prefix: the gateway must
+    # quote the fees hedging charges), read as `smartlev backtest --config` reads it.
+    strategy: Annotated[StrategyConfig, NoDecode, BeforeValidator(_strategy_file)] = Field(
+        default_factory=StrategyConfig, validation_alias="SMARTLEV_STRATEGY_CONFIG"
+    )
 
     @property
     def kafka_bootstrap(self) -> str:

@@ -97,7 +97,8 @@ from shared.core.market import (
 from shared.eager import Finished, run_until_suspended
 from shared.health import HealthRegistry, HealthServer, kafka_check, redis_check, stalled_check
 from shared.heap import freeze_heap
-from shared.logging import configure_logging, get_logger
+from shared.logging import get_logger
+from shared.serving import enter
 from shared.settings import ServiceSettings
 from shared.topics import TopicSpec
 from shared.transient import is_transient
@@ -767,7 +768,7 @@ class StageRuntime:
     def enter_service(self) -> None:
         """What a service entrypoint (`run`) does first: JSON logs, and the heap frozen
         at the first batch."""
-        configure_logging(self.service, self.settings.log_level)
+        enter(self.service, self.settings)
         self.freeze_heap_at_first_batch = True
 
     def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:

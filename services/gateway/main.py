@@ -979,13 +979,12 @@ class GatewayServer:
         self,
         settings: GatewaySettings,
         redis: Redis,
-        config: StrategyConfig | None = None,
         *,
         relay: bool = True,
     ) -> None:
         self.settings = settings
         self.redis = redis
-        self.config = config or StrategyConfig()
+        self.config = settings.strategy
         # The order path's own connection (redis_wire: ~8x less CPU per command than
         # redis-py); `redis` serves the health check.
         self.wire = RedisWire.from_url(settings.redis_url)

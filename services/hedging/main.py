@@ -380,9 +380,9 @@ class Hedger:
         log.exception("symbol_halted", symbol=symbol, reason=reason)
 
 
-def build(settings: HedgingSettings, config: StrategyConfig | None = None) -> HedgingRuntime:
+def build(settings: HedgingSettings) -> HedgingRuntime:
     """The runtime with its two inputs' handlers, wired to Redis and the venue."""
-    config = config or StrategyConfig()
+    config = settings.strategy
     runtime = HedgingRuntime(settings)
     wire = runtime.connect_redis(decode_responses=True)
     channel = venue_channel(settings.venue_address)

@@ -15,7 +15,6 @@ from pydantic import Field, field_validator, model_validator
 from services.ingestion.synthetic import Scenario
 from shared.adapters.market_data import parse_time
 from shared.adapters.tick_replay import data_dir, file_stem
-from shared.core.config import StrategyConfig
 from shared.settings import Seconds, ServiceSettings, service_config
 
 Source = Literal["idle", "replay", "synthetic", "live"]
@@ -61,13 +60,12 @@ class IngestionSettings(ServiceSettings):
             )
         return self
 
-    @field_validator("symbol")
-    @classmethod
-    def _an_instrument(cls, value: str) -> str:
+    @model_validator(mode="after")
+    def _an_instrument(self) -> IngestionSettings:
         """A symbol no instrument has is refused by every stage after this one: say so
         before publishing it."""
-        StrategyConfig().instrument(value)  # ValueError names the configured ones
-        return value
+        self.strategy.instrument(self.symbol)  # ValueError names the configured ones
+        return self
 
     @field_validator("start", "end")
     @classmethod

@@ -53,6 +53,7 @@ from shared.health import CheckResult, HealthRegistry, HealthServer, kafka_check
 from shared.heap import freeze_heap
 from shared.interrupts import interrupt_on_hangup
 from shared.logging import configure_logging, get_logger
+from shared.serving import enter
 from shared.topics import MARKET_TICKS
 from shared.transient import is_transient
 
@@ -284,7 +285,7 @@ def run_once(settings: IngestionSettings) -> int:
 
 async def serve(settings: IngestionSettings) -> int:
     """The long-running service: health/metrics, then the configured source."""
-    configure_logging("ingestion", settings.log_level)
+    enter("ingestion", settings)
     metrics = IngestionMetrics()
     health = HealthRegistry()
     health.register("kafka", kafka_check(settings.kafka_bootstrap))

@@ -18,7 +18,6 @@ from faust.types import EventT
 
 from services.leverage.config import LeverageSettings
 from services.leverage.state import SymbolControllers, parse_regime_update, restore
-from shared.core.config import StrategyConfig
 from shared.redis_store import ApplyOnceStore
 from shared.stream import Outgoing, StreamRuntime, is_new
 from shared.topics import LEVERAGE_TARGETS, MARKET_REGIMES
@@ -26,9 +25,9 @@ from shared.topics import LEVERAGE_TARGETS, MARKET_REGIMES
 STATE = "controllers"
 
 
-def build(settings: LeverageSettings, config: StrategyConfig | None = None) -> StreamRuntime:
+def build(settings: LeverageSettings) -> StreamRuntime:
     """The runtime with the leverage agent registered (tests run it in-process)."""
-    config = config or StrategyConfig()
+    config = settings.strategy
     runtime = StreamRuntime(settings)
     regimes = runtime.input(MARKET_REGIMES)
     targets = runtime.output(LEVERAGE_TARGETS)

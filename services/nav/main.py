@@ -29,7 +29,6 @@ from services.nav.marking import (
 )
 from shared.adapters.redis_wire import RedisWire
 from shared.consumer_stage import ConsumerRuntime, Records
-from shared.core.accounting import AccountingConfig
 from shared.logging import get_logger
 from shared.redis_store import ApplyOnceStore
 from shared.stream import Outgoing, Record
@@ -177,7 +176,7 @@ class NavService:
 
 def build(settings: NavSettings) -> ConsumerRuntime:
     runtime = ConsumerRuntime(settings)
-    service = NavService(runtime, runtime.connect_redis(), AccountingConfig().initial_nav)
+    service = NavService(runtime, runtime.connect_redis(), settings.strategy.accounting.initial_nav)
 
     async def handle(batch: Records) -> None:
         # Market events go in runs (one read and one write per product per run), orders

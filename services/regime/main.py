@@ -20,16 +20,15 @@ from faust.types import EventT
 
 from services.regime.config import RegimeSettings
 from services.regime.state import SymbolSignals, restore, signal_key
-from shared.core.config import StrategyConfig
 from shared.stream import Outgoing, StreamRuntime, acting_on, is_new, parse_market
 from shared.topics import COMPACTED_SEGMENT_MS, MARKET_REGIMES, MARKET_TICKS
 
 TABLE = "regime-state"
 
 
-def build(settings: RegimeSettings, config: StrategyConfig | None = None) -> StreamRuntime:
+def build(settings: RegimeSettings) -> StreamRuntime:
     """The runtime with the regime agent registered (tests run it in-process)."""
-    config = config or StrategyConfig()
+    config = settings.strategy
     runtime = StreamRuntime(settings)
     ticks = runtime.input(MARKET_TICKS)
     regimes = runtime.output(MARKET_REGIMES)

@@ -32,7 +32,6 @@ from shared.adapters.venue_client import (
     liquidation_to_wire,
 )
 from shared.codec import DecodeError, EncodeError, decimal_from_wire, decimal_to_wire
-from shared.core.config import StrategyConfig
 from shared.core.money import MoneyError
 from shared.core.venue import InsufficientMargin, PerpVenue
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, redis_check
@@ -316,7 +315,6 @@ class VenueServer:
         self,
         settings: VenueSettings,
         redis: Redis,
-        config: StrategyConfig | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -324,7 +322,7 @@ class VenueServer:
         # than redis-py); `redis` serves the health checks.
         self.wire = RedisWire.from_url(settings.redis_url)
         self.ledger = VenueLedger(
-            self.wire, config or StrategyConfig(), settings.namespace, settings.applied_ids_kept
+            self.wire, settings.strategy, settings.namespace, settings.applied_ids_kept
         )
         self.server = grpc_server()
         self.port = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection
 from decimal import Decimal
 
@@ -167,6 +168,12 @@ class StrategyConfig(BaseModel):
                     f"{where}, and its costs past it"
                 )
         return self
+
+    def digest(self) -> str:
+        """Which configuration this is, in 12 hex digits: every stage logs it at start,
+        so stages that apply different ones (a gateway quoting fees hedging does not
+        charge) show at a glance."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
 
     def instrument(self, symbol: str) -> InstrumentSpec:
         problem = unknown_symbol_problem(symbol, self.instruments)

@@ -286,6 +286,31 @@ async def test_open_and_close_settle_at_the_nav_with_the_core_formulas(env: Env)
     assert await env.redis.hgetall(env.server.ledger.outbox_key("BTC-USDT")) == {}
 
 
+async def test_the_gateway_quotes_the_fees_of_the_configured_policy(
+    env: Env, redis_url: str
+) -> None:
+    """It quoted the default fees whatever the pipeline was configured with, so hedging's
+    books (configured otherwise) refused every order as quoted otherwise."""
+    policy = StrategyConfig.model_validate({"accounting": {"open_fee": "0.002"}})
+    settings = _settings(env.ns, redis_url, env.bootstrap).model_copy(update={"strategy": policy})
+    server = GatewayServer(settings, env.redis)
+    await server.start()
+    try:
+        await env.set_nav(PRODUCT, NAV)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            opened = await gateway_pb2_grpc.GatewayStub(channel).OpenPosition(
+                gateway_pb2.OpenPositionRequest(
+                    client_order_id="policy-1", product=PRODUCT, amount_usdt="1000"
+                ),
+                metadata=ALICE,
+            )
+        fee, _, units = issue_terms(Decimal(1000), NAV, Decimal("0.002"))
+        assert (opened.fee, opened.units) == (str(fee), str(units))
+        assert fee == Decimal(2) != issue_terms(Decimal(1000), NAV, ACCOUNTING.open_fee)[0]
+    finally:
+        await server.stop()
+
+
 def open_streams(kind: str) -> float:
     """The gateway's smartlev_gateway_stream_subscribers gauge (this process's servers)."""
     return REGISTRY.get_sample_value("smartlev_gateway_stream_subscribers", {"stream": kind}) or 0.0

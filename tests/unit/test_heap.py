@@ -63,7 +63,7 @@ async def test_a_stage_freezes_its_heap_at_the_first_batch_only_when_run_as_a_se
     await in_a_test.handle_batch(handle, [1])
     assert freezes == []
     as_service = StreamRuntime(ServiceSettings(service="regime", namespace="t6."))
-    monkeypatch.setattr(stream, "configure_logging", lambda *args: None)
+    monkeypatch.setattr(stream, "enter", lambda *args: None)
     as_service.enter_service()
     for batch in ([1, 2], [3], [4]):
         await as_service.handle_batch(handle, batch)

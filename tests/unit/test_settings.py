@@ -3,13 +3,24 @@ a duration that is not a finite number of seconds, a Kafka address without a por
 
 from __future__ import annotations
 
+import re
+from decimal import Decimal
+from pathlib import Path
+
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from services.gateway.config import GatewaySettings
 from services.hedging.config import HedgingSettings
 from services.ingestion.config import IngestionSettings
+from services.leverage.config import LeverageSettings
+from services.nav.config import NavSettings
+from services.regime.config import RegimeSettings
 from services.venue.config import VenueSettings
+from shared import serving
+from shared.core.config import StrategyConfig
+from shared.settings import load_strategy
 
 SETTINGS = {
     "GATEWAY": GatewaySettings,
@@ -125,3 +136,103 @@ def test_the_edges_of_those_rules_are_taken(
     settings = SETTINGS[env.split("_")[1]]
     monkeypatch.setenv(env, value)
     assert str(getattr(settings(), env.split("_", 2)[2].lower())) in {value, f"{value}.0"}
+
+
+# --- the strategy config every stage applies --------------------------------------------
+
+ALL_SETTINGS = [
+    GatewaySettings,
+    HedgingSettings,
+    IngestionSettings,
+    LeverageSettings,
+    NavSettings,
+    RegimeSettings,
+    VenueSettings,
+]
+POLICY = """
+[accounting]
+open_fee = "0.002"
+
+[leverage]
+l_max = 3.0
+
+[instruments.BTC-USDT]
+price_tick = "0.1"
+lot_step = "0.001"
+"""
+
+
+def test_every_stage_applies_the_one_policy_file_the_environment_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The services built the defaults whatever was configured: a policy backtested with
+    `--config` could not be run (from a review)."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    monkeypatch.setenv("SMARTLEV_STRATEGY_CONFIG", str(policy))
+    applied = {kind.__name__: kind().strategy for kind in ALL_SETTINGS}
+    expected = load_strategy(policy)
+    assert expected.accounting.open_fee == Decimal("0.002") and expected.leverage.l_max == 3.0
+    assert all(strategy == expected for strategy in applied.values()), applied
+    assert expected.digest() != StrategyConfig().digest()
+    # the file's instruments are the ones ingestion takes
+    with pytest.raises(ValidationError, match="unknown symbol 'ETH-USDT'; configured: BTC-USDT"):
+        IngestionSettings(symbol="ETH-USDT")
+
+
+@pytest.mark.parametrize("value", ["", None])
+def test_no_policy_file_is_the_defaults(value: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if value is None:
+        monkeypatch.delenv("SMARTLEV_STRATEGY_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("SMARTLEV_STRATEGY_CONFIG", value)
+    assert all(kind().strategy == StrategyConfig() for kind in ALL_SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "reason"),
+    [
+        ("missing.toml", None, "cannot read config .*missing.toml: No such file"),
+        ("bad.toml", "[accounting\n", "bad.toml is not valid toml"),
+        ("bad.json", "{", "bad.json is not valid json"),
+        ("unknown.toml", "[accounting]\nopen_fees = 1\n", "open_fees"),
+        ("unsafe.toml", '[accounting]\nopen_fee = "1.5"\n', "open_fee"),
+    ],
+)
+def test_a_policy_file_that_cannot_be_applied_stops_the_service_saying_why(
+    name: str, text: str | None, reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    monkeypatch.setenv("SMARTLEV_STRATEGY_CONFIG", str(path))
+    for kind in ALL_SETTINGS:
+        with pytest.raises(ValidationError, match="SMARTLEV_STRATEGY_CONFIG") as refused:
+            kind()
+        assert re.search(reason, str(refused.value)), str(refused.value)
+
+
+def test_code_passes_a_policy_as_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run services in-process with a config of their own, environment or not."""
+    monkeypatch.setenv("SMARTLEV_STRATEGY_CONFIG", "/nonexistent.toml")
+    cheap = StrategyConfig.model_validate({"accounting": {"open_fee": "0"}})
+    assert GatewaySettings(strategy=cheap).strategy.accounting.open_fee == 0
+
+
+def test_a_service_says_which_policy_it_applies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stages started with different files disagree on fees or rules: each shows the
+    digest of its own on /metrics, one a scrape can compare across stages."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    monkeypatch.setenv("SMARTLEV_STRATEGY_CONFIG", str(policy))
+    monkeypatch.setattr(serving, "configure_logging", lambda *args: None)
+    serving.enter("nav", NavSettings())
+    digest = load_strategy(policy).digest()
+    assert REGISTRY.get_sample_value("smartlev_strategy_config_info", {"digest": digest}) == 1
+    monkeypatch.delenv("SMARTLEV_STRATEGY_CONFIG")
+    serving.enter("nav", NavSettings())
+    default = StrategyConfig().digest()
+    assert REGISTRY.get_sample_value("smartlev_strategy_config_info", {"digest": default}) == 1
+    assert REGISTRY.get_sample_value("smartlev_strategy_config_info", {"digest": digest}) is None
