@@ -21,9 +21,10 @@ message naming the variable. Defaults point at the local stack (scripts/stack.sh
 from __future__ import annotations
 
 import json
+import sys
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -117,6 +118,19 @@ def _strategy_file(value: Any) -> Any:
     if isinstance(value, str | Path):
         return load_strategy(Path(value)) if str(value) else StrategyConfig()
     return value
+
+
+Settings = TypeVar("Settings", bound="ServiceSettings")
+
+
+def from_environment(kind: type[Settings]) -> Settings:
+    """A service's settings, or exit 2 with pydantic's message, which names each setting
+    that is wrong (a traceback above it said nothing more)."""
+    try:
+        return kind()
+    except ValidationError as exc:
+        print(f"{kind.__name__}: bad settings:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def service_config(name: str) -> SettingsConfigDict:

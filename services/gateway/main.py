@@ -74,6 +74,7 @@ from shared.health import GrpcHealth, HealthRegistry, HealthServer, kafka_check,
 from shared.logging import get_logger
 from shared.redis_store import ApplyStatus
 from shared.serving import SERVER_ANSWERED, Rejected, grpc_server, listen, register, run
+from shared.settings import from_environment
 from shared.topics import NAV_UPDATES, ORDERS_EVENTS
 from shared.wire import known_regime_name
 
@@ -1096,5 +1097,5 @@ class GatewayServer:
 
 
 def main() -> None:
-    settings = GatewaySettings()
+    settings = from_environment(GatewaySettings)
     run("gateway", settings, lambda redis: GatewayServer(settings, redis))

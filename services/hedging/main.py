@@ -57,6 +57,7 @@ from shared.core.money import MoneyError
 from shared.core.venue import MIN_CALL_IDS_KEPT
 from shared.health import HealthRegistry
 from shared.logging import get_logger
+from shared.settings import from_environment
 from shared.stream import Input, Record, record_key
 from shared.topics import HEDGE_FILLS, LEVERAGE_TARGETS, ORDERS_EVENTS
 from shared.transient import is_transient as shared_is_transient
@@ -431,4 +432,4 @@ def build(settings: HedgingSettings) -> HedgingRuntime:
 
 
 def main() -> None:
-    build(HedgingSettings()).run()
+    build(from_environment(HedgingSettings)).run()

@@ -19,6 +19,7 @@ from faust.types import EventT
 from services.leverage.config import LeverageSettings
 from services.leverage.state import SymbolControllers, parse_regime_update, restore
 from shared.redis_store import ApplyOnceStore
+from shared.settings import from_environment
 from shared.stream import Outgoing, StreamRuntime, is_new
 from shared.topics import LEVERAGE_TARGETS, MARKET_REGIMES
 
@@ -85,7 +86,7 @@ def build(settings: LeverageSettings) -> StreamRuntime:
 
 
 def main() -> None:
-    build(LeverageSettings()).run()
+    build(from_environment(LeverageSettings)).run()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from shared.adapters.redis_wire import RedisWire
 from shared.consumer_stage import ConsumerRuntime, Records
 from shared.logging import get_logger
 from shared.redis_store import ApplyOnceStore
+from shared.settings import from_environment
 from shared.stream import Outgoing, Record
 from shared.topics import HEDGE_FILLS, NAV_LATEST, NAV_UPDATES
 
@@ -202,7 +203,7 @@ def build(settings: NavSettings) -> ConsumerRuntime:
 
 
 def main() -> None:
-    build(NavSettings()).run()
+    build(from_environment(NavSettings)).run()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from faust.types import EventT
 
 from services.regime.config import RegimeSettings
 from services.regime.state import SymbolSignals, restore, signal_key
+from shared.settings import from_environment
 from shared.stream import Outgoing, StreamRuntime, acting_on, is_new, parse_market
 from shared.topics import COMPACTED_SEGMENT_MS, MARKET_REGIMES, MARKET_TICKS
 
@@ -91,7 +92,7 @@ def build(settings: RegimeSettings) -> StreamRuntime:
 
 
 def main() -> None:
-    build(RegimeSettings()).run()
+    build(from_environment(RegimeSettings)).run()
 
 
 if __name__ == "__main__":

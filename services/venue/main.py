@@ -37,6 +37,7 @@ from shared.core.venue import InsufficientMargin, PerpVenue
 from shared.health import GrpcHealth, HealthRegistry, HealthServer, redis_check
 from shared.logging import get_logger
 from shared.serving import Rejected, grpc_server, listen, register, run
+from shared.settings import from_environment
 
 SERVICE_NAME = "smartlev.v1.Venue"
 T = TypeVar("T")
@@ -368,5 +369,5 @@ class VenueServer:
 
 
 def main() -> None:
-    settings = VenueSettings()
+    settings = from_environment(VenueSettings)
     run("venue", settings, lambda redis: VenueServer(settings, redis))

@@ -20,7 +20,7 @@ from services.regime.config import RegimeSettings
 from services.venue.config import VenueSettings
 from shared import serving
 from shared.core.config import StrategyConfig
-from shared.settings import load_strategy
+from shared.settings import from_environment, load_strategy
 
 SETTINGS = {
     "GATEWAY": GatewaySettings,
@@ -236,3 +236,18 @@ def test_a_service_says_which_policy_it_applies(
     default = StrategyConfig().digest()
     assert REGISTRY.get_sample_value("smartlev_strategy_config_info", {"digest": default}) == 1
     assert REGISTRY.get_sample_value("smartlev_strategy_config_info", {"digest": digest}) is None
+
+
+def test_a_service_started_with_a_bad_setting_says_which_in_one_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No traceback above pydantic's message; exit 2, as ingestion's command line."""
+    monkeypatch.setenv("SMARTLEV_STRATEGY_CONFIG", "/nonexistent/policy.toml")
+    with pytest.raises(SystemExit) as stopped:
+        from_environment(NavSettings)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("NavSettings: bad settings:\n") and "Traceback" not in err
+    assert "SMARTLEV_STRATEGY_CONFIG" in err and "/nonexistent/policy.toml" in err
+    monkeypatch.delenv("SMARTLEV_STRATEGY_CONFIG")
+    assert from_environment(NavSettings).strategy == StrategyConfig()
