@@ -21,6 +21,7 @@ message naming the variable. Defaults point at the local stack (scripts/stack.sh
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -34,8 +35,9 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from shared.core.config import StrategyConfig
 
@@ -97,6 +99,9 @@ class RedisSettings(BaseModel):
         return value
 
 
+STRATEGY_VARIABLE = "SMARTLEV_STRATEGY_CONFIG"
+
+
 def load_strategy(path: Path) -> StrategyConfig:
     """Defaults, overridden by a TOML or JSON file; unknown keys are refused."""
     try:
@@ -128,7 +133,7 @@ def from_environment(kind: type[Settings]) -> Settings:
     that is wrong (a traceback above it said nothing more)."""
     try:
         return kind()
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:  # SettingsError: a nested one not JSON
         print(f"{kind.__name__}: bad settings:\n{exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -140,7 +145,6 @@ def service_config(name: str) -> SettingsConfigDict:
         env_nested_delimiter="__",
         frozen=True,
         extra="ignore",
-        validate_by_name=True,  # `strategy=` in code, SMARTLEV_STRATEGY_CONFIG outside
     )
 
 
@@ -162,9 +166,28 @@ class ServiceSettings(BaseSettings):
     # The policy, fees and venue model every stage applies: one TOML or JSON file for the
     # whole pipeline (`SMARTLEV_STRATEGY_CONFIG`, no service prefix: the gateway must
     # quote the fees hedging charges), read as `smartlev backtest --config` reads it.
+    # Code passes its own with `model_copy(update={"strategy": ...})`.
     strategy: Annotated[StrategyConfig, NoDecode, BeforeValidator(_strategy_file)] = Field(
-        default_factory=StrategyConfig, validation_alias="SMARTLEV_STRATEGY_CONFIG"
+        default_factory=StrategyConfig, validation_alias=STRATEGY_VARIABLE
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_policy_variable(cls, data: Any) -> Any:
+        """A stage's own policy (`SMARTLEV_HEDGING_STRATEGY=...`, or one figure of it) would
+        charge or quote other fees than the rest: refused, naming it, not ignored."""
+        prefix = str(cls.model_config.get("env_prefix", "")).upper()
+        stray = sorted(
+            name
+            for name in os.environ
+            if name.upper().startswith((f"{prefix}STRATEGY", f"{STRATEGY_VARIABLE}__"))
+        )
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)}: the policy is {STRATEGY_VARIABLE}, one file for every "
+                "stage (a stage's own would charge or quote other fees than the rest)"
+            )
+        return data
 
     @property
     def kafka_bootstrap(self) -> str:

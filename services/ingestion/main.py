@@ -29,6 +29,7 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["source"] = command
     try:
         settings = IngestionSettings(**overrides)
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:
         print(f"ingestion: bad settings:\n{exc}", file=sys.stderr)
         return 2
     if command in ("replay", "synthetic"):

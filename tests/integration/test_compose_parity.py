@@ -55,6 +55,9 @@ def seconds(duration: str | int) -> float:
 runner = load_stack_runner()
 
 
+POLICY_MOUNT = "${SMARTLEV_STRATEGY_CONFIG:-/dev/null}:/app/policy.toml:ro"
+
+
 def env_to_property(name: str) -> str:
     """KAFKA_LOG_DIRS -> log.dirs (apache/kafka: '_' is '.', '__' is '_', '___' is '-')."""
     body = name.removeprefix("KAFKA_").lower()
@@ -269,9 +272,11 @@ def differences(compose: dict[str, Any], config: Path = runner.CONFIG) -> list[s
             diffs.append(f"service {name}: ports {svc.get('ports')} != {sorted(spec.ports)}")
         have = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
         want = translate(native.cfg.env_for(name, spec.env))
-        # the policy file every stage applies: the caller's, as the native supervisor
-        # passes its own environment on
-        want["SMARTLEV_STRATEGY_CONFIG"] = "${SMARTLEV_STRATEGY_CONFIG:-}"
+        # the policy file every stage applies: the caller's (the native supervisor passes
+        # its own environment on), mounted into the container
+        want["SMARTLEV_STRATEGY_CONFIG"] = "/app/policy.toml"
+        if POLICY_MOUNT not in (svc.get("volumes") or []):
+            diffs.append(f"service {name}: the caller's policy file is not mounted")
         # A server in a container listens on all its interfaces (its ports published on
         # the host's loopback only); natively on loopback.
         for key in [k for k in want if k.endswith("_GRPC_HOST")]:
@@ -413,7 +418,7 @@ def test_a_service_declared_on_one_side_only_is_caught(
         },
         "ports": ["127.0.0.1:9199:9199"],
         "environment": {
-            "SMARTLEV_STRATEGY_CONFIG": "${SMARTLEV_STRATEGY_CONFIG:-}",
+            "SMARTLEV_STRATEGY_CONFIG": "/app/policy.toml",
             "SMARTLEV_EXAMPLE_KAFKA__BOOTSTRAP": "kafka:29092",
             "SMARTLEV_EXAMPLE_REDIS__URL": "redis://redis:6379/0",
             "SMARTLEV_EXAMPLE_METRICS_HOST": "0.0.0.0",

@@ -213,10 +213,43 @@ def test_a_policy_file_that_cannot_be_applied_stops_the_service_saying_why(
 
 
 def test_code_passes_a_policy_as_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests run services in-process with a config of their own, environment or not."""
-    monkeypatch.setenv("SMARTLEV_STRATEGY_CONFIG", "/nonexistent.toml")
+    """Tests run services in-process with a config of their own."""
+    monkeypatch.delenv("SMARTLEV_STRATEGY_CONFIG", raising=False)
     cheap = StrategyConfig.model_validate({"accounting": {"open_fee": "0"}})
-    assert GatewaySettings(strategy=cheap).strategy.accounting.open_fee == 0
+    assert GatewaySettings().model_copy(update={"strategy": cheap}).strategy == cheap
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SMARTLEV_HEDGING_STRATEGY", "policy.toml"),
+        ("SMARTLEV_HEDGING_STRATEGY__ACCOUNTING__OPEN_FEE", "0.002"),
+        ("smartlev_hedging_strategy_config", "policy.toml"),
+        ("SMARTLEV_STRATEGY_CONFIG__ACCOUNTING__OPEN_FEE", "0.002"),
+    ],
+)
+def test_a_stages_own_policy_is_refused_naming_it(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a policy of its own, hedging charged 0.2% while the gateway quoted 0.1%, and
+    every deposit was refused as quoted otherwise (from a review)."""
+    monkeypatch.delenv("SMARTLEV_STRATEGY_CONFIG", raising=False)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=f"{name}: the policy is SMARTLEV_STRATEGY_CONFIG"):
+        HedgingSettings()
+    if not name.upper().startswith("SMARTLEV_STRATEGY_CONFIG"):
+        assert GatewaySettings().strategy == StrategyConfig()  # another stage's: not its
+
+
+def test_a_nested_setting_that_is_not_json_says_which_in_one_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SMARTLEV_NAV_KAFKA", "kafka:9092")  # for SMARTLEV_NAV_KAFKA__BOOTSTRAP
+    with pytest.raises(SystemExit) as stopped:
+        from_environment(NavSettings)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("NavSettings: bad settings:\n") and '"kafka"' in err
 
 
 def test_a_service_says_which_policy_it_applies(
