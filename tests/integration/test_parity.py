@@ -7,19 +7,22 @@ fresh namespace. 1,000,000 USDT goes into each smart product as a PositionOpened
 `orders.events` before the replay, and the test waits until hedging has applied them
 (their NavUpdateds are out), exactly as the backtester seeds capital before the first
 tick. Every NavUpdated of a tick is then compared with run_backtest's per-tick NAV
-(benchmarks off, ohlc ticks, default StrategyConfig).
+(benchmarks off, ohlc ticks), at the default StrategyConfig and at a policy file.
 """
 
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from smartlev.v1 import nav_pb2, venue_pb2, venue_pb2_grpc
 
 from shared.adapters.venue_client import venue_channel
+from shared.core.config import StrategyConfig
 from shared.core.venue import PerpVenue
 from shared.pipeline_runner import STAGES, Pipeline
+from shared.settings import load_strategy
 from tests.integration.pipeline import (
     CAPITAL,
     PRODUCTS,
@@ -40,12 +43,55 @@ def _tick_updates(updates: list[nav_pb2.NavUpdated]) -> int:
     return sum(1 for u in updates if u.event_id == f"{u.product}:{u.seq}")
 
 
-def test_pipeline_nav_equals_backtest_to_the_unit(kafka_bootstrap: str, redis_url: str) -> None:
+# A policy unlike the defaults at every stage: the regime's features, the leverage rules,
+# the venue's fees and the products' own, so a stage that applied the defaults instead
+# would show in the NAVs.
+POLICY = """
+[features]
+vol_halflife_bars = 12.0
+
+[regime]
+min_dwell_bars = 24
+
+[leverage]
+l_max = 3.0
+base_trend_aligned = 2.5
+base_range = 1.5
+rebalance_band = 0.3
+emergency_cut = 0.7
+leverage_ceiling = 3.3
+
+[venue]
+taker_fee = "0.0005"
+
+[accounting]
+open_fee = "0.002"
+management_fee = "0.03"
+"""
+
+
+@pytest.mark.parametrize("policy", [None, POLICY], ids=["defaults", "a-policy-file"])
+def test_pipeline_nav_equals_backtest_to_the_unit(
+    policy: str | None, kafka_bootstrap: str, redis_url: str, tmp_path: Path
+) -> None:
+    """And with a policy file: every stage applies the one SMARTLEV_STRATEGY_CONFIG names,
+    as the backtester applies it with --config (they applied the defaults whatever was
+    configured)."""
     require_services(STAGES, ingestion=True)
-    reference = backtest_reference(WINDOW)
+    env = {"SMARTLEV_STRATEGY_CONFIG": ""}
+    config = StrategyConfig()
+    if policy is not None:
+        path = tmp_path / "policy.toml"
+        path.write_text(policy)
+        env["SMARTLEV_STRATEGY_CONFIG"] = str(path)
+        config = load_strategy(path)
+        assert config != StrategyConfig()
+    reference = backtest_reference(WINDOW, config)
     n = len(reference.ticks)
 
-    with Pipeline.start(STAGES, bootstrap=kafka_bootstrap, redis_url=redis_url) as pipeline:
+    with Pipeline.start(
+        STAGES, bootstrap=kafka_bootstrap, redis_url=redis_url, env=env
+    ) as pipeline:
         for product in PRODUCTS:
             pipeline.deposit(product, CAPITAL, ns(WINDOW.start))
         seeded = collect(pipeline, lambda u: len(u) >= len(PRODUCTS), timeout_s=30)
