@@ -228,6 +228,7 @@ def stalled_check(
     last_progress: Callable[[], float | None],
     backlog_mark: Callable[[], Awaitable[tuple[object, int]]],
     max_age_s: float,
+    in_hand_since: Callable[[], float | None] = lambda: None,
 ) -> Check:
     """Fails only when input is waiting and nothing was handled for max_age_s.
 
@@ -238,11 +239,20 @@ def stalled_check(
     stage is stuck. A new assignment starts a new baseline: one taken before the
     partitions were assigned (0) read their whole history as input waiting, and a
     caught-up stage idle for max_age_s as stuck.
+
+    Input already on the topic when the stage got stuck never moves the mark, so a batch
+    handed to the stage (`in_hand_since()`, its monotonic start) and not finished, with
+    nothing handled for max_age_s, is stuck too, whatever arrives.
     """
     seen: dict[str, object] = {"progress": None, "mark": None, "input": None, "at": 0.0}
 
     async def check() -> CheckResult:
         progress = last_progress()
+        held = in_hand_since()
+        if held is not None:
+            since = time.monotonic() - max(held, progress if progress is not None else held)
+            if since > max_age_s:
+                return f"a batch in hand, none of it handled for {since:.0f}s"
         inputs, mark = await backlog_mark()
         if seen["progress"] != progress or seen["mark"] is None or seen["input"] != inputs:
             # the backlog as of this progress, of this input, and since when

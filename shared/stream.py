@@ -577,6 +577,7 @@ class StageRuntime:
         self._latency = LATENCY.labels(self.service)
         self._batch_events = BATCH_EVENTS.labels(self.service)
         self._counts: dict[tuple[str, str], Any] = {}
+        self._in_hand: dict[object, float] = {}  # batches being handled: since when
 
     @property
     def service(self) -> str:
@@ -702,6 +703,8 @@ class StageRuntime:
         lettered = _LETTERED.set(set())  # this task's batch's: see `reject`
         reached = [0, 0]
         counting = _REACHED.set(reached)  # see `_new_outcome`
+        token = object()
+        self._in_hand[token] = time.monotonic()  # the health check's (`stalled_check`)
         try:
             while True:
                 reached[0] = 0
@@ -715,6 +718,7 @@ class StageRuntime:
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 5.0)
         finally:
+            del self._in_hand[token]
             _LETTERED.reset(lettered)
             _REACHED.reset(counting)
 
@@ -782,7 +786,12 @@ class StageRuntime:
             registry.register("redis", redis_check(self.redis))
         registry.register(
             "consumer",
-            stalled_check(lambda: self.last_progress, self._input_mark, self.stale_after_s),
+            stalled_check(
+                lambda: self.last_progress,
+                self._input_mark,
+                self.stale_after_s,
+                lambda: min(self._in_hand.values(), default=None),
+            ),
         )
         return registry
 

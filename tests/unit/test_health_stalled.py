@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
+from shared.consumer_stage import ConsumerRuntime
 from shared.health import stalled_check
+from shared.settings import ServiceSettings
 
 
 async def test_idle_is_healthy_and_waiting_input_without_progress_is_not() -> None:
@@ -64,3 +68,58 @@ async def test_input_assigned_after_the_first_look_is_not_taken_for_waiting_inpu
     assert await patient() is True
     assigned[0] = (frozenset({("market.ticks", 0)}), 120_005)
     assert await patient() is True
+
+
+async def test_a_batch_in_hand_with_nothing_handled_is_stuck_whatever_arrives() -> None:
+    """Input already on the topic when the stage got stuck (a restart onto a backlog, a
+    handler that hangs) never moves the mark: the stage read as healthy until new input
+    came, in a quiet market never."""
+    progress: list[float | None] = [time.monotonic()]
+    held: list[float | None] = [None]
+
+    async def backlog() -> tuple[object, int]:
+        return "partitions", 500  # the backlog, all there before the first look
+
+    check = stalled_check(lambda: progress[0], backlog, 0.05, lambda: held[0])
+    assert await check() is True
+    held[0] = time.monotonic()  # a batch of it handed to the stage
+    assert await check() is True  # within max_age_s
+    time.sleep(0.1)
+    result = await check()
+    assert isinstance(result, str) and "a batch in hand, none of it handled for" in result
+    progress[0] = time.monotonic()  # some of it handled: moving again
+    assert await check() is True
+    time.sleep(0.1)
+    assert isinstance(await check(), str)  # and stuck again
+    held[0] = None  # the batch done, the stage idle
+    assert await check() is True
+
+
+async def test_a_stage_stuck_in_a_batch_fails_its_health_check() -> None:
+    """Through a stage runtime: a handler that never returns."""
+    runtime = ConsumerRuntime(ServiceSettings(service="nav", namespace="t9."))
+    runtime.stale_after_s = 0.05
+    runtime.last_progress = time.monotonic()
+    consumer = runtime.health()
+    consumer.unregister("kafka")  # no broker here: the consumer's check alone
+
+    async def no_input() -> tuple[object, int]:
+        return frozenset(), 0
+
+    runtime._input_mark = no_input  # type: ignore[method-assign]
+    stuck = asyncio.Event()
+
+    async def hang(batch: list[int]) -> None:
+        stuck.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(runtime.handle_batch(hang, [1, 2]))
+    await stuck.wait()
+    time.sleep(0.1)
+    ok, outcomes = await consumer.run()
+    assert not ok and "a batch in hand" in outcomes[0].detail, outcomes
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    ok, outcomes = await consumer.run()  # the batch let go: idle, healthy
+    assert ok and [o.name for o in outcomes] == ["consumer"], outcomes
