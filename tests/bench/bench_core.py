@@ -92,8 +92,11 @@ def main() -> None:
             0.5,
         ),
         ("real bars, 4 ticks/bar (ohlc)", list(ticks_from_bars(bars, NS_PER_HOUR)), None),
-        (f"{args.ticks:,} ticks inside real bars", interpolated_ticks(bars, args.ticks), 5.0),
     ]
+    inside = interpolated_ticks(bars, args.ticks)  # at least 4 a bar: maybe more than asked
+    # the 5 s goal is the issue's, for 1,000,000 ticks: another count is only a figure
+    goal = 5.0 if len(inside) == 1_000_000 else None
+    cases.append((f"{len(inside):,} ticks inside real bars", inside, goal))
     table = Table(title=f"core throughput, one core, best of {args.repeats}")
     for column in (
         "input",

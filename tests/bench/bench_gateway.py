@@ -45,7 +45,6 @@ console = Console(width=130)  # the tables stay whole when piped (80 columns oth
 KEYS = ("dev-alice-key", "dev-bob-key")  # services/gateway/api_keys.toml (local dev users)
 AMOUNT = "100"
 WARMUP_S = 0.5
-NAV_REFRESH_S = 10.0  # well inside the gateway's max_nav_age_s
 
 
 GATEWAY_PART, CLIENTS_PART = "gateway", "clients (this benchmark)"
@@ -62,8 +61,12 @@ class Run:
     seconds: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=dict)
 
-    def ms_per_call(self, part: str) -> float:
-        return self.cpu_s.get(part, 0.0) / len(self.latencies) * 1e3 if self.latencies else 0.0
+    def ms_per_call(self, part: str) -> float | None:
+        """None: the part was not measured (no pid of the stack's for it: a stack started
+        by compose or from another checkout), not 0."""
+        if part not in self.cpu_s:
+            return None
+        return self.cpu_s[part] / len(self.latencies) * 1e3 if self.latencies else 0.0
 
     @property
     def rate(self) -> float:
@@ -177,12 +180,19 @@ def cpu_table(rows: list[tuple[int, Run, Run]]) -> Table:
     table.add_column("all four", justify="right")
     table.add_column("no-op / order", justify="right")
     for clients, trades, noop in rows:
-        totals = [sum(run.ms_per_call(part) for part in PARTS) for run in (trades, noop)]
-        for name, run, total in (("order", trades, totals[0]), ("no-op", noop, totals[1])):
-            cells = [f"{run.ms_per_call(part):.3f}" for part in PARTS]
-            bound = f"{totals[1] / totals[0]:.2f}" if name == "order" and totals[0] else ""
-            table.add_row(str(clients), name, *cells, f"{total:.3f}", bound)
+        figures = [[run.ms_per_call(part) for part in PARTS] for run in (trades, noop)]
+        # a sum or a bound over parts not all measured is no figure: "-"
+        totals = [None if None in f else sum(x for x in f if x is not None) for f in figures]
+        for name, cells, total in zip(("order", "no-op"), figures, totals, strict=True):
+            bound = ""
+            if name == "order" and totals[0] and totals[1] is not None:
+                bound = f"{totals[1] / totals[0]:.2f}"
+            table.add_row(str(clients), name, *map(_ms, cells), _ms(total), bound)
     return table
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def main() -> None:
@@ -247,8 +257,8 @@ def main() -> None:
             f"{noop.percentile(0.50) * 1e3:.1f}",
             f"{noop.percentile(0.99) * 1e3:.1f}",
             f"{ratio:.2f}",
-            f"{trades.ms_per_call(GATEWAY_PART):.2f}",
-            f"{noop.ms_per_call(GATEWAY_PART):.2f}",
+            _ms(trades.ms_per_call(GATEWAY_PART)),
+            _ms(noop.ms_per_call(GATEWAY_PART)),
         )
     console.print(table)
     console.print(cpu_table(rows))

@@ -29,6 +29,7 @@ Run by `make bench`; never a timed assertion in a test.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import multiprocessing
 import os
@@ -37,22 +38,25 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
 
 import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition as AioTopicPartition
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
 from rich.console import Console
 from rich.table import Table
 from smartlev.v1 import market_pb2
 
+from services.ingestion.producer import BatchProducer
 from shared import codec
 from shared.adapters.kafka_admin import ensure_topics
+from shared.adapters.market_data import load_bars
 from shared.adapters.record_batches import BatchSender
-from shared.adapters.tick_replay import make_producer
-from shared.core.market import Tick
+from shared.adapters.tick_replay import data_dir, make_producer
+from shared.core.bars import ticks_from_bars
+from shared.core.market import NS_PER_HOUR
 from shared.core.products import SIDES, product_id
 from shared.pipeline_runner import (
     READER_FETCH,
@@ -298,20 +302,52 @@ class ChainRun:
     p99_ms: float
 
 
-def _tick_message(ts_init_ns: int) -> bytes:
-    tick = Tick(SYMBOL, 1, Decimal("43210.1"), Decimal("43209.9"))
-    return codec.encode(
-        codec.market_event_from_tick(tick, seq=1, source="bench", ts_init_ns=ts_init_ns)
-    )
+def _real_events(count: int) -> list[market_pb2.MarketEvent]:
+    """`count` MarketEvents of real BTC ticks (4 a bar, from the first bar on), seq from 1:
+    the chain's messages are the size and content of ingestion's."""
+    bars, _ = load_bars(data_dir() / "BTCUSDT_perp_1h_2019_2023.csv", SYMBOL)
+    ticks = itertools.islice(ticks_from_bars(bars, NS_PER_HOUR), count)
+    return [
+        codec.market_event_from_tick(tick, seq=i, source="bench", ts_init_ns=0)
+        for i, tick in enumerate(ticks, start=1)
+    ]
+
+
+def _read(bootstrap: str, topic: str, messages: int, ready: Event, results: Connection) -> None:
+    """The chain's last reader, in a process of its own (in the producer's, the two
+    shared one interpreter): each message's arrival (wall ns), CreateTime and value."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), enable_auto_commit=False)
+    consumer.assign([TopicPartition(topic, 0)])
+    consumer.seek_to_beginning()
+    consumer.poll(timeout_ms=0)  # connected before the first message is sent
+    ready.set()
+    arrived: list[int] = []
+    records: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + 120
+    try:
+        while len(arrived) < messages:
+            if time.monotonic() > deadline:
+                results.send(RuntimeError(f"{len(arrived)} of {messages} arrived in 120 s"))
+                return
+            for batch in consumer.poll(timeout_ms=500).values():
+                now = time.time_ns()
+                arrived += [now] * len(batch)
+                records += [(r.timestamp, r.value) for r in batch]
+        results.send((arrived, records))
+    finally:
+        consumer.close()
 
 
 def kafka_chain(bootstrap: str, hops: int, messages: int, rate: int | None = None) -> ChainRun:
-    """MarketEvent-sized messages produced with kafka-python (the issue sets the ceiling on
-    kafka-python; ingestion itself publishes with aiokafka since session 9), passed
-    through `hops` forwarding processes (each its own topic and process, no work) and
-    consumed. 0 hops: the raw produce -> consume ceiling; 4 hops: the floor of the
-    design's chain regime -> leverage -> hedging -> NAV. `rate`: offered messages/s,
-    each stamped with its send time; None: as fast as the producer goes."""
+    """Real ticks' MarketEvents produced, passed through `hops` forwarding processes (each
+    its own topic and process, no work) and read by a process of its own. 0 hops: the
+    raw produce -> consume ceiling; 4 hops: the floor of the design's chain regime ->
+    leverage -> hedging -> NAV. At max speed (`rate` None) the source is kafka-python
+    (the issue sets the ceiling on it) and the rate the reader's middle 80% of arrivals,
+    as the cases' is their completions' (filling and draining are not throughput). Paced
+    (`rate` messages/s, each stamped with its send time) the source is ingestion's own
+    producer (no linger: a kafka-python linger added ~3.5 ms the pipeline does not
+    have), and the latency runs to the CreateTime of its copy on the last topic."""
     topics = [chain_topic() for _ in range(hops + 1)]
     specs = [
         TopicSpec(name=name, key="symbol", value_type=market_pb2.MarketEvent,
@@ -319,60 +355,66 @@ def kafka_chain(bootstrap: str, hops: int, messages: int, rate: int | None = Non
         for name in topics
     ]  # fmt: skip
     ensure_topics(bootstrap, specs, verbose=False)
+    events = _real_events(messages)
     spawn = multiprocessing.get_context("spawn")
-    ready = [spawn.Event() for _ in range(hops)]
-    forwarders = [
+    ready = [spawn.Event() for _ in range(hops + 1)]
+    results, sink = spawn.Pipe(duplex=False)
+    processes = [
         spawn.Process(target=_forward, args=(bootstrap, src, dst, messages, up), daemon=True)
-        for src, dst, up in zip(topics[:-1], topics[1:], ready, strict=True)
+        for src, dst, up in zip(topics[:-1], topics[1:], ready[:-1], strict=True)
     ]
-    for forwarder in forwarders:
-        forwarder.start()
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), enable_auto_commit=False)
-    consumer.assign([TopicPartition(topics[-1], 0)])
-    consumer.seek_to_beginning()
-    producer = make_producer(bootstrap, value_serializer=None, client_id="bench-raw")
+    processes.append(
+        spawn.Process(
+            target=_read, args=(bootstrap, topics[-1], messages, ready[-1], sink), daemon=True
+        )
+    )
+    for process in processes:
+        process.start()
+    source = BatchProducer(bootstrap, "bench-raw") if rate is not None else None
+    raw = make_producer(bootstrap, value_serializer=None, client_id="bench-raw")
     try:
         for up in ready:
             if not up.wait(60):
-                raise RuntimeError("a forwarding hop did not start within 60 s")
-        payload = _tick_message(time.time_ns())
+                raise RuntimeError("a hop or the reader did not start within 60 s")
         busy_before = machine_cpu_seconds()
         started = time.perf_counter()
-        for sent in range(messages):
-            if rate is not None:
-                time.sleep(max(started + sent / rate - time.perf_counter(), 0.0))
-                payload = _tick_message(time.time_ns())
-            producer.send(topics[0], key=SYMBOL, value=payload)
-        producer.flush()
+        if source is None:
+            payloads = [codec.encode(event) for event in events]
+            for payload in payloads:
+                raw.send(topics[0], key=SYMBOL, value=payload)
+            raw.flush()
+        else:
+            for sent, event in enumerate(events):
+                time.sleep(max(started + sent / rate - time.perf_counter(), 0.0))  # type: ignore[operator]
+                event.tick.ts_init_ns = time.time_ns()
+                source.send(topics[0], SYMBOL, event)
+            source.flush()
         busy_after = machine_cpu_seconds()
-        arrived = 0
-        records: list[ConsumerRecord] = []  # paced only: the ceiling's reader just counts
-        while arrived < messages:
-            if time.perf_counter() - started > 120:
-                raise RuntimeError(f"{hops} hops: {arrived} of {messages} in 120 s")
-            for batch in consumer.poll(timeout_ms=500).values():
-                arrived += len(batch)
-                if rate is not None:
-                    records += batch
-        elapsed = time.perf_counter() - started
+        if not results.poll(130):
+            raise RuntimeError(f"{hops} hops: the reader did not answer in 130 s")
+        answer = results.recv()
+        if isinstance(answer, Exception):
+            raise RuntimeError(f"{hops} hops: {answer}")
+        arrived, records = answer
     finally:
-        producer.close()
-        consumer.close()
-        for forwarder in forwarders:
-            forwarder.join(10)
-            if forwarder.is_alive():
-                forwarder.kill()
+        raw.close()
+        if source is not None:
+            source.close()
+        for process in processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
         admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
         try:
             admin.delete_topics(topics)
         finally:
             admin.close()
     if rate is None:
-        return ChainRun(messages / elapsed, *[float("nan")] * 3)
+        return ChainRun(steady_window(arrived)[2], *[float("nan")] * 3)
     # (CreateTime on the last topic, ns; the message's ts_init_ns)
-    arrivals = [(r.timestamp * 1_000_000, _sent_ns(r.value)) for r in records]
-    _, _, sustained = steady_window([at for at, _ in arrivals])
-    latencies = [(at - sent) / 1e6 for at, sent in arrivals]
+    created = [(timestamp * 1_000_000, _sent_ns(value)) for timestamp, value in records]
+    _, _, sustained = steady_window([at for at, _ in created])
+    latencies = [(at - sent) / 1e6 for at, sent in created]
     return ChainRun(
         sustained, busy_between(busy_before, busy_after),
         _percentile(latencies, 0.50), _percentile(latencies, 0.99),
