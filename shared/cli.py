@@ -15,10 +15,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,6 +37,7 @@ from shared.adapters.market_data import DataError, load_market, parse_time
 from shared.backtest import run_backtest, write_metrics, write_nav_csv
 from shared.core.accounting import MAX_DEPOSIT
 from shared.core.config import StrategyConfig
+from shared.core.market import Bar
 from shared.core.money import MoneyError
 from shared.serving import SERVER_ANSWERED
 from shared.settings import is_host_port, load_strategy
@@ -122,11 +123,18 @@ def backtest(
             interval_ns=interval,
         )
     except DataError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    for report in loaded.reports:
-        console.print(report.summary())
+        raise fail(str(exc), 2) from None
+    for report in loaded.reports:  # text from the files: never markup
+        console.print(report.summary(), markup=False, highlight=False)
     bars, rates, mark_prices = loaded.bars, loaded.rates, loaded.marks
+    least = _least_capital(settings.instrument(symbol).lot_step, bars)
+    if seed < least:
+        raise fail(
+            f"--capital {seed:,} is below {least:,} USDT: one lot of {symbol} "
+            f"({settings.instrument(symbol).lot_step}) at the window's highest price is "
+            "more than 1% of a 1x position there, and the figures would be the lots' rounding",
+            2,
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         # writable, before the run (a run of minutes ended in a traceback, its results
@@ -187,8 +195,16 @@ def backtest(
     console.print(
         f"{result.ticks:,} ticks, {result.bars:,} bars, "
         f"{result.funding_events:,} funding settlements in {elapsed:.1f} s; "
-        f"wrote {out}/metrics.json, nav.csv, chart.png"
+        f"wrote {out}/metrics.json, nav.csv, chart.png",
+        markup=False,
     )
+
+
+def _least_capital(lot_step: Decimal, bars: Sequence[Bar]) -> Decimal:
+    """The capital at which a lot is 1% of a 1x position at the highest price: below it
+    nothing trades or the benchmarks sit far off their leverage (a 1x short at 0.07x)."""
+    peak = max((bar.high for bar in bars), default=Decimal(0))
+    return (lot_step * peak * 100).to_integral_value(rounding=ROUND_CEILING)
 
 
 def summary_table(figures: dict[str, dict[str, object]]) -> Table:
@@ -456,10 +472,8 @@ def products_table(products: list[gateway_pb2.Product]) -> Table:
 
 
 def product_detail(p: gateway_pb2.Product) -> Table:
-    table = Table(title=p.product, show_header=False)
-    table.add_column("field")
-    table.add_column("value", justify="right")
-    rows = (
+    """A receipt: a narrow terminal folds its figures and reason codes, never cuts them."""
+    rows = [
         ("NAV", _num(p.nav)),
         ("units outstanding", _num(p.units)),
         ("equity (USDT)", _num(p.equity)),
@@ -472,10 +486,8 @@ def product_detail(p: gateway_pb2.Product) -> Table:
         ("tradable", "yes" if p.tradable else f"[red]no: {escape(p.not_tradable_reason)}[/red]"),
         ("order size (USDT)", f"{p.min_order} .. {p.max_order}"),
         ("open / close fee", f"{p.open_fee_rate} / {p.close_fee_rate}"),
-    )
-    for name, value in rows:
-        table.add_row(name, value)
-    return table
+    ]
+    return receipt(p.product, rows)
 
 
 def _total_pnl(p: gateway_pb2.Position) -> str:

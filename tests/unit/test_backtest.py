@@ -251,6 +251,55 @@ def test_cli_reports_the_marks_it_loaded(tmp_path: Path) -> None:
 
 
 @needs_data
+@pytest.mark.parametrize(("capital", "refused"), [("40", True), ("5965", True), ("5966", False)])
+def test_cli_refuses_a_capital_the_lots_would_decide(
+    capital: str, refused: bool, tmp_path: Path
+) -> None:
+    """At 40 USDT a 1x short benchmark held 0.07x in May 2021 and its figures said -20%;
+    at 1 nothing traded at all (from a review). BTC's peak then: 59,654.9 (a lot 0.001)."""
+    outcome = runner.invoke(
+        app,
+        [
+            "backtest",
+            "--data", str(DATA / "BTCUSDT_perp_1h_2019_2023.csv"),
+            "--start", "2021-05-01", "--end", "2021-06-01",
+            "--capital", capital, "--out", str(tmp_path / "o"),
+        ],
+    )  # fmt: skip
+    printed = " ".join(outcome.output.split())
+    if refused:
+        assert outcome.exit_code == 2 and "is below 5,966 USDT: one lot of BTC-USDT" in printed
+        assert not (tmp_path / "o").exists()
+    else:
+        assert outcome.exit_code == 0, printed
+
+
+@needs_data
+def test_cli_prints_file_names_and_paths_as_they_are(tmp_path: Path) -> None:
+    """Text from files and paths went out as rich markup: a '[' in a directory's name
+    ended the run in a MarkupError traceback, or named another directory (from a
+    review)."""
+    odd = tmp_path / "d[red]x"
+    odd.mkdir()
+    (odd / "marks.csv").symlink_to(DATA / "BTCUSDT_mark_1h_2019_2023.csv")
+    out = tmp_path / "o[bold]9"
+    outcome = runner.invoke(
+        app,
+        [
+            "backtest",
+            "--data", str(DATA / "BTCUSDT_perp_1h_2019_2023.csv"),
+            "--marks", str(odd / "marks.csv"),
+            "--start", "2021-05-01", "--end", "2021-05-03",
+            "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    printed = "".join(outcome.output.split())
+    assert "d[red]x/marks.csv:read" in printed and f"wrote{out}/metrics.json" in printed
+    assert (out / "metrics.json").is_file()
+
+
+@needs_data
 def test_cli_refuses_marks_of_another_market_and_writes_nothing(tmp_path: Path) -> None:
     """BTC bars with ETH marks ran, the 2x and 3x longs liquidated on the first tick (the
     file's name says whose they are; the content check is test_market_data's)."""
@@ -275,6 +324,10 @@ def test_cli_refuses_marks_of_another_market_and_writes_nothing(tmp_path: Path) 
         (
             "timestamp,open,high,low,close,volume\n2021-01-01T00:00:00Z,1,2,1,-2,1\n",
             "bad.csv:2: close price must be > 0",
+        ),
+        (  # the file's own text in the message: not markup (a MarkupError traceback)
+            "timestamp,open,high,low,close,volume\n2021-01-01T00:00:00Z,1,[/red],1,2,1\n",
+            "bad.csv:2: high",
         ),
         (  # finite, and past what the core computes with: a traceback in the features
             "timestamp,open,high,low,close,volume\n2021-01-01T00:00:00Z,1,1e400,1,2,1\n",

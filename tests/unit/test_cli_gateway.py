@@ -250,6 +250,23 @@ def test_one_product_in_full(cli: CliRunner) -> None:
     assert "10 .. 1000000" in result.stdout
 
 
+@pytest.mark.parametrize("columns", ["30", "40"])
+def test_one_product_folds_what_a_narrow_terminal_cannot_show(
+    columns: str, cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 30 columns its NAV read "123.456789…", at 40 its reasons "REGIME_TREND_ALI…"
+    (from a review): folded now, as a receipt's."""
+    monkeypatch.setenv("COLUMNS", columns)
+    result = cli.invoke(app, ["products", "BTC-USDT:LONG"])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    cells = "".join(
+        line.split("│")[2].strip() for line in result.stdout.splitlines() if line.count("│") == 3
+    )
+    for shown in (PRODUCTS[0].nav, PRODUCTS[0].equity, "REGIME_TREND_ALIGNED,RATE_LIMITED"):
+        assert shown in cells, result.stdout
+
+
 def test_a_product_not_tradable_says_why_as_the_gateway_does(cli: CliRunner) -> None:
     """It said "no fresh NAV" whatever the gateway's reason (a NAV held up at a print
     was fresh)."""
