@@ -280,6 +280,7 @@ class Gateway:
 
     stub: gateway_pb2_grpc.GatewayStub
     metadata: tuple[tuple[str, str], ...]
+    channel: grpc.Channel
 
     def call(self, method: Any, request: object) -> Any:
         return method(request, metadata=self.metadata, timeout=CALL_TIMEOUT_S)
@@ -363,11 +364,16 @@ def gateway(server: str, api_key: str | None, order_id: str | None = None) -> It
             # the core times a ping out on its own (60 s by default), not at the above
             ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.http2.max_pings_without_data", 0),  # a quiet stream is pinged on
+            # `watch` reconnecting: tried again within seconds of a restart, not minutes
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5000),
         ],
     )
     try:
         yield Gateway(
-            gateway_pb2_grpc.GatewayStub(channel), (("authorization", f"Bearer {api_key}"),)
+            gateway_pb2_grpc.GatewayStub(channel),
+            (("authorization", f"Bearer {api_key}"),),
+            channel,
         )
     except grpc.RpcError as exc:
         line = rpc_error_line(exc, server)
@@ -665,8 +671,9 @@ def positions(
             console.print(position_detail(one))
             return
         held: list[gateway_pb2.Position] = []
-        token = ""
+        token, asked = "", set()
         while True:  # every page
+            asked.add(token)
             request = gateway_pb2.ListPositionsRequest(
                 include_closed=include_closed, page_token=token
             )
@@ -675,6 +682,8 @@ def positions(
             token = reply.next_page_token
             if not token:
                 break
+            if token in asked:  # a faulty server's: the listing would never end
+                raise fail(f"the gateway sent page token {token!r} again: listing stopped")
     if held:
         show(positions_table(held), lambda: [position_detail(p) for p in held])
     else:
@@ -688,6 +697,7 @@ class NavBoard:
     rows: dict[str, nav_pb2.NavUpdated]
     first: dict[str, Decimal]
     updates: int = 0
+    lost: str | None = None  # why the stream was lost, while reconnecting
 
     def apply(self, update: nav_pb2.NavUpdated) -> None:
         """Show `update` unless it is older than the row (the stream can start a fetch
@@ -728,7 +738,10 @@ class NavBoard:
         }
 
     def _table(self, shown: list[str], rows: list[dict[str, str]], wrap: bool = False) -> Table:
-        table = Table(title=f"NAV live ({self.updates} updates; Ctrl-C to stop)")
+        title = f"NAV live ({self.updates} updates; Ctrl-C to stop)"
+        if self.lost is not None:  # the figures are the last ones, not live
+            title = f"NAV as last seen ({self.updates} updates): reconnecting, {self.lost}"
+        table = Table(title=escape(title))
         _columns(table, shown, left=("product",), wrap=wrap)
         for cells in rows:
             table.add_row(*(cells[name] for name in shown))
@@ -778,9 +791,8 @@ def watch(
             board.rows[name] = _as_update(known[name])
             if known[name].nav:
                 board.first[name] = Decimal(known[name].nav)
-        stream = gw.stub.StreamNav(
-            gateway_pb2.StreamNavRequest(products=wanted), metadata=gw.metadata
-        )
+        request = gateway_pb2.StreamNavRequest(products=wanted)
+        streams: list[Any] = []  # the one open now is the last
         stopping = threading.Event()
 
         def stop_on_ctrl_c(signum: int, frame: object) -> None:
@@ -788,24 +800,63 @@ def watch(
             raising KeyboardInterrupt wherever the main thread is, possibly inside gRPC
             or rich holding a lock; the loop below then ends on the cancelled stream."""
             stopping.set()
-            threading.Thread(target=stream.cancel, daemon=True).start()
+            if streams:
+                threading.Thread(target=streams[-1].cancel, daemon=True).start()
 
         previous = signal.signal(signal.SIGINT, stop_on_ctrl_c)
         try:
             with Live(board.table(), console=console, auto_refresh=False) as live:
-                for update in stream:
-                    board.apply(update)
-                    live.update(board.table(), refresh=True)
-                    if count is not None and board.updates >= count:
-                        break
-        except grpc.RpcError:
-            if not stopping.is_set():
-                raise
+                while not stopping.is_set():
+                    streams.append(gw.stub.StreamNav(request, metadata=gw.metadata))
+                    try:
+                        for update in streams[-1]:
+                            board.apply(update)
+                            board.lost = None
+                            live.update(board.table(), refresh=True)
+                            if count is not None and board.updates >= count:
+                                return
+                    except grpc.RpcError as exc:
+                        code = exc.code() if isinstance(exc, grpc.Call) else None
+                        if stopping.is_set():
+                            return
+                        if code is not grpc.StatusCode.UNAVAILABLE:
+                            raise
+                        # a restart, a lost connection: the board says so and goes on
+                        # once the gateway is back (the stream's contract: its client
+                        # reconnects), or ends after RECONNECT_PATIENCE_S without it
+                        board.lost = rpc_error_line(exc, server)
+                        live.update(board.table(), refresh=True)
+                        if not _reconnected(gw.channel, stopping):
+                            raise fail(
+                                f"{board.lost}; no gateway for {RECONNECT_PATIENCE_S:g} s, gave up"
+                            ) from None
+                        continue
+                    if not stopping.is_set():  # ended as done: never the gateway's own
+                        raise fail("the gateway ended the stream")
         finally:
             signal.signal(signal.SIGINT, previous)
-            stream.cancel()
+            for stream in streams:
+                stream.cancel()
             if not console.is_terminal:
                 console.line()  # Live leaves its last frame unterminated off a terminal
+
+
+# A gateway restart is bridged; one gone this long (or a host that froze) ends `watch`.
+RECONNECT_PATIENCE_S = 60.0
+
+
+def _reconnected(channel: grpc.Channel, stopping: threading.Event) -> bool:
+    """Whether the channel is ready again within RECONNECT_PATIENCE_S (False: Ctrl-C or
+    the patience ran out)."""
+    ready = grpc.channel_ready_future(channel)
+    deadline = time.monotonic() + RECONNECT_PATIENCE_S
+    try:
+        while not ready.done():
+            if stopping.wait(0.1) or time.monotonic() > deadline:
+                return False
+        return True
+    finally:
+        ready.cancel()
 
 
 @app.command()

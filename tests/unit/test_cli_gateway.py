@@ -598,6 +598,7 @@ def test_watch_gives_up_a_gateway_that_stopped_answering(
     go unanswered, and it ends saying so."""
     monkeypatch.setattr(cli_module, "KEEPALIVE_MS", 300)
     monkeypatch.setattr(cli_module, "KEEPALIVE_TIMEOUT_MS", 500)
+    monkeypatch.setattr(cli_module, "RECONNECT_PATIENCE_S", 1.5)  # (60 s)
     blackhole = Blackhole(fake[1])
     monkeypatch.setenv("SMARTLEV_GATEWAY", blackhole.address)
     threading.Timer(4.0, blackhole.frozen.set).start()  # the board drawn, then silence
@@ -611,6 +612,80 @@ def test_watch_gives_up_a_gateway_that_stopped_answering(
     assert result.exit_code == 1, result.output
     line = error_line(result.stderr)
     assert line.startswith("error: UNAVAILABLE") and "ping" in line.lower(), line
+    assert line.endswith("no gateway for 1.5 s, gave up"), line  # it tried to reconnect
+    assert "reconnecting" in result.stdout  # and the board said so meanwhile
+
+
+class Updates(FakeGateway):
+    """A gateway whose NAV stream sends `navs`, then waits (`hold`) or ends with OK."""
+
+    def __init__(self, navs: list[str], hold: bool = True) -> None:
+        super().__init__()
+        self.navs, self.hold, self.streams = navs, hold, 0
+
+    def StreamNav(
+        self, request: gateway_pb2.StreamNavRequest, context: grpc.ServicerContext
+    ) -> Iterator[nav_pb2.NavUpdated]:
+        self._auth(context)
+        self.streams += 1
+        for nav in self.navs:
+            yield nav_pb2.NavUpdated(product="BTC-USDT:LONG", nav=nav, price="49000")
+        while self.hold and context.is_active():
+            time.sleep(0.05)
+
+
+def serve(servicer: FakeGateway, port: int = 0) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, port
+
+
+def test_watch_goes_on_after_a_gateway_restart(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart ended every open stream UNAVAILABLE, the gateway's contract saying its
+    client reconnects; `watch` ended instead, its board gone (from a review)."""
+    before = Updates(["101.00000000", "102.00000000"])
+    first, port = serve(before)
+    after = Updates(["103.00000000", "104.00000000"])
+    monkeypatch.setenv("SMARTLEV_GATEWAY", f"127.0.0.1:{port}")
+
+    def restart() -> None:
+        deadline = time.monotonic() + 20
+        while before.streams == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # its two updates drawn
+        first.stop(grace=None)
+        time.sleep(1.0)  # down a while: the watch waits, saying so
+        restarted.append(serve(after, port)[0])
+
+    restarted: list[grpc.Server] = []
+    threading.Thread(target=restart, daemon=True).start()
+    try:
+        result = cli.invoke(app, ["watch", "BTC-USDT:LONG", "--count", "4"])
+    finally:
+        for server in restarted:
+            server.stop(grace=None)
+    assert result.exit_code == 0, result.output
+    assert (before.streams, after.streams) == (1, 1)
+    assert "104.00000000" in result.stdout and "(4 updates" in result.stdout
+
+
+def test_watch_says_so_when_the_gateway_ends_the_stream(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's stream never ends on its own; one that did (a proxy's, a faulty
+    server's) ended `watch` with status 0 and nothing said (from a review)."""
+    server, port = serve(Updates(["101.00000000"], hold=False))
+    monkeypatch.setenv("SMARTLEV_GATEWAY", f"127.0.0.1:{port}")
+    try:
+        result = cli.invoke(app, ["watch", "BTC-USDT:LONG"])
+    finally:
+        server.stop(grace=None)
+    assert result.exit_code == 1, result.output
+    assert error_line(result.stderr) == "error: the gateway ended the stream"
 
 
 def test_watch_unknown_product(cli: CliRunner) -> None:
@@ -703,3 +778,32 @@ def test_ctrl_c_during_an_order_names_the_id_that_retries_it(
     assert error_line(err.decode()) == (
         "error: interrupted; the order may have settled: retry with --client-order-id o-2"
     )
+
+
+class EndlessPages(FakeGateway):
+    def ListPositions(
+        self, request: gateway_pb2.ListPositionsRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.ListPositionsReply:
+        self._auth(context)
+        self.requests.setdefault("list", [])
+        self.requests["list"].append(request)  # type: ignore[attr-defined]
+        return gateway_pb2.ListPositionsReply(next_page_token="same")
+
+
+def test_positions_stops_at_a_page_token_sent_again(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A faulty server's repeated token made `positions` ask for ever, its memory
+    growing (from a review)."""
+    servicer = EndlessPages()
+    server, port = serve(servicer)
+    monkeypatch.setenv("SMARTLEV_GATEWAY", f"127.0.0.1:{port}")
+    try:
+        result = cli.invoke(app, ["positions"])
+    finally:
+        server.stop(grace=None)
+    assert result.exit_code == 1, result.output
+    assert error_line(result.stderr) == (
+        "error: the gateway sent page token 'same' again: listing stopped"
+    )
+    assert len(servicer.requests["list"]) == 2  # type: ignore[arg-type]
