@@ -174,6 +174,18 @@ def test_bar_builder_rejects_time_going_backwards() -> None:
             "last_ts_ns": 15,
             "bar": {"open_ts_ns": 0, "open": "1", "high": "2", "low": "1", "close": "1"},
         },
+        {  # the last tick at the next bar's open: it belongs to the next bar
+            "symbol": "X",
+            "interval_ns": 10,
+            "last_ts_ns": 10,
+            "bar": {"open_ts_ns": 0, "open": "1", "high": "2", "low": "1", "close": "1"},
+        },
+        {  # a bar not on the interval's grid: the next tick of its hour closed it, split
+            "symbol": "X",
+            "interval_ns": 10,
+            "last_ts_ns": 5,
+            "bar": {"open_ts_ns": 3, "open": "1", "high": "2", "low": "1", "close": "1"},
+        },
     ],
 )
 def test_restore_refuses_malformed_snapshots(broken: dict[str, object]) -> None:

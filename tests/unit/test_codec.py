@@ -304,6 +304,10 @@ def test_core_tick_without_mark_and_funding() -> None:
     fevent = codec.market_event_from_funding(funding, seq=2, source="s", ts_init_ns=TS)
     assert codec.funding_from_proto(fevent.funding) == funding
     assert fevent.funding.rate == "-0.00012500"
+    # the replay's ids: one per event (the proto's rule), the seq in it as for a tick
+    assert fevent.funding.event_id == "s|BTC-USDT|2"
+    later = codec.market_event_from_funding(funding, seq=3, source="s", ts_init_ns=TS)
+    assert later.funding.event_id == "s|BTC-USDT|3"
 
 
 def test_every_registered_topic_type_is_a_faust_codec() -> None:

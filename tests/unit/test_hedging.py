@@ -91,6 +91,22 @@ def test_plan_slices_respects_max_notional_with_minimal_count(
 # --- execute_netted ---------------------------------------------------------------------
 
 
+def test_slices_that_do_not_add_up_to_the_net_change_are_refused_before_any_order() -> None:
+    """The engine passes the slices of a turning close in (its two parts); ones that did
+    not add up would move the venue by their sum while the books took each product's
+    change."""
+    v = venue(collateral="1000")
+    before = v.snapshot()
+    changes = [PositionChange(LONG, D("0.010")), PositionChange(SHORT, D("-0.004"))]
+    with pytest.raises(ValueError, match=r"do not add up to the net change 0\.006"):
+        execute_netted(v, 9, changes, D(50000), HedgingConfig(), slices=[D("0.005")])
+    assert v.snapshot() == before  # no order sent
+    hedge = execute_netted(
+        v, 9, changes, D(50000), HedgingConfig(), slices=[D("0.002"), D("0.004")]
+    )
+    assert [f.qty for f in hedge.fills] == [D("0.002"), D("0.004")]
+
+
 def test_cross_sends_one_net_order_and_allocates_costs_10_to_4() -> None:
     v = venue(collateral="1000")
     changes = [PositionChange(LONG, D("0.010")), PositionChange(SHORT, D("-0.004"))]

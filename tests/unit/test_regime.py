@@ -148,6 +148,10 @@ def test_confidence_is_one_half_on_the_entry_line_and_grows_beyond(sign: int) ->
     # RANGE at score 0, sigma 0.3: the trend line (0.2 away, band 0.3) is nearer than the
     # vol line (0.4 away, band 0.3).
     assert states[0].confidence == pytest.approx(0.5 + 0.5 * 0.2 / 0.3)
+    # ...and at sigma 0.6 the vol line (0.1 from its exit) is nearer: it decides
+    near_vol = classify([0.0], [0.6])[0]
+    assert near_vol.regime is Regime.RANGE
+    assert near_vol.confidence == pytest.approx(0.5 + 0.5 * 0.1 / 0.3)
 
 
 def test_config_requires_exit_below_enter() -> None:

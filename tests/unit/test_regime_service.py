@@ -228,6 +228,9 @@ def test_rows_of_another_configuration_start_the_signals_afresh(changed: dict[st
         SignalPipeline.restore(SYMBOL, new.features, new.regime, snapshot)
     resumed = restore(SYMBOL, new, table[SYMBOL], table[signal_key(SYMBOL)])
     assert (resumed.last_seq, resumed.pipeline.bars.snapshot()["last_ts_ns"]) == (100, None)
+    # the old rows' order key kept: an event at or before where they stood (a funding
+    # settled again under the next seq) is refused, as without a reset
+    assert resumed.last_key is not None and resumed.last_key == signals.last_key
     reference = SymbolSignals(SignalPipeline(SYMBOL, new.features, new.regime), 100)
     for market in inputs[100:110]:
         assert resumed.step(market, 0) == reference.step(market, 0)

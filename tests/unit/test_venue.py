@@ -14,6 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from shared.core.config import StrategyConfig
 from shared.core.events import AccountLiquidated
 from shared.core.money import MoneyError
 from shared.core.venue import InsufficientMargin, Liquidity, PerpVenue, VenueConfig
@@ -546,3 +547,20 @@ def test_the_walk_survives_a_restore_and_an_old_snapshot_has_none() -> None:
     assert restored.execute(5, D(250), D(50000)) == v.execute(5, D(250), D(50000))
     old = {k: value for k, value in v.snapshot().items() if not k.startswith("walk")}
     assert PerpVenue.restore(spec, config, old).walked(5, True) == 0
+
+
+@pytest.mark.parametrize(("depth", "refused"), [("187000", True), ("187900", False)])
+def test_the_config_refuses_a_book_the_largest_sale_walks_past_half_the_price(
+    depth: str, refused: bool
+) -> None:
+    """At a half spread of 100 bps and impact 10, selling 2e10 at once moves the price by
+    100 + 1.5 x 10 x sqrt(2e10 / depth) bps: 50.1% at 187,000 of depth, 49.9% at 187,900.
+    A deposit's hedge past 50% is refused after its money moved (config.py); the
+    refusals tested elsewhere were all far past it, so a check off by its spread, its
+    factor or its bound passed them."""
+    venue = VenueConfig(half_spread_bps=Decimal(100), depth_notional=Decimal(depth))
+    if refused:
+        with pytest.raises(ValidationError, match=r"moves the price 50\.1%"):
+            StrategyConfig(venue=venue)
+    else:
+        assert StrategyConfig(venue=venue).venue == venue
