@@ -283,16 +283,7 @@ def test_cli_prints_file_names_and_paths_as_they_are(tmp_path: Path) -> None:
     odd.mkdir()
     (odd / "marks.csv").symlink_to(DATA / "BTCUSDT_mark_1h_2019_2023.csv")
     out = tmp_path / "o[bold]9"
-    outcome = runner.invoke(
-        app,
-        [
-            "backtest",
-            "--data", str(DATA / "BTCUSDT_perp_1h_2019_2023.csv"),
-            "--marks", str(odd / "marks.csv"),
-            "--start", "2021-05-01", "--end", "2021-05-03",
-            "--out", str(out),
-        ],
-    )  # fmt: skip
+    outcome = backtest_btc_with_marks(str(odd / "marks.csv"), out)  # (an absolute path)
     assert outcome.exit_code == 0, outcome.output
     printed = "".join(outcome.output.split())
     assert "d[red]x/marks.csv:read" in printed and f"wrote{out}/metrics.json" in printed

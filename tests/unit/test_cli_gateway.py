@@ -784,9 +784,7 @@ class EndlessPages(FakeGateway):
     def ListPositions(
         self, request: gateway_pb2.ListPositionsRequest, context: grpc.ServicerContext
     ) -> gateway_pb2.ListPositionsReply:
-        self._auth(context)
-        self.requests.setdefault("list", [])
-        self.requests["list"].append(request)  # type: ignore[attr-defined]
+        super().ListPositions(request, context)  # its checks and its record of requests
         return gateway_pb2.ListPositionsReply(next_page_token="same")
 
 
