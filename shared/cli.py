@@ -804,14 +804,16 @@ def watch(
                 threading.Thread(target=streams[-1].cancel, daemon=True).start()
 
         previous = signal.signal(signal.SIGINT, stop_on_ctrl_c)
+        lost_at: float | None = None  # when the stream was lost, until an update comes
+        pause = RECONNECT_FIRST_PAUSE_S
         try:
             with Live(board.table(), console=console, auto_refresh=False) as live:
                 while not stopping.is_set():
-                    streams.append(gw.stub.StreamNav(request, metadata=gw.metadata))
+                    streams[:] = [gw.stub.StreamNav(request, metadata=gw.metadata)]
                     try:
                         for update in streams[-1]:
                             board.apply(update)
-                            board.lost = None
+                            board.lost, lost_at, pause = None, None, RECONNECT_FIRST_PAUSE_S
                             live.update(board.table(), refresh=True)
                             if count is not None and board.updates >= count:
                                 return
@@ -822,14 +824,22 @@ def watch(
                         if code is not grpc.StatusCode.UNAVAILABLE:
                             raise
                         # a restart, a lost connection: the board says so and goes on
-                        # once the gateway is back (the stream's contract: its client
-                        # reconnects), or ends after RECONNECT_PATIENCE_S without it
+                        # once the gateway streams again (the stream's contract: its
+                        # client reconnects), or ends RECONNECT_PATIENCE_S after the loss
                         board.lost = rpc_error_line(exc, server)
                         live.update(board.table(), refresh=True)
-                        if not _reconnected(gw.channel, stopping):
+                        lost_at = time.monotonic() if lost_at is None else lost_at
+                        deadline = lost_at + RECONNECT_PATIENCE_S
+                        if not _reconnected(gw.channel, stopping, pause, deadline):
+                            if stopping.is_set():
+                                return
                             raise fail(
-                                f"{board.lost}; no gateway for {RECONNECT_PATIENCE_S:g} s, gave up"
+                                f"{board.lost}; no gateway streaming for "
+                                f"{RECONNECT_PATIENCE_S:g} s, gave up"
                             ) from None
+                        pause = min(pause * 2, RECONNECT_MOST_PAUSE_S)
+                        board.lost = None  # connected: live, unless the next stream fails
+                        live.update(board.table(), refresh=True)
                         continue
                     if not stopping.is_set():  # ended as done: never the gateway's own
                         raise fail("the gateway ended the stream")
@@ -841,20 +851,26 @@ def watch(
                 console.line()  # Live leaves its last frame unterminated off a terminal
 
 
-# A gateway restart is bridged; one gone this long (or a host that froze) ends `watch`.
+# A gateway restart is bridged; one not streaming this long after the loss (gone, a host
+# that froze, a feed that keeps failing) ends `watch`. Between tries a pause that grows:
+# a gateway that answers at once it cannot stream is not asked again at once.
 RECONNECT_PATIENCE_S = 60.0
+RECONNECT_FIRST_PAUSE_S, RECONNECT_MOST_PAUSE_S = 0.5, 5.0
 
 
-def _reconnected(channel: grpc.Channel, stopping: threading.Event) -> bool:
-    """Whether the channel is ready again within RECONNECT_PATIENCE_S (False: Ctrl-C or
-    the patience ran out)."""
+def _reconnected(
+    channel: grpc.Channel, stopping: threading.Event, pause_s: float, deadline: float
+) -> bool:
+    """After `pause_s`, whether the channel is ready by `deadline` (monotonic); False on
+    Ctrl-C or past the deadline."""
+    if stopping.wait(min(pause_s, max(deadline - time.monotonic(), 0.0))):
+        return False
     ready = grpc.channel_ready_future(channel)
-    deadline = time.monotonic() + RECONNECT_PATIENCE_S
     try:
         while not ready.done():
             if stopping.wait(0.1) or time.monotonic() > deadline:
                 return False
-        return True
+        return time.monotonic() <= deadline
     finally:
         ready.cancel()
 

@@ -24,7 +24,7 @@ from smartlev.v1 import market_pb2
 from shared import codec
 from shared.adapters.kafka_admin import ensure_topics
 from shared.adapters.tick_replay import ReplaySource, event_symbol, make_producer, publish
-from shared.settings import ServiceSettings
+from shared.settings import ServiceSettings, from_environment
 from shared.topics import MARKET_TICKS
 
 console = Console()
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--ticks", type=int, default=500)
     parser.add_argument("--symbol", default="BTC-USDT")
-    parser.add_argument("--bootstrap", default=ServiceSettings().kafka_bootstrap)
+    parser.add_argument("--bootstrap", default=from_environment(ServiceSettings).kafka_bootstrap)
     parser.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
     if args.ticks < 1:

@@ -38,7 +38,7 @@ from shared.pipeline_runner import (
     remove_leftover_namespaces,
     replay_args,
 )
-from shared.settings import ServiceSettings
+from shared.settings import ServiceSettings, from_environment
 
 console = Console()
 if not console.is_terminal:  # piped, rich takes 80 columns: the table gets its 110
@@ -102,7 +102,7 @@ def table(series: Series, products: list[str], elapsed_s: float) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     products = [product_id(args.symbol, side) for side in SIDES]
-    settings = ServiceSettings()
+    settings = from_environment(ServiceSettings)
     # the previous demo's namespace, kept until now to be looked at
     remove_leftover_namespaces(settings.kafka_bootstrap, settings.redis_url, leftovers=DEMO_RUNS)
     console.print(f"[bold]==> starting the services[/] (namespace {args.namespace})")

@@ -108,10 +108,15 @@ def load_strategy(path: Path) -> StrategyConfig:
         text = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
+    # JSON by its name, or by its first character (no TOML document starts with "{"):
+    # compose mounts the caller's file, whatever its name, as policy.toml
+    is_json = path.suffix == ".json" or text.lstrip().startswith(b"{")
     try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text.decode())
+        data = json.loads(text) if is_json else tomllib.loads(text.decode())
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ValueError(f"config {path} is not valid {path.suffix[1:]}: {exc}") from None
+        raise ValueError(
+            f"config {path} is not valid {'json' if is_json else 'toml'}: {exc}"
+        ) from None
     try:
         return StrategyConfig.model_validate(data)
     except ValidationError as exc:

@@ -85,10 +85,10 @@ def ensure_topics(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared.settings import ServiceSettings
+    from shared.settings import ServiceSettings, from_environment
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bootstrap", default=ServiceSettings().kafka_bootstrap)
+    parser.add_argument("--bootstrap", default=from_environment(ServiceSettings).kafka_bootstrap)
     parser.add_argument("--timeout-ms", type=int, default=30_000)
     parser.add_argument("--namespace", default="", help="prefix of every topic name")
     args = parser.parse_args(argv)

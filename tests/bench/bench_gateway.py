@@ -37,7 +37,7 @@ from smartlev.v1 import gateway_pb2, gateway_pb2_grpc
 from shared.core.config import StrategyConfig
 from shared.core.products import SIDES, product_id
 from shared.pipeline_runner import GATEWAY, Pipeline, remove_leftover_namespaces
-from shared.settings import ServiceSettings
+from shared.settings import ServiceSettings, from_environment
 from tests.bench.cpu import cpu_seconds, stack_pid
 from tests.nav_marks import nav_hash
 
@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,64", help="concurrent clients per case")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
-    settings = ServiceSettings()
+    settings = from_environment(ServiceSettings)
     products = [product_id(s, side) for s in StrategyConfig().instruments for side in SIDES]
     # Earlier runs' namespaces cost the broker on every request: measure without them.
     remove_leftover_namespaces(settings.kafka_bootstrap, settings.redis_url)

@@ -65,7 +65,7 @@ from shared.pipeline_runner import (
     remove_leftover_namespaces,
     replay_args,
 )
-from shared.settings import ServiceSettings
+from shared.settings import ServiceSettings, from_environment
 from shared.topics import MARKET_TICKS, TopicSpec
 from tests.bench.cpu import cpu_seconds, machine_cpu_seconds, process_cpu_seconds, stack_pid
 
@@ -457,7 +457,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="target length per case")
     args = parser.parse_args()
-    settings = ServiceSettings()
+    settings = from_environment(ServiceSettings)
     bootstrap = settings.kafka_bootstrap
     # Earlier runs' namespaces cost the broker on every request: measure without them.
     remove_leftover_namespaces(bootstrap, settings.redis_url)

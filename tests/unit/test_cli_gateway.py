@@ -612,7 +612,7 @@ def test_watch_gives_up_a_gateway_that_stopped_answering(
     assert result.exit_code == 1, result.output
     line = error_line(result.stderr)
     assert line.startswith("error: UNAVAILABLE") and "ping" in line.lower(), line
-    assert line.endswith("no gateway for 1.5 s, gave up"), line  # it tried to reconnect
+    assert line.endswith("no gateway streaming for 1.5 s, gave up"), line  # it tried again
     assert "reconnecting" in result.stdout  # and the board said so meanwhile
 
 
@@ -671,6 +671,69 @@ def test_watch_goes_on_after_a_gateway_restart(
     assert result.exit_code == 0, result.output
     assert (before.streams, after.streams) == (1, 1)
     assert "104.00000000" in result.stdout and "(4 updates" in result.stdout
+
+
+class NoStream(Updates):
+    """Up, and answering at once that it cannot stream (its feed stopped, Kafka away)."""
+
+    def StreamNav(
+        self, request: gateway_pb2.StreamNavRequest, context: grpc.ServicerContext
+    ) -> Iterator[nav_pb2.NavUpdated]:
+        self.streams += 1
+        context.abort(grpc.StatusCode.UNAVAILABLE, "the NAV feed stopped")
+        yield from ()
+
+
+def test_watch_pauses_between_tries_and_gives_up_on_a_gateway_that_cannot_stream(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its channel stays ready: `watch` asked again ~16 times a second, its patience
+    counted anew each time, for ever (from a review). Pauses grow; the patience runs
+    from the loss."""
+    monkeypatch.setattr(cli_module, "RECONNECT_PATIENCE_S", 3.0)
+    servicer = NoStream([])
+    server, port = serve(servicer)
+    monkeypatch.setenv("SMARTLEV_GATEWAY", f"127.0.0.1:{port}")
+    began = time.monotonic()
+    try:
+        result = cli.invoke(app, ["watch", "BTC-USDT:LONG"])
+    finally:
+        server.stop(grace=None)
+    assert result.exit_code == 1, result.output
+    assert 3.0 <= time.monotonic() - began < 10.0
+    assert 2 <= servicer.streams <= 4  # after 0, 0.5, 1.5 s (and 3.5 s: past the patience)
+    line = error_line(result.stderr)
+    assert "the NAV feed stopped" in line and line.endswith("streaming for 3 s, gave up")
+
+
+def test_ctrl_c_while_watch_reconnects_ends_it_quietly() -> None:
+    """It exited 1 saying it had given up on the gateway."""
+    servicer = NoStream([])
+    server, port = serve(servicer)
+    env = {
+        **os.environ,
+        "SMARTLEV_GATEWAY": f"127.0.0.1:{port}",
+        "SMARTLEV_API_KEY": KEY,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from shared.cli import main; main()", "watch"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while servicer.streams == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # in its pause before the next try
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        server.stop(grace=None)
+    assert process.returncode == 0, err.decode()
+    assert err == b""
 
 
 def test_watch_says_so_when_the_gateway_ends_the_stream(

@@ -284,3 +284,14 @@ def test_a_service_started_with_a_bad_setting_says_which_in_one_message(
     assert "SMARTLEV_STRATEGY_CONFIG" in err and "/nonexistent/policy.toml" in err
     monkeypatch.delenv("SMARTLEV_STRATEGY_CONFIG")
     assert from_environment(NavSettings).strategy == StrategyConfig()
+
+
+def test_a_json_policy_loads_whatever_its_name(tmp_path: Path) -> None:
+    """compose mounts the caller's file as policy.toml: a JSON one was read as TOML and
+    every service refused to start (from a review)."""
+    mounted = tmp_path / "policy.toml"
+    mounted.write_text('  {"leverage": {"l_max": 2.5}}')
+    assert load_strategy(mounted).leverage.l_max == 2.5
+    mounted.write_text('{"leverage": ')
+    with pytest.raises(ValueError, match="policy.toml is not valid json"):
+        load_strategy(mounted)
