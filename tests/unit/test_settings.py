@@ -293,5 +293,5 @@ def test_a_json_policy_loads_whatever_its_name(tmp_path: Path) -> None:
     mounted.write_text('  {"leverage": {"l_max": 2.5}}')
     assert load_strategy(mounted).leverage.l_max == 2.5
     mounted.write_text('{"leverage": ')
-    with pytest.raises(ValueError, match="policy.toml is not valid json"):
+    with pytest.raises(ValueError, match=r"policy\.toml is not valid json"):
         load_strategy(mounted)
