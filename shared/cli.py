@@ -810,6 +810,9 @@ def watch(
             with Live(board.table(), console=console, auto_refresh=False) as live:
                 while not stopping.is_set():
                     streams[:] = [gw.stub.StreamNav(request, metadata=gw.metadata)]
+                    opened = time.monotonic()
+                    if stopping.is_set():  # Ctrl-C cancelled the stream before it
+                        return
                     try:
                         for update in streams[-1]:
                             board.apply(update)
@@ -828,6 +831,10 @@ def watch(
                         # client reconnects), or ends RECONNECT_PATIENCE_S after the loss
                         board.lost = rpc_error_line(exc, server)
                         live.update(board.table(), refresh=True)
+                        if time.monotonic() - opened >= RECONNECT_MOST_PAUSE_S:
+                            # held open a while, updates or not (a quiet market): the
+                            # gateway was streaming, and this loss is a new one
+                            lost_at, pause = None, RECONNECT_FIRST_PAUSE_S
                         lost_at = time.monotonic() if lost_at is None else lost_at
                         deadline = lost_at + RECONNECT_PATIENCE_S
                         if not _reconnected(gw.channel, stopping, pause, deadline):

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import tomllib
+from codecs import BOM_UTF8
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -110,9 +111,9 @@ def load_strategy(path: Path) -> StrategyConfig:
         raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
     # JSON by its name, or by its first character (no TOML document starts with "{"):
     # compose mounts the caller's file, whatever its name, as policy.toml
-    is_json = path.suffix == ".json" or text.lstrip().startswith(b"{")
+    is_json = path.suffix == ".json" or text.removeprefix(BOM_UTF8).lstrip().startswith(b"{")
     try:
-        data = json.loads(text) if is_json else tomllib.loads(text.decode())
+        data = json.loads(text) if is_json else tomllib.loads(text.decode("utf-8-sig"))
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(
             f"config {path} is not valid {'json' if is_json else 'toml'}: {exc}"

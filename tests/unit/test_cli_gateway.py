@@ -706,6 +706,47 @@ def test_watch_pauses_between_tries_and_gives_up_on_a_gateway_that_cannot_stream
     assert "the NAV feed stopped" in line and line.endswith("streaming for 3 s, gave up")
 
 
+class RestartsTwice(Updates):
+    """Stream 1: an update, then a restart; stream 2: a quiet market for `quiet_s`, then
+    another restart; then updates."""
+
+    def __init__(self, quiet_s: float) -> None:
+        super().__init__([])
+        self.quiet_s = quiet_s
+
+    def StreamNav(
+        self, request: gateway_pb2.StreamNavRequest, context: grpc.ServicerContext
+    ) -> Iterator[nav_pb2.NavUpdated]:
+        self.streams += 1
+        if self.streams == 1:
+            yield nav_pb2.NavUpdated(product="BTC-USDT:LONG", nav="101.00000000")
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restart one")
+        if self.streams == 2:
+            time.sleep(self.quiet_s)  # connected, nothing trades
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restart two")
+        for nav in ("102.00000000", "103.00000000"):
+            yield nav_pb2.NavUpdated(product="BTC-USDT:LONG", nav=nav)
+
+
+def test_a_quiet_market_between_two_restarts_is_not_counted_as_an_outage(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No update came after the first reconnect (the gateway sends none until the market
+    moves): the first loss's time stood, and the second restart ended `watch` at once,
+    its patience spent while it was streaming (from a review)."""
+    monkeypatch.setattr(cli_module, "RECONNECT_PATIENCE_S", 2.0)
+    monkeypatch.setattr(cli_module, "RECONNECT_MOST_PAUSE_S", 1.0)
+    servicer = RestartsTwice(quiet_s=3.0)  # longer than the patience
+    server, port = serve(servicer)
+    monkeypatch.setenv("SMARTLEV_GATEWAY", f"127.0.0.1:{port}")
+    try:
+        result = cli.invoke(app, ["watch", "BTC-USDT:LONG", "--count", "3"])
+    finally:
+        server.stop(grace=None)
+    assert result.exit_code == 0, result.output
+    assert servicer.streams == 3 and "103.00000000" in result.stdout
+
+
 def test_ctrl_c_while_watch_reconnects_ends_it_quietly() -> None:
     """It exited 1 saying it had given up on the gateway."""
     servicer = NoStream([])

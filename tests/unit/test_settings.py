@@ -292,6 +292,10 @@ def test_a_json_policy_loads_whatever_its_name(tmp_path: Path) -> None:
     mounted = tmp_path / "policy.toml"
     mounted.write_text('  {"leverage": {"l_max": 2.5}}')
     assert load_strategy(mounted).leverage.l_max == 2.5
+    mounted.write_bytes(b'\xef\xbb\xbf{"leverage": {"l_max": 2.5}}')  # a BOM before it
+    assert load_strategy(mounted).leverage.l_max == 2.5
+    mounted.write_bytes(b"\xef\xbb\xbf[leverage]\nl_max = 2.5\n")  # TOML, a BOM before it
+    assert load_strategy(mounted).leverage.l_max == 2.5
     mounted.write_text('{"leverage": ')
     with pytest.raises(ValueError, match=r"policy\.toml is not valid json"):
         load_strategy(mounted)
