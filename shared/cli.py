@@ -710,6 +710,17 @@ class NavBoard:
             self.first.setdefault(update.product, Decimal(update.nav))
         self.updates += 1
 
+    def refresh(self, update: nav_pb2.NavUpdated) -> None:
+        """A row read afresh (not a stream's update, not counted): kept only when newer
+        than the row, or at its seq with other figures (an order's re-mark)."""
+        held = self.rows.get(update.product)
+        if (
+            held is None
+            or update.seq > held.seq
+            or (update.seq == held.seq and update.nav != held.nav)
+        ):
+            self.rows[update.product] = update
+
     def table(self) -> Table:
         """As many columns as the terminal shows whole, the least wanted left out first
         (a live board cannot fall back to records as `show` does; a cut NAV is worse
@@ -846,6 +857,7 @@ def watch(
                             ) from None
                         pause = min(pause * 2, RECONNECT_MOST_PAUSE_S)
                         board.lost = None  # connected: live, unless the next stream fails
+                        _catch_up(gw, board)
                         live.update(board.table(), refresh=True)
                         continue
                     if not stopping.is_set():  # ended as done: never the gateway's own
@@ -856,6 +868,17 @@ def watch(
                 stream.cancel()
             if not console.is_terminal:
                 console.line()  # Live leaves its last frame unterminated off a terminal
+
+
+def _catch_up(gw: Gateway, board: NavBoard) -> None:
+    """The NAVs published while the stream was lost: a new stream follows what comes
+    after it, so they showed only at each product's next tick (never, in a quiet
+    market). Read as `ListProducts` has them; the next stream says what is wrong."""
+    with contextlib.suppress(grpc.RpcError):
+        listed = gw.call(gw.stub.ListProducts, gateway_pb2.ListProductsRequest())
+        for product in listed.products:
+            if product.product in board.rows:
+                board.refresh(_as_update(product))
 
 
 # A gateway restart is bridged; one not streaming this long after the loss (gone, a host

@@ -92,4 +92,12 @@ class GatewaySettings(ServiceSettings):
             raise ValueError(
                 f"min_order ({self.min_order}) must be at most max_order ({self.max_order})"
             )
+        # a full queue keeps each product's latest NAV: one smaller than the products
+        # dropped a product's only update for good (a NAV stream reads no state afresh)
+        products = 2 * len(self.strategy.instruments)
+        if self.stream_queue < products:
+            raise ValueError(
+                f"stream_queue ({self.stream_queue}) must be at least the number of "
+                f"products ({products})"
+            )
         return self

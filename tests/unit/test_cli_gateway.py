@@ -747,6 +747,52 @@ def test_a_quiet_market_between_two_restarts_is_not_counted_as_an_outage(
     assert servicer.streams == 3 and "103.00000000" in result.stdout
 
 
+class MovedWhileDown(Updates):
+    """A gateway restarted while the long product's NAV moved to 120 (seq 9): its first
+    stream is lost at once; the second sends only the short product's next update."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.listed = 0
+
+    def ListProducts(
+        self, request: gateway_pb2.ListProductsRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.ListProductsReply:
+        self.listed += 1
+        long = gateway_pb2.Product(product="BTC-USDT:LONG", nav="110.00000000", seq=8)
+        if self.listed > 1:  # read again after the restart
+            long = gateway_pb2.Product(product="BTC-USDT:LONG", nav="120.00000000", seq=9)
+        short = gateway_pb2.Product(product="BTC-USDT:SHORT", nav="97.00000000", seq=8)
+        return gateway_pb2.ListProductsReply(products=[long, short])
+
+    def StreamNav(
+        self, request: gateway_pb2.StreamNavRequest, context: grpc.ServicerContext
+    ) -> Iterator[nav_pb2.NavUpdated]:
+        self.streams += 1
+        if self.streams == 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        yield nav_pb2.NavUpdated(product="BTC-USDT:SHORT", nav="96.00000000", seq=10)
+
+
+def test_watch_catches_up_on_what_was_published_while_it_reconnected(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new stream follows what comes after it: the long's move while the gateway was
+    down showed only at its next tick, the board meanwhile calling 110 live (from a
+    review)."""
+    servicer = MovedWhileDown()
+    server, port = serve(servicer)
+    monkeypatch.setenv("SMARTLEV_GATEWAY", f"127.0.0.1:{port}")
+    try:
+        result = cli.invoke(app, ["watch", "--count", "1"])
+    finally:
+        server.stop(grace=None)
+    assert result.exit_code == 0, result.output
+    assert (servicer.listed, servicer.streams) == (2, 2)
+    assert "120.00000000" in result.stdout and "110.00000000" not in result.stdout
+    assert "96.00000000" in result.stdout and "(1 updates" in result.stdout  # not counted
+
+
 def test_ctrl_c_while_watch_reconnects_ends_it_quietly() -> None:
     """It exited 1 saying it had given up on the gateway."""
     servicer = NoStream([])

@@ -299,3 +299,13 @@ def test_a_json_policy_loads_whatever_its_name(tmp_path: Path) -> None:
     mounted.write_text('{"leverage": ')
     with pytest.raises(ValueError, match=r"policy\.toml is not valid json"):
         load_strategy(mounted)
+
+
+def test_a_stream_queue_holds_every_products_latest_nav(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full queue keeps each product's latest NAV; one smaller than the products (4 at
+    the defaults) dropped whole products' only updates (from a review)."""
+    monkeypatch.setenv("SMARTLEV_GATEWAY_STREAM_QUEUE", "3")
+    with pytest.raises(ValidationError, match=r"stream_queue \(3\) must be at least .* \(4\)"):
+        GatewaySettings()
+    monkeypatch.setenv("SMARTLEV_GATEWAY_STREAM_QUEUE", "4")
+    assert GatewaySettings().stream_queue == 4
