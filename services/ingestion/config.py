@@ -36,8 +36,9 @@ class IngestionSettings(ServiceSettings):
     speed: str = "max"  # "max" or N: N x real time
     ticks: Literal["ohlc", "close"] = "ohlc"
     # synthetic (stress tests only)
-    seed: int = 0
-    synthetic_ticks: int = Field(default=10_000, ge=0)
+    seed: int = Field(default=0, ge=0)  # random.Random(-n) is random.Random(n)
+    # at most 5M: the path is built whole before it is sent (1e8 ran out of memory)
+    synthetic_ticks: int = Field(default=10_000, ge=0, le=5_000_000)
     scenario: Scenario = "mixed"
     # live
     exchange: Literal["binance"] = "binance"

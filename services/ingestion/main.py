@@ -405,6 +405,11 @@ async def _serve_source(
         await asyncio.to_thread(live.close)
 
 
+# A flag not given leaves its setting to the environment, then the settings' default
+# (the parser's own defaults replaced SMARTLEV_INGESTION_SYMBOL and the rest unseen).
+UNSET = argparse.SUPPRESS
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.ingestion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -412,20 +417,20 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--data", required=True, help="perpetual 1h OHLCV CSV")
     replay.add_argument("--funding", help="funding-rate CSV (8h)")
     replay.add_argument("--marks", help="mark-price 1h CSV")
-    replay.add_argument("--symbol", default="BTC-USDT")
+    replay.add_argument("--symbol", default=UNSET)
     replay.add_argument("--start", help="first bar, ISO-8601 UTC")
     replay.add_argument("--end", help="end (exclusive), ISO-8601 UTC")
-    replay.add_argument("--speed", default="max", help="max, or N x real time")
-    replay.add_argument("--ticks", choices=("ohlc", "close"), default="ohlc")
+    replay.add_argument("--speed", default=UNSET, help="max, or N x real time")
+    replay.add_argument("--ticks", choices=("ohlc", "close"), default=UNSET)
     synthetic = commands.add_parser("synthetic", help="SYNTHETIC stress paths (tests only)")
     synthetic.add_argument("--seed", type=int, required=True)
-    synthetic.add_argument("--symbol", default="BTC-USDT")
-    synthetic.add_argument("--ticks", type=int, default=10_000, dest="synthetic_ticks")
-    synthetic.add_argument("--scenario", choices=SCENARIOS, default="mixed")
-    synthetic.add_argument("--speed", default="max", help="max, or N x event time")
+    synthetic.add_argument("--symbol", default=UNSET)
+    synthetic.add_argument("--ticks", type=int, default=UNSET, dest="synthetic_ticks")
+    synthetic.add_argument("--scenario", choices=SCENARIOS, default=UNSET)
+    synthetic.add_argument("--speed", default=UNSET, help="max, or N x event time")
     live = commands.add_parser("live", help="live exchange feed (ccxt.pro websocket)")
-    live.add_argument("--exchange", choices=("binance",), default="binance")
-    live.add_argument("--symbol", default="BTC-USDT")
+    live.add_argument("--exchange", choices=("binance",), default=UNSET)
+    live.add_argument("--symbol", default=UNSET)
     commands.add_parser("serve", help="the long-running service (source from settings)")
     return parser
 

@@ -97,7 +97,7 @@ def move_price(price: int, bps: int, floor: int) -> int:
 def synthetic_stream(spec: SyntheticSpec) -> Iterator[Tick | FundingRate]:
     rng = random.Random(spec.seed)
     anchor = price = int(spec.start_price / spec.tick_size)
-    floor = max(1, price // 100)
+    floor, ceiling = max(1, price // 100), price * 100
     ts = spec.start_ns
     next_funding = -(-spec.start_ns // _FUNDING_EVERY_NS) * _FUNDING_EVERY_NS
     regime = spec.scenario if spec.scenario != "mixed" else rng.choice(_REGIMES)
@@ -111,6 +111,8 @@ def synthetic_stream(spec: SyntheticSpec) -> Iterator[Tick | FundingRate]:
             ts += rng.randint(1, 48) * NS_PER_HOUR
             bps = rng.choice((-1, 1)) * rng.randint(1000, 4000)
         price = move_price(price, bps, floor)
+        if price > ceiling:  # gaps have no anchor: reflected, never past what is taken
+            price = max(floor, 2 * ceiling - price)
         while next_funding <= ts:
             rate = Decimal(rng.randint(-300, 600)) * _RATE_UNIT
             yield FundingRate(spec.symbol, next_funding, rate)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from services.ingestion import main as ingestion_main
 from services.ingestion.config import IngestionSettings
 from services.ingestion.main import main
 from shared.adapters.market_data import parse_time
@@ -34,6 +35,8 @@ def test_times_are_iso_8601_in_utc_unless_they_say_otherwise() -> None:
         ("data", "/nonexistent/perp.csv", "no such file: /nonexistent/perp.csv"),
         ("funding", "/nonexistent/funding.csv", "no such file"),
         ("symbol", "DOGE-USDT", "unknown symbol 'DOGE-USDT'; configured: BTC-USDT, ETH-USDT"),
+        ("seed", "-1", "greater than or equal to 0"),  # the same path as seed 1
+        ("synthetic_ticks", "100000000", "less than or equal to 5000000"),  # out of memory
     ],
 )
 def test_bad_settings_say_what_is_wrong(field: str, value: str, message: str) -> None:
@@ -98,3 +101,33 @@ def test_a_replay_says_what_its_files_left_out(tmp_path: Path) -> None:
         assert [r["level"] for r in reports()] == ["info"]
     finally:
         configure_logging("ingestion", "INFO")
+
+
+def test_a_flag_not_given_leaves_its_setting_to_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parser's own defaults replaced the environment's: SMARTLEV_INGESTION_SYMBOL=
+    ETH-USDT published BTC-USDT without a word (from a review)."""
+    seen: list[IngestionSettings] = []
+    monkeypatch.setattr(ingestion_main, "run_once", lambda settings: seen.append(settings) or 0)
+    for name, value in {
+        "SYMBOL": "ETH-USDT",
+        "SCENARIO": "gaps",
+        "SYNTHETIC_TICKS": "500",
+        "SPEED": "10",
+    }.items():
+        monkeypatch.setenv(f"SMARTLEV_INGESTION_{name}", value)
+    assert main(["synthetic", "--seed", "1"]) == 0
+    taken = seen[-1]
+    assert (taken.symbol, taken.scenario, taken.synthetic_ticks, taken.speed) == (
+        "ETH-USDT",
+        "gaps",
+        500,
+        "10",
+    )
+    assert main(["synthetic", "--seed", "1", "--symbol", "BTC-USDT", "--ticks", "7"]) == 0
+    assert (seen[-1].symbol, seen[-1].synthetic_ticks, seen[-1].scenario) == (
+        "BTC-USDT",
+        7,
+        "gaps",
+    )  # a flag given wins

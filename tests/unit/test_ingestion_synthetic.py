@@ -27,6 +27,22 @@ from services.ingestion.validation import EMPTY, Accepted, Policy, admit, order_
 from shared.core.market import FundingRate, Tick
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_long_gaps_path_stays_within_the_prices_taken(seed: int) -> None:
+    """Gaps have no anchor to pull them back: over 50,000 ticks one climbed past the
+    highest price taken, and a tenth of a stress run was dead-lettered (from a review).
+    It is reflected at 100x its start."""
+    spec = SyntheticSpec(seed=seed, ticks=50_000, scenario="gaps")
+    state = EMPTY
+    highest = Decimal(0)
+    for event in synthetic_stream(spec):
+        state, verdict = admit(state, event, Policy())
+        assert isinstance(verdict, Accepted), verdict
+        if isinstance(event, Tick):
+            highest = max(highest, event.price)
+    assert highest <= spec.start_price * 100
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_same_seed_same_path_and_every_event_is_valid(scenario: str) -> None:
     spec = SyntheticSpec(seed=42, ticks=3000, scenario=scenario)  # type: ignore[arg-type]
