@@ -67,8 +67,6 @@ class TickMode(StrEnum):
 
 def load_config(path: Path | None) -> StrategyConfig:
     """Defaults, overridden by a TOML or JSON file; unknown keys are refused."""
-    if path is None:
-        return StrategyConfig()
     try:
         return load_strategy(path)
     except ValueError as exc:

@@ -1180,7 +1180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        config = load_strategy(Path(args.config)) if args.config else StrategyConfig()
+        config = load_strategy(args.config)
     except ValueError as exc:
         print(f"error: --config: {exc}", file=sys.stderr)
         return 2

@@ -103,8 +103,12 @@ class RedisSettings(BaseModel):
 STRATEGY_VARIABLE = "SMARTLEV_STRATEGY_CONFIG"
 
 
-def load_strategy(path: Path) -> StrategyConfig:
-    """Defaults, overridden by a TOML or JSON file; unknown keys are refused."""
+def load_strategy(path: Path | str | None) -> StrategyConfig:
+    """Defaults, overridden by a TOML or JSON file (none, or an empty name: the
+    defaults); unknown keys are refused."""
+    if path is None or not str(path):
+        return StrategyConfig()
+    path = Path(path)
     try:
         text = path.read_bytes()
     except OSError as exc:
@@ -126,9 +130,7 @@ def load_strategy(path: Path) -> StrategyConfig:
 
 def _strategy_file(value: Any) -> Any:
     """The environment names a file (empty: the defaults); code passes the config."""
-    if isinstance(value, str | Path):
-        return load_strategy(Path(value)) if str(value) else StrategyConfig()
-    return value
+    return load_strategy(value) if isinstance(value, str | Path) else value
 
 
 Settings = TypeVar("Settings", bound="ServiceSettings")

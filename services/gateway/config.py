@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from shared.core.accounting import MAX_DEPOSIT
+from shared.core.products import SIDES
 from shared.settings import Seconds, SecondsOrZero, ServiceSettings, service_config
 
 DEFAULT_KEYS_FILE = Path(__file__).with_name("api_keys.toml")
@@ -94,7 +95,7 @@ class GatewaySettings(ServiceSettings):
             )
         # a full queue keeps each product's latest NAV: one smaller than the products
         # dropped a product's only update for good (a NAV stream reads no state afresh)
-        products = 2 * len(self.strategy.instruments)
+        products = len(SIDES) * len(self.strategy.instruments)
         if self.stream_queue < products:
             raise ValueError(
                 f"stream_queue ({self.stream_queue}) must be at least the number of "
